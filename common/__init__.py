@@ -1,0 +1,1 @@
+"""Helpers shared by the agent, controller, waypoint and tools: identity, TLS, logging, flags."""

@@ -35,6 +35,10 @@ def _convert(tp: Any, raw: str) -> Any:
     return raw
 
 
+def _converter(tp: Any) -> typing.Callable[[str], Any]:
+    return lambda raw: _convert(tp, raw)
+
+
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
     """Flags win over ``AMBIT_*`` variables, which win over the dataclass defaults."""
     hints = typing.get_type_hints(cls)
@@ -56,8 +60,6 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str = ""
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(
-                flag, default=default, type=lambda s, tp=tp: _convert(tp, s), help=f"{help_text} [{default}]"
-            )
+            parser.add_argument(flag, default=default, type=_converter(tp), help=f"{help_text} [{default}]")
     ns = parser.parse_args(argv)
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]

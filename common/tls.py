@@ -47,7 +47,7 @@ def _base_context(purpose: ssl.Purpose, roots_pem: Iterable[str], alpn: list[str
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     if hasattr(ctx, "set_ciphersuites"):
-        ctx.set_ciphersuites(TLS13_CIPHERS)  # type: ignore[attr-defined]
+        ctx.set_ciphersuites(TLS13_CIPHERS)
     ctx.options |= ssl.OP_NO_TICKET
     roots = "\n".join(r.strip() for r in roots_pem) + "\n"
     ctx.load_verify_locations(cadata=roots)

@@ -32,4 +32,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.root)
-            item.fixturenames.insert(0, "require_root") if "require_root" not in item.fixturenames else None
+            if "require_root" not in item.fixturenames:
+                item.fixturenames.insert(0, "require_root")

@@ -464,8 +464,8 @@ def parse_csr(csr_pem: str | bytes) -> ec.EllipticCurvePublicKey:
         raise CsrError("bad_csr", f"CSR is {len(raw)} bytes; at most {MAX_CSR_BYTES} accepted")
     try:
         csr = x509.load_pem_x509_csr(raw)
-    except ValueError as e:
-        raise CsrError("bad_csr", f"CSR is not a PEM certificate request: {e}") from None
+    except ValueError:
+        raise CsrError("bad_csr", "not a PEM-encoded PKCS#10 certificate request") from None
     try:
         valid = csr.is_signature_valid
     except (ValueError, x509.UnsupportedGeneralNameType) as e:

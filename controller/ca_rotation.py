@@ -1,0 +1,151 @@
+"""Root rotation for the self-signed CA, in three steps that keep every peer verifying (docs/ca-rotation.md).
+
+1. ``add-root``: a new root is generated and appended to the bundle (``root-cert.pem``); signing stays on the old
+   root. Agents learn the two-root bundle with their next certificate.
+2. ``activate``: the new root becomes the signing CA. Certificates issued from now on chain to it; peers still
+   holding old-root certificates verify because everybody trusts both roots.
+3. ``retire``: roots other than the signing one leave the bundle, once every old-root certificate has been
+   replaced.
+
+Each step only rewrites files (atomically); a running controller picks them up on its next reload.
+Usage: ``python -m controller.ca_rotation --ca-dir DIR {status,add-root,activate,retire}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from controller.ca import (
+    CA_CERT,
+    CA_KEY,
+    CERT_CHAIN,
+    NEXT_CA_CERT,
+    NEXT_CA_KEY,
+    ROOT_CERT,
+    CaError,
+    fingerprint,
+    is_self_signed,
+    load_pem_certs,
+    new_root,
+    write_atomic,
+)
+
+
+class RotationError(CaError):
+    """A rotation step that does not apply to the directory's current state."""
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _bundle(directory: Path) -> list[x509.Certificate]:
+    path = directory / ROOT_CERT
+    return load_pem_certs(path.read_bytes(), str(path)) if path.exists() else []
+
+
+def _signing_cert(directory: Path) -> x509.Certificate:
+    path = directory / CA_CERT
+    certs = load_pem_certs(path.read_bytes(), str(path))
+    if not certs:
+        raise RotationError(f"{path}: no certificate")
+    return certs[0]
+
+
+def add_root(directory: Path, trust_domain: str) -> str:
+    """Step 1: stage a new root and publish it in the bundle. Returns the new root's SHA-256 fingerprint."""
+    if (directory / NEXT_CA_CERT).exists() or (directory / NEXT_CA_KEY).exists():
+        raise RotationError(f"{directory / NEXT_CA_CERT}: a staged root exists already; run `activate` first")
+    current = _signing_cert(directory)
+    if not is_self_signed(current):
+        raise RotationError(f"{directory / CA_CERT}: plugged-in CA; rotate it in your own PKI")
+    cert, key = new_root(trust_domain)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_atomic(directory / NEXT_CA_KEY, key_pem, 0o600)
+    write_atomic(directory / NEXT_CA_CERT, _pem(cert).encode(), 0o644)
+    bundle = _bundle(directory) or [current]
+    write_atomic(directory / ROOT_CERT, "".join(_pem(c) for c in [*bundle, cert]).encode(), 0o644)
+    return fingerprint(cert)
+
+
+def activate(directory: Path) -> str:
+    """Step 2: the staged root starts signing. Returns its fingerprint."""
+    next_cert, next_key = directory / NEXT_CA_CERT, directory / NEXT_CA_KEY
+    if not (next_cert.exists() and next_key.exists()):
+        raise RotationError(f"{next_cert}: no staged root; run `add-root` first")
+    staged = load_pem_certs(next_cert.read_bytes(), str(next_cert))[0]
+    if all(fingerprint(r) != fingerprint(staged) for r in _bundle(directory)):
+        raise RotationError(f"{directory / ROOT_CERT}: the staged root is not in the bundle; run `add-root` again")
+    # The controller refuses the directory while key and certificate disagree, so it keeps signing with the old
+    # pair until both files are in place.
+    write_atomic(directory / CA_KEY, next_key.read_bytes(), 0o600)
+    write_atomic(directory / CA_CERT, next_cert.read_bytes(), 0o644)
+    (directory / CERT_CHAIN).unlink(missing_ok=True)
+    next_key.unlink()
+    next_cert.unlink()
+    return fingerprint(staged)
+
+
+def retire(directory: Path) -> list[str]:
+    """Step 3: drop every root except the signing one from the bundle. Returns the removed fingerprints."""
+    if (directory / NEXT_CA_CERT).exists():
+        raise RotationError(f"{directory / NEXT_CA_CERT}: a staged root exists; `activate` it before retiring")
+    current = _signing_cert(directory)
+    bundle = _bundle(directory)
+    keep = [r for r in bundle if fingerprint(r) == fingerprint(current)] or [current]
+    removed = [fingerprint(r) for r in bundle if fingerprint(r) != fingerprint(current)]
+    write_atomic(directory / ROOT_CERT, "".join(_pem(c) for c in keep).encode(), 0o644)
+    return removed
+
+
+def status(directory: Path) -> list[dict[str, str]]:
+    current = fingerprint(_signing_cert(directory))
+    staged_path = directory / NEXT_CA_CERT
+    staged = fingerprint(load_pem_certs(staged_path.read_bytes(), str(staged_path))[0]) if staged_path.exists() else ""
+    rows = []
+    for r in _bundle(directory):
+        fp = fingerprint(r)
+        role = "signing" if fp == current else "staged" if fp == staged else "trusted"
+        rows.append(
+            {
+                "fingerprint": fp,
+                "role": role,
+                "subject": r.subject.rfc4514_string(),
+                "not_after": r.not_valid_after_utc.isoformat(),
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rotate the Ambit controller's self-signed root CA.")
+    parser.add_argument("--ca-dir", required=True, type=Path)
+    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("step", choices=["status", "add-root", "activate", "retire"])
+    args = parser.parse_args(argv)
+    try:
+        if args.step == "add-root":
+            print(f"added root {add_root(args.ca_dir, args.trust_domain)} to the bundle (not signing yet)")
+        elif args.step == "activate":
+            print(f"root {activate(args.ca_dir)} now signs")
+        elif args.step == "retire":
+            removed = retire(args.ca_dir)
+            print("removed " + (", ".join(removed) if removed else "nothing"))
+        for row in status(args.ca_dir):
+            print(f"{row['role']:8} {row['fingerprint'][:32]}  {row['subject']}  until {row['not_after']}")
+    except (CaError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Who is calling the CA: turns gRPC call metadata into the node the calling agent runs on.
+
+Two authenticators, chosen by the controller's flags:
+- :class:`NodeTokenAuthenticator` (lab): ``authorization: Bearer <token>`` matched against a JSON file
+  ``{"<node>": "<token>"}`` that ``lab up`` provisions.
+- :class:`TokenReviewAuthenticator` (cluster): the agent's projected service-account token (audience ``istio-ca``)
+  checked with the Kubernetes TokenReview API; the token's bound pod gives the node, as istiod's node authorizer.
+
+Failures are split by what the caller can do about them: :class:`AuthenticationError` (no or bad credential ->
+UNAUTHENTICATED), :class:`UntrustedCallerError` (valid credential, but not a node agent -> PERMISSION_DENIED),
+:class:`AuthBackendError` (the API server failed -> UNAVAILABLE, worth retrying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from common.log import kv
+
+log = logging.getLogger("ambit.node_auth")
+
+TOKEN_AUDIENCE = "istio-ca"
+DEFAULT_TRUSTED_NODE_ACCOUNTS = ("istio-system/ztunnel", "ambit-system/ambit-agent")
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+SA_PREFIX = "system:serviceaccount:"
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class AuthError(Exception):
+    """Base: ``reason`` is the metrics label, the message goes to the caller."""
+
+    reason = "auth_error"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
+
+class AuthenticationError(AuthError):
+    reason = "bad_credentials"
+
+
+class UntrustedCallerError(AuthError):
+    reason = "untrusted_account"
+
+
+class AuthBackendError(AuthError):
+    reason = "auth_backend_error"
+
+
+@dataclass(frozen=True)
+class Caller:
+    node: str
+    subject: str  # who, for logs: the node name, or "ns/sa pod ns/name"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, metadata: Metadata) -> Caller: ...
+
+
+def bearer_token(metadata: Metadata) -> str:
+    values = [v for k, v in metadata if k.lower() == "authorization"]
+    if not values:
+        raise AuthenticationError("no credentials: expected `authorization: Bearer <token>` metadata", "no_credentials")
+    raw = values[0]
+    value = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("authorization metadata is not `Bearer <token>`", "no_credentials")
+    return token.strip()
+
+
+class NodeTokenAuthenticator:
+    """Per-node shared secrets from a JSON file, re-read when the file changes (the lab may add nodes)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._tokens: dict[str, str] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            st = self.path.stat()
+        except OSError as e:
+            if self._stamp is None:
+                raise AuthBackendError(f"{self.path}: cannot read node tokens: {e.strerror}") from e
+            log.error("node token file unreadable; keeping the previous tokens", extra=kv(file=str(self.path)))
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
+            ):
+                raise ValueError('expected {"<node>": "<token>"} with non-empty strings')
+        except (OSError, ValueError) as e:
+            if self._stamp is None:
+                raise AuthBackendError(f"{self.path}: invalid node token file: {e}") from e
+            log.error(
+                "node token file invalid; keeping the previous tokens", extra=kv(file=str(self.path), error=str(e))
+            )
+            return
+        self._tokens = data
+        self._stamp = stamp
+
+    def node_for(self, token: str) -> str | None:
+        self._reload()
+        found = None
+        # Compare against every entry so the time taken does not reveal which node (or prefix) matched.
+        for node, expected in self._tokens.items():
+            if hmac.compare_digest(expected.encode(), token.encode()):
+                found = node
+        return found
+
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        node = self.node_for(bearer_token(metadata))
+        if node is None:
+            raise AuthenticationError("bearer token does not match any node's token", "bad_token")
+        return Caller(node=node, subject=f"node {node}")
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes TokenReview + pod lookup, as istiod does for ztunnel's impersonated requests.
+
+    The ``kubernetes`` client is synchronous; its calls run in worker threads so the event loop never blocks.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        audiences: Iterable[str] = (TOKEN_AUDIENCE,),
+        trusted_accounts: Iterable[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
+    ) -> None:
+        from kubernetes import client as k8s
+
+        self._k8s = k8s
+        self._authn = k8s.AuthenticationV1Api(api_client)
+        self._core = k8s.CoreV1Api(api_client)
+        self.audiences = list(audiences)
+        self.trusted_accounts = frozenset(trusted_accounts)
+
+    def _review(self, token: str) -> Caller:
+        k8s = self._k8s
+        body = k8s.V1TokenReview(spec=k8s.V1TokenReviewSpec(token=token, audiences=self.audiences))
+        try:
+            review = self._authn.create_token_review(body)
+        except k8s.ApiException as e:
+            raise AuthBackendError(f"token review failed: HTTP {e.status} {e.reason}") from None
+        status = review.status
+        if status is None or not status.authenticated:
+            detail = (status.error if status else None) or "not authenticated"
+            raise AuthenticationError(f"token rejected by TokenReview: {detail}", "bad_token")
+        if status.audiences is not None and not set(status.audiences) & set(self.audiences):
+            raise AuthenticationError(
+                f"token audiences {status.audiences} do not include {self.audiences}", "bad_token"
+            )
+        user = status.user
+        username = (user.username if user else None) or ""
+        if not username.startswith(SA_PREFIX) or username.count(":") != 3:
+            raise AuthenticationError(f"token belongs to {username!r}, not a service account", "bad_token")
+        namespace, sa = username[len(SA_PREFIX) :].split(":")
+        account = f"{namespace}/{sa}"
+        if account not in self.trusted_accounts:
+            trusted = ", ".join(sorted(self.trusted_accounts))
+            raise UntrustedCallerError(f"service account {account} is not a trusted node agent account ({trusted})")
+        extra = (user.extra if user else None) or {}
+        pod_name = (extra.get(POD_NAME_EXTRA) or [""])[0]
+        pod_uid = (extra.get(POD_UID_EXTRA) or [""])[0]
+        if not pod_name or not pod_uid:
+            raise AuthenticationError(
+                f"token of {account} is not bound to a pod (use a projected service-account token)", "bad_token"
+            )
+        try:
+            pod = self._core.read_namespaced_pod(pod_name, namespace)
+        except k8s.ApiException as e:
+            if e.status == 404:
+                raise AuthenticationError(f"caller pod {namespace}/{pod_name} does not exist", "bad_token") from None
+            raise AuthBackendError(f"reading pod {namespace}/{pod_name} failed: HTTP {e.status} {e.reason}") from None
+        if pod.metadata is None or pod.metadata.uid != pod_uid:
+            raise AuthenticationError(f"caller pod {namespace}/{pod_name} was replaced (uid mismatch)", "bad_token")
+        if pod.spec is None or pod.spec.service_account_name != sa:
+            raise AuthenticationError(f"caller pod {namespace}/{pod_name} does not run as {account}", "bad_token")
+        if not pod.spec.node_name:
+            raise AuthenticationError(f"caller pod {namespace}/{pod_name} is not scheduled on a node", "bad_token")
+        return Caller(node=pod.spec.node_name, subject=f"{account} pod {namespace}/{pod_name}")
+
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        token = bearer_token(metadata)
+        try:
+            return await asyncio.to_thread(self._review, token)
+        except AuthError:
+            raise
+        except Exception as e:  # urllib3/connection errors of the client, whatever their type
+            raise AuthBackendError(f"token review failed: {type(e).__name__}: {e}") from None
+
+
+class FirstMatchAuthenticator:
+    """Several credential kinds on one port (e.g. lab tokens and TokenReview): the first that accepts wins."""
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        if not authenticators:
+            raise ValueError("at least one authenticator is required")
+        self.authenticators = list(authenticators)
+
+    async def authenticate(self, metadata: Metadata) -> Caller:
+        first: AuthError | None = None
+        for a in self.authenticators:
+            try:
+                return await a.authenticate(metadata)
+            except AuthenticationError as e:
+                first = first or e
+        assert first is not None
+        raise first

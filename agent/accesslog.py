@@ -1,0 +1,133 @@
+"""One record per proxied connection: the Istio metrics it moves and the JSON access-log line it ends with.
+
+Created as soon as the agent knows who is talking to whom, so connections denied or failed before any byte
+moved are still counted (opened, then closed with a response flag) and logged, as ztunnel does. Field names
+follow ztunnel's access log (`src.addr`, `dst.workload`, ...), plus the policy decision that let the
+connection through or stopped it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.metrics import Metrics, traffic_labels
+from agent.rbac import Decision
+from common.log import kv
+from common.spiffe import Identity
+
+ACCESS_LOGGER = "access"
+
+
+def _addr(addr: tuple[str, int] | None) -> str | None:
+    if addr is None:
+        return None
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(eq=False)
+class ConnectionReport:
+    """Mutable while the connection is set up (fields get filled in as they are learned), final at `finish`."""
+
+    log: AccessLog
+    direction: str  # "outbound" (reporter source) or "inbound" (reporter destination)
+    src_addr: tuple[str, int]
+    dst_addr: tuple[str, int]
+    src: Any | None = None  # Workload proto
+    dst: Any | None = None  # Workload proto
+    service: Any | None = None  # Service proto
+    src_identity: Identity | None = None
+    dst_identity: Identity | None = None
+    mtls: bool = False
+    hbone_addr: tuple[str, int] | None = None
+    path: str = "direct"  # "hbone", "passthrough", "same_node", "plaintext"
+    decision: Decision | None = None
+    start: float = field(default_factory=time.monotonic)
+    _opened_labels: dict[str, str] | None = None
+    _finished: bool = False
+
+    @property
+    def reporter(self) -> str:
+        return "source" if self.direction == "outbound" else "destination"
+
+    def labels(self, response_flags: str = "-") -> dict[str, str]:
+        return traffic_labels(
+            reporter=self.reporter,
+            src=self.src,
+            dst=self.dst,
+            service=self.service,
+            src_identity=self.src_identity,
+            dst_identity=self.dst_identity,
+            mtls=self.mtls,
+            response_flags=response_flags,
+        )
+
+    def opened(self) -> None:
+        """Count the connection as opened; call once the source and destination are known."""
+        if self._opened_labels is None:
+            self._opened_labels = self.labels()
+            self.log.metrics.connection_opened(self._opened_labels)
+
+    def finish(self, bytes_up: int = 0, bytes_down: int = 0, *, error: str | None = None, flags: str = "-") -> None:
+        """Close the record: count closed/bytes with the final response flag and write the access-log line.
+
+        bytes_up is client->server, bytes_down server->client. Idempotent: the first call wins.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        self.opened()
+        self.log.metrics.connection_closed(self.labels(flags), bytes_up, bytes_down)
+        self.log.write(self, bytes_up, bytes_down, error, flags)
+
+
+class AccessLog:
+    def __init__(self, metrics: Metrics, logger: logging.Logger | None = None) -> None:
+        self.metrics = metrics
+        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def start(
+        self, direction: str, src_addr: tuple[str, int], dst_addr: tuple[str, int], **fields: Any
+    ) -> ConnectionReport:
+        return ConnectionReport(self, direction, src_addr, dst_addr, **fields)
+
+    def write(self, r: ConnectionReport, bytes_up: int, bytes_down: int, error: str | None, flags: str) -> None:
+        def name(wl: Any | None) -> str | None:
+            return (wl.workload_name or wl.name) if wl is not None else None
+
+        fields: dict[str, Any] = {
+            "src.addr": _addr(r.src_addr),
+            "src.workload": name(r.src),
+            "src.namespace": r.src.namespace if r.src is not None else None,
+            "src.identity": str(r.src_identity) if r.src_identity else None,
+            "dst.addr": _addr(r.dst_addr),
+            "dst.hbone_addr": _addr(r.hbone_addr),
+            "dst.service": r.service.hostname if r.service is not None else None,
+            "dst.workload": name(r.dst),
+            "dst.namespace": r.dst.namespace if r.dst is not None else None,
+            "dst.identity": str(r.dst_identity) if r.dst_identity else None,
+            "direction": r.direction,
+            "path": r.path,
+            "security": "mutual_tls" if r.mtls else "plaintext",
+            "bytes_sent": bytes_up,
+            "bytes_recv": bytes_down,
+            "duration": f"{int((time.monotonic() - r.start) * 1000)}ms",
+            "response_flags": flags,
+        }
+        if r.decision is not None:
+            fields["policy.decision"] = "allow" if r.decision.allowed else "deny"
+            fields["policy.reason"] = r.decision.outcome.value
+            if r.decision.policy:
+                fields["policy.name"] = r.decision.policy
+            if r.decision.dry_run:
+                fields["policy.dry_run"] = list(r.decision.dry_run)
+        if error:
+            fields["error"] = error
+        clean = {k: v for k, v in fields.items() if v is not None}
+        if error:
+            self.logger.warning("connection failed", extra=kv(**clean))
+        else:
+            self.logger.info("connection complete", extra=kv(**clean))

@@ -1,0 +1,211 @@
+"""Prometheus metrics with Istio's names and labels, so Istio's dashboards and Kiali read Ambit unchanged.
+
+Label names, order and the `unknown` default follow ztunnel's CommonTrafficLabels (reference §6.1). Byte
+counters use Istio's convention for both reporters: `received` is what the client sent (request direction),
+`sent` what the server returned. Ambit-specific counters (`ambit_*`) count refusals by reason so that bad
+input shows up on a dashboard instead of only in a log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder
+from prometheus_client.registry import Collector
+
+from agent.tunnel import TunnelStats
+from common.spiffe import Identity
+
+# Istio exposes no `_created` series; dashboards and tests expect exactly the Istio sample names.
+disable_created_metrics()
+
+UNKNOWN = "unknown"
+MUTUAL_TLS = "mutual_tls"
+
+REPORTER_SOURCE = "source"
+REPORTER_DESTINATION = "destination"
+
+TRAFFIC_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+# Istio's response flags that make a connection count as failed.
+FAILURE_FLAGS = frozenset(
+    {"DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY", "IDENTITY_ERROR"}
+)
+
+
+def _v(value: str | None) -> str:
+    return value if value else UNKNOWN
+
+
+def _workload_labels(prefix: str, wl: Any | None) -> dict[str, str]:
+    if wl is None:
+        names = dict.fromkeys(("workload", "canonical_service", "canonical_revision", "workload_namespace"), UNKNOWN)
+        names.update(app=UNKNOWN, version=UNKNOWN, cluster=UNKNOWN)
+    else:
+        names = {
+            "workload": _v(wl.workload_name or wl.name),
+            "canonical_service": _v(wl.canonical_name),
+            "canonical_revision": _v(wl.canonical_revision),
+            "workload_namespace": _v(wl.namespace),
+            "app": _v(wl.canonical_name),
+            "version": _v(wl.canonical_revision),
+            "cluster": _v(wl.cluster_id),
+        }
+    return {f"{prefix}_{k}": v for k, v in names.items()}
+
+
+def traffic_labels(
+    *,
+    reporter: str,
+    src: Any | None,
+    dst: Any | None,
+    service: Any | None = None,
+    src_identity: Identity | None = None,
+    dst_identity: Identity | None = None,
+    mtls: bool,
+    response_flags: str = "-",
+) -> dict[str, str]:
+    """Istio's CommonTrafficLabels for one connection. `src`/`dst` are Workload protos, `service` a Service.
+
+    Principals are only reported for mutual-TLS connections: a plaintext peer proved nothing.
+    """
+    labels: dict[str, str] = {"reporter": reporter}
+    src_wl = _workload_labels("source", src)
+    dst_wl = _workload_labels("destination", dst)
+    for k in TRAFFIC_LABELS:
+        if k.startswith("source_") and k != "source_principal":
+            labels[k] = src_wl[k]
+        elif k.startswith("destination_") and k in dst_wl:
+            labels[k] = dst_wl[k]
+    labels["source_principal"] = str(src_identity) if (mtls and src_identity) else UNKNOWN
+    labels["destination_principal"] = str(dst_identity) if (mtls and dst_identity) else UNKNOWN
+    labels["destination_service"] = _v(service.hostname if service is not None else None)
+    labels["destination_service_namespace"] = _v(service.namespace if service is not None else None)
+    labels["destination_service_name"] = _v(service.name if service is not None else None)
+    labels["request_protocol"] = "tcp"
+    labels["response_flags"] = response_flags
+    labels["connection_security_policy"] = MUTUAL_TLS if mtls else UNKNOWN
+    return {k: labels[k] for k in TRAFFIC_LABELS}
+
+
+class _TunnelStatsCollector(Collector):
+    """Reads HBONE's counters at scrape time, so the tunnel code keeps plain integers on its hot path."""
+
+    def __init__(self, stats: TunnelStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        rejects = CounterMetricFamily(
+            "ambit_hbone_rejects", "HBONE connections or streams refused or reset, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(s.rejects.items()):
+            rejects.add_metric([reason], n)
+        yield rejects
+        yield CounterMetricFamily(
+            "ambit_hbone_connections_opened", "HBONE (TLS) connections opened", value=s.connections_opened
+        )
+        yield CounterMetricFamily(
+            "ambit_hbone_connections_closed", "HBONE (TLS) connections closed", value=s.connections_closed
+        )
+        yield CounterMetricFamily("ambit_hbone_streams_opened", "HBONE CONNECT streams opened", value=s.streams_opened)
+        yield GaugeMetricFamily(
+            "ambit_hbone_streams_active", "HBONE CONNECT streams open now", value=s.streams_opened - s.streams_closed
+        )
+
+
+class Metrics:
+    """The agent's registry; one instance per agent (tests make their own)."""
+
+    def __init__(self, tunnel_stats: TunnelStats | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened", TRAFFIC_LABELS, registry=r)
+        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed", TRAFFIC_LABELS, registry=r)
+        self.received_bytes = Counter(
+            "istio_tcp_received_bytes", "Bytes sent by the client (request direction)", TRAFFIC_LABELS, registry=r
+        )
+        self.sent_bytes = Counter(
+            "istio_tcp_sent_bytes", "Bytes returned by the server (response direction)", TRAFFIC_LABELS, registry=r
+        )
+        self.failed = Counter(
+            "istio_tcp_connections_failed", "TCP connections that failed (response_flags)", TRAFFIC_LABELS, registry=r
+        )
+        self.sockets_open = Gauge(
+            "istio_tcp_sockets_open", "Proxied TCP connections open now", ["reporter"], registry=r
+        )
+        self.errors = Counter(
+            "ambit_connection_errors",
+            "Connections refused, denied or closed early by the agent, by listener and reason",
+            ["direction", "reason"],
+            registry=r,
+        )
+        if tunnel_stats is not None:
+            r.register(_TunnelStatsCollector(tunnel_stats))
+
+    def connection_opened(self, labels: dict[str, str]) -> None:
+        self.opened.labels(**labels).inc()
+        self.sockets_open.labels(labels["reporter"]).inc()
+
+    def connection_closed(self, labels: dict[str, str], bytes_up: int, bytes_down: int) -> None:
+        """`labels` as at close (final response_flags); bytes_up = client->server, bytes_down = server->client."""
+        self.closed.labels(**labels).inc()
+        self.sockets_open.labels(labels["reporter"]).dec()
+        if labels["response_flags"] in FAILURE_FLAGS:
+            self.failed.labels(**labels).inc()
+        if bytes_up:
+            self.received_bytes.labels(**labels).inc(bytes_up)
+        if bytes_down:
+            self.sent_bytes.labels(**labels).inc(bytes_down)
+
+    def error(self, direction: str, reason: str) -> None:
+        self.errors.labels(direction, reason).inc()
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Prometheus text (or OpenMetrics when the scraper asks for it) and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type or CONTENT_TYPE_LATEST
+
+
+def sample_value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (for tests and ambitctl summaries)."""
+    total = 0.0
+    for fam in metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += s.value
+    return total
+
+
+def label_sets(metrics: Metrics, name: str) -> Iterable[dict[str, str]]:
+    for fam in metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name:
+                yield dict(s.labels)

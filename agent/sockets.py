@@ -1,0 +1,160 @@
+"""Socket plumbing shared by the agent's listeners: transparent listening sockets, the accept loop, and
+upstream connections that keep the client's source address.
+
+The eBPF redirect (`bpf_sk_assign`) hands connections for any address to a listener bound to 0.0.0.0 with
+IP_TRANSPARENT; the original destination is then simply the accepted socket's local address. SO_REUSEPORT
+lets an old and a new agent overlap during a restart, as ztunnel's listeners do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from common.log import kv
+
+log = logging.getLogger("agent.sockets")
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+
+Address = tuple[str, int]
+Handler = Callable[[socket.socket, Address], Awaitable[None]]
+
+
+def transparent_listener(
+    port: int, host: str = "0.0.0.0", *, transparent: bool = True, reuse_port: bool = True, backlog: int = 1024
+) -> socket.socket:
+    """A non-blocking listening socket; with `transparent` it accepts connections addressed anywhere."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            sock.setsockopt(level, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination(sock: socket.socket) -> Address:
+    """Where the client meant to connect: the local address of a socket accepted by a transparent listener."""
+    name = sock.getsockname()
+    return (str(name[0]), int(name[1]))
+
+
+def peer_address(sock: socket.socket) -> Address:
+    name = sock.getpeername()
+    return (str(name[0]), int(name[1]))
+
+
+class Listener:
+    """Accepts on `sock` and runs `handler(conn, original_destination(conn))` as a task per connection.
+
+    A handler's exception is logged and its socket closed; it never stops the accept loop.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        name: str,
+        orig_dst: Callable[[socket.socket], Address] = original_destination,
+    ) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.name = name
+        self.orig_dst = orig_dst
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._serving: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> Address:
+        return original_destination(self.sock)
+
+    def start(self) -> asyncio.Task[None]:
+        self._serving = asyncio.ensure_future(self.serve())
+        return self._serving
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed", extra=kv(listener=self.name, error=str(e)))
+                    await asyncio.sleep(0.1)  # out of descriptors: let connections finish instead of spinning
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._run(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, conn: socket.socket) -> None:
+        try:
+            await self.handler(conn, self.orig_dst(conn))
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as e:
+            log.exception("connection handler failed", extra=kv(listener=self.name, error=repr(e)))
+            conn.close()
+
+    async def close(self) -> None:
+        """Stop accepting and cut every connection still being handled."""
+        if self._serving is not None:
+            self._serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serving
+        self.sock.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def connect_upstream(
+    addr: Address, *, source_ip: str | None = None, connect_timeout: float = 5.0, mark: int | None = None
+) -> socket.socket:
+    """Connect to `addr`, from `source_ip` (transparent bind) when given and the node allows it.
+
+    Keeping the client's address needs the redirect program on the destination pod's veth to bring replies
+    back to this socket; where binding is not possible (no such local route, no privilege) the connection is
+    made from the node's own address instead of failing.
+    """
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if source_ip is not None and (":" in source_ip) == (family == socket.AF_INET6):
+            try:
+                level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+                sock.setsockopt(level, IP_TRANSPARENT, 1)
+                sock.bind((source_ip, 0))
+            except OSError as e:
+                log.debug("source address not kept", extra=kv(source=source_ip, upstream=addr, error=str(e)))
+                sock.close()
+                return await connect_upstream(addr, connect_timeout=connect_timeout, mark=mark)
+        await asyncio.wait_for(loop.sock_connect(sock, addr), connect_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

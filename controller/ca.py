@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.log import kv
+from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs, path_to_root
 from common.spiffe import Identity
 
 log = logging.getLogger("ambit.ca")
@@ -102,44 +102,15 @@ class IssuedKeyPair:
     not_after: datetime.datetime
 
 
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
+def _load_certs(path: Path) -> list[x509.Certificate]:
     try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def load_pem_certs(data: bytes | str, source: str) -> list[x509.Certificate]:
-    raw = data.encode() if isinstance(data, str) else data
-    if not raw.strip():
-        return []
-    try:
-        return x509.load_pem_x509_certificates(raw)
-    except ValueError as e:
-        raise CaLoadError(f"{source}: not PEM certificates: {e}") from e
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex()
+        return load_pem_certs(path.read_bytes(), str(path))
+    except PemError as e:
+        raise CaLoadError(str(e)) from None
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -229,7 +200,7 @@ def _load_material(directory: Path, generation: int) -> _Material:
     """Read and cross-check the four files; any inconsistency raises CaLoadError naming the file."""
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     try:
-        certs = load_pem_certs(cert_path.read_bytes(), str(cert_path))
+        certs = _load_certs(cert_path)
         key_bytes = key_path.read_bytes()
     except FileNotFoundError as e:
         raise CaLoadError(f"{e.filename}: missing") from e
@@ -255,8 +226,8 @@ def _load_material(directory: Path, generation: int) -> _Material:
         raise CaLoadError(f"{cert_path}: not a CA certificate (basicConstraints CA:true required)")
 
     chain_path, roots_path = directory / CERT_CHAIN, directory / ROOT_CERT
-    chain = load_pem_certs(chain_path.read_bytes(), str(chain_path)) if chain_path.exists() else []
-    roots = load_pem_certs(roots_path.read_bytes(), str(roots_path)) if roots_path.exists() else []
+    chain = _load_certs(chain_path) if chain_path.exists() else []
+    roots = _load_certs(roots_path) if roots_path.exists() else []
     if is_self_signed(cert) and all(fingerprint(r) != fingerprint(cert) for r in roots):
         roots.insert(0, cert)
     if not roots:
@@ -265,24 +236,12 @@ def _load_material(directory: Path, generation: int) -> _Material:
         if not is_self_signed(r):
             raise CaLoadError(f"{roots_path}: {r.subject.rfc4514_string()} is not a self-signed root")
 
-    # Walk ca-cert -> chain -> a bundled root, verifying each signature.
-    pool = [c for c in chain if fingerprint(c) != fingerprint(cert)]
-    intermediates: list[x509.Certificate] = []
-    current = cert
-    anchor: x509.Certificate | None = None
-    for _ in range(len(pool) + 2):
-        anchor = next((r for r in roots if _issued_by(current, r)), None)
-        if anchor is not None:
-            break
-        intermediates.append(current)
-        nxt = next((c for c in pool if not is_self_signed(c) and _issued_by(current, c)), None)
-        if nxt is None:
-            raise CaLoadError(
-                f"{chain_path}: cannot build a chain from {current.subject.rfc4514_string()} to a root in {roots_path}"
-            )
-        current = nxt
-    if anchor is None:
-        raise CaLoadError(f"{chain_path}: chain from {cert_path} does not reach a root in {roots_path}")
+    # ca-cert -> cert-chain -> a bundled root, every signature checked.
+    path = path_to_root(cert, [c for c in chain if fingerprint(c) != fingerprint(cert)], roots)
+    if path is None:
+        raise CaLoadError(f"{chain_path}: no chain from {cert_path} to a root in {roots_path}")
+    between, anchor = path
+    intermediates = ([] if fingerprint(cert) == fingerprint(anchor) else [cert]) + between
     if cert.not_valid_after_utc <= _now():
         raise CaLoadError(f"{cert_path}: CA certificate expired at {cert.not_valid_after_utc.isoformat()}")
     return _Material(cert, key, tuple(intermediates), anchor, tuple(roots), generation)
@@ -327,8 +286,8 @@ class CertificateAuthority:
         # Key first: a crash between the writes leaves a key without a cert, which the next start refuses loudly
         # rather than silently minting a second root.
         write_atomic(d / CA_KEY, _key_pem(key), 0o600)
-        write_atomic(d / ROOT_CERT, _pem(cert).encode(), 0o644)
-        write_atomic(d / CA_CERT, _pem(cert).encode(), 0o644)
+        write_atomic(d / ROOT_CERT, cert_pem(cert).encode(), 0o644)
+        write_atomic(d / CA_CERT, cert_pem(cert).encode(), 0o644)
         log.info("created self-signed root CA", extra=kv(ca_dir=str(d), root=fingerprint(cert)[:16]))
 
     def reload_if_changed(self, *, force: bool = False) -> bool:
@@ -364,13 +323,13 @@ class CertificateAuthority:
         return self._material.generation
 
     def roots_pem(self) -> list[str]:
-        return [_pem(r) for r in self._material.roots]
+        return [cert_pem(r) for r in self._material.roots]
 
     def chain_tail(self) -> list[str]:
         """What follows a leaf in a response: intermediates, the other bundled roots, and the anchor root last."""
         m = self._material
         others = [r for r in m.roots if fingerprint(r) != fingerprint(m.anchor)]
-        return [_pem(c) for c in (*m.intermediates, *others, m.anchor)]
+        return [cert_pem(c) for c in (*m.intermediates, *others, m.anchor)]
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds <= 0:
@@ -442,7 +401,7 @@ class CertificateAuthority:
         ttl = self._ttl(ttl_seconds)
         public_key = parse_csr(csr_pem)
         leaf = self._issue(public_key, [x509.UniformResourceIdentifier(str(identity))], ttl, server=False)
-        return [_pem(leaf), *self.chain_tail()]
+        return [cert_pem(leaf), *self.chain_tail()]
 
     def issue_serving_certificate(
         self, dns_names: Iterable[str], ip_addresses: Iterable[str], ttl_seconds: int = DEFAULT_TTL_SECONDS
@@ -453,7 +412,7 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         leaf = self._issue(key.public_key(), sans, self._ttl(ttl_seconds), server=True)
-        chain = [_pem(leaf), *[_pem(c) for c in self._material.intermediates]]
+        chain = [cert_pem(leaf), *[cert_pem(c) for c in self._material.intermediates]]
         return IssuedKeyPair(chain, _key_pem(key).decode(), leaf.not_valid_after_utc)
 
 

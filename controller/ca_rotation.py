@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs
 from controller.ca import (
     CA_CERT,
     CA_KEY,
@@ -29,9 +30,6 @@ from controller.ca import (
     NEXT_CA_KEY,
     ROOT_CERT,
     CaError,
-    fingerprint,
-    is_self_signed,
-    load_pem_certs,
     new_root,
     write_atomic,
 )
@@ -39,10 +37,6 @@ from controller.ca import (
 
 class RotationError(CaError):
     """A rotation step that does not apply to the directory's current state."""
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _bundle(directory: Path) -> list[x509.Certificate]:
@@ -70,9 +64,9 @@ def add_root(directory: Path, trust_domain: str) -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_atomic(directory / NEXT_CA_KEY, key_pem, 0o600)
-    write_atomic(directory / NEXT_CA_CERT, _pem(cert).encode(), 0o644)
+    write_atomic(directory / NEXT_CA_CERT, cert_pem(cert).encode(), 0o644)
     bundle = _bundle(directory) or [current]
-    write_atomic(directory / ROOT_CERT, "".join(_pem(c) for c in [*bundle, cert]).encode(), 0o644)
+    write_atomic(directory / ROOT_CERT, "".join(cert_pem(c) for c in [*bundle, cert]).encode(), 0o644)
     return fingerprint(cert)
 
 
@@ -102,7 +96,7 @@ def retire(directory: Path) -> list[str]:
     bundle = _bundle(directory)
     keep = [r for r in bundle if fingerprint(r) == fingerprint(current)] or [current]
     removed = [fingerprint(r) for r in bundle if fingerprint(r) != fingerprint(current)]
-    write_atomic(directory / ROOT_CERT, "".join(_pem(c) for c in keep).encode(), 0o644)
+    write_atomic(directory / ROOT_CERT, "".join(cert_pem(c) for c in keep).encode(), 0o644)
     return removed
 
 
@@ -141,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("removed " + (", ".join(removed) if removed else "nothing"))
         for row in status(args.ca_dir):
             print(f"{row['role']:8} {row['fingerprint'][:32]}  {row['subject']}  until {row['not_after']}")
-    except (CaError, OSError) as e:
+    except (CaError, PemError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

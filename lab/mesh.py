@@ -1,0 +1,139 @@
+"""Mesh mode: per-node credentials, the controller in the core netns and one agent per node netns.
+
+The command lines are the only part that knows the binaries' flags (``controller_argv`` / ``agent_argv``); the
+rest is plumbing: write credentials, spawn through the lab, and wait for each health endpoint while watching the
+process, so a crash surfaces at once with its log file and last lines instead of as a timeout.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lab import client
+from lab.errors import LabProcessError
+from lab.processes import is_alive, log_tail
+from lab.state import ProcessRecord
+
+if TYPE_CHECKING:
+    from lab.cluster import Lab
+
+XDS_PORT = 15010
+MONITORING_PORT = 15014
+AGENT_READY_PORT = 15021
+READY_PATH = "/healthz/ready"
+READY_TIMEOUT = 60.0
+
+
+def _binary(name: str) -> str:
+    """Prefer the console script next to the running interpreter (the project venv), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise LabProcessError(f"{name} is not installed (expected {local}); run `make setup`")
+    return found
+
+
+def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]:
+    return [
+        _binary("ambit-controller"),
+        "--config-dir",
+        config_dir,
+        "--ca-dir",
+        ca_dir,
+        "--node-tokens",
+        tokens_file,
+    ]
+
+
+def agent_argv(node: str, controller: str, state_dir: str, token_file: str, uplink: str) -> list[str]:
+    return [
+        _binary("ambit-agent"),
+        "--node",
+        node,
+        "--controller",
+        controller,
+        "--state-dir",
+        state_dir,
+        "--token-file",
+        token_file,
+        "--uplink",
+        uplink,
+    ]
+
+
+def write_credentials(state_dir: Path, nodes: list[str]) -> tuple[str, dict[str, str]]:
+    """One random bearer token per node: the controller's table plus a token file each agent reads."""
+    cred_dir = state_dir / "credentials"
+    cred_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tokens = {node: secrets.token_urlsafe(32) for node in nodes}
+    table = cred_dir / "node-tokens.json"
+    _write_private(table, json.dumps(tokens, indent=2))
+    per_node = {}
+    for node, token in tokens.items():
+        path = cred_dir / f"{node}.token"
+        _write_private(path, token)
+        per_node[node] = str(path)
+    return str(table), per_node
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def wait_ready(netns: str, ip: str, port: int, record: ProcessRecord, timeout: float = READY_TIMEOUT) -> None:
+    """Poll ``http://ip:port/healthz/ready`` from inside ``netns`` until 200, failing fast if the process dies."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if not is_alive(record):
+            raise LabProcessError(
+                f"{record.name} exited before becoming ready; log {record.log}, last lines:\n{log_tail(record.log)}"
+            )
+        try:
+            status, body = client.http_get(netns, ip, port, READY_PATH, timeout=2.0)
+            if status == 200:
+                return
+            last = f"status {status}: {body[:200]!r}"
+        except (OSError, http.client.HTTPException) as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise LabProcessError(
+        f"{record.name} not ready at http://{ip}:{port}{READY_PATH} after {timeout:.0f}s ({last}); "
+        f"log {record.log}, last lines:\n{log_tail(record.log)}"
+    )
+
+
+def start(lab: Lab) -> None:
+    """Credentials, then the controller (ready), then every agent (ready)."""
+    plan = lab.plan
+    tokens_file, token_files = write_credentials(lab.state_dir, list(plan.nodes))
+    ca_dir = lab.state_dir / "ca"
+    ca_dir.mkdir(mode=0o700, exist_ok=True)
+    lab.record_files(node_tokens=tokens_file, ca_dir=str(ca_dir))
+    controller = lab.spawn(
+        plan.core_netns,
+        controller_argv(str(lab.config_dir), str(ca_dir), tokens_file),
+        "controller",
+        role="controller",
+    )
+    wait_ready(plan.core_netns, plan.core_ip, MONITORING_PORT, controller)
+    agents = []
+    for node in plan.nodes.values():
+        agent_dir = lab.state_dir / "agents" / node.name
+        agent_dir.mkdir(parents=True, exist_ok=True)
+        argv = agent_argv(node.name, f"{plan.core_ip}:{XDS_PORT}", str(agent_dir), token_files[node.name], node.uplink)
+        agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
+    for node, record in agents:
+        wait_ready(node.netns, node.ip, AGENT_READY_PORT, record)

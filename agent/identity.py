@@ -1,0 +1,455 @@
+"""Per-workload certificates in the agent (ztunnel's identity manager).
+
+Keys (ECDSA P-256) are generated here and never leave the process; the controller's CA signs CSRs for the
+identities of workloads on this node. Fetches go through one priority queue so that a connection waiting for a
+certificate (RealTime) overtakes warm-up of newly seen workloads (Warmup), which overtakes routine refreshes
+(Background). Certificates are refreshed at half-life; failures back off exponentially with jitter while the
+still-valid certificate keeps serving. The trust bundle is whatever roots the CA returned last (several during
+a root rotation); when it changes every SSL context is rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import itertools
+import logging
+import random
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from agent.ca_client import CaRequestError, CertificateSigner
+from common import tls
+from common.log import kv
+from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs, path_to_root
+from common.spiffe import Identity
+
+log = logging.getLogger("ambit.identity")
+
+DEFAULT_TTL_SECONDS = 24 * 3600
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first."""
+
+    REALTIME = 0
+    WARMUP = 1
+    BACKGROUND = 2
+
+
+class CertState(enum.StrEnum):
+    PENDING = "pending"  # no certificate yet, first fetch queued or running
+    VALID = "valid"
+    REFRESHING = "refreshing"  # valid certificate held, a new one being fetched
+    ERROR = "error"  # last fetch failed; a retry is scheduled (a still-valid certificate keeps serving)
+
+
+class CertificateUnavailable(Exception):
+    """No valid certificate for the identity and the latest fetch failed (or the workload left)."""
+
+
+class InvalidCertificateResponse(Exception):
+    """The CA's answer is unusable: unparsable, wrong identity, wrong key, or not chaining to a returned root."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Per-identity retry delays: ``initial`` doubling to ``maximum``, each randomized by +-``jitter``."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    maximum: float = 150.0
+    jitter: float = 0.2
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Delay before the retry that follows the ``failures``-th consecutive failure (``failures`` >= 1)."""
+        base = self.initial
+        for _ in range(max(0, failures - 1)):
+            base *= self.factor
+            if base >= self.maximum:
+                break
+        base = min(base, self.maximum)
+        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+def refresh_at(not_before: float, not_after: float, received_at: float) -> float:
+    """Half-life of the certificate, measured from when we could first use it.
+
+    A CA backdates ``not_before`` for clock skew; counting from it would refresh short-lived certificates late
+    (or, with a TTL below the backdating, after expiry). Starting from the later of the two keeps half a TTL of
+    margin for retries either way.
+    """
+    start = max(not_before, received_at)
+    return start + max(0.0, not_after - start) / 2
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    identity: Identity
+    chain_pem: str  # leaf + intermediates: what we present in handshakes
+    key_pem: str
+    roots_pem: tuple[str, ...]
+    serial: int
+    not_before: float
+    not_after: float
+    refresh_at: float
+
+
+def new_key_and_csr(identity: Identity) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A fresh P-256 key and a CSR naming the identity in a URI SAN, as ztunnel's (the CA sets the SAN anyway)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def parse_response(
+    chain_pem: Sequence[str], identity: Identity, key: ec.EllipticCurvePrivateKey, received_at: float
+) -> IssuedCertificate:
+    """Check a CreateCertificate answer and split it into what we present and what we trust.
+
+    Self-signed elements are the trust bundle (all of them: a rotation serves several roots); the rest are the
+    leaf and its intermediates, which must chain to one of those roots.
+    """
+    try:
+        certs = [c for pem in chain_pem for c in load_pem_certs(pem, "cert_chain")]
+    except PemError as e:
+        raise InvalidCertificateResponse(str(e)) from None
+    if len(certs) < 2:
+        raise InvalidCertificateResponse(f"cert_chain has {len(certs)} certificates; expected a leaf and a root")
+    leaf, rest = certs[0], certs[1:]
+    roots = [c for c in rest if is_self_signed(c)]
+    intermediates = [c for c in rest if not is_self_signed(c)]
+    if not roots:
+        raise InvalidCertificateResponse("cert_chain carries no root certificate")
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if uris != [str(identity)]:
+        raise InvalidCertificateResponse(f"leaf certificate names {uris}, requested {identity}")
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if leaf.public_key().public_bytes(der, pub) != key.public_key().public_bytes(der, pub):
+        raise InvalidCertificateResponse("leaf certificate is not for the key we generated")
+    path = path_to_root(leaf, intermediates, roots)
+    if path is None:
+        raise InvalidCertificateResponse("leaf certificate does not chain to a root in cert_chain")
+    between, _ = path
+    not_before = leaf.not_valid_before_utc.timestamp()
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if not_after <= received_at:
+        raise InvalidCertificateResponse(f"leaf certificate expired at {leaf.not_valid_after_utc.isoformat()}")
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return IssuedCertificate(
+        identity=identity,
+        chain_pem="".join(cert_pem(c) for c in [leaf, *between]),
+        key_pem=key_pem,
+        roots_pem=tuple(cert_pem(r) for r in sorted(roots, key=fingerprint)),
+        serial=leaf.serial_number,
+        not_before=not_before,
+        not_after=not_after,
+        refresh_at=refresh_at(not_before, not_after, received_at),
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    identity: Identity
+    cert: IssuedCertificate | None = None
+    server_ctx: ssl.SSLContext | None = None
+    client_ctx: ssl.SSLContext | None = None
+    fetching: bool = False
+    failures: int = 0
+    last_error: str = ""
+    queued: Priority | None = None
+    queued_seq: int = -1
+    timer: asyncio.TimerHandle | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def valid(self, now: float) -> bool:
+        return self.cert is not None and self.cert.not_after > now
+
+    def state(self, now: float) -> CertState:
+        if self.fetching or self.queued is not None:
+            return CertState.REFRESHING if self.valid(now) else CertState.PENDING
+        if self.last_error:
+            return CertState.ERROR
+        return CertState.VALID if self.valid(now) else CertState.PENDING
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class CertificateManager:
+    """Holds one certificate (and its server/client SSL contexts) per local workload identity."""
+
+    def __init__(
+        self,
+        signer: CertificateSigner,
+        trust_domain: str,
+        *,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        initial_roots: Sequence[str] = (),
+        registry: CollectorRegistry | None = None,
+        backoff: Backoff | None = None,
+        concurrency: int = 4,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.signer = signer
+        self.trust_domain = trust_domain
+        self.ttl_seconds = ttl_seconds
+        self.backoff = backoff or Backoff()
+        self.concurrency = concurrency
+        self._rng = rng or random.Random()
+        self._roots: tuple[str, ...] = tuple(initial_roots)
+        self._entries: dict[Identity, _Entry] = {}
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Identity]] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self._workers: list[asyncio.Task[None]] = []
+        reg = registry if registry is not None else REGISTRY
+        self._expiry = Gauge(
+            "ambit_cert_expiry_seconds",
+            "Expiry time (Unix seconds) of the certificate held for each workload identity",
+            ["identity"],
+            registry=reg,
+        )
+        self._errors = Counter(
+            "ambit_cert_fetch_errors", "Failed certificate fetches by reason", ["reason"], registry=reg
+        )
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the fetch workers (also done lazily on first use); needs a running event loop."""
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._worker(), name=f"cert-fetch-{i}") for i in range(self.concurrency)
+            ]
+
+    async def close(self) -> None:
+        for w in self._workers:
+            w.cancel()
+        for w in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+        self._workers = []
+        for entry in self._entries.values():
+            self._forget(entry, "certificate manager closed")
+        self._entries.clear()
+
+    def roots(self) -> list[str]:
+        return list(self._roots)
+
+    def prefetch(self, idents: Iterable[Identity]) -> None:
+        """Workloads appeared on this node: fetch their certificates before the first connection needs them."""
+        now = time.time()
+        for ident in idents:
+            entry = self._entries.get(ident)
+            if entry is None or not (entry.valid(now) or entry.fetching or entry.queued is not None or entry.timer):
+                self._request(ident, Priority.WARMUP)
+
+    def retain_only(self, idents: Iterable[Identity]) -> None:
+        """Drop the certificates (and pending fetches) of identities no longer on this node."""
+        keep = set(idents)
+        for ident in [i for i in self._entries if i not in keep]:
+            entry = self._entries.pop(ident)
+            self._forget(entry, f"{ident} no longer runs on this node")
+            log.info("certificate dropped", extra=kv(identity=str(ident)))
+
+    async def server_context(self, ident: Identity) -> ssl.SSLContext:
+        entry = await self._ready(ident)
+        assert entry.server_ctx is not None
+        return entry.server_ctx
+
+    async def client_context(self, ident: Identity) -> ssl.SSLContext:
+        entry = await self._ready(ident)
+        assert entry.client_ctx is not None
+        return entry.client_ctx
+
+    def certificate(self, ident: Identity) -> IssuedCertificate | None:
+        """The currently held certificate, valid or not (for inspection and tests)."""
+        entry = self._entries.get(ident)
+        return entry.cert if entry else None
+
+    def snapshot(self) -> list[dict[str, str]]:
+        now = time.time()
+        rows = []
+        for ident in sorted(self._entries):
+            e = self._entries[ident]
+            c = e.cert if e.valid(now) else None
+            rows.append(
+                {
+                    "identity": str(ident),
+                    "serial": f"{c.serial:x}" if c else "",
+                    "not_before": _iso(c.not_before if c else None),
+                    "expiry": _iso(c.not_after if c else None),
+                    "refresh_at": _iso(c.refresh_at if c else None),
+                    "state": str(e.state(now)),
+                    "last_error": e.last_error,
+                }
+            )
+        return rows
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+
+    def _request(self, ident: Identity, priority: Priority) -> _Entry:
+        self.start()
+        entry = self._entries.get(ident)
+        if entry is None:
+            entry = self._entries[ident] = _Entry(ident)
+        if entry.fetching or (entry.queued is not None and entry.queued <= priority):
+            return entry
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        entry.queued, entry.queued_seq = priority, next(self._seq)
+        self._queue.put_nowait((int(priority), entry.queued_seq, ident))
+        return entry
+
+    def _schedule(self, entry: _Entry, at: float, priority: Priority) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, at - time.time())
+        entry.timer = loop.call_later(delay, self._timer_fired, entry, priority)
+
+    def _timer_fired(self, entry: _Entry, priority: Priority) -> None:
+        entry.timer = None
+        if self._entries.get(entry.identity) is entry:
+            self._request(entry.identity, priority)
+
+    async def _ready(self, ident: Identity) -> _Entry:
+        entry = self._entries.get(ident)
+        if entry is not None and entry.valid(time.time()):
+            return entry
+        if entry is not None and entry.last_error and entry.timer is not None and not entry.fetching:
+            # In backoff without a usable certificate: fail the connection now rather than hold it for minutes.
+            raise CertificateUnavailable(f"no certificate for {ident}: {entry.last_error}")
+        entry = self._request(ident, Priority.REALTIME)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.waiters.append(waiter)
+        await waiter
+        return entry
+
+    async def _worker(self) -> None:
+        while True:
+            priority, seq, ident = await self._queue.get()
+            entry = self._entries.get(ident)
+            if entry is None or entry.queued_seq != seq or entry.fetching:
+                continue  # superseded by a higher-priority request, or the workload left
+            entry.queued = None
+            entry.fetching = True
+            try:
+                await self._fetch(entry, Priority(priority))
+            except Exception:  # keep the worker alive whatever happens; the entry records the failure
+                log.exception("certificate fetch crashed", extra=kv(identity=str(ident)))
+            finally:
+                entry.fetching = False
+
+    # -- fetching -----------------------------------------------------------------------------------------------
+
+    async def _fetch(self, entry: _Entry, priority: Priority) -> None:
+        ident = entry.identity
+        key, csr = new_key_and_csr(ident)
+        try:
+            chain = await self.signer.create_certificate(csr, ident, self.ttl_seconds)
+            issued = parse_response(chain, ident, key, time.time())
+            server_ctx, client_ctx = self._contexts(issued, issued.roots_pem)
+        except (CaRequestError, InvalidCertificateResponse, ssl.SSLError, OSError) as e:
+            reason = e.reason if isinstance(e, CaRequestError) else "invalid_response"
+            self._failed(entry, priority, reason, str(e))
+            return
+        if self._entries.get(ident) is not entry:
+            return  # the workload left while we were fetching
+        entry.cert, entry.server_ctx, entry.client_ctx = issued, server_ctx, client_ctx
+        entry.failures, entry.last_error = 0, ""
+        self._expiry.labels(str(ident)).set(issued.not_after)
+        self._schedule(entry, issued.refresh_at, Priority.BACKGROUND)
+        self._wake(entry, None)
+        log.info(
+            "certificate issued",
+            extra=kv(identity=str(ident), serial=f"{issued.serial:x}", expiry=_iso(issued.not_after)),
+        )
+        if issued.roots_pem != self._roots:
+            self._roots_changed(issued.roots_pem)
+
+    def _failed(self, entry: _Entry, priority: Priority, reason: str, message: str) -> None:
+        self._errors.labels(reason).inc()
+        if self._entries.get(entry.identity) is not entry:
+            return
+        entry.failures += 1
+        entry.last_error = message
+        now = time.time()
+        if entry.cert is not None and not entry.valid(now):
+            entry.cert = entry.server_ctx = entry.client_ctx = None
+            self._expiry.remove(str(entry.identity))
+        delay = self.backoff.delay(entry.failures, self._rng)
+        self._schedule(entry, now + delay, priority)
+        log.warning(
+            "certificate fetch failed",
+            extra=kv(identity=str(entry.identity), reason=reason, error=message, retry_in=round(delay, 3)),
+        )
+        if not entry.valid(now):
+            self._wake(entry, CertificateUnavailable(f"no certificate for {entry.identity}: {message}"))
+        else:
+            self._wake(entry, None)
+
+    def _contexts(self, cert: IssuedCertificate, roots: Sequence[str]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        alpn = [tls.ALPN_H2]
+        return (
+            tls.server_context(cert.chain_pem, cert.key_pem, roots, alpn=alpn),
+            tls.client_context(roots, cert.chain_pem, cert.key_pem, alpn=alpn),
+        )
+
+    def _roots_changed(self, roots: tuple[str, ...]) -> None:
+        """New bundle from the CA (rotation step): every context must trust exactly it from now on."""
+        self._roots = roots
+        self.signer.update_roots(roots)
+        now = time.time()
+        for entry in self._entries.values():
+            if entry.cert is not None and entry.valid(now):
+                try:
+                    entry.server_ctx, entry.client_ctx = self._contexts(entry.cert, roots)
+                except (ssl.SSLError, OSError) as e:
+                    log.error("rebuilding TLS context failed", extra=kv(identity=str(entry.identity), error=str(e)))
+        log.info("trust bundle changed", extra=kv(roots=len(roots)))
+
+    @staticmethod
+    def _wake(entry: _Entry, error: Exception | None) -> None:
+        waiters, entry.waiters = entry.waiters, []
+        for w in waiters:
+            if w.done():
+                continue
+            if error is None:
+                w.set_result(None)
+            else:
+                w.set_exception(error)
+
+    def _forget(self, entry: _Entry, why: str) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        entry.queued = None
+        self._wake(entry, CertificateUnavailable(why))
+        with contextlib.suppress(KeyError):
+            self._expiry.remove(str(entry.identity))

@@ -1,0 +1,87 @@
+"""What the proxy paths derive from `istio.workload` protobufs: a workload's IPs and SPIFFE identity, a
+service's target port, and the `ip:port` text of HBONE's `:authority`.
+
+Istio elides `trust_domain` when it is the mesh default and `service_account` when it is "default"
+(reference §2.1), so both are filled in here rather than at every call site.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from common.spiffe import Identity
+
+HBONE = 1  # istio.workload.TunnelProtocol.HBONE
+HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
+LB_PASSTHROUGH = 3  # istio.workload.LoadBalancing.Mode.PASSTHROUGH
+
+Address = tuple[str, int]
+
+
+class BadAuthority(ValueError):
+    """A CONNECT `:authority` that is not `ip:port` (IPv6 as `[ip]:port`) with a port in 1..65535."""
+
+
+def workload_identity(wl: Any, default_trust_domain: str) -> Identity:
+    return Identity(wl.trust_domain or default_trust_domain, wl.namespace, wl.service_account or "default")
+
+
+def workload_ips(wl: Any) -> list[str]:
+    out = []
+    for raw in wl.addresses:
+        if len(raw) in (4, 16):
+            out.append(str(ipaddress.ip_address(bytes(raw))))
+    return out
+
+
+def workload_ip(wl: Any, family_of: str | None = None) -> str | None:
+    """The workload's first address, of the same family as `family_of` when given."""
+    want_v6 = family_of is not None and ":" in family_of
+    for ip in workload_ips(wl):
+        if family_of is None or (":" in ip) == want_v6:
+            return ip
+    return None
+
+
+def service_key(svc: Any) -> str:
+    return f"{svc.namespace}/{svc.hostname}"
+
+
+def target_port(wl: Any, svc: Any, port: int) -> int:
+    """The port `wl` listens on for `svc`'s `port`: the workload's own mapping, else the service's, else `port`."""
+    plist = wl.services.get(service_key(svc))
+    if plist is not None:
+        for p in plist.ports:
+            if p.service_port == port and p.target_port:
+                return int(p.target_port)
+    for p in svc.ports:
+        if p.service_port == port and p.target_port:
+            return int(p.target_port)
+    return port
+
+
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_authority(text: str) -> Address:
+    """Parse HBONE's `:authority`; hostnames are refused (only double HBONE uses them, which Ambit does not)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or len(port_text) > 5:
+        raise BadAuthority(f"authority {text!r}: expected ip:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BadAuthority(f"authority {text!r}: port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise BadAuthority(f"authority {text!r}: brackets around a non-IPv6 address")
+    elif ":" in host:
+        raise BadAuthority(f"authority {text!r}: IPv6 address must be in brackets")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadAuthority(f"authority {text!r}: {host!r} is not an IP address") from None
+    return (str(ip), port)

@@ -1,0 +1,161 @@
+"""Established connections whose policy the agent enforces, re-checked whenever policy or workloads change.
+
+Istio closes an established connection as soon as a policy update no longer allows it
+(`AuthorizationPolicyLateRejection`, ztunnel's PolicyWatcher): without this a DENY would only stop new
+connections, and a long-lived one would keep the access it had. Tracked are connections whose destination
+this agent authorizes: inbound HBONE, inbound plaintext and same-node ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import rbac
+from agent.accesslog import ConnectionReport
+from agent.addressing import Address, format_address
+from agent.metrics import Metrics
+from agent.relay import SpliceRelay, abort
+from agent.sockets import connect_upstream
+from common.log import kv
+
+log = logging.getLogger("agent.connections")
+
+LATE_REJECTION = "AuthorizationPolicyLateRejection"
+
+
+@dataclass(eq=False)
+class TrackedConnection:
+    conn: rbac.Connection
+    workload_uid: str  # the destination workload whose policies apply
+    direction: str
+    close: Callable[[], object]  # cuts the connection (cancels the task relaying it)
+    report: ConnectionReport | None = None
+    rejected_by: rbac.Decision | None = field(default=None)
+
+    @property
+    def late_rejection(self) -> str | None:
+        """The error to log when this connection was cut by a policy change."""
+        if self.rejected_by is None:
+            return None
+        return f"{LATE_REJECTION}: {self.rejected_by.explain()}"
+
+
+class ConnectionRegistry:
+    def __init__(self, store: Any, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._conns: set[TrackedConnection] = set()
+        store.subscribe(self.on_change)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def track(
+        self,
+        conn: rbac.Connection,
+        workload_uid: str,
+        direction: str,
+        close: Callable[[], object],
+        report: ConnectionReport | None = None,
+    ) -> TrackedConnection:
+        t = TrackedConnection(conn, workload_uid, direction, close, report)
+        self._conns.add(t)
+        return t
+
+    def untrack(self, t: TrackedConnection) -> None:
+        self._conns.discard(t)
+
+    def on_change(self, change: Any) -> None:
+        """Store subscriber: any policy or workload change may change a decision (a workload's selector
+        policies live in the workload), so every tracked connection is re-checked; this is cheap next to a
+        config push."""
+        if getattr(change, "policies", None) or getattr(change, "workloads", None):
+            self.reevaluate()
+
+    def reevaluate(self) -> list[TrackedConnection]:
+        """Close the connections current policy denies; returns them."""
+        cut = []
+        for t in list(self._conns):
+            wl = self.store.workload_by_uid(t.workload_uid)
+            policies = self.store.policies_for(wl) if wl is not None else []
+            decision = rbac.evaluate(policies, t.conn)
+            if decision.allowed:
+                continue
+            t.rejected_by = decision
+            self._conns.discard(t)
+            cut.append(t)
+            self.metrics.error(t.direction, "policy_late_rejection")
+            log.info(
+                "closing connection no longer allowed",
+                extra=kv(connection=str(t.conn), workload=t.workload_uid, reason=decision.explain()),
+            )
+            if t.report is not None:
+                t.report.decision = decision
+            t.close()
+        return cut
+
+    async def splice_authorized(
+        self,
+        sock: socket.socket,
+        conn: rbac.Connection,
+        workload: Any,
+        target: Address,
+        reports: list[ConnectionReport],
+        direction: str,
+        *,
+        keep_source: bool,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """Authorize `conn` against `workload`'s policies, connect to `target`, splice, and track it so a
+        policy change can cut it.
+
+        Shared by the same-node fast path and inbound plaintext (15006): the same decision, tracking and
+        reporting; only the identity differs (the source workload's own, or none). `reports` are finished
+        with the outcome (one per reporter).
+        """
+        decision = rbac.evaluate(self.store.policies_for(workload), conn)
+        for r in reports:
+            r.decision = decision
+            r.opened()
+        for note in decision.dry_run:
+            log.info("dry-run policy", extra=kv(connection=str(conn), result=note))
+        if not decision.allowed:
+            self.metrics.error(direction, "policy_denied")
+            for r in reports:
+                r.finish(error=decision.explain(), flags="DENY")
+            abort(sock)
+            return
+        try:
+            upstream = await connect_upstream(
+                target, source_ip=conn.src_ip if keep_source else None, connect_timeout=connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            self.metrics.error(direction, "connect_failed")
+            for r in reports:
+                r.finish(error=f"connect {format_address(target)}: {e}", flags="CONNECT")
+            abort(sock)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        tracked = self.track(conn, workload.uid, direction, task.cancel, reports[-1])
+        splice = SpliceRelay(sock, upstream)
+        error: str | None = None
+        try:
+            error = (await splice.run()).error
+        except asyncio.CancelledError:
+            error = tracked.late_rejection or "cancelled"
+            if tracked.late_rejection is None:
+                raise
+        finally:
+            self.untrack(tracked)
+            flags = "DENY" if tracked.late_rejection else "-"
+            for r in reports:
+                r.finish(splice.bytes_up, splice.bytes_down, error=error, flags=flags)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [{"connection": str(t.conn), "workload": t.workload_uid, "direction": t.direction} for t in self._conns]

@@ -1,0 +1,290 @@
+"""Inbound: HBONE (15008) and plaintext (15006) connections for enrolled pods on this node.
+
+HBONE: the eBPF redirect hands us connections for `podIP:15008`, so the accepted socket's local address
+names the destination pod; TLS is terminated with *that* pod's certificate (there is no SNI), and each
+CONNECT is checked like ztunnel's inbound: `:authority` must be `ip:port` of that same pod (400), policy
+must allow the peer identity (401), the pod must accept the connection (503); then 200 and relay.
+
+Plaintext (15006): connections to enrolled pods from outside the mesh. The same policy check with no peer
+identity (STRICT PeerAuthentication arrives as a DENY of "no principal"), then spliced to the pod.
+
+Both connect to the pod from the client's own address when `keep_source_address` is on (transparent bind;
+replies come back through the pod's veth program), falling back to the node address where the kernel
+refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from agent import rbac
+from agent.accesslog import AccessLog, ConnectionReport
+from agent.addressing import (
+    HBONE,
+    Address,
+    BadAuthority,
+    format_address,
+    parse_authority,
+    workload_identity,
+)
+from agent.connections import ConnectionRegistry
+from agent.metrics import Metrics
+from agent.relay import abort
+from agent.sockets import connect_upstream, peer_address
+from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, relay, serve_hbone_connection
+from common.log import kv
+from common.spiffe import Identity
+
+log = logging.getLogger("agent.inbound")
+
+AGENT_PORTS = frozenset({15001, 15006, 15008})
+_FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for="?([^";,]+)"?', re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig:
+    keep_source_address: bool = True
+    connect_timeout: float = 5.0
+    own_ports: frozenset[int] = AGENT_PORTS
+
+
+def forwarded_for(headers: list[tuple[str, str]]) -> Address | None:
+    """The client address in a `forwarded: for="ip:port"` header, if well formed."""
+    for name, value in headers:
+        if name.lower() != "forwarded":
+            continue
+        m = _FORWARDED_FOR.search(value)
+        if m:
+            try:
+                return parse_authority(m.group(1))
+            except BadAuthority:
+                return None
+    return None
+
+
+def validate_authority(authority: str, local_ip: str) -> Address:
+    """`:authority` as (ip, port); raises BadAuthority unless it is `ip:port` of the connection's own pod."""
+    ip, port = parse_authority(authority)
+    if ip != local_ip:
+        raise BadAuthority(f"authority {authority!r} does not match the destination {local_ip}")
+    return ip, port
+
+
+def service_for_port(store: Any, wl: Any, port: int) -> Any | None:
+    """The service the workload serves on target `port`, for the destination_service labels."""
+    for key, plist in sorted(wl.services.items()):
+        if any(p.target_port == port or (not p.target_port and p.service_port == port) for p in plist.ports):
+            svc = store.service_by_key(key)
+            if svc is not None:
+                return svc
+    return None
+
+
+class _Common:
+    def __init__(
+        self,
+        store: Any,
+        node: str,
+        metrics: Metrics,
+        access_log: AccessLog,
+        connections: ConnectionRegistry,
+        config: InboundConfig | None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.metrics = metrics
+        self.access_log = access_log
+        self.connections = connections
+        self.config = config or InboundConfig()
+
+    def local_workload(self, ip: str) -> Any | None:
+        """An enrolled workload of this node with address `ip` (only those get inbound service)."""
+        wl = self.store.workload_by_ip(ip)
+        if wl is None or wl.node != self.node or wl.tunnel_protocol != HBONE:
+            return None
+        return wl
+
+    def refuse(self, sock: socket.socket, direction: str, reason: str, **fields: Any) -> None:
+        self.metrics.error(direction, reason)
+        log.warning("connection refused", extra=kv(direction=direction, error=reason, **fields))
+        abort(sock)
+
+
+class InboundProxy(_Common):
+    """HBONE server: `await proxy.handle(sock, orig_dst)` for each connection accepted on 15008."""
+
+    def __init__(
+        self,
+        store: Any,
+        certs: Any,
+        node: str,
+        metrics: Metrics,
+        access_log: AccessLog,
+        connections: ConnectionRegistry,
+        config: InboundConfig | None = None,
+        *,
+        tunnel_config: TunnelConfig | None = None,
+        tunnel_stats: TunnelStats | None = None,
+    ) -> None:
+        super().__init__(store, node, metrics, access_log, connections, config)
+        self.certs = certs
+        self.tunnel_config = tunnel_config
+        self.tunnel_stats = tunnel_stats
+
+    async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
+        try:
+            peer = peer_address(sock)
+        except OSError:
+            sock.close()
+            return
+        wl = self.local_workload(orig_dst[0])
+        if wl is None:
+            self.refuse(sock, "inbound", "unknown_destination", **{"dst.addr": format_address(orig_dst)})
+            return
+        ident = workload_identity(wl, self.certs.trust_domain)
+        try:
+            ctx = await self.certs.server_context(ident)
+        except Exception as e:  # the CA may be unreachable: refuse this connection, keep serving others
+            self.refuse(sock, "inbound", "no_certificate", identity=str(ident), detail=str(e))
+            return
+
+        async def on_connect(req: ConnectRequest) -> None:
+            await self._connect(req, wl, ident, orig_dst[0], peer)
+
+        await serve_hbone_connection(
+            sock,
+            ctx,
+            on_connect,
+            trust_domain=self.certs.trust_domain,
+            config=self.tunnel_config,
+            stats=self.tunnel_stats,
+        )
+
+    def _client_address(self, req: ConnectRequest, peer: Address) -> Address:
+        """The original client: `forwarded: for=` when it names a workload with the peer's own identity (our
+        agents send it, and a peer can only speak for workloads it holds certificates of), else the TCP peer."""
+        fwd = forwarded_for(req.headers)
+        if fwd is not None:
+            src = self.store.workload_by_ip(fwd[0])
+            if src is not None and workload_identity(src, self.certs.trust_domain) == req.peer_identity:
+                return fwd
+        return peer
+
+    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, local_ip: str, peer: Address) -> None:
+        try:
+            dst = validate_authority(req.authority, local_ip)
+        except BadAuthority as e:
+            self.metrics.error("inbound", "bad_authority")
+            log.warning("CONNECT refused", extra=kv(error=str(e), peer=str(req.peer_identity)))
+            await req.respond(400)
+            return
+        if dst[1] in self.config.own_ports:
+            self.metrics.error("inbound", "self_call")
+            await req.respond(400)
+            return
+        client = self._client_address(req, peer)
+        report = self.access_log.start(
+            "inbound",
+            client,
+            dst,
+            src=self.store.workload_by_ip(client[0]),
+            dst=wl,
+            service=service_for_port(self.store, wl, dst[1]),
+            src_identity=req.peer_identity,
+            dst_identity=ident,
+            mtls=True,
+            hbone_addr=(local_ip, 15008),
+            path="hbone",
+        )
+        conn = rbac.Connection(client[0], dst[0], dst[1], req.peer_identity, client[1])
+        decision = rbac.evaluate(self.store.policies_for(wl), conn)
+        report.decision = decision
+        report.opened()
+        for note in decision.dry_run:
+            log.info("dry-run policy", extra=kv(connection=str(conn), result=note))
+        if not decision.allowed:
+            self.metrics.error("inbound", "policy_denied")
+            await req.respond(401)
+            report.finish(error=decision.explain(), flags="DENY")
+            return
+        try:
+            upstream = await connect_upstream(
+                dst,
+                source_ip=client[0] if self.config.keep_source_address else None,
+                connect_timeout=self.config.connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            self.metrics.error("inbound", "connect_failed")
+            await req.respond(503)
+            report.finish(error=f"connect {format_address(dst)}: {e}", flags="CONNECT")
+            return
+        try:
+            await req.respond(200)
+        except Exception as e:  # the stream or connection died while we connected
+            upstream.close()
+            report.finish(error=f"respond: {e}", flags="CONNECT")
+            return
+        await self._relay(upstream, req, conn, wl, report)
+
+    async def _relay(
+        self, upstream: socket.socket, req: ConnectRequest, conn: rbac.Connection, wl: Any, report: ConnectionReport
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tracked = self.connections.track(conn, wl.uid, "inbound", task.cancel, report)
+        try:
+            result = await relay(upstream, req.stream)
+        except asyncio.CancelledError:
+            if tracked.late_rejection is None:
+                report.finish(error="cancelled")
+                raise
+            report.finish(error=tracked.late_rejection, flags="DENY")
+            return
+        finally:
+            self.connections.untrack(tracked)
+        # relay counts from the TCP socket's view: up = pod -> tunnel (server->client)
+        report.finish(result.bytes_down, result.bytes_up, error=result.error)
+
+
+class InboundPlaintextProxy(_Common):
+    """Plaintext into enrolled pods (15006): `await proxy.handle(sock, orig_dst)`."""
+
+    async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
+        try:
+            client = peer_address(sock)
+        except OSError:
+            sock.close()
+            return
+        if orig_dst[1] in self.config.own_ports:
+            self.refuse(sock, "inbound_plaintext", "self_call", **{"dst.addr": format_address(orig_dst)})
+            return
+        wl = self.local_workload(orig_dst[0])
+        if wl is None:
+            self.refuse(sock, "inbound_plaintext", "unknown_destination", **{"dst.addr": format_address(orig_dst)})
+            return
+        report = self.access_log.start(
+            "inbound",
+            client,
+            orig_dst,
+            src=self.store.workload_by_ip(client[0]),
+            dst=wl,
+            service=service_for_port(self.store, wl, orig_dst[1]),
+            mtls=False,
+            path="plaintext",
+        )
+        conn = rbac.Connection(client[0], orig_dst[0], orig_dst[1], None, client[1])
+        await self.connections.splice_authorized(
+            sock,
+            conn,
+            wl,
+            orig_dst,
+            [report],
+            "inbound_plaintext",
+            keep_source=self.config.keep_source_address,
+            connect_timeout=self.config.connect_timeout,
+        )

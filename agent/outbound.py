@@ -1,0 +1,277 @@
+"""Outbound (15001): connections captured from enrolled pods, sent on through HBONE, the same-node fast path
+or plain passthrough.
+
+The routing decision (`route`) is a pure function of the store, so every case is a table test. Order as in
+ztunnel's `build_request`: refuse the agent's own ports; a service VIP is load-balanced over its healthy
+endpoints (service port -> target port), otherwise an IP that is a workload is that workload; an HBONE
+workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or, when both ends are enrolled pods
+on this node, spliced through the kernel after the same policy check the destination agent would make; a
+destination outside the mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that
+decision goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from agent import rbac
+from agent.accesslog import AccessLog, ConnectionReport
+from agent.addressing import (
+    HBONE,
+    HEALTHY,
+    LB_PASSTHROUGH,
+    Address,
+    format_address,
+    target_port,
+    workload_identity,
+    workload_ip,
+)
+from agent.connections import ConnectionRegistry
+from agent.metrics import Metrics
+from agent.pool import HboneConnectionPool, PoolKey
+from agent.relay import SpliceRelay, abort
+from agent.sockets import connect_upstream, peer_address
+from agent.tunnel import HboneConnectError, relay
+from common.log import kv
+
+log = logging.getLogger("agent.outbound")
+
+AGENT_PORTS = frozenset({15001, 15006, 15008})
+_WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    hbone_port: int = 15008
+    own_ports: frozenset[int] = AGENT_PORTS  # never proxied to: a loop back into the agent
+    same_node_fast_path: bool = True
+    keep_source_address: bool = True  # same-node fast path: connect from the client pod's IP
+    connect_timeout: float = 5.0
+
+
+class RouteKind(enum.Enum):
+    HBONE = "hbone"
+    SAME_NODE = "same_node"
+    PASSTHROUGH = "passthrough"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    target: Address | None = None  # where to connect
+    authority: Address | None = None  # HBONE :authority and policy destination (podIP:targetPort)
+    workload: Any | None = None  # destination Workload
+    service: Any | None = None  # destination Service when addressed by VIP
+    reason: str = ""  # REJECT: why (counted as ambit_connection_errors{reason})
+
+
+def route(
+    store: Any,
+    node: str,
+    src: Any,
+    dst: Address,
+    config: OutboundConfig = OutboundConfig(),
+    rng: random.Random | None = None,
+) -> Route:
+    """Where a connection from workload `src` to original destination `dst` goes."""
+    ip, port = dst
+    if port in config.own_ports:
+        return Route(RouteKind.REJECT, reason="self_call")
+    svc = store.service_by_vip(ip)
+    wl: Any | None
+    if svc is not None:
+        candidates = [
+            (w, target_port(w, svc, port))
+            for w, _ in store.endpoints(svc)
+            if w.status == HEALTHY and workload_ip(w, ip) is not None
+        ]
+        if not candidates:
+            if svc.load_balancing.mode == LB_PASSTHROUGH:
+                return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
+            return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
+        wl, port = (rng or random).choice(candidates)
+        ip = workload_ip(wl, ip) or ip
+    else:
+        wl = store.workload_by_ip(ip)
+        if wl is None:
+            return Route(RouteKind.PASSTHROUGH, target=dst)
+    # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
+    if wl.tunnel_protocol != HBONE:
+        return Route(RouteKind.PASSTHROUGH, target=(ip, port), workload=wl, service=svc)
+    if config.same_node_fast_path and wl.node == node and src.node == node:
+        return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
+    return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
+
+
+def baggage(wl: Any) -> str:
+    """ztunnel's `baggage` value; empty parts are left out."""
+    parts = [
+        ("k8s.cluster.name", wl.cluster_id),
+        ("k8s.namespace.name", wl.namespace),
+        (f"k8s.{_WORKLOAD_TYPES.get(wl.workload_type, 'deployment')}.name", wl.workload_name),
+        ("service.name", wl.canonical_name),
+        ("service.version", wl.canonical_revision),
+        ("cloud.region", wl.locality.region),
+        ("cloud.availability_zone", wl.locality.zone),
+    ]
+    return ",".join(f"{k}={v}" for k, v in parts if v)
+
+
+def traceparent() -> str:
+    """A W3C traceparent, random per connection: it traces connections, not requests."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+def hbone_headers(client: Address, src: Any) -> list[tuple[str, str]]:
+    headers = [("forwarded", f'for="{format_address(client)}"'), ("traceparent", traceparent())]
+    bag = baggage(src)
+    if bag:
+        headers.append(("baggage", bag))
+    return headers
+
+
+class OutboundProxy:
+    """Handles connections accepted on the outbound listener: `await proxy.handle(sock, orig_dst)`."""
+
+    def __init__(
+        self,
+        store: Any,
+        certs: Any,
+        pool: HboneConnectionPool,
+        node: str,
+        metrics: Metrics,
+        access_log: AccessLog,
+        connections: ConnectionRegistry,
+        config: OutboundConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.certs = certs
+        self.pool = pool
+        self.node = node
+        self.metrics = metrics
+        self.access_log = access_log
+        self.connections = connections
+        self.config = config or OutboundConfig()
+
+    async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
+        try:
+            client = peer_address(sock)
+        except OSError:
+            sock.close()  # the client is already gone
+            return
+        src = self.store.workload_by_ip(client[0])
+        if src is None:
+            self._refuse(sock, client, orig_dst, "unknown_source")
+            return
+        r = route(self.store, self.node, src, orig_dst, self.config)
+        if r.kind is RouteKind.REJECT:
+            self._refuse(sock, client, orig_dst, r.reason)
+            return
+        td = self.certs.trust_domain
+        report = self.access_log.start(
+            "outbound", client, orig_dst, src=src, dst=r.workload, service=r.service, path=r.kind.value
+        )
+        if r.kind is RouteKind.HBONE:
+            report.src_identity = workload_identity(src, td)
+            report.dst_identity = workload_identity(r.workload, td)
+            report.mtls = True
+            report.hbone_addr = r.authority
+            await self._hbone(sock, client, src, r, report)
+        elif r.kind is RouteKind.SAME_NODE:
+            report.src_identity = workload_identity(src, td)
+            report.dst_identity = workload_identity(r.workload, td)
+            report.mtls = True
+            await self._same_node(sock, client, r, report)
+        else:
+            await self._passthrough(sock, r, report)
+
+    def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:
+        self.metrics.error("outbound", reason)
+        log.warning(
+            "connection failed",
+            extra=kv(**{"src.addr": format_address(client), "dst.addr": format_address(dst)}, error=reason),
+        )
+        abort(sock)
+
+    async def _hbone(self, sock: socket.socket, client: Address, src: Any, r: Route, report: ConnectionReport) -> None:
+        assert r.target is not None and r.authority is not None
+        assert report.src_identity is not None and report.dst_identity is not None
+        report.opened()
+        try:
+            ctx = await self.certs.client_context(report.src_identity)
+            stream = await self.pool.open_stream(
+                PoolKey(report.src_identity, report.dst_identity, r.target),
+                ctx,
+                format_address(r.authority),
+                hbone_headers(client, src),
+            )
+        except HboneConnectError as e:
+            flags = "DENY" if e.status == 401 else "CONNECT"
+            self.metrics.error("outbound", f"hbone_{e.status}")
+            report.finish(error=str(e), flags=flags)
+            abort(sock)
+            return
+        except Exception as e:  # certificate fetch failures and the like: this connection only
+            self.metrics.error("outbound", "identity_error")
+            report.finish(error=f"{type(e).__name__}: {e}", flags="IDENTITY_ERROR")
+            abort(sock)
+            return
+        try:
+            result = await relay(sock, stream)
+        except asyncio.CancelledError:
+            report.finish(error="cancelled")
+            raise
+        report.finish(result.bytes_up, result.bytes_down, error=result.error)
+
+    async def _same_node(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
+        """Policy as the destination would apply it, reported by both sides, bytes spliced in the kernel."""
+        assert r.target is not None and r.authority is not None
+        inbound = self.access_log.start(
+            "inbound",
+            client,
+            r.authority,
+            src=report.src,
+            dst=r.workload,
+            service=r.service,
+            src_identity=report.src_identity,
+            dst_identity=report.dst_identity,
+            mtls=True,
+            path="same_node",
+        )
+        conn = rbac.Connection(client[0], r.authority[0], r.authority[1], report.src_identity, client[1])
+        await self.connections.splice_authorized(
+            sock,
+            conn,
+            r.workload,
+            r.target,
+            [report, inbound],
+            "outbound",
+            keep_source=self.config.keep_source_address,
+            connect_timeout=self.config.connect_timeout,
+        )
+
+    async def _passthrough(self, sock: socket.socket, r: Route, report: ConnectionReport) -> None:
+        assert r.target is not None
+        report.opened()
+        try:
+            upstream = await connect_upstream(r.target, connect_timeout=self.config.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            self.metrics.error("outbound", "connect_failed")
+            report.finish(error=f"connect {format_address(r.target)}: {e}", flags="CONNECT")
+            abort(sock)
+            return
+        splice = SpliceRelay(sock, upstream)
+        try:
+            result = await splice.run()
+        finally:
+            report.finish(splice.bytes_up, splice.bytes_down)
+        if result.error:
+            log.debug("passthrough ended with error", extra=kv(error=result.error))

@@ -1,0 +1,1212 @@
+"""Parse and validate Kubernetes-style config documents into controller/model.py objects.
+
+Validation is strict in the spirit of `kubectl --validate=strict`: every field at a level the controller
+understands must be known, typed correctly and in range. Levels it does not interpret (a container's image, a pod's
+affinity, ...) are accepted as opaque so real manifests still load. One bad object never stops the others: each
+document is parsed on its own and every problem becomes a ConfigError naming the source, object and field.
+
+Error string: `<source>:<kind>/<namespace>/<name>: <field>: <reason>`. Cluster-scoped kinds (Namespace, Node) have an
+empty namespace (`demo.yaml:Namespace//demo: ...`). When a document has no usable kind, the kind is `?`; when it
+has no usable name, the name is `#<n>` (its 1-based position in the source).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from controller import model
+from controller.model import (
+    AuthorizationPolicy,
+    Condition,
+    ContainerPort,
+    KObject,
+    Meta,
+    Namespace,
+    Node,
+    OpaqueObject,
+    Operation,
+    PeerAuthentication,
+    Pod,
+    Rule,
+    Service,
+    ServiceEntry,
+    ServiceEntryPort,
+    ServicePort,
+    Source,
+    WorkloadEntry,
+    WorkloadEntrySpec,
+)
+
+T = TypeVar("T")
+
+_ISTIO_NETWORKING = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
+_ISTIO_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1")
+_GATEWAY_API = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+
+API_VERSIONS: Mapping[str, tuple[str, ...]] = {
+    "Namespace": ("v1",),
+    "Node": ("v1",),
+    "Pod": ("v1",),
+    "Service": ("v1",),
+    "ServiceEntry": _ISTIO_NETWORKING,
+    "WorkloadEntry": _ISTIO_NETWORKING,
+    "AuthorizationPolicy": _ISTIO_SECURITY,
+    "PeerAuthentication": _ISTIO_SECURITY,
+    "RequestAuthentication": _ISTIO_SECURITY,
+    "Gateway": _GATEWAY_API,
+    "HTTPRoute": _GATEWAY_API,
+}
+OPAQUE_KINDS = frozenset({"RequestAuthentication", "Gateway", "HTTPRoute"})
+
+AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+L4_WHEN_KEYS = frozenset({"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"})
+_WHEN_KEYS = frozenset(
+    L4_WHEN_KEYS
+    | {
+        "remote.ip",
+        "source.serviceAccount",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "connection.sni",
+    }
+)
+_WHEN_KEY_PREFIXES = ("request.headers[", "request.auth.claims[", "experimental.envoy.filters.")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_HOSTNAME = re.compile(
+    r"^(\*|(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*)$"
+)
+
+_META_FIELDS = frozenset(
+    {
+        "name",
+        "namespace",
+        "labels",
+        "annotations",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+        "generateName",
+        "selfLink",
+    }
+)
+# Kubernetes fields the controller does not interpret but must accept (checked against the v1 API).
+_POD_SPEC_OPAQUE = frozenset(
+    {
+        "activeDeadlineSeconds",
+        "affinity",
+        "automountServiceAccountToken",
+        "dnsConfig",
+        "dnsPolicy",
+        "enableServiceLinks",
+        "ephemeralContainers",
+        "hostAliases",
+        "hostIPC",
+        "hostPID",
+        "hostUsers",
+        "hostname",
+        "imagePullSecrets",
+        "initContainers",
+        "nodeSelector",
+        "os",
+        "overhead",
+        "preemptionPolicy",
+        "priority",
+        "priorityClassName",
+        "readinessGates",
+        "resourceClaims",
+        "resources",
+        "restartPolicy",
+        "runtimeClassName",
+        "schedulerName",
+        "schedulingGates",
+        "securityContext",
+        "setHostnameAsFQDN",
+        "shareProcessNamespace",
+        "subdomain",
+        "terminationGracePeriodSeconds",
+        "tolerations",
+        "topologySpreadConstraints",
+        "volumes",
+    }
+)
+_CONTAINER_OPAQUE = frozenset(
+    {
+        "args",
+        "command",
+        "env",
+        "envFrom",
+        "image",
+        "imagePullPolicy",
+        "lifecycle",
+        "livenessProbe",
+        "readinessProbe",
+        "resizePolicy",
+        "resources",
+        "restartPolicy",
+        "securityContext",
+        "startupProbe",
+        "stdin",
+        "stdinOnce",
+        "terminationMessagePath",
+        "terminationMessagePolicy",
+        "tty",
+        "volumeDevices",
+        "volumeMounts",
+        "workingDir",
+    }
+)
+_POD_STATUS_OPAQUE = frozenset(
+    {
+        "containerStatuses",
+        "ephemeralContainerStatuses",
+        "hostIP",
+        "hostIPs",
+        "initContainerStatuses",
+        "message",
+        "nominatedNodeName",
+        "qosClass",
+        "reason",
+        "resize",
+        "resourceClaimStatuses",
+        "startTime",
+        "observedGeneration",
+    }
+)
+_SERVICE_SPEC_OPAQUE = frozenset(
+    {
+        "allocateLoadBalancerNodePorts",
+        "externalIPs",
+        "externalTrafficPolicy",
+        "healthCheckNodePort",
+        "internalTrafficPolicy",
+        "ipFamilies",
+        "ipFamilyPolicy",
+        "loadBalancerClass",
+        "loadBalancerIP",
+        "loadBalancerSourceRanges",
+        "publishNotReadyAddresses",
+        "sessionAffinity",
+        "sessionAffinityConfig",
+        "trafficDistribution",
+    }
+)
+_NODE_SPEC_OPAQUE = frozenset({"configSource", "externalID", "providerID", "taints", "unschedulable"})
+_NODE_STATUS_OPAQUE = frozenset(
+    {
+        "allocatable",
+        "capacity",
+        "conditions",
+        "config",
+        "daemonEndpoints",
+        "features",
+        "images",
+        "nodeInfo",
+        "phase",
+        "runtimeHandlers",
+        "volumesAttached",
+        "volumesInUse",
+        "declaredFeatures",
+    }
+)
+_SOURCE_FIELDS = {
+    "principals": "principals",
+    "notPrincipals": "not_principals",
+    "requestPrincipals": "request_principals",
+    "notRequestPrincipals": "not_request_principals",
+    "namespaces": "namespaces",
+    "notNamespaces": "not_namespaces",
+    "serviceAccounts": "service_accounts",
+    "notServiceAccounts": "not_service_accounts",
+    "ipBlocks": "ip_blocks",
+    "notIpBlocks": "not_ip_blocks",
+    "remoteIpBlocks": "remote_ip_blocks",
+    "notRemoteIpBlocks": "not_remote_ip_blocks",
+}
+_OPERATION_STRING_FIELDS = {
+    "hosts": "hosts",
+    "notHosts": "not_hosts",
+    "methods": "methods",
+    "notMethods": "not_methods",
+    "paths": "paths",
+    "notPaths": "not_paths",
+}
+
+
+@dataclass(eq=True)
+class ConfigError(Exception):
+    """One rejected field of one object. `str()` is the stable, user-facing form."""
+
+    source: str
+    kind: str
+    namespace: str
+    name: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.kind}/{self.namespace}/{self.name}: {self.field}: {self.reason}"
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+@dataclass
+class ParseResult:
+    objects: list[KObject] = field(default_factory=list)
+    errors: list[ConfigError] = field(default_factory=list)
+
+
+class _Invalid(Exception):
+    """Aborts parsing of the current object after its errors were recorded."""
+
+
+class _Ctx:
+    """Error collection for one object; its identity fills in as the metadata is read."""
+
+    def __init__(self, source: str, index: int) -> None:
+        self.source = source
+        self.kind = "?"
+        self.namespace = ""
+        self.name = f"#{index}"
+        self.errors: list[ConfigError] = []
+
+    def error(self, path: str, reason: str) -> None:
+        self.errors.append(ConfigError(self.source, self.kind, self.namespace, self.name, path, reason))
+
+
+def parse_yaml_text(source: str, text: str) -> ParseResult:
+    """Parse a multi-document YAML text; a syntax error costs only the document it is in."""
+    docs: list[Any] = []
+    pre_errors: list[ConfigError] = []
+    for index, (first_line, chunk) in enumerate(_split_documents(text), start=1):
+        try:
+            docs.append(yaml.safe_load(chunk))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {first_line + mark.line + 1}" if mark is not None else "document"
+            problem = getattr(exc, "problem", None) or str(exc)
+            pre_errors.append(ConfigError(source, "?", "", f"#{index}", where, f"invalid YAML: {problem}"))
+            docs.append(_SKIP)
+    result = parse_documents(source, docs)
+    result.errors[:0] = pre_errors
+    return result
+
+
+_SKIP = object()
+_DOC_SEPARATOR = re.compile(r"^---(\s|$)")
+
+
+def _split_documents(text: str) -> list[tuple[int, str]]:
+    """Split at `---` lines so each document parses on its own; returns (0-based first line, text) pairs."""
+    chunks: list[tuple[int, str]] = []
+    start, current = 0, list[str]()
+    for lineno, line in enumerate(text.splitlines(keepends=True)):
+        if _DOC_SEPARATOR.match(line):
+            chunks.append((start, "".join(current)))
+            # Anything after `---` on the same line is document content (e.g. `--- !tag` or `--- {a: 1}`).
+            start, current = lineno, [line[3:]]
+        else:
+            current.append(line)
+    chunks.append((start, "".join(current)))
+    return [(s, c) for s, c in chunks if c.strip() and not _only_comments(c)]
+
+
+def _only_comments(chunk: str) -> bool:
+    return all(
+        not line.strip() or line.lstrip().startswith("#") or line.strip() == "..." for line in chunk.splitlines()
+    )
+
+
+def parse_documents(source: str, docs: Iterable[Any]) -> ParseResult:
+    """Validate already-decoded documents (dicts from YAML or JSON). None documents are skipped."""
+    result = ParseResult()
+    seen: dict[model.ObjectKey, int] = {}
+    index = 0
+    for doc in docs:
+        index += 1
+        if doc is None or doc is _SKIP:
+            continue
+        items = [doc]
+        if isinstance(doc, dict) and doc.get("kind") == "List" and doc.get("apiVersion") == "v1":
+            raw_items = doc.get("items")
+            items = raw_items if isinstance(raw_items, list) else []
+            if not isinstance(raw_items, list):
+                result.errors.append(ConfigError(source, "List", "", f"#{index}", "items", "must be a list"))
+        for item in items:
+            ctx = _Ctx(source, index)
+            obj = _parse_object(ctx, item)
+            result.errors.extend(ctx.errors)
+            if obj is None:
+                continue
+            if obj.key in seen:
+                result.errors.append(
+                    ConfigError(
+                        source,
+                        obj.key.kind,
+                        obj.key.namespace,
+                        obj.key.name,
+                        "metadata.name",
+                        f"duplicate object (first defined in document #{seen[obj.key]})",
+                    )
+                )
+                continue
+            seen[obj.key] = index
+            result.objects.append(obj)
+    return result
+
+
+def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
+    if not isinstance(doc, dict):
+        ctx.error("(document)", f"must be a mapping with apiVersion, kind and metadata, got {_type_name(doc)}")
+        return None
+    kind = doc.get("kind")
+    api_version = doc.get("apiVersion")
+    raw_meta = doc.get("metadata")
+    # Fill in the identity first so every later error names the object.
+    if isinstance(kind, str) and kind:
+        ctx.kind = kind
+    if isinstance(raw_meta, dict):
+        if isinstance(raw_meta.get("name"), str) and raw_meta["name"]:
+            ctx.name = raw_meta["name"]
+        if kind not in model.CLUSTER_SCOPED_KINDS:
+            ns = raw_meta.get("namespace")
+            ctx.namespace = ns if isinstance(ns, str) and ns else "default"
+    if not isinstance(kind, str) or not kind:
+        ctx.error("kind", "required field is missing")
+        return None
+    if kind not in API_VERSIONS:
+        ctx.error("kind", f"unknown kind {kind!r} (known: {', '.join(sorted(API_VERSIONS))})")
+        return None
+    if not isinstance(api_version, str) or not api_version:
+        ctx.error("apiVersion", "required field is missing")
+        return None
+    if api_version not in API_VERSIONS[kind]:
+        ctx.error("apiVersion", f"{api_version!r} does not serve kind {kind} (use {' or '.join(API_VERSIONS[kind])})")
+        return None
+    allowed = {"apiVersion", "kind", "metadata", "spec", "status"}
+    _check_unknown(ctx, doc, "", allowed)
+    try:
+        meta = _parse_meta(ctx, raw_meta)
+        builder = _BUILDERS.get(kind)
+        if builder is None:
+            spec = doc.get("spec")
+            if spec is not None and not isinstance(spec, dict):
+                ctx.error("spec", f"must be a mapping, got {_type_name(spec)}")
+            obj: KObject | None = OpaqueObject(kind, api_version, meta, MappingProxyType(dict(spec or {})))
+        else:
+            obj = builder(ctx, meta, doc)
+    except _Invalid:
+        return None
+    return None if ctx.errors else obj
+
+
+# --- field helpers ----------------------------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _check_unknown(ctx: _Ctx, data: dict[Any, Any], path: str, allowed: Iterable[str]) -> None:
+    allowed_set = set(allowed)
+    for key in data:
+        if key not in allowed_set:
+            ctx.error(_join(path, str(key)), "unknown field")
+
+
+def _mapping(
+    ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, allowed: Iterable[str] | None, required: bool = False
+) -> dict[Any, Any]:
+    """A sub-mapping; `allowed=None` accepts any keys. Missing -> {} (or an error when required)."""
+    value = parent.get(key)
+    full = _join(path, key)
+    if value is None:
+        if required:
+            ctx.error(full, "required field is missing")
+        return {}
+    if not isinstance(value, dict):
+        ctx.error(full, f"must be a mapping, got {_type_name(value)}")
+        return {}
+    if allowed is not None:
+        _check_unknown(ctx, value, full, allowed)
+    return value
+
+
+def _list(ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, required: bool = False) -> list[Any]:
+    value = parent.get(key)
+    full = _join(path, key)
+    if value is None:
+        if required:
+            ctx.error(full, "required field is missing")
+        return []
+    if not isinstance(value, list):
+        ctx.error(full, f"must be a list, got {_type_name(value)}")
+        return []
+    if required and not value:
+        ctx.error(full, "must not be empty")
+    return value
+
+
+def _str(ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, required: bool = False, default: str = "") -> str:
+    value = parent.get(key)
+    full = _join(path, key)
+    if value is None:
+        if required:
+            ctx.error(full, "required field is missing")
+        return default
+    if not isinstance(value, str):
+        ctx.error(full, f"must be a string, got {_type_name(value)}")
+        return default
+    if required and not value:
+        ctx.error(full, "must not be empty")
+    return value
+
+
+def _bool(ctx: _Ctx, parent: dict[Any, Any], key: str, path: str) -> bool:
+    value = parent.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        ctx.error(_join(path, key), f"must be a boolean, got {_type_name(value)}")
+        return False
+    return value
+
+
+def _int(ctx: _Ctx, value: Any, path: str, low: int, high: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        ctx.error(path, f"must be an integer, got {_type_name(value)}")
+        return None
+    if not low <= value <= high:
+        ctx.error(path, f"{value} is out of range ({low}-{high})")
+        return None
+    return value
+
+
+def _port(ctx: _Ctx, value: Any, path: str) -> int | None:
+    return _int(ctx, value, path, 1, 65535)
+
+
+def _enum(ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, values: tuple[str, ...], default: str) -> str:
+    value = _str(ctx, parent, key, path, default=default)
+    if value not in values:
+        ctx.error(_join(path, key), f"unknown value {value!r} (valid: {', '.join(values)})")
+        return default
+    return value
+
+
+def _strings(
+    ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, check: Callable[[str], str | None] | None
+) -> tuple[str, ...]:
+    """A list of non-empty strings, each optionally checked (`check` returns a reason or None)."""
+    out: list[str] = []
+    for i, item in enumerate(_list(ctx, parent, key, path)):
+        full = f"{_join(path, key)}[{i}]"
+        if not isinstance(item, str):
+            ctx.error(full, f"must be a string, got {_type_name(item)}")
+        elif not item:
+            ctx.error(full, "must not be empty")
+        elif check is not None and (reason := check(item)) is not None:
+            ctx.error(full, reason)
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def _each(ctx: _Ctx, items: list[Any], path: str, parse: Callable[[dict[Any, Any], str], T | None]) -> tuple[T, ...]:
+    out: list[T] = []
+    for i, item in enumerate(items):
+        full = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            ctx.error(full, f"must be a mapping, got {_type_name(item)}")
+            continue
+        parsed = parse(item, full)
+        if parsed is not None:
+            out.append(parsed)
+    return tuple(out)
+
+
+# --- value checks (return a reason, or None when fine) ----------------------------------------------------------
+
+
+def check_ip(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not a valid IP address"
+    return None
+
+
+def check_ip_or_cidr(value: str) -> str | None:
+    try:
+        if "/" in value:
+            ipaddress.ip_network(value, strict=False)
+        else:
+            ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not a valid IP address or CIDR"
+    return None
+
+
+def check_cidr(value: str) -> str | None:
+    if "/" not in value:
+        return f"{value!r} is not a CIDR (address/prefix-length)"
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        return f"{value!r} is not a valid CIDR: {exc}"
+    return None
+
+
+def _check_wildcard(value: str) -> str | None:
+    if any(c.isspace() for c in value):
+        return f"{value!r} contains whitespace"
+    if value != "*" and "*" in value.strip("*"):
+        return f"{value!r}: '*' is only supported alone, as a prefix or as a suffix"
+    if value.startswith("*") and value.endswith("*") and value != "*":
+        return f"{value!r}: '*' is only supported alone, as a prefix or as a suffix"
+    return None
+
+
+def check_principal(value: str) -> str | None:
+    if value.startswith("spiffe://"):
+        return f"{value!r}: write principals without the spiffe:// scheme (<trust-domain>/ns/<namespace>/sa/<account>)"
+    return _check_wildcard(value)
+
+
+def check_namespace_match(value: str) -> str | None:
+    reason = _check_wildcard(value)
+    if reason is None and "*" not in value and not _DNS_LABEL.match(value):
+        return f"{value!r} is not a valid namespace name"
+    return reason
+
+
+def check_service_account_match(value: str) -> str | None:
+    parts = value.split("/")
+    if len(parts) > 2:
+        return f"{value!r} must be <account> or <namespace>/<account>"
+    if "*" in value:
+        return f"{value!r}: wildcards are not supported for service accounts"
+    if len(parts) == 2 and not _DNS_LABEL.match(parts[0]):
+        return f"{value!r}: {parts[0]!r} is not a valid namespace name"
+    if not _DNS_SUBDOMAIN.match(parts[-1]):
+        return f"{value!r}: {parts[-1]!r} is not a valid service account name"
+    return None
+
+
+def check_port_string(value: str) -> str | None:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        return f"{value!r} is not a port number (1-65535)"
+    return None
+
+
+def _check_label_key(key: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return f"label key {key!r}: prefix must be a DNS subdomain"
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        return f"label key {key!r}: name must be 1-63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"
+    return None
+
+
+def _check_label_value(value: str) -> str | None:
+    if value and (len(value) > 63 or not _LABEL_NAME.match(value)):
+        return f"label value {value!r}: at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"
+    return None
+
+
+def _labels(ctx: _Ctx, value: Any, path: str, check_values: bool = True) -> dict[str, str]:
+    """A string->string map of label keys (annotations pass check_values=False)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        ctx.error(path, f"must be a mapping, got {_type_name(value)}")
+        return {}
+    out: dict[str, str] = {}
+    for key, val in value.items():
+        full = f"{path}[{key}]"
+        if not isinstance(key, str):
+            ctx.error(full, f"key must be a string, got {_type_name(key)}")
+            continue
+        if (reason := _check_label_key(key)) is not None:
+            ctx.error(full, reason)
+            continue
+        if not isinstance(val, str):
+            ctx.error(full, f"value must be a string (quote it), got {_type_name(val)}")
+            continue
+        if check_values and (reason := _check_label_value(val)) is not None:
+            ctx.error(full, reason)
+            continue
+        out[key] = val
+    return out
+
+
+def _selector(ctx: _Ctx, parent: dict[Any, Any], key: str, path: str, inner: str) -> dict[str, str] | None:
+    """Istio's `{matchLabels: {...}}` (inner="matchLabels") or ServiceEntry's `{labels: {...}}`."""
+    if parent.get(key) is None:
+        return None
+    sel = _mapping(ctx, parent, key, path, (inner,))
+    return _labels(ctx, sel.get(inner), f"{_join(path, key)}.{inner}")
+
+
+def _timestamp(ctx: _Ctx, value: Any, path: str) -> str:
+    """Normalise to RFC 3339 UTC text (sortable); YAML may already have turned it into a datetime."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime.datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            ctx.error(path, f"{value!r} is not an RFC 3339 timestamp")
+            return ""
+    else:
+        ctx.error(path, f"must be a timestamp, got {_type_name(value)}")
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- metadata ---------------------------------------------------------------------------------------------------
+
+
+def _parse_meta(ctx: _Ctx, raw: Any) -> Meta:
+    if raw is None:
+        ctx.error("metadata", "required field is missing")
+        raise _Invalid
+    if not isinstance(raw, dict):
+        ctx.error("metadata", f"must be a mapping, got {_type_name(raw)}")
+        raise _Invalid
+    _check_unknown(ctx, raw, "metadata", _META_FIELDS)
+    name = _str(ctx, raw, "name", "metadata", required=True)
+    if name:
+        label_name = ctx.kind in ("Namespace", "Service")
+        pattern, limit = (
+            (_DNS1035_LABEL if ctx.kind == "Service" else _DNS_LABEL, 63) if label_name else (_DNS_SUBDOMAIN, 253)
+        )
+        if len(name) > limit or not pattern.match(name):
+            what = (
+                "an RFC 1035 label" if ctx.kind == "Service" else ("a DNS label" if label_name else "a DNS subdomain")
+            )
+            ctx.error("metadata.name", f"{name!r} is not {what} (lowercase alphanumerics and '-', max {limit})")
+    namespace = ""
+    if ctx.kind not in model.CLUSTER_SCOPED_KINDS:
+        namespace = _str(ctx, raw, "namespace", "metadata", default="default") or "default"
+        if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+            ctx.error("metadata.namespace", f"{namespace!r} is not a valid namespace name")
+    labels = _labels(ctx, raw.get("labels"), "metadata.labels")
+    annotations = _labels(ctx, raw.get("annotations"), "metadata.annotations", check_values=False)
+    uid = raw.get("uid")
+    if uid is not None and not isinstance(uid, str):
+        ctx.error("metadata.uid", f"must be a string, got {_type_name(uid)}")
+        uid = None
+    owner_kind = owner_name = ""
+    owners = _list(ctx, raw, "ownerReferences", "metadata")
+    for i, owner in enumerate(owners):
+        if (
+            not isinstance(owner, dict)
+            or not isinstance(owner.get("kind"), str)
+            or not isinstance(owner.get("name"), str)
+        ):
+            ctx.error(f"metadata.ownerReferences[{i}]", "must be a mapping with string kind and name")
+            continue
+        if owner.get("controller") is True or not owner_kind:
+            owner_kind, owner_name = owner["kind"], owner["name"]
+    return Meta(
+        name=name,
+        namespace=namespace,
+        labels=MappingProxyType(labels),
+        annotations=MappingProxyType(annotations),
+        uid=uid or "",
+        creation_timestamp=_timestamp(ctx, raw.get("creationTimestamp"), "metadata.creationTimestamp"),
+        deleting=raw.get("deletionTimestamp") is not None,
+        owner_kind=owner_kind,
+        owner_name=owner_name,
+    )
+
+
+# --- core kinds ------------------------------------------------------------------------------------------------
+
+
+def _build_namespace(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Namespace:
+    _mapping(ctx, doc, "spec", "", ("finalizers",))
+    _mapping(ctx, doc, "status", "", None)
+    return Namespace(meta)
+
+
+def _build_node(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Node:
+    spec = _mapping(ctx, doc, "spec", "", {"podCIDR", "podCIDRs"} | _NODE_SPEC_OPAQUE)
+    cidrs = list(_strings(ctx, spec, "podCIDRs", "spec", check_cidr))
+    pod_cidr = _str(ctx, spec, "podCIDR", "spec")
+    if pod_cidr:
+        if (reason := check_cidr(pod_cidr)) is not None:
+            ctx.error("spec.podCIDR", reason)
+        elif pod_cidr not in cidrs:
+            cidrs.insert(0, pod_cidr)
+    status = _mapping(ctx, doc, "status", "", {"addresses"} | _NODE_STATUS_OPAQUE)
+
+    def address(item: dict[Any, Any], path: str) -> tuple[str, str] | None:
+        _check_unknown(ctx, item, path, ("type", "address"))
+        kind = _str(ctx, item, "type", path, required=True)
+        addr = _str(ctx, item, "address", path, required=True)
+        if kind in ("InternalIP", "ExternalIP") and addr and (reason := check_ip(addr)) is not None:
+            ctx.error(f"{path}.address", reason)
+            return None
+        return (kind, addr)
+
+    addresses = _each(ctx, _list(ctx, status, "addresses", "status"), "status.addresses", address)
+    internal = tuple(addr for kind, addr in addresses if kind == "InternalIP")
+    return Node(meta, pod_cidrs=tuple(cidrs), internal_ips=internal)
+
+
+def _container_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ContainerPort | None:
+    _check_unknown(ctx, item, path, ("containerPort", "name", "protocol", "hostPort", "hostIP"))
+    if "containerPort" not in item:
+        ctx.error(f"{path}.containerPort", "required field is missing")
+        return None
+    port = _port(ctx, item["containerPort"], f"{path}.containerPort")
+    name = _str(ctx, item, "name", path)
+    if name and (reason := _check_port_name(name)) is not None:
+        ctx.error(f"{path}.name", reason)
+    protocol = _enum(ctx, item, "protocol", path, ("TCP", "UDP", "SCTP"), "TCP")
+    if item.get("hostPort") is not None:
+        _port(ctx, item["hostPort"], f"{path}.hostPort")
+    return None if port is None else ContainerPort(port=port, name=name, protocol=protocol)
+
+
+def _check_port_name(name: str) -> str | None:
+    if len(name) > 15 or not _IANA_SVC_NAME.match(name) or "--" in name or not any(c.isalpha() for c in name):
+        return f"{name!r} is not a valid port name (1-15 lowercase alphanumerics or '-', with a letter, no '--')"
+    return None
+
+
+def _build_pod(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Pod:
+    known = {"nodeName", "serviceAccountName", "serviceAccount", "hostNetwork", "containers"} | _POD_SPEC_OPAQUE
+    spec = _mapping(ctx, doc, "spec", "", known)
+    node_name = _str(ctx, spec, "nodeName", "spec")
+    service_account = _str(ctx, spec, "serviceAccountName", "spec") or _str(ctx, spec, "serviceAccount", "spec")
+    if service_account and not _DNS_SUBDOMAIN.match(service_account):
+        ctx.error("spec.serviceAccountName", f"{service_account!r} is not a valid service account name")
+    host_network = _bool(ctx, spec, "hostNetwork", "spec")
+    ports: list[ContainerPort] = []
+    for i, container in enumerate(_list(ctx, spec, "containers", "spec")):
+        path = f"spec.containers[{i}]"
+        if not isinstance(container, dict):
+            ctx.error(path, f"must be a mapping, got {_type_name(container)}")
+            continue
+        _check_unknown(ctx, container, path, {"name", "ports"} | _CONTAINER_OPAQUE)
+        _str(ctx, container, "name", path, required=True)
+        port_path = f"{path}.ports"
+        ports += _each(ctx, _list(ctx, container, "ports", path), port_path, lambda d, p: _container_port(ctx, d, p))
+
+    status = _mapping(ctx, doc, "status", "", {"podIP", "podIPs", "phase", "conditions"} | _POD_STATUS_OPAQUE)
+    ips: list[str] = []
+    for i, entry in enumerate(_list(ctx, status, "podIPs", "status")):
+        path = f"status.podIPs[{i}]"
+        if not isinstance(entry, dict):
+            ctx.error(path, f"must be a mapping, got {_type_name(entry)}")
+            continue
+        _check_unknown(ctx, entry, path, ("ip",))
+        ip = _str(ctx, entry, "ip", path, required=True)
+        if ip and (reason := check_ip(ip)) is not None:
+            ctx.error(f"{path}.ip", reason)
+        elif ip:
+            ips.append(ip)
+    pod_ip = _str(ctx, status, "podIP", "status")
+    if pod_ip:
+        if (reason := check_ip(pod_ip)) is not None:
+            ctx.error("status.podIP", reason)
+        elif ips and ips[0] != pod_ip:
+            ctx.error("status.podIP", f"{pod_ip!r} differs from status.podIPs[0] {ips[0]!r}")
+        elif not ips:
+            ips.append(pod_ip)
+    phase = _enum(ctx, status, "phase", "status", ("", "Pending", "Running", "Succeeded", "Failed", "Unknown"), "")
+    ready = ""
+    for i, cond in enumerate(_list(ctx, status, "conditions", "status")):
+        if not isinstance(cond, dict):
+            ctx.error(f"status.conditions[{i}]", f"must be a mapping, got {_type_name(cond)}")
+        elif cond.get("type") == "Ready":
+            ready = str(cond.get("status", ""))
+    return Pod(
+        meta,
+        node_name=node_name,
+        service_account=service_account or "default",
+        host_network=host_network,
+        ips=tuple(ips),
+        phase=phase,
+        ready=ready,
+        container_ports=tuple(ports),
+    )
+
+
+def _service_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ServicePort | None:
+    _check_unknown(ctx, item, path, ("name", "port", "targetPort", "protocol", "appProtocol", "nodePort"))
+    if "port" not in item:
+        ctx.error(f"{path}.port", "required field is missing")
+        return None
+    port = _port(ctx, item["port"], f"{path}.port")
+    name = _str(ctx, item, "name", path)
+    if name and (len(name) > 63 or not _DNS_LABEL.match(name)):
+        ctx.error(f"{path}.name", f"{name!r} is not a DNS label")
+    protocol = _enum(ctx, item, "protocol", path, ("TCP", "UDP", "SCTP"), "TCP")
+    raw_target = item.get("targetPort")
+    target: int | str | None = None
+    if isinstance(raw_target, str) and raw_target.isdigit():
+        raw_target = int(raw_target)
+    if isinstance(raw_target, str):
+        if (reason := _check_port_name(raw_target)) is not None:
+            ctx.error(f"{path}.targetPort", reason)
+        target = raw_target
+    elif raw_target is not None:
+        target = _port(ctx, raw_target, f"{path}.targetPort")
+    if item.get("nodePort") is not None:
+        _port(ctx, item["nodePort"], f"{path}.nodePort")
+    app_protocol = _str(ctx, item, "appProtocol", path)
+    if port is None:
+        return None
+    return ServicePort(port=port, name=name, protocol=protocol, target_port=target, app_protocol=app_protocol)
+
+
+def _build_service(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Service:
+    known = {"selector", "ports", "clusterIP", "clusterIPs", "type", "externalName"} | _SERVICE_SPEC_OPAQUE
+    spec = _mapping(ctx, doc, "spec", "", known, required=True)
+    _mapping(ctx, doc, "status", "", None)
+    selector = _labels(ctx, spec.get("selector"), "spec.selector")
+    svc_type = _enum(ctx, spec, "type", "spec", ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"), "ClusterIP")
+    cluster_ip = _str(ctx, spec, "clusterIP", "spec")
+    ips = list(_strings(ctx, spec, "clusterIPs", "spec", lambda v: None if v == "None" else check_ip(v)))
+    headless = cluster_ip == "None" or ips == ["None"]
+    if cluster_ip and not headless:
+        if (reason := check_ip(cluster_ip)) is not None:
+            ctx.error("spec.clusterIP", reason)
+        elif ips and ips[0] != cluster_ip:
+            ctx.error("spec.clusterIP", f"{cluster_ip!r} differs from spec.clusterIPs[0] {ips[0]!r}")
+        elif not ips:
+            ips.append(cluster_ip)
+    if headless:
+        ips = []
+    if svc_type == "ExternalName":
+        name = _str(ctx, spec, "externalName", "spec", required=True)
+        if name and not _HOSTNAME.match(name):
+            ctx.error("spec.externalName", f"{name!r} is not a valid hostname")
+    raw_ports = _list(ctx, spec, "ports", "spec", required=not headless and svc_type != "ExternalName")
+    ports = _each(ctx, raw_ports, "spec.ports", lambda d, p: _service_port(ctx, d, p))
+    if len(raw_ports) > 1:
+        for i, port in enumerate(ports):
+            if not port.name:
+                ctx.error(f"spec.ports[{i}].name", "required when the service has more than one port")
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[int, str]] = set()
+    for i, port in enumerate(ports):
+        if port.name and port.name in seen_names:
+            ctx.error(f"spec.ports[{i}].name", f"duplicate port name {port.name!r}")
+        if (port.port, port.protocol) in seen_ports:
+            ctx.error(f"spec.ports[{i}].port", f"duplicate port {port.port}/{port.protocol}")
+        seen_names.add(port.name)
+        seen_ports.add((port.port, port.protocol))
+    return Service(
+        meta,
+        selector=MappingProxyType(selector) if selector else None,
+        ports=ports,
+        cluster_ips=tuple(ips),
+        headless=headless,
+        type=svc_type,
+    )
+
+
+# --- Istio networking -------------------------------------------------------------------------------------------
+
+
+def _workload_entry_spec(ctx: _Ctx, item: dict[Any, Any], path: str, static: bool = False) -> WorkloadEntrySpec | None:
+    _check_unknown(ctx, item, path, ("address", "ports", "labels", "network", "locality", "weight", "serviceAccount"))
+    network = _str(ctx, item, "network", path)
+    address = _str(ctx, item, "address", path, required=not network)
+    if address:
+        is_ip = check_ip(address) is None
+        if static and not is_ip:
+            ctx.error(f"{path}.address", f"{address!r} must be an IP address with resolution STATIC")
+        elif not is_ip and not address.startswith("unix://") and not _HOSTNAME.match(address):
+            ctx.error(f"{path}.address", f"{address!r} is not an IP address or hostname")
+    ports: dict[str, int] = {}
+    raw_ports = item.get("ports")
+    if raw_ports is not None and not isinstance(raw_ports, dict):
+        ctx.error(f"{path}.ports", f"must be a mapping of port name to number, got {_type_name(raw_ports)}")
+    for name, number in (raw_ports or {}).items() if isinstance(raw_ports, dict) else ():
+        checked = _port(ctx, number, f"{path}.ports[{name}]")
+        if checked is not None:
+            ports[str(name)] = checked
+    labels = _labels(ctx, item.get("labels"), f"{path}.labels")
+    weight = 0
+    if item.get("weight") is not None:
+        weight = _int(ctx, item["weight"], f"{path}.weight", 0, 2**32 - 1) or 0
+    service_account = _str(ctx, item, "serviceAccount", path)
+    if service_account and not _DNS_SUBDOMAIN.match(service_account):
+        ctx.error(f"{path}.serviceAccount", f"{service_account!r} is not a valid service account name")
+    return WorkloadEntrySpec(
+        address=address,
+        ports=MappingProxyType(ports),
+        labels=MappingProxyType(labels),
+        network=network,
+        locality=_str(ctx, item, "locality", path),
+        weight=weight,
+        service_account=service_account,
+    )
+
+
+def _build_workload_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> WorkloadEntry:
+    spec = _mapping(ctx, doc, "spec", "", None, required=True)
+    parsed = _workload_entry_spec(ctx, spec, "spec")
+    if parsed is None:
+        raise _Invalid
+    return WorkloadEntry(meta, parsed)
+
+
+def _se_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ServiceEntryPort | None:
+    _check_unknown(ctx, item, path, ("number", "protocol", "name", "targetPort"))
+    if "number" not in item:
+        ctx.error(f"{path}.number", "required field is missing")
+        return None
+    number = _port(ctx, item["number"], f"{path}.number")
+    protocol = _enum(ctx, item, "protocol", path, ("", "HTTP", "HTTPS", "GRPC", "HTTP2", "MONGO", "TCP", "TLS"), "")
+    target = 0
+    if item.get("targetPort") is not None:
+        target = _port(ctx, item["targetPort"], f"{path}.targetPort") or 0
+    name = _str(ctx, item, "name", path)
+    return None if number is None else ServiceEntryPort(number=number, protocol=protocol, name=name, target_port=target)
+
+
+def _build_service_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> ServiceEntry:
+    known = ("hosts", "addresses", "ports", "location", "resolution", "endpoints", "workloadSelector", "exportTo")
+    spec = _mapping(ctx, doc, "spec", "", (*known, "subjectAltNames"), required=True)
+    hosts = _strings(ctx, spec, "hosts", "spec", lambda h: None if _HOSTNAME.match(h) else f"{h!r} is not a valid host")
+    if not hosts and "hosts" not in spec:
+        ctx.error("spec.hosts", "required field is missing")
+    addresses = _strings(ctx, spec, "addresses", "spec", check_ip_or_cidr)
+    ports = _each(ctx, _list(ctx, spec, "ports", "spec"), "spec.ports", lambda d, p: _se_port(ctx, d, p))
+    numbers = [p.number for p in ports]
+    if len(set(numbers)) != len(numbers):
+        ctx.error("spec.ports", "port numbers must be unique")
+    location = _enum(ctx, spec, "location", "spec", ("MESH_EXTERNAL", "MESH_INTERNAL"), "MESH_EXTERNAL")
+    resolution = _enum(ctx, spec, "resolution", "spec", ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"), "NONE")
+    endpoints = _each(
+        ctx,
+        _list(ctx, spec, "endpoints", "spec"),
+        "spec.endpoints",
+        lambda d, p: _workload_entry_spec(ctx, d, p, static=resolution == "STATIC"),
+    )
+    selector = _selector(ctx, spec, "workloadSelector", "spec", "labels")
+    if selector is not None and endpoints:
+        ctx.error("spec.workloadSelector", "cannot be combined with spec.endpoints")
+    _strings(ctx, spec, "exportTo", "spec", None)
+    return ServiceEntry(
+        meta,
+        hosts=hosts,
+        addresses=addresses,
+        ports=ports,
+        location=location,
+        resolution=resolution,
+        endpoints=endpoints,
+        workload_selector=MappingProxyType(selector) if selector is not None else None,
+        subject_alt_names=_strings(ctx, spec, "subjectAltNames", "spec", None),
+    )
+
+
+# --- Istio security ---------------------------------------------------------------------------------------------
+
+_SOURCE_CHECKS: Mapping[str, Callable[[str], str | None] | None] = {
+    "principals": check_principal,
+    "notPrincipals": check_principal,
+    "requestPrincipals": _check_wildcard,
+    "notRequestPrincipals": _check_wildcard,
+    "namespaces": check_namespace_match,
+    "notNamespaces": check_namespace_match,
+    "serviceAccounts": check_service_account_match,
+    "notServiceAccounts": check_service_account_match,
+    "ipBlocks": check_ip_or_cidr,
+    "notIpBlocks": check_ip_or_cidr,
+    "remoteIpBlocks": check_ip_or_cidr,
+    "notRemoteIpBlocks": check_ip_or_cidr,
+}
+
+
+def _source(ctx: _Ctx, item: dict[Any, Any], path: str) -> Source | None:
+    _check_unknown(ctx, item, path, ("source",))
+    errors_before = len(ctx.errors)
+    raw = _mapping(ctx, item, "source", path, _SOURCE_FIELDS.keys(), required=True)
+    full = f"{path}.source"
+    values = {_SOURCE_FIELDS[k]: _strings(ctx, raw, k, full, _SOURCE_CHECKS[k]) for k in _SOURCE_FIELDS}
+    if not any(values.values()) and len(ctx.errors) == errors_before:
+        ctx.error(full, "at least one field must be set")
+    return Source(**values)
+
+
+def _operation(ctx: _Ctx, item: dict[Any, Any], path: str) -> Operation | None:
+    _check_unknown(ctx, item, path, ("operation",))
+    allowed = {*_OPERATION_STRING_FIELDS, "ports", "notPorts"}
+    errors_before = len(ctx.errors)
+    raw = _mapping(ctx, item, "operation", path, allowed, required=True)
+    full = f"{path}.operation"
+    values: dict[str, Any] = {
+        _OPERATION_STRING_FIELDS[k]: _strings(ctx, raw, k, full, None) for k in _OPERATION_STRING_FIELDS
+    }
+    for key, attr in (("ports", "ports"), ("notPorts", "not_ports")):
+        ports: list[int] = []
+        for i, value in enumerate(_list(ctx, raw, key, full)):
+            text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            if not isinstance(text, str) or check_port_string(text) is not None:
+                ctx.error(f"{full}.{key}[{i}]", f"{value!r} is not a port number (1-65535)")
+            else:
+                ports.append(int(text))
+        values[attr] = tuple(ports)
+    if not any(values.values()) and len(ctx.errors) == errors_before:
+        ctx.error(full, "at least one field must be set")
+    return Operation(**values)
+
+
+def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
+    _check_unknown(ctx, item, path, ("key", "values", "notValues"))
+    key = _str(ctx, item, "key", path, required=True)
+    if (
+        key
+        and key not in _WHEN_KEYS
+        and not (key.startswith(_WHEN_KEY_PREFIXES) and (key.endswith("]") or key.startswith("experimental.")))
+    ):
+        ctx.error(f"{path}.key", f"unknown attribute {key!r}")
+    check: Callable[[str], str | None] | None = None
+    if key in ("source.ip", "destination.ip", "remote.ip"):
+        check = check_ip_or_cidr
+    elif key == "destination.port":
+        check = check_port_string
+    elif key == "source.principal":
+        check = check_principal
+    elif key == "source.namespace":
+        check = check_namespace_match
+    values = _strings(ctx, item, "values", path, check)
+    not_values = _strings(ctx, item, "notValues", path, check)
+    if not values and not not_values and "values" not in item and "notValues" not in item:
+        ctx.error(path, "values or notValues must be set")
+    return Condition(key=key, values=values, not_values=not_values)
+
+
+def _rule(ctx: _Ctx, item: dict[Any, Any], path: str) -> Rule | None:
+    _check_unknown(ctx, item, path, ("from", "to", "when"))
+    return Rule(
+        from_=_each(ctx, _list(ctx, item, "from", path), f"{path}.from", lambda d, p: _source(ctx, d, p)),
+        to=_each(ctx, _list(ctx, item, "to", path), f"{path}.to", lambda d, p: _operation(ctx, d, p)),
+        when=_each(ctx, _list(ctx, item, "when", path), f"{path}.when", lambda d, p: _condition(ctx, d, p)),
+    )
+
+
+def _target_ref(ctx: _Ctx, item: dict[Any, Any], path: str) -> bool:
+    _check_unknown(ctx, item, path, ("group", "kind", "name", "namespace", "sectionName"))
+    _str(ctx, item, "kind", path, required=True)
+    _str(ctx, item, "name", path, required=True)
+    return True
+
+
+def _build_authorization_policy(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> AuthorizationPolicy:
+    known = ("selector", "targetRef", "targetRefs", "action", "provider", "rules")
+    spec = _mapping(ctx, doc, "spec", "", known)
+    _mapping(ctx, doc, "status", "", None)
+    selector = _selector(ctx, spec, "selector", "spec", "matchLabels")
+    has_refs = False
+    if spec.get("targetRef") is not None:
+        has_refs = _target_ref(ctx, _mapping(ctx, spec, "targetRef", "spec", None), "spec.targetRef")
+    refs = _each(ctx, _list(ctx, spec, "targetRefs", "spec"), "spec.targetRefs", lambda d, p: _target_ref(ctx, d, p))
+    has_refs = has_refs or bool(refs)
+    if has_refs and selector is not None:
+        ctx.error("spec.selector", "cannot be combined with targetRef/targetRefs")
+    action = _enum(ctx, spec, "action", "spec", AUTHZ_ACTIONS, "ALLOW")
+    provider = ""
+    if spec.get("provider") is not None:
+        provider = _str(ctx, _mapping(ctx, spec, "provider", "spec", ("name",)), "name", "spec.provider", required=True)
+        if action != "CUSTOM":
+            ctx.error("spec.provider", "only allowed with action CUSTOM")
+    elif action == "CUSTOM":
+        ctx.error("spec.provider", "required with action CUSTOM")
+    rules = _each(ctx, _list(ctx, spec, "rules", "spec"), "spec.rules", lambda d, p: _rule(ctx, d, p))
+    return AuthorizationPolicy(
+        meta,
+        selector=MappingProxyType(selector) if selector is not None else None,
+        has_target_refs=has_refs,
+        action=action,
+        provider=provider,
+        rules=rules,
+        dry_run=meta.annotations.get("istio.io/dry-run", "").lower() == "true",
+    )
+
+
+def _mtls_mode(ctx: _Ctx, value: Any, path: str) -> str:
+    if value is None:
+        return "UNSET"
+    if not isinstance(value, dict):
+        ctx.error(path, f"must be a mapping, got {_type_name(value)}")
+        return "UNSET"
+    _check_unknown(ctx, value, path, ("mode",))
+    return _enum(ctx, value, "mode", path, MTLS_MODES, "UNSET")
+
+
+def _build_peer_authentication(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> PeerAuthentication:
+    spec = _mapping(ctx, doc, "spec", "", ("selector", "mtls", "portLevelMtls"))
+    _mapping(ctx, doc, "status", "", None)
+    selector = _selector(ctx, spec, "selector", "spec", "matchLabels")
+    mode = _mtls_mode(ctx, spec.get("mtls"), "spec.mtls")
+    port_level: dict[int, str] = {}
+    raw_ports = _mapping(ctx, spec, "portLevelMtls", "spec", None)
+    for key, value in raw_ports.items():
+        path = f"spec.portLevelMtls[{key}]"
+        number = int(key) if isinstance(key, str) and key.isdigit() else key
+        port = _port(ctx, number, path)
+        mode_of_port = _mtls_mode(ctx, value, path)
+        if port is not None:
+            port_level[port] = mode_of_port
+    if port_level and not selector:
+        ctx.error("spec.portLevelMtls", "requires a workload selector (spec.selector.matchLabels)")
+    return PeerAuthentication(
+        meta,
+        selector=MappingProxyType(selector) if selector else None,
+        mode=mode,
+        port_level=MappingProxyType(port_level),
+    )
+
+
+_BUILDERS: Mapping[str, Callable[[_Ctx, Meta, dict[Any, Any]], KObject]] = {
+    "Namespace": _build_namespace,
+    "Node": _build_node,
+    "Pod": _build_pod,
+    "Service": _build_service,
+    "ServiceEntry": _build_service_entry,
+    "WorkloadEntry": _build_workload_entry,
+    "AuthorizationPolicy": _build_authorization_policy,
+    "PeerAuthentication": _build_peer_authentication,
+}

@@ -1,0 +1,67 @@
+"""Certificate material for identity tests: CSRs of various key types and a plugged-in CA in Istio's layout."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
+
+from controller.ca import new_root
+
+
+def csr_pem(key: CertificateIssuerPrivateKeyTypes | None = None, uri: str | None = None, cn: str | None = None) -> str:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+    if uri:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def rsa_csr_pem() -> str:
+    return csr_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+def tampered_csr_pem() -> str:
+    """A well-formed CSR whose signature no longer matches its content."""
+    good = x509.load_pem_x509_csr(csr_pem(cn="aaaaaaaaaaaa").encode())
+    der = good.public_bytes(serialization.Encoding.DER).replace(b"aaaaaaaaaaaa", b"bbbbbbbbbbbb")
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_plugged_ca(directory: Path, trust_domain: str = "cluster.local") -> tuple[x509.Certificate, x509.Certificate]:
+    """An operator's root and an intermediate signed by it, written as ca-cert/ca-key/cert-chain/root-cert.pem."""
+    root, root_key = new_root(trust_domain)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    inter = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca-cert.pem").write_bytes(_pem(inter))
+    (directory / "ca-key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / "cert-chain.pem").write_bytes(_pem(inter) + _pem(root))
+    (directory / "root-cert.pem").write_bytes(_pem(root))
+    return root, inter

@@ -1,0 +1,83 @@
+"""HBONE :authority and forwarded header parsing/validation (agent.addressing, agent.inbound)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.addressing import BadAuthority, format_address, parse_authority
+from agent.inbound import forwarded_for, validate_authority
+
+GOOD = [
+    ("10.0.0.1:8080", ("10.0.0.1", 8080)),
+    ("10.0.0.1:1", ("10.0.0.1", 1)),
+    ("10.0.0.1:65535", ("10.0.0.1", 65535)),
+    ("[fd00::1]:80", ("fd00::1", 80)),
+    ("[FD00:0::1]:80", ("fd00::1", 80)),  # normalised, so it compares equal to the local address text
+]
+
+BAD = [
+    "",
+    "10.0.0.1",
+    "10.0.0.1:",
+    "10.0.0.1:0",
+    "10.0.0.1:65536",
+    "10.0.0.1:123456",
+    "10.0.0.1:-1",
+    "10.0.0.1:8o",
+    "svc.ns.svc.cluster.local:80",
+    "fd00::1:80",
+    "[10.0.0.1]:80",
+    "10.0.0.256:80",
+    ":80",
+    "10.0.0.1:80 ",
+]
+
+
+@pytest.mark.parametrize(("text", "addr"), GOOD)
+def test_parse_good(text: str, addr: tuple[str, int]) -> None:
+    assert parse_authority(text) == addr
+
+
+@pytest.mark.parametrize("text", BAD)
+def test_parse_bad(text: str) -> None:
+    with pytest.raises(BadAuthority):
+        parse_authority(text)
+
+
+def test_format_roundtrip() -> None:
+    for _, addr in GOOD:
+        assert parse_authority(format_address(addr)) == addr
+
+
+@pytest.mark.parametrize(
+    ("authority", "local", "ok"),
+    [
+        ("10.0.0.1:8080", "10.0.0.1", True),
+        ("10.0.0.2:8080", "10.0.0.1", False),  # IP mismatch: 400 as ztunnel's validate_destination
+        ("[fd00::1]:80", "fd00::1", True),
+        ("garbage", "10.0.0.1", False),
+    ],
+)
+def test_validate_authority(authority: str, local: str, ok: bool) -> None:
+    if ok:
+        assert validate_authority(authority, local)[0] == local
+    else:
+        with pytest.raises(BadAuthority):
+            validate_authority(authority, local)
+
+
+@pytest.mark.parametrize(
+    ("headers", "addr"),
+    [
+        ([("forwarded", 'for="10.1.0.5:40000"')], ("10.1.0.5", 40000)),
+        ([("Forwarded", 'for="10.1.0.5:40000";host=svc.ns')], ("10.1.0.5", 40000)),
+        ([("forwarded", 'proto=http;for="[fd00::5]:1234"')], ("fd00::5", 1234)),
+        ([("forwarded", "for=10.1.0.5:1")], ("10.1.0.5", 1)),
+        ([("forwarded", 'for="unknown"')], None),
+        ([("forwarded", 'for="_hidden"')], None),
+        ([("baggage", "x=1")], None),
+        ([], None),
+    ],
+)
+def test_forwarded_for(headers: list[tuple[str, str]], addr: tuple[str, int] | None) -> None:
+    assert forwarded_for(headers) == addr

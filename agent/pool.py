@@ -1,18 +1,32 @@
 """Pool of client HBONE connections, keyed like ztunnel's (source identity, destination identity, address).
 
-INTERFACE STUB (HBONE engineer): names and signatures are final; bodies follow.
-
 A Python mTLS handshake costs 3-6 ms of CPU, so user connections must become streams on pooled connections;
-concurrent openers for one key share a single handshake instead of stampeding.
+concurrent openers for one key share a single handshake instead of stampeding, a connection takes at most
+``max_streams_per_conn`` streams (then another is opened), and connections idle for ``idle_timeout`` are closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import ssl
+import time
 from dataclasses import dataclass
 
-from agent.tunnel import HboneStream, TunnelConfig, TunnelStats
+from agent.tunnel import (
+    STATS,
+    HboneClientConnection,
+    HboneConnectError,
+    HboneStream,
+    TunnelConfig,
+    TunnelStats,
+    connect,
+)
+from common.log import kv
 from common.spiffe import Identity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +34,19 @@ class PoolKey:
     src: Identity
     dst: Identity
     addr: tuple[str, int]
+
+
+class _Pooled:
+    """A pooled connection plus the bookkeeping for idle release."""
+
+    __slots__ = ("conn", "created", "idle_handle", "idle_since", "key")
+
+    def __init__(self, key: PoolKey, conn: HboneClientConnection) -> None:
+        self.key = key
+        self.conn = conn
+        self.created = time.monotonic()
+        self.idle_since: float | None = time.monotonic()
+        self.idle_handle: asyncio.TimerHandle | None = None
 
 
 class HboneConnectionPool:
@@ -33,7 +60,17 @@ class HboneConnectionPool:
         config: TunnelConfig | None = None,
         stats: TunnelStats | None = None,
     ) -> None:
-        raise NotImplementedError
+        if max_streams_per_conn < 1:
+            raise ValueError("max_streams_per_conn must be >= 1")
+        self.max_streams_per_conn = max_streams_per_conn
+        self.idle_timeout = idle_timeout
+        self.config = config or TunnelConfig()
+        self.stats = stats or STATS
+        self._conns: dict[PoolKey, list[_Pooled]] = {}
+        self._connecting: dict[PoolKey, asyncio.Task[_Pooled]] = {}
+        self.connections_created = 0
+        self.connect_failures = 0
+        self._closed = False
 
     async def open_stream(
         self,
@@ -45,20 +82,134 @@ class HboneConnectionPool:
         """A CONNECT stream to ``key.addr`` whose server proved to be ``key.dst``.
 
         ``ssl_context`` is the client context of ``key.src`` (CertificateManager.client_context). Raises
-        HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures.
+        HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures. A stream
+        the peer provably did not process (GOAWAY race, refused stream) is retried once on a fresh connection.
         """
-        raise NotImplementedError
+        for attempt in (1, 2):
+            pooled = await self._checkout(key, ssl_context)
+            try:
+                return await pooled.conn.open_stream(authority, headers)
+            except HboneConnectError as e:
+                if not e.retryable or attempt == 2:
+                    raise
+                log.info("HBONE stream refused, retrying on another connection", extra=kv(reason=e.reason))
+        raise AssertionError("unreachable")
+
+    async def _checkout(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
+        """A usable connection with a free stream slot; it stays usable until the caller's next await."""
+        while True:
+            if self._closed:
+                raise HboneConnectError(503, "connection pool closed")
+            for pooled in self._conns.get(key, ()):
+                conn = pooled.conn
+                if conn.usable and conn.active_streams < self.max_streams_per_conn and conn.available_streams > 0:
+                    return pooled
+            task = self._connecting.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._connect(key, ssl_context))
+                self._connecting[key] = task
+                task.add_done_callback(functools.partial(self._connect_done, key))
+            # Every opener for this key waits on the same handshake; cancelling one waiter does not cancel it.
+            await asyncio.shield(task)
+
+    async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
+        try:
+            conn = await connect(key.addr, ssl_context, key.dst, config=self.config, stats=self.stats)
+        except HboneConnectError:
+            self.connect_failures += 1
+            raise
+        pooled = _Pooled(key, conn)
+        self.connections_created += 1
+        conn.set_stream_count_callback(functools.partial(self._on_stream_count, pooled))
+        self._conns.setdefault(key, []).append(pooled)
+        self._arm_idle(pooled)
+        asyncio.get_running_loop().create_task(self._watch(pooled))
+        log.debug("HBONE connection opened", extra=kv(dst=str(key.dst), addr=f"{key.addr[0]}:{key.addr[1]}"))
+        return pooled
+
+    def _connect_done(self, key: PoolKey, task: asyncio.Task[_Pooled]) -> None:
+        if self._connecting.get(key) is task:
+            del self._connecting[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here so a failure nobody awaited is not logged as "never retrieved"
+
+    async def _watch(self, pooled: _Pooled) -> None:
+        """Evict the connection from the pool as soon as it closes (GOAWAY, keepalive timeout, peer close)."""
+        await pooled.conn.wait_closed()
+        self._evict(pooled)
+
+    def _evict(self, pooled: _Pooled) -> None:
+        if pooled.idle_handle is not None:
+            pooled.idle_handle.cancel()
+            pooled.idle_handle = None
+        conns = self._conns.get(pooled.key)
+        if conns and pooled in conns:
+            conns.remove(pooled)
+            if not conns:
+                del self._conns[pooled.key]
+
+    def _on_stream_count(self, pooled: _Pooled, count: int) -> None:
+        if count:
+            pooled.idle_since = None
+            if pooled.idle_handle is not None:
+                pooled.idle_handle.cancel()
+                pooled.idle_handle = None
+            return
+        if pooled.idle_since is None:
+            pooled.idle_since = time.monotonic()
+            self._arm_idle(pooled)
+        if not pooled.conn.usable:
+            # Draining after GOAWAY: nothing will use it again.
+            pooled.conn.close()
+            self._evict(pooled)
+
+    def _arm_idle(self, pooled: _Pooled) -> None:
+        if pooled.idle_handle is not None:
+            pooled.idle_handle.cancel()
+        pooled.idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle_expired, pooled)
+
+    def _idle_expired(self, pooled: _Pooled) -> None:
+        pooled.idle_handle = None
+        if pooled.conn.active_streams == 0:
+            log.debug("HBONE connection idle, releasing", extra=kv(dst=str(pooled.key.dst)))
+            pooled.conn.close()
+            self._evict(pooled)
 
     def connection_count(self) -> int:
-        raise NotImplementedError
+        return sum(len(v) for v in self._conns.values())
 
     def stream_count(self) -> int:
-        raise NotImplementedError
+        return sum(p.conn.active_streams for v in self._conns.values() for p in v)
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per connection: key, active streams, age, idle time (for /config_dump style debugging)."""
-        raise NotImplementedError
+        now = time.monotonic()
+        return [
+            {
+                "src": str(p.key.src),
+                "dst": str(p.key.dst),
+                "addr": f"{p.key.addr[0]}:{p.key.addr[1]}",
+                "streams": p.conn.active_streams,
+                "usable": p.conn.usable,
+                "age_s": round(now - p.created, 3),
+                "idle_s": None if p.idle_since is None else round(now - p.idle_since, 3),
+            }
+            for conns in self._conns.values()
+            for p in conns
+        ]
 
     async def close(self) -> None:
         """Close every pooled connection (agent shutdown)."""
-        raise NotImplementedError
+        self._closed = True
+        for task in list(self._connecting.values()):
+            task.cancel()
+        pooled_all = [p for conns in self._conns.values() for p in conns]
+        for p in pooled_all:
+            p.conn.close()
+            self._evict(p)
+        for p in pooled_all:
+            try:
+                async with asyncio.timeout(2.0):
+                    await p.conn.wait_closed()
+            except TimeoutError:
+                p.conn.abort()

@@ -1,20 +1,40 @@
 """HBONE over mutual TLS on asyncio: client and server connections, streams, and the TCP <-> stream relay.
 
-INTERFACE STUB (HBONE engineer): the names and signatures below are what PROXY codes against; bodies follow.
+Protocol-based (not StreamReader) so that the DATA path is a chain of callbacks with no queue hops and no copies
+we can avoid: TLS decrypts straight into a receive buffer we own (``BufferedProtocol``), :mod:`agent.hbone` slices
+DATA payloads out of it, and the slices go to the plain TCP transport; in the other direction TCP is read into a
+buffer and handed to the TLS layer as (frame header, payload) pairs, which it encrypts in place.
 
-Protocol-based (not StreamReader) so that the DATA path is a chain of callbacks: TLS decrypts into our buffer,
-:mod:`agent.hbone` slices DATA payloads out of it, and the slices go straight to the plain TCP transport.
+Back-pressure is end to end: a stream's credit is returned to the peer only once the TCP side accepted the bytes
+without pausing, TCP reading stops while a stream has no send window or the TLS socket is congested, and
+connection-level credit is never held, so a stream that never reads cannot block the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import logging
+import os
 import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent import hbone
+from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
+from common.log import kv
 from common.spiffe import Identity
+from common.tls import ALPN_H2, PeerVerificationError, verify_peer
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+# Write-buffer limits on both transports: big enough that a 256 KiB read never trips pause/resume on its own.
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
 
 
 class HboneConnectError(Exception):
@@ -22,13 +42,15 @@ class HboneConnectError(Exception):
 
     ``status`` is the HTTP status the peer answered (400 bad request / address mismatch, 401 denied by policy,
     503 upstream unreachable) or 503 when we never got an answer (connect refused, TLS failure, peer identity
-    not the expected one, connection lost before the response).
+    not the expected one, connection lost before the response). ``retryable`` is True when the peer provably did
+    not process the request (refused stream, GOAWAY before it), so another connection may be tried.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retryable: bool = False) -> None:
         super().__init__(f"HBONE CONNECT failed: {status} {reason}")
         self.status = status
         self.reason = reason
+        self.retryable = retryable
 
 
 class HboneStreamReset(Exception):
@@ -49,14 +71,25 @@ class TunnelConfig:
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
 
+    def h2_settings(self) -> HboneSettings:
+        return HboneSettings(
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_frame_size=self.max_frame_size,
+            max_concurrent_streams=self.max_concurrent_streams,
+            max_header_list_size=self.max_header_list_size,
+        )
+
 
 @dataclass
 class TunnelStats:
     """Counters PROXY's metrics can read: ``rejects[reason]`` counts refused connections/streams by reason
-    ("tls_handshake", "no_client_cert", "untrusted_peer", "trust_domain", "protocol_error", "bad_request",
-    "header_too_large", "refused_stream", "keepalive_timeout", ...)."""
+    ("tls_handshake", "no_client_cert", "untrusted_peer", "trust_domain", "wrong_identity", "alpn",
+    "protocol_error", "bad_request", "header_too_large", "refused_stream"); ``errors[reason]`` counts
+    connections that failed later ("keepalive_timeout", "goaway_<code>", "connection_lost")."""
 
     rejects: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     connections_opened: int = 0
     connections_closed: int = 0
     streams_opened: int = 0
@@ -67,34 +100,460 @@ STATS = TunnelStats()
 """Process-wide default counters, used when no ``stats`` is passed."""
 
 
+class _RecvBuffer:
+    """A reusable receive buffer that is replaced, not overwritten, while anyone still holds a view of it.
+
+    Transports may keep a reference to what we wrote instead of copying (uvloop does); a bytearray with live
+    exports refuses to resize, which is how we notice.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray(READ_SIZE)
+
+    def get(self) -> memoryview:
+        buf = self._buf
+        try:
+            buf.append(0)
+            del buf[-1]
+        except BufferError:
+            buf = self._buf = bytearray(READ_SIZE)
+        return memoryview(buf)
+
+    def filled(self, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of the buffer last returned by :meth:`get`."""
+        return memoryview(self._buf)[:nbytes]
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """Map a handshake failure to a counter reason."""
+    text = f"{getattr(exc, 'reason', '')} {exc}".upper()
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
+        return "no_client_cert"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+        return "untrusted_peer"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "tls_timeout"
+    return "tls_handshake"
+
+
+def _conn_reason(reason: str) -> str:
+    return "header_too_large" if "header_too_large" in reason else "protocol_error"
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+
+
+class _Sink:
+    """What a stream delivers to when something (the relay) consumes it with callbacks instead of read()."""
+
+    def on_data(self, data: memoryview) -> bool:
+        """Consume ``data``; True if the bytes are gone (credit may be returned now), False to hold the credit."""
+        raise NotImplementedError
+
+    def on_eof(self) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def on_writable(self) -> None:
+        """Send window or TLS write buffer opened up."""
+        raise NotImplementedError
+
+
 class HboneStream:
     """One CONNECT stream: a bidirectional byte stream with half-close.
 
-    The async methods are for control code and tests; :func:`relay` uses the callback fast path internally.
+    The async methods are for control code and tests; :func:`relay` uses the callback fast path.
     """
 
-    stream_id: int
-    peer_identity: Identity | None
+    def __init__(self, proto: _HboneProtocol, stream_id: int) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self.peer_identity: Identity | None = proto.peer_identity
+        self._sink: _Sink | None = None
+        self._rbuf: collections.deque[bytes] = collections.deque()
+        self._eof = False  # peer's END_STREAM received
+        self._local_eof = False  # our END_STREAM sent
+        self._reset_reason: str | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._response: asyncio.Future[int] | None = None
 
-    async def read(self, max_bytes: int = 256 * 1024) -> bytes:
+    def __repr__(self) -> str:
+        return f"<HboneStream {self.stream_id} eof={self._eof} local_eof={self._local_eof} reset={self._reset_reason}>"
+
+    # ------------------------------------------------------------------------------ async API
+
+    async def read(self, max_bytes: int = READ_SIZE) -> bytes:
         """Up to ``max_bytes`` received bytes; ``b""`` after the peer's END_STREAM. Raises HboneStreamReset."""
-        raise NotImplementedError
+        while not self._rbuf:
+            if self._reset_reason is not None:
+                raise HboneStreamReset(self._reset_reason)
+            if self._eof:
+                return b""
+            self._read_waiter = self._proto.loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunk = self._rbuf.popleft()
+        if len(chunk) > max_bytes:
+            self._rbuf.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._proto.acknowledge(self.stream_id, len(chunk))
+        return chunk
 
     async def write(self, data: bytes) -> None:
         """Send ``data``, waiting for flow-control window and TLS write back-pressure. Raises HboneStreamReset."""
-        raise NotImplementedError
+        view = memoryview(data)
+        while True:
+            if self._reset_reason is not None:
+                raise HboneStreamReset(self._reset_reason)
+            if self._local_eof:
+                raise HboneStreamReset("write after write_eof")
+            n = self._send(view) if view else 0
+            view = view[n:]
+            if not view and not self._proto.write_paused:
+                return
+            self._write_waiter = self._proto.loop.create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
 
     def write_eof(self) -> None:
         """Half-close: END_STREAM; we can still read."""
-        raise NotImplementedError
+        if self._local_eof or self._reset_reason is not None:
+            return
+        self._local_eof = True
+        try:
+            self._proto.h2.end_stream(self.stream_id)
+        except StreamStateError:
+            return
+        self._proto.flush()
+        self._proto.forget_if_closed(self)
 
     def reset(self) -> None:
         """Abort the stream (RST_STREAM CANCEL); idempotent."""
-        raise NotImplementedError
+        if self._reset_reason is not None:
+            return
+        self._on_reset("reset locally")
+        self._proto.h2.reset_stream(self.stream_id, ErrorCode.CANCEL)
+        self._proto.flush()
+        self._proto.forget_if_closed(self)
 
     @property
     def closed(self) -> bool:
+        return self._reset_reason is not None or (self._eof and self._local_eof)
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer half-closed and everything it sent has been read."""
+        return self._eof and not self._rbuf
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _send(self, view: memoryview) -> int:
+        """Queue as much of ``view`` as the windows allow and write it out; returns bytes taken."""
+        proto = self._proto
+        try:
+            n = proto.h2.send_data(self.stream_id, view)
+        except StreamStateError:
+            self._on_reset("stream closed")
+            return 0
+        if n:
+            proto.flush()
+        if n < len(view):
+            proto.blocked.add(self)
+        return n
+
+    def _attach(self, sink: _Sink) -> None:
+        self._sink = sink
+        buffered, self._rbuf = self._rbuf, collections.deque()
+        for chunk in buffered:
+            if sink.on_data(memoryview(chunk)):
+                self._proto.acknowledge(self.stream_id, len(chunk))
+        if self._reset_reason is not None:
+            sink.on_reset(self._reset_reason)
+        elif self._eof:
+            sink.on_eof()
+
+    def _on_data(self, data: memoryview) -> None:
+        sink = self._sink
+        if sink is not None:
+            if sink.on_data(data):
+                self._proto.acknowledge(self.stream_id, len(data))
+            return
+        self._rbuf.append(bytes(data))
+        self._wake_reader()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        if self._sink is not None:
+            self._sink.on_eof()
+        self._wake_reader()
+
+    def _on_reset(self, reason: str, retryable: bool = False) -> None:
+        if self._reset_reason is not None:
+            return
+        self._reset_reason = reason
+        self._proto.blocked.discard(self)
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(HboneConnectError(503, reason, retryable=retryable))
+        if self._sink is not None:
+            self._sink.on_reset(reason)
+        self._wake_reader()
+        self._on_writable()
+
+    def _on_writable(self) -> None:
+        if self._sink is not None:
+            self._sink.on_writable()
+        w = self._write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+# ---------------------------------------------------------------------------------------------------- connection
+
+
+class _HboneProtocol(asyncio.BufferedProtocol):
+    """TLS application protocol shared by both roles: feeds the sans-IO core and routes its events."""
+
+    def __init__(self, *, client: bool, config: TunnelConfig, stats: TunnelStats) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2 = HboneConnection(client=client, settings=config.h2_settings())
+        self.config = config
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+        self.peer_identity: Identity | None = None
+        self.streams: dict[int, HboneStream] = {}
+        self.blocked: set[HboneStream] = set()
+        self.write_paused = False
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.on_stream_count: Callable[[int], None] | None = None
+        self._rbuf = _RecvBuffer()
+        self._ping_sent_at: float | None = None
+        self._ka_handle: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    # ------------------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        try:
+            reason = self.verify(transport)
+        except Exception as e:  # a bug in verification must not leave the socket open
+            reason = f"verify_error: {e}"
+        if reason:
+            transport.abort()
+            if not self.ready.done():
+                self.ready.set_exception(PeerVerificationError(reason))
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.stats.connections_opened += 1
+        self._counted = True
+        self.h2.initiate()
+        self.flush()
+        if self.config.keepalive_interval > 0:
+            self._ka_handle = self.loop.call_later(self.config.keepalive_interval, self._keepalive)
+        self.ready.set_result(None)
+
+    def verify(self, transport: asyncio.Transport) -> str:
+        """Check the peer after the handshake; returns a reject reason or ''."""
         raise NotImplementedError
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._dispatch(self.h2.receive_data(self._rbuf.filled(nbytes)))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ka_handle is not None:
+            self._ka_handle.cancel()
+            self._ka_handle = None
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        for st in list(self.streams.values()):
+            st._on_reset(reason)
+        self.streams.clear()
+        self.blocked.clear()
+        if self._counted:
+            self.stats.connections_closed += 1
+            self._counted = False
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._notify_count()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for st in list(self.streams.values()):
+            st._on_writable()
+
+    # ------------------------------------------------------------------------------ core plumbing
+
+    def flush(self) -> None:
+        out = self.h2.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def acknowledge(self, stream_id: int, nbytes: int) -> None:
+        self.h2.acknowledge(stream_id, nbytes)
+        if self.h2.has_output():
+            self.flush()
+
+    def forget_if_closed(self, st: HboneStream) -> None:
+        if self.streams.get(st.stream_id) is st and not self.h2.stream_is_open(st.stream_id):
+            del self.streams[st.stream_id]
+            self.blocked.discard(st)
+            self.stats.streams_closed += 1
+            self._notify_count()
+            if not self.streams and (self.h2.goaway_received or self.h2.goaway_sent):
+                self.close()
+
+    def add_stream(self, st: HboneStream) -> None:
+        self.streams[st.stream_id] = st
+        self.stats.streams_opened += 1
+        self._notify_count()
+
+    def _notify_count(self) -> None:
+        cb = self.on_stream_count
+        if cb is not None:
+            cb(len(self.streams))
+
+    def close(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.h2.goaway(error_code, reason)
+        self.flush()
+        self.transport.close()
+
+    def _dispatch(self, events: list[hbone.Event]) -> None:
+        streams = self.streams
+        for ev in events:
+            if type(ev) is hbone.DataReceived:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st._on_data(ev.data)
+                continue
+            try:
+                self._on_event(ev)
+            except Exception:  # a bug in one handler must not take the connection down with a traceback loop
+                log.exception("HBONE event handling failed", extra=kv(event=type(ev).__name__))
+        events.clear()
+        self.flush()
+
+    def _on_event(self, ev: hbone.Event) -> None:
+        streams = self.streams
+        st: HboneStream | None
+        if isinstance(ev, hbone.WindowOpened):
+            if ev.stream_id == 0:
+                for blocked in list(self.blocked):
+                    self.blocked.discard(blocked)
+                    blocked._on_writable()
+            else:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    self.blocked.discard(st)
+                    st._on_writable()
+        elif isinstance(ev, hbone.StreamEnded):
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                st._on_eof()
+                self.forget_if_closed(st)
+        elif isinstance(ev, hbone.StreamReset):
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                refused = ev.remote and ev.error_code == ErrorCode.REFUSED_STREAM
+                st._on_reset(ev.reason or hbone.error_name(ev.error_code), retryable=refused)
+                self.forget_if_closed(st)
+        elif isinstance(ev, hbone.RequestReceived):
+            self.on_request(ev)
+        elif isinstance(ev, hbone.ResponseReceived):
+            self.on_response(ev)
+        elif isinstance(ev, hbone.RequestRejected):
+            self.stats.rejects[ev.reason.split(":", 1)[0]] += 1
+            log.info("HBONE request rejected", extra=kv(stream=ev.stream_id, status=ev.status, reason=ev.reason))
+        elif isinstance(ev, hbone.PingAcked):
+            self._ping_sent_at = None
+        elif isinstance(ev, hbone.SettingsChanged):
+            self._notify_count()
+        elif isinstance(ev, hbone.ConnectionTerminated):
+            self.on_terminated(ev)
+
+    def on_request(self, ev: hbone.RequestReceived) -> None:
+        self.h2.reset_stream(ev.stream_id, ErrorCode.REFUSED_STREAM)
+
+    def on_response(self, ev: hbone.ResponseReceived) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is None or st._response is None or st._response.done():
+            return
+        if ev.status == 200:
+            st._response.set_result(200)
+            return
+        st._response.set_exception(HboneConnectError(ev.status, f"peer answered {ev.status}"))
+        st._reset_reason = f"CONNECT answered {ev.status}"
+        self.h2.reset_stream(ev.stream_id, ErrorCode.CANCEL)
+        self.forget_if_closed(st)
+
+    def on_terminated(self, ev: hbone.ConnectionTerminated) -> None:
+        if ev.remote:
+            if ev.error_code != ErrorCode.NO_ERROR:
+                self.stats.errors[f"goaway_{hbone.error_name(ev.error_code).lower()}"] += 1
+                log.warning(
+                    "HBONE peer sent GOAWAY",
+                    extra=kv(code=hbone.error_name(ev.error_code), reason=ev.reason, peer=str(self.peer_identity)),
+                )
+            if not self.streams:
+                self.close()
+            return
+        self.stats.rejects[_conn_reason(ev.reason)] += 1
+        log.warning(
+            "HBONE protocol error, closing connection",
+            extra=kv(code=hbone.error_name(ev.error_code), reason=ev.reason, peer=str(self.peer_identity)),
+        )
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _keepalive(self) -> None:
+        self._ka_handle = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._ping_sent_at is not None and now - self._ping_sent_at >= self.config.keepalive_timeout:
+            self.stats.errors["keepalive_timeout"] += 1
+            log.warning("HBONE keepalive timeout, dropping connection", extra=kv(peer=str(self.peer_identity)))
+            self.transport.abort()
+            return
+        if self._ping_sent_at is None:
+            self._ping_sent_at = now
+            self.h2.ping(os.urandom(8))
+            self.flush()
+        delay = self.config.keepalive_interval
+        if self._ping_sent_at is not None:
+            delay = min(delay, self._ping_sent_at + self.config.keepalive_timeout - now)
+        self._ka_handle = self.loop.call_later(max(delay, 0.001), self._keepalive)
+
+
+# ---------------------------------------------------------------------------------------------------- relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +565,138 @@ class RelayResult:
     error: str | None = None
 
 
+class _TcpRelay(asyncio.BufferedProtocol, _Sink):
+    """Plain TCP side of a relay, wired to an HboneStream by callbacks."""
+
+    def __init__(self, stream: HboneStream, done: asyncio.Future[RelayResult]) -> None:
+        self.stream = stream
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+        self.up = 0
+        self.down = 0
+        self.error: str | None = None
+        self._rbuf = _RecvBuffer()
+        self._pending: memoryview | None = None  # TCP bytes the stream could not take yet
+        self._tcp_eof = False  # TCP peer sent FIN
+        self._up_done = False  # our END_STREAM went out
+        self._down_done = False  # END_STREAM forwarded as FIN
+        self._tcp_write_paused = False
+        self._held_credit = 0
+        self._reading_paused = False
+
+    # TCP side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.stream._attach(self)
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self._rbuf.filled(nbytes)
+        self.up += nbytes
+        if self._pending is not None:  # cannot happen while paused, but asyncio may deliver one more read
+            self._pending = memoryview(bytes(self._pending) + bytes(view))
+        else:
+            n = self.stream._send(view)
+            if n < nbytes:
+                self._pending = memoryview(bytes(view[n:]))
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        self._tcp_eof = True
+        self._maybe_send_eof()
+        return True  # keep the write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not (self._up_done and self._down_done):
+            if self.error is None:
+                self.error = f"tcp side closed: {exc}" if exc else "tcp side closed early"
+            self.stream.reset()
+        if not self.done.done():
+            self.done.set_result(RelayResult(self.up, self.down, self.error))
+
+    def pause_writing(self) -> None:
+        self._tcp_write_paused = True
+
+    def resume_writing(self) -> None:
+        self._tcp_write_paused = False
+        if self._held_credit:
+            credit, self._held_credit = self._held_credit, 0
+            self.stream._proto.acknowledge(self.stream.stream_id, credit)
+
+    # stream side (_Sink)
+
+    def on_data(self, data: memoryview) -> bool:
+        self.down += len(data)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        transport.write(data)
+        if self._tcp_write_paused:
+            self._held_credit += len(data)
+            return False
+        return True
+
+    def on_eof(self) -> None:
+        if self._down_done or self.transport is None:
+            return
+        self._down_done = True
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        self._maybe_finish()
+
+    def on_reset(self, reason: str) -> None:
+        if self.error is None and not (self._up_done and self._down_done):
+            self.error = f"stream reset: {reason}"
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_writable(self) -> None:
+        if self._pending is not None:
+            view = self._pending
+            n = self.stream._send(view)
+            self._pending = view[n:] if n < len(view) else None
+            if self._pending is None:
+                self._maybe_send_eof()
+        self._update_reading()
+
+    # helpers
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._pending is not None or self.stream._proto.write_paused
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _maybe_send_eof(self) -> None:
+        if self._tcp_eof and self._pending is None and not self._up_done:
+            self._up_done = True
+            self.stream.write_eof()
+            self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._up_done and self._down_done and self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then connection_lost reports the result
+
+    def abort(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self.stream.reset()
+        if self.transport is not None:
+            self.transport.abort()
+
+
 async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     """Move bytes both ways between a connected plain TCP socket and ``stream`` until both directions ended.
 
@@ -114,33 +705,116 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     credit is returned only as the TCP side drains. Takes ownership of ``sock`` (closed at the end). Cancelling
     the task (e.g. a policy change) resets the stream and closes the socket.
     """
-    raise NotImplementedError
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[RelayResult] = loop.create_future()
+    side = _TcpRelay(stream, done)
+    try:
+        await loop.connect_accepted_socket(lambda: side, sock)
+    except BaseException:
+        stream.reset()
+        sock.close()
+        raise
+    try:
+        return await done
+    except asyncio.CancelledError:
+        side.abort("cancelled")
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------- client
+
+
+class _ClientProtocol(_HboneProtocol):
+    def __init__(self, expected: Identity, config: TunnelConfig, stats: TunnelStats) -> None:
+        super().__init__(client=True, config=config, stats=stats)
+        self.expected = expected
+
+    def verify(self, transport: asyncio.Transport) -> str:
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is None or sslobj.selected_alpn_protocol() != ALPN_H2:
+            return "alpn"
+        try:
+            self.peer_identity = verify_peer(sslobj, trust_domain=self.expected.trust_domain, expected=[self.expected])
+        except PeerVerificationError as e:
+            return f"wrong_identity: {e}"
+        return ""
 
 
 class HboneClientConnection:
     """A client HBONE connection (TLS + HTTP/2) multiplexing CONNECT streams; created by :func:`connect`."""
 
-    peer_identity: Identity
+    def __init__(self, proto: _ClientProtocol) -> None:
+        self._proto = proto
+        assert proto.peer_identity is not None
+        self.peer_identity: Identity = proto.peer_identity
 
     async def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> HboneStream:
-        """Send CONNECT and wait for the response; non-200 raises HboneConnectError(status)."""
-        raise NotImplementedError
+        """Send CONNECT and wait for the response; non-200 raises HboneConnectError(status).
+
+        The stream is counted against the connection synchronously (before the first await), so a caller that
+        checked :attr:`available_streams` cannot be overtaken.
+        """
+        proto = self._proto
+        if not self.usable:
+            raise HboneConnectError(503, "connection not usable", retryable=True)
+        try:
+            sid = proto.h2.send_connect(authority, headers)
+        except StreamStateError as e:
+            raise HboneConnectError(503, str(e), retryable=True) from None
+        st = HboneStream(proto, sid)
+        st._response = proto.loop.create_future()
+        proto.add_stream(st)
+        proto.flush()
+        try:
+            async with asyncio.timeout(proto.config.connect_timeout):
+                await st._response
+        except HboneConnectError:
+            proto.forget_if_closed(st)
+            raise
+        except TimeoutError:
+            st.reset()
+            raise HboneConnectError(503, "timed out waiting for the CONNECT response") from None
+        except asyncio.CancelledError:
+            st.reset()
+            raise
+        return st
 
     @property
     def active_streams(self) -> int:
-        raise NotImplementedError
+        return len(self._proto.streams)
+
+    @property
+    def available_streams(self) -> int:
+        """Streams the peer still allows (its MAX_CONCURRENT_STREAMS); 0 when not usable."""
+        return self._proto.h2.available_streams if self.usable else 0
 
     @property
     def usable(self) -> bool:
         """False once GOAWAY was received/sent or the connection closed: open no new streams on it."""
-        raise NotImplementedError
+        p = self._proto
+        h2 = p.h2
+        alive = p.transport is not None and not p.transport.is_closing() and not p.closed.done()
+        return alive and not (h2.goaway_received or h2.goaway_sent or h2.closed)
+
+    def set_stream_count_callback(self, cb: Callable[[int], None] | None) -> None:
+        """Called with the number of active streams whenever it changes (the pool's idle tracking)."""
+        self._proto.on_stream_count = cb
+
+    def ping(self) -> None:
+        """Send a PING now (keepalive does this on its own)."""
+        self._proto.h2.ping(os.urandom(8))
+        self._proto.flush()
 
     def close(self) -> None:
         """GOAWAY(NO_ERROR) and close the transport (open streams are reset)."""
-        raise NotImplementedError
+        self._proto.close()
+
+    def abort(self) -> None:
+        if self._proto.transport is not None:
+            self._proto.transport.abort()
 
     async def wait_closed(self) -> None:
-        raise NotImplementedError
+        await asyncio.shield(self._proto.closed)
 
 
 async def connect(
@@ -155,25 +829,134 @@ async def connect(
 
     Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity.
     """
-    raise NotImplementedError
+    cfg = config or TunnelConfig()
+    st = stats or STATS
+    loop = asyncio.get_running_loop()
+    proto = _ClientProtocol(expected, cfg, st)
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with asyncio.timeout(cfg.connect_timeout + cfg.handshake_timeout):
+            await loop.sock_connect(sock, addr)
+            await loop.create_connection(
+                lambda: proto,
+                sock=sock,
+                ssl=ssl_context,
+                server_hostname="",  # no SNI: the server picks its certificate by destination address
+                ssl_handshake_timeout=cfg.handshake_timeout,
+            )
+            await proto.ready
+    except PeerVerificationError as e:
+        st.rejects[str(e).split(":", 1)[0]] += 1
+        sock.close()
+        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {e}") from None
+    except (OSError, TimeoutError, ConnectionError) as e:
+        sock.close()
+        if isinstance(e, ssl.SSLError):
+            st.rejects[_ssl_reason(e)] += 1
+        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {type(e).__name__}: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return HboneClientConnection(proto)
+
+
+# ---------------------------------------------------------------------------------------------------- server
 
 
 class ConnectRequest:
     """A CONNECT received on the server side, handed to the handler of :func:`serve_hbone_connection`."""
 
-    authority: str
-    headers: list[tuple[str, str]]  # regular headers (forwarded, baggage, traceparent, ...), names lowercase
-    peer_identity: Identity
-    stream_id: int
+    def __init__(self, proto: _ServerProtocol, ev: hbone.RequestReceived) -> None:
+        self._proto = proto
+        self.stream_id = ev.stream_id
+        self.authority = ev.authority
+        self.headers = ev.headers  # regular headers (forwarded, baggage, traceparent, ...), names lowercase
+        assert proto.peer_identity is not None
+        self.peer_identity: Identity = proto.peer_identity
+        self._stream = HboneStream(proto, ev.stream_id)
+        self.status: int | None = None
+
+    def header(self, name: str) -> str | None:
+        """First value of a regular header (name lowercase), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
 
     async def respond(self, status: int, headers: list[tuple[str, str]] | None = None) -> None:
-        """Answer the CONNECT. 200 opens the tunnel (then use :attr:`stream`); any other status ends the stream."""
-        raise NotImplementedError
+        """Answer the CONNECT. 200 opens the tunnel (then use :attr:`stream`); any other status ends the stream.
+
+        Raises HboneStreamReset if the client already reset the stream or the connection is gone.
+        """
+        if self.status is not None:
+            raise StreamStateError(f"stream {self.stream_id} already answered {self.status}")
+        st = self._stream
+        if st._reset_reason is not None:
+            raise HboneStreamReset(st._reset_reason)
+        self.status = status
+        try:
+            self._proto.h2.send_response(self.stream_id, status, headers)
+        except StreamStateError as e:
+            raise HboneStreamReset(str(e)) from None
+        if status != 200:
+            st._reset_reason = f"answered {status}"
+        self._proto.flush()
+        self._proto.forget_if_closed(st)
 
     @property
     def stream(self) -> HboneStream:
         """The tunnel stream; only valid after ``respond(200)``."""
-        raise NotImplementedError
+        if self.status != 200:
+            raise StreamStateError(f"stream {self.stream_id} was not answered 200")
+        return self._stream
+
+
+class _ServerProtocol(_HboneProtocol):
+    def __init__(
+        self,
+        handler: Callable[[ConnectRequest], Awaitable[None]],
+        trust_domain: str | None,
+        config: TunnelConfig,
+        stats: TunnelStats,
+    ) -> None:
+        super().__init__(client=False, config=config, stats=stats)
+        self.handler = handler
+        self.trust_domain = trust_domain
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def verify(self, transport: asyncio.Transport) -> str:
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is None or sslobj.selected_alpn_protocol() != ALPN_H2:
+            return "alpn"
+        try:
+            self.peer_identity = verify_peer(sslobj, trust_domain=self.trust_domain)
+        except PeerVerificationError as e:
+            return ("trust_domain" if "trust domain" in str(e) else "untrusted_peer") + f": {e}"
+        return ""
+
+    def on_request(self, ev: hbone.RequestReceived) -> None:
+        req = ConnectRequest(self, ev)
+        self.add_stream(req._stream)
+        task = self.loop.create_task(self._run_handler(req))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_handler(self, req: ConnectRequest) -> None:
+        try:
+            await self.handler(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("HBONE handler failed", extra=kv(authority=req.authority, peer=str(req.peer_identity)))
+        finally:
+            if req.status is None and req._stream._reset_reason is None:
+                with contextlib.suppress(StreamStateError, HboneStreamReset):
+                    await req.respond(503)
+            elif not req._stream.closed:
+                req._stream.reset()
 
 
 async def serve_hbone_connection(
@@ -190,6 +973,42 @@ async def serve_hbone_connection(
     Does the TLS handshake (client certificate required by ``ssl_context``), checks the client's SPIFFE identity
     is in ``trust_domain``, then runs ``handler(req)`` as a task per valid CONNECT. Non-CONNECT requests get 400,
     protocol errors GOAWAY; every refusal is counted in ``stats.rejects``. A handler that returns or raises
-    without responding makes the stream answer 503. Takes ownership of ``sock``; never raises on peer input.
+    without responding makes the stream answer 503; when it returns, a stream it left open is reset. Takes
+    ownership of ``sock``; never raises on peer input. Cancelling it closes the connection and its handlers.
     """
-    raise NotImplementedError
+    cfg = config or TunnelConfig()
+    st = stats or STATS
+    loop = asyncio.get_running_loop()
+    proto = _ServerProtocol(handler, trust_domain, cfg, st)
+    peer = "?"
+    with contextlib.suppress(OSError):
+        host, port = sock.getpeername()[:2]
+        peer = f"{host}:{port}"
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.connect_accepted_socket(
+            lambda: proto, sock, ssl=ssl_context, ssl_handshake_timeout=cfg.handshake_timeout
+        )
+        await proto.ready
+    except PeerVerificationError as e:
+        reason = str(e).split(":", 1)[0]
+        st.rejects[reason] += 1
+        log.info("HBONE client refused", extra=kv(peer=peer, reason=str(e)))
+        sock.close()
+        return
+    except (OSError, ConnectionError, TimeoutError) as e:
+        reason = _ssl_reason(e)
+        st.rejects[reason] += 1
+        log.info("HBONE TLS handshake failed", extra=kv(peer=peer, reason=reason, error=str(e)))
+        sock.close()
+        return
+    except asyncio.CancelledError:
+        sock.close()
+        raise
+    try:
+        await asyncio.shield(proto.closed)
+    except asyncio.CancelledError:
+        proto.close()
+        for task in list(proto.tasks):
+            task.cancel()
+        raise

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lab import Lab, LabError, down_all
+from lab import Lab, LabError, down_all, forget
 
 DEFAULT_DIR = "examples/basic"
 DEFAULT_NAME = "ambit-lab"
@@ -75,6 +75,9 @@ def _down(args: argparse.Namespace) -> int:
     if args.all:
         removed = down_all()
         print(f"removed {len(removed)} lab(s){': ' + ', '.join(removed) if removed else ''}")
+        return 0
+    if args.name and forget(args.name):
+        print(f"removed the logs of failed lab {args.name}")
         return 0
     name = _only_lab(args.name)
     Lab.load(name).down()

@@ -4,7 +4,7 @@ Entry points: :class:`Lab` (``Lab.up(config_dir, name=None, mesh=False)``, ``Lab
 (``enter(netns)`` to open sockets inside a namespace) and :mod:`lab.client` (traffic helpers).
 """
 
-from lab.cluster import Lab, down_all
+from lab.cluster import Lab, down_all, forget
 from lab.errors import LabConfigError, LabError, LabProcessError, LabStateError, NetnsError
 from lab.plan import NodeInfo, PodInfo
 from lab.state import ProcessRecord
@@ -20,4 +20,5 @@ __all__ = [
     "PodInfo",
     "ProcessRecord",
     "down_all",
+    "forget",
 ]

@@ -21,7 +21,7 @@ from lab import mesh as mesh_mode
 from lab import netns, processes, topology
 from lab.errors import LabError, LabProcessError, LabStateError
 from lab.plan import CORE_BRIDGE, POD_GATEWAY, POD_IFACE, LabPlan, NodeInfo, PodInfo, make_plan
-from lab.state import STATE_FILE, LabState, ProcessRecord, recorded_labs, state_dir
+from lab.state import STATE_FILE, STATE_ROOT, LabState, ProcessRecord, recorded_labs, state_dir
 
 WORKLOAD_ECHO_PORT = 9000
 WORKLOAD_HTTP_PORT = 8080
@@ -339,12 +339,19 @@ def down_all() -> list[str]:
     for name in recorded_labs():
         Lab.load(name).down()
         removed.append(name)
-    root = state_dir("x").parent
-    if root.is_dir():
-        for leftover in root.iterdir():
-            if leftover.is_dir() and not (leftover / STATE_FILE).exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+    if STATE_ROOT.is_dir():
+        for leftover in STATE_ROOT.iterdir():
+            forget(leftover.name)
     return removed
+
+
+def forget(name: str) -> bool:
+    """Remove the logs a failed `up` left under ``name``; never touches a live lab (one with a state file)."""
+    d = state_dir(name)
+    if not d.is_dir() or (d / STATE_FILE).exists():
+        return False
+    shutil.rmtree(d)
+    return True
 
 
 def _claim(plan: LabPlan) -> None:

@@ -1,0 +1,631 @@
+"""Capture loader: compiles bpf/redirect.bpf.c once with BCC, sets up the node's policy routing, attaches the
+program to the uplink and to pods' node-side interfaces, and keeps the pinned maps in step with enrollment.
+
+Capture outlives the agent on purpose: the tc filters stay attached and the maps stay pinned when the process
+exits, so enrolled pods never leak plaintext while the agent restarts (their new connections fail closed until a
+listener is back), and a restarted agent adopts the pins and swaps in its freshly compiled program atomically.
+Only :func:`cleanup` (``ambit-agent --cleanup``) removes capture.
+
+All methods block (netlink, a ~1-2 s compile in :meth:`Redirector.start`): call them from a worker thread
+(``await asyncio.to_thread(redirector.reconcile, ips)``), never on the event loop. They act on the network
+namespace the calling thread was in when :meth:`Redirector.start` ran (the node netns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.redirect_errors import (
+    AttachError,
+    RedirectCompileError,
+    RedirectConfigError,
+    RedirectError,
+    RedirectKernelError,
+    RedirectPinError,
+)
+from agent.redirect_maps import (
+    IF_POD,
+    IF_UPLINK,
+    LAYOUT_VERSION,
+    LOADER_OWNS_QDISC,
+    ConfigEntry,
+    IfaceEntry,
+    RedirectMaps,
+)
+from agent.redirect_netlink import Netlink
+from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
+from common.log import kv
+
+__all__ = [
+    "AttachError",
+    "RedirectCompileError",
+    "RedirectConfig",
+    "RedirectConfigError",
+    "RedirectError",
+    "RedirectKernelError",
+    "RedirectPinError",
+    "Redirector",
+    "WorkloadCounters",
+    "cleanup",
+]
+
+log = logging.getLogger("ambit.redirect")
+
+DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "redirect.bpf.c"
+PROGRAM_FUNCTION = "ambit_tc_ingress"
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_RESERVED_TABLES = {0, 253, 254, 255}
+
+
+@dataclass(frozen=True)
+class RedirectConfig:
+    """Capture settings. Defaults fit the lab and a single-agent node; ``instance`` must be unique per node netns
+    sharing one bpffs (lab nodes share the host's)."""
+
+    instance: str = "default"
+    pin_root: str = "/sys/fs/bpf/ambit"
+    source: str = str(DEFAULT_SOURCE)
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    hbone_port: int = 15008
+    uplinks: tuple[str, ...] = ()  # empty: the interfaces of the node's default route(s)
+    fail_open: bool = False  # debugging only: pass enrolled pods' SYNs on (plaintext!) when no listener is there
+    tc_priority: int = 10
+    tc_handle: int = 0xA3B1
+    mark: int = 0x200
+    mark_mask: int = 0xF00
+    route_table: int = 100
+    rule_priority: int = 100
+
+    def __post_init__(self) -> None:
+        if not _INSTANCE_RE.match(self.instance):
+            raise RedirectConfigError(
+                f"instance: {self.instance!r} must be 1-63 characters of letters, digits, '_', '.', '-'"
+            )
+        ports = {"outbound_port": self.outbound_port, "inbound_port": self.inbound_port, "hbone_port": self.hbone_port}
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise RedirectConfigError(f"{name}: {port} is not a TCP port (1-65535)")
+        if len(set(ports.values())) != 3:
+            raise RedirectConfigError(f"outbound_port/inbound_port/hbone_port must differ, got {ports}")
+        if not self.mark or self.mark & ~self.mark_mask or self.mark_mask > 0xFFFFFFFF:
+            raise RedirectConfigError(f"mark: {self.mark:#x} must be non-zero and inside mark_mask {self.mark_mask:#x}")
+        if not 1 <= self.tc_priority <= 0xFFFF:
+            raise RedirectConfigError(f"tc_priority: {self.tc_priority} must be 1-65535")
+        if not 1 <= self.tc_handle <= 0xFFFFFFFF:
+            raise RedirectConfigError(f"tc_handle: {self.tc_handle:#x} must be a non-zero 32-bit value")
+        if self.route_table in _RESERVED_TABLES or not 1 <= self.route_table <= 0xFFFFFFFF:
+            raise RedirectConfigError(f"route_table: {self.route_table} is reserved or out of range")
+        if not 1 <= self.rule_priority <= 32765:
+            raise RedirectConfigError(f"rule_priority: {self.rule_priority} must be 1-32765 (before the main table)")
+        for up in self.uplinks:
+            if not up or len(up) > 15 or "/" in up:
+                raise RedirectConfigError(f"uplinks: {up!r} is not an interface name")
+        if not os.path.isabs(self.pin_root):
+            raise RedirectConfigError(f"pin_root: {self.pin_root!r} must be an absolute path in bpffs")
+
+    @property
+    def pin_dir(self) -> str:
+        return os.path.join(self.pin_root, self.instance)
+
+    @property
+    def filter_name(self) -> str:
+        """TCA_BPF_NAME of our filters: with prio/handle it is how cleanup tells ours from anyone else's."""
+        return f"ambit:{self.instance}"
+
+
+@dataclass(frozen=True)
+class WorkloadCounters:
+    """In-kernel counters of one enrolled workload (summed over CPUs), for the agent's metrics."""
+
+    packets: int  # TCP packets the workload sent (seen at its node-side interface)
+    bytes: int
+    connections_out: int  # new outbound connections captured
+    connections_in: int  # new inbound connections captured (plaintext 15006 or HBONE 15008)
+    drops: int  # connections dropped because no agent listener was there (fail closed)
+
+
+@dataclass
+class _Attached:
+    name: str
+    flags: int
+
+
+@dataclass
+class _State:
+    attached: dict[int, _Attached] = field(default_factory=dict)
+    uplinks: dict[int, str] = field(default_factory=dict)
+    enrolled: set[str] = field(default_factory=set)
+    requested: set[str] = field(default_factory=set)
+    peers: set[str] = field(default_factory=set)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+class Redirector:
+    def __init__(self, config: RedirectConfig | None = None) -> None:
+        self.config = config or RedirectConfig()
+        self._lock = threading.RLock()
+        self._bpf: Any = None
+        self._prog_fd = -1
+        self._maps: RedirectMaps | None = None
+        self._nl: Netlink | None = None
+        self._state = _State()
+        self._adopted: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compile, adopt pins and filters of a previous run, set up policy routing, attach to the uplink(s).
+
+        Raises RedirectConfigError / RedirectCompileError / RedirectKernelError / RedirectPinError with the
+        precise cause; on failure nothing this call installed is left behind.
+        """
+        with self._lock:
+            if self._maps is not None:
+                return
+            cfg = self.config
+            _require_bpffs(cfg.pin_root)
+            netns = _netns_cookie()
+            created_dir = _precheck_pins(cfg, netns)
+            try:
+                self._bpf, self._prog_fd = _compile(cfg)
+            except RedirectError:
+                if created_dir:
+                    _remove_pin_dir(cfg.pin_dir)
+                raise
+            nl = Netlink()
+            routing_existed = False
+            try:
+                maps = RedirectMaps.open(cfg.pin_dir)
+            except RedirectError:
+                nl.close()
+                self._drop_program()
+                raise
+            self._maps, self._nl = maps, nl
+            attached_now: list[int] = []
+            try:
+                uplinks = self._resolve_uplinks(nl)
+                maps.write_config(
+                    ConfigEntry(
+                        outbound_port=cfg.outbound_port,
+                        inbound_port=cfg.inbound_port,
+                        hbone_port=cfg.hbone_port,
+                        fail_open=int(cfg.fail_open),
+                        mark=cfg.mark,
+                        mark_mask=cfg.mark_mask,
+                        layout_version=LAYOUT_VERSION,
+                        netns_cookie=netns,
+                    )
+                )
+                routing_existed = nl.has_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+                nl.ensure_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+                self._adopt(maps, nl, uplinks)
+                for idx, name in uplinks.items():
+                    fresh = idx not in self._state.attached
+                    try:
+                        self._attach(idx, name, IF_UPLINK)
+                    except AttachError as exc:
+                        raise RedirectKernelError(f"cannot capture on uplink {name}: {exc}") from exc
+                    if fresh:
+                        attached_now.append(idx)
+                self._state.uplinks = uplinks
+            except Exception:
+                for idx in attached_now:
+                    self._detach(idx)
+                if not routing_existed and not self._adopted:
+                    nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+                self._close_handles()
+                raise
+            log.info(
+                "capture started",
+                extra=kv(
+                    instance=cfg.instance,
+                    pin_dir=cfg.pin_dir,
+                    uplinks=sorted(uplinks.values()),
+                    adopted=self._adopted,
+                    fail_open=cfg.fail_open,
+                ),
+            )
+
+    def close(self) -> None:
+        """Release this process's handles; capture (filters, maps, routing) stays for the next agent."""
+        with self._lock:
+            self._close_handles()
+
+    # --- enrollment ------------------------------------------------------------------------------------------
+
+    def reconcile(self, enrolled_ips: Iterable[str], local_ips: Iterable[str] | None = None) -> dict[str, str]:
+        """Make capture match the controller's view: ``enrolled_ips`` are the enrolled workloads running on this
+        node; ``local_ips`` (optional) all pods on this node, so non-enrolled ones can be captured when they call an
+        enrolled local pod. Returns the per-IP failures (also in :meth:`status`); every other pod is captured.
+        """
+        with self._lock:
+            maps, nl = self._require_started()
+            st = self._state
+            enrolled = set(enrolled_ips)
+            plan = plan_capture(enrolled, set(local_ips or ()), self._resolver(nl))
+            failures = dict(plan.failures)
+            ok: set[int] = set()
+            for idx, ip_plan in plan.interfaces.items():
+                try:
+                    self._attach(idx, ip_plan.name, IF_POD)
+                    ok.add(idx)
+                except (AttachError, RedirectKernelError) as exc:
+                    for ip in ip_plan.enrolled | ip_plan.peers:
+                        failures[ip] = f"cannot attach to {ip_plan.name}: {exc}"
+            want = plan.workloads_on(ok)
+            have = maps.workload_ips()
+            # Release before detaching (nothing is captured half-way), enroll after attaching (the return path is
+            # in place before the first captured SYN).
+            for ip in sorted(have - want):
+                maps.delete_workload(ip)
+            for ip in sorted(want - have):
+                maps.add_workload(ip)
+            for idx, att in list(st.attached.items()):
+                if att.flags & IF_POD and idx not in ok:
+                    try:
+                        self._detach(idx)
+                    except (AttachError, RedirectKernelError) as exc:
+                        failures[f"interface:{att.name}"] = f"cannot detach: {exc}"
+            self._log_changes(want, failures)
+            st.enrolled = want
+            st.requested = enrolled
+            st.peers = {ip for idx in ok for ip in plan.interfaces[idx].peers}
+            st.failures = failures
+            return dict(failures)
+
+    def set_fail_open(self, fail_open: bool) -> None:
+        """Flip fail-open at run time (a debugging switch: fail-open lets enrolled pods talk plaintext)."""
+        with self._lock:
+            maps, _ = self._require_started()
+            cfg = maps.read_config()
+            cfg.fail_open = int(fail_open)
+            maps.write_config(cfg)
+            log.warning("fail-open changed", extra=kv(instance=self.config.instance, fail_open=fail_open))
+
+    # --- observation -----------------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, WorkloadCounters]:
+        with self._lock:
+            maps, _ = self._require_started()
+            return {
+                ip: WorkloadCounters(c.packets, c.bytes, c.conns_out, c.conns_in, c.drops)
+                for ip, c in maps.workload_counters().items()
+            }
+
+    def stats(self) -> dict[str, int]:
+        """Node-wide program counters: captures per listener, fail-closed drops, fail-open passes, errors."""
+        with self._lock:
+            maps, _ = self._require_started()
+            return maps.stat_totals()
+
+    @property
+    def capturing_any(self) -> bool:
+        """At least one interface (uplink or pod) carries our program."""
+        with self._lock:
+            return self._maps is not None and bool(self._state.attached)
+
+    @property
+    def ready(self) -> bool:
+        """Started, and capturing at least one pod when pods are enrolled (a node agent that can capture none of
+        its enrolled pods must not report ready)."""
+        with self._lock:
+            if self._maps is None or not self._state.uplinks:
+                return False
+            return not self._state.requested or bool(self._state.enrolled)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            st = self._state
+            started = self._maps is not None
+            interfaces: dict[str, dict[str, Any]] = {}
+            by_ip = self._ip_interfaces() if started else {}
+            for idx, att in sorted(st.attached.items()):
+                interfaces[att.name] = {
+                    "ifindex": idx,
+                    "role": "uplink" if att.flags & IF_UPLINK else "pod",
+                    "enrolled": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.enrolled),
+                    "peers": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.peers),
+                }
+            return {
+                "instance": self.config.instance,
+                "pin_dir": self.config.pin_dir,
+                "started": started,
+                "adopted": list(self._adopted),
+                "uplinks": sorted(st.uplinks.values()),
+                "interfaces": interfaces,
+                "enrolled": sorted(st.enrolled),
+                "failures": dict(sorted(st.failures.items())),
+                "capturing_any": started and bool(st.attached),
+                "ready": self.ready,
+                "stats": self._maps.stat_totals() if self._maps else {},
+            }
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    def _require_started(self) -> tuple[RedirectMaps, Netlink]:
+        if self._maps is None or self._nl is None:
+            raise RedirectError("Redirector.start() has not completed")
+        return self._maps, self._nl
+
+    def _resolver(self, nl: Netlink) -> Any:
+        def resolve(ip: str) -> PodInterface:
+            return classify_route(ip, nl.route_get(ip), nl.link_name, self._state.uplinks)
+
+        return resolve
+
+    def _ip_interfaces(self) -> dict[str, int]:
+        _, nl = self._require_started()
+        out: dict[str, int] = {}
+        for ip in self._state.enrolled | self._state.peers:
+            try:
+                out[ip] = self._resolver(nl)(ip).index
+            except RouteProblem:
+                continue
+        return out
+
+    def _resolve_uplinks(self, nl: Netlink) -> dict[int, str]:
+        out: dict[int, str] = {}
+        if self.config.uplinks:
+            for name in self.config.uplinks:
+                idx = nl.link_index(name)
+                if idx is None:
+                    raise RedirectConfigError(f"uplinks: interface {name!r} does not exist in the node netns")
+                out[idx] = name
+            return out
+        for idx in nl.default_route_oifs():
+            found = nl.link_name(idx)
+            if found:
+                out[idx] = found
+        if not out:
+            raise RedirectConfigError("uplinks: none given and the node netns has no default route; pass --uplink")
+        return out
+
+    def _adopt(self, maps: RedirectMaps, nl: Netlink, uplinks: dict[int, str]) -> None:
+        """Take over what a previous agent attached: swap its filters to our program (same prio/handle: atomic)."""
+        cfg = self.config
+        for idx, entry in maps.iface_entries().items():
+            name = nl.link_name(idx)
+            if name is None:
+                maps.delete_iface(idx)  # the pod (and its veth) went away while no agent ran
+                continue
+            info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
+            if entry.flags & IF_UPLINK and idx not in uplinks:
+                if info is not None and info.name == cfg.filter_name:
+                    self._state.attached[idx] = _Attached(name, entry.flags)
+                    self._detach(idx)
+                else:
+                    maps.delete_iface(idx)
+                continue
+            if info is not None and info.name == cfg.filter_name:
+                nl.put_filter(idx, self._prog_fd, cfg.filter_name, cfg.tc_priority, cfg.tc_handle, replace=True)
+                self._state.attached[idx] = _Attached(name, entry.flags)
+                self._adopted.append(name)
+            elif entry.flags & IF_POD:
+                self._attach(idx, name, IF_POD)  # someone removed the filter: restore capture now
+                self._adopted.append(name)
+        for ip in maps.workload_ips():
+            self._state.enrolled.add(ip)
+            self._state.requested.add(ip)
+
+    def _attach(self, idx: int, name: str, flags: int) -> None:
+        maps, nl = self._require_started()
+        cfg = self.config
+        current = self._state.attached.get(idx)
+        if current is not None and current.flags == flags:
+            return
+        prev = maps.iface_entries().get(idx)
+        created = nl.ensure_clsact(idx)
+        owns = created or bool(prev and prev.loader_flags & LOADER_OWNS_QDISC)
+        maps.set_iface(idx, IfaceEntry(flags, LOADER_OWNS_QDISC if owns else 0))
+        try:
+            info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
+            if info is not None and not (info.kind == "bpf" and info.name == cfg.filter_name):
+                raise AttachError(
+                    f"tc ingress priority {cfg.tc_priority} handle {cfg.tc_handle:#x} on {name} is taken by another "
+                    f"filter ({info.kind} {info.name!r}); choose another tc_priority/tc_handle"
+                )
+            nl.put_filter(idx, self._prog_fd, cfg.filter_name, cfg.tc_priority, cfg.tc_handle, replace=info is not None)
+        except Exception:
+            if prev is not None:
+                maps.set_iface(idx, prev)
+            else:
+                maps.delete_iface(idx)
+            if created:
+                nl.delete_clsact_if_empty(idx)
+            raise
+        self._state.attached[idx] = _Attached(name, flags)
+
+    def _detach(self, idx: int) -> None:
+        maps, nl = self._require_started()
+        cfg = self.config
+        att = self._state.attached.pop(idx, None)
+        entry = maps.iface_entries().get(idx)
+        info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
+        if info is not None and info.name == cfg.filter_name:
+            nl.delete_filter(idx, cfg.tc_priority, cfg.tc_handle)
+        maps.delete_iface(idx)
+        if entry is not None and entry.loader_flags & LOADER_OWNS_QDISC:
+            nl.delete_clsact_if_empty(idx)
+        log.info("capture detached", extra=kv(instance=cfg.instance, interface=att.name if att else idx))
+
+    def _log_changes(self, want: set[str], failures: dict[str, str]) -> None:
+        st = self._state
+        added, removed = sorted(want - st.enrolled), sorted(st.enrolled - want)
+        if added or removed:
+            log.info("capture changed", extra=kv(instance=self.config.instance, enrolled=added, released=removed))
+        for ip, reason in sorted(failures.items()):
+            if st.failures.get(ip) != reason:
+                log.error("cannot capture workload", extra=kv(instance=self.config.instance, ip=ip, reason=reason))
+
+    def _drop_program(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+        self._bpf, self._prog_fd = None, -1
+
+    def _close_handles(self) -> None:
+        if self._maps is not None:
+            self._maps.close()
+        if self._nl is not None:
+            self._nl.close()
+        self._maps, self._nl = None, None
+        self._drop_program()
+        self._state = _State()
+        self._adopted = []
+
+
+def cleanup(target: str | RedirectConfig) -> list[str]:
+    """Remove everything an instance installed in this node netns: its tc filters (matched by prio, handle and
+    name, on every interface), clsact qdiscs it created that are now empty, the policy-routing rule and local
+    table route, and its pin directory. Returns what was removed; safe to repeat."""
+    cfg = target if isinstance(target, RedirectConfig) else RedirectConfig(instance=target)
+    removed: list[str] = []
+    owned: dict[int, IfaceEntry] = {}
+    maps: RedirectMaps | None = None
+    if os.path.isdir(cfg.pin_dir):
+        try:
+            maps = RedirectMaps.open(cfg.pin_dir)
+            for ip in sorted(maps.workload_ips()):
+                maps.delete_workload(ip)  # stop capturing before filters go, so nothing half-captured remains
+            owned = maps.iface_entries()
+        except RedirectError as exc:
+            log.warning("pins unreadable; removing filters by name only", extra=kv(reason=str(exc)))
+        finally:
+            if maps is not None:
+                maps.close()
+    nl = Netlink()
+    try:
+        for idx in nl.all_link_indexes():
+            info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
+            if info is None or info.kind != "bpf" or info.name != cfg.filter_name:
+                continue
+            name = nl.link_name(idx) or str(idx)
+            nl.delete_filter(idx, cfg.tc_priority, cfg.tc_handle)
+            removed.append(f"tc filter {cfg.filter_name} on {name}")
+            entry = owned.get(idx)
+            if entry is not None and entry.loader_flags & LOADER_OWNS_QDISC and nl.delete_clsact_if_empty(idx):
+                removed.append(f"clsact qdisc on {name}")
+        removed += nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+    finally:
+        nl.close()
+    if _remove_pin_dir(cfg.pin_dir):
+        removed.append(f"pins {cfg.pin_dir}")
+    with contextlib.suppress(OSError):
+        os.rmdir(cfg.pin_root)  # only succeeds when no other instance is left
+    log.info("capture removed", extra=kv(instance=cfg.instance, removed=removed))
+    return removed
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _netns_cookie() -> int:
+    """Identity of the calling thread's netns (inode), stored with the pins so that another node cannot adopt."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def _require_bpffs(pin_root: str) -> None:
+    best = ("", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            under = len(parts) >= 3 and (pin_root == parts[1] or pin_root.startswith(parts[1].rstrip("/") + "/"))
+            if under and len(parts[1]) >= len(best[0]):
+                best = (parts[1], parts[2])
+    if best[1] != "bpf":
+        raise RedirectKernelError(
+            f"{pin_root} is not on a bpf filesystem (found {best[1] or 'nothing'} at {best[0] or '?'}): "
+            "mount it with `mount -t bpf bpf /sys/fs/bpf` (make setup does)"
+        )
+
+
+def _precheck_pins(cfg: RedirectConfig, netns: int) -> bool:
+    """Refuse pins that belong to another netns or an incompatible layout before BCC would reuse them blindly.
+    True when this call created the pin directory (so a failed start can remove it again)."""
+    existed = os.path.isdir(cfg.pin_dir)
+    try:
+        os.makedirs(cfg.pin_dir, exist_ok=True)
+    except OSError as exc:
+        raise RedirectPinError(f"cannot create pin directory {cfg.pin_dir}: {exc.strerror}") from exc
+    present = set(os.listdir(cfg.pin_dir))
+    if not present >= {"ambit_config", "ambit_workloads", "ambit_ifaces"}:
+        return not existed
+    maps = RedirectMaps.open(cfg.pin_dir)
+    try:
+        owner = maps.read_config()
+    finally:
+        maps.close()
+    if owner.netns_cookie and owner.netns_cookie != netns:
+        raise RedirectPinError(
+            f"pins in {cfg.pin_dir} belong to network namespace inode {owner.netns_cookie}, this agent runs in "
+            f"{netns}: instance {cfg.instance!r} is used by another node; give each node its own instance"
+        )
+    return False
+
+
+def _remove_pin_dir(pin_dir: str) -> bool:
+    if not os.path.isdir(pin_dir):
+        return False
+    for entry_name in os.listdir(pin_dir):
+        os.unlink(os.path.join(pin_dir, entry_name))
+    os.rmdir(pin_dir)
+    return True
+
+
+@contextmanager
+def _stderr_to(sink: list[str]) -> Iterator[None]:
+    """Collect what libbcc/clang write to fd 2 (diagnostics, verifier log) so errors can carry it."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))
+
+
+def _compile(cfg: RedirectConfig) -> tuple[Any, int]:
+    src = Path(cfg.source)
+    if not src.is_file():
+        raise RedirectCompileError(f"eBPF source {src} does not exist or is not a file (RedirectConfig.source)")
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise RedirectCompileError(f"BCC is not importable ({exc}); run `make setup` (python3-bpfcc)") from exc
+    cflags = [f"-I{src.parent}", f'-DAMBIT_PIN_DIR="{cfg.pin_dir}"']
+    diag: list[str] = []
+    try:
+        with _stderr_to(diag):
+            bpf = BPF(src_file=str(src).encode(), cflags=cflags)
+    except Exception as exc:
+        raise RedirectCompileError(f"BCC failed to compile {src}: {exc}\n{_diagnostics(diag)}") from exc
+    diag.clear()
+    try:
+        with _stderr_to(diag):
+            fn = bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.SCHED_CLS)
+    except Exception as exc:
+        bpf.cleanup()
+        raise RedirectKernelError(
+            f"the kernel rejected {PROGRAM_FUNCTION} from {src} (needs bpf_skc_lookup_tcp/bpf_sk_assign, "
+            f"kernel >= 5.7): {exc}\n{_diagnostics(diag)}"
+        ) from exc
+    return bpf, int(fn.fd)
+
+
+def _diagnostics(diag: list[str]) -> str:
+    text = "".join(diag).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(lines[-40:]) if lines else "(no diagnostics)"

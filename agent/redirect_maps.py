@@ -1,0 +1,348 @@
+"""The redirect program's pinned maps as seen from user space: layouts mirrored from bpf/ambit_maps.h, address key
+packing, and map access by pinned path.
+
+Access goes through libbcc's thin syscall wrappers on map fds rather than BCC table objects because cleanup and
+adoption must work on pins alone (no compile), and because a layout check has to run *before* BCC silently reuses
+a pinned map whose key or value size no longer matches the source.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from agent.redirect_errors import RedirectKernelError, RedirectPinError
+
+LAYOUT_VERSION = 1  # AMBIT_LAYOUT_VERSION
+AF_INET = 2
+AF_INET6 = 10
+
+# Interface roles and loader bookkeeping (AMBIT_IF_*, AMBIT_LOADER_*).
+IF_POD = 0x1
+IF_UPLINK = 0x2
+LOADER_OWNS_QDISC = 0x1
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+
+
+class AmbitAddr(ct.Structure):
+    _fields_ = [("family", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("addr", ct.c_uint8 * 16)]
+
+
+class WlCounters(ct.Structure):
+    _fields_ = [
+        ("packets", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("conns_out", ct.c_uint64),
+        ("conns_in", ct.c_uint64),
+        ("drops", ct.c_uint64),
+    ]
+
+
+class IfaceEntry(ct.Structure):
+    _fields_ = [("flags", ct.c_uint32), ("loader_flags", ct.c_uint32)]
+
+
+class ConfigEntry(ct.Structure):
+    _fields_ = [
+        ("outbound_port", ct.c_uint16),
+        ("inbound_port", ct.c_uint16),
+        ("hbone_port", ct.c_uint16),
+        ("fail_open", ct.c_uint8),
+        ("pad", ct.c_uint8),
+        ("mark", ct.c_uint32),
+        ("mark_mask", ct.c_uint32),
+        ("layout_version", ct.c_uint32),
+        ("netns_cookie", ct.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+    @property
+    def percpu(self) -> bool:
+        return self.map_type in (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)
+
+
+WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(AmbitAddr), ct.sizeof(WlCounters), 16384)
+IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
+CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
+STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8)
+ALL_MAPS = (WORKLOADS, IFACES, CONFIG, STATS)
+
+# Index -> name of ambit_stats entries (AMBIT_STAT_*).
+STAT_NAMES = (
+    "assign_existing",
+    "capture_outbound",
+    "capture_inbound",
+    "capture_hbone",
+    "drop_no_listener",
+    "pass_no_listener",
+    "drop_assign_error",
+    "unparsed",
+)
+
+
+def pack_addr(ip: str) -> AmbitAddr:
+    """Map key for a workload address; raises ValueError on text that is not an IP address."""
+    addr = ipaddress.ip_address(ip)
+    key = AmbitAddr()
+    key.family = AF_INET if addr.version == 4 else AF_INET6
+    packed = addr.packed
+    ct.memmove(key.addr, packed, len(packed))
+    return key
+
+
+def unpack_addr(key: AmbitAddr) -> str:
+    raw = bytes(key.addr)
+    if key.family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if key.family == AF_INET6:
+        return str(ipaddress.IPv6Address(raw))
+    raise ValueError(f"unknown address family {key.family} in map key")
+
+
+def possible_cpus() -> int:
+    """Per-CPU map values carry one slot per *possible* CPU (not online), as the kernel sizes them."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        spec = f.read().strip()
+    count = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+class _MapInfo(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    ]
+
+
+def _libbcc() -> ct.CDLL:
+    # A private handle: BCC sets its own argtypes on the shared one.
+    try:
+        lib = ct.CDLL("libbcc.so.0", use_errno=True)
+    except OSError as exc:
+        raise RedirectKernelError(f"libbcc.so.0 cannot be loaded ({exc}); install python3-bpfcc (make setup)") from exc
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_obj_get.restype = ct.c_int
+    for name in ("bpf_lookup_elem", "bpf_get_next_key"):
+        getattr(lib, name).argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        getattr(lib, name).restype = ct.c_int
+    lib.bpf_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong]
+    lib.bpf_update_elem.restype = ct.c_int
+    lib.bpf_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    lib.bpf_delete_elem.restype = ct.c_int
+    lib.bpf_obj_get_info.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    lib.bpf_obj_get_info.restype = ct.c_int
+    return lib
+
+
+_LIB: ct.CDLL | None = None
+
+
+def lib() -> ct.CDLL:
+    global _LIB
+    if _LIB is None:
+        _LIB = _libbcc()
+    return _LIB
+
+
+class PinnedMap:
+    """One map opened from its bpffs pin, checked against the layout this agent was built for."""
+
+    def __init__(self, spec: MapSpec, path: str, fd: int) -> None:
+        self.spec = spec
+        self.path = path
+        self._fd = fd
+        self._ncpu = possible_cpus() if spec.percpu else 1
+        self._slot = (spec.value_size + 7) & ~7 if spec.percpu else spec.value_size
+
+    @classmethod
+    def open(cls, spec: MapSpec, pin_dir: str) -> PinnedMap:
+        path = os.path.join(pin_dir, spec.name)
+        fd = lib().bpf_obj_get(path.encode())
+        if fd < 0:
+            err = ct.get_errno()
+            raise RedirectPinError(f"cannot open pinned map {path}: {os.strerror(err)}")
+        pinned = cls(spec, path, fd)
+        try:
+            pinned.check_layout()
+        except RedirectPinError:
+            pinned.close()
+            raise
+        return pinned
+
+    def check_layout(self) -> None:
+        info = _MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        if lib().bpf_obj_get_info(self._fd, ct.byref(info), ct.byref(size)) != 0:
+            raise RedirectPinError(f"cannot read map info of {self.path}: {os.strerror(ct.get_errno())}")
+        want = (self.spec.map_type, self.spec.key_size, self.spec.value_size, self.spec.max_entries)
+        got = (info.type, info.key_size, info.value_size, info.max_entries)
+        if want != got:
+            raise RedirectPinError(
+                f"pinned map {self.path} has (type, key size, value size, max entries) {got}, this agent expects "
+                f"{want}: the pins come from an incompatible Ambit version; run `ambit-agent --cleanup` first"
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _value_buffer(self) -> ct.Array[ct.c_char]:
+        return ct.create_string_buffer(self._slot * self._ncpu)
+
+    def lookup_raw(self, key: ct._CData) -> bytes | None:
+        buf = self._value_buffer()
+        if lib().bpf_lookup_elem(self._fd, ct.byref(key), buf) != 0:
+            err = ct.get_errno()
+            if err == errno.ENOENT:
+                return None
+            raise RedirectKernelError(f"lookup in {self.path} failed: {os.strerror(err)}")
+        return buf.raw
+
+    def per_cpu(self, raw: bytes, leaf: type[ct.Structure] | type[ct.c_uint64]) -> list[ct._CData]:
+        return [leaf.from_buffer_copy(raw, i * self._slot) for i in range(self._ncpu)]
+
+    def update(self, key: ct._CData, value: ct._CData, flags: int = BPF_ANY) -> bool:
+        """Write ``value`` (replicated to every CPU slot of a per-CPU map); False if BPF_NOEXIST found a key."""
+        buf = self._value_buffer()
+        raw = ct.string_at(ct.addressof(value), ct.sizeof(value))
+        for i in range(self._ncpu):
+            ct.memmove(ct.addressof(buf) + i * self._slot, raw, len(raw))
+        if lib().bpf_update_elem(self._fd, ct.byref(key), buf, flags) != 0:
+            err = ct.get_errno()
+            if err == errno.EEXIST and flags == BPF_NOEXIST:
+                return False
+            raise RedirectKernelError(f"update of {self.path} failed: {os.strerror(err)}")
+        return True
+
+    def delete(self, key: ct._CData) -> bool:
+        if lib().bpf_delete_elem(self._fd, ct.byref(key)) != 0:
+            err = ct.get_errno()
+            if err == errno.ENOENT:
+                return False
+            raise RedirectKernelError(f"delete from {self.path} failed: {os.strerror(err)}")
+        return True
+
+    def keys(self, key_type: type[ct.Structure] | type[ct.c_uint32]) -> Iterator[ct._CData]:
+        """Snapshot of the keys (collected first, so callers may delete while iterating)."""
+        found: list[ct._CData] = []
+        prev: ct._CData | None = None
+        while True:
+            nxt = key_type()
+            ret = lib().bpf_get_next_key(self._fd, ct.byref(prev) if prev is not None else None, ct.byref(nxt))
+            if ret != 0:
+                err = ct.get_errno()
+                if err == errno.ENOENT:
+                    break
+                raise RedirectKernelError(f"iterating {self.path} failed: {os.strerror(err)}")
+            found.append(nxt)
+            prev = nxt
+        return iter(found)
+
+
+@dataclass
+class RedirectMaps:
+    """All maps of one instance, opened from its pin directory."""
+
+    workloads: PinnedMap
+    ifaces: PinnedMap
+    config: PinnedMap
+    stats: PinnedMap
+
+    @classmethod
+    def open(cls, pin_dir: str) -> RedirectMaps:
+        opened: list[PinnedMap] = []
+        try:
+            for spec in ALL_MAPS:
+                opened.append(PinnedMap.open(spec, pin_dir))
+        except Exception:
+            for m in opened:
+                m.close()
+            raise
+        return cls(*opened)
+
+    def close(self) -> None:
+        for m in (self.workloads, self.ifaces, self.config, self.stats):
+            m.close()
+
+    # --- typed accessors -------------------------------------------------------------------------------------
+
+    def read_config(self) -> ConfigEntry:
+        raw = self.config.lookup_raw(ct.c_uint32(0))
+        return ConfigEntry.from_buffer_copy(raw) if raw else ConfigEntry()
+
+    def write_config(self, cfg: ConfigEntry) -> None:
+        self.config.update(ct.c_uint32(0), cfg)
+
+    def iface_entries(self) -> dict[int, IfaceEntry]:
+        out: dict[int, IfaceEntry] = {}
+        for key in self.ifaces.keys(ct.c_uint32):
+            raw = self.ifaces.lookup_raw(key)
+            if raw is not None:
+                out[int(key.value)] = IfaceEntry.from_buffer_copy(raw)  # type: ignore[attr-defined]
+        return out
+
+    def set_iface(self, ifindex: int, entry: IfaceEntry) -> None:
+        self.ifaces.update(ct.c_uint32(ifindex), entry)
+
+    def delete_iface(self, ifindex: int) -> bool:
+        return self.ifaces.delete(ct.c_uint32(ifindex))
+
+    def workload_ips(self) -> set[str]:
+        return {unpack_addr(k) for k in self.workloads.keys(AmbitAddr)}  # type: ignore[arg-type]
+
+    def add_workload(self, ip: str) -> bool:
+        """Enroll with zeroed counters; an entry that already exists (adopted after a restart) keeps its counts."""
+        return self.workloads.update(pack_addr(ip), WlCounters(), BPF_NOEXIST)
+
+    def delete_workload(self, ip: str) -> bool:
+        return self.workloads.delete(pack_addr(ip))
+
+    def workload_counters(self) -> dict[str, WlCounters]:
+        out: dict[str, WlCounters] = {}
+        for key in self.workloads.keys(AmbitAddr):
+            raw = self.workloads.lookup_raw(key)
+            if raw is None:
+                continue
+            total = WlCounters()
+            for cpu in self.workloads.per_cpu(raw, WlCounters):
+                for fname in ("packets", "bytes", "conns_out", "conns_in", "drops"):
+                    setattr(total, fname, getattr(total, fname) + getattr(cpu, fname))
+            out[unpack_addr(key)] = total  # type: ignore[arg-type]
+        return out
+
+    def stat_totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for idx, name in enumerate(STAT_NAMES):
+            raw = self.stats.lookup_raw(ct.c_uint32(idx))
+            values: list[Any] = self.stats.per_cpu(raw, ct.c_uint64) if raw else []
+            out[name] = sum(int(v.value) for v in values)
+        return out

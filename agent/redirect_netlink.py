@@ -1,0 +1,222 @@
+"""Netlink side of capture (pyroute2): tc clsact + cls_bpf filters, the policy-routing rule and local table, and
+route lookups that find a pod's node-side interface.
+
+Every call acts on the network namespace the IPRoute socket was opened in (the node netns). Our tc filter is
+recognised by (priority, handle, kind bpf, name), never by position, so other filters on the same hook and a
+clsact qdisc that others use are left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.redirect_errors import AttachError, RedirectKernelError
+
+TC_H_CLSACT = 0xFFFFFFF1
+TC_H_INGRESS = 0xFFFFFFF2  # ffff:fff2 = clsact ingress
+TC_H_EGRESS = 0xFFFFFFF3
+ETH_P_ALL = 0x0003
+RTN_UNICAST = 1
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """The kernel's answer to `ip route get <ip>` in the node netns."""
+
+    rtype: int
+    oif: int | None
+    gateway: str | None
+
+
+@dataclass(frozen=True)
+class FilterInfo:
+    kind: str
+    name: str
+
+
+class Netlink:
+    """A pyroute2 socket bound to the node netns plus the few operations capture needs."""
+
+    def __init__(self) -> None:
+        self.ipr = IPRoute()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    # --- links and routes ------------------------------------------------------------------------------------
+
+    def link_index(self, name: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=name)
+        return int(found[0]) if found else None
+
+    def link_name(self, index: int) -> str | None:
+        try:
+            links = self.ipr.get_links(index)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+
+    def default_route_oifs(self) -> list[int]:
+        out: list[int] = []
+        for r in self.ipr.route("dump", table=254, family=socket.AF_INET):
+            if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None:
+                out.append(int(r.get_attr("RTA_OIF")))
+        return sorted(set(out))
+
+    def route_get(self, ip: str) -> RouteInfo | None:
+        """None when the node has no route at all (ENETUNREACH / EHOSTUNREACH)."""
+        try:
+            msgs = self.ipr.route("get", dst=ip)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+                return None
+            raise
+        m = msgs[0]
+        oif = m.get_attr("RTA_OIF")
+        gw = m.get_attr("RTA_GATEWAY")
+        return RouteInfo(int(m["type"]), int(oif) if oif is not None else None, str(gw) if gw else None)
+
+    # --- policy routing --------------------------------------------------------------------------------------
+
+    def _find_rule(self, mark: int, mask: int, table: int, pref: int) -> bool:
+        for r in self.ipr.get_rules(family=socket.AF_INET):
+            if (
+                r.get_attr("FRA_FWMARK") == mark
+                and r.get_attr("FRA_FWMASK") == mask
+                and (r.get_attr("FRA_TABLE") or r["table"]) == table
+                and r.get_attr("FRA_PRIORITY") == pref
+            ):
+                return True
+        return False
+
+    def ensure_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> None:
+        """`ip rule add fwmark MARK/MASK lookup TABLE pref PREF` + `ip route replace local 0/0 dev lo table TABLE`."""
+        lo = self.link_index("lo")
+        if lo is None:
+            raise RedirectKernelError("the node netns has no `lo` interface for the local route table")
+        try:
+            self.ipr.route("replace", dst="0.0.0.0/0", table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=2)
+            if not self._find_rule(mark, mask, table, pref):
+                self.ipr.rule("add", table=table, priority=pref, fwmark=mark, fwmask=mask, family=socket.AF_INET)
+        except NetlinkError as exc:
+            raise RedirectKernelError(
+                f"policy routing (fwmark {mark:#x}/{mask:#x} -> table {table}, local 0.0.0.0/0 dev lo) failed: "
+                f"{exc.args[1] if len(exc.args) > 1 else exc}"
+            ) from exc
+
+    def has_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> bool:
+        routes = [
+            r
+            for r in self.ipr.route("dump", table=table, family=socket.AF_INET)
+            if r["type"] == RTN_LOCAL and r["dst_len"] == 0
+        ]
+        return bool(routes) and self._find_rule(mark, mask, table, pref)
+
+    def remove_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> list[str]:
+        removed: list[str] = []
+        while self._find_rule(mark, mask, table, pref):
+            self.ipr.rule("del", table=table, priority=pref, fwmark=mark, fwmask=mask, family=socket.AF_INET)
+            removed.append(f"rule fwmark {mark:#x}/{mask:#x} lookup {table} pref {pref}")
+        lo = self.link_index("lo")
+        for r in self.ipr.route("dump", table=table, family=socket.AF_INET):
+            if r["type"] == RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_OIF") == lo:
+                self.ipr.route("del", dst="0.0.0.0/0", table=table, type="local", scope=RT_SCOPE_HOST, oif=lo)
+                removed.append(f"route local 0.0.0.0/0 dev lo table {table}")
+        return removed
+
+    # --- tc --------------------------------------------------------------------------------------------------
+
+    def has_clsact(self, index: int) -> bool:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in self.ipr.get_qdiscs(index=index))
+
+    def ensure_clsact(self, index: int) -> bool:
+        """True when this call created the qdisc (so the agent may remove it later when it is empty)."""
+        if self.has_clsact(index):
+            return False
+        try:
+            self.ipr.tc("add", "clsact", index=index)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise AttachError(f"cannot add clsact qdisc: {_reason(exc)} (kernel needs CONFIG_NET_SCH_INGRESS)") from exc
+        return True
+
+    def filters(self, index: int, parent: int = TC_H_INGRESS) -> list[tuple[int, int, FilterInfo]]:
+        """(priority, handle, info) of every real filter (chain heads with handle 0 are skipped)."""
+        out: list[tuple[int, int, FilterInfo]] = []
+        try:
+            msgs = self.ipr.get_filters(index=index, parent=parent)
+        except NetlinkError as exc:
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                return out
+            raise
+        for m in msgs:
+            if not m["handle"]:
+                continue
+            opts: Any = m.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
+            out.append((m["info"] >> 16, int(m["handle"]), FilterInfo(str(m.get_attr("TCA_KIND")), str(name or ""))))
+        return out
+
+    def find_filter(self, index: int, prio: int, handle: int) -> FilterInfo | None:
+        for p, h, info in self.filters(index):
+            if p == prio and h == handle:
+                return info
+        return None
+
+    def put_filter(self, index: int, fd: int, name: str, prio: int, handle: int, replace: bool) -> None:
+        """Add, or atomically replace (same prio/handle: the kernel swaps the program, no packet sees none)."""
+        try:
+            self.ipr.tc(
+                "replace-filter" if replace else "add-filter",
+                "bpf",
+                index=index,
+                handle=handle,
+                fd=fd,
+                name=name,
+                parent=TC_H_INGRESS,
+                classid=1,
+                direct_action=True,
+                prio=prio,
+                protocol=ETH_P_ALL,
+            )
+        except NetlinkError as exc:
+            raise AttachError(f"cannot {'replace' if replace else 'add'} cls_bpf filter: {_reason(exc)}") from exc
+
+    def delete_filter(self, index: int, prio: int, handle: int) -> None:
+        try:
+            self.ipr.tc(
+                "del-filter", "bpf", index=index, handle=handle, parent=TC_H_INGRESS, prio=prio, protocol=ETH_P_ALL
+            )
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return
+            raise AttachError(f"cannot delete cls_bpf filter: {_reason(exc)}") from exc
+
+    def delete_clsact_if_empty(self, index: int) -> bool:
+        if self.filters(index, TC_H_INGRESS) or self.filters(index, TC_H_EGRESS):
+            return False
+        try:
+            self.ipr.tc("del", "clsact", index=index)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return False
+            raise AttachError(f"cannot delete clsact qdisc: {_reason(exc)}") from exc
+        return True
+
+    def all_link_indexes(self) -> list[int]:
+        return [int(link["index"]) for link in self.ipr.get_links()]
+
+
+def _reason(exc: NetlinkError) -> str:
+    return f"{exc.args[1] if len(exc.args) > 1 else exc} (errno {exc.code})"

@@ -1,0 +1,120 @@
+"""Sans-IO core of reconciliation: which interface carries which pod, and which pods can be captured at all.
+
+Kept free of netlink and BPF so the decisions (odd routes, IPv6, which non-enrolled pods need the program for
+same-node calls to enrolled ones) are unit-tested with plain values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.redirect_netlink import RTN_LOCAL, RTN_UNICAST, RouteInfo
+
+_RTN_NAMES = {
+    0: "unspec",
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    4: "anycast",
+    5: "multicast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+    9: "throw",
+    10: "nat",
+}
+
+
+class RouteProblem(Exception):
+    """The route to a pod IP does not lead to a pod interface of this node; the message says why."""
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    index: int
+    name: str
+
+
+@dataclass
+class InterfacePlan:
+    name: str
+    enrolled: set[str] = field(default_factory=set)
+    peers: set[str] = field(default_factory=set)  # non-enrolled local pods: only same-node capture to enrolled ones
+
+
+@dataclass
+class Plan:
+    interfaces: dict[int, InterfacePlan] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def workloads_on(self, indexes: Iterable[int]) -> set[str]:
+        out: set[str] = set()
+        for idx in indexes:
+            out |= self.interfaces[idx].enrolled
+        return out
+
+
+def classify_route(
+    ip: str, route: RouteInfo | None, link_name: Callable[[int], str | None], uplinks: Mapping[int, str]
+) -> PodInterface:
+    """The pod interface for ``ip`` or RouteProblem: only a direct unicast route out of a non-uplink interface is a
+    local pod (a veth, or a bridge for bridge-style CNIs)."""
+    if route is None:
+        raise RouteProblem(f"no route to {ip} in the node network namespace (is the pod on this node?)")
+    if route.rtype == RTN_LOCAL:
+        raise RouteProblem(
+            f"{ip} is a local address of the node (hostNetwork pod or node IP): there is no pod interface to capture"
+        )
+    if route.rtype != RTN_UNICAST:
+        raise RouteProblem(f"route to {ip} is of type {_RTN_NAMES.get(route.rtype, route.rtype)}, not a pod route")
+    if route.oif is None:
+        raise RouteProblem(f"route to {ip} has no output interface")
+    name = link_name(route.oif)
+    if name is None:
+        raise RouteProblem(f"route to {ip} points at interface index {route.oif}, which no longer exists")
+    if route.gateway:
+        raise RouteProblem(
+            f"route to {ip} goes via gateway {route.gateway} on {name}: the pod is not attached to this node"
+        )
+    if route.oif in uplinks:
+        raise RouteProblem(f"route to {ip} leaves through the uplink {name}: not a pod of this node")
+    if name == "lo":
+        raise RouteProblem(f"route to {ip} points at lo: not a pod interface")
+    return PodInterface(route.oif, name)
+
+
+def _check_ip(ip: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return f"{ip!r} is not an IP address"
+    if addr.version != 4:
+        return f"{ip}: IPv6 capture is not implemented yet (the map keys are ready, the program parses IPv4 only)"
+    return None
+
+
+def plan_capture(enrolled: Iterable[str], local: Iterable[str], resolve: Callable[[str], PodInterface]) -> Plan:
+    """Group pods by interface. Non-enrolled local pods get the program only while some local pod is enrolled:
+    that is the only case where their traffic can need capture (a same-node call to an enrolled pod goes to the
+    inbound listener) or a return path (the agent's source-preserving upstream connections)."""
+    plan = Plan()
+    enrolled_set = set(enrolled)
+    resolved: dict[str, PodInterface] = {}
+    for ip in sorted(enrolled_set | set(local)):
+        problem = _check_ip(ip)
+        if problem:
+            plan.failures[ip] = problem
+            continue
+        try:
+            resolved[ip] = resolve(ip)
+        except RouteProblem as exc:
+            plan.failures[ip] = str(exc)
+    any_enrolled = any(ip in resolved for ip in enrolled_set)
+    for ip, iface in resolved.items():
+        if ip in enrolled_set:
+            plan.interfaces.setdefault(iface.index, InterfacePlan(iface.name)).enrolled.add(ip)
+        elif any_enrolled:
+            plan.interfaces.setdefault(iface.index, InterfacePlan(iface.name)).peers.add(ip)
+    return plan

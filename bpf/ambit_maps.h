@@ -1,0 +1,79 @@
+/* Ambit redirect maps: the contract between bpf/redirect.bpf.c and agent/redirect_maps.py.
+ *
+ * Every map is pinned under AMBIT_PIN_DIR (/sys/fs/bpf/ambit/<instance>), so an agent that restarts compiles a
+ * new program against the *same* map objects the already-attached filters use, and can swap the filters without
+ * a gap in capture. Changing any struct below changes AMBIT_LAYOUT_VERSION and the Python mirrors; the loader
+ * refuses to adopt pins whose sizes differ instead of silently reinterpreting them.
+ */
+#ifndef AMBIT_MAPS_H
+#define AMBIT_MAPS_H
+
+#ifndef AMBIT_PIN_DIR
+#error "AMBIT_PIN_DIR must be defined by the loader, e.g. -DAMBIT_PIN_DIR=\"/sys/fs/bpf/ambit/node1\""
+#endif
+
+#define AMBIT_LAYOUT_VERSION 1
+
+#define AMBIT_AF_INET 2
+#define AMBIT_AF_INET6 10
+
+/* A workload address. IPv4 uses addr[0..3] (network order) and zeroes the rest, so IPv6 can follow without a new
+ * key type. */
+struct ambit_addr {
+    u8 family;
+    u8 pad[3];
+    u8 addr[16];
+};
+
+/* Per-CPU counters of one enrolled workload; the agent sums the CPUs and exports them as metrics. Membership in
+ * ambit_workloads is what "enrolled" means to the program, so enrollment and counters cost one lookup. */
+struct ambit_wl_counters {
+    u64 packets;     /* TCP packets the workload sent, seen at its node-side interface */
+    u64 bytes;       /* their bytes (skb->len) */
+    u64 conns_out;   /* new outbound connections captured to the outbound listener */
+    u64 conns_in;    /* new inbound connections captured to the inbound / HBONE listener */
+    u64 drops;       /* connections dropped because no agent listener was there (fail closed) */
+};
+
+/* Interface roles (value of ambit_ifaces). */
+#define AMBIT_IF_POD 0x1     /* node-side end of pod interfaces: capture from / to enrolled workloads */
+#define AMBIT_IF_UPLINK 0x2  /* the node's uplink: capture traffic arriving for enrolled workloads */
+
+/* Loader bookkeeping kept next to the role so that it survives agent restarts. */
+#define AMBIT_LOADER_OWNS_QDISC 0x1 /* the agent created the clsact qdisc and may remove it when it is empty */
+
+struct ambit_iface {
+    u32 flags;
+    u32 loader_flags;
+};
+
+struct ambit_config {
+    u16 outbound_port; /* 15001; 0 = not configured yet: the program then touches nothing */
+    u16 inbound_port;  /* 15006 */
+    u16 hbone_port;    /* 15008 */
+    u8 fail_open;      /* 1: pass SYNs on when no listener is there (debugging only) */
+    u8 pad;
+    u32 mark;          /* skb->mark bits set on assigned packets (policy routing: fwmark rule -> local table) */
+    u32 mark_mask;
+    u32 layout_version;
+    u64 netns_cookie;  /* inode of the node netns that owns these pins; a different netns must not adopt them */
+};
+
+/* Indices of ambit_stats (global per-CPU counters). */
+#define AMBIT_STAT_ASSIGN_EXISTING 0  /* packet handed to a socket the node already owns */
+#define AMBIT_STAT_CAPTURE_OUTBOUND 1
+#define AMBIT_STAT_CAPTURE_INBOUND 2
+#define AMBIT_STAT_CAPTURE_HBONE 3
+#define AMBIT_STAT_DROP_NO_LISTENER 4 /* fail closed */
+#define AMBIT_STAT_PASS_NO_LISTENER 5 /* fail open */
+#define AMBIT_STAT_DROP_ASSIGN_ERROR 6
+#define AMBIT_STAT_UNPARSED 7         /* TCP header not reachable even after a pull */
+#define AMBIT_STAT_MAX 8
+
+BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,
+                 AMBIT_PIN_DIR "/ambit_workloads");
+BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN_DIR "/ambit_ifaces");
+BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
+BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");
+
+#endif /* AMBIT_MAPS_H */

@@ -1,0 +1,140 @@
+/* Ambit capture: one tc (SCHED_CLS, direct-action) program on the ingress of
+ *   - the node-side interface of local pods (AMBIT_IF_POD): the pod's egress. TCP from an enrolled workload is
+ *     captured to the outbound listener; TCP from a non-enrolled pod to an enrolled local workload to the inbound
+ *     (plaintext) listener;
+ *   - the node's uplink (AMBIT_IF_UPLINK): TCP for an enrolled local workload is captured to the HBONE listener
+ *     when it targets port 15008, to the inbound listener otherwise.
+ * Packets of sockets the node netns already owns (the agent's accepted connections, request sockets, TIME_WAIT
+ * sockets, and its source-preserving upstream connections) are handed to those sockets. Capture means
+ * bpf_sk_assign + a mark that policy routing turns into local delivery (fwmark rule -> `local 0/0 dev lo` table).
+ *
+ * Everything else returns TC_ACT_UNSPEC so the next tc filter still classifies it: this program never ends
+ * classification for traffic that is not the mesh's. A new connection that should be captured but finds no
+ * listener is dropped (fail closed) unless the config says fail_open.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "ambit_maps.h"
+#include "ambit_parse.h"
+
+static __always_inline void ambit_stat(u32 idx) {
+    u64 *v = ambit_stats.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline void ambit_v4_key(struct ambit_addr *k, u32 addr) {
+    k->family = AMBIT_AF_INET;
+    __builtin_memcpy(k->addr, &addr, sizeof(addr));
+}
+
+int ambit_tc_ingress(struct __sk_buff *skb) {
+    struct ambit_pkt p = {};
+    int parsed = ambit_parse(skb, &p);
+    if (parsed == AMBIT_PARSE_OTHER)
+        return TC_ACT_UNSPEC;
+
+    u32 ifindex = skb->ingress_ifindex;
+    struct ambit_iface *ifc = ambit_ifaces.lookup(&ifindex);
+    if (!ifc)
+        return TC_ACT_UNSPEC;
+    u32 zero = 0;
+    struct ambit_config *cfg = ambit_config.lookup(&zero);
+    if (!cfg || !cfg->outbound_port)
+        return TC_ACT_UNSPEC;
+    if (parsed != AMBIT_PARSE_TCP) {
+        ambit_stat(AMBIT_STAT_UNPARSED);
+        return TC_ACT_UNSPEC;
+    }
+
+    struct ambit_addr key = {};
+    struct ambit_wl_counters *wl = NULL;
+    u16 listen_port = 0;
+    u32 capture_stat = 0;
+    u8 outbound = 0;
+    if (ifc->flags & AMBIT_IF_POD) {
+        ambit_v4_key(&key, p.saddr);
+        wl = ambit_workloads.lookup(&key);
+        if (wl) {
+            wl->packets += 1;
+            wl->bytes += skb->len;
+            listen_port = cfg->outbound_port;
+            capture_stat = AMBIT_STAT_CAPTURE_OUTBOUND;
+            outbound = 1;
+        }
+    }
+    if (!wl) {
+        if (!(ifc->flags & (AMBIT_IF_POD | AMBIT_IF_UPLINK)))
+            return TC_ACT_UNSPEC;
+        ambit_v4_key(&key, p.daddr);
+        wl = ambit_workloads.lookup(&key);
+        if (!wl)
+            return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no socket lookup */
+        listen_port = cfg->inbound_port;
+        capture_stat = AMBIT_STAT_CAPTURE_INBOUND;
+        if ((ifc->flags & AMBIT_IF_UPLINK) && p.dport == htons(cfg->hbone_port)) {
+            listen_port = cfg->hbone_port;
+            capture_stat = AMBIT_STAT_CAPTURE_HBONE;
+        }
+    }
+
+    /* 1. A socket in this (node) netns already owns the 4-tuple: accepted or request socket of the agent, its
+     * source-preserving upstream socket (return path), or a TIME_WAIT socket. TIME_WAIT must be assigned too:
+     * the kernel's TIME_WAIT logic then lets a reused 4-tuple through within milliseconds, while skipping it
+     * blackholes the new SYN until the TIME_WAIT expires. */
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = p.saddr;
+    t.ipv4.daddr = p.daddr;
+    t.ipv4.sport = p.sport;
+    t.ipv4.dport = p.dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        if (sk->state != BPF_TCP_LISTEN) {
+            ambit_stat(AMBIT_STAT_ASSIGN_EXISTING);
+            goto assign;
+        }
+        bpf_sk_release(sk);
+    }
+
+    /* 2. Only a new connection (SYN without ACK) is captured; anything else mid-stream (a connection that
+     * predates enrollment) keeps its path. */
+    if (!p.syn || p.ack)
+        return TC_ACT_UNSPEC;
+
+    /* The agent's listener is bound to 0.0.0.0:<port>, so a lookup for <original daddr>:<port> finds it and the
+     * accepted socket's local address stays the original destination (getsockname()). The real source keeps
+     * SO_REUSEPORT groups balanced. */
+    t.ipv4.dport = htons(listen_port);
+    sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        sk = NULL;
+    }
+    if (!sk) {
+        if (cfg->fail_open) {
+            ambit_stat(AMBIT_STAT_PASS_NO_LISTENER);
+            return TC_ACT_UNSPEC;
+        }
+        wl->drops += 1;
+        ambit_stat(AMBIT_STAT_DROP_NO_LISTENER);
+        return TC_ACT_SHOT;
+    }
+    if (outbound)
+        wl->conns_out += 1;
+    else
+        wl->conns_in += 1;
+    ambit_stat(capture_stat);
+
+assign:
+    {
+        long err = bpf_sk_assign(skb, sk, 0);
+        bpf_sk_release(sk);
+        if (err) {
+            ambit_stat(AMBIT_STAT_DROP_ASSIGN_ERROR);
+            return TC_ACT_SHOT;
+        }
+    }
+    skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->mark;
+    return TC_ACT_OK;
+}

@@ -1,0 +1,181 @@
+"""A compact two-node network-namespace topology for the capture tests (the lab's full cluster is more than these
+tests need: they want one node netns with a few pods, a peer node behind an uplink, and odd routes on demand).
+
+    <p>-pa/pb/pc  eth0 10.77.{1,2,3}.10/24 --veth-- <p>a/b/c 10.77.{1,2,3}.1/24 \
+                                                                                 <p>-node (ip_forward, capture here)
+    <p>-remote    eth0 10.77.0.2/24        --veth-- <p>u     10.77.0.1/24       /   (uplink)  + 10.77.9.0/24 via .0.2
+
+Every name carries a random prefix and :meth:`Topology.down` removes all of it (processes first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    netns: str
+    ip: str
+    node_if: str  # node-side interface
+
+
+@dataclass
+class Topology:
+    prefix: str
+    node: str
+    remote: str
+    uplink: str
+    node_ip: str = "10.77.0.1"
+    remote_ip: str = "10.77.0.2"
+    gateway_net: str = "10.77.9.0/24"  # routed via the remote node: not a local pod
+    pods: dict[str, Pod] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for ns in [self.remote, *(pod.netns for pod in self.pods.values()), self.node]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def ip(self, netns: str, *args: str) -> str:
+        out = subprocess.run(["ip", "-n", netns, *args], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"ip -n {netns} {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def tc(self, *args: str) -> str:
+        out = subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{self.node}", "tc", *args], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"tc {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def spawn(self, netns: str, *argv: str, ready: str = "READY") -> subprocess.Popen[bytes]:
+        """Start a process inside ``netns`` (nsenter keeps /sys, hence bpffs, as it is) and wait for its banner."""
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{netns}", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if ready not in line:
+            proc.kill()
+            raise RuntimeError(f"{argv} in {netns} did not start: {line}{proc.stdout.read().decode()}")
+        return proc
+
+    def probe_server(self, netns: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.spawn(netns, sys.executable, "-m", "tests.support.tcp_probe", *args)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(5)
+        self.procs.remove(proc)
+
+
+@contextlib.contextmanager
+def enter(netns: str) -> Iterator[None]:
+    """Switch the calling thread into ``netns`` and back (sockets made inside stay bound to it)."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({netns})")
+        yield
+    finally:
+        _libc.setns(back, _CLONE_NEWNET)
+        os.close(back)
+        os.close(target)
+
+
+def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
+    prefix = "ambit-" + secrets.token_hex(2)
+    short = "r" + prefix[-4:]  # interface names: r<hex4><suffix>, well under 15 characters
+    topo = Topology(prefix=prefix, node=f"{prefix}-node", remote=f"{prefix}-remote", uplink=f"{short}u")
+    try:
+        for ns in (topo.node, topo.remote):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            topo.ip(ns, "link", "set", "lo", "up")
+        subprocess.run(
+            ["ip", "netns", "exec", topo.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            check=True,
+            capture_output=True,
+        )
+        topo.ip(topo.node, "link", "add", topo.uplink, "type", "veth", "peer", "name", "eth0", "netns", topo.remote)
+        topo.ip(topo.node, "addr", "add", f"{topo.node_ip}/24", "dev", topo.uplink)
+        topo.ip(topo.node, "link", "set", topo.uplink, "up")
+        topo.ip(topo.remote, "addr", "add", f"{topo.remote_ip}/24", "dev", "eth0")
+        topo.ip(topo.remote, "link", "set", "eth0", "up")
+        topo.ip(topo.remote, "route", "add", "default", "via", topo.node_ip)
+        topo.ip(topo.node, "route", "add", topo.gateway_net, "via", topo.remote_ip)
+        for i, name in enumerate(pods, start=1):
+            pod = Pod(name, f"{prefix}-{name}", f"10.77.{i}.10", f"{short}{name[-1]}")
+            subprocess.run(["ip", "netns", "add", pod.netns], check=True)
+            topo.pods[name] = pod
+            topo.ip(pod.netns, "link", "set", "lo", "up")
+            topo.ip(topo.node, "link", "add", pod.node_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+            topo.ip(topo.node, "addr", "add", f"10.77.{i}.1/24", "dev", pod.node_if)
+            topo.ip(topo.node, "link", "set", pod.node_if, "up")
+            topo.ip(pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            topo.ip(pod.netns, "link", "set", "eth0", "up")
+            topo.ip(pod.netns, "route", "add", "default", "via", f"10.77.{i}.1")
+    except Exception:
+        topo.down()
+        raise
+    return topo
+
+
+def connect(netns: str, ip: str, port: int, *, src_port: int = 0, timeout: float = 2.0) -> str:
+    """Connect from ``netns`` and return the first line the peer sends; raises OSError/TimeoutError on failure."""
+    with enter(netns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        if src_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", src_port))
+        s.connect((ip, port))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        # Let the peer close first (a tproxy probe closes actively, so its side holds the TIME_WAIT).
+        with contextlib.suppress(OSError):
+            while s.recv(4096):
+                pass
+        return data.decode().strip()
+    finally:
+        s.close()
+
+
+def wait_for(pred: object, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(pred) and pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")

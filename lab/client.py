@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import selectors
 import socket
 from typing import Any
 
@@ -12,16 +13,36 @@ from lab.netns import enter
 
 
 def tcp_echo(netns: str, ip: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``payload`` from inside ``netns``, half-close, and return everything the peer sent back."""
+    """Send ``payload`` from inside ``netns``, half-close, and return everything the peer sent back.
+
+    Sending and receiving interleave, so payloads larger than the socket buffers along the path cannot deadlock
+    against an echo server that stops reading while its writes are blocked.
+    """
     with enter(netns):
         sock = socket.create_connection((ip, port), timeout=timeout)
-    with sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    received = bytearray()
+    view = memoryview(payload)
+    with sock, selectors.DefaultSelector() as sel:
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view else 0))
+        if not view:
+            sock.shutdown(socket.SHUT_WR)
+        while True:
+            events = sel.select(timeout)
+            if not events:
+                raise TimeoutError(f"echo via {ip}:{port}: no progress for {timeout}s ({len(received)} bytes back)")
+            _, mask = events[0]
+            if mask & selectors.EVENT_WRITE:
+                view = view[sock.send(view[:65536]) :]
+                if not view:
+                    sock.shutdown(socket.SHUT_WR)
+                    sel.modify(sock, selectors.EVENT_READ)
+            if mask & selectors.EVENT_READ:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    return bytes(received)
 
 
 def http_get(netns: str, ip: str, port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:

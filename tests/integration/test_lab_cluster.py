@@ -77,6 +77,9 @@ def test_pods_reach_each_other_across_nodes_and_on_the_same_node(basic_lab: Lab)
         payload = secrets.token_bytes(200_000)
         assert client.tcp_echo(caller.netns, target.ip, cluster.WORKLOAD_ECHO_PORT, payload) == payload
 
+    big = secrets.token_bytes(16 << 20)  # far beyond socket buffers: the echo helper must not deadlock
+    assert client.tcp_echo(caller.netns, cross.ip, cluster.WORKLOAD_ECHO_PORT, big, timeout=30) == big
+
     # Nodes and the core netns (where the controller runs in mesh mode) reach pods too, from their own addresses.
     node = lab.node(cross.node)
     assert client.who(node.netns, cross.ip)["client"].split(":")[0] == node.ip

@@ -1,0 +1,706 @@
+"""Incremental translation of validated config objects into the workload API (Address and Authorization resources).
+
+Why incremental: at 10,000 workloads a change to one pod must not rebuild everything. The translator keeps the
+current objects plus indexes (labels -> workloads, selector label -> services and selector policies, namespace ->
+workloads, node -> pods) and, for each apply(), works out which resources a change can affect, rebuilds only those
+and reports the ones whose protobuf actually changed.
+
+Resource names follow istiod: a workload by its uid (`<cluster>//Pod/<ns>/<name>`,
+`<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>`,
+`<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`), a service by `<ns>/<hostname>`, a policy by
+`<ns>/<name>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from api.istio.security import authorization_pb2 as authz_pb
+from api.istio.workload import workload_pb2 as wl
+from controller import translate_policy
+from controller.model import (
+    AuthorizationPolicy,
+    KObject,
+    Namespace,
+    Node,
+    ObjectKey,
+    PeerAuthentication,
+    Pod,
+    Service,
+    ServiceEntry,
+    WorkloadEntry,
+    WorkloadEntrySpec,
+)
+
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+_REGION_LABEL = "topology.kubernetes.io/region"
+_ZONE_LABEL = "topology.kubernetes.io/zone"
+_SUBZONE_LABEL = "topology.istio.io/subzone"
+_APP_PROTOCOLS = {
+    "http": wl.HTTP11,
+    "http2": wl.HTTP2,
+    "kubernetes.io/h2c": wl.HTTP2,
+    "grpc": wl.GRPC,
+    "tcp": wl.TCP,
+    "tls": wl.TLS,
+}
+# A selector anchor matching every workload of a namespace (empty selector).
+_ALL = ("", "")
+
+Labels = Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class TranslatorConfig:
+    cluster_id: str = "Kubernetes"
+    root_namespace: str = "istio-system"
+    trust_domain: str = "cluster.local"
+    domain_suffix: str = "cluster.local"
+    network: str = ""
+
+
+@dataclass
+class Delta:
+    """Changed resources; a value of None means the resource was removed."""
+
+    addresses: dict[str, wl.Address | None] = field(default_factory=dict)
+    authorizations: dict[str, authz_pb.Authorization | None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.addresses or self.authorizations)
+
+
+def _matches(selector: Labels, labels: Labels) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _anchor(selector: Labels) -> tuple[str, str]:
+    """One label pair every match must carry, used as the index key for a selector."""
+    return min(selector.items()) if selector else _ALL
+
+
+def _packed(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
+
+
+def _workload_labels(obj: Pod | WorkloadEntry | ServiceEntry) -> Labels:
+    """Labels policies and services select on. A WorkloadEntry's spec labels win over its metadata labels."""
+    if isinstance(obj, WorkloadEntry) and obj.spec.labels:
+        return {**obj.meta.labels, **obj.spec.labels}
+    return obj.meta.labels
+
+
+class Translator:
+    """Holds the config and the resources built from it; apply() moves both forward and returns what changed.
+
+    Not thread-safe; call from one task.
+    """
+
+    def __init__(self, config: TranslatorConfig | None = None) -> None:
+        self.config = config or TranslatorConfig()
+        self._objects: dict[ObjectKey, KObject] = {}
+        self._namespaces: dict[str, Namespace] = {}
+        self._nodes: dict[str, Node] = {}
+        # Workload sources (Pod, WorkloadEntry, ServiceEntry) by namespace and by (namespace, label, value).
+        self._subjects_by_ns: dict[str, set[ObjectKey]] = {}
+        self._label_index: dict[tuple[str, str, str], set[ObjectKey]] = {}
+        self._pods_by_node: dict[str, set[ObjectKey]] = {}
+        # Services and ServiceEntries with a selector, by (namespace, anchor label, value).
+        self._service_selectors: dict[tuple[str, str, str], set[ObjectKey]] = {}
+        # Selector-scoped authorization policies that are sent to agents, by (namespace, anchor label, value).
+        self._policy_selectors: dict[tuple[str, str, str], set[ObjectKey]] = {}
+        self._peer_auths_by_ns: dict[str, set[ObjectKey]] = {}
+        # Identities of non-terminal pods per node, for the CA's node authorization.
+        self._identities_by_node: dict[str, Counter[tuple[str, str]]] = {}
+        # Output state.
+        self._addresses: dict[str, wl.Address] = {}
+        self._authorizations: dict[str, authz_pb.Authorization] = {}
+        self._owned_workloads: dict[ObjectKey, set[str]] = {}
+        self._owned_services: dict[ObjectKey, dict[str, wl.Service]] = {}
+        self._service_claims: dict[str, set[ObjectKey]] = {}
+        self._converted_pas: set[str] = set()
+        self._warnings: dict[ObjectKey, str] = {}
+        # Per-apply work lists.
+        self._dirty_workloads: set[ObjectKey] = set()
+        self._dirty_services: set[ObjectKey] = set()
+        self._dirty_policies: set[ObjectKey] = set()
+        self._peer_auth_dirty = False
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    def apply(self, upserts: Iterable[KObject], deletes: Iterable[ObjectKey] = ()) -> Delta:
+        """Apply upserted objects, then deletions; rebuild only what they affect."""
+        for obj in upserts:
+            old = self._objects.get(obj.key)
+            if old == obj:
+                continue
+            if old is not None:
+                self._forget(old)
+            self._objects[obj.key] = obj
+            self._remember(obj)
+            self._mark(old, obj)
+        for key in deletes:
+            gone = self._objects.pop(key, None)
+            if gone is not None:
+                self._forget(gone)
+                self._mark(gone, None)
+        return self._rebuild()
+
+    def addresses(self) -> dict[str, wl.Address]:
+        return dict(self._addresses)
+
+    def authorizations(self) -> dict[str, authz_pb.Authorization]:
+        return dict(self._authorizations)
+
+    def objects(self) -> dict[ObjectKey, KObject]:
+        return dict(self._objects)
+
+    @property
+    def warnings(self) -> dict[ObjectKey, str]:
+        """Objects accepted with a caveat (e.g. an unsupported action), with the reason; current state."""
+        return dict(self._warnings)
+
+    def pod_identities_on_node(self, node: str) -> set[tuple[str, str]]:
+        """(namespace, service account) of every non-terminal pod scheduled on `node`."""
+        return set(self._identities_by_node.get(node, ()))
+
+    def has_pod(self, node: str, namespace: str, service_account: str) -> bool:
+        return self._identities_by_node.get(node, Counter())[(namespace, service_account)] > 0
+
+    # --- indexes ----------------------------------------------------------------------------------------------
+
+    def _remember(self, obj: KObject) -> None:
+        self._index(obj, add=True)
+
+    def _forget(self, obj: KObject) -> None:
+        self._index(obj, add=False)
+
+    def _index(self, obj: KObject, add: bool) -> None:
+        def put(index: dict[tuple[str, str, str], set[ObjectKey]], key: tuple[str, str, str]) -> None:
+            if add:
+                index.setdefault(key, set()).add(obj.key)
+            else:
+                bucket = index.get(key)
+                if bucket is not None:
+                    bucket.discard(obj.key)
+                    if not bucket:
+                        del index[key]
+
+        ns = obj.key.namespace
+        if isinstance(obj, Namespace):
+            if add:
+                self._namespaces[obj.meta.name] = obj
+            else:
+                self._namespaces.pop(obj.meta.name, None)
+        elif isinstance(obj, Node):
+            if add:
+                self._nodes[obj.meta.name] = obj
+            else:
+                self._nodes.pop(obj.meta.name, None)
+        elif isinstance(obj, PeerAuthentication):
+            _toggle(self._peer_auths_by_ns, ns, obj.key, add)
+        elif isinstance(obj, AuthorizationPolicy) and obj.selector is not None and translate_policy.sent_to_agents(obj):
+            put(self._policy_selectors, (ns, *_anchor(obj.selector)))
+        if isinstance(obj, Service) and obj.selector:
+            put(self._service_selectors, (ns, *_anchor(obj.selector)))
+        if isinstance(obj, ServiceEntry) and obj.workload_selector is not None:
+            put(self._service_selectors, (ns, *_anchor(obj.workload_selector)))
+        if isinstance(obj, Pod | WorkloadEntry | ServiceEntry):
+            _toggle(self._subjects_by_ns, ns, obj.key, add)
+            for label in _workload_labels(obj).items():
+                put(self._label_index, (ns, *label))
+        if isinstance(obj, Pod):
+            _toggle(self._pods_by_node, obj.node_name, obj.key, add)
+            if obj.node_name and not obj.terminal:
+                counter = self._identities_by_node.setdefault(obj.node_name, Counter())
+                counter[(ns, obj.service_account)] += 1 if add else -1
+                if counter[(ns, obj.service_account)] <= 0:
+                    del counter[(ns, obj.service_account)]
+                if not counter:
+                    del self._identities_by_node[obj.node_name]
+
+    def _selected(
+        self, namespace: str, selector: Labels, kinds: tuple[str, ...], all_namespaces: bool = False
+    ) -> set[ObjectKey]:
+        """Workload sources of `kinds` in `namespace` (or every namespace) whose labels match `selector`."""
+        namespaces = list(self._subjects_by_ns) if all_namespaces else [namespace]
+        out: set[ObjectKey] = set()
+        for ns in namespaces:
+            if not selector:
+                candidates = self._subjects_by_ns.get(ns, set())
+            else:
+                buckets = [self._label_index.get((ns, k, v), set()) for k, v in selector.items()]
+                candidates = set.intersection(*buckets) if all(buckets) else set()
+            out.update(key for key in candidates if key.kind in kinds)
+        return out
+
+    # --- dependency marking -----------------------------------------------------------------------------------
+
+    def _mark(self, old: KObject | None, new: KObject | None) -> None:
+        """Record which resources `old` -> `new` can change (either may be None)."""
+        obj = new if new is not None else old
+        assert obj is not None
+        ns = obj.key.namespace
+        if isinstance(obj, Pod | WorkloadEntry):
+            self._dirty_workloads.add(obj.key)
+        elif isinstance(obj, Namespace):
+            old_labels = old.meta.labels if old is not None else {}
+            new_labels = new.meta.labels if new is not None else {}
+            if old_labels.get(DATAPLANE_MODE_LABEL) != new_labels.get(DATAPLANE_MODE_LABEL):
+                self._dirty_workloads.update(k for k in self._subjects_by_ns.get(obj.meta.name, ()) if k.kind == "Pod")
+        elif isinstance(obj, Node):
+            if _locality_of(old) != _locality_of(new):
+                self._dirty_workloads.update(self._pods_by_node.get(obj.meta.name, ()))
+        elif isinstance(obj, Service):
+            self._dirty_services.add(obj.key)
+            if _same_membership(old, new):
+                return
+            for svc in (old, new):
+                if isinstance(svc, Service) and svc.selector:
+                    self._dirty_workloads.update(self._selected(ns, svc.selector, ("Pod", "WorkloadEntry")))
+        elif isinstance(obj, ServiceEntry):
+            self._dirty_services.add(obj.key)
+            self._dirty_workloads.add(obj.key)
+            for se in (old, new):
+                if isinstance(se, ServiceEntry) and se.workload_selector is not None:
+                    self._dirty_workloads.update(self._selected(ns, se.workload_selector, ("Pod", "WorkloadEntry")))
+        elif isinstance(obj, AuthorizationPolicy):
+            self._dirty_policies.add(obj.key)
+            if _same_attachment(old, new):
+                return
+            every_ns = ns == self.config.root_namespace
+            for pol in (old, new):
+                if isinstance(pol, AuthorizationPolicy) and pol.selector is not None:
+                    self._dirty_workloads.update(self._selected(ns, pol.selector, _SUBJECT_KINDS, every_ns))
+        elif isinstance(obj, PeerAuthentication):
+            self._peer_auth_dirty = True
+            for pa in (old, new):
+                if not isinstance(pa, PeerAuthentication):
+                    continue
+                if pa.selector:
+                    self._dirty_workloads.update(self._selected(ns, pa.selector, _SUBJECT_KINDS))
+                elif ns == self.config.root_namespace:
+                    for keys in self._subjects_by_ns.values():
+                        self._dirty_workloads.update(keys)
+                else:
+                    self._dirty_workloads.update(self._subjects_by_ns.get(ns, ()))
+
+    # --- rebuilding -------------------------------------------------------------------------------------------
+
+    def _rebuild(self) -> Delta:
+        delta = Delta()
+        self._rebuild_policies(delta)
+        self._rebuild_services(delta)
+        for key in self._dirty_workloads:
+            self._rebuild_workloads(key, delta)
+        self._dirty_workloads.clear()
+        return delta
+
+    def _set_address(self, name: str, value: wl.Address | None, delta: Delta) -> None:
+        old = self._addresses.get(name)
+        if value is None:
+            if old is not None:
+                del self._addresses[name]
+                delta.addresses[name] = None
+        elif old is None or old != value:
+            self._addresses[name] = value
+            delta.addresses[name] = value
+
+    def _set_authorization(self, name: str, value: authz_pb.Authorization | None, delta: Delta) -> None:
+        old = self._authorizations.get(name)
+        if value is None:
+            if old is not None:
+                del self._authorizations[name]
+                delta.authorizations[name] = None
+        elif old is None or old != value:
+            self._authorizations[name] = value
+            delta.authorizations[name] = value
+
+    def _rebuild_policies(self, delta: Delta) -> None:
+        root = self.config.root_namespace
+        for key in self._dirty_policies:
+            name = f"{key.namespace}/{key.name}"
+            policy = self._objects.get(key)
+            self._warnings.pop(key, None)
+            if not isinstance(policy, AuthorizationPolicy):
+                self._set_authorization(name, None, delta)
+                continue
+            converted = translate_policy.convert_authorization_policy(policy, root)
+            if converted.warning:
+                self._warnings[key] = converted.warning
+            self._set_authorization(name, converted.authorization, delta)
+        self._dirty_policies.clear()
+        if not self._peer_auth_dirty:
+            return
+        self._peer_auth_dirty = False
+        peer_auths = [
+            pa
+            for keys in self._peer_auths_by_ns.values()
+            for key in keys
+            if isinstance(pa := self._objects[key], PeerAuthentication)
+        ]
+        static_name = f"{root}/{translate_policy.STATIC_STRICT_NAME}"
+        self._set_authorization(static_name, translate_policy.static_strict_policy(root) if peer_auths else None, delta)
+        converted_names: set[str] = set()
+        for pa in peer_auths:
+            self._warnings.pop(pa.key, None)
+            if warning := translate_policy.peer_authentication_warning(pa):
+                self._warnings[pa.key] = warning
+            candidates = self._peer_auth_candidates(pa.meta.namespace)
+            mesh, ns_cfg = translate_policy.mesh_and_namespace_policies(candidates, pa.meta.namespace, root)
+            pa_policy = translate_policy.convert_peer_authentication(pa, ns_cfg, mesh, root)
+            if pa_policy is not None:
+                name = f"{pa_policy.namespace}/{pa_policy.name}"
+                converted_names.add(name)
+                self._set_authorization(name, pa_policy, delta)
+        for name in self._converted_pas - converted_names:
+            self._set_authorization(name, None, delta)
+        self._converted_pas = converted_names
+        for key in [k for k in self._warnings if k.kind == "PeerAuthentication" and k not in self._objects]:
+            del self._warnings[key]
+
+    def _peer_auth_candidates(self, namespace: str) -> list[PeerAuthentication]:
+        keys = self._peer_auths_by_ns.get(namespace, set()) | self._peer_auths_by_ns.get(
+            self.config.root_namespace, set()
+        )
+        return [pa for key in keys if isinstance(pa := self._objects.get(key), PeerAuthentication)]
+
+    def _rebuild_services(self, delta: Delta) -> None:
+        touched: set[str] = set()
+        for key in self._dirty_services:
+            obj = self._objects.get(key)
+            built = self._build_services(obj) if isinstance(obj, Service | ServiceEntry) else {}
+            previous = self._owned_services.pop(key, {})
+            for name in previous.keys() - built.keys():
+                claims = self._service_claims.get(name, set())
+                claims.discard(key)
+                if not claims:
+                    self._service_claims.pop(name, None)
+            for name in built:
+                self._service_claims.setdefault(name, set()).add(key)
+            if built:
+                self._owned_services[key] = built
+            touched |= previous.keys() | built.keys()
+        self._dirty_services.clear()
+        for name in touched:
+            owners = self._service_claims.get(name)
+            if not owners:
+                self._set_address(name, None, delta)
+                continue
+            winner = min(owners, key=self._service_precedence)
+            self._set_address(name, wl.Address(service=self._owned_services[winner][name]), delta)
+
+    def _service_precedence(self, key: ObjectKey) -> tuple[int, str, str]:
+        """Kubernetes Services win over ServiceEntries for the same hostname; then the oldest ServiceEntry."""
+        obj = self._objects[key]
+        return (0 if key.kind == "Service" else 1, obj.meta.creation_timestamp, key.name)
+
+    def _build_services(self, obj: Service | ServiceEntry) -> dict[str, wl.Service]:
+        ns = obj.meta.namespace
+        network = self.config.network
+        if isinstance(obj, Service):
+            if obj.type == "ExternalName":
+                return {}
+            hostname = self.service_hostname(obj.meta.name, ns)
+            ports = [
+                wl.Port(
+                    service_port=p.port,
+                    target_port=p.target_port if isinstance(p.target_port, int) else (0 if p.target_port else p.port),
+                    app_protocol=_APP_PROTOCOLS.get(p.app_protocol.lower(), wl.UNKNOWN),
+                )
+                for p in obj.ports
+                if p.protocol == "TCP"
+            ]
+            addresses = [wl.NetworkAddress(network=network, address=_packed(ip)) for ip in obj.cluster_ips]
+            service = wl.Service(name=obj.meta.name, namespace=ns, hostname=hostname, addresses=addresses, ports=ports)
+            return {f"{ns}/{hostname}": service}
+        se_ports = [wl.Port(service_port=p.number, target_port=p.target_port) for p in obj.ports]
+        se_addresses = []
+        for text in obj.addresses:
+            if "/" in text:
+                net = ipaddress.ip_network(text, strict=False)
+                if net.prefixlen != net.max_prefixlen:
+                    addr = wl.NetworkAddress(network=network, address=net.network_address.packed, length=net.prefixlen)
+                    se_addresses.append(addr)
+                    continue
+                text = str(net.network_address)
+            se_addresses.append(wl.NetworkAddress(network=network, address=_packed(text)))
+        return {
+            f"{ns}/{host}": wl.Service(
+                name=obj.meta.name,
+                namespace=ns,
+                hostname=host,
+                addresses=se_addresses,
+                ports=se_ports,
+                subject_alt_names=obj.subject_alt_names,
+            )
+            for host in obj.hosts
+        }
+
+    def service_hostname(self, name: str, namespace: str) -> str:
+        return f"{name}.{namespace}.svc.{self.config.domain_suffix}"
+
+    def _rebuild_workloads(self, key: ObjectKey, delta: Delta) -> None:
+        obj = self._objects.get(key)
+        built: dict[str, wl.Workload] = {}
+        if isinstance(obj, Pod):
+            workload = self._build_pod(obj)
+            if workload is not None:
+                built[workload.uid] = workload
+        elif isinstance(obj, WorkloadEntry):
+            workload = self._build_entry(obj, obj.spec, self.workload_entry_uid(obj), set(), obj.meta.name)
+            built[workload.uid] = workload
+        elif isinstance(obj, ServiceEntry):
+            for spec, hosts in self._service_entry_endpoints(obj):
+                uid = self.service_entry_uid(obj, spec.address)
+                built.setdefault(uid, self._build_entry(obj, spec, uid, hosts, obj.meta.name))
+        previous = self._owned_workloads.pop(key, set())
+        for uid in previous - built.keys():
+            self._set_address(uid, None, delta)
+        for uid, workload in built.items():
+            self._set_address(uid, wl.Address(workload=workload), delta)
+        if built:
+            self._owned_workloads[key] = set(built)
+
+    # --- workloads --------------------------------------------------------------------------------------------
+
+    def pod_uid(self, namespace: str, name: str) -> str:
+        return f"{self.config.cluster_id}//Pod/{namespace}/{name}"
+
+    def workload_entry_uid(self, entry: WorkloadEntry) -> str:
+        return f"{self.config.cluster_id}/networking.istio.io/WorkloadEntry/{entry.meta.namespace}/{entry.meta.name}"
+
+    def service_entry_uid(self, entry: ServiceEntry, address: str) -> str:
+        ns, name = entry.meta.namespace, entry.meta.name
+        return f"{self.config.cluster_id}/networking.istio.io/ServiceEntry/{ns}/{name}/{address}"
+
+    def _enrolled(self, pod: Pod) -> bool:
+        if pod.host_network:
+            return False
+        mode = pod.meta.labels.get(DATAPLANE_MODE_LABEL)
+        if mode is not None:
+            return mode == "ambient"
+        namespace = self._namespaces.get(pod.meta.namespace)
+        return namespace is not None and namespace.meta.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+    def _build_pod(self, pod: Pod) -> wl.Workload | None:
+        if pod.terminal or not pod.ips:
+            return None
+        meta = pod.meta
+        workload_name, workload_type = _workload_name_and_type(pod)
+        canonical_name, canonical_revision = _canonical(meta.labels, workload_name)
+        healthy = not meta.deleting and pod.phase in ("", "Running") and pod.ready in ("", "True")
+        workload = wl.Workload(
+            uid=self.pod_uid(meta.namespace, meta.name),
+            name=meta.name,
+            namespace=meta.namespace,
+            addresses=[_packed(ip) for ip in pod.ips],
+            network=self.config.network,
+            tunnel_protocol=wl.HBONE if self._enrolled(pod) else wl.NONE,
+            trust_domain=self._trust_domain(),
+            service_account="" if pod.service_account == "default" else pod.service_account,
+            node=pod.node_name,
+            canonical_name=canonical_name,
+            canonical_revision=canonical_revision,
+            workload_type=workload_type,
+            workload_name=workload_name,
+            authorization_policies=self._policies_for(meta.namespace, meta.labels),
+            status=wl.HEALTHY if healthy else wl.UNHEALTHY,
+            cluster_id=self.config.cluster_id,
+            network_mode=wl.HOST_NETWORK if pod.host_network else wl.STANDARD,
+        )
+        locality = _locality_of(self._nodes.get(pod.node_name))
+        if locality is not None:
+            workload.locality.CopyFrom(locality)
+        self._fill_services(workload, pod, meta.namespace, meta.labels)
+        return workload
+
+    def _build_entry(
+        self, owner: WorkloadEntry | ServiceEntry, spec: WorkloadEntrySpec, uid: str, hosts: set[str], name: str
+    ) -> wl.Workload:
+        """A workload for a WorkloadEntry, or for one endpoint of a ServiceEntry (`hosts` = the hosts it serves)."""
+        meta = owner.meta
+        labels = _workload_labels(owner)
+        canonical_name, canonical_revision = _canonical(labels, name)
+        workload = wl.Workload(
+            uid=uid,
+            name=name,
+            namespace=meta.namespace,
+            network=spec.network or self.config.network,
+            tunnel_protocol=wl.HBONE if meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled" else wl.NONE,
+            trust_domain=self._trust_domain(),
+            service_account="" if spec.service_account == "default" else spec.service_account,
+            canonical_name=canonical_name,
+            canonical_revision=canonical_revision,
+            workload_type=wl.POD,
+            workload_name=name,
+            authorization_policies=self._policies_for(meta.namespace, labels),
+            status=wl.HEALTHY,
+            cluster_id=self.config.cluster_id,
+        )
+        try:
+            workload.addresses.append(_packed(spec.address))
+        except ValueError:
+            workload.hostname = spec.address
+        if spec.weight > 0:
+            workload.capacity.value = spec.weight
+        if spec.locality:
+            region, zone, subzone = [*spec.locality.split("/"), "", "", ""][:3]
+            workload.locality.CopyFrom(wl.Locality(region=region, zone=zone, subzone=subzone))
+        if isinstance(owner, ServiceEntry):
+            for host in sorted(hosts):
+                ports = workload.services[f"{meta.namespace}/{host}"].ports
+                for port in owner.ports:
+                    target = spec.ports.get(port.name) if port.name else None
+                    ports.add(service_port=port.number, target_port=target or port.target_port or port.number)
+        else:
+            self._fill_services(workload, owner, meta.namespace, labels)
+        return workload
+
+    def _service_entry_endpoints(self, entry: ServiceEntry) -> list[tuple[WorkloadEntrySpec, set[str]]]:
+        if entry.endpoints:
+            return [(spec, set(entry.hosts)) for spec in entry.endpoints]
+        if entry.workload_selector is None and entry.resolution in ("DNS", "DNS_ROUND_ROBIN"):
+            # istiod's implicit endpoints: each host resolves itself.
+            return [(WorkloadEntrySpec(address=host), {host}) for host in entry.hosts]
+        return []
+
+    def _trust_domain(self) -> str:
+        return "" if self.config.trust_domain == "cluster.local" else self.config.trust_domain
+
+    def _fill_services(self, workload: wl.Workload, subject: Pod | WorkloadEntry, ns: str, labels: Labels) -> None:
+        """Per-service port maps for the Services and ServiceEntries whose selector matches `subject`."""
+        candidates: set[ObjectKey] = set(self._service_selectors.get((ns, *_ALL), ()))
+        for label in labels.items():
+            candidates.update(self._service_selectors.get((ns, *label), ()))
+        for key in sorted(candidates):
+            svc = self._objects.get(key)
+            if isinstance(svc, Service) and svc.selector and svc.type != "ExternalName":
+                if not _matches(svc.selector, labels):
+                    continue
+                hostname = self.service_hostname(svc.meta.name, ns)
+                ports = workload.services[f"{ns}/{hostname}"].ports
+                for port in svc.ports:
+                    if port.protocol != "TCP":
+                        continue
+                    target = _resolve_target(port.target_port, port.port, subject)
+                    if target is not None:
+                        ports.add(service_port=port.port, target_port=target)
+            elif isinstance(svc, ServiceEntry) and svc.workload_selector is not None:
+                if not _matches(svc.workload_selector, labels):
+                    continue
+                for host in svc.hosts:
+                    ports = workload.services[f"{ns}/{host}"].ports
+                    for se_port in svc.ports:
+                        target = se_port.target_port or se_port.number
+                        if isinstance(subject, WorkloadEntry) and se_port.name in subject.spec.ports:
+                            target = subject.spec.ports[se_port.name]
+                        ports.add(service_port=se_port.number, target_port=target)
+
+    def _policies_for(self, ns: str, labels: Labels) -> list[str]:
+        root = self.config.root_namespace
+        candidates: set[ObjectKey] = set()
+        for scope_ns in {ns, root}:
+            candidates.update(self._policy_selectors.get((scope_ns, *_ALL), ()))
+            for label in labels.items():
+                candidates.update(self._policy_selectors.get((scope_ns, *label), ()))
+        names = []
+        for key in candidates:
+            if _policy_selects(self._objects.get(key), labels):
+                names.append(f"{key.namespace}/{key.name}")
+        names.sort()
+        if self._peer_auths_by_ns.get(ns) or self._peer_auths_by_ns.get(root):
+            names += translate_policy.workload_peer_authentication_keys(
+                self._peer_auth_candidates(ns), ns, labels, root
+            )
+        return names
+
+
+_SUBJECT_KINDS = ("Pod", "WorkloadEntry", "ServiceEntry")
+
+
+def _policy_selects(policy: KObject | None, labels: Labels) -> bool:
+    return isinstance(policy, AuthorizationPolicy) and policy.selector is not None and _matches(policy.selector, labels)
+
+
+def _same_membership(old: KObject | None, new: KObject | None) -> bool:
+    """True when a Service change cannot alter any workload's `services` map."""
+    if not isinstance(old, Service) or not isinstance(new, Service):
+        return False
+    return (old.selector, old.ports, old.type) == (new.selector, new.ports, new.type)
+
+
+def _same_attachment(old: KObject | None, new: KObject | None) -> bool:
+    """True when a policy change cannot alter any workload's `authorization_policies` list."""
+    if not isinstance(old, AuthorizationPolicy) or not isinstance(new, AuthorizationPolicy):
+        return False
+    listed = translate_policy.sent_to_agents
+    return (old.selector, listed(old)) == (new.selector, listed(new))
+
+
+def _toggle(index: dict[str, set[ObjectKey]], bucket: str, key: ObjectKey, add: bool) -> None:
+    if add:
+        index.setdefault(bucket, set()).add(key)
+    elif bucket in index:
+        index[bucket].discard(key)
+        if not index[bucket]:
+            del index[bucket]
+
+
+def _resolve_target(target: int | str | None, port: int, subject: Pod | WorkloadEntry) -> int | None:
+    """A service port's target on one workload; None when a named target port is not declared there."""
+    if target is None:
+        return port
+    if isinstance(target, int):
+        return target
+    if isinstance(subject, Pod):
+        for cport in subject.container_ports:
+            if cport.name == target:
+                return cport.port
+        return None
+    return subject.spec.ports.get(target)
+
+
+def _locality_of(node: KObject | None) -> wl.Locality | None:
+    if not isinstance(node, Node):
+        return None
+    labels = node.meta.labels
+    region, zone, subzone = labels.get(_REGION_LABEL, ""), labels.get(_ZONE_LABEL, ""), labels.get(_SUBZONE_LABEL, "")
+    if not (region or zone or subzone):
+        return None
+    return wl.Locality(region=region, zone=zone, subzone=subzone)
+
+
+def _workload_name_and_type(pod: Pod) -> tuple[str, wl.WorkloadType]:
+    """The controller (Deployment, Job, ...) a pod belongs to, as istiod derives it from owner references."""
+    kind, name = pod.meta.owner_kind, pod.meta.owner_name
+    if kind == "ReplicaSet":
+        template_hash = pod.meta.labels.get("pod-template-hash")
+        if template_hash and name.endswith(f"-{template_hash}"):
+            return name[: -len(template_hash) - 1], wl.DEPLOYMENT
+        return name.rsplit("-", 1)[0] if "-" in name else name, wl.DEPLOYMENT
+    if kind == "Job":
+        return name, wl.JOB
+    if kind:
+        return name, wl.POD
+    return pod.meta.name, wl.POD
+
+
+def _canonical(labels: Labels, workload_name: str) -> tuple[str, str]:
+    name = (
+        labels.get("service.istio.io/canonical-name")
+        or labels.get("app.kubernetes.io/name")
+        or labels.get("app")
+        or workload_name
+    )
+    revision = (
+        labels.get("service.istio.io/canonical-revision")
+        or labels.get("app.kubernetes.io/version")
+        or labels.get("version")
+        or "latest"
+    )
+    return name, revision

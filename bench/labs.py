@@ -1,0 +1,123 @@
+"""The bench's labs: built from bench/topology/, with the backends (echo server, iperf3 server) in the server pods.
+
+Two labs, because a no-mesh baseline must not cross the agent's uplink program: "plain" (no mesh) hosts the baseline
+and the reference proxy pairs; "mesh" (controller + agents) hosts the Ambit configurations. Both are brought up on
+first use, so a run with --only nomesh never starts a mesh, and a lab that fails to come up fails only the
+configurations that need it, with the lab's own error as the reason.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.drivers.base import DriverUnavailable
+from bench.procs import ProcessGroup
+from bench.tools import Tools
+
+TOPOLOGY = Path(__file__).resolve().parent / "topology"
+ECHO_PORT = 19000
+IPERF_PORT = 5201
+
+# Pods that run the backends, per lab ("namespace/name").
+SERVER_PODS = {
+    "plain": ("bench/server",),
+    "mesh": ("bench-mesh/server", "bench-mesh/server-local", "bench-plain/plain-server"),
+}
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """--pin: one core per node side. The client node (its pods and proxy) gets CPU 0, the server node CPU 1.
+
+    On a 2-core machine this models "each node has its own core", so the two sides do not steal from each other.
+    Same-node configurations keep this rule: the client pod, its node's agent and the local server pod all share
+    CPU 0, as they would share one node's core.
+    """
+
+    enabled: bool
+
+    def for_node(self, node: str) -> list[int] | None:
+        if not self.enabled:
+            return None
+        return [0] if node == "node1" else [1]
+
+
+class LabSite:
+    """One running lab plus the backends the bench started in it."""
+
+    def __init__(self, kind: str, lab: Any) -> None:
+        self.kind = kind
+        self.lab = lab
+
+    def pod(self, key: str) -> Any:
+        return self.lab.pod(key)
+
+    def node(self, name: str) -> Any:
+        return self.lab.node(name)
+
+
+class BenchLabs:
+    def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning, state_dir: Path) -> None:
+        self._group = group
+        self._tools = tools
+        self._pinning = pinning
+        self._state_dir = state_dir
+        self._sites: dict[str, LabSite] = {}
+        self._failures: dict[str, str] = {}
+        self._suffix = secrets.token_hex(2)
+
+    def get(self, kind: str) -> LabSite:
+        """The lab of this kind, built on first use; raises DriverUnavailable (remembered) when it cannot be."""
+        if kind in self._sites:
+            return self._sites[kind]
+        if kind in self._failures:
+            raise DriverUnavailable(self._failures[kind])
+        try:
+            site = self._up(kind)
+        except DriverUnavailable as exc:
+            self._failures[kind] = str(exc)
+            raise
+        self._sites[kind] = site
+        return site
+
+    def _up(self, kind: str) -> LabSite:
+        try:
+            from lab import Lab
+        except ImportError as exc:
+            raise DriverUnavailable(f"lab.Lab is not available: {exc}") from exc
+        name = f"bench{kind[0]}-{self._suffix}"
+        try:
+            lab = Lab.up(TOPOLOGY / kind, name=name, mesh=(kind == "mesh"))
+        except Exception as exc:  # the lab's own error text is the most useful reason we can give
+            raise DriverUnavailable(f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}") from exc
+        site = LabSite(kind, lab)
+        self._sites[kind] = site
+        try:
+            for key in SERVER_PODS[kind]:
+                self._start_backends(site, key)
+        except (procs.ProcessDied, TimeoutError, OSError) as exc:
+            raise DriverUnavailable(f"backends in the {kind} lab did not start: {exc}") from exc
+        return site
+
+    def _start_backends(self, site: LabSite, key: str) -> None:
+        pod = site.pod(key)
+        cpus = self._pinning.for_node(pod.node)
+        tag = f"{site.kind}-{key.replace('/', '-')}"
+        self._group.start(f"echo-{tag}", [str(self._tools.echo_server), str(ECHO_PORT)], netns=pod.netns, cpus=cpus)
+        self._group.start(f"iperf3-{tag}", ["iperf3", "-s", "-p", str(IPERF_PORT)], netns=pod.netns, cpus=cpus)
+        procs.wait_for_listener(pod.netns, ECHO_PORT)
+        procs.wait_for_listener(pod.netns, IPERF_PORT)
+
+    def close(self) -> None:
+        """Take every lab down even if one fails to (each down is independent)."""
+        for site in list(self._sites.values()):
+            try:
+                site.lab.down()
+            except Exception as exc:  # keep taking the others down; say what was left behind
+                print(f"bench: taking the {site.kind} lab down failed: {exc}", file=sys.stderr)
+        self._sites.clear()

@@ -1,0 +1,134 @@
+"""The measures run against every configuration, and the proxy cost charged to each.
+
+Each measure runs a client in the client pod against the backends in the server pod, reads the proxies' CPU before
+and after, and notes the CPU everybody else used meanwhile. Results are plain dicts (they go to results.json as is);
+a measure that fails returns {"error": reason} rather than raising, so one bad measure never hides the others.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import procs
+from bench.cpu import CpuSnapshot, cpu_seconds, foreign_cpu, own_process_tree
+from bench.drivers.base import Endpoint
+from bench.options import Durations
+from bench.tools import Tools
+
+Result = dict[str, object]
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    title: str
+    kind: str  # "throughput" | "latency" | "connect"
+    streams: int = 1
+    size: int = 1
+
+    def expected_seconds(self, d: Durations) -> float:
+        if self.kind == "throughput":
+            return d.iperf_wall + 0.5
+        if self.kind == "latency":
+            return min(d.pingpong_max_seconds, (d.pingpong_samples + d.pingpong_warmup) * 200e-6) + 0.2
+        return min(d.conn_max_seconds, (d.conn_samples + d.conn_warmup) * 1e-3) + 0.2
+
+
+MEASURES: tuple[Measure, ...] = (
+    Measure("tput1", "throughput, 1 stream", "throughput", streams=1),
+    Measure("tput8", "throughput, 8 streams", "throughput", streams=8),
+    Measure("lat1", "echo latency, 1 B", "latency", size=1),
+    Measure("lat1k", "echo latency, 1 KiB", "latency", size=1024),
+    Measure("conn", "new connection + first byte", "connect", size=1),
+)
+
+
+def _accounted(endpoint: Endpoint, body: Callable[[], Result]) -> Result:
+    pids = endpoint.proxy_pids()
+    snap0 = CpuSnapshot.take()
+    cpu0 = cpu_seconds(pids)
+    t0 = time.monotonic()
+    try:
+        result = body()
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    wall = time.monotonic() - t0
+    proxy_cpu = cpu_seconds(pids) - cpu0
+    ours = own_process_tree() | set(pids)
+    result["wall_s"] = round(wall, 3)
+    result["proxy_cpu_s"] = round(proxy_cpu, 4) if pids else None
+    result["foreign_cpu_s"] = round(foreign_cpu(CpuSnapshot.take().since(snap0), ours), 3)
+    return result
+
+
+def _iperf(endpoint: Endpoint, streams: int, d: Durations) -> Result:
+    host, port = endpoint.iperf
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(d.iperf_seconds), "-P", str(streams), "-J"]
+    if d.iperf_omit:
+        argv += ["-O", str(d.iperf_omit)]
+    out = procs.run(argv, netns=endpoint.client_netns, cpus=endpoint.client_cpus, timeout=d.iperf_wall + 40)
+    try:
+        doc = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return {"error": f"iperf3 exited {out.returncode}: {(out.stderr or out.stdout)[-400:].strip()}"}
+    if "error" in doc:
+        return {"error": f"iperf3: {doc['error']}"}
+    received = doc["end"]["sum_received"]
+    mbps = received["bits_per_second"] / 8e6
+    return {
+        "MBps": round(mbps, 1),
+        "bytes": received["bytes"],
+        "seconds": round(received["seconds"], 3),
+        "retransmits": doc["end"].get("sum_sent", {}).get("retransmits"),
+    }
+
+
+def _pingpong(tools: Tools, endpoint: Endpoint, size: int, mode: str, d: Durations) -> Result:
+    host, port = endpoint.echo
+    if mode == "conn":
+        samples, warmup, budget = d.conn_samples, d.conn_warmup, d.conn_max_seconds
+    else:
+        samples, warmup, budget = d.pingpong_samples, d.pingpong_warmup, d.pingpong_max_seconds
+    argv = [str(tools.pingpong), host, str(port), str(size), str(samples), str(warmup), mode, str(budget)]
+    out = procs.run(argv, netns=endpoint.client_netns, cpus=endpoint.client_cpus, timeout=budget + 60)
+    if out.returncode != 0:
+        return {"error": f"pingpong exited {out.returncode}: {out.stderr.strip()[-400:]}"}
+    parsed: Result = json.loads(out.stdout)
+    return parsed
+
+
+def run_measure(measure: Measure, tools: Tools, endpoint: Endpoint, d: Durations) -> Result:
+    if measure.kind == "throughput":
+        result = _accounted(endpoint, lambda: _iperf(endpoint, measure.streams, d))
+        _derive_throughput(result, d)
+    else:
+        mode = "conn" if measure.kind == "connect" else "persistent"
+        result = _accounted(endpoint, lambda: _pingpong(tools, endpoint, measure.size, mode, d))
+        _derive_requests(result, d, mode)
+    return result
+
+
+def _derive_throughput(result: Result, d: Durations) -> None:
+    """CPU-s per GB counts the omitted warm-up second too, assuming it ran at the measured rate."""
+    proxy_cpu = result.get("proxy_cpu_s")
+    mbps = result.get("MBps")
+    if isinstance(proxy_cpu, float) and isinstance(mbps, float) and mbps > 0:
+        gigabytes = mbps * d.iperf_wall / 1000.0
+        result["cpu_s_per_gb"] = round(proxy_cpu / gigabytes, 3)
+        result["proxy_cores"] = round(proxy_cpu / d.iperf_wall, 3)
+
+
+def _derive_requests(result: Result, d: Durations, mode: str) -> None:
+    """CPU per request, and the share of a core 1,000 req/s would keep busy (warm-up requests included)."""
+    proxy_cpu = result.get("proxy_cpu_s")
+    samples = result.get("samples")
+    if not isinstance(proxy_cpu, float) or not isinstance(samples, int) or samples <= 0:
+        return
+    warmup = d.conn_warmup if mode == "conn" else d.pingpong_warmup
+    per_request = proxy_cpu / (samples + warmup)
+    result["cpu_us_per_req"] = round(per_request * 1e6, 1)
+    result["cores_per_1k_rps"] = round(per_request * 1000, 4)

@@ -1,0 +1,326 @@
+"""report.md: the run at a glance. Targets first, then each figure with its ratio to the baseline and to Envoy,
+then the machine and its noise, so a reader can judge how far to trust what they just read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import plots
+from bench.options import ALL_CONFIGS
+from bench.stats import added, median, ratio
+
+STATUS_MARK = {"met": "**met**", "not met": "**NOT MET**", "not measured": "not measured"}
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _cell(results: dict[str, Any], config: str, measure: str, metric: str, digits: int = 0) -> str:
+    """Median with (min-max) when there was more than one round."""
+    entry = results["configs"].get(config, {}).get("summary", {}).get(measure, {}).get(metric)
+    if entry is None:
+        return "-"
+    text = _num(entry["median"], digits)
+    if entry["n"] > 1:
+        text += f" ({_num(entry['min'], digits)}-{_num(entry['max'], digits)})"
+    return text
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _configs(results: dict[str, Any]) -> list[str]:
+    return [c for c in ALL_CONFIGS if c in results["configs"]]
+
+
+def _label(results: dict[str, Any], config: str) -> str:
+    entry = results["configs"][config]
+    label = f"{config}"
+    if entry.get("status") == "failed":
+        label += " (FAILED)"
+    return label
+
+
+def _one_line(text: object, limit: int = 400) -> str:
+    """Table cells cannot hold newlines or pipes; long reasons are cut here and given in full further down."""
+    flat = " / ".join(line.strip() for line in str(text).splitlines() if line.strip()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """Markdown table; the first text_columns are left-aligned text, the rest right-aligned numbers."""
+    align = ["---" if i < text_columns else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_one_line(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    rows = [[t["target"], t["goal"], t["value"], STATUS_MARK.get(t["status"], t["status"])] for t in results["targets"]]
+    lines = ["## Targets", ""]
+    lines += _table(["target", "goal", "measured (medians)", "status"], rows, text_columns=4)
+    lines += [
+        "",
+        "Measured values are medians over the rounds; a target whose configuration produced no number "
+        "is *not measured*, never met.",
+        "",
+    ]
+    return lines
+
+
+def _config_table(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for config in _configs(results):
+        entry = results["configs"][config]
+        status = entry.get("status", "?")
+        if status == "failed":
+            status = f"**FAILED**: {entry.get('reason')}"
+        elif entry.get("errors"):
+            status = f"ok, with errors in {len(entry['errors'])} measure(s) (see below)"
+        rows.append([config, entry.get("title", ""), entry.get("description", ""), status])
+    return ["## Configurations", "", *_table(["config", "name", "path", "status"], rows, text_columns=4), ""]
+
+
+def _throughput(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for c in _configs(results):
+        row = [_label(results, c)]
+        for m in ("tput1", "tput8"):
+            mb = median(results, c, m, "MBps")
+            row += [
+                _cell(results, c, m, "MBps"),
+                _x(ratio(mb, median(results, "nomesh", m, "MBps"))),
+                _x(ratio(mb, median(results, "envoy", m, "MBps"))),
+            ]
+        row += [_cell(results, c, "tput1", "cpu_s_per_gb", 2), _cell(results, c, "tput1", "proxy_cores", 2)]
+        rows.append(row)
+    header = [
+        "config",
+        "1 stream MB/s",
+        "x no mesh",
+        "x Envoy",
+        "8 streams MB/s",
+        "x no mesh",
+        "x Envoy",
+        "proxy CPU-s/GB (1 stream)",
+        "proxy cores busy (1 stream)",
+    ]
+    return [
+        "## Throughput",
+        "",
+        "iperf3 from the client pod to the server pod (server in the server pod), client to server, MB/s = 10^6 B/s.",
+        "Proxy CPU is user + system time of every proxy process of the configuration (all threads), read before and "
+        "after; CPU-s/GB divides it by the bytes moved.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def _latency(results: dict[str, Any], measure: str, title: str) -> list[str]:
+    rows = []
+    for c in _configs(results):
+        a50, a99 = added(results, c, measure, "p50"), added(results, c, measure, "p99")
+        e50 = added(results, "envoy", measure, "p50")
+        rows.append(
+            [
+                _label(results, c),
+                _cell(results, c, measure, "p50", 1),
+                _cell(results, c, measure, "p90", 1),
+                _cell(results, c, measure, "p99", 1),
+                _cell(results, c, measure, "p999", 1),
+                _num(a50, 1),
+                _num(a99, 1),
+                _x(ratio(a50, e50)) if c != "nomesh" else "-",
+                _cell(results, c, measure, "cpu_us_per_req", 1),
+                _cell(results, c, measure, "cores_per_1k_rps", 3),
+            ]
+        )
+    header = [
+        "config",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "added p50",
+        "added p99",
+        "added p50 x Envoy's",
+        "proxy CPU us/req",
+        "proxy cores per 1k req/s",
+    ]
+    return [f"### {title}", "", *_table(header, rows), ""]
+
+
+def _connect(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for c in _configs(results):
+        a50 = added(results, c, "conn", "p50")
+        rows.append(
+            [
+                _label(results, c),
+                _cell(results, c, "conn", "p50", 0),
+                _cell(results, c, "conn", "p99", 0),
+                _num(a50, 0),
+                _x(ratio(a50, added(results, "envoy", "conn", "p50"))) if c != "nomesh" else "-",
+                _cell(results, c, "conn", "rate_per_s", 0),
+                _cell(results, c, "conn", "cpu_us_per_req", 0),
+            ]
+        )
+    header = [
+        "config",
+        "p50 us",
+        "p99 us",
+        "added p50 us",
+        "added x Envoy's",
+        "connections/s (sequential)",
+        "proxy CPU us/connection",
+    ]
+    return [
+        "## New connection + first byte",
+        "",
+        "Each sample: connect, write 1 byte, read it back, close; one client, sequential, so connections/s is the "
+        "inverse of the mean.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def _memory(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for c in _configs(results):
+        for role, mb in (results["configs"][c].get("proxy_rss_mb") or {}).items():
+            rows.append([c, role, f"{mb:.1f}"])
+    lines = ["## Proxy memory (RSS after the rounds)", ""]
+    lines += _table(["config", "process", "RSS MB"], rows, text_columns=2) if rows else ["No proxy process ran."]
+    rss = results.get("agent_rss") or {}
+    if rss.get("note"):
+        lines += ["", f"Agent RSS: {rss['note']}."]
+    return [*lines, ""]
+
+
+def _config_scale(results: dict[str, Any]) -> list[str]:
+    scale = results.get("config_scale")
+    lines = ["## Config scale (controller)", ""]
+    if not scale:
+        return [*lines, "Not run in this invocation.", ""]
+    if scale.get("status") != "ok":
+        return [*lines, f"**FAILED**: {scale.get('reason')}", ""]
+    for key, label in scale.get("figures", {}).items():
+        lines.append(f"- {label}: {scale.get(key)}")
+    for note in scale.get("notes", []):
+        lines.append(f"- {note}")
+    return [*lines, ""]
+
+
+def _machine(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    m = meta["machine"]
+    lines = [
+        "## Machine and noise",
+        "",
+        f"- {m.get('cores')} cores, {m.get('cpu_model')} (AES-NI: {'yes' if m.get('aes_ni') else 'no'}), "
+        f"kernel {m.get('kernel')}, {m.get('memory_gib')} GiB RAM, host {m.get('hostname')}",
+        f"- software: Python {m.get('python')}, Envoy {m.get('envoy')}, {m.get('iperf3')}, gcc {m.get('gcc')}",
+        f"- load average (1/5/15 min): {m.get('load_average_start')} at start, {m.get('load_average_end')} at end",
+        f"- CPU pinning: {meta.get('pinning')}",
+        f"- rounds: {meta.get('rounds')} ({meta.get('mode')} mode); cells show median (min-max) over rounds; the "
+        "order of configurations rotates every round",
+        "- every client, server and proxy shares the same cores; single numbers on this machine move by tens of "
+        "percent, ratios measured in the same run are steadier",
+        "",
+        "Other processes (not started by this benchmark or its labs) that used the most CPU during the run:",
+        "",
+    ]
+    lines += _table(
+        ["process", "CPU-s"], [[t["process"], f"{t['cpu_s']:.1f}"] for t in meta.get("top_cpu_consumers", [])]
+    )
+    rows = []
+    for c in _configs(results):
+        rows.append([c, _cell(results, c, "tput1", "foreign_cpu_s", 2), _cell(results, c, "lat1", "foreign_cpu_s", 2)])
+    lines += [
+        "",
+        "CPU seconds used by processes outside this benchmark while a measure ran (higher = noisier measure):",
+        "",
+        *_table(["config", "during 1-stream throughput", "during 1 B latency"], rows),
+        "",
+    ]
+    return lines
+
+
+def _wiring(results: dict[str, Any]) -> list[str]:
+    lines = ["## How each configuration is wired", ""]
+    for c in _configs(results):
+        entry = results["configs"][c]
+        lines.append(f"- **{c}**: {entry.get('description', '')}")
+        for note in entry.get("notes", []):
+            lines.append(f"  - {note}")
+        if entry.get("status") == "failed":
+            lines += [
+                "  - FAILED:",
+                "",
+                "    ```",
+                *[f"    {ln}" for ln in str(entry.get("reason")).splitlines()],
+                "    ```",
+            ]
+        for err in entry.get("errors", [])[:6]:
+            lines.append(f"  - error: {_one_line(err)}")
+    lines += [
+        "",
+        "The reference pairs (Envoy, Python mTLS) run in the node netns of the plain lab; the client pod uses the "
+        "client-side proxy as an explicit proxy (one listener per destination, like the reference Envoy config), "
+        "because there is no traffic capture without a mesh. Ambit captures the client pod's connection to the "
+        "server pod's own address. Certificates for the reference pairs are generated per run (ECDSA P-256, SPIFFE "
+        "URI SANs); Ambit's come from its controller's CA.",
+        "",
+    ]
+    return lines
+
+
+def render(results: dict[str, Any], images: dict[str, str]) -> str:
+    meta = results["meta"]
+    head = [
+        "# Ambit node benchmark",
+        "",
+        f"Run {meta.get('started_utc')} to {meta.get('finished_utc')} UTC ({meta.get('wall_s')} s), "
+        f"**{meta.get('mode')}** mode, {meta.get('rounds')} round(s), configurations interleaved. "
+        f"Machine: {meta['machine'].get('cores')} cores {meta['machine'].get('cpu_model')}, kernel "
+        f"{meta['machine'].get('kernel')}, shared (see *Machine and noise*). Pinning: {meta.get('pinning')}.",
+        "",
+    ]
+    if meta.get("interrupted"):
+        head += [f"**Interrupted** ({meta['interrupted']}): the numbers below are partial.", ""]
+    if meta.get("error"):
+        head += [f"**Run error**: {meta['error']}", ""]
+    body = [
+        *_targets(results),
+        *_config_table(results),
+        *_throughput(results),
+        "## Request/response latency",
+        "",
+        "Echo over one persistent TCP_NODELAY connection, microseconds per round trip; *added* = minus the no-mesh "
+        "figure of the same percentile.",
+        "",
+        *_latency(results, "lat1", "1 B"),
+        *_latency(results, "lat1k", "1 KiB"),
+        *_connect(results),
+        *_memory(results),
+        *_config_scale(results),
+        *_machine(results),
+        "## Plots",
+        "",
+        *[f"![{name}]({path})" for name, path in images.items()],
+        "",
+        *_wiring(results),
+    ]
+    return "\n".join(head + body) + "\n"
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    images = plots.write_all(results, out)
+    (out / "report.md").write_text(render(results, images))

@@ -1,0 +1,282 @@
+"""One bench run: build the labs, prepare every configuration, run the measures interleaved over rounds, write it up.
+
+Configurations run side by side in the same run (rotating their order each round) because absolute numbers on a
+shared 2-core machine move by tens of percent from minute to minute; what is comparable is configurations measured
+within the same few seconds. Everything the run starts is stopped in `finally`, on Ctrl-C and SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import certs, machine, report, stats, targets
+from bench.cpu import CpuSnapshot, own_process_tree, rss_bytes, top_consumers
+from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
+from bench.drivers.base import Driver, DriverUnavailable, Endpoint
+from bench.drivers.envoy_pair import EnvoyPair
+from bench.drivers.nomesh import NoMesh
+from bench.drivers.tls_pair import PythonTlsPair
+from bench.labs import BenchLabs, Pinning
+from bench.measures import MEASURES, run_measure
+from bench.options import RunOptions
+from bench.procs import ProcessDied, ProcessGroup
+from bench.progress import Progress
+from bench.tools import ToolBuildError, Tools, build_tools
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+PREPARE_ESTIMATE_S = {"plain": 5.0, "mesh": 25.0}
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived; handled like Ctrl-C so cleanup and the partial report still happen."""
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted("SIGTERM")
+
+
+def make_drivers(
+    names: list[str],
+    labs: BenchLabs,
+    group: ProcessGroup,
+    pinning: Pinning,
+    cert_files: certs.CertFiles,
+    tools: Tools,
+    work: Path,
+) -> list[Driver]:
+    available: dict[str, Driver] = {
+        "nomesh": NoMesh(labs, pinning),
+        "envoy": EnvoyPair(labs, group, pinning, cert_files, work / "envoy"),
+        "pytls": PythonTlsPair(labs, group, pinning, cert_files, work / "pytls"),
+    }
+    for path in AMBIT_PATHS:
+        available[path.name] = AmbitConfig(path, labs, tools, pinning)
+    return [available[n] for n in names]
+
+
+def _config_entry(driver: Driver) -> dict[str, Any]:
+    return {
+        "title": driver.title,
+        "description": driver.description,
+        "status": "pending",
+        "reason": None,
+        "notes": [],
+        "proxies": [],
+        "rounds": [],
+    }
+
+
+class Run:
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.out = options.out or RESULTS_ROOT / stamp
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.group = ProcessGroup(self.out / "logs")
+        self.pinning = Pinning(options.pin)
+        self.endpoints: dict[str, Endpoint] = {}
+        self.drivers: list[Driver] = []
+        self.results: dict[str, Any] = {"meta": {}, "configs": {}}
+        self.progress = Progress(0.0)
+
+    def execute(self) -> int:
+        opts = self.options
+        d = opts.durations
+        selected = opts.selected()
+        meta = self.results["meta"]
+        meta.update(
+            {
+                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                "mode": "quick" if opts.quick else "full",
+                "rounds": opts.effective_rounds,
+                "pinning": (
+                    "taskset: node1 side (client pod, its node's proxy) on CPU 0, node2 side on CPU 1"
+                    if opts.pin
+                    else "none (the scheduler places every process)"
+                ),
+                "durations": d.__dict__,
+                "configs_selected": selected,
+                "machine": machine.describe(),
+                "results_dir": str(self.out),
+            }
+        )
+        for name in selected:
+            self.results["configs"][name] = {}
+        snap0 = CpuSnapshot.take()
+        t0 = time.monotonic()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        code = 0
+        labs: BenchLabs | None = None
+        try:
+            tools = build_tools(self.out / "bin")
+            cert_files = certs.generate(self.out / "certs")
+            labs = BenchLabs(self.group, tools, self.pinning, self.out)
+            self.drivers = make_drivers(selected, labs, self.group, self.pinning, cert_files, tools, self.out)
+            for driver in self.drivers:
+                self.results["configs"][driver.name] = _config_entry(driver)
+            per_round = sum(m.expected_seconds(d) for m in MEASURES)
+            kinds = {"mesh" if n.startswith("ambit") else "plain" for n in selected}
+            self.progress = Progress(
+                sum(PREPARE_ESTIMATE_S[k] for k in kinds) + per_round * len(selected) * opts.effective_rounds
+            )
+            self._prepare_all(tools)
+            self._rounds(tools)
+            self._memory()
+            if opts.wants_config_scale():
+                self._config_scale()
+        except (KeyboardInterrupt, Interrupted) as exc:
+            meta["interrupted"] = f"{type(exc).__name__} {exc}".strip()
+            code = 130
+        except (ToolBuildError, OSError) as exc:
+            meta["error"] = f"{type(exc).__name__}: {exc}"
+            code = 1
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup must not be cut short
+            ours = own_process_tree()  # includes the labs' processes: Lab.up starts them from this process
+            delta = CpuSnapshot.take().since(snap0)
+            meta["top_cpu_consumers"] = top_consumers({p: v for p, v in delta.items() if p not in ours})
+            self._cleanup(labs)
+            signal.signal(signal.SIGTERM, previous)
+            self.progress.finish()
+        meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        meta["wall_s"] = round(time.monotonic() - t0, 1)
+        meta["machine"]["load_average_end"] = machine.load_average()
+        self._finish()
+        return code
+
+    # ---- phases ---------------------------------------------------------------------------------------------------
+
+    def _fail(self, name: str, reason: str, rounds_left: int) -> None:
+        entry = self.results["configs"][name]
+        entry["status"] = "failed"
+        entry["reason"] = reason
+        self.endpoints.pop(name, None)
+        d = self.options.durations
+        self.progress.add_expected(-rounds_left * sum(m.expected_seconds(d) for m in MEASURES))
+        self.progress.note(f"bench: {name} FAILED: {reason}")
+
+    def _prepare_all(self, tools: Tools) -> None:
+        # Warm-up: a short echo run establishes pooled tunnels and certificates before anything is measured.
+        warm = replace(self.options.durations, pingpong_samples=300, pingpong_warmup=0, pingpong_max_seconds=3.0)
+        rounds = self.options.effective_rounds
+        for driver in self.drivers:
+            self.progress.step(f"prepare {driver.name}", 0.0)
+            try:
+                endpoint = driver.prepare()
+                warmup = run_measure(MEASURES[2], tools, endpoint, warm)
+                if "error" in warmup:
+                    raise DriverUnavailable(f"warm-up echo failed: {warmup['error']}")
+            except (DriverUnavailable, ProcessDied, TimeoutError, OSError) as exc:
+                self._fail(driver.name, str(exc), self.options.effective_rounds)
+                continue
+            except Exception as exc:  # a driver bug must not take the other configurations down with it
+                self._fail(driver.name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}", rounds)
+                continue
+            entry = self.results["configs"][driver.name]
+            entry["status"] = "ok"
+            entry["notes"] = endpoint.notes
+            entry["proxies"] = [{"role": p.role, "pid": p.pid} for p in endpoint.proxies]
+            self.endpoints[driver.name] = endpoint
+
+    def _rounds(self, tools: Tools) -> None:
+        d = self.options.durations
+        rounds = self.options.effective_rounds
+        names = [drv.name for drv in self.drivers]
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                endpoint = self.endpoints.get(name)
+                if endpoint is None:
+                    continue
+                measured: dict[str, Any] = {}
+                for measure in MEASURES:
+                    self.progress.step(
+                        f"round {r + 1}/{rounds}  {name:<15} {measure.name:<6}", measure.expected_seconds(d)
+                    )
+                    measured[measure.name] = run_measure(measure, tools, endpoint, d)
+                    dead = [p.role for p in endpoint.proxies if not _alive(p.pid)]
+                    if dead:
+                        measured[measure.name].setdefault("error", f"proxy died: {', '.join(dead)}")
+                        break
+                self.results["configs"][name]["rounds"].append(
+                    {"round": r, "load_average": machine.load_average(), "measures": measured}
+                )
+                if any(not _alive(p.pid) for p in endpoint.proxies):
+                    self._fail(name, f"a proxy process died in round {r + 1} (see {self.out / 'logs'})", rounds - r - 1)
+
+    def _memory(self) -> None:
+        """Proxy RSS at the end of the rounds (after the work, when pools and buffers are at their largest)."""
+        for name, endpoint in self.endpoints.items():
+            self.results["configs"][name]["proxy_rss_mb"] = {
+                p.role: round(rss_bytes(p.pid) / 1e6, 1) for p in endpoint.proxies
+            }
+        self.results["agent_rss"] = self._agent_rss()
+
+    def _agent_rss(self) -> dict[str, Any]:
+        for name in ("ambit-cross", "ambit-same"):
+            endpoint = self.endpoints.get(name)
+            if endpoint and endpoint.proxies:
+                per_agent = {p.role: round(rss_bytes(p.pid) / 1e6, 1) for p in endpoint.proxies}
+                return {
+                    "per_agent_mb": per_agent,
+                    "max_rss_mb": max(per_agent.values()),
+                    "local_workloads": 3,
+                    "note": "bench mesh lab: at most 3 local workloads per node",
+                }
+        return {"reason": "no Ambit configuration ran"}
+
+    def _config_scale(self) -> None:
+        from bench import config_scale
+
+        self.progress.step("config-scale", 0.0)
+        self.results["config_scale"] = config_scale.run(self.options.durations, self.progress)
+
+    def _cleanup(self, labs: BenchLabs | None) -> None:
+        for driver in self.drivers:
+            try:
+                driver.close()
+            except Exception as exc:  # keep cleaning up
+                self.progress.note(f"bench: closing {driver.name} failed: {exc}")
+        self.group.stop_all()
+        if labs is not None:
+            labs.close()
+
+    def _finish(self) -> None:
+        for entry in self.results["configs"].values():
+            entry["summary"] = stats.summarize(entry.get("rounds", []))
+            errors = [
+                f"round {rr['round'] + 1} {m}: {res['error']}"
+                for rr in entry.get("rounds", [])
+                for m, res in rr["measures"].items()
+                if "error" in res
+            ]
+            entry["errors"] = errors
+            if entry.get("status") == "ok" and not entry["summary"]:
+                entry["status"], entry["reason"] = "failed", "no measure produced a number: " + "; ".join(errors[:3])
+            elif entry.get("status") == "pending":
+                entry["status"], entry["reason"] = "failed", "not run (the run stopped before it)"
+        self.results["targets"] = targets.evaluate(self.results)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        report.write(self.results, self.out)
+        self.progress.note(f"bench: report {self.out / 'report.md'}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run(options: RunOptions) -> tuple[int, Path]:
+    bench = Run(options)
+    return bench.execute(), bench.out

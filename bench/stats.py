@@ -1,0 +1,66 @@
+"""Medians with min-max over rounds, and the lookups the report and the targets share."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.measures import MEASURES
+
+SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
+    "throughput": ("MBps", "cpu_s_per_gb", "proxy_cores", "retransmits", "foreign_cpu_s"),
+    "latency": ("p50", "p90", "p99", "p999", "mean", "cpu_us_per_req", "cores_per_1k_rps", "foreign_cpu_s"),
+    "connect": ("p50", "p90", "p99", "rate_per_s", "cpu_us_per_req", "foreign_cpu_s"),
+}
+
+Summary = dict[str, dict[str, dict[str, float]]]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "n": len(values),
+    }
+
+
+def summarize(rounds: list[dict[str, Any]]) -> Summary:
+    """Per measure, per metric: median/min/max/n over the rounds that produced that number (errors excluded)."""
+    out: Summary = {}
+    for measure in MEASURES:
+        per_metric: dict[str, dict[str, float]] = {}
+        for metric in SUMMARY_METRICS[measure.kind]:
+            values = [
+                float(v)
+                for r in rounds
+                if isinstance(r.get("measures", {}).get(measure.name), dict)
+                and isinstance(v := r["measures"][measure.name].get(metric), int | float)
+                and not isinstance(v, bool)
+            ]
+            if values:
+                per_metric[metric] = spread(values)
+        if per_metric:
+            out[measure.name] = per_metric
+    return out
+
+
+def median(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
+    """The median of one number in results.json, or None when that configuration did not produce it."""
+    entry = results.get("configs", {}).get(config, {}).get("summary", {}).get(measure, {}).get(metric)
+    return None if entry is None else float(entry["median"])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def added(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
+    """Latency a configuration adds over the no-mesh baseline (same measure, same percentile)."""
+    value = median(results, config, measure, metric)
+    base = median(results, "nomesh", measure, metric)
+    if value is None or base is None:
+        return None
+    return value - base

@@ -1,0 +1,143 @@
+"""The targets of issue 7 item 5, each judged met / not met / not measured from results.json.
+
+A target is "not measured" when a configuration it needs produced no number; that is never turned into "met".
+Ratios compare medians taken in the same run (same machine, same noise), which is why they are the judged figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.stats import added, median, ratio
+
+MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
+RSS_WORKLOADS = 100
+
+
+@dataclass
+class Verdict:
+    target: str
+    goal: str
+    value: str
+    status: str
+
+
+def _fmt(x: float | None, unit: str = "", digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def _signed(us: float | None) -> str:
+    return "n/a" if us is None else f"{us:+.0f} us"
+
+
+def _times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _judge(ok: bool | None) -> str:
+    return NOT_MEASURED if ok is None else (MET if ok else NOT_MET)
+
+
+def _all(*checks: bool | None) -> bool | None:
+    if any(c is None for c in checks):
+        return None
+    return all(checks)
+
+
+def _throughput_vs(results: dict[str, Any], config: str, base: str, measure: str, floor: float) -> Verdict:
+    r = ratio(median(results, config, measure, "MBps"), median(results, base, measure, "MBps"))
+    streams = "1 stream" if measure == "tput1" else "8 streams"
+    return Verdict(
+        target=f"{config} throughput vs {base}, {streams}",
+        goal=f">= {floor:.2f}x",
+        value=_times(r),
+        status=_judge(None if r is None else r >= floor),
+    )
+
+
+def _added_latency(results: dict[str, Any], metric: str) -> Verdict:
+    parts, checks = [], []
+    for measure, label in (("lat1", "1 B"), ("lat1k", "1 KiB")):
+        ours, envoy = added(results, "ambit-cross", measure, metric), added(results, "envoy", measure, metric)
+        r = ratio(ours, envoy)
+        parts.append(f"{label}: {_signed(ours)} vs Envoy {_signed(envoy)} ({_times(r)})")
+        checks.append(None if ours is None or envoy is None else ours <= envoy)
+    return Verdict(
+        target=f"added {metric} latency, Ambit cross-node vs Envoy pair",
+        goal="<= 1.0x Envoy's",
+        value="; ".join(parts),
+        status=_judge(_all(*checks)),
+    )
+
+
+def _new_connection(results: dict[str, Any]) -> Verdict:
+    ours, envoy = added(results, "ambit-cross", "conn", "p50"), added(results, "envoy", "conn", "p50")
+    return Verdict(
+        target="new-connection overhead (p50, connect + first byte), Ambit cross-node vs Envoy pair",
+        goal="<= Envoy's",
+        value=f"{_signed(ours)} vs Envoy {_signed(envoy)} ({_times(ratio(ours, envoy))})",
+        status=_judge(None if ours is None or envoy is None else ours <= envoy),
+    )
+
+
+def _cpu_per_gb(results: dict[str, Any]) -> Verdict:
+    value = median(results, "ambit-cross", "tput1", "cpu_s_per_gb")
+    return Verdict(
+        target="Ambit cross-node proxy CPU per GB (both agents, 1 stream)",
+        goal="<= 3 CPU-s/GB",
+        value=_fmt(value, " CPU-s/GB"),
+        status=_judge(None if value is None else value <= 3.0),
+    )
+
+
+def _agent_rss(results: dict[str, Any]) -> Verdict:
+    rss = results.get("agent_rss") or {}
+    mb, local = rss.get("max_rss_mb"), rss.get("local_workloads")
+    if mb is None:
+        status, value = NOT_MEASURED, rss.get("reason", "no agent ran")
+    elif local is None or local < RSS_WORKLOADS:
+        status = NOT_MEASURED
+        value = f"{mb:.1f} MB with {local} local workloads (the target needs {RSS_WORKLOADS})"
+    else:
+        status, value = _judge(mb <= 60.0), f"{mb:.1f} MB with {local} local workloads"
+    return Verdict(f"agent RSS with {RSS_WORKLOADS} local workloads", "<= 60 MB", value, status)
+
+
+def _config_scale(results: dict[str, Any]) -> list[Verdict]:
+    scale = results.get("config_scale") or {}
+    ok = scale.get("status") == "ok"
+    full = ok and scale.get("full_size", False)
+    note = "" if full or not ok else " (reduced size: not judged)"
+
+    def one(name: str, goal: str, key: str, limit: float, unit: str) -> Verdict:
+        value = scale.get(key) if ok else None
+        text = _fmt(value, unit, 3) + note if ok else f"not measured: {scale.get('reason', 'not run')}"
+        return Verdict(name, goal, text, _judge(None if value is None or not full else value < limit))
+
+    return [
+        one("config build (Translator, full state)", "< 2 s", "build_s", 2.0, " s"),
+        one("full state delivered to all xDS clients", "< 2 s", "deliver_s", 2.0, " s"),
+        one("single change delivered to ACK, p99", "< 0.1 s", "change_p99_s", 0.1, " s"),
+    ]
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
+    checks: list[Callable[[], Verdict | list[Verdict]]] = [
+        lambda: _throughput_vs(results, "ambit-cross", "envoy", "tput1", 1.0),
+        lambda: _throughput_vs(results, "ambit-cross", "envoy", "tput8", 1.0),
+        lambda: _added_latency(results, "p50"),
+        lambda: _added_latency(results, "p99"),
+        lambda: _new_connection(results),
+        lambda: _cpu_per_gb(results),
+        lambda: _throughput_vs(results, "ambit-same", "nomesh", "tput1", 0.6),
+        lambda: _throughput_vs(results, "ambit-attached", "nomesh", "tput1", 0.95),
+        lambda: _agent_rss(results),
+        lambda: _config_scale(results),
+    ]
+    verdicts: list[Verdict] = []
+    for check in checks:
+        got = check()
+        verdicts.extend(got if isinstance(got, list) else [got])
+    return [asdict(v) for v in verdicts]

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ["lab"]
+COMMAND_MODULES = ["lab", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

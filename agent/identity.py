@@ -401,8 +401,8 @@ class CertificateManager:
         entry.last_error = message
         now = time.time()
         if entry.cert is not None and not entry.valid(now):
+            # The expiry gauge stays (in the past) so that an alert on it fires while nothing valid is held.
             entry.cert = entry.server_ctx = entry.client_ctx = None
-            self._expiry.remove(str(entry.identity))
         delay = self.backoff.delay(entry.failures, self._rng)
         self._schedule(entry, now + delay, priority)
         log.warning(

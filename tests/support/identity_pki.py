@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -11,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from common import tls
+from common.spiffe import Identity
 from controller.ca import new_root
 
 
@@ -65,3 +69,28 @@ def write_plugged_ca(directory: Path, trust_domain: str = "cluster.local") -> tu
     (directory / "cert-chain.pem").write_bytes(_pem(inter) + _pem(root))
     (directory / "root-cert.pem").write_bytes(_pem(root))
     return root, inter
+
+
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[Identity | None, Identity | None, str]:
+    """Complete a TLS handshake in memory; returns (client identity seen by the server, server identity seen by
+    the client, ALPN). Raises ssl.SSLError when either side refuses the other."""
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    done = {"server": False, "client": False}
+    for _ in range(20):
+        for name, side in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            # TLS 1.3: the server verifies the client's certificate only once it reads the client's Finished.
+            with contextlib.suppress(ssl.SSLWantReadError):
+                server.read(1)
+            return tls.peer_identity(server), tls.peer_identity(client), client.selected_alpn_protocol() or ""
+    raise AssertionError("handshake did not complete")

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ["lab", "bench"]
+COMMAND_MODULES = ["lab", "bench", "certs"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,7 @@ FULL = Durations(
     scale_services=1000,
     scale_policies=1000,
     scale_clients=50,
-    scale_changes=50,
+    scale_changes=100,
 )
 
 QUICK = Durations(
@@ -67,7 +67,7 @@ QUICK = Durations(
     scale_services=1000,
     scale_policies=1000,
     scale_clients=50,
-    scale_changes=10,
+    scale_changes=20,
 )
 
 

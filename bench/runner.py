@@ -236,8 +236,7 @@ class Run:
     def _config_scale(self) -> None:
         from bench import config_scale
 
-        self.progress.step("config-scale", 0.0)
-        self.results["config_scale"] = config_scale.run(self.options.durations, self.progress)
+        self.results["config_scale"] = config_scale.run(self.options.durations, self.progress, self.out / "logs")
 
     def _cleanup(self, labs: BenchLabs | None) -> None:
         for driver in self.drivers:

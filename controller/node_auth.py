@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,3 +225,16 @@ class FirstMatchAuthenticator:
                 first = first or e
         assert first is not None
         raise first
+
+
+def for_xds(authenticator: Authenticator) -> Callable[[Mapping[str, str]], Awaitable[str]]:
+    """The same node credentials for the xDS stream (controller.xds_server's Authenticator shape: node name or
+    PermissionError), so agents present one token to both services."""
+
+    async def authenticate(metadata: Mapping[str, str]) -> str:
+        try:
+            return (await authenticator.authenticate(list(metadata.items()))).node
+        except AuthError as e:
+            raise PermissionError(str(e)) from None
+
+    return authenticate

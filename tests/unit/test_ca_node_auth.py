@@ -17,6 +17,7 @@ from controller.node_auth import (
     TokenReviewAuthenticator,
     UntrustedCallerError,
     bearer_token,
+    for_xds,
 )
 from tests.support.fake_kube_auth import FakeKubeAuth, TokenIdentity, serve
 
@@ -134,3 +135,12 @@ async def test_token_review_unreachable_is_backend_error() -> None:
     config.retries = 0
     with pytest.raises(AuthBackendError, match="token review failed"):
         await TokenReviewAuthenticator(k8s.ApiClient(config)).authenticate(md("agent-token"))
+
+
+async def test_for_xds_adapter_returns_node_or_permission_error(tmp_path: Path) -> None:
+    f = tmp_path / "tokens.json"
+    f.write_text(json.dumps({"node1": "aaa"}))
+    check = for_xds(NodeTokenAuthenticator(f))
+    assert await check({"authorization": "Bearer aaa"}) == "node1"
+    with pytest.raises(PermissionError, match="does not match"):
+        await check({"authorization": "Bearer zzz"})

@@ -59,8 +59,9 @@ class Lab:
             lab._start_workloads()
             if mesh:
                 mesh_mode.start(lab)
-            state.phase = "up"
-            state.save()
+            lab._refresh()
+            lab._state.phase = "up"
+            lab._state.save()
         except BaseException as e:
             try:
                 lab.down(keep_logs=True)
@@ -285,6 +286,7 @@ class Lab:
         record = ProcessRecord(name=name, netns=self.netns_of(target), argv=list(argv), log=str(log), role=role)
         popen = processes.start(record, env)
         self._popens[record.pid] = popen
+        self._refresh()
         self._state.processes.append(record)
         self._state.save()
         return record
@@ -296,8 +298,14 @@ class Lab:
         self._reap(record)
 
     def record_files(self, **files: str) -> None:
+        self._refresh()
         self._state.files.update(files)
         self._state.save()
+
+    def _refresh(self) -> None:
+        """Re-read the record before changing it: another process (a test, `ambitctl`) may have added to it."""
+        if (self.state_dir / STATE_FILE).exists():
+            self._state = LabState.load(self.name)
 
     def _reap(self, record: ProcessRecord) -> None:
         popen = self._popens.pop(record.pid, None)
@@ -312,6 +320,7 @@ class Lab:
         ``keep_logs`` leaves ``<state dir>/logs`` (not a lab any more: no state file) so a failed `up` can be
         diagnosed.
         """
+        self._refresh()
         state = self._state
         problems: list[str] = []
         if state.dir.is_dir():

@@ -226,3 +226,14 @@ def test_cli_up_status_exec_down() -> None:
         down = subprocess.run([*ctl, "down", "--name", name], cwd=ROOT, capture_output=True, text=True)
     assert down.returncode == 0, down.stderr
     assert netns.list_names(f"{name}-") == []
+
+
+def test_reloaded_lab_sees_processes_spawned_elsewhere(basic_lab: Lab) -> None:
+    """`Lab.load` in another process (ambitctl, a bench driver) and the creator share one record."""
+    other = Lab.load(basic_lab.name)
+    assert {r.name for r, alive in other.processes() if alive} == {r.name for r, _ in basic_lab.processes()}
+    other.spawn("core", ["sleep", "300"], "from-other")
+    basic_lab.spawn("node2", ["sleep", "300"], "from-creator")
+    names = {r.name for r, alive in Lab.load(basic_lab.name).processes() if alive}
+    assert {"from-other", "from-creator", "workload-demo-client"} <= names
+    assert Lab.load(basic_lab.name).status()["phase"] == "up"

@@ -251,3 +251,14 @@ def test_bad_lab_names_are_rejected(tmp_path: Path, name: str) -> None:
     topo = topology.load(write(tmp_path, {"c.yaml": docs(NODE1, pod("a"))}))
     with pytest.raises(LabConfigError, match="lab name"):
         make_plan(topo, name)
+
+
+def test_host_network_pod_lives_in_its_node(tmp_path: Path) -> None:
+    node = NODE1.replace("spec:", "status: {addresses: [{type: InternalIP, address: 10.50.0.7}]}\nspec:")
+    host_pod = "kind: Pod\nmetadata: {name: h, namespace: kube-system}\nspec: {nodeName: node1, hostNetwork: true}\n"
+    topo = topology.load(write(tmp_path, {"c.yaml": docs(node, host_pod)}))
+    plan = make_plan(topo, "ambit-0001")
+    h = plan.pods["kube-system/h"]
+    assert (h.ip, h.netns, h.host_veth) == ("10.50.0.7", plan.nodes["node1"].netns, "")
+    assert plan.node_subnet == "10.50.0.0/24" and plan.core_ip == "10.50.0.254"
+    assert h.netns not in plan.netns_names[1 + len(plan.nodes) :]  # no netns of its own

@@ -1,0 +1,61 @@
+"""`ambitctl` dispatch: every module in COMMAND_MODULES registers its subcommand; `lab` parses as documented."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli import ambitctl
+from cli.lab import format_status
+
+
+def test_lab_subcommands_parse() -> None:
+    parser = ambitctl.build_parser()
+    up = parser.parse_args(["lab", "up", "--dir", "examples/basic", "--name", "x1", "--mesh"])
+    assert (up.dir, up.name, up.mesh) == ("examples/basic", "x1", True)
+    down = parser.parse_args(["lab", "down", "--all"])
+    assert down.all and down.name is None
+    ex = parser.parse_args(["lab", "exec", "demo/client", "--", "curl", "-s", "http://x/"])
+    assert ex.target == "demo/client" and ex.cmd[-3:] == ["curl", "-s", "http://x/"]
+
+
+def test_down_name_and_all_are_exclusive() -> None:
+    with pytest.raises(SystemExit):
+        ambitctl.build_parser().parse_args(["lab", "down", "--all", "--name", "x"])
+
+
+def test_every_listed_module_registers_a_command() -> None:
+    parser = ambitctl.build_parser()
+    for name in ambitctl.COMMAND_MODULES:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([name, "--help"])
+        assert info.value.code == 0
+
+
+def test_status_table_marks_dead_processes_and_missing_netns() -> None:
+    status = {
+        "name": "ambit-0001",
+        "phase": "up",
+        "mesh": False,
+        "config_dir": "/c",
+        "source_dir": "/s",
+        "state_dir": "/st",
+        "core": {"netns": "ambit-0001-core", "ip": "10.1.0.254", "present": True},
+        "nodes": [
+            {
+                "name": "n1",
+                "ip": "10.1.0.1",
+                "pod_cidr": "10.2.0.0/24",
+                "uplink": "eth0",
+                "netns": "a-n1",
+                "present": False,
+            }
+        ],
+        "pods": [],
+        "processes": [
+            {"name": "w", "role": "workload", "pid": 42, "alive": False, "netns": "a-p", "log": "/l/w.log"},
+        ],
+        "files": {},
+    }
+    text = format_status(status)
+    assert "a-n1 (MISSING)" in text
+    assert ["w", "workload", "42", "DEAD", "a-p", "/l/w.log"] in [line.split() for line in text.splitlines()]

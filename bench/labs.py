@@ -70,6 +70,7 @@ class BenchLabs:
         self._sites: dict[str, LabSite] = {}
         self._failures: dict[str, str] = {}
         self._suffix = secrets.token_hex(2)
+        self.names: list[str] = []  # every lab this run tried to build (its netns names start with these)
 
     def get(self, kind: str) -> LabSite:
         """The lab of this kind, built on first use; raises DriverUnavailable (remembered) when it cannot be."""
@@ -91,6 +92,7 @@ class BenchLabs:
         except ImportError as exc:
             raise DriverUnavailable(f"lab.Lab is not available: {exc}") from exc
         name = f"bench{kind[0]}-{self._suffix}"
+        self.names.append(name)
         try:
             lab = Lab.up(TOPOLOGY / kind, name=name, mesh=(kind == "mesh"))
         except Exception as exc:  # the lab's own error text is the most useful reason we can give

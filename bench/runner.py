@@ -144,6 +144,7 @@ class Run:
             delta = CpuSnapshot.take().since(snap0)
             meta["top_cpu_consumers"] = top_consumers({p: v for p, v in delta.items() if p not in ours})
             self._cleanup(labs)
+            meta["labs"] = labs.names if labs is not None else []
             signal.signal(signal.SIGTERM, previous)
             self.progress.finish()
         meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 EMPTY: Mapping[str, str] = MappingProxyType({})
 NO_PORTS: Mapping[str, int] = MappingProxyType({})
@@ -29,9 +29,11 @@ def _no_ports() -> Mapping[str, int]:
 CLUSTER_SCOPED_KINDS = frozenset({"Namespace", "Node"})
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectKey:
-    """Identity of one config object; `namespace` is "" for cluster-scoped kinds."""
+class ObjectKey(NamedTuple):
+    """Identity of one config object; `namespace` is "" for cluster-scoped kinds.
+
+    A NamedTuple rather than a dataclass: keys are hashed and compared in every index, and tuples do that in C.
+    """
 
     kind: str
     namespace: str

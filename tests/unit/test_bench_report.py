@@ -1,0 +1,101 @@
+"""Report logic of bench/: medians over rounds, target verdicts, FAILED rows kept in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import report, stats, targets
+
+
+def _round(r: int, mbps: float, p50: float, cpu: float | None = None, error: str | None = None) -> dict[str, Any]:
+    tput: dict[str, Any] = {"error": error} if error else {"MBps": mbps, "cpu_s_per_gb": cpu}
+    return {
+        "round": r,
+        "measures": {
+            "tput1": tput,
+            "tput8": {"MBps": mbps * 1.1},
+            "lat1": {"p50": p50, "p99": p50 * 2},
+            "lat1k": {"p50": p50 + 5, "p99": p50 * 2 + 5},
+            "conn": {"p50": p50 * 5, "p99": p50 * 9, "rate_per_s": 1e6 / (p50 * 5)},
+        },
+    }
+
+
+def _results(configs: dict[str, list[dict[str, Any]]], failed: dict[str, str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "meta": {"machine": {}, "mode": "quick", "rounds": 3},
+        "configs": {},
+        "config_scale": {"status": "failed", "reason": "not here"},
+    }
+    for name, rounds in configs.items():
+        out["configs"][name] = {
+            "status": "ok",
+            "title": name,
+            "description": "",
+            "rounds": rounds,
+            "summary": stats.summarize(rounds),
+            "proxies": [{"role": "p", "pid": 1}] if name != "nomesh" else [],
+        }
+    for name, reason in (failed or {}).items():
+        out["configs"][name] = {"status": "failed", "reason": reason, "title": name, "description": "", "rounds": []}
+        out["configs"][name]["summary"] = {}
+    return out
+
+
+def test_summary_is_median_with_min_max_and_skips_errors() -> None:
+    rounds = [_round(0, 100, 50), _round(1, 300, 70), _round(2, 0, 60, error="iperf3: refused")]
+    summary = stats.summarize(rounds)
+    assert summary["tput1"]["MBps"] == {"median": 200.0, "min": 100.0, "max": 300.0, "n": 2}
+    assert summary["lat1"]["p50"]["median"] == 60.0
+    assert summary["lat1"]["p50"]["n"] == 3
+
+
+def test_targets_judge_ratios_and_never_turn_missing_into_met() -> None:
+    results = _results(
+        {
+            "nomesh": [_round(0, 1000, 40)],
+            "envoy": [_round(0, 400, 200, cpu=2.9)],
+            "ambit-cross": [_round(0, 500, 150, cpu=3.5)],
+            "ambit-same": [_round(0, 500, 100)],
+        },
+        failed={"ambit-attached": "mesh lab did not come up"},
+    )
+    verdicts = {v["target"]: v for v in targets.evaluate(results)}
+    assert verdicts["ambit-cross throughput vs envoy, 1 stream"]["status"] == "met"
+    assert verdicts["added p50 latency, Ambit cross-node vs Envoy pair"]["status"] == "met"
+    assert verdicts["Ambit cross-node proxy CPU per GB (both agents, 1 stream)"]["status"] == "not met"
+    assert verdicts["ambit-same throughput vs nomesh, 1 stream"]["status"] == "not met"
+    assert verdicts["ambit-attached throughput vs nomesh, 1 stream"]["status"] == "not measured"
+    assert verdicts["agent RSS with 100 local workloads"]["status"] == "not measured"
+    assert all(
+        v["status"] == "not measured" for k, v in verdicts.items() if k.startswith(("config build", "full state"))
+    )
+
+
+def test_agent_rss_needs_one_hundred_workloads_to_be_judged() -> None:
+    results = _results({})
+    results["agent_rss"] = {"max_rss_mb": 40.0, "local_workloads": 3}
+    assert {v["target"]: v for v in targets.evaluate(results)}["agent RSS with 100 local workloads"]["status"] == (
+        "not measured"
+    )
+    results["agent_rss"] = {"max_rss_mb": 75.0, "local_workloads": 100}
+    assert {v["target"]: v for v in targets.evaluate(results)}["agent RSS with 100 local workloads"]["status"] == (
+        "not met"
+    )
+
+
+def test_report_keeps_failed_configurations_with_their_reason(tmp_path: Path) -> None:
+    results = _results(
+        {"nomesh": [_round(0, 1000, 40)], "envoy": [_round(0, 400, 200, cpu=2.9)]},
+        failed={"ambit-cross": "agent exited:\nTraceback | boom"},
+    )
+    results["targets"] = targets.evaluate(results)
+    text = report.render(results, {"throughput": "throughput.png"})
+    row = next(line for line in text.splitlines() if line.startswith("| ambit-cross | "))
+    assert "**FAILED**: agent exited: / Traceback \\| boom" in row
+    assert "| ambit-cross (FAILED) | - |" in text
+    assert "| envoy | 400 | 0.40x | 1.00x |" in text
+    report.write(results, tmp_path)
+    assert (tmp_path / "report.md").exists()
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("throughput.png", "latency.png", "cpu_per_gb.png"))

@@ -297,6 +297,17 @@ class Lab:
         processes.stop([record], timeout)
         self._reap(record)
 
+    def record_pin_dir(self, path: str) -> None:
+        """Register a bpffs directory for `down` to remove; call before starting whatever pins there.
+
+        Pins outlive processes and namespaces on purpose (a restarted agent resumes from them), so the lab removes
+        the ones its agents made.
+        """
+        self._refresh()
+        if path not in self._state.pin_dirs:
+            self._state.pin_dirs.append(path)
+            self._state.save()
+
     def record_files(self, **files: str) -> None:
         self._refresh()
         self._state.files.update(files)
@@ -335,6 +346,11 @@ class Lab:
                 netns.delete(name)
             except LabError as e:
                 problems.append(str(e))
+        for pin_dir in state.pin_dirs:
+            try:
+                _remove_pins(pin_dir)
+            except OSError as e:
+                problems.append(f"cannot remove bpffs pins {pin_dir}: {e}")
         if problems:
             raise LabError(
                 f"lab {self.name}: teardown incomplete (state kept in {state.dir}):\n  " + "\n  ".join(problems)
@@ -391,6 +407,12 @@ def _remove_state_dir(d: Path, keep_logs: bool) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def _remove_pins(pin_dir: str) -> None:
+    """Delete one lab pin directory (never its parent: other labs and agents may share it)."""
+    if Path(pin_dir).is_dir():
+        shutil.rmtree(pin_dir)
 
 
 def _prefixlen(cidr: str) -> str:

@@ -30,6 +30,7 @@ MONITORING_PORT = 15014
 AGENT_READY_PORT = 15021
 READY_PATH = "/healthz/ready"
 READY_TIMEOUT = 60.0
+PIN_ROOT = "/sys/fs/bpf/ambit"  # agent.redirect's default pin root
 
 
 def _binary(name: str) -> str:
@@ -133,7 +134,10 @@ def start(lab: Lab) -> None:
     for node in plan.nodes.values():
         agent_dir = lab.state_dir / "agents" / node.name
         agent_dir.mkdir(parents=True, exist_ok=True)
+        # All lab nodes share the host's bpffs: the node netns name is a globally unique capture instance.
+        lab.record_pin_dir(os.path.join(PIN_ROOT, node.netns))
         argv = agent_argv(node.name, f"{plan.core_ip}:{XDS_PORT}", str(agent_dir), token_files[node.name], node.uplink)
-        agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
+        env = {"AMBIT_INSTANCE": node.netns}
+        agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", env=env, role="agent")))
     for node, record in agents:
         wait_ready(node.netns, node.ip, AGENT_READY_PORT, record)

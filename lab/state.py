@@ -43,6 +43,7 @@ class LabState:
     phase: str = "creating"  # creating | up | deleting
     created_at: float = field(default_factory=time.time)
     netns: list[str] = field(default_factory=list)  # recorded before each `ip netns add`
+    pin_dirs: list[str] = field(default_factory=list)  # bpffs directories of the lab's agents (bpffs is global)
     processes: list[ProcessRecord] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # mesh credentials and CA directory
 

@@ -121,6 +121,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"lab {s['name']}  phase={s['phase']}  mesh={'yes' if s['mesh'] else 'no'}",
         f"  config {s['config_dir']} (from {s['source_dir']}), state {s['state_dir']}",
         f"  core netns {core['netns']}{_mark(core['present'])}  ip {core['ip']}",
+        *(f"  {key} {path}" for key, path in sorted(s["files"].items())),
     ]
     nodes = _table(
         ["NODE", "IP", "POD CIDR", "UPLINK", "NETNS"],

@@ -134,7 +134,11 @@ def load(config_dir: str | Path) -> Topology:
     problems = _Problems()
     if not root.is_dir():
         raise LabConfigError([f"{root}: not a directory"])
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in YAML_SUFFIXES)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in YAML_SUFFIXES and not p.name.startswith(".")  # skip editor temp files
+    )
     if not files:
         raise LabConfigError([f"{root}: no *.yaml files"])
     raws = list(_read_objects(files, problems))

@@ -185,6 +185,12 @@ def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert found[0].startswith(f"{tmp_path / 'broken.yaml'}: yaml: ")
 
 
+def test_hidden_and_non_yaml_files_are_ignored(tmp_path: Path) -> None:
+    files = {"c.yaml": docs(NODE1, pod("a")), ".#c.yaml": "garbage: [", "README.md": "kind: Nonsense"}
+    topo = topology.load(write(tmp_path, files))
+    assert [p.key for p in topo.pods] == ["demo/a"]
+
+
 def test_no_nodes_is_an_error(tmp_path: Path) -> None:
     found = problems(tmp_path, {"ns.yaml": "kind: Namespace\nmetadata: {name: demo}\n"})
     assert found == [f"{tmp_path}: kind: no Node objects: a lab needs at least one node"]

@@ -14,9 +14,11 @@ UNAUTHENTICATED), :class:`UntrustedCallerError` (valid credential, but not a nod
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,9 @@ class TokenReviewAuthenticator:
     """Kubernetes TokenReview + pod lookup, as istiod does for ztunnel's impersonated requests.
 
     The ``kubernetes`` client is synchronous; its calls run in worker threads so the event loop never blocks.
+    Accepted tokens are remembered for ``cache_seconds`` (keyed by their SHA-256) because an agent asks once per
+    workload: a node with a hundred pods would otherwise cost the API server two hundred calls per refresh round.
+    The price is that a deleted agent pod keeps its access for at most that long.
     """
 
     def __init__(
@@ -144,6 +149,8 @@ class TokenReviewAuthenticator:
         *,
         audiences: Iterable[str] = (TOKEN_AUDIENCE,),
         trusted_accounts: Iterable[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
+        cache_seconds: float = 60.0,
+        cache_size: int = 4096,
     ) -> None:
         from kubernetes import client as k8s
 
@@ -152,6 +159,9 @@ class TokenReviewAuthenticator:
         self._core = k8s.CoreV1Api(api_client)
         self.audiences = list(audiences)
         self.trusted_accounts = frozenset(trusted_accounts)
+        self.cache_seconds = cache_seconds
+        self.cache_size = cache_size
+        self._cache: dict[bytes, tuple[float, Caller]] = {}
 
     def _review(self, token: str) -> Caller:
         k8s = self._k8s
@@ -200,12 +210,23 @@ class TokenReviewAuthenticator:
 
     async def authenticate(self, metadata: Metadata) -> Caller:
         token = bearer_token(metadata)
+        key = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         try:
-            return await asyncio.to_thread(self._review, token)
+            caller = await asyncio.to_thread(self._review, token)
         except AuthError:
             raise
         except Exception as e:  # urllib3/connection errors of the client, whatever their type
             raise AuthBackendError(f"token review failed: {type(e).__name__}: {e}") from None
+        if len(self._cache) >= self.cache_size:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+        self._cache[key] = (now + self.cache_seconds, caller)
+        return caller
 
 
 class FirstMatchAuthenticator:

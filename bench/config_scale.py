@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import signal
 import statistics
@@ -31,67 +30,28 @@ from bench.progress import Progress
 
 CLIENT_READY_TIMEOUT_S = 120.0
 CHANGE_TIMEOUT_S = 10.0
-NAMESPACES = 100
 
 
-def build_objects(d: Durations) -> tuple[list[Any], list[Any]]:
-    """Namespaces, nodes, pods, services and policies as the controller's typed model objects.
+def build_objects(d: Durations) -> tuple[list[Any], list[Any], float]:
+    """The controller's synthetic cluster (controller/synthetic.py) at the bench's scale, validated into model objects.
 
-    Returns (objects, pods). Every namespace is enrolled; pods are spread over one node per simulated agent; each
-    service selects an equal share of its namespace's pods; each policy selects one service's pods.
+    Returns (objects, pods, validation seconds). One node per simulated agent.
     """
-    from controller.model import (
-        AuthorizationPolicy,
-        Meta,
-        Namespace,
-        Node,
-        Operation,
-        Pod,
-        Rule,
-        Service,
-        ServicePort,
-        Source,
+    from controller.model import Pod
+    from controller.synthetic import Scale, documents
+    from controller.validation import parse_documents
+
+    scale = Scale(
+        workloads=d.scale_workloads, services=d.scale_services, policies=d.scale_policies, nodes=d.scale_clients
     )
-
-    def labels(**kv: str) -> MappingProxyType[str, str]:
-        return MappingProxyType(dict(kv))
-
-    objects: list[Any] = []
-    namespaces = [f"scale-{i:03d}" for i in range(NAMESPACES)]
-    objects += [Namespace(Meta(ns, labels=labels(**{"istio.io/dataplane-mode": "ambient"}))) for ns in namespaces]
-    objects += [Node(Meta(f"scale-node-{i:02d}"), pod_cidrs=(f"10.{100 + i}.0.0/16",)) for i in range(d.scale_clients)]
-    services_per_ns = max(d.scale_services // NAMESPACES, 1)
-    pods: list[Any] = []
-    base = int(ipaddress.IPv4Address("10.100.0.0"))
-    for i in range(d.scale_workloads):
-        ns = namespaces[i % NAMESPACES]
-        app = f"svc-{(i // NAMESPACES) % services_per_ns}"
-        node = i % d.scale_clients
-        pods.append(
-            Pod(
-                Meta(f"pod-{i:05d}", ns, labels=labels(app=app, version="v0")),
-                node_name=f"scale-node-{node:02d}",
-                service_account=app,
-                ips=(str(ipaddress.IPv4Address(base + node * 65536 + 2 + i // d.scale_clients)),),
-            )
-        )
-    objects += pods
-    vip = int(ipaddress.IPv4Address("10.96.0.0"))
-    for i in range(d.scale_services):
-        ns, app = namespaces[i % NAMESPACES], f"svc-{(i // NAMESPACES) % services_per_ns}"
-        objects.append(
-            Service(
-                Meta(app, ns),
-                selector=labels(app=app),
-                ports=(ServicePort(80, "http", target_port=8080),),
-                cluster_ips=(str(ipaddress.IPv4Address(vip + 1 + i)),),
-            )
-        )
-    for i in range(d.scale_policies):
-        ns, app = namespaces[i % NAMESPACES], f"svc-{(i // NAMESPACES) % services_per_ns}"
-        rule = Rule(from_=(Source(principals=(f"cluster.local/ns/{ns}/sa/client",)),), to=(Operation(ports=(8080,)),))
-        objects.append(AuthorizationPolicy(Meta(f"allow-{i:04d}", ns), selector=labels(app=app), rules=(rule,)))
-    return objects, pods
+    docs = documents(scale)
+    t0 = time.perf_counter()
+    parsed = parse_documents("bench-config-scale", docs)
+    validate_s = time.perf_counter() - t0
+    if parsed.errors:
+        raise ValueError(f"synthetic config has {len(parsed.errors)} errors, first: {parsed.errors[0]}")
+    pods = [o for o in parsed.objects if isinstance(o, Pod)]
+    return parsed.objects, pods, validate_s
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -103,7 +63,7 @@ async def _measure(d: Durations, log: BinaryIO, progress: Progress) -> dict[str,
     from controller.translate import Translator
     from controller.xds_server import ADDRESS_TYPE, PUSH_ORDER, AckEvent, XdsServer
 
-    objects, pods = build_objects(d)
+    objects, pods, validate_s = build_objects(d)
     translator = Translator()
     t0 = time.perf_counter()
     delta = translator.apply(objects)
@@ -144,6 +104,7 @@ async def _measure(d: Durations, log: BinaryIO, progress: Progress) -> dict[str,
         "authorizations": len(translator.authorizations()),
         "translated_changes": len(delta.addresses) + len(delta.authorizations),
         "state_mb": round(state_bytes / 1e6, 2),
+        "validate_s": round(validate_s, 3),
         "build_s": round(build_s, 3),
         "encode_s": round(encode_s, 3),
         **full,
@@ -154,6 +115,7 @@ async def _measure(d: Durations, log: BinaryIO, progress: Progress) -> dict[str,
         "change_per_client_p50_s": round(statistics.median(per_client), 4),
         "change_per_client_p99_s": round(_percentile(per_client, 0.99), 4),
         "figures": {
+            "validate_s": "validation of the YAML-shaped documents into typed objects (s)",
             "build_s": "Translator full build (s)",
             "encode_s": "XdsServer encoding of the full state, once for all clients (s)",
             "deliver_s": "full state delivered and ACKed by every client, first subscribe to last ACK (s)",
@@ -163,8 +125,8 @@ async def _measure(d: Durations, log: BinaryIO, progress: Progress) -> dict[str,
             "change_per_client_p99_s": "single change to ACK, per client, p99 (s)",
         },
         "notes": [
-            f"{d.scale_workloads} pods in {NAMESPACES} enrolled namespaces on {d.scale_clients} nodes, "
-            f"{d.scale_services} services, {d.scale_policies} selector policies -> {len(translator.addresses())} "
+            f"controller/synthetic.py cluster: {d.scale_workloads} pods on {d.scale_clients} nodes, "
+            f"{d.scale_services} services, {d.scale_policies} policies -> {len(translator.addresses())} "
             f"Address and {len(translator.authorizations())} Authorization resources ({state_bytes / 1e6:.1f} MB)",
             f"{d.scale_clients} delta ADS clients (one gRPC channel each) in a separate process, ACKing every response",
             f"{len(changes)} single changes (one pod's version label), one at a time; the change p99 over "
@@ -209,11 +171,14 @@ async def _single_changes(
     for i in range(d.scale_changes):
         pod = pods[(i * 197) % len(pods)]
         changed = replace(
-            pod, meta=replace(pod.meta, labels=MappingProxyType({**pod.meta.labels, "version": f"v{i + 1}"}))
+            pod, meta=replace(pod.meta, labels=MappingProxyType({**pod.meta.labels, "version": f"bench-{i}"}))
         )
         mark = len(acks)
         t0 = time.monotonic()
-        server.apply_delta(translator.apply([changed]))
+        delta = translator.apply([changed])
+        if not delta.addresses:
+            raise ValueError(f"changing {changed.key} produced no Address change; nothing to deliver")
+        server.apply_delta(delta)
         pods[(i * 197) % len(pods)] = changed
         deadline = t0 + CHANGE_TIMEOUT_S
         acked: dict[str, float] = {}

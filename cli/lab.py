@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lab import Lab, LabError, down_all, forget
 
-DEFAULT_DIR = "examples/basic"
+DEFAULT_DIR = str(Path(__file__).resolve().parents[1] / "examples" / "basic")
 DEFAULT_NAME = "ambit-lab"
 
 
@@ -19,7 +20,7 @@ def register(subparsers: Any) -> None:
     commands = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
 
     up = commands.add_parser("up", help="build a lab from a YAML directory and start its workloads")
-    up.add_argument("--dir", default=DEFAULT_DIR, help=f"directory of Kubernetes-style YAML [{DEFAULT_DIR}]")
+    up.add_argument("--dir", default=DEFAULT_DIR, help="directory of Kubernetes-style YAML [examples/basic]")
     up.add_argument("--name", default=DEFAULT_NAME, help=f"lab name, prefix of every netns it creates [{DEFAULT_NAME}]")
     up.add_argument("--mesh", action="store_true", help="also start ambit-controller and one ambit-agent per node")
     up.set_defaults(func=_guard(_up))

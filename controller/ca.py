@@ -322,6 +322,11 @@ class CertificateAuthority:
         """Changes whenever the signing material or the bundle changes; lets callers re-issue dependent certs."""
         return self._material.generation
 
+    def earliest_expiry(self) -> float:
+        """Unix time when the first certificate of the signing chain or bundle expires (the alerting horizon)."""
+        m = self._material
+        return min(c.not_valid_after_utc.timestamp() for c in (m.cert, *m.intermediates, *m.roots))
+
     def roots_pem(self) -> list[str]:
         return [cert_pem(r) for r in self._material.roots]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from api.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from common.log import kv
@@ -73,6 +73,12 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             ["result", "reason"],
             registry=registry if registry is not None else REGISTRY,
         )
+        # Istio's name, so existing alerts on istiod's CA keep working.
+        Gauge(
+            "citadel_server_root_cert_expiry_timestamp",
+            "Unix time when the CA's signing chain or a bundled root expires (earliest)",
+            registry=registry if registry is not None else REGISTRY,
+        ).set_function(ca.earliest_expiry)
 
     async def _caller(self, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
         try:

@@ -203,3 +203,12 @@ async def test_pod_index_crash_is_internal_not_fatal(tmp_path: Path, tokens: Pat
     assert exc.value.code == grpc.StatusCode.INTERNAL
     assert "boom" not in exc.value.details
     assert count(service, "error", "internal") == 1
+
+
+def test_root_expiry_exported(tmp_path: Path, tokens: Path) -> None:
+    registry = CollectorRegistry()
+    ca = CertificateAuthority(tmp_path / "ca", "cluster.local")
+    CertificateService(ca, Pods(), NodeTokenAuthenticator(tokens), registry)
+    root = x509.load_pem_x509_certificate(ca.roots_pem()[0].encode())
+    exported = registry.get_sample_value("citadel_server_root_cert_expiry_timestamp")
+    assert exported == root.not_valid_after_utc.timestamp()

@@ -1,9 +1,10 @@
 """The bench's labs: built from bench/topology/, with the backends (echo server, iperf3 server) in the server pods.
 
-Two labs, because a no-mesh baseline must not cross the agent's uplink program: "plain" (no mesh) hosts the baseline
-and the reference proxy pairs; "mesh" (controller + agents) hosts the Ambit configurations. Both are brought up on
-first use, so a run with --only nomesh never starts a mesh, and a lab that fails to come up fails only the
-configurations that need it, with the lab's own error as the reason.
+Three labs, because a no-mesh baseline must not cross Ambit's uplink program: "plain" (no mesh) hosts the baseline
+and the reference proxy pairs; "attach" (the same topology) carries the capture program with nothing enrolled;
+"mesh" (controller + agents) hosts the enrolled Ambit configurations. Each is brought up on first use, so a run
+with --only nomesh never starts a mesh, and a lab that fails to come up fails only the configurations that need it,
+with the lab's own error as the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ IPERF_PORT = 5201
 # Pods that run the backends, per lab ("namespace/name").
 SERVER_PODS = {
     "plain": ("bench/server",),
-    "mesh": ("bench-mesh/server", "bench-mesh/server-local", "bench-plain/plain-server"),
+    "attach": ("bench/server",),
+    "mesh": ("bench-mesh/server", "bench-mesh/server-local"),
 }
+TOPOLOGY_DIRS = {"plain": "plain", "attach": "plain", "mesh": "mesh"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class BenchLabs:
         name = f"bench{kind[0]}-{self._suffix}"
         self.names.append(name)
         try:
-            lab = Lab.up(TOPOLOGY / kind, name=name, mesh=(kind == "mesh"))
+            lab = Lab.up(TOPOLOGY / TOPOLOGY_DIRS[kind], name=name, mesh=(kind == "mesh"))
         except Exception as exc:  # the lab's own error text is the most useful reason we can give
             raise DriverUnavailable(f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}") from exc
         site = LabSite(kind, lab)

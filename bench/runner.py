@@ -20,6 +20,7 @@ from typing import Any
 from bench import certs, machine, report, stats, targets
 from bench.cpu import CpuSnapshot, own_process_tree, rss_bytes, top_consumers
 from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
+from bench.drivers.attached import AmbitAttached
 from bench.drivers.base import Driver, DriverUnavailable, Endpoint
 from bench.drivers.envoy_pair import EnvoyPair
 from bench.drivers.nomesh import NoMesh
@@ -31,8 +32,9 @@ from bench.procs import ProcessDied, ProcessGroup
 from bench.progress import Progress
 from bench.tools import ToolBuildError, Tools, build_tools
 
+LAB_OF = {"ambit-cross": "mesh", "ambit-same": "mesh", "ambit-attached": "attach"}
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-PREPARE_ESTIMATE_S = {"plain": 5.0, "mesh": 25.0}
+PREPARE_ESTIMATE_S = {"plain": 5.0, "attach": 8.0, "mesh": 25.0}
 
 
 class Interrupted(Exception):
@@ -59,6 +61,7 @@ def make_drivers(
     }
     for path in AMBIT_PATHS:
         available[path.name] = AmbitConfig(path, labs, tools, pinning)
+    available["ambit-attached"] = AmbitAttached(labs, group, tools, pinning, work / "attach")
     return [available[n] for n in names]
 
 
@@ -123,7 +126,7 @@ class Run:
             for driver in self.drivers:
                 self.results["configs"][driver.name] = _config_entry(driver)
             per_round = sum(m.expected_seconds(d) for m in MEASURES)
-            kinds = {"mesh" if n.startswith("ambit") else "plain" for n in selected}
+            kinds = {LAB_OF.get(n, "plain") for n in selected}
             self.progress = Progress(
                 sum(PREPARE_ESTIMATE_S[k] for k in kinds) + per_round * len(selected) * opts.effective_rounds
             )

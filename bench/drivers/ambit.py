@@ -1,9 +1,9 @@
-"""(b) Ambit cross-node, (c) Ambit same-node, (e) Ambit attached-not-enrolled, all in the mesh lab.
+"""(b) Ambit cross-node and (c) Ambit same-node, in the mesh lab (controller + one agent per node).
 
 The client pod dials the server pod's own address: the agents capture it with eBPF, nothing is configured in the
 pods. Before a configuration is measured, a probe proves the path is what its name says: while a connection is
-open, the client node's netns must hold a socket for it (the agent captured it), or must not (attached but not
-enrolled). A mesh that silently passes traffic through uncaptured would otherwise be reported as Ambit numbers.
+open, the client node's netns must hold a socket for it (the agent captured it). A mesh that passed traffic through
+uncaptured would otherwise be reported as Ambit numbers.
 """
 
 from __future__ import annotations
@@ -59,14 +59,13 @@ def uplink_programs(node: Any) -> str:
 
 @dataclass(frozen=True)
 class AmbitPath:
-    """Which pods talk, and whether the agent must be in the path (captured) or must stay out of it."""
+    """Which pods talk; the agent must be in the path (captured)."""
 
     name: str
     title: str
     description: str
     client_key: str
     server_key: str
-    captured: bool
 
 
 AMBIT_PATHS = (
@@ -77,7 +76,6 @@ AMBIT_PATHS = (
         "agent node2 -> server pod (node2)",
         "bench-mesh/client",
         "bench-mesh/server",
-        True,
     ),
     AmbitPath(
         "ambit-same",
@@ -85,15 +83,6 @@ AMBIT_PATHS = (
         "enrolled client pod -> eBPF capture -> agent node1 (same-node fast path) -> enrolled server pod on node1",
         "bench-mesh/client",
         "bench-mesh/server-local",
-        True,
-    ),
-    AmbitPath(
-        "ambit-attached",
-        "Ambit attached, not enrolled",
-        "non-enrolled client pod (node1) -> server pod (node2) across uplinks that carry the agent's program",
-        "bench-plain/plain-client",
-        "bench-plain/plain-server",
-        False,
     ),
 )
 
@@ -121,28 +110,19 @@ class AmbitConfig:
                 pin_all_threads(pid, set(cpus))
         client_node = site.node(client.node)
         seen = probe_capture(self._tools, client, client_node.netns, server.ip)
-        notes = []
-        if self.path.captured and not seen:
+        if not seen:
             raise DriverUnavailable(
                 f"traffic {client.key} -> {server.key} was not captured: no socket for port {ECHO_PORT} in "
                 f"{client_node.netns} while a connection was open (pods not enrolled, or redirect not attached)"
             )
-        if not self.path.captured:
-            if seen:
-                raise DriverUnavailable(f"{client.key} is not enrolled but its traffic was captured: {seen[0]}")
-            server_node = site.node(server.node)
-            programs = uplink_programs(server_node)
-            if "ingress" not in programs:
-                raise DriverUnavailable(f"no program on {server_node.netns} {server_node.uplink} ingress: {programs!r}")
-            notes.append(f"{server_node.uplink} of {server.node}: " + " ".join(programs.split()))
-        involved = {client.node, server.node} if self.path.captured else set()
+        involved = {client.node, server.node}
         return Endpoint(
             client_netns=client.netns,
             echo=(server.ip, ECHO_PORT),
             iperf=(server.ip, IPERF_PORT),
             proxies=[Proxy(f"agent-{n}", agents[n]) for n in sorted(involved)],
             client_cpus=self._pinning.for_node(client.node),
-            notes=notes,
+            notes=[f"captured: {seen[0]}", f"agents (CPU charged): {', '.join(sorted(involved))}"],
         )
 
     def close(self) -> None:

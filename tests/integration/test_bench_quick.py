@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_YET_RUNNABLE: dict[str, str] = {
     "ambit-cross": "the mesh lab needs controller/main.py and agent/main.py (ambit-controller/ambit-agent)",
     "ambit-same": "the mesh lab needs controller/main.py and agent/main.py (ambit-controller/ambit-agent)",
-    "ambit-attached": "the mesh lab needs controller/main.py and agent/main.py (ambit-controller/ambit-agent)",
 }
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -86,6 +87,11 @@ class RedirectConfig:
     mark_mask: int = 0xF00
     route_table: int = 100
     rule_priority: int = 100
+    # The node netns keeps TIME_WAIT sockets of captured connections. TCP early demux attaches such a socket to a
+    # *forwarded* packet with the same 4-tuple, and ip_forward then drops it: after a pod is released, its reused
+    # 4-tuples would be blackholed for up to 60 s. Capture therefore turns early demux off in the node netns (and
+    # cleanup restores the previous value).
+    disable_early_demux: bool = True
 
     def __post_init__(self) -> None:
         if not _INSTANCE_RE.match(self.instance):
@@ -193,14 +199,20 @@ class Redirector:
                 raise
             self._maps, self._nl = maps, nl
             attached_now: list[int] = []
+            swapped_now = 0
             try:
                 uplinks = self._resolve_uplinks(nl)
+                saved = maps.read_config().early_demux_saved  # kept across restarts: the node's original value
+                if cfg.disable_early_demux and not saved:
+                    saved = 1 + _swap_tcp_early_demux(0)
+                    swapped_now = saved
                 maps.write_config(
                     ConfigEntry(
                         outbound_port=cfg.outbound_port,
                         inbound_port=cfg.inbound_port,
                         hbone_port=cfg.hbone_port,
                         fail_open=int(cfg.fail_open),
+                        early_demux_saved=saved,
                         mark=cfg.mark,
                         mark_mask=cfg.mark_mask,
                         layout_version=LAYOUT_VERSION,
@@ -224,6 +236,8 @@ class Redirector:
                     self._detach(idx)
                 if not routing_existed and not self._adopted:
                     nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+                if swapped_now:
+                    _swap_tcp_early_demux(swapped_now - 1)
                 self._close_handles()
                 raise
             log.info(
@@ -492,12 +506,14 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     removed: list[str] = []
     owned: dict[int, IfaceEntry] = {}
     maps: RedirectMaps | None = None
+    early_demux_saved = 0
     if os.path.isdir(cfg.pin_dir):
         try:
             maps = RedirectMaps.open(cfg.pin_dir)
             for ip in sorted(maps.workload_ips()):
                 maps.delete_workload(ip)  # stop capturing before filters go, so nothing half-captured remains
             owned = maps.iface_entries()
+            early_demux_saved = maps.read_config().early_demux_saved
         except RedirectError as exc:
             log.warning("pins unreadable; removing filters by name only", extra=kv(reason=str(exc)))
         finally:
@@ -505,6 +521,7 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
                 maps.close()
     nl = Netlink()
     try:
+        node_addrs = nl.local_ipv4()
         for idx in nl.all_link_indexes():
             info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
             if info is None or info.kind != "bpf" or info.name != cfg.filter_name:
@@ -518,6 +535,17 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
         removed += nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
     finally:
         nl.close()
+    if early_demux_saved:
+        lingering = _captured_time_wait(node_addrs)
+        if lingering:
+            # Restoring early demux now would blackhole pods reusing these 4-tuples until the sockets expire.
+            log.warning(
+                "leaving net.ipv4.tcp_early_demux=0",
+                extra=kv(instance=cfg.instance, time_wait_sockets=lingering, restore_to=early_demux_saved - 1),
+            )
+        else:
+            _swap_tcp_early_demux(early_demux_saved - 1)
+            removed.append(f"net.ipv4.tcp_early_demux restored to {early_demux_saved - 1}")
     if _remove_pin_dir(cfg.pin_dir):
         removed.append(f"pins {cfg.pin_dir}")
     with contextlib.suppress(OSError):
@@ -532,6 +560,38 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
 def _netns_cookie() -> int:
     """Identity of the calling thread's netns (inode), stored with the pins so that another node cannot adopt."""
     return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+_EARLY_DEMUX = "/proc/sys/net/ipv4/tcp_early_demux"
+
+
+def _swap_tcp_early_demux(value: int) -> int:
+    """Set the calling thread's netns tcp_early_demux (procfs resolves the netns at open) and return the old one."""
+    try:
+        with open(_EARLY_DEMUX, "r+") as f:
+            old = int(f.read().strip() or 0)
+            if old != value:
+                f.seek(0)
+                f.write(str(value))
+    except OSError as exc:
+        raise RedirectKernelError(f"cannot set {_EARLY_DEMUX} to {value}: {exc.strerror}") from exc
+    return old
+
+
+def _captured_time_wait(local: set[str]) -> int:
+    """TIME_WAIT sockets of captured connections in the calling thread's netns: their local address is not one of
+    the node's ``local`` addresses (it is the original destination, or a client address the agent preserved)."""
+    count = 0
+    with open("/proc/thread-self/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] != "06":  # TCP_TIME_WAIT
+                continue
+            addr = socket.inet_ntoa(int(fields[1].split(":")[0], 16).to_bytes(4, "little"))
+            if addr not in local and not addr.startswith("127."):
+                count += 1
+    return count
 
 
 def _require_bpffs(pin_root: str) -> None:

@@ -60,7 +60,7 @@ class ConfigEntry(ct.Structure):
         ("inbound_port", ct.c_uint16),
         ("hbone_port", ct.c_uint16),
         ("fail_open", ct.c_uint8),
-        ("pad", ct.c_uint8),
+        ("early_demux_saved", ct.c_uint8),
         ("mark", ct.c_uint32),
         ("mark_mask", ct.c_uint32),
         ("layout_version", ct.c_uint32),

@@ -66,6 +66,9 @@ class Netlink:
             raise
         return str(links[0].get_attr("IFLA_IFNAME")) if links else None
 
+    def local_ipv4(self) -> set[str]:
+        return {str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=2)}
+
     def default_route_oifs(self) -> list[int]:
         out: list[int] = []
         for r in self.ipr.route("dump", table=254, family=socket.AF_INET):

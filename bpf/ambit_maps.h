@@ -52,7 +52,7 @@ struct ambit_config {
     u16 inbound_port;  /* 15006 */
     u16 hbone_port;    /* 15008 */
     u8 fail_open;      /* 1: pass SYNs on when no listener is there (debugging only) */
-    u8 pad;
+    u8 early_demux_saved; /* loader only: 1 + the netns' tcp_early_demux before the agent cleared it; 0 = untouched */
     u32 mark;          /* skb->mark bits set on assigned packets (policy routing: fwmark rule -> local table) */
     u32 mark_mask;
     u32 layout_version;

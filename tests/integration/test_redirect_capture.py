@@ -1,0 +1,400 @@
+"""Capture with the real kernel program: one node netns with three pods and a remote node behind the uplink.
+
+The program is compiled once for the module (the restart test compiles a second one, as a restarted agent does).
+A transparent probe listener in the node netns stands in for the agent; plain probe servers run in the pods. Tests
+set the enrollment they need first, so their order only matters for the last two (restart, cleanup).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from agent.redirect import (
+    RedirectCompileError,
+    RedirectConfig,
+    Redirector,
+    RedirectPinError,
+    cleanup,
+)
+from agent.redirect_maps import RedirectMaps
+from tests.support import redirect_topology as rt
+
+LISTENER_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
+
+
+@dataclass
+class Env:
+    topo: rt.Topology
+    config: RedirectConfig
+    r: Redirector
+    listener: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def pa(self) -> rt.Pod:
+        return self.topo.pods["pa"]
+
+    @property
+    def pb(self) -> rt.Pod:
+        return self.topo.pods["pb"]
+
+    @property
+    def pc(self) -> rt.Pod:
+        return self.topo.pods["pc"]
+
+    def all_pods(self) -> set[str]:
+        return {p.ip for p in self.topo.pods.values()}
+
+    def start_listener(self, *extra: str) -> None:
+        self.stop_listener()
+        self.listener = self.topo.probe_server(self.topo.node, "serve", "--transparent", *LISTENER_PORTS, *extra)
+
+    def stop_listener(self) -> None:
+        if self.listener is not None:
+            self.topo.stop(self.listener)
+            self.listener = None
+
+    def filters(self, ifname: str) -> str:
+        return self.topo.tc("filter", "show", "dev", ifname, "ingress")
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    topo = rt.up()
+    config = RedirectConfig(instance=topo.prefix, uplinks=(topo.uplink,))
+    r = Redirector(config)
+    e = Env(topo, config, r)
+    try:
+        with rt.enter(topo.node):
+            r.start()
+        for pod in topo.pods.values():
+            topo.probe_server(pod.netns, "serve", "--port", "8080")
+        e.start_listener()
+        yield e
+    finally:
+        try:
+            e.r.close()
+            with rt.enter(topo.node):
+                cleanup(config)
+        finally:
+            topo.down()
+
+
+def _tc_prog_id(env: Env, ifname: str) -> int:
+    m = re.search(r"ambit:\S+ direct-action .*? id (\d+)", env.filters(ifname))
+    assert m, env.filters(ifname)
+    return int(m.group(1))
+
+
+def test_enrolled_pod_is_captured_to_outbound_with_original_destination(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    got = rt.connect(env.pa.netns, env.pb.ip, 8080)
+    assert got.startswith("tproxy:15001 ")
+    assert f"orig={env.pb.ip}:8080" in got
+    assert f"peer={env.pa.ip}:" in got
+    assert env.r.counters()[env.pa.ip].connections_out >= 1
+
+
+def test_non_enrolled_pods_are_untouched(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    # pc -> pb: neither end enrolled; pc's veth carries the program (peer mode) but the packet goes its own way.
+    assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith(f"server:8080 local={env.pb.ip}:8080")
+    assert rt.connect(env.topo.remote, env.pb.ip, 8080).startswith("server:8080")
+    assert set(env.r.counters()) == {env.pa.ip}
+
+
+def test_same_node_call_from_non_enrolled_pod_goes_to_inbound(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    got = rt.connect(env.pc.netns, env.pa.ip, 8080)
+    assert got.startswith("tproxy:15006 ") and f"orig={env.pa.ip}:8080" in got and f"peer={env.pc.ip}:" in got
+
+
+def test_uplink_captures_hbone_and_plaintext_for_enrolled_pods_only(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    hbone = rt.connect(env.topo.remote, env.pa.ip, 15008)
+    assert hbone.startswith("tproxy:15008 ") and f"orig={env.pa.ip}:15008" in hbone
+    plain = rt.connect(env.topo.remote, env.pa.ip, 8080)
+    assert plain.startswith("tproxy:15006 ") and f"peer={env.topo.remote_ip}:" in plain
+    with pytest.raises(ConnectionRefusedError):  # pb is not enrolled: its own (closed) port 15008 answers
+        rt.connect(env.topo.remote, env.pb.ip, 15008)
+    assert rt.connect(env.topo.remote, env.pb.ip, 8080).startswith("server:8080")
+
+
+def test_live_enroll_and_unenroll(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    assert rt.connect(env.pb.netns, env.pc.ip, 8080).startswith("server:8080")
+    env.r.reconcile({env.pa.ip, env.pb.ip}, env.all_pods())
+    assert rt.connect(env.pb.netns, env.pc.ip, 8080).startswith("tproxy:15001 ")
+    env.r.reconcile(set(), env.all_pods())
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("server:8080")
+    assert rt.connect(env.topo.remote, env.pa.ip, 8080).startswith("server:8080")
+    for pod in env.topo.pods.values():  # nothing enrolled: no pod interface carries the program any more
+        assert "ambit:" not in env.filters(pod.node_if)
+    assert env.r.counters() == {}
+    assert env.r.status()["ready"] is True  # nothing requested, nothing to capture
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
+def test_fail_closed_without_listener_and_fail_open_switch(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    drops_before = env.r.stats()["drop_no_listener"]
+    wl_drops_before = env.r.counters()[env.pa.ip].drops
+    env.stop_listener()
+    try:
+        with pytest.raises(OSError):  # SYNs dropped: never sent to pb in plaintext
+            rt.connect(env.pa.netns, env.pb.ip, 8080, timeout=1.2)
+        assert env.r.stats()["drop_no_listener"] > drops_before
+        assert env.r.counters()[env.pa.ip].drops > wl_drops_before
+        with pytest.raises(OSError):  # inbound plaintext to an enrolled pod is not let through either
+            rt.connect(env.topo.remote, env.pa.ip, 8080, timeout=1.2)
+        env.r.set_fail_open(True)
+        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("server:8080")
+        assert env.r.stats()["pass_no_listener"] >= 1
+    finally:
+        env.r.set_fail_open(False)
+        env.start_listener()
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
+def test_time_wait_4_tuple_reuse(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    port = 42000 + os.getpid() % 1000
+    # The probe listener closes first, so the node-side socket of the first connection sits in TIME_WAIT when the
+    # pod reuses the exact 4-tuple; the program must hand the SYN to that TIME_WAIT socket.
+    first = rt.connect(env.pa.netns, env.pb.ip, 8080, src_port=port)
+    assert first.startswith("tproxy:15001 ") and f"peer={env.pa.ip}:{port}" in first
+    time.sleep(0.2)
+    time_wait = subprocess.run(
+        ["nsenter", f"--net=/var/run/netns/{env.topo.node}", "ss", "-tan", "state", "time-wait"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert f"{env.pa.ip}:{port}" in time_wait, time_wait
+    second = rt.connect(env.pa.netns, env.pb.ip, 8080, src_port=port, timeout=3)
+    assert second.startswith("tproxy:15001 ") and f"peer={env.pa.ip}:{port}" in second
+    # Released while the node still holds that TIME_WAIT: the forwarded connection must not be blackholed (TCP
+    # early demux would attach the TIME_WAIT socket and ip_forward drop the packet; capture turns it off).
+    env.r.reconcile(set(), env.all_pods())
+    try:
+        third = rt.connect(env.pa.netns, env.pb.ip, 8080, src_port=port, timeout=3)
+        assert third.startswith(f"server:8080 local={env.pb.ip}:8080 peer={env.pa.ip}:{port}")
+        assert _sysctl(env.topo.node, "net.ipv4.tcp_early_demux") == "0"
+        assert _sysctl(env.topo.remote, "net.ipv4.tcp_early_demux") == "1"
+    finally:
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+
+
+def _sysctl(netns: str, key: str) -> str:
+    out = subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-n", key], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_source_preserving_return_path(env: Env) -> None:
+    env.start_listener("--relay")
+    try:
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+        # Outbound: the relay connects to pb from pa's own address; pb's veth (peer mode) returns the replies.
+        out = rt.connect(env.pa.netns, env.pb.ip, 8080, timeout=4)
+        assert out.startswith("relayed:15001 server:8080") and f"peer={env.pa.ip}:" in out
+        # Inbound from the remote node: pa sees the remote client's address, pa's veth returns the replies.
+        inb = rt.connect(env.topo.remote, env.pa.ip, 8080, timeout=4)
+        assert inb.startswith("relayed:15006 server:8080") and f"peer={env.topo.remote_ip}:" in inb
+        # Without pb in local_ips its veth has no program: pb's replies go to the real pa and the relay fails.
+        env.r.reconcile({env.pa.ip})
+        assert "ambit:" not in env.filters(env.pb.node_if)
+        broken = rt.connect(env.pa.netns, env.pb.ip, 8080, timeout=6)
+        assert broken.startswith("relay-failed:15001"), broken
+    finally:
+        env.start_listener()
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+
+
+_COUNTER_SRC = r"""
+BPF_HASH(seen, u32, u64, 64);
+int count(struct __sk_buff *skb) {
+    u32 k = skb->ingress_ifindex;
+    u64 zero = 0, *v = seen.lookup_or_try_init(&k, &zero);
+    if (v) __sync_fetch_and_add(v, 1);
+    return TC_ACT_UNSPEC;
+}
+"""
+
+
+def test_coexists_with_other_tc_filters(env: Env) -> None:
+    from bcc import BPF
+
+    b = BPF(text="#include <uapi/linux/pkt_cls.h>\n" + _COUNTER_SRC)
+    fn = b.load_func("count", BPF.SCHED_CLS)
+    with rt.enter(env.topo.node):
+        ipr = IPRoute()
+    try:
+        idx = {p: ipr.link_lookup(ifname=p.node_if)[0] for p in (env.pa, env.pc)}
+        env.r.reconcile(set(), env.all_pods())  # start from no capture: the foreign filters come first
+        for pod, prio in ((env.pa, 5), (env.pc, 20)):  # before ours on pa, after ours on pc
+            if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx[pod])):
+                ipr.tc("add", "clsact", index=idx[pod])
+            ipr.tc(
+                "add-filter", "bpf", index=idx[pod], handle=1, fd=fn.fd, name="counter", parent=0xFFFFFFF2,
+                classid=1, direct_action=True, prio=prio,
+            )  # fmt: skip
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+
+        def seen(pod: rt.Pod) -> int:
+            v = b["seen"].get(ct.c_uint32(idx[pod]))
+            return int(v.value) if v else 0
+
+        before = seen(env.pa), seen(env.pc)
+        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")  # ours still captures
+        assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith("server:8080")  # not ours: next filter runs
+        assert seen(env.pa) > before[0] and seen(env.pc) > before[1]
+        env.r.reconcile(set(), env.all_pods())  # detaching ours leaves theirs and the shared clsact
+        for pod in (env.pa, env.pc):
+            shown = env.filters(pod.node_if)
+            assert "counter" in shown and "ambit:" not in shown
+        before = seen(env.pc)
+        assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith("server:8080")
+        assert seen(env.pc) > before
+    finally:
+        for pod, prio in ((env.pa, 5), (env.pc, 20)):
+            ipr.tc("del-filter", "bpf", index=idx[pod], handle=1, parent=0xFFFFFFF2, prio=prio)
+        ipr.close()
+        b.cleanup()
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+
+
+def test_bad_pods_are_reported_and_others_keep_working(env: Env) -> None:
+    gateway_ip = env.topo.gateway_net.replace("0/24", "5")
+    bad = {"10.99.99.99", gateway_ip, env.topo.node_ip, "not-an-ip", "fd00::5"}
+    failures = env.r.reconcile({env.pa.ip, *bad}, env.all_pods())
+    assert set(failures) == bad
+    assert "no route to 10.99.99.99" in failures["10.99.99.99"]
+    assert f"via gateway {env.topo.remote_ip} on {env.topo.uplink}" in failures[gateway_ip]
+    assert "local address of the node" in failures[env.topo.node_ip]
+    assert "not an IP address" in failures["not-an-ip"]
+    assert "IPv6" in failures["fd00::5"]
+    assert env.r.status()["failures"] == failures
+    assert set(env.r.counters()) == {env.pa.ip}
+    assert env.r.ready
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
+def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
+    from bcc import BPF
+
+    b = BPF(text="#include <uapi/linux/pkt_cls.h>\nint other(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }")
+    fn = b.load_func("other", BPF.SCHED_CLS)
+    with rt.enter(env.topo.node):
+        ipr = IPRoute()
+    idx = ipr.link_lookup(ifname=env.pb.node_if)[0]
+    env.r.reconcile({env.pa.ip})  # pb's veth free of ours
+    if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
+        ipr.tc("add", "clsact", index=idx)
+    ipr.tc(
+        "add-filter", "bpf", index=idx, handle=env.config.tc_handle, fd=fn.fd, name="foreign", parent=0xFFFFFFF2,
+        classid=1, direct_action=True, prio=env.config.tc_priority,
+    )  # fmt: skip
+    try:
+        failures = env.r.reconcile({env.pa.ip, env.pb.ip})
+        assert "taken by another filter" in failures[env.pb.ip] and env.pb.node_if in failures[env.pb.ip]
+        assert set(env.r.counters()) == {env.pa.ip}  # pb not enrolled in the map: the uplink won't capture for it
+        maps = RedirectMaps.open(env.config.pin_dir)
+        try:
+            assert idx not in maps.iface_entries()
+        finally:
+            maps.close()
+        assert "foreign" in env.filters(env.pb.node_if)
+        assert rt.connect(env.topo.remote, env.pb.ip, 8080).startswith("server:8080")
+        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+    finally:
+        ipr.tc("del", "clsact", index=idx)
+        ipr.close()
+        b.cleanup()
+        env.r.reconcile({env.pa.ip}, env.all_pods())
+
+
+def test_compile_failures_are_precise_and_leave_nothing(env: Env, tmp_path: Path) -> None:
+    missing = RedirectConfig(instance=env.topo.prefix + "-m", source="/nonexistent/redirect.bpf.c")
+    with rt.enter(env.topo.node), pytest.raises(RedirectCompileError, match=r"/nonexistent/redirect\.bpf\.c"):
+        Redirector(missing).start()
+    assert not os.path.exists(missing.pin_dir)
+    broken_src = tmp_path / "broken.bpf.c"
+    broken_src.write_text("int ambit_tc_ingress(struct __sk_buff *skb) { return undeclared_thing; }\n")
+    broken = RedirectConfig(instance=env.topo.prefix + "-b", source=str(broken_src))
+    with rt.enter(env.topo.node), pytest.raises(RedirectCompileError) as info:
+        Redirector(broken).start()
+    assert str(broken_src) in str(info.value) and "undeclared_thing" in str(info.value)
+    assert not os.path.exists(broken.pin_dir)
+
+
+def test_pins_of_another_node_are_refused(env: Env) -> None:
+    with rt.enter(env.topo.remote), pytest.raises(RedirectPinError, match="another node"):
+        Redirector(env.config).start()
+
+
+def test_restart_adopts_pins_and_filters_without_gap(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+    counted = env.r.counters()[env.pa.ip].connections_out
+    old_prog = _tc_prog_id(env, env.pa.node_if)
+    env.r.close()  # the agent exits: capture stays
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+    results: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                results.append(rt.connect(env.pa.netns, env.pb.ip, 8080, timeout=2))
+            except OSError as exc:
+                results.append(f"error {exc!r}")
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        new = Redirector(env.config)
+        with rt.enter(env.topo.node):
+            new.start()
+        env.r = new
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    assert results and all(r.startswith("tproxy:15001 ") for r in results), results
+    assert set(new.status()["adopted"]) >= {env.pa.node_if, env.topo.uplink}
+    assert _tc_prog_id(env, env.pa.node_if) != old_prog  # swapped to the new program in place
+    assert env.filters(env.pa.node_if).count("ambit:") == 1
+    assert new.counters()[env.pa.ip].connections_out >= counted + len(results)
+    assert new.reconcile({env.pa.ip}, env.all_pods()) == {}
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
+def test_cleanup_removes_filters_rules_and_pins(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    env.r.close()
+    with rt.enter(env.topo.node):
+        removed = cleanup(env.config)
+    assert any(env.topo.uplink in item for item in removed)
+    for ifname in [env.topo.uplink, *(p.node_if for p in env.topo.pods.values())]:
+        assert "ambit:" not in env.filters(ifname)
+    assert "0x200/0xf00" not in env.topo.ip(env.topo.node, "rule")
+    assert env.topo.ip(env.topo.node, "route", "show", "table", str(env.config.route_table)).strip() == ""
+    assert not os.path.exists(env.config.pin_dir)
+    # Captured connections left TIME_WAIT sockets behind, so early demux stays off rather than blackholing them.
+    restored = "net.ipv4.tcp_early_demux restored to 1" in removed
+    assert _sysctl(env.topo.node, "net.ipv4.tcp_early_demux") == ("1" if restored else "0")
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("server:8080")
+    with rt.enter(env.topo.node):
+        assert cleanup(env.config) == []  # repeatable: nothing left to remove

@@ -34,7 +34,7 @@ class TrackedConnection:
     workload_uid: str  # the destination workload whose policies apply
     direction: str
     close: Callable[[], object]  # cuts the connection (cancels the task relaying it)
-    report: ConnectionReport | None = None
+    reports: list[ConnectionReport] = field(default_factory=list)
     rejected_by: rbac.Decision | None = field(default=None)
 
     @property
@@ -61,9 +61,9 @@ class ConnectionRegistry:
         workload_uid: str,
         direction: str,
         close: Callable[[], object],
-        report: ConnectionReport | None = None,
+        reports: list[ConnectionReport] | None = None,
     ) -> TrackedConnection:
-        t = TrackedConnection(conn, workload_uid, direction, close, report)
+        t = TrackedConnection(conn, workload_uid, direction, close, reports or [])
         self._conns.add(t)
         return t
 
@@ -94,8 +94,8 @@ class ConnectionRegistry:
                 "closing connection no longer allowed",
                 extra=kv(connection=str(t.conn), workload=t.workload_uid, reason=decision.explain()),
             )
-            if t.report is not None:
-                t.report.decision = decision
+            for r in t.reports:
+                r.decision = decision
             t.close()
         return cut
 
@@ -142,7 +142,7 @@ class ConnectionRegistry:
             return
         task = asyncio.current_task()
         assert task is not None
-        tracked = self.track(conn, workload.uid, direction, task.cancel, reports[-1])
+        tracked = self.track(conn, workload.uid, direction, task.cancel, reports)
         splice = SpliceRelay(sock, upstream)
         error: str | None = None
         try:

@@ -93,7 +93,7 @@ class _Common:
         metrics: Metrics,
         access_log: AccessLog,
         connections: ConnectionRegistry,
-        config: InboundConfig | None,
+        config: InboundConfig | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -236,7 +236,7 @@ class InboundProxy(_Common):
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        tracked = self.connections.track(conn, wl.uid, "inbound", task.cancel, report)
+        tracked = self.connections.track(conn, wl.uid, "inbound", task.cancel, [report])
         try:
             result = await relay(upstream, req.stream)
         except asyncio.CancelledError:

@@ -1,0 +1,152 @@
+"""Bad input at the agent's inbound HBONE port: each case is refused with a counted reason while a good
+connection through the same agent keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+from hpack import Decoder, Encoder
+
+from agent.metrics import sample_value
+from common import tls
+from common.spiffe import Identity
+from tests.integration.proxy_mesh import ECHO_PORT, Mesh
+from tests.support.pki import TestCA
+from tests.support.proxy_echo import connect_from, exchange_socket
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEADERS, RST_STREAM, SETTINGS, GOAWAY = 1, 3, 4, 7
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    m = Mesh()
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
+
+
+async def tls_to(mesh: Mesh, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(mesh.ip["echo-1"], 15008, ssl=ctx, server_hostname="")
+
+
+async def request(mesh: Mesh, headers: list[tuple[str, str]], ident: Identity | None = None) -> str:
+    """Send one HTTP/2 request as the client workload; the response status, or what ended the connection."""
+    ctx = await mesh.certs.client_context(ident or mesh.identity("client"))
+    reader, writer = await tls_to(mesh, ctx)
+    writer.write(PREFACE + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, 0x4, 1, Encoder().encode(headers)))
+    decoder = Decoder()
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                head = await reader.readexactly(9)
+                length = int.from_bytes(head[:3], "big")
+                ftype, sid = head[3], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                payload = await reader.readexactly(length)
+                if ftype == HEADERS and sid == 1:
+                    return dict(decoder.decode(payload))[":status"]
+                if ftype == RST_STREAM and sid == 1:
+                    return "reset"
+                if ftype == GOAWAY:
+                    return "goaway"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "closed"
+    finally:
+        writer.close()
+
+
+async def still_serves(mesh: Mesh) -> bool:
+    captured = mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT))
+    return (await exchange_socket(await connect_from(mesh.ip["client"], captured), 200_000)).intact
+
+
+def rejects(mesh: Mesh) -> int:
+    return sum(mesh.n2.stats.rejects.values())
+
+
+async def test_non_connect_is_400(mesh: Mesh) -> None:
+    status = await request(
+        mesh, [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", f"{mesh.ip['echo-1']}:8080")]
+    )
+    assert status in ("400", "reset")
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
+async def test_authority_mismatch_is_400(mesh: Mesh) -> None:
+    # a valid CONNECT to a pod that is not the one this connection was made to (echo-2 lives elsewhere)
+    status = await request(mesh, [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-2']}:8080")])
+    assert status == "400"
+    status = await request(mesh, [(":method", "CONNECT"), (":authority", "echo.server.svc:8080")])
+    assert status == "400"
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "bad_authority"}) == 2
+    assert await still_serves(mesh)
+
+
+async def test_connect_to_agent_port_is_400(mesh: Mesh) -> None:
+    status = await request(mesh, [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-1']}:15008")])
+    assert status == "400"
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "self_call"}) == 1
+
+
+async def test_garbage_after_tls(mesh: Mesh) -> None:
+    reader, writer = await tls_to(mesh, await mesh.certs.client_context(mesh.identity("client")))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 8)
+    try:
+        async with asyncio.timeout(10):
+            while await reader.read(65536):
+                pass
+    except ConnectionError:
+        pass
+    writer.close()
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
+async def test_client_without_certificate(mesh: Mesh) -> None:
+    ctx = tls.client_context(mesh.certs.roots(), alpn=[tls.ALPN_H2])
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        reader, writer = await tls_to(mesh, ctx)
+        # TLS 1.3: the server's verdict on our (missing) certificate arrives after the client's handshake ends
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        async with asyncio.timeout(10):
+            if not await reader.read(100):
+                raise ConnectionError("closed")
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
+async def test_client_from_another_mesh(mesh: Mesh) -> None:
+    foreign = TestCA("other.domain")
+    leaf = foreign.issue(Identity("other.domain", "client", "sleep"))
+    # trusts our roots (so the client side completes) but presents a certificate from a foreign CA
+    ctx = foreign.client_context(leaf, roots=mesh.certs.roots())
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        reader, writer = await tls_to(mesh, ctx)
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        async with asyncio.timeout(10):
+            if not await reader.read(100):
+                raise ConnectionError("closed")
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
+async def test_unknown_destination_address_refused(mesh: Mesh) -> None:
+    # an HBONE listener reached at an address that is no local workload's: refused before TLS, and counted
+    mesh.n2.serve_hbone(mesh.ip["stranger"])
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.open_connection(
+            mesh.ip["stranger"], 15008, ssl=await mesh.certs.client_context(mesh.identity("client")), server_hostname=""
+        )
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "unknown_destination"}) == 1
+    assert await still_serves(mesh)

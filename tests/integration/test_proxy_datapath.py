@@ -1,0 +1,249 @@
+"""Outbound -> HBONE -> inbound -> pod on a loopback two-node mesh (tests/integration/proxy_mesh.py):
+exact bytes, policy (DENY, STRICT, late rejection), same-node splice, passthrough, metrics and access logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from google.protobuf import empty_pb2
+
+from agent.metrics import sample_value
+from api.istio.security import authorization_pb2 as apb
+from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Mesh
+from tests.support.proxy_echo import connect_from, exchange_socket
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    m = Mesh()
+    await m.start()
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+def deny_principal(name: str, principal: str) -> apb.Authorization:
+    return apb.Authorization(
+        name=name,
+        namespace="server",
+        scope=apb.WORKLOAD_SELECTOR,
+        action=apb.DENY,
+        groups=[apb.Group(rules=[apb.Rules(matches=[apb.Match(principals=[apb.StringMatch(exact=principal)])])])],
+    )
+
+
+STRICT = apb.Authorization(
+    name="istio_converted_static_strict",
+    namespace="istio-system",
+    scope=apb.WORKLOAD_SELECTOR,
+    action=apb.DENY,
+    groups=[
+        apb.Group(rules=[apb.Rules(matches=[apb.Match(not_principals=[apb.StringMatch(presence=empty_pb2.Empty())])])])
+    ],
+)
+
+
+async def send(mesh: Mesh, pod: str, captured: tuple[str, int], size: int) -> Any:
+    sock = await connect_from(mesh.ip[pod], captured)
+    return await exchange_socket(sock, size)
+
+
+async def refused(mesh: Mesh, pod: str, captured: tuple[str, int]) -> bool:
+    """True when the agent cut the connection without relaying anything."""
+    reader, writer = await asyncio.open_connection(sock=await connect_from(mesh.ip[pod], captured))
+    try:
+        writer.write(b"hello?")
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        return data == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        writer.close()
+
+
+async def test_hbone_cross_node_exact_bytes_and_concurrency(mesh: Mesh) -> None:
+    to_pod = mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT))
+    to_vip = mesh.n1.capture_outbound((mesh.ip["vip"], SERVICE_PORT))
+    big = await send(mesh, "client", to_pod, 6 * MB + 7)
+    assert big.intact
+    results = await asyncio.gather(
+        *(send(mesh, "client" if i % 2 else "other", to_vip if i % 3 else to_pod, 150_000 + i) for i in range(40))
+    )
+    assert all(r.intact for r in results)
+    # both sides reported every connection, with Istio labels
+    sel = {"source_workload": "sleep", "destination_workload": "echo", "connection_security_policy": "mutual_tls"}
+    out = sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total", {**sel, "reporter": "source"})
+    inn = sample_value(mesh.n2.metrics, "istio_tcp_connections_closed_total", {**sel, "reporter": "destination"})
+    assert out == inn == 21
+    assert sample_value(
+        mesh.n2.metrics,
+        "istio_tcp_received_bytes_total",
+        {"reporter": "destination", "destination_service": SVC_HOST, "source_principal": str(mesh.identity("other"))},
+    ) == sum(150_000 + i for i in range(40) if i % 2 == 0)  # the destination knows the service either way
+    # pooled: many streams, few TLS connections
+    assert mesh.n1.pool.connection_count() <= 4
+
+
+async def test_deny_policy_blocks_one_caller_only(mesh: Mesh) -> None:
+    mesh.set_policies(
+        deny_principal("deny-curl", mesh.identity("other").principal), selector={"echo-1": ["server/deny-curl"]}
+    )
+    to_pod = mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT))
+    assert await refused(mesh, "other", to_pod)
+    assert (await send(mesh, "client", to_pod, 100_000)).intact
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "policy_denied"}) == 1
+    assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "hbone_401"}) == 1
+    assert (
+        sample_value(
+            mesh.n2.metrics,
+            "istio_tcp_connections_closed_total",
+            {"response_flags": "DENY", "source_principal": str(mesh.identity("other"))},
+        )
+        == 1
+    )
+
+
+async def test_strict_denies_plaintext_but_not_mtls(mesh: Mesh) -> None:
+    plain = mesh.n2.capture_plaintext((mesh.ip["echo-1"], ECHO_PORT))
+    assert (await send(mesh, "legacy", plain, 50_000)).intact  # PERMISSIVE: plaintext allowed
+    mesh.set_policies(STRICT, selector={"echo-1": ["istio-system/istio_converted_static_strict"]})
+    assert await refused(mesh, "legacy", plain)
+    assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)), 50_000)).intact
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"direction": "inbound_plaintext"}) == 1
+    assert (
+        sample_value(
+            mesh.n2.metrics,
+            "istio_tcp_connections_closed_total",
+            {"connection_security_policy": "unknown", "response_flags": "DENY", "source_workload": "legacy"},
+        )
+        == 1
+    )
+
+
+async def _open_and_ping(mesh: Mesh, pod: str, captured: tuple[str, int]) -> tuple[Any, Any]:
+    reader, writer = await asyncio.open_connection(sock=await connect_from(mesh.ip[pod], captured))
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    return reader, writer
+
+
+async def _cut(reader: asyncio.StreamReader) -> bool:
+    try:
+        async with asyncio.timeout(10):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("path", ["hbone", "same_node", "plaintext"])
+async def test_policy_change_closes_established_connection(
+    mesh: Mesh, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = "echo-2" if path == "same_node" else "echo-1"
+    agent = mesh.n1 if path == "same_node" else mesh.n2
+    if path == "plaintext":
+        captured = mesh.n2.capture_plaintext((mesh.ip["echo-1"], ECHO_PORT))
+        doomed, survivor = "legacy", None
+    else:
+        captured = mesh.n1.capture_outbound((mesh.ip[target], ECHO_PORT))
+        doomed, survivor = "other", "client"
+    r1, w1 = await _open_and_ping(mesh, doomed, captured)
+    kept = await _open_and_ping(mesh, survivor, captured) if survivor else None
+    assert len(agent.connections) == (2 if survivor else 1)
+    policy = STRICT if path == "plaintext" else deny_principal("deny-curl", mesh.identity("other").principal)
+    with caplog.at_level(logging.INFO):
+        mesh.set_policies(policy, selector={target: [f"{policy.namespace}/{policy.name}"]})
+        assert await _cut(r1)
+        w1.close()
+        if kept:
+            kept[1].write(b"still here")
+            assert await kept[0].readexactly(10) == b"still here"
+            kept[1].close()
+        assert sample_value(agent.metrics, "ambit_connection_errors_total", {"reason": "policy_late_rejection"}) == 1
+        await asyncio.sleep(0.2)  # let the handler write its access-log line
+    lines = [r for r in caplog.records if r.name == f"access.{agent.node}" and "LateRejection" in str(r.__dict__)]
+    assert lines, "the cut connection's access-log line names AuthorizationPolicyLateRejection"
+    assert lines[0].fields["policy.name"] == f"{policy.namespace}/{policy.name}"  # type: ignore[attr-defined]
+    if path != "hbone":  # spliced paths count live; a cut HBONE relay reports no byte counts
+        assert lines[0].fields["bytes_sent"] == 4  # type: ignore[attr-defined]
+
+
+async def test_same_node_splice_exact_bytes_and_reports_both_sides(mesh: Mesh) -> None:
+    captured = mesh.n1.capture_outbound((mesh.ip["echo-2"], ECHO_PORT))
+    results = await asyncio.gather(
+        send(mesh, "client", captured, 8 * MB + 3), *(send(mesh, "other", captured, 64_000 + i) for i in range(10))
+    )
+    assert all(r.intact for r in results)
+    sel = {"source_workload": "sleep", "destination_workload": "echo", "connection_security_policy": "mutual_tls"}
+    for reporter in ("source", "destination"):
+        assert sample_value(mesh.n1.metrics, "istio_tcp_received_bytes_total", {**sel, "reporter": reporter}) == (
+            8 * MB + 3
+        )
+    assert sample_value(mesh.n1.metrics, "ambit_hbone_connections_opened_total") == 0
+    assert mesh.n1.pool.connection_count() == 0  # no TLS on the same node
+
+
+async def test_passthrough_and_refusals(mesh: Mesh) -> None:
+    to_legacy = mesh.n1.capture_outbound((mesh.ip["legacy"], ECHO_PORT))
+    assert (await send(mesh, "client", to_legacy, 300_000)).intact
+    assert (
+        sample_value(
+            mesh.n1.metrics,
+            "istio_tcp_sent_bytes_total",
+            {"destination_workload": "legacy", "connection_security_policy": "unknown"},
+        )
+        == 300_000
+    )
+    # the agent's own ports are never a destination
+    assert await refused(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], 15008)))
+    # a source that is not a known workload
+    assert await refused(mesh, "stranger", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)))
+    errors = {
+        (s.labels["reason"]): s.value
+        for fam in mesh.n1.metrics.registry.collect()
+        for s in fam.samples
+        if s.name == "ambit_connection_errors_total"
+    }
+    assert errors == {"self_call": 1, "unknown_source": 1}
+
+
+async def test_metrics_and_access_log_over_http(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    port = await mesh.n2.start_metrics()
+    with caplog.at_level(logging.INFO):
+        assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["vip"], SERVICE_PORT)), 12345)).intact
+        await asyncio.sleep(0.2)
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    )
+    line = next(ln for ln in body.splitlines() if ln.startswith("istio_tcp_received_bytes_total{"))
+    for label in (
+        'reporter="destination"',
+        'source_workload="sleep"',
+        'source_workload_namespace="client"',
+        'source_principal="spiffe://cluster.local/ns/client/sa/sleep"',
+        'destination_workload="echo"',
+        f'destination_service="{SVC_HOST}"',
+        'destination_service_name="echo"',
+        'destination_principal="spiffe://cluster.local/ns/server/sa/echo"',
+        'request_protocol="tcp"',
+        'response_flags="-"',
+        'connection_security_policy="mutual_tls"',
+    ):
+        assert label in line, label
+    assert line.endswith(" 12345.0")
+    logs = {r.name: r.fields for r in caplog.records if r.name.startswith("access.")}  # type: ignore[attr-defined]
+    assert logs["access.n1"]["direction"] == "outbound" and logs["access.n2"]["direction"] == "inbound"
+    assert logs["access.n2"]["src.identity"] == str(mesh.identity("client"))
+    assert logs["access.n2"]["src.addr"].startswith(mesh.ip["client"] + ":")  # forwarded for= trusted
+    assert logs["access.n2"]["bytes_sent"] == 12345 == logs["access.n1"]["bytes_recv"]
+    assert logs["access.n1"]["dst.hbone_addr"] == f"{mesh.ip['echo-1']}:{ECHO_PORT}"
+    assert logs["access.n2"]["policy.decision"] == "allow"

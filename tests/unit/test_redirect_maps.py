@@ -1,0 +1,90 @@
+"""The Python mirrors of bpf/ambit_maps.h must match the C contract byte for byte (a mismatch would make the agent
+read garbage from pinned maps), and address keys must pack the way the program builds them."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import re
+from pathlib import Path
+
+import pytest
+
+from agent import redirect_maps as rm
+
+HEADER = (Path(__file__).resolve().parents[2] / "bpf" / "ambit_maps.h").read_text()
+
+
+def _define(name: str) -> int:
+    m = re.search(rf"^#define {name} (\S+)", HEADER, re.M)
+    assert m, name
+    return int(m.group(1), 0)
+
+
+def _struct_fields(name: str) -> list[str]:
+    body = re.search(rf"struct {name} \{{(.*?)\}};", HEADER, re.S)
+    assert body, name
+    fields = []
+    for line in body.group(1).splitlines():
+        m = re.match(r"\s*u(?:8|16|32|64) (\w+)(?:\[\d+\])?;", line)
+        if m:
+            fields.append(m.group(1))
+    return fields
+
+
+def test_struct_layouts_match_the_header() -> None:
+    assert [f[0] for f in rm.AmbitAddr._fields_] == _struct_fields("ambit_addr")
+    assert [f[0] for f in rm.WlCounters._fields_] == _struct_fields("ambit_wl_counters")
+    assert [f[0] for f in rm.IfaceEntry._fields_] == _struct_fields("ambit_iface")
+    assert [f[0] for f in rm.ConfigEntry._fields_] == _struct_fields("ambit_config")
+    assert (ct.sizeof(rm.AmbitAddr), ct.sizeof(rm.WlCounters), ct.sizeof(rm.IfaceEntry)) == (20, 40, 8)
+    assert ct.sizeof(rm.ConfigEntry) == 32
+
+
+def test_constants_match_the_header() -> None:
+    assert _define("AMBIT_LAYOUT_VERSION") == rm.LAYOUT_VERSION
+    assert _define("AMBIT_IF_POD") == rm.IF_POD
+    assert _define("AMBIT_IF_UPLINK") == rm.IF_UPLINK
+    assert _define("AMBIT_LOADER_OWNS_QDISC") == rm.LOADER_OWNS_QDISC
+    assert (_define("AMBIT_AF_INET"), _define("AMBIT_AF_INET6")) == (rm.AF_INET, rm.AF_INET6)
+    stats = sorted(
+        (int(v), n.lower()) for n, v in re.findall(r"^#define AMBIT_STAT_(\w+) (\d+)", HEADER, re.M) if n != "MAX"
+    )
+    assert tuple(name for _, name in stats) == rm.STAT_NAMES
+    assert _define("AMBIT_STAT_MAX") == len(rm.STAT_NAMES) == rm.STATS.max_entries
+
+
+def test_map_declarations_match_specs() -> None:
+    decls = re.findall(r'BPF_TABLE_PINNED\("(\w+)",\s*([^,]+),\s*([^,]+),\s*(\w+),\s*(\w+),', HEADER)
+    assert {d[3] for d in decls} == {s.name for s in rm.ALL_MAPS}
+    types = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6}
+    for kind, _key, _leaf, name, max_entries in decls:
+        spec = next(s for s in rm.ALL_MAPS if s.name == name)
+        assert types[kind] == spec.map_type, name
+        limit = _define(max_entries) if not max_entries.isdigit() else int(max_entries)
+        assert limit == spec.max_entries, name
+
+
+def test_ipv4_key_is_family_plus_network_order_address_zero_padded() -> None:
+    key = rm.pack_addr("10.77.1.10")
+    assert key.family == rm.AF_INET
+    assert bytes(key.addr) == bytes([10, 77, 1, 10]) + bytes(12)
+    assert bytes(key)[:4] == bytes([rm.AF_INET, 0, 0, 0])
+    assert rm.unpack_addr(key) == "10.77.1.10"
+
+
+def test_ipv6_key_round_trips() -> None:
+    key = rm.pack_addr("fd00::5")
+    assert key.family == rm.AF_INET6
+    assert rm.unpack_addr(key) == "fd00::5"
+
+
+def test_bad_address_text_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        rm.pack_addr("10.77.1")
+
+
+def test_unknown_family_in_a_key_is_an_error() -> None:
+    key = rm.AmbitAddr()
+    key.family = 7
+    with pytest.raises(ValueError, match="family 7"):
+        rm.unpack_addr(key)

@@ -1,0 +1,147 @@
+"""Outbound destination resolution (agent.outbound.route) against a populated WorkloadStore, and the HBONE
+request headers."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from agent.outbound import OutboundConfig, RouteKind, baggage, hbone_headers, route, traceparent
+from agent.state import WorkloadStore
+from api.istio.workload import workload_pb2 as wpb
+
+HOST = "echo.server.svc.cluster.local"
+KEY = f"server/{HOST}"
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def wl(name: str, addr: str, node: str, *, hbone: bool = True, ports: dict[int, int] | None = None, **kw: Any) -> Any:
+    services = {}
+    if ports is not None:
+        services[KEY] = wpb.PortList(ports=[wpb.Port(service_port=s, target_port=t) for s, t in ports.items()])
+    return wpb.Workload(
+        uid=f"Kubernetes//Pod/server/{name}",
+        name=name,
+        namespace="server",
+        addresses=[ip(addr)],
+        node=node,
+        tunnel_protocol=wpb.HBONE if hbone else wpb.NONE,
+        services=services,
+        **kw,
+    )
+
+
+CLIENT = wpb.Workload(
+    uid="Kubernetes//Pod/client/sleep-1",
+    name="sleep-1",
+    namespace="client",
+    service_account="sleep",
+    addresses=[ip("10.1.0.5")],
+    node="n1",
+    tunnel_protocol=wpb.HBONE,
+    workload_name="sleep",
+    canonical_name="sleep",
+    canonical_revision="v1",
+    cluster_id="Kubernetes",
+)
+
+
+def service(vip: str, name: str = "echo", mode: int = 0, ports: dict[int, int] | None = None) -> Any:
+    return wpb.Service(
+        name=name,
+        namespace="server",
+        hostname=f"{name}.server.svc.cluster.local",
+        addresses=[wpb.NetworkAddress(address=ip(vip))],
+        ports=[wpb.Port(service_port=s, target_port=t) for s, t in (ports or {80: 8080}).items()],
+        load_balancing=wpb.LoadBalancing(mode=mode),
+    )
+
+
+@pytest.fixture
+def store() -> WorkloadStore:
+    s = WorkloadStore()
+    populate(
+        s,
+        CLIENT,
+        wl("echo-a", "10.2.0.7", "n2", ports={80: 8080}),
+        wl("echo-b", "10.2.0.8", "n2", ports={80: 9090}),  # the workload's own target port wins
+        wl("echo-sick", "10.2.0.9", "n2", ports={80: 8080}, status=wpb.UNHEALTHY),
+        wl("local", "10.1.0.9", "n1"),
+        wl("legacy", "10.3.0.4", "n2", hbone=False),
+        service("10.96.0.10"),
+        service("10.96.0.11", name="empty"),
+        service("10.96.0.12", name="passthrough", mode=wpb.LoadBalancing.PASSTHROUGH),
+    )
+    return s
+
+
+def populate(store: WorkloadStore, *msgs: Any) -> None:
+    store.put(list(msgs))  # SHIM until agent/state.py lands
+
+
+def test_agent_ports_are_refused(store: WorkloadStore) -> None:
+    for port in (15001, 15006, 15008):
+        r = route(store, "n1", CLIENT, ("10.2.0.7", port))
+        assert (r.kind, r.reason) == (RouteKind.REJECT, "self_call")
+
+
+def test_workload_ip_goes_through_hbone_to_15008(store: WorkloadStore) -> None:
+    r = route(store, "n1", CLIENT, ("10.2.0.7", 8080))
+    assert r.kind is RouteKind.HBONE
+    assert r.target == ("10.2.0.7", 15008)
+    assert r.authority == ("10.2.0.7", 8080)  # no port mapping without a service
+    assert r.workload.name == "echo-a" and r.service is None
+
+
+def test_vip_balances_over_healthy_endpoints_with_target_ports(store: WorkloadStore) -> None:
+    seen: Counter[tuple[str, int] | None] = Counter()
+    rng = random.Random(7)
+    for _ in range(200):
+        r = route(store, "n1", CLIENT, ("10.96.0.10", 80), rng=rng)
+        assert r.kind is RouteKind.HBONE and r.service.hostname == HOST
+        assert r.target == (r.authority[0], 15008)  # type: ignore[index]
+        seen[r.authority] += 1
+    assert set(seen) == {("10.2.0.7", 8080), ("10.2.0.8", 9090)}  # never the unhealthy one
+    assert min(seen.values()) > 50
+
+
+def test_vip_without_endpoints(store: WorkloadStore) -> None:
+    r = route(store, "n1", CLIENT, ("10.96.0.11", 80))
+    assert (r.kind, r.reason) == (RouteKind.REJECT, "no_healthy_upstream")
+    r = route(store, "n1", CLIENT, ("10.96.0.12", 80))
+    assert r.kind is RouteKind.PASSTHROUGH and r.target == ("10.96.0.12", 80)
+
+
+def test_same_node_fast_path(store: WorkloadStore) -> None:
+    r = route(store, "n1", CLIENT, ("10.1.0.9", 7000))
+    assert r.kind is RouteKind.SAME_NODE and r.target == ("10.1.0.9", 7000) == r.authority
+    off = route(store, "n1", CLIENT, ("10.1.0.9", 7000), OutboundConfig(same_node_fast_path=False))
+    assert off.kind is RouteKind.HBONE and off.target == ("10.1.0.9", 15008)
+
+
+def test_outside_the_mesh_is_passthrough(store: WorkloadStore) -> None:
+    r = route(store, "n1", CLIENT, ("10.3.0.4", 5432))
+    assert r.kind is RouteKind.PASSTHROUGH and r.target == ("10.3.0.4", 5432) and r.workload.name == "legacy"
+    r = route(store, "n1", CLIENT, ("192.0.2.1", 443))
+    assert r.kind is RouteKind.PASSTHROUGH and r.target == ("192.0.2.1", 443) and r.workload is None
+
+
+def test_headers() -> None:
+    headers = dict(hbone_headers(("10.1.0.5", 40123), CLIENT))
+    assert headers["forwarded"] == 'for="10.1.0.5:40123"'
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers["traceparent"])
+    assert headers["baggage"] == (
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=client,k8s.deployment.name=sleep,"
+        "service.name=sleep,service.version=v1"
+    )
+    assert dict(hbone_headers(("fd00::5", 1), CLIENT))["forwarded"] == 'for="[fd00::5]:1"'
+    assert traceparent() != traceparent()
+    assert baggage(wpb.Workload()) == ""

@@ -31,6 +31,7 @@ SERVER_PODS = {
     "mesh": ("bench-mesh/server", "bench-mesh/server-local"),
 }
 TOPOLOGY_DIRS = {"plain": "plain", "attach": "plain", "mesh": "mesh"}
+MESH_KINDS = {"mesh", "rss"}  # "rss": the 100-workload lab of the agent memory measure (generated topology)
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,22 @@ class BenchLabs:
         self._suffix = secrets.token_hex(2)
         self.names: list[str] = []  # every lab this run tried to build (its netns names start with these)
 
-    def get(self, kind: str) -> LabSite:
-        """The lab of this kind, built on first use; raises DriverUnavailable (remembered) when it cannot be."""
+    def get(self, kind: str, config_dir: Path | None = None) -> LabSite:
+        """The lab of this kind, built on first use (from bench/topology unless config_dir is given); raises
+        DriverUnavailable (remembered) when it cannot be."""
         if kind in self._sites:
             return self._sites[kind]
         if kind in self._failures:
             raise DriverUnavailable(self._failures[kind])
         try:
-            site = self._up(kind)
+            site = self._up(kind, config_dir or TOPOLOGY / TOPOLOGY_DIRS[kind])
         except DriverUnavailable as exc:
             self._failures[kind] = str(exc)
             raise
         self._sites[kind] = site
         return site
 
-    def _up(self, kind: str) -> LabSite:
+    def _up(self, kind: str, config_dir: Path) -> LabSite:
         try:
             from lab import Lab
         except ImportError as exc:
@@ -97,13 +99,13 @@ class BenchLabs:
         name = f"bench{kind[0]}-{self._suffix}"
         self.names.append(name)
         try:
-            lab = Lab.up(TOPOLOGY / TOPOLOGY_DIRS[kind], name=name, mesh=(kind == "mesh"))
+            lab = Lab.up(config_dir, name=name, mesh=kind in MESH_KINDS)
         except Exception as exc:  # the lab's own error text is the most useful reason we can give
             raise DriverUnavailable(f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}") from exc
         site = LabSite(kind, lab)
         self._sites[kind] = site
         try:
-            for key in SERVER_PODS[kind]:
+            for key in SERVER_PODS.get(kind, ()):
                 self._start_backends(site, key)
         except (procs.ProcessDied, TimeoutError, OSError) as exc:
             raise DriverUnavailable(f"backends in the {kind} lab did not start: {exc}") from exc
@@ -118,11 +120,17 @@ class BenchLabs:
         procs.wait_for_listener(pod.netns, ECHO_PORT)
         procs.wait_for_listener(pod.netns, IPERF_PORT)
 
+    def release(self, kind: str) -> None:
+        """Take one lab down now (the 100-pod lab is not kept around while anything else is measured)."""
+        site = self._sites.pop(kind, None)
+        if site is None:
+            return
+        try:
+            site.lab.down()
+        except Exception as exc:  # keep taking the others down; say what was left behind
+            print(f"bench: taking the {kind} lab down failed: {exc}", file=sys.stderr)
+
     def close(self) -> None:
         """Take every lab down even if one fails to (each down is independent)."""
-        for site in list(self._sites.values()):
-            try:
-                site.lab.down()
-            except Exception as exc:  # keep taking the others down; say what was left behind
-                print(f"bench: taking the {site.kind} lab down failed: {exc}", file=sys.stderr)
-        self._sites.clear()
+        for kind in list(self._sites):
+            self.release(kind)

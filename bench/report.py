@@ -199,8 +199,16 @@ def _memory(results: dict[str, Any]) -> list[str]:
     lines = ["## Proxy memory (RSS after the rounds)", ""]
     lines += _table(["config", "process", "RSS MB"], rows, text_columns=2) if rows else ["No proxy process ran."]
     rss = results.get("agent_rss") or {}
-    if rss.get("note"):
-        lines += ["", f"Agent RSS: {rss['note']}."]
+    if rss.get("max_rss_mb") is not None:
+        lines += [
+            "",
+            f"Agent with {rss.get('local_workloads')} local workloads: **{rss['max_rss_mb']:.1f} MB** RSS "
+            f"({rss.get('note')}).",
+        ]
+        if rss.get("echo_failed"):
+            lines.append(f"{rss['echo_failed']} of the echo probes failed, e.g. {rss.get('echo_failures')}.")
+    else:
+        lines += ["", f"Agent RSS with 100 local workloads: not measured ({rss.get('reason', 'not run')})."]
     return [*lines, ""]
 
 

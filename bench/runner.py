@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import certs, machine, report, stats, targets
+from bench import agent_memory, certs, machine, report, stats, targets
 from bench.cpu import CpuSnapshot, own_process_tree, rss_bytes, top_consumers
 from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
 from bench.drivers.attached import AmbitAttached
@@ -32,6 +32,7 @@ from bench.procs import ProcessDied, ProcessGroup
 from bench.progress import Progress
 from bench.tools import ToolBuildError, Tools, build_tools
 
+AMBIT_MESH_CONFIGS = ("ambit-cross", "ambit-same")
 LAB_OF = {"ambit-cross": "mesh", "ambit-same": "mesh", "ambit-attached": "attach"}
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PREPARE_ESTIMATE_S = {"plain": 5.0, "attach": 8.0, "mesh": 25.0}
@@ -132,7 +133,7 @@ class Run:
             )
             self._prepare_all(tools)
             self._rounds(tools)
-            self._memory()
+            self._memory(labs)
             if opts.wants_config_scale():
                 self._config_scale()
         except (KeyboardInterrupt, Interrupted) as exc:
@@ -216,26 +217,20 @@ class Run:
                 if any(not _alive(p.pid) for p in endpoint.proxies):
                     self._fail(name, f"a proxy process died in round {r + 1} (see {self.out / 'logs'})", rounds - r - 1)
 
-    def _memory(self) -> None:
-        """Proxy RSS at the end of the rounds (after the work, when pools and buffers are at their largest)."""
+    def _memory(self, labs: BenchLabs) -> None:
+        """Proxy RSS at the end of the rounds (after the work, when pools and buffers are at their largest), then
+        the agent with 100 local workloads (full runs, and only when the mesh came up for the data-path runs)."""
         for name, endpoint in self.endpoints.items():
             self.results["configs"][name]["proxy_rss_mb"] = {
                 p.role: round(rss_bytes(p.pid) / 1e6, 1) for p in endpoint.proxies
             }
-        self.results["agent_rss"] = self._agent_rss()
-
-    def _agent_rss(self) -> dict[str, Any]:
-        for name in ("ambit-cross", "ambit-same"):
-            endpoint = self.endpoints.get(name)
-            if endpoint and endpoint.proxies:
-                per_agent = {p.role: round(rss_bytes(p.pid) / 1e6, 1) for p in endpoint.proxies}
-                return {
-                    "per_agent_mb": per_agent,
-                    "max_rss_mb": max(per_agent.values()),
-                    "local_workloads": 3,
-                    "note": "bench mesh lab: at most 3 local workloads per node",
-                }
-        return {"reason": "no Ambit configuration ran"}
+        if self.options.quick:
+            self.results["agent_rss"] = {"reason": "not measured in --quick runs (it needs a 101-pod mesh lab)"}
+        elif not any(n in self.endpoints for n in AMBIT_MESH_CONFIGS):
+            self.results["agent_rss"] = {"reason": "the mesh data path did not run in this invocation"}
+        else:
+            self.progress.step("agent RSS with 100 local workloads", 60.0)
+            self.results["agent_rss"] = agent_memory.measure(labs, self.out)
 
     def _config_scale(self) -> None:
         from bench import config_scale

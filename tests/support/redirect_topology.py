@@ -79,11 +79,16 @@ class Topology:
         )
         self.procs.append(proc)
         assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        if ready not in line:
-            proc.kill()
-            raise RuntimeError(f"{argv} in {netns} did not start: {line}{proc.stdout.read().decode()}")
-        return proc
+        seen = ""
+        for _ in range(5):
+            line = proc.stdout.readline().decode()
+            seen += line
+            if ready in line:
+                return proc
+            if not line:
+                break
+        proc.kill()
+        raise RuntimeError(f"{argv} in {netns} did not start: {seen}{proc.stdout.read().decode()}")
 
     def probe_server(self, netns: str, *args: str) -> subprocess.Popen[bytes]:
         return self.spawn(netns, sys.executable, "-m", "tests.support.tcp_probe", *args)

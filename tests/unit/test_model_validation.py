@@ -488,3 +488,12 @@ def test_real_kubernetes_pod_fields_are_accepted() -> None:
     assert isinstance(pod, Pod)
     assert pod.ips == ("10.1.0.5", "fd00::5")
     assert (pod.meta.owner_kind, pod.meta.owner_name) == ("ReplicaSet", "web-6d8f")
+
+
+def test_non_strict_accepts_unknown_fields_but_checks_the_rest() -> None:
+    newer = _doc("Pod", spec__someFutureField={"x": 1}, metadata__futureMeta="y")
+    assert parse_documents("kube", [newer]).errors != []
+    lenient = parse_documents("kube", [newer], strict=False)
+    assert lenient.errors == [] and [o.key for o in lenient.objects] == [ObjectKey("Pod", "demo", "web-0")]
+    bad = parse_documents("kube", [_doc("Pod", spec__someFutureField=1, status__podIP="nope")], strict=False)
+    assert [str(e) for e in bad.errors] == ["kube:Pod/demo/web-0: status.podIP: 'nope' is not a valid IP address"]

@@ -1,0 +1,231 @@
+"""The controller's config store: which source contributes which objects, and what is serving right now.
+
+Sources (files, Kubernetes resources) hand over their whole contribution each time they change; the store
+works out upserts and deletes for the translator. Two rules keep a bad edit from taking config away:
+
+- an object that fails validation keeps its last valid version from the same source serving (the error is
+  recorded and shown until fixed);
+- when a source has an error that cannot be tied to an object (unreadable file, YAML syntax error, a document
+  without a name), nothing it contributed before is removed until it parses cleanly again.
+
+The same object defined by two sources is an error on the later one; the first keeps serving, and the second
+takes over only if the first withdraws it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from common.log import kv
+from controller.model import KObject, ObjectKey
+from controller.monitoring import ControllerMetrics
+from controller.translate import Delta, Translator
+from controller.validation import ConfigError
+
+log = logging.getLogger("ambit.controller.config")
+
+
+class SourceError(Exception):
+    """A whole source failed (unreadable file, bad encoding, API error); str is ``<source>: <reason>``."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+Problem = ConfigError | SourceError
+
+
+class Contribution(Protocol):
+    """What a source hands over: validation's ParseResult has this shape."""
+
+    @property
+    def objects(self) -> Sequence[KObject]: ...
+
+    @property
+    def errors(self) -> Sequence[Problem]: ...
+
+
+@dataclass
+class SourceResult:
+    objects: Sequence[KObject] = ()
+    errors: Sequence[Problem] = ()
+
+
+def error_key(err: Problem) -> ObjectKey | None:
+    """The object an error belongs to, or None when validation could not tell (no kind or no name)."""
+    if isinstance(err, SourceError) or err.kind == "?" or err.name.startswith("#"):
+        return None
+    return ObjectKey(err.kind, err.namespace, err.name)
+
+
+@dataclass
+class _SourceState:
+    objects: dict[ObjectKey, KObject]
+    errors: list[Problem]
+    kept: set[ObjectKey] = field(default_factory=set)  # serving a previous version despite an error
+
+
+def source_kind(source_id: str) -> str:
+    return "kube" if source_id.startswith("kube:") else "file"
+
+
+class ConfigStore:
+    """Feeds the translator from many sources; call from the event loop only."""
+
+    def __init__(self, translator: Translator, metrics: ControllerMetrics | None = None) -> None:
+        self.translator = translator
+        self.metrics = metrics or ControllerMetrics()
+        self._sources: dict[str, _SourceState] = {}
+        self._claims: dict[ObjectKey, list[str]] = {}  # sources offering each key; the first one serves
+        self._listeners: list[Callable[[Delta], None]] = []
+        self.generation = 0
+
+    def subscribe(self, listener: Callable[[Delta], None]) -> None:
+        self._listeners.append(listener)
+
+    def update(self, changes: Mapping[str, Contribution | None]) -> Delta:
+        """Replace the contribution of each named source (None: the source is gone) and apply the difference."""
+        before: dict[ObjectKey, KObject | None] = {}
+        for source_id, result in changes.items():
+            old = self._sources.get(source_id)
+            old_objects = old.objects if old is not None else {}
+            old_errors = set(map(str, old.errors)) if old is not None else set()
+            new = _SourceState({}, []) if result is None else self._merge(old_objects, result)
+            for key in old_objects.keys() | new.objects.keys():
+                if key not in before:
+                    before[key] = self._serving(key)
+            for key in old_objects.keys() - new.objects.keys():
+                self._claims[key].remove(source_id)
+                if not self._claims[key]:
+                    del self._claims[key]
+            for key in new.objects.keys() - old_objects.keys():
+                claims = self._claims.setdefault(key, [])
+                claims.append(source_id)
+                if len(claims) > 1:
+                    log.warning(
+                        "duplicate config object ignored",
+                        extra=kv(object=str(key), source=source_id, serving_from=claims[0]),
+                    )
+            if result is None:
+                self._sources.pop(source_id, None)
+            else:
+                self._sources[source_id] = new
+            self._log_errors(source_id, old_errors, new)
+        upserts: list[KObject] = []
+        deletes: list[ObjectKey] = []
+        for key, was in before.items():
+            now = self._serving(key)
+            if now is None:
+                if was is not None:
+                    deletes.append(key)
+            elif now is not was:
+                upserts.append(now)
+        self._update_gauges()
+        if not upserts and not deletes:
+            return Delta()
+        self.generation += 1
+        delta = self.translator.apply(upserts, deletes)
+        if delta:
+            for listener in self._listeners:
+                listener(delta)
+        return delta
+
+    def _merge(self, old_objects: Mapping[ObjectKey, KObject], result: Contribution) -> _SourceState:
+        objects = {obj.key: obj for obj in result.objects}
+        errors = list(result.errors)
+        kept: set[ObjectKey] = set()
+        keep_everything = False
+        for err in errors:
+            key = error_key(err)
+            if key is None:
+                keep_everything = True
+            elif key not in objects and key in old_objects:
+                objects[key] = old_objects[key]
+                kept.add(key)
+        if keep_everything:
+            for key, obj in old_objects.items():
+                if key not in objects:
+                    objects[key] = obj
+                    kept.add(key)
+        return _SourceState(objects, errors, kept)
+
+    def _serving(self, key: ObjectKey) -> KObject | None:
+        claims = self._claims.get(key)
+        return self._sources[claims[0]].objects[key] if claims else None
+
+    def _log_errors(self, source_id: str, old_errors: set[str], new: _SourceState) -> None:
+        new_errors = {str(e): e for e in new.errors}
+        for text, err in new_errors.items():
+            if text in old_errors:
+                continue
+            self.metrics.config_errors_total.labels(source_kind(source_id)).inc()
+            key = error_key(err)
+            kept = key in new.kept if key is not None else bool(new.kept)
+            log.warning(
+                "config rejected",
+                extra=kv(source=source_id, object=str(key) if key else "", error=text, last_valid_serving=kept),
+            )
+        for text in old_errors - new_errors.keys():
+            log.info("config error resolved", extra=kv(source=source_id, error=text))
+
+    def _duplicates(self) -> list[tuple[ObjectKey, str, str]]:
+        """(key, ignored source, serving source) for every object defined more than once."""
+        return [(key, sid, claims[0]) for key, claims in self._claims.items() for sid in claims[1:]]
+
+    def _update_gauges(self) -> None:
+        errors = sum(len(s.errors) for s in self._sources.values()) + len(self._duplicates())
+        self.metrics.config_errors.set(errors)
+        self.metrics.config_objects.set(len(self._claims))
+
+    # ---- introspection -------------------------------------------------------------------------------------------
+
+    def errors(self) -> list[str]:
+        """Every current problem as its user-facing text, duplicates included."""
+        out = [str(e) for s in self._sources.values() for e in s.errors]
+        out.extend(
+            f"{sid}:{key}: metadata.name: duplicate of the object in {first}" for key, sid, first in self._duplicates()
+        )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """For /debug/config_status: each object's state and every error."""
+        objects: dict[str, dict[str, Any]] = {}
+        for key, claims in self._claims.items():
+            state = self._sources[claims[0]]
+            objects[str(key)] = {"source": claims[0], "status": "valid"}
+            if key in state.kept:
+                objects[str(key)]["status"] = "rejected"
+                objects[str(key)]["serving"] = "last valid version"
+        for sid, state in self._sources.items():
+            for err in state.errors:
+                err_key = error_key(err)
+                if err_key is None:
+                    continue
+                entry = objects.setdefault(str(err_key), {"source": sid, "status": "rejected", "serving": "nothing"})
+                entry.setdefault("errors", []).append(str(err))
+            for key in state.kept:
+                if "errors" not in objects[str(key)]:
+                    objects[str(key)]["status"] = "stale"  # its source failed as a whole; see the source's errors
+        for key, sid, first in self._duplicates():
+            objects[str(key)].setdefault("errors", []).append(f"{sid}: duplicate of the object in {first}")
+        warnings = self.translator.warnings
+        for key, warning in warnings.items():
+            if str(key) in objects:
+                objects[str(key)]["warning"] = warning
+        return {
+            "generation": self.generation,
+            "sources": {
+                sid: {"objects": len(s.objects), "errors": [str(e) for e in s.errors]}
+                for sid, s in sorted(self._sources.items())
+            },
+            "errors": self.errors(),
+            "objects": dict(sorted(objects.items())),
+        }
+
+    def sources(self) -> list[str]:
+        return sorted(self._sources)

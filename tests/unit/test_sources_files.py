@@ -1,0 +1,124 @@
+"""The directory source: multi-document and nested files, edits, deletions, unreadable and malformed files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from controller.monitoring import ControllerMetrics
+from controller.sources.files import ConfigDirError, FileSource
+from controller.store import ConfigStore
+from controller.translate import Translator
+
+NS = """apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels: {istio.io/dataplane-mode: ambient}
+"""
+
+
+def pod_yaml(name: str, ip: str) -> str:
+    return f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: demo, uid: uid-{name}}}
+spec: {{nodeName: node-a, serviceAccountName: sa-{name}}}
+status: {{podIP: {ip}}}
+"""
+
+
+def workloads(store: ConfigStore) -> dict[str, bytes]:
+    return {
+        a.workload.name: a.workload.addresses[0]
+        for a in store.translator.addresses().values()
+        if a.HasField("workload")
+    }
+
+
+@pytest.fixture
+def store() -> ConfigStore:
+    return ConfigStore(Translator(), ControllerMetrics())
+
+
+async def test_multi_document_and_nested_files(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    (tmp_path / "apps" / "deep").mkdir(parents=True)
+    (tmp_path / "apps" / "deep" / "pods.yml").write_text(
+        pod_yaml("p1", "10.0.0.1") + "---\n" + pod_yaml("p2", "10.0.0.2")
+    )
+    (tmp_path / "apps" / "README.md").write_text("not config")
+    (tmp_path / ".hidden.yaml").write_text(pod_yaml("hidden", "10.0.0.3"))
+    src = FileSource(str(tmp_path), store)
+    assert await src.sync() == 2
+    assert set(workloads(store)) == {"p1", "p2"}
+    assert await src.sync() == 0  # nothing changed, nothing re-read
+
+
+async def test_edit_delete_and_same_size_rewrite(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(pod_yaml("p1", "10.0.0.1"))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    pods.write_text(pod_yaml("p1", "10.0.0.7"))  # same size, new content
+    st = pods.stat()
+    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    await src.sync()
+    assert workloads(store) == {"p1": bytes([10, 0, 0, 7])}
+    pods.unlink()
+    await src.sync()
+    assert workloads(store) == {}
+    assert store.sources() == [str(tmp_path / "ns.yaml")]
+
+
+async def test_malformed_yaml_keeps_previous_and_names_file(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(pod_yaml("p1", "10.0.0.1") + "---\n" + pod_yaml("p2", "10.0.0.2"))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    pods.write_text(pod_yaml("p1", "10.0.0.1") + "---\nkind: Pod\nmetadata: [unclosed\n")
+    await src.sync()
+    assert set(workloads(store)) == {"p1", "p2"}
+    errors = store.errors()
+    assert len(errors) == 1 and errors[0].startswith(f"{pods}:") and "invalid YAML" in errors[0], errors
+
+
+async def test_undecodable_file_keeps_previous(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(pod_yaml("p1", "10.0.0.1"))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    pods.write_bytes(b"\xff\xfe garbage")
+    await src.sync()
+    assert set(workloads(store)) == {"p1"}
+    assert store.errors() == [f"{pods}: not UTF-8 text: invalid start byte at byte 0"]
+    pods.write_text(pod_yaml("p1", "10.0.0.5"))
+    await src.sync()
+    assert workloads(store) == {"p1": bytes([10, 0, 0, 5])}
+    assert store.errors() == []
+
+
+async def test_missing_directory_is_an_error(tmp_path: Path, store: ConfigStore) -> None:
+    with pytest.raises(ConfigDirError, match="cannot list config directory"):
+        await FileSource(str(tmp_path / "nope"), store).sync()
+
+
+async def test_run_follows_changes(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    src = FileSource(str(tmp_path), store, poll_interval=0.05)
+    await src.sync()
+    task = asyncio.create_task(src.run())
+    try:
+        (tmp_path / "pods.yaml").write_text(pod_yaml("p9", "10.0.0.9"))
+        for _ in range(200):
+            if workloads(store):
+                break
+            await asyncio.sleep(0.05)
+        assert workloads(store) == {"p9": bytes([10, 0, 0, 9])}
+    finally:
+        task.cancel()

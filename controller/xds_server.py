@@ -1,0 +1,495 @@
+"""Delta ADS server for the workload API (``istio.workload.Address``, ``istio.security.Authorization``).
+
+Scale drives the shape of this module: with 10k workloads and 50 agents, encoding resources per client would
+cost 50x the CPU. Each resource is therefore serialized exactly once per version, already framed as the
+``resources`` field of a ``DeltaDiscoveryResponse``; a response to any client is the concatenation of those
+frames plus a few header fields (protobuf allows fields in any order), handed to gRPC as bytes.
+
+Each connection has its own sender task and a *dirty set* per type instead of a queue of responses: a slow
+client only delays itself, and the changes that piled up while it was busy go out as one response holding the
+latest versions. Changes are debounced server-wide (quiet period / maximum delay) so a burst becomes one push.
+Wildcard subscription only (what ztunnel uses by default); on-demand subscriptions are treated as wildcard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from common.log import kv
+from common.protojson import message_to_json
+from controller.monitoring import ControllerMetrics
+
+log = logging.getLogger("ambit.controller.xds")
+
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+# istiod's push order: addresses before the policies that refer to them.
+PUSH_ORDER = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+SHORT_TYPE = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization"}
+
+SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+METHOD_NAME = "DeltaAggregatedResources"
+
+# Agents may receive the whole state in one response (ztunnel allows 200 MiB); keepalives let dead peers go.
+GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def resource_version(serialized: bytes) -> str:
+    """Content hash: identical content keeps its version across controller restarts, so resumes skip it."""
+    return hashlib.blake2b(serialized, digest_size=8).hexdigest()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# DeltaDiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
+_F_SYSTEM_VERSION, _F_RESOURCES, _F_TYPE_URL, _F_NONCE, _F_REMOVED = 1, 2, 4, 5, 6
+
+
+def encode_response(
+    type_url: str, nonce: str, resources: Iterable[bytes], removed: Iterable[str], system_version: str = ""
+) -> bytes:
+    """A serialized DeltaDiscoveryResponse from resource frames made by :class:`ResourceTable`."""
+    head = [_field(_F_TYPE_URL, type_url.encode()), _field(_F_NONCE, nonce.encode())]
+    if system_version:
+        head.append(_field(_F_SYSTEM_VERSION, system_version.encode()))
+    head.extend(_field(_F_REMOVED, name.encode()) for name in removed)
+    return b"".join(itertools.chain(head, resources))
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    version: str
+    frame: bytes  # the Resource, framed as DeltaDiscoveryResponse.resources, ready to concatenate
+    message: Message  # for /debug/config_dump
+
+
+class ResourceTable:
+    """The served state of one type URL: name -> current version and its pre-encoded frame."""
+
+    def __init__(self, type_url: str) -> None:
+        self.type_url = type_url
+        self.entries: dict[str, Entry] = {}
+
+    def apply(self, changes: Mapping[str, Message | None]) -> set[str]:
+        """Apply upserts (message) and removals (None); return the names whose served content changed."""
+        changed: set[str] = set()
+        for name, msg in changes.items():
+            if msg is None:
+                if self.entries.pop(name, None) is not None:
+                    changed.add(name)
+                continue
+            value = msg.SerializeToString(deterministic=True)
+            version = resource_version(value)
+            old = self.entries.get(name)
+            if old is not None and old.version == version:
+                continue
+            res = discovery_pb2.Resource(
+                name=name, version=version, resource=any_pb2.Any(type_url=self.type_url, value=value)
+            )
+            self.entries[name] = Entry(version, _field(_F_RESOURCES, res.SerializeToString()), msg)
+            changed.add(name)
+        return changed
+
+
+@dataclass
+class AckEvent:
+    """One ACK or NACK, for metrics and for benchmark drivers timing change-to-ACK latency."""
+
+    connection: str
+    node: str
+    type_url: str
+    nonce: str
+    changed_at: float  # time.monotonic() of the oldest change the response carried (or of the request)
+    sent_at: float
+    acked_at: float
+    error: str | None  # the NACK's error_detail.message; None for an ACK
+
+
+@dataclass
+class _Sent:
+    type_url: str
+    changed_at: float
+    sent_at: float
+
+
+@dataclass
+class XdsConnection:
+    """Server-side state of one delta ADS stream."""
+
+    id: str
+    peer: str
+    identity: str | None
+    connected_at: float = field(default_factory=time.time)
+    node_id: str = ""
+    node_name: str = ""
+    subscribed: set[str] = field(default_factory=set)
+    # Types whose next response must be a full one: the client's initial_resource_versions, and request time.
+    full: dict[str, tuple[dict[str, str], float]] = field(default_factory=dict)
+    dirty: dict[str, set[str]] = field(default_factory=dict)
+    dirty_since: dict[str, float] = field(default_factory=dict)
+    full_built_at: dict[str, float] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    in_flight: OrderedDict[str, _Sent] = field(default_factory=OrderedDict)
+    nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    pushes: int = 0
+    resources_sent: int = 0
+    acks: int = 0
+    nacks: int = 0
+    last_nack: str = ""
+    last_ack_nonce: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "identity": self.identity,
+            "node_id": self.node_id,
+            "node": self.node_name,
+            "connected_at": self.connected_at,
+            "subscribed": sorted(self.subscribed),
+            "pushes": self.pushes,
+            "resources_sent": self.resources_sent,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "last_nack": self.last_nack,
+            "last_ack_nonce": self.last_ack_nonce,
+            "unacked": len(self.in_flight),
+        }
+
+
+class Authenticator(Protocol):
+    """Checks a stream's invocation metadata; returns the authenticated caller or raises PermissionError."""
+
+    def __call__(self, metadata: Mapping[str, str]) -> Awaitable[str]: ...
+
+
+class DeltaSource(Protocol):
+    """What the translator's Delta looks like to this server."""
+
+    addresses: Mapping[str, Message | None]
+    authorizations: Mapping[str, Message | None]
+
+
+class InitialState(Protocol):
+    def addresses(self) -> Mapping[str, Message]: ...
+
+    def authorizations(self) -> Mapping[str, Message]: ...
+
+
+_MAX_IN_FLIGHT = 64
+
+
+class XdsServer:
+    """Serves the current workload-API state to any number of delta ADS streams.
+
+    Feed it with :meth:`apply_delta` (or :meth:`update`) on the event loop; it debounces and pushes.
+    ``on_ack`` is called for every ACK/NACK (benchmarks use it to time delivery).
+    """
+
+    def __init__(
+        self,
+        translator: InitialState | None = None,
+        *,
+        metrics: ControllerMetrics | None = None,
+        debounce_quiet: float = 0.02,
+        debounce_max: float = 1.0,
+        on_ack: Callable[[AckEvent], None] | None = None,
+    ) -> None:
+        self.metrics = metrics or ControllerMetrics()
+        self.debounce_quiet = debounce_quiet
+        self.debounce_max = debounce_max
+        self.on_ack = on_ack
+        self.tables = {t: ResourceTable(t) for t in PUSH_ORDER}
+        self.connections: dict[str, XdsConnection] = {}
+        self._conn_ids = itertools.count(1)
+        self._pending: dict[str, set[str]] = {}
+        self._pending_since: float | None = None
+        self._last_change = 0.0
+        self._debounce_task: asyncio.Task[None] | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self.generation = 0  # bumped per flushed change set; shown as system_version_info
+        if translator is not None:
+            self.tables[ADDRESS_TYPE].apply(translator.addresses())
+            self.tables[AUTHORIZATION_TYPE].apply(translator.authorizations())
+        self._count_resources()
+
+    # ---- state changes -------------------------------------------------------------------------------------------
+
+    def apply_delta(self, delta: DeltaSource) -> None:
+        self.update(ADDRESS_TYPE, delta.addresses)
+        self.update(AUTHORIZATION_TYPE, delta.authorizations)
+
+    def update(self, type_url: str, changes: Mapping[str, Message | None]) -> set[str]:
+        """Apply changes to the served state and schedule a debounced push; must run on the event loop."""
+        changed = self.tables[type_url].apply(changes)
+        if not changed:
+            return changed
+        now = time.monotonic()
+        self._pending.setdefault(type_url, set()).update(changed)
+        if self._pending_since is None:
+            self._pending_since = now
+        self._last_change = now
+        if self._debounce_task is None:
+            self._debounce_task = asyncio.get_running_loop().create_task(self._debounce())
+        self._count_resources()
+        return changed
+
+    def _count_resources(self) -> None:
+        for t, table in self.tables.items():
+            self.metrics.resources.labels(SHORT_TYPE[t]).set(len(table.entries))
+
+    async def _debounce(self) -> None:
+        try:
+            while True:
+                assert self._pending_since is not None
+                deadline = min(self._last_change + self.debounce_quiet, self._pending_since + self.debounce_max)
+                delay = deadline - time.monotonic()
+                if delay <= 0:
+                    break
+                await asyncio.sleep(delay)
+            self._flush()
+        finally:
+            self._debounce_task = None
+
+    def _flush(self) -> None:
+        pending, since, latest = self._pending, self._pending_since or time.monotonic(), self._last_change
+        self._pending, self._pending_since = {}, None
+        self.generation += 1
+        for conn in self.connections.values():
+            woke = False
+            for type_url, names in pending.items():
+                # A full response built after these changes (or still to be built) already carries them.
+                if (
+                    type_url not in conn.subscribed
+                    or type_url in conn.full
+                    or conn.full_built_at.get(type_url, -1.0) >= latest
+                ):
+                    continue
+                conn.dirty.setdefault(type_url, set()).update(names)
+                conn.dirty_since.setdefault(type_url, since)
+                woke = True
+            if woke:
+                conn.wake.set()
+
+    # ---- gRPC plumbing -------------------------------------------------------------------------------------------
+
+    def add_to_server(self, server: grpc.aio.Server, authenticate: Authenticator | None = None) -> None:
+        """Register DeltaAggregatedResources on ``server`` (responses are pre-encoded bytes, see module doc)."""
+
+        async def handler(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._stream(request_iterator, context, authenticate)
+
+        method = grpc.stream_stream_rpc_method_handler(
+            handler,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=bytes,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method}),))
+
+    async def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start a plaintext gRPC server for this state; returns the bound port (``port=0`` picks one)."""
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        self.add_to_server(server)
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        await server.start()
+        self._servers.append(server)
+        log.info("xds listening", extra=kv(address=host, port=bound, tls=False))
+        return bound
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._debounce_task is not None:
+            self._debounce_task.cancel()
+        for server in self._servers:
+            await server.stop(grace)
+        self._servers.clear()
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+        authenticate: Authenticator | None,
+    ) -> None:
+        identity = None
+        if authenticate is not None:
+            md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            try:
+                identity = await authenticate(md)
+            except PermissionError as e:
+                log.warning("xds stream rejected", extra=kv(peer=context.peer(), reason=str(e)))
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        conn = XdsConnection(id=f"{context.peer()}-{next(self._conn_ids)}", peer=context.peer(), identity=identity)
+        self.connections[conn.id] = conn
+        self.metrics.xds_clients.inc()
+        log.info("xds stream opened", extra=kv(connection=conn.id, identity=identity))
+        reader = asyncio.get_running_loop().create_task(self._read(conn, request_iterator))
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                if conn.closed:
+                    break
+                await self._send_pending(conn, context)
+        finally:
+            reader.cancel()
+            del self.connections[conn.id]
+            self.metrics.xds_clients.dec()
+            log.info("xds stream closed", extra=kv(connection=conn.id, node=conn.node_name, pushes=conn.pushes))
+
+    async def _read(
+        self, conn: XdsConnection, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]
+    ) -> None:
+        try:
+            async for req in request_iterator:
+                self.handle_request(conn, req)
+        except (grpc.aio.AioRpcError, grpc.RpcError) as e:
+            log.info("xds stream read ended", extra=kv(connection=conn.id, error=str(e)))
+        finally:
+            conn.closed = True
+            conn.wake.set()
+
+    def handle_request(self, conn: XdsConnection, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """Sans-IO request handling: subscription, ACK and NACK bookkeeping; wakes the sender when needed."""
+        if req.HasField("node") and not conn.node_id:
+            conn.node_id = req.node.id
+            md = req.node.metadata.fields
+            conn.node_name = md["NODE_NAME"].string_value if "NODE_NAME" in md else req.node.id
+        type_url = req.type_url
+        if type_url not in self.tables:
+            log.warning("xds request for unknown type ignored", extra=kv(connection=conn.id, type=type_url))
+            return
+        if req.response_nonce:
+            self._on_ack(conn, req)
+            return
+        if type_url in conn.subscribed:
+            # Wildcard subscribers already receive everything; on-demand names add nothing.
+            log.debug("xds subscription change ignored (wildcard)", extra=kv(connection=conn.id, type=type_url))
+            return
+        conn.subscribed.add(type_url)
+        conn.full[type_url] = (dict(req.initial_resource_versions), time.monotonic())
+        conn.dirty.pop(type_url, None)
+        conn.dirty_since.pop(type_url, None)
+        conn.wake.set()
+
+    def _on_ack(self, conn: XdsConnection, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        now = time.monotonic()
+        sent = conn.in_flight.pop(req.response_nonce, None)
+        short = SHORT_TYPE[req.type_url]
+        error = None
+        if req.HasField("error_detail") and (req.error_detail.code != 0 or req.error_detail.message):
+            error = req.error_detail.message or f"code {req.error_detail.code}"
+            conn.nacks += 1
+            conn.last_nack = error
+            self.metrics.xds_rejects.labels(short).inc()
+            log.warning(
+                "xds NACK",
+                extra=kv(connection=conn.id, node=conn.node_name, type=short, nonce=req.response_nonce, error=error),
+            )
+        else:
+            conn.acks += 1
+            conn.last_ack_nonce = req.response_nonce
+        if sent is None:
+            return
+        if error is None:
+            self.metrics.xds_ack_time.labels(short).observe(now - sent.changed_at)
+        if self.on_ack is not None:
+            self.on_ack(
+                AckEvent(
+                    conn.id, conn.node_name, req.type_url, req.response_nonce, sent.changed_at, sent.sent_at, now, error
+                )
+            )
+
+    def build_pending(self, conn: XdsConnection, type_url: str) -> tuple[bytes, int, float] | None:
+        """The next response for ``conn`` and ``type_url`` (body, resource count, oldest change), or None."""
+        table = self.tables[type_url]
+        entries = table.entries
+        if type_url in conn.full:
+            initial, requested_at = conn.full.pop(type_url)
+            conn.dirty.pop(type_url, None)
+            conn.dirty_since.pop(type_url, None)
+            frames = [e.frame for n, e in entries.items() if initial.get(n) != e.version]
+            removed = [n for n in initial if n not in entries]
+            since = requested_at
+            conn.full_built_at[type_url] = time.monotonic()
+        elif conn.dirty.get(type_url):
+            names = conn.dirty.pop(type_url)
+            since = conn.dirty_since.pop(type_url)
+            frames = [entries[n].frame for n in names if n in entries]
+            removed = [n for n in names if n not in entries]
+        else:
+            return None
+        nonce = f"{next(conn.nonces):x}"
+        body = encode_response(type_url, nonce, frames, removed, system_version=str(self.generation))
+        conn.in_flight[nonce] = _Sent(type_url, since, time.monotonic())
+        while len(conn.in_flight) > _MAX_IN_FLIGHT:
+            conn.in_flight.popitem(last=False)
+        return body, len(frames) + len(removed), since
+
+    async def _send_pending(self, conn: XdsConnection, context: grpc.aio.ServicerContext) -> None:
+        for type_url in PUSH_ORDER:
+            if type_url not in conn.subscribed:
+                continue
+            built = self.build_pending(conn, type_url)
+            if built is None:
+                continue
+            body, count, since = built
+            await context.write(body)
+            short = SHORT_TYPE[type_url]
+            conn.pushes += 1
+            conn.resources_sent += count
+            self.metrics.xds_pushes.labels(short).inc()
+            self.metrics.xds_push_resources.labels(short).inc(count)
+            self.metrics.xds_push_time.labels(short).observe(time.monotonic() - since)
+
+    # ---- introspection -------------------------------------------------------------------------------------------
+
+    def describe_connections(self) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.connections.values()]
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "resources": {
+                SHORT_TYPE[t]: [
+                    {"name": n, "version": e.version, "resource": message_to_json(e.message)}
+                    for n, e in sorted(table.entries.items())
+                ]
+                for t, table in self.tables.items()
+            },
+        }

@@ -1,0 +1,280 @@
+"""The agent's view of the mesh: workloads, services and authorization policies received over xDS.
+
+Everything the data path asks per connection (who owns this IP, which service has this VIP, which policies guard
+this workload) is a dict lookup; the indexes are maintained as resources arrive, never rebuilt. Lookups take IP
+text and compare packed bytes, the form the workload API carries. Network names are not part of the keys: the
+lab and the clusters this agent targets are single-network.
+
+Not thread-safe: the xDS client and the proxies share one event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.istio.security import authorization_pb2 as authz_pb
+from api.istio.workload import workload_pb2 as wl_pb
+from common.protojson import message_to_json
+
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+
+Workload = wl_pb.Workload
+Service = wl_pb.Service
+Authorization = authz_pb.Authorization
+
+
+@dataclass
+class StoreChange:
+    """Names changed or removed by one update: workload uids, service keys ("ns/hostname"), policies ("ns/name")."""
+
+    workloads: set[str] = field(default_factory=set)
+    services: set[str] = field(default_factory=set)
+    policies: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.workloads or self.services or self.policies)
+
+
+def service_key(svc: Service) -> str:
+    return f"{svc.namespace}/{svc.hostname}"
+
+
+def policy_key(policy: Authorization) -> str:
+    return f"{policy.namespace}/{policy.name}"
+
+
+def address_name(addr: wl_pb.Address) -> str:
+    """The xDS resource name of an Address: a workload's uid, or a service's ``namespace/hostname``."""
+    return addr.workload.uid if addr.HasField("workload") else service_key(addr.service)
+
+
+def pack_ip(ip: str) -> bytes | None:
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError:
+        return None
+
+
+def _add(index: dict[Any, dict[str, None]], key: Any, name: str) -> None:
+    index.setdefault(key, {})[name] = None
+
+
+def _discard(index: dict[Any, dict[str, None]], key: Any, name: str) -> None:
+    names = index.get(key)
+    if names is not None:
+        names.pop(name, None)
+        if not names:
+            del index[key]
+
+
+class WorkloadStore:
+    """Workloads by uid/IP/node, services by key/VIP with their endpoints, policies by scope; plus xDS versions."""
+
+    def __init__(self) -> None:
+        self._workloads: dict[str, Workload] = {}
+        self._services: dict[str, Service] = {}
+        self._policies: dict[str, Authorization] = {}
+        # Resource name -> which kind of Address it is ("w" workload uid or "s" service key).
+        self._address_kind: dict[str, str] = {}
+        # Insertion-ordered name sets so that with a shared IP the latest arrival answers, as in ztunnel.
+        self._workloads_by_ip: dict[bytes, dict[str, None]] = {}
+        self._workloads_by_node: dict[str, dict[str, None]] = {}
+        self._services_by_vip: dict[bytes, dict[str, None]] = {}
+        self._endpoints: dict[str, dict[str, None]] = {}  # service key -> workload uids
+        self._policies_by_scope: dict[str, dict[str, None]] = {}  # namespace, or "" for GLOBAL
+        self._versions: dict[str, dict[str, str]] = {ADDRESS_TYPE: {}, AUTHORIZATION_TYPE: {}}
+        self._subscribers: list[Callable[[StoreChange], None]] = []
+
+    # ---- queries (the data path) ---------------------------------------------------------------------------------
+
+    def workload_by_uid(self, uid: str) -> Workload | None:
+        return self._workloads.get(uid)
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        packed = pack_ip(ip)
+        names = self._workloads_by_ip.get(packed) if packed is not None else None
+        return self._workloads[next(reversed(names))] if names else None
+
+    def service_by_vip(self, ip: str) -> Service | None:
+        packed = pack_ip(ip)
+        names = self._services_by_vip.get(packed) if packed is not None else None
+        return self._services[next(reversed(names))] if names else None
+
+    def service_by_key(self, key: str) -> Service | None:
+        return self._services.get(key)
+
+    def endpoints(self, service: Service | str, port: int = 0) -> list[tuple[Workload, int]]:
+        """Workloads backing ``service``, each with its target port for service port ``port``.
+
+        The target port comes from the workload's ``services`` entry; 0 means the workload names no mapping for
+        that port (callers then fall back to the service's own ``target_port``, then to the service port).
+        """
+        key = service if isinstance(service, str) else service_key(service)
+        out: list[tuple[Workload, int]] = []
+        for uid in self._endpoints.get(key, ()):
+            wl = self._workloads[uid]
+            target = 0
+            plist = wl.services.get(key)
+            if plist is not None and port:
+                target = next((p.target_port for p in plist.ports if p.service_port == port), 0)
+            out.append((wl, target))
+        return out
+
+    def policies_for(self, workload: Workload) -> list[Authorization]:
+        """Namespace-scoped, global, and the selector policies the workload names (unknown names skipped)."""
+        seen: dict[str, None] = {}
+        for scope in (workload.namespace, ""):
+            seen.update(self._policies_by_scope.get(scope, {}))
+        for name in workload.authorization_policies:
+            if name in self._policies:
+                seen[name] = None
+        return [self._policies[n] for n in seen]
+
+    def local_workloads(self, node: str) -> list[Workload]:
+        return [self._workloads[uid] for uid in self._workloads_by_node.get(node, ())]
+
+    def all_workloads(self) -> list[Workload]:
+        return list(self._workloads.values())
+
+    def all_services(self) -> list[Service]:
+        return list(self._services.values())
+
+    def all_policies(self) -> list[Authorization]:
+        return list(self._policies.values())
+
+    def subscribe(self, callback: Callable[[StoreChange], None]) -> None:
+        """``callback`` runs synchronously after every update that changed something."""
+        self._subscribers.append(callback)
+
+    def snapshot_dict(self) -> dict[str, Any]:
+        """ztunnel-shaped config dump: workloads by uid, services by hostname, policies."""
+        return {
+            "workloads": [message_to_json(w) for _, w in sorted(self._workloads.items())],
+            "services": [
+                message_to_json(s) for s in sorted(self._services.values(), key=lambda s: (s.hostname, s.namespace))
+            ],
+            "policies": [message_to_json(p) for _, p in sorted(self._policies.items())],
+        }
+
+    # ---- xDS bookkeeping -----------------------------------------------------------------------------------------
+
+    def versions(self, type_url: str) -> dict[str, str]:
+        """name -> version of every resource held, sent as ``initial_resource_versions`` when resuming."""
+        return dict(self._versions[type_url])
+
+    def apply(
+        self,
+        type_url: str,
+        upserts: Mapping[str, tuple[Any, str]],
+        removed: Iterable[str] = (),
+    ) -> StoreChange:
+        """Apply one xDS delta: ``upserts`` maps names to (Address or Authorization, version)."""
+        change = StoreChange()
+        versions = self._versions[type_url]
+        if type_url == ADDRESS_TYPE:
+            for name in removed:
+                self._remove_address(name, change)
+                versions.pop(name, None)
+            for name, (addr, version) in upserts.items():
+                self._remove_address(name, change)
+                if addr.HasField("workload"):
+                    self._insert_workload(name, addr.workload, change)
+                else:
+                    self._insert_service(name, addr.service, change)
+                versions[name] = version
+        elif type_url == AUTHORIZATION_TYPE:
+            for name in removed:
+                self._remove_policy(name, change)
+                versions.pop(name, None)
+            for name, (policy, version) in upserts.items():
+                self._remove_policy(name, change)
+                self._insert_policy(name, policy, change)
+                versions[name] = version
+        else:
+            raise ValueError(f"unknown type URL {type_url!r}")
+        if change:
+            for callback in list(self._subscribers):
+                callback(change)
+        return change
+
+    def put(self, addresses: Iterable[Any] = (), policies: Iterable[Authorization] = ()) -> StoreChange:
+        """Insert messages directly (Workload, Service or Address; Authorization): for tests and static config."""
+        wrapped: dict[str, tuple[Any, str]] = {}
+        for msg in addresses:
+            if isinstance(msg, Workload):
+                msg = wl_pb.Address(workload=msg)
+            elif isinstance(msg, Service):
+                msg = wl_pb.Address(service=msg)
+            wrapped[address_name(msg)] = (msg, "")
+        change = self.apply(ADDRESS_TYPE, wrapped)
+        pchange = self.apply(AUTHORIZATION_TYPE, {policy_key(p): (p, "") for p in policies})
+        change.policies |= pchange.policies
+        return change
+
+    # ---- index maintenance ---------------------------------------------------------------------------------------
+
+    def _insert_workload(self, uid: str, wl: Workload, change: StoreChange) -> None:
+        self._workloads[uid] = wl
+        self._address_kind[uid] = "w"
+        for ip in wl.addresses:
+            _add(self._workloads_by_ip, bytes(ip), uid)
+        if wl.node:
+            _add(self._workloads_by_node, wl.node, uid)
+        for key in wl.services:
+            _add(self._endpoints, key, uid)
+            change.services.add(key)
+        change.workloads.add(uid)
+
+    def _insert_service(self, key: str, svc: Service, change: StoreChange) -> None:
+        self._services[key] = svc
+        self._address_kind[key] = "s"
+        for addr in svc.addresses:
+            _add(self._services_by_vip, bytes(addr.address), key)
+        change.services.add(key)
+
+    def _remove_address(self, name: str, change: StoreChange) -> None:
+        kind = self._address_kind.pop(name, None)
+        if kind == "w":
+            wl = self._workloads.pop(name)
+            for ip in wl.addresses:
+                _discard(self._workloads_by_ip, bytes(ip), name)
+            if wl.node:
+                _discard(self._workloads_by_node, wl.node, name)
+            for key in wl.services:
+                _discard(self._endpoints, key, name)
+                change.services.add(key)
+            change.workloads.add(name)
+        elif kind == "s":
+            svc = self._services.pop(name)
+            for addr in svc.addresses:
+                _discard(self._services_by_vip, bytes(addr.address), name)
+            change.services.add(name)
+
+    def _insert_policy(self, name: str, policy: Authorization, change: StoreChange) -> None:
+        self._policies[name] = policy
+        scope = _scope_key(policy)
+        if scope is not None:
+            _add(self._policies_by_scope, scope, name)
+        change.policies.add(name)
+
+    def _remove_policy(self, name: str, change: StoreChange) -> None:
+        policy = self._policies.pop(name, None)
+        if policy is None:
+            return
+        scope = _scope_key(policy)
+        if scope is not None:
+            _discard(self._policies_by_scope, scope, name)
+        change.policies.add(name)
+
+
+def _scope_key(policy: Authorization) -> str | None:
+    """Where ztunnel indexes a policy: "" for GLOBAL, its namespace for NAMESPACE, nowhere for selector policies."""
+    if policy.scope == authz_pb.GLOBAL:
+        return ""
+    if policy.scope == authz_pb.NAMESPACE:
+        return policy.namespace
+    return None

@@ -131,6 +131,9 @@ class Translator:
         self._service_claims: dict[str, set[ObjectKey]] = {}
         self._converted_pas: set[str] = set()
         self._warnings: dict[ObjectKey, str] = {}
+        # Per-rebuild memos keyed by (namespace, labels): workloads with equal labels select the same things.
+        self._memo_services: dict[tuple[str, frozenset[tuple[str, str]]], list[Service | ServiceEntry]] = {}
+        self._memo_policies: dict[tuple[str, frozenset[tuple[str, str]]], list[str]] = {}
         # Per-apply work lists.
         self._dirty_workloads: set[ObjectKey] = set()
         self._dirty_services: set[ObjectKey] = set()
@@ -293,9 +296,13 @@ class Translator:
         delta = Delta()
         self._rebuild_policies(delta)
         self._rebuild_services(delta)
-        for key in self._dirty_workloads:
-            self._rebuild_workloads(key, delta)
-        self._dirty_workloads.clear()
+        try:
+            for key in self._dirty_workloads:
+                self._rebuild_workloads(key, delta)
+        finally:
+            self._dirty_workloads.clear()
+            self._memo_services.clear()
+            self._memo_policies.clear()
         return delta
 
     def _set_address(self, name: str, value: wl.Address | None, delta: Delta) -> None:
@@ -444,23 +451,24 @@ class Translator:
 
     def _rebuild_workloads(self, key: ObjectKey, delta: Delta) -> None:
         obj = self._objects.get(key)
-        built: dict[str, wl.Workload] = {}
+        built: dict[str, wl.Address] = {}
         if isinstance(obj, Pod):
-            workload = self._build_pod(obj)
-            if workload is not None:
-                built[workload.uid] = workload
+            address = self._build_pod(obj)
+            if address is not None:
+                built[address.workload.uid] = address
         elif isinstance(obj, WorkloadEntry):
-            workload = self._build_entry(obj, obj.spec, self.workload_entry_uid(obj), set(), obj.meta.name)
-            built[workload.uid] = workload
+            address = self._build_entry(obj, obj.spec, self.workload_entry_uid(obj), set(), obj.meta.name)
+            built[address.workload.uid] = address
         elif isinstance(obj, ServiceEntry):
             for spec, hosts in self._service_entry_endpoints(obj):
                 uid = self.service_entry_uid(obj, spec.address)
-                built.setdefault(uid, self._build_entry(obj, spec, uid, hosts, obj.meta.name))
+                if uid not in built:
+                    built[uid] = self._build_entry(obj, spec, uid, hosts, obj.meta.name)
         previous = self._owned_workloads.pop(key, set())
         for uid in previous - built.keys():
             self._set_address(uid, None, delta)
-        for uid, workload in built.items():
-            self._set_address(uid, wl.Address(workload=workload), delta)
+        for uid, address in built.items():
+            self._set_address(uid, address, delta)
         if built:
             self._owned_workloads[key] = set(built)
 
@@ -485,14 +493,15 @@ class Translator:
         namespace = self._namespaces.get(pod.meta.namespace)
         return namespace is not None and namespace.meta.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
 
-    def _build_pod(self, pod: Pod) -> wl.Workload | None:
+    def _build_pod(self, pod: Pod) -> wl.Address | None:
+        # Fields go in through a dict so the Workload is built inside its Address, not copied into it.
         if pod.terminal or not pod.ips:
             return None
         meta = pod.meta
         workload_name, workload_type = _workload_name_and_type(pod)
         canonical_name, canonical_revision = _canonical(meta.labels, workload_name)
         healthy = not meta.deleting and pod.phase in ("", "Running") and pod.ready in ("", "True")
-        workload = wl.Workload(
+        fields = dict(
             uid=self.pod_uid(meta.namespace, meta.name),
             name=meta.name,
             namespace=meta.namespace,
@@ -511,34 +520,40 @@ class Translator:
             cluster_id=self.config.cluster_id,
             network_mode=wl.HOST_NETWORK if pod.host_network else wl.STANDARD,
         )
+        address = wl.Address(workload=fields)
+        workload = address.workload
         locality = _locality_of(self._nodes.get(pod.node_name))
         if locality is not None:
             workload.locality.CopyFrom(locality)
         self._fill_services(workload, pod, meta.namespace, meta.labels)
-        return workload
+        return address
 
     def _build_entry(
         self, owner: WorkloadEntry | ServiceEntry, spec: WorkloadEntrySpec, uid: str, hosts: set[str], name: str
-    ) -> wl.Workload:
+    ) -> wl.Address:
         """A workload for a WorkloadEntry, or for one endpoint of a ServiceEntry (`hosts` = the hosts it serves)."""
         meta = owner.meta
         labels = _workload_labels(owner)
         canonical_name, canonical_revision = _canonical(labels, name)
-        workload = wl.Workload(
-            uid=uid,
-            name=name,
-            namespace=meta.namespace,
-            network=spec.network or self.config.network,
-            tunnel_protocol=wl.HBONE if meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled" else wl.NONE,
-            trust_domain=self._trust_domain(),
-            service_account="" if spec.service_account == "default" else spec.service_account,
-            canonical_name=canonical_name,
-            canonical_revision=canonical_revision,
-            workload_type=wl.POD,
-            workload_name=name,
-            authorization_policies=self._policies_for(meta.namespace, labels),
-            status=wl.HEALTHY,
-            cluster_id=self.config.cluster_id,
+        address = wl.Address()
+        workload = address.workload
+        workload.MergeFrom(
+            wl.Workload(
+                uid=uid,
+                name=name,
+                namespace=meta.namespace,
+                network=spec.network or self.config.network,
+                tunnel_protocol=wl.HBONE if meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled" else wl.NONE,
+                trust_domain=self._trust_domain(),
+                service_account="" if spec.service_account == "default" else spec.service_account,
+                canonical_name=canonical_name,
+                canonical_revision=canonical_revision,
+                workload_type=wl.POD,
+                workload_name=name,
+                authorization_policies=self._policies_for(meta.namespace, labels),
+                status=wl.HEALTHY,
+                cluster_id=self.config.cluster_id,
+            )
         )
         try:
             workload.addresses.append(_packed(spec.address))
@@ -557,7 +572,7 @@ class Translator:
                     ports.add(service_port=port.number, target_port=target or port.target_port or port.number)
         else:
             self._fill_services(workload, owner, meta.namespace, labels)
-        return workload
+        return address
 
     def _service_entry_endpoints(self, entry: ServiceEntry) -> list[tuple[WorkloadEntrySpec, set[str]]]:
         if entry.endpoints:
@@ -570,16 +585,33 @@ class Translator:
     def _trust_domain(self) -> str:
         return "" if self.config.trust_domain == "cluster.local" else self.config.trust_domain
 
-    def _fill_services(self, workload: wl.Workload, subject: Pod | WorkloadEntry, ns: str, labels: Labels) -> None:
-        """Per-service port maps for the Services and ServiceEntries whose selector matches `subject`."""
+    def _selecting_services(self, ns: str, labels: Labels) -> list[Service | ServiceEntry]:
+        """Services and ServiceEntries whose selector matches `labels`; memoised for one rebuild (pods share labels)."""
+        memo_key = (ns, frozenset(labels.items()))
+        found = self._memo_services.get(memo_key)
+        if found is not None:
+            return found
         candidates: set[ObjectKey] = set(self._service_selectors.get((ns, *_ALL), ()))
         for label in labels.items():
             candidates.update(self._service_selectors.get((ns, *label), ()))
+        found = []
         for key in sorted(candidates):
             svc = self._objects.get(key)
-            if isinstance(svc, Service) and svc.selector and svc.type != "ExternalName":
-                if not _matches(svc.selector, labels):
-                    continue
+            if isinstance(svc, Service):
+                selector = svc.selector if svc.type != "ExternalName" else None
+            elif isinstance(svc, ServiceEntry):
+                selector = svc.workload_selector  # an empty one selects the whole namespace
+            else:
+                continue
+            if selector is not None and _matches(selector, labels):
+                found.append(svc)
+        self._memo_services[memo_key] = found
+        return found
+
+    def _fill_services(self, workload: wl.Workload, subject: Pod | WorkloadEntry, ns: str, labels: Labels) -> None:
+        """Per-service port maps for the Services and ServiceEntries whose selector matches `subject`."""
+        for svc in self._selecting_services(ns, labels):
+            if isinstance(svc, Service):
                 hostname = self.service_hostname(svc.meta.name, ns)
                 ports = workload.services[f"{ns}/{hostname}"].ports
                 for port in svc.ports:
@@ -588,9 +620,7 @@ class Translator:
                     target = _resolve_target(port.target_port, port.port, subject)
                     if target is not None:
                         ports.add(service_port=port.port, target_port=target)
-            elif isinstance(svc, ServiceEntry) and svc.workload_selector is not None:
-                if not _matches(svc.workload_selector, labels):
-                    continue
+            else:
                 for host in svc.hosts:
                     ports = workload.services[f"{ns}/{host}"].ports
                     for se_port in svc.ports:
@@ -600,6 +630,14 @@ class Translator:
                         ports.add(service_port=se_port.number, target_port=target)
 
     def _policies_for(self, ns: str, labels: Labels) -> list[str]:
+        """Selector policies, then PeerAuthentication-derived ones, as istiod lists them; memoised for one rebuild."""
+        memo_key = (ns, frozenset(labels.items()))
+        found = self._memo_policies.get(memo_key)
+        if found is None:
+            found = self._memo_policies[memo_key] = self._compute_policies_for(ns, labels)
+        return found
+
+    def _compute_policies_for(self, ns: str, labels: Labels) -> list[str]:
         root = self.config.root_namespace
         candidates: set[ObjectKey] = set()
         for scope_ns in {ns, root}:

@@ -39,7 +39,7 @@ class Env:
     config: RedirectConfig
     r: Redirector
     listener: subprocess.Popen[bytes] | None = None
-    extra: list[str] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)  # pods whose interface a test deleted
 
     @property
     def pa(self) -> rt.Pod:
@@ -54,7 +54,7 @@ class Env:
         return self.topo.pods["pc"]
 
     def all_pods(self) -> set[str]:
-        return {p.ip for p in self.topo.pods.values()}
+        return {p.ip for p in self.topo.pods.values() if p.name not in self.gone}
 
     def start_listener(self, *extra: str) -> None:
         self.stop_listener()
@@ -71,7 +71,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    topo = rt.up()
+    topo = rt.up(("pa", "pb", "pc", "pd"))
     config = RedirectConfig(instance=topo.prefix, uplinks=(topo.uplink,))
     r = Redirector(config)
     e = Env(topo, config, r)
@@ -290,6 +290,26 @@ def test_bad_pods_are_reported_and_others_keep_working(env: Env) -> None:
     assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
 
 
+def test_deleted_pod_interface_is_forgotten(env: Env) -> None:
+    pd = env.topo.pods["pd"]
+    env.r.reconcile({env.pa.ip, pd.ip}, env.all_pods())
+    assert rt.connect(pd.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+    maps = RedirectMaps.open(env.config.pin_dir)
+    try:
+        pd_index = env.r.status()["interfaces"][pd.node_if]["ifindex"]
+        env.topo.ip(env.topo.node, "link", "del", pd.node_if)  # the pod went away before the controller said so
+        env.gone.add(pd.name)
+        failures = env.r.reconcile({env.pa.ip, pd.ip}, env.all_pods())
+        assert set(failures) == {pd.ip} and "no route" in failures[pd.ip]
+        assert pd.node_if not in env.r.status()["interfaces"]
+        assert pd_index not in maps.iface_entries()
+        assert maps.workload_ips() == {env.pa.ip}
+    finally:
+        maps.close()
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+    assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
+
+
 def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
     from bcc import BPF
 
@@ -387,7 +407,7 @@ def test_cleanup_removes_filters_rules_and_pins(env: Env) -> None:
     with rt.enter(env.topo.node):
         removed = cleanup(env.config)
     assert any(env.topo.uplink in item for item in removed)
-    for ifname in [env.topo.uplink, *(p.node_if for p in env.topo.pods.values())]:
+    for ifname in [env.topo.uplink, *(p.node_if for p in env.topo.pods.values() if p.name not in env.gone)]:
         assert "ambit:" not in env.filters(ifname)
     assert "0x200/0xf00" not in env.topo.ip(env.topo.node, "rule")
     assert env.topo.ip(env.topo.node, "route", "show", "table", str(env.config.route_table)).strip() == ""

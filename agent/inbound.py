@@ -198,7 +198,7 @@ class InboundProxy(_Common):
             src_identity=req.peer_identity,
             dst_identity=ident,
             mtls=True,
-            hbone_addr=(local_ip, 15008),
+            hbone_addr=dst,
             path="hbone",
         )
         conn = rbac.Connection(client[0], dst[0], dst[1], req.peer_identity, client[1])

@@ -176,8 +176,10 @@ class OutboundProxy:
             self._refuse(sock, client, orig_dst, r.reason)
             return
         td = self.certs.trust_domain
+        assert r.target is not None
+        # as ztunnel: dst.addr is where the agent connects (podIP:15008 for HBONE), dst.hbone_addr the :authority
         report = self.access_log.start(
-            "outbound", client, orig_dst, src=src, dst=r.workload, service=r.service, path=r.kind.value
+            "outbound", client, r.target, src=src, dst=r.workload, service=r.service, path=r.kind.value
         )
         if r.kind is RouteKind.HBONE:
             report.src_identity = workload_identity(src, td)

@@ -74,7 +74,6 @@ _WHEN_KEYS = frozenset(
     L4_WHEN_KEYS
     | {
         "remote.ip",
-        "source.serviceAccount",
         "request.auth.principal",
         "request.auth.audiences",
         "request.auth.presenter",

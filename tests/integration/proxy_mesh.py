@@ -25,7 +25,7 @@ from agent.metrics import Metrics
 from agent.outbound import OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.sockets import Address, Listener, original_destination, transparent_listener
-from agent.state import WorkloadStore
+from agent.state import AUTHORIZATION_TYPE, WorkloadStore, policy_key
 from agent.tunnel import TunnelStats
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
@@ -175,8 +175,13 @@ class Mesh:
 
 
 def put_addresses(store: WorkloadStore, msgs: list[Any]) -> None:
-    store.put(msgs)  # SHIM
+    store.put(msgs)
 
 
 def put_policies(store: WorkloadStore, policies: list[apb.Authorization]) -> None:
-    store.put([], policies)  # SHIM
+    """Replace the store's policies with `policies`, as an xDS delta would."""
+    keep = {policy_key(p) for p in policies}
+    store.apply(
+        AUTHORIZATION_TYPE, {}, removed=[policy_key(p) for p in store.all_policies() if policy_key(p) not in keep]
+    )
+    store.put(policies=policies)

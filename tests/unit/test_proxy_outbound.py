@@ -84,7 +84,7 @@ def store() -> WorkloadStore:
 
 
 def populate(store: WorkloadStore, *msgs: Any) -> None:
-    store.put(list(msgs))  # SHIM until agent/state.py lands
+    store.put(msgs)
 
 
 def test_agent_ports_are_refused(store: WorkloadStore) -> None:

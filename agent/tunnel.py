@@ -22,6 +22,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
@@ -32,6 +33,7 @@ from common.tls import ALPN_H2, PeerVerificationError, verify_peer
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+MIN_READ_SIZE = 16 * 1024
 # Write-buffer limits on both transports: big enough that a 256 KiB read never trips pause/resume on its own.
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
@@ -104,13 +106,21 @@ class _RecvBuffer:
     """A reusable receive buffer that is replaced, not overwritten, while anyone still holds a view of it.
 
     Transports may keep a reference to what we wrote instead of copying (uvloop does); a bytearray with live
-    exports refuses to resize, which is how we notice.
+    exports refuses to resize, which is how we notice. It starts small (most connections are small) and grows to
+    READ_SIZE once a read fills it.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_size")
 
     def __init__(self) -> None:
-        self._buf = bytearray(READ_SIZE)
+        self._size = MIN_READ_SIZE
+        self._buf = self._new()
+
+    def _new(self) -> bytearray:
+        # One spare byte of capacity so that the append/del probe below never reallocates.
+        buf = bytearray(self._size + 1)
+        del buf[-1]
+        return buf
 
     def get(self) -> memoryview:
         buf = self._buf
@@ -118,12 +128,16 @@ class _RecvBuffer:
             buf.append(0)
             del buf[-1]
         except BufferError:
-            buf = self._buf = bytearray(READ_SIZE)
+            buf = self._buf = self._new()
         return memoryview(buf)
 
     def filled(self, nbytes: int) -> memoryview:
         """The first ``nbytes`` of the buffer last returned by :meth:`get`."""
-        return memoryview(self._buf)[:nbytes]
+        buf = self._buf
+        if nbytes == self._size < READ_SIZE:
+            self._size = READ_SIZE
+            self._buf = self._new()  # the next read gets the big buffer; this one is still being returned
+        return memoryview(buf)[:nbytes]
 
 
 def _ssl_reason(exc: BaseException) -> str:
@@ -348,8 +362,8 @@ class _HboneProtocol(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
+        transport = self.transport = cast(asyncio.Transport, transport)
         try:
             reason = self.verify(transport)
         except Exception as e:  # a bug in verification must not leave the socket open
@@ -587,8 +601,8 @@ class _TcpRelay(asyncio.BufferedProtocol, _Sink):
     # TCP side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
+        transport = self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.stream._attach(self)
         self._update_reading()
@@ -647,7 +661,11 @@ class _TcpRelay(asyncio.BufferedProtocol, _Sink):
             return
         self._down_done = True
         if not self.transport.is_closing():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError as e:  # the TCP peer is already gone
+                self.on_reset(f"tcp write_eof: {e}")
+                return
         self._maybe_finish()
 
     def on_reset(self, reason: str) -> None:

@@ -44,7 +44,7 @@ from agent.redirect_maps import (
     RedirectMaps,
 )
 from agent.redirect_netlink import Netlink
-from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
+from agent.redirect_plan import PodInterface, classify_route, plan_capture
 from common.log import kv
 
 __all__ = [
@@ -155,6 +155,7 @@ class _State:
     requested: set[str] = field(default_factory=set)
     peers: set[str] = field(default_factory=set)
     failures: dict[str, str] = field(default_factory=dict)
+    ip_iface: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex at the last reconcile
 
 
 class Redirector:
@@ -295,6 +296,7 @@ class Redirector:
             st.enrolled = want
             st.requested = enrolled
             st.peers = {ip for idx in ok for ip in plan.interfaces[idx].peers}
+            st.ip_iface = {ip: idx for idx in ok for ip in plan.interfaces[idx].enrolled | plan.interfaces[idx].peers}
             st.failures = failures
             return dict(failures)
 
@@ -339,11 +341,13 @@ class Redirector:
             return not self._state.requested or bool(self._state.enrolled)
 
     def status(self) -> dict[str, Any]:
+        """Attached interfaces, enrolled pods, per-pod failures, program counters. No netlink: cheap enough for an
+        admin handler (like :meth:`counters` and the properties, it only reads maps and in-memory state)."""
         with self._lock:
             st = self._state
             started = self._maps is not None
             interfaces: dict[str, dict[str, Any]] = {}
-            by_ip = self._ip_interfaces() if started else {}
+            by_ip = st.ip_iface
             for idx, att in sorted(st.attached.items()):
                 interfaces[att.name] = {
                     "ifindex": idx,
@@ -377,16 +381,6 @@ class Redirector:
             return classify_route(ip, nl.route_get(ip), nl.link_name, self._state.uplinks)
 
         return resolve
-
-    def _ip_interfaces(self) -> dict[str, int]:
-        _, nl = self._require_started()
-        out: dict[str, int] = {}
-        for ip in self._state.enrolled | self._state.peers:
-            try:
-                out[ip] = self._resolver(nl)(ip).index
-            except RouteProblem:
-                continue
-        return out
 
     def _resolve_uplinks(self, nl: Netlink) -> dict[int, str]:
         out: dict[int, str] = {}

@@ -194,17 +194,18 @@ class XdsConnection:
         }
 
 
-class Authenticator(Protocol):
-    """Checks a stream's invocation metadata; returns the authenticated caller or raises PermissionError."""
-
-    def __call__(self, metadata: Mapping[str, str]) -> Awaitable[str]: ...
+# Checks a stream's invocation metadata; returns the authenticated caller or raises PermissionError.
+Authenticator = Callable[[Mapping[str, str]], Awaitable[str]]
 
 
 class DeltaSource(Protocol):
     """What the translator's Delta looks like to this server."""
 
-    addresses: Mapping[str, Message | None]
-    authorizations: Mapping[str, Message | None]
+    @property
+    def addresses(self) -> Mapping[str, Message | None]: ...
+
+    @property
+    def authorizations(self) -> Mapping[str, Message | None]: ...
 
 
 class InitialState(Protocol):

@@ -1,0 +1,494 @@
+"""Delta ADS client of the workload API, as ztunnel's xds client behaves.
+
+- Wildcard subscription to ``istio.workload.Address`` and ``istio.security.Authorization``.
+- Every response is ACKed or NACKed by nonce. A NACK's ``error_detail.message`` is ``"name: reason; ..."`` for
+  the resources that could not be decoded or validated; the valid resources of that response still apply.
+- Reconnects with exponential backoff (10 ms doubling to 15 s). The backoff resets only where ztunnel resets it:
+  on gRPC Unknown/Cancelled/DeadlineExceeded, "transport is closing" or "received prior goaway", and on a clean
+  end of stream (the server going away on purpose).
+- On every (re)connect the first request of each type carries ``initial_resource_versions`` with what the store
+  holds, so the controller resends only what changed.
+- The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
+  ``DeltaDiscoveryResponse`` messages, one per type) so an agent restarted while the controller is down starts
+  from it (:meth:`XdsClient.restore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError, Message
+
+from agent.state import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    WorkloadStore,
+    address_name,
+    policy_key,
+)
+from api.istio.security import authorization_pb2 as authz_pb
+from api.istio.workload import workload_pb2 as wl_pb
+from common.log import kv
+
+log = logging.getLogger("ambit.agent.xds")
+
+TYPES = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+STATE_FILE = "xds-state.pb"
+_STATE_MAGIC = b"AMBIT-XDS-STATE-1\n"
+DEFAULT_SERVER_NAME = "ambit-controller"  # every controller serving certificate carries it
+_INVALID_ARGUMENT = 3
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", 200 * 1024 * 1024),  # ztunnel's limit: the full state in one response
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Our own backoff decides when to reconnect; gRPC's would stack on top of it.
+    ("grpc.initial_reconnect_backoff_ms", 10),
+    ("grpc.min_reconnect_backoff_ms", 10),
+]
+
+_RESETTING_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RESETTING_MESSAGES = ("transport is closing", "received prior goaway")
+
+
+# ---- decoding and validation (sans-IO) -------------------------------------------------------------------------
+
+
+def _valid_ip(raw: bytes) -> bool:
+    return len(raw) in (4, 16)
+
+
+def validate_address(name: str, addr: wl_pb.Address) -> str | None:
+    """Why this Address cannot be used, or None. Checks what the data path relies on."""
+    if addr.HasField("workload"):
+        w = addr.workload
+        if not w.uid:
+            return "workload has no uid"
+        if name != w.uid:
+            return f"resource name does not match workload uid {w.uid!r}"
+        for ip in w.addresses:
+            if not _valid_ip(ip):
+                return f"workload address of {len(ip)} bytes is not an IPv4/IPv6 address"
+        return None
+    if addr.HasField("service"):
+        s = addr.service
+        if not s.hostname or not s.namespace:
+            return "service needs namespace and hostname"
+        if name != address_name(addr):
+            return f"resource name does not match service {address_name(addr)!r}"
+        for a in s.addresses:
+            if not _valid_ip(a.address):
+                return f"service address of {len(a.address)} bytes is not an IPv4/IPv6 address"
+        return None
+    return "address has neither workload nor service"
+
+
+def validate_authorization(name: str, policy: authz_pb.Authorization) -> str | None:
+    if not policy.name:
+        return "policy has no name"
+    if name != policy_key(policy):
+        return f"resource name does not match policy {policy_key(policy)!r}"
+    for group in policy.groups:
+        for rules in group.rules:
+            for match in rules.matches:
+                for a in (*match.source_ips, *match.destination_ips, *match.not_source_ips, *match.not_destination_ips):
+                    if not _valid_ip(a.address):
+                        return f"ip match of {len(a.address)} bytes is not an IPv4/IPv6 address"
+    return None
+
+
+_DECODERS: dict[str, tuple[type[Message], Callable[[str, Any], str | None]]] = {
+    ADDRESS_TYPE: (wl_pb.Address, validate_address),
+    AUTHORIZATION_TYPE: (authz_pb.Authorization, validate_authorization),
+}
+
+
+@dataclass
+class DecodedDelta:
+    type_url: str
+    upserts: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (resource name, reason)
+
+
+def decode_response(resp: discovery_pb2.DeltaDiscoveryResponse) -> DecodedDelta:
+    """Decode and validate every resource; bad ones become errors and do not stop the good ones."""
+    out = DecodedDelta(resp.type_url, removed=list(resp.removed_resources))
+    decoder = _DECODERS.get(resp.type_url)
+    if decoder is None:
+        out.errors.append((resp.type_url, "unsupported type URL"))
+        out.removed = []
+        return out
+    cls, validate = decoder
+    for res in resp.resources:
+        name = res.name
+        if res.resource.type_url != resp.type_url:
+            out.errors.append((name, f"resource type {res.resource.type_url!r} in a {resp.type_url} response"))
+            continue
+        try:
+            msg = cls.FromString(res.resource.value)
+        except DecodeError as e:
+            out.errors.append((name, f"cannot decode: {e}"))
+            continue
+        reason = validate(name, msg)
+        if reason is not None:
+            out.errors.append((name, reason))
+            continue
+        out.upserts[name] = (msg, res.version)
+    return out
+
+
+def nack_message(errors: list[tuple[str, str]]) -> str:
+    """ztunnel's NACK text: ``"name: reason; name: reason"``."""
+    return "; ".join(f"{name}: {reason}" for name, reason in errors)
+
+
+def ack_request(decoded: DecodedDelta, nonce: str) -> discovery_pb2.DeltaDiscoveryRequest:
+    req = discovery_pb2.DeltaDiscoveryRequest(type_url=decoded.type_url, response_nonce=nonce)
+    if decoded.errors:
+        req.error_detail.code = _INVALID_ARGUMENT
+        req.error_detail.message = nack_message(decoded.errors)
+    return req
+
+
+# ---- on-disk state ---------------------------------------------------------------------------------------------
+
+
+class StateFileError(Exception):
+    """The state file exists but cannot be used."""
+
+
+def encode_state(resources: Mapping[str, Mapping[str, bytes]]) -> bytes:
+    """type URL -> name -> serialized Resource; one length-prefixed DeltaDiscoveryResponse per type."""
+    parts = [_STATE_MAGIC]
+    for type_url, by_name in resources.items():
+        resp = discovery_pb2.DeltaDiscoveryResponse(type_url=type_url)
+        body = resp.SerializeToString() + b"".join(_frame_resource(r) for r in by_name.values())
+        parts.append(struct.pack(">I", len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _frame_resource(serialized: bytes) -> bytes:
+    # DeltaDiscoveryResponse.resources is field 2, length-delimited.
+    return b"\x12" + _varint(len(serialized)) + serialized
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def decode_state(data: bytes) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    if not data.startswith(_STATE_MAGIC):
+        raise StateFileError("not an ambit xDS state file")
+    pos, out = len(_STATE_MAGIC), []
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise StateFileError("truncated")
+        (length,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            raise StateFileError("truncated")
+        try:
+            out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(data[pos : pos + length]))
+        except DecodeError as e:
+            raise StateFileError(f"corrupt: {e}") from None
+        pos += length
+    return out
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsyncs: a crash leaves the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ---- the client ------------------------------------------------------------------------------------------------
+
+
+class Backoff:
+    """10 ms doubling to 15 s, reset on the events ztunnel treats as expected disconnects."""
+
+    def __init__(self, initial: float = 0.01, maximum: float = 15.0) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.current = initial
+
+    def next_delay(self) -> float:
+        delay = self.current
+        self.current = min(self.maximum, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+def resets_backoff(error: grpc.aio.AioRpcError | None) -> bool:
+    """None is a clean end of stream."""
+    if error is None:
+        return True
+    details = (error.details() or "").lower()
+    return error.code() in _RESETTING_CODES or any(m in details for m in _RESETTING_MESSAGES)
+
+
+class XdsClient:
+    """Keeps ``store`` in step with the controller; ``await run()`` forever (cancel to stop).
+
+    ``root_cert`` (PEM file of the controller's CA) switches to TLS; ``token_file`` adds
+    ``authorization: Bearer <token>``. Both files are re-read on every connect (rotation).
+    """
+
+    def __init__(
+        self,
+        store: WorkloadStore,
+        address: str,
+        node: str,
+        *,
+        node_ip: str = "",
+        state_dir: Path | str | None = None,
+        token_file: Path | str | None = None,
+        root_cert: Path | str | None = None,
+        server_name: str = DEFAULT_SERVER_NAME,
+        cluster_id: str = "Kubernetes",
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.store = store
+        self.address = address
+        self.node = node
+        self.node_ip = node_ip
+        self.state_path = Path(state_dir) / STATE_FILE if state_dir else None
+        self.token_file = Path(token_file) if token_file else None
+        self.root_cert = Path(root_cert) if root_cert else None
+        self.server_name = server_name
+        self.cluster_id = cluster_id
+        self.backoff = backoff or Backoff()
+        self.ready = asyncio.Event()
+        self.connected = False
+        self.restored = False
+        self.stats: dict[str, Any] = {
+            "connects": 0,
+            "responses": 0,
+            "acks": 0,
+            "nacks": 0,
+            "last_nack": "",
+            "last_error": "",
+        }
+        self._seen_types: set[str] = set()
+        # Serialized Resource per name: what the state file holds (the good ones only).
+        self._good: dict[str, dict[str, bytes]] = {t: {} for t in TYPES}
+        self._save_wanted = asyncio.Event()
+        self._saver: asyncio.Task[None] | None = None
+
+    def node_proto(self) -> base_pb2.Node:
+        """ztunnel's node identity shape, so istiod would accept this agent too."""
+        ns = "istio-system"
+        md = struct_pb2.Struct()
+        md.update(
+            {
+                "NODE_NAME": self.node,
+                "NAME": f"ambit-agent-{self.node}",
+                "NAMESPACE": ns,
+                "INSTANCE_IPS": self.node_ip,
+                "CLUSTER_ID": self.cluster_id,
+            }
+        )
+        return base_pb2.Node(
+            id=f"ztunnel~{self.node_ip or '0.0.0.0'}~ambit-agent-{self.node}.{ns}~{ns}.svc.cluster.local",
+            cluster=self.cluster_id,
+            metadata=md,
+        )
+
+    # ---- restore / save ----------------------------------------------------------------------------------------
+
+    def _read_state(self) -> bytes | None:
+        if self.state_path is None:
+            return None
+        try:
+            return self.state_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.error("cannot read xDS state file", extra=kv(file=str(self.state_path), error=e.strerror))
+            return None
+
+    def restore(self, data: bytes | None = None) -> bool:
+        """Load the state file (or ``data``) into the store; run() does this first. True if something loaded."""
+        if data is None:
+            data = self._read_state()
+        if data is None:
+            return False
+        try:
+            responses = decode_state(data)
+        except StateFileError as e:
+            log.error("ignoring xDS state file", extra=kv(file=str(self.state_path), error=str(e)))
+            return False
+        count = 0
+        for resp in responses:
+            decoded = decode_response(resp)
+            if decoded.errors:
+                log.warning("state file entries skipped", extra=kv(errors=nack_message(decoded.errors)))
+            self.store.apply(decoded.type_url, decoded.upserts, ())
+            good = self._good.setdefault(decoded.type_url, {})
+            for res in resp.resources:
+                if res.name in decoded.upserts:
+                    good[res.name] = res.SerializeToString()
+            count += len(decoded.upserts)
+        self.restored = True
+        log.info("xDS state restored from disk", extra=kv(file=str(self.state_path), resources=count))
+        return True
+
+    async def _save_loop(self) -> None:
+        """Coalesces saves: at most one write in flight, the latest state wins."""
+        assert self.state_path is not None
+        while True:
+            await self._save_wanted.wait()
+            self._save_wanted.clear()
+            data = encode_state(self._good)
+            try:
+                await asyncio.to_thread(write_atomic, self.state_path, data)
+            except OSError as e:
+                log.error("cannot write xDS state file", extra=kv(file=str(self.state_path), error=str(e)))
+            await asyncio.sleep(0.2)
+
+    # ---- connection loop ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.state_path is not None and not self.restored and not self.ready.is_set():
+            data = await asyncio.to_thread(self._read_state)
+            if data is not None:
+                self.restore(data)
+        if self.state_path is not None and self._saver is None:
+            self._saver = asyncio.get_running_loop().create_task(self._save_loop())
+        try:
+            while True:
+                error: grpc.aio.AioRpcError | None = None
+                try:
+                    await self._session()
+                    log.info("xds stream ended by the server", extra=kv(controller=self.address))
+                except grpc.aio.AioRpcError as e:
+                    error = e
+                    self.stats["last_error"] = f"{e.code().name}: {e.details()}"
+                    log.warning(
+                        "xds stream failed",
+                        extra=kv(controller=self.address, code=e.code().name, details=e.details()),
+                    )
+                except OSError as e:  # unreadable root cert or token file
+                    self.stats["last_error"] = str(e)
+                    log.error("xds connection not attempted", extra=kv(controller=self.address, error=str(e)))
+                finally:
+                    self.connected = False
+                if resets_backoff(error):
+                    self.backoff.reset()
+                await asyncio.sleep(self.backoff.next_delay())
+        finally:
+            if self._saver is not None:
+                self._saver.cancel()
+                self._saver = None
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self.root_cert is None:
+            return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.root_cert.read_bytes())
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]
+        return grpc.aio.secure_channel(self.address, creds, options=options)
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = [("clusterid", self.cluster_id)]
+        if self.token_file is not None:
+            md.append(("authorization", f"Bearer {self.token_file.read_text().strip()}"))
+        return md
+
+    def initial_requests(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
+        """Wildcard subscription per type, resuming from the versions the store holds; node on the first."""
+        reqs = [
+            discovery_pb2.DeltaDiscoveryRequest(type_url=t, initial_resource_versions=self.store.versions(t))
+            for t in TYPES
+        ]
+        reqs[0].node.CopyFrom(self.node_proto())
+        return reqs
+
+    async def _session(self) -> None:
+        queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        for req in self.initial_requests():
+            queue.put_nowait(req)
+
+        async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
+            while True:
+                yield await queue.get()
+
+        metadata = self._metadata()
+        async with self._channel() as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.DeltaAggregatedResources(requests(), metadata=metadata)
+            self.stats["connects"] += 1
+            async for resp in call:
+                if not self.connected:
+                    self.connected = True
+                    log.info("xds connected", extra=kv(controller=self.address))
+                queue.put_nowait(self.handle_response(resp))
+
+    def handle_response(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
+        """Apply one response to the store and return its ACK or NACK (sans-IO)."""
+        started = time.monotonic()
+        decoded = decode_response(resp)
+        if resp.type_url in _DECODERS:
+            self.store.apply(resp.type_url, decoded.upserts, decoded.removed)
+            good = self._good[resp.type_url]
+            for name in decoded.removed:
+                good.pop(name, None)
+            for res in resp.resources:
+                # A rejected update leaves the previous version in the store and the file; its version differs
+                # from the server's, so a resume asks for it again.
+                if res.name in decoded.upserts:
+                    good[res.name] = res.SerializeToString()
+            self._save_wanted.set()
+        self.stats["responses"] += 1
+        ack = ack_request(decoded, resp.nonce)
+        if decoded.errors:
+            self.stats["nacks"] += 1
+            self.stats["last_nack"] = ack.error_detail.message
+            log.warning("xds NACK", extra=kv(type=resp.type_url, nonce=resp.nonce, error=ack.error_detail.message))
+        else:
+            self.stats["acks"] += 1
+        log.debug(
+            "xds response applied",
+            extra=kv(
+                type=resp.type_url,
+                resources=len(resp.resources),
+                removed=len(resp.removed_resources),
+                ms=round((time.monotonic() - started) * 1000, 2),
+            ),
+        )
+        if resp.type_url in _DECODERS:
+            self._seen_types.add(resp.type_url)
+            if not self.ready.is_set() and self._seen_types.issuperset(TYPES):
+                self.ready.set()
+                log.info("xds ready", extra=kv(controller=self.address))
+        return ack

@@ -1,0 +1,240 @@
+"""ambit-controller: reads config, serves it to agents over delta xDS, and runs the CA.
+
+Start-up order matters for agents: the config sources are synced *before* any xDS port opens, so a connecting
+agent never receives a partial state (which would delete workloads it already knows). Monitoring opens first so
+that readiness probes and operators can see why the controller is not serving yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from common import flags
+from common import log as jsonlog
+from common.log import kv
+from controller.monitoring import ControllerMetrics, MonitoringServer, json_response, metrics_route
+from controller.sources.files import ConfigDirError, FileSource
+from controller.store import ConfigStore
+from controller.translate import Translator, TranslatorConfig
+from controller.xds_server import GRPC_SERVER_OPTIONS, Authenticator, XdsServer
+
+log = logging.getLogger("ambit.controller")
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ControllerConfig:
+    """Ambit controller: config sources -> workload API over delta xDS, plus the mesh CA."""
+
+    config_dir: str = field(default="", metadata=_h("directory of YAML config, watched for changes"))
+    kube: bool = field(default=False, metadata=_h("read config from the Kubernetes API instead"))
+    kubeconfig: str = field(default="", metadata=_h("kubeconfig file for --kube (default: in-cluster)"))
+    xds_port: int = field(default=15010, metadata=_h("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
+    tls_port: int = field(default=15012, metadata=_h("gRPC over TLS (xDS + CA); needs --ca-dir; 0 turns it off"))
+    monitoring_port: int = field(default=15014, metadata=_h("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
+    listen_address: str = field(default="0.0.0.0", metadata=_h("address the listeners bind"))
+    ca_dir: str = field(default="", metadata=_h("CA directory (created if empty); enables the CA and TLS port"))
+    trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
+    node_tokens: str = field(default="", metadata=_h('JSON {"<node>": "<token>"} authenticating agents'))
+    cluster_id: str = field(default="Kubernetes", metadata=_h("cluster id written into workload uids"))
+    root_namespace: str = field(default="istio-system", metadata=_h("mesh root namespace (global policies)"))
+    poll_interval: float = field(default=0.2, metadata=_h("seconds between config directory scans"))
+    debounce_quiet: float = field(default=0.02, metadata=_h("push after this many quiet seconds"))
+    debounce_max: float = field(default=1.0, metadata=_h("push at the latest this long after a change"))
+    event_loop: str = field(default="uvloop", metadata=_h("uvloop or asyncio"))
+    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+
+
+class StartupError(Exception):
+    """A configuration problem that stops the controller before it serves anything."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig) -> None:
+        if bool(cfg.config_dir) == bool(cfg.kube):
+            raise StartupError("exactly one of --config-dir DIR or --kube is required")
+        self.cfg = cfg
+        self.metrics = ControllerMetrics()
+        self.translator = Translator(
+            TranslatorConfig(
+                cluster_id=cfg.cluster_id, root_namespace=cfg.root_namespace, trust_domain=cfg.trust_domain
+            )
+        )
+        self.store = ConfigStore(self.translator, self.metrics)
+        self.xds = XdsServer(metrics=self.metrics, debounce_quiet=cfg.debounce_quiet, debounce_max=cfg.debounce_max)
+        self.store.subscribe(self.xds.apply_delta)
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Callable[[], Any]] = []
+        self.monitoring = MonitoringServer(
+            routes={
+                "/metrics": metrics_route(self.metrics),
+                "/debug/config_dump": lambda: json_response(self.xds.config_dump()),
+                "/debug/config_status": lambda: json_response(self.store.status()),
+                "/debug/connections": lambda: json_response(self.xds.describe_connections()),
+                "/healthz/ready": self._readiness,
+                "/ready": self._readiness,
+            },
+            host=cfg.listen_address,
+            port=cfg.monitoring_port,
+        )
+
+    def _readiness(self) -> tuple[int, str, bytes]:
+        return (200, "text/plain", b"ready\n") if self.ready else (503, "text/plain", b"config not synced yet\n")
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.monitoring_port:
+            await self.monitoring.start()
+        await self._start_sources()
+        authenticator, grpc_services = self._grpc_services()
+        if cfg.xds_port:
+            server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+            # The plaintext port is the lab's: tokens still authenticate the CA, xDS is open as in Istio's 15010.
+            self.xds.add_to_server(server)
+            for register in grpc_services:
+                register(server)
+            bound = server.add_insecure_port(_hostport(cfg.listen_address, cfg.xds_port))
+            await server.start()
+            self._servers.append(server)
+            log.info("xds listening", extra=kv(address=cfg.listen_address, port=bound, tls=False))
+        if cfg.tls_port and cfg.ca_dir:
+            from controller.ca_service import server_credentials
+
+            server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+            self.xds.add_to_server(server, authenticate=authenticator)
+            for register in grpc_services:
+                register(server)
+            bound = server.add_secure_port(_hostport(cfg.listen_address, cfg.tls_port), server_credentials(self._ca))
+            await server.start()
+            self._servers.append(server)
+            log.info("xds listening", extra=kv(address=cfg.listen_address, port=bound, tls=True))
+        elif cfg.tls_port:
+            log.info("TLS port off: no --ca-dir")
+        self.ready = True
+        log.info("controller ready", extra=kv(objects=len(self.translator.objects()), errors=len(self.store.errors())))
+
+    async def _start_sources(self) -> None:
+        cfg = self.cfg
+        if cfg.config_dir:
+            source = FileSource(cfg.config_dir, self.store, poll_interval=cfg.poll_interval)
+            try:
+                await source.sync()
+            except ConfigDirError as e:
+                raise StartupError(str(e)) from None
+            self._tasks.append(asyncio.create_task(source.run(), name="config-dir"))
+        else:
+            from controller.sources.kube import KubeSource, api_client
+
+            kube = KubeSource(self.store, api_client(cfg.kubeconfig or None))
+            self._closers.append(kube.stop)
+            await kube.start()
+
+    def _grpc_services(self) -> tuple[Authenticator | None, list[Callable[[grpc.aio.Server], Any]]]:
+        """The node authenticator for xDS over TLS, and the CA service registration (when --ca-dir is set)."""
+        cfg = self.cfg
+        if not cfg.ca_dir:
+            return None, []
+        from controller import ca_service, node_auth
+        from controller.ca import CaError, CertificateAuthority
+
+        try:
+            self._ca = CertificateAuthority(cfg.ca_dir, cfg.trust_domain)
+        except (CaError, OSError) as e:
+            raise StartupError(f"--ca-dir {cfg.ca_dir}: {e}") from None
+        authn: list[Any] = []
+        if cfg.node_tokens:
+            try:
+                authn.append(node_auth.NodeTokenAuthenticator(cfg.node_tokens))
+            except node_auth.AuthError as e:
+                raise StartupError(f"--node-tokens: {e}") from None
+        if cfg.kube:
+            from controller.sources.kube import api_client
+
+            authn.append(node_auth.TokenReviewAuthenticator(api_client(cfg.kubeconfig or None)))
+        if not authn:
+            raise StartupError("--ca-dir needs a way to authenticate agents: --node-tokens FILE or --kube")
+        authenticator = authn[0] if len(authn) == 1 else node_auth.FirstMatchAuthenticator(authn)
+        ca = self._ca
+
+        def register(server: grpc.aio.Server) -> None:
+            ca_service.add_to_server(server, ca, self.translator, authenticator, registry=self.metrics.registry)
+
+        return node_auth.for_xds(authenticator), [register]
+
+    async def stop(self) -> None:
+        self.ready = False
+        for server in self._servers:
+            await server.stop(grace=2.0)
+        await self.xds.stop()
+        for task in self._tasks:
+            task.cancel()
+        for close in self._closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.monitoring.stop()
+
+
+async def _run(cfg: ControllerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    try:
+        controller = Controller(cfg)
+    except StartupError as e:
+        log.error("cannot start", extra=kv(error=str(e)))
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, controller.stopping.set)
+    try:
+        await controller.start()
+    except StartupError as e:
+        log.error("cannot start", extra=kv(error=str(e)))
+        await controller.stop()
+        return 2
+    except OSError as e:
+        log.error("cannot listen", extra=kv(error=str(e)))
+        await controller.stop()
+        return 1
+    await controller.stopping.wait()
+    log.info("stopping")
+    await controller.stop()
+    return 0
+
+
+def _select_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return None
+    raise SystemExit(f"--event-loop: {name!r} is not one of uvloop, asyncio")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = flags.parse(ControllerConfig, argv)
+    jsonlog.setup(cfg.log_level)
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_select_loop(cfg.event_loop)) as runner:
+        sys.exit(runner.run(_run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

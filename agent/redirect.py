@@ -239,7 +239,10 @@ class Redirector:
                     nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
                 if swapped_now:
                     _swap_tcp_early_demux(swapped_now - 1)
+                fresh_pins = created_dir and not self._adopted
                 self._close_handles()
+                if fresh_pins:
+                    _remove_pin_dir(cfg.pin_dir)
                 raise
             log.info(
                 "capture started",

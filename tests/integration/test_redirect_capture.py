@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from agent.redirect import (
     RedirectCompileError,
     RedirectConfig,
+    RedirectConfigError,
     Redirector,
     RedirectPinError,
     cleanup,
@@ -356,6 +357,14 @@ def test_compile_failures_are_precise_and_leave_nothing(env: Env, tmp_path: Path
         Redirector(broken).start()
     assert str(broken_src) in str(info.value) and "undeclared_thing" in str(info.value)
     assert not os.path.exists(broken.pin_dir)
+
+
+def test_missing_uplink_fails_start_and_leaves_nothing(env: Env) -> None:
+    cfg = RedirectConfig(instance=env.topo.prefix + "-u", uplinks=("nosuchif0",), route_table=101, rule_priority=101)
+    with rt.enter(env.topo.node), pytest.raises(RedirectConfigError, match="'nosuchif0' does not exist"):
+        Redirector(cfg).start()
+    assert not os.path.exists(cfg.pin_dir)
+    assert "lookup 101" not in env.topo.ip(env.topo.node, "rule")
 
 
 def test_pins_of_another_node_are_refused(env: Env) -> None:

@@ -234,21 +234,19 @@ class InboundProxy(_Common):
     async def _relay(
         self, upstream: socket.socket, req: ConnectRequest, conn: rbac.Connection, wl: Any, report: ConnectionReport
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tracked = self.connections.track(conn, wl.uid, "inbound", task.cancel, [report])
+        # A policy change resets the stream: the relay then ends (RST to the client side, abort to the pod) and
+        # still returns its byte counts.
+        tracked = self.connections.track(conn, wl.uid, "inbound", req.stream.reset, [report])
         try:
             result = await relay(upstream, req.stream)
         except asyncio.CancelledError:
-            if tracked.late_rejection is None:
-                report.finish(error="cancelled")
-                raise
-            report.finish(error=tracked.late_rejection, flags="DENY")
-            return
+            report.finish(error="cancelled")
+            raise
         finally:
             self.connections.untrack(tracked)
         # relay counts from the TCP socket's view: up = pod -> tunnel (server->client)
-        report.finish(result.bytes_down, result.bytes_up, error=result.error)
+        late = tracked.late_rejection
+        report.finish(result.bytes_down, result.bytes_up, error=late or result.error, flags="DENY" if late else "-")
 
 
 class InboundPlaintextProxy(_Common):

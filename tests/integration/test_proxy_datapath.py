@@ -173,8 +173,8 @@ async def test_policy_change_closes_established_connection(
     lines = [r for r in caplog.records if r.name == f"access.{agent.node}" and "LateRejection" in str(r.__dict__)]
     assert lines, "the cut connection's access-log line names AuthorizationPolicyLateRejection"
     assert lines[0].fields["policy.name"] == f"{policy.namespace}/{policy.name}"  # type: ignore[attr-defined]
-    if path != "hbone":  # spliced paths count live; a cut HBONE relay reports no byte counts
-        assert lines[0].fields["bytes_sent"] == 4  # type: ignore[attr-defined]
+    assert lines[0].fields["bytes_sent"] == 4  # type: ignore[attr-defined]
+    assert lines[0].fields["response_flags"] == "DENY"  # type: ignore[attr-defined]
 
 
 async def test_same_node_splice_exact_bytes_and_reports_both_sides(mesh: Mesh) -> None:

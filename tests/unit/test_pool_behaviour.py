@@ -1,0 +1,202 @@
+"""HboneConnectionPool against a real Ambit HBONE server on 127.0.0.1 (TLS, no privileges needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.hbone import PREFACE, SETTINGS
+from agent.pool import HboneConnectionPool, PoolKey
+from agent.tunnel import HboneConnectError, HboneStream, TunnelConfig, TunnelStats
+from common.spiffe import Identity
+from tests.support.hbone_testbed import Backend, HboneServer
+from tests.support.pki import TestCA
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.ca = TestCA()
+        self.client_id = self.ca.identity("default", "client")
+        self.server_id = self.ca.identity("default", "server")
+        self.client_ctx = self.ca.client_context(self.ca.issue(self.client_id))
+        self.server_ctx = self.ca.server_context(self.ca.issue(self.server_id))
+
+    def key(self, server: HboneServer, dst: Identity | None = None) -> PoolKey:
+        return PoolKey(self.client_id, dst or self.server_id, server.addr)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh()
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    b = await Backend().start()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def server(mesh: Mesh) -> AsyncIterator[HboneServer]:
+    s = await HboneServer(mesh.server_ctx).start()
+    yield s
+    await s.close()
+
+
+async def roundtrip(stream: HboneStream, payload: bytes = b"hello") -> bytes:
+    await stream.write(payload)
+    stream.write_eof()
+    out = b""
+    while chunk := await stream.read():
+        out += chunk
+    return out
+
+
+async def test_concurrent_openers_share_one_handshake(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(stats=TunnelStats())
+    streams = await asyncio.gather(
+        *(pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, []) for _ in range(50))
+    )
+    assert pool.connections_created == 1 and server.connections == 1
+    assert pool.stream_count() == 50
+    results = await asyncio.gather(*(roundtrip(s, b"n%d" % i) for i, s in enumerate(streams)))
+    assert results == [b"n%d" % i for i in range(50)]
+    assert pool.stream_count() == 0 and pool.connection_count() == 1
+    await pool.close()
+
+
+async def test_stream_limit_opens_more_connections(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(max_streams_per_conn=3, stats=TunnelStats())
+    streams = [await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, []) for _ in range(7)]
+    assert pool.connection_count() == 3 and server.connections == 3
+    assert sorted(int(str(c["streams"])) for c in pool.snapshot()) == [1, 3, 3]
+    for s in streams:
+        assert await roundtrip(s) == b"hello"
+    # freed slots are reused: no new handshake
+    again = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    assert await roundtrip(again) == b"hello"
+    assert pool.connections_created == 3
+    await pool.close()
+
+
+async def test_keys_are_not_shared(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(stats=TunnelStats())
+    other_src = mesh.ca.identity("other", "client")
+    other_ctx = mesh.ca.client_context(mesh.ca.issue(other_src))
+    s1 = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    s2 = await pool.open_stream(PoolKey(other_src, mesh.server_id, server.addr), other_ctx, backend.addr, [])
+    assert pool.connection_count() == 2
+    assert {r.peer_identity for r in server.requests} == {mesh.client_id, other_src}
+    assert await roundtrip(s1) == b"hello" and await roundtrip(s2) == b"hello"
+    await pool.close()
+
+
+async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(idle_timeout=0.2, stats=TunnelStats())
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    await asyncio.sleep(0.4)
+    assert pool.connection_count() == 1, "a connection with an open stream is not idle"
+    assert await roundtrip(s) == b"hello"
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if pool.connection_count() == 0:
+            break
+    assert pool.connection_count() == 0
+    assert server.stats.connections_closed == 1
+    await pool.close()
+
+
+async def test_goaway_evicts_and_reconnects(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(stats=TunnelStats())
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    assert await roundtrip(s) == b"hello"
+    # The server drains: GOAWAY(NO_ERROR) then close. The pool must not hand out that connection again.
+    req = server.requests[-1]
+    req._proto.close()  # the connection-level close PROXY would do on shutdown
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if pool.connection_count() == 0:
+            break
+    assert pool.connection_count() == 0
+    s2 = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    assert await roundtrip(s2) == b"hello"
+    assert pool.connections_created == 2
+    await pool.close()
+
+
+async def test_wrong_server_identity_is_refused(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    stats = TunnelStats()
+    pool = HboneConnectionPool(stats=stats)
+    impostor = mesh.ca.identity("default", "somebody-else")
+    with pytest.raises(HboneConnectError) as err:
+        await pool.open_stream(mesh.key(server, impostor), mesh.client_ctx, backend.addr, [])
+    assert err.value.status == 503 and "wrong_identity" in err.value.reason
+    assert stats.rejects["wrong_identity"] == 1
+    assert pool.connection_count() == 0 and not server.requests
+    await pool.close()
+
+
+@pytest.mark.parametrize("status", [400, 401, 503])
+async def test_peer_status_is_propagated(mesh: Mesh, backend: Backend, status: int) -> None:
+    server = await HboneServer(mesh.server_ctx, status=status).start()
+    pool = HboneConnectionPool(stats=TunnelStats())
+    try:
+        with pytest.raises(HboneConnectError) as err:
+            await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+        assert err.value.status == status
+        assert pool.stream_count() == 0 and pool.connection_count() == 1  # the connection itself is fine
+    finally:
+        await pool.close()
+        await server.close()
+
+
+async def test_connect_failure_is_shared_by_waiters(mesh: Mesh) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()  # nothing listens here once closed
+    pool = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(mesh.client_id, mesh.server_id, dead)
+    results = await asyncio.gather(
+        *(pool.open_stream(key, mesh.client_ctx, "127.0.0.1:1", []) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, HboneConnectError) and r.status == 503 for r in results)
+    assert pool.connect_failures == 1
+
+
+async def test_keepalive_drops_a_silent_peer(mesh: Mesh) -> None:
+    """A TLS peer that completes the handshake and sends SETTINGS but never answers PING is dropped."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x00\x00\x00" + bytes([SETTINGS]) + b"\x00\x00\x00\x00\x00")
+        await reader.readexactly(len(PREFACE))
+        while await reader.read(65536):
+            pass  # swallow everything, answer nothing
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0, ssl=mesh.server_ctx)
+    port = srv.sockets[0].getsockname()[1]
+    stats = TunnelStats()
+    config = TunnelConfig(keepalive_interval=0.1, keepalive_timeout=0.3)
+    pool = HboneConnectionPool(config=config, stats=stats)
+    key = PoolKey(mesh.client_id, mesh.server_id, ("127.0.0.1", port))
+    try:
+        with pytest.raises(HboneConnectError):
+            # no response ever comes either; the keepalive kills the connection before connect_timeout
+            await pool.open_stream(key, mesh.client_ctx, "127.0.0.1:1", [])
+        assert stats.errors["keepalive_timeout"] == 1
+        assert pool.connection_count() == 0
+    finally:
+        await pool.close()
+        srv.close()
+
+
+async def test_closed_pool_refuses(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+    pool = HboneConnectionPool(stats=TunnelStats())
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    await pool.close()
+    with pytest.raises(HboneConnectError):
+        await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    assert s.closed

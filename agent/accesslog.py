@@ -20,8 +20,10 @@ from common.spiffe import Identity
 
 ACCESS_LOGGER = "access"
 
+Address = tuple[str, int]
 
-def _addr(addr: tuple[str, int] | None) -> str | None:
+
+def _addr(addr: Address | None) -> str | None:
     if addr is None:
         return None
     host, port = addr[0], addr[1]
@@ -93,6 +95,13 @@ class AccessLog:
         self, direction: str, src_addr: tuple[str, int], dst_addr: tuple[str, int], **fields: Any
     ) -> ConnectionReport:
         return ConnectionReport(self, direction, src_addr, dst_addr, **fields)
+
+    def refused(self, direction: str, src_addr: Address | None, dst_addr: Address, reason: str, **detail: Any) -> None:
+        """A connection turned away before source and destination were known (ztunnel's early failure): counted
+        by reason and logged, without Istio traffic metrics."""
+        self.metrics.error(direction, reason)
+        fields = {"src.addr": _addr(src_addr), "dst.addr": _addr(dst_addr), "direction": direction, "error": reason}
+        self.logger.warning("connection failed", extra=kv(**{k: v for k, v in fields.items() if v}, **detail))
 
     def write(self, r: ConnectionReport, bytes_up: int, bytes_down: int, error: str | None, flags: str) -> None:
         def name(wl: Any | None) -> str | None:

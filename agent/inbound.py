@@ -109,9 +109,10 @@ class _Common:
             return None
         return wl
 
-    def refuse(self, sock: socket.socket, direction: str, reason: str, **fields: Any) -> None:
-        self.metrics.error(direction, reason)
-        log.warning("connection refused", extra=kv(direction=direction, error=reason, **fields))
+    def refuse(
+        self, sock: socket.socket, direction: str, reason: str, src: Address | None, dst: Address, **detail: Any
+    ) -> None:
+        self.access_log.refused(direction, src, dst, reason, **detail)
         abort(sock)
 
 
@@ -144,13 +145,13 @@ class InboundProxy(_Common):
             return
         wl = self.local_workload(orig_dst[0])
         if wl is None:
-            self.refuse(sock, "inbound", "unknown_destination", **{"dst.addr": format_address(orig_dst)})
+            self.refuse(sock, "inbound", "unknown_destination", peer, orig_dst)
             return
         ident = workload_identity(wl, self.certs.trust_domain)
         try:
             ctx = await self.certs.server_context(ident)
         except Exception as e:  # the CA may be unreachable: refuse this connection, keep serving others
-            self.refuse(sock, "inbound", "no_certificate", identity=str(ident), detail=str(e))
+            self.refuse(sock, "inbound", "no_certificate", peer, orig_dst, identity=str(ident), detail=str(e))
             return
 
         async def on_connect(req: ConnectRequest) -> None:
@@ -259,11 +260,11 @@ class InboundPlaintextProxy(_Common):
             sock.close()
             return
         if orig_dst[1] in self.config.own_ports:
-            self.refuse(sock, "inbound_plaintext", "self_call", **{"dst.addr": format_address(orig_dst)})
+            self.refuse(sock, "inbound_plaintext", "self_call", client, orig_dst)
             return
         wl = self.local_workload(orig_dst[0])
         if wl is None:
-            self.refuse(sock, "inbound_plaintext", "unknown_destination", **{"dst.addr": format_address(orig_dst)})
+            self.refuse(sock, "inbound_plaintext", "unknown_destination", client, orig_dst)
             return
         report = self.access_log.start(
             "inbound",

@@ -196,11 +196,7 @@ class OutboundProxy:
             await self._passthrough(sock, r, report)
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:
-        self.metrics.error("outbound", reason)
-        log.warning(
-            "connection failed",
-            extra=kv(**{"src.addr": format_address(client), "dst.addr": format_address(dst)}, error=reason),
-        )
+        self.access_log.refused("outbound", client, dst, reason)
         abort(sock)
 
     async def _hbone(self, sock: socket.socket, client: Address, src: Any, r: Route, report: ConnectionReport) -> None:

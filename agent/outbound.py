@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import random
 import secrets
 import socket
@@ -39,9 +38,6 @@ from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay, abort
 from agent.sockets import connect_upstream, peer_address
 from agent.tunnel import HboneConnectError, relay
-from common.log import kv
-
-log = logging.getLogger("agent.outbound")
 
 AGENT_PORTS = frozenset({15001, 15006, 15008})
 _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
@@ -267,9 +263,8 @@ class OutboundProxy:
             abort(sock)
             return
         splice = SpliceRelay(sock, upstream)
+        error: str | None = "cancelled"
         try:
-            result = await splice.run()
+            error = (await splice.run()).error
         finally:
-            report.finish(splice.bytes_up, splice.bytes_down)
-        if result.error:
-            log.debug("passthrough ended with error", extra=kv(error=result.error))
+            report.finish(splice.bytes_up, splice.bytes_down, error=error)

@@ -20,7 +20,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +231,22 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+class _RequestStream:
+    """The request side of the stream: a queue as an async iterator (no async generator to be closed mid-await)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+
+    def put(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        self._queue.put_nowait(req)
+
+    def __aiter__(self) -> _RequestStream:
+        return self
+
+    async def __anext__(self) -> discovery_pb2.DeltaDiscoveryRequest:
+        return await self._queue.get()
+
+
 # ---- the client ------------------------------------------------------------------------------------------------
 
 
@@ -293,6 +309,7 @@ class XdsClient:
         self.connected = False
         self.restored = False
         self.stats: dict[str, Any] = {
+            "attempts": 0,
             "connects": 0,
             "responses": 0,
             "acks": 0,
@@ -435,24 +452,20 @@ class XdsClient:
         return reqs
 
     async def _session(self) -> None:
-        queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        requests = _RequestStream()
         for req in self.initial_requests():
-            queue.put_nowait(req)
-
-        async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-            while True:
-                yield await queue.get()
-
+            requests.put(req)
         metadata = self._metadata()
         async with self._channel() as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources(requests(), metadata=metadata)
-            self.stats["connects"] += 1
+            call = stub.DeltaAggregatedResources(requests, metadata=metadata)
+            self.stats["attempts"] += 1
             async for resp in call:
                 if not self.connected:
                     self.connected = True
+                    self.stats["connects"] += 1
                     log.info("xds connected", extra=kv(controller=self.address))
-                queue.put_nowait(self.handle_response(resp))
+                requests.put(self.handle_response(resp))
 
     def handle_response(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
         """Apply one response to the store and return its ACK or NACK (sans-IO)."""

@@ -18,6 +18,9 @@ LB_PASSTHROUGH = 3  # istio.workload.LoadBalancing.Mode.PASSTHROUGH
 
 Address = tuple[str, int]
 
+# The agent's own listeners (outbound, inbound plaintext, HBONE): never a destination, or traffic would loop.
+AGENT_PORTS = frozenset({15001, 15006, 15008})
+
 
 class BadAuthority(ValueError):
     """A CONNECT `:authority` that is not `ip:port` (IPv6 as `[ip]:port`) with a port in 1..65535."""

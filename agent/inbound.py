@@ -25,6 +25,7 @@ from typing import Any
 from agent import rbac
 from agent.accesslog import AccessLog, ConnectionReport
 from agent.addressing import (
+    AGENT_PORTS,
     HBONE,
     Address,
     BadAuthority,
@@ -42,7 +43,6 @@ from common.spiffe import Identity
 
 log = logging.getLogger("agent.inbound")
 
-AGENT_PORTS = frozenset({15001, 15006, 15008})
 _FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for="?([^";,]+)"?', re.IGNORECASE)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from agent import rbac
 from agent.accesslog import AccessLog, ConnectionReport
 from agent.addressing import (
+    AGENT_PORTS,
     HBONE,
     HEALTHY,
     LB_PASSTHROUGH,
@@ -39,7 +40,6 @@ from agent.relay import SpliceRelay, abort
 from agent.sockets import connect_upstream, peer_address
 from agent.tunnel import HboneConnectError, relay
 
-AGENT_PORTS = frozenset({15001, 15006, 15008})
 _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
 
 

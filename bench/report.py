@@ -8,7 +8,7 @@ from typing import Any
 
 from bench import plots
 from bench.options import ALL_CONFIGS
-from bench.stats import added, median, ratio
+from bench.stats import added, paired_ratio, ratio
 
 STATUS_MARK = {"met": "**met**", "not met": "**NOT MET**", "not measured": "not measured"}
 
@@ -91,11 +91,10 @@ def _throughput(results: dict[str, Any]) -> list[str]:
     for c in _configs(results):
         row = [_label(results, c)]
         for m in ("tput1", "tput8"):
-            mb = median(results, c, m, "MBps")
             row += [
                 _cell(results, c, m, "MBps"),
-                _x(ratio(mb, median(results, "nomesh", m, "MBps"))),
-                _x(ratio(mb, median(results, "envoy", m, "MBps"))),
+                _x(paired_ratio(results, c, "nomesh", m, "MBps")),
+                _x(paired_ratio(results, c, "envoy", m, "MBps")),
             ]
         row += [_cell(results, c, "tput1", "cpu_s_per_gb", 2), _cell(results, c, "tput1", "proxy_cores", 2)]
         rows.append(row)
@@ -115,7 +114,8 @@ def _throughput(results: dict[str, Any]) -> list[str]:
         "",
         "iperf3 from the client pod to the server pod (server in the server pod), client to server, MB/s = 10^6 B/s.",
         "Proxy CPU is user + system time of every proxy process of the configuration (all threads), read before and "
-        "after; CPU-s/GB divides it by the bytes moved.",
+        "after; CPU-s/GB divides it by the bytes moved. Ratios are medians of same-round ratios (each round measures "
+        "all configurations back to back).",
         "",
         *_table(header, rows),
         "",
@@ -311,8 +311,8 @@ def render(results: dict[str, Any], images: dict[str, str]) -> str:
         *_throughput(results),
         "## Request/response latency",
         "",
-        "Echo over one persistent TCP_NODELAY connection, microseconds per round trip; *added* = minus the no-mesh "
-        "figure of the same percentile.",
+        "Echo over one persistent TCP_NODELAY connection, microseconds per round trip; *added* = median over rounds "
+        "of the same-round difference to the no-mesh figure of the same percentile.",
         "",
         *_latency(results, "lat1", "1 B"),
         *_latency(results, "lat1k", "1 KiB"),

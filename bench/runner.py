@@ -192,30 +192,34 @@ class Run:
             self.endpoints[driver.name] = endpoint
 
     def _rounds(self, tools: Tools) -> None:
+        """Each round runs one measure on every configuration before the next measure, rotating the order: the
+        figures compared in a ratio are taken seconds apart, not minutes, which matters on a shared machine."""
         d = self.options.durations
         rounds = self.options.effective_rounds
         names = [drv.name for drv in self.drivers]
         for r in range(rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                endpoint = self.endpoints.get(name)
-                if endpoint is None:
-                    continue
-                measured: dict[str, Any] = {}
-                for measure in MEASURES:
+            measured: dict[str, dict[str, Any]] = {name: {} for name in names}
+            for i, measure in enumerate(MEASURES):
+                shift = (r + i) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    endpoint = self.endpoints.get(name)
+                    if endpoint is None:
+                        continue
                     self.progress.step(
-                        f"round {r + 1}/{rounds}  {name:<15} {measure.name:<6}", measure.expected_seconds(d)
+                        f"round {r + 1}/{rounds}  {measure.name:<6} {name:<15}", measure.expected_seconds(d)
                     )
-                    measured[measure.name] = run_measure(measure, tools, endpoint, d)
+                    measured[name][measure.name] = run_measure(measure, tools, endpoint, d)
                     dead = [p.role for p in endpoint.proxies if not _alive(p.pid)]
                     if dead:
-                        measured[measure.name].setdefault("error", f"proxy died: {', '.join(dead)}")
-                        break
-                self.results["configs"][name]["rounds"].append(
-                    {"round": r, "load_average": machine.load_average(), "measures": measured}
-                )
-                if any(not _alive(p.pid) for p in endpoint.proxies):
-                    self._fail(name, f"a proxy process died in round {r + 1} (see {self.out / 'logs'})", rounds - r - 1)
+                        measured[name][measure.name].setdefault("error", f"proxy died: {', '.join(dead)}")
+                        self._fail(
+                            name, f"{', '.join(dead)} died in round {r + 1} (see {self.out / 'logs'})", rounds - r - 1
+                        )
+            for name in names:
+                if measured[name]:
+                    self.results["configs"][name]["rounds"].append(
+                        {"round": r, "load_average": machine.load_average(), "measures": measured[name]}
+                    )
 
     def _memory(self, labs: BenchLabs) -> None:
         """Proxy RSS at the end of the rounds (after the work, when pools and buffers are at their largest), then

@@ -57,10 +57,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _per_round(results: dict[str, Any], config: str, measure: str, metric: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in results.get("configs", {}).get(config, {}).get("rounds", []):
+        value = r.get("measures", {}).get(measure, {}).get(metric)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[r["round"]] = float(value)
+    return out
+
+
+def paired_ratio(results: dict[str, Any], config: str, base: str, measure: str, metric: str) -> float | None:
+    """Median over rounds of config/base measured in the same round (seconds apart), which cancels much of the
+    machine's minute-to-minute drift that a ratio of two medians would keep."""
+    a, b = _per_round(results, config, measure, metric), _per_round(results, base, measure, metric)
+    values = [a[r] / b[r] for r in a.keys() & b.keys() if b[r]]
+    return statistics.median(values) if values else None
+
+
 def added(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
-    """Latency a configuration adds over the no-mesh baseline (same measure, same percentile)."""
-    value = median(results, config, measure, metric)
-    base = median(results, "nomesh", measure, metric)
-    if value is None or base is None:
-        return None
-    return value - base
+    """Latency a configuration adds over the no-mesh baseline: median over rounds of the same-round difference."""
+    a, b = _per_round(results, config, measure, metric), _per_round(results, "nomesh", measure, metric)
+    values = [a[r] - b[r] for r in a.keys() & b.keys()]
+    return statistics.median(values) if values else None

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.stats import added, median, ratio
+from bench.stats import added, median, paired_ratio, ratio
 
 MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
 RSS_WORKLOADS = 100
@@ -47,7 +47,7 @@ def _all(*checks: bool | None) -> bool | None:
 
 
 def _throughput_vs(results: dict[str, Any], config: str, base: str, measure: str, floor: float) -> Verdict:
-    r = ratio(median(results, config, measure, "MBps"), median(results, base, measure, "MBps"))
+    r = paired_ratio(results, config, base, measure, "MBps")
     streams = "1 stream" if measure == "tput1" else "8 streams"
     return Verdict(
         target=f"{config} throughput vs {base}, {streams}",

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.addressing import HBONE, workload_identity
 from agent.metrics import Metrics
 from common.log import kv
 
@@ -213,32 +212,6 @@ def metrics_server(metrics: Metrics) -> HttpServer:
     s = HttpServer("metrics")
     s.routes.update({("GET", "/metrics"): scrape, ("GET", "/stats/prometheus"): scrape})
     return s
-
-
-def agent_readiness(
-    config_ready: Callable[[], bool], store: Any, certs: Any, node: str
-) -> Callable[[], tuple[bool, str]]:
-    """Istio's readiness: the first full config arrived (`config_ready`, e.g. `xds.ready.is_set`) and every
-    enrolled workload on this node has a certificate, so the first connection after the probe passes never
-    waits on the CA."""
-
-    def ready() -> tuple[bool, str]:
-        if not config_ready():
-            return False, "waiting for the first configuration from the controller"
-        missing = sorted(
-            str(ident)
-            for ident in {
-                workload_identity(wl, certs.trust_domain)
-                for wl in store.local_workloads(node)
-                if wl.tunnel_protocol == HBONE
-            }
-            if certs.certificate(ident) is None
-        )
-        if missing:
-            return False, f"waiting for certificates: {', '.join(missing)}"
-        return True, "ready"
-
-    return ready
 
 
 def readiness_server(ready: Callable[[], tuple[bool, str]]) -> HttpServer:

@@ -13,9 +13,8 @@ import pytest
 
 from agent import rbac
 from agent.accesslog import AccessLog
-from agent.admin import HttpServer, admin_server, agent_readiness, metrics_server, readiness_server
+from agent.admin import HttpServer, admin_server, metrics_server, readiness_server
 from agent.metrics import TRAFFIC_LABELS, Metrics, sample_value, traffic_labels
-from agent.state import WorkloadStore
 from agent.tunnel import TunnelStats
 from api.istio.workload import workload_pb2 as wpb
 from common.spiffe import Identity
@@ -201,26 +200,3 @@ async def test_http_garbage_is_400_and_server_survives(servers: dict[str, HttpSe
     writer.close()
     status, _, _ = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/certs")
     assert status == 200
-
-
-def test_agent_readiness_waits_for_config_and_local_certificates() -> None:
-    store = WorkloadStore()
-    local = wpb.Workload(uid="u1", name="a", namespace="ns", node="n1", tunnel_protocol=wpb.HBONE)
-    store.put([local, wpb.Workload(uid="u2", name="b", namespace="ns", node="n2", tunnel_protocol=wpb.HBONE)])
-    store.put([wpb.Workload(uid="u3", name="c", namespace="legacy", node="n1")])  # not enrolled: no certificate
-    held: set[Identity] = set()
-
-    class Certs:
-        trust_domain = "cluster.local"
-
-        def certificate(self, ident: Identity) -> object | None:
-            return object() if ident in held else None
-
-    config = {"ready": False}
-    ready = agent_readiness(lambda: config["ready"], store, Certs(), "n1")
-    assert ready() == (False, "waiting for the first configuration from the controller")
-    config["ready"] = True
-    ok, reason = ready()
-    assert not ok and reason == "waiting for certificates: spiffe://cluster.local/ns/ns/sa/default"
-    held.add(Identity("cluster.local", "ns", "default"))
-    assert ready() == (True, "ready")

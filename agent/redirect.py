@@ -434,7 +434,11 @@ class Redirector:
         cfg = self.config
         current = self._state.attached.get(idx)
         if current is not None and current.flags == flags:
-            return
+            found = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
+            if found is not None and found.name == cfg.filter_name:
+                return
+            # Someone removed our filter (or the clsact qdisc) behind our back: put capture back.
+            log.warning("capture filter vanished; re-attaching", extra=kv(instance=cfg.instance, interface=name))
         prev = maps.iface_entries().get(idx)
         created = nl.ensure_clsact(idx)
         owns = created or bool(prev and prev.loader_flags & LOADER_OWNS_QDISC)

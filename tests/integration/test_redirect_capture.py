@@ -148,6 +148,15 @@ def test_live_enroll_and_unenroll(env: Env) -> None:
     assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
 
 
+def test_filter_removed_behind_our_back_is_restored(env: Env) -> None:
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    env.topo.tc("qdisc", "del", "dev", env.pa.node_if, "clsact")  # e.g. a CNI resetting the interface
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("server:8080")
+    assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
+    assert "ambit:" in env.filters(env.pa.node_if)
+    assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
 def test_fail_closed_without_listener_and_fail_open_switch(env: Env) -> None:
     env.r.reconcile({env.pa.ip}, env.all_pods())
     drops_before = env.r.stats()["drop_no_listener"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +42,6 @@ from common.spiffe import Identity
 
 log = logging.getLogger("agent.inbound")
 
-_FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for="?([^";,]+)"?', re.IGNORECASE)
-
 
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
@@ -53,18 +50,29 @@ class InboundConfig:
     own_ports: frozenset[int] = AGENT_PORTS
 
 
-def forwarded_for(headers: list[tuple[str, str]]) -> Address | None:
-    """The client address in a `forwarded: for="ip:port"` header, if well formed."""
+def forwarded(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """The parameters of the first element of the `forwarded` header (RFC 7239), names lowercase."""
     for name, value in headers:
         if name.lower() != "forwarded":
             continue
-        m = _FORWARDED_FOR.search(value)
-        if m:
-            try:
-                return parse_authority(m.group(1))
-            except BadAuthority:
-                return None
-    return None
+        params = {}
+        for pair in value.split(",", 1)[0].split(";"):
+            key, sep, val = pair.strip().partition("=")
+            if sep:
+                params[key.strip().lower()] = val.strip().strip('"')
+        return params
+    return {}
+
+
+def forwarded_for(headers: list[tuple[str, str]]) -> Address | None:
+    """The client address in `forwarded: for="ip:port"`, if well formed."""
+    text = forwarded(headers).get("for")
+    if text is None:
+        return None
+    try:
+        return parse_authority(text)
+    except BadAuthority:
+        return None
 
 
 def validate_authority(authority: str, local_ip: str) -> Address:
@@ -75,8 +83,15 @@ def validate_authority(authority: str, local_ip: str) -> Address:
     return ip, port
 
 
-def service_for_port(store: Any, wl: Any, port: int) -> Any | None:
-    """The service the workload serves on target `port`, for the destination_service labels."""
+def destination_service(store: Any, wl: Any, port: int, host: str | None = None) -> Any | None:
+    """The service a connection to `wl` was meant for, for the destination_service labels: the one the
+    client's agent named (`forwarded` host=) if `wl` backs it, else the first serving target `port`."""
+    if host:
+        for key in sorted(wl.services):
+            if key.endswith("/" + host):
+                svc = store.service_by_key(key)
+                if svc is not None:
+                    return svc
     for key, plist in sorted(wl.services.items()):
         if any(p.target_port == port or (not p.target_port and p.service_port == port) for p in plist.ports):
             svc = store.service_by_key(key)
@@ -195,7 +210,7 @@ class InboundProxy(_Common):
             dst,
             src=self.store.workload_by_ip(client[0]),
             dst=wl,
-            service=service_for_port(self.store, wl, dst[1]),
+            service=destination_service(self.store, wl, dst[1], forwarded(req.headers).get("host")),
             src_identity=req.peer_identity,
             dst_identity=ident,
             mtls=True,
@@ -272,7 +287,7 @@ class InboundPlaintextProxy(_Common):
             orig_dst,
             src=self.store.workload_by_ip(client[0]),
             dst=wl,
-            service=service_for_port(self.store, wl, orig_dst[1]),
+            service=destination_service(self.store, wl, orig_dst[1]),
             mtls=False,
             path="plaintext",
         )

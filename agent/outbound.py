@@ -126,8 +126,13 @@ def traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
 
 
-def hbone_headers(client: Address, src: Any) -> list[tuple[str, str]]:
-    headers = [("forwarded", f'for="{format_address(client)}"'), ("traceparent", traceparent())]
+def hbone_headers(client: Address, src: Any, service: Any | None = None) -> list[tuple[str, str]]:
+    """`forwarded` (with `host=` when a service was addressed, so the destination can report it), a fresh
+    `traceparent`, and the source's `baggage`."""
+    forwarded = f'for="{format_address(client)}"'
+    if service is not None:
+        forwarded += f";host={service.hostname}"
+    headers = [("forwarded", forwarded), ("traceparent", traceparent())]
     bag = baggage(src)
     if bag:
         headers.append(("baggage", bag))
@@ -205,7 +210,7 @@ class OutboundProxy:
                 PoolKey(report.src_identity, report.dst_identity, r.target),
                 ctx,
                 format_address(r.authority),
-                hbone_headers(client, src),
+                hbone_headers(client, src, r.service),
             )
         except HboneConnectError as e:
             flags = "DENY" if e.status == 401 else "CONNECT"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.addressing import BadAuthority, format_address, parse_authority
-from agent.inbound import forwarded_for, validate_authority
+from agent.inbound import forwarded, forwarded_for, validate_authority
 
 GOOD = [
     ("10.0.0.1:8080", ("10.0.0.1", 8080)),
@@ -81,3 +81,13 @@ def test_validate_authority(authority: str, local: str, ok: bool) -> None:
 )
 def test_forwarded_for(headers: list[tuple[str, str]], addr: tuple[str, int] | None) -> None:
     assert forwarded_for(headers) == addr
+
+
+def test_forwarded_params() -> None:
+    assert forwarded([("forwarded", 'for="10.1.0.5:1";host=echo.server.svc.cluster.local')]) == {
+        "for": "10.1.0.5:1",
+        "host": "echo.server.svc.cluster.local",
+    }
+    assert forwarded([("forwarded", "for=a;Host=b, for=c")]) == {"for": "a", "host": "b"}  # first element only
+    assert forwarded([("forwarded", "garbage")]) == {}
+    assert forwarded([]) == {}

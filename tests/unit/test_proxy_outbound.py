@@ -143,5 +143,7 @@ def test_headers() -> None:
         "service.name=sleep,service.version=v1"
     )
     assert dict(hbone_headers(("fd00::5", 1), CLIENT))["forwarded"] == 'for="[fd00::5]:1"'
+    with_service = dict(hbone_headers(("10.1.0.5", 1), CLIENT, service("10.96.0.10")))
+    assert with_service["forwarded"] == f'for="10.1.0.5:1";host={HOST}'
     assert traceparent() != traceparent()
     assert baggage(wpb.Workload()) == ""

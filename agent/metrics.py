@@ -129,6 +129,12 @@ class _TunnelStatsCollector(Collector):
         for reason, n in sorted(s.rejects.items()):
             rejects.add_metric([reason], n)
         yield rejects
+        errors = CounterMetricFamily(
+            "ambit_hbone_errors", "HBONE connections that failed after being established, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(s.errors.items()):
+            errors.add_metric([reason], n)
+        yield errors
         yield CounterMetricFamily(
             "ambit_hbone_connections_opened", "HBONE (TLS) connections opened", value=s.connections_opened
         )

@@ -128,6 +128,7 @@ def _get(url: str, method: str = "GET", accept: str | None = None) -> tuple[int,
 async def servers() -> AsyncIterator[dict[str, HttpServer]]:
     stats = TunnelStats()
     stats.rejects["no_client_cert"] += 2
+    stats.errors["keepalive_timeout"] += 1
     m = Metrics(stats)
     m.error("inbound", "bad_authority")
     state = {"ready": False, "quit": 0}
@@ -161,6 +162,7 @@ async def test_http_endpoints(servers: dict[str, HttpServer]) -> None:
     status, ctype, body = await asyncio.to_thread(_get, url("metrics", "/metrics"))
     assert status == 200 and ctype.startswith("text/plain")
     assert 'ambit_hbone_rejects_total{reason="no_client_cert"} 2.0' in body
+    assert 'ambit_hbone_errors_total{reason="keepalive_timeout"} 1.0' in body
     assert 'ambit_connection_errors_total{direction="inbound",reason="bad_authority"} 1.0' in body
     status, ctype, body = await asyncio.to_thread(
         _get, url("metrics", "/stats/prometheus"), accept="application/openmetrics-text"

@@ -425,6 +425,9 @@ class Redirector:
             elif entry.flags & IF_POD:
                 self._attach(idx, name, IF_POD)  # someone removed the filter: restore capture now
                 self._adopted.append(name)
+            for prio, handle in nl.named_filters(idx, cfg.filter_name):
+                if (prio, handle) != (cfg.tc_priority, cfg.tc_handle):  # left by a run with another tc_priority
+                    nl.delete_filter(idx, prio, handle)
         for ip in maps.workload_ips():
             self._state.enrolled.add(ip)
             self._state.requested.add(ip)
@@ -500,9 +503,10 @@ class Redirector:
 
 
 def cleanup(target: str | RedirectConfig) -> list[str]:
-    """Remove everything an instance installed in this node netns: its tc filters (matched by prio, handle and
-    name, on every interface), clsact qdiscs it created that are now empty, the policy-routing rule and local
-    table route, and its pin directory. Returns what was removed; safe to repeat."""
+    """Remove everything an instance installed in this node netns: its tc filters (matched by kind and name on
+    every interface, whatever prio/handle they were given), clsact qdiscs it created that are now empty, the
+    policy-routing rule and local table route, and its pin directory. Returns what was removed; safe to repeat.
+    Pass the agent's RedirectConfig when it changed mark, table or rule priority from the defaults."""
     cfg = target if isinstance(target, RedirectConfig) else RedirectConfig(instance=target)
     removed: list[str] = []
     owned: dict[int, IfaceEntry] = {}
@@ -524,12 +528,13 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     try:
         node_addrs = nl.local_ipv4()
         for idx in nl.all_link_indexes():
-            info = nl.find_filter(idx, cfg.tc_priority, cfg.tc_handle)
-            if info is None or info.kind != "bpf" or info.name != cfg.filter_name:
+            ours = nl.named_filters(idx, cfg.filter_name)
+            if not ours:
                 continue
             name = nl.link_name(idx) or str(idx)
-            nl.delete_filter(idx, cfg.tc_priority, cfg.tc_handle)
-            removed.append(f"tc filter {cfg.filter_name} on {name}")
+            for prio, handle in ours:
+                nl.delete_filter(idx, prio, handle)
+                removed.append(f"tc filter {cfg.filter_name} on {name}")
             entry = owned.get(idx)
             if entry is not None and entry.loader_flags & LOADER_OWNS_QDISC and nl.delete_clsact_if_empty(idx):
                 removed.append(f"clsact qdisc on {name}")

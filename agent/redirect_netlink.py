@@ -177,6 +177,10 @@ class Netlink:
                 return info
         return None
 
+    def named_filters(self, index: int, name: str) -> list[tuple[int, int]]:
+        """(priority, handle) of every ingress bpf filter called ``name``, wherever a past config put it."""
+        return [(p, h) for p, h, info in self.filters(index) if info.kind == "bpf" and info.name == name]
+
     def put_filter(self, index: int, fd: int, name: str, prio: int, handle: int, replace: bool) -> None:
         """Add, or atomically replace (same prio/handle: the kernel swaps the program, no packet sees none)."""
         try:

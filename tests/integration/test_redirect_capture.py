@@ -421,6 +421,21 @@ def test_restart_adopts_pins_and_filters_without_gap(env: Env) -> None:
 
 def test_cleanup_removes_filters_rules_and_pins(env: Env) -> None:
     env.r.reconcile({env.pa.ip}, env.all_pods())
+    # A filter of ours left at another priority (an agent once ran with another tc_priority) goes too.
+    lib = ct.CDLL("libbcc.so.0", use_errno=True)
+    prog_fd = lib.bpf_prog_get_fd_by_id(_tc_prog_id(env, env.pa.node_if))
+    assert prog_fd >= 0
+    with rt.enter(env.topo.node):
+        ipr = IPRoute()
+    try:
+        ipr.tc(
+            "add-filter", "bpf", index=ipr.link_lookup(ifname=env.pb.node_if)[0], handle=7, fd=prog_fd,
+            name=env.config.filter_name, parent=0xFFFFFFF2, classid=1, direct_action=True, prio=33,
+        )  # fmt: skip
+    finally:
+        ipr.close()
+        os.close(prog_fd)
+    assert "pref 33" in env.filters(env.pb.node_if)
     env.r.close()
     with rt.enter(env.topo.node):
         removed = cleanup(env.config)

@@ -150,3 +150,28 @@ async def test_unknown_destination_address_refused(mesh: Mesh) -> None:
         )
     assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "unknown_destination"}) == 1
     assert await still_serves(mesh)
+
+
+async def test_client_from_another_trust_domain_of_our_ca(mesh: Mesh) -> None:
+    # chains to our root, but names a workload of another trust domain: refused after the handshake
+    leaf = mesh.certs.ca.issue(Identity("other.domain", "client", "sleep"))
+    status = "closed"
+    try:
+        reader, writer = await tls_to(mesh, mesh.certs.ca.client_context(leaf))
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        async with asyncio.timeout(10):
+            while await reader.read(65536):
+                pass
+        writer.close()
+    except (ssl.SSLError, ConnectionError):
+        status = "refused"
+    assert status in ("closed", "refused")
+    assert mesh.n2.stats.rejects["trust_domain"] == 1
+    assert await still_serves(mesh)
+
+
+async def test_huge_header_block_is_refused(mesh: Mesh) -> None:
+    huge = [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-1']}:8080"), ("x-big", "a" * 200_000)]
+    assert await request(mesh, huge) in ("431", "400", "reset", "goaway", "closed")
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)

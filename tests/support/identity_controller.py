@@ -1,4 +1,5 @@
-"""Harness for identity integration tests: a CA gRPC server on 127.0.0.1 over TLS, agents' managers, handshakes."""
+"""Harness for identity integration tests: the real `ambit-controller` process on 127.0.0.1, agents' certificate
+managers talking to it over gRPC TLS, and real TLS handshakes between their contexts."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import asyncio
 import json
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,25 +22,60 @@ from agent.ca_client import CaClient
 from agent.identity import Backoff, CertificateManager
 from common import tls
 from common.spiffe import Identity
-from controller.ca import CertificateAuthority
-from controller.ca_service import add_to_server, server_credentials
-from controller.node_auth import NodeTokenAuthenticator
 
 TD = "cluster.local"
+START_TIMEOUT = 30.0
 
 
 @dataclass
 class Placement:
-    """Which (namespace, service account) runs on which node: the controller model's answer."""
+    """Which (node, namespace, service account) pods exist: written as the controller's config."""
 
     pods: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def has_pod(self, node: str, namespace: str, service_account: str) -> bool:
-        return (node, namespace, service_account) in self.pods
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-class CaController:
-    """The controller's CA endpoint in this process: CertificateAuthority + CreateCertificate on a TLS port."""
+def write_cluster(config_dir: Path, placement: Placement) -> None:
+    """Namespaces, nodes and one pod per placement entry, in the YAML the controller's --config-dir reads."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    nodes = sorted({n for n, _, _ in placement.pods})
+    namespaces = sorted({ns for _, ns, _ in placement.pods})
+    docs: list[dict[str, object]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}},
+        }
+        for ns in namespaces
+    ]
+    for i, node in enumerate(nodes, start=1):
+        docs.append(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "spec": {"podCIDR": f"10.244.{i}.0/24"}}
+        )
+    for j, (node, ns, sa) in enumerate(sorted(placement.pods), start=10):
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"{sa}-{j}", "namespace": ns, "labels": {"app": sa}},
+                "spec": {"nodeName": node, "serviceAccountName": sa},
+                "status": {"podIP": f"10.244.{nodes.index(node) + 1}.{j}"},
+            }
+        )
+    (config_dir / "cluster.yaml").write_text(yaml.safe_dump_all(docs))
+
+
+class ControllerProcess:
+    """`ambit-controller --config-dir ... --ca-dir ... --node-tokens ...` with only the TLS gRPC port open.
+
+    Process control is synchronous (usable from module-scoped fixtures); the async wrappers run it in a thread so
+    an agent's event loop keeps going while the controller restarts.
+    """
 
     def __init__(self, workdir: Path, placement: Placement, tokens: dict[str, str]) -> None:
         self.workdir = workdir
@@ -48,11 +84,11 @@ class CaController:
         self.tokens_file.write_text(json.dumps(tokens))
         for node, token in tokens.items():
             (workdir / f"{node}.token").write_text(token + "\n")
-        self.placement = placement
+        write_cluster(workdir / "config", placement)
         self.port = 0
-        self.registry = CollectorRegistry()
-        self.ca: CertificateAuthority | None = None
-        self._server: grpc.aio.Server | None = None
+        self.monitoring_port = 0
+        self.log = workdir / "controller.log"
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def root_cert(self) -> Path:
@@ -67,24 +103,75 @@ class CaController:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _argv(self) -> list[str]:
+        return [
+            str(Path(sys.executable).parent / "ambit-controller"),
+            "--config-dir", str(self.workdir / "config"),
+            "--ca-dir", str(self.ca_dir),
+            "--trust-domain", TD,
+            "--node-tokens", str(self.tokens_file),
+            "--listen-address", "127.0.0.1",
+            "--xds-port", "0",
+            "--tls-port", str(self.port),
+            "--monitoring-port", str(self.monitoring_port),
+            "--event-loop", "asyncio",
+        ]  # fmt: skip
+
+    def start_sync(self) -> None:
+        """Start and wait until the TLS port accepts; a first start retries on ports taken in the meantime."""
+        first = self.port == 0
+        for _ in range(3 if first else 1):
+            if first:
+                self.port, self.monitoring_port = free_port(), free_port()
+            with self.log.open("ab") as log:
+                self._proc = subprocess.Popen(self._argv(), stdout=log, stderr=log)
+            deadline = time.monotonic() + START_TIMEOUT
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                if self.root_cert.exists() and self._accepting():
+                    if not self.agent_root_cert.exists():
+                        self.agent_root_cert.write_text(self.root_cert.read_text())
+                    return
+                time.sleep(0.05)
+            self.stop_sync()
+        raise RuntimeError(f"ambit-controller did not start; log {self.log}:\n{self.log.read_text()[-3000:]}")
+
+    def _accepting(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop_sync(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     async def start(self) -> None:
-        self.registry = CollectorRegistry()
-        self.ca = CertificateAuthority(self.ca_dir, TD)
-        server = grpc.aio.server()
-        add_to_server(server, self.ca, self.placement, NodeTokenAuthenticator(self.tokens_file), self.registry)
-        self.port = server.add_secure_port(f"127.0.0.1:{self.port}", server_credentials(self.ca))
-        await server.start()
-        self._server = server
-        if not self.agent_root_cert.exists():
-            self.agent_root_cert.write_text(self.root_cert.read_text())
+        await asyncio.to_thread(self.start_sync)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.stop(None)
-            self._server = None
+        await asyncio.to_thread(self.stop_sync)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def requests(self, result: str, reason: str) -> float:
-        return self.registry.get_sample_value("ambit_ca_requests_total", {"result": result, "reason": reason}) or 0.0
+        """ambit_ca_requests_total{result,reason} scraped from the controller's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "ambit_ca_requests_total" and sample.labels == {"result": result, "reason": reason}:
+                    return float(sample.value)
+        return 0.0
 
     def client(self, node: str, *, token_file: Path | None = None) -> CaClient:
         return CaClient(
@@ -94,7 +181,7 @@ class CaController:
             timeout=5.0,
         )
 
-    def manager(self, node: str, ttl_seconds: int = 3600, **kwargs: object) -> tuple[CertificateManager, CaClient]:
+    def manager(self, node: str, ttl_seconds: int = 3600) -> tuple[CertificateManager, CaClient]:
         client = self.client(node)
         backoff = Backoff(initial=0.1, maximum=1.0)
         m = CertificateManager(client, TD, ttl_seconds=ttl_seconds, registry=CollectorRegistry(), backoff=backoff)
@@ -134,106 +221,3 @@ async def tcp_handshake(
     finally:
         server.close()
         await server.wait_closed()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_cluster(config_dir: Path, placement: Placement) -> None:
-    """Namespaces, nodes and one pod per placement entry, in the YAML the controller's --config-dir reads."""
-    config_dir.mkdir(parents=True, exist_ok=True)
-    nodes = sorted({n for n, _, _ in placement.pods})
-    namespaces = sorted({ns for _, ns, _ in placement.pods})
-    docs: list[dict[str, object]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}},
-        }
-        for ns in namespaces
-    ]
-    for i, node in enumerate(nodes, start=1):
-        docs.append(
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "spec": {"podCIDR": f"10.244.{i}.0/24"}}
-        )
-    for j, (node, ns, sa) in enumerate(sorted(placement.pods), start=10):
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"{sa}-{j}", "namespace": ns, "labels": {"app": sa}},
-                "spec": {"nodeName": node, "serviceAccountName": sa},
-                "status": {"podIP": f"10.244.{nodes.index(node) + 1}.{j}"},
-            }
-        )
-    (config_dir / "cluster.yaml").write_text(yaml.safe_dump_all(docs))
-
-
-class ControllerProcess(CaController):
-    """The real `ambit-controller` process, same interface as the in-process harness."""
-
-    def __init__(self, workdir: Path, placement: Placement, tokens: dict[str, str]) -> None:
-        super().__init__(workdir, placement, tokens)
-        write_cluster(workdir / "config", placement)
-        self.monitoring_port = 0
-        self._proc: asyncio.subprocess.Process | None = None
-        self.log = workdir / "controller.log"
-
-    async def start(self) -> None:
-        self.port = self.port or free_port()
-        self.monitoring_port = self.monitoring_port or free_port()
-        argv = [
-            str(Path(sys.executable).parent / "ambit-controller"),
-            "--config-dir", str(self.workdir / "config"),
-            "--ca-dir", str(self.ca_dir),
-            "--trust-domain", TD,
-            "--node-tokens", str(self.tokens_file),
-            "--xds-port", "0",
-            "--tls-port", str(self.port),
-            "--monitoring-port", str(self.monitoring_port),
-        ]  # fmt: skip
-        with self.log.open("ab") as log:
-            self._proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while not await self._serving():
-            if self._proc.returncode is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ambit-controller did not start; log {self.log}:\n{self.log.read_text()[-3000:]}")
-            await asyncio.sleep(0.1)
-        if not self.agent_root_cert.exists():
-            self.agent_root_cert.write_text(self.root_cert.read_text())
-
-    async def _serving(self) -> bool:
-        if not self.root_cert.exists():
-            return False
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError:
-            return False
-        writer.close()
-        return True
-
-    async def stop(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
-        self._proc = None
-
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    def requests(self, result: str, reason: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "ambit_ca_requests_total" and sample.labels == {"result": result, "reason": reason}:
-                    return float(sample.value)
-        return 0.0

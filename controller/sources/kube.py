@@ -1,0 +1,291 @@
+"""Config from the Kubernetes API: list + watch per resource with the official ``kubernetes`` client.
+
+Per resource: list (remembering ``metadata.resourceVersion``), then watch from that version with bookmarks;
+a watch that ends (server timeout, dropped connection) resumes from the last version seen; a 410 Gone (as an
+``ERROR`` event or an HTTP status) means the version was compacted away, so the resource is listed again and
+the store gets the difference. Other errors back off exponentially (0.2 s doubling to 30 s).
+
+The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
+therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
+workers (cores + 4) and seven never-ending watches would starve every other ``to_thread`` user in the process.
+Threads do only HTTP and JSON decoding; all state changes happen on the event loop through
+``loop.call_soon_threadsafe``. Objects are fed to validation as the plain JSON dicts the API server sent, the
+same shape as YAML documents from the file source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from common.log import kv
+from controller.store import ConfigStore, Contribution
+from controller.validation import parse_documents
+
+log = logging.getLogger("ambit.controller.kube")
+
+SOURCE_LABEL = "kube"  # what error messages name as the source: "kube:Pod/ns/name: field: reason"
+WATCH_TIMEOUT_SECONDS = 300  # the API server ends watches after this; we resume from the last version
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: str
+    plural: str
+    version: str = "v1"
+    group: str = ""  # "" is the core API group
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def path(self) -> str:
+        return f"/api/{self.version}/{self.plural}" if not self.group else f"/apis/{self.api_version}/{self.plural}"
+
+
+RESOURCES = (
+    Resource("Namespace", "namespaces"),
+    Resource("Node", "nodes"),
+    Resource("Pod", "pods"),
+    Resource("Service", "services"),
+    Resource("ServiceEntry", "serviceentries", "v1", "networking.istio.io"),
+    Resource("WorkloadEntry", "workloadentries", "v1", "networking.istio.io"),
+    Resource("AuthorizationPolicy", "authorizationpolicies", "v1", "security.istio.io"),
+    Resource("PeerAuthentication", "peerauthentications", "v1", "security.istio.io"),
+)
+
+
+class WatchExpired(Exception):
+    """410 Gone: the resource version is too old; list again."""
+
+
+class WatchError(Exception):
+    """An ERROR event other than 410, or a malformed event."""
+
+
+def api_client(kubeconfig: str | None = None) -> Any:
+    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+def source_id(kind: str, obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"kube:{kind}/{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Watch events are newline-delimited JSON; chunk boundaries fall anywhere."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1 :]
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+class _Watcher:
+    """List + watch of one resource, in a thread; reports to :class:`KubeSource` on the loop."""
+
+    def __init__(self, source: KubeSource, resource: Resource) -> None:
+        self.source = source
+        self.resource = resource
+        self.stopped = threading.Event()
+        self.resource_version = ""
+        self.backoff = source.backoff_initial
+        self._response: Any = None
+        self.thread = threading.Thread(target=self._run, name=f"kube-watch-{resource.plural}", daemon=True)
+
+    def _request(self, **kwargs: Any) -> Any:
+        from kubernetes import client
+
+        r = self.resource
+        common = {"_preload_content": False, "_request_timeout": (10, WATCH_TIMEOUT_SECONDS + 30), **kwargs}
+        if r.group:
+            api = client.CustomObjectsApi(self.source.api)
+            return api.list_cluster_custom_object(r.group, r.version, r.plural, **common)
+        core = client.CoreV1Api(self.source.api)
+        call = {
+            "namespaces": core.list_namespace,
+            "nodes": core.list_node,
+            "pods": core.list_pod_for_all_namespaces,
+            "services": core.list_service_for_all_namespaces,
+        }[r.plural]
+        return call(**common)
+
+    def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        while not self.stopped.is_set():
+            try:
+                if not self.resource_version:
+                    self._list()
+                self._watch()
+                self.backoff = self.source.backoff_initial
+            except WatchExpired:
+                log.info("watch expired (410); listing again", extra=kv(resource=self.resource.plural))
+                self.resource_version = ""
+            except ApiException as e:
+                if e.status == 410:
+                    self.resource_version = ""
+                    continue
+                self._failed(f"HTTP {e.status}: {e.reason}")
+            except (HTTPError, OSError, ValueError, WatchError) as e:
+                self._failed(f"{type(e).__name__}: {e}")
+
+    def _failed(self, error: str) -> None:
+        if self.stopped.is_set():
+            return
+        log.warning(
+            "kube list/watch failed; retrying",
+            extra=kv(resource=self.resource.plural, error=error, retry_in=round(self.backoff, 3)),
+        )
+        self.stopped.wait(self.backoff)
+        self.backoff = min(self.source.backoff_max, self.backoff * 2)
+
+    def _list(self) -> None:
+        resp = self._request()
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        items = body.get("items") or []
+        for item in items:
+            # List items of built-in kinds come without kind/apiVersion.
+            item.setdefault("kind", self.resource.kind)
+            item.setdefault("apiVersion", self.resource.api_version)
+        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        self.source.from_thread(self.source.relisted, self.resource, items)
+
+    def _watch(self) -> None:
+        resp = self._request(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_TIMEOUT_SECONDS,
+        )
+        self._response = resp
+        try:
+            for line in iter_lines(resp.stream(decode_content=True)):
+                if self.stopped.is_set():
+                    return
+                self._event(line)
+        finally:
+            self._response = None
+            resp.release_conn()
+
+    def _event(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            kind, obj = event["type"], event["object"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise WatchError(f"malformed watch event: {e}") from None
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise WatchExpired(obj.get("message", "expired"))
+            raise WatchError(f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = str(version)
+        if kind == "BOOKMARK":
+            return
+        obj.setdefault("kind", self.resource.kind)
+        obj.setdefault("apiVersion", self.resource.api_version)
+        self.source.from_thread(self.source.changed, self.resource, kind, obj)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        resp = self._response
+        if resp is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                resp.shutdown()  # unblocks the read in the watch thread
+
+
+class KubeSource:
+    """Every watched object is its own source in the store (``kube:<Kind>/<ns>/<name>``)."""
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        api: Any,
+        resources: tuple[Resource, ...] = RESOURCES,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.api = api
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.resources = resources
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchers = [_Watcher(self, r) for r in resources]
+        self._known: dict[Resource, set[str]] = {r: set() for r in resources}
+        self._synced: dict[Resource, asyncio.Event] = {}
+        self.lists = 0
+        self.events = 0
+
+    async def start(self) -> None:
+        """Start every watch; returns once each resource's first list has been applied (retrying until then)."""
+        self._loop = asyncio.get_running_loop()
+        self._synced = {r: asyncio.Event() for r in self.resources}
+        for w in self._watchers:
+            w.thread.start()
+        for r, event in self._synced.items():
+            await event.wait()
+            log.info("kube resource synced", extra=kv(resource=r.plural, objects=len(self._known[r])))
+
+    def stop(self) -> None:
+        for w in self._watchers:
+            w.stop()
+
+    def from_thread(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # RuntimeError: the loop closed between the check and the call (shutdown).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    # ---- on the event loop ---------------------------------------------------------------------------------------
+
+    def relisted(self, resource: Resource, items: list[dict[str, Any]]) -> None:
+        """A full list: upsert everything in it, remove what is gone since the last list."""
+        changes: dict[str, Contribution | None] = {}
+        for item in items:
+            changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item])
+        for sid in self._known[resource] - changes.keys():
+            changes[sid] = None
+        self._known[resource] = {sid for sid, c in changes.items() if c is not None}
+        self.lists += 1
+        self.store.update(changes)
+        if resource in self._synced:
+            self._synced[resource].set()
+
+    def changed(self, resource: Resource, event_type: str, obj: dict[str, Any]) -> None:
+        sid = source_id(resource.kind, obj)
+        self.events += 1
+        if event_type == "DELETED":
+            self._known[resource].discard(sid)
+            self.store.update({sid: None})
+        elif event_type in ("ADDED", "MODIFIED"):
+            self._known[resource].add(sid)
+            self.store.update({sid: parse_documents(SOURCE_LABEL, [obj])})
+        else:
+            log.warning("unknown watch event type ignored", extra=kv(resource=resource.plural, type=event_type))

@@ -1,0 +1,322 @@
+"""A small fake Kubernetes API server speaking the real list/watch JSON wire format, for tests.
+
+- ``GET <collection>`` -> ``<Kind>List`` with ``metadata.resourceVersion`` (items of built-in kinds without
+  kind/apiVersion, as the real server sends them).
+- ``GET <collection>?watch=true&resourceVersion=N&allowWatchBookmarks=true`` -> a chunked stream of
+  ``{"type": "ADDED|MODIFIED|DELETED|BOOKMARK|ERROR", "object": {...}}`` lines: history after N, then live events.
+  N older than the compaction point -> an ``ERROR`` event carrying a ``Status`` with code 410 "Expired".
+- :meth:`FakeKube.drop_watches` closes open watch connections (a dropped watch), :meth:`FakeKube.expire` compacts
+  history so that resuming watches get 410, :meth:`FakeKube.bookmark` sends a BOOKMARK.
+- Other engineers add endpoints with :meth:`FakeKube.add_route` (e.g. ``POST .../tokenreviews``).
+
+It runs an ``http.server`` in a thread: test infrastructure, not product code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+# Route handler: (regex match, parsed JSON body or None) -> (HTTP status, JSON object)
+RouteHandler = Callable[[re.Match[str], Any], tuple[int, Any]]
+
+
+def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+@dataclass
+class Collection:
+    kind: str
+    api_version: str
+    builtin: bool
+    items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    history: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # (rv, type, object)
+    compacted: int = 0  # watches from a version below this get 410 Expired
+
+
+COLLECTIONS = {
+    "/api/v1/namespaces": ("Namespace", "v1"),
+    "/api/v1/nodes": ("Node", "v1"),
+    "/api/v1/pods": ("Pod", "v1"),
+    "/api/v1/services": ("Service", "v1"),
+    "/apis/networking.istio.io/v1/serviceentries": ("ServiceEntry", "networking.istio.io/v1"),
+    "/apis/networking.istio.io/v1/workloadentries": ("WorkloadEntry", "networking.istio.io/v1"),
+    "/apis/security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1"),
+    "/apis/security.istio.io/v1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1"),
+}
+KIND_PATHS = {kind: path for path, (kind, _) in COLLECTIONS.items()}
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.collections = {
+            path: Collection(kind, api, builtin=path.startswith("/api/")) for path, (kind, api) in COLLECTIONS.items()
+        }
+        self.resource_version = 100
+        self.cond = threading.Condition()
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self.routes: list[tuple[str, re.Pattern[str], RouteHandler]] = []
+        self.fail_lists: int = 0  # answer this many next list requests with 500
+        self._watch_sockets: set[socket.socket] = set()
+        self._server: ThreadingHTTPServer | None = None
+        self.url = ""
+
+    # ---- test controls ---------------------------------------------------------------------------------------
+
+    def add_route(self, method: str, pattern: str, handler: RouteHandler) -> None:
+        """Serve ``method`` requests whose path matches ``pattern`` (full match) with ``handler``."""
+        self.routes.append((method.upper(), re.compile(pattern), handler))
+
+    def _record(self, coll: Collection, event: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self.resource_version += 1
+        obj = json.loads(json.dumps(obj))
+        obj.setdefault("kind", coll.kind)
+        obj.setdefault("apiVersion", coll.api_version)
+        meta = obj.setdefault("metadata", {})
+        meta["resourceVersion"] = str(self.resource_version)
+        coll.history.append((self.resource_version, event, obj))
+        self.cond.notify_all()
+        return obj
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        """ADDED or MODIFIED, by whether the object exists."""
+        coll = self.collections[KIND_PATHS[obj["kind"]]]
+        meta = obj["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
+        with self.cond:
+            event = "MODIFIED" if key in coll.items else "ADDED"
+            coll.items[key] = self._record(coll, event, obj)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        coll = self.collections[KIND_PATHS[kind]]
+        with self.cond:
+            obj = coll.items.pop((namespace, name))
+            self._record(coll, "DELETED", obj)
+
+    def bookmark(self, kind: str) -> None:
+        coll = self.collections[KIND_PATHS[kind]]
+        with self.cond:
+            self.resource_version += 1
+            obj = {
+                "kind": coll.kind,
+                "apiVersion": coll.api_version,
+                "metadata": {"resourceVersion": str(self.resource_version)},
+            }
+            coll.history.append((self.resource_version, "BOOKMARK", obj))
+            self.cond.notify_all()
+
+    def expire(self, kind: str) -> None:
+        """Compact history: open and resuming watches of ``kind`` get 410 Expired."""
+        coll = self.collections[KIND_PATHS[kind]]
+        with self.cond:
+            self.resource_version += 1  # a list after this returns a version a watch may start from
+            coll.compacted = self.resource_version
+            coll.history.clear()
+            self.cond.notify_all()
+
+    def drop_watches(self) -> None:
+        with self.cond:
+            for s in list(self._watch_sockets):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._watch_sockets.clear()
+
+    def count(self, method: str, path: str, watch: bool) -> int:
+        return sum(
+            1 for m, p, q in list(self.requests) if m == method and p == path and (q.get("watch") == "true") == watch
+        )
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                    "current-context": "fake",
+                }
+            )
+        )
+        return path
+
+    # ---- serving ---------------------------------------------------------------------------------------------
+
+    def list_body(self, coll: Collection) -> dict[str, Any]:
+        items = []
+        for obj in coll.items.values():
+            item = dict(obj)
+            if coll.builtin:
+                item.pop("kind", None)
+                item.pop("apiVersion", None)
+            items.append(item)
+        return {
+            "kind": f"{coll.kind}List",
+            "apiVersion": coll.api_version,
+            "metadata": {"resourceVersion": str(self.resource_version)},
+            "items": items,
+        }
+
+    def watch_events(self, coll: Collection, since: int, bookmarks: bool, stop: threading.Event) -> Iterator[Any]:
+        """Events after ``since``; blocks for new ones; an ERROR 410 when ``since`` was compacted away."""
+        last = since
+        while not stop.is_set():
+            with self.cond:
+                if last < coll.compacted:
+                    yield {
+                        "type": "ERROR",
+                        "object": status_object(410, "Expired", f"too old resource version: {last}"),
+                    }
+                    return
+                pending = [(rv, t, o) for rv, t, o in coll.history if rv > last]
+                if not pending:
+                    self.cond.wait(0.5)
+                    continue
+            for rv, event, obj in pending:
+                last = rv
+                if event == "BOOKMARK" and not bookmarks:
+                    continue
+                yield {"type": event, "object": obj}
+
+
+# ---- object builders for tests -----------------------------------------------------------------------------
+
+
+def namespace(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "uid": f"ns-{name}", "labels": {"istio.io/dataplane-mode": "ambient"}},
+    }
+
+
+def pod(name: str, ip: str, ns: str = "demo") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": f"uid-{name}",
+            "labels": {"app": "web"},
+            "managedFields": [],
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": [{"name": "app", "image": "x"}]},
+        "status": {"podIP": ip, "phase": "Running"},
+    }
+
+
+def deny_policy(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]},
+    }
+
+
+@contextmanager
+def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
+    fake = fake or FakeKube()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _send_json(self, status: int, obj: Any) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _dispatch(self, method: str) -> None:
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            fake.requests.append((method, url.path, query))
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            for m, pattern, handler in fake.routes:
+                match = pattern.fullmatch(url.path)
+                if m == method and match:
+                    self._send_json(*handler(match, body))
+                    return
+            coll = fake.collections.get(url.path)
+            if method != "GET" or coll is None:
+                self._send_json(404, status_object(404, "NotFound", f"{method} {url.path} not found"))
+                return
+            if query.get("watch") == "true":
+                self._watch(coll, query)
+                return
+            with fake.cond:
+                if fake.fail_lists > 0:
+                    fake.fail_lists -= 1
+                    self._send_json(500, status_object(500, "InternalError", "injected failure"))
+                    return
+                listing = fake.list_body(coll)
+            self._send_json(200, listing)
+
+        def _watch(self, coll: Collection, query: dict[str, str]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            stop = threading.Event()
+            with fake.cond:
+                fake._watch_sockets.add(self.connection)
+            try:
+                since = int(query.get("resourceVersion") or fake.resource_version)
+                for event in fake.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
+                    line = json.dumps(event).encode() + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
+            finally:
+                stop.set()
+                with fake.cond:
+                    fake._watch_sockets.discard(self.connection)
+                self.close_connection = True
+
+        def do_GET(self) -> None:
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:
+            self._dispatch("POST")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    fake._server = server
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, name="fake-kube", daemon=True)
+    thread.start()
+    try:
+        yield fake
+    finally:
+        fake.drop_watches()
+        server.shutdown()
+        server.server_close()

@@ -25,8 +25,8 @@ class Backend:
         self.accepted = 0
         self._held: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> Backend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -62,8 +62,8 @@ Handler = Callable[[ConnectRequest], Awaitable[None]]
 
 
 class HboneServer:
-    """Ambit's HBONE server side on 127.0.0.1: accepts, runs serve_hbone_connection, and by default answers 200
-    and relays to the ``:authority`` (or answers ``status`` when set)."""
+    """Ambit's HBONE server side (on 127.0.0.1 unless ``bind`` says otherwise): accepts, runs
+    serve_hbone_connection, and by default answers 200 and relays to the ``:authority`` (or answers ``status``)."""
 
     def __init__(
         self,
@@ -73,8 +73,10 @@ class HboneServer:
         status: int = 200,
         config: TunnelConfig | None = None,
         handler: Handler | None = None,
+        bind: tuple[str, int] = ("127.0.0.1", 0),
     ) -> None:
         self.ssl_context = ssl_context
+        self.bind = bind
         self.trust_domain = trust_domain
         self.status = status
         self.config = config or TunnelConfig()
@@ -88,7 +90,8 @@ class HboneServer:
 
     async def start(self) -> HboneServer:
         lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(self.bind)
         lsock.listen(128)
         lsock.setblocking(False)
         self._lsock = lsock
@@ -98,7 +101,7 @@ class HboneServer:
 
     @property
     def addr(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.bind[0], self.port)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -33,10 +33,18 @@ from agent.addressing import (
     workload_identity,
 )
 from agent.connections import ConnectionRegistry
+from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.relay import abort
 from agent.sockets import connect_upstream, peer_address
-from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, relay, serve_hbone_connection
+from agent.tunnel import (
+    ConnectRequest,
+    HboneStreamReset,
+    TunnelConfig,
+    TunnelStats,
+    relay,
+    serve_hbone_connection,
+)
 from common.log import kv
 from common.spiffe import Identity
 
@@ -98,6 +106,15 @@ def destination_service(store: Any, wl: Any, port: int, host: str | None = None)
             if svc is not None:
                 return svc
     return None
+
+
+async def _respond(req: ConnectRequest, status: int) -> bool:
+    """Answer the CONNECT; False when the client already gave up on the stream (nothing left to answer)."""
+    try:
+        await req.respond(status)
+    except HboneStreamReset:
+        return False
+    return True
 
 
 class _Common:
@@ -165,7 +182,7 @@ class InboundProxy(_Common):
         ident = workload_identity(wl, self.certs.trust_domain)
         try:
             ctx = await self.certs.server_context(ident)
-        except Exception as e:  # the CA may be unreachable: refuse this connection, keep serving others
+        except CertificateUnavailable as e:  # the CA may be unreachable: refuse this one, keep serving others
             self.refuse(sock, "inbound", "no_certificate", peer, orig_dst, identity=str(ident), detail=str(e))
             return
 
@@ -197,11 +214,11 @@ class InboundProxy(_Common):
         except BadAuthority as e:
             self.metrics.error("inbound", "bad_authority")
             log.warning("CONNECT refused", extra=kv(error=str(e), peer=str(req.peer_identity)))
-            await req.respond(400)
+            await _respond(req, 400)
             return
         if dst[1] in self.config.own_ports:
             self.metrics.error("inbound", "self_call")
-            await req.respond(400)
+            await _respond(req, 400)
             return
         client = self._client_address(req, peer)
         report = self.access_log.start(
@@ -225,7 +242,7 @@ class InboundProxy(_Common):
             log.info("dry-run policy", extra=kv(connection=str(conn), result=note))
         if not decision.allowed:
             self.metrics.error("inbound", "policy_denied")
-            await req.respond(401)
+            await _respond(req, 401)
             report.finish(error=decision.explain(), flags="DENY")
             return
         try:
@@ -236,14 +253,12 @@ class InboundProxy(_Common):
             )
         except (OSError, TimeoutError) as e:
             self.metrics.error("inbound", "connect_failed")
-            await req.respond(503)
+            await _respond(req, 503)
             report.finish(error=f"connect {format_address(dst)}: {e}", flags="CONNECT")
             return
-        try:
-            await req.respond(200)
-        except Exception as e:  # the stream or connection died while we connected
+        if not await _respond(req, 200):
             upstream.close()
-            report.finish(error=f"respond: {e}", flags="CONNECT")
+            report.finish(error="client reset the stream before the answer", flags="CONNECT")
             return
         await self._relay(upstream, req, conn, wl, report)
 

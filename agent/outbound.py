@@ -34,6 +34,7 @@ from agent.addressing import (
     workload_ip,
 )
 from agent.connections import ConnectionRegistry
+from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay, abort
@@ -206,6 +207,12 @@ class OutboundProxy:
         report.opened()
         try:
             ctx = await self.certs.client_context(report.src_identity)
+        except CertificateUnavailable as e:
+            self.metrics.error("outbound", "no_certificate")
+            report.finish(error=str(e), flags="IDENTITY_ERROR")
+            abort(sock)
+            return
+        try:
             stream = await self.pool.open_stream(
                 PoolKey(report.src_identity, report.dst_identity, r.target),
                 ctx,
@@ -216,11 +223,6 @@ class OutboundProxy:
             flags = "DENY" if e.status == 401 else "CONNECT"
             self.metrics.error("outbound", f"hbone_{e.status}")
             report.finish(error=str(e), flags=flags)
-            abort(sock)
-            return
-        except Exception as e:  # certificate fetch failures and the like: this connection only
-            self.metrics.error("outbound", "identity_error")
-            report.finish(error=f"{type(e).__name__}: {e}", flags="IDENTITY_ERROR")
             abort(sock)
             return
         try:

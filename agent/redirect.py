@@ -155,6 +155,7 @@ class _State:
     requested: set[str] = field(default_factory=set)
     peers: set[str] = field(default_factory=set)
     failures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
     ip_iface: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex at the last reconcile
 
 
@@ -265,7 +266,8 @@ class Redirector:
     def reconcile(self, enrolled_ips: Iterable[str], local_ips: Iterable[str] | None = None) -> dict[str, str]:
         """Make capture match the controller's view: ``enrolled_ips`` are the enrolled workloads running on this
         node; ``local_ips`` (optional) all pods on this node, so non-enrolled ones can be captured when they call an
-        enrolled local pod. Returns the per-IP failures (also in :meth:`status`); every other pod is captured.
+        enrolled local pod. Returns the per-IP failures of enrolled workloads (also in :meth:`status`, with the
+        non-enrolled pods that were skipped and why); every other enrolled workload is captured.
         """
         with self._lock:
             maps, nl = self._require_started()
@@ -301,6 +303,7 @@ class Redirector:
             st.peers = {ip for idx in ok for ip in plan.interfaces[idx].peers}
             st.ip_iface = {ip: idx for idx in ok for ip in plan.interfaces[idx].enrolled | plan.interfaces[idx].peers}
             st.failures = failures
+            st.skipped = plan.skipped
             return dict(failures)
 
     def set_fail_open(self, fail_open: bool) -> None:
@@ -367,6 +370,7 @@ class Redirector:
                 "interfaces": interfaces,
                 "enrolled": sorted(st.enrolled),
                 "failures": dict(sorted(st.failures.items())),
+                "skipped_peers": dict(sorted(st.skipped.items())),
                 "capturing_any": started and bool(st.attached),
                 "ready": self.ready,
                 "stats": self._maps.stat_totals() if self._maps else {},

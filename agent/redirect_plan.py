@@ -47,7 +47,8 @@ class InterfacePlan:
 @dataclass
 class Plan:
     interfaces: dict[int, InterfacePlan] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # enrolled workloads that cannot be captured
+    skipped: dict[str, str] = field(default_factory=dict)  # non-enrolled pods left without the program (why)
 
     def workloads_on(self, indexes: Iterable[int]) -> set[str]:
         out: set[str] = set()
@@ -103,14 +104,17 @@ def plan_capture(enrolled: Iterable[str], local: Iterable[str], resolve: Callabl
     enrolled_set = set(enrolled)
     resolved: dict[str, PodInterface] = {}
     for ip in sorted(enrolled_set | set(local)):
+        # A non-enrolled pod we cannot find (a hostNetwork pod, an IPv6 address) is not an error: it is only
+        # reported, since nothing of the mesh depends on it.
+        problems = plan.failures if ip in enrolled_set else plan.skipped
         problem = _check_ip(ip)
         if problem:
-            plan.failures[ip] = problem
+            problems[ip] = problem
             continue
         try:
             resolved[ip] = resolve(ip)
         except RouteProblem as exc:
-            plan.failures[ip] = str(exc)
+            problems[ip] = str(exc)
     any_enrolled = any(ip in resolved for ip in enrolled_set)
     for ip, iface in resolved.items():
         if ip in enrolled_set:

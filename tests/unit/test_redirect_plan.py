@@ -74,3 +74,11 @@ def test_unparseable_and_ipv6_addresses_fail_alone() -> None:
     assert set(plan.interfaces) == {3}
     assert "IPv6" in plan.failures["fd00::1"]
     assert "not an IP address" in plan.failures["pod-a"]
+
+
+def test_unresolvable_non_enrolled_pods_are_skipped_not_failed() -> None:
+    resolve = _resolver({"10.0.1.5": A, "10.0.0.1": "10.0.0.1 is a local address of the node"})
+    plan = plan_capture({"10.0.1.5"}, {"10.0.0.1", "fd00::9"}, resolve)
+    assert plan.failures == {}
+    assert set(plan.skipped) == {"10.0.0.1", "fd00::9"}
+    assert "local address" in plan.skipped["10.0.0.1"]

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-ALL_CONFIGS: tuple[str, ...] = ("nomesh", "envoy", "pytls", "ambit-cross", "ambit-same", "ambit-attached")
+ALL_CONFIGS: tuple[str, ...] = (
+    "nomesh",
+    "envoy",
+    "pytls",
+    "ambit-tunnel",
+    "ambit-cross",
+    "ambit-same",
+    "ambit-attached",
+)
 """Every data-path configuration, in report order. `config-scale` is separate (see config_scale.py)."""
 
 CONFIG_SCALE = "config-scale"

@@ -25,6 +25,7 @@ from bench.drivers.base import Driver, DriverUnavailable, Endpoint
 from bench.drivers.envoy_pair import EnvoyPair
 from bench.drivers.nomesh import NoMesh
 from bench.drivers.tls_pair import PythonTlsPair
+from bench.drivers.tunnel_pair import AmbitTunnelPair
 from bench.labs import BenchLabs, Pinning
 from bench.measures import MEASURES, run_measure
 from bench.options import RunOptions
@@ -59,6 +60,7 @@ def make_drivers(
         "nomesh": NoMesh(labs, pinning),
         "envoy": EnvoyPair(labs, group, pinning, cert_files, work / "envoy"),
         "pytls": PythonTlsPair(labs, group, pinning, cert_files, work / "pytls"),
+        "ambit-tunnel": AmbitTunnelPair(labs, group, pinning, cert_files, work / "ambit-tunnel"),
     }
     for path in AMBIT_PATHS:
         available[path.name] = AmbitConfig(path, labs, tools, pinning)

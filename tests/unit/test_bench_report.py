@@ -63,8 +63,9 @@ def test_targets_judge_ratios_and_never_turn_missing_into_met() -> None:
     )
     verdicts = {v["target"]: v for v in targets.evaluate(results)}
     assert verdicts["ambit-cross throughput vs envoy, 1 stream"]["status"] == "met"
-    assert verdicts["added p50 latency, Ambit cross-node vs Envoy pair"]["status"] == "met"
-    assert verdicts["Ambit cross-node proxy CPU per GB (both agents, 1 stream)"]["status"] == "not met"
+    assert verdicts["added p50 latency, ambit-cross vs Envoy pair"]["status"] == "met"
+    assert verdicts["ambit-cross proxy CPU per GB (both sides, 1 stream)"]["status"] == "not met"
+    assert verdicts["ambit-tunnel throughput vs envoy, 1 stream"]["status"] == "not measured"
     assert verdicts["ambit-same throughput vs nomesh, 1 stream"]["status"] == "not met"
     assert verdicts["ambit-attached throughput vs nomesh, 1 stream"]["status"] == "not measured"
     assert verdicts["agent RSS with 100 local workloads"]["status"] == "not measured"

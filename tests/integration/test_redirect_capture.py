@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -249,10 +250,11 @@ def test_coexists_with_other_tc_filters(env: Env) -> None:
     fn = b.load_func("count", BPF.SCHED_CLS)
     with rt.enter(env.topo.node):
         ipr = IPRoute()
+    placed = ((env.pa, 20), (env.pc, 5))  # after ours on the enrolled pod's veth, before ours on a peer's
     try:
         idx = {p: ipr.link_lookup(ifname=p.node_if)[0] for p in (env.pa, env.pc)}
         env.r.reconcile(set(), env.all_pods())  # start from no capture: the foreign filters come first
-        for pod, prio in ((env.pa, 5), (env.pc, 20)):  # before ours on pa, after ours on pc
+        for pod, prio in placed:
             if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx[pod])):
                 ipr.tc("add", "clsact", index=idx[pod])
             ipr.tc(
@@ -265,19 +267,29 @@ def test_coexists_with_other_tc_filters(env: Env) -> None:
             v = b["seen"].get(ct.c_uint32(idx[pod]))
             return int(v.value) if v else 0
 
-        before = seen(env.pa), seen(env.pc)
-        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")  # ours still captures
-        assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith("server:8080")  # not ours: next filter runs
-        assert seen(env.pa) > before[0] and seen(env.pc) > before[1]
+        # Enrolled pa: captured TCP ends classification in ours; its UDP is not ours and reaches the next filter.
+        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+        before = seen(env.pa)
+        with rt.enter(env.pa.netns):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with udp:
+            for _ in range(5):
+                udp.sendto(b"x", (env.pb.ip, 9999))
+        rt.wait_for(lambda: seen(env.pa) >= before + 5)
+        # A filter before ours that continues (TC_ACT_UNSPEC) does not stop capture on the peer's veth.
+        before_pc = seen(env.pc)
+        assert rt.connect(env.pc.netns, env.pa.ip, 8080).startswith("tproxy:15006 ")
+        assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith("server:8080")
+        assert seen(env.pc) > before_pc
         env.r.reconcile(set(), env.all_pods())  # detaching ours leaves theirs and the shared clsact
         for pod in (env.pa, env.pc):
             shown = env.filters(pod.node_if)
             assert "counter" in shown and "ambit:" not in shown
-        before = seen(env.pc)
-        assert rt.connect(env.pc.netns, env.pb.ip, 8080).startswith("server:8080")
-        assert seen(env.pc) > before
+        before = seen(env.pa)
+        assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("server:8080")
+        assert seen(env.pa) > before
     finally:
-        for pod, prio in ((env.pa, 5), (env.pc, 20)):
+        for pod, prio in placed:
             ipr.tc("del-filter", "bpf", index=idx[pod], handle=1, parent=0xFFFFFFF2, prio=prio)
         ipr.close()
         b.cleanup()

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,10 +177,10 @@ def connect(netns: str, ip: str, port: int, *, src_port: int = 0, timeout: float
         s.close()
 
 
-def wait_for(pred: object, timeout: float = 3.0) -> None:
+def wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(pred) and pred():
+        if pred():
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached")

@@ -77,14 +77,21 @@ class ControllerProcess:
     an agent's event loop keeps going while the controller restarts.
     """
 
-    def __init__(self, workdir: Path, placement: Placement, tokens: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, placement: Placement, tokens: dict[str, str], *, kubeconfig: Path | None = None
+    ) -> None:
+        """Config from ``placement`` written as a config dir, or (``kubeconfig``) from a Kubernetes API server."""
         self.workdir = workdir
         self.ca_dir = workdir / "ca"
         self.tokens_file = workdir / "node-tokens.json"
         self.tokens_file.write_text(json.dumps(tokens))
         for node, token in tokens.items():
             (workdir / f"{node}.token").write_text(token + "\n")
-        write_cluster(workdir / "config", placement)
+        if kubeconfig is None:
+            write_cluster(workdir / "config", placement)
+            self.source = ["--config-dir", str(workdir / "config"), "--node-tokens", str(self.tokens_file)]
+        else:
+            self.source = ["--kube", "--kubeconfig", str(kubeconfig)]
         self.port = 0
         self.monitoring_port = 0
         self.log = workdir / "controller.log"
@@ -106,10 +113,9 @@ class ControllerProcess:
     def _argv(self) -> list[str]:
         return [
             str(Path(sys.executable).parent / "ambit-controller"),
-            "--config-dir", str(self.workdir / "config"),
+            *self.source,
             "--ca-dir", str(self.ca_dir),
             "--trust-domain", TD,
-            "--node-tokens", str(self.tokens_file),
             "--listen-address", "127.0.0.1",
             "--xds-port", "0",
             "--tls-port", str(self.port),

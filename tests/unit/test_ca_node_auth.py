@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from controller.node_auth import (
     bearer_token,
     for_xds,
 )
-from tests.support.fake_kube_auth import FakeKubeAuth, TokenIdentity, serve
+from tests.support.fake_kube import serve
+from tests.support.fake_kube_auth import TokenIdentity, TokenReviews, install, pod
 
 
 @pytest.mark.parametrize(
@@ -73,20 +75,26 @@ def test_token_file_invalid_at_start_is_an_error(tmp_path: Path, content: str) -
         NodeTokenAuthenticator(f)
 
 
+@dataclass
+class Kube:
+    url: str
+    table: TokenReviews
+
+
 @pytest.fixture
-def kube() -> Iterator[FakeKubeAuth]:
-    state = FakeKubeAuth()
-    state.tokens["agent-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-1")
-    state.tokens["ztunnel-token"] = TokenIdentity("istio-system", "ztunnel", "ztunnel-x2", "uid-2")
-    state.tokens["app-token"] = TokenIdentity("default", "web", "web-1", "uid-3")
-    state.tokens["unbound-token"] = TokenIdentity("ambit-system", "ambit-agent")
-    state.tokens["stale-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-old")
-    state.tokens["gone-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-gone", "uid-9")
-    state.tokens["wrong-aud"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-1", ["kubernetes"])
-    state.add_pod("ambit-system", "agent-x1", "uid-1", "ambit-agent", "node1")
-    state.add_pod("istio-system", "ztunnel-x2", "uid-2", "ztunnel", "node2")
-    with serve(state):
-        yield state
+def kube() -> Iterator[Kube]:
+    with serve() as fake:
+        table = install(fake)
+        table.tokens["agent-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-1")
+        table.tokens["ztunnel-token"] = TokenIdentity("istio-system", "ztunnel", "ztunnel-x2", "uid-2")
+        table.tokens["app-token"] = TokenIdentity("default", "web", "web-1", "uid-3")
+        table.tokens["unbound-token"] = TokenIdentity("ambit-system", "ambit-agent")
+        table.tokens["stale-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-old")
+        table.tokens["gone-token"] = TokenIdentity("ambit-system", "ambit-agent", "agent-gone", "uid-9")
+        table.tokens["wrong-aud"] = TokenIdentity("ambit-system", "ambit-agent", "agent-x1", "uid-1", ["kubernetes"])
+        fake.upsert(pod("ambit-system", "agent-x1", "uid-1", "ambit-agent", "node1"))
+        fake.upsert(pod("istio-system", "ztunnel-x2", "uid-2", "ztunnel", "node2"))
+        yield Kube(fake.url, table)
 
 
 def _authenticator(url: str) -> TokenReviewAuthenticator:
@@ -99,13 +107,13 @@ def md(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-async def test_token_review_gives_callers_node(kube: FakeKubeAuth) -> None:
+async def test_token_review_gives_callers_node(kube: Kube) -> None:
     auth = _authenticator(kube.url)
     caller = await auth.authenticate(md("agent-token"))
     assert caller.node == "node1"
     assert "ambit-system/ambit-agent" in caller.subject
     assert (await auth.authenticate(md("ztunnel-token"))).node == "node2"
-    assert kube.reviews[0]["spec"] == {"token": "agent-token", "audiences": ["istio-ca"]}
+    assert kube.table.reviews[0]["spec"] == {"token": "agent-token", "audiences": ["istio-ca"]}
 
 
 @pytest.mark.parametrize(
@@ -119,13 +127,13 @@ async def test_token_review_gives_callers_node(kube: FakeKubeAuth) -> None:
         ("gone-token", AuthenticationError, "does not exist"),
     ],
 )
-async def test_token_review_refusals(kube: FakeKubeAuth, token: str, error: type[Exception], text: str) -> None:
+async def test_token_review_refusals(kube: Kube, token: str, error: type[Exception], text: str) -> None:
     with pytest.raises(error, match=text):
         await _authenticator(kube.url).authenticate(md(token))
 
 
-async def test_token_review_api_failure_is_backend_error(kube: FakeKubeAuth) -> None:
-    kube.fail_with = 500
+async def test_token_review_api_failure_is_backend_error(kube: Kube) -> None:
+    kube.table.fail_with = 500
     with pytest.raises(AuthBackendError, match="HTTP 500"):
         await _authenticator(kube.url).authenticate(md("agent-token"))
 
@@ -147,18 +155,18 @@ async def test_for_xds_adapter_returns_node_or_permission_error(tmp_path: Path) 
         await check({"authorization": "Bearer zzz"})
 
 
-async def test_token_review_result_cached_briefly(kube: FakeKubeAuth) -> None:
+async def test_token_review_result_cached_briefly(kube: Kube) -> None:
     config = k8s.Configuration()
     config.host = kube.url
     auth = TokenReviewAuthenticator(k8s.ApiClient(config), cache_seconds=0.3)
     for _ in range(3):
         assert (await auth.authenticate(md("agent-token"))).node == "node1"
-    assert len(kube.reviews) == 1
+    assert len(kube.table.reviews) == 1
     await asyncio.sleep(0.35)
     await auth.authenticate(md("agent-token"))
-    assert len(kube.reviews) == 2
+    assert len(kube.table.reviews) == 2
     with pytest.raises(AuthenticationError):  # refusals are never cached as successes
         await auth.authenticate(md("nonsense"))
     with pytest.raises(AuthenticationError):
         await auth.authenticate(md("nonsense"))
-    assert len(kube.reviews) == 4
+    assert len(kube.table.reviews) == 4

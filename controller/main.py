@@ -174,9 +174,17 @@ class Controller:
             raise StartupError("--ca-dir needs a way to authenticate agents: --node-tokens FILE or --kube")
         authenticator = authn[0] if len(authn) == 1 else node_auth.FirstMatchAuthenticator(authn)
         ca = self._ca
+        service: list[Any] = []  # one CertificateService (and one set of its metrics) for every port
 
         def register(server: grpc.aio.Server) -> None:
-            ca_service.add_to_server(server, ca, self.translator, authenticator, registry=self.metrics.registry)
+            from api.istio.v1.auth import ca_pb2_grpc
+
+            if service:
+                ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(service[0], server)
+            else:
+                service.append(
+                    ca_service.add_to_server(server, ca, self.translator, authenticator, registry=self.metrics.registry)
+                )
 
         return node_auth.for_xds(authenticator), [register]
 

@@ -243,3 +243,38 @@ async def test_stdlib_event_loop_and_sigterm(tmp_path: Path, config_dir: Path) -
         assert any(x.get("msg") == "stopping" for x in proc.log_lines())
     finally:
         await proc.stop()
+
+
+async def test_tls_port_with_node_tokens(tmp_path: Path, config_dir: Path) -> None:
+    tokens = tmp_path / "node-tokens.json"
+    tokens.write_text('{"node1": "secret-1"}')
+    (tmp_path / "good.token").write_text("secret-1\n")
+    (tmp_path / "bad.token").write_text("nope\n")
+    ca_dir = tmp_path / "ca"
+    args = ["--config-dir", str(config_dir), "--ca-dir", str(ca_dir), "--node-tokens", str(tokens)]
+    proc = ControllerProc(tmp_path, args, tls=True)
+    await proc.start()
+    try:
+        root = ca_dir / "root-cert.pem"
+        store = WorkloadStore()
+        good = XdsClient(
+            store, f"127.0.0.1:{proc.tls_port}", "node1", root_cert=root, token_file=tmp_path / "good.token"
+        )
+        async with running(good):
+            await asyncio.wait_for(good.ready.wait(), 20)
+            assert ip_of(store, "web-0") == "10.1.0.1"
+            conn = proc.json("/debug/connections")[0]
+            assert conn["identity"] == "node1"
+        bad = XdsClient(
+            WorkloadStore(),
+            f"127.0.0.1:{proc.tls_port}",
+            "node1",
+            root_cert=root,
+            token_file=tmp_path / "bad.token",
+            backoff=Backoff(0.05, 0.2),
+        )
+        async with running(bad):
+            await wait_for(lambda: bad.stats["last_error"].startswith("UNAUTHENTICATED"), what="token rejected")
+            assert not bad.ready.is_set()
+    finally:
+        await proc.stop()

@@ -36,8 +36,9 @@ async def wait_for(predicate: Callable[[], Any], limit: float = 20.0, what: str 
 
 
 class ControllerProc:
-    def __init__(self, workdir: Path, args: list[str], event_loop: str = "uvloop") -> None:
+    def __init__(self, workdir: Path, args: list[str], event_loop: str = "uvloop", tls: bool = False) -> None:
         self.workdir = workdir
+        self.tls_port = free_port() if tls else 0
         self.args = args
         self.event_loop = event_loop
         self.xds_port = free_port()
@@ -54,7 +55,7 @@ class ControllerProc:
             str(Path(sys.executable).parent / "ambit-controller"),
             *self.args,
             "--xds-port", str(self.xds_port),
-            "--tls-port", "0",
+            "--tls-port", str(self.tls_port),
             "--monitoring-port", str(self.monitoring_port),
             "--listen-address", "127.0.0.1",
             "--event-loop", self.event_loop,

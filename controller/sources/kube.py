@@ -110,6 +110,7 @@ class _Watcher:
         self.stopped = threading.Event()
         self.resource_version = ""
         self.backoff = source.backoff_initial
+        self.missing = False
         self._response: Any = None
         self.thread = threading.Thread(target=self._run, name=f"kube-watch-{resource.plural}", daemon=True)
 
@@ -146,10 +147,23 @@ class _Watcher:
             except ApiException as e:
                 if e.status == 410:
                     self.resource_version = ""
-                    continue
-                self._failed(f"HTTP {e.status}: {e.reason}")
+                elif e.status == 404 and not self.resource_version:
+                    self._missing()
+                else:
+                    self._failed(f"HTTP {e.status}: {e.reason}")
             except (HTTPError, OSError, ValueError, WatchError) as e:
                 self._failed(f"{type(e).__name__}: {e}")
+
+    def _missing(self) -> None:
+        """The API does not serve this resource (e.g. Istio's CRDs are not installed): it has no objects.
+
+        Treated as an empty list so that start-up completes; checked again now and then in case it appears.
+        """
+        if not self.missing:
+            log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
+            self.missing = True
+            self.source.from_thread(self.source.relisted, self.resource, [])
+        self.stopped.wait(self.source.backoff_max)
 
     def _failed(self, error: str) -> None:
         if self.stopped.is_set():
@@ -167,6 +181,7 @@ class _Watcher:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
+        self.missing = False
         items = body.get("items") or []
         for item in items:
             # List items of built-in kinds come without kind/apiVersion.

@@ -116,3 +116,15 @@ async def test_list_errors_back_off_and_retry(fake: FakeKube, tmp_path: Path) ->
         assert sum(fake.count("GET", r.path, watch=False) for r in src.resources) == len(src.resources) + 3
     finally:
         src.stop()
+
+
+async def test_resource_the_api_does_not_serve_counts_as_empty(fake: FakeKube, tmp_path: Path) -> None:
+    del fake.collections["/apis/security.istio.io/v1/peerauthentications"]  # CRD not installed: 404
+    store = ConfigStore(Translator(), ControllerMetrics())
+    src = KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.02)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+        assert workloads(store) == {"web-0": "10.1.0.1"}
+        assert next(w for w in src._watchers if w.resource.kind == "PeerAuthentication").missing
+    finally:
+        src.stop()

@@ -14,10 +14,10 @@ namespace the calling thread was in when :meth:`Redirector.start` ran (the node 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -530,7 +530,7 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
                 maps.close()
     nl = Netlink()
     try:
-        node_addrs = nl.local_ipv4()
+        node_addrs = nl.local_addresses()
         for idx in nl.all_link_indexes():
             ours = nl.named_filters(idx, cfg.filter_name)
             if not ours:
@@ -592,15 +592,21 @@ def _captured_time_wait(local: set[str]) -> int:
     """TIME_WAIT sockets of captured connections in the calling thread's netns: their local address is not one of
     the node's ``local`` addresses (it is the original destination, or a client address the agent preserved)."""
     count = 0
-    with open("/proc/thread-self/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[3] != "06":  # TCP_TIME_WAIT
-                continue
-            addr = socket.inet_ntoa(int(fields[1].split(":")[0], 16).to_bytes(4, "little"))
-            if addr not in local and not addr.startswith("127."):
-                count += 1
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/thread-self/net/{table}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] != "06":  # TCP_TIME_WAIT
+                    continue
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                # /proc prints each 32-bit word in host (little-endian) order.
+                packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                addr = ipaddress.ip_address(packed)
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                if str(addr) not in local and not addr.is_loopback:
+                    count += 1
     return count
 
 

@@ -25,6 +25,8 @@ ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
+FAMILIES = ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0"))
+_FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,15 @@ class Netlink:
             raise
         return str(links[0].get_attr("IFLA_IFNAME")) if links else None
 
-    def local_ipv4(self) -> set[str]:
-        return {str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=2)}
+    def local_addresses(self) -> set[str]:
+        return {str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr()}
 
     def default_route_oifs(self) -> list[int]:
         out: list[int] = []
-        for r in self.ipr.route("dump", table=254, family=socket.AF_INET):
-            if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None:
-                out.append(int(r.get_attr("RTA_OIF")))
+        for family, _ in FAMILIES:
+            for r in self.ipr.route("dump", table=254, family=family):
+                if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None:
+                    out.append(int(r.get_attr("RTA_OIF")))
         return sorted(set(out))
 
     def route_get(self, ip: str) -> RouteInfo | None:
@@ -91,8 +94,8 @@ class Netlink:
 
     # --- policy routing --------------------------------------------------------------------------------------
 
-    def _find_rule(self, mark: int, mask: int, table: int, pref: int) -> bool:
-        for r in self.ipr.get_rules(family=socket.AF_INET):
+    def _find_rule(self, mark: int, mask: int, table: int, pref: int, family: int) -> bool:
+        for r in self.ipr.get_rules(family=family):
             if (
                 r.get_attr("FRA_FWMARK") == mark
                 and r.get_attr("FRA_FWMASK") == mask
@@ -103,38 +106,48 @@ class Netlink:
         return False
 
     def ensure_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> None:
-        """`ip rule add fwmark MARK/MASK lookup TABLE pref PREF` + `ip route replace local 0/0 dev lo table TABLE`."""
+        """Per family: `ip rule add fwmark MARK/MASK lookup TABLE pref PREF` + `ip route replace local 0/0 (::/0)
+        dev lo table TABLE`, so packets the program marks are delivered to the socket it assigned."""
         lo = self.link_index("lo")
         if lo is None:
             raise RedirectKernelError("the node netns has no `lo` interface for the local route table")
-        try:
-            self.ipr.route("replace", dst="0.0.0.0/0", table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=2)
-            if not self._find_rule(mark, mask, table, pref):
-                self.ipr.rule("add", table=table, priority=pref, fwmark=mark, fwmask=mask, family=socket.AF_INET)
-        except NetlinkError as exc:
-            raise RedirectKernelError(
-                f"policy routing (fwmark {mark:#x}/{mask:#x} -> table {table}, local 0.0.0.0/0 dev lo) failed: "
-                f"{exc.args[1] if len(exc.args) > 1 else exc}"
-            ) from exc
+        for family, default in FAMILIES:
+            try:
+                self.ipr.route(
+                    "replace", dst=default, table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=family
+                )
+                if not self._find_rule(mark, mask, table, pref, family):
+                    self.ipr.rule("add", table=table, priority=pref, fwmark=mark, fwmask=mask, family=family)
+            except NetlinkError as exc:
+                raise RedirectKernelError(
+                    f"policy routing (fwmark {mark:#x}/{mask:#x} -> table {table}, local {default} dev lo) failed: "
+                    f"{_reason(exc)}"
+                ) from exc
 
     def has_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> bool:
-        routes = [
-            r
-            for r in self.ipr.route("dump", table=table, family=socket.AF_INET)
-            if r["type"] == RTN_LOCAL and r["dst_len"] == 0
-        ]
-        return bool(routes) and self._find_rule(mark, mask, table, pref)
+        for family, _ in FAMILIES:
+            routes = [
+                r
+                for r in self.ipr.route("dump", table=table, family=family)
+                if r["type"] == RTN_LOCAL and r["dst_len"] == 0
+            ]
+            if not routes or not self._find_rule(mark, mask, table, pref, family):
+                return False
+        return True
 
     def remove_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> list[str]:
         removed: list[str] = []
-        while self._find_rule(mark, mask, table, pref):
-            self.ipr.rule("del", table=table, priority=pref, fwmark=mark, fwmask=mask, family=socket.AF_INET)
-            removed.append(f"rule fwmark {mark:#x}/{mask:#x} lookup {table} pref {pref}")
         lo = self.link_index("lo")
-        for r in self.ipr.route("dump", table=table, family=socket.AF_INET):
-            if r["type"] == RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_OIF") == lo:
-                self.ipr.route("del", dst="0.0.0.0/0", table=table, type="local", scope=RT_SCOPE_HOST, oif=lo)
-                removed.append(f"route local 0.0.0.0/0 dev lo table {table}")
+        for family, default in FAMILIES:
+            while self._find_rule(mark, mask, table, pref, family):
+                self.ipr.rule("del", table=table, priority=pref, fwmark=mark, fwmask=mask, family=family)
+                removed.append(f"rule fwmark {mark:#x}/{mask:#x} lookup {table} pref {pref} ({_FAMILY_NAMES[family]})")
+            for r in self.ipr.route("dump", table=table, family=family):
+                if r["type"] == RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_OIF") == lo:
+                    self.ipr.route(
+                        "del", dst=default, table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=family
+                    )
+                    removed.append(f"route local {default} dev lo table {table}")
         return removed
 
     # --- tc --------------------------------------------------------------------------------------------------

@@ -88,11 +88,9 @@ def classify_route(
 
 def _check_ip(ip: str) -> str | None:
     try:
-        addr = ipaddress.ip_address(ip)
+        ipaddress.ip_address(ip)
     except ValueError:
         return f"{ip!r} is not an IP address"
-    if addr.version != 4:
-        return f"{ip}: IPv6 capture is not implemented yet (the map keys are ready, the program parses IPv4 only)"
     return None
 
 

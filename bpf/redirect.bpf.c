@@ -24,9 +24,26 @@ static __always_inline void ambit_stat(u32 idx) {
         *v += 1;
 }
 
-static __always_inline void ambit_v4_key(struct ambit_addr *k, u32 addr) {
-    k->family = AMBIT_AF_INET;
-    __builtin_memcpy(k->addr, &addr, sizeof(addr));
+static __always_inline void ambit_key(struct ambit_addr *k, u8 family, const u32 *addr) {
+    k->family = family;
+    __builtin_memcpy(k->addr, addr, 16);
+}
+
+/* bpf_skc_lookup_tcp in the node netns for the packet's tuple with destination port `dport`. */
+static __always_inline struct bpf_sock *ambit_lookup(struct __sk_buff *skb, const struct ambit_pkt *p, u16 dport) {
+    struct bpf_sock_tuple t = {};
+    if (p->family == AMBIT_AF_INET) {
+        t.ipv4.saddr = p->saddr[0];
+        t.ipv4.daddr = p->daddr[0];
+        t.ipv4.sport = p->sport;
+        t.ipv4.dport = dport;
+        return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    }
+    __builtin_memcpy(t.ipv6.saddr, p->saddr, 16);
+    __builtin_memcpy(t.ipv6.daddr, p->daddr, 16);
+    t.ipv6.sport = p->sport;
+    t.ipv6.dport = dport;
+    return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
 }
 
 int ambit_tc_ingress(struct __sk_buff *skb) {
@@ -54,7 +71,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     u32 capture_stat = 0;
     u8 outbound = 0;
     if (ifc->flags & AMBIT_IF_POD) {
-        ambit_v4_key(&key, p.saddr);
+        ambit_key(&key, p.family, p.saddr);
         wl = ambit_workloads.lookup(&key);
         if (wl) {
             wl->packets += 1;
@@ -67,7 +84,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     if (!wl) {
         if (!(ifc->flags & (AMBIT_IF_POD | AMBIT_IF_UPLINK)))
             return TC_ACT_UNSPEC;
-        ambit_v4_key(&key, p.daddr);
+        ambit_key(&key, p.family, p.daddr);
         wl = ambit_workloads.lookup(&key);
         if (!wl)
             return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no socket lookup */
@@ -83,12 +100,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
      * source-preserving upstream socket (return path), or a TIME_WAIT socket. TIME_WAIT must be assigned too:
      * the kernel's TIME_WAIT logic then lets a reused 4-tuple through within milliseconds, while skipping it
      * blackholes the new SYN until the TIME_WAIT expires. */
-    struct bpf_sock_tuple t = {};
-    t.ipv4.saddr = p.saddr;
-    t.ipv4.daddr = p.daddr;
-    t.ipv4.sport = p.sport;
-    t.ipv4.dport = p.dport;
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    struct bpf_sock *sk = ambit_lookup(skb, &p, p.dport);
     if (sk) {
         if (sk->state != BPF_TCP_LISTEN) {
             ambit_stat(AMBIT_STAT_ASSIGN_EXISTING);
@@ -102,11 +114,11 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     if (!p.syn || p.ack)
         return TC_ACT_UNSPEC;
 
-    /* The agent's listener is bound to 0.0.0.0:<port>, so a lookup for <original daddr>:<port> finds it and the
-     * accepted socket's local address stays the original destination (getsockname()). The real source keeps
-     * SO_REUSEPORT groups balanced. */
-    t.ipv4.dport = htons(listen_port);
-    sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    /* The agent's listener is bound to 0.0.0.0:<port> (or [::]:<port> for IPv6), so a lookup for
+     * <original daddr>:<port> finds it and the accepted socket's local address stays the original destination
+     * (getsockname()). The real source keeps SO_REUSEPORT groups balanced. An IPv6 SYN of an enrolled workload
+     * finds no listener while the agent listens on IPv4 only, and is dropped like any other (fail closed). */
+    sk = ambit_lookup(skb, &p, htons(listen_port));
     if (sk && sk->state != BPF_TCP_LISTEN) {
         bpf_sk_release(sk);
         sk = NULL;

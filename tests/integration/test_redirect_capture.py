@@ -81,7 +81,7 @@ def env() -> Iterator[Env]:
         with rt.enter(topo.node):
             r.start()
         for pod in topo.pods.values():
-            topo.probe_server(pod.netns, "serve", "--port", "8080")
+            topo.probe_server(pod.netns, "serve", "--dual", "--port", "8080")
         e.start_listener()
         yield e
     finally:
@@ -131,6 +131,27 @@ def test_uplink_captures_hbone_and_plaintext_for_enrolled_pods_only(env: Env) ->
     with pytest.raises(ConnectionRefusedError):  # pb is not enrolled: its own (closed) port 15008 answers
         rt.connect(env.topo.remote, env.pb.ip, 15008)
     assert rt.connect(env.topo.remote, env.pb.ip, 8080).startswith("server:8080")
+
+
+def test_ipv6_capture_and_fail_closed_without_an_ipv6_listener(env: Env) -> None:
+    pa, pb = env.pa, env.pb
+    env.r.reconcile({pa.ip, pa.ip6}, env.all_pods() | {p.ip6 for p in env.topo.pods.values()})
+    drops = env.r.stats()["drop_no_listener"]
+    with pytest.raises(OSError):  # the stand-in listens on IPv4 only, like the agent: IPv6 fails closed
+        rt.connect(pa.netns, pb.ip6, 8080, timeout=1.2)
+    assert env.r.stats()["drop_no_listener"] > drops
+    assert rt.connect(pa.netns, pb.ip, 8080).startswith("tproxy:15001 ")
+    env.start_listener("--dual")
+    try:
+        out = rt.connect(pa.netns, pb.ip6, 8080)
+        assert out.startswith("tproxy:15001 ") and f"orig=[{pb.ip6}]:8080" in out and f"peer=[{pa.ip6}]:" in out
+        hbone = rt.connect(env.topo.remote, pa.ip6, 15008)
+        assert hbone.startswith("tproxy:15008 ") and f"orig=[{pa.ip6}]:15008" in hbone
+        assert rt.connect(env.topo.remote, pb.ip6, 8080).startswith(f"server:8080 local=[{pb.ip6}]:8080")
+        assert env.r.counters()[pa.ip6].connections_out >= 1
+    finally:
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
 
 
 def test_live_enroll_and_unenroll(env: Env) -> None:
@@ -305,7 +326,7 @@ def test_bad_pods_are_reported_and_others_keep_working(env: Env) -> None:
     assert f"via gateway {env.topo.remote_ip} on {env.topo.uplink}" in failures[gateway_ip]
     assert "local address of the node" in failures[env.topo.node_ip]
     assert "not an IP address" in failures["not-an-ip"]
-    assert "IPv6" in failures["fd00::5"]
+    assert "no route to fd00::5" in failures["fd00::5"]
     assert env.r.status()["failures"] == failures
     assert set(env.r.counters()) == {env.pa.ip}
     assert env.r.ready

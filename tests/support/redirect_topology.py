@@ -33,6 +33,7 @@ class Pod:
     netns: str
     ip: str
     node_if: str  # node-side interface
+    ip6: str
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Topology:
     node_ip: str = "10.77.0.1"
     remote_ip: str = "10.77.0.2"
     gateway_net: str = "10.77.9.0/24"  # routed via the remote node: not a local pod
+    node_ip6: str = "fd77::1"
+    remote_ip6: str = "fd77::2"
     pods: dict[str, Pod] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -123,8 +126,9 @@ def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
         for ns in (topo.node, topo.remote):
             subprocess.run(["ip", "netns", "add", ns], check=True)
             topo.ip(ns, "link", "set", "lo", "up")
+        forwarding = ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         subprocess.run(
-            ["ip", "netns", "exec", topo.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            ["ip", "netns", "exec", topo.node, "sysctl", "-qw", *forwarding],
             check=True,
             capture_output=True,
         )
@@ -135,8 +139,11 @@ def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
         topo.ip(topo.remote, "link", "set", "eth0", "up")
         topo.ip(topo.remote, "route", "add", "default", "via", topo.node_ip)
         topo.ip(topo.node, "route", "add", topo.gateway_net, "via", topo.remote_ip)
+        topo.ip(topo.node, "addr", "add", f"{topo.node_ip6}/64", "dev", topo.uplink, "nodad")
+        topo.ip(topo.remote, "addr", "add", f"{topo.remote_ip6}/64", "dev", "eth0", "nodad")
+        topo.ip(topo.remote, "-6", "route", "add", "default", "via", topo.node_ip6)
         for i, name in enumerate(pods, start=1):
-            pod = Pod(name, f"{prefix}-{name}", f"10.77.{i}.10", f"{short}{name[-1]}")
+            pod = Pod(name, f"{prefix}-{name}", f"10.77.{i}.10", f"{short}{name[-1]}", f"fd77:{i}::10")
             subprocess.run(["ip", "netns", "add", pod.netns], check=True)
             topo.pods[name] = pod
             topo.ip(pod.netns, "link", "set", "lo", "up")
@@ -146,6 +153,9 @@ def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
             topo.ip(pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
             topo.ip(pod.netns, "link", "set", "eth0", "up")
             topo.ip(pod.netns, "route", "add", "default", "via", f"10.77.{i}.1")
+            topo.ip(topo.node, "addr", "add", f"fd77:{i}::1/64", "dev", pod.node_if, "nodad")
+            topo.ip(pod.netns, "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
+            topo.ip(pod.netns, "-6", "route", "add", "default", "via", f"fd77:{i}::1")
     except Exception:
         topo.down()
         raise
@@ -155,12 +165,12 @@ def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
 def connect(netns: str, ip: str, port: int, *, src_port: int = 0, timeout: float = 2.0) -> str:
     """Connect from ``netns`` and return the first line the peer sends; raises OSError/TimeoutError on failure."""
     with enter(netns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         if src_port:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", src_port))
+            s.bind(("::" if ":" in ip else "0.0.0.0", src_port))
         s.connect((ip, port))
         data = b""
         while not data.endswith(b"\n"):

@@ -3,9 +3,10 @@
 ``serve --port P``: a plain server; each connection gets ``server:P local=<ip:port> peer=<ip:port>`` and is closed.
 ``serve --transparent --port 15001 ...``: the agent's stand-in, IP_TRANSPARENT on 0.0.0.0 like the real listeners;
 answers ``tproxy:P orig=<getsockname()> peer=<ip:port>`` and closes first (so *its* side ends in TIME_WAIT).
-``--relay`` makes the transparent listener connect to the original destination from the client's own address
-(IP_TRANSPARENT bind, as the agent's source-preserving inbound does) and relay the answer back, prefixed with
-``relayed:P``: that only works when the return path delivers the server's replies to the relay socket.
+``--dual`` listens on [::] (IPv4 and IPv6). ``--relay`` makes the transparent listener connect to the original
+destination from the client's own address (IP_TRANSPARENT bind, as the agent's source-preserving inbound does) and
+relay the answer back, prefixed with ``relayed:P``: that only works when the return path delivers the server's
+replies to the relay socket.
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ import contextlib
 import socket
 
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 
 
-def _fmt(addr: tuple[str, int]) -> str:
-    return f"{addr[0]}:{addr[1]}"
+def _fmt(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``ip:port`` for IPv4 (also when seen through a dual-stack socket), ``[ip]:port`` for IPv6."""
+    host = addr[0].removeprefix("::ffff:") if "." in addr[0] else addr[0]
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
 async def _relay(port: int, sock: socket.socket, writer: asyncio.StreamWriter) -> None:
     loop = asyncio.get_running_loop()
     peer, orig = sock.getpeername(), sock.getsockname()
-    up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    up = socket.socket(sock.family, socket.SOCK_STREAM)
+    _transparent(up)
     up.setblocking(False)
     try:
         up.bind((peer[0], 0))
@@ -61,14 +65,22 @@ def _handler(port: int, transparent: bool, relay: bool):  # type: ignore[no-unty
     return handle
 
 
-async def serve(ports: list[int], transparent: bool, relay: bool) -> None:
+def _transparent(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+
+
+async def serve(ports: list[int], transparent: bool, relay: bool, dual: bool) -> None:
     servers = []
     for port in ports:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET6 if dual else socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if transparent:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        s.bind(("0.0.0.0", port))
+            _transparent(s)
+        s.bind(("::" if dual else "0.0.0.0", port))
         s.listen(128)
         s.setblocking(False)
         servers.append(await asyncio.start_server(_handler(port, transparent, relay), sock=s))
@@ -82,9 +94,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, action="append", required=True)
     ap.add_argument("--transparent", action="store_true")
     ap.add_argument("--relay", action="store_true")
+    ap.add_argument("--dual", action="store_true", help="listen on [::] for IPv4 and IPv6")
     args = ap.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.transparent, args.relay))
+        asyncio.run(serve(args.port, args.transparent, args.relay, args.dual))
 
 
 if __name__ == "__main__":

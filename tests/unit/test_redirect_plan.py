@@ -68,17 +68,17 @@ def test_peers_get_no_program_while_nothing_local_is_enrolled() -> None:
     assert plan.failures == {"10.0.1.5": "no route to 10.0.1.5"}
 
 
-def test_unparseable_and_ipv6_addresses_fail_alone() -> None:
-    resolve = _resolver({"10.0.1.5": A})
+def test_unparseable_addresses_fail_alone_and_ipv6_is_planned_like_ipv4() -> None:
+    resolve = _resolver({"10.0.1.5": A, "fd00::1": A})
     plan = plan_capture({"10.0.1.5", "fd00::1", "pod-a"}, set(), resolve)
     assert set(plan.interfaces) == {3}
-    assert "IPv6" in plan.failures["fd00::1"]
+    assert plan.interfaces[3].enrolled == {"10.0.1.5", "fd00::1"}
     assert "not an IP address" in plan.failures["pod-a"]
 
 
 def test_unresolvable_non_enrolled_pods_are_skipped_not_failed() -> None:
     resolve = _resolver({"10.0.1.5": A, "10.0.0.1": "10.0.0.1 is a local address of the node"})
-    plan = plan_capture({"10.0.1.5"}, {"10.0.0.1", "fd00::9"}, resolve)
+    plan = plan_capture({"10.0.1.5"}, {"10.0.0.1", "pod-z"}, resolve)
     assert plan.failures == {}
-    assert set(plan.skipped) == {"10.0.0.1", "fd00::9"}
+    assert set(plan.skipped) == {"10.0.0.1", "pod-z"}
     assert "local address" in plan.skipped["10.0.0.1"]

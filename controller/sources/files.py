@@ -131,6 +131,8 @@ class FileSource:
                 if str(e) != self._dir_error:
                     log.error("config directory unreadable; keeping the current config", extra=kv(error=str(e)))
                     self._dir_error = str(e)
+            except Exception:  # a bug downstream must not stop the watch: later edits can still apply
+                log.exception("applying config changes failed", extra=kv(directory=self.directory))
 
 
 def _unreadable(contribution: Contribution | None) -> bool:

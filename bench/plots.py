@@ -28,9 +28,10 @@ def _spread(results: dict[str, Any], config: str, measure: str, metric: str) -> 
 
 def _bars(
     ax: Any, results: dict[str, Any], configs: list[str], series: list[tuple[str, str, str]], ylabel: str
-) -> None:
+) -> bool:
     """Grouped bars with min-max whiskers; a configuration without numbers is labelled FAILED, not left out."""
     width = 0.8 / len(series)
+    drawn = False
     for i, (measure, metric, label) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
         for x, config in enumerate(configs):
@@ -42,7 +43,11 @@ def _bars(
             ys.append(med)
             lo.append(med - mn)
             hi.append(mx - med)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=label)
+        if ys:
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=label)
+            drawn = True
+    if not drawn:
+        ax.set_ylim(0, 1)  # nothing measured: keep a visible axis for the FAILED labels
     for x, config in enumerate(configs):
         entry = results["configs"][config]
         if not entry.get("summary"):
@@ -51,18 +56,18 @@ def _bars(
     ax.set_xticklabels(configs, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    if len(series) > 1:
+    if drawn and len(series) > 1:
         ax.legend()
+    return drawn
 
 
 def throughput(results: dict[str, Any], path: Path) -> None:
     configs = _configs(results)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
     _bars(
         ax, results, configs, [("tput1", "MBps", "1 stream"), ("tput8", "MBps", "8 streams")], "MB/s (median, min-max)"
     )
     ax.set_title("Throughput, iperf3 client pod -> server pod")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -75,23 +80,22 @@ def cpu_per_gb(results: dict[str, Any], path: Path) -> None:
         if results["configs"][c].get("proxies") or results["configs"][c].get("status") == "failed"
     ]
     configs = [c for c in configs if c not in ("nomesh", "ambit-attached")]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     if configs:
         series = [("tput1", "cpu_s_per_gb", "1 stream"), ("tput8", "cpu_s_per_gb", "8 streams")]
-        _bars(ax, results, configs, series, "proxy CPU-s per GB")
-        ax.axhline(3.0, color="gray", linestyle="--", linewidth=1)
-        ax.text(-0.45, 3.0, "target <= 3", va="bottom", ha="left", color="gray")
+        if _bars(ax, results, configs, series, "proxy CPU-s per GB"):
+            ax.axhline(3.0, color="gray", linestyle="--", linewidth=1)
+            ax.text(-0.45, 3.0, "target <= 3", va="bottom", ha="left", color="gray")
     else:
         ax.text(0.5, 0.5, "no configuration with a proxy ran", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("Proxy CPU seconds per GB moved (all proxy processes, user + system)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def latency(results: dict[str, Any], path: Path) -> None:
     configs = _configs(results)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True, layout="constrained")
     for ax, (measure, title) in zip(axes, (("lat1", "1 B echo"), ("lat1k", "1 KiB echo")), strict=True):
         for config in configs:
             points = [(q, _spread(results, config, measure, key)) for key, q in PERCENTILES]
@@ -105,8 +109,8 @@ def latency(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{title}, persistent connection")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("round trip, microseconds (median over rounds)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

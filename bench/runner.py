@@ -263,10 +263,14 @@ class Run:
                 if "error" in res
             ]
             entry["errors"] = errors
+            stopped = self.results["meta"].get("interrupted") or self.results["meta"].get("error")
             if entry.get("status") == "ok" and not entry["summary"]:
-                entry["status"], entry["reason"] = "failed", "no measure produced a number: " + "; ".join(errors[:3])
-            elif entry.get("status") == "pending":
-                entry["status"], entry["reason"] = "failed", "not run (the run stopped before it)"
+                why = (
+                    f"the run stopped ({stopped}) before it was measured" if stopped else "no measure produced a number"
+                )
+                entry["status"], entry["reason"] = "failed", "; ".join([why, *errors[:3]])
+            elif entry.get("status") in ("pending", None):
+                entry["status"], entry["reason"] = "failed", f"not run: the run stopped before it ({stopped})"
         self.results["targets"] = targets.evaluate(self.results)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
         report.write(self.results, self.out)

@@ -1,6 +1,6 @@
 """Sans-IO core of reconciliation: which interface carries which pod, and which pods can be captured at all.
 
-Kept free of netlink and BPF so the decisions (odd routes, IPv6, which non-enrolled pods need the program for
+Kept free of netlink and BPF so the decisions (odd routes, bad addresses, which non-enrolled pods need the program for
 same-node calls to enrolled ones) are unit-tested with plain values.
 """
 
@@ -102,7 +102,7 @@ def plan_capture(enrolled: Iterable[str], local: Iterable[str], resolve: Callabl
     enrolled_set = set(enrolled)
     resolved: dict[str, PodInterface] = {}
     for ip in sorted(enrolled_set | set(local)):
-        # A non-enrolled pod we cannot find (a hostNetwork pod, an IPv6 address) is not an error: it is only
+        # A non-enrolled pod we cannot find (a hostNetwork pod, an address without a route) is not an error: it is only
         # reported, since nothing of the mesh depends on it.
         problems = plan.failures if ip in enrolled_set else plan.skipped
         problem = _check_ip(ip)

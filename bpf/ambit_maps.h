@@ -17,8 +17,7 @@
 #define AMBIT_AF_INET 2
 #define AMBIT_AF_INET6 10
 
-/* A workload address. IPv4 uses addr[0..3] (network order) and zeroes the rest, so IPv6 can follow without a new
- * key type. */
+/* A workload address: family + 16 bytes. IPv4 uses addr[0..3] (network order) and zeroes the rest. */
 struct ambit_addr {
     u8 family;
     u8 pad[3];

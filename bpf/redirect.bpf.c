@@ -8,6 +8,8 @@
  * sockets, and its source-preserving upstream connections) are handed to those sockets. Capture means
  * bpf_sk_assign + a mark that policy routing turns into local delivery (fwmark rule -> `local 0/0 dev lo` table).
  *
+ * Handles IPv4 and IPv6 (workload keys carry the family; IPv6 with extension headers before TCP is not parsed).
+ *
  * Everything else returns TC_ACT_UNSPEC so the next tc filter still classifies it: this program never ends
  * classification for traffic that is not the mesh's. A new connection that should be captured but finds no
  * listener is dropped (fail closed) unless the config says fail_open.

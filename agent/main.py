@@ -1,0 +1,303 @@
+"""ambit-agent: the node agent process.
+
+One asyncio process per node ties the pieces together: the xDS client fills the workload store; the store drives
+enrollment (eBPF capture of local enrolled pods) and the certificate manager (prefetch, drop); the listeners
+(15001 outbound, 15006 inbound plaintext, 15008 HBONE) serve captured connections; admin, metrics and readiness
+run beside them. Readiness is reported only after the first full config, the certificates of local enrolled
+workloads, and working capture; SIGTERM drains instead of cutting connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.accesslog import AccessLog
+from agent.admin import HttpServer, admin_server, config_dump, metrics_server, readiness_server
+from agent.ca_client import CaClient
+from agent.capture_metrics import CaptureCollector
+from agent.connections import ConnectionRegistry
+from agent.identity import CertificateManager
+from agent.inbound import InboundPlaintextProxy, InboundProxy
+from agent.metrics import Metrics
+from agent.outbound import OutboundProxy
+from agent.pool import HboneConnectionPool
+from agent.redirect import RedirectConfig, Redirector, cleanup
+from agent.sockets import Listener, transparent_listener
+from agent.state import WorkloadStore
+from agent.tunnel import STATS, TunnelConfig
+from agent.xds import XdsClient
+from api.istio.workload import workload_pb2
+from common import flags
+from common import log as jsonlog
+from common.log import kv
+from common.spiffe import Identity
+
+log = logging.getLogger("agent")
+
+HBONE = workload_pb2.TunnelProtocol.HBONE
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class AgentConfig:
+    """The Ambit node agent: eBPF capture, HBONE mTLS tunnels, L4 policy, telemetry."""
+
+    node: str = field(default_factory=socket.gethostname, metadata=_h("this node's name (as in Pod spec.nodeName)"))
+    controller: str = field(default="127.0.0.1:15010", metadata=_h("controller gRPC address (xDS and CA)"))
+    state_dir: str = field(default="/var/lib/ambit", metadata=_h("where the last good xDS state is kept"))
+    token_file: str = field(default="", metadata=_h("bearer token presented to the controller"))
+    root_cert: str = field(default="", metadata=_h("PEM root of the controller's CA; enables TLS to the controller"))
+    trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
+    cert_ttl: int = field(default=24 * 3600, metadata=_h("requested workload certificate lifetime, seconds"))
+    instance: str = field(default="default", metadata=_h("capture instance (bpffs pin dir name)"))
+    uplink: str = field(default="", metadata=_h("comma-separated uplink interfaces (default: default route's)"))
+    capture: bool = field(default=True, metadata=_h("load and attach the eBPF capture programs"))
+    fail_open: bool = field(default=False, metadata=_h("debug only: let enrolled pods' SYNs pass with no agent"))
+    listen_address: str = field(default="0.0.0.0", metadata=_h("address of the data-path listeners"))
+    outbound_port: int = field(default=15001, metadata=_h("outbound capture listener"))
+    inbound_plaintext_port: int = field(default=15006, metadata=_h("inbound plaintext capture listener"))
+    hbone_port: int = field(default=15008, metadata=_h("HBONE (mTLS) listener"))
+    admin_address: str = field(default="127.0.0.1", metadata=_h("admin listener address (keep it local)"))
+    admin_port: int = field(default=15000, metadata=_h("admin: /config_dump /certs /logging"))
+    metrics_port: int = field(default=15020, metadata=_h("Prometheus /metrics"))
+    ready_port: int = field(default=15021, metadata=_h("/healthz/ready"))
+    drain_seconds: float = field(default=5.0, metadata=_h("on SIGTERM, how long established connections may finish"))
+    event_loop: str = field(default="uvloop", metadata=_h("uvloop or asyncio"))
+    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+    cleanup: bool = field(default=False, metadata=_h("remove everything the agent installed on this node, then exit"))
+
+
+class Agent:
+    """Owns every component's lifetime; `start()` brings them up in dependency order."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics(STATS)
+        self.access_log = AccessLog(self.metrics)
+        self.store = WorkloadStore()
+        self.xds = XdsClient(
+            self.store,
+            cfg.controller,
+            cfg.node,
+            state_dir=Path(cfg.state_dir),
+            token_file=cfg.token_file or None,
+            root_cert=cfg.root_cert or None,
+        )
+        self.ca = CaClient(cfg.controller, token_file=cfg.token_file or None, root_cert_file=cfg.root_cert or None)
+        self.certs = CertificateManager(
+            self.ca, cfg.trust_domain, ttl_seconds=cfg.cert_ttl, registry=self.metrics.registry
+        )
+        tunnel = TunnelConfig()
+        self.pool = HboneConnectionPool(config=tunnel, stats=STATS)
+        self.connections = ConnectionRegistry(self.store, self.metrics)
+        common = (self.metrics, self.access_log, self.connections)
+        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common)
+        self.inbound = InboundProxy(self.store, self.certs, cfg.node, *common, tunnel_config=tunnel, tunnel_stats=STATS)
+        self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, None)
+        self.redirector: Redirector | None = None
+        if cfg.capture:
+            self.redirector = Redirector(_redirect_config(cfg))
+            self.metrics.registry.register(CaptureCollector(self.redirector))
+        self.listeners: list[Listener] = []
+        self.servers: list[HttpServer] = []
+        self.stopping = asyncio.Event()
+        self.draining = False
+        self._reconcile_wanted = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._capture_error: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        # Readiness, metrics and admin first, so probes and operators see *why* the agent is not ready yet.
+        await self._serve(readiness_server(self.readiness), "0.0.0.0", cfg.ready_port)
+        await self._serve(metrics_server(self.metrics), "0.0.0.0", cfg.metrics_port)
+        dump = config_dump(
+            self.store,
+            self.certs,
+            ("connections", self.connections.snapshot),
+            ("pool", self.pool.snapshot),
+            ("capture", self._capture_status),
+            ("config", lambda: {k: v for k, v in vars(cfg).items() if k != "token_file"}),
+        )
+        await self._serve(admin_server(dump, self.certs.snapshot, self.stopping.set), cfg.admin_address, cfg.admin_port)
+
+        # Listeners before capture: a captured SYN must always find its listener (else it is dropped, fail closed).
+        for port, handler, name in (
+            (cfg.outbound_port, self.outbound.handle, "outbound"),
+            (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext"),
+            (cfg.hbone_port, self.inbound.handle, "inbound"),
+        ):
+            listener = Listener(transparent_listener(port, cfg.listen_address), handler, name)
+            listener.start()
+            self.listeners.append(listener)
+
+        if self.redirector is not None:
+            try:
+                await asyncio.to_thread(self.redirector.start)
+            except Exception as e:  # precise reason comes from the redirect module's exceptions
+                self._capture_error = f"{type(e).__name__}: {e}"
+                log.error("capture unavailable", extra=kv(error=self._capture_error))
+
+        self.certs.start()
+        self.store.subscribe(lambda _change: self._reconcile_wanted.set())
+        self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
+        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
+        log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))
+
+    async def _serve(self, server: HttpServer, host: str, port: int) -> None:
+        await server.start(host, port)
+        self.servers.append(server)
+
+    async def drain_and_stop(self) -> None:
+        """Stop accepting, give established connections `drain_seconds`, then close. Capture stays attached so
+        enrolled pods fail closed until the next agent takes over from the pinned maps."""
+        self.draining = True
+        log.info("draining", extra=kv(seconds=self.cfg.drain_seconds, connections=len(self.connections)))
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        in_flight = [task for listener in self.listeners for task in listener.tasks]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.cfg.drain_seconds)
+        for listener in self.listeners:
+            await listener.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.close()
+        await self.certs.close()
+        await self.ca.close()
+        for server in self.servers:
+            await server.close()
+        if self.redirector is not None:
+            self.redirector.close()
+        log.info("stopped")
+
+    # --- enrollment: store -> capture + certificates ------------------------------------------------------------
+
+    def local_workloads(self) -> list[Any]:
+        return list(self.store.local_workloads(self.cfg.node))
+
+    def enrolled_local(self) -> list[Any]:
+        return [wl for wl in self.local_workloads() if wl.tunnel_protocol == HBONE]
+
+    def _identity(self, wl: Any) -> Identity:
+        return Identity(wl.trust_domain or self.cfg.trust_domain, wl.namespace, wl.service_account or "default")
+
+    async def _reconcile_loop(self) -> None:
+        """Coalesces bursts of store changes into one reconcile; netlink and map updates run off the loop."""
+        while True:
+            await self._reconcile_wanted.wait()
+            self._reconcile_wanted.clear()
+            enrolled = self.enrolled_local()
+            idents = {self._identity(wl) for wl in enrolled}
+            self.certs.prefetch(idents)
+            self.certs.retain_only(idents)
+            if self.redirector is None or self._capture_error:
+                continue
+            enrolled_ips = {ip for wl in enrolled for ip in _ips(wl)}
+            local_ips = {ip for wl in self.local_workloads() for ip in _ips(wl)}
+            try:
+                failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips)
+            except Exception as e:
+                log.error("capture reconcile failed", extra=kv(error=f"{type(e).__name__}: {e}"))
+                continue
+            for ip, why in failures.items():
+                log.warning("workload not captured", extra=kv(ip=ip, reason=why))
+
+    # --- readiness ---------------------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.xds.ready.is_set():
+            return False, "waiting for the first full configuration from the controller"
+        missing = [str(i) for i in {self._identity(wl) for wl in self.enrolled_local()} if not self._has_cert(i)]
+        if missing:
+            return False, f"waiting for certificates: {', '.join(sorted(missing))}"
+        if self.redirector is not None:
+            if self._capture_error:
+                return False, f"capture unavailable: {self._capture_error}"
+            if not self.redirector.ready:
+                return False, f"capture not ready: {json.dumps(self.redirector.status().get('failures', {}))}"
+        return True, "ready"
+
+    def _has_cert(self, ident: Identity) -> bool:
+        return self.certs.certificate(ident) is not None
+
+    def _capture_status(self) -> dict[str, Any]:
+        if self.redirector is None:
+            return {"enabled": False}
+        if self._capture_error:
+            return {"enabled": True, "error": self._capture_error}
+        return {"enabled": True, **self.redirector.status()}
+
+
+def _ips(wl: Any) -> list[str]:
+    return [socket.inet_ntop(socket.AF_INET if len(a) == 4 else socket.AF_INET6, a) for a in wl.addresses]
+
+
+def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
+    return RedirectConfig(
+        instance=cfg.instance,
+        outbound_port=cfg.outbound_port,
+        inbound_port=cfg.inbound_plaintext_port,
+        hbone_port=cfg.hbone_port,
+        uplinks=tuple(u for u in cfg.uplink.split(",") if u),
+        fail_open=cfg.fail_open,
+    )
+
+
+async def _run(cfg: AgentConfig) -> int:
+    agent = Agent(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    try:
+        await agent.start()
+    except OSError as e:
+        log.error("cannot start", extra=kv(error=str(e)))
+        await agent.drain_and_stop()
+        return 1
+    await agent.stopping.wait()
+    await agent.drain_and_stop()
+    return 0
+
+
+def _select_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return None
+    raise SystemExit(f"--event-loop: {name!r} is not one of uvloop, asyncio")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = flags.parse(AgentConfig, argv)
+    jsonlog.setup(cfg.log_level)
+    if cfg.cleanup:
+        removed = cleanup(_redirect_config(cfg))
+        log.info("cleanup done", extra=kv(instance=cfg.instance, removed=removed))
+        return
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_select_loop(cfg.event_loop)) as runner:
+        sys.exit(runner.run(_run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -114,13 +114,18 @@ class Listener:
             log.exception("connection handler failed", extra=kv(listener=self.name, error=repr(e)))
             conn.close()
 
-    async def close(self) -> None:
-        """Stop accepting and cut every connection still being handled."""
+    async def stop_accepting(self) -> None:
+        """Close the listening socket but leave connections being handled alone (graceful drain)."""
         if self._serving is not None:
             self._serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._serving
+            self._serving = None
         self.sock.close()
+
+    async def close(self) -> None:
+        """Stop accepting and cut every connection still being handled."""
+        await self.stop_accepting()
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:

@@ -25,7 +25,7 @@ from lab.state import ProcessRecord
 if TYPE_CHECKING:
     from lab.cluster import Lab
 
-XDS_PORT = 15010
+XDS_TLS_PORT = 15012
 MONITORING_PORT = 15014
 AGENT_READY_PORT = 15021
 READY_PATH = "/healthz/ready"
@@ -56,7 +56,9 @@ def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]
     ]
 
 
-def agent_argv(node: str, controller: str, state_dir: str, token_file: str, uplink: str) -> list[str]:
+def agent_argv(node: str, controller: str, state_dir: str, token_file: str, root_cert: str, uplink: str) -> list[str]:
+    """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
+    and authenticate with their node token, as they would in a cluster with a service-account token."""
     return [
         _binary("ambit-agent"),
         "--node",
@@ -67,6 +69,8 @@ def agent_argv(node: str, controller: str, state_dir: str, token_file: str, upli
         state_dir,
         "--token-file",
         token_file,
+        "--root-cert",
+        root_cert,
         "--uplink",
         uplink,
     ]
@@ -136,7 +140,14 @@ def start(lab: Lab) -> None:
         agent_dir.mkdir(parents=True, exist_ok=True)
         # All lab nodes share the host's bpffs: the node netns name is a globally unique capture instance.
         lab.record_pin_dir(os.path.join(PIN_ROOT, node.netns))
-        argv = agent_argv(node.name, f"{plan.core_ip}:{XDS_PORT}", str(agent_dir), token_files[node.name], node.uplink)
+        argv = agent_argv(
+            node.name,
+            f"{plan.core_ip}:{XDS_TLS_PORT}",
+            str(agent_dir),
+            token_files[node.name],
+            str(ca_dir / "root-cert.pem"),
+            node.uplink,
+        )
         env = {"AMBIT_INSTANCE": node.netns}
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", env=env, role="agent")))
     for node, record in agents:

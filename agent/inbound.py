@@ -28,6 +28,7 @@ from agent.addressing import (
     HBONE,
     Address,
     BadAuthority,
+    destination_service,
     format_address,
     parse_authority,
     workload_identity,
@@ -89,23 +90,6 @@ def validate_authority(authority: str, local_ip: str) -> Address:
     if ip != local_ip:
         raise BadAuthority(f"authority {authority!r} does not match the destination {local_ip}")
     return ip, port
-
-
-def destination_service(store: Any, wl: Any, port: int, host: str | None = None) -> Any | None:
-    """The service a connection to `wl` was meant for, for the destination_service labels: the one the
-    client's agent named (`forwarded` host=) if `wl` backs it, else the first serving target `port`."""
-    if host:
-        for key in sorted(wl.services):
-            if key.endswith("/" + host):
-                svc = store.service_by_key(key)
-                if svc is not None:
-                    return svc
-    for key, plist in sorted(wl.services.items()):
-        if any(p.target_port == port or (not p.target_port and p.service_port == port) for p in plist.ports):
-            svc = store.service_by_key(key)
-            if svc is not None:
-                return svc
-    return None
 
 
 async def _respond(req: ConnectRequest, status: int) -> bool:

@@ -134,7 +134,7 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(dfd)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -285,7 +285,7 @@ class CertificateAuthority:
         cert, key = new_root(self.trust_domain)
         # Key first: a crash between the writes leaves a key without a cert, which the next start refuses loudly
         # rather than silently minting a second root.
-        write_atomic(d / CA_KEY, _key_pem(key), 0o600)
+        write_atomic(d / CA_KEY, key_pem(key), 0o600)
         write_atomic(d / ROOT_CERT, cert_pem(cert).encode(), 0o644)
         write_atomic(d / CA_CERT, cert_pem(cert).encode(), 0o644)
         log.info("created self-signed root CA", extra=kv(ca_dir=str(d), root=fingerprint(cert)[:16]))
@@ -418,7 +418,7 @@ class CertificateAuthority:
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         leaf = self._issue(key.public_key(), sans, self._ttl(ttl_seconds), server=True)
         chain = [cert_pem(leaf), *[cert_pem(c) for c in self._material.intermediates]]
-        return IssuedKeyPair(chain, _key_pem(key).decode(), leaf.not_valid_after_utc)
+        return IssuedKeyPair(chain, key_pem(key).decode(), leaf.not_valid_after_utc)
 
 
 def parse_csr(csr_pem: str | bytes) -> ec.EllipticCurvePublicKey:

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs
 from controller.ca import (
@@ -30,6 +29,7 @@ from controller.ca import (
     NEXT_CA_KEY,
     ROOT_CERT,
     CaError,
+    key_pem,
     new_root,
     write_atomic,
 )
@@ -60,10 +60,7 @@ def add_root(directory: Path, trust_domain: str) -> str:
     if not is_self_signed(current):
         raise RotationError(f"{directory / CA_CERT}: plugged-in CA; rotate it in your own PKI")
     cert, key = new_root(trust_domain)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    write_atomic(directory / NEXT_CA_KEY, key_pem, 0o600)
+    write_atomic(directory / NEXT_CA_KEY, key_pem(key), 0o600)
     write_atomic(directory / NEXT_CA_CERT, cert_pem(cert).encode(), 0o644)
     bundle = _bundle(directory) or [current]
     write_atomic(directory / ROOT_CERT, "".join(cert_pem(c) for c in [*bundle, cert]).encode(), 0o644)

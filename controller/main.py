@@ -46,6 +46,10 @@ class ControllerConfig:
     monitoring_port: int = field(default=15014, metadata=_h("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
     listen_address: str = field(default="0.0.0.0", metadata=_h("address the listeners bind"))
     ca_dir: str = field(default="", metadata=_h("CA directory (created if empty); enables the CA and TLS port"))
+    ca_secret: str = field(
+        default="",
+        metadata=_h("NAMESPACE/NAME of a Secret holding the CA (--kube): shared by replicas, mirrored to --ca-dir"),
+    )
     trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
     node_tokens: str = field(default="", metadata=_h('JSON {"<node>": "<token>"} authenticating agents'))
     cluster_id: str = field(default="Kubernetes", metadata=_h("cluster id written into workload uids"))
@@ -105,6 +109,7 @@ class Controller:
         if cfg.monitoring_port:
             await self.monitoring.start()
         await self._start_sources()
+        await self._sync_ca_secret()
         authenticator, grpc_services = self._grpc_services()
         if cfg.xds_port:
             server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
@@ -147,6 +152,24 @@ class Controller:
             kube = KubeSource(self.store, api_client(cfg.kubeconfig or None))
             self._closers.append(kube.stop)
             await kube.start()
+
+    async def _sync_ca_secret(self) -> None:
+        """--ca-secret: mirror the replicas' shared CA into --ca-dir before the CA loads, and keep it mirrored."""
+        cfg = self.cfg
+        if not cfg.ca_secret:
+            return
+        if not (cfg.kube and cfg.ca_dir):
+            raise StartupError("--ca-secret needs --kube and --ca-dir (the directory the Secret is mirrored into)")
+        from controller.ca_secret import CaSecret, CaSecretError, parse_secret_ref
+        from controller.sources.kube import api_client
+
+        try:
+            namespace, name = parse_secret_ref(cfg.ca_secret)
+            secret = CaSecret(api_client(cfg.kubeconfig or None), namespace, name, cfg.ca_dir, cfg.trust_domain)
+            await asyncio.to_thread(secret.sync)
+        except (CaSecretError, OSError) as e:
+            raise StartupError(str(e)) from None
+        self._tasks.append(asyncio.create_task(secret.run(), name="ca-secret"))
 
     def _grpc_services(self) -> tuple[Authenticator | None, list[Callable[[grpc.aio.Server], Any]]]:
         """The node authenticator for xDS over TLS, and the CA service registration (when --ca-dir is set)."""

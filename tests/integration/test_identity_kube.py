@@ -13,7 +13,7 @@ import pytest
 from agent.ca_client import CaRequestError
 from common.spiffe import Identity
 from tests.support.fake_kube import FakeKube, namespace, serve
-from tests.support.fake_kube_auth import TokenIdentity, TokenReviews, install, pod
+from tests.support.fake_kube_identity import TokenIdentity, TokenReviews, install, install_secrets, pod
 from tests.support.identity_controller import TD, ControllerProcess, Placement
 from tests.support.identity_pki import csr_pem
 
@@ -25,6 +25,7 @@ DB = Identity(TD, "data", "db")
 def kube() -> Iterator[tuple[FakeKube, TokenReviews]]:
     with serve() as fake:
         table = install(fake)
+        install_secrets(fake)
         for ns in ("default", "data", "ambit-system"):
             fake.upsert(namespace(ns))
         fake.upsert(pod("ambit-system", "agent-n1", "uid-a1", "ambit-agent", "node1", "10.10.0.11"))
@@ -72,3 +73,35 @@ async def test_token_review_and_live_pod_placement(kube: tuple[FakeKube, TokenRe
         for c in clients.values():
             await c.close()
         await controller.stop()
+
+
+async def test_replicas_share_the_ca_secret(kube: tuple[FakeKube, TokenReviews], tmp_path: Path) -> None:
+    fake, _ = kube
+    kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replicas.append(
+            ControllerProcess(
+                tmp_path / name,
+                Placement(),
+                {"node1": "tok-n1"},
+                kubeconfig=kubeconfig,
+                extra_args=("--ca-secret", "istio-system/istio-ca-secret"),
+            )
+        )
+    try:
+        for r in replicas:
+            await r.start()
+        assert replicas[0].root_cert.read_text() == replicas[1].root_cert.read_text()
+        # An agent that was given replica a's root gets verified certificates from replica b.
+        client = replicas[1].client("node1")
+        client.root_cert_file = replicas[0].agent_root_cert
+        try:
+            chain = await client.create_certificate(csr_pem(), WEB, 600)
+        finally:
+            await client.close()
+        assert chain[-1] == replicas[0].root_cert.read_text()
+    finally:
+        for r in replicas:
+            await r.stop()

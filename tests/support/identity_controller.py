@@ -78,7 +78,13 @@ class ControllerProcess:
     """
 
     def __init__(
-        self, workdir: Path, placement: Placement, tokens: dict[str, str], *, kubeconfig: Path | None = None
+        self,
+        workdir: Path,
+        placement: Placement,
+        tokens: dict[str, str],
+        *,
+        kubeconfig: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         """Config from ``placement`` written as a config dir, or (``kubeconfig``) from a Kubernetes API server."""
         self.workdir = workdir
@@ -92,6 +98,7 @@ class ControllerProcess:
             self.source = ["--config-dir", str(workdir / "config"), "--node-tokens", str(self.tokens_file)]
         else:
             self.source = ["--kube", "--kubeconfig", str(kubeconfig)]
+        self.source += extra_args
         self.port = 0
         self.monitoring_port = 0
         self.log = workdir / "controller.log"

@@ -22,7 +22,7 @@ from controller.node_auth import (
     for_xds,
 )
 from tests.support.fake_kube import serve
-from tests.support.fake_kube_auth import TokenIdentity, TokenReviews, install, pod
+from tests.support.fake_kube_identity import TokenIdentity, TokenReviews, install, pod
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
-"""TokenReview and single-pod reads for tests/support/fake_kube.py (added with its ``add_route``).
+"""What the identity code needs from the API server, added to tests/support/fake_kube.py with its ``add_route``.
 
-``POST /apis/authentication.k8s.io/v1/tokenreviews`` answers from a token table in the real TokenReview JSON;
-``GET /api/v1/namespaces/{ns}/pods/{name}`` reads the fake's pod collection (what ``upsert`` stored), so the
-official ``kubernetes`` client and the controller's TokenReview authenticator run end to end against it.
+- :func:`install`: ``POST /apis/authentication.k8s.io/v1/tokenreviews`` answered from a token table in the real
+  TokenReview JSON, and ``GET /api/v1/namespaces/{ns}/pods/{name}`` from the fake's pod collection (what
+  ``upsert`` stored), so the controller's TokenReview authenticator runs end to end against it;
+- :func:`install_secrets`: ``GET``/``POST`` of namespaced Secrets (409 AlreadyExists on a second create), for
+  the CA kept in a Secret.
 """
 
 from __future__ import annotations
@@ -89,3 +91,33 @@ def pod(namespace: str, name: str, uid: str, service_account: str, node: str, ip
         "spec": {"nodeName": node, "serviceAccountName": service_account, "containers": [{"name": "c", "image": "x"}]},
         "status": {"phase": "Running", "podIP": ip},
     }
+
+
+@dataclass
+class Secrets:
+    items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    creates: int = 0
+
+
+def install_secrets(fake: FakeKube) -> Secrets:
+    store = Secrets()
+
+    def read(match: re.Match[str], _: Any) -> tuple[int, Any]:
+        obj = store.items.get((match.group(1), match.group(2)))
+        if obj is None:
+            return 404, status_object(404, "NotFound", f'secrets "{match.group(2)}" not found')
+        return 200, obj
+
+    def create(match: re.Match[str], body: Any) -> tuple[int, Any]:
+        ns, name = match.group(1), (body or {}).get("metadata", {}).get("name", "")
+        if (ns, name) in store.items:
+            return 409, status_object(409, "AlreadyExists", f'secrets "{name}" already exists')
+        obj = dict(body, apiVersion="v1", kind="Secret")
+        obj["metadata"] = dict(obj.get("metadata", {}), namespace=ns, uid=f"uid-secret-{name}")
+        store.items[(ns, name)] = obj
+        store.creates += 1
+        return 201, obj
+
+    fake.add_route("GET", r"/api/v1/namespaces/([^/]+)/secrets/([^/]+)", read)
+    fake.add_route("POST", r"/api/v1/namespaces/([^/]+)/secrets", create)
+    return store

@@ -14,7 +14,7 @@
 enum ambit_parse_result {
     AMBIT_PARSE_TCP = 0,   /* p is filled */
     AMBIT_PARSE_OTHER = 1, /* not TCP over IPv4/IPv6 (or a non-first fragment): not ours */
-    AMBIT_PARSE_SHORT = 2, /* TCP whose header cannot be read */
+    AMBIT_PARSE_SHORT = 2, /* (maybe) TCP whose header cannot be read; addresses are filled in */
 };
 
 /* Addresses use the map key layout: IPv4 in the first 4 bytes (network order), the rest zero. */
@@ -29,30 +29,59 @@ struct ambit_pkt {
     u32 daddr[4];
 };
 
-/* Reads the TCP header at byte offset `off`, pulling non-linear data in once if needed. */
+/* Reads the TCP header at byte offset `off` (bpf_skb_load_bytes: works for non-linear skbs too). */
 static __always_inline int ambit_parse_tcp(struct __sk_buff *skb, u32 off, struct ambit_pkt *p) {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    if (off > 120) /* eth + at most 60 bytes of IPv4 header or the fixed 40 of IPv6 */
+    struct tcphdr th;
+    if (bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
         return AMBIT_PARSE_SHORT;
-    if (data + off + sizeof(struct tcphdr) > data_end) {
-        if (bpf_skb_pull_data(skb, off + sizeof(struct tcphdr)))
-            return AMBIT_PARSE_SHORT;
-        data = (void *)(long)skb->data;
-        data_end = (void *)(long)skb->data_end;
-    }
-    struct tcphdr *th = data + off;
-    if ((void *)(th + 1) > data_end)
-        return AMBIT_PARSE_SHORT;
-    p->sport = th->source;
-    p->dport = th->dest;
-    p->syn = th->syn;
-    p->ack = th->ack;
+    p->sport = th.source;
+    p->dport = th.dest;
+    p->syn = th.syn;
+    p->ack = th.ack;
     return AMBIT_PARSE_TCP;
 }
 
-/* Non-TCP traffic leaves after the EtherType and protocol checks: no map lookup, no helper call. IPv6 packets whose
- * first header after the fixed one is not TCP (extension headers) are not parsed further. */
+#define AMBIT_V6_MAX_EXT 4
+#define AMBIT_NEXTHDR_HOP 0
+#define AMBIT_NEXTHDR_ROUTING 43
+#define AMBIT_NEXTHDR_FRAGMENT 44
+#define AMBIT_NEXTHDR_AUTH 51
+#define AMBIT_NEXTHDR_DEST 60
+
+/* Walks IPv6 extension headers (as ip6tables does) so TCP cannot slip past capture behind a hop-by-hop,
+ * routing, destination-options, fragment or AH header. More than AMBIT_V6_MAX_EXT of them is AMBIT_PARSE_SHORT
+ * (the caller fails closed for enrolled sources). */
+static __always_inline int ambit_parse_v6_tcp(struct __sk_buff *skb, u8 nexthdr, struct ambit_pkt *p) {
+    u32 off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+#pragma unroll
+    for (int i = 0; i < AMBIT_V6_MAX_EXT; i++) {
+        if (nexthdr == IPPROTO_TCP)
+            return ambit_parse_tcp(skb, off, p);
+        u8 hdr[8];
+        if (nexthdr == AMBIT_NEXTHDR_HOP || nexthdr == AMBIT_NEXTHDR_ROUTING || nexthdr == AMBIT_NEXTHDR_DEST) {
+            if (bpf_skb_load_bytes(skb, off, hdr, 2))
+                return AMBIT_PARSE_SHORT;
+            off += ((u32)hdr[1] + 1) * 8;
+        } else if (nexthdr == AMBIT_NEXTHDR_AUTH) {
+            if (bpf_skb_load_bytes(skb, off, hdr, 2))
+                return AMBIT_PARSE_SHORT;
+            off += ((u32)hdr[1] + 2) * 4;
+        } else if (nexthdr == AMBIT_NEXTHDR_FRAGMENT) {
+            if (bpf_skb_load_bytes(skb, off, hdr, 8))
+                return AMBIT_PARSE_SHORT;
+            if ((hdr[2] << 8 | hdr[3]) & 0xfff8)
+                return AMBIT_PARSE_OTHER; /* a non-first fragment carries no TCP header */
+            off += 8;
+        } else {
+            return AMBIT_PARSE_OTHER; /* UDP, ICMPv6, ESP, ...: not ours */
+        }
+        nexthdr = hdr[0];
+    }
+    return nexthdr == IPPROTO_TCP ? ambit_parse_tcp(skb, off, p) : AMBIT_PARSE_SHORT;
+}
+
+/* Non-TCP traffic leaves after the EtherType and protocol checks: no map lookup, no helper call. On
+ * AMBIT_PARSE_SHORT the addresses are filled in, so the caller can still decide by workload. */
 static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *p) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -79,12 +108,14 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return AMBIT_PARSE_OTHER;
-        if (ip6->nexthdr != IPPROTO_TCP)
+        u8 nexthdr = ip6->nexthdr;
+        if (nexthdr != IPPROTO_TCP && nexthdr != AMBIT_NEXTHDR_HOP && nexthdr != AMBIT_NEXTHDR_ROUTING &&
+            nexthdr != AMBIT_NEXTHDR_DEST && nexthdr != AMBIT_NEXTHDR_FRAGMENT && nexthdr != AMBIT_NEXTHDR_AUTH)
             return AMBIT_PARSE_OTHER;
         p->family = AMBIT_AF_INET6;
         __builtin_memcpy(p->saddr, &ip6->saddr, 16);
         __builtin_memcpy(p->daddr, &ip6->daddr, 16);
-        return ambit_parse_tcp(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), p);
+        return ambit_parse_v6_tcp(skb, nexthdr, p);
     }
     return AMBIT_PARSE_OTHER;
 }

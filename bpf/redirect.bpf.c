@@ -62,12 +62,17 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     struct ambit_config *cfg = ambit_config.lookup(&zero);
     if (!cfg || !cfg->outbound_port)
         return TC_ACT_UNSPEC;
+    struct ambit_addr key = {};
     if (parsed != AMBIT_PARSE_TCP) {
+        /* TCP we cannot read (truncated, too many IPv6 extension headers): an enrolled workload's such packets
+         * could bypass capture, so they fail closed too. */
         ambit_stat(AMBIT_STAT_UNPARSED);
+        ambit_key(&key, p.family, p.saddr);
+        if ((ifc->flags & AMBIT_IF_POD) && !cfg->fail_open && ambit_workloads.lookup(&key))
+            return TC_ACT_SHOT;
         return TC_ACT_UNSPEC;
     }
 
-    struct ambit_addr key = {};
     struct ambit_wl_counters *wl = NULL;
     u16 listen_port = 0;
     u32 capture_stat = 0;

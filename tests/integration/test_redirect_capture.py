@@ -32,6 +32,7 @@ from agent.redirect import (
 from agent.redirect_maps import RedirectMaps
 from tests.support import redirect_topology as rt
 
+IPV6_HOPOPTS = 54
 LISTENER_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 
 
@@ -145,6 +146,10 @@ def test_ipv6_capture_and_fail_closed_without_an_ipv6_listener(env: Env) -> None
     try:
         out = rt.connect(pa.netns, pb.ip6, 8080)
         assert out.startswith("tproxy:15001 ") and f"orig=[{pb.ip6}]:8080" in out and f"peer=[{pa.ip6}]:" in out
+        # TCP behind an IPv6 extension header (hop-by-hop, PadN) is still found and captured.
+        hop_by_hop = ((socket.IPPROTO_IPV6, IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0])),)
+        behind = rt.connect(pa.netns, pb.ip6, 8080, sockopts=hop_by_hop)
+        assert behind.startswith("tproxy:15001 ") and f"orig=[{pb.ip6}]:8080" in behind
         hbone = rt.connect(env.topo.remote, pa.ip6, 15008)
         assert hbone.startswith("tproxy:15008 ") and f"orig=[{pa.ip6}]:15008" in hbone
         assert rt.connect(env.topo.remote, pb.ip6, 8080).startswith(f"server:8080 local=[{pb.ip6}]:8080")

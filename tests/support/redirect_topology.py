@@ -162,11 +162,21 @@ def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:
     return topo
 
 
-def connect(netns: str, ip: str, port: int, *, src_port: int = 0, timeout: float = 2.0) -> str:
+def connect(
+    netns: str,
+    ip: str,
+    port: int,
+    *,
+    src_port: int = 0,
+    timeout: float = 2.0,
+    sockopts: tuple[tuple[int, int, bytes], ...] = (),
+) -> str:
     """Connect from ``netns`` and return the first line the peer sends; raises OSError/TimeoutError on failure."""
     with enter(netns):
         s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
     try:
+        for level, opt, value in sockopts:
+            s.setsockopt(level, opt, value)
         s.settimeout(timeout)
         if src_port:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

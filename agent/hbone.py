@@ -488,8 +488,35 @@ class HboneConnection:
         pos = 0
         end = len(mv)
         hbuf = self._hbuf
+        streams = self._streams
         while pos < end:
             state = self._state
+            if state == _ST_HEADER and not hbuf and end - pos >= 9 and self._block is None:
+                # Fast path for the common frame: a whole unpadded DATA frame on an open stream, within its
+                # windows. Anything else (or any doubt) falls through to the general code below.
+                hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
+                length = (hi << 16) | lo
+                if ftype == DATA and not flags & FLAG_PADDED and end - pos - 9 >= length:
+                    st = streams.get(sid)
+                    if (
+                        st is not None
+                        and not st.remote_closed
+                        and length <= st.recv_window
+                        and length <= self._conn_recv_window
+                    ):
+                        pos += 9
+                        if length:
+                            st.recv_window -= length
+                            self._conn_recv_window -= length
+                            self._conn_unacked += length
+                            if self._conn_unacked >= self.settings.connection_window >> 2:
+                                self._return_connection_credit()
+                            events.append(DataReceived(sid, mv[pos : pos + length]))
+                            pos += length
+                        if flags & FLAG_END_STREAM:
+                            events.append(StreamEnded(sid))
+                            self._remote_close(st)
+                        continue
             if state == _ST_DATA:
                 left = self._data_left
                 if left:
@@ -593,10 +620,7 @@ class HboneConnection:
         self._conn_recv_window -= length
         self._conn_unacked += length
         if self._conn_unacked >= self.settings.connection_window >> 2:
-            inc = self._conn_unacked
-            self._conn_unacked = 0
-            self._conn_recv_window += inc
-            self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc)))
+            self._return_connection_credit()
         st = self._streams.get(sid)
         self._data_stream = None
         if st is None:
@@ -620,6 +644,12 @@ class HboneConnection:
             self._state = _ST_PADLEN
             return
         self._start_data_payload(length, 0, events)
+
+    def _return_connection_credit(self) -> None:
+        inc = self._conn_unacked
+        self._conn_unacked = 0
+        self._conn_recv_window += inc
+        self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(inc)))
 
     def _start_data_payload(self, length: int, pad: int, events: list[Event]) -> None:
         if pad > length:

@@ -299,7 +299,8 @@ class HboneStream:
         sink = self._sink
         if sink is not None:
             if sink.on_data(data):
-                self._proto.acknowledge(self.stream_id, len(data))
+                # no flush here: the receive batch is flushed once when it has been dispatched
+                self._proto.h2.acknowledge(self.stream_id, len(data))
             return
         self._rbuf.append(bytes(data))
         self._wake_reader()
@@ -390,7 +391,22 @@ class _HboneProtocol(asyncio.BufferedProtocol):
         return self._rbuf.get()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._dispatch(self.h2.receive_data(self._rbuf.filled(nbytes)))
+        h2 = self.h2
+        events = h2.receive_data(self._rbuf.filled(nbytes))
+        streams = self.streams
+        for ev in events:
+            if type(ev) is hbone.DataReceived:  # the hot path, kept free of calls it does not need
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st._on_data(ev.data)
+                continue
+            try:
+                self._on_event(ev)
+            except Exception:  # a bug in one handler must not take the connection down with a traceback loop
+                log.exception("HBONE event handling failed", extra=kv(event=type(ev).__name__))
+        del events  # drop the views into the receive buffer before it is reused
+        if h2.has_output():
+            self.flush()
 
     def eof_received(self) -> bool:
         return False
@@ -458,21 +474,6 @@ class _HboneProtocol(asyncio.BufferedProtocol):
         self.h2.goaway(error_code, reason)
         self.flush()
         self.transport.close()
-
-    def _dispatch(self, events: list[hbone.Event]) -> None:
-        streams = self.streams
-        for ev in events:
-            if type(ev) is hbone.DataReceived:
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    st._on_data(ev.data)
-                continue
-            try:
-                self._on_event(ev)
-            except Exception:  # a bug in one handler must not take the connection down with a traceback loop
-                log.exception("HBONE event handling failed", extra=kv(event=type(ev).__name__))
-        events.clear()
-        self.flush()
 
     def _on_event(self, ev: hbone.Event) -> None:
         streams = self.streams
@@ -617,8 +618,11 @@ class _TcpRelay(asyncio.BufferedProtocol, _Sink):
             self._pending = memoryview(bytes(self._pending) + bytes(view))
         else:
             n = self.stream._send(view)
-            if n < nbytes:
-                self._pending = memoryview(bytes(view[n:]))
+            if n == nbytes:  # the common case: all taken, reading continues unless TLS is congested
+                if self.stream._proto.write_paused:
+                    self._update_reading()
+                return
+            self._pending = memoryview(bytes(view[n:]))
         self._update_reading()
 
     def eof_received(self) -> bool:

@@ -101,12 +101,12 @@ async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, ba
     await asyncio.sleep(0.4)
     assert pool.connection_count() == 1, "a connection with an open stream is not idle"
     assert await roundtrip(s) == b"hello"
-    for _ in range(50):
+    for _ in range(100):
         await asyncio.sleep(0.05)
-        if pool.connection_count() == 0:
+        if pool.connection_count() == 0 and server.stats.connections_closed == 1:
             break
     assert pool.connection_count() == 0
-    assert server.stats.connections_closed == 1
+    assert server.stats.connections_closed == 1  # really closed, not just forgotten
     await pool.close()
 
 

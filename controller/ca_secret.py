@@ -32,10 +32,10 @@ class CaSecretError(CaError):
     """The Secret cannot be read, created or used; names the Secret and the reason."""
 
 
-def parse_secret_ref(ref: str) -> tuple[str, str]:
+def parse_secret_ref(ref: str, flag: str = "--ca-secret") -> tuple[str, str]:
     namespace, sep, name = ref.partition("/")
     if not sep or not namespace or not name or "/" in name:
-        raise CaSecretError(f"--ca-secret {ref!r}: expected NAMESPACE/NAME")
+        raise CaSecretError(f"{flag} {ref!r}: expected NAMESPACE/NAME")
     return namespace, name
 
 
@@ -52,7 +52,18 @@ def _fresh_root_data(trust_domain: str) -> dict[str, str]:
 class CaSecret:
     """Mirrors Secret ``namespace/name`` into ``directory`` (blocking calls: run them off the event loop)."""
 
-    def __init__(self, api_client: Any, namespace: str, name: str, directory: Path | str, trust_domain: str) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        name: str,
+        directory: Path | str,
+        trust_domain: str,
+        *,
+        root_configmap: tuple[str, str] | None = None,
+    ) -> None:
+        """``root_configmap`` (namespace, name): also publish the trust bundle there as ``root-cert.pem``, for the
+        agents' ``--root-cert`` (Istio's ``istio-ca-root-cert`` ConfigMap plays this part)."""
         from kubernetes import client as k8s
 
         self._k8s = k8s
@@ -60,6 +71,8 @@ class CaSecret:
         self.namespace, self.name = namespace, name
         self.directory = Path(directory)
         self.trust_domain = trust_domain
+        self.root_configmap = root_configmap
+        self._published: str | None = None
 
     @property
     def ref(self) -> str:
@@ -118,14 +131,44 @@ class CaSecret:
                 changed = True
         return changed
 
+    def _publish_roots(self) -> None:
+        if self.root_configmap is None:
+            return
+        roots = (self.directory / ROOT_CERT).read_text() if (self.directory / ROOT_CERT).exists() else ""
+        if not roots:
+            roots = (self.directory / CA_CERT).read_text()
+        if roots == self._published:
+            return
+        k8s = self._k8s
+        namespace, name = self.root_configmap
+        body = k8s.V1ConfigMap(
+            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={"app": "ambit-controller"}),
+            data={ROOT_CERT: roots},
+        )
+        try:
+            try:
+                self._core.replace_namespaced_config_map(name, namespace, body)
+            except k8s.ApiException as e:
+                if e.status != 404:
+                    raise
+                self._core.create_namespaced_config_map(namespace, body)
+        except k8s.ApiException as e:
+            raise CaSecretError(f"configmap {namespace}/{name}: publish failed: HTTP {e.status} {e.reason}") from None
+        except urllib3.exceptions.HTTPError as e:
+            raise CaSecretError(f"configmap {namespace}/{name}: API server unreachable: {e}") from None
+        self._published = roots
+        log.info("trust bundle published", extra=kv(configmap=f"{namespace}/{name}"))
+
     def sync(self) -> bool:
-        """Read (creating on first start) and mirror; True when the directory changed."""
+        """Read (creating on first start), mirror and publish the roots; True when the directory changed."""
         data = self._read()
         if data is None:
             data = self._create(_fresh_root_data(self.trust_domain))
         if CA_CERT not in data or CA_KEY not in data:
             raise CaSecretError(f"secret {self.ref}: needs data keys {CA_CERT} and {CA_KEY}")
-        return self._mirror(data)
+        changed = self._mirror(data)
+        self._publish_roots()
+        return changed
 
     async def run(self, interval: float = 30.0) -> None:
         """Re-sync periodically so Secret edits (rotation steps) reach this replica; errors keep the last copy."""

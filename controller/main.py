@@ -50,6 +50,9 @@ class ControllerConfig:
         default="",
         metadata=_h("NAMESPACE/NAME of a Secret holding the CA (--kube): shared by replicas, mirrored to --ca-dir"),
     )
+    root_configmap: str = field(
+        default="", metadata=_h("NAMESPACE/NAME of a ConfigMap to publish the trust bundle in (with --ca-secret)")
+    )
     trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
     node_tokens: str = field(default="", metadata=_h('JSON {"<node>": "<token>"} authenticating agents'))
     cluster_id: str = field(default="Kubernetes", metadata=_h("cluster id written into workload uids"))
@@ -165,7 +168,9 @@ class Controller:
 
         try:
             namespace, name = parse_secret_ref(cfg.ca_secret)
-            secret = CaSecret(api_client(cfg.kubeconfig or None), namespace, name, cfg.ca_dir, cfg.trust_domain)
+            publish = parse_secret_ref(cfg.root_configmap, "--root-configmap") if cfg.root_configmap else None
+            client = api_client(cfg.kubeconfig or None)
+            secret = CaSecret(client, namespace, name, cfg.ca_dir, cfg.trust_domain, root_configmap=publish)
             await asyncio.to_thread(secret.sync)
         except (CaSecretError, OSError) as e:
             raise StartupError(str(e)) from None

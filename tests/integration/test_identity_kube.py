@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from agent.ca_client import CaRequestError
 from common.spiffe import Identity
 from tests.support.fake_kube import FakeKube, namespace, serve
-from tests.support.fake_kube_identity import TokenIdentity, TokenReviews, install, install_secrets, pod
+from tests.support.fake_kube_identity import Objects, TokenIdentity, TokenReviews, install, install_objects, pod
 from tests.support.identity_controller import TD, ControllerProcess, Placement
 from tests.support.identity_pki import csr_pem
 
@@ -21,11 +22,19 @@ WEB = Identity(TD, "default", "web")
 DB = Identity(TD, "data", "db")
 
 
+@dataclass
+class Kube:
+    fake: FakeKube
+    table: TokenReviews
+    configmaps: Objects
+
+
 @pytest.fixture
-def kube() -> Iterator[tuple[FakeKube, TokenReviews]]:
+def kube() -> Iterator[Kube]:
     with serve() as fake:
         table = install(fake)
-        install_secrets(fake)
+        install_objects(fake, "secrets", "Secret")
+        configmaps = install_objects(fake, "configmaps", "ConfigMap")
         for ns in ("default", "data", "ambit-system"):
             fake.upsert(namespace(ns))
         fake.upsert(pod("ambit-system", "agent-n1", "uid-a1", "ambit-agent", "node1", "10.10.0.11"))
@@ -35,11 +44,11 @@ def kube() -> Iterator[tuple[FakeKube, TokenReviews]]:
         table.tokens["tok-n1"] = TokenIdentity("ambit-system", "ambit-agent", "agent-n1", "uid-a1")
         table.tokens["tok-n2"] = TokenIdentity("ambit-system", "ambit-agent", "agent-n2", "uid-a2")
         table.tokens["tok-web"] = TokenIdentity("default", "web", "web-1", "uid-w1")
-        yield fake, table
+        yield Kube(fake, table, configmaps)
 
 
-async def test_token_review_and_live_pod_placement(kube: tuple[FakeKube, TokenReviews], tmp_path: Path) -> None:
-    fake, table = kube
+async def test_token_review_and_live_pod_placement(kube: Kube, tmp_path: Path) -> None:
+    fake, table = kube.fake, kube.table
     controller = ControllerProcess(tmp_path, Placement(), {}, kubeconfig=fake.write_kubeconfig(tmp_path / "kubeconfig"))
     for name, token in (("node1", "tok-n1"), ("node2", "tok-n2"), ("web", "tok-web"), ("forged", "nope")):
         (tmp_path / f"{name}.token").write_text(token)
@@ -75,8 +84,8 @@ async def test_token_review_and_live_pod_placement(kube: tuple[FakeKube, TokenRe
         await controller.stop()
 
 
-async def test_replicas_share_the_ca_secret(kube: tuple[FakeKube, TokenReviews], tmp_path: Path) -> None:
-    fake, _ = kube
+async def test_replicas_share_the_ca_secret(kube: Kube, tmp_path: Path) -> None:
+    fake = kube.fake
     kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
     replicas = []
     for name in ("a", "b"):
@@ -87,13 +96,15 @@ async def test_replicas_share_the_ca_secret(kube: tuple[FakeKube, TokenReviews],
                 Placement(),
                 {"node1": "tok-n1"},
                 kubeconfig=kubeconfig,
-                extra_args=("--ca-secret", "istio-system/istio-ca-secret"),
+                extra_args=("--ca-secret", "istio-system/istio-ca-secret", "--root-configmap", "istio-system/root"),
             )
         )
     try:
         for r in replicas:
             await r.start()
         assert replicas[0].root_cert.read_text() == replicas[1].root_cert.read_text()
+        published = kube.configmaps.items[("istio-system", "root")]["data"]["root-cert.pem"]
+        assert published == replicas[0].root_cert.read_text(), "trust bundle published for agents' --root-cert"
         # An agent that was given replica a's root gets verified certificates from replica b.
         client = replicas[1].client("node1")
         client.root_cert_file = replicas[0].agent_root_cert

@@ -308,6 +308,9 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
         def do_POST(self) -> None:
             self._dispatch("POST")
 
+        def do_PUT(self) -> None:
+            self._dispatch("PUT")
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     fake._server = server

@@ -3,8 +3,8 @@
 - :func:`install`: ``POST /apis/authentication.k8s.io/v1/tokenreviews`` answered from a token table in the real
   TokenReview JSON, and ``GET /api/v1/namespaces/{ns}/pods/{name}`` from the fake's pod collection (what
   ``upsert`` stored), so the controller's TokenReview authenticator runs end to end against it;
-- :func:`install_secrets`: ``GET``/``POST`` of namespaced Secrets (409 AlreadyExists on a second create), for
-  the CA kept in a Secret.
+- :func:`install_objects`: ``GET``/``POST``/``PUT`` of namespaced Secrets or ConfigMaps, for the CA kept in a
+  Secret and the trust bundle published in a ConfigMap.
 """
 
 from __future__ import annotations
@@ -94,30 +94,47 @@ def pod(namespace: str, name: str, uid: str, service_account: str, node: str, ip
 
 
 @dataclass
-class Secrets:
+class Objects:
+    """Namespaced objects of one resource (``secrets``, ``configmaps``) kept by the fake."""
+
     items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     creates: int = 0
+    replaces: int = 0
 
 
-def install_secrets(fake: FakeKube) -> Secrets:
-    store = Secrets()
+def install_objects(fake: FakeKube, plural: str, kind: str) -> Objects:
+    """GET, POST (409 AlreadyExists on a second create) and PUT (404 when absent) of namespaced ``plural``."""
+    store = Objects()
 
     def read(match: re.Match[str], _: Any) -> tuple[int, Any]:
         obj = store.items.get((match.group(1), match.group(2)))
         if obj is None:
-            return 404, status_object(404, "NotFound", f'secrets "{match.group(2)}" not found')
+            return 404, status_object(404, "NotFound", f'{plural} "{match.group(2)}" not found')
         return 200, obj
 
+    def stored(ns: str, body: Any) -> dict[str, Any]:
+        obj = dict(body or {}, apiVersion="v1", kind=kind)
+        obj["metadata"] = dict(obj.get("metadata") or {}, namespace=ns)
+        return obj
+
     def create(match: re.Match[str], body: Any) -> tuple[int, Any]:
-        ns, name = match.group(1), (body or {}).get("metadata", {}).get("name", "")
-        if (ns, name) in store.items:
-            return 409, status_object(409, "AlreadyExists", f'secrets "{name}" already exists')
-        obj = dict(body, apiVersion="v1", kind="Secret")
-        obj["metadata"] = dict(obj.get("metadata", {}), namespace=ns, uid=f"uid-secret-{name}")
-        store.items[(ns, name)] = obj
+        obj = stored(match.group(1), body)
+        key = (match.group(1), obj["metadata"].get("name", ""))
+        if key in store.items:
+            return 409, status_object(409, "AlreadyExists", f'{plural} "{key[1]}" already exists')
+        store.items[key] = obj
         store.creates += 1
         return 201, obj
 
-    fake.add_route("GET", r"/api/v1/namespaces/([^/]+)/secrets/([^/]+)", read)
-    fake.add_route("POST", r"/api/v1/namespaces/([^/]+)/secrets", create)
+    def replace(match: re.Match[str], body: Any) -> tuple[int, Any]:
+        key = (match.group(1), match.group(2))
+        if key not in store.items:
+            return 404, status_object(404, "NotFound", f'{plural} "{key[1]}" not found')
+        store.items[key] = stored(key[0], body)
+        store.replaces += 1
+        return 200, store.items[key]
+
+    fake.add_route("GET", rf"/api/v1/namespaces/([^/]+)/{plural}/([^/]+)", read)
+    fake.add_route("PUT", rf"/api/v1/namespaces/([^/]+)/{plural}/([^/]+)", replace)
+    fake.add_route("POST", rf"/api/v1/namespaces/([^/]+)/{plural}", create)
     return store

@@ -18,7 +18,7 @@ from common.spiffe import Identity
 from controller.ca import CertificateAuthority
 from controller.ca_secret import CaSecret, CaSecretError, parse_secret_ref
 from tests.support.fake_kube import FakeKube, serve
-from tests.support.fake_kube_identity import Secrets, install_secrets
+from tests.support.fake_kube_identity import Objects, install_objects
 from tests.support.identity_pki import csr_pem, write_plugged_ca
 
 TD = "cluster.local"
@@ -28,17 +28,19 @@ WEB = Identity(TD, "default", "web")
 @dataclass
 class Api:
     fake: FakeKube
-    secrets: Secrets
+    secrets: Objects
+    configmaps: Objects
     client: Any
 
 
 @pytest.fixture
 def api() -> Iterator[Api]:
     with serve() as fake:
-        secrets = install_secrets(fake)
+        secrets = install_objects(fake, "secrets", "Secret")
+        configmaps = install_objects(fake, "configmaps", "ConfigMap")
         config = k8s.Configuration()
         config.host = fake.url
-        yield Api(fake, secrets, k8s.ApiClient(config))
+        yield Api(fake, secrets, configmaps, k8s.ApiClient(config))
 
 
 def _root_fps(directory: Path) -> set[str]:
@@ -108,6 +110,25 @@ def test_secret_without_key_is_refused_by_name(api: Api, tmp_path: Path) -> None
     api.secrets.items[("istio-system", "broken")] = {"metadata": {"name": "broken"}, "data": {"ca-cert.pem": "eA=="}}
     with pytest.raises(CaSecretError, match="istio-system/broken: needs data keys"):
         CaSecret(api.client, "istio-system", "broken", tmp_path / "ca", TD).sync()
+
+
+def test_trust_bundle_published_and_updated_in_configmap(api: Api, tmp_path: Path) -> None:
+    mirror = CaSecret(
+        api.client, "ambit-system", "ambit-ca", tmp_path / "ca", TD, root_configmap=("ambit-system", "ambit-root-cert")
+    )
+    mirror.sync()
+    published = api.configmaps.items[("ambit-system", "ambit-root-cert")]["data"]["root-cert.pem"]
+    assert published == (tmp_path / "ca" / "root-cert.pem").read_text()
+    mirror.sync()
+    assert (api.configmaps.creates, api.configmaps.replaces) == (1, 0), "unchanged bundle is not rewritten"
+    secret = api.secrets.items[("ambit-system", "ambit-ca")]
+    extra = CertificateAuthority(tmp_path / "other", TD).roots_pem()[0].encode()
+    secret["data"]["root-cert.pem"] = base64.b64encode(
+        base64.b64decode(secret["data"]["root-cert.pem"]) + extra
+    ).decode()
+    mirror.sync()
+    published = api.configmaps.items[("ambit-system", "ambit-root-cert")]["data"]["root-cert.pem"]
+    assert published.count("BEGIN CERTIFICATE") == 2 and api.configmaps.replaces == 1
 
 
 @pytest.mark.parametrize("ref", ["", "name", "/name", "ns/", "a/b/c"])

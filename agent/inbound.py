@@ -171,7 +171,13 @@ class InboundProxy(_Common):
             return
 
         async def on_connect(req: ConnectRequest) -> None:
-            await self._connect(req, wl, ident, orig_dst[0], peer)
+            # A pooled connection outlives config changes: resolve the workload (hence its policies) per stream.
+            current = self.local_workload(orig_dst[0])
+            if current is None:
+                self.metrics.error("inbound", "unknown_destination")
+                await _respond(req, 503)
+                return
+            await self._connect(req, current, ident, orig_dst[0], peer)
 
         await serve_hbone_connection(
             sock,

@@ -66,7 +66,7 @@ struct ambit_config {
 #define AMBIT_STAT_DROP_NO_LISTENER 4 /* fail closed */
 #define AMBIT_STAT_PASS_NO_LISTENER 5 /* fail open */
 #define AMBIT_STAT_DROP_ASSIGN_ERROR 6
-#define AMBIT_STAT_UNPARSED 7         /* TCP header not reachable even after a pull */
+#define AMBIT_STAT_UNPARSED 7         /* TCP of an enrolled workload whose header cannot be read (dropped) */
 #define AMBIT_STAT_MAX 8
 
 BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,

@@ -12,7 +12,7 @@
 #define AMBIT_IP_OFFSET_MASK 0x1fff
 
 enum ambit_parse_result {
-    AMBIT_PARSE_TCP = 0,   /* p is filled */
+    AMBIT_PARSE_TCP = 0,   /* addresses and l4_off are filled (ports and flags by ambit_parse_tcp) */
     AMBIT_PARSE_OTHER = 1, /* not TCP over IPv4/IPv6 (or a non-first fragment): not ours */
     AMBIT_PARSE_SHORT = 2, /* (maybe) TCP whose header cannot be read; addresses are filled in */
 };
@@ -25,14 +25,16 @@ struct ambit_pkt {
     u8 pad;
     u16 sport; /* network order */
     u16 dport;
+    u32 l4_off; /* byte offset of the TCP header */
     u32 saddr[4];
     u32 daddr[4];
 };
 
-/* Reads the TCP header at byte offset `off` (bpf_skb_load_bytes: works for non-linear skbs too). */
-static __always_inline int ambit_parse_tcp(struct __sk_buff *skb, u32 off, struct ambit_pkt *p) {
+/* Reads the TCP header (bpf_skb_load_bytes: works for non-linear skbs too). Called only for packets that concern
+ * an enrolled workload, so other pods' TCP costs no helper call. */
+static __always_inline int ambit_parse_tcp(struct __sk_buff *skb, struct ambit_pkt *p) {
     struct tcphdr th;
-    if (bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+    if (bpf_skb_load_bytes(skb, p->l4_off, &th, sizeof(th)))
         return AMBIT_PARSE_SHORT;
     p->sport = th.source;
     p->dport = th.dest;
@@ -51,12 +53,15 @@ static __always_inline int ambit_parse_tcp(struct __sk_buff *skb, u32 off, struc
 /* Walks IPv6 extension headers (as ip6tables does) so TCP cannot slip past capture behind a hop-by-hop,
  * routing, destination-options, fragment or AH header. More than AMBIT_V6_MAX_EXT of them is AMBIT_PARSE_SHORT
  * (the caller fails closed for enrolled sources). */
-static __always_inline int ambit_parse_v6_tcp(struct __sk_buff *skb, u8 nexthdr, struct ambit_pkt *p) {
+static __always_inline int ambit_v6_find_tcp(struct __sk_buff *skb, u8 nexthdr, struct ambit_pkt *p) {
     u32 off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+    p->l4_off = off;
 #pragma unroll
     for (int i = 0; i < AMBIT_V6_MAX_EXT; i++) {
-        if (nexthdr == IPPROTO_TCP)
-            return ambit_parse_tcp(skb, off, p);
+        if (nexthdr == IPPROTO_TCP) {
+            p->l4_off = off;
+            return AMBIT_PARSE_TCP;
+        }
         u8 hdr[8];
         if (nexthdr == AMBIT_NEXTHDR_HOP || nexthdr == AMBIT_NEXTHDR_ROUTING || nexthdr == AMBIT_NEXTHDR_DEST) {
             if (bpf_skb_load_bytes(skb, off, hdr, 2))
@@ -77,11 +82,13 @@ static __always_inline int ambit_parse_v6_tcp(struct __sk_buff *skb, u8 nexthdr,
         }
         nexthdr = hdr[0];
     }
-    return nexthdr == IPPROTO_TCP ? ambit_parse_tcp(skb, off, p) : AMBIT_PARSE_SHORT;
+    p->l4_off = off;
+    return nexthdr == IPPROTO_TCP ? AMBIT_PARSE_TCP : AMBIT_PARSE_SHORT;
 }
 
-/* Non-TCP traffic leaves after the EtherType and protocol checks: no map lookup, no helper call. On
- * AMBIT_PARSE_SHORT the addresses are filled in, so the caller can still decide by workload. */
+/* Finds the addresses and the TCP header's offset. Non-TCP traffic leaves after the EtherType and protocol checks:
+ * no map lookup, no helper call. On AMBIT_PARSE_SHORT the addresses are filled in, so the caller can still decide
+ * by workload. */
 static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *p) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -102,7 +109,8 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *
         p->family = AMBIT_AF_INET;
         p->saddr[0] = iph->saddr;
         p->daddr[0] = iph->daddr;
-        return ambit_parse_tcp(skb, sizeof(struct ethhdr) + ihl, p);
+        p->l4_off = sizeof(struct ethhdr) + ihl;
+        return AMBIT_PARSE_TCP;
     }
     if (eth->h_proto == htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -115,7 +123,7 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *
         p->family = AMBIT_AF_INET6;
         __builtin_memcpy(p->saddr, &ip6->saddr, 16);
         __builtin_memcpy(p->daddr, &ip6->daddr, 16);
-        return ambit_parse_v6_tcp(skb, nexthdr, p);
+        return ambit_v6_find_tcp(skb, nexthdr, p);
     }
     return AMBIT_PARSE_OTHER;
 }

@@ -63,30 +63,12 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     if (!cfg || !cfg->outbound_port)
         return TC_ACT_UNSPEC;
     struct ambit_addr key = {};
-    if (parsed != AMBIT_PARSE_TCP) {
-        /* TCP we cannot read (truncated, too many IPv6 extension headers): an enrolled workload's such packets
-         * could bypass capture, so they fail closed too. */
-        ambit_stat(AMBIT_STAT_UNPARSED);
-        ambit_key(&key, p.family, p.saddr);
-        if ((ifc->flags & AMBIT_IF_POD) && !cfg->fail_open && ambit_workloads.lookup(&key))
-            return TC_ACT_SHOT;
-        return TC_ACT_UNSPEC;
-    }
-
     struct ambit_wl_counters *wl = NULL;
-    u16 listen_port = 0;
-    u32 capture_stat = 0;
     u8 outbound = 0;
     if (ifc->flags & AMBIT_IF_POD) {
         ambit_key(&key, p.family, p.saddr);
         wl = ambit_workloads.lookup(&key);
-        if (wl) {
-            wl->packets += 1;
-            wl->bytes += skb->len;
-            listen_port = cfg->outbound_port;
-            capture_stat = AMBIT_STAT_CAPTURE_OUTBOUND;
-            outbound = 1;
-        }
+        outbound = wl != NULL;
     }
     if (!wl) {
         if (!(ifc->flags & (AMBIT_IF_POD | AMBIT_IF_UPLINK)))
@@ -94,13 +76,26 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         ambit_key(&key, p.family, p.daddr);
         wl = ambit_workloads.lookup(&key);
         if (!wl)
-            return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no socket lookup */
+            return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no further work */
+    }
+    if (parsed != AMBIT_PARSE_TCP || ambit_parse_tcp(skb, &p) != AMBIT_PARSE_TCP) {
+        /* TCP of an enrolled workload we cannot read (truncated, too many IPv6 extension headers) could bypass
+         * capture: it fails closed like a SYN without listener. */
+        ambit_stat(AMBIT_STAT_UNPARSED);
+        return cfg->fail_open ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+    }
+
+    u16 listen_port = cfg->outbound_port;
+    u32 capture_stat = AMBIT_STAT_CAPTURE_OUTBOUND;
+    if (outbound) {
+        wl->packets += 1;
+        wl->bytes += skb->len;
+    } else if ((ifc->flags & AMBIT_IF_UPLINK) && p.dport == htons(cfg->hbone_port)) {
+        listen_port = cfg->hbone_port;
+        capture_stat = AMBIT_STAT_CAPTURE_HBONE;
+    } else {
         listen_port = cfg->inbound_port;
         capture_stat = AMBIT_STAT_CAPTURE_INBOUND;
-        if ((ifc->flags & AMBIT_IF_UPLINK) && p.dport == htons(cfg->hbone_port)) {
-            listen_port = cfg->hbone_port;
-            capture_stat = AMBIT_STAT_CAPTURE_HBONE;
-        }
     }
 
     /* 1. A socket in this (node) netns already owns the 4-tuple: accepted or request socket of the agent, its

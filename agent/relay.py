@@ -21,9 +21,11 @@ from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_YIELD_EVERY = 16
 
 
-async def _ready(fd: int, write: bool) -> None:
+async def _ready(read_fd: int | None, write_fd: int | None) -> None:
+    """Wait until `read_fd` is readable or `write_fd` writable, whichever comes first."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
 
@@ -31,17 +33,17 @@ async def _ready(fd: int, write: bool) -> None:
         if not fut.done():
             fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
+    if read_fd is not None:
+        loop.add_reader(read_fd, wake)
+    if write_fd is not None:
+        loop.add_writer(write_fd, wake)
     try:
         await fut
     finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        if read_fd is not None:
+            loop.remove_reader(read_fd)
+        if write_fd is not None:
+            loop.remove_writer(write_fd)
 
 
 def abort(sock: socket.socket) -> None:
@@ -93,30 +95,51 @@ class SpliceRelay:
         return RelayResult(self.bytes_up, self.bytes_down, error)
 
     async def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        """One direction. The pipe is the buffer: each turn reads what fits and writes what the destination
+        takes, so a partial write does not stop reading until the pipe is full."""
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            size = self.pipe_size
             with contextlib.suppress(OSError):
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.pipe_size)
+                size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.pipe_size)
             src_fd, dst_fd = src.fileno(), dst.fileno()
-            while True:
-                try:
-                    n = os.splice(src_fd, w, self.pipe_size, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await _ready(src_fd, write=False)
-                    continue
-                if n == 0:
-                    break
-                while n:
+            buffered = 0  # bytes in the pipe
+            eof = False
+            streak = 0
+            while not (eof and buffered == 0):
+                moved = False
+                if not eof and buffered < size:
                     try:
-                        m = os.splice(r, dst_fd, n, flags=_SPLICE_FLAGS)
+                        n = os.splice(src_fd, w, size - buffered, flags=_SPLICE_FLAGS)
+                        eof = n == 0
+                        buffered += n
+                        moved = True
                     except BlockingIOError:
-                        await _ready(dst_fd, write=True)
-                        continue
-                    n -= m
-                    if up:
-                        self.bytes_up += m
+                        pass
+                if buffered:
+                    try:
+                        m = os.splice(r, dst_fd, buffered, flags=_SPLICE_FLAGS)
+                        buffered -= m
+                        if up:
+                            self.bytes_up += m
+                        else:
+                            self.bytes_down += m
+                        moved = True
+                    except BlockingIOError:
+                        pass
+                if not moved:
+                    # Both would block. With bytes in the pipe, only the writer can unblock us (a read may have
+                    # failed because the pipe ran out of slots, so waiting for "readable" would spin).
+                    if buffered:
+                        await _ready(None, dst_fd)
                     else:
-                        self.bytes_down += m
+                        await _ready(src_fd, None)
+                    streak = 0
+                else:
+                    streak += 1
+                    if streak >= _YIELD_EVERY:  # a stream that never blocks must not starve the event loop
+                        streak = 0
+                        await asyncio.sleep(0)
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError as e:

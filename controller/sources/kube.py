@@ -10,7 +10,8 @@ therefore runs in its own daemon thread: the default executor behind ``asyncio.t
 workers (cores + 4) and seven never-ending watches would starve every other ``to_thread`` user in the process.
 Threads do only HTTP and JSON decoding; all state changes happen on the event loop through
 ``loop.call_soon_threadsafe``. Objects are fed to validation as the plain JSON dicts the API server sent, the
-same shape as YAML documents from the file source.
+same shape as YAML documents from the file source, validated with ``strict=False`` because the API server has
+already checked them and may serve fields newer than this code.
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ class KubeSource:
         """A full list: upsert everything in it, remove what is gone since the last list."""
         changes: dict[str, Contribution | None] = {}
         for item in items:
-            changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item])
+            changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item], strict=False)
         for sid in self._known[resource] - changes.keys():
             changes[sid] = None
         self._known[resource] = {sid for sid, c in changes.items() if c is not None}
@@ -301,6 +302,6 @@ class KubeSource:
             self.store.update({sid: None})
         elif event_type in ("ADDED", "MODIFIED"):
             self._known[resource].add(sid)
-            self.store.update({sid: parse_documents(SOURCE_LABEL, [obj])})
+            self.store.update({sid: parse_documents(SOURCE_LABEL, [obj], strict=False)})
         else:
             log.warning("unknown watch event type ignored", extra=kv(resource=resource.plural, type=event_type))

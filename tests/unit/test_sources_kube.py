@@ -128,3 +128,11 @@ async def test_resource_the_api_does_not_serve_counts_as_empty(fake: FakeKube, t
         assert next(w for w in src._watchers if w.resource.kind == "PeerAuthentication").missing
     finally:
         src.stop()
+
+
+async def test_fields_newer_than_this_code_are_accepted_from_the_api(fake: FakeKube, source: KubeSource) -> None:
+    newer = pod("web-9", "10.1.0.9")
+    newer["spec"]["someFutureField"] = {"enabled": True}
+    fake.upsert(newer)
+    await wait_for(lambda: "web-9" in workloads(source.store), what="pod with an unknown field")
+    assert source.store.errors() == []

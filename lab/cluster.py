@@ -297,6 +297,12 @@ class Lab:
         processes.stop([record], timeout)
         self._reap(record)
 
+    def restart(self, name: str) -> ProcessRecord:
+        """Stop a tracked process (if alive) and start it again with the same command line in the same netns."""
+        record = self.process(name)
+        self.stop(name)
+        return self.spawn(record.netns, list(record.argv), record.name, role=record.role)
+
     def record_pin_dir(self, path: str) -> None:
         """Register a bpffs directory for `down` to remove; call before starting whatever pins there.
 

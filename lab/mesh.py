@@ -56,7 +56,9 @@ def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]
     ]
 
 
-def agent_argv(node: str, controller: str, state_dir: str, token_file: str, root_cert: str, uplink: str) -> list[str]:
+def agent_argv(
+    node: str, controller: str, state_dir: str, token_file: str, root_cert: str, uplink: str, instance: str
+) -> list[str]:
     """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
     and authenticate with their node token, as they would in a cluster with a service-account token."""
     return [
@@ -73,6 +75,8 @@ def agent_argv(node: str, controller: str, state_dir: str, token_file: str, root
         root_cert,
         "--uplink",
         uplink,
+        "--instance",
+        instance,
     ]
 
 
@@ -147,8 +151,8 @@ def start(lab: Lab) -> None:
             token_files[node.name],
             str(ca_dir / "root-cert.pem"),
             node.uplink,
+            node.netns,
         )
-        env = {"AMBIT_INSTANCE": node.netns}
-        agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", env=env, role="agent")))
+        agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:
         wait_ready(node.netns, node.ip, AGENT_READY_PORT, record)

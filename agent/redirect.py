@@ -510,6 +510,7 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     """Remove everything an instance installed in this node netns: its tc filters (matched by kind and name on
     every interface, whatever prio/handle they were given), clsact qdiscs it created that are now empty, the
     policy-routing rule and local table route, and its pin directory. Returns what was removed; safe to repeat.
+    Policy routing and the early-demux setting stay while another instance's filters remain in the netns.
     Pass the agent's RedirectConfig when it changed mark, table or rule priority from the defaults."""
     cfg = target if isinstance(target, RedirectConfig) else RedirectConfig(instance=target)
     removed: list[str] = []
@@ -531,7 +532,11 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     nl = Netlink()
     try:
         node_addrs = nl.local_addresses()
+        others: set[str] = set()  # other Ambit instances still capturing in this netns share the routing
         for idx in nl.all_link_indexes():
+            for _, _, info in nl.filters(idx):
+                if info.kind == "bpf" and info.name.startswith("ambit:") and info.name != cfg.filter_name:
+                    others.add(info.name)
             ours = nl.named_filters(idx, cfg.filter_name)
             if not ours:
                 continue
@@ -542,10 +547,16 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
             entry = owned.get(idx)
             if entry is not None and entry.loader_flags & LOADER_OWNS_QDISC and nl.delete_clsact_if_empty(idx):
                 removed.append(f"clsact qdisc on {name}")
-        removed += nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+        if others:
+            log.warning(
+                "keeping policy routing and early demux setting: other instances still capture here",
+                extra=kv(instance=cfg.instance, others=sorted(others)),
+            )
+        else:
+            removed += nl.remove_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
     finally:
         nl.close()
-    if early_demux_saved:
+    if early_demux_saved and not others:
         lingering = _captured_time_wait(node_addrs)
         if lingering:
             # Restoring early demux now would blackhole pods reusing these 4-tuples until the sockets expire.
@@ -642,11 +653,42 @@ def _precheck_pins(cfg: RedirectConfig, netns: int) -> bool:
     finally:
         maps.close()
     if owner.netns_cookie and owner.netns_cookie != netns:
-        raise RedirectPinError(
-            f"pins in {cfg.pin_dir} belong to network namespace inode {owner.netns_cookie}, this agent runs in "
-            f"{netns}: instance {cfg.instance!r} is used by another node; give each node its own instance"
+        if _netns_alive(owner.netns_cookie):
+            raise RedirectPinError(
+                f"pins in {cfg.pin_dir} belong to network namespace inode {owner.netns_cookie}, this agent runs in "
+                f"{netns}: instance {cfg.instance!r} is used by another node; give each node its own instance"
+            )
+        # That netns is gone, and with it every filter that used these maps: nothing to adopt, start afresh.
+        log.warning(
+            "replacing pins of a network namespace that no longer exists",
+            extra=kv(instance=cfg.instance, pin_dir=cfg.pin_dir, old_netns=owner.netns_cookie),
         )
+        _remove_pin_dir(cfg.pin_dir)
+        os.makedirs(cfg.pin_dir, exist_ok=True)
+        return True
     return False
+
+
+def _netns_alive(inode: int) -> bool:
+    """Whether any named netns or any thread still lives in the network namespace with this inode."""
+    candidates = [os.path.join("/var/run/netns", n) for n in _listdir("/var/run/netns")]
+    for pid in _listdir("/proc"):
+        if pid.isdigit():
+            candidates += [f"/proc/{pid}/task/{tid}/ns/net" for tid in _listdir(f"/proc/{pid}/task")]
+    for path in candidates:
+        try:
+            if os.stat(path).st_ino == inode:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _remove_pin_dir(pin_dir: str) -> bool:

@@ -29,10 +29,11 @@ from agent.redirect import (
     RedirectPinError,
     cleanup,
 )
-from agent.redirect_maps import RedirectMaps
+from agent.redirect_maps import ALL_MAPS, RedirectMaps
 from tests.support import redirect_topology as rt
 
 IPV6_HOPOPTS = 54
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array"}
 LISTENER_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 
 
@@ -417,6 +418,37 @@ def test_missing_uplink_fails_start_and_leaves_nothing(env: Env) -> None:
 def test_pins_of_another_node_are_refused(env: Env) -> None:
     with rt.enter(env.topo.remote), pytest.raises(RedirectPinError, match="another node"):
         Redirector(env.config).start()
+
+
+def test_pins_of_a_vanished_netns_are_replaced(env: Env) -> None:
+    cfg = RedirectConfig(instance=env.topo.prefix + "-s", uplinks=(env.topo.uplink,), tc_handle=0xA3B2)
+    os.makedirs(cfg.pin_dir)
+    try:
+        for spec in ALL_MAPS:  # what a node that was torn down without cleanup leaves behind
+            subprocess.run(
+                ["bpftool", "map", "create", f"{cfg.pin_dir}/{spec.name}", "type", MAP_TYPE_NAMES[spec.map_type],
+                 "key", str(spec.key_size), "value", str(spec.value_size), "entries", str(spec.max_entries),
+                 "name", spec.name],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        maps = RedirectMaps.open(cfg.pin_dir)
+        stale = maps.read_config()
+        stale.netns_cookie = 1  # inode 1: no network namespace has it
+        maps.write_config(stale)
+        maps.close()
+        r = Redirector(cfg)
+        with rt.enter(env.topo.node):
+            r.start()
+        try:
+            assert r.status()["adopted"] == []
+            assert "ambit:" + cfg.instance in env.filters(env.topo.uplink)
+        finally:
+            r.close()
+    finally:
+        with rt.enter(env.topo.node):
+            cleanup(cfg)
+    assert not os.path.exists(cfg.pin_dir)
+    assert "0x200/0xf00" in env.topo.ip(env.topo.node, "rule")  # the module's instance keeps its routing
 
 
 def test_restart_adopts_pins_and_filters_without_gap(env: Env) -> None:

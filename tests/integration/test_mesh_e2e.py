@@ -15,19 +15,8 @@ from pathlib import Path
 import pytest
 
 from lab import Lab
-from tests.support.mesh import (
-    Sniffer,
-    agent_log,
-    capture_status,
-    config_file,
-    connect,
-    metric_lines,
-    metrics,
-    parallel_echo,
-    sniff,
-    wait_for,
-    workloads,
-)
+from lab.observe import Sniffer, agent_log, capture_status, config_file, metric_lines, metrics, sniff, workloads
+from tests.support.mesh import connect, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 ECHO = 9000

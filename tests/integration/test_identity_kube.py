@@ -100,8 +100,7 @@ async def test_replicas_share_the_ca_secret(kube: Kube, tmp_path: Path) -> None:
             )
         )
     try:
-        for r in replicas:
-            await r.start()
+        await asyncio.gather(*(r.start() for r in replicas))  # concurrently: both may race to create the Secret
         assert replicas[0].root_cert.read_text() == replicas[1].root_cert.read_text()
         published = kube.configmaps.items[("istio-system", "root")]["data"]["root-cert.pem"]
         assert published == replicas[0].root_cert.read_text(), "trust bundle published for agents' --root-cert"

@@ -120,10 +120,11 @@ def install_objects(fake: FakeKube, plural: str, kind: str) -> Objects:
     def create(match: re.Match[str], body: Any) -> tuple[int, Any]:
         obj = stored(match.group(1), body)
         key = (match.group(1), obj["metadata"].get("name", ""))
-        if key in store.items:
-            return 409, status_object(409, "AlreadyExists", f'{plural} "{key[1]}" already exists')
-        store.items[key] = obj
-        store.creates += 1
+        with fake.cond:  # requests are served on threads; a create is atomic on a real API server
+            if key in store.items:
+                return 409, status_object(409, "AlreadyExists", f'{plural} "{key[1]}" already exists')
+            store.items[key] = obj
+            store.creates += 1
         return 201, obj
 
     def replace(match: re.Match[str], body: Any) -> tuple[int, Any]:

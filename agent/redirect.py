@@ -18,10 +18,10 @@ import ipaddress
 import logging
 import os
 import re
-import tempfile
+import subprocess
+import sys
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -700,22 +700,18 @@ def _remove_pin_dir(pin_dir: str) -> bool:
     return True
 
 
-@contextmanager
-def _stderr_to(sink: list[str]) -> Iterator[None]:
-    """Collect what libbcc/clang write to fd 2 (diagnostics, verifier log) so errors can carry it."""
-    with tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            sink.append(tmp.read().decode(errors="replace"))
+_DIAGNOSE = """
+import sys
+from bcc import BPF
+b = BPF(src_file=sys.argv[1].encode(), cflags=sys.argv[3:])
+b.load_func(sys.argv[2].encode(), BPF.SCHED_CLS)
+"""
 
 
 def _compile(cfg: RedirectConfig) -> tuple[Any, int]:
+    """Compile and load in-process. libbcc prints clang diagnostics and the verifier log straight to fd 2, so on
+    failure the same compile is repeated in a child process whose stderr becomes the exception's detail (the
+    agent's own stderr is never redirected, and the happy path costs one compile)."""
     src = Path(cfg.source)
     if not src.is_file():
         raise RedirectCompileError(f"eBPF source {src} does not exist or is not a file (RedirectConfig.source)")
@@ -724,26 +720,34 @@ def _compile(cfg: RedirectConfig) -> tuple[Any, int]:
     except ImportError as exc:
         raise RedirectCompileError(f"BCC is not importable ({exc}); run `make setup` (python3-bpfcc)") from exc
     cflags = [f"-I{src.parent}", f'-DAMBIT_PIN_DIR="{cfg.pin_dir}"']
-    diag: list[str] = []
     try:
-        with _stderr_to(diag):
-            bpf = BPF(src_file=str(src).encode(), cflags=cflags)
+        bpf = BPF(src_file=str(src).encode(), cflags=cflags)
     except Exception as exc:
-        raise RedirectCompileError(f"BCC failed to compile {src}: {exc}\n{_diagnostics(diag)}") from exc
-    diag.clear()
+        raise RedirectCompileError(f"BCC failed to compile {src}: {exc}\n{_diagnose(src, cflags)}") from exc
     try:
-        with _stderr_to(diag):
-            fn = bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.SCHED_CLS)
+        fn = bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.SCHED_CLS)
     except Exception as exc:
         bpf.cleanup()
         raise RedirectKernelError(
             f"the kernel rejected {PROGRAM_FUNCTION} from {src} (needs bpf_skc_lookup_tcp/bpf_sk_assign, "
-            f"kernel >= 5.7): {exc}\n{_diagnostics(diag)}"
+            f"kernel >= 5.7): {exc}\n{_diagnose(src, cflags)}"
         ) from exc
     return bpf, int(fn.fd)
 
 
-def _diagnostics(diag: list[str]) -> str:
-    text = "".join(diag).strip()
+def _diagnose(src: Path, cflags: list[str]) -> str:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _DIAGNOSE, str(src), PROGRAM_FUNCTION, *cflags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(diagnostics unavailable: {exc})"
+    return _diagnostics(proc.stderr)
+
+
+def _diagnostics(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return "\n".join(lines[-40:]) if lines else "(no diagnostics)"

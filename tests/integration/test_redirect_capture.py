@@ -465,7 +465,7 @@ def test_restart_adopts_pins_and_filters_without_gap(env: Env) -> None:
     def hammer() -> None:
         while not stop.is_set():
             try:
-                results.append(rt.connect(env.pa.netns, env.pb.ip, 8080, timeout=2))
+                results.append(rt.connect(env.pa.netns, env.pb.ip, 8080))
             except OSError as exc:
                 results.append(f"error {exc!r}")
 

@@ -168,7 +168,7 @@ def connect(
     port: int,
     *,
     src_port: int = 0,
-    timeout: float = 2.0,
+    timeout: float = 5.0,
     sockopts: tuple[tuple[int, int, bytes], ...] = (),
 ) -> str:
     """Connect from ``netns`` and return the first line the peer sends; raises OSError/TimeoutError on failure."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from agent import rbac
+from agent.addressing import BadAuthority, parse_authority
 from agent.metrics import Metrics
 from common.log import kv
+from common.spiffe import Identity, InvalidIdentity
 
 log = logging.getLogger("agent.admin")
 
@@ -140,9 +144,13 @@ def admin_server(
     dump: Callable[[], dict[str, Any]],
     certs: Callable[[], list[dict[str, Any]]],
     on_quit: Callable[[], None],
+    store: Any | None = None,
+    trust_domain: str = "cluster.local",
 ) -> HttpServer:
     """15000: `/config_dump` (whatever `dump()` assembles), `/certs`, `/logging` (GET; POST `?level=` or
-    `?<logger>=<level>`), `/quitquitquit` (POST)."""
+    `?<logger>=<level>`), `/quitquitquit` (POST), and with `store` `/explain?src=IP&dst=IP:PORT`
+    (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a connection, with the
+    policies and the reason."""
 
     async def config_dump(_: Request) -> Response:
         return Response.json(dump())
@@ -167,7 +175,25 @@ def admin_server(
         asyncio.get_running_loop().call_soon(on_quit)
         return Response.text("OK\n")
 
+    async def explain(req: Request) -> Response:
+        q = {k: v[-1] for k, v in req.query.items()}
+        try:
+            src = str(ipaddress.ip_address(q["src"]))
+            dst = parse_authority(q["dst"])
+            ident = Identity.parse(q["identity"]) if q.get("identity") else None
+        except KeyError as e:
+            return Response.text(f"missing parameter {e}; usage: /explain?src=IP&dst=IP:PORT[&identity=URI]\n", 400)
+        except (ValueError, BadAuthority, InvalidIdentity) as e:
+            return Response.text(f"bad parameter: {e}\n", 400)
+        plaintext = q.get("plaintext", "") in ("1", "true", "yes")
+        try:
+            return Response.json(rbac.explain(store, trust_domain, src, dst, ident, plaintext=plaintext))
+        except LookupError as e:
+            return Response.text(f"{e}\n", 404)
+
     s = HttpServer("admin")
+    if store is not None:
+        s.routes[("GET", "/explain")] = explain
     s.routes.update(
         {
             ("GET", "/config_dump"): config_dump,

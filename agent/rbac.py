@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from agent.addressing import workload_identity
 from common.spiffe import Identity
 
 T = TypeVar("T")
@@ -209,3 +210,38 @@ def string_matches(sm: Any, value: str) -> bool:
     if kind == "presence":
         return value != ""
     return False
+
+
+def explain(
+    store: Any,
+    trust_domain: str,
+    src_ip: str,
+    dst: tuple[str, int],
+    identity: Identity | None = None,
+    *,
+    plaintext: bool = False,
+) -> dict[str, Any]:
+    """What the destination's agent would decide for a connection from `src_ip` to `dst` (`ambitctl explain`).
+
+    The peer identity is `identity` if given, none with `plaintext`, else the source workload's own (what a
+    mesh client presents). Raises LookupError when `dst` is no workload's address.
+    """
+    dst_wl = store.workload_by_ip(dst[0])
+    if dst_wl is None:
+        raise LookupError(f"{dst[0]} is not the address of any workload")
+    src_wl = store.workload_by_ip(src_ip)
+    if identity is None and not plaintext and src_wl is not None:
+        identity = workload_identity(src_wl, trust_domain)
+    conn = Connection(src_ip, dst[0], dst[1], None if plaintext else identity)
+    policies = list(store.policies_for(dst_wl))
+    decision = evaluate(policies, conn)
+    return {
+        "connection": str(conn),
+        "source_workload": src_wl.uid if src_wl is not None else None,
+        "destination_workload": dst_wl.uid,
+        "applicable_policies": [policy_key(p) + (" (dry-run)" if p.dry_run else "") for p in policies],
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.outcome.value,
+        "policy": decision.policy,
+        "dry_run": list(decision.dry_run),
+    }

@@ -1,0 +1,120 @@
+"""`/explain` on the agent's admin port: the live store's policy decision for a hypothetical connection."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.admin import HttpServer, admin_server
+from agent.state import WorkloadStore
+from api.istio.security import authorization_pb2 as apb
+from api.istio.workload import workload_pb2 as wpb
+
+
+def pod(name: str, ns: str, sa: str, ip: str, policies: list[str] | None = None) -> wpb.Workload:
+    return wpb.Workload(
+        uid=f"Kubernetes//Pod/{ns}/{name}",
+        name=name,
+        namespace=ns,
+        service_account=sa,
+        addresses=[ipaddress.ip_address(ip).packed],
+        tunnel_protocol=wpb.HBONE,
+        authorization_policies=policies or [],
+    )
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[HttpServer]:
+    store = WorkloadStore()
+    store.put(
+        [
+            pod("sleep-1", "client", "sleep", "10.1.0.5"),
+            pod("curl-1", "client", "curl", "10.1.0.6"),
+            pod("echo-1", "server", "echo", "10.2.0.7", ["server/deny-curl"]),
+        ],
+        [
+            apb.Authorization(
+                name="deny-curl",
+                namespace="server",
+                scope=apb.WORKLOAD_SELECTOR,
+                action=apb.DENY,
+                groups=[
+                    apb.Group(
+                        rules=[
+                            apb.Rules(
+                                matches=[
+                                    apb.Match(principals=[apb.StringMatch(exact="cluster.local/ns/client/sa/curl")])
+                                ]
+                            )
+                        ]
+                    )
+                ],
+            ),
+            apb.Authorization(
+                name="allow-client-ns",
+                namespace="server",
+                scope=apb.NAMESPACE,
+                groups=[
+                    apb.Group(rules=[apb.Rules(matches=[apb.Match(namespaces=[apb.StringMatch(exact="client")])])])
+                ],
+            ),
+        ],
+    )
+    server = admin_server(dict, list, lambda: None, store, "cluster.local")
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def get(server: HttpServer, query: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/explain?{query}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def test_explain_decisions(admin: HttpServer) -> None:
+    status, body = await get(admin, "src=10.1.0.5&dst=10.2.0.7:8080")
+    got = json.loads(body)
+    assert status == 200
+    assert (got["decision"], got["policy"]) == ("allow", "server/allow-client-ns")
+    assert got["connection"].startswith("10.1.0.5:0(spiffe://cluster.local/ns/client/sa/sleep)")
+    assert sorted(got["applicable_policies"]) == ["server/allow-client-ns", "server/deny-curl"]
+
+    got = json.loads((await get(admin, "src=10.1.0.6&dst=10.2.0.7:8080"))[1])
+    assert (got["decision"], got["policy"]) == ("deny", "server/deny-curl")
+
+    got = json.loads((await get(admin, "src=10.1.0.5&dst=10.2.0.7:8080&plaintext=1"))[1])
+    assert (got["decision"], got["reason"]) == ("deny", "denied: no allow policy matched")
+
+    got = json.loads(
+        (await get(admin, "src=192.0.2.1&dst=10.2.0.7:8080&identity=spiffe://cluster.local/ns/client/sa/x"))[1]
+    )
+    assert got["decision"] == "allow" and got["source_workload"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("dst=10.2.0.7:8080", 400),
+        ("src=10.1.0.5", 400),
+        ("src=nope&dst=10.2.0.7:8080", 400),
+        ("src=10.1.0.5&dst=10.2.0.7", 400),
+        ("src=10.1.0.5&dst=10.2.0.7:8080&identity=bogus", 400),
+        ("src=10.1.0.5&dst=10.9.9.9:80", 404),
+    ],
+)
+async def test_explain_bad_queries(admin: HttpServer, query: str, status: int) -> None:
+    assert (await get(admin, query))[0] == status

@@ -361,8 +361,9 @@ class CertificateManager:
             entry.fetching = True
             try:
                 await self._fetch(entry, Priority(priority))
-            except Exception:  # keep the worker alive whatever happens; the entry records the failure
+            except Exception as e:  # a bug or an unexpected client error: retry like any failure, never hang
                 log.exception("certificate fetch crashed", extra=kv(identity=str(ident)))
+                self._failed(entry, Priority(priority), "internal", f"{type(e).__name__}: {e}")
             finally:
                 entry.fetching = False
 

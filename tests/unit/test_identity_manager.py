@@ -267,3 +267,23 @@ async def test_handshake_fails_across_unrelated_roots(tmp_path: Path, registry: 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_unexpected_signer_error_fails_waiters_and_retries(
+    ca: CertificateAuthority, registry: CollectorRegistry
+) -> None:
+    class Flaky(FakeSigner):
+        async def create_certificate(self, csr_pem: str, identity: Identity, ttl_seconds: int) -> list[str]:
+            if not self.calls:
+                self.calls.append(identity)
+                raise RuntimeError("client bug")
+            return await super().create_certificate(csr_pem, identity, ttl_seconds)
+
+    m = CertificateManager(Flaky(ca), TD, registry=registry, backoff=FAST)
+    try:
+        with pytest.raises(CertificateUnavailable, match="RuntimeError: client bug"):
+            await m.server_context(WEB)
+        assert registry.get_sample_value("ambit_cert_fetch_errors_total", {"reason": "internal"}) == 1
+        await eventually(lambda: m.certificate(WEB) is not None)
+    finally:
+        await m.close()

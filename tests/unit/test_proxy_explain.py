@@ -118,3 +118,20 @@ async def test_explain_decisions(admin: HttpServer) -> None:
 )
 async def test_explain_bad_queries(admin: HttpServer, query: str, status: int) -> None:
     assert (await get(admin, query))[0] == status
+
+
+async def test_ambitctl_explain(admin: HttpServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.ambitctl import build_parser
+
+    def run(*argv: str) -> int:
+        args = build_parser().parse_args(["explain", "--admin", f"127.0.0.1:{admin.port}", *argv])
+        return int(args.func(args))
+
+    assert await asyncio.to_thread(run, "--src", "10.1.0.6", "--dst", "10.2.0.7:8080") == 3
+    out = capsys.readouterr().out
+    assert out.startswith("DENY: denied by deny policy (server/deny-curl)")
+    assert "spiffe://cluster.local/ns/client/sa/curl" in out
+    assert await asyncio.to_thread(run, "--src", "10.1.0.5", "--dst", "10.2.0.7:8080") == 0
+    assert capsys.readouterr().out.startswith("ALLOW: allowed by policy (server/allow-client-ns)")
+    assert await asyncio.to_thread(run, "--src", "10.1.0.5", "--dst", "10.9.9.9:80") == 1
+    assert "not the address of any workload" in capsys.readouterr().err

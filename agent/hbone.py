@@ -482,41 +482,61 @@ class HboneConnection:
             self._connection_error(e.code, e.reason, events)
         return events
 
+    def receive_single_data(self, data: memoryview) -> tuple[int, memoryview, bool] | None:
+        """The latency path: if ``data`` is exactly one whole unpadded DATA frame for an open stream within its
+        windows, consume it and return (stream id, payload view, END_STREAM); otherwise consume nothing and
+        return None (use :meth:`receive_data`). With END_STREAM the stream is half-closed here, as
+        ``receive_data`` would do before reporting StreamEnded.
+        """
+        end = len(data)
+        if self._state != _ST_HEADER or self._hbuf or end < 9:
+            return None
+        hi, lo = _HDR.unpack_from(data, 0)[:2]
+        if 9 + ((hi << 16) | lo) != end:
+            return None
+        return self._whole_data_frame(data, 0, end)
+
     # ------------------------------------------------------------------------------------------ parser
+
+    def _whole_data_frame(self, mv: memoryview, pos: int, end: int) -> tuple[int, memoryview, bool] | None:
+        """Consume the DATA frame at ``pos`` when it is whole, unpadded, on an open stream and within the
+        windows -- the common case, kept to one call. Anything else (or any doubt) returns None untouched."""
+        if end - pos < 9 or self._block is not None:
+            return None
+        hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
+        length = (hi << 16) | lo
+        if ftype != DATA or flags & FLAG_PADDED or end - pos - 9 < length:
+            return None
+        st = self._streams.get(sid)
+        if st is None or st.remote_closed or length > st.recv_window or length > self._conn_recv_window:
+            return None
+        if length:
+            st.recv_window -= length
+            self._conn_recv_window -= length
+            self._conn_unacked += length
+            if self._conn_unacked >= self.settings.connection_window >> 2:
+                self._return_connection_credit()
+        fin = bool(flags & FLAG_END_STREAM)
+        if fin:
+            self._remote_close(st)
+        return sid, mv[pos + 9 : pos + 9 + length], fin
 
     def _parse(self, mv: memoryview, events: list[Event]) -> None:
         pos = 0
         end = len(mv)
         hbuf = self._hbuf
-        streams = self._streams
         while pos < end:
             state = self._state
-            if state == _ST_HEADER and not hbuf and end - pos >= 9 and self._block is None:
-                # Fast path for the common frame: a whole unpadded DATA frame on an open stream, within its
-                # windows. Anything else (or any doubt) falls through to the general code below.
-                hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
-                length = (hi << 16) | lo
-                if ftype == DATA and not flags & FLAG_PADDED and end - pos - 9 >= length:
-                    st = streams.get(sid)
-                    if (
-                        st is not None
-                        and not st.remote_closed
-                        and length <= st.recv_window
-                        and length <= self._conn_recv_window
-                    ):
-                        pos += 9
-                        if length:
-                            st.recv_window -= length
-                            self._conn_recv_window -= length
-                            self._conn_unacked += length
-                            if self._conn_unacked >= self.settings.connection_window >> 2:
-                                self._return_connection_credit()
-                            events.append(DataReceived(sid, mv[pos : pos + length]))
-                            pos += length
-                        if flags & FLAG_END_STREAM:
-                            events.append(StreamEnded(sid))
-                            self._remote_close(st)
-                        continue
+            if state == _ST_HEADER and not hbuf:
+                whole = self._whole_data_frame(mv, pos, end)
+                if whole is not None:
+                    sid, payload, fin = whole
+                    if payload:
+                        events.append(DataReceived(sid, payload))
+                    if fin:
+                        events.append(StreamEnded(sid))
+                    pos += 9 + len(payload)
+                    continue
             if state == _ST_DATA:
                 left = self._data_left
                 if left:

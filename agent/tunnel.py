@@ -279,7 +279,9 @@ class HboneStream:
             self._on_reset("stream closed")
             return 0
         if n:
-            proto.flush()
+            transport = proto.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(proto.h2.data_to_send())
         if n < len(view):
             proto.blocked.add(self)
         return n
@@ -392,13 +394,37 @@ class _HboneProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         h2 = self.h2
-        events = h2.receive_data(self._rbuf.filled(nbytes))
+        view = self._rbuf.filled(nbytes)
+        single = h2.receive_single_data(view)
+        if single is not None:  # one whole DATA frame: the request/response latency path
+            sid, payload, fin = single
+            st = self.streams.get(sid)
+            if st is not None:
+                if payload:
+                    sink = st._sink
+                    if sink is None:
+                        st._on_data(payload)
+                    elif sink.on_data(payload):
+                        h2.acknowledge(sid, len(payload))
+                if fin:
+                    st._on_eof()
+                    self.forget_if_closed(st)
+            del payload, view
+            if h2.has_output():
+                self.flush()
+            return
+        events = h2.receive_data(view)
+        del view
         streams = self.streams
         for ev in events:
             if type(ev) is hbone.DataReceived:  # the hot path, kept free of calls it does not need
                 st = streams.get(ev.stream_id)
                 if st is not None:
-                    st._on_data(ev.data)
+                    sink = st._sink
+                    if sink is None:
+                        st._on_data(ev.data)
+                    elif sink.on_data(ev.data):
+                        h2.acknowledge(ev.stream_id, len(ev.data))  # flushed once, below
                 continue
             try:
                 self._on_event(ev)

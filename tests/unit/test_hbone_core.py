@@ -560,3 +560,20 @@ def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
 def test_parse_authority_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_authority(text)
+
+
+def test_single_data_frame_latency_path() -> None:
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    client.send_data(sid, b"one")
+    wire = memoryview(b"".join(bytes(x) for x in client.data_to_send()))
+    assert server.receive_single_data(wire[:5]) is None  # partial: nothing consumed
+    got = server.receive_single_data(wire)
+    assert got is not None and got[0] == sid and bytes(got[1]) == b"one" and not got[2]
+    # two frames in one buffer: not the single-frame case, and nothing is consumed by the attempt
+    client.send_data(sid, b"two")
+    client.send_data(sid, b"three", end_stream=True)
+    wire = memoryview(b"".join(bytes(x) for x in client.data_to_send()))
+    assert server.receive_single_data(wire) is None
+    events = server.receive_data(wire)
+    assert data_of(events, sid) == b"twothree" and StreamEnded(sid) in events

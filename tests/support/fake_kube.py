@@ -75,7 +75,7 @@ class FakeKube:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
         self.routes: list[tuple[str, re.Pattern[str], RouteHandler]] = []
         self.fail_lists: int = 0  # answer this many next list requests with 500
-        self._watch_sockets: set[socket.socket] = set()
+        self._watch_sockets: dict[socket.socket, str] = {}  # open watch connections and their collection
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
 
@@ -138,6 +138,10 @@ class FakeKube:
                 with suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
             self._watch_sockets.clear()
+
+    def open_watches(self, path: str) -> int:
+        with self.cond:
+            return sum(1 for p in self._watch_sockets.values() if p == path)
 
     def count(self, method: str, path: str, watch: bool) -> int:
         return sum(
@@ -286,7 +290,7 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
             self.end_headers()
             stop = threading.Event()
             with fake.cond:
-                fake._watch_sockets.add(self.connection)
+                fake._watch_sockets[self.connection] = urlsplit(self.path).path
             try:
                 since = int(query.get("resourceVersion") or fake.resource_version)
                 for event in fake.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
@@ -299,7 +303,7 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
             finally:
                 stop.set()
                 with fake.cond:
-                    fake._watch_sockets.discard(self.connection)
+                    fake._watch_sockets.pop(self.connection, None)
                 self.close_connection = True
 
         def do_GET(self) -> None:

@@ -88,6 +88,7 @@ async def test_bookmark_advances_version_without_changes(fake: FakeKube, source:
 
 
 async def test_dropped_watch_resumes_without_relist(fake: FakeKube, source: KubeSource) -> None:
+    await wait_for(lambda: fake.open_watches("/api/v1/pods") == 1, what="pod watch open")
     fake.drop_watches()
     fake.upsert(pod("web-1", "10.1.0.2"))  # happens while no watch is open, or just as it reopens
     await wait_for(lambda: "web-1" in workloads(source.store), what="event after a dropped watch")

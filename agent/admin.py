@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from agent import rbac
 from agent.addressing import BadAuthority, parse_authority
 from agent.metrics import Metrics
+from agent.state import WorkloadStore
 from common.log import kv
 from common.spiffe import Identity, InvalidIdentity
 
@@ -144,7 +145,7 @@ def admin_server(
     dump: Callable[[], dict[str, Any]],
     certs: Callable[[], list[dict[str, Any]]],
     on_quit: Callable[[], None],
-    store: Any | None = None,
+    store: WorkloadStore | None = None,
     trust_domain: str = "cluster.local",
 ) -> HttpServer:
     """15000: `/config_dump` (whatever `dump()` assembles), `/certs`, `/logging` (GET; POST `?level=` or
@@ -186,6 +187,7 @@ def admin_server(
         except (ValueError, BadAuthority, InvalidIdentity) as e:
             return Response.text(f"bad parameter: {e}\n", 400)
         plaintext = q.get("plaintext", "") in ("1", "true", "yes")
+        assert store is not None  # the route is only registered with a store
         try:
             return Response.json(rbac.explain(store, trust_domain, src, dst, ident, plaintext=plaintext))
         except LookupError as e:
@@ -206,7 +208,9 @@ def admin_server(
     return s
 
 
-def config_dump(store: Any, certs: Any, *sections: tuple[str, Callable[[], Any]]) -> Callable[[], dict[str, Any]]:
+def config_dump(
+    store: WorkloadStore, certs: Any, *sections: tuple[str, Callable[[], Any]]
+) -> Callable[[], dict[str, Any]]:
     """The /config_dump assembler: the store's snapshot (workloads, services, policies, camelCase as in
     ztunnel), `certificates`, and any named extra sections (e.g. ("connections", registry.snapshot))."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from agent.addressing import Address, format_address
 from agent.metrics import Metrics
 from agent.relay import SpliceRelay, abort
 from agent.sockets import connect_upstream
+from agent.state import StoreChange, WorkloadStore
 from common.log import kv
 
 log = logging.getLogger("agent.connections")
@@ -46,7 +47,7 @@ class TrackedConnection:
 
 
 class ConnectionRegistry:
-    def __init__(self, store: Any, metrics: Metrics) -> None:
+    def __init__(self, store: WorkloadStore, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
         self._conns: set[TrackedConnection] = set()
@@ -70,17 +71,20 @@ class ConnectionRegistry:
     def untrack(self, t: TrackedConnection) -> None:
         self._conns.discard(t)
 
-    def on_change(self, change: Any) -> None:
-        """Store subscriber: any policy or workload change may change a decision (a workload's selector
-        policies live in the workload), so every tracked connection is re-checked; this is cheap next to a
-        config push."""
-        if getattr(change, "policies", None) or getattr(change, "workloads", None):
+    def on_change(self, change: StoreChange) -> None:
+        """Store subscriber. A policy change may change any decision; a workload change only those of
+        connections to that workload (its selector policies are listed in the workload itself)."""
+        if change.policies:
             self.reevaluate()
+        elif change.workloads:
+            self.reevaluate(change.workloads)
 
-    def reevaluate(self) -> list[TrackedConnection]:
-        """Close the connections current policy denies; returns them."""
+    def reevaluate(self, workloads: Collection[str] | None = None) -> list[TrackedConnection]:
+        """Close the connections (to `workloads`, default all) current policy denies; returns them."""
         cut = []
         for t in list(self._conns):
+            if workloads is not None and t.workload_uid not in workloads:
+                continue
             wl = self.store.workload_by_uid(t.workload_uid)
             policies = self.store.policies_for(wl) if wl is not None else []
             decision = rbac.evaluate(policies, t.conn)

@@ -38,6 +38,7 @@ from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.relay import abort
 from agent.sockets import connect_upstream, peer_address
+from agent.state import WorkloadStore
 from agent.tunnel import (
     ConnectRequest,
     HboneStreamReset,
@@ -104,7 +105,7 @@ async def _respond(req: ConnectRequest, status: int) -> bool:
 class _Common:
     def __init__(
         self,
-        store: Any,
+        store: WorkloadStore,
         node: str,
         metrics: Metrics,
         access_log: AccessLog,
@@ -137,7 +138,7 @@ class InboundProxy(_Common):
 
     def __init__(
         self,
-        store: Any,
+        store: WorkloadStore,
         certs: Any,
         node: str,
         metrics: Metrics,

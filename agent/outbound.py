@@ -40,6 +40,7 @@ from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay, abort
 from agent.sockets import connect_upstream, peer_address
+from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
 
 _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
@@ -72,7 +73,7 @@ class Route:
 
 
 def route(
-    store: Any,
+    store: WorkloadStore,
     node: str,
     src: Any,
     dst: Address,
@@ -146,7 +147,7 @@ class OutboundProxy:
 
     def __init__(
         self,
-        store: Any,
+        store: WorkloadStore,
         certs: Any,
         pool: HboneConnectionPool,
         node: str,

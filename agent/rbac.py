@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.addressing import workload_identity
+from agent.state import WorkloadStore
 from common.spiffe import Identity
 
 T = TypeVar("T")
@@ -213,7 +214,7 @@ def string_matches(sm: Any, value: str) -> bool:
 
 
 def explain(
-    store: Any,
+    store: WorkloadStore,
     trust_domain: str,
     src_ip: str,
     dst: tuple[str, int],

@@ -87,3 +87,23 @@ def test_late_rejection_names_the_policy() -> None:
     assert "istio-system/istio_converted_static_strict" in t.late_rejection
     registry.untrack(t)  # idempotent after a cut
     assert len(registry) == 0
+
+
+def test_attaching_an_existing_selector_policy_cuts() -> None:
+    """Only the workload changes (it now names a selector policy that already existed)."""
+    store = WorkloadStore()
+    selector_deny = deny(CURL.principal, "deny-curl")
+    selector_deny.scope = apb.WORKLOAD_SELECTOR
+    store.put([SERVER], [selector_deny])
+    registry = ConnectionRegistry(store, Metrics())
+    cut: list[str] = []
+    registry.track(rbac.Connection("10.1.0.6", "10.2.0.7", 8080, CURL), SERVER.uid, "inbound", lambda: cut.append("x"))
+    other = wpb.Workload(uid="Kubernetes//Pod/server/other", name="other", namespace="server")
+    store.put([other])  # an unrelated workload change re-checks nothing that matters
+    assert cut == []
+    attached = wpb.Workload()
+    attached.CopyFrom(SERVER)
+    attached.authorization_policies.append("server/deny-curl")
+    change = store.put([attached])
+    assert not change.policies and SERVER.uid in change.workloads
+    assert cut == ["x"] and len(registry) == 0

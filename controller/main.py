@@ -239,8 +239,19 @@ async def _run(cfg: ControllerConfig) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, controller.stopping.set)
+    starting = asyncio.create_task(controller.start())
+    stop_wait = asyncio.create_task(controller.stopping.wait())
+    # A SIGTERM while the sources are still syncing (e.g. an unreachable API server) must not be ignored.
+    await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopping before start-up completed")
+        await controller.stop()
+        return 0
     try:
-        await controller.start()
+        starting.result()
     except StartupError as e:
         log.error("cannot start", extra=kv(error=str(e)))
         await controller.stop()

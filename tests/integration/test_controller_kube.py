@@ -7,6 +7,8 @@ import contextlib
 import socket
 from pathlib import Path
 
+import pytest
+
 from agent.state import WorkloadStore
 from agent.xds import XdsClient
 from tests.support.fake_kube import deny_policy, namespace, pod, serve
@@ -48,3 +50,21 @@ async def test_kube_source_end_to_end(tmp_path: Path) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await proc.stop()
+
+
+async def test_unreachable_api_server_not_ready_and_sigterm_still_stops(tmp_path: Path) -> None:
+    with serve() as fake:
+        kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    # The API server is gone: lists fail and are retried; the controller is not ready and opens no xDS port.
+    proc = ControllerProc(tmp_path, ["--kube", "--kubeconfig", str(kubeconfig)])
+    await proc.launch()
+    try:
+        await wait_for(lambda: "kube list/watch failed" in proc.log.read_text(), what="list retries in the log")
+        assert not proc.ready()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", proc.xds_port), timeout=2).close()
+        assert proc.proc is not None
+        proc.proc.terminate()
+        assert await asyncio.wait_for(proc.proc.wait(), 10) == 0
+    finally:
+        await proc.stop()

@@ -50,7 +50,8 @@ class ControllerProc:
     def address(self) -> str:
         return f"127.0.0.1:{self.xds_port}"
 
-    async def start(self) -> None:
+    async def launch(self) -> None:
+        """Start the process without waiting for readiness."""
         argv = [
             str(Path(sys.executable).parent / "ambit-controller"),
             *self.args,
@@ -62,13 +63,17 @@ class ControllerProc:
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log)
+
+    async def start(self) -> None:
+        await self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + 30
-        while not await asyncio.to_thread(self._ready):
+        while not await asyncio.to_thread(self.ready):
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ambit-controller did not become ready; log:\n{self.log.read_text()[-3000:]}")
             await asyncio.sleep(0.1)
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/healthz/ready", timeout=2) as r:
                 return bool(r.status == 200)

@@ -4,7 +4,8 @@ Polling (every 200 ms by default) with an (mtime_ns, size, inode, device) signat
 it needs no native code, behaves the same on every filesystem, and catches Kubernetes ConfigMap volumes, whose
 updates swap a ``..data`` symlink rather than writing the files. Stat calls on a config directory cost
 microseconds; reading and parsing only happen for files whose signature changed, in a worker thread so a large
-file never stalls the event loop.
+file never stalls the event loop. A changed file is applied once it has held still for one interval, so a change
+lands within two intervals (about 0.4 s) and a half-written file is never applied.
 
 Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects,
 and a file that cannot be read keeps its previous contribution serving.
@@ -76,16 +77,28 @@ def read_file(path: str) -> Contribution:
     return parse_yaml_text(path, text)
 
 
-def scan(directory: str, known: Mapping[str, Signature]) -> Scan:
-    """Blocking: one pass over the directory; parses new and changed files, reports removed ones as None."""
+def scan(directory: str, known: Mapping[str, Signature], previous: Mapping[str, Signature] | None = None) -> Scan:
+    """Blocking: one pass over the directory; parses new and changed files, reports removed ones as None.
+
+    With ``previous`` (the signatures of the last pass) a changed file is read only once its signature has held
+    still for a whole interval, and only if it did not change while being read: a file caught half-written
+    (truncated by a non-atomic writer) would otherwise take its objects away for a moment.
+    """
     try:
         current = list_files(directory)
     except OSError as e:
         raise ConfigDirError(f"{directory}: cannot list config directory: {e.strerror}") from e
     changed: dict[str, Contribution | None] = {}
     for path, sig in current.items():
-        if known.get(path) != sig:
-            changed[path] = read_file(path)
+        if known.get(path) == sig or (previous is not None and previous.get(path) != sig):
+            continue
+        contribution = read_file(path)
+        try:
+            if _signature(os.stat(path)) != sig:
+                continue  # written to while we read it: next pass
+        except OSError:
+            continue  # removed while we read it: next pass reports the removal
+        changed[path] = contribution
     for path in known.keys() - current.keys():
         changed[path] = None
     return Scan(current, changed)
@@ -98,14 +111,26 @@ class FileSource:
         self.directory = directory
         self.store = store
         self.poll_interval = poll_interval
-        self._known: dict[str, Signature] = {}
+        self._known: dict[str, Signature] = {}  # signature of each file's applied content
+        self._previous: dict[str, Signature] = {}  # signatures seen by the last pass
         self._dir_error: str | None = None
 
-    async def sync(self) -> int:
-        """Scan once and apply what changed; returns the number of files applied. Raises ConfigDirError."""
-        result = await asyncio.to_thread(scan, self.directory, dict(self._known))
-        # A file whose contents could not be read stays "unknown" so the next scan retries it.
-        self._known = {p: s for p, s in result.signatures.items() if not _unreadable(result.changed.get(p))}
+    async def sync(self, settle: bool = False) -> int:
+        """Scan once and apply what changed; returns the number of files applied. Raises ConfigDirError.
+
+        ``settle`` applies a changed file only once it held still since the previous pass (what :meth:`run` does).
+        """
+        previous = dict(self._previous) if settle else None
+        result = await asyncio.to_thread(scan, self.directory, dict(self._known), previous)
+        self._previous = result.signatures
+        known: dict[str, Signature] = {}
+        for path, sig in result.signatures.items():
+            if path in result.changed:
+                if not _unreadable(result.changed[path]):  # an unreadable file stays pending: retried next pass
+                    known[path] = sig
+            elif path in self._known:
+                known[path] = self._known[path]  # unchanged, or changed but not settled yet
+        self._known = known
         if result.changed:
             for path, contribution in result.changed.items():
                 log.info(
@@ -123,7 +148,7 @@ class FileSource:
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                await self.sync()
+                await self.sync(settle=True)
                 if self._dir_error is not None:
                     log.info("config directory readable again", extra=kv(directory=self.directory))
                     self._dir_error = None

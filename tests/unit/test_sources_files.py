@@ -122,3 +122,22 @@ async def test_run_follows_changes(tmp_path: Path, store: ConfigStore) -> None:
         assert workloads(store) == {"p9": bytes([10, 0, 0, 9])}
     finally:
         task.cancel()
+
+
+async def test_watch_applies_a_change_only_once_it_settled(tmp_path: Path, store: ConfigStore) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(pod_yaml("p1", "10.0.0.1"))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    pods.write_text("")  # a writer that truncated the file and has not written yet
+    assert await src.sync(settle=True) == 0  # first sight of the new signature: wait
+    pods.write_text(pod_yaml("p1", "10.0.0.2") + "---\n" + pod_yaml("p2", "10.0.0.3"))
+    st = pods.stat()
+    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert await src.sync(settle=True) == 0  # changed again since the last pass: still wait
+    assert workloads(store) == {"p1": bytes([10, 0, 0, 1])}  # the truncated state was never applied
+    assert await src.sync(settle=True) == 1
+    assert workloads(store) == {"p1": bytes([10, 0, 0, 2]), "p2": bytes([10, 0, 0, 3])}
+    (tmp_path / "ns.yaml").unlink()
+    assert await src.sync(settle=True) == 1  # removals apply at once

@@ -5,7 +5,8 @@ it needs no native code, behaves the same on every filesystem, and catches Kuber
 updates swap a ``..data`` symlink rather than writing the files. Stat calls on a config directory cost
 microseconds; reading and parsing only happen for files whose signature changed, in a worker thread so a large
 file never stalls the event loop. A changed file is applied once it has held still for one interval, so a change
-lands within two intervals (about 0.4 s) and a half-written file is never applied.
+lands within two intervals (about 0.4 s) and a file caught mid-write is not applied unless its writer stalls for a
+whole interval (atomic rename-into-place writers are always safe).
 
 Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects,
 and a file that cannot be read keeps its previous contribution serving.

@@ -184,26 +184,27 @@ class Redirector:
             cfg = self.config
             _require_bpffs(cfg.pin_root)
             netns = _netns_cookie()
-            created_dir = _precheck_pins(cfg, netns)
+            nl = Netlink()
+            try:
+                uplinks = self._resolve_uplinks(nl)  # a config mistake fails before the costly compile
+                created_dir = _precheck_pins(cfg, netns)
+            except RedirectError:
+                nl.close()
+                raise
             try:
                 self._bpf, self._prog_fd = _compile(cfg)
-            except RedirectError:
-                if created_dir:
-                    _remove_pin_dir(cfg.pin_dir)
-                raise
-            nl = Netlink()
-            routing_existed = False
-            try:
                 maps = RedirectMaps.open(cfg.pin_dir)
             except RedirectError:
                 nl.close()
                 self._drop_program()
+                if created_dir:
+                    _remove_pin_dir(cfg.pin_dir)
                 raise
             self._maps, self._nl = maps, nl
+            routing_existed = False
             attached_now: list[int] = []
             swapped_now = 0
             try:
-                uplinks = self._resolve_uplinks(nl)
                 saved = maps.read_config().early_demux_saved  # kept across restarts: the node's original value
                 if cfg.disable_early_demux and not saved:
                     saved = 1 + _swap_tcp_early_demux(0)

@@ -8,6 +8,7 @@ set the enrollment they need first, so their order only matters for the last two
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
 import os
 import re
 import socket
@@ -394,13 +395,14 @@ def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
 
 
 def test_compile_failures_are_precise_and_leave_nothing(env: Env, tmp_path: Path) -> None:
-    missing = RedirectConfig(instance=env.topo.prefix + "-m", source="/nonexistent/redirect.bpf.c")
+    up = (env.topo.uplink,)
+    missing = RedirectConfig(instance=env.topo.prefix + "-m", source="/nonexistent/redirect.bpf.c", uplinks=up)
     with rt.enter(env.topo.node), pytest.raises(RedirectCompileError, match=r"/nonexistent/redirect\.bpf\.c"):
         Redirector(missing).start()
     assert not os.path.exists(missing.pin_dir)
     broken_src = tmp_path / "broken.bpf.c"
     broken_src.write_text("int ambit_tc_ingress(struct __sk_buff *skb) { return undeclared_thing; }\n")
-    broken = RedirectConfig(instance=env.topo.prefix + "-b", source=str(broken_src))
+    broken = RedirectConfig(instance=env.topo.prefix + "-b", source=str(broken_src), uplinks=up)
     with rt.enter(env.topo.node), pytest.raises(RedirectCompileError) as info:
         Redirector(broken).start()
     assert str(broken_src) in str(info.value) and "undeclared_thing" in str(info.value)
@@ -416,8 +418,9 @@ def test_missing_uplink_fails_start_and_leaves_nothing(env: Env) -> None:
 
 
 def test_pins_of_another_node_are_refused(env: Env) -> None:
+    same_instance = dataclasses.replace(env.config, uplinks=("eth0",))  # the remote node's own uplink
     with rt.enter(env.topo.remote), pytest.raises(RedirectPinError, match="another node"):
-        Redirector(env.config).start()
+        Redirector(same_instance).start()
 
 
 def test_pins_of_a_vanished_netns_are_replaced(env: Env) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -41,6 +42,7 @@ class Resource:
     plural: str
     version: str = "v1"
     group: str = ""  # "" is the core API group
+    older: str = ""  # a version to fall back to when the API does not serve ``version`` (older Istio CRDs)
 
     @property
     def api_version(self) -> str:
@@ -56,10 +58,10 @@ RESOURCES = (
     Resource("Node", "nodes"),
     Resource("Pod", "pods"),
     Resource("Service", "services"),
-    Resource("ServiceEntry", "serviceentries", "v1", "networking.istio.io"),
-    Resource("WorkloadEntry", "workloadentries", "v1", "networking.istio.io"),
-    Resource("AuthorizationPolicy", "authorizationpolicies", "v1", "security.istio.io"),
-    Resource("PeerAuthentication", "peerauthentications", "v1", "security.istio.io"),
+    Resource("ServiceEntry", "serviceentries", "v1", older="v1beta1", group="networking.istio.io"),
+    Resource("WorkloadEntry", "workloadentries", "v1", older="v1beta1", group="networking.istio.io"),
+    Resource("AuthorizationPolicy", "authorizationpolicies", "v1", older="v1beta1", group="security.istio.io"),
+    Resource("PeerAuthentication", "peerauthentications", "v1", older="v1beta1", group="security.istio.io"),
 )
 
 
@@ -148,6 +150,12 @@ class _Watcher:
             except ApiException as e:
                 if e.status == 410:
                     self.resource_version = ""
+                elif e.status == 404 and not self.resource_version and self.resource.older:
+                    log.info(
+                        "kube resource version not served; trying the older one",
+                        extra=kv(resource=self.resource.path, older=self.resource.older),
+                    )
+                    self.resource = dataclasses.replace(self.resource, version=self.resource.older, older="")
                 elif e.status == 404 and not self.resource_version:
                     self._missing()
                 else:
@@ -253,20 +261,20 @@ class KubeSource:
         self.resources = resources
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers = [_Watcher(self, r) for r in resources]
-        self._known: dict[Resource, set[str]] = {r: set() for r in resources}
-        self._synced: dict[Resource, asyncio.Event] = {}
+        self._known: dict[str, set[str]] = {r.kind: set() for r in resources}  # by kind: versions may change
+        self._synced: dict[str, asyncio.Event] = {}
         self.lists = 0
         self.events = 0
 
     async def start(self) -> None:
         """Start every watch; returns once each resource's first list has been applied (retrying until then)."""
         self._loop = asyncio.get_running_loop()
-        self._synced = {r: asyncio.Event() for r in self.resources}
+        self._synced = {r.kind: asyncio.Event() for r in self.resources}
         for w in self._watchers:
             w.thread.start()
-        for r, event in self._synced.items():
+        for kind, event in self._synced.items():
             await event.wait()
-            log.info("kube resource synced", extra=kv(resource=r.plural, objects=len(self._known[r])))
+            log.info("kube resource synced", extra=kv(kind=kind, objects=len(self._known[kind])))
 
     def stop(self) -> None:
         for w in self._watchers:
@@ -286,22 +294,22 @@ class KubeSource:
         changes: dict[str, Contribution | None] = {}
         for item in items:
             changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item], strict=False)
-        for sid in self._known[resource] - changes.keys():
+        for sid in self._known[resource.kind] - changes.keys():
             changes[sid] = None
-        self._known[resource] = {sid for sid, c in changes.items() if c is not None}
+        self._known[resource.kind] = {sid for sid, c in changes.items() if c is not None}
         self.lists += 1
         self.store.update(changes)
-        if resource in self._synced:
-            self._synced[resource].set()
+        if resource.kind in self._synced:
+            self._synced[resource.kind].set()
 
     def changed(self, resource: Resource, event_type: str, obj: dict[str, Any]) -> None:
         sid = source_id(resource.kind, obj)
         self.events += 1
         if event_type == "DELETED":
-            self._known[resource].discard(sid)
+            self._known[resource.kind].discard(sid)
             self.store.update({sid: None})
         elif event_type in ("ADDED", "MODIFIED"):
-            self._known[resource].add(sid)
+            self._known[resource.kind].add(sid)
             self.store.update({sid: parse_documents(SOURCE_LABEL, [obj], strict=False)})
         else:
             log.warning("unknown watch event type ignored", extra=kv(resource=resource.plural, type=event_type))

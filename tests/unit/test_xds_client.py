@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from prometheus_client import CollectorRegistry
 
 from agent.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, StoreChange, WorkloadStore
 from agent.xds import (
@@ -267,3 +270,35 @@ def test_store_put_accepts_bare_messages() -> None:
     assert store.workload_by_ip("10.0.0.1") is not None
     assert store.service_by_key(SVC_KEY) is not None
     assert [p.name for p in store.all_policies()] == ["p"]
+
+
+async def test_unreadable_credentials_back_off_and_are_counted(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    client = XdsClient(
+        WorkloadStore(),
+        "127.0.0.1:1",
+        "n1",
+        root_cert=tmp_path / "missing.pem",
+        backoff=Backoff(0.01, 0.04),
+        registry=registry,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert client.backoff.current == 0.04  # grew to the cap: a local failure never resets it
+    assert "missing.pem" in client.stats["last_error"]
+    attempts = registry.get_sample_value("istio_xds_connection_terminations_total", {"reason": "Error"})
+    assert attempts is not None and 3 <= attempts < 20
+
+
+def test_messages_are_counted() -> None:
+    registry = CollectorRegistry()
+    client = XdsClient(WorkloadStore(), "127.0.0.1:1", "n1", registry=registry)
+    resp = response(AUTHORIZATION_TYPE, resource("demo/p", pol("p"), AUTHORIZATION_TYPE))
+    client.handle_response(resp)
+    assert registry.get_sample_value("istio_xds_message_total", {"url": AUTHORIZATION_TYPE}) == 1
+    assert registry.get_sample_value("istio_xds_message_bytes_total", {"url": AUTHORIZATION_TYPE}) == resp.ByteSize()

@@ -391,6 +391,12 @@ class XdsServer:
             conn.node_id = req.node.id
             md = req.node.metadata.fields
             conn.node_name = md["NODE_NAME"].string_value if "NODE_NAME" in md else req.node.id
+            if conn.identity is not None and conn.node_name != conn.identity:
+                # The state is the same for every node, so this grants nothing; it does point at a misconfiguration.
+                log.warning(
+                    "xds node name differs from the authenticated node",
+                    extra=kv(connection=conn.id, node=conn.node_name, authenticated=conn.identity),
+                )
         type_url = req.type_url
         if type_url not in self.tables:
             log.warning("xds request for unknown type ignored", extra=kv(connection=conn.id, type=type_url))

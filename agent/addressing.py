@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from agent.state import service_key
 from common.spiffe import Identity
 
 HBONE = 1  # istio.workload.TunnelProtocol.HBONE
@@ -45,10 +46,6 @@ def workload_ip(wl: Any, family_of: str | None = None) -> str | None:
         if family_of is None or (":" in ip) == want_v6:
             return ip
     return None
-
-
-def service_key(svc: Any) -> str:
-    return f"{svc.namespace}/{svc.hostname}"
 
 
 def target_port(wl: Any, svc: Any, port: int) -> int:

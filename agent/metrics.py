@@ -8,7 +8,7 @@ input shows up on a dashboard instead of only in a log.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
@@ -24,9 +24,6 @@ disable_created_metrics()
 
 UNKNOWN = "unknown"
 MUTUAL_TLS = "mutual_tls"
-
-REPORTER_SOURCE = "source"
-REPORTER_DESTINATION = "destination"
 
 TRAFFIC_LABELS: tuple[str, ...] = (
     "reporter",
@@ -208,10 +205,3 @@ def sample_value(metrics: Metrics, name: str, labels: dict[str, str] | None = No
             if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
                 total += s.value
     return total
-
-
-def label_sets(metrics: Metrics, name: str) -> Iterable[dict[str, str]]:
-    for fam in metrics.registry.collect():
-        for s in fam.samples:
-            if s.name == name:
-                yield dict(s.labels)

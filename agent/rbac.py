@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.addressing import workload_identity
-from agent.state import WorkloadStore
+from agent.state import WorkloadStore, policy_key
 from common.spiffe import Identity
 
 T = TypeVar("T")
@@ -66,10 +66,6 @@ class Decision:
 
     def explain(self) -> str:
         return f"{self.outcome.value} {self.policy}" if self.policy else self.outcome.value
-
-
-def policy_key(policy: Any) -> str:
-    return f"{policy.namespace}/{policy.name}"
 
 
 def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:

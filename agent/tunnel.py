@@ -102,42 +102,42 @@ STATS = TunnelStats()
 """Process-wide default counters, used when no ``stats`` is passed."""
 
 
-class _RecvBuffer:
-    """A reusable receive buffer that is replaced, not overwritten, while anyone still holds a view of it.
+class _ReceiveBuffer(asyncio.BufferedProtocol):
+    """Receive side shared by the TLS and TCP protocols: a reusable buffer that is replaced, not overwritten,
+    while anyone still holds a view of it.
 
     Transports may keep a reference to what we wrote instead of copying (uvloop does); a bytearray with live
     exports refuses to resize, which is how we notice. It starts small (most connections are small) and grows to
-    READ_SIZE once a read fills it.
+    READ_SIZE once a read fills it. Subclasses take the filled part with ``memoryview(self._buf)[:nbytes]`` after
+    ``self._grow_if_full(nbytes)``; both are inlined in their ``buffer_updated`` because that is the hot path.
     """
 
-    __slots__ = ("_buf", "_size")
+    _buf: bytearray
+    _bufsize: int
 
-    def __init__(self) -> None:
-        self._size = MIN_READ_SIZE
-        self._buf = self._new()
+    def _init_buffer(self) -> None:
+        self._bufsize = MIN_READ_SIZE
+        self._buf = self._new_buffer()
 
-    def _new(self) -> bytearray:
+    def _new_buffer(self) -> bytearray:
         # One spare byte of capacity so that the append/del probe below never reallocates.
-        buf = bytearray(self._size + 1)
+        buf = bytearray(self._bufsize + 1)
         del buf[-1]
         return buf
 
-    def get(self) -> memoryview:
+    def get_buffer(self, sizehint: int) -> memoryview:
         buf = self._buf
         try:
             buf.append(0)
             del buf[-1]
         except BufferError:
-            buf = self._buf = self._new()
+            buf = self._buf = self._new_buffer()
         return memoryview(buf)
 
-    def filled(self, nbytes: int) -> memoryview:
-        """The first ``nbytes`` of the buffer last returned by :meth:`get`."""
-        buf = self._buf
-        if nbytes == self._size < READ_SIZE:
-            self._size = READ_SIZE
-            self._buf = self._new()  # the next read gets the big buffer; this one is still being returned
-        return memoryview(buf)[:nbytes]
+    def _grow(self) -> None:
+        """A read filled the small buffer: the next read gets a big one (this one is still being returned)."""
+        self._bufsize = READ_SIZE
+        self._buf = self._new_buffer()
 
 
 def _ssl_reason(exc: BaseException) -> str:
@@ -341,7 +341,7 @@ class HboneStream:
 # ---------------------------------------------------------------------------------------------------- connection
 
 
-class _HboneProtocol(asyncio.BufferedProtocol):
+class _HboneProtocol(_ReceiveBuffer):
     """TLS application protocol shared by both roles: feeds the sans-IO core and routes its events."""
 
     def __init__(self, *, client: bool, config: TunnelConfig, stats: TunnelStats) -> None:
@@ -357,7 +357,7 @@ class _HboneProtocol(asyncio.BufferedProtocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.on_stream_count: Callable[[int], None] | None = None
-        self._rbuf = _RecvBuffer()
+        self._init_buffer()
         self._ping_sent_at: float | None = None
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
@@ -389,12 +389,12 @@ class _HboneProtocol(asyncio.BufferedProtocol):
         """Check the peer after the handshake; returns a reject reason or ''."""
         raise NotImplementedError
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rbuf.get()
-
     def buffer_updated(self, nbytes: int) -> None:
         h2 = self.h2
-        view = self._rbuf.filled(nbytes)
+        buf = self._buf
+        if nbytes == self._bufsize < READ_SIZE:
+            self._grow()
+        view = memoryview(buf)[:nbytes]
         single = h2.receive_single_data(view)
         if single is not None:  # one whole DATA frame: the request/response latency path
             sid, payload, fin = single
@@ -606,7 +606,7 @@ class RelayResult:
     error: str | None = None
 
 
-class _TcpRelay(asyncio.BufferedProtocol, _Sink):
+class _TcpRelay(_ReceiveBuffer, _Sink):
     """Plain TCP side of a relay, wired to an HboneStream by callbacks."""
 
     def __init__(self, stream: HboneStream, done: asyncio.Future[RelayResult]) -> None:
@@ -616,7 +616,7 @@ class _TcpRelay(asyncio.BufferedProtocol, _Sink):
         self.up = 0
         self.down = 0
         self.error: str | None = None
-        self._rbuf = _RecvBuffer()
+        self._init_buffer()
         self._pending: memoryview | None = None  # TCP bytes the stream could not take yet
         self._tcp_eof = False  # TCP peer sent FIN
         self._up_done = False  # our END_STREAM went out
@@ -634,11 +634,11 @@ class _TcpRelay(asyncio.BufferedProtocol, _Sink):
         self.stream._attach(self)
         self._update_reading()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rbuf.get()
-
     def buffer_updated(self, nbytes: int) -> None:
-        view = self._rbuf.filled(nbytes)
+        buf = self._buf
+        if nbytes == self._bufsize < READ_SIZE:
+            self._grow()
+        view = memoryview(buf)[:nbytes]
         self.up += nbytes
         if self._pending is not None:  # cannot happen while paused, but asyncio may deliver one more read
             self._pending = memoryview(bytes(self._pending) + bytes(view))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.accesslog import AccessLog
+from agent.addressing import workload_identity, workload_ips
 from agent.admin import HttpServer, admin_server, config_dump, metrics_server, readiness_server
 from agent.ca_client import CaClient
 from agent.capture_metrics import CaptureCollector
@@ -134,7 +135,8 @@ class Agent:
             ("capture", self._capture_status),
             ("config", lambda: {k: v for k, v in vars(cfg).items() if k != "token_file"}),
         )
-        await self._serve(admin_server(dump, self.certs.snapshot, self.stopping.set), cfg.admin_address, cfg.admin_port)
+        admin = admin_server(dump, self.certs.snapshot, self.stopping.set, self.store, cfg.trust_domain)
+        await self._serve(admin, cfg.admin_address, cfg.admin_port)
 
         # Listeners before capture: a captured SYN must always find its listener (else it is dropped, fail closed).
         for port, handler, name in (
@@ -196,7 +198,7 @@ class Agent:
         return [wl for wl in self.local_workloads() if wl.tunnel_protocol == HBONE]
 
     def _identity(self, wl: Any) -> Identity:
-        return Identity(wl.trust_domain or self.cfg.trust_domain, wl.namespace, wl.service_account or "default")
+        return workload_identity(wl, self.cfg.trust_domain)
 
     async def _reconcile_loop(self) -> None:
         """Coalesces bursts of store changes into one reconcile; netlink and map updates run off the loop."""
@@ -209,8 +211,8 @@ class Agent:
             self.certs.retain_only(idents)
             if self.redirector is None or self._capture_error:
                 continue
-            enrolled_ips = {ip for wl in enrolled for ip in _ips(wl)}
-            local_ips = {ip for wl in self.local_workloads() for ip in _ips(wl)}
+            enrolled_ips = {ip for wl in enrolled for ip in workload_ips(wl)}
+            local_ips = {ip for wl in self.local_workloads() for ip in workload_ips(wl)}
             try:
                 failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips)
             except Exception as e:
@@ -245,10 +247,6 @@ class Agent:
         if self._capture_error:
             return {"enabled": True, "error": self._capture_error}
         return {"enabled": True, **self.redirector.status()}
-
-
-def _ips(wl: Any) -> list[str]:
-    return [socket.inet_ntop(socket.AF_INET if len(a) == 4 else socket.AF_INET6, a) for a in wl.addresses]
 
 
 def _redirect_config(cfg: AgentConfig) -> RedirectConfig:

@@ -347,3 +347,41 @@ async def test_huge_header_block_is_refused_and_counted(mesh: Mesh, server: Hbon
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
     await _wait_for(lambda: server.stats.rejects["header_too_large"] == 1)
     assert not server.requests
+
+
+async def test_connection_churn_with_aborts_leaks_nothing(
+    mesh: Mesh, server: HboneServer, echo: Backend, pool: HboneConnectionPool
+) -> None:
+    """Hundreds of short tunnelled connections, a third of them aborted (RST) half-way: everything is
+    accounted for afterwards on both sides, and the tunnel still carries data."""
+    proxy = ClientProxy(pool, PoolKey(mesh.client_id, mesh.server_id, server.addr), mesh.client_ctx, echo.addr)
+
+    async def one(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"x" * (1000 + i))
+        await writer.drain()
+        if i % 3 == 0:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            writer.transport.abort()  # RST instead of FIN
+            return
+        writer.write_eof()
+        assert len(await reader.read(-1)) == 1000 + i
+        writer.close()
+
+    try:
+        sem = asyncio.Semaphore(20)
+
+        async def limited(i: int) -> None:
+            async with sem:
+                await one(i)
+
+        await asyncio.gather(*(limited(i) for i in range(300)))
+        await _wait_for(lambda: pool.stream_count() == 0 and len(proxy.results) == 300)
+        stats = server.stats
+        await _wait_for(lambda: stats.streams_opened == stats.streams_closed == 300)
+        assert pool.connections_created == 1
+        assert sum(1 for r in proxy.results if getattr(r, "error", None)) >= 100 // 2  # the aborted ones
+        assert await tcp_echo_roundtrip(proxy.port, b"still fine") == b"still fine"
+    finally:
+        await proxy.close()

@@ -444,6 +444,7 @@ class _HboneProtocol(_ReceiveBuffer):
         reason = f"connection lost: {exc}" if exc else "connection closed"
         for st in list(self.streams.values()):
             st._on_reset(reason)
+        self.stats.streams_closed += len(self.streams)
         self.streams.clear()
         self.blocked.clear()
         if self._counted:

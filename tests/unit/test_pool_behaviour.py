@@ -188,6 +188,7 @@ async def test_keepalive_drops_a_silent_peer(mesh: Mesh) -> None:
             await pool.open_stream(key, mesh.client_ctx, "127.0.0.1:1", [])
         assert stats.errors["keepalive_timeout"] == 1
         assert pool.connection_count() == 0
+        assert stats.streams_opened == stats.streams_closed == 1  # the stream died with its connection
     finally:
         await pool.close()
         srv.close()

@@ -29,6 +29,8 @@ from bench.options import FULL, Durations
 from bench.progress import Progress
 
 CLIENT_READY_TIMEOUT_S = 120.0
+BUILD_AND_DELIVER_ESTIMATE_S = 10.0
+CHANGE_ESTIMATE_S = 0.15
 CHANGE_TIMEOUT_S = 10.0
 
 
@@ -79,7 +81,7 @@ async def _measure(d: Durations, log: BinaryIO, progress: Progress) -> dict[str,
     clients = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         full = await _wait_full_state(acks, d.scale_clients, len(PUSH_ORDER), clients)
-        progress.step(f"config-scale  {d.scale_changes} single changes", d.scale_changes * 0.15)
+        progress.step(f"config-scale  {d.scale_changes} single changes", d.scale_changes * CHANGE_ESTIMATE_S)
         changes = await _single_changes(translator, server, pods, acks, d, ADDRESS_TYPE)
     finally:
         if clients.returncode is None:
@@ -196,10 +198,15 @@ async def _single_changes(
     return results
 
 
+def expected_seconds(d: Durations) -> float:
+    return BUILD_AND_DELIVER_ESTIMATE_S + d.scale_changes * CHANGE_ESTIMATE_S
+
+
 def run(durations: Durations, progress: Progress, log_dir: Path) -> dict[str, Any]:
     """Never raises for a failed measurement: the report shows the reason as FAILED."""
     progress.step(
-        f"config-scale  build {durations.scale_workloads} workloads, deliver to {durations.scale_clients} clients", 20.0
+        f"config-scale  build {durations.scale_workloads} workloads, deliver to {durations.scale_clients} clients",
+        BUILD_AND_DELIVER_ESTIMATE_S,
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     try:

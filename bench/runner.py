@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import agent_memory, certs, machine, report, stats, targets
+from bench import agent_memory, certs, config_scale, machine, report, stats, targets
 from bench.cpu import CpuSnapshot, own_process_tree, rss_bytes, top_consumers
 from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
 from bench.drivers.attached import AmbitAttached
@@ -37,6 +37,7 @@ AMBIT_MESH_CONFIGS = ("ambit-cross", "ambit-same")
 LAB_OF = {"ambit-cross": "mesh", "ambit-same": "mesh", "ambit-attached": "attach"}
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 PREPARE_ESTIMATE_S = {"plain": 5.0, "attach": 8.0, "mesh": 25.0}
+RSS_ESTIMATE_S = 60.0
 
 
 class Interrupted(Exception):
@@ -130,8 +131,11 @@ class Run:
                 self.results["configs"][driver.name] = _config_entry(driver)
             per_round = sum(m.expected_seconds(d) for m in MEASURES)
             kinds = {LAB_OF.get(n, "plain") for n in selected}
+            extra = (config_scale.expected_seconds(d) if opts.wants_config_scale() else 0.0) + (
+                RSS_ESTIMATE_S if not opts.quick and set(AMBIT_MESH_CONFIGS) & set(selected) else 0.0
+            )
             self.progress = Progress(
-                sum(PREPARE_ESTIMATE_S[k] for k in kinds) + per_round * len(selected) * opts.effective_rounds
+                sum(PREPARE_ESTIMATE_S[k] for k in kinds) + per_round * len(selected) * opts.effective_rounds + extra
             )
             self._prepare_all(tools)
             self._rounds(tools)
@@ -199,6 +203,8 @@ class Run:
         d = self.options.durations
         rounds = self.options.effective_rounds
         names = [drv.name for drv in self.drivers]
+        if not names:
+            return
         for r in range(rounds):
             measured: dict[str, dict[str, Any]] = {name: {} for name in names}
             for i, measure in enumerate(MEASURES):
@@ -235,12 +241,10 @@ class Run:
         elif not any(n in self.endpoints for n in AMBIT_MESH_CONFIGS):
             self.results["agent_rss"] = {"reason": "the mesh data path did not run in this invocation"}
         else:
-            self.progress.step("agent RSS with 100 local workloads", 60.0)
+            self.progress.step("agent RSS with 100 local workloads", RSS_ESTIMATE_S)
             self.results["agent_rss"] = agent_memory.measure(labs, self.out)
 
     def _config_scale(self) -> None:
-        from bench import config_scale
-
         self.results["config_scale"] = config_scale.run(self.options.durations, self.progress, self.out / "logs")
 
     def _cleanup(self, labs: BenchLabs | None) -> None:

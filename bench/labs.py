@@ -10,15 +10,16 @@ with the lab's own error as the reason.
 from __future__ import annotations
 
 import secrets
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench import procs
 from bench.drivers.base import DriverUnavailable
 from bench.procs import ProcessGroup
 from bench.tools import Tools
+from lab import Lab, LabError, NodeInfo, PodInfo
 
 TOPOLOGY = Path(__file__).resolve().parent / "topology"
 ECHO_PORT = 19000
@@ -54,23 +55,22 @@ class Pinning:
 class LabSite:
     """One running lab plus the backends the bench started in it."""
 
-    def __init__(self, kind: str, lab: Any) -> None:
+    def __init__(self, kind: str, lab: Lab) -> None:
         self.kind = kind
         self.lab = lab
 
-    def pod(self, key: str) -> Any:
+    def pod(self, key: str) -> PodInfo:
         return self.lab.pod(key)
 
-    def node(self, name: str) -> Any:
+    def node(self, name: str) -> NodeInfo:
         return self.lab.node(name)
 
 
 class BenchLabs:
-    def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning, state_dir: Path) -> None:
+    def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning) -> None:
         self._group = group
         self._tools = tools
         self._pinning = pinning
-        self._state_dir = state_dir
         self._sites: dict[str, LabSite] = {}
         self._failures: dict[str, str] = {}
         self._suffix = secrets.token_hex(2)
@@ -92,22 +92,18 @@ class BenchLabs:
         return site
 
     def _up(self, kind: str, config_dir: Path) -> LabSite:
-        try:
-            from lab import Lab
-        except ImportError as exc:
-            raise DriverUnavailable(f"lab.Lab is not available: {exc}") from exc
         name = f"bench{kind[0]}-{self._suffix}"
         self.names.append(name)
         try:
             lab = Lab.up(config_dir, name=name, mesh=kind in MESH_KINDS)
-        except Exception as exc:  # the lab's own error text is the most useful reason we can give
+        except (LabError, OSError, subprocess.SubprocessError) as exc:  # the lab's own words are the best reason
             raise DriverUnavailable(f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}") from exc
         site = LabSite(kind, lab)
         self._sites[kind] = site
         try:
             for key in SERVER_PODS.get(kind, ()):
                 self._start_backends(site, key)
-        except (procs.ProcessDied, TimeoutError, OSError) as exc:
+        except (procs.ProcessDied, TimeoutError, OSError, LabError) as exc:
             raise DriverUnavailable(f"backends in the {kind} lab did not start: {exc}") from exc
         return site
 
@@ -127,7 +123,7 @@ class BenchLabs:
             return
         try:
             site.lab.down()
-        except Exception as exc:  # keep taking the others down; say what was left behind
+        except (LabError, OSError) as exc:  # keep taking the others down; say what was left behind
             print(f"bench: taking the {kind} lab down failed: {exc}", file=sys.stderr)
 
     def close(self) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from bench import procs
 from bench.cpu import pin_all_threads
 from bench.drivers.base import DriverUnavailable, Endpoint, Proxy
 from bench.labs import ECHO_PORT, IPERF_PORT, BenchLabs, LabSite, Pinning
 from bench.tools import Tools
+from lab import NodeInfo, PodInfo
 
 
 def agent_pids(site: LabSite) -> dict[str, int]:
@@ -35,7 +35,7 @@ def _sockets_on_port(netns: str, port: int) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def probe_capture(tools: Tools, client: Any, node_netns: str, target_ip: str) -> list[str]:
+def probe_capture(tools: Tools, client: PodInfo, node_netns: str, target_ip: str) -> list[str]:
     """Hold one echo connection open from the client pod and list the client node's sockets for it.
 
     Raises DriverUnavailable when the echo itself fails: then the data path is broken, not slow.
@@ -52,7 +52,7 @@ def probe_capture(tools: Tools, client: Any, node_netns: str, target_ip: str) ->
     return seen
 
 
-def uplink_programs(node: Any) -> str:
+def uplink_programs(node: NodeInfo) -> str:
     out = procs.run(["bpftool", "net", "show", "dev", node.uplink], netns=node.netns)
     return out.stdout if out.returncode == 0 else ""
 

@@ -309,19 +309,33 @@ class _Ctx:
         self.errors.append(ConfigError(self.source, self.kind, self.namespace, self.name, path, reason))
 
 
-def parse_yaml_text(source: str, text: str) -> ParseResult:
-    """Parse a multi-document YAML text; a syntax error costs only the document it is in."""
+def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None) -> ParseResult:
+    """Parse a multi-document YAML text; a syntax error costs only the document it is in.
+
+    ``cache`` (document text -> loaded value; one per file, owned by the caller) skips loading documents that did
+    not change since the last call: YAML loading dominates re-reading a large file after a one-line edit. The
+    cache is left holding exactly this text's documents. Loaded values are shared, never mutated.
+    """
     docs: list[Any] = []
     pre_errors: list[ConfigError] = []
+    loaded: dict[str, Any] = {}
     for index, (first_line, chunk) in enumerate(_split_documents(text), start=1):
+        if cache is not None and chunk in cache:
+            docs.append(cache[chunk])
+            loaded[chunk] = cache[chunk]
+            continue
         try:
             docs.append(yaml.load(chunk, Loader=_LOADER))
+            loaded[chunk] = docs[-1]
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {first_line + mark.line + 1}" if mark is not None else "document"
             problem = getattr(exc, "problem", None) or str(exc)
             pre_errors.append(ConfigError(source, "?", "", f"#{index}", where, f"invalid YAML: {problem}"))
             docs.append(_SKIP)
+    if cache is not None:
+        cache.clear()
+        cache.update(loaded)
     result = parse_documents(source, docs)
     result.errors[:0] = pre_errors
     return result

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from common.log import kv
 from controller.store import ConfigStore, Contribution, SourceError, SourceResult
@@ -67,7 +68,8 @@ def list_files(directory: str) -> dict[str, Signature]:
     return found
 
 
-def read_file(path: str) -> Contribution:
+def read_file(path: str, cache: dict[str, Any] | None = None) -> Contribution:
+    """Read and validate one file; ``cache`` is that file's loaded-document cache (see parse_yaml_text)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -75,10 +77,15 @@ def read_file(path: str) -> Contribution:
         return SourceResult(errors=[SourceError(path, f"not UTF-8 text: {e.reason} at byte {e.start}")])
     except OSError as e:
         return SourceResult(errors=[SourceError(path, f"cannot read: {e.strerror}")])
-    return parse_yaml_text(path, text)
+    return parse_yaml_text(path, text, cache)
 
 
-def scan(directory: str, known: Mapping[str, Signature], previous: Mapping[str, Signature] | None = None) -> Scan:
+def scan(
+    directory: str,
+    known: Mapping[str, Signature],
+    previous: Mapping[str, Signature] | None = None,
+    caches: dict[str, dict[str, Any]] | None = None,
+) -> Scan:
     """Blocking: one pass over the directory; parses new and changed files, reports removed ones as None.
 
     With ``previous`` (the signatures of the last pass) a changed file is read only once its signature has held
@@ -93,7 +100,7 @@ def scan(directory: str, known: Mapping[str, Signature], previous: Mapping[str, 
     for path, sig in current.items():
         if known.get(path) == sig or (previous is not None and previous.get(path) != sig):
             continue
-        contribution = read_file(path)
+        contribution = read_file(path, caches.setdefault(path, {}) if caches is not None else None)
         try:
             if _signature(os.stat(path)) != sig:
                 continue  # written to while we read it: next pass
@@ -102,6 +109,9 @@ def scan(directory: str, known: Mapping[str, Signature], previous: Mapping[str, 
         changed[path] = contribution
     for path in known.keys() - current.keys():
         changed[path] = None
+    if caches is not None:
+        for path in caches.keys() - current.keys():
+            del caches[path]
     return Scan(current, changed)
 
 
@@ -114,6 +124,9 @@ class FileSource:
         self.poll_interval = poll_interval
         self._known: dict[str, Signature] = {}  # signature of each file's applied content
         self._previous: dict[str, Signature] = {}  # signatures seen by the last pass
+        # Per file, its documents as loaded last time: an edit re-loads only the documents it touched.
+        # Used only by the one scan thread running at a time.
+        self._doc_caches: dict[str, dict[str, Any]] = {}
         self._dir_error: str | None = None
 
     async def sync(self, settle: bool = False) -> int:
@@ -122,7 +135,7 @@ class FileSource:
         ``settle`` applies a changed file only once it held still since the previous pass (what :meth:`run` does).
         """
         previous = dict(self._previous) if settle else None
-        result = await asyncio.to_thread(scan, self.directory, dict(self._known), previous)
+        result = await asyncio.to_thread(scan, self.directory, dict(self._known), previous, self._doc_caches)
         self._previous = result.signatures
         known: dict[str, Signature] = {}
         for path, sig in result.signatures.items():

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from controller.model import Pod
 from controller.monitoring import ControllerMetrics
 from controller.sources.files import ConfigDirError, FileSource
 from controller.store import ConfigStore
 from controller.translate import Translator
+from controller.validation import parse_yaml_text
 
 NS = """apiVersion: v1
 kind: Namespace
@@ -141,3 +144,35 @@ async def test_watch_applies_a_change_only_once_it_settled(tmp_path: Path, store
     assert workloads(store) == {"p1": bytes([10, 0, 0, 2]), "p2": bytes([10, 0, 0, 3])}
     (tmp_path / "ns.yaml").unlink()
     assert await src.sync(settle=True) == 1  # removals apply at once
+
+
+def test_document_cache_reloads_only_edited_documents() -> None:
+    cache: dict[str, Any] = {}
+    first = parse_yaml_text("f.yaml", NS + "---\n" + pod_yaml("p1", "10.0.0.1"), cache)
+    assert not first.errors and len(cache) == 2
+    ns_doc = next(v for k, v in cache.items() if "Namespace" in k)
+    second = parse_yaml_text("f.yaml", NS + "---\n" + pod_yaml("p1", "10.0.0.2"), cache)
+    assert not second.errors and len(cache) == 2
+    assert next(v for k, v in cache.items() if "Namespace" in k) is ns_doc  # reused, not re-loaded
+    assert any(isinstance(o, Pod) and o.ips == ("10.0.0.2",) for o in second.objects)
+    broken = parse_yaml_text("f.yaml", NS + "---\nkind: [oops\n", cache)
+    assert "invalid YAML" in str(broken.errors[0]) and len(cache) == 1
+
+
+async def test_edit_of_a_large_file_reuses_unchanged_documents(tmp_path: Path, store: ConfigStore) -> None:
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(NS + "---\n" + "---\n".join(pod_yaml(f"p{i}", f"10.0.1.{i}") for i in range(50)))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    (cache,) = src._doc_caches.values()
+    before = dict(cache)
+    pods.write_text(NS + "---\n" + "---\n".join(pod_yaml(f"p{i}", f"10.0.1.{i if i else 99}") for i in range(50)))
+    st = pods.stat()
+    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    await src.sync()
+    assert workloads(store)["p0"] == bytes([10, 0, 1, 99])
+    reused = [k for k, v in cache.items() if k in before and before[k] is v]
+    assert len(reused) == 50 and len(cache) == 51
+    pods.unlink()
+    await src.sync()
+    assert src._doc_caches == {}

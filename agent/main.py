@@ -10,13 +10,11 @@ workloads, and working capture; SIGTERM drains instead of cutting connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
 import socket
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from agent.state import WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
 from agent.xds import XdsClient
 from api.istio.workload import workload_pb2
-from common import flags
+from common import flags, runtime
 from common import log as jsonlog
 from common.log import kv
 from common.spiffe import Identity
@@ -276,16 +274,6 @@ async def _run(cfg: AgentConfig) -> int:
     return 0
 
 
-def _select_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    if name == "asyncio":
-        return None
-    raise SystemExit(f"--event-loop: {name!r} is not one of uvloop, asyncio")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = flags.parse(AgentConfig, argv)
     jsonlog.setup(cfg.log_level)
@@ -293,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         removed = cleanup(_redirect_config(cfg))
         log.info("cleanup done", extra=kv(instance=cfg.instance, removed=removed))
         return
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_select_loop(cfg.event_loop)) as runner:
-        sys.exit(runner.run(_run(cfg)))
+    runtime.run(lambda: _run(cfg), cfg.event_loop)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from common import flags
+from common import flags, runtime
 from common import log as jsonlog
 from common.log import kv
 from controller.monitoring import ControllerMetrics, MonitoringServer, json_response, metrics_route
@@ -266,21 +265,10 @@ async def _run(cfg: ControllerConfig) -> int:
     return 0
 
 
-def _select_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    if name == "asyncio":
-        return None
-    raise SystemExit(f"--event-loop: {name!r} is not one of uvloop, asyncio")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = flags.parse(ControllerConfig, argv)
     jsonlog.setup(cfg.log_level)
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_select_loop(cfg.event_loop)) as runner:
-        sys.exit(runner.run(_run(cfg)))
+    runtime.run(lambda: _run(cfg), cfg.event_loop)
 
 
 if __name__ == "__main__":

@@ -267,11 +267,6 @@ class HboneStream:
     def closed(self) -> bool:
         return self._reset_reason is not None or (self._eof and self._local_eof)
 
-    @property
-    def at_eof(self) -> bool:
-        """The peer half-closed and everything it sent has been read."""
-        return self._eof and not self._rbuf
-
     # ------------------------------------------------------------------------------ internals
 
     def _send(self, view: memoryview) -> int:
@@ -889,11 +884,6 @@ class HboneClientConnection:
     def set_stream_count_callback(self, cb: Callable[[int], None] | None) -> None:
         """Called with the number of active streams whenever it changes (the pool's idle tracking)."""
         self._proto.on_stream_count = cb
-
-    def ping(self) -> None:
-        """Send a PING now (keepalive does this on its own)."""
-        self._proto.h2.ping(os.urandom(8))
-        self._proto.flush()
 
     def close(self) -> None:
         """GOAWAY(NO_ERROR) and close the transport (open streams are reset)."""

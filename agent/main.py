@@ -94,6 +94,7 @@ class Agent:
             state_dir=Path(cfg.state_dir),
             token_file=cfg.token_file or None,
             root_cert=cfg.root_cert or None,
+            registry=self.metrics.registry,
         )
         self.ca = CaClient(cfg.controller, token_file=cfg.token_file or None, root_cert_file=cfg.root_cert or None)
         self.certs = CertificateManager(
@@ -224,7 +225,8 @@ class Agent:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if not self.xds.ready.is_set():
+        # State restored from disk counts: a node whose agent restarts while the controller is down keeps serving.
+        if not (self.xds.ready.is_set() or self.xds.restored):
             return False, "waiting for the first full configuration from the controller"
         missing = [str(i) for i in {self._identity(wl) for wl in self.enrolled_local()} if not self._has_cert(i)]
         if missing:

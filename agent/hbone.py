@@ -480,6 +480,8 @@ class HboneConnection:
             self._parse(mv, events)
         except _ConnError as e:
             self._connection_error(e.code, e.reason, events)
+        except Exception as e:  # a bug here must cost one connection, not the agent
+            self._connection_error(ErrorCode.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}", events)
         return events
 
     def receive_single_data(self, data: memoryview) -> tuple[int, memoryview, bool] | None:

@@ -788,13 +788,18 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     TCP FIN becomes END_STREAM and END_STREAM becomes shutdown(SHUT_WR); a reset on either side aborts both.
     Back-pressure: TCP reading pauses while the stream has no send window or TLS writing is paused, and stream
     credit is returned only as the TCP side drains. Takes ownership of ``sock`` (closed at the end). Cancelling
-    the task (e.g. a policy change) resets the stream and closes the socket.
+    the task (e.g. a policy change) resets the stream and closes the socket. I/O failures end up in
+    ``RelayResult.error``; the only exception is CancelledError.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[RelayResult] = loop.create_future()
     side = _TcpRelay(stream, done)
     try:
         await loop.connect_accepted_socket(lambda: side, sock)
+    except OSError as e:  # the TCP peer vanished before we started
+        stream.reset()
+        sock.close()
+        return RelayResult(0, 0, f"tcp side: {e}")
     except BaseException:
         stream.reset()
         sock.close()
@@ -1029,6 +1034,8 @@ class _ServerProtocol(_HboneProtocol):
             await self.handler(req)
         except asyncio.CancelledError:
             raise
+        except HboneStreamReset as e:  # the client went away while we worked on its request: routine
+            log.debug("HBONE stream reset during handling", extra=kv(authority=req.authority, reason=str(e)))
         except Exception:
             log.exception("HBONE handler failed", extra=kv(authority=req.authority, peer=str(req.peer_identity)))
         finally:

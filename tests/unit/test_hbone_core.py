@@ -577,3 +577,15 @@ def test_single_data_frame_latency_path() -> None:
     assert server.receive_single_data(wire) is None
     events = server.receive_data(wire)
     assert data_of(events, sid) == b"twothree" and StreamEnded(sid) in events
+
+
+def test_an_internal_bug_costs_one_connection_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    _client, server = pair()
+
+    def broken(self: HboneConnection, payload: memoryview, events: list[hbone.Event]) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(HboneConnection, "_on_frame", broken)
+    events = server.receive_data(frame(hbone.PING, 0, 0, b"12345678"))
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.INTERNAL_ERROR
+    assert server.closed

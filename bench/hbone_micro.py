@@ -47,6 +47,8 @@ from common import tls
 CLIENT_IP = "127.0.0.51"
 SERVER_IP = "127.0.0.52"
 BACKEND_IP = "127.0.0.53"
+MIXED_A_CLIENT_IP, MIXED_A_SERVER_IP = "127.0.0.54", "127.0.0.55"  # Envoy client -> Ambit server
+MIXED_B_SERVER_IP = "127.0.0.56"  # Ambit client -> Envoy server
 ENVOY_CLIENT_ECHO, ENVOY_CLIENT_IPERF, ENVOY_HBONE = 15001, 15002, 15008
 
 
@@ -249,51 +251,68 @@ class Bench:
         cert, key = (c.server_cert, c.server_key) if role == "server" else (c.client_cert, c.client_key)
         return ["--cert", str(cert), "--key", str(key), "--root", str(c.root), "--loop", self.args.loop]
 
-    def start_ambit(self) -> Pair:
-        py = sys.executable
-        hbone = (SERVER_IP, _free_port(SERVER_IP))
-        c_echo, c_iperf = (CLIENT_IP, _free_port(CLIENT_IP)), (CLIENT_IP, _free_port(CLIENT_IP))
+    def _ambit_server(self, listen: tuple[str, int], name: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "bench.hbone_micro", "ambit-server", "--listen", f"{listen[0]}:{listen[1]}"]
+        proc = self.spawn([*argv, *self._creds("server")], name)
+        _wait_port(*listen, proc)
+        return proc
+
+    def _ambit_client(self, client_ip: str, hbone: tuple[str, int], name: str) -> tuple[Pair, subprocess.Popen[bytes]]:
+        c_echo, c_iperf = (client_ip, _free_port(client_ip)), (client_ip, _free_port(client_ip))
         maps = [
             f"{c_echo[0]}:{c_echo[1]}={self.echo_target[0]}:{self.echo_target[1]}",
             f"{c_iperf[0]}:{c_iperf[1]}={self.iperf_target[0]}:{self.iperf_target[1]}",
         ]
-        server = self.spawn(
-            [
-                py,
-                "-m",
-                "bench.hbone_micro",
-                "ambit-server",
-                "--listen",
-                f"{hbone[0]}:{hbone[1]}",
-                *self._creds("server"),
-            ],
-            "ambit-server",
-        )
-        client_argv = [py, "-m", "bench.hbone_micro", "ambit-client", "--hbone", f"{hbone[0]}:{hbone[1]}"]
-        client_argv += [arg for m in maps for arg in ("--map", m)]
-        client = self.spawn([*client_argv, *self._creds("client")], "ambit-client")
-        _wait_port(*hbone, server)
-        _wait_port(*c_echo, client)
-        _wait_port(*c_iperf, client)
-        return Pair("ambit_pair", c_echo, c_iperf, [client, server])
+        argv = [sys.executable, "-m", "bench.hbone_micro", "ambit-client", "--hbone", f"{hbone[0]}:{hbone[1]}"]
+        argv += [arg for m in maps for arg in ("--map", m)]
+        proc = self.spawn([*argv, *self._creds("client")], name)
+        _wait_port(*c_echo, proc)
+        _wait_port(*c_iperf, proc)
+        return Pair(name, c_echo, c_iperf), proc
+
+    def _envoy(self, role: str, server_ip: str, client_ip: str) -> subprocess.Popen[bytes]:
+        """One Envoy of the reference pair: ``server`` listens on server_ip:15008, ``client`` on client_ip:15001/2
+        and tunnels to server_ip:15008."""
+        addrs = PairAddresses(client_ip, server_ip, BACKEND_IP, self.echo_target, self.iperf_target)
+        config = server_config(self.certs, addrs) if role == "server" else client_config(self.certs, addrs)
+        config["admin"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
+        path = self.work / f"envoy-{role}-{server_ip}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        envoy = str(Path(sys.executable).parent / "envoy")
+        argv = [envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
+        proc = self.spawn(argv, f"envoy-{role}-{server_ip}")
+        if role == "server":
+            _wait_port(server_ip, ENVOY_HBONE, proc)
+        else:
+            _wait_port(client_ip, ENVOY_CLIENT_ECHO, proc)
+            _wait_port(client_ip, ENVOY_CLIENT_IPERF, proc)
+        return proc
+
+    def start_ambit(self) -> Pair:
+        hbone = (SERVER_IP, _free_port(SERVER_IP))
+        server = self._ambit_server(hbone, "ambit-server")
+        pair, client = self._ambit_client(CLIENT_IP, hbone, "ambit_pair")
+        pair.procs = [client, server]
+        return pair
 
     def start_envoy(self) -> Pair:
-        envoy = str(Path(sys.executable).parent / "envoy")
-        addrs = PairAddresses(CLIENT_IP, SERVER_IP, BACKEND_IP, self.echo_target, self.iperf_target)
-        procs = []
-        for role, config in (
-            ("server", server_config(self.certs, addrs)),
-            ("client", client_config(self.certs, addrs)),
-        ):
-            config["admin"]["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
-            path = self.work / f"envoy-{role}.yaml"
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
-            argv = [envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
-            procs.append(self.spawn(argv, f"envoy-{role}"))
-        _wait_port(SERVER_IP, ENVOY_HBONE, procs[0])
-        _wait_port(CLIENT_IP, ENVOY_CLIENT_ECHO, procs[1])
-        _wait_port(CLIENT_IP, ENVOY_CLIENT_IPERF, procs[1])
-        return Pair("envoy_pair", (CLIENT_IP, ENVOY_CLIENT_ECHO), (CLIENT_IP, ENVOY_CLIENT_IPERF), procs[::-1])
+        server = self._envoy("server", SERVER_IP, CLIENT_IP)
+        client = self._envoy("client", SERVER_IP, CLIENT_IP)
+        return Pair("envoy_pair", (CLIENT_IP, ENVOY_CLIENT_ECHO), (CLIENT_IP, ENVOY_CLIENT_IPERF), [client, server])
+
+    def start_envoy_to_ambit(self) -> Pair:
+        """Mixed pair: Envoy HBONE client -> Ambit server (which side costs what)."""
+        server = self._ambit_server((MIXED_A_SERVER_IP, ENVOY_HBONE), "ambit-server-mixed")
+        client = self._envoy("client", MIXED_A_SERVER_IP, MIXED_A_CLIENT_IP)
+        echo, iperf = (MIXED_A_CLIENT_IP, ENVOY_CLIENT_ECHO), (MIXED_A_CLIENT_IP, ENVOY_CLIENT_IPERF)
+        return Pair("envoy_to_ambit", echo, iperf, [client, server])
+
+    def start_ambit_to_envoy(self) -> Pair:
+        """Mixed pair: Ambit client -> Envoy HBONE server."""
+        server = self._envoy("server", MIXED_B_SERVER_IP, MIXED_B_SERVER_IP)
+        pair, client = self._ambit_client(CLIENT_IP, (MIXED_B_SERVER_IP, ENVOY_HBONE), "ambit_to_envoy")
+        pair.procs = [client, server]
+        return pair
 
     def start_tls_relay(self) -> Pair:
         py = sys.executable
@@ -358,6 +377,8 @@ def drive(args: argparse.Namespace) -> None:
         "ambit_pair": bench.start_ambit,
         "envoy_pair": bench.start_envoy,
         "tls_relay_pair": bench.start_tls_relay,
+        "envoy_to_ambit": bench.start_envoy_to_ambit,
+        "ambit_to_envoy": bench.start_ambit_to_envoy,
     }
     names = [n for n in starters if n in args.only.split(",")]
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
@@ -435,7 +456,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=5000)
     parser.add_argument("--conn-iters", type=int, default=300)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    parser.add_argument("--only", default="tcp_direct,ambit_pair,envoy_pair,tls_relay_pair")
+    parser.add_argument(
+        "--only",
+        default="tcp_direct,ambit_pair,envoy_pair,tls_relay_pair",
+        help="comma-separated configurations; also envoy_to_ambit, ambit_to_envoy (mixed pairs)",
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.cmd == "ambit-client":

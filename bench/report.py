@@ -34,6 +34,11 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _has_proxy(results: dict[str, Any], config: str) -> bool:
+    """Comparing added latency with Envoy's only means something for configurations that put a proxy in the path."""
+    return bool(results["configs"][config].get("proxies"))
+
+
 def _configs(results: dict[str, Any]) -> list[str]:
     return [c for c in ALL_CONFIGS if c in results["configs"]]
 
@@ -136,7 +141,7 @@ def _latency(results: dict[str, Any], measure: str, title: str) -> list[str]:
                 _cell(results, c, measure, "p999", 1),
                 _num(a50, 1),
                 _num(a99, 1),
-                _x(ratio(a50, e50)) if c != "nomesh" else "-",
+                _x(ratio(a50, e50)) if _has_proxy(results, c) else "-",
                 _cell(results, c, measure, "cpu_us_per_req", 1),
                 _cell(results, c, measure, "cores_per_1k_rps", 3),
             ]
@@ -166,7 +171,7 @@ def _connect(results: dict[str, Any]) -> list[str]:
                 _cell(results, c, "conn", "p50", 0),
                 _cell(results, c, "conn", "p99", 0),
                 _num(a50, 0),
-                _x(ratio(a50, added(results, "envoy", "conn", "p50"))) if c != "nomesh" else "-",
+                _x(ratio(a50, added(results, "envoy", "conn", "p50"))) if _has_proxy(results, c) else "-",
                 _cell(results, c, "conn", "rate_per_s", 0),
                 _cell(results, c, "conn", "cpu_us_per_req", 0),
             ]

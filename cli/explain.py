@@ -9,7 +9,7 @@ import sys
 import urllib.parse
 from typing import Any
 
-from cli.certs import DEFAULT_ADMIN_PORT, AdminError, fetch_json
+from cli.agent_admin import AdminError, add_target_arguments, fetch_json
 
 
 def register(subparsers: Any) -> None:
@@ -19,11 +19,7 @@ def register(subparsers: Any) -> None:
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--identity", metavar="SPIFFE_URI", help="peer identity [the source workload's own]")
     who.add_argument("--plaintext", action="store_true", help="no peer identity (a client outside the mesh)")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--admin", metavar="HOST:PORT", help=f"agent admin address [127.0.0.1:{DEFAULT_ADMIN_PORT}]")
-    target.add_argument("--lab", metavar="LAB", help="lab name (with --node): reach the agent inside the node netns")
-    parser.add_argument("--node", help="lab node whose agent to ask (the destination's node)")
-    parser.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, help="admin port inside the node netns")
+    add_target_arguments(parser, node_help="lab node whose agent to ask (the destination's node)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     parser.set_defaults(func=run)
 

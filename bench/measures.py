@@ -50,17 +50,18 @@ MEASURES: tuple[Measure, ...] = (
 def _accounted(endpoint: Endpoint, body: Callable[[], Result]) -> Result:
     pids = endpoint.proxy_pids()
     snap0 = CpuSnapshot.take()
-    cpu0 = cpu_seconds(pids)
+    before = {p.role: cpu_seconds([p.pid]) for p in endpoint.proxies}
     t0 = time.monotonic()
     try:
         result = body()
     except (subprocess.TimeoutExpired, OSError) as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     wall = time.monotonic() - t0
-    proxy_cpu = cpu_seconds(pids) - cpu0
+    by_role = {p.role: round(cpu_seconds([p.pid]) - before[p.role], 4) for p in endpoint.proxies}
     ours = own_process_tree() | set(pids)
     result["wall_s"] = round(wall, 3)
-    result["proxy_cpu_s"] = round(proxy_cpu, 4) if pids else None
+    result["proxy_cpu_s"] = round(sum(by_role.values()), 4) if pids else None
+    result["proxy_cpu_by_role"] = by_role
     result["foreign_cpu_s"] = round(foreign_cpu(CpuSnapshot.take().since(snap0), ours), 3)
     return result
 
@@ -120,6 +121,7 @@ def _derive_throughput(result: Result, d: Durations) -> None:
         gigabytes = mbps * d.iperf_wall / 1000.0
         result["cpu_s_per_gb"] = round(proxy_cpu / gigabytes, 3)
         result["proxy_cores"] = round(proxy_cpu / d.iperf_wall, 3)
+        result["cpu_s_per_gb_by_role"] = {role: round(cpu / gigabytes, 3) for role, cpu in _by_role(result).items()}
 
 
 def _derive_requests(result: Result, d: Durations, mode: str) -> None:
@@ -132,3 +134,10 @@ def _derive_requests(result: Result, d: Durations, mode: str) -> None:
     per_request = proxy_cpu / (samples + warmup)
     result["cpu_us_per_req"] = round(per_request * 1e6, 1)
     result["cores_per_1k_rps"] = round(per_request * 1000, 4)
+    requests = samples + warmup
+    result["cpu_us_per_req_by_role"] = {role: round(cpu / requests * 1e6, 1) for role, cpu in _by_role(result).items()}
+
+
+def _by_role(result: Result) -> dict[str, float]:
+    by_role = result.get("proxy_cpu_by_role")
+    return by_role if isinstance(by_role, dict) else {}

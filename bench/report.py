@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import plots
+from bench import plots, stats
 from bench.options import ALL_CONFIGS
 from bench.stats import added, paired_ratio, ratio
 
@@ -21,13 +21,7 @@ def _num(x: float | None, digits: int = 0) -> str:
 
 def _cell(results: dict[str, Any], config: str, measure: str, metric: str, digits: int = 0) -> str:
     """Median with (min-max) when there was more than one round."""
-    entry = results["configs"].get(config, {}).get("summary", {}).get(measure, {}).get(metric)
-    if entry is None:
-        return "-"
-    text = _num(entry["median"], digits)
-    if entry["n"] > 1:
-        text += f" ({_num(entry['min'], digits)}-{_num(entry['max'], digits)})"
-    return text
+    return _spread_cell(results["configs"].get(config, {}).get("summary", {}).get(measure, {}).get(metric), digits)
 
 
 def _x(value: float | None) -> str:
@@ -196,25 +190,52 @@ def _connect(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _memory(results: dict[str, Any]) -> list[str]:
+def _proxies(results: dict[str, Any]) -> list[str]:
+    """Each proxy process on its own: where a pair's cost sits (client or server side, which agent)."""
     rows = []
     for c in _configs(results):
-        for role, mb in (results["configs"][c].get("proxy_rss_mb") or {}).items():
-            rows.append([c, role, f"{mb:.1f}"])
-    lines = ["## Proxy memory (RSS after the rounds)", ""]
-    lines += _table(["config", "process", "RSS MB"], rows, text_columns=2) if rows else ["No proxy process ran."]
-    rss = results.get("agent_rss") or {}
-    if rss.get("max_rss_mb") is not None:
+        entry = results["configs"][c]
+        rounds = entry.get("rounds", [])
+        per_gb = stats.by_role(rounds, "tput1", "cpu_s_per_gb_by_role")
+        per_req = stats.by_role(rounds, "lat1", "cpu_us_per_req_by_role")
+        per_conn = stats.by_role(rounds, "conn", "cpu_us_per_req_by_role")
+        rss = entry.get("proxy_rss_mb") or {}
+        for proxy in entry.get("proxies", []):
+            role = proxy["role"]
+            rows.append(
+                [
+                    c,
+                    role,
+                    _spread_cell(per_gb.get(role), 2),
+                    _spread_cell(per_req.get(role), 1),
+                    _spread_cell(per_conn.get(role), 0),
+                    "-" if role not in rss else f"{rss[role]:.1f}",
+                ]
+            )
+    header = ["config", "process", "CPU-s/GB (1 stream)", "CPU us/req (1 B echo)", "CPU us/connection", "RSS MB"]
+    lines = ["## Proxy processes", "", "Per process: CPU (user + system, all threads) and RSS after the rounds.", ""]
+    lines += _table(header, rows, text_columns=2) if rows else ["No proxy process ran."]
+    rss_100 = results.get("agent_rss") or {}
+    if rss_100.get("max_rss_mb") is not None:
         lines += [
             "",
-            f"Agent with {rss.get('local_workloads')} local workloads: **{rss['max_rss_mb']:.1f} MB** RSS "
-            f"({rss.get('note')}).",
+            f"Agent with {rss_100.get('local_workloads')} local workloads: **{rss_100['max_rss_mb']:.1f} MB** RSS "
+            f"({rss_100.get('note')}).",
         ]
-        if rss.get("echo_failed"):
-            lines.append(f"{rss['echo_failed']} of the echo probes failed, e.g. {rss.get('echo_failures')}.")
+        if rss_100.get("echo_failed"):
+            lines.append(f"{rss_100['echo_failed']} of the echo probes failed, e.g. {rss_100.get('echo_failures')}.")
     else:
-        lines += ["", f"Agent RSS with 100 local workloads: not measured ({rss.get('reason', 'not run')})."]
+        lines += ["", f"Agent RSS with 100 local workloads: not measured ({rss_100.get('reason', 'not run')})."]
     return [*lines, ""]
+
+
+def _spread_cell(entry: dict[str, float] | None, digits: int) -> str:
+    if entry is None:
+        return "-"
+    text = _num(entry["median"], digits)
+    if entry["n"] > 1:
+        text += f" ({_num(entry['min'], digits)}-{_num(entry['max'], digits)})"
+    return text
 
 
 def _config_scale(results: dict[str, Any]) -> list[str]:
@@ -322,7 +343,7 @@ def render(results: dict[str, Any], images: dict[str, str]) -> str:
         *_latency(results, "lat1", "1 B"),
         *_latency(results, "lat1k", "1 KiB"),
         *_connect(results),
-        *_memory(results),
+        *_proxies(results),
         *_config_scale(results),
         *_machine(results),
         "## Plots",

@@ -45,6 +45,17 @@ def summarize(rounds: list[dict[str, Any]]) -> Summary:
     return out
 
 
+def by_role(rounds: list[dict[str, Any]], measure: str, metric: str) -> dict[str, dict[str, float]]:
+    """Per proxy process (role): median/min/max over rounds of a per-role figure such as cpu_s_per_gb_by_role."""
+    values: dict[str, list[float]] = {}
+    for r in rounds:
+        per_role = r.get("measures", {}).get(measure, {}).get(metric)
+        if isinstance(per_role, dict):
+            for role, value in per_role.items():
+                values.setdefault(role, []).append(float(value))
+    return {role: spread(v) for role, v in values.items()}
+
+
 def median(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
     """The median of one number in results.json, or None when that configuration did not produce it."""
     entry = results.get("configs", {}).get(config, {}).get("summary", {}).get(measure, {}).get(metric)

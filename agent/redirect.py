@@ -1,12 +1,13 @@
-"""Capture loader: compiles bpf/redirect.bpf.c once with BCC, sets up the node's policy routing, attaches the
-program to the uplink and to pods' node-side interfaces, and keeps the pinned maps in step with enrollment.
+"""Capture loader: has bpf/redirect.bpf.c compiled once (BCC, in a child process), sets up the node's policy
+routing, attaches the program to the uplink and to pods' node-side interfaces, and keeps the pinned maps in step
+with enrollment.
 
 Capture outlives the agent on purpose: the tc filters stay attached and the maps stay pinned when the process
 exits, so enrolled pods never leak plaintext while the agent restarts (their new connections fail closed until a
 listener is back), and a restarted agent adopts the pins and swaps in its freshly compiled program atomically.
 Only :func:`cleanup` (``ambit-agent --cleanup``) removes capture.
 
-All methods block (netlink, a ~1-2 s compile in :meth:`Redirector.start`): call them from a worker thread
+All methods block (netlink; a ~1-2 s compile child in :meth:`Redirector.start`): call them from a worker thread
 (``await asyncio.to_thread(redirector.reconcile, ips)``), never on the event loop. They act on the network
 namespace the calling thread was in when :meth:`Redirector.start` ran (the node netns).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import redirect_syscalls as sysbpf
 from agent.redirect_errors import (
     AttachError,
     RedirectCompileError,
@@ -64,6 +67,7 @@ log = logging.getLogger("ambit.redirect")
 
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "redirect.bpf.c"
 PROGRAM_FUNCTION = "ambit_tc_ingress"
+PROGRAM_PIN = "ambit_prog"
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _RESERVED_TABLES = {0, 253, 254, 255}
 
@@ -125,6 +129,11 @@ class RedirectConfig:
         return os.path.join(self.pin_root, self.instance)
 
     @property
+    def prog_pin(self) -> str:
+        """The loaded program, pinned by the loader child so the agent can attach it without BCC."""
+        return os.path.join(self.pin_dir, PROGRAM_PIN)
+
+    @property
     def filter_name(self) -> str:
         """TCA_BPF_NAME of our filters: with prio/handle it is how cleanup tells ours from anyone else's."""
         return f"ambit:{self.instance}"
@@ -163,7 +172,6 @@ class Redirector:
     def __init__(self, config: RedirectConfig | None = None) -> None:
         self.config = config or RedirectConfig()
         self._lock = threading.RLock()
-        self._bpf: Any = None
         self._prog_fd = -1
         self._maps: RedirectMaps | None = None
         self._nl: Netlink | None = None
@@ -192,7 +200,7 @@ class Redirector:
                 nl.close()
                 raise
             try:
-                self._bpf, self._prog_fd = _compile(cfg)
+                self._prog_fd = _compile(cfg)
                 maps = RedirectMaps.open(cfg.pin_dir)
             except RedirectError:
                 nl.close()
@@ -492,9 +500,9 @@ class Redirector:
                 log.error("cannot capture workload", extra=kv(instance=self.config.instance, ip=ip, reason=reason))
 
     def _drop_program(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-        self._bpf, self._prog_fd = None, -1
+        if self._prog_fd >= 0:
+            os.close(self._prog_fd)
+        self._prog_fd = -1
 
     def _close_handles(self) -> None:
         if self._maps is not None:
@@ -701,52 +709,50 @@ def _remove_pin_dir(pin_dir: str) -> bool:
     return True
 
 
-_DIAGNOSE = """
-import sys
-from bcc import BPF
-b = BPF(src_file=sys.argv[1].encode(), cflags=sys.argv[3:])
-b.load_func(sys.argv[2].encode(), BPF.SCHED_CLS)
-"""
+LOADER_TIMEOUT_S = 300.0  # a compile takes 1-2 s; a loaded 2-core node can stretch that a lot
 
 
-def _compile(cfg: RedirectConfig) -> tuple[Any, int]:
-    """Compile and load in-process. libbcc prints clang diagnostics and the verifier log straight to fd 2, so on
-    failure the same compile is repeated in a child process whose stderr becomes the exception's detail (the
-    agent's own stderr is never redirected, and the happy path costs one compile)."""
+def _compile(cfg: RedirectConfig) -> int:
+    """Compile, load and pin the program in a child process (agent/redirect_loader.py) and return an fd of it.
+
+    BCC never enters the agent: LLVM and clang would stay resident for its whole life. The child's stderr (clang
+    diagnostics, verifier log) becomes the detail of the exception, so failures are as precise as in-process."""
     src = Path(cfg.source)
     if not src.is_file():
         raise RedirectCompileError(f"eBPF source {src} does not exist or is not a file (RedirectConfig.source)")
-    try:
-        from bcc import BPF
-    except ImportError as exc:
-        raise RedirectCompileError(f"BCC is not importable ({exc}); run `make setup` (python3-bpfcc)") from exc
     cflags = [f"-I{src.parent}", f'-DAMBIT_PIN_DIR="{cfg.pin_dir}"']
+    argv = [sys.executable, "-m", "agent.redirect_loader", str(src), PROGRAM_FUNCTION, cfg.prog_pin, *cflags]
     try:
-        bpf = BPF(src_file=str(src).encode(), cflags=cflags)
-    except Exception as exc:
-        raise RedirectCompileError(f"BCC failed to compile {src}: {exc}\n{_diagnose(src, cflags)}") from exc
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=LOADER_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise RedirectCompileError(f"compiling {src} took longer than {LOADER_TIMEOUT_S:.0f} s") from exc
+    except OSError as exc:
+        raise RedirectCompileError(f"cannot run the eBPF loader {sys.executable}: {exc}") from exc
+    if proc.returncode != 0:
+        raise _loader_error(src, proc.returncode, proc.stdout, proc.stderr)
     try:
-        fn = bpf.load_func(PROGRAM_FUNCTION.encode(), BPF.SCHED_CLS)
-    except Exception as exc:
-        bpf.cleanup()
-        raise RedirectKernelError(
+        return sysbpf.obj_get(cfg.prog_pin)
+    except OSError as exc:
+        raise RedirectPinError(f"cannot open the pinned program {cfg.prog_pin}: {exc.strerror}") from exc
+
+
+def _loader_error(src: Path, returncode: int, stdout: str, stderr: str) -> RedirectError:
+    try:
+        report = json.loads(stdout.strip().splitlines()[-1])
+        stage, error = str(report["stage"]), str(report["error"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        stage, error = "compile", f"the loader exited with status {returncode}"
+    detail = _diagnostics(stderr)
+    if stage == "import":
+        return RedirectCompileError(f"BCC is not importable ({error}); run `make setup` (python3-bpfcc)\n{detail}")
+    if stage == "load":
+        return RedirectKernelError(
             f"the kernel rejected {PROGRAM_FUNCTION} from {src} (needs bpf_skc_lookup_tcp/bpf_sk_assign, "
-            f"kernel >= 5.7): {exc}\n{_diagnose(src, cflags)}"
-        ) from exc
-    return bpf, int(fn.fd)
-
-
-def _diagnose(src: Path, cflags: list[str]) -> str:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _DIAGNOSE, str(src), PROGRAM_FUNCTION, *cflags],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            f"kernel >= 5.7): {error}\n{detail}"
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"(diagnostics unavailable: {exc})"
-    return _diagnostics(proc.stderr)
+    if stage == "pin":
+        return RedirectPinError(f"cannot pin the program from {src}: {error}\n{detail}")
+    return RedirectCompileError(f"BCC failed to compile {src}: {error}\n{detail}")
 
 
 def _diagnostics(text: str) -> str:

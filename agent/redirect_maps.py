@@ -1,9 +1,9 @@
 """The redirect program's pinned maps as seen from user space: layouts mirrored from bpf/ambit_maps.h, address key
 packing, and map access by pinned path.
 
-Access goes through libbcc's thin syscall wrappers on map fds rather than BCC table objects because cleanup and
-adoption must work on pins alone (no compile), and because a layout check has to run *before* BCC silently reuses
-a pinned map whose key or value size no longer matches the source.
+Access goes through plain bpf(2) calls on map fds (agent/redirect_syscalls.py) rather than BCC table objects: the
+agent never loads BCC (the loader child compiles), cleanup and adoption must work on pins alone, and a layout check
+has to run *before* the loader's BCC silently reuses a pinned map whose key or value size no longer matches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from agent import redirect_syscalls as sysbpf
 from agent.redirect_errors import RedirectKernelError, RedirectPinError
 
 LAYOUT_VERSION = 1  # AMBIT_LAYOUT_VERSION
@@ -142,36 +143,6 @@ class _MapInfo(ct.Structure):
     ]
 
 
-def _libbcc() -> ct.CDLL:
-    # A private handle: BCC sets its own argtypes on the shared one.
-    try:
-        lib = ct.CDLL("libbcc.so.0", use_errno=True)
-    except OSError as exc:
-        raise RedirectKernelError(f"libbcc.so.0 cannot be loaded ({exc}); install python3-bpfcc (make setup)") from exc
-    lib.bpf_obj_get.argtypes = [ct.c_char_p]
-    lib.bpf_obj_get.restype = ct.c_int
-    for name in ("bpf_lookup_elem", "bpf_get_next_key"):
-        getattr(lib, name).argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        getattr(lib, name).restype = ct.c_int
-    lib.bpf_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong]
-    lib.bpf_update_elem.restype = ct.c_int
-    lib.bpf_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
-    lib.bpf_delete_elem.restype = ct.c_int
-    lib.bpf_obj_get_info.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    lib.bpf_obj_get_info.restype = ct.c_int
-    return lib
-
-
-_LIB: ct.CDLL | None = None
-
-
-def lib() -> ct.CDLL:
-    global _LIB
-    if _LIB is None:
-        _LIB = _libbcc()
-    return _LIB
-
-
 class PinnedMap:
     """One map opened from its bpffs pin, checked against the layout this agent was built for."""
 
@@ -185,10 +156,10 @@ class PinnedMap:
     @classmethod
     def open(cls, spec: MapSpec, pin_dir: str) -> PinnedMap:
         path = os.path.join(pin_dir, spec.name)
-        fd = lib().bpf_obj_get(path.encode())
-        if fd < 0:
-            err = ct.get_errno()
-            raise RedirectPinError(f"cannot open pinned map {path}: {os.strerror(err)}")
+        try:
+            fd = sysbpf.obj_get(path)
+        except OSError as exc:
+            raise RedirectPinError(f"cannot open pinned map {path}: {exc.strerror}") from exc
         pinned = cls(spec, path, fd)
         try:
             pinned.check_layout()
@@ -199,9 +170,10 @@ class PinnedMap:
 
     def check_layout(self) -> None:
         info = _MapInfo()
-        size = ct.c_uint32(ct.sizeof(info))
-        if lib().bpf_obj_get_info(self._fd, ct.byref(info), ct.byref(size)) != 0:
-            raise RedirectPinError(f"cannot read map info of {self.path}: {os.strerror(ct.get_errno())}")
+        try:
+            sysbpf.obj_info(self._fd, info)
+        except OSError as exc:
+            raise RedirectPinError(f"cannot read map info of {self.path}: {exc.strerror}") from exc
         want = (self.spec.map_type, self.spec.key_size, self.spec.value_size, self.spec.max_entries)
         got = (info.type, info.key_size, info.value_size, info.max_entries)
         if want != got:
@@ -220,11 +192,12 @@ class PinnedMap:
 
     def lookup_raw(self, key: ct._CData) -> bytes | None:
         buf = self._value_buffer()
-        if lib().bpf_lookup_elem(self._fd, ct.byref(key), buf) != 0:
-            err = ct.get_errno()
-            if err == errno.ENOENT:
+        try:
+            sysbpf.map_lookup(self._fd, key, buf)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return None
-            raise RedirectKernelError(f"lookup in {self.path} failed: {os.strerror(err)}")
+            raise RedirectKernelError(f"lookup in {self.path} failed: {exc.strerror}") from exc
         return buf.raw
 
     def per_cpu(self, raw: bytes, leaf: type[ct.Structure] | type[ct.c_uint64]) -> list[ct._CData]:
@@ -236,19 +209,21 @@ class PinnedMap:
         raw = ct.string_at(ct.addressof(value), ct.sizeof(value))
         for i in range(self._ncpu):
             ct.memmove(ct.addressof(buf) + i * self._slot, raw, len(raw))
-        if lib().bpf_update_elem(self._fd, ct.byref(key), buf, flags) != 0:
-            err = ct.get_errno()
-            if err == errno.EEXIST and flags == BPF_NOEXIST:
+        try:
+            sysbpf.map_update(self._fd, key, buf, flags)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST and flags == BPF_NOEXIST:
                 return False
-            raise RedirectKernelError(f"update of {self.path} failed: {os.strerror(err)}")
+            raise RedirectKernelError(f"update of {self.path} failed: {exc.strerror}") from exc
         return True
 
     def delete(self, key: ct._CData) -> bool:
-        if lib().bpf_delete_elem(self._fd, ct.byref(key)) != 0:
-            err = ct.get_errno()
-            if err == errno.ENOENT:
+        try:
+            sysbpf.map_delete(self._fd, key)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return False
-            raise RedirectKernelError(f"delete from {self.path} failed: {os.strerror(err)}")
+            raise RedirectKernelError(f"delete from {self.path} failed: {exc.strerror}") from exc
         return True
 
     def keys(self, key_type: type[ct.Structure] | type[ct.c_uint32]) -> Iterator[ct._CData]:
@@ -257,12 +232,12 @@ class PinnedMap:
         prev: ct._CData | None = None
         while True:
             nxt = key_type()
-            ret = lib().bpf_get_next_key(self._fd, ct.byref(prev) if prev is not None else None, ct.byref(nxt))
-            if ret != 0:
-                err = ct.get_errno()
-                if err == errno.ENOENT:
+            try:
+                sysbpf.map_next_key(self._fd, prev, nxt)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
                     break
-                raise RedirectKernelError(f"iterating {self.path} failed: {os.strerror(err)}")
+                raise RedirectKernelError(f"iterating {self.path} failed: {exc.strerror}") from exc
             found.append(nxt)
             prev = nxt
         return iter(found)

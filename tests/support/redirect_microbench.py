@@ -74,7 +74,7 @@ def main() -> None:
     lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.c_void_p]
     try:
         with enter(name):
-            bpf, fd = _compile(cfg)
+            fd = _compile(cfg)
             maps = RedirectMaps.open(cfg.pin_dir)
             maps.write_config(ConfigEntry(outbound_port=15001, inbound_port=15006, hbone_port=15008, mark=0x200,
                                           mark_mask=0xF00))  # fmt: skip
@@ -95,7 +95,7 @@ def main() -> None:
                 duration, verdict = _run(lib, fd, pkt, args.repeat)
                 print(f"{label:42s} {duration:9d}  {verdict}")
             maps.close()
-            bpf.cleanup()
+            os.close(fd)
     finally:
         _remove_pin_dir(cfg.pin_dir)
         subprocess.run(["ip", "netns", "del", name], check=False)

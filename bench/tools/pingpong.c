@@ -6,12 +6,14 @@
  * path.  Every reply is compared with what was sent: a path that corrupts bytes fails instead of looking fast.
  * Prints one JSON object (microseconds) on stdout; exits non-zero with a reason on stderr. */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,7 +32,10 @@ static struct sockaddr_in target;
 
 static int dial(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    struct timeval stall = {.tv_sec = 10}; /* a stalled path fails the measure instead of hanging it */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &stall, sizeof stall);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &stall, sizeof stall);
     if (connect(fd, (struct sockaddr *)&target, sizeof target)) { perror("connect"); exit(3); }
     return fd;
 }
@@ -44,7 +49,12 @@ static void round_trip(int fd, char *out, char *in, int size, unsigned seq) {
     }
     for (int off = 0; off < size;) {
         ssize_t r = read(fd, in + off, (size_t)(size - off));
-        if (r <= 0) { fprintf(stderr, "read: connection closed after %d of %d bytes\n", off, size); exit(5); }
+        if (r < 0) {
+            const char *why = errno == EAGAIN || errno == EWOULDBLOCK ? "no reply within 10 s" : strerror(errno);
+            fprintf(stderr, "read after %d of %d bytes: %s\n", off, size, why);
+            exit(5);
+        }
+        if (r == 0) { fprintf(stderr, "read: connection closed after %d of %d bytes\n", off, size); exit(5); }
         off += (int)r;
     }
     if (memcmp(out, in, (size_t)size)) { fprintf(stderr, "echo mismatch at sample %u\n", seq); exit(6); }

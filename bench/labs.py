@@ -10,6 +10,7 @@ with the lab's own error as the reason.
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from bench.drivers.base import DriverUnavailable
 from bench.procs import ProcessGroup
 from bench.tools import Tools
 from lab import Lab, LabError, NodeInfo, PodInfo
+from lab.state import state_dir
 
 TOPOLOGY = Path(__file__).resolve().parent / "topology"
 ECHO_PORT = 19000
@@ -67,8 +69,9 @@ class LabSite:
 
 
 class BenchLabs:
-    def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning) -> None:
+    def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning, log_dir: Path) -> None:
         self._group = group
+        self._log_dir = log_dir
         self._tools = tools
         self._pinning = pinning
         self._sites: dict[str, LabSite] = {}
@@ -97,7 +100,8 @@ class BenchLabs:
         try:
             lab = Lab.up(config_dir, name=name, mesh=kind in MESH_KINDS)
         except (LabError, OSError, subprocess.SubprocessError) as exc:  # the lab's own words are the best reason
-            raise DriverUnavailable(f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}") from exc
+            reason = f"{kind} lab ({name}) did not come up: {type(exc).__name__}: {exc}"
+            raise DriverUnavailable(self._keep_failed_logs(name, reason)) from exc
         site = LabSite(kind, lab)
         self._sites[kind] = site
         try:
@@ -106,6 +110,19 @@ class BenchLabs:
         except (procs.ProcessDied, TimeoutError, OSError, LabError) as exc:
             raise DriverUnavailable(f"backends in the {kind} lab did not start: {exc}") from exc
         return site
+
+    def _keep_failed_logs(self, name: str, reason: str) -> str:
+        """A failed `up` leaves its logs under the lab's state directory for diagnosis; move them into the results
+        (where the report points) so the run leaves nothing behind."""
+        leftover = state_dir(name)
+        logs = leftover / "logs"
+        if not logs.is_dir():
+            return reason
+        kept = self._log_dir / f"lab-{name}"
+        shutil.move(str(logs), kept)
+        if not any(leftover.iterdir()):
+            leftover.rmdir()
+        return reason.replace(str(logs), str(kept))
 
     def _start_backends(self, site: LabSite, key: str) -> None:
         pod = site.pod(key)

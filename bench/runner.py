@@ -125,7 +125,7 @@ class Run:
         try:
             tools = build_tools(self.out / "bin")
             cert_files = certs.generate(self.out / "certs")
-            labs = BenchLabs(self.group, tools, self.pinning)
+            labs = BenchLabs(self.group, tools, self.pinning, self.out / "logs")
             self.drivers = make_drivers(selected, labs, self.group, self.pinning, cert_files, tools, self.out)
             for driver in self.drivers:
                 self.results["configs"][driver.name] = _config_entry(driver)

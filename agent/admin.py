@@ -1,144 +1,24 @@
 """The agent's HTTP endpoints, on asyncio alone: admin (15000, localhost), metrics (15020), readiness (15021).
 
 Three servers as in ztunnel, so that an expensive /config_dump never sits in the readiness probe's queue.
-The HTTP/1.1 handling is deliberately minimal (one request per connection, bounded header size, no request
-bodies beyond what is declared and small): these endpoints serve probes, scrapers and `ambitctl`.
+The HTTP/1.1 handling (common/http.py) is deliberately minimal: one request per connection, bounded header
+size, no request bodies beyond what is declared and small; these endpoints serve probes, scrapers and `ambitctl`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from agent import rbac
 from agent.addressing import BadAuthority, parse_authority
 from agent.metrics import Metrics
 from agent.state import WorkloadStore
-from common.log import kv
+from common.http import HttpServer, Request, Response
 from common.spiffe import Identity, InvalidIdentity
-
-log = logging.getLogger("agent.admin")
-
-MAX_HEAD = 16 * 1024
-MAX_BODY = 64 * 1024
-READ_TIMEOUT = 10.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200) -> Response:
-        return cls(status, json.dumps(obj, indent=2, default=str).encode() + b"\n", "application/json")
-
-    @classmethod
-    def text(cls, text: str, status: int = 200) -> Response:
-        return cls(status, text.encode())
-
-
-Route = Callable[[Request], Awaitable[Response]]
-
-
-class BadRequest(Exception):
-    pass
-
-
-@dataclass
-class HttpServer:
-    """Routes `(method, path)` to handlers; one request per connection."""
-
-    name: str
-    routes: dict[tuple[str, str], Route] = field(default_factory=dict)
-    server: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        return self.server
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(READ_TIMEOUT):
-                req = await _read_request(reader)
-            resp = await self._dispatch(req)
-        except (BadRequest, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError) as e:
-            resp = Response.text(f"bad request: {e}\n", 400)
-        except (TimeoutError, ConnectionError):
-            writer.close()
-            return
-        head = (
-            f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Error')}\r\n"
-            f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\nConnection: close\r\n\r\n"
-        )
-        with contextlib.suppress(ConnectionError):
-            writer.write(head.encode() + resp.body)
-            await writer.drain()
-        writer.close()
-
-    async def _dispatch(self, req: Request) -> Response:
-        handler = self.routes.get((req.method, req.path))
-        if handler is None:
-            if any(path == req.path for _, path in self.routes):
-                return Response.text(f"method {req.method} not allowed on {req.path}\n", 405)
-            known = "\n".join(sorted({p for _, p in self.routes}))
-            return Response.text(f"{req.path} not found; endpoints:\n{known}\n", 404)
-        try:
-            return await handler(req)
-        except Exception as e:
-            log.exception("admin handler failed", extra=kv(server=self.name, path=req.path))
-            return Response.text(f"internal error: {e}\n", 500)
-
-
-async def _read_request(reader: asyncio.StreamReader) -> Request:
-    head = await reader.readuntil(b"\r\n\r\n")
-    if len(head) > MAX_HEAD:
-        raise BadRequest("header too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadRequest(f"malformed request line {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise BadRequest(f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    if length > MAX_BODY:
-        raise BadRequest("body too large")
-    if length:
-        await reader.readexactly(length)
-    url = urlsplit(parts[1])
-    return Request(parts[0].upper(), url.path, parse_qs(url.query), headers)
 
 
 def admin_server(

@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.accesslog import AccessLog
 from agent.addressing import workload_identity, workload_ips
-from agent.admin import HttpServer, admin_server, config_dump, metrics_server, readiness_server
+from agent.admin import admin_server, config_dump, metrics_server, readiness_server
 from agent.ca_client import CaClient
 from agent.capture_metrics import CaptureCollector
 from agent.connections import ConnectionRegistry
@@ -38,6 +38,7 @@ from agent.xds import XdsClient
 from api.istio.workload import workload_pb2
 from common import flags, runtime
 from common import log as jsonlog
+from common.http import HttpServer
 from common.log import kv
 from common.spiffe import Identity
 

@@ -19,8 +19,9 @@ import grpc
 
 from common import flags, runtime
 from common import log as jsonlog
+from common.http import Response
 from common.log import kv
-from controller.monitoring import ControllerMetrics, MonitoringServer, json_response, metrics_route
+from controller.monitoring import ControllerMetrics, metrics_route, monitoring_server
 from controller.sources.files import ConfigDirError, FileSource
 from controller.store import ConfigStore
 from controller.translate import Translator, TranslatorConfig
@@ -90,26 +91,25 @@ class Controller:
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Callable[[], Any]] = []
-        self.monitoring = MonitoringServer(
-            routes={
+        self.monitoring = monitoring_server(
+            {
                 "/metrics": metrics_route(self.metrics),
-                "/debug/config_dump": lambda: json_response(self.xds.config_dump()),
-                "/debug/config_status": lambda: json_response(self.store.status()),
-                "/debug/connections": lambda: json_response(self.xds.describe_connections()),
+                "/debug/config_dump": lambda: Response.json(self.xds.config_dump(), sort_keys=True),
+                "/debug/config_status": lambda: Response.json(self.store.status(), sort_keys=True),
+                "/debug/connections": lambda: Response.json(self.xds.describe_connections(), sort_keys=True),
                 "/healthz/ready": self._readiness,
                 "/ready": self._readiness,
-            },
-            host=cfg.listen_address,
-            port=cfg.monitoring_port,
+            }
         )
 
-    def _readiness(self) -> tuple[int, str, bytes]:
-        return (200, "text/plain", b"ready\n") if self.ready else (503, "text/plain", b"config not synced yet\n")
+    def _readiness(self) -> Response:
+        return Response.text("ready\n") if self.ready else Response.text("config not synced yet\n", 503)
 
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.monitoring_port:
-            await self.monitoring.start()
+            await self.monitoring.start(cfg.listen_address, cfg.monitoring_port)
+            log.info("monitoring listening", extra=kv(address=cfg.listen_address, port=self.monitoring.port))
         await self._start_sources()
         await self._sync_ca_secret()
         authenticator, grpc_services = self._grpc_services()
@@ -226,7 +226,7 @@ class Controller:
             result = close()
             if asyncio.iscoroutine(result):
                 await result
-        await self.monitoring.stop()
+        await self.monitoring.close()
 
 
 async def _run(cfg: ControllerConfig) -> int:

@@ -1,25 +1,18 @@
 """The controller's monitoring surface on 15014: Prometheus metrics, debug dumps and readiness.
 
-A tiny HTTP/1.1 server on asyncio streams rather than a web framework: it serves a handful of GET endpoints to
-Prometheus and operators, and the project adds no dependency for that. Metrics live in a per-controller registry
-(not prometheus-client's global one) so tests and benchmarks can run several controllers in one process.
+The HTTP/1.1 server is common/http.py's (shared with the agent's admin endpoints). Metrics live in a
+per-controller registry (not prometheus-client's global one) so tests and benchmarks can run several
+controllers in one process.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from common.log import kv
-
-log = logging.getLogger("ambit.controller.monitoring")
+from common.http import Handler, HttpServer, Request, Response
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -67,93 +60,20 @@ class ControllerMetrics:
         return generate_latest(self.registry)
 
 
-Handler = Callable[[], Awaitable[tuple[int, str, bytes]] | tuple[int, str, bytes]]
+def monitoring_server(routes: dict[str, Callable[[], Response]], read_timeout: float = 30.0) -> HttpServer:
+    """GET and HEAD on each path (all read-only). Connections stay open for scrapers that reuse them."""
+
+    def route(fn: Callable[[], Response]) -> Handler:
+        async def handle(_: Request) -> Response:
+            return fn()
+
+        return handle
+
+    server = HttpServer("monitoring", keep_alive=True, read_timeout=read_timeout)
+    for path, fn in routes.items():
+        server.routes[("GET", path)] = server.routes[("HEAD", path)] = route(fn)
+    return server
 
 
-def json_response(obj: Any, status: int = 200) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
-
-
-@dataclass
-class MonitoringServer:
-    """GET-only HTTP server; each path maps to a handler returning (status, content type, body)."""
-
-    routes: dict[str, Handler]
-    host: str = "0.0.0.0"
-    port: int = 15014
-    _server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        bound: int = self._server.sockets[0].getsockname()[1]
-        log.info("monitoring listening", extra=kv(address=self.host, port=bound))
-        return bound
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-                    return
-                request_line, _, header_block = head.decode("latin-1").partition("\r\n")
-                parts = request_line.split(" ")
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(":") for line in header_block.split("\r\n") if line)
-                }
-                if len(parts) != 3:
-                    status, ctype, body = 400, "text/plain", b"bad request line\n"
-                elif parts[0] not in ("GET", "HEAD"):
-                    status, ctype, body = 405, "text/plain", b"only GET\n"
-                else:
-                    status, ctype, body = await self._dispatch(parts[1].split("?", 1)[0])
-                keep_alive = headers.get("connection", "").lower() != "close" and parts[-1] == "HTTP/1.1"
-                writer.write(
-                    (
-                        f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Type: {ctype}\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-                    ).encode()
-                )
-                if parts[0] != "HEAD":
-                    writer.write(body)
-                await writer.drain()
-                if not keep_alive:
-                    return
-        except ConnectionError:
-            return
-        finally:
-            writer.close()
-
-    async def _dispatch(self, path: str) -> tuple[int, str, bytes]:
-        handler = self.routes.get(path)
-        if handler is None:
-            listing = "\n".join(sorted(self.routes)) + "\n"
-            return 404, "text/plain", f"not found; endpoints:\n{listing}".encode()
-        try:
-            result = handler()
-            if isinstance(result, Awaitable):
-                result = await result
-            return result
-        except Exception as e:  # a debug endpoint must never take the controller down
-            log.exception("monitoring handler failed", extra=kv(path=path))
-            return 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-def metrics_route(metrics: ControllerMetrics) -> Handler:
-    return lambda: (200, CONTENT_TYPE_LATEST, metrics.render())
+def metrics_route(metrics: ControllerMetrics) -> Callable[[], Response]:
+    return lambda: Response(200, metrics.render(), CONTENT_TYPE_LATEST)

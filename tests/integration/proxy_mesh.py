@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.accesslog import AccessLog
-from agent.admin import HttpServer, metrics_server
+from agent.admin import metrics_server
 from agent.connections import ConnectionRegistry
 from agent.inbound import InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics, sample_value
@@ -29,6 +29,7 @@ from agent.state import AUTHORIZATION_TYPE, WorkloadStore, policy_key
 from agent.tunnel import TunnelStats
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
+from common.http import HttpServer
 from common.spiffe import Identity
 from tests.support.proxy_certs import StaticCertificates
 from tests.support.proxy_echo import echo_server

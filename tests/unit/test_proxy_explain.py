@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.admin import HttpServer, admin_server
+from agent.admin import admin_server
 from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
+from common.http import HttpServer
 
 
 def pod(name: str, ns: str, sa: str, ip: str, policies: list[str] | None = None) -> wpb.Workload:

@@ -13,10 +13,11 @@ import pytest
 
 from agent import rbac
 from agent.accesslog import AccessLog
-from agent.admin import HttpServer, admin_server, metrics_server, readiness_server
+from agent.admin import admin_server, metrics_server, readiness_server
 from agent.metrics import TRAFFIC_LABELS, Metrics, sample_value, traffic_labels
 from agent.tunnel import TunnelStats
 from api.istio.workload import workload_pb2 as wpb
+from common.http import HttpServer
 from common.spiffe import Identity
 
 SRC = wpb.Workload(

@@ -15,8 +15,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from agent.state import WorkloadStore
 from agent.xds import XdsClient
 from api.istio.workload import workload_pb2 as wpb
-from controller.monitoring import ControllerMetrics, MonitoringServer, json_response, metrics_route
-from controller.xds_server import ADDRESS_TYPE, AUTHORIZATION_TYPE, XdsServer
+from common.http import Response
+from controller.monitoring import ControllerMetrics, metrics_route, monitoring_server
+from controller.xds_server import ADDRESS_TYPE, AUTHORIZATION_TYPE, AckEvent, XdsServer
 from tests.support.xds_controller import wait_for
 
 
@@ -63,13 +64,13 @@ async def test_stuck_client_does_not_stall_the_others() -> None:
             assert stuck_conn.pushes == 0  # its first (huge) write never completed
     finally:
         stuck.cancel()
-        await channel.close()
+        await channel.close(grace=None)
         await server.stop(0)
 
 
 async def test_client_against_in_process_server_both_types() -> None:
     """The shape benchmarks use: XdsServer(...).serve(0) plus clients in the same or another process."""
-    acks = []
+    acks: list[AckEvent] = []
     server = XdsServer(metrics=ControllerMetrics(), on_ack=acks.append)
     server.update(ADDRESS_TYPE, {"c//Pod/demo/w1": workload(1)})
     port = await server.serve(0)
@@ -99,15 +100,14 @@ async def test_monitoring_endpoints() -> None:
     metrics = ControllerMetrics()
     metrics.config_errors.set(2)
 
-    def broken() -> tuple[int, str, bytes]:
+    def broken() -> Response:
         raise ValueError("boom")
 
-    server = MonitoringServer(
-        routes={"/metrics": metrics_route(metrics), "/debug/x": lambda: json_response({"a": 1}), "/bad": broken},
-        host="127.0.0.1",
-        port=0,
+    server = monitoring_server(
+        {"/metrics": metrics_route(metrics), "/debug/x": lambda: Response.json({"a": 1}), "/bad": broken}
     )
-    port = await server.start()
+    await server.start("127.0.0.1", 0)
+    port = server.port
     try:
         status, body = await _http_get(port, "/metrics")
         assert status == 200 and b"ambit_config_rejected 2.0" in body
@@ -118,4 +118,4 @@ async def test_monitoring_endpoints() -> None:
         status, body = await _http_get(port, "/bad")
         assert status == 500 and b"ValueError: boom" in body
     finally:
-        await server.stop()
+        await server.close()

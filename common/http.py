@@ -1,0 +1,174 @@
+"""A small HTTP/1.1 server on asyncio streams for the agent's and the controller's operator endpoints.
+
+Probes, scrapers and `ambitctl` need a handful of routes, not a web framework, and the project adds no
+dependency for that. What matters here is that a peer's malformed or oversized request gets a 400 and never
+takes the process down, that a slow client cannot hold a connection forever, and that a failing handler is a
+500 rather than a dead server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from common.log import kv
+
+log = logging.getLogger("common.http")
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    version: str = "HTTP/1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, *, sort_keys: bool = False) -> Response:
+        body = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str).encode() + b"\n"
+        return cls(status, body, "application/json")
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Response:
+        return cls(status, text.encode())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class BadRequest(ValueError):
+    """The request cannot be parsed or exceeds a limit; answered with 400 and the connection closed."""
+
+
+@dataclass
+class HttpServer:
+    """Routes `(method, path)` to handlers. A known path asked with another method is 405, an unknown path 404
+    listing the endpoints. With `keep_alive`, an HTTP/1.1 client that does not send `Connection: close` may
+    send further requests on the connection (scrapers reuse it); otherwise one request per connection. A
+    response to HEAD carries no body."""
+
+    name: str
+    routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
+    keep_alive: bool = False
+    read_timeout: float = 10.0
+    server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        log.debug("http listening", extra=kv(server=self.name, address=host, port=self.port))
+        return self.server
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            first = True
+            while True:
+                try:
+                    async with asyncio.timeout(self.read_timeout):
+                        req = await read_request(reader)
+                except asyncio.IncompleteReadError as e:
+                    if not first and not e.partial:
+                        return  # the client closed an idle persistent connection
+                    await _write(writer, Response.text(f"bad request: {e}\n", 400), keep=False)
+                    return
+                except (BadRequest, asyncio.LimitOverrunError, ValueError) as e:
+                    await _write(writer, Response.text(f"bad request: {e}\n", 400), keep=False)
+                    return
+                except (TimeoutError, ConnectionError):
+                    return
+                first = False
+                keep = (
+                    self.keep_alive
+                    and req.version == "HTTP/1.1"
+                    and req.headers.get("connection", "").lower() != "close"
+                )
+                await _write(writer, await self._dispatch(req), keep=keep, head_only=req.method == "HEAD")
+                if not keep:
+                    return
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+    async def _dispatch(self, req: Request) -> Response:
+        handler = self.routes.get((req.method, req.path))
+        if handler is None:
+            if any(path == req.path for _, path in self.routes):
+                return Response.text(f"method {req.method} not allowed on {req.path}\n", 405)
+            known = "\n".join(sorted({p for _, p in self.routes}))
+            return Response.text(f"{req.path} not found; endpoints:\n{known}\n", 404)
+        try:
+            return await handler(req)
+        except Exception as e:  # an operator endpoint must never take the process down
+            log.exception("http handler failed", extra=kv(server=self.name, path=req.path))
+            return Response.text(f"internal error: {type(e).__name__}: {e}\n", 500)
+
+
+async def _write(writer: asyncio.StreamWriter, resp: Response, *, keep: bool, head_only: bool = False) -> None:
+    head = (
+        f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Error')}\r\n"
+        f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
+        f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+    )
+    with contextlib.suppress(ConnectionError):
+        writer.write(head.encode() if head_only else head.encode() + resp.body)
+        await writer.drain()
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request:
+    """One request head and its (discarded, bounded) body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if len(head) > MAX_HEAD:
+        raise BadRequest("header too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(f"malformed request line {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise BadRequest(f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    if length > MAX_BODY:
+        raise BadRequest("body too large")
+    if length:
+        await reader.readexactly(length)
+    url = urlsplit(parts[1])
+    return Request(parts[0].upper(), url.path, parse_qs(url.query), headers, parts[2])

@@ -9,14 +9,43 @@ clsact qdisc that others use are left alone.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from agent.redirect_errors import AttachError, RedirectKernelError
+
+
+def _register_pyroute2_lazily() -> None:
+    """pyroute2's package __init__ imports every feature it has (NDB with sqlite3, IPDB, wireless, nftables, ipvs,
+    psutil, unittest, multiprocessing: ~160 modules, ~7 MB resident for the agent's whole life) while capture needs
+    rtnetlink alone. So the package is registered without running its __init__; the first access to an attribute
+    the submodules did not define (``from pyroute2 import NDB`` elsewhere in the process) runs it after all."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None:
+        raise ImportError("pyroute2 is not installed; run `make setup`")
+    pkg = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def full_package(name: str) -> Any:
+        if name.startswith("__") or importlib.util.find_spec(f"pyroute2.{name}") is not None:
+            raise AttributeError(name)  # a submodule: the import system loads it
+        del pkg.__dict__["__getattr__"]
+        loader.exec_module(pkg)
+        return getattr(pkg, name)
+
+    pkg.__dict__["__getattr__"] = full_package  # PEP 562 module __getattr__
+    sys.modules["pyroute2"] = pkg
+
+
+_register_pyroute2_lazily()
+
+from pyroute2.iproute.linux import IPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
 TC_H_CLSACT = 0xFFFFFFF1
 TC_H_INGRESS = 0xFFFFFFF2  # ffff:fff2 = clsact ingress

@@ -32,5 +32,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.root)
-            if "require_root" not in item.fixturenames:
+            if isinstance(item, pytest.Function) and "require_root" not in item.fixturenames:
                 item.fixturenames.insert(0, "require_root")

@@ -54,7 +54,7 @@ async def request(mesh: Mesh, headers: list[tuple[str, str]], ident: Identity | 
                 ftype, sid = head[3], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
                 payload = await reader.readexactly(length)
                 if ftype == HEADERS and sid == 1:
-                    return dict(decoder.decode(payload))[":status"]
+                    return dict(decoder.decode(payload, raw=True))[b":status"].decode()
                 if ftype == RST_STREAM and sid == 1:
                     return "reset"
                 if ftype == GOAWAY:

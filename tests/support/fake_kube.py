@@ -251,7 +251,7 @@ def deny_policy(name: str) -> dict[str, Any]:
 
 @contextmanager
 def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
-    fake = fake or FakeKube()
+    kube = fake or FakeKube()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -270,27 +270,27 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
         def _dispatch(self, method: str) -> None:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            fake.requests.append((method, url.path, query))
+            kube.requests.append((method, url.path, query))
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
-            for m, pattern, handler in fake.routes:
+            for m, pattern, handler in kube.routes:
                 match = pattern.fullmatch(url.path)
                 if m == method and match:
                     self._send_json(*handler(match, body))
                     return
-            coll = fake.collections.get(url.path)
+            coll = kube.collections.get(url.path)
             if method != "GET" or coll is None:
                 self._send_json(404, status_object(404, "NotFound", f"{method} {url.path} not found"))
                 return
             if query.get("watch") == "true":
                 self._watch(coll, query)
                 return
-            with fake.cond:
-                if fake.fail_lists > 0:
-                    fake.fail_lists -= 1
+            with kube.cond:
+                if kube.fail_lists > 0:
+                    kube.fail_lists -= 1
                     self._send_json(500, status_object(500, "InternalError", "injected failure"))
                     return
-                listing = fake.list_body(coll)
+                listing = kube.list_body(coll)
             self._send_json(200, listing)
 
         def _watch(self, coll: Collection, query: dict[str, str]) -> None:
@@ -299,11 +299,11 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             stop = threading.Event()
-            with fake.cond:
-                fake._watch_sockets[self.connection] = urlsplit(self.path).path
+            with kube.cond:
+                kube._watch_sockets[self.connection] = urlsplit(self.path).path
             try:
-                since = int(query.get("resourceVersion") or fake.resource_version)
-                for event in fake.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
+                since = int(query.get("resourceVersion") or kube.resource_version)
+                for event in kube.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
                     line = json.dumps(event).encode() + b"\n"
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
@@ -312,8 +312,8 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
                 pass
             finally:
                 stop.set()
-                with fake.cond:
-                    fake._watch_sockets.pop(self.connection, None)
+                with kube.cond:
+                    kube._watch_sockets.pop(self.connection, None)
                 self.close_connection = True
 
         def do_GET(self) -> None:
@@ -327,13 +327,13 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    fake._server = server
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    kube._server = server
+    kube.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="fake-kube", daemon=True)
     thread.start()
     try:
-        yield fake
+        yield kube
     finally:
-        fake.drop_watches()
+        kube.drop_watches()
         server.shutdown()
         server.server_close()

@@ -3,6 +3,7 @@ ones current policy denies."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from agent import rbac
@@ -46,14 +47,15 @@ def test_policy_change_cuts_only_denied_connections() -> None:
     for who in (SLEEP, CURL):
         conn = rbac.Connection("10.1.0.5", "10.2.0.7", 8080, who, 40000)
         reports[who] = AccessLog(metrics).start("inbound", ("10.1.0.5", 40000), ("10.2.0.7", 8080), dst=SERVER)
-        registry.track(conn, SERVER.uid, "inbound", lambda w=who: cut.append(w.service_account), [reports[who]])
+        registry.track(conn, SERVER.uid, "inbound", functools.partial(cut.append, who.service_account), [reports[who]])
     store.put(policies=[deny("cluster.local/ns/other/sa/x", "unrelated")])
     assert cut == [] and len(registry) == 2
 
     store.put(policies=[deny(CURL.principal)])
     assert cut == ["curl"] and len(registry) == 1
     assert sample_value(metrics, "ambit_connection_errors_total", {"reason": "policy_late_rejection"}) == 1
-    assert reports[CURL].decision is not None and reports[CURL].decision.policy == "server/deny"
+    decision = reports[CURL].decision
+    assert decision is not None and decision.policy == "server/deny"
     [t] = list(registry._conns)
     assert t.conn.src_identity == SLEEP and t.late_rejection is None
 

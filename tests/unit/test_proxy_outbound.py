@@ -54,7 +54,12 @@ CLIENT = wpb.Workload(
 )
 
 
-def service(vip: str, name: str = "echo", mode: int = 0, ports: dict[int, int] | None = None) -> Any:
+def service(
+    vip: str,
+    name: str = "echo",
+    mode: wpb.LoadBalancing.Mode = wpb.LoadBalancing.UNSPECIFIED_MODE,
+    ports: dict[int, int] | None = None,
+) -> Any:
     return wpb.Service(
         name=name,
         namespace="server",
@@ -98,7 +103,7 @@ def test_workload_ip_goes_through_hbone_to_15008(store: WorkloadStore) -> None:
     assert r.kind is RouteKind.HBONE
     assert r.target == ("10.2.0.7", 15008)
     assert r.authority == ("10.2.0.7", 8080)  # no port mapping without a service
-    assert r.workload.name == "echo-a" and r.service is None
+    assert r.workload is not None and r.workload.name == "echo-a" and r.service is None
 
 
 def test_vip_balances_over_healthy_endpoints_with_target_ports(store: WorkloadStore) -> None:
@@ -106,8 +111,8 @@ def test_vip_balances_over_healthy_endpoints_with_target_ports(store: WorkloadSt
     rng = random.Random(7)
     for _ in range(200):
         r = route(store, "n1", CLIENT, ("10.96.0.10", 80), rng=rng)
-        assert r.kind is RouteKind.HBONE and r.service.hostname == HOST
-        assert r.target == (r.authority[0], 15008)  # type: ignore[index]
+        assert r.kind is RouteKind.HBONE and r.service is not None and r.service.hostname == HOST
+        assert r.authority is not None and r.target == (r.authority[0], 15008)
         seen[r.authority] += 1
     assert set(seen) == {("10.2.0.7", 8080), ("10.2.0.8", 9090)}  # never the unhealthy one
     assert min(seen.values()) > 50
@@ -129,7 +134,8 @@ def test_same_node_fast_path(store: WorkloadStore) -> None:
 
 def test_outside_the_mesh_is_passthrough(store: WorkloadStore) -> None:
     r = route(store, "n1", CLIENT, ("10.3.0.4", 5432))
-    assert r.kind is RouteKind.PASSTHROUGH and r.target == ("10.3.0.4", 5432) and r.workload.name == "legacy"
+    assert r.kind is RouteKind.PASSTHROUGH and r.target == ("10.3.0.4", 5432)
+    assert r.workload is not None and r.workload.name == "legacy"
     r = route(store, "n1", CLIENT, ("192.0.2.1", 443))
     assert r.kind is RouteKind.PASSTHROUGH and r.target == ("192.0.2.1", 443) and r.workload is None
 

@@ -49,7 +49,11 @@ def sa(ns: str, name: str) -> pb.ServiceAccountMatch:
 
 
 def policy(
-    *groups: list[list[pb.Match]], action: int = pb.ALLOW, name: str = "p", ns: str = "server", dry_run: bool = False
+    *groups: list[list[pb.Match]],
+    action: pb.Action = pb.ALLOW,
+    name: str = "p",
+    ns: str = "server",
+    dry_run: bool = False,
 ) -> pb.Authorization:
     """groups -> rules (clauses) -> matches, as nested lists."""
     return pb.Authorization(

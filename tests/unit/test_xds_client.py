@@ -210,7 +210,7 @@ def test_backoff_doubles_to_cap_and_resets() -> None:
     ],
 )
 def test_backoff_reset_rules(code: grpc.StatusCode, details: str, resets: bool) -> None:
-    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details, debug_error_string="")
     assert resets_backoff(err) is resets
 
 

@@ -166,6 +166,13 @@ class Mesh:
         for s in self.servers:
             s.close()
 
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def settled(self, limit: float = 20.0) -> None:
         """Wait until both agents have finished every connection record (a client can see EOF a moment before
         the agent's relay returns and writes its metrics and log line)."""

@@ -24,12 +24,8 @@ HEADERS, RST_STREAM, SETTINGS, GOAWAY = 1, 3, 4, 7
 
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
-    m = Mesh()
-    await m.start()
-    try:
+    async with Mesh() as m:
         yield m
-    finally:
-        await m.close()
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
@@ -74,6 +70,19 @@ def rejects(mesh: Mesh) -> int:
     return sum(mesh.n2.stats.rejects.values())
 
 
+async def assert_handshake_refused(mesh: Mesh, ctx: ssl.SSLContext) -> None:
+    """The agent ends the connection during or right after the TLS handshake, counts it, and keeps serving."""
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        reader, writer = await tls_to(mesh, ctx)
+        # TLS 1.3: the server's verdict on the client's certificate arrives after the client's handshake ends
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        async with asyncio.timeout(10):
+            if not await reader.read(100):
+                raise ConnectionError("closed")
+    assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
 async def test_non_connect_is_400(mesh: Mesh) -> None:
     status = await request(
         mesh, [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", f"{mesh.ip['echo-1']}:8080")]
@@ -114,31 +123,14 @@ async def test_garbage_after_tls(mesh: Mesh) -> None:
 
 
 async def test_client_without_certificate(mesh: Mesh) -> None:
-    ctx = tls.client_context(mesh.certs.roots(), alpn=[tls.ALPN_H2])
-    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-        reader, writer = await tls_to(mesh, ctx)
-        # TLS 1.3: the server's verdict on our (missing) certificate arrives after the client's handshake ends
-        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
-        async with asyncio.timeout(10):
-            if not await reader.read(100):
-                raise ConnectionError("closed")
-    assert rejects(mesh) >= 1
-    assert await still_serves(mesh)
+    await assert_handshake_refused(mesh, tls.client_context(mesh.certs.roots(), alpn=[tls.ALPN_H2]))
 
 
 async def test_client_from_another_mesh(mesh: Mesh) -> None:
     foreign = TestCA("other.domain")
     leaf = foreign.issue(Identity("other.domain", "client", "sleep"))
     # trusts our roots (so the client side completes) but presents a certificate from a foreign CA
-    ctx = foreign.client_context(leaf, roots=mesh.certs.roots())
-    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-        reader, writer = await tls_to(mesh, ctx)
-        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
-        async with asyncio.timeout(10):
-            if not await reader.read(100):
-                raise ConnectionError("closed")
-    assert rejects(mesh) >= 1
-    assert await still_serves(mesh)
+    await assert_handshake_refused(mesh, foreign.client_context(leaf, roots=mesh.certs.roots()))
 
 
 async def test_unknown_destination_address_refused(mesh: Mesh) -> None:

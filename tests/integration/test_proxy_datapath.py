@@ -22,12 +22,8 @@ MB = 1024 * 1024
 
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
-    m = Mesh()
-    await m.start()
-    try:
+    async with Mesh() as m:
         yield m
-    finally:
-        await m.close()
 
 
 def deny_principal(name: str, principal: str) -> apb.Authorization:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from agent.state import (
 )
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
+from common.files import write_atomic
 from common.log import kv
 
 log = logging.getLogger("ambit.agent.xds")
@@ -214,22 +214,6 @@ def decode_state(data: bytes) -> list[discovery_pb2.DeltaDiscoveryResponse]:
             raise StateFileError(f"corrupt: {e}") from None
         pos += length
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsyncs: a crash leaves the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class XdsMetrics:
@@ -411,7 +395,7 @@ class XdsClient:
             self._save_wanted.clear()
             data = encode_state(self._good)
             try:
-                await asyncio.to_thread(write_atomic, self.state_path, data)
+                await asyncio.to_thread(write_atomic, self.state_path, data, 0o644, parents=True)
             except OSError as e:
                 log.error("cannot write xDS state file", extra=kv(file=str(self.state_path), error=str(e)))
             await asyncio.sleep(0.2)

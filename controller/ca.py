@@ -15,12 +15,9 @@ and the last good state keeps signing.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.files import write_atomic
 from common.log import kv
 from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs, path_to_root
 from common.spiffe import Identity
@@ -111,27 +109,6 @@ def _load_certs(path: Path) -> list[x509.Certificate]:
         return load_pem_certs(path.read_bytes(), str(path))
     except PemError as e:
         raise CaLoadError(str(e)) from None
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write a file atomically (temp file + rename in the same directory) with ``mode`` set before any byte."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

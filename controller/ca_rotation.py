@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.files import write_atomic
 from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs
 from controller.ca import (
     CA_CERT,
@@ -31,7 +32,6 @@ from controller.ca import (
     CaError,
     key_pem,
     new_root,
-    write_atomic,
 )
 
 

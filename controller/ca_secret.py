@@ -19,9 +19,10 @@ from typing import Any
 
 import urllib3
 
+from common.files import write_atomic
 from common.log import kv
 from common.pki import cert_pem
-from controller.ca import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CaError, key_pem, new_root, write_atomic
+from controller.ca import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CaError, key_pem, new_root
 
 log = logging.getLogger("ambit.ca_secret")
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.metrics import Metrics, traffic_labels
+from agent.metrics import RESPONSE_FLAGS, Metrics, traffic_label_values
 from agent.rbac import Decision
 from common.log import kv
 from common.spiffe import Identity
@@ -48,15 +48,16 @@ class ConnectionReport:
     path: str = "direct"  # "hbone", "passthrough", "same_node", "plaintext"
     decision: Decision | None = None
     start: float = field(default_factory=time.monotonic)
-    _opened_labels: dict[str, str] | None = None
+    _opened_labels: tuple[str, ...] | None = None
     _finished: bool = False
 
     @property
     def reporter(self) -> str:
         return "source" if self.direction == "outbound" else "destination"
 
-    def labels(self, response_flags: str = "-") -> dict[str, str]:
-        return traffic_labels(
+    def labels(self) -> tuple[str, ...]:
+        """The connection's traffic labels (response_flags "-"), as metrics.traffic_label_values orders them."""
+        return traffic_label_values(
             reporter=self.reporter,
             src=self.src,
             dst=self.dst,
@@ -64,11 +65,11 @@ class ConnectionReport:
             src_identity=self.src_identity,
             dst_identity=self.dst_identity,
             mtls=self.mtls,
-            response_flags=response_flags,
         )
 
     def opened(self) -> None:
-        """Count the connection as opened; call once the source and destination are known."""
+        """Count the connection as opened; call once the source and destination are known (they are not
+        re-read at close: opened and closed count the same series)."""
         if self._opened_labels is None:
             self._opened_labels = self.labels()
             self.log.metrics.connection_opened(self._opened_labels)
@@ -82,7 +83,11 @@ class ConnectionReport:
             return
         self._finished = True
         self.opened()
-        self.log.metrics.connection_closed(self.labels(flags), bytes_up, bytes_down)
+        labels = self._opened_labels
+        assert labels is not None
+        if flags != labels[RESPONSE_FLAGS]:
+            labels = (*labels[:RESPONSE_FLAGS], flags, *labels[RESPONSE_FLAGS + 1 :])
+        self.log.metrics.connection_closed(labels, bytes_up, bytes_down)
         self.log.write(self, bytes_up, bytes_down, error, flags)
 
 

@@ -61,24 +61,23 @@ def _v(value: str | None) -> str:
     return value if value else UNKNOWN
 
 
-def _workload_labels(prefix: str, wl: Any | None) -> dict[str, str]:
+def _workload_values(wl: Any | None) -> tuple[str, str, str, str, str, str, str]:
+    """workload, canonical_service, canonical_revision, workload_namespace, app, version, cluster."""
     if wl is None:
-        names = dict.fromkeys(("workload", "canonical_service", "canonical_revision", "workload_namespace"), UNKNOWN)
-        names.update(app=UNKNOWN, version=UNKNOWN, cluster=UNKNOWN)
-    else:
-        names = {
-            "workload": _v(wl.workload_name or wl.name),
-            "canonical_service": _v(wl.canonical_name),
-            "canonical_revision": _v(wl.canonical_revision),
-            "workload_namespace": _v(wl.namespace),
-            "app": _v(wl.canonical_name),
-            "version": _v(wl.canonical_revision),
-            "cluster": _v(wl.cluster_id),
-        }
-    return {f"{prefix}_{k}": v for k, v in names.items()}
+        return (UNKNOWN,) * 7
+    service, revision = _v(wl.canonical_name), _v(wl.canonical_revision)
+    return (
+        _v(wl.workload_name or wl.name),
+        service,
+        revision,
+        _v(wl.namespace),
+        service,
+        revision,
+        _v(wl.cluster_id),
+    )
 
 
-def traffic_labels(
+def traffic_label_values(
     *,
     reporter: str,
     src: Any | None,
@@ -88,28 +87,70 @@ def traffic_labels(
     dst_identity: Identity | None = None,
     mtls: bool,
     response_flags: str = "-",
-) -> dict[str, str]:
-    """Istio's CommonTrafficLabels for one connection. `src`/`dst` are Workload protos, `service` a Service.
+) -> tuple[str, ...]:
+    """Istio's CommonTrafficLabels for one connection, in TRAFFIC_LABELS order. `src`/`dst` are Workload protos,
+    `service` a Service. Built straight into a tuple: this runs for every proxied connection.
 
     Principals are only reported for mutual-TLS connections: a plaintext peer proved nothing.
     """
-    labels: dict[str, str] = {"reporter": reporter}
-    src_wl = _workload_labels("source", src)
-    dst_wl = _workload_labels("destination", dst)
-    for k in TRAFFIC_LABELS:
-        if k.startswith("source_") and k != "source_principal":
-            labels[k] = src_wl[k]
-        elif k.startswith("destination_") and k in dst_wl:
-            labels[k] = dst_wl[k]
-    labels["source_principal"] = str(src_identity) if (mtls and src_identity) else UNKNOWN
-    labels["destination_principal"] = str(dst_identity) if (mtls and dst_identity) else UNKNOWN
-    labels["destination_service"] = _v(service.hostname if service is not None else None)
-    labels["destination_service_namespace"] = _v(service.namespace if service is not None else None)
-    labels["destination_service_name"] = _v(service.name if service is not None else None)
-    labels["request_protocol"] = "tcp"
-    labels["response_flags"] = response_flags
-    labels["connection_security_policy"] = MUTUAL_TLS if mtls else UNKNOWN
-    return {k: labels[k] for k in TRAFFIC_LABELS}
+    s_wl, s_svc, s_rev, s_ns, s_app, s_ver, s_cluster = _workload_values(src)
+    d_wl, d_svc, d_rev, d_ns, d_app, d_ver, d_cluster = _workload_values(dst)
+    if service is not None:
+        svc_host, svc_ns, svc_name = _v(service.hostname), _v(service.namespace), _v(service.name)
+    else:
+        svc_host = svc_ns = svc_name = UNKNOWN
+    return (
+        reporter,
+        s_wl,
+        s_svc,
+        s_rev,
+        s_ns,
+        str(src_identity) if (mtls and src_identity) else UNKNOWN,
+        s_app,
+        s_ver,
+        s_cluster,
+        svc_host,
+        svc_ns,
+        svc_name,
+        d_wl,
+        d_svc,
+        d_rev,
+        d_ns,
+        str(dst_identity) if (mtls and dst_identity) else UNKNOWN,
+        d_app,
+        d_ver,
+        d_cluster,
+        "tcp",
+        response_flags,
+        MUTUAL_TLS if mtls else UNKNOWN,
+    )
+
+
+def traffic_labels(**kwargs: Any) -> dict[str, str]:
+    """traffic_label_values as a name -> value mapping."""
+    return dict(zip(TRAFFIC_LABELS, traffic_label_values(**kwargs), strict=True))
+
+
+REPORTER = TRAFFIC_LABELS.index("reporter")
+RESPONSE_FLAGS = TRAFFIC_LABELS.index("response_flags")
+
+
+class _Children:
+    """`metric.labels(*values)` memoized: prometheus_client validates the labels and takes a lock on every call,
+    which the agent would otherwise pay for several counters twice per connection. The registry keeps every
+    child for the process lifetime anyway, so the memo holds nothing it would not."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: Counter | Gauge) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, values: tuple[str, ...]) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
 
 
 class _TunnelStatsCollector(Collector):
@@ -172,21 +213,28 @@ class Metrics:
         )
         if tunnel_stats is not None:
             r.register(_TunnelStatsCollector(tunnel_stats))
+        self._opened = _Children(self.opened)
+        self._closed = _Children(self.closed)
+        self._failed = _Children(self.failed)
+        self._received_bytes = _Children(self.received_bytes)
+        self._sent_bytes = _Children(self.sent_bytes)
+        self._sockets_open = _Children(self.sockets_open)
 
-    def connection_opened(self, labels: dict[str, str]) -> None:
-        self.opened.labels(**labels).inc()
-        self.sockets_open.labels(labels["reporter"]).inc()
+    def connection_opened(self, labels: tuple[str, ...]) -> None:
+        """`labels` as traffic_label_values returns them."""
+        self._opened(labels).inc()
+        self._sockets_open((labels[REPORTER],)).inc()
 
-    def connection_closed(self, labels: dict[str, str], bytes_up: int, bytes_down: int) -> None:
+    def connection_closed(self, labels: tuple[str, ...], bytes_up: int, bytes_down: int) -> None:
         """`labels` as at close (final response_flags); bytes_up = client->server, bytes_down = server->client."""
-        self.closed.labels(**labels).inc()
-        self.sockets_open.labels(labels["reporter"]).dec()
-        if labels["response_flags"] in FAILURE_FLAGS:
-            self.failed.labels(**labels).inc()
+        self._closed(labels).inc()
+        self._sockets_open((labels[REPORTER],)).dec()
+        if labels[RESPONSE_FLAGS] in FAILURE_FLAGS:
+            self._failed(labels).inc()
         if bytes_up:
-            self.received_bytes.labels(**labels).inc(bytes_up)
+            self._received_bytes(labels).inc(bytes_up)
         if bytes_down:
-            self.sent_bytes.labels(**labels).inc(bytes_down)
+            self._sent_bytes(labels).inc(bytes_down)
 
     def error(self, direction: str, reason: str) -> None:
         self.errors.labels(direction, reason).inc()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -158,8 +159,35 @@ async def connect_upstream(
                 log.debug("source address not kept", extra=kv(source=source_ip, upstream=addr, error=str(e)))
                 sock.close()
                 return await connect_upstream(addr, connect_timeout=connect_timeout, mark=mark)
-        await asyncio.wait_for(loop.sock_connect(sock, addr), connect_timeout)
+        async with asyncio.timeout(connect_timeout):
+            await _connect(loop, sock, addr)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: Address) -> None:
+    """A non-blocking connect to a numeric address.
+
+    Not `loop.sock_connect`: uvloop resolves every address, numeric ones too, through libuv's getaddrinfo thread
+    pool, so each upstream connection paid two thread hand-offs on the connection's critical path (measured
+    ~0.2 ms idle, milliseconds on a loaded node).
+    """
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        ready = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)

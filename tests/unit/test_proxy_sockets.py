@@ -1,0 +1,76 @@
+"""agent.sockets.connect_upstream on both event loops: connected sockets, refusals as ConnectionRefusedError."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from agent.sockets import connect_upstream
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop_name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop_name == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_connects_and_carries_bytes(loop_name: str) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    async def main() -> None:
+        up = await connect_upstream(server.getsockname())
+        with up:
+            peer, _ = server.accept()
+            with peer:
+                assert up.getpeername() == server.getsockname()
+                assert up.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                up.setblocking(True)
+                up.sendall(b"ping")
+                assert peer.recv(4) == b"ping"
+
+    with server:
+        run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_refused(loop_name: str) -> None:
+    probe = socket.create_server(("127.0.0.1", 0))
+    addr = probe.getsockname()
+    probe.close()  # nothing listens there now
+
+    async def main() -> None:
+        with pytest.raises(ConnectionRefusedError):
+            await connect_upstream(addr)
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_many_sequential_connects_leave_no_watchers(loop_name: str) -> None:
+    """Each connect registers and removes a writer on its socket; a leftover would break the next transport."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            up = await connect_upstream(server.getsockname())
+            peer, _ = server.accept()
+            reader, writer = await asyncio.open_connection(sock=up)
+            peer.sendall(b"x")
+            assert await reader.readexactly(1) == b"x"
+            writer.close()
+            await writer.wait_closed()
+            peer.close()
+        assert loop.is_running()
+
+    with server:
+        run(loop_name, main)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from agent.state import WorkloadStore
 from agent.xds import XdsClient
 from tests.support.fake_kube import deny_policy, namespace, pod, serve
-from tests.support.xds_controller import ControllerProc, wait_for
+from tests.support.xds_controller import ControllerProc, running, wait_for
 
 
 def ips(store: WorkloadStore) -> dict[str, str]:
@@ -28,27 +27,24 @@ async def test_kube_source_end_to_end(tmp_path: Path) -> None:
         proc = ControllerProc(tmp_path, ["--kube", "--kubeconfig", str(kubeconfig)])
         await proc.start()
         store = WorkloadStore()
-        task = asyncio.create_task(XdsClient(store, proc.address, "node1").run())
         try:
-            await wait_for(lambda: ips(store) == {"web-0": "10.1.0.1"}, what="initial list at the client")
-            assert [p.name for p in store.all_policies()] == ["no-evil"]
-            fake.upsert(pod("web-1", "10.1.0.2"))
-            await wait_for(lambda: ips(store).get("web-1") == "10.1.0.2", what="watched pod at the client")
-            fake.drop_watches()
-            fake.delete("AuthorizationPolicy", "demo", "no-evil")
-            await wait_for(lambda: not store.all_policies(), what="policy deletion after a dropped watch")
-            # A change lost to compaction shows up through the re-list that 410 triggers.
-            with fake.cond:
-                fake.collections["/api/v1/pods"].items.pop(("demo", "web-0"))
-            fake.expire("Pod")
-            await wait_for(lambda: ips(store) == {"web-1": "10.1.0.2"}, what="re-list after 410 at the client")
-            assert fake.count("GET", "/api/v1/pods", watch=False) == 2
-            status = proc.json("/debug/config_status")
-            assert status["objects"]["Pod/demo/web-1"]["source"] == "kube:Pod/demo/web-1"
+            async with running(XdsClient(store, proc.address, "node1")):
+                await wait_for(lambda: ips(store) == {"web-0": "10.1.0.1"}, what="initial list at the client")
+                assert [p.name for p in store.all_policies()] == ["no-evil"]
+                fake.upsert(pod("web-1", "10.1.0.2"))
+                await wait_for(lambda: ips(store).get("web-1") == "10.1.0.2", what="watched pod at the client")
+                fake.drop_watches()
+                fake.delete("AuthorizationPolicy", "demo", "no-evil")
+                await wait_for(lambda: not store.all_policies(), what="policy deletion after a dropped watch")
+                # A change lost to compaction shows up through the re-list that 410 triggers.
+                with fake.cond:
+                    fake.collections["/api/v1/pods"].items.pop(("demo", "web-0"))
+                fake.expire("Pod")
+                await wait_for(lambda: ips(store) == {"web-1": "10.1.0.2"}, what="re-list after 410 at the client")
+                assert fake.count("GET", "/api/v1/pods", watch=False) == 2
+                status = proc.json("/debug/config_status")
+                assert status["objects"]["Pod/demo/web-1"]["source"] == "kube:Pod/demo/web-1"
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await proc.stop()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from agent.state import ADDRESS_TYPE, WorkloadStore
 from agent.xds import Backoff, XdsClient
-from tests.support.xds_controller import ControllerProc, wait_for
+from tests.support.xds_controller import ControllerProc, running, wait_for
 
 NAMESPACES = """apiVersion: v1
 kind: Namespace
@@ -92,17 +91,6 @@ async def controller(tmp_path: Path, config_dir: Path) -> AsyncIterator[Controll
         yield proc
     finally:
         await proc.stop()
-
-
-@contextlib.asynccontextmanager
-async def running(client: XdsClient) -> AsyncIterator[XdsClient]:
-    task = asyncio.create_task(client.run())
-    try:
-        yield client
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_initial_sync_file_change_and_deletion(

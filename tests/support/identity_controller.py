@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.ca_client import CaClient
 from agent.identity import Backoff, CertificateManager
 from common import tls
 from common.spiffe import Identity
+from tests.support.xds_controller import free_port, metric_sum
 
 TD = "cluster.local"
 START_TIMEOUT = 30.0
@@ -32,12 +32,6 @@ class Placement:
     """Which (node, namespace, service account) pods exist: written as the controller's config."""
 
     pods: set[tuple[str, str, str]] = field(default_factory=set)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_cluster(config_dir: Path, placement: Placement) -> None:
@@ -180,11 +174,7 @@ class ControllerProcess:
         """ambit_ca_requests_total{result,reason} scraped from the controller's /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "ambit_ca_requests_total" and sample.labels == {"result": result, "reason": reason}:
-                    return float(sample.value)
-        return 0.0
+        return metric_sum(text, "ambit_ca_requests_total", result=result, reason=reason)
 
     def client(self, node: str, *, token_file: Path | None = None) -> CaClient:
         return CaClient(

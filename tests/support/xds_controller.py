@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from agent.xds import XdsClient
 
 
 def free_port() -> int:
@@ -33,6 +36,28 @@ async def wait_for(predicate: Callable[[], Any], limit: float = 20.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def metric_sum(exposition: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``, in Prometheus text exposition."""
+    total = 0.0
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@contextlib.asynccontextmanager
+async def running(client: XdsClient) -> AsyncIterator[XdsClient]:
+    """The client's `run()` as a task for the block, cancelled and awaited on exit."""
+    task = asyncio.create_task(client.run())
+    try:
+        yield client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class ControllerProc:
@@ -99,12 +124,7 @@ class ControllerProc:
         return json.loads(self.get(path))
 
     def metric(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for family in text_string_to_metric_families(self.get("/metrics").decode()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
+        return metric_sum(self.get("/metrics").decode(), name, **labels)
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ from agent.xds import (
 )
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
+from tests.support.xds_controller import running
 
 IP1, IP2, VIP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), bytes([10, 96, 0, 1])
 SVC_KEY = "demo/web.demo.svc.cluster.local"
@@ -282,13 +282,8 @@ async def test_unreadable_credentials_back_off_and_are_counted(tmp_path: Path) -
         backoff=Backoff(0.01, 0.04),
         registry=registry,
     )
-    task = asyncio.create_task(client.run())
-    try:
+    async with running(client):
         await asyncio.sleep(0.3)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert client.backoff.current == 0.04  # grew to the cap: a local failure never resets it
     assert "missing.pem" in client.stats["last_error"]
     attempts = registry.get_sample_value("istio_xds_connection_terminations_total", {"reason": "Error"})

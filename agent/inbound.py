@@ -37,7 +37,7 @@ from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.relay import abort
-from agent.sockets import connect_upstream, peer_address
+from agent.sockets import connect_upstream, peer_or_close
 from agent.state import WorkloadStore
 from agent.tunnel import (
     ConnectRequest,
@@ -155,10 +155,7 @@ class InboundProxy(_Common):
         self.tunnel_stats = tunnel_stats
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
-        try:
-            peer = peer_address(sock)
-        except OSError:
-            sock.close()
+        if (peer := peer_or_close(sock)) is None:
             return
         wl = self.local_workload(orig_dst[0])
         if wl is None:
@@ -275,10 +272,7 @@ class InboundPlaintextProxy(_Common):
     """Plaintext into enrolled pods (15006): `await proxy.handle(sock, orig_dst)`."""
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
-        try:
-            client = peer_address(sock)
-        except OSError:
-            sock.close()
+        if (client := peer_or_close(sock)) is None:
             return
         if orig_dst[1] in self.config.own_ports:
             self.refuse(sock, "inbound_plaintext", "self_call", client, orig_dst)

@@ -39,7 +39,7 @@ from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay, abort
-from agent.sockets import connect_upstream, peer_address
+from agent.sockets import connect_upstream, peer_or_close
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
 
@@ -166,10 +166,7 @@ class OutboundProxy:
         self.config = config or OutboundConfig()
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
-        try:
-            client = peer_address(sock)
-        except OSError:
-            sock.close()  # the client is already gone
+        if (client := peer_or_close(sock)) is None:
             return
         src = self.store.workload_by_ip(client[0])
         if src is None:

@@ -54,8 +54,14 @@ def original_destination(sock: socket.socket) -> Address:
     return (str(name[0]), int(name[1]))
 
 
-def peer_address(sock: socket.socket) -> Address:
-    name = sock.getpeername()
+def peer_or_close(sock: socket.socket) -> Address | None:
+    """The client's address, or None with the socket closed: a client that reset before its handler ran is
+    gone, and there is nobody to refuse or log against."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        sock.close()
+        return None
     return (str(name[0]), int(name[1]))
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -30,4 +33,12 @@ def run(main: Callable[[], Coroutine[Any, Any, int]], event_loop: str) -> NoRetu
     code = 130
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
         code = runner.run(main())
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        # A daemon thread still blocked in I/O (the Kubernetes client's HTTP, which cannot be interrupted) may log
+        # while the interpreter finalizes, which aborts the process (SIGABRT) instead of exiting cleanly: the
+        # service has stopped, so flush and leave without finalization.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -109,6 +109,11 @@ class AccessLog:
         self.logger.warning("connection failed", extra=kv(**{k: v for k, v in fields.items() if v}, **detail))
 
     def write(self, r: ConnectionReport, bytes_up: int, bytes_down: int, error: str | None, flags: str) -> None:
+        level = logging.WARNING if error else logging.INFO
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+
         def name(wl: Any | None) -> str | None:
             return (wl.workload_name or wl.name) if wl is not None else None
 
@@ -141,7 +146,7 @@ class AccessLog:
         if error:
             fields["error"] = error
         clean = {k: v for k, v in fields.items() if v is not None}
-        if error:
-            self.logger.warning("connection failed", extra=kv(**clean))
-        else:
-            self.logger.info("connection complete", extra=kv(**clean))
+        # One record per connection: made directly, skipping Logger._log's caller lookup (a stack walk per
+        # record whose file and line an access log does not use).
+        msg = "connection failed" if error else "connection complete"
+        logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, (), None, extra={"fields": clean}))

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -452,6 +453,38 @@ def test_pins_of_a_vanished_netns_are_replaced(env: Env) -> None:
             cleanup(cfg)
     assert not os.path.exists(cfg.pin_dir)
     assert "0x200/0xf00" in env.topo.ip(env.topo.node, "rule")  # the module's instance keeps its routing
+
+
+_NO_BCC_AGENT = """
+import sys
+from agent.redirect import RedirectConfig, Redirector, cleanup
+from tests.support.redirect_topology import enter
+cfg = RedirectConfig(instance=sys.argv[1], uplinks=(sys.argv[3],), tc_handle=0xA3B3)
+with enter(sys.argv[2]):
+    r = Redirector(cfg)
+    r.start()
+    ready = r.ready and r.status()["uplinks"] == [sys.argv[3]]
+    mapped = open("/proc/self/maps").read()
+    r.close()
+    cleanup(cfg)
+print(ready, "bcc" in sys.modules, "libbcc" in mapped, "libLLVM" in mapped, "libclang" in mapped)
+"""
+
+
+def test_capturing_process_never_loads_bcc_or_llvm(env: Env) -> None:
+    """The memory fix: compile in the loader child, so the agent maps none of LLVM/clang (~130 MB resident)."""
+    instance = env.topo.prefix + "-x"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _NO_BCC_AGENT, instance, env.topo.node, env.topo.uplink],
+            capture_output=True, text=True, cwd=rt.REPO, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", "False", "False", "False", "False"]
+    finally:
+        with rt.enter(env.topo.node):
+            cleanup(RedirectConfig(instance=instance))
+    assert not os.path.exists(RedirectConfig(instance=instance).pin_dir)
 
 
 def test_restart_adopts_pins_and_filters_without_gap(env: Env) -> None:

@@ -107,6 +107,9 @@ class Listener:
                     continue
                 raise
             conn.setblocking(False)
+            # Like the upstream side: a proxy must not hold a small write back for the client's delayed ACK.
+            with contextlib.suppress(OSError):  # a client that already reset; its handler finds out
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.ensure_future(self._run(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)

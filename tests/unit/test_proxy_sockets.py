@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.sockets import connect_upstream
+from agent.sockets import Listener, connect_upstream, transparent_listener
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -74,3 +74,28 @@ def test_many_sequential_connects_leave_no_watchers(loop_name: str) -> None:
 
     with server:
         run(loop_name, main)
+
+
+def test_listener_accepts_with_nodelay() -> None:
+    """Accepted client sockets must not delay small writes (Nagle) waiting for the client's delayed ACK."""
+    seen: list[int] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def handler(conn: socket.socket, orig_dst: tuple[str, int]) -> None:
+            seen.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            conn.close()
+            done.set()
+
+        listener = Listener(transparent_listener(0, "127.0.0.1", transparent=False), handler, "test")
+        listener.start()
+        try:
+            client = socket.create_connection(listener.address)
+            await asyncio.wait_for(done.wait(), 5)
+            client.close()
+        finally:
+            await listener.close()
+
+    uvloop.run(main())
+    assert seen and seen[0] != 0

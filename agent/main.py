@@ -290,10 +290,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         removed = cleanup(_redirect_config(cfg))
         log.info("cleanup done", extra=kv(instance=cfg.instance, removed=removed))
         return
-    # Modules and their objects live as long as the process: out of the collector's sight, full collections stay
-    # cheap and come often enough to free the cyclic garbage of netlink dumps (pyroute2 messages) before the heap
-    # grows around it.
-    gc.freeze()
     runtime.run(lambda: _run(cfg), cfg.event_loop)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-import secrets
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +125,8 @@ def baggage(wl: Any) -> str:
 
 def traceparent() -> str:
     """A W3C traceparent, random per connection: it traces connections, not requests."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    # Not `secrets`: two getrandom(2) calls per connection for ids that only need to be unique; zero is invalid.
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
 def hbone_headers(client: Address, src: Any, service: Any | None = None) -> list[tuple[str, str]]:

@@ -1053,21 +1053,3 @@ class HboneConnection:
 def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
     n = len(payload)
     return _HDR.pack(n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """Split a CONNECT ``:authority`` into (host, port); IPv6 hosts come bracketed (``[::1]:80``).
-
-    Raises ValueError naming what is wrong (the server answers 400).
-    """
-    host, sep, port_text = authority.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"authority {authority!r} is not host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"authority {authority!r}: port out of range")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"authority {authority!r}: IPv6 address must be bracketed")
-    return host, port

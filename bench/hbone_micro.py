@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from agent.hbone import parse_authority
+from agent.addressing import parse_authority
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneConnectError, relay, serve_hbone_connection
 from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, CertFiles, generate

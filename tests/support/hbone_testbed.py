@@ -10,7 +10,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from agent.hbone import parse_authority
+from agent.addressing import parse_authority
 from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, relay, serve_hbone_connection
 
 

@@ -26,7 +26,6 @@ from agent.hbone import (
     StreamReset,
     StreamStateError,
     WindowOpened,
-    parse_authority,
 )
 
 HDR = struct.Struct(">BHBBL")
@@ -546,20 +545,6 @@ def test_non_200_response_ends_the_stream() -> None:
     assert not server.stream_is_open(sid)
     _, at_client = exchange(client, server)
     assert ResponseReceived(sid, 401, []) in at_client and StreamEnded(sid) in at_client
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [("10.0.0.1:80", ("10.0.0.1", 80)), ("[fd00::1]:15008", ("fd00::1", 15008)), ("svc.ns:8080", ("svc.ns", 8080))],
-)
-def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
-    assert parse_authority(text) == expected
-
-
-@pytest.mark.parametrize("text", ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:99999", ":80", "fd00::1:80", "a:b"])
-def test_parse_authority_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_authority(text)
 
 
 def test_single_data_frame_latency_path() -> None:

@@ -36,6 +36,7 @@ import yaml
 
 from agent.addressing import parse_authority
 from agent.pool import HboneConnectionPool, PoolKey
+from agent.sockets import connect_upstream
 from agent.tunnel import ConnectRequest, HboneConnectError, relay, serve_hbone_connection
 from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, CertFiles, generate
 from bench.drivers.envoy_pair import client_config, server_config
@@ -104,14 +105,9 @@ def ambit_server(args: argparse.Namespace) -> None:
     ctx = tls.server_context(Path(args.cert).read_text(), Path(args.key).read_text(), roots, alpn=[tls.ALPN_H2])
 
     async def on_connect(req: ConnectRequest) -> None:
-        loop = asyncio.get_running_loop()
-        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        up.setblocking(False)
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await loop.sock_connect(up, parse_authority(req.authority))
+            up = await connect_upstream(parse_authority(req.authority))
         except (OSError, ValueError):
-            up.close()
             await req.respond(503)
             return
         await req.respond(200)

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from agent.addressing import parse_authority
+from agent.sockets import connect_upstream
 from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, relay, serve_hbone_connection
 
 
@@ -134,13 +135,9 @@ class HboneServer:
         if self.status != 200:
             await req.respond(self.status)
             return
-        loop = asyncio.get_running_loop()
-        up = socket.socket()
-        up.setblocking(False)
         try:
-            await loop.sock_connect(up, parse_authority(req.authority))
+            up = await connect_upstream(parse_authority(req.authority))
         except (OSError, ValueError):
-            up.close()
             await req.respond(503)
             return
         await req.respond(200)

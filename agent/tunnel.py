@@ -26,6 +26,7 @@ from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
+from agent.sockets import connect_upstream
 from common.log import kv
 from common.spiffe import Identity
 from common.tls import ALPN_H2, PeerVerificationError, verify_peer
@@ -918,13 +919,10 @@ async def connect(
     st = stats or STATS
     loop = asyncio.get_running_loop()
     proto = _ClientProtocol(expected, cfg, st)
-    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock: socket.socket | None = None
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         async with asyncio.timeout(cfg.connect_timeout + cfg.handshake_timeout):
-            await loop.sock_connect(sock, addr)
+            sock = await connect_upstream(addr, connect_timeout=cfg.connect_timeout)
             await loop.create_connection(
                 lambda: proto,
                 sock=sock,
@@ -935,17 +933,22 @@ async def connect(
             await proto.ready
     except PeerVerificationError as e:
         st.rejects[str(e).split(":", 1)[0]] += 1
-        sock.close()
+        _close(sock)
         raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {e}") from None
     except (OSError, TimeoutError, ConnectionError) as e:
-        sock.close()
+        _close(sock)
         if isinstance(e, ssl.SSLError):
             st.rejects[_ssl_reason(e)] += 1
         raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {type(e).__name__}: {e}") from None
     except BaseException:
-        sock.close()
+        _close(sock)
         raise
     return HboneClientConnection(proto)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------- server

@@ -39,6 +39,7 @@ from agent.xds import XdsClient
 from api.istio.workload import workload_pb2
 from common import flags, runtime
 from common import log as jsonlog
+from common.flags import doc
 from common.http import HttpServer
 from common.log import kv
 from common.spiffe import Identity
@@ -48,37 +49,33 @@ log = logging.getLogger("agent")
 HBONE = workload_pb2.TunnelProtocol.HBONE
 
 
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class AgentConfig:
     """The Ambit node agent: eBPF capture, HBONE mTLS tunnels, L4 policy, telemetry."""
 
-    node: str = field(default_factory=socket.gethostname, metadata=_h("this node's name (as in Pod spec.nodeName)"))
-    controller: str = field(default="127.0.0.1:15010", metadata=_h("controller gRPC address (xDS and CA)"))
-    state_dir: str = field(default="/var/lib/ambit", metadata=_h("where the last good xDS state is kept"))
-    token_file: str = field(default="", metadata=_h("bearer token presented to the controller"))
-    root_cert: str = field(default="", metadata=_h("PEM root of the controller's CA; enables TLS to the controller"))
-    trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
-    cert_ttl: int = field(default=24 * 3600, metadata=_h("requested workload certificate lifetime, seconds"))
-    instance: str = field(default="default", metadata=_h("capture instance (bpffs pin dir name)"))
-    uplink: str = field(default="", metadata=_h("comma-separated uplink interfaces (default: default route's)"))
-    capture: bool = field(default=True, metadata=_h("load and attach the eBPF capture programs"))
-    fail_open: bool = field(default=False, metadata=_h("debug only: let enrolled pods' SYNs pass with no agent"))
-    listen_address: str = field(default="0.0.0.0", metadata=_h("address of the data-path listeners"))
-    outbound_port: int = field(default=15001, metadata=_h("outbound capture listener"))
-    inbound_plaintext_port: int = field(default=15006, metadata=_h("inbound plaintext capture listener"))
-    hbone_port: int = field(default=15008, metadata=_h("HBONE (mTLS) listener"))
-    admin_address: str = field(default="127.0.0.1", metadata=_h("admin listener address (keep it local)"))
-    admin_port: int = field(default=15000, metadata=_h("admin: /config_dump /certs /logging"))
-    metrics_port: int = field(default=15020, metadata=_h("Prometheus /metrics"))
-    ready_port: int = field(default=15021, metadata=_h("/healthz/ready"))
-    drain_seconds: float = field(default=5.0, metadata=_h("on SIGTERM, how long established connections may finish"))
-    event_loop: str = field(default="uvloop", metadata=_h("uvloop or asyncio"))
-    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
-    cleanup: bool = field(default=False, metadata=_h("remove everything the agent installed on this node, then exit"))
+    node: str = field(default_factory=socket.gethostname, metadata=doc("this node's name (as in Pod spec.nodeName)"))
+    controller: str = field(default="127.0.0.1:15010", metadata=doc("controller gRPC address (xDS and CA)"))
+    state_dir: str = field(default="/var/lib/ambit", metadata=doc("where the last good xDS state is kept"))
+    token_file: str = field(default="", metadata=doc("bearer token presented to the controller"))
+    root_cert: str = field(default="", metadata=doc("PEM root of the controller's CA; enables TLS to the controller"))
+    trust_domain: str = field(default="cluster.local", metadata=doc("SPIFFE trust domain"))
+    cert_ttl: int = field(default=24 * 3600, metadata=doc("requested workload certificate lifetime, seconds"))
+    instance: str = field(default="default", metadata=doc("capture instance (bpffs pin dir name)"))
+    uplink: str = field(default="", metadata=doc("comma-separated uplink interfaces (default: default route's)"))
+    capture: bool = field(default=True, metadata=doc("load and attach the eBPF capture programs"))
+    fail_open: bool = field(default=False, metadata=doc("debug only: let enrolled pods' SYNs pass with no agent"))
+    listen_address: str = field(default="0.0.0.0", metadata=doc("address of the data-path listeners"))
+    outbound_port: int = field(default=15001, metadata=doc("outbound capture listener"))
+    inbound_plaintext_port: int = field(default=15006, metadata=doc("inbound plaintext capture listener"))
+    hbone_port: int = field(default=15008, metadata=doc("HBONE (mTLS) listener"))
+    admin_address: str = field(default="127.0.0.1", metadata=doc("admin listener address (keep it local)"))
+    admin_port: int = field(default=15000, metadata=doc("admin: /config_dump /certs /logging"))
+    metrics_port: int = field(default=15020, metadata=doc("Prometheus /metrics"))
+    ready_port: int = field(default=15021, metadata=doc("/healthz/ready"))
+    drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
+    event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
+    log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
+    cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
 
 
 class Agent:

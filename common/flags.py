@@ -17,6 +17,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def doc(text: str) -> dict[str, str]:
+    """Field metadata that :func:`parse` turns into the flag's ``--help`` text: ``field(..., metadata=doc("..."))``."""
+    return {"help": text}
+
+
 def _env_name(field: str) -> str:
     return "AMBIT_" + field.upper()
 

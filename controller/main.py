@@ -19,6 +19,7 @@ import grpc
 
 from common import flags, runtime
 from common import log as jsonlog
+from common.flags import doc
 from common.http import Response
 from common.log import kv
 from controller.monitoring import ControllerMetrics, metrics_route, monitoring_server
@@ -30,38 +31,35 @@ from controller.xds_server import GRPC_SERVER_OPTIONS, Authenticator, XdsServer
 log = logging.getLogger("ambit.controller")
 
 
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class ControllerConfig:
     """Ambit controller: config sources -> workload API over delta xDS, plus the mesh CA."""
 
-    config_dir: str = field(default="", metadata=_h("directory of YAML config, watched for changes"))
-    kube: bool = field(default=False, metadata=_h("read config from the Kubernetes API instead"))
-    kubeconfig: str = field(default="", metadata=_h("kubeconfig file for --kube (default: in-cluster)"))
-    xds_port: int = field(default=15010, metadata=_h("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
-    tls_port: int = field(default=15012, metadata=_h("gRPC over TLS (xDS + CA); needs --ca-dir; 0 turns it off"))
-    monitoring_port: int = field(default=15014, metadata=_h("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
-    listen_address: str = field(default="0.0.0.0", metadata=_h("address the listeners bind"))
-    ca_dir: str = field(default="", metadata=_h("CA directory (created if empty); enables the CA and TLS port"))
+    config_dir: str = field(default="", metadata=doc("directory of YAML config, watched for changes"))
+    kube: bool = field(default=False, metadata=doc("read config from the Kubernetes API instead"))
+    kubeconfig: str = field(default="", metadata=doc("kubeconfig file for --kube (default: in-cluster)"))
+    xds_port: int = field(default=15010, metadata=doc("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
+    tls_port: int = field(default=15012, metadata=doc("gRPC over TLS (xDS + CA); needs --ca-dir; 0 turns it off"))
+    monitoring_port: int = field(default=15014, metadata=doc("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
+    listen_address: str = field(default="0.0.0.0", metadata=doc("address the listeners bind"))
+    ca_dir: str = field(default="", metadata=doc("CA directory (created if empty); enables the CA and TLS port"))
     ca_secret: str = field(
         default="",
-        metadata=_h("NAMESPACE/NAME of a Secret holding the CA (--kube): shared by replicas, mirrored to --ca-dir"),
+        metadata=doc("NAMESPACE/NAME of a Secret holding the CA (--kube): shared by replicas, mirrored to --ca-dir"),
     )
     root_configmap: str = field(
-        default="", metadata=_h("NAMESPACE/NAME of a ConfigMap to publish the trust bundle in (with --ca-secret)")
+        default="",
+        metadata=doc("NAMESPACE/NAME of a ConfigMap to publish the trust bundle in (with --ca-secret)"),
     )
-    trust_domain: str = field(default="cluster.local", metadata=_h("SPIFFE trust domain"))
-    node_tokens: str = field(default="", metadata=_h('JSON {"<node>": "<token>"} authenticating agents'))
-    cluster_id: str = field(default="Kubernetes", metadata=_h("cluster id written into workload uids"))
-    root_namespace: str = field(default="istio-system", metadata=_h("mesh root namespace (global policies)"))
-    poll_interval: float = field(default=0.2, metadata=_h("seconds between config directory scans"))
-    debounce_quiet: float = field(default=0.02, metadata=_h("push after this many quiet seconds"))
-    debounce_max: float = field(default=1.0, metadata=_h("push at the latest this long after a change"))
-    event_loop: str = field(default="uvloop", metadata=_h("uvloop or asyncio"))
-    log_level: str = field(default="info", metadata=_h("debug, info, warning, error"))
+    trust_domain: str = field(default="cluster.local", metadata=doc("SPIFFE trust domain"))
+    node_tokens: str = field(default="", metadata=doc('JSON {"<node>": "<token>"} authenticating agents'))
+    cluster_id: str = field(default="Kubernetes", metadata=doc("cluster id written into workload uids"))
+    root_namespace: str = field(default="istio-system", metadata=doc("mesh root namespace (global policies)"))
+    poll_interval: float = field(default=0.2, metadata=doc("seconds between config directory scans"))
+    debounce_quiet: float = field(default=0.02, metadata=doc("push after this many quiet seconds"))
+    debounce_max: float = field(default=1.0, metadata=doc("push at the latest this long after a change"))
+    event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
+    log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
 
 
 class StartupError(Exception):

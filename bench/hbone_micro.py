@@ -42,7 +42,7 @@ from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, CertFiles, generate
 from bench.drivers.envoy_pair import client_config, server_config
 from bench.drivers.node_pair import PairAddresses
 from bench.tools import Tools, build_tools
-from common import tls
+from common import runtime, tls
 
 # Loopback addresses per role so the pairs never collide with each other or with ports others use on 127.0.0.1.
 CLIENT_IP = "127.0.0.51"
@@ -59,11 +59,7 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 def _run_loop(main: Callable[[], object], loop_name: str) -> None:
-    factory = None
-    if loop_name == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
+    factory = runtime.loop_factory(loop_name)
     with asyncio.Runner(loop_factory=factory) as runner, contextlib.suppress(KeyboardInterrupt):
         runner.run(main())  # type: ignore[arg-type]
 
@@ -100,24 +96,26 @@ async def _accept_forever(lsock: socket.socket, handle: Callable[[socket.socket]
 # ---------------------------------------------------------------------------------------------------- Ambit sides
 
 
+async def forward_to_authority(req: ConnectRequest) -> None:
+    """The bare HBONE server (Envoy's ORIGINAL_DST by ``:authority``): dial it, answer 200 or 503, relay."""
+    try:
+        up = await connect_upstream(parse_authority(req.authority))
+    except (OSError, ValueError):
+        await req.respond(503)
+        return
+    await req.respond(200)
+    await relay(up, req.stream)
+
+
 def ambit_server(args: argparse.Namespace) -> None:
     roots = [Path(args.root).read_text()]
     ctx = tls.server_context(Path(args.cert).read_text(), Path(args.key).read_text(), roots, alpn=[tls.ALPN_H2])
-
-    async def on_connect(req: ConnectRequest) -> None:
-        try:
-            up = await connect_upstream(parse_authority(req.authority))
-        except (OSError, ValueError):
-            await req.respond(503)
-            return
-        await req.respond(200)
-        await relay(up, req.stream)
 
     async def main() -> None:
         lsock = _listen(_addr(args.listen))
 
         async def handle(sock: socket.socket) -> None:
-            await serve_hbone_connection(sock, ctx, on_connect, trust_domain=TRUST_DOMAIN)
+            await serve_hbone_connection(sock, ctx, forward_to_authority, trust_domain=TRUST_DOMAIN)
 
         acceptor = asyncio.get_running_loop().create_task(_accept_forever(lsock, handle))
         await _until_signalled()

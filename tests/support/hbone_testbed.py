@@ -10,9 +10,8 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from agent.addressing import parse_authority
-from agent.sockets import connect_upstream
-from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, relay, serve_hbone_connection
+from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, serve_hbone_connection
+from bench.hbone_micro import forward_to_authority
 
 
 class Backend:
@@ -135,13 +134,7 @@ class HboneServer:
         if self.status != 200:
             await req.respond(self.status)
             return
-        try:
-            up = await connect_upstream(parse_authority(req.authority))
-        except (OSError, ValueError):
-            await req.respond(503)
-            return
-        await req.respond(200)
-        await relay(up, req.stream)
+        await forward_to_authority(req)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -43,12 +43,13 @@ def _peer(writer: asyncio.StreamWriter, which: str) -> str:
 async def handle_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Echo until the client half-closes, then half-close back so the client sees the whole stream end."""
     try:
-        while data := await reader.read(65536):
+        while data := await reader.read(256 * 1024):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except ConnectionError:
+            await writer.drain()
+    except OSError:  # ConnectionError included: the client went away
         pass
     finally:
         writer.close()

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, serve_hbone_connection
 from bench.hbone_micro import forward_to_authority
+from lab.workload import handle_echo
 
 
 class Backend:
@@ -39,16 +40,7 @@ class Backend:
         if self.mode == "stall":
             self._held.append(writer)
             return
-        try:
-            while data := await reader.read(256 * 1024):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        await handle_echo(reader, writer)
 
     async def close(self) -> None:
         for w in self._held:

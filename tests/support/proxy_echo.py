@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
 from dataclasses import dataclass
 
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 18):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+from lab.workload import handle_echo
 
 
 async def echo_server(host: str, port: int = 0) -> asyncio.Server:
     """Echoes every byte and answers the client's FIN with its own (half-close aware)."""
-    return await asyncio.start_server(_echo, host, port, reuse_address=True)
+    return await asyncio.start_server(handle_echo, host, port, reuse_address=True)
 
 
 @dataclass

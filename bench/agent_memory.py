@@ -3,10 +3,15 @@
 The target is about the agent's footprint on a realistically full node: per-workload state from the controller,
 certificates for the pods' identities (20 service accounts, as a node hosts several) and an inbound HBONE
 connection per pod. The RSS is read until it stops growing. Full runs only: the lab starts 101 pod workloads.
+
+`python -m bench.agent_memory [--out DIR]` runs this measure alone (about a minute), to check a memory change
+without a full bench run.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,9 @@ import yaml
 from bench.cpu import rss_bytes
 from bench.drivers.ambit import agent_pids
 from bench.drivers.base import DriverUnavailable
-from bench.labs import BenchLabs
+from bench.labs import BenchLabs, Pinning
+from bench.procs import ProcessGroup
+from bench.tools import build_tools
 
 LOCAL_WORKLOADS = 100
 SERVICE_ACCOUNTS = 20
@@ -78,6 +85,7 @@ def measure(labs: BenchLabs, out: Path) -> dict[str, Any]:
         samples = _settle(agents["node1"])
         return {
             "max_rss_mb": round(max(samples) / 1e6, 1),
+            "final": _breakdown(agents["node1"]),
             "local_workloads": LOCAL_WORKLOADS,
             "service_accounts": SERVICE_ACCOUNTS,
             "echo_failures": failures[:5],
@@ -91,6 +99,22 @@ def measure(labs: BenchLabs, out: Path) -> dict[str, Any]:
         labs.release("rss")
 
 
+def _breakdown(pid: int) -> dict[str, float]:
+    """Where the final RSS is (heap and stacks vs mapped libraries) and how many threads hold malloc arenas."""
+    fields: dict[str, float] = {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return fields
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[f"{key}_mb"] = round(int(value.split()[0]) * 1024 / 1e6, 1)
+        elif key == "Threads":
+            fields["threads"] = int(value)
+    return fields
+
+
 def _settle(pid: int) -> list[int]:
     """RSS samples every 0.5 s until the maximum has not grown for SETTLE_S (or SETTLE_TIMEOUT_S passed)."""
     samples = [rss_bytes(pid)]
@@ -102,3 +126,24 @@ def _settle(pid: int) -> list[int]:
             last_growth = time.monotonic()
         samples.append(value)
     return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.agent_memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/rss-<time>)")
+    args = parser.parse_args(argv)
+    out: Path = args.out or Path(__file__).resolve().parent / "results" / time.strftime("rss-%Y%m%d-%H%M%S")
+    group = ProcessGroup(out / "logs")
+    labs = BenchLabs(group, build_tools(out / "bin"), Pinning(False), out / "logs")
+    try:
+        result = measure(labs, out)
+    finally:
+        labs.close()
+        group.stop_all()
+    (out / "agent_rss.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if "max_rss_mb" in result else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

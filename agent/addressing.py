@@ -8,6 +8,7 @@ Istio elides `trust_domain` when it is the mesh default and `service_account` wh
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from agent.state import service_key
@@ -80,11 +81,12 @@ def parse_authority(text: str) -> Address:
             raise BadAuthority(f"authority {text!r}: brackets around a non-IPv6 address")
     elif ":" in host:
         raise BadAuthority(f"authority {text!r}: IPv6 address must be in brackets")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # inet_pton/ntop: the canonical text of the address, at a fraction of ipaddress's cost per stream
+        ip = socket.inet_ntop(family, socket.inet_pton(family, host))
+    except (OSError, ValueError):
         raise BadAuthority(f"authority {text!r}: {host!r} is not an IP address") from None
-    return (str(ip), port)
+    return (ip, port)
 
 
 def destination_service(store: Any, wl: Any, port: int, host: str | None = None) -> Any | None:

@@ -134,12 +134,10 @@ class _Match:
 
     def matches(self, conn: Connection) -> bool:
         ident = conn.src_identity
-        src = ipaddress.ip_address(conn.src_ip)
-        dst = ipaddress.ip_address(conn.dst_ip)
         sa = (ident.namespace, ident.service_account) if ident else None
         return (
-            _field(self.destination_ips, self.not_destination_ips, lambda n: dst in n)
-            and _field(self.source_ips, self.not_source_ips, lambda n: src in n)
+            _field(self.destination_ips, self.not_destination_ips, lambda n: ipaddress.ip_address(conn.dst_ip) in n)
+            and _field(self.source_ips, self.not_source_ips, lambda n: ipaddress.ip_address(conn.src_ip) in n)
             and _field(self.destination_ports, self.not_destination_ports, lambda p: p == conn.dst_port)
             and _field(self.service_accounts, self.not_service_accounts, lambda s: s == sa)
             and _field(

@@ -16,34 +16,46 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _YIELD_EVERY = 16
+_POOL_LIMIT = 64
 
 
-async def _ready(read_fd: int | None, write_fd: int | None) -> None:
-    """Wait until `read_fd` is readable or `write_fd` writable, whichever comes first."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
+class _PipePool:
+    """Empty pipes of one size, kept for the next connection: creating and sizing a pipe pair costs three syscalls
+    and closing it two more, on every connection otherwise. Only pipes known to be empty come back."""
 
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
+    def __init__(self) -> None:
+        self._free: dict[int, list[tuple[int, int, int]]] = {}
 
-    if read_fd is not None:
-        loop.add_reader(read_fd, wake)
-    if write_fd is not None:
-        loop.add_writer(write_fd, wake)
-    try:
-        await fut
-    finally:
-        if read_fd is not None:
-            loop.remove_reader(read_fd)
-        if write_fd is not None:
-            loop.remove_writer(write_fd)
+    def take(self, want: int) -> tuple[int, int, int]:
+        """(read fd, write fd, capacity) of an empty pipe."""
+        free = self._free.get(want)
+        if free:
+            return free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        size = want
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, want)
+        except OSError:  # over the per-user pipe budget: the default size still works, just in smaller steps
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        return r, w, size
+
+    def give(self, want: int, pipe: tuple[int, int, int], empty: bool) -> None:
+        free = self._free.setdefault(want, [])
+        if empty and len(free) < _POOL_LIMIT:
+            free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+PIPES = _PipePool()
 
 
 def abort(sock: socket.socket) -> None:
@@ -51,6 +63,125 @@ def abort(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class _Pump:
+    """One direction, driven by reader/writer callbacks (no task, no future per wait). The pipe is the buffer:
+    each turn reads what fits and writes what the destination takes, so a partial write does not stop reading
+    until the pipe is full; a FIN is passed on as shutdown(SHUT_WR) once the pipe is drained."""
+
+    __slots__ = (
+        "buffered",
+        "done",
+        "dst",
+        "dst_sock",
+        "eof",
+        "loop",
+        "moved",
+        "on_end",
+        "pipe",
+        "pipe_size",
+        "reading",
+        "src",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        src: socket.socket,
+        dst: socket.socket,
+        pipe_size: int,
+        on_end: Callable[[_Pump, BaseException | None], None],
+    ) -> None:
+        self.loop = loop
+        self.src = src.fileno()
+        self.dst = dst.fileno()
+        self.dst_sock = dst
+        self.pipe_size = pipe_size
+        self.pipe = PIPES.take(pipe_size)
+        self.on_end = on_end
+        self.buffered = 0  # bytes in the pipe
+        self.moved = 0  # bytes accepted by the destination
+        self.eof = False
+        self.done = False
+        self.reading = False
+        self.writing = False
+
+    def step(self) -> None:
+        if self.done:
+            return
+        r, w, size = self.pipe
+        src, dst = self.src, self.dst
+        try:
+            for _ in range(_YIELD_EVERY):
+                progress = False
+                if not self.eof and self.buffered < size:
+                    try:
+                        n = os.splice(src, w, size - self.buffered, flags=_SPLICE_FLAGS)
+                        self.eof = n == 0
+                        self.buffered += n
+                        progress = True
+                    except BlockingIOError:
+                        pass
+                if self.buffered:
+                    try:
+                        m = os.splice(r, dst, self.buffered, flags=_SPLICE_FLAGS)
+                        self.buffered -= m
+                        self.moved += m
+                        progress = True
+                    except BlockingIOError:
+                        pass
+                if self.eof and not self.buffered:
+                    self._finish_clean()
+                    return
+                if not progress:
+                    # Both would block. With bytes in the pipe only the writer can unblock us (a read may have
+                    # failed because the pipe ran out of slots, so waiting for "readable" would spin).
+                    self._wait(read=not self.buffered, write=bool(self.buffered))
+                    return
+            self._wait(read=False, write=False)
+            self.loop.call_soon(self.step)  # a stream that never blocks must not starve the event loop
+        except OSError as e:
+            self._end(e)
+
+    def _finish_clean(self) -> None:
+        try:
+            self.dst_sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                self._end(e)
+                return
+        self._end(None)
+
+    def _wait(self, *, read: bool, write: bool) -> None:
+        loop = self.loop
+        if read != self.reading:
+            self.reading = read
+            if read:
+                loop.add_reader(self.src, self.step)
+            else:
+                loop.remove_reader(self.src)
+        if write != self.writing:
+            self.writing = write
+            if write:
+                loop.add_writer(self.dst, self.step)
+            else:
+                loop.remove_writer(self.dst)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.done:
+            return
+        self.stop()
+        self.on_end(self, error)
+
+    def stop(self) -> None:
+        """Unregister and hand the pipe back (reused only if it is empty); idempotent."""
+        if self.done:
+            return
+        self.done = True
+        self._wait(read=False, write=False)
+        PIPES.give(self.pipe_size, self.pipe, self.buffered == 0)
 
 
 class SpliceRelay:
@@ -64,87 +195,49 @@ class SpliceRelay:
         self.client = client
         self.upstream = upstream
         self.pipe_size = pipe_size
-        self.bytes_up = 0  # client -> upstream
-        self.bytes_down = 0  # upstream -> client
+        self._up: _Pump | None = None
+        self._down: _Pump | None = None
+
+    @property
+    def bytes_up(self) -> int:
+        """client -> upstream, bytes accepted by the upstream socket"""
+        return self._up.moved if self._up is not None else 0
+
+    @property
+    def bytes_down(self) -> int:
+        """upstream -> client"""
+        return self._down.moved if self._down is not None else 0
 
     async def run(self) -> RelayResult:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str | None] = loop.create_future()
+        ended: list[_Pump] = []
+
+        def on_end(pump: _Pump, error: BaseException | None) -> None:
+            ended.append(pump)
+            if done.done():
+                return
+            if error is not None:
+                done.set_result(f"{type(error).__name__}: {error}")
+            elif len(ended) == 2:
+                done.set_result(None)
+
         self.client.setblocking(False)
         self.upstream.setblocking(False)
-        up = asyncio.ensure_future(self._pump(self.client, self.upstream, True))
-        down = asyncio.ensure_future(self._pump(self.upstream, self.client, False))
-        error: str | None = None
-        clean = False
+        up = self._up = _Pump(loop, self.client, self.upstream, self.pipe_size, on_end)
+        down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
+        error: str | None = "cancelled"
         try:
-            done, pending = await asyncio.wait((up, down), return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                exc = t.exception()
-                if exc is not None:
-                    error = f"{type(exc).__name__}: {exc}"
-            clean = error is None and not pending
+            up.step()
+            down.step()
+            error = await done
         finally:
-            for t in (up, down):
-                t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.gather(up, down, return_exceptions=True)
-            if clean:
+            up.stop()
+            down.stop()
+            if error is None:
                 self.client.close()
                 self.upstream.close()
             else:
                 abort(self.client)
                 abort(self.upstream)
         return RelayResult(self.bytes_up, self.bytes_down, error)
-
-    async def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        """One direction. The pipe is the buffer: each turn reads what fits and writes what the destination
-        takes, so a partial write does not stop reading until the pipe is full."""
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            size = self.pipe_size
-            with contextlib.suppress(OSError):
-                size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.pipe_size)
-            src_fd, dst_fd = src.fileno(), dst.fileno()
-            buffered = 0  # bytes in the pipe
-            eof = False
-            streak = 0
-            while not (eof and buffered == 0):
-                moved = False
-                if not eof and buffered < size:
-                    try:
-                        n = os.splice(src_fd, w, size - buffered, flags=_SPLICE_FLAGS)
-                        eof = n == 0
-                        buffered += n
-                        moved = True
-                    except BlockingIOError:
-                        pass
-                if buffered:
-                    try:
-                        m = os.splice(r, dst_fd, buffered, flags=_SPLICE_FLAGS)
-                        buffered -= m
-                        if up:
-                            self.bytes_up += m
-                        else:
-                            self.bytes_down += m
-                        moved = True
-                    except BlockingIOError:
-                        pass
-                if not moved:
-                    # Both would block. With bytes in the pipe, only the writer can unblock us (a read may have
-                    # failed because the pipe ran out of slots, so waiting for "readable" would spin).
-                    if buffered:
-                        await _ready(None, dst_fd)
-                    else:
-                        await _ready(src_fd, None)
-                    streak = 0
-                else:
-                    streak += 1
-                    if streak >= _YIELD_EVERY:  # a stream that never blocks must not starve the event loop
-                        streak = 0
-                        await asyncio.sleep(0)
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                if e.errno != errno.ENOTCONN:
-                    raise
-        finally:
-            os.close(r)
-            os.close(w)

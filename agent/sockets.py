@@ -68,6 +68,8 @@ def peer_or_close(sock: socket.socket) -> Address | None:
 class Listener:
     """Accepts on `sock` and runs `handler(conn, original_destination(conn))` as a task per connection.
 
+    Accepting runs from a reader callback that drains the backlog until it would block: a connection costs one
+    accept(2) and a task, not a future and two epoll registrations per accept as `loop.sock_accept` does.
     A handler's exception is logged and its socket closed; it never stops the accept loop.
     """
 
@@ -83,36 +85,46 @@ class Listener:
         self.name = name
         self.orig_dst = orig_dst
         self.tasks: set[asyncio.Task[None]] = set()
-        self._serving: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backoff: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> Address:
         return original_destination(self.sock)
 
-    def start(self) -> asyncio.Task[None]:
-        self._serving = asyncio.ensure_future(self.serve())
-        return self._serving
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _accept_ready(self) -> None:
+        loop = self._loop
+        assert loop is not None
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed", extra=kv(listener=self.name, error=str(e)))
-                    await asyncio.sleep(0.1)  # out of descriptors: let connections finish instead of spinning
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
+                log.error("accept failed", extra=kv(listener=self.name, error=str(e)))
+                # out of descriptors (EMFILE/ENFILE/ENOBUFS/ENOMEM): let connections finish instead of spinning
+                loop.remove_reader(self.sock.fileno())
+                self._backoff = loop.call_later(0.1, self._resume)
+                return
             conn.setblocking(False)
             # Like the upstream side: a proxy must not hold a small write back for the client's delayed ACK.
             with contextlib.suppress(OSError):  # a client that already reset; its handler finds out
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._run(conn))
+            task = loop.create_task(self._run(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _resume(self) -> None:
+        self._backoff = None
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     async def _run(self, conn: socket.socket) -> None:
         try:
@@ -126,11 +138,11 @@ class Listener:
 
     async def stop_accepting(self) -> None:
         """Close the listening socket but leave connections being handled alone (graceful drain)."""
-        if self._serving is not None:
-            self._serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._serving
-            self._serving = None
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+        if self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def close(self) -> None:
@@ -151,11 +163,9 @@ async def connect_upstream(
     back to this socket; where binding is not possible (no such local route, no privilege) the connection is
     made from the node's own address instead of failing.
     """
-    loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -168,35 +178,57 @@ async def connect_upstream(
                 log.debug("source address not kept", extra=kv(source=source_ip, upstream=addr, error=str(e)))
                 sock.close()
                 return await connect_upstream(addr, connect_timeout=connect_timeout, mark=mark)
-        async with asyncio.timeout(connect_timeout):
-            await _connect(loop, sock, addr)
+        await _connect(sock, addr, connect_timeout)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: Address) -> None:
+async def _connect(sock: socket.socket, addr: Address, limit: float) -> None:
     """A non-blocking connect to a numeric address.
 
     Not `loop.sock_connect`: uvloop resolves every address, numeric ones too, through libuv's getaddrinfo thread
     pool, so each upstream connection paid two thread hand-offs on the connection's critical path (measured
-    ~0.2 ms idle, milliseconds on a loaded node).
+    ~0.2 ms idle, milliseconds on a loaded node). A pod on this node (or across a veth pair) usually answers the
+    SYN inside the connect call itself, so the socket is checked once before waiting for it to become writable.
     """
     err = sock.connect_ex(addr)
     if err in (errno.EINPROGRESS, errno.EAGAIN):
-        ready = loop.create_future()
-        fd = sock.fileno()
-        loop.add_writer(fd, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(fd)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0 and not _connected(sock):
+            await _writable(sock, limit)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+async def _writable(sock: socket.socket, limit: float) -> None:
+    """Wait for `sock` to become writable, raising TimeoutError after `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _settle, ready, None)
+    timer = loop.call_later(limit, _settle, ready, TimeoutError(f"connect timed out after {limit:g} s"))
+    try:
+        await ready
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)

@@ -853,12 +853,14 @@ class HboneClientConnection:
         except StreamStateError as e:
             raise HboneConnectError(503, str(e), retryable=True) from None
         st = HboneStream(proto, sid)
-        st._response = proto.loop.create_future()
+        response = st._response = proto.loop.create_future()
         proto.add_stream(st)
         proto.flush()
+        # A timer on the future, not asyncio.timeout(): the timeout context costs a task lookup and a reschedule
+        # on every stream, and this is the connection-setup path.
+        timer = proto.loop.call_later(proto.config.connect_timeout, _expire, response)
         try:
-            async with asyncio.timeout(proto.config.connect_timeout):
-                await st._response
+            await response
         except HboneConnectError:
             proto.forget_if_closed(st)
             raise
@@ -868,6 +870,8 @@ class HboneClientConnection:
         except asyncio.CancelledError:
             st.reset()
             raise
+        finally:
+            timer.cancel()
         return st
 
     @property
@@ -944,6 +948,11 @@ async def connect(
         _close(sock)
         raise
     return HboneClientConnection(proto)
+
+
+def _expire(response: asyncio.Future[int]) -> None:
+    if not response.done():
+        response.set_exception(TimeoutError())
 
 
 def _close(sock: socket.socket | None) -> None:

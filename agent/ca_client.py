@@ -1,4 +1,4 @@
-"""gRPC client of the controller's ``IstioCertificateService`` (as ztunnel's caclient).
+"""Client of the controller's ``IstioCertificateService`` (as ztunnel's caclient), over the agent's controller channel.
 
 TLS to port 15012 verified against the controller's root (``--root-cert``) plus the bundle learned from earlier
 responses, so the channel keeps verifying across a root rotation; plaintext only for the lab's 15010 when no root
@@ -7,23 +7,20 @@ is configured. The bearer token is re-read for every call because projected toke
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import grpc
 from google.protobuf import struct_pb2
 
-from api.istio.v1.auth import ca_pb2, ca_pb2_grpc
-from common.log import kv
+from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError, StatusCode
+from api.istio.v1.auth import ca_pb2
 from common.spiffe import Identity
 
 log = logging.getLogger("ambit.ca_client")
 
-# Every controller serving certificate carries this DNS name, so the agent can dial the controller by any address.
-DEFAULT_SERVER_NAME = "ambit-controller"
+CA_METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 
 class CaRequestError(Exception):
@@ -41,6 +38,8 @@ class CertificateSigner(Protocol):
 
 
 class CaClient:
+    """``channel`` is the one the agent shares with its xDS client; without it the client makes its own."""
+
     def __init__(
         self,
         address: str,
@@ -49,53 +48,17 @@ class CaClient:
         root_cert_file: Path | str | None = None,
         server_name: str = DEFAULT_SERVER_NAME,
         timeout: float = 10.0,
+        channel: ControllerChannel | None = None,
     ) -> None:
         self.address = address
         self.token_file = Path(token_file) if token_file else None
-        self.root_cert_file = Path(root_cert_file) if root_cert_file else None
-        self.server_name = server_name
         self.timeout = timeout
-        self._learned_roots: tuple[str, ...] = ()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
-        self._stale: list[grpc.aio.Channel] = []
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def _trust(self) -> bytes:
-        pems = list(self._learned_roots)
-        if self.root_cert_file is not None:
-            try:
-                pems.insert(0, self.root_cert_file.read_text())
-            except OSError as e:
-                if not pems:
-                    raise CaRequestError("no_root_cert", f"{self.root_cert_file}: {e.strerror}") from None
-                log.warning("root certificate file unreadable; using the learned bundle", extra=kv(error=str(e)))
-        return "".join(p if p.endswith("\n") else p + "\n" for p in pems).encode()
-
-    def _stub_for_call(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
-        if self._stub is None:
-            if self.root_cert_file is None:
-                self._channel = grpc.aio.insecure_channel(self.address)
-            else:
-                creds = grpc.ssl_channel_credentials(root_certificates=self._trust())
-                options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
-            self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
-        return self._stub
-
-    def _drop_channel(self) -> None:
-        """The next call builds a new channel; the old one is closed from async code (update_roots is sync)."""
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            self._stale.append(channel)
+        self._own_channel = channel is None
+        self.channel = channel or ControllerChannel(address, root_cert_file=root_cert_file, server_name=server_name)
 
     def update_roots(self, roots_pem: Sequence[str]) -> None:
         """Trust what the CA says the bundle is, from now on, for the channel to the CA itself."""
-        roots = tuple(roots_pem)
-        if roots != self._learned_roots:
-            self._learned_roots = roots
-            if self.root_cert_file is not None:
-                self._drop_channel()
+        self.channel.update_roots(roots_pem)
 
     def _metadata(self) -> list[tuple[str, str]]:
         if self.token_file is None:
@@ -110,27 +73,19 @@ class CaClient:
         metadata = struct_pb2.Struct()
         metadata["ImpersonatedIdentity"] = str(identity)
         request = ca_pb2.IstioCertificateRequest(csr=csr_pem, validity_duration=ttl_seconds, metadata=metadata)
-        await self._close_dropped()
-        stub = self._stub_for_call()
         try:
-            response = await stub.CreateCertificate(request, metadata=self._metadata(), timeout=self.timeout)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
+            response = await self.channel.unary(
+                CA_METHOD, request, ca_pb2.IstioCertificateResponse, self._metadata(), self.timeout
+            )
+        except OSError as e:  # neither the root file nor a learned bundle to verify the controller with
+            raise CaRequestError("no_root_cert", f"{self.channel.root_cert_file}: {e.strerror}") from None
+        except RpcError as e:
+            if e.code() == StatusCode.UNAVAILABLE:
                 # Maybe the controller now presents a certificate from a root we only have on disk: re-read it.
-                self._drop_channel()
+                self.channel.retire()
             raise CaRequestError(e.code().name.lower(), f"{e.code().name}: {e.details()}") from None
         return list(response.cert_chain)
 
-    async def _close_dropped(self) -> None:
-        """Close replaced channels, letting calls still running on them finish (up to the call timeout)."""
-        stale, self._stale = self._stale, []
-        for channel in stale:
-            task = asyncio.create_task(channel.close(self.timeout))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
     async def close(self) -> None:
-        self._drop_channel()
-        await self._close_dropped()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._own_channel:
+            await self.channel.close()

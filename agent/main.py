@@ -26,6 +26,7 @@ from agent.admin import admin_server, config_dump, metrics_server, readiness_ser
 from agent.ca_client import CaClient
 from agent.capture_metrics import CaptureCollector
 from agent.connections import ConnectionRegistry
+from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
@@ -86,16 +87,18 @@ class Agent:
         self.metrics = Metrics(STATS)
         self.access_log = AccessLog(self.metrics)
         self.store = WorkloadStore()
+        # One connection to the controller carries both xDS and certificate calls.
+        self.controller = ControllerChannel(cfg.controller, root_cert_file=cfg.root_cert or None)
         self.xds = XdsClient(
             self.store,
             cfg.controller,
             cfg.node,
             state_dir=Path(cfg.state_dir),
             token_file=cfg.token_file or None,
-            root_cert=cfg.root_cert or None,
             registry=self.metrics.registry,
+            channel=self.controller,
         )
-        self.ca = CaClient(cfg.controller, token_file=cfg.token_file or None, root_cert_file=cfg.root_cert or None)
+        self.ca = CaClient(cfg.controller, token_file=cfg.token_file or None, channel=self.controller)
         self.certs = CertificateManager(
             self.ca, cfg.trust_domain, ttl_seconds=cfg.cert_ttl, registry=self.metrics.registry
         )
@@ -181,6 +184,7 @@ class Agent:
         await self.pool.close()
         await self.certs.close()
         await self.ca.close()
+        await self.controller.close()
         for server in self.servers:
             await server.close()
         if self.redirector is not None:

@@ -21,16 +21,17 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry, Counter
 
+from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError
 from agent.state import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
@@ -48,21 +49,20 @@ log = logging.getLogger("ambit.agent.xds")
 TYPES = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 STATE_FILE = "xds-state.pb"
 _STATE_MAGIC = b"AMBIT-XDS-STATE-1\n"
-DEFAULT_SERVER_NAME = "ambit-controller"  # every controller serving certificate carries it
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", 200 * 1024 * 1024),  # ztunnel's limit: the full state in one response
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Our own backoff decides when to reconnect; gRPC's would stack on top of it.
-    ("grpc.initial_reconnect_backoff_ms", 10),
-    ("grpc.min_reconnect_backoff_ms", 10),
-]
-
-_RESETTING_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+# By name, so that both our channel's RpcError and grpc's AioRpcError (tests, tools) are understood.
+_RESETTING_CODES = frozenset({"UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED"})
 _RESETTING_MESSAGES = ("transport is closing", "received prior goaway")
+
+
+class RpcStatus(Protocol):
+    """What the backoff rules read from a failed stream."""
+
+    def code(self) -> Enum: ...
+
+    def details(self) -> str | None: ...
 
 
 # ---- decoding and validation (sans-IO) -------------------------------------------------------------------------
@@ -229,26 +229,10 @@ class XdsMetrics:
         )
 
 
-def termination_reason(error: grpc.aio.AioRpcError | None) -> str:
+def termination_reason(error: RpcStatus | None) -> str:
     if error is None or resets_backoff(error):
         return "Reconnect"
-    return "ConnectionError" if error.code() == grpc.StatusCode.UNAVAILABLE else "Error"
-
-
-class _RequestStream:
-    """The request side of the stream: a queue as an async iterator (no async generator to be closed mid-await)."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
-
-    def put(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
-        self._queue.put_nowait(req)
-
-    def __aiter__(self) -> _RequestStream:
-        return self
-
-    async def __anext__(self) -> discovery_pb2.DeltaDiscoveryRequest:
-        return await self._queue.get()
+    return "ConnectionError" if error.code().name == "UNAVAILABLE" else "Error"
 
 
 # ---- the client ------------------------------------------------------------------------------------------------
@@ -270,19 +254,20 @@ class Backoff:
         self.current = self.initial
 
 
-def resets_backoff(error: grpc.aio.AioRpcError | None) -> bool:
+def resets_backoff(error: RpcStatus | None) -> bool:
     """None is a clean end of stream."""
     if error is None:
         return True
     details = (error.details() or "").lower()
-    return error.code() in _RESETTING_CODES or any(m in details for m in _RESETTING_MESSAGES)
+    return error.code().name in _RESETTING_CODES or any(m in details for m in _RESETTING_MESSAGES)
 
 
 class XdsClient:
     """Keeps ``store`` in step with the controller; ``await run()`` forever (cancel to stop).
 
     ``root_cert`` (PEM file of the controller's CA) switches to TLS; ``token_file`` adds
-    ``authorization: Bearer <token>``. Both files are re-read on every connect (rotation).
+    ``authorization: Bearer <token>``. Both files are re-read on every connect (rotation). The agent passes the
+    ``channel`` it shares with the CA client (then ``root_cert`` and ``server_name`` are the channel's business).
     """
 
     def __init__(
@@ -299,6 +284,7 @@ class XdsClient:
         cluster_id: str = "Kubernetes",
         backoff: Backoff | None = None,
         registry: CollectorRegistry | None = None,
+        channel: ControllerChannel | None = None,
     ) -> None:
         self.store = store
         self.address = address
@@ -306,8 +292,8 @@ class XdsClient:
         self.node_ip = node_ip
         self.state_path = Path(state_dir) / STATE_FILE if state_dir else None
         self.token_file = Path(token_file) if token_file else None
-        self.root_cert = Path(root_cert) if root_cert else None
-        self.server_name = server_name
+        self._own_channel = channel is None
+        self.channel = channel or ControllerChannel(address, root_cert_file=root_cert, server_name=server_name)
         self.cluster_id = cluster_id
         self.backoff = backoff or Backoff()
         self.ready = asyncio.Event()
@@ -411,12 +397,12 @@ class XdsClient:
             self._saver = asyncio.get_running_loop().create_task(self._save_loop())
         try:
             while True:
-                error: grpc.aio.AioRpcError | None = None
+                error: RpcError | None = None
                 local_failure = False
                 try:
                     await self._session()
                     log.info("xds stream ended by the server", extra=kv(controller=self.address))
-                except grpc.aio.AioRpcError as e:
+                except RpcError as e:
                     error = e
                     self.stats["last_error"] = f"{e.code().name}: {e.details()}"
                     log.warning(
@@ -439,13 +425,8 @@ class XdsClient:
             if self._saver is not None:
                 self._saver.cancel()
                 self._saver = None
-
-    def _channel(self) -> grpc.aio.Channel:
-        if self.root_cert is None:
-            return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        creds = grpc.ssl_channel_credentials(root_certificates=self.root_cert.read_bytes())
-        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]
-        return grpc.aio.secure_channel(self.address, creds, options=options)
+            if self._own_channel:
+                await self.channel.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
         md = [("clusterid", self.cluster_id)]
@@ -463,20 +444,17 @@ class XdsClient:
         return reqs
 
     async def _session(self) -> None:
-        requests = _RequestStream()
-        for req in self.initial_requests():
-            requests.put(req)
         metadata = self._metadata()
-        async with self._channel() as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources(requests, metadata=metadata)
+        async with self.channel.stream(ADS_METHOD, discovery_pb2.DeltaDiscoveryResponse, metadata) as call:
             self.stats["attempts"] += 1
+            for req in self.initial_requests():
+                await call.send(req)
             async for resp in call:
                 if not self.connected:
                     self.connected = True
                     self.stats["connects"] += 1
                     log.info("xds connected", extra=kv(controller=self.address))
-                requests.put(self.handle_response(resp))
+                await call.send(self.handle_response(resp))
 
     def handle_response(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
         """Apply one response to the store and return its ACK or NACK (sans-IO)."""

@@ -1,0 +1,149 @@
+"""The agent's own gRPC client (agent/controller_channel.py) against a real grpcio server on 127.0.0.1: unary and
+streaming calls, status codes and details, deadlines, flow control beyond the windows, one shared connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest as Delta
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse as DeltaReply
+
+from agent.controller_channel import ControllerChannel, RpcError, StatusCode
+from agent.xds import ADS_METHOD, resets_backoff
+from api.istio.v1.auth.ca_pb2 import IstioCertificateRequest as Request
+from api.istio.v1.auth.ca_pb2 import IstioCertificateResponse as Reply
+from tests.support.xds_controller import free_port
+
+CA = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+
+
+async def create_certificate(req: Request, ctx: grpc.aio.ServicerContext) -> Reply:
+    md = dict(ctx.invocation_metadata() or ())
+    if req.csr == "deny":
+        await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "node n1 runs no pod with ns/sa 100% ünïcode")
+    if req.csr == "slow":
+        await asyncio.sleep(5)
+    return Reply(cert_chain=[req.csr, md.get("authorization", ""), ctx.peer()])
+
+
+async def delta(requests: AsyncIterator[Delta], ctx: grpc.aio.ServicerContext) -> AsyncIterator[DeltaReply]:
+    async for req in requests:
+        if req.type_url == "end":
+            return
+        # The reply carries the request's size (flow control on the way in) and as many bytes back (on the way out).
+        size = len(req.response_nonce)
+        yield DeltaReply(type_url=req.type_url, nonce="x" * size, system_version_info=ctx.peer())
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    srv = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                   ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
+    srv.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "istio.v1.auth.IstioCertificateService",
+                {"CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                    create_certificate, Request.FromString, Reply.SerializeToString)},
+            ),
+            grpc.method_handlers_generic_handler(
+                "envoy.service.discovery.v3.AggregatedDiscoveryService",
+                {"DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    delta, Delta.FromString, DeltaReply.SerializeToString)},
+            ),
+        ]
+    )  # fmt: skip
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    try:
+        yield port
+    finally:
+        await srv.stop(None)
+
+
+async def test_unary_call_carries_metadata_and_decodes_the_reply(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        reply = await channel.unary(CA, Request(csr="pem"), Reply, [("authorization", "Bearer t")], 5.0)
+        assert list(reply.cert_chain[:2]) == ["pem", "Bearer t"]
+    finally:
+        await channel.close()
+
+
+async def test_error_status_and_details_reach_the_caller(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        with pytest.raises(RpcError) as exc:
+            await channel.unary(CA, Request(csr="deny"), Reply, [], 5.0)
+        assert exc.value.code() == StatusCode.PERMISSION_DENIED
+        assert exc.value.details() == "node n1 runs no pod with ns/sa 100% ünïcode"
+        # The connection survives a failed call.
+        assert (await channel.unary(CA, Request(csr="ok"), Reply, [], 5.0)).cert_chain[0] == "ok"
+    finally:
+        await channel.close()
+
+
+async def test_deadline_exceeded(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        with pytest.raises(RpcError) as exc:
+            await channel.unary(CA, Request(csr="slow"), Reply, [], 0.3)
+        assert exc.value.code() == StatusCode.DEADLINE_EXCEEDED
+        assert resets_backoff(exc.value)
+    finally:
+        await channel.close()
+
+
+async def test_unreachable_controller_is_unavailable() -> None:
+    channel = ControllerChannel(f"127.0.0.1:{free_port()}")
+    with pytest.raises(RpcError) as exc:
+        await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)
+    assert exc.value.code() == StatusCode.UNAVAILABLE
+    assert not resets_backoff(exc.value)
+
+
+async def test_stream_moves_messages_larger_than_every_window_both_ways(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        async with channel.stream(ADS_METHOD, DeltaReply) as call:
+            for size in (10, 3_000_000, 20_000_000):
+                await call.send(Delta(type_url=f"t{size}", response_nonce="n" * size))
+                reply = await call.read()
+                assert reply is not None and reply.type_url == f"t{size}" and len(reply.nonce) == size
+            await call.send(Delta(type_url="end"))
+            assert await call.read() is None  # status OK ends the iteration
+    finally:
+        await channel.close()
+
+
+async def test_xds_stream_and_ca_calls_share_one_connection_until_retired(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        async with channel.stream(ADS_METHOD, DeltaReply) as call:
+            await call.send(Delta(type_url="a"))
+            first = await call.read()
+            assert first is not None
+            peer = first.system_version_info
+            assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] == peer
+            channel.retire()  # e.g. new trust: new calls go to a new connection, the stream stays where it is
+            assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] != peer
+            await call.send(Delta(type_url="b"))
+            again = await call.read()
+            assert again is not None and again.system_version_info == peer
+    finally:
+        await channel.close()
+
+
+async def test_cancelled_stream_reports_cancelled(server: int) -> None:
+    channel = ControllerChannel(f"127.0.0.1:{server}")
+    try:
+        async with channel.stream(ADS_METHOD, DeltaReply) as call:
+            call.cancel()
+            with pytest.raises(RpcError) as exc:
+                await call.read()
+            assert exc.value.code() == StatusCode.CANCELLED
+    finally:
+        await channel.close()

@@ -107,18 +107,23 @@ class _ReceiveBuffer(asyncio.BufferedProtocol):
     """Receive side shared by the TLS and TCP protocols: a reusable buffer that is replaced, not overwritten,
     while anyone still holds a view of it.
 
-    Transports may keep a reference to what we wrote instead of copying (uvloop does); a bytearray with live
-    exports refuses to resize, which is how we notice. It starts small (most connections are small) and grows to
-    READ_SIZE once a read fills it. Subclasses take the filled part with ``memoryview(self._buf)[:nbytes]`` after
-    ``self._grow_if_full(nbytes)``; both are inlined in their ``buffer_updated`` because that is the hot path.
+    Transports may keep a reference to what we wrote instead of copying (uvloop does, until the socket took
+    it); a bytearray with live exports refuses to resize, which is how we notice. The one set aside is kept as
+    a spare and reused once it is free again, so a bulk transfer alternates between two buffers instead of
+    zero-filling a fresh 256 KiB one whenever the other side is slower. It starts small (most connections are
+    small) and grows to READ_SIZE once a read fills it. Subclasses take the filled part with
+    ``memoryview(self._buf)[:nbytes]`` after growing when full; both are inlined in their ``buffer_updated``
+    because that is the hot path.
     """
 
     _buf: bytearray
     _bufsize: int
+    _spare: bytearray | None
 
     def _init_buffer(self) -> None:
         self._bufsize = MIN_READ_SIZE
         self._buf = self._new_buffer()
+        self._spare = None
 
     def _new_buffer(self) -> bytearray:
         # One spare byte of capacity so that the append/del probe below never reallocates.
@@ -132,13 +137,26 @@ class _ReceiveBuffer(asyncio.BufferedProtocol):
             buf.append(0)
             del buf[-1]
         except BufferError:
-            buf = self._buf = self._new_buffer()
+            spare, self._spare = self._spare, buf
+            reuse = spare is not None and len(spare) == self._bufsize and _is_free(spare)
+            buf = self._buf = spare if reuse and spare is not None else self._new_buffer()
         return memoryview(buf)
 
     def _grow(self) -> None:
         """A read filled the small buffer: the next read gets a big one (this one is still being returned)."""
         self._bufsize = READ_SIZE
         self._buf = self._new_buffer()
+        self._spare = None
+
+
+def _is_free(buf: bytearray) -> bool:
+    """True when nobody holds a view of ``buf`` (resizing is refused while views exist)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -188,7 +188,7 @@ class Agent:
         for server in self.servers:
             await server.close()
         if self.redirector is not None:
-            await asyncio.to_thread(self.redirector.close)  # pyroute2 must not run on the loop thread
+            await asyncio.to_thread(self.redirector.close)  # netlink calls block: never on the loop thread
         log.info("stopped")
 
     # --- enrollment: store -> capture + certificates ------------------------------------------------------------

@@ -1,61 +1,120 @@
-"""Netlink side of capture (pyroute2): tc clsact + cls_bpf filters, the policy-routing rule and local table, and
-route lookups that find a pod's node-side interface.
+"""Netlink side of capture: tc clsact + cls_bpf filters, the policy-routing rule and local table, and route lookups
+that find a pod's node-side interface, spoken directly over an rtnetlink socket.
 
-Every call acts on the network namespace the IPRoute socket was opened in (the node netns). Our tc filter is
-recognised by (priority, handle, kind bpf, name), never by position, so other filters on the same hook and a
-clsact qdisc that others use are left alone.
+Every call acts on the network namespace the socket was opened in (the node netns). Our tc filter is recognised by
+(priority, handle, kind bpf, name), never by position, so other filters on the same hook and a clsact qdisc that
+others use are left alone.
+
+Why not pyroute2 here: capture needs a dozen request shapes, and pyroute2 cost the agent ~4 MB of modules for its
+whole life plus a decoded object tree per message (every attribute of every link, ~300 messages per reconcile of
+100 pods). Requests are encoded and replies scanned for the few attributes used, nothing else is decoded.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.util
+import os
 import socket
-import sys
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from agent.redirect_errors import AttachError, RedirectKernelError
-
-
-def _register_pyroute2_lazily() -> None:
-    """pyroute2's package __init__ imports every feature it has (NDB with sqlite3, IPDB, wireless, nftables, ipvs,
-    psutil, unittest, multiprocessing: ~160 modules, ~7 MB resident for the agent's whole life) while capture needs
-    rtnetlink alone. So the package is registered without running its __init__; the first access to an attribute
-    the submodules did not define (``from pyroute2 import NDB`` elsewhere in the process) runs it after all."""
-    if "pyroute2" in sys.modules:
-        return
-    spec = importlib.util.find_spec("pyroute2")
-    if spec is None or spec.loader is None:
-        raise ImportError("pyroute2 is not installed; run `make setup`")
-    pkg = importlib.util.module_from_spec(spec)
-    loader = spec.loader
-
-    def full_package(name: str) -> Any:
-        if name.startswith("__") or importlib.util.find_spec(f"pyroute2.{name}") is not None:
-            raise AttributeError(name)  # a submodule: the import system loads it
-        del pkg.__dict__["__getattr__"]
-        loader.exec_module(pkg)
-        return getattr(pkg, name)
-
-    pkg.__dict__["__getattr__"] = full_package  # PEP 562 module __getattr__
-    sys.modules["pyroute2"] = pkg
-
-
-_register_pyroute2_lazily()
-
-from pyroute2.iproute.linux import IPRoute  # noqa: E402
-from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
 TC_H_CLSACT = 0xFFFFFFF1
 TC_H_INGRESS = 0xFFFFFFF2  # ffff:fff2 = clsact ingress
 TC_H_EGRESS = 0xFFFFFFF3
+CLSACT_HANDLE = 0xFFFF0000
 ETH_P_ALL = 0x0003
 RTN_UNICAST = 1
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+FR_ACT_TO_TBL = 1
 FAMILIES = ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0"))
 _FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+# Message types, flags and attribute numbers (linux/netlink.h, rtnetlink.h, if_link.h, fib_rules.h, pkt_cls.h).
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_GETLINK, RTM_GETADDR = 18, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
+F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
+F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
+IFLA_IFNAME = 3
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")  # also fib_rule_hdr: same layout
+_TCMSG = struct.Struct("=BxxxiIII")
+_U32 = struct.Struct("=I")
+_RECV_SIZE = 1 << 16
+
+
+class NetlinkError(Exception):
+    """The kernel refused a request; ``code`` is the errno."""
+
+    def __init__(self, code: int, request: str) -> None:
+        super().__init__(code, f"{request}: {os.strerror(code)}")
+        self.code = code
+
+
+def nla(kind: int, value: bytes) -> bytes:
+    length = _NLA.size + len(value)
+    return _NLA.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def nla_u32(kind: int, value: int) -> bytes:
+    return nla(kind, _U32.pack(value))
+
+
+def nla_str(kind: int, value: str) -> bytes:
+    return nla(kind, value.encode() + b"\0")
+
+
+def attributes(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
+    """Attribute type (flags stripped) -> payload; the last of repeated types wins (we read no repeated ones)."""
+    mv = memoryview(data)
+    out: dict[int, memoryview] = {}
+    while offset + _NLA.size <= len(mv):
+        length, kind = _NLA.unpack_from(mv, offset)
+        if length < _NLA.size or offset + length > len(mv):
+            break
+        out[kind & 0x3FFF] = mv[offset + _NLA.size : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def get_u32(attrs: dict[int, memoryview], kind: int) -> int | None:
+    raw = attrs.get(kind)
+    return int(_U32.unpack_from(raw)[0]) if raw is not None and len(raw) >= 4 else None
+
+
+def get_str(attrs: dict[int, memoryview], kind: int) -> str | None:
+    raw = attrs.get(kind)
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
+
+
+def get_ip(attrs: dict[int, memoryview], kind: int) -> str | None:
+    raw = attrs.get(kind)
+    if raw is None or len(raw) not in (4, 16):
+        return None
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, bytes(raw))
+
+
+def _ip_family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 @dataclass(frozen=True)
@@ -74,65 +133,144 @@ class FilterInfo:
 
 
 class Netlink:
-    """A pyroute2 socket bound to the node netns plus the few operations capture needs."""
+    """An rtnetlink socket bound to the node netns plus the few operations capture needs (blocking calls)."""
 
     def __init__(self) -> None:
-        self.ipr = IPRoute()
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        self._seq = 0
 
     def close(self) -> None:
-        self.ipr.close()
+        self.sock.close()
+
+    def _request(self, mtype: int, flags: int, body: bytes, what: str) -> list[memoryview]:
+        """Send one request and read every reply message until the dump ends or the ACK arrives. Always read to the
+        end: the kernel refuses a new dump on a socket whose previous one was left half-read (EBUSY)."""
+        self._seq += 1
+        seq = self._seq
+        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, F_REQUEST | flags, seq, 0) + body)
+        out: list[memoryview] = []
+        while True:
+            data = memoryview(self.sock.recv(_RECV_SIZE))
+            pos = 0
+            while pos + _NLMSGHDR.size <= len(data):
+                length, rtype, rflags, rseq, _ = _NLMSGHDR.unpack_from(data, pos)
+                if length < _NLMSGHDR.size:
+                    raise RedirectKernelError(f"netlink: malformed reply to {what}")
+                payload = data[pos + _NLMSGHDR.size : pos + length]
+                pos += (length + 3) & ~3
+                if rseq != seq:
+                    continue
+                if rtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise NetlinkError(code, what)
+                    return out  # the ACK
+                if rtype == NLMSG_DONE:
+                    return out
+                out.append(payload)
+                if not rflags & F_MULTI and not flags & F_ACK:
+                    return out
 
     # --- links and routes ------------------------------------------------------------------------------------
 
     def link_index(self, name: str) -> int | None:
-        found = self.ipr.link_lookup(ifname=name)
-        return int(found[0]) if found else None
-
-    def link_name(self, index: int) -> str | None:
         try:
-            links = self.ipr.get_links(index)
+            msgs = self._request(
+                RTM_GETLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0) + nla_str(IFLA_IFNAME, name), f"link {name}"
+            )
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return None
             raise
-        return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+        return int(_IFINFOMSG.unpack_from(msgs[0])[2]) if msgs else None
+
+    def link_name(self, index: int) -> str | None:
+        try:
+            msgs = self._request(RTM_GETLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0), f"link {index}")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        return get_str(attributes(msgs[0], _IFINFOMSG.size), IFLA_IFNAME) if msgs else None
+
+    def all_link_indexes(self) -> list[int]:
+        dump = self._request(RTM_GETLINK, F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "link dump")
+        return [int(_IFINFOMSG.unpack_from(m)[2]) for m in dump]
 
     def local_addresses(self) -> set[str]:
-        return {str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr()}
+        out: set[str] = set()
+        for m in self._request(RTM_GETADDR, F_DUMP, _IFADDRMSG.pack(0, 0, 0, 0, 0), "address dump"):
+            attrs = attributes(m, _IFADDRMSG.size)
+            ip = get_ip(attrs, IFA_LOCAL) or get_ip(attrs, IFA_ADDRESS)
+            if ip:
+                out.add(ip)
+        return out
+
+    def _routes(self, family: int, table: int) -> Iterator[tuple[tuple[int, ...], dict[int, memoryview]]]:
+        """(rtmsg fields, attributes) of every route of ``table``."""
+        for m in self._request(RTM_GETROUTE, F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), "route dump"):
+            hdr = _RTMSG.unpack_from(m)
+            attrs = attributes(m, _RTMSG.size)
+            if (get_u32(attrs, RTA_TABLE) or hdr[4]) == table:
+                yield hdr, attrs
 
     def default_route_oifs(self) -> list[int]:
         out: list[int] = []
         for family, _ in FAMILIES:
-            for r in self.ipr.route("dump", table=254, family=family):
-                if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None:
-                    out.append(int(r.get_attr("RTA_OIF")))
+            for hdr, attrs in self._routes(family, RT_TABLE_MAIN):
+                oif = get_u32(attrs, RTA_OIF)
+                if hdr[1] == 0 and oif is not None:
+                    out.append(oif)
         return sorted(set(out))
 
     def route_get(self, ip: str) -> RouteInfo | None:
         """None when the node has no route at all (ENETUNREACH / EHOSTUNREACH)."""
+        family = _ip_family(ip)
+        bits = 32 if family == socket.AF_INET else 128
+        body = _RTMSG.pack(family, bits, 0, 0, 0, 0, 0, 0, 0) + nla(RTA_DST, socket.inet_pton(family, ip))
         try:
-            msgs = self.ipr.route("get", dst=ip)
+            msgs = self._request(RTM_GETROUTE, 0, body, f"route get {ip}")
         except NetlinkError as exc:
             if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
                 return None
             raise
+        if not msgs:
+            return None
         m = msgs[0]
-        oif = m.get_attr("RTA_OIF")
-        gw = m.get_attr("RTA_GATEWAY")
-        return RouteInfo(int(m["type"]), int(oif) if oif is not None else None, str(gw) if gw else None)
+        attrs = attributes(m, _RTMSG.size)
+        return RouteInfo(_RTMSG.unpack_from(m)[7], get_u32(attrs, RTA_OIF), get_ip(attrs, RTA_GATEWAY))
 
     # --- policy routing --------------------------------------------------------------------------------------
 
     def _find_rule(self, mark: int, mask: int, table: int, pref: int, family: int) -> bool:
-        for r in self.ipr.get_rules(family=family):
+        for m in self._request(RTM_GETRULE, F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), "rule dump"):
+            attrs = attributes(m, _RTMSG.size)
             if (
-                r.get_attr("FRA_FWMARK") == mark
-                and r.get_attr("FRA_FWMASK") == mask
-                and (r.get_attr("FRA_TABLE") or r["table"]) == table
-                and r.get_attr("FRA_PRIORITY") == pref
+                get_u32(attrs, FRA_FWMARK) == mark
+                and get_u32(attrs, FRA_FWMASK) == mask
+                and (get_u32(attrs, FRA_TABLE) or _RTMSG.unpack_from(m)[4]) == table
+                and get_u32(attrs, FRA_PRIORITY) == pref
             ):
                 return True
         return False
+
+    def _local_default(self, mtype: int, flags: int, family: int, table: int, lo: int) -> None:
+        """`ip route replace|del local 0/0 (::/0) dev lo table TABLE`."""
+        body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL, 0)
+        self._request(
+            mtype, F_ACK | flags, body + nla_u32(RTA_TABLE, table) + nla_u32(RTA_OIF, lo), f"local route table {table}"
+        )
+
+    def _rule(self, mtype: int, flags: int, family: int, mark: int, mask: int, table: int, pref: int) -> None:
+        body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+        attrs = (
+            nla_u32(FRA_TABLE, table)
+            + nla_u32(FRA_PRIORITY, pref)
+            + nla_u32(FRA_FWMARK, mark)
+            + nla_u32(FRA_FWMASK, mask)
+        )
+        self._request(mtype, F_ACK | flags, body + attrs, f"rule fwmark {mark:#x}/{mask:#x} lookup {table}")
 
     def ensure_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> None:
         """Per family: `ip rule add fwmark MARK/MASK lookup TABLE pref PREF` + `ip route replace local 0/0 (::/0)
@@ -142,11 +280,9 @@ class Netlink:
             raise RedirectKernelError("the node netns has no `lo` interface for the local route table")
         for family, default in FAMILIES:
             try:
-                self.ipr.route(
-                    "replace", dst=default, table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=family
-                )
+                self._local_default(RTM_NEWROUTE, F_CREATE | F_REPLACE, family, table, lo)
                 if not self._find_rule(mark, mask, table, pref, family):
-                    self.ipr.rule("add", table=table, priority=pref, fwmark=mark, fwmask=mask, family=family)
+                    self._rule(RTM_NEWRULE, F_CREATE | F_EXCL, family, mark, mask, table, pref)
             except NetlinkError as exc:
                 if family == socket.AF_INET6 and exc.code in (errno.EACCES, errno.EAFNOSUPPORT):
                     continue  # IPv6 is disabled in this netns: there is no IPv6 traffic to deliver
@@ -157,11 +293,7 @@ class Netlink:
 
     def has_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> bool:
         """Whether the IPv4 half exists (IPv6 may legitimately be absent when the netns has IPv6 disabled)."""
-        routes = [
-            r
-            for r in self.ipr.route("dump", table=table, family=socket.AF_INET)
-            if r["type"] == RTN_LOCAL and r["dst_len"] == 0
-        ]
+        routes = [hdr for hdr, _ in self._routes(socket.AF_INET, table) if hdr[7] == RTN_LOCAL and hdr[1] == 0]
         return bool(routes) and self._find_rule(mark, mask, table, pref, socket.AF_INET)
 
     def remove_policy_routing(self, mark: int, mask: int, table: int, pref: int) -> list[str]:
@@ -169,27 +301,36 @@ class Netlink:
         lo = self.link_index("lo")
         for family, default in FAMILIES:
             while self._find_rule(mark, mask, table, pref, family):
-                self.ipr.rule("del", table=table, priority=pref, fwmark=mark, fwmask=mask, family=family)
+                self._rule(RTM_DELRULE, 0, family, mark, mask, table, pref)
                 removed.append(f"rule fwmark {mark:#x}/{mask:#x} lookup {table} pref {pref} ({_FAMILY_NAMES[family]})")
-            for r in self.ipr.route("dump", table=table, family=family):
-                if r["type"] == RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_OIF") == lo:
-                    self.ipr.route(
-                        "del", dst=default, table=table, type="local", scope=RT_SCOPE_HOST, oif=lo, family=family
-                    )
-                    removed.append(f"route local {default} dev lo table {table}")
+            ours = [
+                hdr
+                for hdr, attrs in self._routes(family, table)
+                if hdr[7] == RTN_LOCAL and hdr[1] == 0 and get_u32(attrs, RTA_OIF) == lo
+            ]
+            if ours and lo is not None:
+                self._local_default(RTM_DELROUTE, 0, family, table, lo)
+                removed.append(f"route local {default} dev lo table {table}")
         return removed
 
     # --- tc --------------------------------------------------------------------------------------------------
 
     def has_clsact(self, index: int) -> bool:
-        return any(q.get_attr("TCA_KIND") == "clsact" for q in self.ipr.get_qdiscs(index=index))
+        for m in self._request(RTM_GETQDISC, F_DUMP, _TCMSG.pack(0, 0, 0, 0, 0), "qdisc dump"):
+            if _TCMSG.unpack_from(m)[1] == index and get_str(attributes(m, _TCMSG.size), TCA_KIND) == "clsact":
+                return True
+        return False
+
+    def _clsact(self, mtype: int, flags: int, index: int) -> None:
+        body = _TCMSG.pack(0, index, CLSACT_HANDLE, TC_H_CLSACT, 0) + nla_str(TCA_KIND, "clsact")
+        self._request(mtype, F_ACK | flags, body, f"clsact qdisc on interface {index}")
 
     def ensure_clsact(self, index: int) -> bool:
         """True when this call created the qdisc (so the agent may remove it later when it is empty)."""
         if self.has_clsact(index):
             return False
         try:
-            self.ipr.tc("add", "clsact", index=index)
+            self._clsact(RTM_NEWQDISC, F_CREATE | F_EXCL, index)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST:
                 return False
@@ -200,17 +341,19 @@ class Netlink:
         """(priority, handle, info) of every real filter (chain heads with handle 0 are skipped)."""
         out: list[tuple[int, int, FilterInfo]] = []
         try:
-            msgs = self.ipr.get_filters(index=index, parent=parent)
+            dump = self._request(RTM_GETTFILTER, F_DUMP, _TCMSG.pack(0, index, 0, parent, 0), f"filters of {index}")
         except NetlinkError as exc:
             if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 return out
             raise
-        for m in msgs:
-            if not m["handle"]:
+        for m in dump:
+            _, _, handle, _, info = _TCMSG.unpack_from(m)
+            if not handle:
                 continue
-            opts: Any = m.get_attr("TCA_OPTIONS")
-            name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
-            out.append((m["info"] >> 16, int(m["handle"]), FilterInfo(str(m.get_attr("TCA_KIND")), str(name or ""))))
+            attrs = attributes(m, _TCMSG.size)
+            options = attrs.get(TCA_OPTIONS)
+            name = get_str(attributes(options), TCA_BPF_NAME) if options is not None else None
+            out.append((info >> 16, handle, FilterInfo(get_str(attrs, TCA_KIND) or "", name or "")))
         return out
 
     def find_filter(self, index: int, prio: int, handle: int) -> FilterInfo | None:
@@ -223,30 +366,27 @@ class Netlink:
         """(priority, handle) of every ingress bpf filter called ``name``, wherever a past config put it."""
         return [(p, h) for p, h, info in self.filters(index) if info.kind == "bpf" and info.name == name]
 
+    def _filter_head(self, index: int, prio: int, handle: int) -> bytes:
+        info = prio << 16 | socket.htons(ETH_P_ALL)
+        return _TCMSG.pack(0, index, handle, TC_H_INGRESS, info) + nla_str(TCA_KIND, "bpf")
+
     def put_filter(self, index: int, fd: int, name: str, prio: int, handle: int, replace: bool) -> None:
         """Add, or atomically replace (same prio/handle: the kernel swaps the program, no packet sees none)."""
+        options = (
+            nla_u32(TCA_BPF_FD, fd)
+            + nla_str(TCA_BPF_NAME, name)
+            + nla_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
+            + nla_u32(TCA_BPF_CLASSID, 1)
+        )
+        body = self._filter_head(index, prio, handle) + nla(TCA_OPTIONS, options)
         try:
-            self.ipr.tc(
-                "replace-filter" if replace else "add-filter",
-                "bpf",
-                index=index,
-                handle=handle,
-                fd=fd,
-                name=name,
-                parent=TC_H_INGRESS,
-                classid=1,
-                direct_action=True,
-                prio=prio,
-                protocol=ETH_P_ALL,
-            )
+            self._request(RTM_NEWTFILTER, F_ACK | F_CREATE | (F_REPLACE if replace else F_EXCL), body, f"filter {name}")
         except NetlinkError as exc:
             raise AttachError(f"cannot {'replace' if replace else 'add'} cls_bpf filter: {_reason(exc)}") from exc
 
     def delete_filter(self, index: int, prio: int, handle: int) -> None:
         try:
-            self.ipr.tc(
-                "del-filter", "bpf", index=index, handle=handle, parent=TC_H_INGRESS, prio=prio, protocol=ETH_P_ALL
-            )
+            self._request(RTM_DELTFILTER, F_ACK, self._filter_head(index, prio, handle), f"filter {prio}/{handle:#x}")
         except NetlinkError as exc:
             if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                 return
@@ -256,16 +396,13 @@ class Netlink:
         if self.filters(index, TC_H_INGRESS) or self.filters(index, TC_H_EGRESS):
             return False
         try:
-            self.ipr.tc("del", "clsact", index=index)
+            self._clsact(RTM_DELQDISC, 0, index)
         except NetlinkError as exc:
             if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                 return False
             raise AttachError(f"cannot delete clsact qdisc: {_reason(exc)}") from exc
         return True
 
-    def all_link_indexes(self) -> list[int]:
-        return [int(link["index"]) for link in self.ipr.get_links()]
-
 
 def _reason(exc: NetlinkError) -> str:
-    return f"{exc.args[1] if len(exc.args) > 1 else exc} (errno {exc.code})"
+    return f"{os.strerror(exc.code)} (errno {exc.code})"

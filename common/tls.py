@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _ssl
 import ctypes
+import functools
 import logging
 import os
 import ssl
@@ -58,6 +59,7 @@ class _CiphersuiteError(Exception):
     """The TLS 1.3 suites could not be set safely; OpenSSL's default order stays."""
 
 
+@functools.cache
 def _libssl() -> ctypes.CDLL:
     """The libssl that CPython's ``_ssl`` is linked against, never another copy in the process: RTLD_NOLOAD
     returns the handle of the already-loaded extension, and dlsym on it searches that object's own dependencies.

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ import h2.exceptions
 import h2.settings
 from google.protobuf.message import DecodeError, Message
 
+from agent.sockets import connect_upstream
 from common.log import kv
 
 log = logging.getLogger("ambit.agent.controller_channel")
@@ -466,8 +469,9 @@ class ControllerChannel:
                 ctx.set_alpn_protocols(["h2"])
             try:
                 async with asyncio.timeout(self.connect_timeout):
+                    sock = await _tcp_connect(host, int(port), self.connect_timeout)
                     reader, writer = await asyncio.open_connection(
-                        host, int(port), ssl=ctx, server_hostname=self.server_name if ctx else None, limit=READ_SIZE
+                        sock=sock, ssl=ctx, server_hostname=self.server_name if ctx else None, limit=READ_SIZE
                     )
             except (OSError, ssl.SSLError, TimeoutError) as e:
                 raise RpcError(
@@ -478,6 +482,17 @@ class ControllerChannel:
                 reader, writer, authority, "https" if ctx else "http", self.keepalive, self.keepalive_timeout
             )
             return self._conn
+
+
+async def _tcp_connect(host: str, port: int, limit: float) -> socket.socket:
+    """A numeric address is dialled directly (uvloop would send it through libuv's getaddrinfo thread pool, four
+    threads idling for the agent's life); only a name goes through the loop's resolver."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        host = str(infos[0][4][0])
+    return await connect_upstream((host, port), connect_timeout=limit)
 
 
 class _Pending(Generic[M]):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,11 @@ class HttpServer:
     server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        # A socket bound here rather than `start_server(host, port)`: uvloop resolves even a numeric host through
+        # libuv's getaddrinfo thread pool, which starts four threads that then idle for the process's life.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+        self.server = await asyncio.start_server(self._serve, sock=sock)
         log.debug("http listening", extra=kv(server=self.name, address=host, port=self.port))
         return self.server
 

@@ -36,6 +36,7 @@ from common.spiffe import Identity
 log = logging.getLogger("ambit.identity")
 
 DEFAULT_TTL_SECONDS = 24 * 3600
+_ALPN = [tls.ALPN_H2]  # HBONE is HTTP/2 both ways
 
 
 class Priority(enum.IntEnum):
@@ -282,8 +283,12 @@ class CertificateManager:
         return entry.server_ctx
 
     async def client_context(self, ident: Identity) -> ssl.SSLContext:
+        """Built on first use: many local workloads only ever receive, and an SSLContext holding a chain, a key
+        and the roots is ~25 KB of OpenSSL memory."""
         entry = await self._ready(ident)
-        assert entry.client_ctx is not None
+        if entry.client_ctx is None:
+            assert entry.cert is not None
+            entry.client_ctx = tls.client_context(self._roots, entry.cert.chain_pem, entry.cert.key_pem, alpn=_ALPN)
         return entry.client_ctx
 
     def certificate(self, ident: Identity) -> IssuedCertificate | None:
@@ -375,14 +380,14 @@ class CertificateManager:
         try:
             chain = await self.signer.create_certificate(csr, ident, self.ttl_seconds)
             issued = parse_response(chain, ident, key, time.time())
-            server_ctx, client_ctx = self._contexts(issued, issued.roots_pem)
+            server_ctx = self._server_context(issued, issued.roots_pem)
         except (CaRequestError, InvalidCertificateResponse, ssl.SSLError, OSError) as e:
             reason = e.reason if isinstance(e, CaRequestError) else "invalid_response"
             self._failed(entry, priority, reason, str(e))
             return
         if self._entries.get(ident) is not entry:
             return  # the workload left while we were fetching
-        entry.cert, entry.server_ctx, entry.client_ctx = issued, server_ctx, client_ctx
+        entry.cert, entry.server_ctx, entry.client_ctx = issued, server_ctx, None
         entry.failures, entry.last_error = 0, ""
         self._expiry.labels(str(ident)).set(issued.not_after)
         self._schedule(entry, issued.refresh_at, Priority.BACKGROUND)
@@ -415,12 +420,10 @@ class CertificateManager:
         else:
             self._wake(entry, None)
 
-    def _contexts(self, cert: IssuedCertificate, roots: Sequence[str]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-        alpn = [tls.ALPN_H2]
-        return (
-            tls.server_context(cert.chain_pem, cert.key_pem, roots, alpn=alpn),
-            tls.client_context(roots, cert.chain_pem, cert.key_pem, alpn=alpn),
-        )
+    @staticmethod
+    def _server_context(cert: IssuedCertificate, roots: Sequence[str]) -> ssl.SSLContext:
+        """Built with the certificate (it also proves chain and key load); the client context waits for use."""
+        return tls.server_context(cert.chain_pem, cert.key_pem, roots, alpn=_ALPN)
 
     def _roots_changed(self, roots: tuple[str, ...]) -> None:
         """New bundle from the CA (rotation step): every context must trust exactly it from now on."""
@@ -430,7 +433,7 @@ class CertificateManager:
         for entry in self._entries.values():
             if entry.cert is not None and entry.valid(now):
                 try:
-                    entry.server_ctx, entry.client_ctx = self._contexts(entry.cert, roots)
+                    entry.server_ctx, entry.client_ctx = self._server_context(entry.cert, roots), None
                 except (ssl.SSLError, OSError) as e:
                     log.error("rebuilding TLS context failed", extra=kv(identity=str(entry.identity), error=str(e)))
         log.info("trust bundle changed", extra=kv(roots=len(roots)))

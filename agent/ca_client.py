@@ -56,6 +56,16 @@ class CaClient:
         self._own_channel = channel is None
         self.channel = channel or ControllerChannel(address, root_cert_file=root_cert_file, server_name=server_name)
 
+    @property
+    def root_cert_file(self) -> Path | None:
+        return self.channel.root_cert_file
+
+    @root_cert_file.setter
+    def root_cert_file(self, path: Path | None) -> None:
+        """A new root file takes effect from the next connection to the controller."""
+        self.channel.root_cert_file = path
+        self.channel.retire()
+
     def update_roots(self, roots_pem: Sequence[str]) -> None:
         """Trust what the CA says the bundle is, from now on, for the channel to the CA itself."""
         self.channel.update_roots(roots_pem)

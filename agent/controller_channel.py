@@ -223,6 +223,7 @@ class _Connection:
         self.calls: dict[int, Call[Message]] = {}
         self.closed: str | None = None
         self.retired = False
+        self._goaway: str | None = None  # after a GOAWAY, how the remaining calls end (h2 refuses further frames)
         self._window = asyncio.Event()
         self._ping_acked = asyncio.Event()
         self._keepalive, self._keepalive_timeout = keepalive, keepalive_timeout
@@ -247,7 +248,10 @@ class _Connection:
             ("user-agent", "ambit-agent"),
             *metadata,
         ]
-        self.h2.send_headers(sid, headers)
+        try:
+            self.h2.send_headers(sid, headers)
+        except h2.exceptions.ProtocolError as e:  # e.g. the server's GOAWAY was processed a moment ago
+            raise RpcError(StatusCode.UNAVAILABLE, f"cannot start a call: {e}") from None
         call = Call(self, sid, response_type)
         self.calls[sid] = call  # type: ignore[assignment]
         self._flush()
@@ -260,12 +264,20 @@ class _Connection:
                 raise RpcError(StatusCode.UNAVAILABLE, self.closed)
             if sid not in self.calls:
                 raise RpcError(StatusCode.CANCELLED, "the call has ended")
-            n = min(len(view), self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            try:
+                n = min(len(view), self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+                if n > 0 or not view:
+                    self.h2.send_data(sid, view[:n].tobytes(), end_stream=end and n == len(view))
+            except h2.exceptions.ProtocolError as e:  # the server closed or reset the stream meanwhile
+                raise RpcError(StatusCode.CANCELLED, f"cannot send on the call: {e}") from None
             if n > 0 or not view:
-                self.h2.send_data(sid, view[:n].tobytes(), end_stream=end and n == len(view))
                 view = view[n:]
                 self._flush()
-                await self.writer.drain()
+                try:
+                    await self.writer.drain()
+                except OSError as e:
+                    self.close(f"connection to the controller failed: {e}")
+                    raise RpcError(StatusCode.UNAVAILABLE, self.closed or str(e)) from None
                 if not view:
                     return
             else:
@@ -280,6 +292,7 @@ class _Connection:
 
     def forget(self, sid: int) -> None:
         self.calls.pop(sid, None)
+        self._window.set()  # a sender waiting for credit on this stream must notice that it ended
         if self.retired and not self.calls:
             self.close("retired")
 
@@ -317,7 +330,11 @@ class _Connection:
             reason = f"connection to the controller failed: {e}"
         except h2.exceptions.ProtocolError as e:
             reason = f"HTTP/2 protocol error from the controller: {e}"
-        self.close(reason)
+            if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                # A GOAWAY arrived with more frames behind it (gRPC servers send a PING after it): h2 raised on
+                # those before it could report the GOAWAY, and accepts nothing more on this connection.
+                reason = "received prior goaway: the controller is going away"
+        self.close(self._goaway or reason)
 
     def _on_event(self, event: h2.events.Event) -> None:
         call = self.calls.get(getattr(event, "stream_id", 0) or 0)
@@ -346,7 +363,7 @@ class _Connection:
             # others may still finish; no new call goes here.
             self.retired = True
             last = event.last_stream_id or 0
-            reason = f"received prior goaway: code: {event.error_code!r}"
+            reason = self._goaway = f"received prior goaway: code: {event.error_code!r}"
             for sid, pending in list(self.calls.items()):
                 if sid > last:
                     pending.finish(RpcError(StatusCode.UNAVAILABLE, reason))

@@ -38,8 +38,7 @@ async def delta(requests: AsyncIterator[Delta], ctx: grpc.aio.ServicerContext) -
         yield DeltaReply(type_url=req.type_url, nonce="x" * size, system_version_info=ctx.peer())
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[int]:
+async def start_server(address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
     srv = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                    ("grpc.max_send_message_length", 64 * 1024 * 1024)])  # fmt: skip
     srv.add_generic_rpc_handlers(
@@ -56,8 +55,14 @@ async def server() -> AsyncIterator[int]:
             ),
         ]
     )  # fmt: skip
-    port = srv.add_insecure_port("127.0.0.1:0")
+    port = srv.add_insecure_port(address)
     await srv.start()
+    return srv, port
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    srv, port = await start_server()
     try:
         yield port
     finally:
@@ -147,3 +152,22 @@ async def test_cancelled_stream_reports_cancelled(server: int) -> None:
             assert exc.value.code() == StatusCode.CANCELLED
     finally:
         await channel.close()
+
+
+async def test_controller_restart_fails_the_stream_and_the_next_call_reconnects() -> None:
+    srv, port = await start_server()
+    channel = ControllerChannel(f"127.0.0.1:{port}")
+    try:
+        async with channel.stream(ADS_METHOD, DeltaReply) as call:
+            await call.send(Delta(type_url="a"))
+            assert await call.read() is not None
+            await srv.stop(None)
+            with pytest.raises(RpcError) as exc:
+                while await call.read() is not None:
+                    pass
+            assert exc.value.code() in (StatusCode.UNAVAILABLE, StatusCode.CANCELLED)
+        srv, _ = await start_server(f"127.0.0.1:{port}")
+        assert (await channel.unary(CA, Request(csr="again"), Reply, [], 5.0)).cert_chain[0] == "again"
+    finally:
+        await channel.close()
+        await srv.stop(None)

@@ -7,8 +7,9 @@ a DATA path that costs almost nothing per byte:
 
 * received DATA payloads are handed out as ``memoryview`` slices of the caller's input, as soon as each piece
   arrives (a 1 MiB frame is never reassembled);
-* sent DATA frames are (9-byte header, payload) pairs for ``transport.writelines``; small frames are joined so a
-  small write stays one TLS record;
+* sent DATA frames are (9-byte header, payload view) pairs; :meth:`HboneConnection.data_to_send` joins every run
+  of small parts (headers, control frames, small payloads) into one buffer, because an SSL transport encrypts
+  each element given to ``writelines`` as its own TLS record(s), while big payload views go out uncopied;
 * connection-level credit is returned on receipt (per-stream buffering is already bounded by the stream window),
   so a stream whose consumer never reads cannot starve the others; stream credit is returned as the consumer
   acknowledges bytes with :meth:`HboneConnection.acknowledge`.
@@ -35,8 +36,9 @@ MAX_WINDOW = 2**31 - 1
 MAX_STREAM_ID = 2**31 - 1
 # Header blocks arriving in more frames than this are a CONTINUATION flood, not a header list.
 MAX_HEADER_FRAMES = 64
-# Payloads up to this size are joined with their frame header: one buffer means one TLS record.
-JOIN_LIMIT = 64 * 1024
+# Output parts up to this size (one TLS record's worth) are joined with their neighbours by data_to_send: at most
+# one 16 KiB copy instead of an SSL_write and a TLS record of their own. Bigger payload views go out uncopied.
+COALESCE_LIMIT = 16 * 1024
 
 _HDR = struct.Struct(">BHBBL")
 _U32 = struct.Struct(">L")
@@ -312,11 +314,20 @@ class HboneConnection:
         return stream_id in self._streams
 
     def data_to_send(self) -> list[bytes | memoryview]:
-        """Everything queued for the wire since the last call, for ``transport.writelines``."""
+        """Everything queued for the wire since the last call, for ``transport.writelines``.
+
+        uvloop's (and asyncio's) SSL transport calls ``SSL_write`` once per element, so every element costs at
+        least one TLS record, encrypted and parsed on its own. Consecutive parts of up to COALESCE_LIMIT bytes are
+        therefore returned joined as one ``bytes``; larger payload views are returned as given (zero-copy), which
+        leaves at most one small record (their 9-byte header, with whatever preceded it) per big frame.
+        """
         out = self._out
-        if out:
-            self._out = []
-        return out
+        if not out:
+            return out
+        self._out = []
+        if len(out) == 1:
+            return out
+        return _coalesce(out)
 
     def has_output(self) -> bool:
         return bool(self._out)
@@ -397,21 +408,11 @@ class HboneConnection:
         out = self._out
         if n <= fsize:
             hdr = _HDR.pack(n >> 16, n & 0xFFFF, DATA, FLAG_END_STREAM if fin else 0, stream_id)
-            if n <= JOIN_LIMIT:
-                out.append(hdr + mv[:n])
+            if n <= COALESCE_LIMIT - _HDR.size:
+                out.append(hdr + mv[:n])  # joined here, so a lone small frame skips _coalesce: the latency path
             else:
                 out.append(hdr)
                 out.append(mv[:n] if n < total else mv)
-        elif fsize <= JOIN_LIMIT:
-            parts: list[bytes | memoryview] = []
-            pos = 0
-            while pos < n:
-                ln = min(fsize, n - pos)
-                flags = FLAG_END_STREAM if fin and pos + ln == n else 0
-                parts.append(_HDR.pack(ln >> 16, ln & 0xFFFF, DATA, flags, stream_id))
-                parts.append(mv[pos : pos + ln])
-                pos += ln
-            out.append(b"".join(parts))
         else:
             pos = 0
             while pos < n:
@@ -1048,6 +1049,23 @@ class HboneConnection:
             pos += fsize
             parts.append(_frame(CONTINUATION, FLAG_END_HEADERS if pos >= len(block) else 0, sid, chunk))
         self._out.append(b"".join(parts))
+
+
+def _coalesce(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """``parts`` with each run of consecutive parts of up to COALESCE_LIMIT bytes joined into one ``bytes``."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for part in parts:
+        if len(part) <= COALESCE_LIMIT:
+            run.append(part)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(part)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any
 
-
 # One encoder for every record: json.dumps with non-default arguments builds a new JSONEncoder per call, which
 # was most of the cost of a line (the agent writes one access-log line per connection).
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)

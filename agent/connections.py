@@ -19,8 +19,8 @@ from agent import rbac
 from agent.accesslog import ConnectionReport
 from agent.addressing import Address, format_address
 from agent.metrics import Metrics
-from agent.relay import SpliceRelay, abort
-from agent.sockets import connect_upstream
+from agent.relay import SpliceRelay
+from agent.sockets import abort, connect_upstream
 from agent.state import StoreChange, WorkloadStore
 from common.log import kv
 

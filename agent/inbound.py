@@ -36,8 +36,7 @@ from agent.addressing import (
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
-from agent.relay import abort
-from agent.sockets import connect_upstream, peer_or_close
+from agent.sockets import abort, connect_upstream, peer_or_close
 from agent.state import WorkloadStore
 from agent.tunnel import (
     ConnectRequest,

@@ -37,8 +37,8 @@ from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.relay import SpliceRelay, abort
-from agent.sockets import connect_upstream, peer_or_close
+from agent.relay import SpliceRelay
+from agent.sockets import abort, connect_upstream, peer_or_close
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
 

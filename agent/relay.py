@@ -10,14 +10,13 @@ counters are exact: they count bytes accepted by the destination socket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import os
 import socket
-import struct
 from collections.abc import Callable
 
+from agent.sockets import abort
 from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
@@ -56,13 +55,6 @@ class _PipePool:
 
 
 PIPES = _PipePool()
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the peer learns at once that the connection was cut, not finished."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class _Pump:

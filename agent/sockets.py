@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 from common.log import kv
@@ -63,6 +64,16 @@ def peer_or_close(sock: socket.socket) -> Address | None:
         sock.close()
         return None
     return (str(name[0]), int(name[1]))
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer learns at once that the connection was cut, not finished."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    sock.close()
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class Listener:

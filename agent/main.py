@@ -10,6 +10,8 @@ workloads, and working capture; SIGTERM drains instead of cutting connections.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import ctypes
 import gc
 import json
 import logging
@@ -266,6 +268,8 @@ def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
 async def _run(cfg: AgentConfig) -> int:
     agent = Agent(cfg)
     loop = asyncio.get_running_loop()
+    # Blocking work (netlink, BPF maps, the state file) is short and rare: one worker thread, not one per burst.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocking"))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
     try:
@@ -284,7 +288,22 @@ async def _run(cfg: AgentConfig) -> int:
     return 0
 
 
+_M_ARENA_MAX = -8  # mallopt parameter, malloc.h
+
+
+def _one_malloc_arena() -> None:
+    """glibc gives every thread that allocates its own heap (arena), which keeps what it freed. The data path is
+    the event loop thread; the blocking-work thread only borrows memory under the GIL, so it shares the main heap.
+    Not glibc (e.g. musl): nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_ARENA_MAX, 1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    _one_malloc_arena()
     cfg = flags.parse(AgentConfig, argv)
     jsonlog.setup(cfg.log_level)
     if cfg.cleanup:

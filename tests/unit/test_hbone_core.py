@@ -574,3 +574,29 @@ def test_an_internal_bug_costs_one_connection_not_an_exception(monkeypatch: pyte
     events = server.receive_data(frame(hbone.PING, 0, 0, b"12345678"))
     assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.INTERNAL_ERROR
     assert server.closed
+
+
+def test_per_stream_headers_are_never_indexed_and_repeated_ones_are() -> None:
+    """forwarded/traceparent differ on every stream: sent as never-indexed literals they leave both dynamic tables
+    alone, while the repeated :method, :authority and baggage become one-byte references after the first stream."""
+    client, server = pair()
+    bag = "k8s.namespace.name=default,k8s.deployment.name=client"
+    blocks = []
+    for i in range(40):
+        headers = [
+            ("forwarded", f'for="10.0.0.1:{4000 + i}"'),
+            ("traceparent", f"00-{i + 1:032x}-{i + 1:016x}-00"),
+            ("baggage", bag),
+        ]
+        sid = client.send_connect("10.0.0.2:8080", headers)
+        [wire] = [bytes(c) for c in client.data_to_send()]
+        blocks.append(wire[9:])  # the HEADERS payload (END_HEADERS, no padding or priority)
+        at_server = server.receive_data(wire)
+        assert at_server == [RequestReceived(sid, "10.0.0.2:8080", headers)]
+        client.reset_stream(sid)
+        exchange(client, server)
+    dynamic = {(n.decode(), v.decode()) for n, v in client._encoder.header_table.dynamic_entries}
+    assert dynamic == {(":method", "CONNECT"), (":authority", "10.0.0.2:8080"), ("baggage", bag)}
+    assert len(blocks[-1]) < len(blocks[0]) - len(bag)  # baggage and authority sent by index after the first
+    for name in (b"forwarded", b"traceparent"):
+        assert name in blocks[-1] and blocks[-1][blocks[-1].index(name) - 2] == 0x10  # never indexed, new name

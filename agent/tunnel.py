@@ -34,7 +34,7 @@ from common.tls import ALPN_H2, PeerVerificationError, verify_peer
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
-MIN_READ_SIZE = 16 * 1024
+MIN_READ_SIZE = 4 * 1024  # idle pooled connections and short exchanges never need more
 # Write-buffer limits on both transports: big enough that a 256 KiB read never trips pause/resume on its own.
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024

@@ -686,6 +686,9 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
     def start(self) -> None:
         self.stream._attach(self)
         self._update_reading()
+        if self._reading:
+            # The client usually wrote while the CONNECT was answered: read it now, not a loop turn later.
+            self._on_readable()
 
     # TCP side
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.metrics import RESPONSE_FLAGS, Metrics, traffic_label_values
 from agent.rbac import Decision
-from common.log import kv
+from common.log import direct_handler, kv
 from common.spiffe import Identity
 
 ACCESS_LOGGER = "access"
@@ -146,7 +146,12 @@ class AccessLog:
         if error:
             fields["error"] = error
         clean = {k: v for k, v in fields.items() if v is not None}
-        # One record per connection: made directly, skipping Logger._log's caller lookup (a stack walk per
-        # record whose file and line an access log does not use).
         msg = "connection failed" if error else "connection complete"
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, (), None, extra={"fields": clean}))
+        # One line per connection: straight to the JSON handler when that is where it would end up anyway (no
+        # LogRecord, no handler chain); otherwise a record made directly, skipping Logger._log's caller lookup (a
+        # stack walk per record whose file and line an access log does not use).
+        direct = direct_handler(logger, level)
+        if direct is not None:
+            direct.write_fields("warning" if error else "info", logger.name, msg, clean)
+        else:
+            logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, (), None, extra={"fields": clean}))

@@ -1,0 +1,152 @@
+"""common.log: JSON lines, batching per event-loop iteration, and the direct path the access log takes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from agent.accesslog import AccessLog
+from agent.metrics import Metrics
+from common import log as jsonlog
+
+
+class CountingStream(io.StringIO):
+    """Counts write calls: batching is about how many writes reach the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+    def lines(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.getvalue().splitlines()]
+
+
+@contextlib.contextmanager
+def json_handler_only() -> Iterator[None]:
+    """Take pytest's capture handlers off the root logger for a moment (they are added around each test body, after
+    fixtures ran): the agent in production has only the JSON handler, which is when the direct path applies."""
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not isinstance(h, jsonlog.JsonHandler)]
+    for h in others:
+        root.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in others:
+            root.addHandler(h)
+
+
+@pytest.fixture
+def stream() -> Iterator[CountingStream]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    for h in saved[0]:
+        root.removeHandler(h)
+    out = CountingStream()
+    jsonlog.setup("info", out)
+    try:
+        yield out
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+
+
+def test_a_line_outside_a_loop_is_written_at_once(stream: CountingStream) -> None:
+    logging.getLogger("ambit.test").info("hello", extra=jsonlog.kv(a=1, ident="spiffe://x"))
+    [line] = stream.lines()
+    assert line["level"] == "info" and line["scope"] == "ambit.test" and line["msg"] == "hello"
+    assert line["a"] == 1 and line["ident"] == "spiffe://x"
+    assert isinstance(line["time"], str) and line["time"].endswith("Z") and len(line["time"]) == 24
+
+
+def test_exceptions_are_a_field(stream: CountingStream) -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("ambit.test").exception("failed")
+    [line] = stream.lines()
+    assert line["level"] == "error" and "ValueError: boom" in str(line["error"])
+
+
+async def test_lines_on_the_loop_are_written_once_per_iteration_in_order(stream: CountingStream) -> None:
+    log = logging.getLogger("ambit.test")
+    for i in range(5):
+        log.info("line", extra=jsonlog.kv(i=i))
+    assert stream.getvalue() == ""  # still pending: the iteration's callbacks are not done
+    await asyncio.sleep(0)
+    assert [line["i"] for line in stream.lines()] == [0, 1, 2, 3, 4]
+    assert stream.writes == 1
+
+
+async def test_a_line_from_another_thread_comes_after_the_pending_batch(stream: CountingStream) -> None:
+    log = logging.getLogger("ambit.test")
+    log.info("first")
+    worker = threading.Thread(target=log.info, args=("from a thread",))
+    worker.start()
+    worker.join()
+    await asyncio.sleep(0)
+    assert [line["msg"] for line in stream.lines()] == ["first", "from a thread"]
+
+
+async def test_flush_writes_what_is_pending(stream: CountingStream) -> None:
+    logging.getLogger("ambit.test").warning("about to stop")
+    logging.shutdown()  # what the process does on exit, possibly before the loop iterates again
+    assert [line["msg"] for line in stream.lines()] == ["about to stop"]
+
+
+def test_direct_handler_only_when_the_json_handler_is_the_only_destination(stream: CountingStream) -> None:
+    with json_handler_only():
+        _direct_handler_cases()
+
+
+def _direct_handler_cases() -> None:
+    logger = logging.getLogger("access.test-direct")
+    [handler] = logging.getLogger().handlers
+    assert jsonlog.direct_handler(logger, logging.INFO) is handler
+    assert jsonlog.direct_handler(logger, logging.DEBUG) is None  # below the root level
+    other = logging.NullHandler()
+    logging.getLogger().addHandler(other)  # e.g. pytest's caplog
+    try:
+        assert jsonlog.direct_handler(logger, logging.INFO) is None
+    finally:
+        logging.getLogger().removeHandler(other)
+    logger.addFilter(lambda record: True)
+    try:
+        assert jsonlog.direct_handler(logger, logging.INFO) is None
+    finally:
+        logger.filters.clear()
+
+
+def test_access_log_lines_are_the_same_on_both_paths(stream: CountingStream) -> None:
+    """The direct path and the record path must write identical fields (only the time may differ)."""
+
+    def one() -> dict[str, object]:
+        r = AccessLog(Metrics(), logging.getLogger("access.test-same")).start(
+            "outbound", ("10.1.0.5", 40000), ("10.2.0.7", 8080)
+        )
+        r.finish(10, 20, error="connect 10.2.0.7:8080: refused", flags="CONNECT")
+        line = stream.lines()[-1]
+        line.pop("time")
+        return line
+
+    with json_handler_only():
+        assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.WARNING) is not None
+        direct = one()
+    assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.WARNING) is None  # pytest's too
+    via_record = one()
+    assert direct == via_record
+    assert direct["level"] == "warning" and direct["msg"] == "connection failed" and direct["bytes_recv"] == 20

@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from agent.sockets import abort
+from agent.sockets import Readiness, abort
 from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
@@ -73,9 +73,9 @@ class _Pump:
         "on_end",
         "pipe",
         "pipe_size",
-        "reading",
+        "reader",
         "src",
-        "writing",
+        "writer",
     )
 
     def __init__(
@@ -90,6 +90,8 @@ class _Pump:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
+        self.reader = Readiness(loop, self.src, self.step, write=False)
+        self.writer = Readiness(loop, self.dst, self.step, write=True)
         self.pipe_size = pipe_size
         self.pipe = PIPES.take(pipe_size)
         self.on_end = on_end
@@ -97,8 +99,6 @@ class _Pump:
         self.moved = 0  # bytes accepted by the destination
         self.eof = False
         self.done = False
-        self.reading = False
-        self.writing = False
 
     def step(self) -> None:
         if self.done:
@@ -147,19 +147,8 @@ class _Pump:
         self._end(None)
 
     def _wait(self, *, read: bool, write: bool) -> None:
-        loop = self.loop
-        if read != self.reading:
-            self.reading = read
-            if read:
-                loop.add_reader(self.src, self.step)
-            else:
-                loop.remove_reader(self.src)
-        if write != self.writing:
-            self.writing = write
-            if write:
-                loop.add_writer(self.dst, self.step)
-            else:
-                loop.remove_writer(self.dst)
+        self.reader.watch(read)
+        self.writer.watch(write)
 
     def _end(self, error: BaseException | None) -> None:
         if self.done:

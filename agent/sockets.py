@@ -76,6 +76,28 @@ def abort(sock: socket.socket) -> None:
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
+class Readiness:
+    """A reader or writer callback on one fd, registered with the loop only while it is wanted: relays flip it on
+    every would-block and every drain, and each real change is an epoll_ctl, so an unchanged wish costs nothing."""
+
+    __slots__ = ("_add", "_callback", "_fd", "_remove", "watching")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[[], None], *, write: bool) -> None:
+        self._add = loop.add_writer if write else loop.add_reader
+        self._remove = loop.remove_writer if write else loop.remove_reader
+        self._fd = fd
+        self._callback = callback
+        self.watching = False
+
+    def watch(self, want: bool) -> None:
+        if want != self.watching:
+            self.watching = want
+            if want:
+                self._add(self._fd, self._callback)
+            else:
+                self._remove(self._fd)
+
+
 class Listener:
     """Accepts on `sock` and runs `handler(conn, original_destination(conn))` as a task per connection.
 

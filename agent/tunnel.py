@@ -26,7 +26,7 @@ from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
-from agent.sockets import abort, connect_upstream
+from agent.sockets import Readiness, abort, connect_upstream
 from common.log import kv
 from common.spiffe import Identity
 from common.tls import ALPN_H2, PeerVerificationError, verify_peer
@@ -663,8 +663,9 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
 
     def __init__(self, sock: socket.socket, stream: HboneStream, done: asyncio.Future[RelayResult]) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
-        self.loop = stream._proto.loop
+        loop = stream._proto.loop
+        self._reader = Readiness(loop, sock.fileno(), self._on_readable, write=False)
+        self._writer = Readiness(loop, sock.fileno(), self._on_socket_writable, write=True)
         self.stream = stream
         self.done = done
         self.up = 0
@@ -679,14 +680,12 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._up_done = False  # our END_STREAM went out
         self._down_done = False  # END_STREAM received: FIN once the backlog is written
         self._fin_sent = False
-        self._reading = False
-        self._writing = False
         self._closed = False
 
     def start(self) -> None:
         self.stream._attach(self)
         self._update_reading()
-        if self._reading:
+        if self._reader.watching:
             # The client usually wrote while the CONNECT was answered: read it now, not a loop turn later.
             self._on_readable()
 
@@ -720,22 +719,13 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         backlog = self._backlog
         try:
             while backlog:
-                sent = self.sock.sendmsg(list(backlog)[:64])
-                self._backlog_size -= sent
-                while sent:
-                    head = backlog[0]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        backlog.popleft()
-                    else:
-                        backlog[0] = head[sent:]
-                        sent = 0
+                self._drop_sent(self.sock.sendmsg(list(backlog)[:64]))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
             self._fail(f"tcp write: {e}")
             return
-        self._update_writing()
+        self._writer.watch(bool(backlog))
         if self._held_credit and self._backlog_size <= WRITE_LOW:
             credit, self._held_credit = self._held_credit, 0
             self.stream._proto.acknowledge(self.stream.stream_id, credit)
@@ -751,26 +741,21 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self.down += total
         if self._closed:
             return True
-        if not self._backlog:
+        sent = 0
+        if not self._backlog:  # the common case: the socket takes it all, nothing is kept
             try:
                 sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                pass
             except OSError as e:
                 self._fail(f"tcp write: {e}")
                 return True
             if sent == total:
                 return True
-            for v in views:
-                if sent >= len(v):
-                    sent -= len(v)
-                    continue
-                self._backlog.append(v[sent:] if sent else v)
-                sent = 0
-        else:
-            self._backlog.extend(views)
-        self._backlog_size = sum(len(v) for v in self._backlog)
-        self._update_writing()
+        self._backlog.extend(views)
+        self._backlog_size += total
+        self._drop_sent(sent)
+        self._writer.watch(True)
         if self._backlog_size > WRITE_HIGH:
             self._held_credit += total
             return False
@@ -799,26 +784,21 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
     # helpers
 
     def _update_reading(self) -> None:
-        if self._closed:
-            return
-        want = not (self._tcp_eof or self._pending is not None or self.stream._proto.write_paused)
-        if want != self._reading:
-            self._reading = want
-            if want:
-                self.loop.add_reader(self.fd, self._on_readable)
-            else:
-                self.loop.remove_reader(self.fd)
+        if not self._closed:
+            self._reader.watch(not (self._tcp_eof or self._pending is not None or self.stream._proto.write_paused))
 
-    def _update_writing(self) -> None:
-        if self._closed:
-            return
-        want = bool(self._backlog)
-        if want != self._writing:
-            self._writing = want
-            if want:
-                self.loop.add_writer(self.fd, self._on_socket_writable)
+    def _drop_sent(self, sent: int) -> None:
+        """Take `sent` written bytes off the front of the backlog."""
+        backlog = self._backlog
+        self._backlog_size -= sent
+        while sent:
+            head = backlog[0]
+            if sent >= len(head):
+                sent -= len(head)
+                backlog.popleft()
             else:
-                self.loop.remove_writer(self.fd)
+                backlog[0] = head[sent:]
+                sent = 0
 
     def _maybe_send_eof(self) -> None:
         if self._tcp_eof and self._pending is None and not self._up_done:
@@ -854,10 +834,9 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             if self.error is None:
                 self.error = "tcp side closed early"
             self.stream.reset()
-        self._reading = self._writing = False
         self._closed = True
-        self.loop.remove_reader(self.fd)
-        self.loop.remove_writer(self.fd)
+        self._reader.watch(False)
+        self._writer.watch(False)
         self._backlog.clear()
         if abortive:
             abort(self.sock)

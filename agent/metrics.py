@@ -8,6 +8,7 @@ input shows up on a dashboard instead of only in a log.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,12 +153,12 @@ class _TrafficCollector(Collector):
     )
 
     def __init__(self) -> None:
-        self.opened: dict[tuple[str, ...], int] = {}
-        self.closed: dict[tuple[str, ...], int] = {}
-        self.received: dict[tuple[str, ...], int] = {}
-        self.sent: dict[tuple[str, ...], int] = {}
-        self.failed: dict[tuple[str, ...], int] = {}
-        self.sockets_open: dict[str, int] = {}
+        self.opened: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.closed: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.received: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.sent: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.failed: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.sockets_open: collections.Counter[str] = collections.Counter()
 
     def collect(self) -> Iterator[Metric]:
         tables = (self.opened, self.closed, self.received, self.sent, self.failed)
@@ -224,22 +225,20 @@ class Metrics:
     def connection_opened(self, labels: tuple[str, ...]) -> None:
         """`labels` as traffic_label_values returns them."""
         t = self.traffic
-        t.opened[labels] = t.opened.get(labels, 0) + 1
-        reporter = labels[REPORTER]
-        t.sockets_open[reporter] = t.sockets_open.get(reporter, 0) + 1
+        t.opened[labels] += 1
+        t.sockets_open[labels[REPORTER]] += 1
 
     def connection_closed(self, labels: tuple[str, ...], bytes_up: int, bytes_down: int) -> None:
         """`labels` as at close (final response_flags); bytes_up = client->server, bytes_down = server->client."""
         t = self.traffic
-        t.closed[labels] = t.closed.get(labels, 0) + 1
-        reporter = labels[REPORTER]
-        t.sockets_open[reporter] = t.sockets_open.get(reporter, 0) - 1
+        t.closed[labels] += 1
+        t.sockets_open[labels[REPORTER]] -= 1
         if labels[RESPONSE_FLAGS] in FAILURE_FLAGS:
-            t.failed[labels] = t.failed.get(labels, 0) + 1
+            t.failed[labels] += 1
         if bytes_up:
-            t.received[labels] = t.received.get(labels, 0) + bytes_up
+            t.received[labels] += bytes_up
         if bytes_down:
-            t.sent[labels] = t.sent.get(labels, 0) + bytes_down
+            t.sent[labels] += bytes_down
 
     def error(self, direction: str, reason: str) -> None:
         self.errors.labels(direction, reason).inc()

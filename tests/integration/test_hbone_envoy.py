@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 import yaml
 
 from agent.pool import HboneConnectionPool, PoolKey
@@ -29,6 +28,7 @@ from bench.certs import CLIENT_ID, SERVER_ID, CertFiles
 from bench.drivers.envoy_pair import CLIENT_ECHO_PORT, HBONE_PORT, client_config, server_config
 from bench.drivers.node_pair import PairAddresses
 from tests.support.hbone_testbed import Backend, HboneServer, digest
+from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
 
 ENVOY = str(Path(sys.executable).parent / "envoy")
@@ -119,16 +119,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         s.envoys.stop()
 
 
-# pytest-asyncio 1.x wants a conftest hook for this; a module-local override keeps it to these tests.
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture:DeprecationWarning')
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Interop on both loops the agent can run on."""
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+pytestmark = BOTH_LOOPS  # every test runs on asyncio and on uvloop
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-import uvloop
 
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, TunnelStats, relay
 from tests.support.hbone_testbed import Backend, HboneServer, digest
+from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
 
 
@@ -37,16 +37,7 @@ def mesh() -> Mesh:
     return Mesh()
 
 
-# pytest-asyncio 1.x wants a conftest hook for this; a module-local override keeps it to these tests.
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture:DeprecationWarning')
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """Every test runs on both loops: the agent lets operators pick either, and uvloop has its own transports."""
-    if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
-    return asyncio.DefaultEventLoopPolicy()
+pytestmark = BOTH_LOOPS  # every test runs on asyncio and on uvloop
 
 
 @pytest.fixture

@@ -33,28 +33,12 @@ from common.http import HttpServer
 from common.spiffe import Identity
 from tests.support.proxy_certs import StaticCertificates
 from tests.support.proxy_echo import echo_server
+from tests.support.workloads import pod_workload
 
 TD = "cluster.local"
 ECHO_PORT = 8080
 SERVICE_PORT = 80
 SVC_HOST = "echo.server.svc.cluster.local"
-
-
-def workload(name: str, ns: str, sa: str, ip: str, node: str, hbone: bool = True, **extra: Any) -> wpb.Workload:
-    return wpb.Workload(
-        uid=f"Kubernetes//Pod/{ns}/{name}",
-        name=name,
-        namespace=ns,
-        service_account=sa,
-        addresses=[ipaddress.ip_address(ip).packed],
-        node=node,
-        tunnel_protocol=wpb.HBONE if hbone else wpb.NONE,
-        workload_name=name.rsplit("-", 1)[0],
-        canonical_name=name.rsplit("-", 1)[0],
-        canonical_revision="v1",
-        cluster_id="Kubernetes",
-        **extra,
-    )
 
 
 @dataclass
@@ -133,11 +117,15 @@ class Mesh:
         self.store = WorkloadStore()
         svc_ports = {f"server/{SVC_HOST}": wpb.PortList(ports=[wpb.Port(service_port=80, target_port=ECHO_PORT)])}
         self.workloads = {
-            "client": workload("sleep-1", "client", "sleep", self.ip["client"], "n1"),
-            "other": workload("curl-1", "client", "curl", self.ip["other"], "n1"),
-            "echo-1": workload("echo-1", "server", "echo", self.ip["echo-1"], "n2", services=svc_ports),
-            "echo-2": workload("echo-2", "server", "echo", self.ip["echo-2"], "n1"),
-            "legacy": workload("legacy-1", "legacy", "default", self.ip["legacy"], "n1", hbone=False),
+            "client": pod_workload("sleep-1", "client", self.ip["client"], sa="sleep", node="n1", deployment="sleep"),
+            "other": pod_workload("curl-1", "client", self.ip["other"], sa="curl", node="n1", deployment="curl"),
+            "echo-1": pod_workload(
+                "echo-1", "server", self.ip["echo-1"], sa="echo", node="n2", deployment="echo", services=svc_ports
+            ),
+            "echo-2": pod_workload("echo-2", "server", self.ip["echo-2"], sa="echo", node="n1", deployment="echo"),
+            "legacy": pod_workload(
+                "legacy-1", "legacy", self.ip["legacy"], sa="default", node="n1", hbone=False, deployment="legacy"
+            ),
         }
         self.service = wpb.Service(
             name="echo",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import urllib.error
 import urllib.request
@@ -14,20 +13,8 @@ import pytest
 from agent.admin import admin_server
 from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
-from api.istio.workload import workload_pb2 as wpb
 from common.http import HttpServer
-
-
-def pod(name: str, ns: str, sa: str, ip: str, policies: list[str] | None = None) -> wpb.Workload:
-    return wpb.Workload(
-        uid=f"Kubernetes//Pod/{ns}/{name}",
-        name=name,
-        namespace=ns,
-        service_account=sa,
-        addresses=[ipaddress.ip_address(ip).packed],
-        tunnel_protocol=wpb.HBONE,
-        authorization_policies=policies or [],
-    )
+from tests.support.workloads import pod_workload
 
 
 @pytest.fixture
@@ -35,9 +22,9 @@ async def admin() -> AsyncIterator[HttpServer]:
     store = WorkloadStore()
     store.put(
         [
-            pod("sleep-1", "client", "sleep", "10.1.0.5"),
-            pod("curl-1", "client", "curl", "10.1.0.6"),
-            pod("echo-1", "server", "echo", "10.2.0.7", ["server/deny-curl"]),
+            pod_workload("sleep-1", "client", "10.1.0.5", sa="sleep"),
+            pod_workload("curl-1", "client", "10.1.0.6", sa="curl"),
+            pod_workload("echo-1", "server", "10.2.0.7", sa="echo", authorization_policies=["server/deny-curl"]),
         ],
         [
             apb.Authorization(

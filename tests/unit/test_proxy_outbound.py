@@ -14,6 +14,7 @@ import pytest
 from agent.outbound import OutboundConfig, RouteKind, baggage, hbone_headers, route, traceparent
 from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wpb
+from tests.support.workloads import pod_workload
 
 HOST = "echo.server.svc.cluster.local"
 KEY = f"server/{HOST}"
@@ -23,35 +24,14 @@ def ip(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
-def wl(name: str, addr: str, node: str, *, hbone: bool = True, ports: dict[int, int] | None = None, **kw: Any) -> Any:
+def wl(name: str, addr: str, node: str, *, ports: dict[int, int] | None = None, **kw: Any) -> wpb.Workload:
     services = {}
     if ports is not None:
         services[KEY] = wpb.PortList(ports=[wpb.Port(service_port=s, target_port=t) for s, t in ports.items()])
-    return wpb.Workload(
-        uid=f"Kubernetes//Pod/server/{name}",
-        name=name,
-        namespace="server",
-        addresses=[ip(addr)],
-        node=node,
-        tunnel_protocol=wpb.HBONE if hbone else wpb.NONE,
-        services=services,
-        **kw,
-    )
+    return pod_workload(name, "server", addr, node=node, services=services, **kw)
 
 
-CLIENT = wpb.Workload(
-    uid="Kubernetes//Pod/client/sleep-1",
-    name="sleep-1",
-    namespace="client",
-    service_account="sleep",
-    addresses=[ip("10.1.0.5")],
-    node="n1",
-    tunnel_protocol=wpb.HBONE,
-    workload_name="sleep",
-    canonical_name="sleep",
-    canonical_revision="v1",
-    cluster_id="Kubernetes",
-)
+CLIENT = pod_workload("sleep-1", "client", "10.1.0.5", sa="sleep", node="n1", deployment="sleep")
 
 
 def service(

@@ -2,7 +2,8 @@
 
 Proxy cost is user + system time of every proxy process (all threads) read before and after a measure, so it is
 independent of how busy the rest of the machine is; the "foreign" figure says how much CPU other people's processes
-took meanwhile, which is how a reader judges the noise behind a number.
+took meanwhile, which is how a reader judges the noise behind a number. On a virtual machine the hypervisor can also
+take the CPUs away altogether ("steal"): no process sees that time, so it is read from the kernel's own count.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -94,6 +96,46 @@ class CpuSnapshot:
 
 def foreign_cpu(delta: dict[int, tuple[str, float]], ours: set[int]) -> float:
     return sum(cpu for pid, (_name, cpu) in delta.items() if pid not in ours)
+
+
+@dataclass(frozen=True)
+class Steal:
+    """The machine-wide steal counter (USER_HZ ticks summed over all CPUs) and how many CPUs it sums over."""
+
+    ticks: int
+    cpus: int
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+STEAL_COLUMN = 8
+"""Index of `steal` on /proc/stat's cpu line: cpu user nice system idle iowait irq softirq steal guest guest_nice."""
+
+
+def parse_steal(proc_stat: str) -> Steal:
+    """Steal from the text of /proc/stat. Kernels before 2.6.11 print fewer columns: no steal column means the
+    kernel never counted any, so it is 0 rather than an error."""
+    ticks = 0
+    cpus = 0
+    for line in proc_stat.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0] == "cpu":
+            ticks = int(fields[STEAL_COLUMN]) if len(fields) > STEAL_COLUMN else 0
+        elif fields[0].startswith("cpu") and fields[0][3:].isdigit():
+            cpus += 1
+    return Steal(ticks, max(cpus, 1))
+
+
+def read_steal() -> Steal:
+    return parse_steal(Path("/proc/stat").read_text())
+
+
+def steal_between(before: Steal, after: Steal, wall_s: float, ticks_per_s: float = TICKS_PER_S) -> tuple[float, float]:
+    """CPU-seconds stolen across all CPUs, and that as a share of all CPUs' time over wall_s (0 when no time passed)."""
+    stolen_s = max(after.ticks - before.ticks, 0) / ticks_per_s
+    capacity_s = wall_s * after.cpus
+    return stolen_s, (stolen_s / capacity_s if capacity_s > 0 else 0.0)
 
 
 def top_consumers(delta: dict[int, tuple[str, float]], limit: int = 8) -> list[dict[str, object]]:

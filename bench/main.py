@@ -21,6 +21,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/<UTC time>)")
     parser.add_argument("--pin", action="store_true", help="taskset: node1 side on CPU 0, node2 side on CPU 1")
+    parser.add_argument(
+        "--max-steal",
+        type=float,
+        default=RunOptions.max_steal,
+        help="re-measure (up to 2 more times, keeping the least stolen) a measure during which the hypervisor stole "
+        "more than this fraction of all CPUs' time (default %(default)s)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
@@ -32,7 +39,11 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         )
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit("bench: --rounds must be at least 1")
-    return RunOptions(quick=args.quick, rounds=args.rounds, only=only, out=args.out, pin=args.pin)
+    if not 0.0 <= args.max_steal <= 1.0:
+        raise SystemExit(f"bench: --max-steal is a fraction between 0 and 1, got {args.max_steal}")
+    return RunOptions(
+        quick=args.quick, rounds=args.rounds, only=only, out=args.out, pin=args.pin, max_steal=args.max_steal
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -86,6 +86,8 @@ class RunOptions:
     only: tuple[str, ...] = ()
     out: Path | None = None
     pin: bool = False
+    max_steal: float = 0.10
+    """A measure during which the hypervisor stole more than this share of all CPUs' time is run again."""
 
     @property
     def durations(self) -> Durations:

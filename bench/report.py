@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plots, stats
+from bench.measures import MAX_ATTEMPTS
 from bench.options import ALL_CONFIGS
 from bench.stats import added, paired_ratio, ratio
 
@@ -19,9 +20,10 @@ def _num(x: float | None, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
-def _cell(results: dict[str, Any], config: str, measure: str, metric: str, digits: int = 0) -> str:
-    """Median with (min-max) when there was more than one round."""
-    return _spread_cell(results["configs"].get(config, {}).get("summary", {}).get(measure, {}).get(metric), digits)
+def _cell(results: dict[str, Any], config: str, measure: str, metric: str, digits: int = 0, scale: float = 1.0) -> str:
+    """Median with (min-max) when there was more than one round; scale turns fractions into percentages."""
+    entry = results["configs"].get(config, {}).get("summary", {}).get(measure, {}).get(metric)
+    return _spread_cell(entry, digits, scale)
 
 
 def _x(value: float | None) -> str:
@@ -229,12 +231,12 @@ def _proxies(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _spread_cell(entry: dict[str, float] | None, digits: int) -> str:
+def _spread_cell(entry: dict[str, float] | None, digits: int, scale: float = 1.0) -> str:
     if entry is None:
         return "-"
-    text = _num(entry["median"], digits)
+    text = _num(entry["median"] * scale, digits)
     if entry["n"] > 1:
-        text += f" ({_num(entry['min'], digits)}-{_num(entry['max'], digits)})"
+        text += f" ({_num(entry['min'] * scale, digits)}-{_num(entry['max'] * scale, digits)})"
     return text
 
 
@@ -276,15 +278,54 @@ def _machine(results: dict[str, Any]) -> list[str]:
     )
     rows = []
     for c in _configs(results):
-        rows.append([c, _cell(results, c, "tput1", "foreign_cpu_s", 2), _cell(results, c, "lat1", "foreign_cpu_s", 2)])
+        rows.append(
+            [
+                c,
+                _cell(results, c, "tput1", "foreign_cpu_s", 2),
+                _cell(results, c, "lat1", "foreign_cpu_s", 2),
+                _cell(results, c, "tput1", "steal_frac", 1, scale=100.0),
+                _cell(results, c, "lat1", "steal_frac", 1, scale=100.0),
+            ]
+        )
+    header = [
+        "config",
+        "other processes' CPU-s, 1-stream throughput",
+        "... 1 B latency",
+        "% stolen by the hypervisor, 1-stream throughput",
+        "... 1 B latency",
+    ]
     lines += [
         "",
-        "CPU seconds used by processes outside this benchmark while a measure ran (higher = noisier measure):",
+        "While each measure ran: CPU seconds used by processes outside this benchmark, and the share of all CPUs' "
+        "time the hypervisor stole (higher = noisier measure). Steal is time this virtual machine's CPUs were ready "
+        "to run but the hypervisor ran another guest (the `steal` column of /proc/stat); no process sees it, every "
+        f"process just runs slower. A measure with more than {meta['max_steal']:.0%} stolen (`--max-steal`) was run "
+        f"again, at most {MAX_ATTEMPTS} attempts in all, and the least stolen attempt kept.",
         "",
-        *_table(["config", "during 1-stream throughput", "during 1 B latency"], rows),
+        *_table(header, rows),
         "",
+        *_steal_summary(results),
     ]
     return lines
+
+
+def _steal_summary(results: dict[str, Any]) -> list[str]:
+    """How much re-measuring the run needed, and how many figures are stolen from even so: the cue to rerun."""
+    meta = results["meta"]
+    kept = [
+        res
+        for entry in results["configs"].values()
+        for rr in entry.get("rounds", [])
+        for res in rr["measures"].values()
+        if "steal_frac" in res
+    ]
+    retried = sum(1 for res in kept if res["attempts"] > 1)
+    still = sum(1 for res in kept if res["steal_frac"] > meta["max_steal"])
+    return [
+        f"Stolen over the whole run: {meta['steal_frac']:.1%} of all CPUs' time ({meta['steal_cpu_s']} CPU-s). "
+        f"{retried} of {len(kept)} measures were re-measured; {still} kept a figure still above the limit.",
+        "",
+    ]
 
 
 def _wiring(results: dict[str, Any]) -> list[str]:

@@ -13,12 +13,13 @@ import signal
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from bench import agent_memory, certs, config_scale, machine, report, stats, targets
-from bench.cpu import CpuSnapshot, own_process_tree, rss_bytes, top_consumers
+from bench.cpu import CpuSnapshot, own_process_tree, read_steal, rss_bytes, steal_between, top_consumers
 from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
 from bench.drivers.attached import AmbitAttached
 from bench.drivers.base import Driver, DriverUnavailable, Endpoint
@@ -27,7 +28,7 @@ from bench.drivers.nomesh import NoMesh
 from bench.drivers.tls_pair import PythonTlsPair
 from bench.drivers.tunnel_pair import AmbitTunnelPair
 from bench.labs import BenchLabs, Pinning
-from bench.measures import MEASURES, run_measure
+from bench.measures import MAX_ATTEMPTS, MEASURES, measure_once, run_measure
 from bench.options import RunOptions
 from bench.procs import ProcessDied, ProcessGroup
 from bench.progress import Progress
@@ -110,6 +111,7 @@ class Run:
                     else "none (the scheduler places every process)"
                 ),
                 "durations": d.__dict__,
+                "max_steal": opts.max_steal,
                 "configs_selected": selected,
                 "machine": machine.describe(),
                 "results_dir": str(self.out),
@@ -118,6 +120,7 @@ class Run:
         for name in selected:
             self.results["configs"][name] = {}
         snap0 = CpuSnapshot.take()
+        steal0 = read_steal()
         t0 = time.monotonic()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         code = 0
@@ -158,7 +161,10 @@ class Run:
             signal.signal(signal.SIGTERM, previous)
             self.progress.finish()
         meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        meta["wall_s"] = round(time.monotonic() - t0, 1)
+        wall = time.monotonic() - t0
+        meta["wall_s"] = round(wall, 1)
+        stolen_s, stolen_frac = steal_between(steal0, read_steal(), wall)
+        meta["steal_cpu_s"], meta["steal_frac"] = round(stolen_s, 2), round(stolen_frac, 4)
         meta["machine"]["load_average_end"] = machine.load_average()
         self._finish()
         return code
@@ -182,7 +188,7 @@ class Run:
             self.progress.step(f"prepare {driver.name}", 0.0)
             try:
                 endpoint = driver.prepare()
-                warmup = run_measure(MEASURES[2], tools, endpoint, warm)
+                warmup = measure_once(MEASURES[2], tools, endpoint, warm)
                 if "error" in warmup:
                     raise DriverUnavailable(f"warm-up echo failed: {warmup['error']}")
             except (DriverUnavailable, ProcessDied, TimeoutError, OSError) as exc:
@@ -213,10 +219,12 @@ class Run:
                     endpoint = self.endpoints.get(name)
                     if endpoint is None:
                         continue
-                    self.progress.step(
-                        f"round {r + 1}/{rounds}  {measure.name:<6} {name:<15}", measure.expected_seconds(d)
+                    what = f"round {r + 1}/{rounds}  {measure.name:<6} {name:<15}"
+                    self.progress.step(what, measure.expected_seconds(d))
+                    retrying = partial(self._retry_step, what, measure.expected_seconds(d))
+                    measured[name][measure.name] = run_measure(
+                        measure, tools, endpoint, d, self.options.max_steal, retrying
                     )
-                    measured[name][measure.name] = run_measure(measure, tools, endpoint, d)
                     dead = [p.role for p in endpoint.proxies if not _alive(p.pid)]
                     if dead:
                         measured[name][measure.name].setdefault("error", f"proxy died: {', '.join(dead)}")
@@ -228,6 +236,12 @@ class Run:
                     self.results["configs"][name]["rounds"].append(
                         {"round": r, "load_average": machine.load_average(), "measures": measured[name]}
                     )
+
+    def _retry_step(self, what: str, expected_s: float, attempt: int, steal: float) -> None:
+        """An extra attempt gets its own progress line and its own share of the estimate, so the time left grows
+        instead of running below zero."""
+        self.progress.add_expected(expected_s)
+        self.progress.step(f"{what} attempt {attempt}/{MAX_ATTEMPTS} ({steal:.0%} stolen)", expected_s)
 
     def _memory(self, labs: BenchLabs) -> None:
         """Proxy RSS at the end of the rounds (after the work, when pools and buffers are at their largest), then

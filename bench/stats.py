@@ -7,10 +7,14 @@ from typing import Any
 
 from bench.measures import MEASURES
 
+NOISE_METRICS = ("foreign_cpu_s", "steal_cpu_s", "steal_frac", "attempts")
+"""What other processes and the hypervisor took during each measure (bench/cpu.py), and how many runs it took to get
+one the hypervisor left alone (bench/measures.py)."""
+
 SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
-    "throughput": ("MBps", "cpu_s_per_gb", "proxy_cores", "retransmits", "foreign_cpu_s"),
-    "latency": ("p50", "p90", "p99", "p999", "mean", "cpu_us_per_req", "cores_per_1k_rps", "foreign_cpu_s"),
-    "connect": ("p50", "p90", "p99", "rate_per_s", "cpu_us_per_req", "foreign_cpu_s"),
+    "throughput": ("MBps", "cpu_s_per_gb", "proxy_cores", "retransmits", *NOISE_METRICS),
+    "latency": ("p50", "p90", "p99", "p999", "mean", "cpu_us_per_req", "cores_per_1k_rps", *NOISE_METRICS),
+    "connect": ("p50", "p90", "p99", "rate_per_s", "cpu_us_per_req", *NOISE_METRICS),
 }
 
 Summary = dict[str, dict[str, dict[str, float]]]

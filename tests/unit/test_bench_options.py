@@ -22,6 +22,11 @@ def test_defaults_run_everything_for_three_rounds() -> None:
     assert opts.wants_config_scale()
     assert opts.effective_rounds == 3
     assert opts.durations is FULL
+    assert opts.max_steal == 0.10
+
+
+def test_max_steal_is_a_fraction() -> None:
+    assert options_from(_parse("--max-steal", "0.25")).max_steal == 0.25
 
 
 def test_quick_is_one_short_round() -> None:
@@ -42,7 +47,13 @@ def test_only_keeps_report_order_and_can_skip_config_scale() -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"), [(("--only", "istio"), "unknown configuration"), (("--rounds", "0"), "at least 1")]
+    ("argv", "message"),
+    [
+        (("--only", "istio"), "unknown configuration"),
+        (("--rounds", "0"), "at least 1"),
+        (("--max-steal", "10"), "fraction between 0 and 1"),
+        (("--max-steal", "-0.1"), "fraction between 0 and 1"),
+    ],
 )
 def test_bad_flags_are_refused_with_a_reason(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(SystemExit, match=message):

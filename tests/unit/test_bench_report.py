@@ -8,8 +8,11 @@ from typing import Any
 from bench import report, stats, targets
 
 
-def _round(r: int, mbps: float, p50: float, cpu: float | None = None, error: str | None = None) -> dict[str, Any]:
+def _round(
+    r: int, mbps: float, p50: float, cpu: float | None = None, error: str | None = None, steal: float = 0.0
+) -> dict[str, Any]:
     tput: dict[str, Any] = {"error": error} if error else {"MBps": mbps, "cpu_s_per_gb": cpu}
+    tput.update(steal_frac=steal, attempts=1 if steal <= 0.1 else 3, steal_fracs=[steal])
     return {
         "round": r,
         "measures": {
@@ -24,7 +27,7 @@ def _round(r: int, mbps: float, p50: float, cpu: float | None = None, error: str
 
 def _results(configs: dict[str, list[dict[str, Any]]], failed: dict[str, str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "meta": {"machine": {}, "mode": "quick", "rounds": 3},
+        "meta": {"machine": {}, "mode": "quick", "rounds": 3, "max_steal": 0.1, "steal_frac": 0.05, "steal_cpu_s": 3.1},
         "configs": {},
         "config_scale": {"status": "failed", "reason": "not here"},
     }
@@ -100,3 +103,19 @@ def test_report_keeps_failed_configurations_with_their_reason(tmp_path: Path) ->
     report.write(results, tmp_path)
     assert (tmp_path / "report.md").exists()
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("throughput.png", "latency.png", "cpu_per_gb.png"))
+
+
+def test_summary_and_report_show_what_the_hypervisor_stole() -> None:
+    rounds = [_round(0, 100, 50, steal=0.02), _round(1, 300, 70, steal=0.3), _round(2, 200, 60, steal=0.04)]
+    summary = stats.summarize(rounds)
+    assert summary["tput1"]["steal_frac"] == {"median": 0.04, "min": 0.02, "max": 0.3, "n": 3}
+    assert summary["tput1"]["attempts"]["max"] == 3
+    results = _results({"nomesh": rounds, "envoy": [_round(0, 400, 200, steal=0.0)]})
+    results["targets"] = targets.evaluate(results)
+    text = report.render(results, {})
+    assert "% stolen by the hypervisor, 1-stream throughput" in text
+    assert "| nomesh | - | - | 4.0 (2.0-30.0) | - |" in text
+    assert "| envoy | - | - | 0.0 | - |" in text
+    assert "more than 10% stolen (`--max-steal`) was run again" in text
+    assert "Stolen over the whole run: 5.0% of all CPUs' time (3.1 CPU-s)." in text
+    assert "1 of 4 measures were re-measured; 1 kept a figure still above the limit." in text

@@ -1,10 +1,10 @@
 """The bench's labs: built from bench/topology/, with the backends (echo server, iperf3 server) in the server pods.
 
-Three labs, because a no-mesh baseline must not cross Ambit's uplink program: "plain" (no mesh) hosts the baseline
-and the reference proxy pairs; "attach" (the same topology) carries the capture program with nothing enrolled;
-"mesh" (controller + agents) hosts the enrolled Ambit configurations. Each is brought up on first use, so a run
-with --only nomesh never starts a mesh, and a lab that fails to come up fails only the configurations that need it,
-with the lab's own error as the reason.
+Three labs, because a no-mesh baseline must not cross Ambit's uplink program: "plain" (no mesh) hosts the baselines
+(cross-node and same-node) and the reference proxy pairs; "attach" (the same topology) carries the capture program
+with nothing enrolled; "mesh" (controller + agents) hosts the enrolled Ambit configurations. Each is brought up on
+first use, so a run with --only nomesh never starts a mesh, and a lab that fails to come up fails only the
+configurations that need it, with the lab's own error as the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ IPERF_PORT = 5201
 
 # Pods that run the backends, per lab ("namespace/name").
 SERVER_PODS = {
-    "plain": ("bench/server",),
+    "plain": ("bench/server", "bench/server-local"),
     "attach": ("bench/server",),
     "mesh": ("bench-mesh/server", "bench-mesh/server-local"),
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ALL_CONFIGS: tuple[str, ...] = (
     "nomesh",
+    "nomesh-same",
     "envoy",
     "pytls",
     "ambit-tunnel",

@@ -68,7 +68,9 @@ def _targets(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Measured values are medians over the rounds; a target whose configuration produced no number "
-        "is *not measured*, never met.",
+        "is *not measured*, never met. The same-node target is judged against `nomesh-same` (the same two pods on "
+        "the same node without a mesh), not `nomesh`: like for like, only the mesh differs; the throughput table's "
+        "*x no mesh* columns stay relative to the cross-node `nomesh`.",
         "",
     ]
     return lines

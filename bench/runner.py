@@ -24,7 +24,7 @@ from bench.drivers.ambit import AMBIT_PATHS, AmbitConfig
 from bench.drivers.attached import AmbitAttached
 from bench.drivers.base import Driver, DriverUnavailable, Endpoint
 from bench.drivers.envoy_pair import EnvoyPair
-from bench.drivers.nomesh import NoMesh
+from bench.drivers.nomesh import NOMESH_PATHS, NoMesh
 from bench.drivers.tls_pair import PythonTlsPair
 from bench.drivers.tunnel_pair import AmbitTunnelPair
 from bench.labs import BenchLabs, Pinning
@@ -59,11 +59,12 @@ def make_drivers(
     work: Path,
 ) -> list[Driver]:
     available: dict[str, Driver] = {
-        "nomesh": NoMesh(labs, pinning),
         "envoy": EnvoyPair(labs, group, pinning, cert_files, work / "envoy"),
         "pytls": PythonTlsPair(labs, group, pinning, cert_files, work / "pytls"),
         "ambit-tunnel": AmbitTunnelPair(labs, group, pinning, cert_files, work / "ambit-tunnel"),
     }
+    for nomesh in NOMESH_PATHS:
+        available[nomesh.name] = NoMesh(nomesh, labs, pinning)
     for path in AMBIT_PATHS:
         available[path.name] = AmbitConfig(path, labs, tools, pinning)
     available["ambit-attached"] = AmbitAttached(labs, group, tools, pinning, work / "attach")

@@ -37,8 +37,8 @@ def test_quick_is_one_short_round() -> None:
 
 
 def test_only_keeps_report_order_and_can_skip_config_scale() -> None:
-    opts = options_from(_parse("--only", "envoy, nomesh", "--rounds", "2"))
-    assert opts.selected() == ["nomesh", "envoy"]
+    opts = options_from(_parse("--only", "ambit-same,envoy, nomesh-same,nomesh", "--rounds", "2"))
+    assert opts.selected() == ["nomesh", "nomesh-same", "envoy", "ambit-same"]
     assert not opts.wants_config_scale()
     assert opts.effective_rounds == 2
     only_scale = options_from(_parse("--only", "config-scale"))

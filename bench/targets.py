@@ -32,8 +32,14 @@ def _signed(us: float | None) -> str:
     return "n/a" if us is None else f"{us:+.0f} us"
 
 
-def _times(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}x"
+def _times(x: float | None, bound: float | None = None) -> str:
+    """Two decimals, or three when two would round a ratio onto the bound it missed (0.996 must not read 1.00x
+    next to NOT MET)."""
+    if x is None:
+        return "n/a"
+    if bound is not None and f"{x:.2f}" == f"{bound:.2f}" and x != bound:
+        return f"{x:.3f}x"
+    return f"{x:.2f}x"
 
 
 def _judge(ok: bool | None) -> str:
@@ -52,7 +58,7 @@ def _throughput_vs(results: dict[str, Any], config: str, base: str, measure: str
     return Verdict(
         target=f"{config} throughput vs {base}, {streams}",
         goal=f">= {floor:.2f}x",
-        value=_times(r),
+        value=_times(r, floor),
         status=_judge(None if r is None else r >= floor),
     )
 

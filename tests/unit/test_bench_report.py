@@ -79,6 +79,16 @@ def test_targets_judge_ratios_and_never_turn_missing_into_met() -> None:
     )
 
 
+def test_a_ratio_just_below_its_bound_is_not_rounded_onto_it() -> None:
+    results = _results({"envoy": [_round(0, 1000, 200)], "ambit-cross": [_round(0, 996, 150)]})
+    verdicts = {v["target"]: v for v in targets.evaluate(results)}
+    missed = verdicts["ambit-cross throughput vs envoy, 1 stream"]
+    assert (missed["value"], missed["status"]) == ("0.996x", "not met")
+    results = _results({"envoy": [_round(0, 1000, 200)], "ambit-cross": [_round(0, 1000, 150)]})
+    exact = {v["target"]: v for v in targets.evaluate(results)}["ambit-cross throughput vs envoy, 1 stream"]
+    assert (exact["value"], exact["status"]) == ("1.00x", "met")
+
+
 def test_agent_rss_needs_one_hundred_workloads_to_be_judged() -> None:
     results = _results({})
     results["agent_rss"] = {"max_rss_mb": 40.0, "local_workloads": 3}

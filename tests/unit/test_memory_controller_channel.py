@@ -69,37 +69,34 @@ async def server() -> AsyncIterator[int]:
         await srv.stop(None)
 
 
-async def test_unary_call_carries_metadata_and_decodes_the_reply(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
+@pytest.fixture
+async def channel(server: int) -> AsyncIterator[ControllerChannel]:
+    ch = ControllerChannel(f"127.0.0.1:{server}")
     try:
-        reply = await channel.unary(CA, Request(csr="pem"), Reply, [("authorization", "Bearer t")], 5.0)
-        assert list(reply.cert_chain[:2]) == ["pem", "Bearer t"]
+        yield ch
     finally:
-        await channel.close()
+        await ch.close()
 
 
-async def test_error_status_and_details_reach_the_caller(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
-    try:
-        with pytest.raises(RpcError) as exc:
-            await channel.unary(CA, Request(csr="deny"), Reply, [], 5.0)
-        assert exc.value.code() == StatusCode.PERMISSION_DENIED
-        assert exc.value.details() == "node n1 runs no pod with ns/sa 100% ünïcode"
-        # The connection survives a failed call.
-        assert (await channel.unary(CA, Request(csr="ok"), Reply, [], 5.0)).cert_chain[0] == "ok"
-    finally:
-        await channel.close()
+async def test_unary_call_carries_metadata_and_decodes_the_reply(channel: ControllerChannel) -> None:
+    reply = await channel.unary(CA, Request(csr="pem"), Reply, [("authorization", "Bearer t")], 5.0)
+    assert list(reply.cert_chain[:2]) == ["pem", "Bearer t"]
 
 
-async def test_deadline_exceeded(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
-    try:
-        with pytest.raises(RpcError) as exc:
-            await channel.unary(CA, Request(csr="slow"), Reply, [], 0.3)
-        assert exc.value.code() == StatusCode.DEADLINE_EXCEEDED
-        assert resets_backoff(exc.value)
-    finally:
-        await channel.close()
+async def test_error_status_and_details_reach_the_caller(channel: ControllerChannel) -> None:
+    with pytest.raises(RpcError) as exc:
+        await channel.unary(CA, Request(csr="deny"), Reply, [], 5.0)
+    assert exc.value.code() == StatusCode.PERMISSION_DENIED
+    assert exc.value.details() == "node n1 runs no pod with ns/sa 100% ünïcode"
+    # The connection survives a failed call.
+    assert (await channel.unary(CA, Request(csr="ok"), Reply, [], 5.0)).cert_chain[0] == "ok"
+
+
+async def test_deadline_exceeded(channel: ControllerChannel) -> None:
+    with pytest.raises(RpcError) as exc:
+        await channel.unary(CA, Request(csr="slow"), Reply, [], 0.3)
+    assert exc.value.code() == StatusCode.DEADLINE_EXCEEDED
+    assert resets_backoff(exc.value)
 
 
 async def test_unreachable_controller_is_unavailable() -> None:
@@ -110,48 +107,36 @@ async def test_unreachable_controller_is_unavailable() -> None:
     assert not resets_backoff(exc.value)
 
 
-async def test_stream_moves_messages_larger_than_every_window_both_ways(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
-    try:
-        async with channel.stream(ADS_METHOD, DeltaReply) as call:
-            for size in (10, 3_000_000, 20_000_000):
-                await call.send(Delta(type_url=f"t{size}", response_nonce="n" * size))
-                reply = await call.read()
-                assert reply is not None and reply.type_url == f"t{size}" and len(reply.nonce) == size
-            await call.send(Delta(type_url="end"))
-            assert await call.read() is None  # status OK ends the iteration
-    finally:
-        await channel.close()
+async def test_stream_moves_messages_larger_than_every_window_both_ways(channel: ControllerChannel) -> None:
+    async with channel.stream(ADS_METHOD, DeltaReply) as call:
+        for size in (10, 3_000_000, 20_000_000):
+            await call.send(Delta(type_url=f"t{size}", response_nonce="n" * size))
+            reply = await call.read()
+            assert reply is not None and reply.type_url == f"t{size}" and len(reply.nonce) == size
+        await call.send(Delta(type_url="end"))
+        assert await call.read() is None  # status OK ends the iteration
 
 
-async def test_xds_stream_and_ca_calls_share_one_connection_until_retired(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
-    try:
-        async with channel.stream(ADS_METHOD, DeltaReply) as call:
-            await call.send(Delta(type_url="a"))
-            first = await call.read()
-            assert first is not None
-            peer = first.system_version_info
-            assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] == peer
-            channel.retire()  # e.g. new trust: new calls go to a new connection, the stream stays where it is
-            assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] != peer
-            await call.send(Delta(type_url="b"))
-            again = await call.read()
-            assert again is not None and again.system_version_info == peer
-    finally:
-        await channel.close()
+async def test_xds_stream_and_ca_calls_share_one_connection_until_retired(channel: ControllerChannel) -> None:
+    async with channel.stream(ADS_METHOD, DeltaReply) as call:
+        await call.send(Delta(type_url="a"))
+        first = await call.read()
+        assert first is not None
+        peer = first.system_version_info
+        assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] == peer
+        channel.retire()  # e.g. new trust: new calls go to a new connection, the stream stays where it is
+        assert (await channel.unary(CA, Request(csr="x"), Reply, [], 5.0)).cert_chain[2] != peer
+        await call.send(Delta(type_url="b"))
+        again = await call.read()
+        assert again is not None and again.system_version_info == peer
 
 
-async def test_cancelled_stream_reports_cancelled(server: int) -> None:
-    channel = ControllerChannel(f"127.0.0.1:{server}")
-    try:
-        async with channel.stream(ADS_METHOD, DeltaReply) as call:
-            call.cancel()
-            with pytest.raises(RpcError) as exc:
-                await call.read()
-            assert exc.value.code() == StatusCode.CANCELLED
-    finally:
-        await channel.close()
+async def test_cancelled_stream_reports_cancelled(channel: ControllerChannel) -> None:
+    async with channel.stream(ADS_METHOD, DeltaReply) as call:
+        call.cancel()
+        with pytest.raises(RpcError) as exc:
+            await call.read()
+        assert exc.value.code() == StatusCode.CANCELLED
 
 
 async def test_controller_restart_fails_the_stream_and_the_next_call_reconnects() -> None:

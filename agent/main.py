@@ -32,7 +32,7 @@ from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
-from agent.outbound import OutboundProxy
+from agent.outbound import EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.sockets import Listener, transparent_listener
@@ -75,6 +75,7 @@ class AgentConfig:
     admin_port: int = field(default=15000, metadata=doc("admin: /config_dump /certs /logging"))
     metrics_port: int = field(default=15020, metadata=doc("Prometheus /metrics"))
     ready_port: int = field(default=15021, metadata=doc("/healthz/ready"))
+    early_data: int = field(default=EARLY_DATA, metadata=doc("bytes of a client's first write sent with the CONNECT"))
     drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
     log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
@@ -108,7 +109,8 @@ class Agent:
         self.pool = HboneConnectionPool(config=tunnel, stats=STATS)
         self.connections = ConnectionRegistry(self.store, self.metrics)
         common = (self.metrics, self.access_log, self.connections)
-        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common)
+        outbound = OutboundConfig(early_data=cfg.early_data)
+        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound)
         self.inbound = InboundProxy(self.store, self.certs, cfg.node, *common, tunnel_config=tunnel, tunnel_stats=STATS)
         self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, None)
         self.redirector: Redirector | None = None

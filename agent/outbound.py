@@ -38,11 +38,16 @@ from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay
-from agent.sockets import abort, connect_upstream, peer_or_close
+from agent.sockets import abort, connect_upstream, peer_or_close, read_waiting
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
 
 _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
+
+
+# HBONE: up to this many bytes the client has already written go out with the CONNECT, in the same TLS write, so
+# they do not wait a round trip for the 200 (HboneClientConnection.open_stream). One default-size DATA frame.
+EARLY_DATA = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,7 @@ class OutboundConfig:
     same_node_fast_path: bool = True
     keep_source_address: bool = True  # same-node fast path: connect from the client pod's IP
     connect_timeout: float = 5.0
+    early_data: int = EARLY_DATA
 
 
 class RouteKind(enum.Enum):
@@ -212,11 +218,18 @@ class OutboundProxy:
             abort(sock)
             return
         try:
+            early = read_waiting(sock, self.config.early_data) if self.config.early_data else b""
+        except OSError as e:
+            report.finish(error=f"client read: {e}")
+            abort(sock)
+            return
+        try:
             stream = await self.pool.open_stream(
                 PoolKey(report.src_identity, report.dst_identity, r.target),
                 ctx,
                 format_address(r.authority),
                 hbone_headers(client, src, r.service),
+                early,
             )
         except HboneConnectError as e:
             flags = "DENY" if e.status == 401 else "CONNECT"

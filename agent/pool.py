@@ -78,17 +78,19 @@ class HboneConnectionPool:
         ssl_context: ssl.SSLContext,
         authority: str,
         headers: list[tuple[str, str]],
+        early: bytes = b"",
     ) -> HboneStream:
         """A CONNECT stream to ``key.addr`` whose server proved to be ``key.dst``.
 
         ``ssl_context`` is the client context of ``key.src`` (CertificateManager.client_context). Raises
         HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures. A stream
-        the peer provably did not process (GOAWAY race, refused stream) is retried once on a fresh connection.
+        the peer provably did not process (GOAWAY race, refused stream) is retried once on a fresh connection,
+        with the same ``early`` bytes (HboneClientConnection.open_stream), which that peer therefore never got.
         """
         for attempt in (1, 2):
             pooled = await self._checkout(key, ssl_context)
             try:
-                return await pooled.conn.open_stream(authority, headers)
+                return await pooled.conn.open_stream(authority, headers, early)
             except HboneConnectError as e:
                 if not e.retryable or attempt == 2:
                     raise

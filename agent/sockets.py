@@ -189,6 +189,15 @@ class Listener:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def read_waiting(sock: socket.socket, limit: int) -> bytes:
+    """Up to `limit` bytes the peer has already sent, without waiting: b"" when nothing has arrived yet (or at
+    EOF, which the next read sees again). Raises OSError when the connection failed."""
+    try:
+        return sock.recv(limit, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return b""
+
+
 async def connect_upstream(
     addr: Address, *, source_ip: str | None = None, connect_timeout: float = 5.0, mark: int | None = None
 ) -> socket.socket:

@@ -218,6 +218,8 @@ class HboneStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[int] | None = None
+        self.early_bytes = 0  # client bytes sent along with the CONNECT (open_stream's ``early``)
+        self._early_rest: memoryview | None = None  # the part of them the windows did not take then
 
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} eof={self._eof} local_eof={self._local_eof} reset={self._reset_reason}>"
@@ -668,7 +670,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._writer = Readiness(loop, sock.fileno(), self._on_socket_writable, write=True)
         self.stream = stream
         self.done = done
-        self.up = 0
+        self.up = stream.early_bytes
         self.down = 0
         self.error: str | None = None
         self._init_buffer()
@@ -683,7 +685,13 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._closed = False
 
     def start(self) -> None:
-        self.stream._attach(self)
+        stream = self.stream
+        stream._attach(self)
+        if stream._early_rest is not None and not self._closed:
+            # The client's first bytes that did not fit the windows when the CONNECT went out: sent before any
+            # newer read (reading stays paused while they are pending).
+            self._pending, stream._early_rest = stream._early_rest, None
+            self.on_writable()
         self._update_reading()
         if self._reader.watching:
             # The client usually wrote while the CONNECT was answered: read it now, not a loop turn later.
@@ -896,8 +904,14 @@ class HboneClientConnection:
         assert proto.peer_identity is not None
         self.peer_identity: Identity = proto.peer_identity
 
-    async def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> HboneStream:
+    async def open_stream(self, authority: str, headers: list[tuple[str, str]], early: bytes = b"") -> HboneStream:
         """Send CONNECT and wait for the response; non-200 raises HboneConnectError(status).
+
+        ``early`` is what the client already sent: it goes out as DATA in the same TLS write as the CONNECT
+        (RFC 9113 8.5 lets DATA follow the request HEADERS; the server holds it, within the stream window, until
+        its upstream is connected). The client's first bytes then travel with the request instead of waiting a
+        round trip for the 200. What the windows do not take now is sent by :func:`relay`. A refused stream was
+        not processed, so the caller may send the same ``early`` again on another connection.
 
         The stream is counted against the connection synchronously (before the first await), so a caller that
         checked :attr:`available_streams` cannot be overtaken.
@@ -910,6 +924,11 @@ class HboneClientConnection:
         except StreamStateError as e:
             raise HboneConnectError(503, str(e), retryable=True) from None
         st = HboneStream(proto, sid)
+        if early:
+            st.early_bytes = len(early)
+            n = proto.h2.send_data(sid, early)
+            if n < len(early):
+                st._early_rest = memoryview(early)[n:]
         response = st._response = proto.loop.create_future()
         proto.add_stream(st)
         proto.flush()

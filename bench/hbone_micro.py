@@ -35,8 +35,9 @@ import psutil
 import yaml
 
 from agent.addressing import parse_authority
+from agent.outbound import EARLY_DATA
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.sockets import connect_upstream
+from agent.sockets import connect_upstream, read_waiting
 from agent.tunnel import ConnectRequest, HboneConnectError, relay, serve_hbone_connection
 from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, CertFiles, generate
 from bench.drivers.envoy_pair import client_config, server_config
@@ -140,7 +141,8 @@ def ambit_client(args: argparse.Namespace) -> None:
                 peer = sock.getpeername()
                 headers = [("forwarded", f'for="{peer[0]}:{peer[1]}"'), ("baggage", "k8s.namespace.name=bench")]
                 try:
-                    stream = await pool.open_stream(key, ctx, target, headers)
+                    early = read_waiting(sock, args.early_data) if args.early_data else b""  # as the agent's outbound
+                    stream = await pool.open_stream(key, ctx, target, headers, early)
                 except HboneConnectError as e:
                     print(f"open_stream: {e}", file=sys.stderr)
                     sock.close()
@@ -259,6 +261,7 @@ class Bench:
         ]
         argv = [sys.executable, "-m", "bench.hbone_micro", "ambit-client", "--hbone", f"{hbone[0]}:{hbone[1]}"]
         argv += [arg for m in maps for arg in ("--map", m)]
+        argv += ["--early-data", str(self.args.early_data)]
         proc = self.spawn([*argv, *self._creds("client")], name)
         _wait_port(*c_echo, proc)
         _wait_port(*c_iperf, proc)
@@ -445,11 +448,18 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--key", required=True)
         p.add_argument("--root", required=True)
         p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+        p.add_argument("--early-data", type=int, default=EARLY_DATA)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bytes", default="1G", help="iperf3 -n per throughput run")
     parser.add_argument("--iters", type=int, default=5000)
     parser.add_argument("--conn-iters", type=int, default=300)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--early-data",
+        type=int,
+        default=EARLY_DATA,
+        help="bytes of the client's first write Ambit's client sends with the CONNECT (0: after the 200)",
+    )
     parser.add_argument(
         "--only",
         default="tcp_direct,ambit_pair,envoy_pair,tls_relay_pair",

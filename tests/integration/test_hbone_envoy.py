@@ -186,10 +186,12 @@ async def test_our_client_through_envoy_server(site: Site, echo: Backend) -> Non
     ctx = site.ca.client_context(site.client_leaf)
     try:
         payloads = [os.urandom(3 * 1024 * 1024) for _ in range(4)]
+        # How much of each payload goes with the CONNECT as early data: Envoy must hold it until its upstream is up.
+        early_sizes = [0, 1, 16384, 16384]
 
-        async def one(payload: bytes) -> bytes:
-            stream = await pool.open_stream(key, ctx, echo.addr, [("forwarded", 'for="127.0.0.1"')])
-            writer = asyncio.ensure_future(stream.write(payload))
+        async def one(payload: bytes, early: int) -> bytes:
+            stream = await pool.open_stream(key, ctx, echo.addr, [("forwarded", 'for="127.0.0.1"')], payload[:early])
+            writer = asyncio.ensure_future(stream.write(payload[early:]))
             out = bytearray()
             while len(out) < len(payload):
                 chunk = await asyncio.wait_for(stream.read(), 30)
@@ -200,7 +202,7 @@ async def test_our_client_through_envoy_server(site: Site, echo: Backend) -> Non
             assert await asyncio.wait_for(stream.read(), 30) == b""  # Envoy forwards the backend's FIN
             return bytes(out)
 
-        got = await asyncio.gather(*(one(p) for p in payloads))
+        got = await asyncio.gather(*(one(p, n) for p, n in zip(payloads, early_sizes, strict=True)))
         assert [digest(g) for g in got] == [digest(p) for p in payloads]
         assert pool.connections_created == 1
     finally:

@@ -22,11 +22,23 @@ from common.log import kv
 log = logging.getLogger("agent.sockets")
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 # Linux's IP_BIND_ADDRESS_NO_PORT (not exported by Python's socket module); applies to IPv6 sockets as well.
 IP_BIND_ADDRESS_NO_PORT = 24
 
 Address = tuple[str, int]
 Handler = Callable[[socket.socket, Address], Awaitable[None]]
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Let `sock` accept connections for, or bind to, addresses that are not the node's.
+
+    Each family has its own option: 19 at the IPv6 level is IPV6_MULTICAST_LOOP, which the kernel accepts and
+    which does nothing for a TCP socket."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
 def transparent_listener(
@@ -40,8 +52,7 @@ def transparent_listener(
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
-            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-            sock.setsockopt(level, IP_TRANSPARENT, 1)
+            set_transparent(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -218,8 +229,7 @@ async def connect_upstream(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source_ip is not None and (":" in source_ip) == (family == socket.AF_INET6):
             try:
-                level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
-                sock.setsockopt(level, IP_TRANSPARENT, 1)
+                set_transparent(sock)
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((source_ip, 0))
             except OSError as e:

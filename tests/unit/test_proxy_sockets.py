@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.sockets import IP_BIND_ADDRESS_NO_PORT, Listener, connect_upstream, transparent_listener
+from agent.sockets import Listener, connect_upstream, transparent_listener
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -36,23 +36,6 @@ def test_connects_and_carries_bytes(loop_name: str) -> None:
                 up.setblocking(True)
                 up.sendall(b"ping")
                 assert peer.recv(4) == b"ping"
-
-    with server:
-        run(loop_name, main)
-
-
-@pytest.mark.parametrize("loop_name", LOOPS)
-def test_kept_source_address_leaves_the_port_to_connect(loop_name: str) -> None:
-    """The client's address is kept, and the port is chosen at connect time, not searched for at bind time."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    async def main() -> None:
-        up = await connect_upstream(server.getsockname(), source_ip="127.0.0.2")
-        with up:
-            peer, client = server.accept()
-            peer.close()
-            assert client[0] == "127.0.0.2"
-            assert up.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
 
     with server:
         run(loop_name, main)

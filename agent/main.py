@@ -81,6 +81,10 @@ class AgentConfig:
     log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
     cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
 
+    def __post_init__(self) -> None:
+        if self.early_data < 0:
+            raise ValueError(f"--early-data must be 0 or more bytes, got {self.early_data}")
+
 
 class Agent:
     """Owns every component's lifetime; `start()` brings them up in dependency order."""

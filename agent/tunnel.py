@@ -245,8 +245,13 @@ class HboneStream:
         self._proto.acknowledge(self.stream_id, len(chunk))
         return chunk
 
-    async def write(self, data: bytes) -> None:
-        """Send ``data``, waiting for flow-control window and TLS write back-pressure. Raises HboneStreamReset."""
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send ``data``, waiting for flow-control window and TLS write back-pressure. Raises HboneStreamReset.
+
+        Early bytes the windows did not take with the CONNECT go first."""
+        if self._early_rest is not None:
+            rest, self._early_rest = self._early_rest, None
+            await self.write(rest)
         view = memoryview(data)
         while True:
             if self._reset_reason is not None:
@@ -646,7 +651,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
 
 @dataclass(frozen=True, slots=True)
 class RelayResult:
-    """Bytes moved by :func:`relay`: up = TCP -> tunnel, down = tunnel -> TCP; ``error`` when it did not end cleanly."""
+    """Bytes moved by :func:`relay`: up = TCP -> tunnel (taken by the stream), down = tunnel -> TCP (received);
+    ``error`` when it did not end cleanly."""
 
     bytes_up: int
     bytes_down: int
@@ -670,7 +676,8 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._writer = Readiness(loop, sock.fileno(), self._on_socket_writable, write=True)
         self.stream = stream
         self.done = done
-        self.up = stream.early_bytes
+        rest = stream._early_rest
+        self.up = stream.early_bytes - (len(rest) if rest is not None else 0)  # counted as the stream takes them
         self.down = 0
         self.error: str | None = None
         self._init_buffer()
@@ -717,8 +724,8 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self._grow()  # the next read gets a big buffer; this one is still being handed on
         view = mv[:nbytes]
         del mv
-        self.up += nbytes
         n = self.stream._send(view)
+        self.up += n
         if n < nbytes:
             self._pending = view[n:]  # a view: get_buffer sees the export and reads into the spare
         self._update_reading()
@@ -784,6 +791,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         if self._pending is not None:
             view = self._pending
             n = self.stream._send(view)
+            self.up += n
             self._pending = view[n:] if n < len(view) else None
             if self._pending is None:
                 self._maybe_send_eof()

@@ -67,4 +67,7 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str = ""
         else:
             parser.add_argument(flag, default=default, type=_converter(tp), help=f"{help_text} [{default}]")
     ns = parser.parse_args(argv)
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    try:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    except ValueError as e:  # a value the dataclass's __post_init__ refuses: a usage error, not a traceback
+        parser.error(str(e))

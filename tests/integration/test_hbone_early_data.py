@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,6 +18,7 @@ from bench.hbone_micro import forward_to_authority
 from tests.support.hbone_testbed import Backend, HboneServer, digest
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
+from tests.support.waiting import eventually
 
 pytestmark = BOTH_LOOPS
 
@@ -42,12 +43,6 @@ async def pool() -> AsyncIterator[HboneConnectionPool]:
     await p.close()
 
 
-async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
-
-
 def received_before_answer(req: ConnectRequest) -> bytes:
     """What the server holds for a stream it has not answered yet."""
     return b"".join(req._stream._rbuf)
@@ -67,7 +62,7 @@ async def test_early_bytes_reach_the_server_before_it_answers(pool: HboneConnect
 
     async def handler(req: ConnectRequest) -> None:
         # Without early data nothing arrives before the 200, and this wait times out.
-        await until(lambda: received_before_answer(req))
+        await eventually(lambda: received_before_answer(req), "early bytes at the server", within=5)
         held.append(received_before_answer(req))
         await forward_to_authority(req)
 
@@ -114,7 +109,7 @@ async def test_refused_stream_sends_the_early_bytes_again(pool: HboneConnectionP
     seen: list[bytes] = []
 
     async def handler(req: ConnectRequest) -> None:
-        await until(lambda: received_before_answer(req))
+        await eventually(lambda: received_before_answer(req), "early bytes at the server", within=5)
         seen.append(received_before_answer(req))
         if len(seen) == 1:  # refused: provably not processed, so the client may send it all again
             req._proto.h2.reset_stream(req.stream_id, ErrorCode.REFUSED_STREAM)
@@ -130,4 +125,38 @@ async def test_refused_stream_sends_the_early_bytes_again(pool: HboneConnectionP
         assert await echo_roundtrip(stream, b"!") == b"once!"
         assert echo.accepted == 1
     finally:
+        await server.close()
+
+
+async def test_leftover_early_bytes_go_first_through_write(pool: HboneConnectionPool, echo: Backend) -> None:
+    server = await HboneServer(SERVER_CTX, config=TunnelConfig(stream_window=65535)).start()
+    early, later = os.urandom(200_000), os.urandom(50_000)
+    try:
+        stream = await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], early)
+        assert stream._early_rest is not None
+        got = await asyncio.wait_for(echo_roundtrip(stream, later), 30)
+        assert digest(got) == digest(early + later)
+    finally:
+        await server.close()
+
+
+async def test_early_bytes_never_sent_are_not_counted(pool: HboneConnectionPool, echo: Backend) -> None:
+    """The server answers and at once resets: what did not fit its window with the CONNECT never left."""
+
+    async def handler(req: ConnectRequest) -> None:
+        await req.respond(200)
+        req.stream.reset()
+
+    server = await HboneServer(SERVER_CTX, handler=handler, config=TunnelConfig(stream_window=65535)).start()
+    app, inside = socket.socketpair()
+    try:
+        stream = await pool.open_stream(
+            PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], os.urandom(200_000)
+        )
+        inside.setblocking(False)
+        result = await asyncio.wait_for(relay(inside, stream), 10)
+        assert result.error is not None
+        assert result.bytes_up == 65535  # the stream window's worth went with the CONNECT; the rest stayed here
+    finally:
+        app.close()
         await server.close()

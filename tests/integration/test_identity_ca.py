@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ from common.spiffe import Identity
 from controller import ca_rotation
 from tests.support.identity_controller import TD, ControllerProcess, Placement, tcp_handshake
 from tests.support.identity_pki import csr_pem, rsa_csr_pem
+from tests.support.waiting import eventually
 
 WEB = Identity(TD, "default", "web")
 API = Identity(TD, "default", "api")
@@ -49,14 +50,6 @@ async def controller(tmp_path: Path) -> AsyncIterator[ControllerProcess]:
         yield c
     finally:
         await c.stop()
-
-
-async def eventually(check: Callable[[], bool], what: str, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def raw_call(

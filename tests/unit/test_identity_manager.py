@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from common.spiffe import Identity
 from controller import ca_rotation
 from controller.ca import CertificateAuthority
 from tests.support.identity_pki import csr_pem, handshake
+from tests.support.waiting import eventually
 
 TD = "cluster.local"
 WEB = Identity(TD, "default", "web")
@@ -78,19 +79,6 @@ async def manager(signer: FakeSigner, registry: CollectorRegistry) -> AsyncItera
     m = CertificateManager(signer, TD, ttl_seconds=3600, registry=registry, backoff=FAST)
     yield m
     await m.close()
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 def row(m: CertificateManager, ident: Identity) -> dict[str, str]:

@@ -11,6 +11,9 @@ import shutil
 
 import pytest
 
+# Fixtures several modules share: `echo` (an echo backend) and `pool` (an HBONE client pool).
+pytest_plugins = ["tests.support.hbone_testbed"]
+
 
 def _root_problem() -> str | None:
     if os.geteuid() != 0:

@@ -7,15 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
-
-import pytest
 
 from agent.hbone import ErrorCode
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.tunnel import ConnectRequest, HboneStream, TunnelConfig, TunnelStats, relay
+from agent.tunnel import ConnectRequest, TunnelConfig, relay
 from bench.hbone_micro import forward_to_authority
-from tests.support.hbone_testbed import Backend, HboneServer, digest
+from tests.support.hbone_testbed import Backend, HboneServer, digest, roundtrip
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
 from tests.support.waiting import eventually
@@ -29,32 +26,9 @@ CLIENT_CTX = CA.client_context(CA.issue(CLIENT_ID))
 SERVER_CTX = CA.server_context(CA.issue(SERVER_ID))
 
 
-@pytest.fixture
-async def echo() -> AsyncIterator[Backend]:
-    b = await Backend().start()
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[HboneConnectionPool]:
-    p = HboneConnectionPool(stats=TunnelStats())
-    yield p
-    await p.close()
-
-
 def received_before_answer(req: ConnectRequest) -> bytes:
     """What the server holds for a stream it has not answered yet."""
     return b"".join(req._stream._rbuf)
-
-
-async def echo_roundtrip(stream: HboneStream, payload: bytes) -> bytes:
-    await stream.write(payload)
-    stream.write_eof()
-    out = b""
-    while chunk := await stream.read():
-        out += chunk
-    return out
 
 
 async def test_early_bytes_reach_the_server_before_it_answers(pool: HboneConnectionPool, echo: Backend) -> None:
@@ -70,7 +44,7 @@ async def test_early_bytes_reach_the_server_before_it_answers(pool: HboneConnect
     try:
         stream = await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], b"first")
         assert held == [b"first"]
-        assert await echo_roundtrip(stream, b" and then more") == b"first and then more"
+        assert await roundtrip(stream, b" and then more") == b"first and then more"
     finally:
         await server.close()
 
@@ -122,7 +96,7 @@ async def test_refused_stream_sends_the_early_bytes_again(pool: HboneConnectionP
     try:
         stream = await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], b"once")
         assert seen == [b"once", b"once"]
-        assert await echo_roundtrip(stream, b"!") == b"once!"
+        assert await roundtrip(stream, b"!") == b"once!"
         assert echo.accepted == 1
     finally:
         await server.close()
@@ -134,7 +108,7 @@ async def test_leftover_early_bytes_go_first_through_write(pool: HboneConnection
     try:
         stream = await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], early)
         assert stream._early_rest is not None
-        got = await asyncio.wait_for(echo_roundtrip(stream, later), 30)
+        got = await asyncio.wait_for(roundtrip(stream, later), 30)
         assert digest(got) == digest(early + later)
     finally:
         await server.close()

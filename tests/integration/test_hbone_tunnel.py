@@ -16,7 +16,7 @@ import h2.events
 import pytest
 
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, TunnelStats, relay
+from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, relay
 from tests.support.hbone_testbed import Backend, HboneServer, digest
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
@@ -41,24 +41,10 @@ pytestmark = BOTH_LOOPS  # every test runs on asyncio and on uvloop
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[Backend]:
-    b = await Backend().start()
-    yield b
-    await b.close()
-
-
-@pytest.fixture
 async def server(mesh: Mesh) -> AsyncIterator[HboneServer]:
     s = await HboneServer(mesh.server_ctx).start()
     yield s
     await s.close()
-
-
-@pytest.fixture
-async def pool() -> AsyncIterator[HboneConnectionPool]:
-    p = HboneConnectionPool(stats=TunnelStats())
-    yield p
-    await p.close()
 
 
 class ClientProxy:

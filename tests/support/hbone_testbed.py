@@ -8,9 +8,12 @@ import contextlib
 import hashlib
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats, serve_hbone_connection
+import pytest
+
+from agent.pool import HboneConnectionPool
+from agent.tunnel import ConnectRequest, HboneStream, TunnelConfig, TunnelStats, serve_hbone_connection
 from bench.hbone_micro import forward_to_authority
 from lab.workload import handle_echo
 
@@ -140,3 +143,29 @@ class HboneServer:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Backend]:
+    """An echo Backend for one test (import the fixture into the test module)."""
+    b = await Backend().start()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[HboneConnectionPool]:
+    """A client pool with its own counters, closed after the test."""
+    p = HboneConnectionPool(stats=TunnelStats())
+    yield p
+    await p.close()
+
+
+async def roundtrip(stream: HboneStream, payload: bytes = b"hello") -> bytes:
+    """Write `payload`, half-close, and read until the peer's END_STREAM: what an echo backend sent back."""
+    await stream.write(payload)
+    stream.write_eof()
+    out = b""
+    while chunk := await stream.read():
+        out += chunk
+    return out

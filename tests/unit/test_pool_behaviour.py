@@ -10,9 +10,9 @@ import pytest
 
 from agent.hbone import PREFACE, SETTINGS
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.tunnel import HboneConnectError, HboneStream, TunnelConfig, TunnelStats
+from agent.tunnel import HboneConnectError, TunnelConfig, TunnelStats
 from common.spiffe import Identity
-from tests.support.hbone_testbed import Backend, HboneServer
+from tests.support.hbone_testbed import Backend, HboneServer, roundtrip
 from tests.support.pki import TestCA
 
 
@@ -34,32 +34,16 @@ def mesh() -> Mesh:
 
 
 @pytest.fixture
-async def backend() -> AsyncIterator[Backend]:
-    b = await Backend().start()
-    yield b
-    await b.close()
-
-
-@pytest.fixture
 async def server(mesh: Mesh) -> AsyncIterator[HboneServer]:
     s = await HboneServer(mesh.server_ctx).start()
     yield s
     await s.close()
 
 
-async def roundtrip(stream: HboneStream, payload: bytes = b"hello") -> bytes:
-    await stream.write(payload)
-    stream.write_eof()
-    out = b""
-    while chunk := await stream.read():
-        out += chunk
-    return out
-
-
-async def test_concurrent_openers_share_one_handshake(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_concurrent_openers_share_one_handshake(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(stats=TunnelStats())
     streams = await asyncio.gather(
-        *(pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, []) for _ in range(50))
+        *(pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, []) for _ in range(50))
     )
     assert pool.connections_created == 1 and server.connections == 1
     assert pool.stream_count() == 50
@@ -69,35 +53,35 @@ async def test_concurrent_openers_share_one_handshake(mesh: Mesh, server: HboneS
     await pool.close()
 
 
-async def test_stream_limit_opens_more_connections(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_stream_limit_opens_more_connections(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(max_streams_per_conn=3, stats=TunnelStats())
-    streams = [await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, []) for _ in range(7)]
+    streams = [await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, []) for _ in range(7)]
     assert pool.connection_count() == 3 and server.connections == 3
     assert sorted(int(str(c["streams"])) for c in pool.snapshot()) == [1, 3, 3]
     for s in streams:
         assert await roundtrip(s) == b"hello"
     # freed slots are reused: no new handshake
-    again = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    again = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     assert await roundtrip(again) == b"hello"
     assert pool.connections_created == 3
     await pool.close()
 
 
-async def test_keys_are_not_shared(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_keys_are_not_shared(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(stats=TunnelStats())
     other_src = mesh.ca.identity("other", "client")
     other_ctx = mesh.ca.client_context(mesh.ca.issue(other_src))
-    s1 = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
-    s2 = await pool.open_stream(PoolKey(other_src, mesh.server_id, server.addr), other_ctx, backend.addr, [])
+    s1 = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
+    s2 = await pool.open_stream(PoolKey(other_src, mesh.server_id, server.addr), other_ctx, echo.addr, [])
     assert pool.connection_count() == 2
     assert {r.peer_identity for r in server.requests} == {mesh.client_id, other_src}
     assert await roundtrip(s1) == b"hello" and await roundtrip(s2) == b"hello"
     await pool.close()
 
 
-async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(idle_timeout=0.2, stats=TunnelStats())
-    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     await asyncio.sleep(0.4)
     assert pool.connection_count() == 1, "a connection with an open stream is not idle"
     assert await roundtrip(s) == b"hello"
@@ -110,9 +94,9 @@ async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, ba
     await pool.close()
 
 
-async def test_goaway_evicts_and_reconnects(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_goaway_evicts_and_reconnects(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(stats=TunnelStats())
-    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     assert await roundtrip(s) == b"hello"
     # The server drains: GOAWAY(NO_ERROR) then close. The pool must not hand out that connection again.
     req = server.requests[-1]
@@ -122,18 +106,18 @@ async def test_goaway_evicts_and_reconnects(mesh: Mesh, server: HboneServer, bac
         if pool.connection_count() == 0:
             break
     assert pool.connection_count() == 0
-    s2 = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    s2 = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     assert await roundtrip(s2) == b"hello"
     assert pool.connections_created == 2
     await pool.close()
 
 
-async def test_wrong_server_identity_is_refused(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_wrong_server_identity_is_refused(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     stats = TunnelStats()
     pool = HboneConnectionPool(stats=stats)
     impostor = mesh.ca.identity("default", "somebody-else")
     with pytest.raises(HboneConnectError) as err:
-        await pool.open_stream(mesh.key(server, impostor), mesh.client_ctx, backend.addr, [])
+        await pool.open_stream(mesh.key(server, impostor), mesh.client_ctx, echo.addr, [])
     assert err.value.status == 503 and "wrong_identity" in err.value.reason
     assert stats.rejects["wrong_identity"] == 1
     assert pool.connection_count() == 0 and not server.requests
@@ -141,12 +125,12 @@ async def test_wrong_server_identity_is_refused(mesh: Mesh, server: HboneServer,
 
 
 @pytest.mark.parametrize("status", [400, 401, 503])
-async def test_peer_status_is_propagated(mesh: Mesh, backend: Backend, status: int) -> None:
+async def test_peer_status_is_propagated(mesh: Mesh, echo: Backend, status: int) -> None:
     server = await HboneServer(mesh.server_ctx, status=status).start()
     pool = HboneConnectionPool(stats=TunnelStats())
     try:
         with pytest.raises(HboneConnectError) as err:
-            await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+            await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
         assert err.value.status == status
         assert pool.stream_count() == 0 and pool.connection_count() == 1  # the connection itself is fine
     finally:
@@ -194,10 +178,10 @@ async def test_keepalive_drops_a_silent_peer(mesh: Mesh) -> None:
         srv.close()
 
 
-async def test_closed_pool_refuses(mesh: Mesh, server: HboneServer, backend: Backend) -> None:
+async def test_closed_pool_refuses(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(stats=TunnelStats())
-    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+    s = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     await pool.close()
     with pytest.raises(HboneConnectError):
-        await pool.open_stream(mesh.key(server), mesh.client_ctx, backend.addr, [])
+        await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     assert s.closed

@@ -234,13 +234,23 @@ class _StreamError(Exception):
 
 
 class _Stream:
-    __slots__ = ("id", "local_closed", "recv_window", "remote_closed", "responded", "send_window", "unacked")
+    __slots__ = (
+        "held",
+        "id",
+        "local_closed",
+        "recv_window",
+        "remote_closed",
+        "responded",
+        "send_window",
+        "unacked",
+    )
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
         self.id = stream_id
         self.send_window = send_window
         self.recv_window = recv_window
         self.unacked = 0
+        self.held = 0  # connection credit of DATA that arrived before we answered (server): returned on answer
         self.local_closed = False
         self.remote_closed = False
         self.responded = False
@@ -386,6 +396,7 @@ class HboneConnection:
         if st is None or st.responded or st.local_closed:
             raise StreamStateError(f"stream {stream_id} cannot be answered")
         st.responded = True
+        self._release_held(st)
         block = [(":status", str(status))]
         block.extend((k.lower(), v) for k, v in headers or ())
         final = not 200 <= status < 300
@@ -528,9 +539,7 @@ class HboneConnection:
         if length:
             st.recv_window -= length
             self._conn_recv_window -= length
-            self._conn_unacked += length
-            if self._conn_unacked >= self.settings.connection_window >> 2:
-                self._return_connection_credit()
+            self._credit_connection(st, length)
         fin = bool(flags & FLAG_END_STREAM)
         if fin:
             self._remote_close(st)
@@ -650,26 +659,25 @@ class HboneConnection:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         if length > self._conn_recv_window:
             raise _ConnError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        # Connection credit goes back at once: per-stream buffering is bounded by the stream window, and
-        # holding it here would let one stalled stream block all the others.
         self._conn_recv_window -= length
-        self._conn_unacked += length
-        if self._conn_unacked >= self.settings.connection_window >> 2:
-            self._return_connection_credit()
         st = self._streams.get(sid)
         self._data_stream = None
         if st is None:
             if self._is_idle(sid):
                 raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             # Late frames for a stream we already closed or reset: drop silently.
+            self._credit_connection(None, length)
         elif st.remote_closed:
+            self._credit_connection(None, length)
             self._stream_error(st, ErrorCode.STREAM_CLOSED, "DATA after END_STREAM", events)
         elif length > st.recv_window:
+            self._credit_connection(None, length)
             self._stream_error(st, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the stream window", events)
         else:
             # (Server: bytes that arrive before we answered the CONNECT are buffered by the caller, within the
-            # stream window.)
+            # stream window; their connection credit waits for the answer.)
             st.recv_window -= length
+            self._credit_connection(st, length)
             self._data_stream = st
         self._data_end = bool(flags & FLAG_END_STREAM)
         if flags & FLAG_PADDED:
@@ -679,6 +687,26 @@ class HboneConnection:
             self._state = _ST_PADLEN
             return
         self._start_data_payload(length, 0, events)
+
+    def _credit_connection(self, st: _Stream | None, length: int) -> None:
+        """Connection credit for received DATA goes back at once: per-stream buffering is bounded by the stream
+        window, and holding it until the bytes are read would let one stalled stream block all the others.
+
+        Except for a stream we have not answered yet (server): nothing reads it until the upstream is connected,
+        so its bytes wait in memory. Their credit is held until the answer (or the stream's end), which bounds
+        what a peer can park on unanswered streams by the connection window instead of streams x stream window
+        (200 x 4 MiB)."""
+        if st is not None and not st.responded and not self.client:
+            st.held += length
+            return
+        self._conn_unacked += length
+        if self._conn_unacked >= self.settings.connection_window >> 2:
+            self._return_connection_credit()
+
+    def _release_held(self, st: _Stream) -> None:
+        held, st.held = st.held, 0
+        if held:
+            self._credit_connection(None, held)
 
     def _return_connection_credit(self) -> None:
         inc = self._conn_unacked
@@ -1041,6 +1069,7 @@ class HboneConnection:
     def _forget(self, st: _Stream) -> None:
         if self._streams.pop(st.id, None) is None:
             return
+        self._release_held(st)
         if (st.id % 2 == 1) == self.client:
             self._local_streams -= 1
         else:

@@ -327,6 +327,48 @@ def test_reset_streams_do_not_leak_connection_window() -> None:
     assert client.send_window(last) > 60000
 
 
+def test_data_before_the_answer_holds_its_connection_credit_until_the_answer() -> None:
+    client, server = pair(server_settings=HboneSettings(connection_window=65535))
+    sid = client.send_connect("10.0.0.2:8080")
+    probe = client.send_connect("10.0.0.3:80")  # shows the client's connection window
+    assert client.send_data(sid, b"e" * 30000) == 30000
+    at_server, _ = exchange(client, server)
+    assert data_of(at_server, sid) == b"e" * 30000  # delivered (the caller buffers it) ...
+    assert client.send_window(probe) == 65535 - 30000  # ... but its connection credit is held
+    server.send_response(sid, 200)
+    exchange(client, server)
+    assert client.send_window(probe) == 65535
+
+
+def test_unanswered_streams_cannot_park_more_than_the_connection_window() -> None:
+    """A peer that fills stream after stream the server has not answered (its upstream connect hanging) gets
+    one connection window in all, not a stream window per stream."""
+    client, server = pair(server_settings=HboneSettings(connection_window=65535, stream_window=65535))
+    sent = 0
+    for i in range(4):
+        sid = client.send_connect(f"10.0.0.{i + 1}:80")
+        sent += client.send_data(sid, b"p" * 65535)
+        exchange(client, server)
+    assert sent == 65535
+    # A peer ignoring the window is a connection error, not more memory.
+    events = server.receive_data(frame(hbone.DATA, 0, 1, b"x"))
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_refusing_an_unanswered_stream_returns_its_held_credit() -> None:
+    client, server = pair(server_settings=HboneSettings(connection_window=65535))
+    for i in range(10):  # each would otherwise keep 60000 of the 65535
+        sid = client.send_connect(f"10.0.0.{i + 1}:80")
+        assert client.send_data(sid, b"r" * 60000) == 60000
+        exchange(client, server)
+        if i % 2:
+            server.send_response(sid, 503)
+        else:
+            server.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+        exchange(client, server)
+    assert client.send_window(client.send_connect("10.0.1.1:80")) == 65535
+
+
 def test_padded_data_is_stripped_and_its_credit_returned() -> None:
     client, server = pair(server_settings=HboneSettings(stream_window=65535 * 2))
     sid = open_tunnel(client, server)

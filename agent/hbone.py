@@ -536,6 +536,8 @@ class HboneConnection:
         st = self._streams.get(sid)
         if st is None or st.remote_closed or length > st.recv_window or length > self._conn_recv_window:
             return None
+        if self.client and not st.responded:
+            return None  # DATA before the response: the full path refuses it
         if length:
             st.recv_window -= length
             self._conn_recv_window -= length
@@ -673,6 +675,10 @@ class HboneConnection:
         elif length > st.recv_window:
             self._credit_connection(None, length)
             self._stream_error(st, ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the stream window", events)
+        elif self.client and not st.responded:
+            # A response starts with its HEADERS (RFC 9113 8.1); bytes before it would sit unread in memory.
+            self._credit_connection(None, length)
+            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, "DATA before the response", events)
         else:
             # (Server: bytes that arrive before we answered the CONNECT are buffered by the caller, within the
             # stream window; their connection credit waits for the answer.)

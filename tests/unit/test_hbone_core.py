@@ -307,6 +307,18 @@ def test_data_beyond_stream_window_resets_that_stream_only() -> None:
     assert server.stream_is_open(other) and not server.closed
 
 
+def test_data_before_the_response_resets_that_stream_only() -> None:
+    client, server = pair()
+    sid = client.send_connect("10.0.0.2:8080")
+    exchange(client, server)
+    other = open_tunnel(client, server, "10.0.0.3:80")
+    # Forged: a server cannot produce it through the API (it answers first).
+    events = client.receive_data(frame(hbone.DATA, 0, sid, b"early answer"))
+    assert StreamReset(sid, ErrorCode.PROTOCOL_ERROR, False, "DATA before the response") in events
+    assert not any(isinstance(e, DataReceived) for e in events)
+    assert client.stream_is_open(other) and not client.closed
+
+
 def test_window_update_zero_and_overflow_are_errors() -> None:
     client, server = pair()
     sid = open_tunnel(client, server)

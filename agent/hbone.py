@@ -11,8 +11,10 @@ a DATA path that costs almost nothing per byte:
   of small parts (headers, control frames, small payloads) into one buffer, because an SSL transport encrypts
   each element given to ``writelines`` as its own TLS record(s), while big payload views go out uncopied;
 * connection-level credit is returned on receipt (per-stream buffering is already bounded by the stream window),
-  so a stream whose consumer never reads cannot starve the others; stream credit is returned as the consumer
-  acknowledges bytes with :meth:`HboneConnection.acknowledge`.
+  so a stream whose consumer never reads cannot starve the others; the exception is DATA on a stream the server
+  has not answered yet, whose connection credit waits for the answer (what a peer can park unread is then one
+  connection window); stream credit is returned as the consumer acknowledges bytes with
+  :meth:`HboneConnection.acknowledge`.
 
 Bytes go in with :meth:`HboneConnection.receive_data` and come back as events; everything to send accumulates
 until :meth:`HboneConnection.data_to_send`. Peer misbehaviour never raises: it becomes RST_STREAM or GOAWAY and
@@ -414,9 +416,7 @@ class HboneConnection:
         END_STREAM is only set when all of ``data`` was taken. The payload is referenced, not copied, when the
         frames are large: the caller must not modify it before :meth:`data_to_send` output has been written.
         """
-        st = self._streams.get(stream_id)
-        if st is None or st.local_closed:
-            raise StreamStateError(f"stream {stream_id} is not open for sending")
+        st = self._sendable(stream_id)
         total = len(data)
         n = min(total, st.send_window, self._conn_send_window)
         if n <= 0:
@@ -448,11 +448,19 @@ class HboneConnection:
             self._local_close(st)
         return n
 
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close our side (empty DATA with END_STREAM; needs no window)."""
+    def _sendable(self, stream_id: int) -> _Stream:
+        """The stream, if we may send DATA on it: open on our side, and (server) answered, since a response starts
+        with its HEADERS and a client refuses DATA before them."""
         st = self._streams.get(stream_id)
         if st is None or st.local_closed:
             raise StreamStateError(f"stream {stream_id} is not open for sending")
+        if not (self.client or st.responded):
+            raise StreamStateError(f"stream {stream_id} has not been answered")
+        return st
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side (empty DATA with END_STREAM; needs no window)."""
+        st = self._sendable(stream_id)
         self._out.append(_HDR.pack(0, 0, DATA, FLAG_END_STREAM, stream_id))
         self._local_close(st)
 

@@ -32,7 +32,7 @@ from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
-from agent.outbound import EARLY_DATA, OutboundConfig, OutboundProxy
+from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.sockets import Listener, transparent_listener
@@ -82,8 +82,10 @@ class AgentConfig:
     cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
 
     def __post_init__(self) -> None:
-        if self.early_data < 0:
-            raise ValueError(f"--early-data must be 0 or more bytes, got {self.early_data}")
+        # Early bytes count against the peer's connection window until it answers; kept under one stream's share
+        # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
+        if not 0 <= self.early_data <= MAX_EARLY_DATA:
+            raise ValueError(f"--early-data must be 0 to {MAX_EARLY_DATA} bytes, got {self.early_data}")
 
 
 class Agent:

@@ -48,6 +48,7 @@ _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
 # HBONE: up to this many bytes the client has already written go out with the CONNECT, in the same TLS write, so
 # they do not wait a round trip for the 200 (HboneClientConnection.open_stream). One default-size DATA frame.
 EARLY_DATA = 16384
+MAX_EARLY_DATA = 65536
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,4 +18,4 @@ def test_refused_value_is_a_usage_error_naming_the_flag(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as exit_info:
         flags.parse(AgentConfig, ["--early-data", "-1"])
     assert exit_info.value.code == 2
-    assert "--early-data must be 0 or more bytes, got -1" in capsys.readouterr().err
+    assert "--early-data must be 0 to 65536 bytes, got -1" in capsys.readouterr().err

@@ -312,8 +312,9 @@ def test_data_before_the_response_resets_that_stream_only() -> None:
     sid = client.send_connect("10.0.0.2:8080")
     exchange(client, server)
     other = open_tunnel(client, server, "10.0.0.3:80")
-    # Forged: a server cannot produce it through the API (it answers first).
-    events = client.receive_data(frame(hbone.DATA, 0, sid, b"early answer"))
+    with pytest.raises(StreamStateError):  # the server core refuses to produce it ...
+        server.send_data(sid, b"early answer")
+    events = client.receive_data(frame(hbone.DATA, 0, sid, b"early answer"))  # ... so it is forged here
     assert StreamReset(sid, ErrorCode.PROTOCOL_ERROR, False, "DATA before the response") in events
     assert not any(isinstance(e, DataReceived) for e in events)
     assert client.stream_is_open(other) and not client.closed
@@ -377,6 +378,16 @@ def test_refusing_an_unanswered_stream_returns_its_held_credit() -> None:
             server.send_response(sid, 503)
         else:
             server.reset_stream(sid, ErrorCode.REFUSED_STREAM)
+        exchange(client, server)
+    assert client.send_window(client.send_connect("10.0.1.1:80")) == 65535
+
+
+def test_peer_reset_of_an_unanswered_stream_returns_its_held_credit() -> None:
+    client, server = pair(server_settings=HboneSettings(connection_window=65535))
+    for i in range(10):
+        sid = client.send_connect(f"10.0.0.{i + 1}:80")
+        assert client.send_data(sid, b"c" * 60000) == 60000
+        client.reset_stream(sid, ErrorCode.CANCEL)
         exchange(client, server)
     assert client.send_window(client.send_connect("10.0.1.1:80")) == 65535
 

@@ -218,8 +218,8 @@ class HboneStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[int] | None = None
-        self.early_bytes = 0  # client bytes sent along with the CONNECT (open_stream's ``early``)
-        self._early_rest: memoryview | None = None  # the part of them the windows did not take then
+        self.early_sent = 0  # client bytes that went out with the CONNECT (the part of open_stream's ``early`` ...
+        self._early_rest: memoryview | None = None  # ... and the part the windows did not take then
 
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} eof={self._eof} local_eof={self._local_eof} reset={self._reset_reason}>"
@@ -676,8 +676,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._writer = Readiness(loop, sock.fileno(), self._on_socket_writable, write=True)
         self.stream = stream
         self.done = done
-        rest = stream._early_rest
-        self.up = stream.early_bytes - (len(rest) if rest is not None else 0)  # counted as the stream takes them
+        self.up = stream.early_sent  # counted as the stream takes them
         self.down = 0
         self.error: str | None = None
         self._init_buffer()
@@ -933,8 +932,7 @@ class HboneClientConnection:
             raise HboneConnectError(503, str(e), retryable=True) from None
         st = HboneStream(proto, sid)
         if early:
-            st.early_bytes = len(early)
-            n = proto.h2.send_data(sid, early)
+            n = st.early_sent = proto.h2.send_data(sid, early)
             if n < len(early):
                 st._early_rest = memoryview(early)[n:]
         response = st._response = proto.loop.create_future()

@@ -219,7 +219,7 @@ class OutboundProxy:
             abort(sock)
             return
         try:
-            early = read_waiting(sock, self.config.early_data) if self.config.early_data else b""
+            early = read_waiting(sock, self.config.early_data)
         except OSError as e:
             report.finish(error=f"client read: {e}")
             abort(sock)

@@ -202,7 +202,10 @@ class Listener:
 
 def read_waiting(sock: socket.socket, limit: int) -> bytes:
     """Up to `limit` bytes the peer has already sent, without waiting: b"" when nothing has arrived yet (or at
-    EOF, which the next read sees again). Raises OSError when the connection failed."""
+    EOF, which the next read sees again), and without a syscall when `limit` is 0. Raises OSError when the
+    connection failed."""
+    if limit <= 0:
+        return b""
     try:
         return sock.recv(limit, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):

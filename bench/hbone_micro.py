@@ -141,7 +141,7 @@ def ambit_client(args: argparse.Namespace) -> None:
                 peer = sock.getpeername()
                 headers = [("forwarded", f'for="{peer[0]}:{peer[1]}"'), ("baggage", "k8s.namespace.name=bench")]
                 try:
-                    early = read_waiting(sock, args.early_data) if args.early_data else b""  # as the agent's outbound
+                    early = read_waiting(sock, args.early_data)  # as the agent's outbound
                     stream = await pool.open_stream(key, ctx, target, headers, early)
                 except HboneConnectError as e:
                     print(f"open_stream: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.sockets import Listener, connect_upstream, transparent_listener
+from agent.sockets import Listener, connect_upstream, read_waiting, transparent_listener
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -99,3 +99,13 @@ def test_listener_accepts_with_nodelay() -> None:
 
     uvloop.run(main())
     assert seen and seen[0] != 0
+
+
+def test_read_waiting_takes_what_arrived_and_never_waits() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert read_waiting(a, 16) == b""  # nothing yet: no wait
+        b.sendall(b"first bytes")
+        assert read_waiting(a, 0) == b""  # early data off: nothing taken
+        assert read_waiting(a, 5) == b"first"
+        assert read_waiting(a, 16) == b" bytes"

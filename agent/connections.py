@@ -134,32 +134,39 @@ class ConnectionRegistry:
                 r.finish(error=decision.explain(), flags="DENY")
             abort(sock)
             return
-        try:
-            upstream = await connect_upstream(
-                target, source_ip=conn.src_ip if keep_source else None, connect_timeout=connect_timeout
-            )
-        except (OSError, TimeoutError) as e:
-            self.metrics.error(direction, "connect_failed")
-            for r in reports:
-                r.finish(error=f"connect {format_address(target)}: {e}", flags="CONNECT")
-            abort(sock)
-            return
+        # Tracked from the decision on, as ztunnel registers before its first check: a policy change that lands
+        # while the pod is still being connected must cut this connection too.
         task = asyncio.current_task()
         assert task is not None
         tracked = self.track(conn, workload.uid, direction, task.cancel, reports)
-        splice = SpliceRelay(sock, upstream)
+        splice: SpliceRelay | None = None
         error: str | None = None
+        flags = "-"
         try:
+            try:
+                upstream = await connect_upstream(
+                    target, source_ip=conn.src_ip if keep_source else None, connect_timeout=connect_timeout
+                )
+            except (OSError, TimeoutError) as e:
+                self.metrics.error(direction, "connect_failed")
+                error, flags = f"connect {format_address(target)}: {e}", "CONNECT"
+                abort(sock)
+                return
+            splice = SpliceRelay(sock, upstream)
             error = (await splice.run()).error
         except asyncio.CancelledError:
             error = tracked.late_rejection or "cancelled"
+            if splice is None:
+                abort(sock)  # cut before the relay owned it
             if tracked.late_rejection is None:
                 raise
         finally:
             self.untrack(tracked)
-            flags = "DENY" if tracked.late_rejection else "-"
+            if tracked.late_rejection:
+                flags = "DENY"
+            up, down = (splice.bytes_up, splice.bytes_down) if splice is not None else (0, 0)
             for r in reports:
-                r.finish(splice.bytes_up, splice.bytes_down, error=error, flags=flags)
+                r.finish(up, down, error=error, flags=flags)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [{"connection": str(t.conn), "workload": t.workload_uid, "direction": t.direction} for t in self._conns]

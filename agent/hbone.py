@@ -27,10 +27,10 @@ import enum
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import cast
 
-from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError
+
+from agent.header_block import BlockDecoder, BlockEncoder, Header
 
 _PER_STREAM_HEADERS = frozenset({"forwarded", "traceparent"})
 # hpack logs every integer and table operation at DEBUG: about a third of the cost of coding a CONNECT header
@@ -279,9 +279,10 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
-        self._encoder = Encoder()
-        self._decoder = Decoder(max_header_list_size=self.settings.max_header_list_size)
-        self._decoder.max_allowed_table_size = self.settings.header_table_size
+        self._encoder = BlockEncoder()
+        self._decoder = BlockDecoder(
+            max_header_list_size=self.settings.max_header_list_size, max_table_size=self.settings.header_table_size
+        )
         # Peer settings (RFC defaults until its SETTINGS arrive).
         self.peer_max_frame_size = DEFAULT_MAX_FRAME
         self.peer_initial_window = DEFAULT_WINDOW
@@ -381,12 +382,12 @@ class HboneConnection:
         if sid > MAX_STREAM_ID:
             raise StreamStateError("stream ids exhausted")
         self._next_stream_id += 2
-        block: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", authority)]
+        block: list[Header] = [(":method", "CONNECT", False), (":authority", authority, False)]
         for k, v in headers or ():
             k = k.lower()
             # Values that differ on every stream would only churn both dynamic tables, and the encoder searches
             # its table linearly for every header it writes.
-            block.append(cast(tuple[str, str], NeverIndexedHeaderTuple(k, v)) if k in _PER_STREAM_HEADERS else (k, v))
+            block.append((k, v, k in _PER_STREAM_HEADERS))
         self._streams[sid] = _Stream(sid, self.peer_initial_window, self.settings.stream_window)
         self._local_streams += 1
         self._send_headers(sid, block, end_stream=False)
@@ -399,8 +400,8 @@ class HboneConnection:
             raise StreamStateError(f"stream {stream_id} cannot be answered")
         st.responded = True
         self._release_held(st)
-        block = [(":status", str(status))]
-        block.extend((k.lower(), v) for k, v in headers or ())
+        block: list[Header] = [(":status", str(status), False)]
+        block.extend((k.lower(), v, False) for k, v in headers or ())
         final = not 200 <= status < 300
         self._send_headers(stream_id, block, end_stream=final)
         if final:
@@ -820,11 +821,10 @@ class HboneConnection:
 
     def _decode(self, block: _HeaderBlock) -> list[tuple[str, str]]:
         try:
-            raw = self._decoder.decode(b"".join(block.fragments), raw=True)
+            return self._decoder.decode(b"".join(block.fragments))
         except HPACKError as e:
             reason = "header_too_large" if "larger than" in str(e) else "bad header block"
             raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"{reason}: {e}") from None
-        return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw]
 
     def _on_header_block(self, block: _HeaderBlock, events: list[Event]) -> None:
         # Decode first, always: the HPACK table must stay in sync even for streams we refuse.
@@ -955,7 +955,7 @@ class HboneConnection:
         for off in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, off)
             if key == S_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = min(value, 4096)
+                self._encoder.set_table_size(min(value, 4096))
             elif key == S_ENABLE_PUSH:
                 if value > 1:
                     raise _ConnError(ErrorCode.PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
@@ -1091,9 +1091,9 @@ class HboneConnection:
         if self._data_stream is st:
             self._data_stream = None
 
-    def _send_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+    def _send_headers(self, sid: int, headers: list[Header], end_stream: bool) -> None:
         # Plain (non-Huffman) literals: pure-Python Huffman coding costs more CPU than the few bytes it saves.
-        block = self._encoder.encode(headers, huffman=False)
+        block = self._encoder.encode(headers)
         fsize = self.peer_max_frame_size
         first = block[:fsize]
         flags = (FLAG_END_STREAM if end_stream else 0) | (FLAG_END_HEADERS if len(block) <= fsize else 0)

@@ -660,7 +660,7 @@ def test_per_stream_headers_are_never_indexed_and_repeated_ones_are() -> None:
         assert at_server == [RequestReceived(sid, "10.0.0.2:8080", headers)]
         client.reset_stream(sid)
         exchange(client, server)
-    dynamic = {(n.decode(), v.decode()) for n, v in client._encoder.header_table.dynamic_entries}
+    dynamic = {(n.decode(), v.decode()) for n, v in client._encoder.hpack.header_table.dynamic_entries}
     assert dynamic == {(":method", "CONNECT"), (":authority", "10.0.0.2:8080"), ("baggage", bag)}
     assert len(blocks[-1]) < len(blocks[0]) - len(bag)  # baggage and authority sent by index after the first
     for name in (b"forwarded", b"traceparent"):

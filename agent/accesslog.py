@@ -117,6 +117,10 @@ class AccessLog:
         def name(wl: Any | None) -> str | None:
             return (wl.workload_name or wl.name) if wl is not None else None
 
+        # As ztunnel logs them: what the reporting side's workload sent and received, so an inbound line's
+        # bytes_sent is the pod's response (the metrics keep request/response for both reporters).
+        sent, received = (bytes_up, bytes_down) if r.direction == "outbound" else (bytes_down, bytes_up)
+
         fields: dict[str, Any] = {
             "src.addr": _addr(r.src_addr),
             "src.workload": name(r.src),
@@ -131,8 +135,8 @@ class AccessLog:
             "direction": r.direction,
             "path": r.path,
             "security": "mutual_tls" if r.mtls else "plaintext",
-            "bytes_sent": bytes_up,
-            "bytes_recv": bytes_down,
+            "bytes_sent": sent,
+            "bytes_recv": received,
             "duration": f"{int((time.monotonic() - r.start) * 1000)}ms",
             "response_flags": flags,
         }

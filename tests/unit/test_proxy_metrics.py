@@ -96,7 +96,7 @@ def test_record_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     assert rec.getMessage() == "connection complete"
     assert f["src.addr"] == "10.1.0.5:40000" and f["dst.addr"] == "10.2.0.7:8080"
     assert f["src.identity"] == str(SRC_ID) and f["dst.workload"] == "echo-1"
-    assert f["bytes_sent"] == 1000 and f["bytes_recv"] == 20
+    assert f["bytes_sent"] == 20 and f["bytes_recv"] == 1000  # inbound: the pod sent the 20 response bytes
     assert f["policy.decision"] == "allow" and f["policy.name"] == "server/allow"
     assert f["duration"].endswith("ms")
 

@@ -37,6 +37,9 @@ class TrackedConnection:
     close: Callable[[], object]  # cuts the connection (cancels the task relaying it)
     reports: list[ConnectionReport] = field(default_factory=list)
     rejected_by: rbac.Decision | None = field(default=None)
+    # The workload as last seen: re-checks use it once it left the store, as ztunnel re-checks against the
+    # workload the connection was opened to (its namespace and global policies still apply).
+    workload: Any | None = None
 
     @property
     def late_rejection(self) -> str | None:
@@ -64,7 +67,9 @@ class ConnectionRegistry:
         close: Callable[[], object],
         reports: list[ConnectionReport] | None = None,
     ) -> TrackedConnection:
-        t = TrackedConnection(conn, workload_uid, direction, close, reports or [])
+        t = TrackedConnection(
+            conn, workload_uid, direction, close, reports or [], workload=self.store.workload_by_uid(workload_uid)
+        )
         self._conns.add(t)
         return t
 
@@ -86,6 +91,10 @@ class ConnectionRegistry:
             if workloads is not None and t.workload_uid not in workloads:
                 continue
             wl = self.store.workload_by_uid(t.workload_uid)
+            if wl is None:
+                wl = t.workload
+            else:
+                t.workload = wl
             policies = self.store.policies_for(wl) if wl is not None else []
             decision = rbac.evaluate(policies, t.conn)
             if decision.allowed:

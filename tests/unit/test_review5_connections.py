@@ -163,3 +163,18 @@ async def test_review5_inbound_hbone_policy_change_during_upstream_connect(
         f"connection let through after a DENY applied during setup: statuses={req.statuses} relayed={relayed} "
         f"resets={req.stream.resets} (expected {LATE_REJECTION} or 401)"
     )
+
+
+def test_connection_to_a_workload_gone_from_the_store_still_obeys_namespace_policy() -> None:
+    """ztunnel re-checks a tracked connection against the destination workload it was opened to (its
+    namespace, the global policies, its selector policies); a workload that left the store must not turn
+    into "no policies apply, allow"."""
+    store = WorkloadStore()
+    store.put([SERVER])
+    registry = ConnectionRegistry(store, Metrics())
+    cut: list[bool] = []
+    registry.track(rbac.Connection("10.1.0.6", "10.2.0.7", 8080, CURL), SERVER.uid, "inbound", lambda: cut.append(True))
+    store.apply("type.googleapis.com/istio.workload.Address", {}, [SERVER.uid])  # e.g. the pod is terminating
+    assert cut == [] and len(registry) == 1
+    store.put(policies=[DENY_CURL])  # namespace "server" now denies curl
+    assert cut == [True] and len(registry) == 0

@@ -10,7 +10,7 @@ import ssl
 import pytest
 
 from common import tls
-from tests.support.pki import TestCA
+from tests.support.pki import TestCA, handshake
 
 AES128, AES256 = "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"
 
@@ -21,26 +21,6 @@ def tls13_order(ctx: ssl.SSLContext) -> list[str]:
 
 def openssl_default_order() -> list[str]:
     return tls13_order(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-
-
-def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    """A full handshake between two contexts over memory BIOs."""
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    pending = [client, server]
-    for _ in range(10):
-        for obj in list(pending):
-            try:
-                obj.do_handshake()
-                pending.remove(obj)
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if not pending:
-            return client, server
-    raise AssertionError(f"handshake did not finish: {pending}")
 
 
 @pytest.fixture(scope="module")

@@ -73,14 +73,23 @@ def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
     allow: list[Any] = []
     deny: list[Any] = []
     dry: list[str] = []
+    dry_allows = dry_allow_matched = False
     for p in policies:
         if p.dry_run:
-            if p.action == ACTION_DENY and matches(p, conn):
-                dry.append(f"dry-run: {policy_key(p)} would deny")
-            elif p.action == ACTION_ALLOW and matches(p, conn):
-                dry.append(f"dry-run: {policy_key(p)} would allow")
+            if p.action == ACTION_DENY:
+                if matches(p, conn):
+                    dry.append(f"dry-run: {policy_key(p)} would deny")
+            elif p.action == ACTION_ALLOW:
+                dry_allows = True
+                if matches(p, conn):
+                    dry_allow_matched = True
+                    dry.append(f"dry-run: {policy_key(p)} would allow")
             continue
         (deny if p.action == ACTION_DENY else allow).append(p)
+    if dry_allows and not dry_allow_matched and not allow:
+        # What a dry-run ALLOW is for: this connection would be denied once it is enforced (ztunnel's
+        # "dry-run: no allow policies match").
+        dry.append("dry-run: no allow policies match, would deny")
     dry_run = tuple(dry)
     for p in deny:
         if matches(p, conn):

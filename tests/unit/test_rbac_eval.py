@@ -285,7 +285,8 @@ def test_dry_run_is_reported_not_enforced() -> None:
         conn(),
     )
     assert d.allowed
-    assert d.dry_run == ("dry-run: server/audit-deny would deny",)
+    # the dry-run ALLOW (an empty Match) matches nothing: enforced, it would deny this connection too
+    assert d.dry_run == ("dry-run: server/audit-deny would deny", "dry-run: no allow policies match, would deny")
 
 
 def test_explain_names_policy() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from agent import rbac
+from api.istio.security import authorization_pb2 as pb
 from common.spiffe import Identity
 from controller.model import AuthorizationPolicy, Condition, Meta, Operation, Rule, Source
 from controller.translate_policy import convert_authorization_policy
@@ -53,3 +54,25 @@ def test_deny_with_http_only_rule_has_no_effect(rule: Rule) -> None:
 def test_deny_mixing_l4_and_http_enforces_the_l4_part() -> None:
     rule = Rule(from_=(Source(namespaces=("client",)),), to=(Operation(ports=(8080,), methods=("POST",)),))
     assert decide("DENY", rule).outcome is rbac.Outcome.EXPLICITLY_DENIED
+
+
+def test_dry_run_allow_that_matches_nothing_reports_would_deny() -> None:
+    """The point of a dry-run ALLOW is to learn which connections it would deny: ztunnel logs
+    "dry-run: no allow policies match" when no enforced ALLOW exists and no dry-run ALLOW matched
+    (src/state.rs assert_rbac); the connection itself is still allowed."""
+    only_port_1 = pb.Authorization(
+        name="allow-port-1",
+        namespace="server",
+        action=pb.ALLOW,
+        dry_run=True,
+        groups=[pb.Group(rules=[pb.Rules(matches=[pb.Match(destination_ports=[1])])])],
+    )
+    d = rbac.evaluate([only_port_1], CONN)
+    assert d.allowed
+    assert any("no allow policies match" in note for note in d.dry_run), d.dry_run
+    # a dry-run ALLOW that matches reports that, and no would-deny
+    port_8080 = pb.Authorization()
+    port_8080.CopyFrom(only_port_1)
+    port_8080.groups[0].rules[0].matches[0].destination_ports[:] = [8080]
+    d = rbac.evaluate([only_port_1, port_8080], CONN)
+    assert not any("no allow policies match" in note for note in d.dry_run), d.dry_run

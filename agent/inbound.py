@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import rbac
-from agent.accesslog import AccessLog, ConnectionReport
+from agent.accesslog import AccessLog
 from agent.addressing import (
     AGENT_PORTS,
     HBONE,
@@ -232,34 +232,41 @@ class InboundProxy(_Common):
             await _respond(req, 401)
             report.finish(error=decision.explain(), flags="DENY")
             return
+        # Tracked from the decision on, as ztunnel registers before its first check: a policy change that lands
+        # while the pod is being connected cuts this connection too (the task is cancelled until the relay runs,
+        # then the stream is reset, so the relay still reports its bytes).
+        task = asyncio.current_task()
+        assert task is not None
+        tracked = self.connections.track(conn, wl.uid, "inbound", task.cancel, [report])
+        answered = False
         try:
-            upstream = await connect_upstream(
-                dst,
-                source_ip=client[0] if self.config.keep_source_address else None,
-                connect_timeout=self.config.connect_timeout,
-            )
-        except (OSError, TimeoutError) as e:
-            self.metrics.error("inbound", "connect_failed")
-            await _respond(req, 503)
-            report.finish(error=f"connect {format_address(dst)}: {e}", flags="CONNECT")
-            return
-        if not await _respond(req, 200):
-            upstream.close()
-            report.finish(error="client reset the stream before the answer", flags="CONNECT")
-            return
-        await self._relay(upstream, req, conn, wl, report)
-
-    async def _relay(
-        self, upstream: socket.socket, req: ConnectRequest, conn: rbac.Connection, wl: Any, report: ConnectionReport
-    ) -> None:
-        # A policy change resets the stream: the relay then ends (RST to the client side, abort to the pod) and
-        # still returns its byte counts.
-        tracked = self.connections.track(conn, wl.uid, "inbound", req.stream.reset, [report])
-        try:
+            try:
+                upstream = await connect_upstream(
+                    dst,
+                    source_ip=client[0] if self.config.keep_source_address else None,
+                    connect_timeout=self.config.connect_timeout,
+                )
+            except (OSError, TimeoutError) as e:
+                self.metrics.error("inbound", "connect_failed")
+                await _respond(req, 503)
+                report.finish(error=f"connect {format_address(dst)}: {e}", flags="CONNECT")
+                return
+            if not await _respond(req, 200):
+                upstream.close()
+                report.finish(error="client reset the stream before the answer", flags="CONNECT")
+                return
+            answered = True
+            tracked.close = req.stream.reset
             result = await relay(upstream, req.stream)
         except asyncio.CancelledError:
-            report.finish(error="cancelled")
-            raise
+            late = tracked.late_rejection
+            if late is None:
+                report.finish(error="cancelled")
+                raise
+            if not answered:  # cut before the answer: refused as the first check would have
+                await _respond(req, 401)
+            report.finish(error=late, flags="DENY")
+            return
         finally:
             self.connections.untrack(tracked)
         # relay counts from the TCP socket's view: up = pod -> tunnel (server->client)

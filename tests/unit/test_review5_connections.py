@@ -125,12 +125,6 @@ class _Certs:
     trust_domain = "cluster.local"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in agent/inbound.py (not owned by this review): InboundProxy._connect checks policy, then awaits "
-    "connect_upstream and the 200, and only then tracks the connection in _relay; a policy change in between is "
-    "never applied to it",
-)
 async def test_review5_inbound_hbone_policy_change_during_upstream_connect(
     monkeypatch: pytest.MonkeyPatch, tcp_pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:

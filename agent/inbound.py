@@ -277,6 +277,20 @@ class InboundProxy(_Common):
 class InboundPlaintextProxy(_Common):
     """Plaintext into enrolled pods (15006): `await proxy.handle(sock, orig_dst)`."""
 
+    def __init__(
+        self,
+        store: WorkloadStore,
+        node: str,
+        metrics: Metrics,
+        access_log: AccessLog,
+        connections: ConnectionRegistry,
+        config: InboundConfig | None = None,
+        *,
+        trust_domain: str,
+    ) -> None:
+        super().__init__(store, node, metrics, access_log, connections, config)
+        self.trust_domain = trust_domain  # the destination's identity is reported, as ztunnel does, for plaintext too
+
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
         if (client := peer_or_close(sock)) is None:
             return
@@ -294,6 +308,7 @@ class InboundPlaintextProxy(_Common):
             src=self.store.workload_by_ip(client[0]),
             dst=wl,
             service=destination_service(self.store, wl, orig_dst[1]),
+            dst_identity=workload_identity(wl, self.trust_domain),
             mtls=False,
             path="plaintext",
         )

@@ -118,7 +118,7 @@ class Agent:
         outbound = OutboundConfig(early_data=cfg.early_data)
         self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound)
         self.inbound = InboundProxy(self.store, self.certs, cfg.node, *common, tunnel_config=tunnel, tunnel_stats=STATS)
-        self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, None)
+        self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, trust_domain=cfg.trust_domain)
         self.redirector: Redirector | None = None
         if cfg.capture:
             self.redirector = Redirector(_redirect_config(cfg))

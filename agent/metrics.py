@@ -92,7 +92,9 @@ def traffic_label_values(
     """Istio's CommonTrafficLabels for one connection, in TRAFFIC_LABELS order. `src`/`dst` are Workload protos,
     `service` a Service. Built straight into a tuple: this runs for every proxied connection.
 
-    Principals are only reported for mutual-TLS connections: a plaintext peer proved nothing.
+    The source principal is reported only for mutual TLS (a plaintext peer proved nothing); the destination
+    principal is the destination workload's identity whenever it is known, plaintext included, as ztunnel's
+    `with_destination` fills it.
     """
     s_wl, s_svc, s_rev, s_ns, s_app, s_ver, s_cluster = _workload_values(src)
     d_wl, d_svc, d_rev, d_ns, d_app, d_ver, d_cluster = _workload_values(dst)
@@ -117,7 +119,7 @@ def traffic_label_values(
         d_svc,
         d_rev,
         d_ns,
-        str(dst_identity) if (mtls and dst_identity) else UNKNOWN,
+        str(dst_identity) if dst_identity else UNKNOWN,
         d_app,
         d_ver,
         d_cluster,

@@ -201,6 +201,8 @@ class OutboundProxy:
             report.mtls = True
             await self._same_node(sock, client, r, report)
         else:
+            if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
+                report.dst_identity = workload_identity(r.workload, td)
             await self._passthrough(sock, r, report)
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:

@@ -61,7 +61,9 @@ class Agent:
         self.inbound = InboundProxy(
             self.store, self.certs, self.node, self.metrics, self.access, self.connections, tunnel_stats=self.stats
         )
-        self.plaintext = InboundPlaintextProxy(self.store, self.node, self.metrics, self.access, self.connections)
+        self.plaintext = InboundPlaintextProxy(
+            self.store, self.node, self.metrics, self.access, self.connections, trust_domain=self.certs.trust_domain
+        )
         self.listeners: list[Listener] = []
         self.http: HttpServer | None = None
 

@@ -122,7 +122,13 @@ async def test_strict_denies_plaintext_but_not_mtls(mesh: Mesh) -> None:
         sample_value(
             mesh.n2.metrics,
             "istio_tcp_connections_closed_total",
-            {"connection_security_policy": "unknown", "response_flags": "DENY", "source_workload": "legacy"},
+            {
+                "connection_security_policy": "unknown",
+                "response_flags": "DENY",
+                "source_workload": "legacy",
+                "source_principal": "unknown",
+                "destination_principal": "spiffe://cluster.local/ns/server/sa/echo",
+            },
         )
         == 1
     )
@@ -200,7 +206,11 @@ async def test_passthrough_and_refusals(mesh: Mesh) -> None:
         sample_value(
             mesh.n1.metrics,
             "istio_tcp_sent_bytes_total",
-            {"destination_workload": "legacy", "connection_security_policy": "unknown"},
+            {
+                "destination_workload": "legacy",
+                "connection_security_policy": "unknown",
+                "destination_principal": "spiffe://cluster.local/ns/legacy/sa/default",  # known, though not in the mesh
+            },
         )
         == 300_000
     )

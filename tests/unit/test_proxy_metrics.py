@@ -63,12 +63,12 @@ def test_labels_from_workloads() -> None:
     assert labels["connection_security_policy"] == "mutual_tls"
 
 
-def test_plaintext_reports_no_principals() -> None:
+def test_plaintext_reports_only_the_destination_principal() -> None:
     labels = traffic_labels(
         reporter="destination", src=None, dst=DST, src_identity=SRC_ID, dst_identity=DST_ID, mtls=False
     )
-    assert labels["source_principal"] == "unknown"
-    assert labels["destination_principal"] == "unknown"
+    assert labels["source_principal"] == "unknown"  # a plaintext peer proved nothing
+    assert labels["destination_principal"] == "spiffe://cluster.local/ns/server/sa/default"  # the workload's
     assert labels["source_workload"] == "unknown"
     assert labels["destination_service"] == "unknown"
     assert labels["connection_security_policy"] == "unknown"

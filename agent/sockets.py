@@ -62,10 +62,18 @@ def transparent_listener(
     return sock
 
 
+def canonical_ip(host: str) -> str:
+    """``host`` with an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) written as IPv4.
+
+    A dual-stack listener (``--listen-address ::``) sees IPv4 connections in that form, while workloads, policies
+    and ``:authority`` know them by their IPv4 address; ztunnel canonicalises the same way."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def original_destination(sock: socket.socket) -> Address:
     """Where the client meant to connect: the local address of a socket accepted by a transparent listener."""
     name = sock.getsockname()
-    return (str(name[0]), int(name[1]))
+    return (canonical_ip(name[0]), int(name[1]))
 
 
 def peer_or_close(sock: socket.socket) -> Address | None:
@@ -76,7 +84,7 @@ def peer_or_close(sock: socket.socket) -> Address | None:
     except OSError:
         sock.close()
         return None
-    return (str(name[0]), int(name[1]))
+    return (canonical_ip(name[0]), int(name[1]))
 
 
 def abort(sock: socket.socket) -> None:

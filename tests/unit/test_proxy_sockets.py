@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.sockets import Listener, connect_upstream, read_waiting, transparent_listener
+from agent.sockets import (
+    Listener,
+    canonical_ip,
+    connect_upstream,
+    original_destination,
+    peer_or_close,
+    read_waiting,
+    transparent_listener,
+)
 
 LOOPS = ["asyncio", "uvloop"]
 
@@ -109,3 +117,19 @@ def test_read_waiting_takes_what_arrived_and_never_waits() -> None:
         assert read_waiting(a, 0) == b""  # early data off: nothing taken
         assert read_waiting(a, 5) == b"first"
         assert read_waiting(a, 16) == b" bytes"
+
+
+def test_dual_stack_listener_reports_ipv4_clients_as_ipv4() -> None:
+    """`--listen-address ::` sees IPv4 connections as ::ffff:a.b.c.d; the handlers must get plain IPv4."""
+    lst = transparent_listener(0, "::", transparent=False)
+    with lst:
+        port = lst.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        with client:
+            lst.setblocking(True)
+            conn, raw = lst.accept()
+            with conn:
+                assert raw[0] == "::ffff:127.0.0.1"  # what the kernel reports, so the test can fail
+                assert original_destination(conn) == ("127.0.0.1", port)
+                assert peer_or_close(conn) == ("127.0.0.1", client.getsockname()[1])
+    assert canonical_ip("::1") == "::1" and canonical_ip("fd00::ffff:1") == "fd00::ffff:1"

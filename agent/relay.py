@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from agent.sockets import Readiness, abort
+from agent.sockets import Readiness, abort, make_nonblocking
 from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
@@ -203,8 +203,8 @@ class SpliceRelay:
             elif len(ended) == 2:
                 done.set_result(None)
 
-        self.client.setblocking(False)
-        self.upstream.setblocking(False)
+        make_nonblocking(self.client)
+        make_nonblocking(self.upstream)
         up = self._up = _Pump(loop, self.client, self.upstream, self.pipe_size, on_end)
         down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
         error: str | None = "cancelled"

@@ -87,6 +87,13 @@ def peer_or_close(sock: socket.socket) -> Address | None:
     return (canonical_ip(name[0]), int(name[1]))
 
 
+def make_nonblocking(sock: socket.socket) -> None:
+    """Non-blocking mode, without the ioctl when Python already knows the socket is (made with SOCK_NONBLOCK or
+    set before): relays take sockets the listener or connect_upstream already made non-blocking."""
+    if sock.getblocking():
+        sock.setblocking(False)
+
+
 def abort(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0): the peer learns at once that the connection was cut, not finished."""
     with contextlib.suppress(OSError):

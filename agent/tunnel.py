@@ -26,7 +26,7 @@ from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
-from agent.sockets import Readiness, abort, connect_upstream
+from agent.sockets import Readiness, abort, connect_upstream, make_nonblocking
 from common.log import kv
 from common.spiffe import Identity
 from common.tls import ALPN_H2, PeerVerificationError, verify_peer
@@ -874,7 +874,7 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     ``RelayResult.error``; the only exception is CancelledError.
     """
     done: asyncio.Future[RelayResult] = stream._proto.loop.create_future()
-    sock.setblocking(False)
+    make_nonblocking(sock)
     side = _TcpRelay(sock, stream, done)
     side.start()
     try:

@@ -14,6 +14,7 @@ from agent.sockets import (
     Listener,
     canonical_ip,
     connect_upstream,
+    make_nonblocking,
     original_destination,
     peer_or_close,
     read_waiting,
@@ -133,3 +134,20 @@ def test_dual_stack_listener_reports_ipv4_clients_as_ipv4() -> None:
                 assert original_destination(conn) == ("127.0.0.1", port)
                 assert peer_or_close(conn) == ("127.0.0.1", client.getsockname()[1])
     assert canonical_ip("::1") == "::1" and canonical_ip("fd00::ffff:1") == "fd00::ffff:1"
+
+
+def test_make_nonblocking_skips_sockets_already_nonblocking() -> None:
+    """A socket Python knows is non-blocking is left alone (no ioctl); a blocking one is switched."""
+    calls: list[bool] = []
+
+    class Spy(socket.socket):
+        def setblocking(self, flag: bool) -> None:
+            calls.append(flag)
+            super().setblocking(flag)
+
+    with Spy(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as made_so:
+        make_nonblocking(made_so)
+        assert calls == [] and not made_so.getblocking()
+    with Spy(socket.AF_INET, socket.SOCK_STREAM) as blocking:
+        make_nonblocking(blocking)
+        assert calls == [False] and not blocking.getblocking()

@@ -101,6 +101,20 @@ def test_record_counts_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     assert f["duration"].endswith("ms")
 
 
+def test_plaintext_line_logs_no_identities_but_the_metric_keeps_the_destination(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As ztunnel: the access log shows identities only for mutual TLS; destination_principal is always set."""
+    m = Metrics()
+    r = AccessLog(m).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80), dst=DST, dst_identity=DST_ID, mtls=False)
+    with caplog.at_level(logging.INFO, logger="access"):
+        r.finish(3, 4)
+    [rec] = [r for r in caplog.records if r.name == "access"]
+    assert "dst.identity" not in rec.fields and "src.identity" not in rec.fields  # type: ignore[attr-defined]
+    sel = {"destination_principal": str(DST_ID), "connection_security_policy": "unknown"}
+    assert sample_value(m, "istio_tcp_connections_closed_total", sel) == 1
+
+
 def test_denied_record_has_deny_flag(caplog: pytest.LogCaptureFixture) -> None:
     m = Metrics()
     r = AccessLog(m).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80), dst=DST)

@@ -181,12 +181,9 @@ def _conn_reason(reason: str) -> str:
 class _Sink:
     """What a stream delivers to when something (the relay) consumes it with callbacks instead of read()."""
 
-    def on_data(self, data: memoryview) -> bool:
-        """Consume ``data``; True if the bytes are gone (credit may be returned now), False to hold the credit."""
-        raise NotImplementedError
-
-    def on_data_many(self, views: list[memoryview], total: int) -> bool:
-        """Several consecutive pieces at once (one write); same contract as :meth:`on_data`."""
+    def on_data(self, views: list[memoryview], total: int) -> bool:
+        """Consume consecutive pieces (``total`` bytes, one write); True if the bytes are gone (credit may be
+        returned now), False to hold the credit."""
         raise NotImplementedError
 
     def on_eof(self) -> None:
@@ -315,7 +312,7 @@ class HboneStream:
         self._sink = sink
         buffered, self._rbuf = self._rbuf, collections.deque()
         for chunk in buffered:
-            if sink.on_data(memoryview(chunk)):
+            if sink.on_data([memoryview(chunk)], len(chunk)):
                 self._proto.acknowledge(self.stream_id, len(chunk))
         if self._reset_reason is not None:
             sink.on_reset(self._reset_reason)
@@ -325,7 +322,7 @@ class HboneStream:
     def _on_data(self, data: memoryview) -> None:
         sink = self._sink
         if sink is not None:
-            if sink.on_data(data):
+            if sink.on_data([data], len(data)):
                 # no flush here: the receive batch is flushed once when it has been dispatched
                 self._proto.h2.acknowledge(self.stream_id, len(data))
             return
@@ -429,7 +426,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
                     sink = st._sink
                     if sink is None:
                         st._on_data(payload)
-                    elif sink.on_data(payload):
+                    elif sink.on_data([payload], len(payload)):
                         h2.acknowledge(sid, len(payload))
                 if fin:
                     st._on_eof()
@@ -476,13 +473,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             for v in views:
                 st._on_data(v)
             return
-        if len(views) == 1:
-            n = len(views[0])
-            taken = sink.on_data(views[0])
-        else:
-            n = sum(len(v) for v in views)
-            taken = sink.on_data_many(views, n)
-        if taken:
+        n = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
+        if sink.on_data(views, n):
             self.h2.acknowledge(stream_id, n)  # flushed once at the end of the batch
 
     def eof_received(self) -> bool:
@@ -748,10 +740,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
 
     # stream side (_Sink)
 
-    def on_data(self, data: memoryview) -> bool:
-        return self.on_data_many([data], len(data))
-
-    def on_data_many(self, views: list[memoryview], total: int) -> bool:
+    def on_data(self, views: list[memoryview], total: int) -> bool:
         self.down += total
         if self._closed:
             return True

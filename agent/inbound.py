@@ -110,6 +110,8 @@ class _Common:
         access_log: AccessLog,
         connections: ConnectionRegistry,
         config: InboundConfig | None = None,
+        *,
+        trust_domain: str,
     ) -> None:
         self.store = store
         self.node = node
@@ -117,6 +119,7 @@ class _Common:
         self.access_log = access_log
         self.connections = connections
         self.config = config or InboundConfig()
+        self.trust_domain = trust_domain
 
     def local_workload(self, ip: str) -> Any | None:
         """An enrolled workload of this node with address `ip` (only those get inbound service)."""
@@ -148,7 +151,7 @@ class InboundProxy(_Common):
         tunnel_config: TunnelConfig | None = None,
         tunnel_stats: TunnelStats | None = None,
     ) -> None:
-        super().__init__(store, node, metrics, access_log, connections, config)
+        super().__init__(store, node, metrics, access_log, connections, config, trust_domain=certs.trust_domain)
         self.certs = certs
         self.tunnel_config = tunnel_config
         self.tunnel_stats = tunnel_stats
@@ -160,7 +163,7 @@ class InboundProxy(_Common):
         if wl is None:
             self.refuse(sock, "inbound", "unknown_destination", peer, orig_dst)
             return
-        ident = workload_identity(wl, self.certs.trust_domain)
+        ident = workload_identity(wl, self.trust_domain)
         try:
             ctx = await self.certs.server_context(ident)
         except CertificateUnavailable as e:  # the CA may be unreachable: refuse this one, keep serving others
@@ -180,7 +183,7 @@ class InboundProxy(_Common):
             sock,
             ctx,
             on_connect,
-            trust_domain=self.certs.trust_domain,
+            trust_domain=self.trust_domain,
             config=self.tunnel_config,
             stats=self.tunnel_stats,
         )
@@ -191,7 +194,7 @@ class InboundProxy(_Common):
         fwd = forwarded_for(req.headers)
         if fwd is not None:
             src = self.store.workload_by_ip(fwd[0])
-            if src is not None and workload_identity(src, self.certs.trust_domain) == req.peer_identity:
+            if src is not None and workload_identity(src, self.trust_domain) == req.peer_identity:
                 return fwd
         return peer
 
@@ -276,20 +279,6 @@ class InboundProxy(_Common):
 
 class InboundPlaintextProxy(_Common):
     """Plaintext into enrolled pods (15006): `await proxy.handle(sock, orig_dst)`."""
-
-    def __init__(
-        self,
-        store: WorkloadStore,
-        node: str,
-        metrics: Metrics,
-        access_log: AccessLog,
-        connections: ConnectionRegistry,
-        config: InboundConfig | None = None,
-        *,
-        trust_domain: str,
-    ) -> None:
-        super().__init__(store, node, metrics, access_log, connections, config)
-        self.trust_domain = trust_domain  # the destination's identity is reported, as ztunnel does, for plaintext too
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
         if (client := peer_or_close(sock)) is None:

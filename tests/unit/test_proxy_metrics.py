@@ -115,6 +115,23 @@ def test_plaintext_line_logs_no_identities_but_the_metric_keeps_the_destination(
     assert sample_value(m, "istio_tcp_connections_closed_total", sel) == 1
 
 
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_bytes_sent_is_what_the_reporting_workload_sent(direction: str, caplog: pytest.LogCaptureFixture) -> None:
+    """As ztunnel logs them (ConnectionResult::record_internal): `bytes_sent` is what the reporting side's workload
+    sent, the request for the source reporter, the response for the destination reporter; the Istio metrics keep
+    the request/response convention for both reporters."""
+    m = Metrics()
+    report = AccessLog(m).start(direction, ("10.1.0.5", 40000), ("10.2.0.7", 8080))
+    with caplog.at_level(logging.INFO, logger="access"):
+        report.finish(1000, 20)  # 1000 request bytes (client -> server), 20 response bytes
+    [rec] = [r for r in caplog.records if r.name == "access"]
+    fields = rec.fields  # type: ignore[attr-defined]
+    reporter_sent, reporter_received = (1000, 20) if direction == "outbound" else (20, 1000)
+    assert (fields["bytes_sent"], fields["bytes_recv"]) == (reporter_sent, reporter_received)
+    assert sample_value(m, "istio_tcp_received_bytes_total") == 1000
+    assert sample_value(m, "istio_tcp_sent_bytes_total") == 20
+
+
 def test_denied_record_has_deny_flag(caplog: pytest.LogCaptureFixture) -> None:
     m = Metrics()
     r = AccessLog(m).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80), dst=DST)

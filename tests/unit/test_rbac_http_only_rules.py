@@ -1,5 +1,5 @@
-"""Review of issue 5: AuthorizationPolicy with HTTP-only attributes, end to end through the controller's
-translation and the agent's evaluation, pinned to Istio's observable behaviour (reference §4.4, istiod
+"""AuthorizationPolicy with HTTP-only attributes, end to end through the controller's translation and the
+agent's evaluation, pinned to Istio's observable behaviour (reference §4.4, istiod
 `handleRule` + ztunnel `Authorization::matches`, which skips an empty Match):
 
 - an ALLOW whose only rule needs HTTP attributes loses that rule, so the policy exists and matches nothing:

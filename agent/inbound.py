@@ -73,9 +73,9 @@ def forwarded(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {}
 
 
-def forwarded_for(headers: list[tuple[str, str]]) -> Address | None:
-    """The client address in `forwarded: for="ip:port"`, if well formed."""
-    text = forwarded(headers).get("for")
+def forwarded_for(params: dict[str, str]) -> Address | None:
+    """The client address in `forwarded: for="ip:port"` (params from :func:`forwarded`), if well formed."""
+    text = params.get("for")
     if text is None:
         return None
     try:
@@ -188,15 +188,16 @@ class InboundProxy(_Common):
             stats=self.tunnel_stats,
         )
 
-    def _client_address(self, req: ConnectRequest, peer: Address) -> Address:
-        """The original client: `forwarded: for=` when it names a workload with the peer's own identity (our
-        agents send it, and a peer can only speak for workloads it holds certificates of), else the TCP peer."""
-        fwd = forwarded_for(req.headers)
+    def _client(self, req: ConnectRequest, params: dict[str, str], peer: Address) -> tuple[Address, Any | None]:
+        """The original client and its workload: `forwarded: for=` when it names a workload with the peer's own
+        identity (our agents send it, and a peer can only speak for workloads it holds certificates of), else the
+        TCP peer."""
+        fwd = forwarded_for(params)
         if fwd is not None:
             src = self.store.workload_by_ip(fwd[0])
             if src is not None and workload_identity(src, self.trust_domain) == req.peer_identity:
-                return fwd
-        return peer
+                return fwd, src
+        return peer, self.store.workload_by_ip(peer[0])
 
     async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, local_ip: str, peer: Address) -> None:
         try:
@@ -210,14 +211,15 @@ class InboundProxy(_Common):
             self.metrics.error("inbound", "self_call")
             await _respond(req, 400)
             return
-        client = self._client_address(req, peer)
+        params = forwarded(req.headers)
+        client, src = self._client(req, params, peer)
         report = self.access_log.start(
             "inbound",
             client,
             dst,
-            src=self.store.workload_by_ip(client[0]),
+            src=src,
             dst=wl,
-            service=destination_service(self.store, wl, dst[1], forwarded(req.headers).get("host")),
+            service=destination_service(self.store, wl, dst[1], params.get("host")),
             src_identity=req.peer_identity,
             dst_identity=ident,
             mtls=True,

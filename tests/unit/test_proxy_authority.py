@@ -80,7 +80,7 @@ def test_validate_authority(authority: str, local: str, ok: bool) -> None:
     ],
 )
 def test_forwarded_for(headers: list[tuple[str, str]], addr: tuple[str, int] | None) -> None:
-    assert forwarded_for(headers) == addr
+    assert forwarded_for(forwarded(headers)) == addr
 
 
 def test_forwarded_params() -> None:

@@ -690,10 +690,10 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             # newer read (reading stays paused while they are pending).
             self._pending, stream._early_rest = stream._early_rest, None
             self.on_writable()
+        # No read here: the outbound path took the client's first bytes with the CONNECT and an upstream pod was
+        # just dialed, so a read now is nearly always EAGAIN (a syscall and an exception per connection on each
+        # side); anything that did arrive is reported by the poll that follows this callback.
         self._update_reading()
-        if self._reader.watching:
-            # The client usually wrote while the CONNECT was answered: read it now, not a loop turn later.
-            self._on_readable()
 
     # TCP side
 

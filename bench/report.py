@@ -9,7 +9,7 @@ from typing import Any
 from bench import plots, stats
 from bench.measures import MAX_ATTEMPTS
 from bench.options import ALL_CONFIGS
-from bench.stats import added, paired_ratio, ratio
+from bench.stats import added, paired_difference, paired_ratio, ratio
 
 STATUS_MARK = {"met": "**met**", "not met": "**NOT MET**", "not measured": "not measured"}
 
@@ -190,6 +190,55 @@ def _connect(results: dict[str, Any]) -> list[str]:
         "inverse of the mean.",
         "",
         *_table(header, rows),
+        "",
+    ]
+
+
+# Each step adds one layer to the one before it, so the gap to Envoy reads as where it comes from.
+_STEPS = (
+    ("ambit-tunnel", "pytls", "HTTP/2 CONNECT framing and pooling, over a bare Python mTLS relay"),
+    ("ambit-cross", "ambit-tunnel", "capture, routing, policy, telemetry and the workload store, over the bare pair"),
+    ("ambit-cross", "envoy", "Ambit against the Envoy HBONE pair (the gap the targets ask to close)"),
+)
+_STEP_FIGURES = (
+    ("1 B echo: added p50 us", "lat1", "p50", 1),
+    ("new connection: added p50 us", "conn", "p50", 0),
+    ("proxy CPU us/request", "lat1", "cpu_us_per_req", 1),
+    ("proxy CPU us/connection", "conn", "cpu_us_per_req", 0),
+    ("proxy CPU-s/GB", "tput1", "cpu_s_per_gb", 2),
+)
+
+
+def _signed(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:+,.{digits}f}"
+
+
+def _steps(results: dict[str, Any]) -> list[str]:
+    """Same-round differences between configurations that differ by one layer. `pytls` opens a TLS connection per
+    user connection (no pool), so its new-connection figures are no floor for a pooled tunnel and are left out."""
+    rows = []
+    for config, base, what in _STEPS:
+        cells = [
+            _signed(
+                None
+                if base == "pytls" and measure == "conn"
+                else paired_difference(results, config, base, measure, metric),
+                digits,
+            )
+            for _, measure, metric, digits in _STEP_FIGURES
+        ]
+        if any(cell != "-" for cell in cells):
+            rows.append([f"{config} - {base}", what, *cells])
+    if not rows:
+        return []
+    header = ["step", "what it adds", *(title for title, *_ in _STEP_FIGURES)]
+    return [
+        "## Where the overhead comes from",
+        "",
+        "Medians over rounds of the same-round difference between two configurations; a positive number is what the "
+        "first costs more than the second.",
+        "",
+        *_table(header, rows, text_columns=2),
         "",
     ]
 
@@ -386,6 +435,7 @@ def render(results: dict[str, Any], images: dict[str, str]) -> str:
         *_latency(results, "lat1", "1 B"),
         *_latency(results, "lat1k", "1 KiB"),
         *_connect(results),
+        *_steps(results),
         *_proxies(results),
         *_config_scale(results),
         *_machine(results),

@@ -89,8 +89,13 @@ def paired_ratio(results: dict[str, Any], config: str, base: str, measure: str, 
     return statistics.median(values) if values else None
 
 
-def added(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
-    """Latency a configuration adds over the no-mesh baseline: median over rounds of the same-round difference."""
-    a, b = _per_round(results, config, measure, metric), _per_round(results, "nomesh", measure, metric)
+def paired_difference(results: dict[str, Any], config: str, base: str, measure: str, metric: str) -> float | None:
+    """Median over rounds of config - base measured in the same round; None unless both have that number."""
+    a, b = _per_round(results, config, measure, metric), _per_round(results, base, measure, metric)
     values = [a[r] - b[r] for r in a.keys() & b.keys()]
     return statistics.median(values) if values else None
+
+
+def added(results: dict[str, Any], config: str, measure: str, metric: str) -> float | None:
+    """Latency a configuration adds over the no-mesh baseline."""
+    return paired_difference(results, config, "nomesh", measure, metric)

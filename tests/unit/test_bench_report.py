@@ -149,3 +149,29 @@ def test_same_node_target_is_judged_against_the_same_node_baseline_only() -> Non
     text = report.render(results, {})
     assert f"| {name} | >= 0.60x | 0.70x | **met** |" in text
     assert "| nomesh-same | 714 | 0.71x |" in text
+
+
+def test_overhead_steps_are_same_round_differences_between_neighbouring_layers() -> None:
+    results = _results(
+        {
+            "nomesh": [_round(0, 1000, 40), _round(1, 1000, 40)],
+            "envoy": [_round(0, 500, 200), _round(1, 500, 210)],
+            "pytls": [_round(0, 500, 180), _round(1, 500, 190)],
+            "ambit-tunnel": [_round(0, 450, 250), _round(1, 450, 250)],
+            "ambit-cross": [_round(0, 450, 270), _round(1, 450, 290)],
+        }
+    )
+    results["targets"] = targets.evaluate(results)
+    text = report.render(results, {})
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if " - " in line[:30]}
+    # 1 B p50: tunnel - pytls = 70 and 60 (median 65); new connection: not comparable with a per-connection handshake
+    assert rows["ambit-tunnel - pytls"][2:4] == ["+65.0", "-"]
+    # cross - tunnel: 1 B 20 and 40 (median 30); new connection (p50 x 5) 100 and 200 (median 150)
+    assert rows["ambit-cross - ambit-tunnel"][2:4] == ["+30.0", "+150"]
+    assert rows["ambit-cross - envoy"][2:4] == ["+75.0", "+375"]
+
+
+def test_overhead_steps_are_left_out_when_the_layers_were_not_measured() -> None:
+    results = _results({"nomesh": [_round(0, 1000, 40)], "envoy": [_round(0, 500, 200)]})
+    results["targets"] = targets.evaluate(results)
+    assert "Where the overhead comes from" not in report.render(results, {})

@@ -11,7 +11,6 @@ import ipaddress
 import socket
 from typing import Any
 
-from agent.state import service_key
 from common.spiffe import Identity
 
 HBONE = 1  # istio.workload.TunnelProtocol.HBONE
@@ -49,17 +48,13 @@ def workload_ip(wl: Any, family_of: str | None = None) -> str | None:
     return None
 
 
-def target_port(wl: Any, svc: Any, port: int) -> int:
-    """The port `wl` listens on for `svc`'s `port`: the workload's own mapping, else the service's, else `port`."""
-    plist = wl.services.get(service_key(svc))
-    if plist is not None:
-        for p in plist.ports:
-            if p.service_port == port and p.target_port:
-                return int(p.target_port)
+def service_target_port(svc: Any, port: int) -> int | None:
+    """`svc`'s target port for its port `port`: None when the service does not declare `port` (no upstream, as in
+    ztunnel), 0 for a named port (only endpoints that map it in their own `services` entry can serve it)."""
     for p in svc.ports:
-        if p.service_port == port and p.target_port:
+        if p.service_port == port:
             return int(p.target_port)
-    return port
+    return None
 
 
 def format_address(addr: Address) -> str:

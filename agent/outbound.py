@@ -3,11 +3,11 @@ or plain passthrough.
 
 The routing decision (`route`) is a pure function of the store, so every case is a table test. Order as in
 ztunnel's `build_request`: refuse the agent's own ports; a service VIP is load-balanced over its healthy
-endpoints (service port -> target port), otherwise an IP that is a workload is that workload; an HBONE
-workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or, when both ends are enrolled pods
-on this node, spliced through the kernel after the same policy check the destination agent would make; a
-destination outside the mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that
-decision goes.
+endpoints (service port -> target port; a port the service does not declare has no upstream), otherwise an IP
+that is a workload is that workload; an HBONE workload is reached at `podIP:15008` with `:authority
+podIP:targetPort`, or, when both ends are enrolled pods on this node, spliced through the kernel after the same
+policy check the destination agent would make; a destination outside the mesh gets plain TCP. Waypoints are
+not routed to yet: `route` is where that decision goes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from agent.addressing import (
     Address,
     destination_service,
     format_address,
-    target_port,
+    service_target_port,
     workload_identity,
     workload_ip,
 )
@@ -93,11 +93,15 @@ def route(
     svc = store.service_by_vip(ip)
     wl: Any | None
     if svc is not None:
-        candidates = [
-            (w, target_port(w, svc, port))
-            for w, _ in store.endpoints(svc)
-            if w.status == HEALTHY and workload_ip(w, ip) is not None
-        ]
+        # ztunnel's load_balance: a port the service does not declare has no upstream; an endpoint serves the
+        # port it maps itself, else the service's numeric target port (0 = named: unmapped endpoints can't serve).
+        svc_target = service_target_port(svc, port)
+        candidates = []
+        if svc_target is not None:
+            for w, ep_target in store.endpoints(svc, port):
+                target = ep_target or svc_target
+                if target and w.status == HEALTHY and workload_ip(w, ip) is not None:
+                    candidates.append((w, target))
         if not candidates:
             if svc.load_balancing.mode == LB_PASSTHROUGH:
                 return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)

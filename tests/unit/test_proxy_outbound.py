@@ -133,3 +133,49 @@ def test_headers() -> None:
     assert with_service["forwarded"] == f'for="10.1.0.5:1";host={HOST}'
     assert traceparent() != traceparent()
     assert baggage(wpb.Workload()) == ""
+
+
+# ---- service VIP resolution as ztunnel's find_upstream / load_balance / pick_workload_destination ----------------
+
+
+def resolve(store: WorkloadStore, dst: tuple[str, int], n: int = 1, src: Any = CLIENT) -> Counter[Any]:
+    """How `n` connections to `dst` are routed: (kind, target, authority, workload name, reason) counts."""
+    rng = random.Random(11)
+    out: Counter[Any] = Counter()
+    for _ in range(n):
+        r = route(store, "n1", src, dst, rng=rng)
+        out[(r.kind, r.target, r.authority, r.workload.name if r.workload else None, r.reason)] += 1
+    return out
+
+
+def test_port_missing_from_the_service_is_no_upstream() -> None:
+    """ztunnel: a VIP port the service does not declare has no upstream (NoHealthyUpstream), not the endpoint on
+    that same port."""
+    s = WorkloadStore()
+    populate(s, CLIENT, wl("echo-a", "10.2.0.7", "n2", ports={80: 8080}), service("10.96.0.10"))
+    assert set(resolve(s, ("10.96.0.10", 443))) == {
+        (RouteKind.REJECT, None, None, None, "no_healthy_upstream"),
+    }
+
+
+def test_named_target_port_needs_the_endpoints_own_mapping() -> None:
+    """Service target port 0 is a named port: only endpoints that map it are candidates (ztunnel's
+    build_request_target_port); one without a mapping is filtered out, never reached on the service port."""
+    s = WorkloadStore()
+    populate(
+        s,
+        CLIENT,
+        wl("named", "10.2.0.7", "n2", ports={80: 1234}),
+        wl("unnamed", "10.2.0.8", "n2", ports={8080: 9999}),  # maps another port only
+        service("10.96.0.10", ports={80: 0, 8080: 0}),
+    )
+    assert set(resolve(s, ("10.96.0.10", 80), 40)) == {
+        (RouteKind.HBONE, ("10.2.0.7", 15008), ("10.2.0.7", 1234), "named", ""),
+    }
+    only_unnamed = WorkloadStore()
+    populate(
+        only_unnamed, CLIENT, wl("unnamed", "10.2.0.8", "n2", ports={8080: 9999}), service("10.96.0.10", ports={80: 0})
+    )
+    assert set(resolve(only_unnamed, ("10.96.0.10", 80))) == {
+        (RouteKind.REJECT, None, None, None, "no_healthy_upstream"),
+    }

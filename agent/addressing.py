@@ -16,6 +16,7 @@ from common.spiffe import Identity
 HBONE = 1  # istio.workload.TunnelProtocol.HBONE
 HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
 LB_PASSTHROUGH = 3  # istio.workload.LoadBalancing.Mode.PASSTHROUGH
+LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
 
 Address = tuple[str, int]
 

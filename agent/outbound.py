@@ -2,12 +2,13 @@
 or plain passthrough.
 
 The routing decision (`route`) is a pure function of the store, so every case is a table test. Order as in
-ztunnel's `build_request`: refuse the agent's own ports; a service VIP is load-balanced over its healthy
-endpoints (service port -> target port; a port the service does not declare has no upstream), otherwise an IP
-that is a workload is that workload; an HBONE workload is reached at `podIP:15008` with `:authority
-podIP:targetPort`, or, when both ends are enrolled pods on this node, spliced through the kernel after the same
-policy check the destination agent would make; a destination outside the mesh gets plain TCP. Waypoints are
-not routed to yet: `route` is where that decision goes.
+ztunnel's `build_request`: refuse the agent's own ports; a service VIP in PASSTHROUGH mode goes to the VIP as
+plain TCP, any other VIP is load-balanced over its healthy endpoints (all of them with health policy
+ALLOW_ALL), each at its target port for the service port (a port the service does not declare has no
+upstream); otherwise an IP that is a workload is that workload. An HBONE workload is reached at
+`podIP:15008` with `:authority podIP:targetPort`, or, when both ends are enrolled pods on this node, spliced
+through the kernel after the same policy check the destination agent would make; a destination outside the
+mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that decision goes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from agent.addressing import (
     AGENT_PORTS,
     HBONE,
     HEALTHY,
+    LB_ALLOW_ALL,
     LB_PASSTHROUGH,
     Address,
     destination_service,
@@ -95,16 +97,18 @@ def route(
     if svc is not None:
         # ztunnel's load_balance: a port the service does not declare has no upstream; an endpoint serves the
         # port it maps itself, else the service's numeric target port (0 = named: unmapped endpoints can't serve).
+        lb = svc.load_balancing
+        if lb.mode == LB_PASSTHROUGH:  # no endpoint selection at all: the original destination, as plain TCP
+            return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
         svc_target = service_target_port(svc, port)
+        any_health = lb.health_policy == LB_ALLOW_ALL
         candidates = []
         if svc_target is not None:
             for w, ep_target in store.endpoints(svc, port):
                 target = ep_target or svc_target
-                if target and w.status == HEALTHY and workload_ip(w, ip) is not None:
+                if target and (any_health or w.status == HEALTHY) and workload_ip(w, ip) is not None:
                     candidates.append((w, target))
         if not candidates:
-            if svc.load_balancing.mode == LB_PASSTHROUGH:
-                return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
         wl, port = (rng or random).choice(candidates)
         ip = workload_ip(wl, ip) or ip

@@ -179,3 +179,27 @@ def test_named_target_port_needs_the_endpoints_own_mapping() -> None:
     assert set(resolve(only_unnamed, ("10.96.0.10", 80))) == {
         (RouteKind.REJECT, None, None, None, "no_healthy_upstream"),
     }
+
+
+def test_passthrough_service_is_never_load_balanced() -> None:
+    """LoadBalancing PASSTHROUGH: no endpoint selection at all, plain TCP to the original destination, even with
+    healthy endpoints (ztunnel's find_upstream returns OriginalDestination before looking at them)."""
+    s = WorkloadStore()
+    mode = wpb.LoadBalancing.PASSTHROUGH
+    populate(s, CLIENT, wl("echo-a", "10.2.0.7", "n2", ports={80: 8080}), service("10.96.0.10", mode=mode))
+    assert set(resolve(s, ("10.96.0.10", 80), 20)) == {
+        (RouteKind.PASSTHROUGH, ("10.96.0.10", 80), None, None, ""),
+    }
+
+
+def test_health_policy_allow_all_includes_unhealthy_endpoints() -> None:
+    s = WorkloadStore()
+    svc = service("10.96.0.10")
+    svc.load_balancing.health_policy = wpb.LoadBalancing.ALLOW_ALL
+    populate(s, CLIENT, wl("echo-sick", "10.2.0.9", "n2", ports={80: 8080}, status=wpb.UNHEALTHY), svc)
+    assert set(resolve(s, ("10.96.0.10", 80))) == {
+        (RouteKind.HBONE, ("10.2.0.9", 15008), ("10.2.0.9", 8080), "echo-sick", ""),
+    }
+    svc.load_balancing.health_policy = wpb.LoadBalancing.ONLY_HEALTHY
+    populate(s, svc)
+    assert set(resolve(s, ("10.96.0.10", 80))) == {(RouteKind.REJECT, None, None, None, "no_healthy_upstream")}

@@ -17,6 +17,8 @@ HBONE = 1  # istio.workload.TunnelProtocol.HBONE
 HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
 LB_PASSTHROUGH = 3  # istio.workload.LoadBalancing.Mode.PASSTHROUGH
 LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
+IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
+HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK
 
 Address = tuple[str, int]
 
@@ -40,13 +42,27 @@ def workload_ips(wl: Any) -> list[str]:
     return out
 
 
-def workload_ip(wl: Any, family_of: str | None = None) -> str | None:
-    """The workload's first address, of the same family as `family_of` when given."""
-    want_v6 = family_of is not None and ":" in family_of
-    for ip in workload_ips(wl):
-        if family_of is None or (":" in ip) == want_v6:
-            return ip
-    return None
+def endpoint_address(wl: Any, want_v6: bool, families: int) -> bytes | None:
+    """The packed address to reach service endpoint `wl` at, as ztunnel's pick_workload_destination: one the
+    service's `ip_families` allow, of the family the client used (`want_v6`) when the endpoint has one, else its
+    first allowed one; None when it has no allowed address. Family by length: no text per endpoint."""
+    other = None
+    for raw in wl.addresses:
+        size = len(raw)
+        if size != 4 and size != 16:
+            continue
+        v6 = size == 16
+        if (families == IPV4_ONLY and v6) or (families == IPV6_ONLY and not v6):
+            continue
+        if v6 == want_v6:
+            return bytes(raw)
+        if other is None:
+            other = bytes(raw)
+    return other
+
+
+def ip_text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed)
 
 
 def service_target_port(svc: Any, port: int) -> int | None:

@@ -30,10 +30,11 @@ from agent.addressing import (
     LB_PASSTHROUGH,
     Address,
     destination_service,
+    endpoint_address,
     format_address,
+    ip_text,
     service_target_port,
     workload_identity,
-    workload_ip,
 )
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
@@ -95,23 +96,27 @@ def route(
     svc = store.service_by_vip(ip)
     wl: Any | None
     if svc is not None:
-        # ztunnel's load_balance: a port the service does not declare has no upstream; an endpoint serves the
-        # port it maps itself, else the service's numeric target port (0 = named: unmapped endpoints can't serve).
         lb = svc.load_balancing
         if lb.mode == LB_PASSTHROUGH:  # no endpoint selection at all: the original destination, as plain TCP
             return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
+        # ztunnel's load_balance: a port the service does not declare has no upstream; an endpoint serves the
+        # port it maps itself, else the service's numeric target port (0 = named: unmapped endpoints can't serve).
         svc_target = service_target_port(svc, port)
         any_health = lb.health_policy == LB_ALLOW_ALL
+        want_v6 = ":" in ip
         candidates = []
         if svc_target is not None:
             for w, ep_target in store.endpoints(svc, port):
                 target = ep_target or svc_target
-                if target and (any_health or w.status == HEALTHY) and workload_ip(w, ip) is not None:
-                    candidates.append((w, target))
+                if not target or not (any_health or w.status == HEALTHY):
+                    continue
+                addr = endpoint_address(w, want_v6, svc.ip_families)
+                if addr is not None:
+                    candidates.append((w, addr, target))
         if not candidates:
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
-        wl, port = (rng or random).choice(candidates)
-        ip = workload_ip(wl, ip) or ip
+        wl, addr, port = (rng or random).choice(candidates)
+        ip = ip_text(addr)
     else:
         wl = store.workload_by_ip(ip)
         if wl is None:

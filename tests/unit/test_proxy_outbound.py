@@ -203,3 +203,39 @@ def test_health_policy_allow_all_includes_unhealthy_endpoints() -> None:
     svc.load_balancing.health_policy = wpb.LoadBalancing.ONLY_HEALTHY
     populate(s, svc)
     assert set(resolve(s, ("10.96.0.10", 80))) == {(RouteKind.REJECT, None, None, None, "no_healthy_upstream")}
+
+
+def dual_service(families: wpb.IPFamilies) -> wpb.Service:
+    svc = service("10.96.0.10", ports={80: 80})
+    svc.addresses.append(wpb.NetworkAddress(address=ip("fd96::10")))
+    svc.ip_families = families
+    return svc
+
+
+def test_endpoint_address_follows_the_vip_family_and_the_service_ip_families() -> None:
+    """ztunnel's pick_workload_destination: an address the service's ip_families allow, of the family the client
+    used when the endpoint has one, else the endpoint's other family (ztunnel's service_ip_families)."""
+    dual = wl("dual", "10.2.0.7", "n2", ports={80: 80})
+    dual.addresses.append(ip("fd02::7"))
+    v4only = wl("v4only", "10.2.0.8", "n2", ports={80: 80})
+    cases = [
+        (dual, wpb.IPV6_ONLY, "10.96.0.10", ("fd02::7", 80)),
+        (dual, wpb.IPV4_ONLY, "fd96::10", ("10.2.0.7", 80)),
+        (dual, wpb.DUAL, "10.96.0.10", ("10.2.0.7", 80)),
+        (dual, wpb.DUAL, "fd96::10", ("fd02::7", 80)),
+        (dual, wpb.AUTOMATIC, "fd96::10", ("fd02::7", 80)),
+        (v4only, wpb.DUAL, "fd96::10", ("10.2.0.8", 80)),  # no IPv6 address: its IPv4 one, not "no upstream"
+        (v4only, wpb.IPV6_ONLY, "10.96.0.10", None),  # nothing the service's families allow
+    ]
+    for endpoint, families, vip, authority in cases:
+        s = WorkloadStore()
+        populate(s, CLIENT, endpoint, dual_service(families))
+        r = route(s, "n1", CLIENT, (vip, 80))
+        if authority is None:
+            assert (r.kind, r.reason) == (RouteKind.REJECT, "no_healthy_upstream"), (endpoint.name, families, vip)
+        else:
+            assert (r.kind, r.authority, r.target) == (RouteKind.HBONE, authority, (authority[0], 15008)), (
+                endpoint.name,
+                families,
+                vip,
+            )

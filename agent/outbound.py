@@ -108,7 +108,9 @@ def route(
         if svc_target is not None:
             for w, ep_target in store.endpoints(svc, port):
                 target = ep_target or svc_target
-                if not target or not (any_health or w.status == HEALTHY):
+                # Another network is reachable only through an east-west gateway (double HBONE), which Ambit
+                # does not do: such an endpoint would be a blackhole.
+                if not target or not (any_health or w.status == HEALTHY) or w.network != src.network:
                     continue
                 addr = endpoint_address(w, want_v6, svc.ip_families)
                 if addr is not None:
@@ -119,7 +121,8 @@ def route(
         ip = ip_text(addr)
     else:
         wl = store.workload_by_ip(ip)
-        if wl is None:
+        # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
+        if wl is None or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:

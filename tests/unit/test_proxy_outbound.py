@@ -239,3 +239,15 @@ def test_endpoint_address_follows_the_vip_family_and_the_service_ip_families() -
                 families,
                 vip,
             )
+
+
+def test_other_networks_are_not_reachable_without_a_gateway() -> None:
+    """Ambit has no east-west gateways (double HBONE): an endpoint on another network is never picked, and a
+    workload address looked up from this network is not one on another network (ztunnel keys by network/IP)."""
+    s = WorkloadStore()
+    remote = wl("remote", "10.2.0.7", "n2", ports={80: 8080}, network="west")
+    populate(s, CLIENT, remote, wl("near", "10.2.0.8", "n2", ports={80: 8080}), service("10.96.0.10"))
+    assert set(resolve(s, ("10.96.0.10", 80), 30)) == {
+        (RouteKind.HBONE, ("10.2.0.8", 15008), ("10.2.0.8", 8080), "near", ""),
+    }
+    assert set(resolve(s, ("10.2.0.7", 8080))) == {(RouteKind.PASSTHROUGH, ("10.2.0.7", 8080), None, None, "")}

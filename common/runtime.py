@@ -10,12 +10,42 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import sys
 import threading
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, NoReturn
 
+from common.log import kv
+
+log = logging.getLogger(__name__)
+
 EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def raise_open_files_limit(nr_open: Path = Path("/proc/sys/fs/nr_open")) -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit, as ztunnel does when it starts; (before, after).
+
+    A proxy holds two descriptors per connection it carries (a pipe pair more on the same-node path), and container
+    runtimes still start processes with a soft limit of 1024, which caps a node's agent at a few hundred
+    connections. An unlimited hard limit is capped at the kernel's per-process maximum (fs.nr_open).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        try:
+            target = int(nr_open.read_text())
+        except (OSError, ValueError):
+            return soft, soft
+    if target <= soft:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        log.warning("cannot raise the open files limit", extra=kv(soft=soft, hard=hard, error=str(e)))
+        return soft, soft
+    return soft, target
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -30,6 +60,9 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(main: Callable[[], Coroutine[Any, Any, int]], event_loop: str) -> NoReturn:
     """Exit with ``main()``'s return code; Ctrl-C ends quietly (the service's own signal handler drains first)."""
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("open files limit raised", extra=kv(before=before, after=after))
     code = 130
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
         code = runner.run(main())

@@ -26,6 +26,7 @@ from agent.addressing import (
     AGENT_PORTS,
     HBONE,
     HEALTHY,
+    HOST_NETWORK,
     LB_ALLOW_ALL,
     LB_PASSTHROUGH,
     Address,
@@ -121,8 +122,9 @@ def route(
         ip = ip_text(addr)
     else:
         wl = store.workload_by_ip(ip)
-        # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
-        if wl is None or wl.network != src.network:
+        # As ztunnel's lookup by network/IP, which never indexes host-network pods (they share the node's IP):
+        # those and workloads of another network do not own this address.
+        if wl is None or wl.network_mode == HOST_NETWORK or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:

@@ -251,3 +251,16 @@ def test_other_networks_are_not_reachable_without_a_gateway() -> None:
         (RouteKind.HBONE, ("10.2.0.8", 15008), ("10.2.0.8", 8080), "near", ""),
     }
     assert set(resolve(s, ("10.2.0.7", 8080))) == {(RouteKind.PASSTHROUGH, ("10.2.0.7", 8080), None, None, "")}
+
+
+def test_host_network_workload_is_not_the_owner_of_its_ip() -> None:
+    """Host-network pods share the node's IP: a connection to that IP is passthrough to the node, not attributed
+    to (or tunnelled to) whichever of them arrived last (ztunnel's build_request_host_network); behind a service
+    the endpoint itself is still used."""
+    s = WorkloadStore()
+    hostnet = wl("hostnet", "10.2.0.1", "n2", ports={80: 8080}, hbone=False, network_mode=wpb.HOST_NETWORK)
+    populate(s, CLIENT, hostnet, service("10.96.0.10"))
+    assert set(resolve(s, ("10.2.0.1", 22))) == {(RouteKind.PASSTHROUGH, ("10.2.0.1", 22), None, None, "")}
+    assert set(resolve(s, ("10.96.0.10", 80))) == {
+        (RouteKind.PASSTHROUGH, ("10.2.0.1", 8080), None, "hostnet", ""),
+    }

@@ -97,29 +97,12 @@ def route(
     svc = store.service_by_vip(ip)
     wl: Any | None
     if svc is not None:
-        lb = svc.load_balancing
-        if lb.mode == LB_PASSTHROUGH:  # no endpoint selection at all: the original destination, as plain TCP
+        if svc.load_balancing.mode == LB_PASSTHROUGH:  # no endpoint selection: the original destination, plain TCP
             return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
-        # ztunnel's load_balance: a port the service does not declare has no upstream; an endpoint serves the
-        # port it maps itself, else the service's numeric target port (0 = named: unmapped endpoints can't serve).
-        svc_target = service_target_port(svc, port)
-        any_health = lb.health_policy == LB_ALLOW_ALL
-        want_v6 = ":" in ip
-        candidates = []
-        if svc_target is not None:
-            for w, ep_target in store.endpoints(svc, port):
-                target = ep_target or svc_target
-                # Another network is reachable only through an east-west gateway (double HBONE), which Ambit
-                # does not do: such an endpoint would be a blackhole.
-                if not target or not (any_health or w.status == HEALTHY) or w.network != src.network:
-                    continue
-                addr = endpoint_address(w, want_v6, svc.ip_families)
-                if addr is not None:
-                    candidates.append((w, addr, target))
-        if not candidates:
+        picked = _pick_endpoint(store, src, svc, dst, rng or random)
+        if picked is None:
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
-        wl, addr, port = (rng or random).choice(candidates)
-        ip = ip_text(addr)
+        wl, ip, port = picked
     else:
         wl = store.workload_by_ip(ip)
         # As ztunnel's lookup by network/IP, which never indexes host-network pods (they share the node's IP):
@@ -132,6 +115,53 @@ def route(
     if config.same_node_fast_path and wl.node == node and src.node == node:
         return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
     return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
+
+
+_Candidate = tuple[Any, bytes, int]  # endpoint workload, packed address, target port
+
+
+def _pick_endpoint(
+    store: WorkloadStore,
+    src: Any,
+    svc: Any,
+    dst: Address,
+    rng: Any,  # random.Random, or the module
+) -> tuple[Any, str, int] | None:
+    """The endpoint, its address and target port for a connection from `src` to `svc`'s VIP `dst`; None when
+    none can take it. As ztunnel's load_balance: a port the service does not declare has no upstream; an
+    endpoint serves the port it maps itself, else the service's numeric target port (0 = named: an endpoint that
+    does not map it cannot serve it); healthy endpoints only unless the health policy is ALLOW_ALL; a random pick
+    weighted by capacity."""
+    svc_target = service_target_port(svc, dst[1])
+    if svc_target is None:
+        return None
+    lb = svc.load_balancing
+    any_health = lb.health_policy == LB_ALLOW_ALL
+    want_v6 = ":" in dst[0]
+    candidates: list[_Candidate] = []
+    weights: list[int] | None = None  # only once some endpoint has a capacity other than the default 1
+    for w, ep_target in store.endpoints(svc, dst[1]):
+        target = ep_target or svc_target
+        # Another network is reachable only through an east-west gateway (double HBONE), which Ambit does not
+        # do: such an endpoint would be a blackhole.
+        if not target or not (any_health or w.status == HEALTHY) or w.network != src.network:
+            continue
+        addr = endpoint_address(w, want_v6, svc.ip_families)
+        if addr is None:
+            continue
+        weight = w.capacity.value if w.HasField("capacity") else 1
+        if weight != 1 and weights is None:
+            weights = [1] * len(candidates)
+        if weights is not None:
+            weights.append(weight)
+        candidates.append((w, addr, target))
+    if weights is not None:  # capacity 0 is never picked (ztunnel's choose_weighted)
+        candidates = [c for c, weight in zip(candidates, weights, strict=True) if weight]
+        weights = [weight for weight in weights if weight]
+    if not candidates:
+        return None
+    wl, addr, target = rng.choice(candidates) if weights is None else rng.choices(candidates, weights)[0]
+    return wl, ip_text(addr), target
 
 
 def baggage(wl: Any) -> str:

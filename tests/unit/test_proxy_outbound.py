@@ -264,3 +264,16 @@ def test_host_network_workload_is_not_the_owner_of_its_ip() -> None:
     assert set(resolve(s, ("10.96.0.10", 80))) == {
         (RouteKind.PASSTHROUGH, ("10.2.0.1", 8080), None, "hostnet", ""),
     }
+
+
+def test_endpoints_are_weighted_by_capacity() -> None:
+    """ztunnel picks endpoints weighted by `capacity` (unset = 1; 0 = never, e.g. a WorkloadEntry weight 0)."""
+    s = WorkloadStore()
+    big = wl("big", "10.2.0.7", "n2", ports={80: 8080})
+    big.capacity.value = 3
+    off = wl("off", "10.2.0.9", "n2", ports={80: 8080})
+    off.capacity.value = 0
+    populate(s, CLIENT, big, wl("one", "10.2.0.8", "n2", ports={80: 8080}), off, service("10.96.0.10"))
+    seen = Counter(key[3] for key in resolve(s, ("10.96.0.10", 80), 800).elements())
+    assert set(seen) == {"big", "one"}
+    assert 2.2 < seen["big"] / seen["one"] < 4.0  # 3:1 (600:200 expected; fixed seed)

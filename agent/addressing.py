@@ -15,7 +15,7 @@ from common.spiffe import Identity
 
 HBONE = 1  # istio.workload.TunnelProtocol.HBONE
 HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
-LB_PASSTHROUGH = 3  # istio.workload.LoadBalancing.Mode.PASSTHROUGH
+LB_STRICT, LB_FAILOVER, LB_PASSTHROUGH = 1, 2, 3  # istio.workload.LoadBalancing.Mode
 LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
 IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
 HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK

@@ -28,7 +28,9 @@ from agent.addressing import (
     HEALTHY,
     HOST_NETWORK,
     LB_ALLOW_ALL,
+    LB_FAILOVER,
     LB_PASSTHROUGH,
+    LB_STRICT,
     Address,
     destination_service,
     endpoint_address,
@@ -130,8 +132,8 @@ def _pick_endpoint(
     """The endpoint, its address and target port for a connection from `src` to `svc`'s VIP `dst`; None when
     none can take it. As ztunnel's load_balance: a port the service does not declare has no upstream; an
     endpoint serves the port it maps itself, else the service's numeric target port (0 = named: an endpoint that
-    does not map it cannot serve it); healthy endpoints only unless the health policy is ALLOW_ALL; a random pick
-    weighted by capacity."""
+    does not map it cannot serve it); healthy endpoints only unless the health policy is ALLOW_ALL; locality
+    ranking in STRICT and FAILOVER modes; a random pick weighted by capacity."""
     svc_target = service_target_port(svc, dst[1])
     if svc_target is None:
         return None
@@ -155,13 +157,59 @@ def _pick_endpoint(
         if weights is not None:
             weights.append(weight)
         candidates.append((w, addr, target))
-    if weights is not None:  # capacity 0 is never picked (ztunnel's choose_weighted)
+    if candidates and (lb.mode == LB_STRICT or lb.mode == LB_FAILOVER):
+        candidates, weights = _closest(src, lb, candidates, weights)
+    if weights is not None:  # capacity 0 is never picked (after ranking, as ztunnel's choose_weighted)
         candidates = [c for c, weight in zip(candidates, weights, strict=True) if weight]
         weights = [weight for weight in weights if weight]
     if not candidates:
         return None
     wl, addr, target = rng.choice(candidates) if weights is None else rng.choices(candidates, weights)[0]
     return wl, ip_text(addr), target
+
+
+def _closest(
+    src: Any, lb: Any, candidates: list[_Candidate], weights: list[int] | None
+) -> tuple[list[_Candidate], list[int] | None]:
+    """ztunnel's locality ranking for STRICT and FAILOVER: an endpoint's rank is how many of the service's
+    routing preferences it shares with the source, counted in order up to the first mismatch (a leading NETWORK
+    preference counts as all of them when it matches, and is skipped when it does not); STRICT keeps only
+    endpoints matching every preference, and the best rank wins."""
+    prefs = list(lb.routing_preference)
+    network_first = bool(prefs) and prefs[0] == _NETWORK
+    best = -1
+    ranked: list[tuple[int, int]] = []  # (rank, index)
+    for i, (w, _, _) in enumerate(candidates):
+        rank = adjust = 0
+        for scope in prefs:
+            if scope == _NETWORK:
+                match = src.network == w.network
+                if network_first:
+                    if not match:
+                        continue
+                    adjust = len(prefs) - 1
+            else:
+                match = _SCOPES[scope](src, w) if scope in _SCOPES else False
+            if not match:
+                break
+            rank += 1
+        if lb.mode == LB_STRICT and rank != len(prefs):
+            continue
+        rank += adjust
+        ranked.append((rank, i))
+        best = max(best, rank)
+    keep = [i for rank, i in ranked if rank == best]
+    return [candidates[i] for i in keep], None if weights is None else [weights[i] for i in keep]
+
+
+_NETWORK = 6  # istio.workload.LoadBalancing.Scope.NETWORK
+_SCOPES = {  # the other istio.workload.LoadBalancing.Scope values
+    1: lambda a, b: a.locality.region == b.locality.region,
+    2: lambda a, b: a.locality.zone == b.locality.zone,
+    3: lambda a, b: a.locality.subzone == b.locality.subzone,
+    4: lambda a, b: a.node == b.node,
+    5: lambda a, b: a.cluster_id == b.cluster_id,
+}
 
 
 def baggage(wl: Any) -> str:

@@ -277,3 +277,48 @@ def test_endpoints_are_weighted_by_capacity() -> None:
     seen = Counter(key[3] for key in resolve(s, ("10.96.0.10", 80), 800).elements())
     assert set(seen) == {"big", "one"}
     assert 2.2 < seen["big"] / seen["one"] < 4.0  # 3:1 (600:200 expected; fixed seed)
+
+
+def locality_store(mode: wpb.LoadBalancing.Mode, *prefs: wpb.LoadBalancing.Scope) -> tuple[WorkloadStore, Any]:
+    client = pod_workload(
+        "sleep-1", "client", "10.1.0.5", sa="sleep", node="n1", locality=wpb.Locality(region="r1", zone="z1")
+    )
+    svc = service("10.96.0.10")
+    svc.load_balancing.mode = mode
+    svc.load_balancing.routing_preference.extend(prefs)
+    s = WorkloadStore()
+    populate(
+        s,
+        client,
+        svc,
+        wl("same-zone", "10.2.0.7", "n2", ports={80: 8080}, locality=wpb.Locality(region="r1", zone="z1")),
+        wl("same-region", "10.2.0.8", "n3", ports={80: 8080}, locality=wpb.Locality(region="r1", zone="z2")),
+        wl("far", "10.2.0.9", "n4", ports={80: 8080}, locality=wpb.Locality(region="r2", zone="z1")),
+    )
+    return s, client
+
+
+def names(store: WorkloadStore, client: Any, n: int = 60) -> set[str | None]:
+    return {
+        key[3] if key[0] is not RouteKind.REJECT else key[4] for key in resolve(store, ("10.96.0.10", 80), n, client)
+    }
+
+
+def test_failover_prefers_the_closest_endpoints() -> None:
+    """FAILOVER: only the endpoints matching most of the routing preferences, in order (ztunnel's rank)."""
+    s, client = locality_store(wpb.LoadBalancing.FAILOVER, wpb.LoadBalancing.REGION, wpb.LoadBalancing.ZONE)
+    assert names(s, client) == {"same-zone"}
+    s.apply("type.googleapis.com/istio.workload.Address", {}, removed=["Kubernetes//Pod/server/same-zone"])
+    assert names(s, client) == {"same-region"}
+    s.apply("type.googleapis.com/istio.workload.Address", {}, removed=["Kubernetes//Pod/server/same-region"])
+    assert names(s, client) == {"far"}  # failover: a mismatch is still better than nothing
+
+
+def test_strict_requires_every_routing_preference() -> None:
+    """STRICT (e.g. internalTrafficPolicy Local = NODE): endpoints matching all preferences, or no upstream."""
+    s, client = locality_store(wpb.LoadBalancing.STRICT, wpb.LoadBalancing.REGION)
+    assert names(s, client) == {"same-zone", "same-region"}
+    s, client = locality_store(wpb.LoadBalancing.STRICT, wpb.LoadBalancing.NODE)
+    assert names(s, client) == {"no_healthy_upstream"}
+    s, client = locality_store(wpb.LoadBalancing.UNSPECIFIED_MODE, wpb.LoadBalancing.NODE)
+    assert names(s, client) == {"same-zone", "same-region", "far"}  # no mode: preferences are not applied

@@ -258,8 +258,9 @@ class _Stream:
         self.responded = False
 
 
-# Parser states
-_ST_PREFACE, _ST_HEADER, _ST_PAYLOAD, _ST_PADLEN, _ST_DATA, _ST_DEAD = range(6)
+# Parser states. _ST_CONT is _ST_HEADER while a header block awaits its CONTINUATION: a state of its own so that
+# the DATA fast path, which only runs in _ST_HEADER, needs no check of its own for an open header block.
+_ST_PREFACE, _ST_HEADER, _ST_PAYLOAD, _ST_PADLEN, _ST_DATA, _ST_DEAD, _ST_CONT = range(7)
 
 
 @dataclass(slots=True)
@@ -277,6 +278,7 @@ class HboneConnection:
     def __init__(self, *, client: bool, settings: HboneSettings | None = None) -> None:
         self.client = client
         self.settings = settings or HboneSettings()
+        self._max_frame = self.settings.max_frame_size
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
         self._encoder = BlockEncoder()
@@ -536,11 +538,11 @@ class HboneConnection:
     def _whole_data_frame(self, mv: memoryview, pos: int, end: int) -> tuple[int, memoryview, bool] | None:
         """Consume the DATA frame at ``pos`` when it is whole, unpadded, on an open stream and within the
         windows -- the common case, kept to one call. Anything else (or any doubt) returns None untouched."""
-        if end - pos < 9 or self._block is not None:
+        if end - pos < 9:
             return None
         hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
         length = (hi << 16) | lo
-        if ftype != DATA or flags & FLAG_PADDED or end - pos - 9 < length:
+        if ftype != DATA or flags & FLAG_PADDED or end - pos - 9 < length or length > self._max_frame:
             return None
         st = self._streams.get(sid)
         if st is None or st.remote_closed or length > st.recv_window or length > self._conn_recv_window:
@@ -591,7 +593,7 @@ class HboneConnection:
                         continue
                 self._finish_data(events)
                 continue
-            if state == _ST_HEADER:
+            if state in (_ST_HEADER, _ST_CONT):
                 if hbuf:
                     take = min(9 - len(hbuf), end - pos)
                     hbuf += mv[pos : pos + take]
@@ -800,6 +802,8 @@ class HboneConnection:
         if flags & FLAG_END_HEADERS:
             self._block = None
             self._on_header_block(block, events)
+        else:
+            self._state = _ST_CONT
 
     def _on_continuation(self, payload: memoryview, events: list[Event]) -> None:
         block = self._block
@@ -812,6 +816,8 @@ class HboneConnection:
         if self._flags & FLAG_END_HEADERS:
             self._block = None
             self._on_header_block(block, events)
+        else:
+            self._state = _ST_CONT
 
     def _add_fragment(self, block: _HeaderBlock, fragment: memoryview) -> None:
         block.size += len(fragment)

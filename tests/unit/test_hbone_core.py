@@ -665,3 +665,32 @@ def test_per_stream_headers_are_never_indexed_and_repeated_ones_are() -> None:
     assert len(blocks[-1]) < len(blocks[0]) - len(bag)  # baggage and authority sent by index after the first
     for name in (b"forwarded", b"traceparent"):
         assert name in blocks[-1] and blocks[-1][blocks[-1].index(name) - 2] == 0x10  # never indexed, new name
+
+
+# ---------------------------------------------------------------------------------------------------- review fixes
+
+
+def test_oversized_data_on_an_open_stream_is_a_frame_size_error() -> None:
+    """A DATA frame longer than our SETTINGS_MAX_FRAME_SIZE is a connection FRAME_SIZE_ERROR (RFC 9113 4.2) even
+    when it is whole, unpadded and within the windows (the single-frame fast path)."""
+    for single in (False, True):
+        client, server = pair(server_settings=HboneSettings(max_frame_size=16384))
+        sid = open_tunnel(client, server)
+        wire = memoryview(frame(hbone.DATA, 0, sid, b"x" * 16385))
+        if single:
+            got = server.receive_single_data(wire)
+            assert got is None, "the fast path accepted an oversized frame"
+        events = server.receive_data(wire)
+        assert not any(isinstance(e, DataReceived) for e in events)
+        assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.FRAME_SIZE_ERROR
+
+
+def test_data_between_headers_and_continuation_is_a_protocol_error_on_the_fast_path_too() -> None:
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    block = Encoder().encode([(":method", "CONNECT"), (":authority", "a:1")])
+    assert server.receive_data(frame(hbone.HEADERS, 0, sid + 2, block[:3])) == []
+    wire = memoryview(frame(hbone.DATA, 0, sid, b"x"))
+    assert server.receive_single_data(wire) is None
+    events = server.receive_data(wire)
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.PROTOCOL_ERROR

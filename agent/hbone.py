@@ -853,6 +853,10 @@ class HboneConnection:
             events.append(StreamEnded(sid))
             self._remote_close(st)
             return
+        if sid % 2 == 1 and sid <= self._last_remote_id and end_stream:
+            # A trailer block on a stream already closed, typically one we reset while the peer was finishing it:
+            # frames sent before our RST_STREAM arrived are ignored (RFC 9113 5.1); the block was decoded above.
+            return
         if sid % 2 == 0 or sid <= self._last_remote_id:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"invalid new stream id {sid}")
         self._last_remote_id = sid

@@ -685,6 +685,25 @@ def test_oversized_data_on_an_open_stream_is_a_frame_size_error() -> None:
         assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.FRAME_SIZE_ERROR
 
 
+def test_headers_on_a_stream_the_server_reset_are_ignored() -> None:
+    """Frames the peer sent before it saw our RST_STREAM must be ignored (RFC 9113 5.1), HEADERS included (a
+    trailer block): not a connection error that kills every other stream. The block is still decoded, so the
+    HPACK table stays in sync."""
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    other = open_tunnel(client, server, "10.0.0.3:80")
+    server.reset_stream(sid, ErrorCode.CANCEL)  # crosses the client's trailers on the wire
+    enc = Encoder()
+    trailers = enc.encode([("x-trailer", "t")])
+    events = server.receive_data(frame(hbone.HEADERS, hbone.FLAG_END_HEADERS | hbone.FLAG_END_STREAM, sid, trailers))
+    assert events == [] and not server.closed
+    assert server.stream_is_open(other)
+    # the dynamic table entry the trailer block added is there for later blocks
+    again = enc.encode([("x-trailer", "t")])
+    events = server.receive_data(frame(hbone.HEADERS, hbone.FLAG_END_HEADERS | hbone.FLAG_END_STREAM, sid, again))
+    assert events == [] and not server.closed
+
+
 def test_data_between_headers_and_continuation_is_a_protocol_error_on_the_fast_path_too() -> None:
     client, server = pair()
     sid = open_tunnel(client, server)

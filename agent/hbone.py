@@ -322,9 +322,14 @@ class HboneConnection:
     @property
     def available_streams(self) -> int:
         """How many more streams we may open now (client), per the peer's MAX_CONCURRENT_STREAMS."""
-        if self.closed or self.goaway_received or self.goaway_sent:
+        if self.closed or self.goaway_received or self.goaway_sent or self.stream_ids_exhausted:
             return 0
         return max(0, self.peer_max_concurrent_streams - self._local_streams)
+
+    @property
+    def stream_ids_exhausted(self) -> bool:
+        """True once our last stream id (2^31-1 for a client) is used: new streams need a new connection."""
+        return self._next_stream_id > MAX_STREAM_ID
 
     def send_window(self, stream_id: int) -> int:
         """Bytes :meth:`send_data` would accept on ``stream_id`` now (0 for unknown/closed streams)."""

@@ -956,11 +956,12 @@ class HboneClientConnection:
 
     @property
     def usable(self) -> bool:
-        """False once GOAWAY was received/sent or the connection closed: open no new streams on it."""
+        """False once GOAWAY was received/sent, the stream ids ran out or the connection closed: open no new streams
+        on it (the pool then closes it as soon as its last stream ends)."""
         p = self._proto
         h2 = p.h2
         alive = p.transport is not None and not p.transport.is_closing() and not p.closed.done()
-        return alive and not (h2.goaway_received or h2.goaway_sent or h2.closed)
+        return alive and not (h2.goaway_received or h2.goaway_sent or h2.closed or h2.stream_ids_exhausted)
 
     def set_stream_count_callback(self, cb: Callable[[int], None] | None) -> None:
         """Called with the number of active streams whenever it changes (the pool's idle tracking)."""

@@ -685,6 +685,20 @@ def test_oversized_data_on_an_open_stream_is_a_frame_size_error() -> None:
         assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.FRAME_SIZE_ERROR
 
 
+def test_exhausted_stream_ids_leave_no_stream_capacity() -> None:
+    """After the last client stream id (2^31-1) the connection can open nothing more (RFC 9113 5.1.1): it must
+    say so, so that a pool opens a new connection instead of choosing this one again and again."""
+    client, server = pair()
+    client._next_stream_id = hbone.MAX_STREAM_ID
+    last = client.send_connect("10.0.0.2:80")
+    assert last == hbone.MAX_STREAM_ID
+    assert client.available_streams == 0
+    with pytest.raises(StreamStateError):
+        client.send_connect("10.0.0.2:80")
+    at_server, _ = exchange(client, server)
+    assert [type(e) for e in at_server] == [RequestReceived]
+
+
 def test_headers_on_a_stream_the_server_reset_are_ignored() -> None:
     """Frames the peer sent before it saw our RST_STREAM must be ignored (RFC 9113 5.1), HEADERS included (a
     trailer block): not a connection error that kills every other stream. The block is still decoded, so the

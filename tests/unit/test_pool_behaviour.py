@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.hbone import PREFACE, SETTINGS
+from agent.hbone import MAX_STREAM_ID, PREFACE, SETTINGS
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import HboneConnectError, TunnelConfig, TunnelStats
 from common.spiffe import Identity
@@ -185,3 +185,26 @@ async def test_closed_pool_refuses(mesh: Mesh, server: HboneServer, echo: Backen
     with pytest.raises(HboneConnectError):
         await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])
     assert s.closed
+
+
+async def test_connection_out_of_stream_ids_is_replaced_and_drained(
+    mesh: Mesh, server: HboneServer, echo: Backend
+) -> None:
+    """A connection whose client stream ids ran out (2^31-1 used, RFC 9113 5.1.1) can open no more streams: the
+    pool must open a new connection instead of choosing it again (every later stream failed with 503), and close
+    the old one once its last stream ended."""
+    pool = HboneConnectionPool(stats=TunnelStats())
+    key = mesh.key(server)
+    first = await pool.open_stream(key, mesh.client_ctx, echo.addr, [])
+    [old] = pool._conns[key]
+    old.conn._proto.h2._next_stream_id = MAX_STREAM_ID + 2  # as after ~2^30 streams
+    second = await pool.open_stream(key, mesh.client_ctx, echo.addr, [])
+    assert pool.connections_created == 2
+    assert await roundtrip(second) == b"hello"
+    assert await roundtrip(first) == b"hello"  # the old connection still carries what it had
+    for _ in range(100):
+        if pool.connection_count() == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert pool.connection_count() == 1 and old not in pool._conns[key]
+    await pool.close()

@@ -82,7 +82,8 @@ def format_address(addr: Address) -> str:
 def parse_authority(text: str) -> Address:
     """Parse HBONE's `:authority`; hostnames are refused (only double HBONE uses them, which Ambit does not)."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or len(port_text) > 5:
+    # isascii: headers decode as latin-1, whose "¹²³" are isdigit() yet not int()-able (nor digits to HTTP)
+    if not sep or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise BadAuthority(f"authority {text!r}: expected ip:port")
     port = int(port_text)
     if not 0 < port < 65536:

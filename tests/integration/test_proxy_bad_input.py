@@ -37,10 +37,15 @@ async def tls_to(mesh: Mesh, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader,
 
 
 async def request(mesh: Mesh, headers: list[tuple[str, str]], ident: Identity | None = None) -> str:
-    """Send one HTTP/2 request as the client workload; the response status, or what ended the connection."""
+    """Send one HTTP/2 request as the client workload; the response status, or what ended the connection.
+    Header text goes out as latin-1 bytes (hpack would send UTF-8), so any byte value can be sent."""
     ctx = await mesh.certs.client_context(ident or mesh.identity("client"))
     reader, writer = await tls_to(mesh, ctx)
-    writer.write(PREFACE + frame(SETTINGS, 0, 0, b"") + frame(HEADERS, 0x4, 1, Encoder().encode(headers)))
+    writer.write(
+        PREFACE
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(HEADERS, 0x4, 1, Encoder().encode([(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]))
+    )
     decoder = Decoder()
     try:
         async with asyncio.timeout(10):
@@ -166,4 +171,15 @@ async def test_huge_header_block_is_refused(mesh: Mesh) -> None:
     huge = [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-1']}:8080"), ("x-big", "a" * 200_000)]
     assert await request(mesh, huge) in ("431", "400", "reset", "goaway", "closed")
     assert rejects(mesh) >= 1
+    assert await still_serves(mesh)
+
+
+async def test_non_ascii_digits_are_a_bad_request(mesh: Mesh) -> None:
+    """Header bytes decode as latin-1, where "¹" and "²" are str.isdigit() but not int(): a port made of them is
+    a 400 (counted), and a `forwarded` client address made of them is ignored, not a 503 with a traceback."""
+    pod = mesh.ip["echo-1"]
+    assert await request(mesh, [(":method", "CONNECT"), (":authority", f"{pod}:\u00b9")]) == "400"
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "bad_authority"}) == 1
+    headers = [(":method", "CONNECT"), (":authority", f"{pod}:{ECHO_PORT}"), ("forwarded", 'for="1.2.3.4:\u00b2"')]
+    assert await request(mesh, headers) == "200"
     assert await still_serves(mesh)

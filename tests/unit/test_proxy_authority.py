@@ -30,6 +30,9 @@ BAD = [
     "10.0.0.256:80",
     ":80",
     "10.0.0.1:80 ",
+    "10.0.0.1:\u00b9",  # superscript one: str.isdigit() but not int()-able (latin-1 header bytes decode to it)
+    "10.0.0.1:\uff18\uff10",  # fullwidth "80": int() takes it, an HTTP authority does not
+    "[fd00::1]:\u00b2\u00b3",
 ]
 
 
@@ -74,6 +77,7 @@ def test_validate_authority(authority: str, local: str, ok: bool) -> None:
         ([("forwarded", 'proto=http;for="[fd00::5]:1234"')], ("fd00::5", 1234)),
         ([("forwarded", "for=10.1.0.5:1")], ("10.1.0.5", 1)),
         ([("forwarded", 'for="unknown"')], None),
+        ([("forwarded", 'for="10.1.0.5:\u00b2"')], None),  # a malformed client address is ignored, never raised
         ([("forwarded", 'for="_hidden"')], None),
         ([("baggage", "x=1")], None),
         ([], None),

@@ -285,21 +285,25 @@ class OutboundProxy:
         report = self.access_log.start(
             "outbound", client, r.target, src=src, dst=r.workload, service=r.service, path=r.kind.value
         )
-        if r.kind is RouteKind.HBONE:
-            report.src_identity = workload_identity(src, td)
-            report.dst_identity = workload_identity(r.workload, td)
-            report.mtls = True
-            report.hbone_addr = r.authority
-            await self._hbone(sock, client, src, r, report)
-        elif r.kind is RouteKind.SAME_NODE:
-            report.src_identity = workload_identity(src, td)
-            report.dst_identity = workload_identity(r.workload, td)
-            report.mtls = True
-            await self._same_node(sock, client, r, report)
-        else:
-            if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
+        try:
+            if r.kind is RouteKind.HBONE:
+                report.src_identity = workload_identity(src, td)
                 report.dst_identity = workload_identity(r.workload, td)
-            await self._passthrough(sock, r, report)
+                report.mtls = True
+                report.hbone_addr = r.authority
+                await self._hbone(sock, client, src, r, report)
+            elif r.kind is RouteKind.SAME_NODE:
+                report.src_identity = workload_identity(src, td)
+                report.dst_identity = workload_identity(r.workload, td)
+                report.mtls = True
+                await self._same_node(sock, client, r, report)
+            else:
+                if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
+                    report.dst_identity = workload_identity(r.workload, td)
+                await self._passthrough(sock, r, report)
+        except asyncio.CancelledError:  # at any await (certificate, tunnel, connect, relay): still closed and logged
+            report.finish(error="cancelled")
+            raise
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:
         self.access_log.refused("outbound", client, dst, reason)
@@ -336,11 +340,7 @@ class OutboundProxy:
             report.finish(error=str(e), flags=flags)
             abort(sock)
             return
-        try:
-            result = await relay(sock, stream)
-        except asyncio.CancelledError:
-            report.finish(error="cancelled")
-            raise
+        result = await relay(sock, stream)
         report.finish(result.bytes_up, result.bytes_down, error=result.error)
 
     async def _same_node(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:

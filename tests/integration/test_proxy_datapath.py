@@ -16,6 +16,7 @@ from agent.metrics import sample_value
 from api.istio.security import authorization_pb2 as apb
 from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Mesh
 from tests.support.proxy_echo import connect_from, exchange_socket
+from tests.support.workloads import pod_workload
 
 MB = 1024 * 1024
 
@@ -258,3 +259,33 @@ async def test_metrics_and_access_log_over_http(mesh: Mesh, caplog: pytest.LogCa
     assert logs["access.n2"]["bytes_sent"] == 12345 == logs["access.n1"]["bytes_recv"]
     assert logs["access.n1"]["dst.hbone_addr"] == f"{mesh.ip['echo-1']}:{ECHO_PORT}"
     assert logs["access.n2"]["policy.decision"] == "allow"
+
+
+async def test_outbound_cut_while_the_tunnel_opens_is_closed_and_logged(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outbound connection cancelled while its tunnel is being set up (agent shutdown) is still counted as
+    closed and gets its access-log line, as ztunnel records a connection whatever ends it."""
+    mesh.store.put([pod_workload("hang-1", "server", mesh.ip["stranger"], sa="hang", node="n3")])
+    peers: list[asyncio.StreamWriter] = []
+    # the pod's HBONE port takes the TCP connection and never answers the TLS handshake
+    silent = await asyncio.start_server(lambda _r, w: peers.append(w), mesh.ip["stranger"], 15008)
+    client = await connect_from(mesh.ip["client"], mesh.n1.capture_outbound((mesh.ip["stranger"], ECHO_PORT)))
+    try:
+        for _ in range(500):
+            if peers:
+                break
+            await asyncio.sleep(0.01)
+        assert peers, "the agent never dialled the pod's HBONE port"
+        assert sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total") == 1
+        with caplog.at_level(logging.INFO):
+            await mesh.n1.close()
+        closed = {"reporter": "source", "destination_workload": "hang-1"}
+        assert sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total", closed) == 1
+        lines = [r.fields for r in caplog.records if r.name == "access.n1"]  # type: ignore[attr-defined]
+        assert [line.get("error") for line in lines] == ["cancelled"]
+    finally:
+        client.close()
+        silent.close()
+        for w in peers:
+            w.close()

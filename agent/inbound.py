@@ -174,10 +174,9 @@ class InboundProxy(_Common):
             # A pooled connection outlives config changes: resolve the workload (hence its policies) per stream.
             current = self.local_workload(orig_dst[0])
             if current is None:
-                self.metrics.error("inbound", "unknown_destination")
-                await _respond(req, 503)
+                await self._refuse_stream(req, peer, orig_dst, 503, "unknown_destination")
                 return
-            await self._connect(req, current, ident, orig_dst[0], peer)
+            await self._connect(req, current, ident, orig_dst, peer)
 
         await serve_hbone_connection(
             sock,
@@ -199,17 +198,21 @@ class InboundProxy(_Common):
                 return fwd, src
         return peer, self.store.workload_by_ip(peer[0])
 
-    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, local_ip: str, peer: Address) -> None:
+    async def _refuse_stream(
+        self, req: ConnectRequest, peer: Address, dst: Address, status: int, reason: str, **detail: Any
+    ) -> None:
+        """A CONNECT turned away before policy (ztunnel's early deny): counted by reason, logged, answered."""
+        self.access_log.refused("inbound", peer, dst, reason, authority=req.authority, **detail)
+        await _respond(req, status)
+
+    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, orig_dst: Address, peer: Address) -> None:
         try:
-            dst = validate_authority(req.authority, local_ip)
+            dst = validate_authority(req.authority, orig_dst[0])
         except BadAuthority as e:
-            self.metrics.error("inbound", "bad_authority")
-            log.warning("CONNECT refused", extra=kv(error=str(e), peer=str(req.peer_identity)))
-            await _respond(req, 400)
+            await self._refuse_stream(req, peer, orig_dst, 400, "bad_authority", detail=str(e))
             return
-        if dst[1] in self.config.own_ports:
-            self.metrics.error("inbound", "self_call")
-            await _respond(req, 400)
+        if dst[1] in self.config.own_ports:  # ztunnel: SelfCall while picking the upstream, answered 503
+            await self._refuse_stream(req, peer, dst, 503, "self_call")
             return
         params = forwarded(req.headers)
         client, src = self._client(req, params, peer)

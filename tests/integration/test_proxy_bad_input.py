@@ -4,6 +4,7 @@ connection through the same agent keeps working."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import pytest
 from hpack import Decoder, Encoder
 
 from agent.metrics import sample_value
+from agent.state import ADDRESS_TYPE
 from common import tls
 from common.spiffe import Identity
 from tests.integration.proxy_mesh import ECHO_PORT, Mesh
@@ -107,10 +109,49 @@ async def test_authority_mismatch_is_400(mesh: Mesh) -> None:
     assert await still_serves(mesh)
 
 
-async def test_connect_to_agent_port_is_400(mesh: Mesh) -> None:
-    status = await request(mesh, [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-1']}:15008")])
-    assert status == "400"
+def refusals(caplog: pytest.LogCaptureFixture, agent: str = "n2") -> list[str]:
+    """The `error` of each "connection failed" line the agent's access log wrote."""
+    return [
+        r.fields["error"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == f"access.{agent}" and r.getMessage() == "connection failed"
+    ]
+
+
+async def test_connect_to_agent_port_is_503_and_logged(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    # ztunnel: an illegal (own) port found while picking the upstream is SelfCall, answered 503
+    with caplog.at_level(logging.INFO):
+        status = await request(mesh, [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-1']}:15008")])
+    assert status == "503"
     assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "self_call"}) == 1
+    assert refusals(caplog) == ["self_call"]
+
+
+async def test_every_stream_refusal_is_counted_and_logged(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    pod = mesh.ip["echo-1"]
+    with caplog.at_level(logging.INFO):
+        assert await request(mesh, [(":method", "CONNECT"), (":authority", f"{mesh.ip['echo-2']}:8080")]) == "400"
+        # the pod leaves the store while its pooled connection stays up: later CONNECTs on it find no destination
+        ctx = await mesh.certs.client_context(mesh.identity("client"))
+        reader, writer = await tls_to(mesh, ctx)
+        enc = Encoder()
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        await writer.drain()
+        mesh.store.apply(ADDRESS_TYPE, {}, removed=[mesh.workloads["echo-1"].uid])
+        writer.write(frame(HEADERS, 0x4, 1, enc.encode([(":method", "CONNECT"), (":authority", f"{pod}:8080")])))
+        status = None
+        decoder = Decoder()
+        async with asyncio.timeout(10):
+            while status is None:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                if head[3] == HEADERS:
+                    status = dict(decoder.decode(payload, raw=True))[b":status"].decode()
+        writer.close()
+    assert status == "503"
+    assert refusals(caplog) == ["bad_authority", "unknown_destination"]
+    for reason in ("bad_authority", "unknown_destination"):
+        assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": reason}) == 1
 
 
 async def test_garbage_after_tls(mesh: Mesh) -> None:

@@ -114,7 +114,7 @@ def route(
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:
         return Route(RouteKind.PASSTHROUGH, target=(ip, port), workload=wl, service=svc)
-    if config.same_node_fast_path and wl.node == node and src.node == node:
+    if config.same_node_fast_path and wl.node == node and src.node == node and src.tunnel_protocol == HBONE:
         return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
     return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
 
@@ -274,6 +274,9 @@ class OutboundProxy:
         src = self.store.workload_by_ip(client[0])
         if src is None:
             self._refuse(sock, client, orig_dst, "unknown_source")
+            return
+        if src.node != self.node:  # only this node's pods are captured here: never act for another node's pod
+            self._refuse(sock, client, orig_dst, "source_not_local")
             return
         r = route(self.store, self.node, src, orig_dst, self.config)
         if r.kind is RouteKind.REJECT:

@@ -289,3 +289,14 @@ async def test_outbound_cut_while_the_tunnel_opens_is_closed_and_logged(
         silent.close()
         for w in peers:
             w.close()
+
+
+async def test_source_of_another_node_is_refused(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """Only pods of this node are captured into its outbound listener: a client address that the store places
+    on another node (stale entry, reused or spoofed IP) is refused, not given that remote pod's identity."""
+    captured = mesh.n1.capture_outbound((mesh.ip["echo-2"], ECHO_PORT))
+    with caplog.at_level(logging.INFO):
+        assert await refused(mesh, "echo-1", captured)  # echo-1 lives on n2
+    assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "source_not_local"}) == 1
+    assert sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total") == 0
+    assert (await send(mesh, "client", captured, 10_000)).intact

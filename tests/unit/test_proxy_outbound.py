@@ -322,3 +322,11 @@ def test_strict_requires_every_routing_preference() -> None:
     assert names(s, client) == {"no_healthy_upstream"}
     s, client = locality_store(wpb.LoadBalancing.UNSPECIFIED_MODE, wpb.LoadBalancing.NODE)
     assert names(s, client) == {"same-zone", "same-region", "far"}  # no mode: preferences are not applied
+
+
+def test_same_node_fast_path_needs_an_enrolled_source(store: WorkloadStore) -> None:
+    """The splice stands in for HBONE between two enrolled pods; a source the store does not show as enrolled
+    gets no such shortcut (the tunnel, with its own checks, as for any other destination)."""
+    unenrolled = pod_workload("sleep-2", "client", "10.1.0.6", sa="sleep", node="n1", hbone=False)
+    r = route(store, "n1", unenrolled, ("10.1.0.9", 7000))
+    assert r.kind is RouteKind.HBONE and r.target == ("10.1.0.9", 15008)

@@ -42,6 +42,13 @@ def workload_ips(wl: Any) -> list[str]:
     return out
 
 
+def address_owner(store: Any, ip: str) -> Any | None:
+    """The workload that owns `ip`, as ztunnel's by-address index: a host-network pod shares its node's address
+    (as every other host-network pod of that node does) and owns none."""
+    wl = store.workload_by_ip(ip)
+    return None if wl is None or wl.network_mode == HOST_NETWORK else wl
+
+
 def endpoint_address(wl: Any, want_v6: bool, families: int) -> bytes | None:
     """The packed address to reach service endpoint `wl` at, as ztunnel's pick_workload_destination: one the
     service's `ip_families` allow, of the family the client used (`want_v6`) when the endpoint has one, else its

@@ -26,12 +26,12 @@ from agent.addressing import (
     AGENT_PORTS,
     HBONE,
     HEALTHY,
-    HOST_NETWORK,
     LB_ALLOW_ALL,
     LB_FAILOVER,
     LB_PASSTHROUGH,
     LB_STRICT,
     Address,
+    address_owner,
     destination_service,
     endpoint_address,
     format_address,
@@ -106,10 +106,9 @@ def route(
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
         wl, ip, port = picked
     else:
-        wl = store.workload_by_ip(ip)
-        # As ztunnel's lookup by network/IP, which never indexes host-network pods (they share the node's IP):
-        # those and workloads of another network do not own this address.
-        if wl is None or wl.network_mode == HOST_NETWORK or wl.network != src.network:
+        wl = address_owner(store, ip)
+        # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
+        if wl is None or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:

@@ -14,6 +14,7 @@ from google.protobuf import empty_pb2
 
 from agent.metrics import sample_value
 from api.istio.security import authorization_pb2 as apb
+from api.istio.workload import workload_pb2 as wpb
 from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Mesh
 from tests.support.proxy_echo import connect_from, exchange_socket
 from tests.support.workloads import pod_workload
@@ -300,3 +301,17 @@ async def test_source_of_another_node_is_refused(mesh: Mesh, caplog: pytest.LogC
     assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "source_not_local"}) == 1
     assert sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total") == 0
     assert (await send(mesh, "client", captured, 10_000)).intact
+
+
+async def test_a_host_network_pod_is_not_the_source_at_its_nodes_ip(mesh: Mesh) -> None:
+    """Plaintext from a node address (kubelet probes, host processes) is not attributed to a host-network pod that
+    shares that address (ztunnel never looks host-network pods up by address)."""
+    hostnet = pod_workload("node-exporter", "monitoring", mesh.ip["stranger"], node="n2", hbone=False)
+    hostnet.network_mode = wpb.HOST_NETWORK
+    mesh.store.put([hostnet])
+    plain = mesh.n2.capture_plaintext((mesh.ip["echo-1"], ECHO_PORT))
+    assert (await send(mesh, "stranger", plain, 1000)).intact
+    await mesh.settled()
+    opened = {"reporter": "destination", "destination_workload": "echo"}
+    assert sample_value(mesh.n2.metrics, "istio_tcp_connections_opened_total", opened) == 1
+    assert sample_value(mesh.n2.metrics, "istio_tcp_connections_opened_total", {"source_workload": "unknown"}) == 1

@@ -114,6 +114,8 @@ def route(
     if wl.tunnel_protocol != HBONE:
         return Route(RouteKind.PASSTHROUGH, target=(ip, port), workload=wl, service=svc)
     if config.same_node_fast_path and wl.node == node and src.node == node and src.tunnel_protocol == HBONE:
+        if port in config.own_ports:  # what the destination agent's inbound would refuse (a VIP's target port)
+            return Route(RouteKind.REJECT, workload=wl, service=svc, reason="self_call")
         return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
     return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
 

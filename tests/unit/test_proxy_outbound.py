@@ -330,3 +330,14 @@ def test_same_node_fast_path_needs_an_enrolled_source(store: WorkloadStore) -> N
     unenrolled = pod_workload("sleep-2", "client", "10.1.0.6", sa="sleep", node="n1", hbone=False)
     r = route(store, "n1", unenrolled, ("10.1.0.9", 7000))
     assert r.kind is RouteKind.HBONE and r.target == ("10.1.0.9", 15008)
+
+
+def test_same_node_refuses_an_agent_port_behind_a_service() -> None:
+    """A VIP port whose target is one of the agent's ports: the destination agent refuses that CONNECT
+    (self_call), so the same-node splice, which stands in for it, refuses it too instead of dialling the pod."""
+    store = WorkloadStore()
+    populate(store, CLIENT, wl("local", "10.1.0.9", "n1", ports={80: 15006}), service("10.96.0.20", ports={80: 15006}))
+    r = route(store, "n1", CLIENT, ("10.96.0.20", 80))
+    assert (r.kind, r.reason) == (RouteKind.REJECT, "self_call")
+    r = route(store, "n2", CLIENT, ("10.96.0.20", 80))  # from another node: the destination agent answers it
+    assert r.kind is RouteKind.HBONE and r.authority == ("10.1.0.9", 15006)

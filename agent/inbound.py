@@ -203,7 +203,9 @@ class InboundProxy(_Common):
         self, req: ConnectRequest, peer: Address, dst: Address, status: int, reason: str, **detail: Any
     ) -> None:
         """A CONNECT turned away before policy (ztunnel's early deny): counted by reason, logged, answered."""
-        self.access_log.refused("inbound", peer, dst, reason, authority=req.authority, **detail)
+        self.access_log.refused(
+            "inbound", peer, dst, reason, authority=req.authority, identity=str(req.peer_identity), **detail
+        )
         await _respond(req, status)
 
     async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, orig_dst: Address, peer: Address) -> None:

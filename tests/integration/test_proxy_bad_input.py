@@ -125,6 +125,8 @@ async def test_connect_to_agent_port_is_503_and_logged(mesh: Mesh, caplog: pytes
     assert status == "503"
     assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "self_call"}) == 1
     assert refusals(caplog) == ["self_call"]
+    line = next(r for r in caplog.records if r.name == "access.n2" and r.getMessage() == "connection failed")
+    assert line.fields["identity"] == str(mesh.identity("client"))  # type: ignore[attr-defined]
 
 
 async def test_every_stream_refusal_is_counted_and_logged(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:

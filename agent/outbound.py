@@ -3,12 +3,14 @@ or plain passthrough.
 
 The routing decision (`route`) is a pure function of the store, so every case is a table test. Order as in
 ztunnel's `build_request`: refuse the agent's own ports; a service VIP in PASSTHROUGH mode goes to the VIP as
-plain TCP, any other VIP is load-balanced over its healthy endpoints (all of them with health policy
-ALLOW_ALL), each at its target port for the service port (a port the service does not declare has no
-upstream); otherwise an IP that is a workload is that workload. An HBONE workload is reached at
-`podIP:15008` with `:authority podIP:targetPort`, or, when both ends are enrolled pods on this node, spliced
-through the kernel after the same policy check the destination agent would make; a destination outside the
-mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that decision goes.
+plain TCP, any other VIP is load-balanced as ztunnel's `load_balance` (healthy endpoints, or all with health
+policy ALLOW_ALL, of this network, ranked by locality in STRICT/FAILOVER mode, weighted by capacity), each at
+its target port for the service port (a port the service does not declare has no upstream) and at an address
+of the client's family where the service's ip_families allow; otherwise an IP that a workload of this network
+owns is that workload. An HBONE workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or,
+when both ends are enrolled pods on this node, spliced through the kernel after the same checks the
+destination agent would make; a destination outside the mesh gets plain TCP. Waypoints are not routed to yet:
+`route` is where that decision goes.
 """
 
 from __future__ import annotations

@@ -192,6 +192,11 @@ class _Sink:
     def on_reset(self, reason: str) -> None:
         raise NotImplementedError
 
+    def on_stop_sending(self) -> None:
+        """The peer ended its side and then asked us to stop sending (RST_STREAM NO_ERROR, RFC 9113 8.1): what it
+        sent is complete and must still be delivered; nothing more can go to it."""
+        raise NotImplementedError
+
     def on_writable(self) -> None:
         """Send window or TLS write buffer opened up."""
         raise NotImplementedError
@@ -212,6 +217,7 @@ class HboneStream:
         self._eof = False  # peer's END_STREAM received
         self._local_eof = False  # our END_STREAM sent
         self._reset_reason: str | None = None
+        self._stopped = False  # the reset was the peer's RST_STREAM(NO_ERROR) after its END_STREAM
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[int] | None = None
@@ -226,7 +232,7 @@ class HboneStream:
     async def read(self, max_bytes: int = READ_SIZE) -> bytes:
         """Up to ``max_bytes`` received bytes; ``b""`` after the peer's END_STREAM. Raises HboneStreamReset."""
         while not self._rbuf:
-            if self._reset_reason is not None:
+            if self._reset_reason is not None and not self._stopped:
                 raise HboneStreamReset(self._reset_reason)
             if self._eof:
                 return b""
@@ -314,7 +320,10 @@ class HboneStream:
         for chunk in buffered:
             if sink.on_data([memoryview(chunk)], len(chunk)):
                 self._proto.acknowledge(self.stream_id, len(chunk))
-        if self._reset_reason is not None:
+        if self._stopped:
+            sink.on_eof()
+            sink.on_stop_sending()
+        elif self._reset_reason is not None:
             sink.on_reset(self._reset_reason)
         elif self._eof:
             sink.on_eof()
@@ -335,15 +344,20 @@ class HboneStream:
             self._sink.on_eof()
         self._wake_reader()
 
-    def _on_reset(self, reason: str, retryable: bool = False) -> None:
+    def _on_reset(self, reason: str, retryable: bool = False, stopped: bool = False) -> None:
+        """``stopped``: the peer's RST_STREAM(NO_ERROR) after its END_STREAM, which ends only our sending side."""
         if self._reset_reason is not None:
             return
         self._reset_reason = reason
+        self._stopped = stopped
         self._proto.blocked.discard(self)
         if self._response is not None and not self._response.done():
             self._response.set_exception(HboneConnectError(503, reason, retryable=retryable))
         if self._sink is not None:
-            self._sink.on_reset(reason)
+            if stopped:
+                self._sink.on_stop_sending()
+            else:
+                self._sink.on_reset(reason)
         self._wake_reader()
         self._on_writable()
 
@@ -520,7 +534,11 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             self.flush()
 
     def forget_if_closed(self, st: HboneStream) -> None:
-        if self.streams.get(st.stream_id) is st and not self.h2.stream_is_open(st.stream_id):
+        """Drop ``st`` once it is closed both here and in the core. Both, because the core has parsed the whole
+        read while its events are dispatched one by one: a stream whose END_STREAM and RST_STREAM came in one
+        read is already gone from the core when its StreamEnded is handled, and its StreamReset still has to
+        find it."""
+        if self.streams.get(st.stream_id) is st and st.closed and not self.h2.stream_is_open(st.stream_id):
             del self.streams[st.stream_id]
             self.blocked.discard(st)
             self.stats.streams_closed += 1
@@ -567,7 +585,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             st = streams.get(ev.stream_id)
             if st is not None:
                 refused = ev.remote and ev.error_code == ErrorCode.REFUSED_STREAM
-                st._on_reset(ev.reason or hbone.error_name(ev.error_code), retryable=refused)
+                stopped = ev.remote and ev.error_code == ErrorCode.NO_ERROR and st._eof
+                st._on_reset(ev.reason or hbone.error_name(ev.error_code), retryable=refused, stopped=stopped)
                 self.forget_if_closed(st)
         elif isinstance(ev, hbone.RequestReceived):
             self.on_request(ev)
@@ -774,6 +793,20 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         if self.error is None and not (self._up_done and self._down_done):
             self.error = f"stream reset: {reason}"
         self._close(abortive=True)
+
+    def on_stop_sending(self) -> None:
+        if self._closed:
+            return
+        if self._pending is not None and self.error is None:
+            self.error = "peer stopped reading: unsent bytes dropped"
+        self._pending = None
+        self._up_done = True
+        self._tcp_eof = True  # read no more: there is nowhere to send it
+        self._update_reading()
+        if self._fin_sent:
+            self._maybe_finish()
+        else:
+            self._maybe_send_fin()  # the response is complete: FIN once the backlog is written
 
     def on_writable(self) -> None:
         if self._pending is not None:

@@ -15,6 +15,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from agent.hbone import ErrorCode
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, relay
 from tests.support.hbone_testbed import Backend, HboneServer, digest
@@ -368,3 +369,81 @@ async def test_connection_churn_with_aborts_leaks_nothing(
         assert await tcp_echo_roundtrip(proxy.port, b"still fine") == b"still fine"
     finally:
         await proxy.close()
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.2], ids=["same-read", "later-read"])
+async def test_reset_no_error_after_a_complete_response_keeps_the_response(
+    mesh: Mesh, pool: HboneConnectionPool, gap: float
+) -> None:
+    """RFC 9113 8.1: a server may end its side (END_STREAM) and then ask the client to stop sending with
+    RST_STREAM(NO_ERROR), as Envoy does when the upstream finished first; the client MUST NOT discard the
+    response. The relay must deliver every byte still queued for a slow TCP client and then a FIN, not abort the
+    TCP connection (ztunnel reads such a reset as end of stream)."""
+    payload = os.urandom(3 * 1024 * 1024)  # within the stream window: all of it is sent at once
+
+    async def handler(req: ConnectRequest) -> None:
+        await req.respond(200)
+        stream = req.stream
+        await stream.write(payload)
+        stream.write_eof()
+        if gap:
+            await asyncio.sleep(gap)
+        proto = req._proto
+        proto.h2.reset_stream(req.stream_id, ErrorCode.NO_ERROR)
+        proto.flush()
+
+    server = await HboneServer(mesh.server_ctx, handler=handler).start()
+    proxy = ClientProxy(pool, PoolKey(mesh.client_id, mesh.server_id, server.addr), mesh.client_ctx, "x:1")
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a slow reader: the relay queues
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+        await _wait_for(lambda: bool(server.requests) and server.requests[0].status == 200)
+        await asyncio.sleep(0.3)  # the reset has arrived while most of the response still waits in the relay
+        got = bytearray()
+        async with asyncio.timeout(20):
+            while chunk := await loop.sock_recv(sock, 1 << 16):
+                got += chunk
+        assert len(got) == len(payload) and digest(bytes(got)) == digest(payload)
+        await _wait_for(lambda: len(proxy.results) == 1)
+        result = proxy.results[0]
+        assert result.bytes_down == len(payload) and result.error is None  # type: ignore[attr-defined]
+    finally:
+        sock.close()
+        await proxy.close()
+        await server.close()
+
+
+async def test_reset_in_the_same_read_as_end_stream_still_resets_the_relay(
+    mesh: Mesh, pool: HboneConnectionPool
+) -> None:
+    """END_STREAM and then RST_STREAM(CANCEL) arriving in one read: the reset must still reach the relay (abort,
+    reported as an error), not be lost because the stream had already left the core when END_STREAM was handled
+    (the relay then reported a clean close once the TCP client gave up)."""
+
+    async def handler(req: ConnectRequest) -> None:
+        await req.respond(200)
+        stream = req.stream
+        await stream.write(b"partial answer")
+        stream.write_eof()
+        stream.reset()  # RST_STREAM(CANCEL), flushed with the END_STREAM
+
+    server = await HboneServer(mesh.server_ctx, handler=handler).start()
+    proxy = ClientProxy(pool, PoolKey(mesh.client_id, mesh.server_id, server.addr), mesh.client_ctx, "x:1")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            async with asyncio.timeout(10):
+                while await reader.read(65536):
+                    pass
+        except ConnectionResetError:
+            pass
+        writer.close()
+        await _wait_for(lambda: len(proxy.results) == 1)
+        error = proxy.results[0].error  # type: ignore[attr-defined]
+        assert error is not None and "CANCEL" in error
+    finally:
+        await proxy.close()
+        await server.close()

@@ -53,6 +53,9 @@ from common.spiffe import Identity
 log = logging.getLogger("agent.inbound")
 
 
+HBONE_PORT = 15008  # where the redirect hands connections for podIP:15008 (reported as their destination)
+
+
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     keep_source_address: bool = True
@@ -177,7 +180,7 @@ class InboundProxy(_Common):
             if current is None:
                 await self._refuse_stream(req, peer, orig_dst, 503, "unknown_destination")
                 return
-            await self._connect(req, current, ident, orig_dst, peer)
+            await self._connect(req, current, ident, orig_dst[0], peer)
 
         await serve_hbone_connection(
             sock,
@@ -208,11 +211,11 @@ class InboundProxy(_Common):
         )
         await _respond(req, status)
 
-    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, orig_dst: Address, peer: Address) -> None:
+    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, local_ip: str, peer: Address) -> None:
         try:
-            dst = validate_authority(req.authority, orig_dst[0])
+            dst = validate_authority(req.authority, local_ip)
         except BadAuthority as e:
-            await self._refuse_stream(req, peer, orig_dst, 400, "bad_authority", detail=str(e))
+            await self._refuse_stream(req, peer, (local_ip, HBONE_PORT), 400, "bad_authority", detail=str(e))
             return
         if dst[1] in self.config.own_ports:  # ztunnel: SelfCall while picking the upstream, answered 503
             await self._refuse_stream(req, peer, dst, 503, "self_call")

@@ -38,6 +38,7 @@ MIN_READ_SIZE = 4 * 1024  # idle pooled connections and short exchanges never ne
 # Write-buffer limits on both transports: big enough that a 256 KiB read never trips pause/resume on its own.
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg may take (1024 on Linux)
 
 
 class HboneConnectError(Exception):
@@ -766,7 +767,10 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         sent = 0
         if not self._backlog:  # the common case: the socket takes it all, nothing is kept
             try:
-                sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
+                if len(views) == 1:
+                    sent = self.sock.send(views[0])
+                else:  # at most IOV_MAX buffers per call (EMSGSIZE beyond); the rest waits in the backlog
+                    sent = self.sock.sendmsg(views if len(views) <= _IOV_MAX else views[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:

@@ -15,7 +15,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from agent.hbone import ErrorCode
+from agent.hbone import DataReceived, ErrorCode, HboneConnection, ResponseReceived, StreamEnded, StreamReset
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, relay
 from tests.support.hbone_testbed import Backend, HboneServer, digest
@@ -447,3 +447,42 @@ async def test_reset_in_the_same_read_as_end_stream_still_resets_the_relay(
     finally:
         await proxy.close()
         await server.close()
+
+
+async def test_thousands_of_small_data_frames_in_one_read_reach_the_backend(
+    mesh: Mesh, server: HboneServer, echo: Backend
+) -> None:
+    """A peer may send many tiny DATA frames (an interactive client's keystrokes, queued behind a busy TLS
+    connection) that arrive in one read: the relay must write them all, not pass more than the kernel's
+    IOV_MAX (1024) buffers to one sendmsg, which fails with EMSGSIZE and aborted the stream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=mesh.client_ctx, server_hostname="")
+    conn = HboneConnection(client=True)
+    conn.initiate()
+    sid = conn.send_connect(echo.addr)
+    writer.writelines(conn.data_to_send())
+    events: list[object] = []
+
+    async def pump_until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done():
+                data = await reader.read(1 << 16)
+                assert data, "server closed"
+                for ev in conn.receive_data(data):
+                    events.append(ev)
+                    if isinstance(ev, DataReceived):
+                        conn.acknowledge(sid, len(ev.data))
+                writer.writelines(conn.data_to_send())
+
+    try:
+        await pump_until(lambda: any(isinstance(e, ResponseReceived) for e in events))
+        pieces = [bytes([65 + i % 26]) for i in range(3000)]
+        for piece in pieces:  # one DATA frame each, all in one TLS write
+            assert conn.send_data(sid, piece) == 1
+        conn.end_stream(sid)
+        writer.writelines(conn.data_to_send())
+        await pump_until(lambda: any(isinstance(e, (StreamEnded, StreamReset)) for e in events))
+        echoed = b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived))
+        assert not any(isinstance(e, StreamReset) for e in events)
+        assert echoed == b"".join(pieces)
+    finally:
+        writer.close()

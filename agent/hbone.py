@@ -972,8 +972,8 @@ class HboneConnection:
             if key == S_HEADER_TABLE_SIZE:
                 self._encoder.set_table_size(min(value, 4096))
             elif key == S_ENABLE_PUSH:
-                if value > 1:
-                    raise _ConnError(ErrorCode.PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+                if value > 1 or (value and self.client):  # a server may not enable push (RFC 9113 6.5.2)
+                    raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"ENABLE_PUSH {value} not allowed")
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self.peer_max_concurrent_streams = value
             elif key == S_INITIAL_WINDOW_SIZE:

@@ -727,3 +727,28 @@ def test_data_between_headers_and_continuation_is_a_protocol_error_on_the_fast_p
     assert server.receive_single_data(wire) is None
     events = server.receive_data(wire)
     assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_initial_window_decrease_can_make_a_send_window_negative() -> None:
+    """RFC 9113 6.9.2: a smaller SETTINGS_INITIAL_WINDOW_SIZE can leave an open stream's send window negative;
+    nothing is sent until WINDOW_UPDATEs bring it above zero again."""
+    client, server = pair(server_settings=HboneSettings(stream_window=65535))
+    sid = open_tunnel(client, server)
+    assert client.send_data(sid, b"w" * 60000) == 60000
+    client.data_to_send()  # never delivered: the server has not credited anything yet
+    client.receive_data(settings_frame((hbone.S_INITIAL_WINDOW_SIZE, 16384)))
+    assert client.send_window(sid) == 0 and client.send_data(sid, b"x") == 0  # 16384 - 60000 < 0
+    client.receive_data(frame(hbone.WINDOW_UPDATE, 0, sid, struct.pack(">L", 60000 - 16384)))
+    assert client.send_data(sid, b"x") == 0  # back to exactly zero
+    client.receive_data(frame(hbone.WINDOW_UPDATE, 0, sid, struct.pack(">L", 10)))
+    assert client.send_window(sid) == 10
+
+
+def test_a_server_enabling_push_is_a_protocol_error() -> None:
+    """RFC 9113 6.5.2: a client MUST treat SETTINGS_ENABLE_PUSH = 1 from a server as a PROTOCOL_ERROR."""
+    client, server = pair()
+    events = client.receive_data(settings_frame((hbone.S_ENABLE_PUSH, 1)))
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.PROTOCOL_ERROR
+    # a client announcing 1 is only saying it would accept pushes: fine
+    server.receive_data(settings_frame((hbone.S_ENABLE_PUSH, 1)))
+    assert not server.closed

@@ -2,8 +2,10 @@
 
 HBONE: the eBPF redirect hands us connections for `podIP:15008`, so the accepted socket's local address
 names the destination pod; TLS is terminated with *that* pod's certificate (there is no SNI), and each
-CONNECT is checked like ztunnel's inbound: `:authority` must be `ip:port` of that same pod (400), policy
-must allow the peer identity (401), the pod must accept the connection (503); then 200 and relay.
+CONNECT is checked like ztunnel's inbound: the address must still belong to an enrolled workload of the
+identity the handshake asserted (503: a pooled connection outlives pods, and IPs are reused), `:authority`
+must be `ip:port` of that same pod (400), policy must allow the peer identity (401), the pod must accept the
+connection (503); then 200 and relay.
 
 Plaintext (15006): connections to enrolled pods from outside the mesh. The same policy check with no peer
 identity (STRICT PeerAuthentication arrives as a DENY of "no principal"), then spliced to the pod.
@@ -179,6 +181,9 @@ class InboundProxy(_Common):
             current = self.local_workload(orig_dst[0])
             if current is None:
                 await self._refuse_stream(req, peer, orig_dst, 503, "unknown_destination")
+                return
+            if workload_identity(current, self.trust_domain) != ident:  # the address now belongs to someone else
+                await self._refuse_stream(req, peer, orig_dst, 503, "identity_changed", identity_was=str(ident))
                 return
             await self._connect(req, current, ident, orig_dst[0], peer)
 

@@ -19,6 +19,7 @@ from common.spiffe import Identity
 from tests.integration.proxy_mesh import ECHO_PORT, Mesh
 from tests.support.pki import TestCA
 from tests.support.proxy_echo import connect_from, exchange_socket
+from tests.support.workloads import pod_workload
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, RST_STREAM, SETTINGS, GOAWAY = 1, 3, 4, 7
@@ -226,3 +227,33 @@ async def test_non_ascii_digits_are_a_bad_request(mesh: Mesh) -> None:
     headers = [(":method", "CONNECT"), (":authority", f"{pod}:{ECHO_PORT}"), ("forwarded", 'for="1.2.3.4:\u00b2"')]
     assert await request(mesh, headers) == "200"
     assert await still_serves(mesh)
+
+
+async def test_pod_ip_taken_by_another_identity_is_not_served_on_an_old_connection(mesh: Mesh) -> None:
+    """An HBONE connection's TLS asserted the identity of the pod that had the address at the handshake; once the
+    address belongs to a workload of another identity (pod deleted, IP reused), CONNECTs on that pooled
+    connection are refused (503), never relayed to the new pod under the old pod's name."""
+    pod = mesh.ip["echo-1"]
+    ctx = await mesh.certs.client_context(mesh.identity("client"))
+    reader, writer = await tls_to(mesh, ctx)
+    enc, dec = Encoder(), Decoder()
+
+    async def connect(sid: int) -> str:
+        writer.write(frame(HEADERS, 0x4, sid, enc.encode([(":method", "CONNECT"), (":authority", f"{pod}:8080")])))
+        async with asyncio.timeout(10):
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                if head[3] == HEADERS and int.from_bytes(head[5:9], "big") == sid:
+                    return str(dict(dec.decode(payload, raw=True))[b":status"].decode())
+
+    try:
+        writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+        assert await connect(1) == "200"
+        successor = pod_workload("db-0", "data", pod, sa="db", node="n2")
+        mesh.store.apply(ADDRESS_TYPE, {}, removed=[mesh.workloads["echo-1"].uid])
+        mesh.store.put([successor])
+        assert await connect(3) == "503"
+    finally:
+        writer.close()
+    assert sample_value(mesh.n2.metrics, "ambit_connection_errors_total", {"reason": "identity_changed"}) == 1

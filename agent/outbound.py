@@ -310,6 +310,9 @@ class OutboundProxy:
         except asyncio.CancelledError:  # at any await (certificate, tunnel, connect, relay): still closed and logged
             report.finish(error="cancelled")
             raise
+        except Exception as e:  # a failure nothing above expects: the listener logs it; the record still closes
+            report.finish(error=f"internal error: {e!r}")
+            raise
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:
         self.access_log.refused("outbound", client, dst, reason)

@@ -315,3 +315,22 @@ async def test_a_host_network_pod_is_not_the_source_at_its_nodes_ip(mesh: Mesh) 
     opened = {"reporter": "destination", "destination_workload": "echo"}
     assert sample_value(mesh.n2.metrics, "istio_tcp_connections_opened_total", opened) == 1
     assert sample_value(mesh.n2.metrics, "istio_tcp_connections_opened_total", {"source_workload": "unknown"}) == 1
+
+
+async def test_outbound_internal_error_is_still_closed_and_logged(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure the outbound does not expect (a bug, here injected into the pool) still closes the connection's
+    record: opened and closed stay paired and the access log says what happened."""
+
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(mesh.n1.pool, "open_stream", broken)
+    with caplog.at_level(logging.INFO):
+        assert await refused(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)))
+        await mesh.settled()
+    opened = sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total")
+    assert opened == 1 == sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total")
+    lines = [r.fields for r in caplog.records if r.name == "access.n1"]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and "injected" in lines[0]["error"]

@@ -286,6 +286,9 @@ class InboundProxy(_Common):
                 await _respond(req, 401)
             report.finish(error=late, flags="DENY")
             return
+        except Exception as e:  # a failure nothing above expects: the handler logs it; the record still closes
+            report.finish(error=f"internal error: {e!r}")
+            raise
         finally:
             self.connections.untrack(tracked)
         # relay counts from the TCP socket's view: up = pod -> tunnel (server->client)

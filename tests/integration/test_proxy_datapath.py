@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from google.protobuf import empty_pb2
 
+from agent import inbound as inbound_mod
 from agent.metrics import sample_value
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
@@ -333,4 +334,21 @@ async def test_outbound_internal_error_is_still_closed_and_logged(
     opened = sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total")
     assert opened == 1 == sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total")
     lines = [r.fields for r in caplog.records if r.name == "access.n1"]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and "injected" in lines[0]["error"]
+
+
+async def test_inbound_internal_error_is_still_closed_and_logged(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(inbound_mod, "connect_upstream", broken)
+    with caplog.at_level(logging.INFO):
+        assert await refused(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)))
+        await mesh.settled()
+    sel = {"reporter": "destination"}
+    opened = sample_value(mesh.n2.metrics, "istio_tcp_connections_opened_total", sel)
+    assert opened == 1 == sample_value(mesh.n2.metrics, "istio_tcp_connections_closed_total", sel)
+    lines = [r.fields for r in caplog.records if r.name == "access.n2"]  # type: ignore[attr-defined]
     assert len(lines) == 1 and "injected" in lines[0]["error"]

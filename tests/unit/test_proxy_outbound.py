@@ -341,3 +341,17 @@ def test_same_node_refuses_an_agent_port_behind_a_service() -> None:
     assert (r.kind, r.reason) == (RouteKind.REJECT, "self_call")
     r = route(store, "n2", CLIENT, ("10.96.0.20", 80))  # from another node: the destination agent answers it
     assert r.kind is RouteKind.HBONE and r.authority == ("10.1.0.9", 15006)
+
+
+def test_namespace_visible_service_is_no_service_to_other_namespaces() -> None:
+    """Service visibility NAMESPACE: only clients of the service's namespace see the VIP as a service; for the
+    others it is an address like any other (plain TCP to it), as ztunnel's visibility-filtered VIP lookup."""
+    s = WorkloadStore()
+    svc = service("10.96.0.10")
+    svc.visibility = wpb.Service.NAMESPACE
+    neighbour = pod_workload("tool-1", "server", "10.1.0.6", sa="tool", node="n1")
+    populate(s, CLIENT, neighbour, wl("echo-a", "10.2.0.7", "n2", ports={80: 8080}), svc)
+    assert set(resolve(s, ("10.96.0.10", 80))) == {(RouteKind.PASSTHROUGH, ("10.96.0.10", 80), None, None, "")}
+    assert set(resolve(s, ("10.96.0.10", 80), src=neighbour)) == {
+        (RouteKind.HBONE, ("10.2.0.7", 15008), ("10.2.0.7", 8080), "echo-a", ""),
+    }

@@ -262,7 +262,8 @@ class InboundProxy(_Common):
             try:
                 upstream = await connect_upstream(
                     dst,
-                    source_ip=client[0] if self.config.keep_source_address else None,
+                    # not a pod to itself: its kernel drops a packet from its own address arriving from outside
+                    source_ip=client[0] if self.config.keep_source_address and client[0] != dst[0] else None,
                     connect_timeout=self.config.connect_timeout,
                 )
             except (OSError, TimeoutError) as e:

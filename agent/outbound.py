@@ -378,7 +378,8 @@ class OutboundProxy:
             r.target,
             [report, inbound],
             "outbound",
-            keep_source=self.config.keep_source_address,
+            # not to itself: the pod's kernel drops a packet from its own address arriving from outside (martian)
+            keep_source=self.config.keep_source_address and client[0] != r.target[0],
             connect_timeout=self.config.connect_timeout,
         )
 

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from google.protobuf import empty_pb2
 
+from agent import connections as connections_mod
 from agent import inbound as inbound_mod
 from agent.metrics import sample_value
+from agent.pool import PoolKey
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
 from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Mesh
@@ -352,3 +354,44 @@ async def test_inbound_internal_error_is_still_closed_and_logged(
     assert opened == 1 == sample_value(mesh.n2.metrics, "istio_tcp_connections_closed_total", sel)
     lines = [r.fields for r in caplog.records if r.name == "access.n2"]  # type: ignore[attr-defined]
     assert len(lines) == 1 and "injected" in lines[0]["error"]
+
+
+class _RecordSources:
+    """Wraps a module's connect_upstream, recording the source address each upstream connect asked to keep."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
+        self.sources: list[str | None] = []
+        self._real = module.connect_upstream
+        monkeypatch.setattr(module, "connect_upstream", self)
+
+    async def __call__(self, addr: tuple[str, int], *, source_ip: str | None = None, **kw: Any) -> Any:
+        self.sources.append(source_ip)
+        return await self._real(addr, source_ip=source_ip, **kw)
+
+
+async def test_same_node_hairpin_connects_from_the_node_address(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod reaching itself (through its own service's VIP) cannot be connected to from its own address: the
+    kernel in the pod drops a packet from one of its own addresses arriving on its interface (a martian; the
+    connect times out), where ztunnel's in-pod socket goes over the pod's loopback. Other clients keep theirs."""
+    rec = _RecordSources(monkeypatch, connections_mod)
+    captured = mesh.n1.capture_outbound((mesh.ip["echo-2"], ECHO_PORT))
+    assert (await send(mesh, "echo-2", captured, 5000)).intact  # echo-2 (n1) to itself
+    assert (await send(mesh, "client", captured, 5000)).intact
+    assert rec.sources == [None, mesh.ip["client"]]
+
+
+async def test_inbound_hairpin_connects_from_the_node_address(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a pod tunnelled to itself (same-node fast path off): the inbound side connects to it from
+    the node's address."""
+    rec = _RecordSources(monkeypatch, inbound_mod)
+    pod = mesh.ip["echo-1"]
+    for client in ("echo-1", "client"):  # echo-1 tunnelled to itself (fast path off), then another pod
+        ident = mesh.identity(client)
+        stream = await mesh.n1.pool.open_stream(
+            PoolKey(ident, mesh.identity("echo-1"), (pod, 15008)),
+            await mesh.certs.client_context(ident),
+            f"{pod}:{ECHO_PORT}",
+            [("forwarded", f'for="{mesh.ip[client]}:4321"')],
+        )
+        stream.reset()
+    assert rec.sources == [None, mesh.ip["client"]]

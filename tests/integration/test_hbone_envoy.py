@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from agent.pool import HboneConnectionPool, PoolKey
-from agent.tunnel import HboneConnectError, TunnelStats
+from agent.tunnel import HboneConnectError, RelayResult, TunnelStats, relay
 from bench.certs import CLIENT_ID, SERVER_ID, CertFiles
 from bench.drivers.envoy_pair import CLIENT_ECHO_PORT, HBONE_PORT, client_config, server_config
 from bench.drivers.node_pair import PairAddresses
@@ -207,6 +207,44 @@ async def test_our_client_through_envoy_server(site: Site, echo: Backend) -> Non
         assert pool.connections_created == 1
     finally:
         await pool.close()
+
+
+async def test_our_relay_delivers_a_response_envoy_ends_with_rst_no_error(site: Site) -> None:
+    """An upstream that answers and closes before the client is done: Envoy sends END_STREAM, then
+    RST_STREAM(NO_ERROR) (RFC 9113 8.1: stop sending, keep the response). Our relay must hand the client the
+    whole response and its FIN, though the client reads it only later, not reset it."""
+    # More than the client's socket buffers take, so the relay still holds part of it when the stream ends; less than
+    # a stream window, so Envoy has sent all of it by then (with a response it could not send, Envoy resets with
+    # INTERNAL_ERROR instead, a real reset).
+    response = os.urandom(1024 * 1024)
+
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    backend = await asyncio.start_server(answer_and_close, "127.0.0.1", 0)
+    port = backend.sockets[0].getsockname()[1]
+    pool = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(CLIENT_ID, SERVER_ID, (site.envoy_server_ip, HBONE_PORT))
+    app, side = socket.socketpair()
+    app.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await pool.open_stream(key, site.ca.client_context(site.client_leaf), f"127.0.0.1:{port}", [])
+        done = asyncio.ensure_future(relay(side, stream))
+        await loop.sock_sendall(app, b"hello")  # and the client never half-closes
+        await asyncio.sleep(0.5)  # the response and Envoy's END_STREAM + RST_STREAM arrive before anyone reads
+        got = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(app, 1 << 16), 30):
+            got += chunk
+        assert digest(bytes(got)) == digest(response)
+        assert await asyncio.wait_for(done, 30) == RelayResult(5, len(response), None)
+    finally:
+        app.close()
+        await pool.close()
+        backend.close()
 
 
 async def test_our_client_refuses_envoy_with_the_wrong_identity(site: Site, echo: Backend) -> None:

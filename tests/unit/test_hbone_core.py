@@ -429,6 +429,13 @@ def test_non_connect_request_gets_400() -> None:
         [(":method", "CONNECT"), (":authority", "a:1"), ("Upper", "x")],
         [(":method", "CONNECT"), (":authority", "a:1"), ("connection", "close")],
         [(":method", "CONNECT"), ("x", "1"), (":authority", "a:1")],  # pseudo after regular
+        # RFC 9113 8.2.1: names are lowercase tokens; values carry no NUL/CR/LF and no whitespace at either end
+        [(":method", "CONNECT"), (":authority", "a:1"), ("forwarded", 'for="1.2.3.4"\r\nx-injected: 1')],
+        [(":method", "CONNECT"), (":authority", "a:1"), ("baggage", "a=1\x00")],
+        [(":method", "CONNECT"), (":authority", "a:1"), ("baggage", " a=1")],
+        [(":method", "CONNECT"), (":authority", "a:1 ")],
+        [(":method", "CONNECT"), (":authority", "a:1"), ("x y", "1")],
+        [(":method", "CONNECT"), (":authority", "a:1"), ("x:y", "1")],
     ],
 )
 def test_malformed_connect_gets_400(headers: list[tuple[str, str]]) -> None:

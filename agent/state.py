@@ -88,6 +88,9 @@ class WorkloadStore:
         self._policies_by_scope: dict[str, dict[str, None]] = {}  # namespace, or "" for GLOBAL
         self._versions: dict[str, dict[str, str]] = {ADDRESS_TYPE: {}, AUTHORIZATION_TYPE: {}}
         self._subscribers: list[Callable[[StoreChange], None]] = []
+        self.memo: dict[Any, Any] = {}
+        """What the data path derives from the store and reuses per connection (a service's endpoint candidates):
+        emptied by every update that changes something, so nothing in it is ever stale."""
 
     # ---- queries (the data path) ---------------------------------------------------------------------------------
 
@@ -197,6 +200,7 @@ class WorkloadStore:
         else:
             raise ValueError(f"unknown type URL {type_url!r}")
         if change:
+            self.memo.clear()
             for callback in list(self._subscribers):
                 callback(change)
         return change

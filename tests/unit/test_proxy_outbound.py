@@ -314,6 +314,21 @@ def test_failover_prefers_the_closest_endpoints() -> None:
     assert names(s, client) == {"far"}  # failover: a mismatch is still better than nothing
 
 
+def test_endpoint_choice_is_reused_only_by_clients_alike() -> None:
+    """The candidates are worked out once per store version and reused: per client network, family and (when
+    ranked) locality, and never across a change of the store."""
+    s, client = locality_store(wpb.LoadBalancing.FAILOVER, wpb.LoadBalancing.REGION, wpb.LoadBalancing.ZONE)
+    elsewhere = pod_workload(
+        "sleep-2", "client", "10.1.0.6", sa="sleep", node="n1", locality=wpb.Locality(region="r2", zone="z1")
+    )
+    populate(s, elsewhere)
+    assert names(s, client) == {"same-zone"}
+    assert names(s, elsewhere) == {"far"}  # not the first client's answer
+    assert names(s, client) == {"same-zone"}
+    populate(s, wl("same-zone-2", "10.2.0.10", "n2", ports={80: 8080}, locality=wpb.Locality(region="r1", zone="z1")))
+    assert names(s, client) == {"same-zone", "same-zone-2"}  # a new endpoint is seen at once
+
+
 def test_strict_requires_every_routing_preference() -> None:
     """STRICT (e.g. internalTrafficPolicy Local = NODE): endpoints matching all preferences, or no upstream."""
     s, client = locality_store(wpb.LoadBalancing.STRICT, wpb.LoadBalancing.REGION)

@@ -68,6 +68,10 @@ class OutboundConfig:
     keep_source_address: bool = True  # same-node fast path: connect from the client pod's IP
     connect_timeout: float = 5.0
     early_data: int = EARLY_DATA
+    # An endpoint at a loopback address would be the node's own loopback here, not a pod's (ztunnel connects from
+    # the pod's network namespace): its local services and the agent's admin port. Only test harnesses whose pods
+    # live on 127.x.y.z turn this on.
+    loopback_upstreams: bool = False
 
 
 class RouteKind(enum.Enum):
@@ -115,6 +119,8 @@ def route(
         # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
         if wl is None or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)
+    if not config.loopback_upstreams and _is_loopback(ip):
+        return Route(RouteKind.REJECT, workload=wl, service=svc, reason="loopback_upstream")
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:
         return Route(RouteKind.PASSTHROUGH, target=(ip, port), workload=wl, service=svc)
@@ -123,6 +129,12 @@ def route(
             return Route(RouteKind.REJECT, workload=wl, service=svc, reason="self_call")
         return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
     return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
+
+
+def _is_loopback(ip: str) -> bool:
+    """127/8, ::1, the unspecified addresses (which connect to this host) and their IPv4-mapped forms."""
+    ip = ip.removeprefix("::ffff:")
+    return ip.startswith("127.") or ip in ("::1", "0.0.0.0", "::")
 
 
 _Candidate = tuple[Any, str, int]  # endpoint workload, address, target port

@@ -22,7 +22,7 @@ from agent.admin import metrics_server
 from agent.connections import ConnectionRegistry
 from agent.inbound import InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics, sample_value
-from agent.outbound import OutboundProxy
+from agent.outbound import OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.sockets import Address, Listener, original_destination, transparent_listener
 from agent.state import AUTHORIZATION_TYPE, WorkloadStore, policy_key
@@ -56,7 +56,14 @@ class Agent:
         self.connections = ConnectionRegistry(self.store, self.metrics)
         self.pool = HboneConnectionPool(stats=self.stats)
         self.outbound = OutboundProxy(
-            self.store, self.certs, self.pool, self.node, self.metrics, self.access, self.connections
+            self.store,
+            self.certs,
+            self.pool,
+            self.node,
+            self.metrics,
+            self.access,
+            self.connections,
+            OutboundConfig(loopback_upstreams=True),  # this mesh's pods live on 127.A.B.x
         )
         self.inbound = InboundProxy(
             self.store, self.certs, self.node, self.metrics, self.access, self.connections, tunnel_stats=self.stats

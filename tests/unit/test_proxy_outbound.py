@@ -314,6 +314,19 @@ def test_failover_prefers_the_closest_endpoints() -> None:
     assert names(s, client) == {"far"}  # failover: a mismatch is still better than nothing
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1", "127.3.2.1", "::1", "0.0.0.0"])
+def test_an_endpoint_on_loopback_is_refused(addr: str) -> None:
+    """Connected from the node, a WorkloadEntry or ServiceEntry endpoint at a loopback address would reach the
+    node's own services (the agent's admin port among them), not a pod's: refused, by VIP and directly."""
+    s = WorkloadStore()
+    populate(s, CLIENT, service("10.96.0.10"), wl("sneaky", addr, "n2", ports={80: 8080}))
+    for dst in (("10.96.0.10", 80), (addr, 8080)):
+        r = route(s, "n1", CLIENT, dst)
+        assert (r.kind, r.reason) == (RouteKind.REJECT, "loopback_upstream"), dst
+    allowed = route(s, "n1", CLIENT, ("10.96.0.10", 80), OutboundConfig(loopback_upstreams=True))
+    assert allowed.kind is RouteKind.HBONE and allowed.authority == (addr, 8080)
+
+
 def test_endpoint_choice_is_reused_only_by_clients_alike() -> None:
     """The candidates are worked out once per store version and reused: per client network, family and (when
     ranked) locality, and never across a change of the store."""

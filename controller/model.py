@@ -128,6 +128,11 @@ class Service:
     cluster_ips: tuple[str, ...] = ()
     headless: bool = False
     type: str = "ClusterIP"
+    # How ztunnel picks endpoints (istiod's constructService): Local = this node's only; PreferClose = closest first.
+    internal_traffic_policy: str = "Cluster"
+    traffic_distribution: str = ""
+    publish_not_ready_addresses: bool = False
+    ip_families: tuple[str, ...] = ()
     kind: Literal["Service"] = "Service"
 
     @property

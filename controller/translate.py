@@ -52,6 +52,9 @@ _APP_PROTOCOLS = {
 }
 # A selector anchor matching every workload of a namespace (empty selector).
 _ALL = ("", "")
+TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
+_IP_FAMILIES = {(): wl.AUTOMATIC, ("IPv4",): wl.IPV4_ONLY, ("IPv6",): wl.IPV6_ONLY}
+_LB = wl.LoadBalancing
 
 Labels = Mapping[str, str]
 _B = TypeVar("_B", str, tuple[str, str, str])
@@ -84,6 +87,26 @@ def _matches(selector: Labels, labels: Labels) -> bool:
 def _anchor(selector: Labels) -> tuple[str, str]:
     """One label pair every match must carry, used as the index key for a selector."""
     return min(selector.items()) if selector else _ALL
+
+
+def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
+    """How ztunnel is to pick this service's endpoints, as istiod's constructService sets it: PreferClose (the
+    field, or the annotation also ServiceEntries may carry) ranks by network, region, zone, subzone with failover;
+    internalTrafficPolicy Local keeps to the client's node strictly; publishNotReadyAddresses sends to endpoints
+    that are not ready. None: any healthy endpoint."""
+    prefer_close = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "").lower() == "preferclose"
+    lb: wl.LoadBalancing | None = None
+    if isinstance(obj, Service):
+        if obj.traffic_distribution:
+            prefer_close = obj.traffic_distribution == "PreferClose"
+        if obj.internal_traffic_policy == "Local":
+            lb = _LB(routing_preference=[_LB.NODE], mode=_LB.STRICT)
+    if lb is None and prefer_close:
+        lb = _LB(routing_preference=[_LB.NETWORK, _LB.REGION, _LB.ZONE, _LB.SUBZONE], mode=_LB.FAILOVER)
+    if isinstance(obj, Service) and obj.publish_not_ready_addresses:
+        lb = lb or _LB()
+        lb.health_policy = _LB.ALLOW_ALL
+    return lb
 
 
 def _packed(ip: str) -> bytes:
@@ -421,7 +444,15 @@ class Translator:
                 if p.protocol == "TCP"
             ]
             addresses = [wl.NetworkAddress(network=network, address=_packed(ip)) for ip in obj.cluster_ips]
-            service = wl.Service(name=obj.meta.name, namespace=ns, hostname=hostname, addresses=addresses, ports=ports)
+            service = wl.Service(
+                name=obj.meta.name,
+                namespace=ns,
+                hostname=hostname,
+                addresses=addresses,
+                ports=ports,
+                load_balancing=_load_balancing(obj),
+                ip_families=_IP_FAMILIES.get(obj.ip_families, wl.DUAL),
+            )
             return {f"{ns}/{hostname}": service}
         se_ports = [wl.Port(service_port=p.number, target_port=p.target_port) for p in obj.ports]
         se_addresses = []
@@ -442,6 +473,7 @@ class Translator:
                 addresses=se_addresses,
                 ports=se_ports,
                 subject_alt_names=obj.subject_alt_names,
+                load_balancing=_load_balancing(obj),
             )
             for host in obj.hosts
         }

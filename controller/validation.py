@@ -199,16 +199,12 @@ _SERVICE_SPEC_OPAQUE = frozenset(
         "externalIPs",
         "externalTrafficPolicy",
         "healthCheckNodePort",
-        "internalTrafficPolicy",
-        "ipFamilies",
         "ipFamilyPolicy",
         "loadBalancerClass",
         "loadBalancerIP",
         "loadBalancerSourceRanges",
-        "publishNotReadyAddresses",
         "sessionAffinity",
         "sessionAffinityConfig",
-        "trafficDistribution",
     }
 )
 _NODE_SPEC_OPAQUE = frozenset({"configSource", "externalID", "providerID", "taints", "unschedulable"})
@@ -238,7 +234,21 @@ _CONTAINER_FIELDS = frozenset({"name", "ports"}) | _CONTAINER_OPAQUE
 _CONTAINER_PORT_FIELDS = frozenset({"containerPort", "name", "protocol", "hostPort", "hostIP"})
 _POD_STATUS_FIELDS = frozenset({"podIP", "podIPs", "phase", "conditions"}) | _POD_STATUS_OPAQUE
 _SERVICE_SPEC_FIELDS = (
-    frozenset({"selector", "ports", "clusterIP", "clusterIPs", "type", "externalName"}) | _SERVICE_SPEC_OPAQUE
+    frozenset(
+        {
+            "selector",
+            "ports",
+            "clusterIP",
+            "clusterIPs",
+            "type",
+            "externalName",
+            "internalTrafficPolicy",
+            "trafficDistribution",
+            "publishNotReadyAddresses",
+            "ipFamilies",
+        }
+    )
+    | _SERVICE_SPEC_OPAQUE
 )
 _SERVICE_PORT_FIELDS = frozenset({"name", "port", "targetPort", "protocol", "appProtocol", "nodePort"})
 _TOP_LEVEL_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
@@ -970,6 +980,11 @@ def _build_service(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Service:
             ctx.error(f"spec.ports[{i}].port", f"duplicate port {port.port}/{port.protocol}")
         seen_names.add(port.name)
         seen_ports.add((port.port, port.protocol))
+    families = tuple(
+        _strings(
+            ctx, spec, "ipFamilies", "spec", lambda v: None if v in ("IPv4", "IPv6") else f"{v!r} is not IPv4 or IPv6"
+        )
+    )
     return Service(
         meta,
         selector=MappingProxyType(selector) if selector else None,
@@ -977,6 +992,10 @@ def _build_service(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Service:
         cluster_ips=tuple(ips),
         headless=headless,
         type=svc_type,
+        internal_traffic_policy=_enum(ctx, spec, "internalTrafficPolicy", "spec", ("Cluster", "Local"), "Cluster"),
+        traffic_distribution=_str(ctx, spec, "trafficDistribution", "spec"),
+        publish_not_ready_addresses=_bool(ctx, spec, "publishNotReadyAddresses", "spec"),
+        ip_families=families,
     )
 
 

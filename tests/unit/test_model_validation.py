@@ -198,6 +198,18 @@ ERROR_CASES = [
     ),
     (_doc("Service", spec=None), "f.yaml:Service/demo/web: spec: required field is missing"),
     (
+        _doc("Service", spec__internalTrafficPolicy="Node"),
+        "f.yaml:Service/demo/web: spec.internalTrafficPolicy: unknown value 'Node' (valid: Cluster, Local)",
+    ),
+    (
+        _doc("Service", spec__ipFamilies=["IPv5"]),
+        "f.yaml:Service/demo/web: spec.ipFamilies[0]: 'IPv5' is not IPv4 or IPv6",
+    ),
+    (
+        _doc("Service", spec__publishNotReadyAddresses="yes"),
+        "f.yaml:Service/demo/web: spec.publishNotReadyAddresses: must be a boolean, got a string",
+    ),
+    (
         _doc("Node", spec__podCIDR="10.1.0.1/24"),
         "f.yaml:Node//node-a: spec.podCIDR: '10.1.0.1/24' is not a valid CIDR: 10.1.0.1/24 has host bits set",
     ),

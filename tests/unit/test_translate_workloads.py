@@ -122,6 +122,57 @@ def test_service_resource() -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra_spec", "annotations", "want_lb", "want_families"),
+    [
+        ("", "{}", None, wl.AUTOMATIC),
+        ("internalTrafficPolicy: Local", "{}", "routing_preference: NODE mode: STRICT", wl.AUTOMATIC),
+        (
+            "trafficDistribution: PreferClose",
+            "{}",
+            "routing_preference: [NETWORK, REGION, ZONE, SUBZONE] mode: FAILOVER",
+            wl.AUTOMATIC,
+        ),
+        (  # the annotation predates the field; the field, when set, decides
+            "",
+            "{networking.istio.io/traffic-distribution: PreferClose}",
+            "routing_preference: [NETWORK, REGION, ZONE, SUBZONE] mode: FAILOVER",
+            wl.AUTOMATIC,
+        ),
+        ("trafficDistribution: Other", "{networking.istio.io/traffic-distribution: PreferClose}", None, wl.AUTOMATIC),
+        (  # Local wins over PreferClose
+            "{internalTrafficPolicy: Local, trafficDistribution: PreferClose}",
+            "{}",
+            "routing_preference: NODE mode: STRICT",
+            wl.AUTOMATIC,
+        ),
+        ("publishNotReadyAddresses: true", "{}", "health_policy: ALLOW_ALL", wl.AUTOMATIC),
+        ("ipFamilies: [IPv6]", "{}", None, wl.IPV6_ONLY),
+        ("ipFamilies: [IPv4, IPv6]", "{}", None, wl.DUAL),
+    ],
+)
+def test_service_load_balancing_and_families_as_istiod_sets_them(
+    extra_spec: str, annotations: str, want_lb: str | None, want_families: int
+) -> None:
+    spec = extra_spec if extra_spec.startswith("{") else "{" + extra_spec + "}"
+    svc = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: demo, annotations: {annotations}}}
+spec:
+  selector: {{app: web}}
+  clusterIP: 10.96.0.20
+  ports: [{{port: 80}}]
+  <<: {spec}
+"""
+    service = translate(CLUSTER, svc).addresses()["demo/lb.demo.svc.cluster.local"].service
+    assert service.ip_families == want_families
+    if want_lb is None:
+        assert not service.HasField("load_balancing")
+    else:
+        assert service.load_balancing == text_format.Parse(want_lb, wl.LoadBalancing())
+
+
+@pytest.mark.parametrize(
     ("ns", "labels", "extra_spec", "tunnel", "mode"),
     [
         ("demo", "{app: web}", "", wl.HBONE, wl.STANDARD),  # namespace enrolled

@@ -275,8 +275,8 @@ int count(struct __sk_buff *skb) {
 def test_coexists_with_other_tc_filters(env: Env) -> None:
     from bcc import BPF
 
-    b = BPF(text="#include <uapi/linux/pkt_cls.h>\n" + _COUNTER_SRC)
-    fn = b.load_func("count", BPF.SCHED_CLS)
+    b = BPF(text=("#include <uapi/linux/pkt_cls.h>\n" + _COUNTER_SRC).encode())
+    fn = b.load_func(b"count", BPF.SCHED_CLS)
     with rt.enter(env.topo.node):
         ipr = IPRoute()
     placed = ((env.pa, 20), (env.pc, 5))  # after ours on the enrolled pod's veth, before ours on a peer's
@@ -293,7 +293,7 @@ def test_coexists_with_other_tc_filters(env: Env) -> None:
         env.r.reconcile({env.pa.ip}, env.all_pods())
 
         def seen(pod: rt.Pod) -> int:
-            v = b["seen"].get(ct.c_uint32(idx[pod]))
+            v = b[b"seen"].get(ct.c_uint32(idx[pod]))
             return int(v.value) if v else 0
 
         # Enrolled pa: captured TCP ends classification in ours; its UDP is not ours and reaches the next filter.
@@ -364,8 +364,8 @@ def test_deleted_pod_interface_is_forgotten(env: Env) -> None:
 def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
     from bcc import BPF
 
-    b = BPF(text="#include <uapi/linux/pkt_cls.h>\nint other(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }")
-    fn = b.load_func("other", BPF.SCHED_CLS)
+    b = BPF(text=b"#include <uapi/linux/pkt_cls.h>\nint other(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }")
+    fn = b.load_func(b"other", BPF.SCHED_CLS)
     with rt.enter(env.topo.node):
         ipr = IPRoute()
     idx = ipr.link_lookup(ifname=env.pb.node_if)[0]

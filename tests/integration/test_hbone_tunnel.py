@@ -21,6 +21,7 @@ from agent.tunnel import ConnectRequest, HboneStream, HboneStreamReset, relay
 from tests.support.hbone_testbed import Backend, HboneServer, digest
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
+from tests.support.waiting import drain_until_closed
 
 
 class Mesh:
@@ -434,12 +435,7 @@ async def test_reset_in_the_same_read_as_end_stream_still_resets_the_relay(
     proxy = ClientProxy(pool, PoolKey(mesh.client_id, mesh.server_id, server.addr), mesh.client_ctx, "x:1")
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        try:
-            async with asyncio.timeout(10):
-                while await reader.read(65536):
-                    pass
-        except ConnectionResetError:
-            pass
+        await drain_until_closed(reader)
         writer.close()
         await _wait_for(lambda: len(proxy.results) == 1)
         error = proxy.results[0].error  # type: ignore[attr-defined]

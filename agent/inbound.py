@@ -55,9 +55,6 @@ from common.spiffe import Identity
 log = logging.getLogger("agent.inbound")
 
 
-HBONE_PORT = 15008  # where the redirect hands connections for podIP:15008 (reported as their destination)
-
-
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     keep_source_address: bool = True
@@ -185,7 +182,7 @@ class InboundProxy(_Common):
             if workload_identity(current, self.trust_domain) != ident:  # the address now belongs to someone else
                 await self._refuse_stream(req, peer, orig_dst, 503, "identity_changed", identity_was=str(ident))
                 return
-            await self._connect(req, current, ident, orig_dst[0], peer)
+            await self._connect(req, current, ident, orig_dst, peer)
 
         await serve_hbone_connection(
             sock,
@@ -216,11 +213,11 @@ class InboundProxy(_Common):
         )
         await _respond(req, status)
 
-    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, local_ip: str, peer: Address) -> None:
+    async def _connect(self, req: ConnectRequest, wl: Any, ident: Identity, orig_dst: Address, peer: Address) -> None:
         try:
-            dst = validate_authority(req.authority, local_ip)
+            dst = validate_authority(req.authority, orig_dst[0])
         except BadAuthority as e:
-            await self._refuse_stream(req, peer, (local_ip, HBONE_PORT), 400, "bad_authority", detail=str(e))
+            await self._refuse_stream(req, peer, orig_dst, 400, "bad_authority", detail=str(e))
             return
         if dst[1] in self.config.own_ports:  # ztunnel: SelfCall while picking the upstream, answered 503
             await self._refuse_stream(req, peer, dst, 503, "self_call")

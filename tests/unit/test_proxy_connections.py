@@ -227,7 +227,7 @@ async def test_policy_change_during_upstream_connect_cuts_the_hbone_connection(
     monkeypatch.setattr(inbound_mod, "relay", fake_relay)
     req = _FakeRequest("10.2.0.7:8080", CURL)
     server_id = Identity("cluster.local", "server", "default")
-    await proxy._connect(req, SERVER, server_id, "10.2.0.7", ("10.1.0.6", 1))  # type: ignore[arg-type]
+    await proxy._connect(req, SERVER, server_id, ("10.2.0.7", 15008), ("10.1.0.6", 1))  # type: ignore[arg-type]
     # Either answered 401 or cut at once (stream reset, late rejection): never relayed as an allowed connection.
     flags = {"response_flags": "DENY"}
     assert sample_value(metrics, "istio_tcp_connections_closed_total", flags) == 1, (

@@ -30,14 +30,12 @@ Address = tuple[str, int]
 Handler = Callable[[socket.socket, Address], Awaitable[None]]
 
 
-def set_transparent(sock: socket.socket, *, ipv6: bool | None = None) -> None:
+def set_transparent(sock: socket.socket, *, ipv6: bool) -> None:
     """Let `sock` accept connections for, or bind to, addresses that are not the node's.
 
     Each family has its own option: 19 at the IPv6 level is IPV6_MULTICAST_LOOP, which the kernel accepts and
-    which does nothing for a TCP socket. Callers that know the family pass `ipv6`: `sock.family` builds an enum
-    on every read, a few microseconds on each upstream connection."""
-    if ipv6 is None:
-        ipv6 = sock.family == socket.AF_INET6
+    which does nothing for a TCP socket. The caller says which family `sock` is: reading `sock.family` builds an
+    enum, a few microseconds on each upstream connection."""
     if ipv6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:

@@ -60,7 +60,7 @@ def test_transparent_socket_binds_an_address_the_node_does_not_have(
     with socket.socket(family, socket.SOCK_STREAM) as plain, pytest.raises(OSError):
         plain.bind((foreign_ip, 0))
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        set_transparent(sock)
+        set_transparent(sock, ipv6=family == socket.AF_INET6)
         sock.bind((foreign_ip, 0))
         assert sock.getsockname()[0] == foreign_ip
 

@@ -47,7 +47,7 @@ from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay
-from agent.sockets import abort, connect_upstream, peer_or_close, read_waiting
+from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close, read_waiting
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
 
@@ -133,7 +133,7 @@ def route(
 
 def _is_loopback(ip: str) -> bool:
     """127/8, ::1, the unspecified addresses (which connect to this host) and their IPv4-mapped forms."""
-    ip = ip.removeprefix("::ffff:")
+    ip = canonical_ip(ip)
     return ip.startswith("127.") or ip in ("::1", "0.0.0.0", "::")
 
 

@@ -19,7 +19,6 @@ LB_STRICT, LB_FAILOVER, LB_PASSTHROUGH = 1, 2, 3  # istio.workload.LoadBalancing
 LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
 IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
 HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK
-NAMESPACE_VISIBILITY = 1  # istio.workload.Service.Visibility.NAMESPACE
 
 Address = tuple[str, int]
 

@@ -32,7 +32,6 @@ from agent.addressing import (
     LB_FAILOVER,
     LB_PASSTHROUGH,
     LB_STRICT,
-    NAMESPACE_VISIBILITY,
     Address,
     address_owner,
     destination_service,
@@ -103,9 +102,9 @@ def route(
     ip, port = dst
     if port in config.own_ports:
         return Route(RouteKind.REJECT, reason="self_call")
-    svc = store.service_by_vip(ip)
-    if svc is not None and svc.visibility == NAMESPACE_VISIBILITY and svc.namespace != src.namespace:
-        svc = None  # not visible to this client: the VIP is no service to it (ztunnel's get_best_by_vip)
+    # The client's namespace picks among services sharing the VIP, and hides other namespaces' NAMESPACE-visible
+    # ones (the VIP is then no service to it); the client's network scopes the VIP, as ztunnel's lookup.
+    svc = store.service_by_vip(ip, src.namespace, src.network)
     wl: Any | None
     if svc is not None:
         if svc.load_balancing.mode == LB_PASSTHROUGH:  # no endpoint selection: the original destination, plain TCP

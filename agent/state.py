@@ -2,8 +2,10 @@
 
 Everything the data path asks per connection (who owns this IP, which service has this VIP, which policies guard
 this workload) is a dict lookup; the indexes are maintained as resources arrive, never rebuilt. Lookups take IP
-text and compare packed bytes, the form the workload API carries. Network names are not part of the keys: the
-lab and the clusters this agent targets are single-network.
+text and compare packed bytes, the form the workload API carries. Service VIPs are keyed by (network, address) as
+ztunnel's: several services may share one (a Kubernetes Service and a ServiceEntry, or the same VIP in two
+namespaces), and which one a client reaches depends on its namespace (:meth:`WorkloadStore.service_by_vip`).
+Workload addresses are not keyed by network: the lab and the clusters this agent targets are single-network.
 
 Not thread-safe: the xDS client and the proxies share one event loop.
 """
@@ -83,7 +85,7 @@ class WorkloadStore:
         # Insertion-ordered name sets so that with a shared IP the latest arrival answers, as in ztunnel.
         self._workloads_by_ip: dict[bytes, dict[str, None]] = {}
         self._workloads_by_node: dict[str, dict[str, None]] = {}
-        self._services_by_vip: dict[bytes, dict[str, None]] = {}
+        self._services_by_vip: dict[tuple[str, bytes], dict[str, None]] = {}  # (network, VIP) -> service keys
         self._endpoints: dict[str, dict[str, None]] = {}  # service key -> workload uids
         self._policies_by_scope: dict[str, dict[str, None]] = {}  # namespace, or "" for GLOBAL
         self._versions: dict[str, dict[str, str]] = {ADDRESS_TYPE: {}, AUTHORIZATION_TYPE: {}}
@@ -102,10 +104,37 @@ class WorkloadStore:
         names = self._workloads_by_ip.get(packed) if packed is not None else None
         return self._workloads[next(reversed(names))] if names else None
 
-    def service_by_vip(self, ip: str) -> Service | None:
+    def service_by_vip(self, ip: str, namespace: str | None = None, network: str = "") -> Service | None:
+        """The service a client in `namespace` on `network` reaches at VIP `ip`, as ztunnel's get_best_by_vip.
+
+        Services of other namespaces with visibility NAMESPACE are skipped; then a service in the client's own
+        namespace wins, else the last one marked `canonical`, else the first to arrive. Within one namespace the
+        latest arrival holds that namespace's place (ztunnel keeps one service per namespace per VIP). Without a
+        `namespace` (no client: tooling, tests) nothing is filtered and no namespace is preferred.
+        """
         packed = pack_ip(ip)
-        names = self._services_by_vip.get(packed) if packed is not None else None
-        return self._services[next(reversed(names))] if names else None
+        names = self._services_by_vip.get((network, packed)) if packed is not None else None
+        if not names:
+            return None
+        if len(names) == 1:  # the common case: one service per VIP
+            svc = self._services[next(iter(names))]
+            return svc if namespace is None or _visible(svc, namespace) else None
+        by_namespace: dict[str, Service] = {}  # first arrival's position, latest arrival's service
+        for name in names:
+            svc = self._services[name]
+            by_namespace[svc.namespace] = svc
+        first: Service | None = None
+        canonical: Service | None = None
+        for svc in by_namespace.values():
+            if namespace is not None and not _visible(svc, namespace):
+                continue
+            if svc.namespace == namespace:
+                return svc
+            if svc.canonical:
+                canonical = svc
+            elif first is None:
+                first = svc
+        return canonical if canonical is not None else first
 
     def service_by_key(self, key: str) -> Service | None:
         return self._services.get(key)
@@ -237,7 +266,7 @@ class WorkloadStore:
         self._services[key] = svc
         self._address_kind[key] = "s"
         for addr in svc.addresses:
-            _add(self._services_by_vip, bytes(addr.address), key)
+            _add(self._services_by_vip, (addr.network, bytes(addr.address)), key)
         change.services.add(key)
 
     def _remove_address(self, name: str, change: StoreChange) -> None:
@@ -255,7 +284,7 @@ class WorkloadStore:
         elif kind == "s":
             svc = self._services.pop(name)
             for addr in svc.addresses:
-                _discard(self._services_by_vip, bytes(addr.address), name)
+                _discard(self._services_by_vip, (addr.network, bytes(addr.address)), name)
             change.services.add(name)
 
     def _insert_policy(self, name: str, policy: Authorization, change: StoreChange) -> None:
@@ -273,6 +302,11 @@ class WorkloadStore:
         if scope is not None:
             _discard(self._policies_by_scope, scope, name)
         change.policies.add(name)
+
+
+def _visible(svc: Service, namespace: str) -> bool:
+    """Visibility NAMESPACE: only clients of the service's own namespace see it (ztunnel's visible_to)."""
+    return svc.visibility != wl_pb.Service.NAMESPACE or svc.namespace == namespace
 
 
 def _scope_key(policy: Authorization) -> str | None:

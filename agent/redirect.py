@@ -45,9 +45,11 @@ from agent.redirect_maps import (
     ConfigEntry,
     IfaceEntry,
     RedirectMaps,
+    migrate_pins,
+    read_pinned_config,
 )
 from agent.redirect_netlink import Netlink
-from agent.redirect_plan import PodInterface, classify_route, plan_capture
+from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
 from common.log import kv
 
 __all__ = [
@@ -232,6 +234,7 @@ class Redirector:
                 )
                 routing_existed = nl.has_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
                 nl.ensure_policy_routing(cfg.mark, cfg.mark_mask, cfg.route_table, cfg.rule_priority)
+                self._refresh_homes(maps, nl, uplinks)
                 self._adopt(maps, nl, uplinks)
                 for idx, name in uplinks.items():
                     fresh = idx not in self._state.attached
@@ -292,12 +295,16 @@ class Redirector:
                 except (AttachError, RedirectKernelError) as exc:
                     for ip in ip_plan.enrolled | ip_plan.peers:
                         failures[ip] = f"cannot attach to {ip_plan.name}: {exc}"
-            want = plan.workloads_on(ok)
+            homes = plan.homes_on(ok)
+            want = set(homes)
             have = maps.workload_ips()
             # Release before detaching (nothing is captured half-way), enroll after attaching (the return path is
-            # in place before the first captured SYN).
+            # in place before the first captured SYN). A home is written before its workload is enrolled and
+            # removed after it is released, so an enrolled address always has one; one that moved to another
+            # interface (a new pod with a recycled IP) has its home rewritten in place.
             for ip in sorted(have - want):
                 maps.delete_workload(ip)
+            self._write_homes(maps, homes)
             for ip in sorted(want - have):
                 maps.add_workload(ip)
             for idx, att in list(st.attached.items()):
@@ -415,6 +422,28 @@ class Redirector:
             raise RedirectConfigError("uplinks: none given and the node netns has no default route; pass --uplink")
         return out
 
+    @staticmethod
+    def _write_homes(maps: RedirectMaps, homes: dict[str, int]) -> None:
+        current = maps.workload_homes()
+        for ip in sorted(current.keys() - homes.keys()):
+            maps.delete_home(ip)
+        for ip, idx in sorted(homes.items()):
+            if current.get(ip) != idx:
+                maps.set_home(ip, idx)
+
+    def _refresh_homes(self, maps: RedirectMaps, nl: Netlink, uplinks: dict[int, str]) -> None:
+        """Homes of the pinned workloads from the routes as they are now, before our program takes over the filters:
+        pins migrated from layout 1 have none (every enrolled pod would be dropped as a spoofer until the first
+        reconcile), and a pod may have moved while no agent ran. A workload whose pod is gone keeps no home (nothing
+        may send as it) until the first reconcile releases it."""
+        homes: dict[str, int] = {}
+        for ip in maps.workload_ips():
+            try:
+                homes[ip] = classify_route(ip, nl.route_get(ip), nl.link_name, uplinks).index
+            except RouteProblem:
+                continue
+        self._write_homes(maps, homes)
+
     def _adopt(self, maps: RedirectMaps, nl: Netlink, uplinks: dict[int, str]) -> None:
         """Take over what a previous agent attached: swap its filters to our program (same prio/handle: atomic)."""
         cfg = self.config
@@ -528,6 +557,7 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     early_demux_saved = 0
     if os.path.isdir(cfg.pin_dir):
         try:
+            migrate_pins(cfg.pin_dir)  # one reader for every layout this agent can adopt; all of it goes below
             maps = RedirectMaps.open(cfg.pin_dir)
             for ip in sorted(maps.workload_ips()):
                 maps.delete_workload(ip)  # stop capturing before filters go, so nothing half-captured remains
@@ -646,8 +676,9 @@ def _require_bpffs(pin_root: str) -> None:
 
 
 def _precheck_pins(cfg: RedirectConfig, netns: int) -> bool:
-    """Refuse pins that belong to another netns or an incompatible layout before BCC would reuse them blindly.
-    True when this call created the pin directory (so a failed start can remove it again)."""
+    """Refuse pins that belong to another netns or an incompatible layout before BCC would reuse them blindly, and
+    migrate those of an older compatible layout. True when this call created the pin directory (so a failed start
+    can remove it again)."""
     existed = os.path.isdir(cfg.pin_dir)
     try:
         os.makedirs(cfg.pin_dir, exist_ok=True)
@@ -656,11 +687,7 @@ def _precheck_pins(cfg: RedirectConfig, netns: int) -> bool:
     present = set(os.listdir(cfg.pin_dir))
     if not present >= {"ambit_config", "ambit_workloads", "ambit_ifaces"}:
         return not existed
-    maps = RedirectMaps.open(cfg.pin_dir)
-    try:
-        owner = maps.read_config()
-    finally:
-        maps.close()
+    owner = read_pinned_config(cfg.pin_dir)
     if owner.netns_cookie and owner.netns_cookie != netns:
         if _netns_alive(owner.netns_cookie):
             raise RedirectPinError(
@@ -675,6 +702,12 @@ def _precheck_pins(cfg: RedirectConfig, netns: int) -> bool:
         _remove_pin_dir(cfg.pin_dir)
         os.makedirs(cfg.pin_dir, exist_ok=True)
         return True
+    migrated = migrate_pins(cfg.pin_dir)
+    if migrated:
+        log.warning(
+            "migrated pins to this agent's layout",
+            extra=kv(instance=cfg.instance, pin_dir=cfg.pin_dir, layout=LAYOUT_VERSION, changes=migrated),
+        )
     return False
 
 

@@ -12,14 +12,15 @@ import ctypes as ct
 import errno
 import ipaddress
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent import redirect_syscalls as sysbpf
 from agent.redirect_errors import RedirectKernelError, RedirectPinError
 
-LAYOUT_VERSION = 1  # AMBIT_LAYOUT_VERSION
+LAYOUT_VERSION = 2  # AMBIT_LAYOUT_VERSION
 AF_INET = 2
 AF_INET6 = 10
 
@@ -69,6 +70,10 @@ class ConfigEntry(ct.Structure):
     ]
 
 
+# (map type, key size, value size, max entries): what the kernel reports of a map, and all a layout check can see.
+Shape = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str
@@ -76,17 +81,16 @@ class MapSpec:
     key_size: int
     value_size: int
     max_entries: int
+    counters_only: bool = False  # nothing but counters in it: a layout migration may replace it (counts restart)
 
     @property
     def percpu(self) -> bool:
         return self.map_type in (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY)
 
+    @property
+    def shape(self) -> Shape:
+        return (self.map_type, self.key_size, self.value_size, self.max_entries)
 
-WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(AmbitAddr), ct.sizeof(WlCounters), 16384)
-IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
-CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
-STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8)
-ALL_MAPS = (WORKLOADS, IFACES, CONFIG, STATS)
 
 # Index -> name of ambit_stats entries (AMBIT_STAT_*).
 STAT_NAMES = (
@@ -98,7 +102,15 @@ STAT_NAMES = (
     "pass_no_listener",
     "drop_assign_error",
     "unparsed",
+    "drop_spoofed",
 )
+
+WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(AmbitAddr), ct.sizeof(WlCounters), 16384)
+HOMES = MapSpec("ambit_wl_home", BPF_MAP_TYPE_HASH, ct.sizeof(AmbitAddr), 4, 16384)  # address -> ifindex
+IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
+CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
+STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(STAT_NAMES), counters_only=True)
+ALL_MAPS = (WORKLOADS, HOMES, IFACES, CONFIG, STATS)
 
 
 def pack_addr(ip: str) -> AmbitAddr:
@@ -143,6 +155,120 @@ class _MapInfo(ct.Structure):
     ]
 
 
+def _mismatch(path: str, got: Shape, want: Shape) -> RedirectPinError:
+    return RedirectPinError(
+        f"pinned map {path} has (type, key size, value size, max entries) {got}, this agent expects "
+        f"{want}: the pins come from an incompatible Ambit version; run `ambit-agent --cleanup` first"
+    )
+
+
+@dataclass(frozen=True)
+class PinMigration:
+    """What brings an older layout's pin directory to this one: maps a later layout added are created empty, and
+    counters-only maps whose shape changed are replaced (their counts restart at zero). Maps holding state
+    (enrollment, interfaces, config) are never reinterpreted: a change there is refused by :func:`plan_migration`."""
+
+    create: tuple[MapSpec, ...] = ()
+    replace: tuple[MapSpec, ...] = ()
+
+    def describe(self) -> list[str]:
+        return [f"created {s.name}" for s in self.create] + [f"replaced {s.name}, counts reset" for s in self.replace]
+
+
+def plan_migration(pin_dir: str, layout: int, found: Mapping[str, Shape | None]) -> PinMigration:
+    """Sans-IO core of :func:`migrate_pins`. ``layout`` is the pins' recorded AMBIT_LAYOUT_VERSION (0: never
+    recorded), ``found`` the shape of each of our maps present in ``pin_dir`` (None: absent). Pins of a newer
+    layout are refused even when every shape still fits: the meaning of a field may have changed."""
+    if layout > LAYOUT_VERSION:
+        raise RedirectPinError(
+            f"pins in {pin_dir} have layout {layout}, newer than this agent's {LAYOUT_VERSION}: a newer Ambit wrote "
+            "them; run that version, or `ambit-agent --cleanup` first"
+        )
+    create: list[MapSpec] = []
+    replace: list[MapSpec] = []
+    for spec in ALL_MAPS:
+        got = found.get(spec.name)
+        if got is None:
+            create.append(spec)
+        elif got != spec.shape:
+            if not spec.counters_only:
+                raise _mismatch(os.path.join(pin_dir, spec.name), got, spec.shape)
+            replace.append(spec)
+    return PinMigration(tuple(create), tuple(replace))
+
+
+def migrate_pins(pin_dir: str) -> list[str]:
+    """Bring ``pin_dir`` to this agent's layout before anything opens it (BCC reuses pins it finds without a size
+    check, so this has to run before a compile). Returns what changed; raises RedirectPinError when the pins cannot
+    be used (newer layout, changed state map). An already-attached older program keeps its own map objects until
+    the agent swaps the filters, so capture goes on meanwhile."""
+    found = {spec.name: _pinned_shape(os.path.join(pin_dir, spec.name)) for spec in ALL_MAPS}
+    layout = read_pinned_config(pin_dir).layout_version if found[CONFIG.name] == CONFIG.shape else 0
+    plan = plan_migration(pin_dir, layout, found)
+    for spec in plan.create:
+        _pin_new_map(spec, os.path.join(pin_dir, spec.name))
+    for spec in plan.replace:
+        path = os.path.join(pin_dir, spec.name)
+        _pin_new_map(spec, path + ".new")
+        try:
+            os.rename(path + ".new", path)  # atomic: the pin is always one map or the other
+        except OSError as exc:
+            raise RedirectPinError(f"cannot replace {path}: {exc.strerror}") from exc
+    return plan.describe()
+
+
+def read_pinned_config(pin_dir: str) -> ConfigEntry:
+    """ambit_config on its own: its layout is the same in every version, so it can be read before a migration
+    (owner netns, recorded layout). Zeroes when it was never written."""
+    config = PinnedMap.open(CONFIG, pin_dir)
+    try:
+        raw = config.lookup_raw(ct.c_uint32(0))
+    finally:
+        config.close()
+    return ConfigEntry.from_buffer_copy(raw) if raw else ConfigEntry()
+
+
+def _pinned_shape(path: str) -> Shape | None:
+    try:
+        fd = sysbpf.obj_get(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RedirectPinError(f"cannot open pinned map {path}: {exc.strerror}") from exc
+    try:
+        return _shape_of(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _shape_of(fd: int, path: str) -> Shape:
+    info = _MapInfo()
+    try:
+        sysbpf.obj_info(fd, info)
+    except OSError as exc:
+        raise RedirectPinError(f"cannot read map info of {path}: {exc.strerror}") from exc
+    return (info.type, info.key_size, info.value_size, info.max_entries)
+
+
+def _pin_new_map(spec: MapSpec, path: str) -> None:
+    try:
+        os.unlink(path)  # a leftover of an interrupted migration (only ever a ".new" name or an absent map)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise RedirectPinError(f"cannot remove {path}: {exc.strerror}") from exc
+    try:
+        fd = sysbpf.map_create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.name)
+    except OSError as exc:
+        raise RedirectKernelError(f"cannot create map {spec.name}: {exc.strerror}") from exc
+    try:
+        sysbpf.obj_pin(fd, path)
+    except OSError as exc:
+        raise RedirectPinError(f"cannot pin map {spec.name} at {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
 class PinnedMap:
     """One map opened from its bpffs pin, checked against the layout this agent was built for."""
 
@@ -169,18 +295,9 @@ class PinnedMap:
         return pinned
 
     def check_layout(self) -> None:
-        info = _MapInfo()
-        try:
-            sysbpf.obj_info(self._fd, info)
-        except OSError as exc:
-            raise RedirectPinError(f"cannot read map info of {self.path}: {exc.strerror}") from exc
-        want = (self.spec.map_type, self.spec.key_size, self.spec.value_size, self.spec.max_entries)
-        got = (info.type, info.key_size, info.value_size, info.max_entries)
-        if want != got:
-            raise RedirectPinError(
-                f"pinned map {self.path} has (type, key size, value size, max entries) {got}, this agent expects "
-                f"{want}: the pins come from an incompatible Ambit version; run `ambit-agent --cleanup` first"
-            )
+        got = _shape_of(self._fd, self.path)
+        if got != self.spec.shape:
+            raise _mismatch(self.path, got, self.spec.shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -248,6 +365,7 @@ class RedirectMaps:
     """All maps of one instance, opened from its pin directory."""
 
     workloads: PinnedMap
+    homes: PinnedMap
     ifaces: PinnedMap
     config: PinnedMap
     stats: PinnedMap
@@ -265,7 +383,7 @@ class RedirectMaps:
         return cls(*opened)
 
     def close(self) -> None:
-        for m in (self.workloads, self.ifaces, self.config, self.stats):
+        for m in (self.workloads, self.homes, self.ifaces, self.config, self.stats):
             m.close()
 
     # --- typed accessors -------------------------------------------------------------------------------------
@@ -300,6 +418,21 @@ class RedirectMaps:
 
     def delete_workload(self, ip: str) -> bool:
         return self.workloads.delete(pack_addr(ip))
+
+    def workload_homes(self) -> dict[str, int]:
+        """Enrolled address -> ifindex of the pod interface allowed to send from it."""
+        out: dict[str, int] = {}
+        for key in self.homes.keys(AmbitAddr):
+            raw = self.homes.lookup_raw(key)
+            if raw is not None:
+                out[unpack_addr(key)] = int.from_bytes(raw[:4], sys.byteorder)  # type: ignore[arg-type]
+        return out
+
+    def set_home(self, ip: str, ifindex: int) -> None:
+        self.homes.update(pack_addr(ip), ct.c_uint32(ifindex))
+
+    def delete_home(self, ip: str) -> bool:
+        return self.homes.delete(pack_addr(ip))
 
     def workload_counters(self) -> dict[str, WlCounters]:
         out: dict[str, WlCounters] = {}

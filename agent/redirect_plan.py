@@ -50,11 +50,10 @@ class Plan:
     failures: dict[str, str] = field(default_factory=dict)  # enrolled workloads that cannot be captured
     skipped: dict[str, str] = field(default_factory=dict)  # non-enrolled pods left without the program (why)
 
-    def workloads_on(self, indexes: Iterable[int]) -> set[str]:
-        out: set[str] = set()
-        for idx in indexes:
-            out |= self.interfaces[idx].enrolled
-        return out
+    def homes_on(self, indexes: Iterable[int]) -> dict[str, int]:
+        """Enrolled workload -> its interface, for the interfaces in ``indexes`` (those that carry the program): the
+        enrollment to write, and the one interface each enrolled address may be sent from."""
+        return {ip: idx for idx in indexes for ip in self.interfaces[idx].enrolled}
 
 
 def classify_route(

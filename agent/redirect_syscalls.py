@@ -12,6 +12,7 @@ import os
 import platform
 
 # enum bpf_cmd (include/uapi/linux/bpf.h)
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -30,6 +31,19 @@ class _MapElemAttr(ct.Structure):
         ("key", ct.c_uint64),
         ("value", ct.c_uint64),  # next_key for BPF_MAP_GET_NEXT_KEY
         ("flags", ct.c_uint64),
+    ]
+
+
+class _MapCreateAttr(ct.Structure):
+    _fields_ = [
+        ("map_type", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("inner_map_fd", ct.c_uint32),
+        ("numa_node", ct.c_uint32),
+        ("map_name", ct.c_char * 16),
     ]
 
 
@@ -61,6 +75,18 @@ def _bpf(cmd: int, attr: ct.Structure) -> int:
 
 def _addr(obj: ct._CData | None) -> int:
     return ct.addressof(obj) if obj is not None else 0
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
+    """A new map (flags 0, as BCC creates BPF_TABLE_PINNED maps); the fd is the only reference until pinned."""
+    attr = _MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_name=name.encode()[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr)
 
 
 def obj_get(path: str) -> int:

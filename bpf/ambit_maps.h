@@ -12,7 +12,10 @@
 #error "AMBIT_PIN_DIR must be defined by the loader, e.g. -DAMBIT_PIN_DIR=\"/sys/fs/bpf/ambit/node1\""
 #endif
 
-#define AMBIT_LAYOUT_VERSION 1
+/* 2: ambit_wl_home added (source anti-spoofing), ambit_stats grew AMBIT_STAT_DROP_SPOOFED. A layout-1 pin directory is
+ * migrated in place by the agent (agent/redirect_maps.py: the new map created, the counters-only stats map
+ * replaced); pins of a newer layout are refused. */
+#define AMBIT_LAYOUT_VERSION 2
 
 #define AMBIT_AF_INET 2
 #define AMBIT_AF_INET6 10
@@ -67,10 +70,18 @@ struct ambit_config {
 #define AMBIT_STAT_PASS_NO_LISTENER 5 /* fail open */
 #define AMBIT_STAT_DROP_ASSIGN_ERROR 6
 #define AMBIT_STAT_UNPARSED 7         /* TCP of an enrolled workload whose header cannot be read (dropped) */
-#define AMBIT_STAT_MAX 8
+#define AMBIT_STAT_DROP_SPOOFED 8     /* TCP from a pod interface with the address of a workload living elsewhere */
+#define AMBIT_STAT_MAX 9
 
 BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,
                  AMBIT_PIN_DIR "/ambit_workloads");
+/* Where each enrolled workload address lives: the node-side ifindex of its pod (the route to it). A pod interface
+ * may send TCP from an enrolled address only when it is that address's home; the agent picks the workload, and with
+ * it the certificate, by source address, so this is what keeps pod A from borrowing pod B's identity. Kept apart
+ * from ambit_workloads because that value is per-CPU counters: the home is one shared word the agent rewrites when
+ * a pod address moves, without resetting (or racing) the counters. Written before the workload is added to
+ * ambit_workloads and removed after it leaves; an enrolled address without a home may be sent from nowhere. */
+BPF_TABLE_PINNED("hash", struct ambit_addr, u32, ambit_wl_home, 16384, AMBIT_PIN_DIR "/ambit_wl_home");
 BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN_DIR "/ambit_ifaces");
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
 BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");

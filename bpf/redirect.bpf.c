@@ -8,6 +8,10 @@
  * sockets, and its source-preserving upstream connections) are handed to those sockets. Capture means
  * bpf_sk_assign + a mark that policy routing turns into local delivery (fwmark rule -> `local 0/0 dev lo` table).
  *
+ * On a pod interface, TCP whose source is an enrolled workload that lives behind another interface (ambit_wl_home)
+ * is dropped: the agent takes the source workload, hence the identity, from the source address. TCP from a source
+ * that is not enrolled at all keeps its way (see docs/architecture.md, "Capture").
+ *
  * Handles IPv4 and IPv6 (workload keys carry the family; IPv6 with extension headers before TCP is not parsed).
  *
  * Everything else returns TC_ACT_UNSPEC so the next tc filter still classifies it: this program never ends
@@ -68,7 +72,17 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     if (ifc->flags & AMBIT_IF_POD) {
         ambit_key(&key, p.family, p.saddr);
         wl = ambit_workloads.lookup(&key);
-        outbound = wl != NULL;
+        if (wl) {
+            /* Anti-spoofing: an enrolled source address is only believed on its own pod's interface. Anything
+             * else (pod A sending as pod B, a SYN or a forged segment of B's connections) is dropped before it is
+             * captured or counted as B's, whatever fail_open says: this is not a missing listener. */
+            u32 *home = ambit_wl_home.lookup(&key);
+            if (!home || *home != ifindex) {
+                ambit_stat(AMBIT_STAT_DROP_SPOOFED);
+                return TC_ACT_SHOT;
+            }
+            outbound = 1;
+        }
     }
     if (!wl) {
         if (!(ifc->flags & (AMBIT_IF_POD | AMBIT_IF_UPLINK)))

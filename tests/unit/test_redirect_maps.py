@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import redirect_maps as rm
+from agent.redirect_errors import RedirectPinError
 
 HEADER = (Path(__file__).resolve().parents[2] / "bpf" / "ambit_maps.h").read_text()
 
@@ -57,9 +58,18 @@ def test_map_declarations_match_specs() -> None:
     decls = re.findall(r'BPF_TABLE_PINNED\("(\w+)",\s*([^,]+),\s*([^,]+),\s*(\w+),\s*(\w+),', HEADER)
     assert {d[3] for d in decls} == {s.name for s in rm.ALL_MAPS}
     types = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6}
-    for kind, _key, _leaf, name, max_entries in decls:
+    sizes = {
+        "u32": 4,
+        "u64": 8,
+        "struct ambit_addr": ct.sizeof(rm.AmbitAddr),
+        "struct ambit_wl_counters": ct.sizeof(rm.WlCounters),
+        "struct ambit_iface": ct.sizeof(rm.IfaceEntry),
+        "struct ambit_config": ct.sizeof(rm.ConfigEntry),
+    }
+    for kind, key, leaf, name, max_entries in decls:
         spec = next(s for s in rm.ALL_MAPS if s.name == name)
         assert types[kind] == spec.map_type, name
+        assert (sizes[key.strip()], sizes[leaf.strip()]) == (spec.key_size, spec.value_size), name
         limit = _define(max_entries) if not max_entries.isdigit() else int(max_entries)
         assert limit == spec.max_entries, name
 
@@ -88,3 +98,42 @@ def test_unknown_family_in_a_key_is_an_error() -> None:
     key.family = 7
     with pytest.raises(ValueError, match="family 7"):
         rm.unpack_addr(key)
+
+
+# What an agent of layout 1 pinned: no ambit_wl_home, and ambit_stats one entry shorter (no drop_spoofed).
+LAYOUT_1 = {
+    "ambit_workloads": rm.WORKLOADS.shape,
+    "ambit_ifaces": rm.IFACES.shape,
+    "ambit_config": rm.CONFIG.shape,
+    "ambit_stats": (rm.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8),
+}
+
+
+def test_layout_1_pins_migrate_by_adding_homes_and_replacing_only_the_counters() -> None:
+    plan = rm.plan_migration("/sys/fs/bpf/ambit/n1", 1, LAYOUT_1)
+    assert plan.create == (rm.HOMES,)
+    assert plan.replace == (rm.STATS,)
+    assert plan.describe() == ["created ambit_wl_home", "replaced ambit_stats, counts reset"]
+
+
+def test_current_pins_need_no_migration() -> None:
+    current = {spec.name: spec.shape for spec in rm.ALL_MAPS}
+    assert rm.plan_migration("/p", rm.LAYOUT_VERSION, current) == rm.PinMigration()
+
+
+def test_pins_of_a_newer_layout_are_refused_even_when_every_shape_fits() -> None:
+    current = {spec.name: spec.shape for spec in rm.ALL_MAPS}
+    with pytest.raises(RedirectPinError, match=rf"/p have layout {rm.LAYOUT_VERSION + 1}, newer than"):
+        rm.plan_migration("/p", rm.LAYOUT_VERSION + 1, current)
+
+
+def test_a_changed_state_map_is_refused_not_replaced() -> None:
+    # Enrollment is state the kernel acts on: replacing it would silently release every pod.
+    changed = dict(LAYOUT_1, ambit_workloads=(rm.BPF_MAP_TYPE_PERCPU_HASH, 20, 32, 16384))
+    with pytest.raises(RedirectPinError, match=r"/p/ambit_workloads has .* \(5, 20, 32, 16384\)"):
+        rm.plan_migration("/p", 1, changed)
+
+
+def test_only_the_stats_map_may_be_replaced_by_a_migration() -> None:
+    # Marking a state map counters-only would let a migration wipe enrollment or homes without a word.
+    assert [spec.name for spec in rm.ALL_MAPS if spec.counters_only] == ["ambit_stats"]

@@ -58,7 +58,8 @@ def test_enrolled_and_peer_pods_are_grouped_per_interface() -> None:
     assert plan.interfaces[4].enrolled == set() and plan.interfaces[4].peers == {"10.0.2.5"}
     # A bridge carrying an enrolled and a non-enrolled pod: one attachment, both roles.
     assert plan.interfaces[5].enrolled == {"10.0.3.5"} and plan.interfaces[5].peers == {"10.0.3.6"}
-    assert plan.workloads_on([3, 4]) == {"10.0.1.5"}
+    assert plan.homes_on([3, 4]) == {"10.0.1.5": 3}
+    assert plan.homes_on([3, 5]) == {"10.0.1.5": 3, "10.0.3.5": 5}  # peers have no home: they are not enrolled
 
 
 def test_peers_get_no_program_while_nothing_local_is_enrolled() -> None:

@@ -29,9 +29,9 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from hpack.exceptions import HPACKError
+from hpack.exceptions import HPACKError, OversizedHeaderListError
 
-from agent.header_block import BlockDecoder, BlockEncoder, Header
+from agent.header_block import BlockDecoder, BlockEncoder, Header, HeaderListTooLarge
 
 _PER_STREAM_HEADERS = frozenset({"forwarded", "traceparent"})
 # hpack logs every integer and table operation at DEBUG: about a third of the cost of coding a CONNECT header
@@ -75,9 +75,15 @@ S_MAX_HEADER_LIST_SIZE = 6
 # Headers a CONNECT tunnel must never carry (RFC 9113 8.2.2).
 _CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 # RFC 9113 8.2.1: a field name is a lowercase token; a value has no NUL, CR or LF and no whitespace at either end.
-# Either makes the request malformed (a 400 for that stream): one regex call per field, a CONNECT has about five.
+# Either makes the message malformed (a 400 for a request, a stream error for a response): one regex call per
+# field, a CONNECT or its answer has about five.
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
+_STATUS = re.compile(r"[1-9][0-9][0-9]")  # RFC 9110 15: three ASCII digits (str.isdigit also takes "²")
+# The pseudo-headers each kind of header list may carry (RFC 9113 8.3; a CONNECT has no :scheme or :path, 8.5).
+_REQUEST_PSEUDO = frozenset({":method", ":authority"})
+_RESPONSE_PSEUDO = frozenset({":status"})
+_TRAILER_PSEUDO: frozenset[str] = frozenset()
 
 
 class ErrorCode(enum.IntEnum):
@@ -830,38 +836,53 @@ class HboneConnection:
             self._state = _ST_CONT
 
     def _add_fragment(self, block: _HeaderBlock, fragment: memoryview) -> None:
+        """Encoded blocks are buffered up to the decoder's hard size: one that is bigger would be refused after
+        decoding anyway (an encoder that means it writes no more octets than the list has), and decoding it
+        would cost CPU in proportion. Up to there an oversized list is only a stream error."""
         block.size += len(fragment)
-        if block.size > self.settings.max_header_list_size:
-            raise _ConnError(ErrorCode.ENHANCE_YOUR_CALM, "header_too_large: header block exceeds the limit")
+        hard = self._decoder.hard_header_list_size
+        if block.size > hard:
+            raise _ConnError(
+                ErrorCode.ENHANCE_YOUR_CALM, f"header_too_large: header block of {block.size}+ bytes exceeds {hard}"
+            )
         block.fragments.append(bytes(fragment))
-
-    def _decode(self, block: _HeaderBlock) -> list[tuple[str, str]]:
-        try:
-            return self._decoder.decode(b"".join(block.fragments))
-        except HPACKError as e:
-            reason = "header_too_large" if "larger than" in str(e) else "bad header block"
-            raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"{reason}: {e}") from None
 
     def _on_header_block(self, block: _HeaderBlock, events: list[Event]) -> None:
         # Decode first, always: the HPACK table must stay in sync even for streams we refuse.
-        headers = self._decode(block)
+        oversize = ""
+        try:
+            headers = self._decoder.decode(b"".join(block.fragments))
+        except HeaderListTooLarge as e:
+            headers = []
+            oversize = f"header_too_large: {'response' if self.client else 'request'} {e}"
+        except OversizedHeaderListError as e:
+            raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"header_too_large: {e}") from None
+        except HPACKError as e:
+            raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}") from None
         sid = block.stream_id
         if self.client:
-            self._on_response_headers(sid, headers, block.end_stream, events)
+            self._on_response_headers(sid, headers, oversize, block.end_stream, events)
         else:
-            self._on_request_headers(sid, headers, block.end_stream, events)
+            self._on_request_headers(sid, headers, oversize, block.end_stream, events)
+
+    def _on_trailers(
+        self, st: _Stream, headers: list[tuple[str, str]], oversize: str, end_stream: bool, events: list[Event]
+    ) -> None:
+        """A header block after the stream's first. HBONE sends none, but a trailer-only END_STREAM is a
+        harmless half-close; anything else is a stream error."""
+        problem = oversize or _check_fields(headers, _TRAILER_PSEUDO, "trailer")[2]
+        if problem or st.remote_closed or not end_stream:
+            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, problem or "unexpected HEADERS on an open stream", events)
+            return
+        events.append(StreamEnded(st.id))
+        self._remote_close(st)
 
     def _on_request_headers(
-        self, sid: int, headers: list[tuple[str, str]], end_stream: bool, events: list[Event]
+        self, sid: int, headers: list[tuple[str, str]], oversize: str, end_stream: bool, events: list[Event]
     ) -> None:
         st = self._streams.get(sid)
         if st is not None:
-            # Trailers: HBONE has none, but a trailer-only END_STREAM is a harmless half-close.
-            if st.remote_closed or not end_stream:
-                self._stream_error(st, ErrorCode.PROTOCOL_ERROR, "unexpected HEADERS on an open stream", events)
-                return
-            events.append(StreamEnded(sid))
-            self._remote_close(st)
+            self._on_trailers(st, headers, oversize, end_stream, events)
             return
         if sid % 2 == 1 and sid <= self._last_remote_id and end_stream:
             # A trailer block on a stream already closed, typically one we reset while the peer was finishing it:
@@ -883,32 +904,13 @@ class HboneConnection:
         self._remote_streams += 1
         if end_stream:
             st.remote_closed = True
-        method = authority = None
-        regular: list[tuple[str, str]] = []
-        problem = ""
-        pseudo_done = False
-        for name, value in headers:
-            if _BAD_FIELD_VALUE.search(value) is not None:
-                problem = f"invalid value of {name}"
-            elif name.startswith(":"):
-                if pseudo_done:
-                    problem = "pseudo-header after regular header"
-                elif name == ":method" and method is None:
-                    method = value
-                elif name == ":authority" and authority is None:
-                    authority = value
-                elif name in (":scheme", ":path", ":protocol"):
-                    problem = f"{name} not allowed in CONNECT"
-                else:
-                    problem = f"unexpected pseudo-header {name}"
-            else:
-                pseudo_done = True
-                if _FIELD_NAME.fullmatch(name) is None:
-                    problem = f"invalid header name {name!r}"
-                elif name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
-                    problem = f"connection-specific header {name}"
-                else:
-                    regular.append((name, value))
+        if oversize:
+            # What h2 does for ztunnel: the request is answered on its stream, the connection carries on.
+            self._reject(st, 431, oversize, "", events)
+            return
+        pseudo, regular, problem = _check_fields(headers, _REQUEST_PSEUDO, "CONNECT")
+        method = pseudo.get(":method")
+        authority = pseudo.get(":authority")
         if method is not None and method != "CONNECT":
             self._reject(st, 400, "bad_request", f"method {method} is not CONNECT", events)
         elif problem or method is None or not authority:
@@ -920,10 +922,10 @@ class HboneConnection:
 
     def _reject(self, st: _Stream, status: int, reason: str, detail: str, events: list[Event]) -> None:
         self.send_response(st.id, status)
-        events.append(RequestRejected(st.id, status, f"{reason}: {detail}"))
+        events.append(RequestRejected(st.id, status, f"{reason}: {detail}" if detail else reason))
 
     def _on_response_headers(
-        self, sid: int, headers: list[tuple[str, str]], end_stream: bool, events: list[Event]
+        self, sid: int, headers: list[tuple[str, str]], oversize: str, end_stream: bool, events: list[Event]
     ) -> None:
         st = self._streams.get(sid)
         if st is None:
@@ -931,31 +933,25 @@ class HboneConnection:
                 raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {sid} we never opened")
             return  # response to a stream we already reset
         if st.responded:
-            if end_stream and not st.remote_closed:
-                events.append(StreamEnded(sid))
-                self._remote_close(st)
-            else:
-                self._stream_error(st, ErrorCode.PROTOCOL_ERROR, "unexpected HEADERS after the response", events)
+            self._on_trailers(st, headers, oversize, end_stream, events)
             return
-        status = None
-        regular: list[tuple[str, str]] = []
-        for name, value in headers:
-            if name == ":status" and status is None and value.isdigit() and len(value) == 3:
-                status = int(value)
-            elif name.startswith(":"):
-                status = None
-                break
-            else:
-                regular.append((name, value))
-        if status is None:
-            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, "malformed response headers", events)
+        if oversize:
+            # h2 (ztunnel's client) resets such a stream too: a response we cannot hold is as good as none.
+            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, oversize, events)
             return
-        if 100 <= status < 200:
-            if end_stream:
-                self._stream_error(st, ErrorCode.PROTOCOL_ERROR, "informational response with END_STREAM", events)
+        pseudo, regular, problem = _check_fields(headers, _RESPONSE_PSEUDO, "response")
+        status = pseudo.get(":status")
+        problem = problem or _status_problem(status, end_stream)
+        if problem or status is None:
+            # Reported to the opener as a failed CONNECT (StreamReset before any response), the pooled
+            # connection and its other streams carry on.
+            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, f"malformed_response: {problem}", events)
             return
+        code = int(status)
+        if code < 200:
+            return  # an informational response: the final one follows
         st.responded = True
-        events.append(ResponseReceived(sid, status, regular))
+        events.append(ResponseReceived(sid, code, regular))
         if end_stream:
             events.append(StreamEnded(sid))
             self._remote_close(st)
@@ -1126,6 +1122,46 @@ class HboneConnection:
             pos += fsize
             parts.append(_frame(CONTINUATION, FLAG_END_HEADERS if pos >= len(block) else 0, sid, chunk))
         self._out.append(b"".join(parts))
+
+
+def _check_fields(
+    headers: list[tuple[str, str]], allowed_pseudo: frozenset[str], kind: str
+) -> tuple[dict[str, str], list[tuple[str, str]], str]:
+    """RFC 9113 8.2 and 8.3 for one decoded header list: (its pseudo-headers by name, its regular fields, the
+    first problem or ""). Pseudo-headers come first, each at most once and only those ``allowed_pseudo`` names;
+    names are lowercase tokens, values without NUL/CR/LF or edge whitespace, no connection-specific fields."""
+    pseudo: dict[str, str] = {}
+    regular: list[tuple[str, str]] = []
+    for name, value in headers:
+        if _BAD_FIELD_VALUE.search(value) is not None:
+            return pseudo, regular, f"invalid value of {name}"
+        if name.startswith(":"):
+            if regular:
+                return pseudo, regular, "pseudo-header after regular header"
+            if name not in allowed_pseudo:
+                return pseudo, regular, f"pseudo-header {name} not allowed in a {kind}"
+            if name in pseudo:
+                return pseudo, regular, f"duplicate {name}"
+            pseudo[name] = value
+        elif _FIELD_NAME.fullmatch(name) is None:
+            return pseudo, regular, f"invalid header name {name!r}"
+        elif name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
+            return pseudo, regular, f"connection-specific header {name}"
+        else:
+            regular.append((name, value))
+    return pseudo, regular, ""
+
+
+def _status_problem(status: str | None, end_stream: bool) -> str:
+    if status is None:
+        return "no :status"
+    if _STATUS.fullmatch(status) is None:
+        return f"invalid :status {status!r}"
+    if status == "101":
+        return ":status 101 is not allowed in HTTP/2"  # RFC 9113 8.6
+    if status[0] == "1" and end_stream:
+        return "informational response with END_STREAM"
+    return ""
 
 
 def _coalesce(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from hpack import Decoder, Encoder
 from hpack.exceptions import InvalidTableIndex
-from hpack.table import HeaderTable
+from hpack.table import HeaderTable, table_entry_size
 
 Header = tuple[str, str, bool]
 """(name, value, never_indexed) as sent; never-indexed values are the ones that differ on every stream."""
@@ -25,6 +25,18 @@ Header = tuple[str, str, bool]
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index of the name, {value: index})
 _FIRST_DYNAMIC = HeaderTable.STATIC_TABLE_LENGTH + 1
 _MAX_CONTINUATION = 3  # octets after an integer's prefix the direct path reads (2^21: beyond any block of ours)
+# The hard header list limit is this many times the advertised SETTINGS_MAX_HEADER_LIST_SIZE (see BlockDecoder).
+HARD_LIMIT_FACTOR = 2
+
+
+class HeaderListTooLarge(Exception):
+    """The block was decoded in full (the tables are in sync with the peer's) but its header list is above the
+    advertised limit: a stream error, the connection carries on."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"header list of {size} bytes exceeds {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class _Unusual(Exception):
@@ -91,19 +103,36 @@ class BlockEncoder:
 
 class BlockDecoder:
     """Decodes header blocks for one connection's HPACK context into (name, value) strings (latin-1, as
-    received: HBONE's headers are ASCII and nothing downstream may fail on a peer's odd bytes)."""
+    received: HBONE's headers are ASCII and nothing downstream may fail on a peer's odd bytes).
+
+    Two limits, both in RFC 7541 4.1 bytes (name + value + 32 per field). Up to ``max_header_list_size`` (what
+    we advertise) a list is returned. Above it, up to ``hard_header_list_size`` (HARD_LIMIT_FACTOR times that),
+    the block is still decoded to its end, so that every dynamic-table insertion in it happens and later blocks
+    decode right, and then refused with HeaderListTooLarge: ztunnel's h2 answers such a request 431 (or resets
+    the response's stream), and the connection carries on. Above the hard size hpack stops mid-block; the table
+    is then out of step with the peer's and only a connection error is left. The hard size is what bounds the
+    memory a peer can make us decode into (a one-octet index can stand for a 4 KiB table entry, so without it a
+    small block could inflate a thousandfold), and, applied by the caller to the encoded block it buffers, the
+    CPU a block can cost.
+    """
 
     def __init__(self, *, max_header_list_size: int, max_table_size: int) -> None:
-        self.hpack = Decoder(max_header_list_size=max_header_list_size)
+        self.max_header_list_size = max_header_list_size
+        self.hard_header_list_size = HARD_LIMIT_FACTOR * max_header_list_size
+        self.hpack = Decoder(max_header_list_size=self.hard_header_list_size)
         self.hpack.max_allowed_table_size = max_table_size
 
     def decode(self, block: bytes) -> list[tuple[str, str]]:
-        """Raises hpack's HPACKError subclasses for a block it refuses."""
+        """Raises HeaderListTooLarge (tables updated) above the advertised limit; hpack's HPACKError subclasses
+        for a block it refuses, OversizedHeaderListError above the hard size (tables left mid-block)."""
         try:
             return self._direct(block)
         except (_Unusual, IndexError, InvalidTableIndex):
             pass
         raw = self.hpack.decode(block, raw=True)
+        size = sum(table_entry_size(k, v) for k, v in raw)
+        if size > self.max_header_list_size:
+            raise HeaderListTooLarge(size, self.max_header_list_size)
         return [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in raw]
 
     def _direct(self, block: bytes) -> list[tuple[str, str]]:
@@ -113,7 +142,7 @@ class BlockDecoder:
         if table.maxsize > dec.max_allowed_table_size:
             raise _Unusual
         get = table.get_by_index
-        limit = dec.max_header_list_size
+        limit = self.max_header_list_size  # above it hpack decodes the rest, which may change the tables
         headers: list[tuple[str, str]] = []
         size = pos = 0
         end = len(block)

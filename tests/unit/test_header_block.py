@@ -7,10 +7,11 @@ import contextlib
 import pytest
 from hpack import Decoder, Encoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.table import table_entry_size
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.header_block import BlockDecoder, BlockEncoder, Header
+from agent.header_block import BlockDecoder, BlockEncoder, Header, HeaderListTooLarge
 
 # Static-table names and values (exact and name-only matches), and names only the dynamic table can know.
 NAMES = [":method", ":authority", ":status", "content-type", "accept-encoding", "forwarded", "baggage", "x-a"]
@@ -85,21 +86,25 @@ def test_decoder_reads_what_hpack_reads(steps: list[list[Header] | int], huffman
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=headers_st, garbage=st.binary(max_size=40), cut=st.integers(min_value=0, max_value=60))
 def test_decoder_fails_and_succeeds_like_hpack(prefix: list[Header], garbage: bytes, cut: int) -> None:
-    """Truncated, corrupted and random blocks: the same headers or the same error, and the same table after."""
+    """Truncated, corrupted and random blocks: the same headers or the same error, and the same table after.
+
+    hpack is given our hard limit; a list it decodes that is above our advertised limit is HeaderListTooLarge."""
     primer = Encoder().encode(prefix, huffman=False)  # fills both tables identically first
     ours = BlockDecoder(max_header_list_size=300, max_table_size=4096)
-    ref = Decoder(max_header_list_size=300)
+    ref = Decoder(max_header_list_size=ours.hard_header_list_size)
     for dec in (ours.hpack, ref):
         with contextlib.suppress(HPACKError):
             dec.decode(primer, raw=True)
     block = primer[:cut] + garbage
     try:
-        expected: object = _strings(ref.decode(block, raw=True))
+        raw = ref.decode(block, raw=True)
+        big = sum(table_entry_size(k, v) for k, v in raw) > 300
+        expected: object = HeaderListTooLarge if big else _strings(raw)
     except HPACKError as e:
         expected = type(e)
     try:
         got: object = ours.decode(block)
-    except HPACKError as e:
+    except (HPACKError, HeaderListTooLarge) as e:
         got = type(e)
     assert got == expected
     assert _table(ours.hpack) == _table(ref)
@@ -117,8 +122,29 @@ def test_repeated_table_size_keeps_the_peer_in_sync() -> None:
     assert _table(dec.hpack) == _table(enc.hpack)
 
 
-def test_decoder_enforces_the_header_list_limit() -> None:
+def test_decoder_enforces_the_header_list_limits() -> None:
+    """3 x 135 = 405 bytes: within 500; above 300 but within its hard limit (600) a HeaderListTooLarge; above
+    the hard limit of 150 (300) hpack's own error, mid-block."""
     block = Encoder().encode([("x-a", "v" * 100, True)] * 3, huffman=False)  # never indexed: the direct path
     assert BlockDecoder(max_header_list_size=500, max_table_size=4096).decode(block)
-    with pytest.raises(OversizedHeaderListError, match="larger than"):
+    with pytest.raises(HeaderListTooLarge, match="405 bytes exceeds 300") as err:
         BlockDecoder(max_header_list_size=300, max_table_size=4096).decode(block)
+    assert (err.value.size, err.value.limit) == (405, 300)
+    with pytest.raises(OversizedHeaderListError, match="larger than"):
+        BlockDecoder(max_header_list_size=150, max_table_size=4096).decode(block)
+
+
+@pytest.mark.parametrize("huffman", [False, True])
+def test_an_oversized_list_still_updates_the_tables(huffman: bool) -> None:
+    """A refused list must leave the dynamic table as the peer's encoder left it: the next block, made of
+    references to entries the refused one inserted, decodes to what was sent."""
+    enc = Encoder()
+    ours = BlockDecoder(max_header_list_size=1024, max_table_size=4096)
+    big = [(f"x-{i}", "v" * 200) for i in range(8)]  # 8 x 237 bytes: above 1024, within 2048; all inserted
+    with pytest.raises(HeaderListTooLarge):
+        ours.decode(enc.encode([(":authority", "10.0.0.2:8080"), *big], huffman=huffman))
+    assert _table(ours.hpack) == _table(enc)
+    later = [(":authority", "10.0.0.2:8080"), ("x-7", "v" * 200), ("x-3", "v" * 200)]
+    block = enc.encode(later, huffman=huffman)
+    assert len(block) == 3  # three indexed fields: wrong if our table had missed the insertions
+    assert ours.decode(block) == later

@@ -11,7 +11,7 @@ import ipaddress
 import socket
 from typing import Any
 
-from common.spiffe import Identity
+from common.spiffe import Identity, InvalidIdentity
 
 HBONE = 1  # istio.workload.TunnelProtocol.HBONE
 HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
@@ -32,6 +32,19 @@ class BadAuthority(ValueError):
 
 def workload_identity(wl: Any, default_trust_domain: str) -> Identity:
     return Identity(wl.trust_domain or default_trust_domain, wl.namespace, wl.service_account or "default")
+
+
+def service_sans(svc: Any) -> tuple[frozenset[Identity], list[str]]:
+    """The identities `svc`'s `subject_alt_names` name, which its endpoints may prove instead of their own (ztunnel's
+    workload_and_services_san), and the SANs that are no SPIFFE ID (ignored there with a warning)."""
+    ids: set[Identity] = set()
+    invalid: list[str] = []
+    for san in svc.subject_alt_names:
+        try:
+            ids.add(Identity.parse(san))
+        except InvalidIdentity:
+            invalid.append(san)
+    return frozenset(ids), invalid
 
 
 def workload_ips(wl: Any) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import random
 import socket
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from agent.addressing import (
     endpoint_address,
     format_address,
     ip_text,
+    service_sans,
     service_target_port,
     workload_identity,
 )
@@ -49,7 +51,10 @@ from agent.relay import SpliceRelay
 from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close, read_waiting
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay
+from common.log import kv
+from common.spiffe import Identity
 
+log = logging.getLogger("agent.outbound")
 _WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
 
 
@@ -250,6 +255,27 @@ _SCOPES = {  # the other istio.workload.LoadBalancing.Scope values
 }
 
 
+def accepted_sans(store: WorkloadStore, svc: Any | None) -> frozenset[Identity]:
+    """What an endpoint reached through `svc` may prove besides its own identity: the service's
+    `subject_alt_names` (ztunnel's upstream_sans), parsed once per store version; SANs that are no SPIFFE ID are
+    ignored, with a warning, as in ztunnel."""
+    if svc is None or not svc.subject_alt_names:
+        return frozenset()
+    memo = store.memo
+    key = ("sans", id(svc))
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        found, invalid = service_sans(svc)
+        memo[key] = found
+        if invalid:
+            log.warning(
+                "ignoring subject_alt_names that are no SPIFFE ID", extra=kv(service=svc.hostname, sans=invalid)
+            )
+    return found
+
+
 def baggage(wl: Any) -> str:
     """ztunnel's `baggage` value; empty parts are left out."""
     parts = [
@@ -372,7 +398,7 @@ class OutboundProxy:
             return
         try:
             stream = await self.pool.open_stream(
-                PoolKey(report.src_identity, report.dst_identity, r.target),
+                PoolKey(report.src_identity, report.dst_identity, r.target, accepted_sans(self.store, r.service)),
                 ctx,
                 format_address(r.authority),
                 hbone_headers(client, src, r.service),

@@ -1,4 +1,4 @@
-"""Pool of client HBONE connections, keyed like ztunnel's (source identity, destination identity, address).
+"""Pool of client HBONE connections, keyed like ztunnel's (source identity, destination identities, address).
 
 A Python mTLS handshake costs 3-6 ms of CPU, so user connections must become streams on pooled connections;
 concurrent openers for one key share a single handshake instead of stampeding, a connection takes at most
@@ -31,9 +31,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PoolKey:
+    """Connections are shared only by requests that would accept the same servers: a connection verified against
+    a service's `subject_alt_names` may have proved one of those rather than ``dst``, so ``also`` is part of the key
+    (ztunnel's WorkloadKey holds the whole list of acceptable identities)."""
+
     src: Identity
-    dst: Identity
+    dst: Identity  # the destination workload's identity
     addr: tuple[str, int]
+    also: frozenset[Identity] = frozenset()  # other identities the server may prove instead (service SANs)
+
+    @property
+    def accepted(self) -> frozenset[Identity]:
+        return self.also | {self.dst}
 
 
 class _Pooled:
@@ -80,7 +89,7 @@ class HboneConnectionPool:
         headers: list[tuple[str, str]],
         early: bytes = b"",
     ) -> HboneStream:
-        """A CONNECT stream to ``key.addr`` whose server proved to be ``key.dst``.
+        """A CONNECT stream to ``key.addr`` whose server proved to be ``key.dst`` or one of ``key.also``.
 
         ``ssl_context`` is the client context of ``key.src`` (CertificateManager.client_context). Raises
         HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures. A stream
@@ -116,7 +125,8 @@ class HboneConnectionPool:
 
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:
-            conn = await connect(key.addr, ssl_context, key.dst, config=self.config, stats=self.stats)
+            expected = key.accepted if key.also else key.dst
+            conn = await connect(key.addr, ssl_context, expected, config=self.config, stats=self.stats)
         except HboneConnectError:
             self.connect_failures += 1
             raise
@@ -190,6 +200,8 @@ class HboneConnectionPool:
             {
                 "src": str(p.key.src),
                 "dst": str(p.key.dst),
+                "also": sorted(str(i) for i in p.key.also),
+                "peer": str(p.conn.peer_identity),
                 "addr": f"{p.key.addr[0]}:{p.key.addr[1]}",
                 "streams": p.conn.active_streams,
                 "usable": p.conn.usable,

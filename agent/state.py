@@ -91,8 +91,8 @@ class WorkloadStore:
         self._versions: dict[str, dict[str, str]] = {ADDRESS_TYPE: {}, AUTHORIZATION_TYPE: {}}
         self._subscribers: list[Callable[[StoreChange], None]] = []
         self.memo: dict[Any, Any] = {}
-        """What the data path derives from the store and reuses per connection (a service's endpoint candidates):
-        emptied by every update that changes something, so nothing in it is ever stale."""
+        """What the data path derives from the store and reuses per connection (a service's endpoint candidates,
+        its accepted SANs): emptied by every update that changes something, so nothing in it is ever stale."""
 
     # ---- queries (the data path) ---------------------------------------------------------------------------------
 

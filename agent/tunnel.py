@@ -968,16 +968,18 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
 
 
 class _ClientProtocol(_HboneProtocol):
-    def __init__(self, expected: Identity, config: TunnelConfig, stats: TunnelStats) -> None:
+    def __init__(self, expected: Identity | frozenset[Identity], config: TunnelConfig, stats: TunnelStats) -> None:
         super().__init__(client=True, config=config, stats=stats)
-        self.expected = expected
+        self.expected = expected if isinstance(expected, frozenset) else frozenset((expected,))
 
     def verify(self, transport: asyncio.Transport) -> str:
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN_H2:
             return "alpn"
         try:
-            self.peer_identity = verify_peer(sslobj, trust_domain=self.expected.trust_domain, expected=[self.expected])
+            # One of several (a service's subject_alt_names) may be of another trust domain: membership is the check.
+            domain = next(iter(self.expected)).trust_domain if len(self.expected) == 1 else None
+            self.peer_identity = verify_peer(sslobj, trust_domain=domain, expected=self.expected)
         except PeerVerificationError as e:
             return f"wrong_identity: {e}"
         return ""
@@ -1073,12 +1075,13 @@ class HboneClientConnection:
 async def connect(
     addr: tuple[str, int],
     ssl_context: ssl.SSLContext,
-    expected: Identity,
+    expected: Identity | frozenset[Identity],
     *,
     config: TunnelConfig | None = None,
     stats: TunnelStats | None = None,
 ) -> HboneClientConnection:
-    """TCP connect + TLS (no SNI) + SPIFFE check of the server against ``expected`` (and its trust domain).
+    """TCP connect + TLS (no SNI) + SPIFFE check of the server against ``expected`` (and its trust domain), or
+    against any one of a set of acceptable identities.
 
     Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity.
     """

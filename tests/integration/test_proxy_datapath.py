@@ -16,9 +16,10 @@ from agent import connections as connections_mod
 from agent import inbound as inbound_mod
 from agent.metrics import sample_value
 from agent.pool import PoolKey
+from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
-from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Mesh
+from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Agent, Mesh
 from tests.support.proxy_echo import connect_from, exchange_socket
 from tests.support.workloads import pod_workload
 
@@ -395,3 +396,28 @@ async def test_inbound_hairpin_connects_from_the_node_address(mesh: Mesh, monkey
         )
         stream.reset()
     assert rec.sources == [None, mesh.ip["client"]]
+
+
+async def test_a_service_san_vouches_for_an_endpoint_of_another_identity(mesh: Mesh) -> None:
+    """The node of echo-1 runs it as sa echo-vm (its own store says so, and it presents that certificate), while
+    the client's node knows it as sa echo: reached through the service whose subject_alt_names names echo-vm,
+    the tunnel is accepted (ztunnel's upstream_sans: the workload identity or any service SAN); addressed
+    directly, only the workload identity counts and the tunnel is refused."""
+    vm = "spiffe://cluster.local/ns/server/sa/echo-vm"
+    await mesh.n2.close()
+    n2_store = WorkloadStore()
+    real = wpb.Workload()
+    real.CopyFrom(mesh.workloads["echo-1"])
+    real.service_account = "echo-vm"
+    n2_store.put([*(w for name, w in mesh.workloads.items() if name != "echo-1"), real])
+    mesh.n2 = Agent("n2", n2_store, mesh.certs)
+    mesh.n2.serve_hbone(mesh.ip["echo-1"])
+    to_vip = mesh.n1.capture_outbound((mesh.ip["vip"], SERVICE_PORT))
+    assert await refused(mesh, "client", to_vip)  # the service does not vouch for echo-vm yet
+    mesh.service.subject_alt_names.append(vm)
+    mesh.store.put([mesh.service])
+    assert (await send(mesh, "client", to_vip, 200_000)).intact
+    assert await refused(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)))
+    await mesh.settled()
+    assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "hbone_503"}) == 2
+    assert [c["peer"] for c in mesh.n1.pool.snapshot()] == [vm]

@@ -208,3 +208,26 @@ async def test_connection_out_of_stream_ids_is_replaced_and_drained(
         await asyncio.sleep(0.02)
     assert pool.connection_count() == 1 and old not in pool._conns[key]
     await pool.close()
+
+
+async def test_a_service_san_is_accepted_and_keyed_apart(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
+    """A destination reached through a service with subject_alt_names may prove one of those instead of its own
+    identity (ztunnel's upstream_sans); a connection verified that way serves only requests accepting the same set:
+    a request expecting the workload identity alone gets a handshake of its own, and is refused."""
+    stats = TunnelStats()
+    pool = HboneConnectionPool(stats=stats)
+    workload = mesh.ca.identity("default", "the-pod")  # what the store says; the server proves mesh.server_id
+    via_service = PoolKey(mesh.client_id, workload, server.addr, frozenset({mesh.server_id}))
+    stream = await pool.open_stream(via_service, mesh.client_ctx, echo.addr, [])
+    assert await roundtrip(stream) == b"hello"
+    assert [c["peer"] for c in pool.snapshot()] == [str(mesh.server_id)]
+    with pytest.raises(HboneConnectError) as err:
+        await pool.open_stream(PoolKey(mesh.client_id, workload, server.addr), mesh.client_ctx, echo.addr, [])
+    assert "wrong_identity" in err.value.reason and stats.rejects["wrong_identity"] == 1
+    other_sans = PoolKey(mesh.client_id, workload, server.addr, frozenset({mesh.ca.identity("default", "other")}))
+    with pytest.raises(HboneConnectError):
+        await pool.open_stream(other_sans, mesh.client_ctx, echo.addr, [])
+    assert pool.connections_created == 1 and server.connections == 3
+    again = await pool.open_stream(via_service, mesh.client_ctx, echo.addr, [])  # the verified one is reused
+    assert await roundtrip(again) == b"hello" and pool.connections_created == 1
+    await pool.close()

@@ -118,6 +118,8 @@ class HboneSettings:
     connection_window: int = 16 * 1024 * 1024
     max_frame_size: int = 1024 * 1024
     max_concurrent_streams: int = 200
+    # Advertised; a header list above it is a stream error (431 for a request, RST_STREAM for a response), above
+    # header_block.HARD_LIMIT_FACTOR times it a connection error (BlockDecoder says why).
     max_header_list_size: int = 64 * 1024
     header_table_size: int = 4096
 

@@ -7,10 +7,10 @@ server agent) and were about a tenth of an agent's CPU per connection. Nearly al
 (logging calls, type checks, small allocations), not coding. After the first stream of a pooled connection every
 header we send is either an exact table match (indexed) or a never-indexed literal (the per-stream values), and
 neither representation changes a table. Those blocks are coded here, against hpack's own tables; every block that
-needs a table change (a new entry, a size update), Huffman coding, or is malformed goes to hpack, untouched, which
-then also raises the errors. The direct path changes no state before it commits, so handing over is always
-exact: output bytes, decoded headers and table contents are those hpack gives (differential tests in
-tests/unit/test_header_block.py).
+needs a table change (a new entry, a size update), Huffman coding, is above the header list limit or is malformed
+goes to hpack, untouched, which then also raises the errors. The direct path changes no state before it commits,
+so handing over is always exact: output bytes, decoded headers and table contents are those hpack gives
+(differential tests in tests/unit/test_header_block.py).
 """
 
 from __future__ import annotations
@@ -108,12 +108,16 @@ class BlockDecoder:
     Two limits, both in RFC 7541 4.1 bytes (name + value + 32 per field). Up to ``max_header_list_size`` (what
     we advertise) a list is returned. Above it, up to ``hard_header_list_size`` (HARD_LIMIT_FACTOR times that),
     the block is still decoded to its end, so that every dynamic-table insertion in it happens and later blocks
-    decode right, and then refused with HeaderListTooLarge: ztunnel's h2 answers such a request 431 (or resets
-    the response's stream), and the connection carries on. Above the hard size hpack stops mid-block; the table
-    is then out of step with the peer's and only a connection error is left. The hard size is what bounds the
-    memory a peer can make us decode into (a one-octet index can stand for a 4 KiB table entry, so without it a
-    small block could inflate a thousandfold), and, applied by the caller to the encoded block it buffers, the
-    CPU a block can cost.
+    decode right, and then refused with HeaderListTooLarge: ztunnel's h2 answers such a request 431 (and resets
+    the stream of such a response), and the connection carries on. Above the hard size hpack stops mid-block; the
+    table is then out of step with the peer's and only a connection error is left.
+
+    Why a hard size at all, when h2 and Envoy reset the stream however big the list: they decode a block as its
+    frames arrive and drop fields past the limit, we decode whole blocks in Python. The hard size bounds what a
+    peer can make us hold (a one-octet index can stand for a 4 KiB table entry: without it a small block could
+    inflate a thousandfold) and, applied by the caller to the encoded block it buffers, the CPU one block costs
+    (hpack's Huffman decoding takes ~0.45 us an octet: ~60 ms for 128 KiB). Twice the limit still answers 431 to
+    lists somewhat over it, what a misconfigured peer sends; nothing an HBONE peer means sends more.
     """
 
     def __init__(self, *, max_header_list_size: int, max_table_size: int) -> None:

@@ -1,5 +1,5 @@
-"""What the proxy paths derive from `istio.workload` protobufs: a workload's IPs and SPIFFE identity, a
-service's target port, and the `ip:port` text of HBONE's `:authority`.
+"""What the proxy paths derive from `istio.workload` protobufs: a workload's IPs, SPIFFE identity and `baggage`, a
+service's target port and SANs, and the `ip:port` text of HBONE's `:authority`.
 
 Istio elides `trust_domain` when it is the mesh default and `service_account` when it is "default"
 (reference §2.1), so both are filled in here rather than at every call site.
@@ -21,6 +21,8 @@ IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
 HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK
 
 Address = tuple[str, int]
+
+_WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}  # istio.workload.WorkloadType
 
 # The agent's own listeners (outbound, inbound plaintext, HBONE): never a destination, or traffic would loop.
 AGENT_PORTS = frozenset({15001, 15006, 15008})
@@ -45,6 +47,21 @@ def service_sans(svc: Any) -> tuple[frozenset[Identity], list[str]]:
         except InvalidIdentity:
             invalid.append(san)
     return frozenset(ids), invalid
+
+
+def baggage(wl: Any) -> str:
+    """ztunnel's `baggage` value describing `wl` (the source on a CONNECT, the destination on its 200); empty
+    parts are left out."""
+    parts = [
+        ("k8s.cluster.name", wl.cluster_id),
+        ("k8s.namespace.name", wl.namespace),
+        (f"k8s.{_WORKLOAD_TYPES.get(wl.workload_type, 'deployment')}.name", wl.workload_name),
+        ("service.name", wl.canonical_name),
+        ("service.version", wl.canonical_revision),
+        ("cloud.region", wl.locality.region),
+        ("cloud.availability_zone", wl.locality.zone),
+    ]
+    return ",".join(f"{k}={v}" for k, v in parts if v)
 
 
 def workload_ips(wl: Any) -> list[str]:

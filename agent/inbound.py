@@ -5,7 +5,7 @@ names the destination pod; TLS is terminated with *that* pod's certificate (ther
 CONNECT is checked like ztunnel's inbound: the address must still belong to an enrolled workload of the
 identity the handshake asserted (503: a pooled connection outlives pods, and IPs are reused), `:authority`
 must be `ip:port` of that same pod (400), policy must allow the peer identity (401), the pod must accept the
-connection (503); then 200 and relay.
+connection (503); then 200 (with the pod's `baggage`, as ztunnel) and relay.
 
 Plaintext (15006): connections to enrolled pods from outside the mesh. The same policy check with no peer
 identity (STRICT PeerAuthentication arrives as a DENY of "no principal"), then spliced to the pod.
@@ -31,6 +31,7 @@ from agent.addressing import (
     Address,
     BadAuthority,
     address_owner,
+    baggage,
     destination_service,
     format_address,
     parse_authority,
@@ -95,10 +96,10 @@ def validate_authority(authority: str, local_ip: str) -> Address:
     return ip, port
 
 
-async def _respond(req: ConnectRequest, status: int) -> bool:
+async def _respond(req: ConnectRequest, status: int, headers: list[tuple[str, str]] | None = None) -> bool:
     """Answer the CONNECT; False when the client already gave up on the stream (nothing left to answer)."""
     try:
-        await req.respond(status)
+        await req.respond(status, headers)
     except HboneStreamReset:
         return False
     return True
@@ -268,7 +269,10 @@ class InboundProxy(_Common):
                 await _respond(req, 503)
                 report.finish(error=f"connect {format_address(dst)}: {e}", flags="CONNECT")
                 return
-            if not await _respond(req, 200):
+            # As ztunnel (ENABLE_RESPONSE_BAGGAGE, on by default): the 200, and only the 200, describes the
+            # destination in `baggage`, for a client that reports what answered.
+            bag = baggage(wl)
+            if not await _respond(req, 200, [("baggage", bag)] if bag else None):
                 upstream.close()
                 report.finish(error="client reset the stream before the answer", flags="CONNECT")
                 return

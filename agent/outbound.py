@@ -35,6 +35,7 @@ from agent.addressing import (
     LB_STRICT,
     Address,
     address_owner,
+    baggage,
     destination_service,
     endpoint_address,
     format_address,
@@ -55,9 +56,6 @@ from common.log import kv
 from common.spiffe import Identity
 
 log = logging.getLogger("agent.outbound")
-_WORKLOAD_TYPES = {0: "deployment", 1: "cronjob", 2: "pod", 3: "job"}
-
-
 # HBONE: up to this many bytes the client has already written go out with the CONNECT, in the same TLS write, so
 # they do not wait a round trip for the 200 (HboneClientConnection.open_stream). One default-size DATA frame.
 EARLY_DATA = 16384
@@ -274,20 +272,6 @@ def accepted_sans(store: WorkloadStore, svc: Any | None) -> frozenset[Identity]:
                 "ignoring subject_alt_names that are no SPIFFE ID", extra=kv(service=svc.hostname, sans=invalid)
             )
     return found
-
-
-def baggage(wl: Any) -> str:
-    """ztunnel's `baggage` value; empty parts are left out."""
-    parts = [
-        ("k8s.cluster.name", wl.cluster_id),
-        ("k8s.namespace.name", wl.namespace),
-        (f"k8s.{_WORKLOAD_TYPES.get(wl.workload_type, 'deployment')}.name", wl.workload_name),
-        ("service.name", wl.canonical_name),
-        ("service.version", wl.canonical_revision),
-        ("cloud.region", wl.locality.region),
-        ("cloud.availability_zone", wl.locality.zone),
-    ]
-    return ",".join(f"{k}={v}" for k, v in parts if v)
 
 
 def traceparent() -> str:

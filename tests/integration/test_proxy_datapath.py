@@ -14,6 +14,7 @@ from google.protobuf import empty_pb2
 
 from agent import connections as connections_mod
 from agent import inbound as inbound_mod
+from agent import tunnel as tunnel_mod
 from agent.metrics import sample_value
 from agent.pool import PoolKey
 from agent.state import WorkloadStore
@@ -421,3 +422,32 @@ async def test_a_service_san_vouches_for_an_endpoint_of_another_identity(mesh: M
     await mesh.settled()
     assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "hbone_503"}) == 2
     assert [c["peer"] for c in mesh.n1.pool.snapshot()] == [vm]
+
+
+async def test_the_200_carries_the_destinations_baggage(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ztunnel's inbound (ENABLE_RESPONSE_BAGGAGE, on by default): the 200 answering a CONNECT carries the
+    destination pod's `baggage`; a refusal carries none. Read from the responses our client decodes."""
+    answers: list[tuple[int, dict[str, str]]] = []
+    original = tunnel_mod._ClientProtocol.on_response
+
+    def record(self: Any, ev: Any) -> None:
+        answers.append((ev.status, dict(ev.headers)))
+        original(self, ev)
+
+    monkeypatch.setattr(tunnel_mod._ClientProtocol, "on_response", record)
+    assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)), 1000)).intact
+    mesh.set_policies(
+        deny_principal("deny-curl", mesh.identity("other").principal), selector={"echo-1": ["server/deny-curl"]}
+    )
+    assert await refused(mesh, "other", mesh.n1.capture_outbound((mesh.ip["echo-1"], ECHO_PORT)))
+    await mesh.settled()
+    assert answers == [
+        (
+            200,
+            {
+                "baggage": "k8s.cluster.name=Kubernetes,k8s.namespace.name=server,k8s.deployment.name=echo,"
+                "service.name=echo,service.version=v1"
+            },
+        ),
+        (401, {}),
+    ]

@@ -195,9 +195,11 @@ class _FakeRequest:
         self.peer_identity = peer
         self.stream = _FakeStream()
         self.statuses: list[int] = []
+        self.response_headers: list[list[tuple[str, str]] | None] = []
 
-    async def respond(self, status: int) -> None:
+    async def respond(self, status: int, headers: list[tuple[str, str]] | None = None) -> None:
         self.statuses.append(status)
+        self.response_headers.append(headers)
 
 
 class _Certs:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.outbound import OutboundConfig, RouteKind, baggage, hbone_headers, route, traceparent
+from agent.addressing import baggage
+from agent.outbound import OutboundConfig, RouteKind, hbone_headers, route, traceparent
 from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wpb
 from tests.support.workloads import pod_workload

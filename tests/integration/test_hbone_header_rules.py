@@ -1,6 +1,7 @@
-"""An oversized CONNECT header list sent by our client, over mTLS, to a real Envoy HBONE server and to ours.
+"""Header-list rules over real mTLS connections (tests/unit/test_hbone_headers.py pins them down frame by frame).
 
-What each does (the unit tests in tests/unit/test_hbone_headers.py pin ours down frame by frame):
+A malformed CONNECT response fails that CONNECT with a reason saying what was wrong, and the pooled connection
+keeps serving. An oversized CONNECT header list sent by our client to a real Envoy HBONE server and to ours:
 
 * Envoy (its default max_request_headers_kb, 60) resets that stream with INTERNAL_ERROR, however big the list;
   the connection and its other streams carry on.
@@ -11,12 +12,16 @@ What each does (the unit tests in tests/unit/test_hbone_headers.py pin ours down
 
 from __future__ import annotations
 
+import asyncio
 import os
+import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+from hpack import Encoder, NeverIndexedHeaderTuple
 
+from agent import hbone
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import HboneConnectError, HboneStreamReset, TunnelStats
 from bench.certs import CLIENT_ID, SERVER_ID
@@ -108,3 +113,75 @@ async def test_our_server_closes_the_connection_above_the_hard_limit(site: Site,
         assert ours.stats.rejects["header_too_large"] >= 1 and len(ours.requests) == 2
     finally:
         await ours.close()
+
+
+# ---------------------------------------------------------------------------------------- malformed responses
+
+MALFORMED = [
+    ([(b"server", b"x")], "malformed_response: no :status"),
+    (
+        [(b":status", b"200"), (b":method", b"CONNECT")],
+        "malformed_response: pseudo-header :method not allowed in a response",
+    ),
+    ([(b":status", b"\xb2\xb3\xb9")], "malformed_response: invalid :status '\xb2\xb3\xb9'"),
+    ([(b":status", b"200"), (b"Server", b"x")], "malformed_response: invalid header name 'Server'"),
+    ([(b":status", b"200"), (b"connection", b"close")], "malformed_response: connection-specific header connection"),
+]
+
+
+class MalformedAnswers:
+    """An HBONE server (our sans-IO core over TLS) that answers each CONNECT with the next header list of
+    ``answers`` as a raw HEADERS frame, and with a proper 200 once they are used up. The raw blocks are never-indexed
+    literals, so the core's own HPACK context (the client's view of it) is left as it was."""
+
+    def __init__(self, answers: list[list[tuple[bytes, bytes]]]) -> None:
+        self.answers = list(answers)
+        self.resets: list[hbone.StreamReset] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        core = hbone.HboneConnection(client=False)
+        core.initiate()
+        try:
+            while data := await reader.read(65536):
+                for ev in core.receive_data(data):
+                    if isinstance(ev, hbone.RequestReceived):
+                        writer.writelines(core.data_to_send())
+                        if self.answers:
+                            headers = [NeverIndexedHeaderTuple(n, v) for n, v in self.answers.pop(0)]
+                            block = Encoder().encode(headers, huffman=False)
+                            head = struct.pack(">L", len(block))[1:] + bytes([hbone.HEADERS, hbone.FLAG_END_HEADERS])
+                            writer.write(head + struct.pack(">L", ev.stream_id) + block)
+                        else:
+                            core.send_response(ev.stream_id, 200)
+                    elif isinstance(ev, hbone.StreamReset):
+                        self.resets.append(ev)
+                writer.writelines(core.data_to_send())
+        finally:
+            writer.close()
+
+
+async def test_malformed_responses_fail_their_connect_and_keep_the_pooled_connection(site: Site) -> None:
+    peer = MalformedAnswers([headers for headers, _ in MALFORMED])
+    server = await asyncio.start_server(peer.serve, site.ours_ip, 0, ssl=site.ca.server_context(site.server_leaf))
+    pool = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(CLIENT_ID, SERVER_ID, (site.ours_ip, server.sockets[0].getsockname()[1]))
+    ctx = site.ca.client_context(site.client_leaf)
+    try:
+        for _, reason in MALFORMED:
+            with pytest.raises(HboneConnectError) as err:
+                await pool.open_stream(key, ctx, "127.0.0.1:9", [])
+            assert (err.value.status, err.value.reason, err.value.retryable) == (503, reason, False)
+        stream = await pool.open_stream(key, ctx, "127.0.0.1:9", [])
+        assert stream.stream_id == 2 * len(MALFORMED) + 1 and pool.connections_created == 1
+        # each malformed answer was reset by the client with PROTOCOL_ERROR, on its stream only
+        for _ in range(100):
+            if len(peer.resets) == len(MALFORMED):
+                break
+            await asyncio.sleep(0.02)
+        assert [(r.stream_id, r.error_code) for r in peer.resets] == [
+            (2 * i + 1, hbone.ErrorCode.PROTOCOL_ERROR) for i in range(len(MALFORMED))
+        ]
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()

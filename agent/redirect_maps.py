@@ -209,9 +209,10 @@ def migrate_pins(pin_dir: str) -> list[str]:
         _pin_new_map(spec, os.path.join(pin_dir, spec.name))
     for spec in plan.replace:
         path = os.path.join(pin_dir, spec.name)
-        _pin_new_map(spec, path + ".new")
+        fresh = path + "_migrating"  # bpffs refuses names with a dot
+        _pin_new_map(spec, fresh)
         try:
-            os.rename(path + ".new", path)  # atomic: the pin is always one map or the other
+            os.rename(fresh, path)  # atomic: the pin is always one map or the other
         except OSError as exc:
             raise RedirectPinError(f"cannot replace {path}: {exc.strerror}") from exc
     return plan.describe()
@@ -252,7 +253,7 @@ def _shape_of(fd: int, path: str) -> Shape:
 
 def _pin_new_map(spec: MapSpec, path: str) -> None:
     try:
-        os.unlink(path)  # a leftover of an interrupted migration (only ever a ".new" name or an absent map)
+        os.unlink(path)  # a leftover of an interrupted migration (only ever a temporary name or an absent map)
     except FileNotFoundError:
         pass
     except OSError as exc:

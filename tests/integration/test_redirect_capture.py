@@ -7,11 +7,14 @@ set the enrollment they need first, so their order only matters for the last two
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import dataclasses
 import os
 import re
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -31,7 +34,17 @@ from agent.redirect import (
     RedirectPinError,
     cleanup,
 )
-from agent.redirect_maps import ALL_MAPS, RedirectMaps
+from agent.redirect_maps import (
+    ALL_MAPS,
+    CONFIG,
+    WORKLOADS,
+    ConfigEntry,
+    PinnedMap,
+    RedirectMaps,
+    WlCounters,
+    pack_addr,
+    possible_cpus,
+)
 from tests.support import redirect_topology as rt
 
 IPV6_HOPOPTS = 54
@@ -393,6 +406,181 @@ def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
         ipr.close()
         b.cleanup()
         env.r.reconcile({env.pa.ip}, env.all_pods())
+
+
+@contextlib.contextmanager
+def _borrowed(env: Env, netns: str, *addrs: str) -> Iterator[None]:
+    """Give a pod extra addresses (another pod's, to send as it); removed again however the test ends."""
+    for addr in addrs:
+        env.topo.ip(netns, "addr", "add", f"{addr}/{128 if ':' in addr else 32}", "dev", "eth0", "nodad")
+    try:
+        yield
+    finally:
+        for addr in addrs:
+            env.topo.ip(netns, "addr", "del", f"{addr}/{128 if ':' in addr else 32}", "dev", "eth0")
+
+
+def _forged_ack(netns: str, src: str, dst: str, dport: int) -> None:
+    """One bare TCP ACK from ``src`` (a raw socket: as if injected into an established connection of ``src``)."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    with rt.enter(netns):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with raw:
+        raw.sendto(ip + tcp, (dst, 0))
+
+
+def test_a_pod_sending_as_another_enrolled_pod_is_dropped_and_counted(env: Env) -> None:
+    pa, pb, pc = env.pa, env.pb, env.pc
+    enrolled = {pa.ip, pb.ip, pa.ip6, pb.ip6}
+    env.start_listener("--dual")
+    try:
+        assert env.r.reconcile(enrolled, env.all_pods() | {p.ip6 for p in env.topo.pods.values()}) == {}
+        with _borrowed(env, pa.netns, pb.ip, pb.ip6), _borrowed(env, pc.netns, pa.ip):
+            stats, victim = env.r.stats(), env.r.counters()[pb.ip]
+            # pa as pb, over IPv4 and IPv6: without the check these were captured as pb's (pb's certificate).
+            for src, dst in ((pb.ip, pc.ip), (pb.ip6, pc.ip6)):
+                with pytest.raises(OSError):
+                    rt.connect(pa.netns, dst, 8080, src_ip=src, timeout=1.0)
+            # pc (not enrolled; its veth carries the program for same-node calls) as the enrolled pa.
+            with pytest.raises(OSError):
+                rt.connect(pc.netns, pb.ip, 8080, src_ip=pa.ip, timeout=1.0)
+            spoofed = env.r.stats()["drop_spoofed"]
+            assert spoofed >= stats["drop_spoofed"] + 3
+            # Not only SYNs: a forged segment of one of pb's connections never reaches the agent's sockets.
+            _forged_ack(pa.netns, pb.ip, pc.ip, 8080)
+            rt.wait_for(lambda: env.r.stats()["drop_spoofed"] > spoofed)
+            after = env.r.stats()
+            assert after["capture_outbound"] == stats["capture_outbound"]  # nothing of it was captured
+            assert after["capture_inbound"] == stats["capture_inbound"]
+            assert env.r.counters()[pb.ip] == victim  # nor counted as pb's traffic
+            # Each pod's own traffic is captured as before, the borrowed addresses notwithstanding.
+            for netns, src, dst in ((pa.netns, pa.ip, pc.ip), (pa.netns, pa.ip6, pc.ip6), (pb.netns, pb.ip, pc.ip)):
+                got = rt.connect(netns, dst, 8080, src_ip=src)
+                peer = f"[{src}]" if ":" in src else src
+                assert got.startswith("tproxy:15001 ") and f"peer={peer}:" in got, got
+            assert env.r.stats()["capture_outbound"] == after["capture_outbound"] + 3
+        # A source that is no enrolled workload keeps today's way: pa as the non-enrolled pc calling pb is a
+        # plaintext call from pc (inbound, no identity), neither outbound as pa nor dropped; the answer goes to
+        # the real pc, which resets it, so the handshake never completes.
+        before = env.r.stats()
+        with _borrowed(env, pa.netns, pc.ip), pytest.raises(OSError):
+            rt.connect(pa.netns, pb.ip, 8080, src_ip=pc.ip, timeout=1.0)
+        final = env.r.stats()
+        assert final["capture_inbound"] > before["capture_inbound"]
+        assert final["drop_spoofed"] == before["drop_spoofed"]
+        assert final["capture_outbound"] == before["capture_outbound"]
+    finally:
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
+def test_a_recycled_pod_address_follows_its_new_interface(env: Env) -> None:
+    """pb's IPv4 address handed to a pod behind pc's veth (an address reused by a new pod): the next reconcile
+    moves its home, so the new owner is captured as that workload and pb's interface (still enrolled through pb's
+    IPv6 address) may no longer send from it."""
+    pb, pc = env.pb, env.pc
+    enrolled, local = {pb.ip, pb.ip6}, env.all_pods() | {pb.ip6}
+    env.r.reconcile(enrolled, local)
+    maps = RedirectMaps.open(env.config.pin_dir)
+    try:
+        index = {name: iface["ifindex"] for name, iface in env.r.status()["interfaces"].items()}
+        assert maps.workload_homes() == {pb.ip: index[pb.node_if], pb.ip6: index[pb.node_if]}
+        env.topo.ip(env.topo.node, "route", "add", f"{pb.ip}/32", "dev", pc.node_if)
+        try:
+            with _borrowed(env, pc.netns, pb.ip):
+                assert env.r.reconcile(enrolled, local) == {}
+                assert maps.workload_homes() == {pb.ip: index[pc.node_if], pb.ip6: index[pb.node_if]}
+                got = rt.connect(pc.netns, env.pa.ip, 8080, src_ip=pb.ip)
+                assert got.startswith("tproxy:15001 ") and f"peer={pb.ip}:" in got
+                before = env.r.stats()["drop_spoofed"]
+                with pytest.raises(OSError):
+                    rt.connect(pb.netns, env.pa.ip, 8080, timeout=1.0)
+                assert env.r.stats()["drop_spoofed"] > before
+        finally:
+            env.topo.ip(env.topo.node, "route", "del", f"{pb.ip}/32", "dev", pc.node_if)
+        assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
+        assert maps.workload_homes() == {env.pa.ip: env.r.status()["interfaces"][env.pa.node_if]["ifindex"]}
+    finally:
+        maps.close()
+
+
+# What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
+LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name != "ambit_wl_home"} | {"ambit_stats": (6, 4, 8, 8)}
+
+
+def _pin_maps(pin_dir: str, shapes: dict[str, tuple[int, int, int, int]], config: ConfigEntry) -> None:
+    os.makedirs(pin_dir)
+    for name, (kind, key, value, entries) in shapes.items():
+        subprocess.run(
+            ["bpftool", "map", "create", f"{pin_dir}/{name}", "type", MAP_TYPE_NAMES[kind], "key", str(key),
+             "value", str(value), "entries", str(entries), "name", name],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    pinned = PinnedMap.open(CONFIG, pin_dir)
+    try:
+        pinned.update(ct.c_uint32(0), config)
+    finally:
+        pinned.close()
+
+
+def test_layout_1_pins_are_migrated_and_homes_filled_from_routes(env: Env) -> None:
+    cfg = RedirectConfig(instance=env.topo.prefix + "-1", uplinks=(env.topo.uplink,), tc_handle=0xA3B4)
+    node_netns = os.stat(f"/var/run/netns/{env.topo.node}").st_ino
+    try:
+        _pin_maps(cfg.pin_dir, LAYOUT_1, ConfigEntry(outbound_port=15001, layout_version=1, netns_cookie=node_netns))
+        workloads = PinnedMap.open(WORKLOADS, cfg.pin_dir)
+        try:
+            workloads.update(pack_addr(env.pa.ip), WlCounters(packets=7))
+        finally:
+            workloads.close()
+        r = Redirector(cfg)
+        with rt.enter(env.topo.node):
+            r.start()
+        try:
+            maps = RedirectMaps.open(cfg.pin_dir)  # every map in this agent's layout now
+            try:
+                pa_index = int(env.topo.ip(env.topo.node, "-o", "link", "show", env.pa.node_if).split(":")[0])
+                assert maps.workload_homes() == {env.pa.ip: pa_index}
+                assert maps.read_config().layout_version == 2
+                # Enrollment kept as it was, counters included (the 7 was written to every CPU's slot).
+                assert maps.workload_counters()[env.pa.ip].packets == 7 * possible_cpus()
+            finally:
+                maps.close()
+        finally:
+            r.close()
+    finally:
+        with rt.enter(env.topo.node):
+            cleanup(cfg)
+    assert not os.path.exists(cfg.pin_dir)
+
+
+def test_cleanup_reads_layout_1_pins(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = RedirectConfig(instance=env.topo.prefix + "-c", uplinks=(env.topo.uplink,))
+    node_netns = os.stat(f"/var/run/netns/{env.topo.node}").st_ino
+    try:
+        _pin_maps(cfg.pin_dir, LAYOUT_1, ConfigEntry(layout_version=1, netns_cookie=node_netns))
+        with rt.enter(env.topo.node):
+            removed = cleanup(cfg)
+        assert f"pins {cfg.pin_dir}" in removed
+        assert "pins unreadable" not in caplog.text  # not the by-name fallback for pins it cannot read
+    finally:
+        shutil.rmtree(cfg.pin_dir, ignore_errors=True)
+
+
+def test_pins_of_a_newer_layout_are_refused_and_left_alone(env: Env) -> None:
+    cfg = RedirectConfig(instance=env.topo.prefix + "-3", uplinks=(env.topo.uplink,), tc_handle=0xA3B5)
+    node_netns = os.stat(f"/var/run/netns/{env.topo.node}").st_ino
+    shapes = {s.name: s.shape for s in ALL_MAPS}
+    try:
+        _pin_maps(cfg.pin_dir, shapes, ConfigEntry(layout_version=3, netns_cookie=node_netns))
+        with rt.enter(env.topo.node), pytest.raises(RedirectPinError, match="layout 3, newer than this agent's 2"):
+            Redirector(cfg).start()
+        assert sorted(os.listdir(cfg.pin_dir)) == sorted(shapes)
+        assert f"ambit:{cfg.instance}" not in env.filters(env.topo.uplink)
+    finally:
+        shutil.rmtree(cfg.pin_dir, ignore_errors=True)  # cleanup() refuses to read them too; pins are plain files
 
 
 def test_compile_failures_are_precise_and_leave_nothing(env: Env, tmp_path: Path) -> None:

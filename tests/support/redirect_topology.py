@@ -168,6 +168,7 @@ def connect(
     port: int,
     *,
     src_port: int = 0,
+    src_ip: str = "",
     timeout: float = 5.0,
     sockopts: tuple[tuple[int, int, bytes], ...] = (),
 ) -> str:
@@ -178,9 +179,9 @@ def connect(
         for level, opt, value in sockopts:
             s.setsockopt(level, opt, value)
         s.settimeout(timeout)
-        if src_port:
+        if src_port or src_ip:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::" if ":" in ip else "0.0.0.0", src_port))
+            s.bind((src_ip or ("::" if ":" in ip else "0.0.0.0"), src_port))
         s.connect((ip, port))
         data = b""
         while not data.endswith(b"\n"):

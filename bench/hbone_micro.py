@@ -52,6 +52,7 @@ BACKEND_IP = "127.0.0.53"
 MIXED_A_CLIENT_IP, MIXED_A_SERVER_IP = "127.0.0.54", "127.0.0.55"  # Envoy client -> Ambit server
 MIXED_B_SERVER_IP = "127.0.0.56"  # Ambit client -> Envoy server
 ENVOY_CLIENT_ECHO, ENVOY_CLIENT_IPERF, ENVOY_HBONE = 15001, 15002, 15008
+PAIRS = ("tcp_direct", "ambit_pair", "envoy_pair", "tls_relay_pair", "envoy_to_ambit", "ambit_to_envoy")
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -377,6 +378,7 @@ def drive(args: argparse.Namespace) -> None:
         "envoy_to_ambit": bench.start_envoy_to_ambit,
         "ambit_to_envoy": bench.start_ambit_to_envoy,
     }
+    assert tuple(starters) == PAIRS
     names = [n for n in starters if n in args.only.split(",")]
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     try:
@@ -467,6 +469,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(PAIRS))
+    if args.cmd is None and unknown:
+        parser.error(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(PAIRS)}")
     if args.cmd == "ambit-client":
         ambit_client(args)
     elif args.cmd == "ambit-server":

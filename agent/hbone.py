@@ -838,9 +838,9 @@ class HboneConnection:
             self._state = _ST_CONT
 
     def _add_fragment(self, block: _HeaderBlock, fragment: memoryview) -> None:
-        """Encoded blocks are buffered up to the decoder's hard size: one that is bigger would be refused after
-        decoding anyway (an encoder that means it writes no more octets than the list has), and decoding it
-        would cost CPU in proportion. Up to there an oversized list is only a stream error."""
+        """Encoded blocks are buffered up to the decoder's hard size: a bigger one would be refused after decoding
+        anyway (an honest encoder's block is no longer than its header list), and decoding it would cost CPU in
+        proportion. Up to there an oversized list is only a stream error."""
         block.size += len(fragment)
         hard = self._decoder.hard_header_list_size
         if block.size > hard:

@@ -1,25 +1,29 @@
 """Outbound (15001): connections captured from enrolled pods, sent on through HBONE, the same-node fast path
 or plain passthrough.
 
-The routing decision (`route`) is a pure function of the store, so every case is a table test. Order as in
-ztunnel's `build_request`: refuse the agent's own ports; a service VIP in PASSTHROUGH mode goes to the VIP as
-plain TCP, any other VIP is load-balanced as ztunnel's `load_balance` (healthy endpoints, or all with health
-policy ALLOW_ALL, of this network, ranked by locality in STRICT/FAILOVER mode, weighted by capacity), each at
-its target port for the service port (a port the service does not declare has no upstream) and at an address
-of the client's family where the service's ip_families allow; otherwise an IP that a workload of this network
-owns is that workload. An HBONE workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or,
-when both ends are enrolled pods on this node, spliced through the kernel after the same checks the
-destination agent would make; a destination outside the mesh gets plain TCP. Waypoints are not routed to yet:
-`route` is where that decision goes.
+The routing decision (`route`) is a pure function of the store (and of which addresses are this node's), so every
+case is a table test. Order as in ztunnel's `build_request`: refuse the agent's own ports on this node's
+addresses, where a plain connection would land on the agent's listeners (ztunnel: on loopback; a pod outside the
+mesh or an outside server that really serves on 15001 stays reachable); a service VIP in PASSTHROUGH mode goes to
+the VIP as plain TCP, any other VIP is load-balanced as ztunnel's `load_balance` (healthy endpoints, or all with
+health policy ALLOW_ALL, of this network, ranked by locality in STRICT/FAILOVER mode, weighted by capacity), each
+at its target port for the service port (a port the service does not declare has no upstream) and at an address of
+the client's family where the service's ip_families allow; otherwise an IP that a workload of this network owns is
+that workload. An HBONE workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or, when both
+ends are enrolled pods on this node, spliced through the kernel after the same checks the destination agent would
+make; a destination outside the mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that
+decision goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +66,35 @@ EARLY_DATA = 16384
 MAX_EARLY_DATA = 65536
 
 
+def _is_loopback(ip: str) -> bool:
+    """127/8, ::1, the unspecified addresses (which connect to this host) and their IPv4-mapped forms."""
+    ip = canonical_ip(ip)
+    return ip.startswith("127.") or ip in ("::1", "0.0.0.0", "::")
+
+
+def is_node_address(ip: str) -> bool:
+    """Whether a plain connection to `ip` from the agent would stay on this node (its loopback, unspecified or
+    interface addresses), where the agent's own transparent listeners would take it. The kernel answers: a plain
+    socket (no IP_FREEBIND/IP_TRANSPARENT) binds only to a local address. Anything but EADDRNOTAVAIL counts as
+    local, so a doubt refuses; with net.ipv4.ip_nonlocal_bind=1 every address does."""
+    if _is_loopback(ip):
+        return True
+    ip = canonical_ip(ip)
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError as e:
+            return e.errno != errno.EADDRNOTAVAIL
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundConfig:
     hbone_port: int = 15008
-    own_ports: frozenset[int] = AGENT_PORTS  # never proxied to: a loop back into the agent
+    # Refused on this node's addresses (a loop into the agent) and, on the same-node path, as a pod's target port
+    # (what the destination's inbound refuses); elsewhere they are ports like any other.
+    own_ports: frozenset[int] = AGENT_PORTS
+    is_node_address: Callable[[str], bool] = is_node_address
     same_node_fast_path: bool = True
     keep_source_address: bool = True  # same-node fast path: connect from the client pod's IP
     connect_timeout: float = 5.0
@@ -103,7 +132,9 @@ def route(
 ) -> Route:
     """Where a connection from workload `src` to original destination `dst` goes."""
     ip, port = dst
-    if port in config.own_ports:
+    # ztunnel refuses its illegal ports on loopback only: its listeners live in the pod's netns. Ours live in the
+    # node's, so a connection to any of the node's addresses would reach them.
+    if port in config.own_ports and config.is_node_address(ip):
         return Route(RouteKind.REJECT, reason="self_call")
     # The client's namespace picks among services sharing the VIP, and hides other namespaces' NAMESPACE-visible
     # ones (the VIP is then no service to it); the client's network scopes the VIP, as ztunnel's lookup.
@@ -131,12 +162,6 @@ def route(
             return Route(RouteKind.REJECT, workload=wl, service=svc, reason="self_call")
         return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
     return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
-
-
-def _is_loopback(ip: str) -> bool:
-    """127/8, ::1, the unspecified addresses (which connect to this host) and their IPv4-mapped forms."""
-    ip = canonical_ip(ip)
-    return ip.startswith("127.") or ip in ("::1", "0.0.0.0", "::")
 
 
 _Candidate = tuple[Any, str, int]  # endpoint workload, address, target port

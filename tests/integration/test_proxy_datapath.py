@@ -7,6 +7,7 @@ import asyncio
 import logging
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
 from tests.integration.proxy_mesh import ECHO_PORT, SERVICE_PORT, SVC_HOST, Agent, Mesh
-from tests.support.proxy_echo import connect_from, exchange_socket
+from tests.support.proxy_echo import connect_from, echo_server, exchange_socket
 from tests.support.workloads import pod_workload
 
 MB = 1024 * 1024
@@ -451,3 +452,22 @@ async def test_the_200_carries_the_destinations_baggage(mesh: Mesh, monkeypatch:
         ),
         (401, {}),
     ]
+
+
+async def test_a_pod_outside_the_mesh_serving_on_an_agent_port_is_reachable(mesh: Mesh) -> None:
+    """The agent's ports are refused only on the node's own addresses (ztunnel: on loopback, where its listeners
+    are): a pod outside the mesh that really serves on 15001 gets its bytes. This harness's pods all live on the
+    host's loopback, which the default check rightly counts as the node's, so the node's address is named here."""
+    mesh.servers.append(await echo_server(mesh.ip["legacy"], 15001))
+    node = mesh.net + "1"
+    mesh.n1.outbound.config = replace(mesh.n1.outbound.config, is_node_address=lambda ip: ip == node)
+    assert (await send(mesh, "client", mesh.n1.capture_outbound((mesh.ip["legacy"], 15001)), 100_000)).intact
+    assert await refused(mesh, "client", mesh.n1.capture_outbound((node, 15001)))
+    await mesh.settled()
+    assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", {"reason": "self_call"}) == 1
+    assert (
+        sample_value(
+            mesh.n1.metrics, "istio_tcp_sent_bytes_total", {"destination_workload": "legacy", "reporter": "source"}
+        )
+        == 100_000
+    )

@@ -6,13 +6,15 @@ from __future__ import annotations
 import ipaddress
 import random
 import re
+import socket
 from collections import Counter
 from typing import Any
 
+import psutil
 import pytest
 
 from agent.addressing import baggage
-from agent.outbound import OutboundConfig, RouteKind, hbone_headers, route, traceparent
+from agent.outbound import OutboundConfig, RouteKind, hbone_headers, is_node_address, route, traceparent
 from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wpb
 from tests.support.workloads import pod_workload
@@ -73,10 +75,42 @@ def populate(store: WorkloadStore, *msgs: Any) -> None:
     store.put(msgs)
 
 
-def test_agent_ports_are_refused(store: WorkloadStore) -> None:
-    for port in (15001, 15006, 15008):
-        r = route(store, "n1", CLIENT, ("10.2.0.7", port))
+NODE_IP = "192.0.2.50"
+ON_NODE = OutboundConfig(is_node_address=lambda ip: ip == NODE_IP or ip.startswith("127."))
+
+
+@pytest.mark.parametrize("port", [15001, 15006, 15008])
+def test_agent_ports_are_refused_only_where_they_reach_an_agent(store: WorkloadStore, port: int) -> None:
+    """ztunnel refuses its own ports on loopback only (its listeners are in the pod's netns); ours are in the
+    node's netns, so on every address of the node. Elsewhere the port is like any other: a pod outside the mesh
+    or an outside server serving on it is reachable, a mesh pod's agent refuses it at its inbound (ztunnel's
+    SelfCall there), and the same-node splice, standing in for that inbound, refuses it too."""
+    for ip in (NODE_IP, "127.0.0.1"):
+        r = route(store, "n1", CLIENT, (ip, port), ON_NODE)
         assert (r.kind, r.reason) == (RouteKind.REJECT, "self_call")
+    for ip in ("10.3.0.4", "203.0.113.9"):  # a pod outside the mesh; an address nobody in the mesh has
+        r = route(store, "n1", CLIENT, (ip, port), ON_NODE)
+        assert r.kind is RouteKind.PASSTHROUGH and r.target == (ip, port)
+    r = route(store, "n1", CLIENT, ("10.2.0.7", port), ON_NODE)
+    assert r.kind is RouteKind.HBONE and r.authority == ("10.2.0.7", port)
+    r = route(store, "n1", CLIENT, ("10.1.0.9", port), ON_NODE)
+    assert (r.kind, r.reason) == (RouteKind.REJECT, "self_call")
+    r = route(store, "n1", CLIENT, (NODE_IP, 8080), ON_NODE)  # the node's other ports are not the agent's
+    assert r.kind is RouteKind.PASSTHROUGH
+
+
+def test_the_node_addresses_are_the_ones_the_kernel_has() -> None:
+    """The default check agrees with the interface list (psutil reads it another way, from the same kernel)."""
+    local = {
+        a.address.split("%")[0]
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
+    assert local and all(is_node_address(a) for a in local if not a.startswith("fe80:"))
+    assert is_node_address("0.0.0.0") and is_node_address("::ffff:127.0.0.1")
+    outside = next(f"198.51.100.{i}" for i in range(1, 255) if f"198.51.100.{i}" not in local)
+    assert not is_node_address(outside)
 
 
 def test_workload_ip_goes_through_hbone_to_15008(store: WorkloadStore) -> None:

@@ -78,10 +78,11 @@ class AgentConfig:
     early_data: int = field(default=EARLY_DATA, metadata=doc("bytes of a client's first write sent with the CONNECT"))
     drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
-    log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
+    log_level: str = field(default="info", metadata=doc(jsonlog.LOG_LEVEL_HELP))
     cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
 
     def __post_init__(self) -> None:
+        jsonlog.parse_levels(self.log_level)  # refused as a usage error here, not as a traceback at setup
         # Early bytes count against the peer's connection window until it answers; kept under one stream's share
         # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
         if not 0 <= self.early_data <= MAX_EARLY_DATA:

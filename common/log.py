@@ -133,12 +133,45 @@ def kv(**fields: Any) -> dict[str, Any]:
     return {"fields": fields}
 
 
+class LogLevelError(ValueError):
+    """A log level setting that names no level, or is not shaped `<level>` / `<logger>=<level>`."""
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING}
+_LEVELS |= {"error": logging.ERROR, "critical": logging.CRITICAL, "off": logging.CRITICAL + 10}
+
+
+LOG_LEVEL_HELP = "debug, info, warning, error; per logger too, e.g. info,access=warning (as RUST_LOG)"
+
+
+def parse_levels(spec: str) -> dict[str, int]:
+    """`info`, or ztunnel's RUST_LOG shape: `info,access=warning,agent.outbound=debug`. A bare level is the root
+    logger's (key ""), `name=level` one logger's and its children's. Why per logger at start: the agent writes a
+    line per connection under `access`, and a platform team that ships no access logs quiets it from the first
+    connection on (the admin port's `/logging` does the same at run time)."""
+    levels: dict[str, int] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.rpartition("=")
+        level = _LEVELS.get(value.strip().lower())
+        if level is None:
+            raise LogLevelError(f"log level {item!r}: {value.strip()!r} is not one of {', '.join(_LEVELS)}")
+        if sep and not name.strip():
+            raise LogLevelError(f"log level {item!r}: no logger name before '='")
+        levels[name.strip()] = level
+    return levels
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
-    """Route the root logger to one JSON line per record; idempotent."""
+    """Route the root logger to one JSON line per record, at the levels :func:`parse_levels` reads; idempotent."""
+    levels = parse_levels(level)
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, JsonHandler):
             h.flush()
             root.removeHandler(h)
     root.addHandler(JsonHandler(stream or sys.stderr))
-    root.setLevel(level.upper())
+    root.setLevel(levels.pop("", logging.INFO))
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)

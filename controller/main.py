@@ -59,7 +59,10 @@ class ControllerConfig:
     debounce_quiet: float = field(default=0.02, metadata=doc("push after this many quiet seconds"))
     debounce_max: float = field(default=1.0, metadata=doc("push at the latest this long after a change"))
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
-    log_level: str = field(default="info", metadata=doc("debug, info, warning, error"))
+    log_level: str = field(default="info", metadata=doc(jsonlog.LOG_LEVEL_HELP))
+
+    def __post_init__(self) -> None:
+        jsonlog.parse_levels(self.log_level)  # refused as a usage error here, not as a traceback at setup
 
 
 class StartupError(Exception):

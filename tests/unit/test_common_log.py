@@ -150,3 +150,59 @@ def test_access_log_lines_are_the_same_on_both_paths(stream: CountingStream) -> 
     via_record = one()
     assert direct == via_record
     assert direct["level"] == "warning" and direct["msg"] == "connection failed" and direct["bytes_recv"] == 20
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("info", {"": logging.INFO}),
+        ("WARN", {"": logging.WARNING}),
+        ("info,access=warning", {"": logging.INFO, "access": logging.WARNING}),
+        (" debug , agent.outbound = error ,", {"": logging.DEBUG, "agent.outbound": logging.ERROR}),
+        ("access=off", {"access": logging.CRITICAL + 10}),
+    ],
+)
+def test_level_settings_as_rust_log_shapes_them(spec: str, expected: dict[str, int]) -> None:
+    assert jsonlog.parse_levels(spec) == expected
+
+
+@pytest.mark.parametrize(("spec", "what"), [("verbose", "'verbose' is not one of"), ("=info", "no logger name")])
+def test_a_bad_level_setting_says_which_item(spec: str, what: str) -> None:
+    with pytest.raises(jsonlog.LogLevelError, match=what):
+        jsonlog.parse_levels(spec)
+
+
+def test_setup_sets_per_logger_levels_and_the_access_log_obeys() -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("access").level)
+    for h in saved[0]:
+        root.removeHandler(h)
+    out = CountingStream()
+    try:
+        jsonlog.setup("info,access=warning", out)
+        assert root.level == logging.INFO and logging.getLogger("access").level == logging.WARNING
+        report = AccessLog(Metrics()).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80))
+        report.finish(1, 1)  # a clean connection: info, quieted
+        AccessLog(Metrics()).start("inbound", ("10.1.0.5", 2), ("10.2.0.7", 80)).finish(error="connect: refused")
+        logging.getLogger("agent").info("still at info")
+        root.handlers[-1].flush()
+        assert [line["msg"] for line in out.lines()] == ["connection failed", "still at info"]
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logging.getLogger("access").setLevel(saved[2])
+
+
+def test_agent_and_controller_refuse_a_bad_level_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.main import AgentConfig
+    from common import flags
+    from controller.main import ControllerConfig
+
+    for cls in (AgentConfig, ControllerConfig):
+        with pytest.raises(SystemExit) as exc:
+            flags.parse(cls, ["--log-level", "info,access=loud"])
+        assert exc.value.code == 2
+        assert "log level 'access=loud': 'loud' is not one of" in capsys.readouterr().err

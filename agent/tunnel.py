@@ -89,8 +89,9 @@ class TunnelConfig:
 class TunnelStats:
     """Counters PROXY's metrics can read: ``rejects[reason]`` counts refused connections/streams by reason
     ("tls_handshake", "no_client_cert", "untrusted_peer", "trust_domain", "wrong_identity", "alpn",
-    "protocol_error", "bad_request", "header_too_large", "refused_stream"); ``errors[reason]`` counts
-    connections that failed later ("keepalive_timeout", "goaway_<code>", "connection_lost")."""
+    "protocol_error", "bad_request", "header_too_large", "refused_stream", and on the client side
+    "malformed_response"); ``errors[reason]`` counts connections that failed later ("keepalive_timeout",
+    "goaway_<code>", "connection_lost")."""
 
     rejects: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -101,6 +102,8 @@ class TunnelStats:
 
 
 STATS = TunnelStats()
+_COUNTED_RESETS = ("header_too_large:", "malformed_response:")
+"""Reasons of the core's own stream resets that refuse what the peer sent (counted like refused requests)."""
 """Process-wide default counters, used when no ``stats`` is passed."""
 
 
@@ -630,6 +633,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
                 st._on_eof()
                 self.forget_if_closed(st)
         elif isinstance(ev, hbone.StreamReset):
+            if not ev.remote and ev.reason.startswith(_COUNTED_RESETS):  # we refused what the peer sent
+                self.stats.rejects[ev.reason.split(":", 1)[0]] += 1
             st = streams.get(ev.stream_id)
             if st is not None:
                 refused = ev.remote and ev.error_code == ErrorCode.REFUSED_STREAM

@@ -163,7 +163,8 @@ class MalformedAnswers:
 async def test_malformed_responses_fail_their_connect_and_keep_the_pooled_connection(site: Site) -> None:
     peer = MalformedAnswers([headers for headers, _ in MALFORMED])
     server = await asyncio.start_server(peer.serve, site.ours_ip, 0, ssl=site.ca.server_context(site.server_leaf))
-    pool = HboneConnectionPool(stats=TunnelStats())
+    stats = TunnelStats()
+    pool = HboneConnectionPool(stats=stats)
     key = PoolKey(CLIENT_ID, SERVER_ID, (site.ours_ip, server.sockets[0].getsockname()[1]))
     ctx = site.ca.client_context(site.client_leaf)
     try:
@@ -181,6 +182,7 @@ async def test_malformed_responses_fail_their_connect_and_keep_the_pooled_connec
         assert [(r.stream_id, r.error_code) for r in peer.resets] == [
             (2 * i + 1, hbone.ErrorCode.PROTOCOL_ERROR) for i in range(len(MALFORMED))
         ]
+        assert stats.rejects["malformed_response"] == len(MALFORMED)  # counted by reason, as refused requests are
     finally:
         await pool.close()
         server.close()

@@ -86,6 +86,9 @@ class WorkloadStore:
         self._workloads_by_ip: dict[bytes, dict[str, None]] = {}
         self._workloads_by_node: dict[str, dict[str, None]] = {}
         self._services_by_vip: dict[tuple[str, bytes], dict[str, None]] = {}  # (network, VIP) -> service keys
+        # Addresses with a prefix length short of a host's (ServiceEntry CIDRs), in arrival order: ztunnel's
+        # by_cidr_vip, searched when no exact VIP answers.
+        self._cidr_vips: list[_CidrVip] = []
         self._endpoints: dict[str, dict[str, None]] = {}  # service key -> workload uids
         self._policies_by_scope: dict[str, dict[str, None]] = {}  # namespace, or "" for GLOBAL
         self._versions: dict[str, dict[str, str]] = {ADDRESS_TYPE: {}, AUTHORIZATION_TYPE: {}}
@@ -113,9 +116,15 @@ class WorkloadStore:
         `namespace` (no client: tooling, tests) nothing is filtered and no namespace is preferred.
         """
         packed = pack_ip(ip)
-        names = self._services_by_vip.get((network, packed)) if packed is not None else None
-        if not names:
+        if packed is None:
             return None
+        names = self._services_by_vip.get((network, packed))
+        found = self._best_of(names, namespace) if names else None
+        if found is None and self._cidr_vips:
+            return self._best_cidr(packed, namespace, network)
+        return found
+
+    def _best_of(self, names: dict[str, None], namespace: str | None) -> Service | None:
         if len(names) == 1:  # the common case: one service per VIP
             svc = self._services[next(iter(names))]
             return svc if namespace is None or _visible(svc, namespace) else None
@@ -135,6 +144,24 @@ class WorkloadStore:
             elif first is None:
                 first = svc
         return canonical if canonical is not None else first
+
+    def _best_cidr(self, packed: bytes, namespace: str | None, network: str) -> Service | None:
+        """ztunnel's get_best_by_cidr_vip: of the visible services whose CIDR holds the address, the best by (in
+        the client's namespace, longest prefix, canonical), the first to arrive on a tie."""
+        bits = len(packed) * 8
+        value = int.from_bytes(packed, "big")
+        best: Service | None = None
+        best_rank: tuple[bool, int, bool] | None = None
+        for cidr in self._cidr_vips:
+            if cidr.network != network or cidr.bits != bits or value >> (bits - cidr.prefix) != cidr.base:
+                continue
+            svc = self._services[cidr.key]
+            if namespace is not None and not _visible(svc, namespace):
+                continue
+            rank = (svc.namespace == namespace, cidr.prefix, svc.canonical)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = svc, rank
+        return best
 
     def service_by_key(self, key: str) -> Service | None:
         return self._services.get(key)
@@ -266,7 +293,14 @@ class WorkloadStore:
         self._services[key] = svc
         self._address_kind[key] = "s"
         for addr in svc.addresses:
-            _add(self._services_by_vip, (addr.network, bytes(addr.address)), key)
+            raw = bytes(addr.address)
+            if addr.HasField("length") and addr.length != len(raw) * 8:  # a CIDR; a host's length is its address
+                if addr.length < len(raw) * 8:  # a longer one is refused at the xDS boundary
+                    shift = len(raw) * 8 - addr.length
+                    base = int.from_bytes(raw, "big") >> shift
+                    self._cidr_vips.append(_CidrVip(addr.network, len(raw) * 8, base, addr.length, key))
+                continue
+            _add(self._services_by_vip, (addr.network, raw), key)
         change.services.add(key)
 
     def _remove_address(self, name: str, change: StoreChange) -> None:
@@ -285,6 +319,8 @@ class WorkloadStore:
             svc = self._services.pop(name)
             for addr in svc.addresses:
                 _discard(self._services_by_vip, (addr.network, bytes(addr.address)), name)
+            if self._cidr_vips:
+                self._cidr_vips = [c for c in self._cidr_vips if c.key != name]
             change.services.add(name)
 
     def _insert_policy(self, name: str, policy: Authorization, change: StoreChange) -> None:
@@ -302,6 +338,15 @@ class WorkloadStore:
         if scope is not None:
             _discard(self._policies_by_scope, scope, name)
         change.policies.add(name)
+
+
+@dataclass(frozen=True, slots=True)
+class _CidrVip:
+    network: str
+    bits: int  # 32 or 128
+    base: int  # the address's first `prefix` bits, as an integer
+    prefix: int
+    key: str  # the service's
 
 
 def _visible(svc: Service, namespace: str) -> bool:

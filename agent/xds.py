@@ -93,6 +93,8 @@ def validate_address(name: str, addr: wl_pb.Address) -> str | None:
         for a in s.addresses:
             if not _valid_ip(a.address):
                 return f"service address of {len(a.address)} bytes is not an IPv4/IPv6 address"
+            if a.HasField("length") and a.length > len(a.address) * 8:
+                return f"service address prefix length {a.length} is longer than the address"
         return None
     return "address has neither workload nor service"
 

@@ -26,6 +26,7 @@ class CaptureCollector(Collector):
         try:
             per_workload = self.redirector.counters()
             totals = self.redirector.stats()
+            spoofed = self.redirector.spoofed_drops()
         except Exception as e:  # capture not started (yet): report nothing rather than fail the whole scrape
             log.debug("capture counters unavailable", extra={"fields": {"error": repr(e)}})
             return
@@ -56,4 +57,11 @@ class CaptureCollector(Collector):
         )
         for name, value in sorted(totals.items()):
             events.add_metric([name], value)
-        yield from (packets, octets, conns, drops, events)
+        spoofing = CounterMetricFamily(
+            "ambit_capture_spoofed_drops",
+            "TCP a pod interface sent from the address of an enrolled workload living elsewhere (dropped)",
+            labels=["interface"],
+        )
+        for ifname, value in sorted(spoofed.items()):
+            spoofing.add_metric([ifname], value)
+        yield from (packets, octets, conns, drops, events, spoofing)

@@ -347,6 +347,13 @@ class Redirector:
             maps, _ = self._require_started()
             return maps.stat_totals()
 
+    def spoofed_drops(self) -> dict[str, int]:
+        """Pod interface name -> TCP it sent from another enrolled workload's address (dropped): who spoofs."""
+        with self._lock:
+            maps, _ = self._require_started()
+            attached = self._state.attached
+            return {attached[i].name: n for i, n in sorted(maps.spoofed_by_iface().items()) if i in attached}
+
     @property
     def capturing_any(self) -> bool:
         """At least one interface (uplink or pod) carries our program."""
@@ -370,12 +377,14 @@ class Redirector:
             started = self._maps is not None
             interfaces: dict[str, dict[str, Any]] = {}
             by_ip = st.ip_iface
+            spoofed = self._maps.spoofed_by_iface() if self._maps else {}
             for idx, att in sorted(st.attached.items()):
                 interfaces[att.name] = {
                     "ifindex": idx,
                     "role": "uplink" if att.flags & IF_UPLINK else "pod",
                     "enrolled": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.enrolled),
                     "peers": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.peers),
+                    "spoofed_drops": spoofed.get(idx, 0),
                 }
             return {
                 "instance": self.config.instance,

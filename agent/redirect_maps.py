@@ -108,9 +108,10 @@ STAT_NAMES = (
 WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(AmbitAddr), ct.sizeof(WlCounters), 16384)
 HOMES = MapSpec("ambit_wl_home", BPF_MAP_TYPE_HASH, ct.sizeof(AmbitAddr), 4, 16384)  # address -> ifindex
 IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
+IF_SPOOFED = MapSpec("ambit_if_spoofed", BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 4096, counters_only=True)
 CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
 STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(STAT_NAMES), counters_only=True)
-ALL_MAPS = (WORKLOADS, HOMES, IFACES, CONFIG, STATS)
+ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, CONFIG, STATS)
 
 
 def pack_addr(ip: str) -> AmbitAddr:
@@ -368,6 +369,7 @@ class RedirectMaps:
     workloads: PinnedMap
     homes: PinnedMap
     ifaces: PinnedMap
+    if_spoofed: PinnedMap
     config: PinnedMap
     stats: PinnedMap
 
@@ -384,7 +386,7 @@ class RedirectMaps:
         return cls(*opened)
 
     def close(self) -> None:
-        for m in (self.workloads, self.homes, self.ifaces, self.config, self.stats):
+        for m in (self.workloads, self.homes, self.ifaces, self.if_spoofed, self.config, self.stats):
             m.close()
 
     # --- typed accessors -------------------------------------------------------------------------------------
@@ -408,7 +410,19 @@ class RedirectMaps:
         self.ifaces.update(ct.c_uint32(ifindex), entry)
 
     def delete_iface(self, ifindex: int) -> bool:
+        """Forget an interface, its spoofing count included (ifindexes are reused by later interfaces)."""
+        self.if_spoofed.delete(ct.c_uint32(ifindex))
         return self.ifaces.delete(ct.c_uint32(ifindex))
+
+    def spoofed_by_iface(self) -> dict[int, int]:
+        """ifindex -> TCP packets dropped there as sent from another workload's address (summed over CPUs)."""
+        out: dict[int, int] = {}
+        for key in self.if_spoofed.keys(ct.c_uint32):
+            raw = self.if_spoofed.lookup_raw(key)
+            if raw is not None:
+                values: list[Any] = self.if_spoofed.per_cpu(raw, ct.c_uint64)
+                out[int(key.value)] = sum(int(v.value) for v in values)  # type: ignore[attr-defined]
+        return out
 
     def workload_ips(self) -> set[str]:
         return {unpack_addr(k) for k in self.workloads.keys(AmbitAddr)}  # type: ignore[arg-type]

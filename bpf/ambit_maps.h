@@ -12,9 +12,9 @@
 #error "AMBIT_PIN_DIR must be defined by the loader, e.g. -DAMBIT_PIN_DIR=\"/sys/fs/bpf/ambit/node1\""
 #endif
 
-/* 2: ambit_wl_home added (source anti-spoofing), ambit_stats grew AMBIT_STAT_DROP_SPOOFED. A layout-1 pin directory is
- * migrated in place by the agent (agent/redirect_maps.py: the new map created, the counters-only stats map
- * replaced); pins of a newer layout are refused. */
+/* 2: ambit_wl_home and ambit_if_spoofed added (source anti-spoofing), ambit_stats grew AMBIT_STAT_DROP_SPOOFED.
+ * A layout-1 pin directory is migrated in place by the agent (agent/redirect_maps.py: new maps created, the
+ * counters-only stats map replaced); pins of a newer layout are refused. */
 #define AMBIT_LAYOUT_VERSION 2
 
 #define AMBIT_AF_INET 2
@@ -83,6 +83,9 @@ BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, amb
  * ambit_workloads and removed after it leaves; an enrolled address without a home may be sent from nowhere. */
 BPF_TABLE_PINNED("hash", struct ambit_addr, u32, ambit_wl_home, 16384, AMBIT_PIN_DIR "/ambit_wl_home");
 BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN_DIR "/ambit_ifaces");
+/* TCP dropped as spoofed, per pod interface it came from (ifindex): which pod sends as another is what an operator
+ * needs to know. Touched on the drop path only; the agent removes an interface's entry with its ambit_ifaces one. */
+BPF_TABLE_PINNED("percpu_hash", u32, u64, ambit_if_spoofed, 4096, AMBIT_PIN_DIR "/ambit_if_spoofed");
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
 BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");
 

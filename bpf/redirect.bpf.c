@@ -79,6 +79,10 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
             u32 *home = ambit_wl_home.lookup(&key);
             if (!home || *home != ifindex) {
                 ambit_stat(AMBIT_STAT_DROP_SPOOFED);
+                u64 zero = 0;
+                u64 *by_if = ambit_if_spoofed.lookup_or_try_init(&ifindex, &zero);
+                if (by_if)
+                    *by_if += 1;
                 return TC_ACT_SHOT;
             }
             outbound = 1;

@@ -455,6 +455,11 @@ def test_a_pod_sending_as_another_enrolled_pod_is_dropped_and_counted(env: Env) 
             assert after["capture_outbound"] == stats["capture_outbound"]  # nothing of it was captured
             assert after["capture_inbound"] == stats["capture_inbound"]
             assert env.r.counters()[pb.ip] == victim  # nor counted as pb's traffic
+            # And the offenders are named: the drops are counted against the interface they came from.
+            by_if = env.r.spoofed_drops()
+            assert by_if[pa.node_if] >= 3 and by_if[pc.node_if] >= 1 and pb.node_if not in by_if, by_if
+            assert sum(by_if.values()) == after["drop_spoofed"] - stats["drop_spoofed"]
+            assert env.r.status()["interfaces"][pa.node_if]["spoofed_drops"] == by_if[pa.node_if]
             # Each pod's own traffic is captured as before, the borrowed addresses notwithstanding.
             for netns, src, dst in ((pa.netns, pa.ip, pc.ip), (pa.netns, pa.ip6, pc.ip6), (pb.netns, pb.ip, pc.ip)):
                 got = rt.connect(netns, dst, 8080, src_ip=src)
@@ -507,7 +512,8 @@ def test_a_recycled_pod_address_follows_its_new_interface(env: Env) -> None:
 
 
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
-LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name != "ambit_wl_home"} | {"ambit_stats": (6, 4, 8, 8)}
+LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed")}
+LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)
 
 
 def _pin_maps(pin_dir: str, shapes: dict[str, tuple[int, int, int, int]], config: ConfigEntry) -> None:

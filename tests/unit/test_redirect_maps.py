@@ -111,9 +111,13 @@ LAYOUT_1 = {
 
 def test_layout_1_pins_migrate_by_adding_homes_and_replacing_only_the_counters() -> None:
     plan = rm.plan_migration("/sys/fs/bpf/ambit/n1", 1, LAYOUT_1)
-    assert plan.create == (rm.HOMES,)
+    assert plan.create == (rm.HOMES, rm.IF_SPOOFED)
     assert plan.replace == (rm.STATS,)
-    assert plan.describe() == ["created ambit_wl_home", "replaced ambit_stats, counts reset"]
+    assert plan.describe() == [
+        "created ambit_wl_home",
+        "created ambit_if_spoofed",
+        "replaced ambit_stats, counts reset",
+    ]
 
 
 def test_current_pins_need_no_migration() -> None:
@@ -134,6 +138,6 @@ def test_a_changed_state_map_is_refused_not_replaced() -> None:
         rm.plan_migration("/p", 1, changed)
 
 
-def test_only_the_stats_map_may_be_replaced_by_a_migration() -> None:
+def test_only_counter_maps_may_be_replaced_by_a_migration() -> None:
     # Marking a state map counters-only would let a migration wipe enrollment or homes without a word.
-    assert [spec.name for spec in rm.ALL_MAPS if spec.counters_only] == ["ambit_stats"]
+    assert {spec.name for spec in rm.ALL_MAPS if spec.counters_only} == {"ambit_stats", "ambit_if_spoofed"}

@@ -40,6 +40,10 @@ class PoolKey:
     addr: tuple[str, int]
     also: frozenset[Identity] = frozenset()  # other identities the server may prove instead (service SANs)
 
+    def __post_init__(self) -> None:
+        if self.dst in self.also:  # SANs naming the workload itself: the same set as none, so the same connections
+            object.__setattr__(self, "also", self.also - {self.dst})
+
     @property
     def accepted(self) -> frozenset[Identity]:
         return self.also | {self.dst}

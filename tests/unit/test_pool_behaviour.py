@@ -231,3 +231,13 @@ async def test_a_service_san_is_accepted_and_keyed_apart(mesh: Mesh, server: Hbo
     again = await pool.open_stream(via_service, mesh.client_ctx, echo.addr, [])  # the verified one is reused
     assert await roundtrip(again) == b"hello" and pool.connections_created == 1
     await pool.close()
+
+
+def test_sans_naming_the_workload_itself_are_the_same_key(mesh: Mesh) -> None:
+    addr = ("127.0.0.1", 15008)
+    plain = PoolKey(mesh.client_id, mesh.server_id, addr)
+    assert PoolKey(mesh.client_id, mesh.server_id, addr, frozenset({mesh.server_id})) == plain
+    other = mesh.ca.identity("default", "other")
+    with_other = PoolKey(mesh.client_id, mesh.server_id, addr, frozenset({mesh.server_id, other}))
+    assert with_other != plain and with_other.also == {other}
+    assert with_other.accepted == {mesh.server_id, other}

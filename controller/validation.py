@@ -433,7 +433,7 @@ def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
     if isinstance(raw_meta, dict):
         if isinstance(raw_meta.get("name"), str) and raw_meta["name"]:
             ctx.name = raw_meta["name"]
-        if kind not in model.CLUSTER_SCOPED_KINDS:
+        if not (isinstance(kind, str) and kind in model.CLUSTER_SCOPED_KINDS):
             ns = raw_meta.get("namespace")
             ctx.namespace = ns if isinstance(ns, str) and ns else "default"
     if not isinstance(kind, str) or not kind:
@@ -606,7 +606,7 @@ def check_ip(value: str) -> str | None:
     # inet_pton: same acceptance as ipaddress for canonical text, and much faster (runs for every pod).
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL, which YAML's "\0" escape can produce
         return f"{value!r} is not a valid IP address"
     return None
 

@@ -321,6 +321,15 @@ ERROR_CASES = [
         "f.yaml:PeerAuthentication/demo/strict: spec.portLevelMtls: requires a workload selector (spec.selector.matchLabels)",
     ),
     ("just a string", "f.yaml:?//#1: (document): must be a mapping with apiVersion, kind and metadata, got a string"),
+    # Values of the wrong shape used to raise out of validation (TypeError, ValueError) instead of becoming errors.
+    (
+        {**BASE["Pod"], "kind": ["Pod"]},
+        "f.yaml:?/demo/web-0: kind: required field is missing",
+    ),
+    (
+        _doc("Pod", status__podIP="10.0.0.1\0"),
+        "f.yaml:Pod/demo/web-0: status.podIP: '10.0.0.1\\x00' is not a valid IP address",
+    ),
 ]
 
 

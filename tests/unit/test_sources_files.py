@@ -106,6 +106,22 @@ async def test_undecodable_file_keeps_previous(tmp_path: Path, store: ConfigStor
     assert store.errors() == []
 
 
+async def test_malformed_values_are_errors_and_other_files_still_apply(tmp_path: Path, store: ConfigStore) -> None:
+    """A list where a string belongs, or a NUL in an address (YAML's "\\0"), used to raise out of the scan: no file
+    changed in that pass applied, and the pass was retried (and failed) every interval until the file was fixed."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    (tmp_path / "a.yaml").write_text(pod_yaml("p1", "10.0.0.1"))
+    bad = tmp_path / "b.yaml"
+    bad.write_text("apiVersion: v1\nkind: [Pod]\nmetadata: {name: x}\n---\n" + pod_yaml("p2", '"10.0.0.2\\0"'))
+    src = FileSource(str(tmp_path), store)
+    assert await src.sync() == 3
+    assert set(workloads(store)) == {"p1"}
+    assert sorted(store.errors()) == [
+        f"{bad}:?/default/x: kind: required field is missing",
+        f"{bad}:Pod/demo/p2: status.podIP: '10.0.0.2\\x00' is not a valid IP address",
+    ]
+
+
 async def test_missing_directory_is_an_error(tmp_path: Path, store: ConfigStore) -> None:
     with pytest.raises(ConfigDirError, match="cannot list config directory"):
         await FileSource(str(tmp_path / "nope"), store).sync()

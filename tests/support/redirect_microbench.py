@@ -85,13 +85,17 @@ def main() -> None:
                 ("TCP, pod interface, nobody enrolled", _packet(PEER, DST, socket.IPPROTO_TCP, ack), "iface"),
                 ("TCP ACK from enrolled pod, no socket", _packet(POD, DST, socket.IPPROTO_TCP, ack), "enroll"),
                 ("TCP SYN from enrolled pod, no listener", _packet(POD, DST, socket.IPPROTO_TCP, syn), "enroll"),
+                ("TCP ACK as an enrolled pod living elsewhere", _packet(POD, DST, socket.IPPROTO_TCP, ack), "spoof"),
             ]
             print(f"{'path':42s} {'ns/packet':>9s}  verdict")
             for label, pkt, setup in cases:
                 if setup == "iface":  # test runs see ingress_ifindex 0
                     maps.set_iface(0, IfaceEntry(IF_POD, 0))
                 if setup == "enroll":
+                    maps.set_home(POD, 0)  # the interface the test run stands for
                     maps.add_workload(POD)
+                if setup == "spoof":
+                    maps.set_home(POD, 1)  # dropped as spoofed
                 duration, verdict = _run(lib, fd, pkt, args.repeat)
                 print(f"{label:42s} {duration:9d}  {verdict}")
             maps.close()

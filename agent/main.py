@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.accesslog import AccessLog
-from agent.addressing import workload_identity, workload_ips
+from agent.addressing import AGENT_PORTS, workload_identity, workload_ips
 from agent.admin import admin_server, config_dump, metrics_server, readiness_server
 from agent.ca_client import CaClient
 from agent.capture_metrics import CaptureCollector
 from agent.connections import ConnectionRegistry
 from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
-from agent.inbound import InboundPlaintextProxy, InboundProxy
+from agent.inbound import InboundConfig, InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
 from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
@@ -116,10 +116,16 @@ class Agent:
         self.pool = HboneConnectionPool(config=tunnel, stats=STATS)
         self.connections = ConnectionRegistry(self.store, self.metrics)
         common = (self.metrics, self.access_log, self.connections)
-        outbound = OutboundConfig(early_data=cfg.early_data)
+        # Istio's ports are refused wherever ztunnel refuses them, and so are the ones this agent listens on when
+        # they were moved: a connection to them on this node's addresses would loop into its own listeners.
+        own = AGENT_PORTS | {cfg.outbound_port, cfg.inbound_plaintext_port, cfg.hbone_port}
+        outbound = OutboundConfig(early_data=cfg.early_data, own_ports=own)
         self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound)
-        self.inbound = InboundProxy(self.store, self.certs, cfg.node, *common, tunnel_config=tunnel, tunnel_stats=STATS)
-        self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, trust_domain=cfg.trust_domain)
+        inbound = InboundConfig(own_ports=own)
+        self.inbound = InboundProxy(
+            self.store, self.certs, cfg.node, *common, inbound, tunnel_config=tunnel, tunnel_stats=STATS
+        )
+        self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, inbound, trust_domain=cfg.trust_domain)
         self.redirector: Redirector | None = None
         if cfg.capture:
             self.redirector = Redirector(_redirect_config(cfg))

@@ -172,28 +172,18 @@ def test_a_bad_level_setting_says_which_item(spec: str, what: str) -> None:
         jsonlog.parse_levels(spec)
 
 
-def test_setup_sets_per_logger_levels_and_the_access_log_obeys() -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, logging.getLogger("access").level)
-    for h in saved[0]:
-        root.removeHandler(h)
-    out = CountingStream()
+def test_setup_sets_per_logger_levels_and_the_access_log_obeys(stream: CountingStream) -> None:
+    access = logging.getLogger("access")
+    saved = access.level
     try:
-        jsonlog.setup("info,access=warning", out)
-        assert root.level == logging.INFO and logging.getLogger("access").level == logging.WARNING
-        report = AccessLog(Metrics()).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80))
-        report.finish(1, 1)  # a clean connection: info, quieted
+        jsonlog.setup("info,access=warning", stream)
+        assert logging.getLogger().level == logging.INFO and access.level == logging.WARNING
+        AccessLog(Metrics()).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80)).finish(1, 1)  # clean: info, quieted
         AccessLog(Metrics()).start("inbound", ("10.1.0.5", 2), ("10.2.0.7", 80)).finish(error="connect: refused")
         logging.getLogger("agent").info("still at info")
-        root.handlers[-1].flush()
-        assert [line["msg"] for line in out.lines()] == ["connection failed", "still at info"]
+        assert [line["msg"] for line in stream.lines()] == ["connection failed", "still at info"]
     finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
-        logging.getLogger("access").setLevel(saved[2])
+        access.setLevel(saved)
 
 
 def test_agent_and_controller_refuse_a_bad_level_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

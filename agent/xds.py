@@ -362,11 +362,16 @@ class XdsClient:
             return False
         count = 0
         for resp in responses:
+            if resp.type_url not in _DECODERS:
+                # Written by another agent version (or damaged): the store has no place for it, and raising here
+                # would stop the xDS client at every start until the file went away.
+                log.warning("state file type skipped", extra=kv(file=str(self.state_path), type=resp.type_url))
+                continue
             decoded = decode_response(resp)
             if decoded.errors:
                 log.warning("state file entries skipped", extra=kv(errors=nack_message(decoded.errors)))
             self.store.apply(decoded.type_url, decoded.upserts, ())
-            good = self._good.setdefault(decoded.type_url, {})
+            good = self._good[decoded.type_url]
             for res in resp.resources:
                 if res.name in decoded.upserts:
                     good[res.name] = res.SerializeToString()

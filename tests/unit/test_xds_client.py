@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, StoreChange, WorkloadStore
 from agent.xds import (
+    TYPES,
     Backoff,
     StateFileError,
     XdsClient,
@@ -183,6 +184,23 @@ def test_corrupt_state_files_are_refused() -> None:
     with pytest.raises(StateFileError):
         decode_state(good[:-3])
     assert not XdsClient(WorkloadStore(), "127.0.0.1:1", "n1").restore(good[:-3])
+
+
+def test_state_file_with_a_type_this_agent_does_not_know_restores_the_rest() -> None:
+    """A file from another agent version (or a damaged one) used to raise KeyError out of restore(), which run()
+    calls first: the xDS client died at every start until someone removed the file."""
+    future = "type.googleapis.com/istio.workload.Future"
+    data = encode_state(
+        {
+            future: {"f": resource("f", wl("f", IP1), future).SerializeToString()},
+            ADDRESS_TYPE: {"a": resource("c//Pod/demo/a", wl("a", IP1), ADDRESS_TYPE).SerializeToString()},
+        }
+    )
+    store = WorkloadStore()
+    client = XdsClient(store, "127.0.0.1:1", "n1")
+    assert client.restore(data)
+    assert store.versions(ADDRESS_TYPE) == {"c//Pod/demo/a": "v1"}
+    assert set(client._good) == set(TYPES)  # nothing of the unknown type is written back
 
 
 # ---- backoff -----------------------------------------------------------------------------------------------------

@@ -102,9 +102,10 @@ class TunnelStats:
 
 
 STATS = TunnelStats()
+"""Process-wide default counters, used when no ``stats`` is passed."""
+
 _COUNTED_RESETS = ("header_too_large:", "malformed_response:")
 """Reasons of the core's own stream resets that refuse what the peer sent (counted like refused requests)."""
-"""Process-wide default counters, used when no ``stats`` is passed."""
 
 
 class _ReceiveBuffer:

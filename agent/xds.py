@@ -420,6 +420,10 @@ class XdsClient:
                     local_failure = True
                     self.stats["last_error"] = str(e)
                     log.error("xds connection not attempted", extra=kv(controller=self.address, error=str(e)))
+                except Exception as e:  # a bug here or in a store subscriber, a token not in UTF-8: retry, never stop
+                    local_failure = True
+                    self.stats["last_error"] = f"{type(e).__name__}: {e}"
+                    log.exception("xds session failed unexpectedly", extra=kv(controller=self.address))
                 finally:
                     self.connected = False
                 if self.metrics is not None:

@@ -26,7 +26,7 @@ from agent.xds import (
 )
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
-from tests.support.xds_controller import running
+from tests.support.xds_controller import running, wait_for
 
 IP1, IP2, VIP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), bytes([10, 96, 0, 1])
 SVC_KEY = "demo/web.demo.svc.cluster.local"
@@ -306,6 +306,26 @@ async def test_unreadable_credentials_back_off_and_are_counted(tmp_path: Path) -
     assert "missing.pem" in client.stats["last_error"]
     attempts = registry.get_sample_value("istio_xds_connection_terminations_total", {"reason": "Error"})
     assert attempts is not None and 3 <= attempts < 20
+
+
+async def test_unexpected_session_error_is_retried_not_fatal(tmp_path: Path) -> None:
+    """Anything but RpcError/OSError (here a token file that is not UTF-8) used to end run(): the agent kept
+    running with no config updates, and nothing was logged since the task's exception was never retrieved."""
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    registry = CollectorRegistry()
+    client = XdsClient(
+        WorkloadStore(), "127.0.0.1:1", "n1", token_file=token, backoff=Backoff(0.01, 0.04), registry=registry
+    )
+    async with running(client):
+        await wait_for(
+            lambda: (
+                (registry.get_sample_value("istio_xds_connection_terminations_total", {"reason": "Error"}) or 0) >= 3
+            ),
+            what="repeated attempts",
+        )
+    assert client.stats["last_error"].startswith("UnicodeDecodeError")
+    assert client.backoff.current == 0.04  # a local failure never resets the backoff
 
 
 def test_messages_are_counted() -> None:

@@ -39,6 +39,10 @@ MIN_READ_SIZE = 4 * 1024  # idle pooled connections and short exchanges never ne
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg may take (1024 on Linux)
+# How long a relay whose stream peer stopped reading keeps its TCP socket open once the response is out, dropping
+# what the TCP peer still sends (it normally closes first, having read the response and our FIN); nginx's
+# lingering_time.
+LINGER_TIMEOUT = 30.0
 
 
 class HboneConnectError(Exception):
@@ -754,6 +758,8 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._down_done = False  # END_STREAM received: FIN once the backlog is written
         self._fin_sent = False
         self._closed = False
+        self._discarding: Readiness | None = None  # reads and drops the TCP peer's bytes after stop-sending
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         stream = self.stream
@@ -865,8 +871,14 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self.error = "peer stopped reading: unsent bytes dropped"
         self._pending = None
         self._up_done = True
-        self._tcp_eof = True  # read no more: there is nowhere to send it
-        self._update_reading()
+        if not self._tcp_eof:
+            # What the TCP peer still sends has nowhere to go, but it is read and dropped rather than left unread:
+            # closing a socket with unread bytes sends RST, and the reset throws away the part of the response the
+            # kernel still holds for a slow reader. (One reader per fd: the relaying one goes first.)
+            self._tcp_eof = True
+            self._update_reading()
+            self._discarding = Readiness(self.stream._proto.loop, self.sock.fileno(), self._discard, write=False)
+            self._discarding.watch(True)
         if self._fin_sent:
             self._maybe_finish()
         else:
@@ -881,6 +893,24 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             if self._pending is None:
                 self._maybe_send_eof()
         self._update_reading()
+
+    def _discard(self) -> None:
+        """After stop-sending: read and drop what the TCP peer still sends, until its FIN."""
+        try:
+            for _ in range(16):  # bounded: a peer flooding us must not hold the loop
+                if not self.sock.recv(READ_SIZE):
+                    break
+            else:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._fail(f"tcp read: {e}")
+            return
+        if self._discarding is not None:
+            self._discarding.watch(False)
+            self._discarding = None
+            self._maybe_finish()
 
     # helpers
 
@@ -919,7 +949,23 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
 
     def _maybe_finish(self) -> None:
         if self._up_done and self._fin_sent:
+            if self._discarding is not None:
+                self._linger()
+                return
             self._close(abortive=False)
+
+    def _linger(self) -> None:
+        """Stop-sending, and the response and our FIN are out: the relay is done, but the socket stays open, dropping
+        what the TCP peer still sends, until the peer's FIN or LINGER_TIMEOUT. Closed now, the next bytes to arrive
+        would be answered with RST, and the reset discards what of the response the kernel has not delivered."""
+        if self._linger_timer is not None:
+            return
+        if not self.done.done():
+            self.done.set_result(RelayResult(self.up, self.down, self.error))
+        self._linger_timer = self.stream._proto.loop.call_later(LINGER_TIMEOUT, self._close_lingering)
+
+    def _close_lingering(self) -> None:
+        self._close(abortive=False)
 
     def _fail(self, reason: str) -> None:
         if self.error is None:
@@ -938,6 +984,10 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._closed = True
         self._reader.watch(False)
         self._writer.watch(False)
+        if self._discarding is not None:
+            self._discarding.watch(False)
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._backlog.clear()
         if abortive:
             abort(self.sock)

@@ -13,6 +13,11 @@ that workload. An HBONE workload is reached at `podIP:15008` with `:authority po
 ends are enrolled pods on this node, spliced through the kernel after the same checks the destination agent would
 make; a destination outside the mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that
 decision goes.
+
+An endpoint known only by hostname (a ServiceEntry with `resolution: DNS`) is routed like any other, with its
+hostname where the address goes (`Route.hostname`); the proxy resolves it when the connection arrives
+(agent/ondemand_dns.py, as ztunnel's on-demand DNS) and `resolved` puts the address in, applying the checks
+`route` makes on addresses. `route` itself stays a pure function of the store.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import logging
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent import rbac
@@ -51,6 +56,7 @@ from agent.addressing import (
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
+from agent.ondemand_dns import OnDemandResolver, ResolutionError
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay
 from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close, read_waiting
@@ -120,6 +126,9 @@ class Route:
     workload: Any | None = None  # destination Workload
     service: Any | None = None  # destination Service when addressed by VIP
     reason: str = ""  # REJECT: why (counted as ambit_connection_errors{reason})
+    # The endpoint's hostname when it has no address to use: target and authority then carry it in place of the
+    # address, until the proxy resolves it (`resolved`).
+    hostname: str = ""
 
 
 def route(
@@ -147,6 +156,8 @@ def route(
         if picked is None:
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
         wl, ip, port = picked
+        if not ip:  # known by hostname only: resolved per connection, by the proxy (see `resolved`)
+            return _endpoint_route(node, src, wl, svc, wl.hostname, port, config, by_name=True)
     else:
         wl = address_owner(store, ip)
         # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
@@ -154,17 +165,52 @@ def route(
             return Route(RouteKind.PASSTHROUGH, target=dst)
     if not config.loopback_upstreams and _is_loopback(ip):
         return Route(RouteKind.REJECT, workload=wl, service=svc, reason="loopback_upstream")
+    return _endpoint_route(node, src, wl, svc, ip, port, config)
+
+
+def _endpoint_route(
+    node: str, src: Any, wl: Any, svc: Any | None, host: str, port: int, config: OutboundConfig, by_name: bool = False
+) -> Route:
+    """How to reach workload `wl` at `host`:`port` (`by_name`: `host` is its hostname, to be resolved)."""
+    hostname = host if by_name else ""
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:
-        return Route(RouteKind.PASSTHROUGH, target=(ip, port), workload=wl, service=svc)
+        return Route(RouteKind.PASSTHROUGH, target=(host, port), workload=wl, service=svc, hostname=hostname)
     if config.same_node_fast_path and wl.node == node and src.node == node and src.tunnel_protocol == HBONE:
         if port in config.own_ports:  # what the destination agent's inbound would refuse (a VIP's target port)
             return Route(RouteKind.REJECT, workload=wl, service=svc, reason="self_call")
-        return Route(RouteKind.SAME_NODE, target=(ip, port), authority=(ip, port), workload=wl, service=svc)
-    return Route(RouteKind.HBONE, target=(ip, config.hbone_port), authority=(ip, port), workload=wl, service=svc)
+        return Route(
+            RouteKind.SAME_NODE,
+            target=(host, port),
+            authority=(host, port),
+            workload=wl,
+            service=svc,
+            hostname=hostname,
+        )
+    return Route(
+        RouteKind.HBONE,
+        target=(host, config.hbone_port),
+        authority=(host, port),
+        workload=wl,
+        service=svc,
+        hostname=hostname,
+    )
 
 
-_Candidate = tuple[Any, str, int]  # endpoint workload, address, target port
+def resolved(r: Route, ip: str, config: OutboundConfig = OutboundConfig()) -> Route:
+    """Route `r`, made for an endpoint known by hostname, with the address that name resolved to in place of it;
+    refused where `route` would refuse that address: a loopback upstream, or (connecting to it directly) one of
+    this node's addresses at one of the agent's own ports."""
+    assert r.hostname and r.target is not None
+    if not config.loopback_upstreams and _is_loopback(ip):
+        return Route(RouteKind.REJECT, workload=r.workload, service=r.service, reason="loopback_upstream")
+    if r.kind is RouteKind.PASSTHROUGH and r.target[1] in config.own_ports and config.is_node_address(ip):
+        return Route(RouteKind.REJECT, workload=r.workload, service=r.service, reason="self_call")
+    authority = None if r.authority is None else (ip, r.authority[1])
+    return replace(r, target=(ip, r.target[1]), authority=authority, hostname="")
+
+
+_Candidate = tuple[Any, str, int]  # endpoint workload, address ("": resolve its hostname), target port
 _MEMO_LIMIT = 4096  # candidate lists kept between store changes (services x ports x client families/localities)
 
 
@@ -175,9 +221,10 @@ def _pick_endpoint(
     dst: Address,
     rng: Any,  # random.Random, or the module
 ) -> tuple[Any, str, int] | None:
-    """The endpoint, its address and target port for a connection from `src` to `svc`'s VIP `dst`; None when
-    none can take it. The candidates are worked out once per store version (see :func:`_candidates`): a service
-    with 100 endpoints cost ~340 us per connection when they were filtered for each one."""
+    """The endpoint, its address ("" for one to reach by hostname) and target port for a connection from `src`
+    to `svc`'s VIP `dst`; None when none can take it. The candidates are worked out once per store version (see
+    :func:`_candidates`): a service with 100 endpoints cost ~340 us per connection when they were filtered for
+    each one."""
     lb = svc.load_balancing
     want_v6 = ":" in dst[0]
     key: tuple[Any, ...] = (id(svc), dst[1], want_v6, src.network)
@@ -218,14 +265,14 @@ def _candidates(
         if not target or not (any_health or w.status == HEALTHY) or w.network != src.network:
             continue
         addr = endpoint_address(w, want_v6, svc.ip_families)
-        if addr is None:
+        if addr is None and not w.hostname:  # with a hostname (and no usable address) it is resolved on use
             continue
         weight = w.capacity.value if w.HasField("capacity") else 1
         if weight != 1 and weights is None:
             weights = [1] * len(candidates)
         if weights is not None:
             weights.append(weight)
-        candidates.append((w, ip_text(addr), target))
+        candidates.append((w, "" if addr is None else ip_text(addr), target))
     if candidates and (lb.mode == LB_STRICT or lb.mode == LB_FAILOVER):
         candidates, weights = _closest(src, lb, candidates, weights)
     if weights is not None:  # capacity 0 is never picked (after ranking, as ztunnel's choose_weighted)
@@ -331,6 +378,7 @@ class OutboundProxy:
         access_log: AccessLog,
         connections: ConnectionRegistry,
         config: OutboundConfig | None = None,
+        resolver: OnDemandResolver | None = None,
     ) -> None:
         self.store = store
         self.certs = certs
@@ -340,6 +388,7 @@ class OutboundProxy:
         self.access_log = access_log
         self.connections = connections
         self.config = config or OutboundConfig()
+        self.resolver = resolver or OnDemandResolver()
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
         if (client := peer_or_close(sock)) is None:
@@ -355,6 +404,11 @@ class OutboundProxy:
         if r.kind is RouteKind.REJECT:
             self._refuse(sock, client, orig_dst, r.reason)
             return
+        if r.hostname:
+            found = await self._resolve(sock, client, orig_dst, r)
+            if found is None:
+                return
+            r = found
         td = self.certs.trust_domain
         assert r.target is not None
         # as ztunnel: dst.addr is where the agent connects (podIP:15008 for HBONE), dst.hbone_addr the :authority
@@ -384,9 +438,25 @@ class OutboundProxy:
             report.finish(error=f"internal error: {e!r}")
             raise
 
-    def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str) -> None:
-        self.access_log.refused("outbound", client, dst, reason)
+    def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str, **detail: Any) -> None:
+        self.access_log.refused("outbound", client, dst, reason, **detail)
         abort(sock)
+
+    async def _resolve(self, sock: socket.socket, client: Address, dst: Address, r: Route) -> Route | None:
+        """`r` with its endpoint's hostname resolved (an address of the family the client dialled preferred, as
+        ztunnel's on-demand DNS); None when the connection was refused: the name did not resolve
+        (`dns_resolution_failed`, as ztunnel's early failure: logged and counted, no traffic metrics), or to an
+        address `route` would refuse."""
+        try:
+            ip = await self.resolver.pick(r.hostname, ":" in dst[0])
+        except ResolutionError as e:
+            self._refuse(sock, client, dst, "dns_resolution_failed", **{"dst.hostname": r.hostname, "cause": str(e)})
+            return None
+        final = resolved(r, ip, self.config)
+        if final.kind is RouteKind.REJECT:
+            self._refuse(sock, client, dst, final.reason, **{"dst.hostname": r.hostname, "dst.resolved": ip})
+            return None
+        return final
 
     async def _hbone(self, sock: socket.socket, client: Address, src: Any, r: Route, report: ConnectionReport) -> None:
         assert r.target is not None and r.authority is not None

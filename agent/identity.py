@@ -410,6 +410,10 @@ class CertificateManager:
             # The expiry gauge stays (in the past) so that an alert on it fires while nothing valid is held.
             entry.cert = entry.server_ctx = entry.client_ctx = None
         delay = self.backoff.delay(entry.failures, self._rng)
+        if entry.cert is not None:
+            # As ztunnel: never retry later than the held certificate expires. Past its expiry, callers are refused
+            # at once until the retry, which a backoff of minutes would otherwise hold back after the CA is back.
+            delay = min(delay, entry.cert.not_after - now)
         self._schedule(entry, now + delay, priority)
         log.warning(
             "certificate fetch failed",

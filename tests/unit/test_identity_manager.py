@@ -166,6 +166,26 @@ async def test_expired_certificate_is_dropped_when_refresh_keeps_failing(
         await m.close()
 
 
+async def test_retry_after_failed_refresh_comes_no_later_than_expiry(
+    ca: CertificateAuthority, registry: CollectorRegistry
+) -> None:
+    """A failed refresh used to wait out its whole backoff even when the held certificate expired first: from the
+    expiry on every connection was refused at once, for up to the backoff (minutes), even with the CA back."""
+    signer = FakeSigner(ca)
+    m = CertificateManager(signer, TD, ttl_seconds=2, registry=registry, backoff=Backoff(initial=120, maximum=120))
+    try:
+        await m.server_context(WEB)
+        first = m.certificate(WEB)
+        assert first is not None
+        signer.fail = CaRequestError("unavailable", "UNAVAILABLE: controller down")
+        await eventually(lambda: row(m, WEB)["state"] == "error")
+        signer.fail = None  # the CA is back; the next retry must come by the expiry, not 120 s later
+        await eventually(lambda: getattr(m.certificate(WEB), "serial", first.serial) != first.serial, "a renewal")
+        assert signer.calls == [WEB, WEB, WEB]
+    finally:
+        await m.close()
+
+
 async def test_refused_on_demand_raises_with_reason(manager: CertificateManager, signer: FakeSigner) -> None:
     signer.fail = CaRequestError("permission_denied", "PERMISSION_DENIED: node node1 runs no pod default/web")
     with pytest.raises(CertificateUnavailable, match="runs no pod"):

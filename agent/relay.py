@@ -203,18 +203,21 @@ class SpliceRelay:
             elif len(ended) == 2:
                 done.set_result(None)
 
-        make_nonblocking(self.client)
-        make_nonblocking(self.upstream)
-        up = self._up = _Pump(loop, self.client, self.upstream, self.pipe_size, on_end)
-        down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
         error: str | None = "cancelled"
         try:
+            make_nonblocking(self.client)
+            make_nonblocking(self.upstream)
+            up = self._up = _Pump(loop, self.client, self.upstream, self.pipe_size, on_end)
+            down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
             up.step()
             down.step()
             error = await done
+        except OSError as e:  # no pipe for a direction (out of descriptors): the sockets are still ours to close
+            error = f"{type(e).__name__}: {e}"
         finally:
-            up.stop()
-            down.stop()
+            for pump in (self._up, self._down):
+                if pump is not None:
+                    pump.stop()
             if error is None:
                 self.client.close()
                 self.upstream.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.relay import SpliceRelay
+from agent import relay as relay_module
+from agent.relay import DEFAULT_PIPE_SIZE, SpliceRelay
 from agent.sockets import Listener, connect_upstream, transparent_listener
 from agent.tunnel import RelayResult
 from tests.support.proxy_echo import connect_from, echo_server, exchange_socket
@@ -81,3 +84,40 @@ async def test_cancel_resets_both_sides(relayer: Relayer) -> None:
             raise AssertionError("expected a reset, got a clean EOF")
     assert relayer.relays[0].bytes_up == 4 and relayer.relays[0].bytes_down == 4
     writer.close()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_no_pipe_for_the_second_direction_leaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (EMFILE) after the first direction got its pipe: the relay reports the error, closes both
+    sockets and hands that pipe back, instead of raising with both sockets open and the pipe's two descriptors lost
+    for good (nothing else knew them)."""
+    monkeypatch.setattr(relay_module, "PIPES", relay_module._PipePool())  # no pooled pipes: each direction makes one
+    real_pipe2 = os.pipe2
+    made: list[int] = []
+
+    def pipe2_then_emfile(flags: int) -> tuple[int, int]:
+        if made:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        made.extend(real_pipe2(flags))
+        return made[0], made[1]
+
+    monkeypatch.setattr(relay_module.os, "pipe2", pipe2_then_emfile)
+    client, client_peer = socket.socketpair()
+    upstream, upstream_peer = socket.socketpair()
+    try:
+        before = _open_fds()
+        result = await SpliceRelay(client, upstream).run()
+        assert result.error is not None and "Too many open files" in result.error
+        assert (result.bytes_up, result.bytes_down) == (0, 0)
+        assert client.fileno() == -1 and upstream.fileno() == -1
+        pipe = relay_module.PIPES.take(DEFAULT_PIPE_SIZE)  # the first direction's pipe went back to the pool
+        assert list(pipe[:2]) == made
+        os.close(pipe[0])
+        os.close(pipe[1])
+        assert _open_fds() <= before
+    finally:
+        for s in (client, client_peer, upstream, upstream_peer):
+            s.close()

@@ -1079,6 +1079,11 @@ def _build_service_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> ServiceE
         "spec.endpoints",
         lambda d, p: _workload_entry_spec(ctx, d, p, static=resolution == "STATIC"),
     )
+    if resolution in ("DNS", "DNS_ROUND_ROBIN") and not endpoints:
+        # Each host is then its own endpoint, resolved by name (istiod's implicit endpoints): a wildcard is no name.
+        for host in hosts:
+            if "*" in host:
+                ctx.error("spec.hosts", f"{host!r}: hosts must be FQDN when resolution {resolution} has no endpoints")
     selector = _selector(ctx, spec, "workloadSelector", "spec", "labels")
     if selector is not None and endpoints:
         ctx.error("spec.workloadSelector", "cannot be combined with spec.endpoints")

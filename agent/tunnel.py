@@ -1295,7 +1295,8 @@ async def serve_hbone_connection(
     is in ``trust_domain``, then runs ``handler(req)`` as a task per valid CONNECT. Non-CONNECT requests get 400,
     protocol errors GOAWAY; every refusal is counted in ``stats.rejects``. A handler that returns or raises
     without responding makes the stream answer 503; when it returns, a stream it left open is reset. Takes
-    ownership of ``sock``; never raises on peer input. Cancelling it closes the connection and its handlers.
+    ownership of ``sock``; never raises on peer input. Cancelling it sends GOAWAY, cuts the connection at once
+    (its streams are reset) and cancels its handlers.
     """
     cfg = config or TunnelConfig()
     st = stats or STATS
@@ -1330,6 +1331,11 @@ async def serve_hbone_connection(
         await asyncio.shield(proto.closed)
     except asyncio.CancelledError:
         proto.close()
+        if proto.transport is not None:
+            # Cut now, not after the TLS close exchange: our caller closes the socket once we return, and a
+            # transport still watching that descriptor would hand its registration to the next socket given the
+            # same number (the stdlib loop; uvloop would keep the connection open instead).
+            proto.transport.abort()
         for task in list(proto.tasks):
             task.cancel()
         raise

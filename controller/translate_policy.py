@@ -23,8 +23,19 @@ from controller.validation import L4_WHEN_KEYS
 STATIC_STRICT_NAME = "istio_converted_static_strict"
 CONVERTED_PA_PREFIX = "converted_peer_authentication_"
 
-_HTTP_BOILERPLATE_ALLOW = "Within an ALLOW policy, rules matching HTTP attributes are omitted."
-_HTTP_BOILERPLATE_DENY = "The DENY policy is enforced without its HTTP rules."
+_MORE_RESTRICTIVE = "This is more restrictive than requested."
+_HTTP_BOILERPLATE_ALLOW = f"Within an ALLOW policy, rules matching HTTP attributes are omitted. {_MORE_RESTRICTIVE}"
+_HTTP_BOILERPLATE_DENY = f"The DENY policy is enforced without its HTTP rules. {_MORE_RESTRICTIVE}"
+# A DENY rule whose HTTP parts leave a clause of empty matches (an operation without ports, an HTTP `when`) never
+# matches: agents skip empty matches, as ztunnel does. istiod's httpDenyNoEffectBoilerplate case.
+_HTTP_BOILERPLATE_DENY_NO_EFFECT = (
+    "Without its HTTP rules the DENY policy has nothing left to match, so it has no effect. "
+    "This is less restrictive than requested."
+)
+_HTTP_BOILERPLATE_DENY_PARTLY = (
+    "The DENY policy is enforced without its HTTP rules, which is more restrictive than requested; its rules that "
+    "have nothing left to match without them have no effect, which is less restrictive."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,11 @@ def _convert_rule(action: int, rule: Rule, namespace: str) -> tuple[list[pb.Rule
     return clauses, http_fields
 
 
+def _can_match(clauses: Sequence[pb.Rules]) -> bool:
+    """False when some clause holds matches but only empty ones: agents skip those, so the rule never matches."""
+    return all(not c.matches or any(m.ByteSize() for m in c.matches) for c in clauses)
+
+
 def _when_match(key: str, values: Sequence[str], not_values: Sequence[str]) -> pb.Match:
     if key == "source.namespace":
         return pb.Match(namespaces=string_matches(values), not_namespaces=string_matches(not_values))
@@ -185,17 +201,29 @@ def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: st
         scope = pb.GLOBAL if namespace == root_namespace else pb.NAMESPACE
     groups = []
     http_fields: set[str] = set()
+    dead_http_rules = live_http_rules = 0  # DENY rules with HTTP attributes, by whether their L4 rest can match
     for rule in policy.rules:
         clauses, found = _convert_rule(action, rule, namespace)
         http_fields |= found
         if clauses is not None:
             groups.append(pb.Group(rules=clauses))
+            if found and _can_match(clauses):
+                live_http_rules += 1
+            elif found:
+                dead_http_rules += 1
     warning = ""
     if http_fields:
-        boilerplate = _HTTP_BOILERPLATE_ALLOW if action == pb.ALLOW else _HTTP_BOILERPLATE_DENY
+        if action == pb.ALLOW:
+            boilerplate = _HTTP_BOILERPLATE_ALLOW
+        elif not live_http_rules:
+            boilerplate = _HTTP_BOILERPLATE_DENY_NO_EFFECT
+        elif dead_http_rules:
+            boilerplate = _HTTP_BOILERPLATE_DENY_PARTLY
+        else:
+            boilerplate = _HTTP_BOILERPLATE_DENY
         warning = (
             f"the L4 agent does not support HTTP attributes (found: {', '.join(sorted(http_fields))}); "
-            f"use a waypoint to enforce them. {boilerplate} This is more restrictive than requested."
+            f"use a waypoint to enforce them. {boilerplate}"
         )
     authorization = pb.Authorization(
         name=policy.meta.name, namespace=namespace, scope=scope, action=action, groups=groups, dry_run=policy.dry_run

@@ -10,7 +10,9 @@ import socket
 import pytest
 from google.protobuf import text_format
 
+from agent import rbac
 from api.istio.security import authorization_pb2 as pb
+from common.spiffe import Identity
 from controller.model import ObjectKey
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
@@ -186,9 +188,32 @@ groups {
 name: "p" namespace: "demo" scope: NAMESPACE action: DENY
 groups { rules { matches {} } rules { matches {} } }
 """,
+        # Agents skip empty matches (as ztunnel), so this policy denies nothing; the warning used to say it was
+        # enforced and more restrictive than requested.
         "the L4 agent does not support HTTP attributes (found: paths, request.auth.claims[group]); use a waypoint to "
-        "enforce them. The DENY policy is enforced without its HTTP rules. This is more restrictive than requested.",
+        "enforce them. Without its HTTP rules the DENY policy has nothing left to match, so it has no effect. "
+        "This is less restrictive than requested.",
         id="deny-only-l7-leaves-empty-matches",
+    ),
+    pytest.param(
+        """
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [POST], ports: ["80"]}}]
+  - from: [{source: {namespaces: [evil]}}]
+    when:
+    - key: request.headers[x-user]
+      values: [bob]
+""",
+        """
+name: "p" namespace: "demo" scope: NAMESPACE action: DENY
+groups { rules { matches { destination_ports: 80 } } }
+groups { rules { matches { namespaces { exact: "evil" } } } rules { matches {} } }
+""",
+        "the L4 agent does not support HTTP attributes (found: methods, request.headers[x-user]); use a waypoint to "
+        "enforce them. The DENY policy is enforced without its HTTP rules, which is more restrictive than requested; "
+        "its rules that have nothing left to match without them have no effect, which is less restrictive.",
+        id="deny-l7-when-voids-its-rule-but-not-the-others",
     ),
     pytest.param(
         "  rules:\n  - {}\n", """name: "p" namespace: "demo" scope: NAMESPACE groups {}""", "", id="allow-all"
@@ -202,6 +227,15 @@ def test_authorization_policy_shapes(spec: str, want: str, warning: str) -> None
     t = translate(WORKLOADS, policy("p", spec))
     assert t.authorizations()["demo/p"] == authz(want)
     assert t.warnings.get(ObjectKey("AuthorizationPolicy", "demo", "p"), "") == warning
+
+
+def test_deny_rules_voided_by_http_parts_match_nothing_at_the_agent() -> None:
+    """What the "no effect" warnings claim, checked against the agent's evaluation (ztunnel's semantics)."""
+    spec = POLICY_CASES[[p.id for p in POLICY_CASES].index("deny-l7-when-voids-its-rule-but-not-the-others")]
+    policy_pb = translate(WORKLOADS, policy("p", str(spec.values[0]))).authorizations()["demo/p"]
+    evil = Identity("cluster.local", "evil", "default")
+    assert rbac.matches(policy_pb, rbac.Connection("10.9.0.1", "10.1.0.5", 80, evil))
+    assert not rbac.matches(policy_pb, rbac.Connection("10.9.0.1", "10.1.0.5", 81, evil))
 
 
 def test_v1beta1_and_dry_run() -> None:

@@ -129,6 +129,10 @@ def traffic_label_values(
     )
 
 
+# ztunnel's OnDemandDnsLabels: who needed an endpoint hostname resolved, and which.
+ON_DEMAND_DNS_LABELS: tuple[str, ...] = (*TRAFFIC_LABELS[1:9], "hostname")
+
+
 def traffic_labels(**kwargs: Any) -> dict[str, str]:
     """traffic_label_values as a name -> value mapping."""
     return dict(zip(TRAFFIC_LABELS, traffic_label_values(**kwargs), strict=True))
@@ -221,6 +225,12 @@ class Metrics:
             ["direction", "reason"],
             registry=r,
         )
+        self.on_demand_dns = Counter(
+            "istio_on_demand_dns",
+            "The total number of requests that used on-demand DNS (unstable)",
+            ON_DEMAND_DNS_LABELS,
+            registry=r,
+        )
         if tunnel_stats is not None:
             r.register(_TunnelStatsCollector(tunnel_stats))
 
@@ -244,6 +254,13 @@ class Metrics:
 
     def error(self, direction: str, reason: str) -> None:
         self.errors.labels(direction, reason).inc()
+
+    def on_demand_dns_requested(self, src: Any, src_identity: Identity | None, hostname: str) -> None:
+        """A connection from `src` picked an endpoint known only by `hostname` (counted whether or not the answer
+        was cached, as ztunnel counts it)."""
+        wl, svc, rev, ns, app, ver, cluster = _workload_values(src)
+        principal = str(src_identity) if src_identity else UNKNOWN
+        self.on_demand_dns.labels(wl, svc, rev, ns, principal, app, ver, cluster, _v(hostname)).inc()
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Prometheus text (or OpenMetrics when the scraper asks for it) and its content type."""

@@ -405,7 +405,7 @@ class OutboundProxy:
             self._refuse(sock, client, orig_dst, r.reason)
             return
         if r.hostname:
-            found = await self._resolve(sock, client, orig_dst, r)
+            found = await self._resolve(sock, client, src, orig_dst, r)
             if found is None:
                 return
             r = found
@@ -442,11 +442,12 @@ class OutboundProxy:
         self.access_log.refused("outbound", client, dst, reason, **detail)
         abort(sock)
 
-    async def _resolve(self, sock: socket.socket, client: Address, dst: Address, r: Route) -> Route | None:
+    async def _resolve(self, sock: socket.socket, client: Address, src: Any, dst: Address, r: Route) -> Route | None:
         """`r` with its endpoint's hostname resolved (an address of the family the client dialled preferred, as
         ztunnel's on-demand DNS); None when the connection was refused: the name did not resolve
         (`dns_resolution_failed`, as ztunnel's early failure: logged and counted, no traffic metrics), or to an
         address `route` would refuse."""
+        self.metrics.on_demand_dns_requested(src, workload_identity(src, self.certs.trust_domain), r.hostname)
         try:
             ip = await self.resolver.pick(r.hostname, ":" in dst[0])
         except ResolutionError as e:

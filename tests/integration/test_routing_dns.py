@@ -82,6 +82,8 @@ async def test_dns_endpoint_resolved_by_the_system_resolver_and_cached(
             assert result.received == size and result.intact
         await mesh.settled()
     assert mesh.n1.outbound.resolver.lookups == 1  # the second connection used the cached answer
+    asked = {"hostname": "localhost", "source_workload": "sleep", "source_principal": str(mesh.identity("client"))}
+    assert sample_value(mesh.n1.metrics, "istio_on_demand_dns_total", asked) == 2  # per connection, as ztunnel
     labels = {"destination_service": HOST, "response_flags": "-", "connection_security_policy": "unknown"}
     assert sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total", labels) == 2
     lines = [r for r in caplog.records if r.name == "access.n1" and r.getMessage() == "connection complete"]
@@ -121,6 +123,7 @@ async def test_a_name_that_does_not_resolve_refuses_the_connection_counted_and_l
         await mesh.settled()
     errors = {"direction": "outbound", "reason": "dns_resolution_failed"}
     assert sample_value(mesh.n1.metrics, "ambit_connection_errors_total", errors) == 1
+    assert sample_value(mesh.n1.metrics, "istio_on_demand_dns_total", {"hostname": "gone.example.internal"}) == 1
     assert sample_value(mesh.n1.metrics, "istio_tcp_connections_opened_total") == 0  # an early failure, as ztunnel
     [line] = [r.__dict__["fields"] for r in caplog.records if r.name == "access.n1"]
     assert (line["error"], line["dst.hostname"]) == ("dns_resolution_failed", "gone.example.internal")

@@ -15,7 +15,9 @@ share one lookup, and a lookup that outlasts `timeout` fails rather than holding
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.sockets import canonical_ip
+
+# A DNS name (labels of letters, digits, '-' and '_'; 253 characters at most, a final dot allowed). Anything else in
+# a workload's hostname is refused before it reaches libc, which would cut it at a NUL and look up the rest.
+_NAME = re.compile(
+    r"(?=[^\n]{1,253}$)(?:[A-Za-z0-9_](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?\.?"
+)
 
 # hostname -> its addresses (IP text); raises OSError (socket.gaierror) when the name does not resolve
 ResolveFunction = Callable[[str], Awaitable[list[str]]]
@@ -40,6 +49,17 @@ async def system_resolve(hostname: str) -> list[str]:
         if family in (socket.AF_INET, socket.AF_INET6):
             out[canonical_ip(str(sockaddr[0]))] = None
     return list(out)
+
+
+def valid_hostname(name: str) -> bool:
+    """A DNS name, or an IP literal (which resolves to itself)."""
+    if _NAME.fullmatch(name):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +94,8 @@ class OnDemandResolver:
 
     async def addresses(self, hostname: str) -> tuple[str, ...]:
         """Every address `hostname` resolves to; ResolutionError when it does not resolve or gives none."""
+        if not valid_hostname(hostname):
+            raise ResolutionError(f"{hostname!r}: not a valid hostname")
         answer = self._cache.get(hostname)
         if answer is None or answer.expires <= self._clock():
             task = self._inflight.get(hostname)

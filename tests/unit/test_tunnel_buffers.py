@@ -12,6 +12,7 @@ import os
 import socket
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 
@@ -83,3 +84,63 @@ async def test_idle_relays_hold_no_big_receive_buffer(
     # 2 x 40 idle relays: their small buffers and the few shared big ones, not one 256 KiB buffer each (~20 MiB)
     assert held < 4 * 1024 * 1024, f"{held / 2**20:.1f} MiB held by {2 * CONNECTIONS} idle relays"
     assert len(tunnel._BIG) <= 8
+
+
+async def test_a_slow_readers_small_frames_do_not_pin_the_connections_receive_buffers(
+    server: tuple[HboneServer, TestCA],
+) -> None:
+    """One stream trickles small frames to a TCP client that never reads while another stream of the same pooled
+    connection moves bulk data: each TLS read then carries one small frame of the slow stream, and the relay keeps
+    what its socket did not take. Kept as a view, each such frame held a whole 256 KiB receive buffer."""
+    hbone, ca = server
+    bulk_done = asyncio.Event()
+
+    async def handler(req: tunnel.ConnectRequest) -> None:
+        await req.respond(200)
+        stream = req.stream
+        if req.authority == "slow:1":
+            while not bulk_done.is_set():
+                await stream.write(os.urandom(200))
+                await asyncio.sleep(0)
+        else:
+            chunk = os.urandom(64 * 1024)
+            for _ in range(32 * 16):  # 32 MiB
+                await stream.write(chunk)
+            stream.write_eof()
+            bulk_done.set()
+        await stream.read()  # until the client side goes away
+
+    hbone.handler = handler
+    client_id = ca.identity("default", "client")
+    ctx = ca.client_context(ca.issue(client_id))
+    key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
+    pool = HboneConnectionPool(stats=TunnelStats())
+    slow_app, slow_side = socket.socketpair()
+    slow_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills at once: the relay keeps a backlog
+    fast_app, fast_side = socket.socketpair()
+    fast_app.setblocking(False)
+    loop = asyncio.get_running_loop()
+    relays: list[asyncio.Future[tunnel.RelayResult]] = []
+    tracemalloc.start()
+    try:
+        slow = await pool.open_stream(key, ctx, "slow:1", [])
+        relays.append(asyncio.ensure_future(relay(slow_side, slow)))
+        fast = await pool.open_stream(key, ctx, "fast:1", [])
+        relays.append(asyncio.ensure_future(relay(fast_side, fast)))
+        moved = 0
+        async with asyncio.timeout(60):
+            while chunk := await loop.sock_recv(fast_app, 1 << 16):
+                moved += len(chunk)
+        assert moved == 32 * 1024 * 1024
+        await asyncio.sleep(0.05)
+        backlog = cast(tunnel._TcpRelay, slow._sink)._backlog_size
+        held = _held_by_tunnel(tracemalloc.take_snapshot())
+    finally:
+        tracemalloc.stop()
+        for s in (slow_app, fast_app):
+            s.close()
+        await asyncio.wait(relays, timeout=10)
+        await pool.close()
+    assert backlog > 20 * 1024, "the slow stream's bytes wait in the relay"
+    # The backlog itself plus the few shared big buffers, not one 256 KiB buffer per frame waiting (~40 MiB)
+    assert held < 8 * 1024 * 1024, f"{held / 2**20:.1f} MiB held for a {backlog / 1024:.0f} KiB backlog"

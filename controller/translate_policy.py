@@ -342,6 +342,12 @@ def convert_peer_authentication(
     if pa.meta.namespace == root_namespace or not pa.selector or not pa.port_level:
         return None
     mode = pa.mode
+    # What the workload inherits when its own mode is UNSET, resolved as workload_peer_authentication_keys does.
+    # istiod writes these conditions inline, and two of them disagree with that resolution: `&&` binding tighter
+    # than `||` skips a STRICT port of a PERMISSIVE workload under a STRICT mesh, and an UNSET namespace policy
+    # hides a STRICT mesh from a PERMISSIVE port. Either way the workload referenced this policy while none was
+    # made, so it accepted plaintext on every port (fail open).
+    parent_strict = _strict(ns_cfg) if ns_cfg is not None and not _unset(ns_cfg) else _strict(mesh)
     rules: list[pb.Rules] = []
     groups: list[pb.Group] = []
     if mode == "STRICT":
@@ -350,25 +356,14 @@ def convert_peer_authentication(
     for port in sorted(pa.port_level):
         port_mode = pa.port_level[port]
         if port_mode == "STRICT":
-            # Already enforced by the parent policy (same operator precedence as istiod).
-            if (
-                mode == "STRICT"
-                or (mode == "UNSET" and _strict(ns_cfg))
-                or ((ns_cfg is None or _unset(ns_cfg)) and _strict(mesh))
-            ):
-                continue
+            if mode == "STRICT" or (mode == "UNSET" and parent_strict):
+                continue  # already enforced by the workload's or the inherited mode
             # Groups are OR-ed: one per STRICT port.
             matches = [pb.Match(not_principals=[_presence()], destination_ports=[port])]
             groups.append(pb.Group(rules=[pb.Rules(matches=matches)]))
         elif port_mode in ("PERMISSIVE", "DISABLE"):
-            if mode in ("PERMISSIVE", "DISABLE"):
-                continue
-            if mode == "UNSET" and (
-                (ns_cfg is not None and not _strict(ns_cfg))
-                or (ns_cfg is None and mesh is not None and not _strict(mesh))
-                or (ns_cfg is None and mesh is None)
-            ):
-                continue
+            if mode in ("PERMISSIVE", "DISABLE") or (mode == "UNSET" and not parent_strict):
+                continue  # nothing STRICT to make an exception from
             found_non_strict = True
             # Deny unless the connection goes to this port (AND-ed with "no identity" in the same group).
             rules.append(pb.Rules(matches=[pb.Match(not_destination_ports=[port])]))
@@ -376,8 +371,7 @@ def convert_peer_authentication(
         return None
     if not rules and not groups:
         return None
-    merge_strict = (_strict(mesh) and (ns_cfg is None or _unset(ns_cfg) or _strict(ns_cfg))) or _strict(ns_cfg)
-    if merge_strict and found_non_strict:
+    if parent_strict and found_non_strict:
         rules.append(pb.Rules(matches=[pb.Match(not_principals=[_presence()])]))
     if rules:
         groups.append(pb.Group(rules=rules))

@@ -381,6 +381,51 @@ groups {
     assert attached(t, "Kubernetes//Pod/demo/db-0") == ["istio-system/istio_converted_static_strict"]
 
 
+WEB_SELECTOR = "  selector: {matchLabels: {app: web}}\n"
+
+
+def _plaintext_denied(t: Translator, uid: str, port: int) -> bool:
+    """Would the agent deny a connection without a peer identity to `port` of this workload?"""
+    policies = [t.authorizations()[k] for k in attached(t, uid) if k in t.authorizations()]
+    conn = rbac.Connection("10.9.0.1", "10.1.0.5", port, None)
+    return any(rbac.matches(p, conn) for p in policies if p.action == pb.DENY)
+
+
+def test_permissive_port_exception_under_strict_mesh_and_unset_namespace_policy() -> None:
+    """A namespace policy with no mode inherits the mesh's STRICT. The converted workload policy used to be
+    dropped (istiod's inline test read the UNSET namespace policy as not STRICT) while the workload still
+    referenced it: plaintext was accepted on every port, not only on 9090."""
+    t = translate(
+        WORKLOADS,
+        peer_auth("default", "istio-system", "  mtls: {mode: STRICT}\n"),
+        peer_auth("ns", "demo", "  mtls: {mode: UNSET}\n"),
+        peer_auth(
+            "web", "demo", "  selector: {matchLabels: {app: web}}\n  portLevelMtls: {9090: {mode: PERMISSIVE}}\n"
+        ),
+    )
+    assert attached(t, "Kubernetes//Pod/demo/web-0") == ["demo/converted_peer_authentication_web"]
+    assert "demo/converted_peer_authentication_web" in t.authorizations()
+    assert _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 8080)
+    assert not _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 9090)
+
+
+def test_strict_port_of_permissive_workload_under_strict_mesh() -> None:
+    """The port asked to be STRICT was skipped as "enforced by the parent" (istiod's `a || b && c || d && e`
+    reads a STRICT mesh as the parent of a PERMISSIVE workload), so no policy was made and 8443 took plaintext."""
+    t = translate(
+        WORKLOADS,
+        peer_auth("default", "istio-system", "  mtls: {mode: STRICT}\n"),
+        peer_auth(
+            "web",
+            "demo",
+            WEB_SELECTOR + "  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {8443: {mode: STRICT}}\n",
+        ),
+    )
+    assert attached(t, "Kubernetes//Pod/demo/web-0") == ["demo/converted_peer_authentication_web"]
+    assert _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 8443)
+    assert not _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 8080)
+
+
 def test_oldest_namespace_policy_wins() -> None:
     t = translate(
         WORKLOADS,

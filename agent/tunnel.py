@@ -40,7 +40,7 @@ WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg may take (1024 on Linux)
 # Received pieces smaller than this are copied when they have to wait for a slow TCP reader; bigger ones are kept as
-# views (a copy of 8 KiB costs ~1 us, above that glibc's heap trimming made copies cost 5-10x more per byte).
+# views (a copy of 8 KiB costs ~1 us; bigger ones measured 5-10x more per byte, the allocator's doing).
 _KEEP_VIEW = 8 * 1024
 # How long a relay whose stream peer stopped reading keeps its TCP socket open once the response is out, dropping
 # what the TCP peer still sends (it normally closes first, having read the response and our FIN); nginx's

@@ -31,10 +31,10 @@ from agent.addressing import (
     Address,
     BadAuthority,
     address_owner,
-    baggage,
     destination_service,
     format_address,
     parse_authority,
+    workload_baggage,
     workload_identity,
 )
 from agent.connections import ConnectionRegistry
@@ -271,7 +271,7 @@ class InboundProxy(_Common):
                 return
             # As ztunnel (ENABLE_RESPONSE_BAGGAGE, on by default): the 200, and only the 200, describes the
             # destination in `baggage`, for a client that reports what answered.
-            bag = baggage(wl)
+            bag = workload_baggage(self.store, wl)
             if not await _respond(req, 200, [("baggage", bag)] if bag else None):
                 upstream.close()
                 report.finish(error="client reset the stream before the answer", flags="CONNECT")

@@ -44,13 +44,13 @@ from agent.addressing import (
     LB_STRICT,
     Address,
     address_owner,
-    baggage,
     destination_service,
     endpoint_address,
     format_address,
     ip_text,
     service_sans,
     service_target_port,
+    workload_baggage,
     workload_identity,
 )
 from agent.connections import ConnectionRegistry
@@ -211,7 +211,6 @@ def resolved(r: Route, ip: str, config: OutboundConfig = OutboundConfig()) -> Ro
 
 
 _Candidate = tuple[Any, str, int]  # endpoint workload, address ("": resolve its hostname), target port
-_MEMO_LIMIT = 4096  # candidate lists kept between store changes (services x ports x client families/localities)
 
 
 def _pick_endpoint(
@@ -231,13 +230,7 @@ def _pick_endpoint(
     if lb.mode == LB_STRICT or lb.mode == LB_FAILOVER:
         loc = src.locality
         key += (loc.region, loc.zone, loc.subzone, src.node, src.cluster_id)
-    memo = store.memo
-    found = memo.get(key)
-    if found is None:
-        if len(memo) >= _MEMO_LIMIT:
-            memo.clear()
-        found = memo[key] = _candidates(store, src, svc, dst[1], want_v6)
-    candidates, weights = found
+    candidates, weights = store.memoized(key, lambda: _candidates(store, src, svc, dst[1], want_v6))
     if not candidates:
         return None
     return rng.choice(candidates) if weights is None else rng.choices(candidates, weights)[0]
@@ -331,19 +324,16 @@ def accepted_sans(store: WorkloadStore, svc: Any | None) -> frozenset[Identity]:
     ignored, with a warning, as in ztunnel."""
     if svc is None or not svc.subject_alt_names:
         return frozenset()
-    memo = store.memo
-    key = ("sans", id(svc))
-    found = memo.get(key)
-    if found is None:
-        if len(memo) >= _MEMO_LIMIT:
-            memo.clear()
+
+    def parse() -> frozenset[Identity]:
         found, invalid = service_sans(svc)
-        memo[key] = found
         if invalid:
             log.warning(
                 "ignoring subject_alt_names that are no SPIFFE ID", extra=kv(service=svc.hostname, sans=invalid)
             )
-    return found
+        return found
+
+    return store.memoized(("sans", id(svc)), parse)
 
 
 def traceparent() -> str:
@@ -352,14 +342,13 @@ def traceparent() -> str:
     return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
-def hbone_headers(client: Address, src: Any, service: Any | None = None) -> list[tuple[str, str]]:
+def hbone_headers(client: Address, bag: str, service: Any | None = None) -> list[tuple[str, str]]:
     """`forwarded` (with `host=` when a service was addressed, so the destination can report it), a fresh
-    `traceparent`, and the source's `baggage`."""
+    `traceparent`, and the source's `baggage` (`bag`, as :func:`workload_baggage` keeps it)."""
     forwarded = f'for="{format_address(client)}"'
     if service is not None:
         forwarded += f";host={service.hostname}"
     headers = [("forwarded", forwarded), ("traceparent", traceparent())]
-    bag = baggage(src)
     if bag:
         headers.append(("baggage", bag))
     return headers
@@ -481,7 +470,7 @@ class OutboundProxy:
                 PoolKey(report.src_identity, report.dst_identity, r.target, accepted_sans(self.store, r.service)),
                 ctx,
                 format_address(r.authority),
-                hbone_headers(client, src, r.service),
+                hbone_headers(client, workload_baggage(self.store, src), r.service),
                 early,
             )
         except HboneConnectError as e:

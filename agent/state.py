@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
@@ -23,6 +23,9 @@ from common.protojson import message_to_json
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+MEMO_LIMIT = 4096  # entries of WorkloadStore.memo between changes
+_MISSING = object()
+_T = TypeVar("_T")
 
 Workload = wl_pb.Workload
 Service = wl_pb.Service
@@ -95,7 +98,19 @@ class WorkloadStore:
         self._subscribers: list[Callable[[StoreChange], None]] = []
         self.memo: dict[Any, Any] = {}
         """What the data path derives from the store and reuses per connection (a service's endpoint candidates,
-        its accepted SANs): emptied by every update that changes something, so nothing in it is ever stale."""
+        its accepted SANs, a workload's baggage): emptied by every update that changes something, so nothing in it
+        is ever stale, and keys may hold ``id()`` of the store's objects. Filled through :meth:`memoized`."""
+
+    def memoized(self, key: Any, compute: Callable[[], _T]) -> _T:
+        """``compute()``, once per store version for ``key``. A full memo starts over rather than grow with every
+        key a busy node sees between changes (services x ports x kinds of client)."""
+        memo = self.memo
+        found = memo.get(key, _MISSING)
+        if found is _MISSING:
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            found = memo[key] = compute()
+        return found
 
     # ---- queries (the data path) ---------------------------------------------------------------------------------
 

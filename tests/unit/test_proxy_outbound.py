@@ -13,9 +13,9 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.addressing import baggage
+from agent.addressing import baggage, workload_baggage
 from agent.outbound import OutboundConfig, RouteKind, hbone_headers, is_node_address, route, traceparent
-from agent.state import WorkloadStore
+from agent.state import MEMO_LIMIT, WorkloadStore
 from api.istio.workload import workload_pb2 as wpb
 from tests.support.workloads import pod_workload
 
@@ -156,15 +156,15 @@ def test_outside_the_mesh_is_passthrough(store: WorkloadStore) -> None:
 
 
 def test_headers() -> None:
-    headers = dict(hbone_headers(("10.1.0.5", 40123), CLIENT))
+    headers = dict(hbone_headers(("10.1.0.5", 40123), baggage(CLIENT)))
     assert headers["forwarded"] == 'for="10.1.0.5:40123"'
     assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers["traceparent"])
     assert headers["baggage"] == (
         "k8s.cluster.name=Kubernetes,k8s.namespace.name=client,k8s.deployment.name=sleep,"
         "service.name=sleep,service.version=v1"
     )
-    assert dict(hbone_headers(("fd00::5", 1), CLIENT))["forwarded"] == 'for="[fd00::5]:1"'
-    with_service = dict(hbone_headers(("10.1.0.5", 1), CLIENT, service("10.96.0.10")))
+    assert dict(hbone_headers(("fd00::5", 1), baggage(CLIENT)))["forwarded"] == 'for="[fd00::5]:1"'
+    with_service = dict(hbone_headers(("10.1.0.5", 1), baggage(CLIENT), service("10.96.0.10")))
     assert with_service["forwarded"] == f'for="10.1.0.5:1";host={HOST}'
     assert traceparent() != traceparent()
     assert baggage(wpb.Workload()) == ""
@@ -375,6 +375,29 @@ def test_endpoint_choice_is_reused_only_by_clients_alike() -> None:
     assert names(s, client) == {"same-zone"}
     populate(s, wl("same-zone-2", "10.2.0.10", "n2", ports={80: 8080}, locality=wpb.Locality(region="r1", zone="z1")))
     assert names(s, client) == {"same-zone", "same-zone-2"}  # a new endpoint is seen at once
+
+
+def test_baggage_is_built_once_per_store_version(store: WorkloadStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    def fake(wl: Any) -> str:
+        built.append(wl.name)
+        return f"k8s.pod={wl.name}"
+
+    monkeypatch.setattr("agent.addressing.baggage", fake)
+    assert workload_baggage(store, CLIENT) == "k8s.pod=sleep-1" == workload_baggage(store, CLIENT)
+    assert built == ["sleep-1"]  # the second CONNECT from this client reused it
+    populate(store, wl("echo-c", "10.2.0.11", "n2"))  # any change: what the memo holds may be stale
+    workload_baggage(store, CLIENT)
+    assert built == ["sleep-1", "sleep-1"]
+
+
+def test_memo_starts_over_when_full() -> None:
+    s = WorkloadStore()
+    for i in range(MEMO_LIMIT):
+        s.memoized(("k", i), lambda: 0)
+    assert len(s.memo) == MEMO_LIMIT and s.memoized(("k", 1), lambda: -1) == 0  # still there: no recompute
+    assert s.memoized("one more", lambda: 1) == 1 and len(s.memo) == 1
 
 
 def test_strict_requires_every_routing_preference() -> None:

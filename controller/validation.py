@@ -437,13 +437,14 @@ def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
             ns = raw_meta.get("namespace")
             ctx.namespace = ns if isinstance(ns, str) and ns else "default"
     if not isinstance(kind, str) or not kind:
-        ctx.error("kind", "required field is missing")
+        ctx.error("kind", "required field is missing" if not kind else f"must be a string, got {_type_name(kind)}")
         return None
     if kind not in API_VERSIONS:
         ctx.error("kind", f"unknown kind {kind!r} (known: {', '.join(sorted(API_VERSIONS))})")
         return None
     if not isinstance(api_version, str) or not api_version:
-        ctx.error("apiVersion", "required field is missing")
+        reason = f"must be a string, got {_type_name(api_version)}" if api_version else "required field is missing"
+        ctx.error("apiVersion", reason)
         return None
     if api_version not in API_VERSIONS[kind]:
         ctx.error("apiVersion", f"{api_version!r} does not serve kind {kind} (use {' or '.join(API_VERSIONS[kind])})")

@@ -324,7 +324,11 @@ ERROR_CASES = [
     # Values of the wrong shape used to raise out of validation (TypeError, ValueError) instead of becoming errors.
     (
         {**BASE["Pod"], "kind": ["Pod"]},
-        "f.yaml:?/demo/web-0: kind: required field is missing",
+        "f.yaml:?/demo/web-0: kind: must be a string, got a list",
+    ),
+    (
+        {**BASE["Pod"], "apiVersion": 1},
+        "f.yaml:Pod/demo/web-0: apiVersion: must be a string, got an integer",
     ),
     (
         _doc("Pod", status__podIP="10.0.0.1\0"),

@@ -117,7 +117,7 @@ async def test_malformed_values_are_errors_and_other_files_still_apply(tmp_path:
     assert await src.sync() == 3
     assert set(workloads(store)) == {"p1"}
     assert sorted(store.errors()) == [
-        f"{bad}:?/default/x: kind: required field is missing",
+        f"{bad}:?/default/x: kind: must be a string, got a list",
         f"{bad}:Pod/demo/p2: status.podIP: '10.0.0.2\\x00' is not a valid IP address",
     ]
 

@@ -75,6 +75,10 @@ class IdentityError(CaError):
     """The identity to sign for is outside the CA's trust domain."""
 
 
+class CaExpiredError(CaError):
+    """The signing certificate has expired: nothing can be issued until the CA is rotated."""
+
+
 class CaLoadError(CaError):
     """The CA directory does not hold a consistent CA; names the file and what is wrong."""
 
@@ -330,6 +334,12 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         m = self._material
         now = _now()
+        if m.cert.not_valid_after_utc <= now:
+            # Checked at load, but a CA (a plugged-in intermediate, typically) can expire while serving.
+            raise CaExpiredError(
+                f"{self.directory / CA_CERT}: the signing CA expired at {m.cert.not_valid_after_utc.isoformat()}; "
+                "rotate it (docs/ca-rotation.md)"
+            )
         not_after = min(now + datetime.timedelta(seconds=ttl_seconds), m.cert.not_valid_after_utc)
         # Workload certificates serve both ends of HBONE; the controller's only serves.
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]

@@ -13,9 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.pki import cert_pem, is_self_signed, issued_by, path_to_root
 from common.spiffe import Identity
+from controller import ca as ca_module
 from controller.ca import (
     DEFAULT_TTL_SECONDS,
     MAX_TTL_SECONDS,
+    CaExpiredError,
     CaLoadError,
     CertificateAuthority,
     CsrError,
@@ -176,6 +178,15 @@ def test_wrong_signature_refused(ca: CertificateAuthority) -> None:
 def test_foreign_trust_domain_refused(ca: CertificateAuthority) -> None:
     with pytest.raises(IdentityError, match="trust domain"):
         ca.sign_csr(csr_pem(), Identity("evil.example", "default", "web"), 0)
+
+
+def test_expired_signing_ca_is_refused_by_name(ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CA that expires while serving used to fail inside the certificate builder (ValueError: not_after before
+    not_before), which the CA service reported as an internal error with a traceback per request."""
+    expired_at = _certs(ca.roots_pem())[0].not_valid_after_utc
+    monkeypatch.setattr(ca_module, "_now", lambda: expired_at + datetime.timedelta(minutes=5))
+    with pytest.raises(CaExpiredError, match=r"ca-cert.pem: the signing CA expired at .*rotate it"):
+        ca.sign_csr(csr_pem(), WEB, 3600)
 
 
 def test_serving_certificate_has_dns_and_ip_sans(ca: CertificateAuthority) -> None:

@@ -45,6 +45,7 @@ from agent.state import WorkloadStore
 from agent.tunnel import (
     ConnectRequest,
     HboneStreamReset,
+    ServerConnections,
     TunnelConfig,
     TunnelStats,
     relay,
@@ -158,6 +159,7 @@ class InboundProxy(_Common):
         super().__init__(store, node, metrics, access_log, connections, config, trust_domain=certs.trust_domain)
         self.certs = certs
         self.tunnel_config = tunnel_config
+        self.hbone_connections = ServerConnections()  # told to go elsewhere when the agent drains
         self.tunnel_stats = tunnel_stats
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
@@ -192,6 +194,7 @@ class InboundProxy(_Common):
             trust_domain=self.trust_domain,
             config=self.tunnel_config,
             stats=self.tunnel_stats,
+            connections=self.hbone_connections,
         )
 
     def _client(self, req: ConnectRequest, params: dict[str, str], peer: Address) -> tuple[Address, Any | None]:

@@ -190,6 +190,10 @@ class Agent:
         log.info("draining", extra=kv(seconds=self.cfg.drain_seconds, connections=len(self.connections)))
         for listener in self.listeners:
             await listener.stop_accepting()
+        # As ztunnel's graceful shutdown: GOAWAY on inbound HBONE, so peers dial again (the node's next agent takes
+        # their new connections) while the streams already open get the drain time to finish.
+        told = self.inbound.hbone_connections.drain()
+        log.info("sent GOAWAY to HBONE clients", extra=kv(connections=told))
         in_flight = [task for listener in self.listeners for task in listener.tasks]
         if in_flight:
             await asyncio.wait(in_flight, timeout=self.cfg.drain_seconds)

@@ -622,6 +622,17 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self.flush()
         self.transport.close()
 
+    def drain(self) -> None:
+        """GOAWAY(NO_ERROR): the peer opens no more streams here and those open carry on; the connection closes
+        with the last of them (:meth:`forget_if_closed`), or now when there is none."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self.streams:
+            self.close()
+            return
+        self.h2.goaway()
+        self.flush()
+
     def _on_event(self, ev: hbone.Event) -> None:
         streams = self.streams
         st: HboneStream | None
@@ -1289,6 +1300,25 @@ class _ServerProtocol(_HboneProtocol):
                 req._stream.reset()
 
 
+class ServerConnections:
+    """The HBONE connections a server is serving, so that a draining agent can send their clients elsewhere: after
+    GOAWAY a client's pool stops opening streams on the connection and dials again (the node's next agent takes
+    those), instead of piling new streams onto an agent that cuts them all when its drain time is up."""
+
+    def __init__(self) -> None:
+        self._live: set[_ServerProtocol] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def drain(self) -> int:
+        """GOAWAY to every connection (streams already open carry on); returns how many were told."""
+        live = list(self._live)
+        for proto in live:
+            proto.drain()
+        return len(live)
+
+
 async def serve_hbone_connection(
     sock: socket.socket,
     ssl_context: ssl.SSLContext,
@@ -1297,6 +1327,7 @@ async def serve_hbone_connection(
     trust_domain: str | None,
     config: TunnelConfig | None = None,
     stats: TunnelStats | None = None,
+    connections: ServerConnections | None = None,
 ) -> None:
     """Serve one accepted TCP connection as an HBONE server until it closes.
 
@@ -1305,7 +1336,7 @@ async def serve_hbone_connection(
     protocol errors GOAWAY; every refusal is counted in ``stats.rejects``. A handler that returns or raises
     without responding makes the stream answer 503; when it returns, a stream it left open is reset. Takes
     ownership of ``sock``; never raises on peer input. Cancelling it sends GOAWAY, cuts the connection at once
-    (its streams are reset) and cancels its handlers.
+    (its streams are reset) and cancels its handlers. While it serves, the connection is in ``connections``.
     """
     cfg = config or TunnelConfig()
     st = stats or STATS
@@ -1336,6 +1367,8 @@ async def serve_hbone_connection(
     except asyncio.CancelledError:
         sock.close()
         raise
+    live = connections._live if connections is not None else set()
+    live.add(proto)
     try:
         await asyncio.shield(proto.closed)
     except asyncio.CancelledError:
@@ -1348,3 +1381,5 @@ async def serve_hbone_connection(
         for task in list(proto.tasks):
             task.cancel()
         raise
+    finally:
+        live.discard(proto)

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from lab import Lab
-from lab.observe import Sniffer, agent_log, capture_status, config_file, metric_lines, metrics, sniff, workloads
+from lab.observe import (
+    Sniffer,
+    agent_log,
+    capture_status,
+    config_file,
+    http_json,
+    metric_lines,
+    metrics,
+    sniff,
+    workloads,
+)
 from tests.support.mesh import connect, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
@@ -248,6 +258,36 @@ def test_sigterm_drains_established_connections(mesh: Lab) -> None:
         assert closed
     wait_for(lambda: any(r.get("msg") == "stopped" for r in agent_log(mesh, "node1")), "a clean agent exit")
     mesh.restart("agent-node1")
+    wait_for(lambda: _echo_ok(mesh, "demo/client", _ip(mesh, "demo/server-1")), "the agent back", timeout=60)
+
+
+def test_draining_destination_agent_sends_its_hbone_clients_elsewhere(mesh: Lab) -> None:
+    """SIGTERM on the server's node: its agent tells the client's agent GOAWAY on their pooled HBONE connection,
+    so the next connection dials again, while the established one keeps working through the drain."""
+    record = mesh.process("agent-node2")
+    with connect(mesh, "demo/client", _ip(mesh, "demo/server-1"), ECHO, timeout=20) as s:
+        s.sendall(b"before")
+        assert s.recv(10) == b"before"
+        pooled = http_json(mesh, "node1", 15000, "/config_dump", host="127.0.0.1")["pool"]
+        assert any(p["usable"] for p in pooled), pooled
+        os.kill(record.pid, signal.SIGTERM)
+        wait_for(
+            lambda: any(
+                r.get("msg") == "sent GOAWAY to HBONE clients" and r.get("connections", 0) >= 1
+                for r in agent_log(mesh, "node2")
+            ),
+            "the draining agent to send GOAWAY",
+        )
+        s.sendall(b"during")
+        assert s.recv(10) == b"during"
+        wait_for(
+            lambda: (
+                not any(p["usable"] for p in http_json(mesh, "node1", 15000, "/config_dump", host="127.0.0.1")["pool"])
+            ),
+            "the client's agent to stop using the drained connection",
+        )
+    wait_for(lambda: any(r.get("msg") == "stopped" for r in agent_log(mesh, "node2")), "a clean agent exit")
+    mesh.restart("agent-node2")
     wait_for(lambda: _echo_ok(mesh, "demo/client", _ip(mesh, "demo/server-1")), "the agent back", timeout=60)
 
 

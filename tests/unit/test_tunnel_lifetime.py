@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.sockets import Listener, transparent_listener
-from agent.tunnel import ConnectRequest, TunnelStats, connect, serve_hbone_connection
+from agent.tunnel import (
+    ConnectRequest,
+    HboneConnectError,
+    ServerConnections,
+    TunnelStats,
+    connect,
+    serve_hbone_connection,
+)
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
 from tests.support.waiting import eventually
@@ -83,3 +90,66 @@ async def test_cancelled_server_connection_leaves_its_fd_to_the_next_socket(hbon
             s.close()
         client.abort()
         await client.wait_closed()
+
+
+async def test_drain_sends_goaway_and_lets_open_streams_finish() -> None:
+    """What the agent does when it starts draining: clients stop opening streams on the connection (their pool
+    dials again) while a stream already open keeps moving bytes both ways; the connection then closes with it."""
+    ca = TestCA()
+    server_id, client_id = ca.identity("default", "server"), ca.identity("default", "client")
+    server_ctx = ca.server_context(ca.issue(server_id))
+    served = ServerConnections()
+
+    async def echo(req: ConnectRequest) -> None:
+        await req.respond(200)
+        while data := await req.stream.read():
+            await req.stream.write(data)
+        req.stream.write_eof()
+
+    async def serve(sock: socket.socket, _dst: tuple[str, int]) -> None:
+        await serve_hbone_connection(sock, server_ctx, echo, trust_domain="cluster.local", connections=served)
+
+    listener = Listener(transparent_listener(0, "127.0.0.1", transparent=False), serve, "hbone")
+    listener.start()
+    client = await connect(listener.address, ca.client_context(ca.issue(client_id)), server_id)
+    try:
+        stream = await client.open_stream("10.0.0.1:80", [])
+        await eventually(lambda: len(served) == 1, "the connection is being served")
+        assert served.drain() == 1
+        await eventually(lambda: not client.usable, "the client saw GOAWAY")
+        await stream.write(b"still here")
+        assert await stream.read() == b"still here"  # the open stream carries on
+        with pytest.raises(HboneConnectError):
+            await client.open_stream("10.0.0.1:80", [])  # a new one is not opened on a drained connection
+        stream.write_eof()
+        assert await stream.read() == b""
+        await asyncio.wait_for(client.wait_closed(), 5)  # closed with its last stream
+        await eventually(lambda: len(served) == 0, "the server forgot the connection")
+    finally:
+        client.abort()
+        await listener.close()
+
+
+async def test_drain_closes_an_idle_connection_at_once() -> None:
+    ca = TestCA()
+    server_id = ca.identity("default", "server")
+    served = ServerConnections()
+
+    async def serve(sock: socket.socket, _dst: tuple[str, int]) -> None:
+        ctx = ca.server_context(ca.issue(server_id))
+        await serve_hbone_connection(sock, ctx, _never, trust_domain="cluster.local", connections=served)
+
+    listener = Listener(transparent_listener(0, "127.0.0.1", transparent=False), serve, "hbone")
+    listener.start()
+    client = await connect(listener.address, ca.client_context(ca.issue(ca.identity("default", "c"))), server_id)
+    try:
+        await eventually(lambda: len(served) == 1, "the connection is being served")
+        served.drain()
+        await asyncio.wait_for(client.wait_closed(), 5)
+    finally:
+        client.abort()
+        await listener.close()
+
+
+async def _never(req: ConnectRequest) -> None:
+    raise AssertionError("no stream was opened")

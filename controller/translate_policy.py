@@ -98,7 +98,7 @@ def port_numbers(values: Iterable[str | int]) -> list[int]:
     out = []
     for value in values:
         text = str(value)
-        if text.isdigit() and int(text) <= 65535:
+        if text.isascii() and text.isdigit() and int(text) <= 65535:
             out.append(int(text))
     return out
 

@@ -330,6 +330,26 @@ ERROR_CASES = [
         {**BASE["Pod"], "apiVersion": 1},
         "f.yaml:Pod/demo/web-0: apiVersion: must be a string, got an integer",
     ),
+    # str.isdigit() takes '²' (int() then raised ValueError out of validation) and '٣' (int() read it as 3).
+    (
+        _doc("AuthorizationPolicy", spec__rules__0__to=[{"operation": {"ports": ["²"]}}]),
+        "f.yaml:AuthorizationPolicy/demo/allow-client: spec.rules[0].to[0].operation.ports[0]: "
+        "'²' is not a port number (1-65535)",
+    ),
+    (
+        _doc("AuthorizationPolicy", spec__rules__0__when=[{"key": "destination.port", "values": ["٣"]}]),
+        "f.yaml:AuthorizationPolicy/demo/allow-client: spec.rules[0].when[0].values[0]: "
+        "'٣' is not a port number (1-65535)",
+    ),
+    (
+        _doc("Service", spec__ports__0__targetPort="²"),
+        "f.yaml:Service/demo/web: spec.ports[0].targetPort: '²' is not a valid port name (1-15 lowercase "
+        "alphanumerics or '-', with a letter, no '--')",
+    ),
+    (
+        _doc("PeerAuthentication", spec__portLevelMtls={"²": {"mode": "STRICT"}}),
+        "f.yaml:PeerAuthentication/demo/strict: spec.portLevelMtls[²]: must be an integer, got a string",
+    ),
     (
         _doc("Pod", status__podIP="10.0.0.1\0"),
         "f.yaml:Pod/demo/web-0: status.podIP: '10.0.0.1\\x00' is not a valid IP address",

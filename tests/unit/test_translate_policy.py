@@ -13,6 +13,7 @@ from google.protobuf import text_format
 from agent import rbac
 from api.istio.security import authorization_pb2 as pb
 from common.spiffe import Identity
+from controller import translate_policy
 from controller.model import ObjectKey
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
@@ -453,3 +454,8 @@ def test_strict_with_all_strict_ports_needs_no_converted_policy_and_disable_warn
             "PeerAuthentication", "other", "b"
         ): "mode DISABLE is not supported in ambient mode and is treated as PERMISSIVE"
     }
+
+
+def test_port_numbers_take_ascii_digits_only() -> None:
+    """Like istiod's strconv.ParseUint: '²' used to raise ValueError and '٣' became port 3."""
+    assert translate_policy.port_numbers(["²", "٣", "80", 443, "70000"]) == [80, 443]

@@ -613,6 +613,9 @@ def check_ip(value: str) -> str | None:
 
 
 def check_ip_or_cidr(value: str) -> str | None:
+    if "%" in value:
+        # ipaddress takes an IPv6 zone (fe80::1%eth0); inet_pton, Go's net.ParseIP and the translator do not.
+        return f"{value!r}: an IPv6 zone (%...) has no meaning in the mesh"
     try:
         if "/" in value:
             ipaddress.ip_network(value, strict=False)

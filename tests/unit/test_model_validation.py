@@ -330,6 +330,12 @@ ERROR_CASES = [
         {**BASE["Pod"], "apiVersion": 1},
         "f.yaml:Pod/demo/web-0: apiVersion: must be a string, got an integer",
     ),
+    # ipaddress accepts a zone; the translator's inet_pton raised on it, and every later change raised again.
+    (
+        _doc("ServiceEntry", spec__addresses=["fe80::1%eth0"]),
+        "f.yaml:ServiceEntry/demo/ext: spec.addresses[0]: 'fe80::1%eth0': an IPv6 zone (%...) has no meaning in "
+        "the mesh",
+    ),
     # str.isdigit() takes '²' (int() then raised ValueError out of validation) and '٣' (int() read it as 3).
     (
         _doc("AuthorizationPolicy", spec__rules__0__to=[{"operation": {"ports": ["²"]}}]),

@@ -317,12 +317,17 @@ class Translator:
 
     def _rebuild(self) -> Delta:
         delta = Delta()
-        self._rebuild_policies(delta)
-        self._rebuild_services(delta)
         try:
+            self._rebuild_policies(delta)
+            self._rebuild_services(delta)
             for key in self._dirty_workloads:
                 self._rebuild_workloads(key, delta)
         finally:
+            # An object that fails to build (a bug, or something validation let through) costs its own change; kept
+            # dirty, it would fail every later apply() too and no config change would reach the agents again.
+            self._dirty_policies.clear()
+            self._peer_auth_dirty = False
+            self._dirty_services.clear()
             self._dirty_workloads.clear()
             self._memo_services.clear()
             self._memo_policies.clear()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
+from typing import Any
 
-from controller.model import KObject, ObjectKey, Pod
+import pytest
+
+from controller.model import KObject, ObjectKey, Pod, Service, ServiceEntry
 from controller.translate import Delta, Translator
 from controller.validation import parse_yaml_text
 
@@ -222,3 +225,24 @@ def test_full_state_matches_sum_of_deltas() -> None:
         "Kubernetes//Pod/demo/web-1",
         "demo/db.demo.svc.cluster.local",
     ]
+
+
+def test_an_object_that_fails_to_build_does_not_block_later_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build failure used to leave the object in the dirty sets, so every later apply() raised again: one bad
+    object (an IPv6 zone that validation let through did this) stopped all config changes."""
+    t, by_key = setup()
+    real = Translator._build_services
+
+    def broken(self: Translator, obj: Service | ServiceEntry) -> dict[str, Any]:
+        if obj.meta.name == "db":
+            raise ValueError("cannot build")
+        return real(self, obj)
+
+    monkeypatch.setattr(Translator, "_build_services", broken)
+    db = by_key[ObjectKey("Service", "demo", "db")]
+    assert isinstance(db, Service)
+    with pytest.raises(ValueError, match="cannot build"):
+        t.apply([dataclasses.replace(db, cluster_ips=("10.96.0.99",))])
+    moved = relabel(by_key[ObjectKey("Pod", "demo", "web-0")], version="v2")
+    delta = t.apply([moved])
+    assert list(delta.addresses) == ["Kubernetes//Pod/demo/web-0"]

@@ -78,7 +78,6 @@ _CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection",
 # Either makes the message malformed (a 400 for a request, a stream error for a response): one regex call per
 # field, a CONNECT or its answer has about five.
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
 _STATUS = re.compile(r"[1-9][0-9][0-9]")  # RFC 9110 15: three ASCII digits (str.isdigit also takes "²")
 # The pseudo-headers each kind of header list may carry (RFC 9113 8.3; a CONNECT has no :scheme or :path, 8.5).
 _REQUEST_PSEUDO = frozenset({":method", ":authority"})
@@ -1135,7 +1134,9 @@ def _check_fields(
     pseudo: dict[str, str] = {}
     regular: list[tuple[str, str]] = []
     for name, value in headers:
-        if _BAD_FIELD_VALUE.search(value) is not None:
+        # NUL, CR, LF, or whitespace at either end (RFC 9113 8.2.1). Not one regex: with the end anchors it was
+        # tried at every position, ~5 us for a 120-byte baggage value against ~0.2 us for these scans.
+        if "\x00" in value or "\r" in value or "\n" in value or value != value.strip(" \t"):
             return pseudo, regular, f"invalid value of {name}"
         if name.startswith(":"):
             if regular:

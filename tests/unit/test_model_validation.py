@@ -330,6 +330,20 @@ ERROR_CASES = [
         {**BASE["Pod"], "apiVersion": 1},
         "f.yaml:Pod/demo/web-0: apiVersion: must be a string, got an integer",
     ),
+    # A trailing newline (YAML `key: |`) passed every name check: "$" matches before it.
+    (
+        _doc("Pod", spec__serviceAccountName="web\n"),
+        "f.yaml:Pod/demo/web-0: spec.serviceAccountName: 'web\\n' is not a valid service account name",
+    ),
+    (
+        _doc("Pod", metadata__labels={"app": "web\n"}),
+        "f.yaml:Pod/demo/web-0: metadata.labels[app]: label value 'web\\n': at most 63 alphanumerics, '-', '_' "
+        "or '.', starting and ending alphanumeric",
+    ),
+    (
+        _doc("WorkloadEntry", spec__address="vm.example.com\n"),
+        "f.yaml:WorkloadEntry/demo/vm-1: spec.address: 'vm.example.com\\n' is not an IP address or hostname",
+    ),
     # ipaddress accepts a zone; the translator's inet_pton raised on it, and every later change raised again.
     (
         _doc("ServiceEntry", spec__addresses=["fe80::1%eth0"]),

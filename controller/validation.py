@@ -961,6 +961,10 @@ def _build_service(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Service:
     svc_type = _enum(ctx, spec, "type", "spec", ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"), "ClusterIP")
     cluster_ip = _str(ctx, spec, "clusterIP", "spec")
     ips = list(_strings(ctx, spec, "clusterIPs", "spec", lambda v: None if v == "None" else check_ip(v)))
+    if "None" in ips and len(ips) > 1:
+        # It would reach the translator as an address (and fail there), or hide the real ones.
+        ctx.error("spec.clusterIPs", "'None' (headless) must be the only entry")
+        ips = [ip for ip in ips if ip != "None"]
     headless = cluster_ip == "None" or ips == ["None"]
     if cluster_ip and not headless:
         if (reason := check_ip(cluster_ip)) is not None:

@@ -330,6 +330,11 @@ ERROR_CASES = [
         {**BASE["Pod"], "apiVersion": 1},
         "f.yaml:Pod/demo/web-0: apiVersion: must be a string, got an integer",
     ),
+    # "None" beside an address reached the translator as an address, which raised on it.
+    (
+        _doc("Service", spec__clusterIPs=["10.96.0.10", "None"]),
+        "f.yaml:Service/demo/web: spec.clusterIPs: 'None' (headless) must be the only entry",
+    ),
     # A trailing newline (YAML `key: |`) passed every name check: "$" matches before it.
     (
         _doc("Pod", spec__serviceAccountName="web\n"),

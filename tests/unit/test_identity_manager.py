@@ -172,7 +172,8 @@ async def test_retry_after_failed_refresh_comes_no_later_than_expiry(
     """A failed refresh used to wait out its whole backoff even when the held certificate expired first: from the
     expiry on every connection was refused at once, for up to the backoff (minutes), even with the CA back."""
     signer = FakeSigner(ca)
-    m = CertificateManager(signer, TD, ttl_seconds=2, registry=registry, backoff=Backoff(initial=120, maximum=120))
+    # 4 s: refresh at 2 s, expiry at 4 s, room for a slow machine between the failed refresh and the expiry.
+    m = CertificateManager(signer, TD, ttl_seconds=4, registry=registry, backoff=Backoff(initial=120, maximum=120))
     try:
         await m.server_context(WEB)
         first = m.certificate(WEB)

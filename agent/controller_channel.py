@@ -223,7 +223,6 @@ class _Connection:
         self.calls: dict[int, Call[Message]] = {}
         self.closed: str | None = None
         self.retired = False
-        self._goaway: str | None = None  # after a GOAWAY, how the remaining calls end (h2 refuses further frames)
         self._window = asyncio.Event()
         self._ping_acked = asyncio.Event()
         self._keepalive, self._keepalive_timeout = keepalive, keepalive_timeout
@@ -326,6 +325,8 @@ class _Connection:
                 for event in self.h2.receive_data(data):
                     self._on_event(event)
                 self._flush()
+                if self.closed is not None:
+                    return  # closed by an event (GOAWAY)
         except (OSError, ssl.SSLError) as e:
             reason = f"connection to the controller failed: {e}"
         except h2.exceptions.ProtocolError as e:
@@ -334,7 +335,7 @@ class _Connection:
                 # A GOAWAY arrived with more frames behind it (gRPC servers send a PING after it): h2 raised on
                 # those before it could report the GOAWAY, and accepts nothing more on this connection.
                 reason = "received prior goaway: the controller is going away"
-        self.close(self._goaway or reason)
+        self.close(reason)
 
     def _on_event(self, event: h2.events.Event) -> None:
         call = self.calls.get(getattr(event, "stream_id", 0) or 0)
@@ -359,16 +360,12 @@ class _Connection:
         elif isinstance(event, h2.events.PingAckReceived):
             self._ping_acked.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # GOAWAY: streams the server never saw fail now (gRPC's words, which the xDS backoff understands); the
-            # others may still finish; no new call goes here.
+            # GOAWAY. h2 takes no frame after it (DATA, trailers and PINGs all raise), so no call can finish here,
+            # not even those the server saw: end them all now, in gRPC's words (which the xDS backoff understands).
+            # Waiting instead hung them until the peer closed the socket (an Envoy in front drains for minutes),
+            # the keepalive task having died on its first PING.
             self.retired = True
-            last = event.last_stream_id or 0
-            reason = self._goaway = f"received prior goaway: code: {event.error_code!r}"
-            for sid, pending in list(self.calls.items()):
-                if sid > last:
-                    pending.finish(RpcError(StatusCode.UNAVAILABLE, reason))
-            if not self.calls:
-                self.close(reason)
+            self.close(f"received prior goaway: code: {event.error_code!r}")
 
     async def _keepalive_loop(self) -> None:
         while True:

@@ -7,9 +7,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest as Delta
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse as DeltaReply
+from hyperframe.frame import GoAwayFrame
 
 from agent.controller_channel import ControllerChannel, RpcError, StatusCode
 from agent.xds import ADS_METHOD, resets_backoff
@@ -156,3 +160,42 @@ async def test_controller_restart_fails_the_stream_and_the_next_call_reconnects(
     finally:
         await channel.close()
         await srv.stop(None)
+
+
+async def test_goaway_ends_the_open_stream_at_once() -> None:
+    """After a GOAWAY h2 takes no further frame, so a stream the server had seen could never finish; it used to wait
+    for the peer to close the socket (an Envoy in front drains for minutes: no config meanwhile), the keepalive task
+    dying on its first PING. It now ends at once, in the words that make the xDS client reconnect without backoff."""
+    goaway_sent = asyncio.Event()
+
+    async def drain_silently(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while not goaway_sent.is_set():
+            data = await reader.read(65536)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    conn.send_headers(event.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+                    writer.write(conn.data_to_send())
+                    goaway = GoAwayFrame(0)
+                    goaway.last_stream_id = event.stream_id  # this stream may finish; then nothing more is sent
+                    writer.write(goaway.serialize())
+                    goaway_sent.set()
+            writer.write(conn.data_to_send())
+        await reader.read()  # stay silent until the client hangs up
+
+    server = await asyncio.start_server(drain_silently, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = ControllerChannel(f"127.0.0.1:{port}", keepalive=0.2, keepalive_timeout=0.2)
+    try:
+        async with channel.stream(ADS_METHOD, DeltaReply) as call:
+            with pytest.raises(RpcError) as exc:
+                await asyncio.wait_for(call.read(), 10)
+        assert exc.value.code() == StatusCode.UNAVAILABLE and resets_backoff(exc.value)
+        assert "received prior goaway" in exc.value.details()
+    finally:
+        await channel.close()
+        server.close()

@@ -298,9 +298,15 @@ class KubeSource:
             changes[sid] = None
         self._known[resource.kind] = {sid for sid, c in changes.items() if c is not None}
         self.lists += 1
-        self.store.update(changes)
-        if resource.kind in self._synced:
-            self._synced[resource.kind].set()
+        try:
+            self.store.update(changes)
+        except Exception as e:  # the store keeps what it had; start() must not wait for this resource forever
+            log.error(
+                "applying a kube list failed", extra=kv(resource=resource.plural, objects=len(items), error=repr(e))
+            )
+        finally:
+            if resource.kind in self._synced:
+                self._synced[resource.kind].set()
 
     def changed(self, resource: Resource, event_type: str, obj: dict[str, Any]) -> None:
         sid = source_id(resource.kind, obj)

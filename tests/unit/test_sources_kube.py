@@ -159,3 +159,24 @@ async def test_older_istio_crd_version_is_used_when_v1_is_not_served(fake: FakeK
         assert watcher.resource.version == "v1beta1" and not watcher.missing
     finally:
         src.stop()
+
+
+async def test_a_list_the_store_fails_on_still_counts_as_synced(
+    fake: FakeKube, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that raises on the first list must not leave start() waiting for that resource forever."""
+
+    class FailingStore(ConfigStore):
+        def update(self, changes: dict[str, object]) -> None:  # type: ignore[override]
+            raise RuntimeError("translator bug")
+
+    src = KubeSource(
+        FailingStore(Translator(), ControllerMetrics()),
+        api_client(str(fake.write_kubeconfig(tmp_path / "kc"))),
+        backoff_initial=0.02,
+    )
+    try:
+        await asyncio.wait_for(src.start(), 20)
+    finally:
+        src.stop()
+    assert any("applying a kube list failed" in r.getMessage() for r in caplog.records)

@@ -336,8 +336,13 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
             loaded[chunk] = cache[chunk]
             continue
         try:
-            docs.append(yaml.load(chunk, Loader=_LOADER))
-            loaded[chunk] = docs[-1]
+            doc = yaml.load(chunk, Loader=_LOADER)
+            if "&" in chunk and "*" in chunk and _expanded_size(doc, MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+                pre_errors.append(ConfigError(source, "?", "", f"#{index}", "document", _ALIAS_PROBLEM))
+                docs.append(_SKIP)
+                continue
+            docs.append(doc)
+            loaded[chunk] = doc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {first_line + mark.line + 1}" if mark is not None else "document"
@@ -353,6 +358,36 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
 
 
 _SKIP = object()
+MAX_EXPANDED_VALUES = 100_000
+_ALIAS_PROBLEM = f"invalid YAML: its aliases expand to more than {MAX_EXPANDED_VALUES} values"
+
+
+def _expanded_size(doc: Any, limit: int) -> int:
+    """How many values `doc` holds once its YAML aliases are expanded, counted up to just past `limit`. Aliases load
+    as shared references, so a few lines (each level naming the one below ten times) stand for billions of values:
+    nothing is allocated, but every comparison, walk or dump of the document then takes exponential time (the
+    kube-apiserver refuses such documents as "excessive aliasing"). Linear in the distinct values: each one's
+    expanded size is worked out once."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(node)] = total
+        return total
+
+    try:
+        return size(doc)
+    except RecursionError:  # nested past Python's stack: no document of ours is, and walking it would fail later
+        return limit + 1
 # libyaml's loader is ~10x faster; same safe subset of YAML.
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DOC_SEPARATOR = re.compile(r"^---(\s|$)")

@@ -567,3 +567,35 @@ def test_non_strict_accepts_unknown_fields_but_checks_the_rest() -> None:
     assert lenient.errors == [] and [o.key for o in lenient.objects] == [ObjectKey("Pod", "demo", "web-0")]
     bad = parse_documents("kube", [_doc("Pod", spec__someFutureField=1, status__podIP="nope")], strict=False)
     assert [str(e) for e in bad.errors] == ["kube:Pod/demo/web-0: status.podIP: 'nope' is not a valid IP address"]
+
+
+NS_DEMO = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n"
+NS_OTHER = "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n"
+
+
+def _alias_bomb(levels: int) -> str:
+    """An HTTPRoute (kept as-is by the controller) whose spec nests `levels` lists, each naming the one below ten
+    times: 10**levels values once expanded, a few hundred bytes of YAML."""
+
+    def level(i: int) -> str:
+        if i == 0:
+            return "&l0 [lol, lol]"
+        return f"&l{i} [" + ", ".join([level(i - 1)] + [f"*l{i - 1}"] * 9) + "]"
+
+    meta = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bomb, namespace: demo}\n"
+    return meta + f"spec: {{rules: {level(levels)}}}\n"
+
+
+def test_yaml_whose_aliases_expand_without_bound_is_refused_and_the_file_still_applies() -> None:
+    text = NS_DEMO + "---\n" + _alias_bomb(6) + "---\n" + NS_OTHER
+    result = parse_yaml_text("cfg/bomb.yaml", text)
+    assert [o.key for o in result.objects] == [ObjectKey("Namespace", "", "demo"), ObjectKey("Namespace", "", "other")]
+    [error] = result.errors
+    assert str(error) == "cfg/bomb.yaml:?//#2: document: invalid YAML: its aliases expand to more than 100000 values"
+
+
+def test_yaml_aliases_within_bounds_are_ordinary_yaml() -> None:
+    text = NS_DEMO + "---\n" + _alias_bomb(3) + "---\n" + NS_OTHER  # 2,000 values: a big but honest document
+    result = parse_yaml_text("cfg/anchors.yaml", text)
+    assert not result.errors
+    assert ObjectKey("HTTPRoute", "demo", "bomb") in [o.key for o in result.objects]

@@ -388,6 +388,8 @@ def _expanded_size(doc: Any, limit: int) -> int:
         return size(doc)
     except RecursionError:  # nested past Python's stack: no document of ours is, and walking it would fail later
         return limit + 1
+
+
 # libyaml's loader is ~10x faster; same safe subset of YAML.
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DOC_SEPARATOR = re.compile(r"^---(\s|$)")

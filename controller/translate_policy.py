@@ -386,5 +386,11 @@ def convert_peer_authentication(
 
 def peer_authentication_warning(pa: PeerAuthentication) -> str:
     if pa.mode == "DISABLE" or "DISABLE" in pa.port_level.values():
-        return "mode DISABLE is not supported in ambient mode and is treated as PERMISSIVE"
+        warning = "mode DISABLE is not supported in ambient mode and is treated as PERMISSIVE"
+        if pa.mode == "UNSET" and "DISABLE" in pa.port_level.values():
+            # istiod's conversion: a port exception to an inherited STRICT keeps the parent's mode (fails closed)
+            warning += (
+                ", except that a port-level DISABLE with no workload mode stays STRICT under a STRICT namespace or mesh"
+            )
+        return warning
     return ""

@@ -427,6 +427,20 @@ def test_strict_port_of_permissive_workload_under_strict_mesh() -> None:
     assert not _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 8080)
 
 
+def test_port_disable_with_no_workload_mode_stays_strict_and_the_warning_says_so() -> None:
+    """As istiod converts it: a port-level DISABLE (or PERMISSIVE) exception needs a workload mode to be an exception
+    to; with none, the inherited STRICT holds on that port too (fails closed). The warning must not promise
+    plaintext there."""
+    t = translate(
+        WORKLOADS,
+        peer_auth("default", "istio-system", "  mtls: {mode: STRICT}\n"),
+        peer_auth("web", "demo", WEB_SELECTOR + "  portLevelMtls: {9090: {mode: DISABLE}}\n"),
+    )
+    assert _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 9090)
+    warning = t.warnings[ObjectKey("PeerAuthentication", "demo", "web")]
+    assert warning.endswith("a port-level DISABLE with no workload mode stays STRICT under a STRICT namespace or mesh")
+
+
 def test_oldest_namespace_policy_wins() -> None:
     t = translate(
         WORKLOADS,

@@ -163,9 +163,14 @@ def route(
         # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
         if wl is None or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)
+    return _loopback_refusal(ip, wl, svc, config) or _endpoint_route(node, src, wl, svc, ip, port, config)
+
+
+def _loopback_refusal(ip: str, wl: Any, svc: Any | None, config: OutboundConfig) -> Route | None:
+    """An endpoint at a loopback address is the node's own loopback here (see OutboundConfig.loopback_upstreams)."""
     if not config.loopback_upstreams and _is_loopback(ip):
         return Route(RouteKind.REJECT, workload=wl, service=svc, reason="loopback_upstream")
-    return _endpoint_route(node, src, wl, svc, ip, port, config)
+    return None
 
 
 def _endpoint_route(
@@ -202,8 +207,8 @@ def resolved(r: Route, ip: str, config: OutboundConfig = OutboundConfig()) -> Ro
     refused where `route` would refuse that address: a loopback upstream, or (connecting to it directly) one of
     this node's addresses at one of the agent's own ports."""
     assert r.hostname and r.target is not None
-    if not config.loopback_upstreams and _is_loopback(ip):
-        return Route(RouteKind.REJECT, workload=r.workload, service=r.service, reason="loopback_upstream")
+    if refused := _loopback_refusal(ip, r.workload, r.service, config):
+        return refused
     if r.kind is RouteKind.PASSTHROUGH and r.target[1] in config.own_ports and config.is_node_address(ip):
         return Route(RouteKind.REJECT, workload=r.workload, service=r.service, reason="self_call")
     authority = None if r.authority is None else (ip, r.authority[1])
@@ -219,7 +224,7 @@ def _pick_endpoint(
     svc: Any,
     dst: Address,
     rng: Any,  # random.Random, or the module
-) -> tuple[Any, str, int] | None:
+) -> _Candidate | None:
     """The endpoint, its address ("" for one to reach by hostname) and target port for a connection from `src`
     to `svc`'s VIP `dst`; None when none can take it. The candidates are worked out once per store version (see
     :func:`_candidates`): a service with 100 endpoints cost ~340 us per connection when they were filtered for
@@ -405,20 +410,17 @@ class OutboundProxy:
             "outbound", client, r.target, src=src, dst=r.workload, service=r.service, path=r.kind.value
         )
         try:
-            if r.kind is RouteKind.HBONE:
-                report.src_identity = workload_identity(src, td)
+            if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
                 report.dst_identity = workload_identity(r.workload, td)
+            if r.kind is not RouteKind.PASSTHROUGH:  # HBONE or its same-node stand-in: mutual TLS between the two
+                report.src_identity = workload_identity(src, td)
                 report.mtls = True
+            if r.kind is RouteKind.HBONE:
                 report.hbone_addr = r.authority
                 await self._hbone(sock, client, src, r, report)
             elif r.kind is RouteKind.SAME_NODE:
-                report.src_identity = workload_identity(src, td)
-                report.dst_identity = workload_identity(r.workload, td)
-                report.mtls = True
                 await self._same_node(sock, client, r, report)
             else:
-                if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
-                    report.dst_identity = workload_identity(r.workload, td)
                 await self._passthrough(sock, r, report)
         except asyncio.CancelledError:  # at any await (certificate, tunnel, connect, relay): still closed and logged
             report.finish(error="cancelled")

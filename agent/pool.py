@@ -129,8 +129,7 @@ class HboneConnectionPool:
 
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:
-            expected = key.accepted if key.also else key.dst
-            conn = await connect(key.addr, ssl_context, expected, config=self.config, stats=self.stats)
+            conn = await connect(key.addr, ssl_context, key.accepted, config=self.config, stats=self.stats)
         except HboneConnectError:
             self.connect_failures += 1
             raise

@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 
 from api.istio.security import authorization_pb2 as pb
 from controller.model import AuthorizationPolicy, Operation, PeerAuthentication, Rule, Source
-from controller.validation import L4_WHEN_KEYS
+from controller.validation import L4_WHEN_KEYS, is_decimal
 
 STATIC_STRICT_NAME = "istio_converted_static_strict"
 CONVERTED_PA_PREFIX = "converted_peer_authentication_"
@@ -98,7 +98,7 @@ def port_numbers(values: Iterable[str | int]) -> list[int]:
     out = []
     for value in values:
         text = str(value)
-        if text.isascii() and text.isdigit() and int(text) <= 65535:
+        if is_decimal(text) and int(text) <= 65535:
             out.append(int(text))
     return out
 

@@ -710,13 +710,13 @@ def check_service_account_match(value: str) -> str | None:
     return None
 
 
-def _is_decimal(text: str) -> bool:
+def is_decimal(text: str) -> bool:
     """ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3)."""
     return text.isascii() and text.isdigit()
 
 
 def check_port_string(value: str) -> str | None:
-    if not _is_decimal(value) or not 1 <= int(value) <= 65535:
+    if not is_decimal(value) or not 1 <= int(value) <= 65535:
         return f"{value!r} is not a port number (1-65535)"
     return None
 
@@ -973,7 +973,7 @@ def _service_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ServicePort | N
     protocol = _enum(ctx, item, "protocol", path, ("TCP", "UDP", "SCTP"), "TCP")
     raw_target = item.get("targetPort")
     target: int | str | None = None
-    if isinstance(raw_target, str) and _is_decimal(raw_target):
+    if isinstance(raw_target, str) and is_decimal(raw_target):
         raw_target = int(raw_target)
     if isinstance(raw_target, str):
         if (reason := _check_port_name(raw_target)) is not None:
@@ -1296,7 +1296,7 @@ def _build_peer_authentication(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Pe
     raw_ports = _mapping(ctx, spec, "portLevelMtls", "spec", None)
     for key, value in raw_ports.items():
         path = f"spec.portLevelMtls[{key}]"
-        number = int(key) if isinstance(key, str) and _is_decimal(key) else key
+        number = int(key) if isinstance(key, str) and is_decimal(key) else key
         port = _port(ctx, number, path)
         mode_of_port = _mtls_mode(ctx, value, path)
         if port is not None:

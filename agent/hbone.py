@@ -75,8 +75,8 @@ S_MAX_HEADER_LIST_SIZE = 6
 # Headers a CONNECT tunnel must never carry (RFC 9113 8.2.2).
 _CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 # RFC 9113 8.2.1: a field name is a lowercase token; a value has no NUL, CR or LF and no whitespace at either end.
-# Either makes the message malformed (a 400 for a request, a stream error for a response): one regex call per
-# field, a CONNECT or its answer has about five.
+# Either makes the message malformed (a 400 for a request, a stream error for a response); _check_fields tests
+# each field (a CONNECT or its answer has about five).
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _STATUS = re.compile(r"[1-9][0-9][0-9]")  # RFC 9110 15: three ASCII digits (str.isdigit also takes "²")
 # The pseudo-headers each kind of header list may carry (RFC 9113 8.3; a CONNECT has no :scheme or :path, 8.5).

@@ -15,6 +15,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import signal
 import socket
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundConfig, InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
+from agent.ondemand_dns import ANSWER_TTL, FAILURE_TTL, LOOKUP_TIMEOUT, OnDemandResolver
 from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
@@ -77,6 +79,12 @@ class AgentConfig:
     ready_port: int = field(default=15021, metadata=doc("/healthz/ready"))
     early_data: int = field(default=EARLY_DATA, metadata=doc("bytes of a client's first write sent with the CONNECT"))
     drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
+    dns_ttl: float = field(
+        default=ANSWER_TTL,
+        metadata=doc("seconds an on-demand DNS answer is kept (getaddrinfo reports no record TTL)"),
+    )
+    dns_failure_ttl: float = field(default=FAILURE_TTL, metadata=doc("seconds a failed on-demand DNS lookup is kept"))
+    dns_timeout: float = field(default=LOOKUP_TIMEOUT, metadata=doc("seconds before an on-demand DNS lookup fails"))
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
     log_level: str = field(default="info", metadata=doc(jsonlog.LOG_LEVEL_HELP))
     cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
@@ -87,6 +95,10 @@ class AgentConfig:
         # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
         if not 0 <= self.early_data <= MAX_EARLY_DATA:
             raise ValueError(f"--early-data must be 0 to {MAX_EARLY_DATA} bytes, got {self.early_data}")
+        for name in ("dns_ttl", "dns_failure_ttl", "dns_timeout"):
+            seconds = getattr(self, name)
+            if not (math.isfinite(seconds) and seconds > 0):  # nan and inf parse as floats too
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {seconds}")
 
 
 class Agent:
@@ -120,7 +132,8 @@ class Agent:
         # they were moved: a connection to them on this node's addresses would loop into its own listeners.
         own = AGENT_PORTS | {cfg.outbound_port, cfg.inbound_plaintext_port, cfg.hbone_port}
         outbound = OutboundConfig(early_data=cfg.early_data, own_ports=own)
-        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound)
+        resolver = OnDemandResolver(ttl=cfg.dns_ttl, failure_ttl=cfg.dns_failure_ttl, timeout=cfg.dns_timeout)
+        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound, resolver)
         inbound = InboundConfig(own_ports=own)
         self.inbound = InboundProxy(
             self.store, self.certs, cfg.node, *common, inbound, tunnel_config=tunnel, tunnel_stats=STATS

@@ -6,10 +6,11 @@ endpoint, an address of the client's family (that of the address it dialled) is 
 the answers, and one of the other family is used when there is none; a failed or empty lookup refuses the
 connection. ztunnel's resolver (hickory, configured from resolv.conf) caches each answer for its record TTL. The
 system resolver reached through `getaddrinfo` (so /etc/hosts, nsswitch and resolv.conf apply, as they do to the
-pod's own lookups) reports no TTL, so answers are kept for a short fixed time instead (`ttl`, 30 s by default),
-and failures for less (`failure_ttl`), so a name that does not resolve is not asked again for every connection.
-Lookups run off the event loop (`loop.getaddrinfo` uses the executor), concurrent connections to one hostname
-share one lookup, and a lookup that outlasts `timeout` fails rather than holding its connections.
+pod's own lookups) reports no TTL, so answers are kept for a short fixed time instead (`ttl`, 30 s by default,
+`--dns-ttl`), and failures for less (`failure_ttl`, `--dns-failure-ttl`), so a name that does not resolve is not
+asked again for every connection. Lookups run off the event loop (`loop.getaddrinfo` uses the executor),
+concurrent connections to one hostname share one lookup, and a lookup that outlasts `timeout` (`--dns-timeout`)
+fails rather than holding its connections.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ _NAME = re.compile(
     r"(?=[^\n]{1,253}$)(?:[A-Za-z0-9_](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?\.)*"
     r"[A-Za-z0-9_](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?\.?"
 )
+
+# The agent's defaults (AgentConfig's --dns-ttl, --dns-failure-ttl, --dns-timeout), in seconds.
+ANSWER_TTL = 30.0
+FAILURE_TTL = 5.0
+LOOKUP_TIMEOUT = 5.0
 
 # hostname -> its addresses (IP text); raises OSError (socket.gaierror) when the name does not resolve
 ResolveFunction = Callable[[str], Awaitable[list[str]]]
@@ -76,9 +82,9 @@ class OnDemandResolver:
         self,
         resolve: ResolveFunction = system_resolve,
         *,
-        ttl: float = 30.0,
-        failure_ttl: float = 5.0,
-        timeout: float = 5.0,
+        ttl: float = ANSWER_TTL,
+        failure_ttl: float = FAILURE_TTL,
+        timeout: float = LOOKUP_TIMEOUT,
         max_entries: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

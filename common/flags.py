@@ -41,7 +41,11 @@ def _convert(tp: Any, raw: str) -> Any:
 
 
 def _converter(tp: Any) -> typing.Callable[[str], Any]:
-    return lambda raw: _convert(tp, raw)
+    def convert(raw: str) -> Any:
+        return _convert(tp, raw)
+
+    convert.__name__ = getattr(tp, "__name__", str(tp))  # argparse's "invalid float value", not "<lambda>"
+    return convert
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
@@ -61,7 +65,10 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str = ""
             default = None
         env = os.environ.get(_env_name(f.name))
         if env is not None:
-            default = _convert(tp, env)
+            try:
+                default = _convert(tp, env)
+            except ValueError:  # as a bad flag value: a usage error naming the variable, not a traceback
+                parser.error(f"{_env_name(f.name)}: invalid {_converter(tp).__name__} value: {env!r}")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

@@ -331,10 +331,23 @@ class HboneStream:
                 self._write_waiter = None
 
     def write_eof(self) -> None:
-        """Half-close: END_STREAM; we can still read."""
+        """Half-close: END_STREAM; we can still read.
+
+        Early bytes the windows did not take with the CONNECT are still ours to send: END_STREAM follows them, once
+        the windows have taken them all, instead of cutting them off."""
         if self._local_eof or self._reset_reason is not None:
             return
         self._local_eof = True
+        self._end_after_early()
+
+    def _end_after_early(self) -> None:
+        rest = self._early_rest
+        if rest is not None:
+            n = self._send(rest)
+            if n < len(rest):  # blocked: _on_writable comes back here when the windows open
+                self._early_rest = rest[n:]
+                return
+            self._early_rest = None
         try:
             self._proto.h2.end_stream(self.stream_id)
         except StreamStateError:
@@ -423,6 +436,8 @@ class HboneStream:
     def _on_writable(self) -> None:
         if self._sink is not None:
             self._sink.on_writable()
+        elif self._local_eof and self._early_rest is not None and self._reset_reason is None:
+            self._end_after_early()
         w = self._write_waiter
         if w is not None and not w.done():
             w.set_result(None)

@@ -114,6 +114,23 @@ async def test_leftover_early_bytes_go_first_through_write(pool: HboneConnection
         await server.close()
 
 
+async def test_write_eof_sends_leftover_early_bytes_before_end_stream(pool: HboneConnectionPool, echo: Backend) -> None:
+    """Half-closing at once, with no write after the CONNECT: END_STREAM must wait for the early bytes the window
+    did not take, not cut them off."""
+    server = await HboneServer(SERVER_CTX, config=TunnelConfig(stream_window=65535)).start()
+    early = os.urandom(200_000)
+    try:
+        stream = await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, server.addr), CLIENT_CTX, echo.addr, [], early)
+        assert stream._early_rest is not None
+        stream.write_eof()
+        got = b""
+        while chunk := await asyncio.wait_for(stream.read(), 30):
+            got += chunk
+        assert digest(got) == digest(early)
+    finally:
+        await server.close()
+
+
 async def test_early_bytes_never_sent_are_not_counted(pool: HboneConnectionPool, echo: Backend) -> None:
     """The server answers and at once resets: what did not fit its window with the CONNECT never left."""
 

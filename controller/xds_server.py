@@ -8,7 +8,16 @@ frames plus a few header fields (protobuf allows fields in any order), handed to
 Each connection has its own sender task and a *dirty set* per type instead of a queue of responses: a slow
 client only delays itself, and the changes that piled up while it was busy go out as one response holding the
 latest versions. Changes are debounced server-wide (quiet period / maximum delay) so a burst becomes one push.
-Wildcard subscription only (what ztunnel uses by default); on-demand subscriptions are treated as wildcard.
+
+Subscriptions follow envoy's delta xDS rules, as istiod applies them for ztunnel. A stream whose first request of a
+type subscribes to no names (or to ``*``) is *wildcard* and gets every resource: what agents use, and the path the
+design above is for. A stream that subscribes to names (ztunnel's on-demand mode starts with ``*`` subscribed and
+unsubscribed in one request: subscribed to nothing) gets only those names, their later changes and removals. A
+name that does not exist is answered in ``removed_resources`` (as istiod does for on-demand lookups) and is sent
+once it appears. Subscribing ``*`` later turns wildcard on (the whole state is resent); unsubscribing ``*`` turns
+it off, keeping the names subscribed explicitly. Names subscribed on a wildcard stream only take effect then: the
+stream already holds every resource, so nothing is resent for them, and unsubscribing a name sends no removal
+(the client drops it from its own cache).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
 # istiod's push order: addresses before the policies that refer to them.
 PUSH_ORDER = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 SHORT_TYPE = {ADDRESS_TYPE: "address", AUTHORIZATION_TYPE: "authorization"}
+WILDCARD = "*"
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD_NAME = "DeltaAggregatedResources"
@@ -149,6 +159,14 @@ class _Sent:
 
 
 @dataclass
+class Subscription:
+    """One stream's interest in one type: everything (wildcard) and/or the names it subscribed to explicitly."""
+
+    wildcard: bool
+    names: set[str] = field(default_factory=set)  # not filled from initial_resource_versions while wildcard (cost)
+
+
+@dataclass
 class XdsConnection:
     """Server-side state of one delta ADS stream."""
 
@@ -158,7 +176,7 @@ class XdsConnection:
     connected_at: float = field(default_factory=time.time)
     node_id: str = ""
     node_name: str = ""
-    subscribed: set[str] = field(default_factory=set)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
     # Types whose next response must be a full one: the client's initial_resource_versions, and request time.
     full: dict[str, tuple[dict[str, str], float]] = field(default_factory=dict)
     dirty: dict[str, set[str]] = field(default_factory=dict)
@@ -175,6 +193,11 @@ class XdsConnection:
     last_nack: str = ""
     last_ack_nonce: str = ""
 
+    @property
+    def subscribed(self) -> Iterable[str]:
+        """The type URLs this stream subscribed to."""
+        return self.subscriptions.keys()
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -184,6 +207,10 @@ class XdsConnection:
             "node": self.node_name,
             "connected_at": self.connected_at,
             "subscribed": sorted(self.subscribed),
+            "subscriptions": {
+                SHORT_TYPE[t]: {"wildcard": s.wildcard, "resource_names": len(s.names)}
+                for t, s in self.subscriptions.items()
+            },
             "pushes": self.pushes,
             "resources_sent": self.resources_sent,
             "acks": self.acks,
@@ -296,14 +323,14 @@ class XdsServer:
         for conn in self.connections.values():
             woke = False
             for type_url, names in pending.items():
+                sub = conn.subscriptions.get(type_url)
                 # A full response built after these changes (or still to be built) already carries them.
-                if (
-                    type_url not in conn.subscribed
-                    or type_url in conn.full
-                    or conn.full_built_at.get(type_url, -1.0) >= latest
-                ):
+                if sub is None or type_url in conn.full or conn.full_built_at.get(type_url, -1.0) >= latest:
                     continue
-                conn.dirty.setdefault(type_url, set()).update(names)
+                wanted = names if sub.wildcard else names & sub.names
+                if not wanted:
+                    continue
+                conn.dirty.setdefault(type_url, set()).update(wanted)
                 conn.dirty_since.setdefault(type_url, since)
                 woke = True
             if woke:
@@ -403,15 +430,70 @@ class XdsServer:
             return
         if req.response_nonce:
             self._on_ack(conn, req)
-            return
-        if type_url in conn.subscribed:
-            # Wildcard subscribers already receive everything; on-demand names add nothing.
-            log.debug("xds subscription change ignored (wildcard)", extra=kv(connection=conn.id, type=type_url))
-            return
-        conn.subscribed.add(type_url)
-        conn.full[type_url] = (dict(req.initial_resource_versions), time.monotonic())
+            if not (req.resource_names_subscribe or req.resource_names_unsubscribe):
+                return
+        sub = conn.subscriptions.get(type_url)
+        if sub is None:
+            self._subscribe(conn, req)
+        else:
+            self._change_subscription(conn, sub, req)
+
+    def _subscribe(self, conn: XdsConnection, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """The first request of a type on this stream: it is answered even when there is nothing to send."""
+        names = set(req.resource_names_subscribe).difference(req.resource_names_unsubscribe)
+        # envoy: a first request that names nothing is a (legacy) wildcard subscription.
+        wildcard = not req.resource_names_subscribe or WILDCARD in names
+        names.discard(WILDCARD)
+        if not wildcard:
+            # What the client already holds stays subscribed across a reconnect (istiod does the same; ztunnel
+            # lists its on-demand names there and does not subscribe them again).
+            names.update(req.initial_resource_versions)
+        conn.subscriptions[req.type_url] = Subscription(wildcard, names)
+        self._full_response(conn, req.type_url, dict(req.initial_resource_versions))
+        if not wildcard:
+            log.info(
+                "xds on-demand subscription",
+                extra=kv(connection=conn.id, type=SHORT_TYPE[req.type_url], resource_names=len(names)),
+            )
+
+    def _full_response(self, conn: XdsConnection, type_url: str, initial: dict[str, str]) -> None:
+        conn.full[type_url] = (initial, time.monotonic())
         conn.dirty.pop(type_url, None)
         conn.dirty_since.pop(type_url, None)
+        conn.wake.set()
+
+    def _change_subscription(
+        self, conn: XdsConnection, sub: Subscription, req: discovery_pb2.DeltaDiscoveryRequest
+    ) -> None:
+        """A later request naming resources to add or drop; newly wanted names are sent (or answered removed)."""
+        type_url = req.type_url
+        subscribe = [n for n in req.resource_names_subscribe if n != WILDCARD]
+        unsubscribe = set(req.resource_names_unsubscribe)
+        added = {n for n in subscribe if n not in sub.names}
+        sub.names.update(added)
+        sub.names.difference_update(unsubscribe)
+        was_wildcard = sub.wildcard
+        sub.wildcard = (was_wildcard or WILDCARD in req.resource_names_subscribe) and WILDCARD not in unsubscribe
+        log.debug(
+            "xds subscription changed",
+            extra=kv(
+                connection=conn.id,
+                type=SHORT_TYPE[type_url],
+                wildcard=sub.wildcard,
+                added=len(added),
+                removed=len(unsubscribe),
+            ),
+        )
+        if sub.wildcard:
+            if not was_wildcard:
+                # What the client holds is not tracked per name: resend everything.
+                self._full_response(conn, type_url, {})
+            return
+        added.difference_update(unsubscribe)
+        if not added or type_url in conn.full:  # a full response still to be built covers every subscribed name
+            return
+        conn.dirty.setdefault(type_url, set()).update(added)
+        conn.dirty_since.setdefault(type_url, time.monotonic())
         conn.wake.set()
 
     def _on_ack(self, conn: XdsConnection, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
@@ -446,17 +528,26 @@ class XdsServer:
         """The next response for ``conn`` and ``type_url`` (body, resource count, oldest change), or None."""
         table = self.tables[type_url]
         entries = table.entries
+        sub = conn.subscriptions[type_url]
         if type_url in conn.full:
             initial, requested_at = conn.full.pop(type_url)
             conn.dirty.pop(type_url, None)
             conn.dirty_since.pop(type_url, None)
-            frames = [e.frame for n, e in entries.items() if initial.get(n) != e.version]
-            removed = [n for n in initial if n not in entries]
+            if sub.wildcard:
+                frames = [e.frame for n, e in entries.items() if initial.get(n) != e.version]
+                removed = [n for n in initial if n not in entries]
+            else:
+                frames = [entries[n].frame for n in sub.names if n in entries and initial.get(n) != entries[n].version]
+                removed = [n for n in sub.names if n not in entries]
             since = requested_at
             conn.full_built_at[type_url] = time.monotonic()
         elif conn.dirty.get(type_url):
             names = conn.dirty.pop(type_url)
             since = conn.dirty_since.pop(type_url)
+            if not sub.wildcard:
+                names &= sub.names  # some may have been unsubscribed since they changed
+                if not names:
+                    return None
             frames = [entries[n].frame for n in names if n in entries]
             removed = [n for n in names if n not in entries]
         else:

@@ -12,9 +12,10 @@
 #define AMBIT_IP_OFFSET_MASK 0x1fff
 
 enum ambit_parse_result {
-    AMBIT_PARSE_TCP = 0,   /* addresses and l4_off are filled (ports and flags by ambit_parse_tcp) */
-    AMBIT_PARSE_OTHER = 1, /* not TCP over IPv4/IPv6 (or a non-first fragment): not ours */
-    AMBIT_PARSE_SHORT = 2, /* (maybe) TCP whose header cannot be read; addresses are filled in */
+    AMBIT_PARSE_TCP = 0,    /* addresses and l4_off are filled (ports and flags by ambit_parse_tcp) */
+    AMBIT_PARSE_OTHER = 1,  /* not TCP over IPv4/IPv6 (or a non-first fragment): not ours */
+    AMBIT_PARSE_SHORT = 2,  /* (maybe) TCP that must not be captured as read; addresses are filled in */
+    AMBIT_PARSE_OPAQUE = 3, /* more VLAN headers than AMBIT_MAX_VLAN: whose it is cannot be told */
 };
 
 /* Addresses use the map key layout: IPv4 in the first 4 bytes (network order), the rest zero. */
@@ -86,6 +87,62 @@ static __always_inline int ambit_v6_find_tcp(struct __sk_buff *skb, u8 nexthdr, 
     return nexthdr == IPPROTO_TCP ? AMBIT_PARSE_TCP : AMBIT_PARSE_SHORT;
 }
 
+#define AMBIT_MAX_VLAN 4
+
+struct ambit_vlan {
+    __be16 tci;
+    __be16 proto; /* the EtherType behind this header */
+};
+
+static __always_inline int ambit_is_vlan(__be16 proto) {
+    return proto == htons(ETH_P_8021Q) || proto == htons(ETH_P_8021AD);
+}
+
+/* A frame that still starts with a VLAN header at tc ingress. The kernel strips one VLAN header before tc runs and,
+ * after tc, every further header with VLAN ID 0 (802.1p priority tags) when no VLAN device claims it, so two or more
+ * priority tags carry IP past this program into routing: a pod with CAP_NET_RAW, or a host on the uplink's L2, could
+ * send TCP around capture and anti-spoofing. The addresses behind the tags are read so the caller can decide by
+ * workload: such TCP is AMBIT_PARSE_SHORT (never captured, dropped when an enrolled workload is either end), the
+ * rest keeps its way. A slow path: no ordinary frame has a VLAN header left here. */
+static __always_inline int ambit_parse_tagged(struct __sk_buff *skb, __be16 proto, struct ambit_pkt *p) {
+    u32 off = sizeof(struct ethhdr);
+#pragma unroll
+    for (int i = 0; i < AMBIT_MAX_VLAN; i++) {
+        if (!ambit_is_vlan(proto))
+            break;
+        struct ambit_vlan vh;
+        if (bpf_skb_load_bytes(skb, off, &vh, sizeof(vh)))
+            return AMBIT_PARSE_OTHER; /* truncated: the kernel drops it when it pops this header */
+        proto = vh.proto;
+        off += sizeof(vh);
+    }
+    if (ambit_is_vlan(proto))
+        return AMBIT_PARSE_OPAQUE;
+    if (proto == htons(ETH_P_IP)) {
+        struct iphdr iph;
+        if (bpf_skb_load_bytes(skb, off, &iph, sizeof(iph)) || iph.protocol != IPPROTO_TCP)
+            return AMBIT_PARSE_OTHER;
+        p->family = AMBIT_AF_INET;
+        p->saddr[0] = iph.saddr;
+        p->daddr[0] = iph.daddr;
+        return AMBIT_PARSE_SHORT;
+    }
+    if (proto == htons(ETH_P_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+            return AMBIT_PARSE_OTHER;
+        u8 nh = ip6.nexthdr;
+        if (nh != IPPROTO_TCP && nh != AMBIT_NEXTHDR_HOP && nh != AMBIT_NEXTHDR_ROUTING && nh != AMBIT_NEXTHDR_DEST &&
+            nh != AMBIT_NEXTHDR_FRAGMENT && nh != AMBIT_NEXTHDR_AUTH)
+            return AMBIT_PARSE_OTHER;
+        p->family = AMBIT_AF_INET6;
+        __builtin_memcpy(p->saddr, &ip6.saddr, 16);
+        __builtin_memcpy(p->daddr, &ip6.daddr, 16);
+        return AMBIT_PARSE_SHORT;
+    }
+    return AMBIT_PARSE_OTHER;
+}
+
 /* Finds the addresses and the TCP header's offset. Non-TCP traffic leaves after the EtherType and protocol checks:
  * no map lookup, no helper call. On AMBIT_PARSE_SHORT the addresses are filled in, so the caller can still decide
  * by workload. */
@@ -125,6 +182,8 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *
         __builtin_memcpy(p->daddr, &ip6->daddr, 16);
         return ambit_v6_find_tcp(skb, nexthdr, p);
     }
+    if (ambit_is_vlan(eth->h_proto))
+        return ambit_parse_tagged(skb, eth->h_proto, p);
     return AMBIT_PARSE_OTHER;
 }
 

@@ -12,7 +12,9 @@
  * is dropped: the agent takes the source workload, hence the identity, from the source address. TCP from a source
  * that is not enrolled at all keeps its way (see docs/architecture.md, "Capture").
  *
- * Handles IPv4 and IPv6 (workload keys carry the family; IPv6 with extension headers before TCP is not parsed).
+ * Handles IPv4 and IPv6 (workload keys carry the family; TCP behind up to AMBIT_V6_MAX_EXT IPv6 extension headers
+ * is found). TCP that cannot be read safely (truncated, deeper extension headers, behind VLAN headers that the kernel
+ * pops only after tc) is never captured and, when it concerns an enrolled workload, dropped.
  *
  * Everything else returns TC_ACT_UNSPEC so the next tc filter still classifies it: this program never ends
  * classification for traffic that is not the mesh's. A new connection that should be captured but finds no
@@ -66,6 +68,12 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     struct ambit_config *cfg = ambit_config.lookup(&zero);
     if (!cfg || !cfg->outbound_port)
         return TC_ACT_UNSPEC;
+    if (parsed == AMBIT_PARSE_OPAQUE) {
+        /* Behind so many VLAN headers that its addresses are out of reach, yet the kernel may still route it: it
+         * could be an enrolled workload's TCP, so it is treated as unreadable TCP of one. */
+        ambit_stat(AMBIT_STAT_UNPARSED);
+        return cfg->fail_open ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+    }
     struct ambit_addr key = {};
     struct ambit_wl_counters *wl = NULL;
     u8 outbound = 0;
@@ -97,8 +105,8 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
             return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no further work */
     }
     if (parsed != AMBIT_PARSE_TCP || ambit_parse_tcp(skb, &p) != AMBIT_PARSE_TCP) {
-        /* TCP of an enrolled workload we cannot read (truncated, too many IPv6 extension headers) could bypass
-         * capture: it fails closed like a SYN without listener. */
+        /* TCP of an enrolled workload we cannot read (truncated, too many IPv6 extension headers, behind VLAN
+         * headers the kernel pops after tc) could bypass capture: it fails closed like a SYN without listener. */
         ambit_stat(AMBIT_STAT_UNPARSED);
         return cfg->fail_open ? TC_ACT_UNSPEC : TC_ACT_SHOT;
     }

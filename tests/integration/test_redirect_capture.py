@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -509,6 +509,111 @@ def test_a_recycled_pod_address_follows_its_new_interface(env: Env) -> None:
         assert maps.workload_homes() == {env.pa.ip: env.r.status()["interfaces"][env.pa.node_if]["ifindex"]}
     finally:
         maps.close()
+
+
+# --- hand-made frames: what a pod with CAP_NET_RAW (a default capability) or a host on the uplink's L2 can send ---
+
+ETH_P_ALL = 0x0003
+ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
+
+
+def _csum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _tcp_packet(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int, data: bytes = b"") -> bytes:
+    """An IPv4 or IPv6 packet carrying one TCP segment, checksums right (the receiving stack checks them)."""
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    s, d = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + data
+    v6 = family == socket.AF_INET6
+    pseudo = s + d + (struct.pack("!I3xB", len(tcp), 6) if v6 else struct.pack("!xBH", 6, len(tcp)))
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    if v6:
+        return struct.pack("!IHBB", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64) + s + d + tcp
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0, s, d)
+    return ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:] + tcp
+
+
+def _mac(netns: str, ifname: str) -> bytes:
+    with rt.enter(netns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    with s:
+        s.bind((ifname, 0))
+        return bytes(s.getsockname()[4])
+
+
+def _send_frame(netns: str, ifname: str, dst_mac: bytes, packet: bytes, tpids: tuple[int, ...] = ()) -> None:
+    """One Ethernet frame out of ``ifname``, behind a VLAN header (VID 0, a priority tag) per TPID in ``tpids``."""
+    ethertype = 0x86DD if packet[0] >> 4 == 6 else 0x0800
+    tags = b"".join(struct.pack("!HH", tpid, 0) for tpid in tpids)
+    with rt.enter(netns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    with s:
+        s.bind((ifname, 0))
+        s.send(dst_mac + bytes(s.getsockname()[4]) + tags + struct.pack("!H", ethertype) + packet)
+
+
+@contextlib.contextmanager
+def _sniffer(netns: str, ifname: str = "eth0") -> Iterator[Callable[[bytes, float], bool]]:
+    """``seen(marker, timeout)``: whether a frame containing ``marker`` arrives at ``ifname`` in ``netns``."""
+    with rt.enter(netns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((ifname, 0))
+
+    def seen(marker: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                frame, addr = s.recvfrom(65535)
+            except TimeoutError:
+                return False
+            if addr[2] != socket.PACKET_OUTGOING and marker in frame:
+                return True
+        return False
+
+    with s:
+        yield seen
+
+
+def test_vlan_stacked_frames_cannot_slip_past_capture(env: Env) -> None:
+    """The kernel strips one VLAN header before tc ingress, and after it every further VID-0 header, so a frame with
+    two priority tags reaches IP routing while the program sees only a VLAN EtherType. Such TCP concerning an
+    enrolled workload is dropped (fail closed), on a pod interface and on the uplink; anyone else's still passes."""
+    pa, pb, pc, topo = env.pa, env.pb, env.pc, env.topo
+    env.r.reconcile({pa.ip, pa.ip6}, env.all_pods() | {p.ip6 for p in topo.pods.values()})
+    try:
+        # Two and three headers are read through; six leave more than the program reads (its addresses unknown).
+        stacks = ((ETH_P_8021AD, ETH_P_8021Q), (ETH_P_8021Q,) * 3, (ETH_P_8021Q,) * 6)
+        cases = [  # (from netns, out of, toward the MAC of, source, receiver netns, destination, enrolled end)
+            (pa.netns, "eth0", (topo.node, pa.node_if), pa.ip, pb.netns, pb.ip, True),  # outbound capture bypass
+            (pa.netns, "eth0", (topo.node, pa.node_if), pa.ip6, pb.netns, pb.ip6, True),
+            (pc.netns, "eth0", (topo.node, pc.node_if), pc.ip, pa.netns, pa.ip, True),  # same-node inbound bypass
+            (topo.remote, "eth0", (topo.node, topo.uplink), topo.remote_ip, pa.netns, pa.ip, True),  # uplink
+            (topo.remote, "eth0", (topo.node, topo.uplink), topo.remote_ip6, pa.netns, pa.ip6, True),
+            (pc.netns, "eth0", (topo.node, pc.node_if), pc.ip, pb.netns, pb.ip, False),  # not the mesh's: passes
+        ]
+        unparsed = env.r.stats()["unparsed"]
+        leaked: list[tuple[str, str, tuple[int, ...]]] = []
+        blocked: list[tuple[str, str, tuple[int, ...]]] = []
+        for n, (netns, ifname, (mac_ns, mac_if), src, rx, dst, mesh) in enumerate(cases):
+            for tpids in stacks if mesh else stacks[:2]:
+                sport = 41000 + n * 10 + len(tpids)
+                syn = _tcp_packet(src, dst, sport, 8080, 0x5EED0000 + n, 0, 0x02)
+                with _sniffer(rx) as seen:
+                    _send_frame(netns, ifname, _mac(mac_ns, mac_if), syn, tpids)
+                    arrived = seen(struct.pack("!HHI", sport, 8080, 0x5EED0000 + n), 0.4 if mesh else 2.0)
+                (leaked if mesh and arrived else blocked if not mesh and not arrived else []).append((src, dst, tpids))
+        assert leaked == [], f"TCP of enrolled workloads delivered uncaptured behind VLAN headers: {leaked}"
+        assert blocked == [], f"TCP between non-enrolled ends no longer delivered: {blocked}"
+        assert env.r.stats()["unparsed"] >= unparsed + 5 * len(stacks)
+    finally:
+        env.r.reconcile({pa.ip}, env.all_pods())
 
 
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).

@@ -1,80 +1,457 @@
-"""The Kubernetes manifests must stay in step with the binaries they run: every flag they pass must parse, the
-ports they probe and expose must be the ones the processes serve, and every kustomize resource must exist."""
+"""The Kubernetes manifests, the image and the operator docs must stay in step with the binaries they describe.
+
+Every flag and ``AMBIT_*`` variable the manifests pass must parse; the ports they probe and expose must be the ones
+the processes serve with those flags; the files the flags name must be mounted; RBAC must grant exactly the API
+calls the controller's code makes; the image must carry what the processes import and what the agent compiles; and
+the flags, defaults, ports and metric names the docs name must exist. Each check reads the code, not a copy of it,
+so a change on either side that leaves the other behind fails here.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import ast
+import dataclasses
+import functools
+import importlib.metadata
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 
+from agent.admin import readiness_server
 from agent.main import AgentConfig
+from agent.redirect import DEFAULT_SOURCE, RedirectConfig
 from common import flags
-from controller.main import ControllerConfig
+from controller import ca_secret, node_auth
+from controller.main import Controller, ControllerConfig
+from controller.sources import kube
 
-BASE = Path(__file__).resolve().parents[2] / "daemonset" / "base"
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "daemonset" / "base"
+DOCKERFILE = REPO / "daemonset" / "Dockerfile"
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+AGENT = ("DaemonSet", "ambit-agent", AgentConfig, "ambit-agent")
+CONTROLLER = ("Deployment", "ambit-controller", ControllerConfig, "ambit-controller")
 
 
+# --- reading the manifests ----------------------------------------------------------------------------------------
+
+
+def _kustomization() -> dict[str, Any]:
+    kust: dict[str, Any] = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    return kust
+
+
+@functools.cache
 def _objects() -> list[dict[str, Any]]:
     out = []
-    for path in sorted(BASE.glob("*.yaml")):
-        out += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for resource in _kustomization()["resources"]:
+        out += [d for d in yaml.safe_load_all((BASE / resource).read_text()) if d]
     return out
 
 
+def _object(kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in _objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name} in {BASE}, found {len(matches)}"
+    return matches[0]
+
+
+def _pod_spec(kind: str, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = _object(kind, name)["spec"]["template"]["spec"]
+    return spec
+
+
 def _container(kind: str, name: str) -> dict[str, Any]:
-    obj = next(o for o in _objects() if o["kind"] == kind and o["metadata"]["name"] == name)
-    containers: list[dict[str, Any]] = obj["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = _pod_spec(kind, name)["containers"]
+    assert len(containers) == 1, f"{kind}/{name}: one container expected"
     return containers[0]
 
 
+def _config(kind: str, name: str, config: type, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The configuration the container's process starts with: its args over its env over the defaults."""
+    c = _container(kind, name)
+    for var in list(os.environ):
+        if var.startswith("AMBIT_"):
+            monkeypatch.delenv(var)
+    for env in c.get("env", []):
+        # A value from the downward API is only known on the node: any string stands for it.
+        monkeypatch.setenv(env["name"], str(env.get("value", "from-the-downward-api")))
+    return flags.parse(config, c["args"])
+
+
+def _mounted(container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volumeMount a file or directory of the container lies in (the deepest one)."""
+    best = None
+    for m in container.get("volumeMounts", []):
+        mount = PurePosixPath(m["mountPath"])
+        if (PurePosixPath(path) == mount or mount in PurePosixPath(path).parents) and (
+            best is None or len(m["mountPath"]) > len(best["mountPath"])
+        ):
+            best = m
+    return best
+
+
+def _volume(kind: str, name: str, volume: str) -> dict[str, Any]:
+    vols = [v for v in _pod_spec(kind, name).get("volumes", []) if v["name"] == volume]
+    assert len(vols) == 1, f"{kind}/{name}: volume {volume!r} is mounted but not defined once"
+    return vols[0]
+
+
+def _ref(value: str) -> tuple[str, str]:
+    namespace, _, name = value.partition("/")
+    return namespace, name
+
+
+# --- manifests against the flags ---------------------------------------------------------------------------------
+
+
 def test_kustomization_lists_existing_files() -> None:
-    kust = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    for resource in kust["resources"]:
+    for resource in _kustomization()["resources"]:
         assert (BASE / resource).is_file(), resource
+    listed = set(_kustomization()["resources"])
+    assert {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"} <= listed, "a manifest nobody installs"
 
 
-@pytest.mark.parametrize(
-    ("kind", "name", "config", "binary"),
-    [
-        ("DaemonSet", "ambit-agent", AgentConfig, "ambit-agent"),
-        ("Deployment", "ambit-controller", ControllerConfig, "ambit-controller"),
-    ],
-)
-def test_container_args_parse_with_the_real_flags(kind: str, name: str, config: type, binary: str) -> None:
+@pytest.mark.parametrize(("kind", "name", "config", "binary"), [AGENT, CONTROLLER])
+def test_container_args_and_env_are_real_flags(
+    kind: str, name: str, config: type, binary: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = _container(kind, name)
     assert c["command"] == [binary]
-    flags.parse(config, c["args"])  # argparse exits (SystemExit) on an unknown or malformed flag
+    fields = {f.name for f in dataclasses.fields(config)}
+    for env in c.get("env", []):
+        assert env["name"].startswith("AMBIT_"), f"{kind}/{name}: {env['name']} is no Ambit setting"
+        assert env["name"][len("AMBIT_") :].lower() in fields, f"{kind}/{name}: {env['name']} names no flag"
+    set_by_args = {a.split("=", 1)[0][2:].replace("-", "_") for a in c["args"]}
+    set_by_env = {e["name"][len("AMBIT_") :].lower() for e in c.get("env", [])}
+    assert not set_by_args & set_by_env, f"{kind}/{name}: set twice (the flag wins): {set_by_args & set_by_env}"
+    _config(kind, name, config, monkeypatch)  # argparse exits (SystemExit) on an unknown or malformed flag
 
 
-def test_agent_probe_and_ports_match_its_defaults() -> None:
+def test_agent_probe_and_ports_are_the_ones_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     c = _container("DaemonSet", "ambit-agent")
-    cfg = AgentConfig()
-    assert c["readinessProbe"]["httpGet"]["port"] == cfg.ready_port
+    cfg = _config(*AGENT[:3], monkeypatch)
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["port"] == cfg.ready_port
+    assert ("GET", probe["path"]) in readiness_server(lambda: (True, "")).routes
     assert {p["containerPort"] for p in c["ports"]} == {cfg.metrics_port, cfg.ready_port}
 
 
-def test_agent_runs_privileged_on_the_host_network_with_bpffs() -> None:
-    ds = next(o for o in _objects() if o["kind"] == "DaemonSet")
-    spec = ds["spec"]["template"]["spec"]
+def test_controller_probe_ports_and_service_are_the_ones_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = _container("Deployment", "ambit-controller")
+    cfg = _config(*CONTROLLER[:3], monkeypatch)
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["port"] == cfg.monitoring_port
+    assert ("GET", probe["path"]) in Controller(cfg).monitoring.routes
+    serving = {cfg.xds_port, cfg.tls_port if cfg.ca_dir else 0, cfg.monitoring_port} - {0}
+    assert {p["containerPort"] for p in c["ports"]} == serving
+    svc = _object("Service", "ambit-controller")
+    assert (
+        svc["spec"]["selector"].items()
+        <= _object("Deployment", "ambit-controller")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert {p.get("targetPort", p["port"]) for p in svc["spec"]["ports"]} <= serving
+
+
+def test_agent_reaches_the_controller_service_over_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = _config(*AGENT[:3], monkeypatch)
+    controller = _config(*CONTROLLER[:3], monkeypatch)
+    host, _, port = agent.controller.rpartition(":")
+    assert host == f"ambit-controller.{_kustomization()['namespace']}.svc"
+    assert int(port) in {p["port"] for p in _object("Service", "ambit-controller")["spec"]["ports"]}
+    assert int(port) == controller.tls_port and controller.ca_dir, "the agent must dial the TLS port"
+    assert agent.root_cert and agent.token_file, "TLS to the controller needs the root; the CA needs the token"
+    assert agent.trust_domain == controller.trust_domain
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "config", "fields"),
+    [
+        (*AGENT[:3], ("root_cert", "token_file", "state_dir")),
+        (*CONTROLLER[:3], ("ca_dir",)),
+    ],
+)
+def test_paths_the_flags_name_are_mounted(
+    kind: str, name: str, config: type, fields: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = _container(kind, name)
+    cfg = _config(kind, name, config, monkeypatch)
+    for field in fields:
+        path = getattr(cfg, field)
+        assert path, f"{kind}/{name}: --{field.replace('_', '-')} is not set"
+        mount = _mounted(c, path)
+        assert mount is not None, f"{kind}/{name}: --{field.replace('_', '-')}={path} is in no volumeMount"
+        _volume(kind, name, mount["name"])
+
+
+def test_agent_credentials_are_what_the_controller_publishes_and_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = _config(*AGENT[:3], monkeypatch)
+    controller = _config(*CONTROLLER[:3], monkeypatch)
+    c = _container("DaemonSet", "ambit-agent")
+    namespace = _kustomization()["namespace"]
+
+    root = _volume("DaemonSet", "ambit-agent", _mounted(c, agent.root_cert)["name"])  # type: ignore[index]
+    assert PurePosixPath(agent.root_cert).name == ca_secret.ROOT_CERT
+    assert _ref(controller.root_configmap) == (namespace, root["configMap"]["name"])
+
+    token = _volume("DaemonSet", "ambit-agent", _mounted(c, agent.token_file)["name"])  # type: ignore[index]
+    (source,) = token["projected"]["sources"]
+    assert source["serviceAccountToken"]["path"] == PurePosixPath(agent.token_file).name
+    assert source["serviceAccountToken"]["audience"] == node_auth.TOKEN_AUDIENCE
+    account = _pod_spec("DaemonSet", "ambit-agent")["serviceAccountName"]
+    assert f"{namespace}/{account}" in node_auth.DEFAULT_TRUSTED_NODE_ACCOUNTS
+    assert _ref(controller.ca_secret)[0] == namespace
+
+
+def test_agent_runs_privileged_on_the_host_network_with_host_bpffs_and_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _pod_spec("DaemonSet", "ambit-agent")
+    c = _container("DaemonSet", "ambit-agent")
     assert spec["hostNetwork"] is True
-    assert spec["containers"][0]["securityContext"]["privileged"] is True
-    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert "/sys/fs/bpf" in mounts
+    assert c["securityContext"]["privileged"] is True
+    bpffs = str(PurePosixPath(RedirectConfig().pin_root).parent)
+    mount = _mounted(c, RedirectConfig().pin_root)
+    assert mount is not None and mount["mountPath"] == bpffs
+    assert mount.get("mountPropagation") == "Bidirectional"
+    assert _volume("DaemonSet", "ambit-agent", mount["name"])["hostPath"]["path"] == bpffs
+    state = _mounted(c, _config(*AGENT[:3], monkeypatch).state_dir)
+    assert state is not None and "hostPath" in _volume("DaemonSet", "ambit-agent", state["name"])
+    for headers in ("/lib/modules", "/usr/src"):  # BCC compiles against the node's kernel headers
+        m = _mounted(c, headers)
+        assert m is not None and m["mountPath"] == headers and m.get("readOnly") is True, headers
+        assert _volume("DaemonSet", "ambit-agent", m["name"])["hostPath"]["path"] == headers
 
 
-def test_controller_may_read_every_kind_it_watches_and_review_tokens() -> None:
-    role = next(o for o in _objects() if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "ambit-controller")
-    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    for needed in [
-        ("", "pods"),
-        ("", "namespaces"),
-        ("", "services"),
-        ("security.istio.io", "authorizationpolicies"),
-        ("security.istio.io", "peerauthentications"),
-        ("networking.istio.io", "serviceentries"),
-        ("networking.istio.io", "workloadentries"),
-        ("authentication.k8s.io", "tokenreviews"),
-    ]:
-        assert needed in granted, needed
+def test_agent_grace_period_covers_its_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(*AGENT[:3], monkeypatch)
+    assert _pod_spec("DaemonSet", "ambit-agent")["terminationGracePeriodSeconds"] > cfg.drain_seconds
+
+
+# --- RBAC against the API calls in the code -----------------------------------------------------------------------
+
+_VERBS = {"read": "get", "list": "list", "create": "create", "replace": "update", "patch": "patch", "delete": "delete"}
+_METHOD = re.compile(r"^(read|list|create|replace|patch|delete)_(?:namespaced_)?([a-z_]+?)(?:_for_all_namespaces)?$")
+
+
+def _api_groups() -> dict[type, str]:
+    from kubernetes import client
+
+    return {client.CoreV1Api: "", client.AuthenticationV1Api: "authentication.k8s.io"}
+
+
+def _plural(snake: str) -> str:
+    word = snake.replace("_", "")
+    return word[:-1] + "ies" if word.endswith("y") else word + "s"
+
+
+def _code_api_calls() -> set[tuple[str, str, str]]:
+    """(group, resource, verb) of every typed Kubernetes client method the controller's code names, plus list and
+    watch of every resource the kube source follows (through the generic custom-objects API too)."""
+    from kubernetes import client
+
+    needed = {(r.group, r.plural, verb) for r in kube.RESOURCES for verb in ("list", "watch")}
+    trees = [ast.parse(path.read_text()) for path in sorted((REPO / "controller").rglob("*.py"))]
+    used = {
+        node.func.attr
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("Api")
+    }
+    apis = {getattr(client, name) for name in used if name != "CustomObjectsApi"}  # generic: kube.RESOURCES
+    unknown = {api.__name__ for api in apis} - {api.__name__ for api in _api_groups()}
+    assert not unknown, f"the controller uses {unknown}: add their API groups to _api_groups"
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and (m := _METHOD.match(node.attr)):
+                for api in apis:
+                    if hasattr(api, node.attr):
+                        needed.add((_api_groups()[api], _plural(m.group(2)), _VERBS[m.group(1)]))
+    return needed
+
+
+def _grants(kind: str, name: str) -> set[tuple[str, str, str]]:
+    rules = _object(kind, name)["rules"]
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_controller_rbac_grants_exactly_the_calls_its_code_makes() -> None:
+    needed = _code_api_calls()
+    granted = _grants("ClusterRole", "ambit-controller") | _grants("Role", "ambit-controller-ca")
+    assert needed - granted == set(), "the controller calls these without a grant"
+    assert granted - needed == set(), "granted but never called"
+
+
+def test_controller_ca_role_is_limited_to_its_secret_and_configmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(*CONTROLLER[:3], monkeypatch)
+    names = {"secrets": _ref(cfg.ca_secret)[1], "configmaps": _ref(cfg.root_configmap)[1]}
+    for rule in _object("Role", "ambit-controller-ca")["rules"]:
+        for resource in rule["resources"]:
+            if rule["verbs"] == ["create"]:
+                assert "resourceNames" not in rule  # create cannot be limited by name
+            else:
+                assert rule.get("resourceNames") == [names[resource]], rule
+    account = _pod_spec("Deployment", "ambit-controller")["serviceAccountName"]
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        binding = next(o for o in _objects() if o["kind"] == kind)
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": _kustomization()["namespace"]}
+        ]
+
+
+# --- the image against what the processes import and compile ------------------------------------------------------
+
+RUNTIME_PACKAGES = ("agent", "controller", "common", "api", "waypoint")
+
+
+def _dockerfile_lines() -> list[str]:
+    return DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _dependency_closure(names: set[str]) -> set[str]:
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a requirement for another platform (its marker), not installed here
+        for req in requires:
+            if "extra ==" not in req:
+                todo.append(_requirement_name(req))
+    return seen
+
+
+def _third_party_imports() -> Iterator[tuple[Path, str]]:
+    local = {p.name for p in REPO.iterdir() if p.is_dir()}
+    for package in RUNTIME_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "api" / "build.py":
+                continue  # `make proto`'s generator: grpc_tools is a dev dependency, never run in the image
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    tops = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    tops = [node.module.split(".")[0]]
+                else:
+                    continue
+                for top in tops:
+                    if top not in sys.stdlib_module_names and top not in local:
+                        yield path, top
+
+
+def test_image_installs_every_package_the_processes_import() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    declared = {_requirement_name(r) for r in pyproject["project"]["dependencies"]}
+    installed = _dependency_closure(declared)
+    apt = " ".join(line for line in _dockerfile_lines() if "apt-get install" in line).split()
+    providers = importlib.metadata.packages_distributions()
+    for path, top in _third_party_imports():
+        if top == "bcc":  # Debian's python3-bpfcc: not on PyPI
+            assert "python3-bpfcc" in apt, f"{path.name} imports bcc"
+            continue
+        dists = {d.lower().replace("_", "-") for d in providers.get(top, [])}
+        assert dists & installed, f"{path.relative_to(REPO)} imports {top}, which no declared dependency installs"
+
+
+def test_image_copies_the_packages_and_the_ebpf_source_it_compiles() -> None:
+    copied = {line.split()[-1].strip("/") for line in _dockerfile_lines() if line.startswith("COPY ")}
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in include["include"]:
+        assert package.rstrip("*") in copied, f"pyproject's package {package} is not copied into the image"
+    source = DEFAULT_SOURCE.relative_to(REPO)
+    assert source.parts[0] in copied, f"the agent compiles {source} at start"
+    # agent/redirect.py finds bpf/ beside its own package: only an in-place install keeps them side by side.
+    (install,) = [line for line in _dockerfile_lines() if "pip install" in line]
+    assert re.search(r"pip install [^&]*-e \.", install), install
+
+
+# --- the docs against the flags, ports and metrics ----------------------------------------------------------------
+
+
+def _doc_section(path: Path, heading: str) -> str:
+    text = path.read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+def _table_rows(section: str) -> Iterator[list[str]]:
+    for line in section.splitlines():
+        if line.startswith("| `--"):
+            yield [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def _doc_default_matches(value: Any, doc: str) -> bool:
+    doc = doc.strip()
+    if isinstance(value, bool):
+        return doc in (("on",) if value else ("off", "—"))
+    if isinstance(value, int | float):
+        return re.fullmatch(r"[0-9.]+( s)?", doc) is not None and float(doc.removesuffix(" s")) == value
+    return doc == value
+
+
+@pytest.mark.parametrize(
+    ("heading", "config"), [("`ambit-agent`", AgentConfig), ("`ambit-controller`", ControllerConfig)]
+)
+def test_configuration_reference_names_every_flag_with_its_default(heading: str, config: type) -> None:
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    documented: set[str] = set()
+    for cells in _table_rows(_doc_section(REPO / "docs" / "configuration.md", heading)):
+        names = list(dict.fromkeys(n.replace("-", "_") for n in re.findall(r"`--(?:no-)?([a-z][a-z-]*)", cells[0])))
+        defaults = re.split(r",\s*|\s+/\s+", cells[1])
+        for name in names:
+            assert name in fields, f"docs/configuration.md {heading}: --{name.replace('_', '-')} is no flag"
+        documented |= set(names)
+        if len(defaults) != len(names):
+            continue  # one shared prose default ("—", "on") for several flags
+        for name, doc in zip(names, defaults, strict=True):
+            f = fields[name]
+            if f.default is dataclasses.MISSING or f.default == "":
+                continue  # computed at start (the hostname), or none and said in words ("—", "in-cluster")
+            assert _doc_default_matches(f.default, doc), f"{heading} --{name}: documented {doc!r}, is {f.default!r}"
+    assert set(fields) - documented == set(), f"docs/configuration.md {heading}: undocumented flags"
+
+
+def test_docs_name_only_real_ambit_variables() -> None:
+    fields = {f.name for c in (AgentConfig, ControllerConfig) for f in dataclasses.fields(c)}
+    for path in DOCS:
+        for var in re.findall(r"AMBIT_([A-Z_]+[A-Z])", path.read_text()):
+            if var != "FLAG":  # the pattern's placeholder, AMBIT_<FLAG>
+                assert var.lower() in fields, f"{path.name}: AMBIT_{var} names no flag"
+
+
+def test_architecture_port_table_matches_the_defaults() -> None:
+    text = (REPO / "docs" / "architecture.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `ambit-")}
+    for process, config in (("`ambit-agent`", AgentConfig), ("`ambit-controller`", ControllerConfig)):
+        ports = {f.default for f in dataclasses.fields(config) if f.name.endswith("_port")}
+        assert {int(p) for p in re.findall(r"\b(1[0-9]{4})\b", rows[process])} == ports, process
+
+
+def _code_metric_names() -> set[str]:
+    names: set[str] = set()
+    for package in ("agent", "controller"):
+        for path in (REPO / package).rglob("*.py"):
+            names |= set(re.findall(r"[\"']((?:istio|ambit|pilot|citadel)_[a-z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+def test_docs_name_only_metrics_the_code_exports() -> None:
+    code = _code_metric_names()
+    for path in DOCS:
+        for name in set(re.findall(r"`((?:istio|ambit)_[a-z0-9_]+[a-z0-9])(?:\{[^`]*)?`", path.read_text())):
+            base = name.removesuffix("_total")
+            assert name in code or base in code, f"{path.name}: metric {name} is exported by no code"

@@ -122,6 +122,24 @@ def format_address(addr: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def socket_address(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What connect() and bind() take for `addr`. An IPv6 address with a zone (`fe80::1%3`, as on-demand DNS
+    writes a link-local answer, or `%eth0`) becomes the 4-tuple carrying it as sin6_scope_id: Python reads no zone
+    from the text, so the 2-tuple would connect with scope 0 and fail (EINVAL) or leave by the wrong interface.
+    An unknown interface name raises OSError, as a failed connect does."""
+    host, port = addr
+    if "%" not in host:
+        return addr
+    ip, _, zone = host.partition("%")
+    return (ip, port, 0, int(zone) if zone.isascii() and zone.isdigit() else socket.if_nametoindex(zone))
+
+
+def without_zone(ip: str) -> str:
+    """`ip` without its zone: what a peer knows the address by (an HBONE `:authority`, policy), and what the
+    loopback check compares."""
+    return ip.partition("%")[0]
+
+
 def parse_authority(text: str) -> Address:
     """Parse HBONE's `:authority`; hostnames are refused (only double HBONE uses them, which Ambit does not)."""
     host, sep, port_text = text.rpartition(":")

@@ -39,7 +39,8 @@ ANSWER_TTL = 30.0
 FAILURE_TTL = 5.0
 LOOKUP_TIMEOUT = 5.0
 
-# hostname -> its addresses (IP text); raises OSError (socket.gaierror) when the name does not resolve
+# hostname -> its addresses (IP text; IPv6 link-local with its zone, `fe80::1%3`); raises OSError
+# (socket.gaierror) when the name does not resolve
 ResolveFunction = Callable[[str], Awaitable[list[str]]]
 
 
@@ -48,12 +49,20 @@ class ResolutionError(Exception):
 
 
 async def system_resolve(hostname: str) -> list[str]:
-    """The host's resolver, as the pod's own lookups would go: getaddrinfo in the loop's executor."""
+    """The host's resolver, as the pod's own lookups would go: getaddrinfo in the loop's executor.
+
+    An IPv6 link-local answer keeps its scope id as a zone (`fe80::1%3`, RFC 4007's text form; the interface
+    index, as Rust's SocketAddrV6 in ztunnel keeps it): without it the address names no interface and connecting
+    to it fails (EINVAL). Other addresses need none, and the kernel ignores one, so theirs is dropped."""
     infos = await asyncio.get_running_loop().getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
     out: dict[str, None] = {}
     for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6):
-            out[canonical_ip(str(sockaddr[0]))] = None
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        ip = canonical_ip(str(sockaddr[0]))
+        if len(sockaddr) == 4 and sockaddr[3] and ":" in ip and ipaddress.IPv6Address(ip).is_link_local:
+            ip = f"{ip}%{sockaddr[3]}"
+        out[ip] = None
     return list(out)
 
 

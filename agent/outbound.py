@@ -50,6 +50,8 @@ from agent.addressing import (
     ip_text,
     service_sans,
     service_target_port,
+    socket_address,
+    without_zone,
     workload_baggage,
     workload_identity,
 )
@@ -82,13 +84,14 @@ def is_node_address(ip: str) -> bool:
     """Whether a plain connection to `ip` from the agent would stay on this node (its loopback, unspecified or
     interface addresses), where the agent's own transparent listeners would take it. The kernel answers: a plain
     socket (no IP_FREEBIND/IP_TRANSPARENT) binds only to a local address. Anything but EADDRNOTAVAIL counts as
-    local, so a doubt refuses; with net.ipv4.ip_nonlocal_bind=1 every address does."""
+    local, so a doubt refuses; with net.ipv4.ip_nonlocal_bind=1 every address does. A link-local address with a
+    zone (`fe80::1%3`) is asked on that interface: it is this node's only if that link has it."""
     if _is_loopback(ip):
         return True
     ip = canonical_ip(ip)
     with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind((ip, 0))
+            s.bind(socket_address((ip, 0)))
         except OSError as e:
             return e.errno != errno.EADDRNOTAVAIL
     return True
@@ -205,13 +208,17 @@ def _endpoint_route(
 def resolved(r: Route, ip: str, config: OutboundConfig = OutboundConfig()) -> Route:
     """Route `r`, made for an endpoint known by hostname, with the address that name resolved to in place of it;
     refused where `route` would refuse that address: a loopback upstream, or (connecting to it directly) one of
-    this node's addresses at one of the agent's own ports."""
+    this node's addresses at one of the agent's own ports. An IPv6 link-local address keeps its zone
+    (`fe80::1%3`) where the agent connects (`target`: without it the connect fails or leaves by the wrong
+    interface), not in `authority`: the zone is this node's interface index, meaningless to the peer and to
+    policy."""
     assert r.hostname and r.target is not None
-    if refused := _loopback_refusal(ip, r.workload, r.service, config):
+    bare = without_zone(ip)
+    if refused := _loopback_refusal(bare, r.workload, r.service, config):
         return refused
     if r.kind is RouteKind.PASSTHROUGH and r.target[1] in config.own_ports and config.is_node_address(ip):
         return Route(RouteKind.REJECT, workload=r.workload, service=r.service, reason="self_call")
-    authority = None if r.authority is None else (ip, r.authority[1])
+    authority = None if r.authority is None else (bare, r.authority[1])
     return replace(r, target=(ip, r.target[1]), authority=authority, hostname="")
 
 

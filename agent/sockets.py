@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from agent.addressing import socket_address
 from common.log import kv
 
 log = logging.getLogger("agent.sockets")
@@ -270,7 +271,7 @@ async def _connect(sock: socket.socket, addr: Address, limit: float) -> None:
     ~0.2 ms idle, milliseconds on a loaded node). A pod on this node (or across a veth pair) usually answers the
     SYN inside the connect call itself, so the socket is checked once before waiting for it to become writable.
     """
-    err = sock.connect_ex(addr)
+    err = sock.connect_ex(socket_address(addr))  # an IPv6 zone (fe80::1%3) as the scope id
     if err in (errno.EINPROGRESS, errno.EAGAIN):
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0 and not _connected(sock):

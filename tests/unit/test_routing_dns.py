@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from agent.addressing import socket_address
 from agent.ondemand_dns import OnDemandResolver, ResolutionError, system_resolve
-from agent.outbound import OutboundConfig, RouteKind, resolved, route
+from agent.outbound import OutboundConfig, RouteKind, is_node_address, resolved, route
 from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wpb
 from tests.support.workloads import pod_workload
@@ -263,3 +264,64 @@ async def test_the_system_resolver_reads_etc_hosts() -> None:
     # localhost is in /etc/hosts (nsswitch "files" first): no DNS query leaves the machine
     assert "127.0.0.1" in await system_resolve("localhost")
     assert await OnDemandResolver().pick("localhost", False) == "127.0.0.1"
+
+
+# ---- IPv6 link-local answers keep their scope id (the interface) up to the connect ------------------------------
+
+
+async def test_the_system_resolver_keeps_a_link_local_answers_scope_id_and_drops_others() -> None:
+    # numeric hosts: getaddrinfo parses them itself (the zone into sin6_scope_id), nothing is asked of DNS (a zone
+    # by interface name is numeric only on a link-local address: "2001:db8::1%lo" would go to DNS as a name)
+    lo = socket.if_nametoindex("lo")
+    assert await system_resolve("fe80::1%lo") == [f"fe80::1%{lo}"]
+    assert await system_resolve(f"fe80::1%{lo}") == [f"fe80::1%{lo}"]
+    assert await system_resolve(f"2001:db8::1%{lo}") == ["2001:db8::1"]  # only link-local needs (or uses) one
+    assert await system_resolve("fe80::1") == ["fe80::1"]
+
+
+async def test_a_link_local_answer_is_picked_with_its_zone() -> None:
+    r = OnDemandResolver(FakeDns({HOST: ["fe80::9%7", "192.0.2.1"]}))
+    assert await r.pick(HOST, True) == "fe80::9%7"
+    assert await OnDemandResolver().pick("fe80::1%lo", False) == f"fe80::1%{socket.if_nametoindex('lo')}"
+
+
+def test_resolved_connects_to_the_zone_and_names_the_bare_address_to_the_peer() -> None:
+    plain = route(store_with(dns_endpoint()), "n1", CLIENT, (VIP, 443), NO_LOCAL)
+    r = resolved(plain, "fe80::9%7", NO_LOCAL)
+    assert (r.kind, r.target, r.authority) == (RouteKind.PASSTHROUGH, ("fe80::9%7", 8443), None)
+    hbone = route(store_with(dns_endpoint(hbone=True)), "n1", CLIENT, (VIP, 443), NO_LOCAL)
+    r = resolved(hbone, "fe80::9%7", NO_LOCAL)
+    # the zone is this node's interface index: the pool dials it, the peer and policy see the address alone
+    assert (r.kind, r.target, r.authority) == (RouteKind.HBONE, ("fe80::9%7", 15008), ("fe80::9", 8443))
+
+
+def test_a_zone_does_not_hide_loopback_and_the_node_check_sees_it() -> None:
+    plain = route(store_with(dns_endpoint()), "n1", CLIENT, (VIP, 443), NO_LOCAL)
+    assert resolved(plain, "::1%1", NO_LOCAL).reason == "loopback_upstream"
+    asked: list[str] = []
+    looping = route(store_with(dns_endpoint(target=15001)), "n1", CLIENT, (VIP, 443), NO_LOCAL)
+
+    def on_link_2(ip: str) -> bool:
+        asked.append(ip)
+        return ip == "fe80::1%2"
+
+    node_config = OutboundConfig(is_node_address=on_link_2)
+    assert resolved(looping, "fe80::1%2", node_config).reason == "self_call"
+    assert resolved(looping, "fe80::1%3", node_config).target == ("fe80::1%3", 15001)  # that address, other link
+    assert asked == ["fe80::1%2", "fe80::1%3"]
+
+
+def test_socket_address_carries_the_zone_as_the_scope_id() -> None:
+    lo = socket.if_nametoindex("lo")
+    assert socket_address(("fe80::1%7", 443)) == ("fe80::1", 443, 0, 7)
+    assert socket_address(("fe80::1%lo", 443)) == ("fe80::1", 443, 0, lo)
+    assert socket_address(("2001:db8::1", 443)) == ("2001:db8::1", 443)
+    assert socket_address(("192.0.2.1", 80)) == ("192.0.2.1", 80)
+    with pytest.raises(OSError):
+        socket_address(("fe80::1%no-such-if0", 443))
+
+
+def test_a_zoned_link_local_address_is_not_the_nodes_unless_that_link_has_it() -> None:
+    # lo carries no link-local address: the kernel says EADDRNOTAVAIL for fe80::1 on it (the 2-tuple, scope 0,
+    # was EINVAL, which counts as "local" in doubt and refused every zoned answer at the agent's ports)
+    assert not is_node_address(f"fe80::1%{socket.if_nametoindex('lo')}")

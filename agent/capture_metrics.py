@@ -59,7 +59,8 @@ class CaptureCollector(Collector):
             events.add_metric([name], value)
         spoofing = CounterMetricFamily(
             "ambit_capture_spoofed_drops",
-            "TCP a pod interface sent from the address of an enrolled workload living elsewhere (dropped)",
+            "TCP arriving at an interface (a pod's, or the uplink) from the address of an enrolled workload living "
+            "elsewhere (dropped)",
             labels=["interface"],
         )
         for ifname, value in sorted(spoofed.items()):

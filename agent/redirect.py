@@ -348,7 +348,8 @@ class Redirector:
             return maps.stat_totals()
 
     def spoofed_drops(self) -> dict[str, int]:
-        """Pod interface name -> TCP it sent from another enrolled workload's address (dropped): who spoofs."""
+        """Interface name (a pod's, or the uplink) -> TCP that came in there from an enrolled workload's address living
+        elsewhere (dropped): who spoofs."""
         with self._lock:
             maps, _ = self._require_started()
             attached = self._state.attached

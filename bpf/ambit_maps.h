@@ -70,7 +70,7 @@ struct ambit_config {
 #define AMBIT_STAT_PASS_NO_LISTENER 5 /* fail open */
 #define AMBIT_STAT_DROP_ASSIGN_ERROR 6
 #define AMBIT_STAT_UNPARSED 7         /* TCP of an enrolled workload whose header cannot be read (dropped) */
-#define AMBIT_STAT_DROP_SPOOFED 8     /* TCP from a pod interface with the address of a workload living elsewhere */
+#define AMBIT_STAT_DROP_SPOOFED 8     /* TCP from an enrolled workload's address arriving where it does not live */
 #define AMBIT_STAT_MAX 9
 
 BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,
@@ -83,8 +83,9 @@ BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, amb
  * ambit_workloads and removed after it leaves; an enrolled address without a home may be sent from nowhere. */
 BPF_TABLE_PINNED("hash", struct ambit_addr, u32, ambit_wl_home, 16384, AMBIT_PIN_DIR "/ambit_wl_home");
 BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN_DIR "/ambit_ifaces");
-/* TCP dropped as spoofed, per pod interface it came from (ifindex): which pod sends as another is what an operator
- * needs to know. Touched on the drop path only; the agent removes an interface's entry with its ambit_ifaces one. */
+/* TCP dropped as spoofed, per interface it came from (ifindex: a pod's, or the uplink): which pod sends as another
+ * is what an operator needs to know. Touched on the drop path only; the agent removes an interface's entry with its
+ * ambit_ifaces one. */
 BPF_TABLE_PINNED("percpu_hash", u32, u64, ambit_if_spoofed, 4096, AMBIT_PIN_DIR "/ambit_if_spoofed");
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
 BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");

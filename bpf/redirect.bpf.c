@@ -9,8 +9,9 @@
  * bpf_sk_assign + a mark that policy routing turns into local delivery (fwmark rule -> `local 0/0 dev lo` table).
  *
  * On a pod interface, TCP whose source is an enrolled workload that lives behind another interface (ambit_wl_home)
- * is dropped: the agent takes the source workload, hence the identity, from the source address. TCP from a source
- * that is not enrolled at all keeps its way (see docs/architecture.md, "Capture").
+ * is dropped: the agent takes the source workload, hence the identity, from the source address. On the uplink, TCP
+ * from an enrolled workload's address to an enrolled one is dropped likewise. TCP from a source that is not enrolled
+ * at all keeps its way (see docs/architecture.md, "Capture").
  *
  * Handles IPv4 and IPv6 (workload keys carry the family; TCP behind up to AMBIT_V6_MAX_EXT IPv6 extension headers
  * is found). TCP that cannot be read safely (truncated, deeper extension headers, behind VLAN headers that the kernel
@@ -35,6 +36,17 @@ static __always_inline void ambit_stat(u32 idx) {
 static __always_inline void ambit_key(struct ambit_addr *k, u8 family, const u32 *addr) {
     k->family = family;
     __builtin_memcpy(k->addr, addr, 16);
+}
+
+/* Drops a packet sent from an enrolled workload's address where that workload does not live, counted node-wide and
+ * against the interface it came in on (which pod, or the uplink, sends as another). */
+static __always_inline int ambit_drop_spoofed(u32 ifindex) {
+    ambit_stat(AMBIT_STAT_DROP_SPOOFED);
+    u64 zero = 0;
+    u64 *by_if = ambit_if_spoofed.lookup_or_try_init(&ifindex, &zero);
+    if (by_if)
+        *by_if += 1;
+    return TC_ACT_SHOT;
 }
 
 /* bpf_skc_lookup_tcp in the node netns for the packet's tuple with destination port `dport`. */
@@ -85,14 +97,8 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
              * else (pod A sending as pod B, a SYN or a forged segment of B's connections) is dropped before it is
              * captured or counted as B's, whatever fail_open says: this is not a missing listener. */
             u32 *home = ambit_wl_home.lookup(&key);
-            if (!home || *home != ifindex) {
-                ambit_stat(AMBIT_STAT_DROP_SPOOFED);
-                u64 zero = 0;
-                u64 *by_if = ambit_if_spoofed.lookup_or_try_init(&ifindex, &zero);
-                if (by_if)
-                    *by_if += 1;
-                return TC_ACT_SHOT;
-            }
+            if (!home || *home != ifindex)
+                return ambit_drop_spoofed(ifindex);
             outbound = 1;
         }
     }
@@ -103,6 +109,16 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         wl = ambit_workloads.lookup(&key);
         if (!wl)
             return TC_ACT_UNSPEC; /* neither end is an enrolled local workload: not ours, no further work */
+        if (ifc->flags & AMBIT_IF_UPLINK) {
+            /* An enrolled workload's packets enter at its own interface, never at the uplink (no home is one). Taken
+             * from the uplink as that workload, a segment would be assigned to the agent's sockets of its same-node
+             * connections, whose bytes count as its own (its identity, its policy decision). Checked only for
+             * packets about to be captured or assigned: the rest of the uplink's traffic costs no extra lookup. */
+            struct ambit_addr src = {};
+            ambit_key(&src, p.family, p.saddr);
+            if (ambit_workloads.lookup(&src))
+                return ambit_drop_spoofed(ifindex);
+        }
     }
     if (parsed != AMBIT_PARSE_TCP || ambit_parse_tcp(skb, &p) != AMBIT_PARSE_TCP) {
         /* TCP of an enrolled workload we cannot read (truncated, too many IPv6 extension headers, behind VLAN

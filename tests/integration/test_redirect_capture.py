@@ -616,6 +616,81 @@ def test_vlan_stacked_frames_cannot_slip_past_capture(env: Env) -> None:
         env.r.reconcile({pa.ip}, env.all_pods())
 
 
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+
+
+def _next_seqs(sock: socket.socket) -> tuple[int, int]:
+    """(next sequence number ``sock`` expects, next one it sends): what an off-path injector has to guess."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    try:
+        seqs = []
+        for queue in (TCP_RECV_QUEUE, TCP_SEND_QUEUE):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+            seqs.append(sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF)
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    return seqs[0], seqs[1]
+
+
+def test_uplink_packets_from_an_enrolled_local_address_are_dropped(env: Env) -> None:
+    """An enrolled pod's packets enter the node at its own interface, never at the uplink. Taken from the uplink, a
+    segment sent as pa to enrolled pb was handed (bpf_sk_assign) to the agent's socket of pa's same-node connection,
+    where its bytes count as pa's (pa's identity and policy decision, spliced on to pb): a host off the node could
+    write into a stream the mesh vouches for, where without the program the segment was only forwarded to pb."""
+    pa, pb, topo = env.pa, env.pb, env.topo
+    env.r.reconcile({pa.ip, pb.ip}, env.all_pods())
+    env.stop_listener()
+    with rt.enter(topo.node):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with rt.enter(pa.netns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Loose or no reverse-path filtering on the uplink (what CNIs with asymmetric pod routes need, and the default).
+    rp = [f"net.ipv4.conf.{ifname}.rp_filter" for ifname in ("all", topo.uplink)]
+    saved = [_sysctl(topo.node, key) for key in rp]
+    try:
+        subprocess.run(["ip", "netns", "exec", topo.node, "sysctl", "-qw", *(f"{k}=0" for k in rp)], check=True)
+        listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: the agent's outbound listener
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", env.config.outbound_port))
+        listener.listen(4)
+        listener.settimeout(5)
+        client.settimeout(5)
+        client.connect((pb.ip, 8080))  # captured: pa's same-node call, as the agent sees it
+        agent_side, _ = listener.accept()
+        with agent_side:
+            agent_side.settimeout(1.0)
+            client.sendall(b"from pa\n")
+            assert agent_side.recv(100) == b"from pa\n"
+            expected, acked = _next_seqs(agent_side)
+            sport = client.getsockname()[1]
+            spoofed, by_if = env.r.stats()["drop_spoofed"], env.r.spoofed_drops().get(topo.uplink, 0)
+            segment = _tcp_packet(pa.ip, pb.ip, sport, 8080, expected, acked, 0x18, b"injected\n")  # PSH|ACK
+            _send_frame(topo.remote, "eth0", _mac(topo.node, topo.uplink), segment)
+            with pytest.raises(TimeoutError):
+                got = agent_side.recv(100)
+                pytest.fail(f"the agent's socket took a segment from the uplink as pa's: {got!r}")
+            # A SYN from the uplink as pa is not taken for a plaintext caller either.
+            inbound = env.r.stats()["capture_inbound"]
+            _send_frame(
+                topo.remote, "eth0", _mac(topo.node, topo.uplink), _tcp_packet(pa.ip, pb.ip, 41999, 8080, 7, 0, 2)
+            )
+            rt.wait_for(lambda: env.r.stats()["drop_spoofed"] >= spoofed + 2)
+            assert env.r.stats()["capture_inbound"] == inbound
+            assert env.r.spoofed_drops()[topo.uplink] == by_if + 2
+            client.sendall(b"still pa\n")  # the real pa is unaffected
+            assert agent_side.recv(100) == b"still pa\n"
+    finally:
+        client.close()
+        listener.close()
+        subprocess.run(
+            ["ip", "netns", "exec", topo.node, "sysctl", "-qw", *(f"{k}={v}" for k, v in zip(rp, saved, strict=True))],
+            check=True,
+        )
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
 LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed")}
 LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)

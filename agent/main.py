@@ -37,6 +37,7 @@ from agent.ondemand_dns import ANSWER_TTL, FAILURE_TTL, LOOKUP_TIMEOUT, OnDemand
 from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
+from agent.redirect_netlink import ChangeWatch
 from agent.sockets import Listener, transparent_listener
 from agent.state import WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
@@ -185,6 +186,9 @@ class Agent:
             except Exception as e:  # precise reason comes from the redirect module's exceptions
                 self._capture_error = f"{type(e).__name__}: {e}"
                 log.error("capture unavailable", extra=kv(error=self._capture_error))
+            if (watch := self.redirector.change_watch) is not None:
+                # A pod interface re-created with its IP is news to capture, not to the controller.
+                asyncio.get_running_loop().add_reader(watch.fileno(), self._capture_changed, watch)
 
         self.certs.start()
         self.store.subscribe(lambda _change: self._reconcile_wanted.set())
@@ -222,6 +226,8 @@ class Agent:
         for server in self.servers:
             await server.close()
         if self.redirector is not None:
+            if (watch := self.redirector.change_watch) is not None:
+                asyncio.get_running_loop().remove_reader(watch.fileno())
             await asyncio.to_thread(self.redirector.close)  # netlink calls block: never on the loop thread
         log.info("stopped")
 
@@ -235,6 +241,10 @@ class Agent:
 
     def _identity(self, wl: Any) -> Identity:
         return workload_identity(wl, self.cfg.trust_domain)
+
+    def _capture_changed(self, watch: ChangeWatch) -> None:
+        if watch.drain():
+            self._reconcile_wanted.set()
 
     async def _reconcile_loop(self) -> None:
         """Coalesces bursts of store changes into one reconcile; netlink and map updates run off the loop."""
@@ -264,7 +274,7 @@ class Agent:
             return False, "draining"
         # State restored from disk counts: a node whose agent restarts while the controller is down keeps serving.
         if not (self.xds.ready.is_set() or self.xds.restored):
-            return False, "waiting for the first full configuration from the controller"
+            return False, self.xds.not_ready_reason()
         missing = [str(i) for i in {self._identity(wl) for wl in self.enrolled_local()} if not self._has_cert(i)]
         if missing:
             return False, f"waiting for certificates: {', '.join(sorted(missing))}"

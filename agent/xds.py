@@ -3,6 +3,9 @@
 - Wildcard subscription to ``istio.workload.Address`` and ``istio.security.Authorization``.
 - Every response is ACKed or NACKed by nonce. A NACK's ``error_detail.message`` is ``"name: reason; ..."`` for
   the resources that could not be decoded or validated; the valid resources of that response still apply.
+- ``ready`` is set once a response of every type has been applied and ACKed, as ztunnel counts a type synced
+  only on its first ACK: a NACKed first response keeps the agent not ready (:meth:`XdsClient.not_ready_reason`
+  says which type and why) until a later response of that type applies cleanly. It stays set after that.
 - Reconnects with exponential backoff (10 ms doubling to 15 s). The backoff resets only where ztunnel resets it:
   on gRPC Unknown/Cancelled/DeadlineExceeded, "transport is closing" or "received prior goaway", and on a clean
   end of stream (the server going away on purpose).
@@ -51,6 +54,7 @@ STATE_FILE = "xds-state.pb"
 _STATE_MAGIC = b"AMBIT-XDS-STATE-1\n"
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3
+_MAX_REASON = 400  # a NACK can name thousands of resources; a readiness body need not
 
 # By name, so that both our channel's RpcError and grpc's AioRpcError (tests, tools) are understood.
 _RESETTING_CODES = frozenset({"UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED"})
@@ -311,7 +315,8 @@ class XdsClient:
             "last_error": "",
         }
         self.metrics = XdsMetrics(registry) if registry is not None else None
-        self._seen_types: set[str] = set()
+        self._synced_types: set[str] = set()  # types with an ACKed response: ready once all are here
+        self._rejected: dict[str, str] = {}  # type -> NACK text, while that type has had no ACKed response
         # Serialized Resource per name: what the state file holds (the good ones only).
         self._good: dict[str, dict[str, bytes]] = {t: {} for t in TYPES}
         self._save_wanted = asyncio.Event()
@@ -502,9 +507,30 @@ class XdsClient:
                 ms=round((time.monotonic() - started) * 1000, 2),
             ),
         )
-        if resp.type_url in _DECODERS:
-            self._seen_types.add(resp.type_url)
-            if not self.ready.is_set() and self._seen_types.issuperset(TYPES):
-                self.ready.set()
-                log.info("xds ready", extra=kv(controller=self.address))
+        if resp.type_url in _DECODERS and not self.ready.is_set():
+            self._track_sync(resp.type_url, ack.error_detail.message if decoded.errors else None)
         return ack
+
+    def _track_sync(self, type_url: str, error: str | None) -> None:
+        if error is not None:
+            if type_url not in self._synced_types:
+                self._rejected[type_url] = error
+                log.warning("xds not ready: configuration rejected", extra=kv(type=type_url, error=error))
+            return
+        self._synced_types.add(type_url)
+        self._rejected.pop(type_url, None)
+        if self._synced_types.issuperset(TYPES):
+            self.ready.set()
+            log.info("xds ready", extra=kv(controller=self.address))
+
+    def not_ready_reason(self) -> str:
+        """Why ``ready`` is not set (for /healthz/ready); empty once it is."""
+        if self.ready.is_set():
+            return ""
+        rejected = [f"{t.rsplit('.', 1)[-1]}: {self._rejected[t]}" for t in TYPES if t in self._rejected]
+        if rejected:
+            text = "; ".join(rejected)
+            if len(text) > _MAX_REASON:
+                text = text[: _MAX_REASON - 3] + "..."
+            return f"configuration from the controller rejected ({text})"
+        return "waiting for the first full configuration from the controller"

@@ -54,7 +54,10 @@ async def system_resolve(hostname: str) -> list[str]:
     An IPv6 link-local answer keeps its scope id as a zone (`fe80::1%3`, RFC 4007's text form; the interface
     index, as Rust's SocketAddrV6 in ztunnel keeps it): without it the address names no interface and connecting
     to it fails (EINVAL). Other addresses need none, and the kernel ignores one, so theirs is dropped."""
-    infos = await asyncio.get_running_loop().getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
+    # An IP literal resolves to itself, without DNS: glibc reads a zone only on link-local addresses and would
+    # otherwise look `2001:db8::1%eth0` up as a name, on the node's nameserver.
+    flags = socket.AI_NUMERICHOST if _is_ip_literal(hostname) else 0
+    infos = await asyncio.get_running_loop().getaddrinfo(hostname, None, type=socket.SOCK_STREAM, flags=flags)
     out: dict[str, None] = {}
     for family, _, _, _, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -67,9 +70,16 @@ async def system_resolve(hostname: str) -> list[str]:
 
 
 def valid_hostname(name: str) -> bool:
-    """A DNS name, or an IP literal (which resolves to itself)."""
+    """A DNS name, or an IP literal (which resolves to itself). A zone only on an IPv6 link-local address: on any
+    other it names nothing the kernel uses."""
     if _NAME.fullmatch(name):
         return True
+    if not _is_ip_literal(name):
+        return False
+    return "%" not in name or ipaddress.IPv6Address(name).is_link_local
+
+
+def _is_ip_literal(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -235,13 +235,34 @@ async def test_a_hostname_that_is_no_dns_name_is_refused_without_a_lookup() -> N
     # libc would cut "nul\0..." at the NUL and look up the rest; the codec refuses "a..b" itself
     dns = FakeDns({})
     r = OnDemandResolver(dns)
-    for bad in ("a..b", "nul\0.example", "*.example.com", "a b", "x" * 64 + ".example", ""):
+    # an IP literal's zone is only an interface on a link-local address; glibc looks "2001:db8::1%eth0" up as a name
+    for bad in ("a..b", "nul\0.example", "*.example.com", "a b", "x" * 64 + ".example", "", "2001:db8::1%eth0"):
         with pytest.raises(ResolutionError, match="not a valid hostname"):
             await r.pick(bad, False)
     assert dns.calls == []
     dns.table.update({"_svc.example": ["192.0.2.1"], "2001:db8::1": ["2001:db8::1"]})
     assert await r.pick("_svc.example", False) == "192.0.2.1"  # underscores, IP literals: looked up
     assert await r.pick("2001:db8::1", True) == "2001:db8::1"
+
+
+async def test_an_ip_literal_never_reaches_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system resolver parses a literal itself (AI_NUMERICHOST), so no zone spelling can send it to DNS."""
+    loop = asyncio.get_running_loop()
+    real, seen = loop.getaddrinfo, []
+
+    async def recording(host: str, port: Any, **kw: Any) -> Any:
+        seen.append((host, kw.get("flags", 0)))
+        return await real(host, port, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", recording)
+    await system_resolve("fe80::1%lo")
+    await system_resolve("192.0.2.7")
+    await system_resolve("localhost")
+    assert [(h, bool(f & socket.AI_NUMERICHOST)) for h, f in seen] == [
+        ("fe80::1%lo", True),
+        ("192.0.2.7", True),
+        ("localhost", False),
+    ]
 
 
 async def test_a_lookup_that_hangs_fails_after_the_timeout() -> None:

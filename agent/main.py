@@ -243,7 +243,8 @@ class Agent:
         return workload_identity(wl, self.cfg.trust_domain)
 
     def _capture_changed(self, watch: ChangeWatch) -> None:
-        if watch.drain():
+        # Not before the config is complete: a reconcile against an empty store would release every enrolled pod.
+        if watch.drain() and (self.xds.ready.is_set() or self.xds.restored):
             self._reconcile_wanted.set()
 
     async def _reconcile_loop(self) -> None:

@@ -48,7 +48,7 @@ from agent.redirect_maps import (
     migrate_pins,
     read_pinned_config,
 )
-from agent.redirect_netlink import Netlink
+from agent.redirect_netlink import ChangeWatch, Netlink
 from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
 from common.log import kv
 
@@ -177,6 +177,7 @@ class Redirector:
         self._prog_fd = -1
         self._maps: RedirectMaps | None = None
         self._nl: Netlink | None = None
+        self._watch: ChangeWatch | None = None
         self._state = _State()
         self._adopted: list[str] = []
 
@@ -215,6 +216,8 @@ class Redirector:
             attached_now: list[int] = []
             swapped_now = 0
             try:
+                # Subscribed before adopting, so no interface change after our first look at the netns goes unseen.
+                self._watch = ChangeWatch()
                 saved = maps.read_config().early_demux_saved  # kept across restarts: the node's original value
                 if cfg.disable_early_demux and not saved:
                     saved = 1 + _swap_tcp_early_demux(0)
@@ -267,6 +270,14 @@ class Redirector:
                     fail_open=cfg.fail_open,
                 ),
             )
+
+    @property
+    def change_watch(self) -> ChangeWatch | None:
+        """Interface, tc and pod-route notifications of the node netns while started (None otherwise). The agent
+        watches its fd on the event loop (``drain()`` never blocks and takes no lock) and reconciles when it reports
+        a change: a pod interface re-created with the same IP is invisible to the controller. Stop watching before
+        :meth:`close`, which closes it."""
+        return self._watch
 
     def close(self) -> None:
         """Release this process's handles; capture (filters, maps, routing) stays for the next agent."""
@@ -548,7 +559,9 @@ class Redirector:
             self._maps.close()
         if self._nl is not None:
             self._nl.close()
-        self._maps, self._nl = None, None
+        if self._watch is not None:
+            self._watch.close()
+        self._maps, self._nl, self._watch = None, None, None
         self._drop_program()
         self._state = _State()
         self._adopted = []

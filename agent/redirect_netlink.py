@@ -61,6 +61,10 @@ _TCMSG = struct.Struct("=BxxxiIII")
 _U32 = struct.Struct("=I")
 _RECV_SIZE = 1 << 16
 
+# Multicast groups (RTMGRP_*) of what can move a pod's interface or take capture away from it.
+RTMGRP_LINK, RTMGRP_TC, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x8, 0x40, 0x400
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+
 
 class NetlinkError(Exception):
     """The kernel refused a request; ``code`` is the errno."""
@@ -406,3 +410,76 @@ class Netlink:
 
 def _reason(exc: NetlinkError) -> str:
     return f"{os.strerror(exc.code)} (errno {exc.code})"
+
+
+_WATCHED = {
+    RTM_NEWLINK,
+    RTM_DELLINK,
+    RTM_NEWQDISC,
+    RTM_DELQDISC,
+    RTM_NEWTFILTER,
+    RTM_DELTFILTER,
+}
+_HOST_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+
+
+def notifies_change(data: bytes | memoryview) -> bool:
+    """Whether a datagram of rtnetlink notifications holds one capture has to follow: an interface added, removed or
+    changed, a clsact qdisc or tc filter added or removed, or a host route (a pod's /32 or /128) added or removed.
+    Other routes (a routing daemon's prefixes) are ignored, so their churn costs no reconcile."""
+    mv = memoryview(data)
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(mv):
+        length, mtype, _, _, _ = _NLMSGHDR.unpack_from(mv, pos)
+        if length < _NLMSGHDR.size or pos + length > len(mv):
+            return True  # cut short: cannot tell what it said, so assume the worst
+        if mtype in _WATCHED:
+            return True
+        if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and length >= _NLMSGHDR.size + _RTMSG.size:
+            family, dst_len = _RTMSG.unpack_from(mv, pos + _NLMSGHDR.size)[:2]
+            if _HOST_BITS.get(family) == dst_len:
+                return True
+        pos += (length + 3) & ~3
+    return False
+
+
+class ChangeWatch:
+    """Link, tc and host-route notifications of the node netns, read without blocking from the agent's event loop.
+
+    Capture is keyed by interface: a pod sandbox re-created with the same IP gets a new veth that carries no program,
+    and the controller sees no change at all, so without this the pod's traffic went uncaptured (plaintext, no
+    policy, no anti-spoofing) until some unrelated config change made the agent reconcile. The same holds for a
+    filter or qdisc someone else removed and for a pod route that moved."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
+        try:
+            self.sock.bind((0, RTMGRP_LINK | RTMGRP_TC | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> bool:
+        """Read every pending notification; True when one of them means capture may have to change. A receive
+        buffer that overflowed (ENOBUFS: notifications were lost) counts as a change, as does any other socket
+        error (reported once: the caller reconciles, which reads the kernel's state afresh)."""
+        changed = False
+        while True:
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return changed
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    changed = True
+                    continue
+                return True
+            changed = changed or notifies_change(data)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -12,6 +12,7 @@ import ctypes as ct
 import dataclasses
 import os
 import re
+import select
 import shutil
 import socket
 import struct
@@ -688,6 +689,54 @@ def test_uplink_packets_from_an_enrolled_local_address_are_dropped(env: Env) -> 
             check=True,
         )
         env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
+def _replug(env: Env, pod: rt.Pod) -> None:
+    """A new veth pair for ``pod`` with its old names and addresses: a pod sandbox re-created with the same IP."""
+    topo, gw, gw6 = env.topo, pod.ip.rsplit(".", 1)[0] + ".1", pod.ip6.rsplit(":", 1)[0] + ":1"
+    topo.ip(topo.node, "link", "add", pod.node_if, "type", "veth", "peer", "name", "eth0", "netns", pod.netns)
+    topo.ip(topo.node, "addr", "add", f"{gw}/24", "dev", pod.node_if)
+    topo.ip(topo.node, "addr", "add", f"{gw6}/64", "dev", pod.node_if, "nodad")
+    topo.ip(topo.node, "link", "set", pod.node_if, "up")
+    topo.ip(pod.netns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+    topo.ip(pod.netns, "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
+    topo.ip(pod.netns, "link", "set", "eth0", "up")
+    topo.ip(pod.netns, "route", "add", "default", "via", gw)
+    topo.ip(pod.netns, "-6", "route", "add", "default", "via", gw6)
+
+
+def test_a_pod_interface_re_created_with_its_ip_is_noticed(env: Env) -> None:
+    """The controller sees nothing when a pod's sandbox comes back with the same IP, yet the new veth carries no
+    program: the pod's TCP went uncaptured (plaintext, no policy, no anti-spoofing) until an unrelated config change
+    made the agent reconcile. The redirector's change watch reports it, and a reconcile captures the pod again."""
+    pa, pc, topo = env.pa, env.pc, env.topo
+    enrolled = {pa.ip, pc.ip}
+    env.r.reconcile(enrolled, env.all_pods())
+    watch = env.r.change_watch
+    assert watch is not None
+    old_index = env.r.status()["interfaces"][pc.node_if]["ifindex"]
+    try:
+        watch.drain()
+        # A routing daemon's prefixes come and go all the time: no reconcile for them.
+        topo.ip(topo.node, "route", "add", "10.99.0.0/16", "via", topo.remote_ip)
+        topo.ip(topo.node, "route", "del", "10.99.0.0/16", "via", topo.remote_ip)
+        assert watch.drain() is False
+        topo.ip(topo.node, "link", "del", pc.node_if)
+        _replug(env, pc)
+        assert rt.connect(pc.netns, env.pb.ip, 8080).startswith("server:8080")  # the hazard: not captured
+        assert select.select([watch], [], [], 3.0)[0] and watch.drain() is True
+        assert env.r.reconcile(enrolled, env.all_pods()) == {}  # what the agent does when the watch reports
+        got = rt.connect(pc.netns, env.pb.ip, 8080)
+        assert got.startswith("tproxy:15001 ") and f"peer={pc.ip}:" in got
+        new_index = env.r.status()["interfaces"][pc.node_if]["ifindex"]
+        maps = RedirectMaps.open(env.config.pin_dir)
+        try:
+            assert new_index != old_index and maps.workload_homes()[pc.ip] == new_index
+            assert old_index not in maps.iface_entries()
+        finally:
+            maps.close()
+    finally:
         env.r.reconcile({pa.ip}, env.all_pods())
 
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from lab import netns
+from lab.observe import capture_status
+from lab.plan import POD_GATEWAY, POD_IFACE
 from tests.integration.conftest import LabFactory
+from tests.support.mesh import wait_for
 from tests.support.redirect_topology import REPO, connect
 
 
@@ -42,3 +46,44 @@ def test_capture_in_the_lab_cluster(lab_factory: LabFactory) -> None:
         r.close()
         with netns.enter(node.netns):
             cleanup(cfg)
+
+
+def test_the_agent_recaptures_a_pod_whose_interface_came_back(lab_factory: LabFactory) -> None:
+    """A pod sandbox re-created with the same IP gets a new veth without the program, and the controller has no
+    change to send. The agent used to reconcile only on config changes, so the pod's TCP stayed uncaptured
+    (plaintext, no policy); it now follows the node's interface notifications and captures the pod again."""
+    lab = lab_factory(mesh=True)
+    node, client = lab.node("node1"), lab.pod("demo/client")
+
+    def attached() -> dict[str, Any]:
+        found: dict[str, Any] = capture_status(lab, "node1").get("interfaces", {}).get(client.host_veth, {})
+        return found
+
+    wait_for(lambda: client.ip in attached().get("enrolled", []), "demo/client to be captured")
+    old = attached()["ifindex"]
+    netns.batch(node.netns, [f"link del {client.host_veth}"])
+    netns.batch(
+        node.netns,
+        [
+            f"link add {client.host_veth} type veth peer name {POD_IFACE} netns {client.netns}",
+            f"addr add {POD_GATEWAY}/32 dev {client.host_veth} scope link",
+            f"link set {client.host_veth} up",
+            f"route add {client.ip}/32 dev {client.host_veth} src {node.ip}",
+        ],
+    )
+    netns.batch(
+        client.netns,
+        [
+            f"addr add {client.ip}/32 dev {POD_IFACE}",
+            f"link set {POD_IFACE} up",
+            f"route add {POD_GATEWAY} dev {POD_IFACE} scope link",
+            f"route add default via {POD_GATEWAY} dev {POD_IFACE}",
+        ],
+    )
+    wait_for(lambda: attached().get("ifindex") not in (None, old), "the new interface to be captured", timeout=10)
+    assert client.ip in attached()["enrolled"]
+    shown = subprocess.run(
+        ["ip", "netns", "exec", node.netns, "tc", "filter", "show", "dev", client.host_veth, "ingress"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "ambit:" in shown

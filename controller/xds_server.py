@@ -9,21 +9,24 @@ Each connection has its own sender task and a *dirty set* per type instead of a 
 client only delays itself, and the changes that piled up while it was busy go out as one response holding the
 latest versions. Changes are debounced server-wide (quiet period / maximum delay) so a burst becomes one push.
 
-Subscriptions follow envoy's delta xDS rules, as istiod applies them for ztunnel. A stream whose first request of a
-type subscribes to no names (or to ``*``) is *wildcard* and gets every resource: what agents use, and the path the
-design above is for. A stream that subscribes to names (ztunnel's on-demand mode starts with ``*`` subscribed and
-unsubscribed in one request: subscribed to nothing) gets only those names, their later changes and removals. A
-name that does not exist is answered in ``removed_resources`` (as istiod does for on-demand lookups) and is sent
-once it appears. Subscribing ``*`` later turns wildcard on (the whole state is resent); unsubscribing ``*`` turns
-it off, keeping the names subscribed explicitly. Names subscribed on a wildcard stream only take effect then: the
-stream already holds every resource, so nothing is resent for them, and unsubscribing a name sends no removal
-(the client drops it from its own cache).
+Subscriptions follow envoy's delta xDS rules, as istiod applies them for ztunnel. A stream whose first request of
+a type subscribes to no names (or to ``*``) is *wildcard* and gets every resource: what agents use, and the path
+the design above is for. A stream that subscribes to names (ztunnel's on-demand mode starts with ``*`` subscribed
+and unsubscribed in one request: subscribed to nothing) gets only those names, their later changes and removals.
+An Address may also be named by istiod's alias ``network/IP`` of a workload address or service VIP (ztunnel's
+on-demand lookup key): the resources found are sent under their own names and subscribed from then on, as istiod
+does. A name that does not exist is answered in ``removed_resources`` (as istiod does for on-demand lookups) and
+is sent once it appears. Subscribing ``*`` later turns wildcard on (the whole state is resent); unsubscribing
+``*`` turns it off, keeping the names subscribed explicitly. Names subscribed on a wildcard stream only take
+effect then: the stream already holds every resource, so nothing is resent for them, and unsubscribing a name
+sends no removal (the client drops it from its own cache).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import itertools
 import logging
 import time
@@ -37,6 +40,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from api.istio.workload import workload_pb2 as wl_pb
 from common.log import kv
 from common.protojson import message_to_json
 from controller.monitoring import ControllerMetrics
@@ -102,6 +106,22 @@ def encode_response(
     return b"".join(itertools.chain(head, resources))
 
 
+def address_aliases(msg: Message) -> list[str]:
+    """istiod's aliases of an Address (``AddressInfo.Aliases``): ``network/IP`` per workload address or service VIP."""
+    if not isinstance(msg, wl_pb.Address):
+        return []
+    if msg.HasField("workload"):
+        w = msg.workload
+        pairs = [(w.network, raw) for raw in w.addresses]
+    else:
+        pairs = [(a.network, a.address) for a in msg.service.addresses]
+    return [f"{net}/{ipaddress.ip_address(raw)}" for net, raw in pairs if len(raw) in (4, 16)]
+
+
+# Which types have aliases besides their resource names.
+ALIASES: dict[str, Callable[[Message], list[str]]] = {ADDRESS_TYPE: address_aliases}
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     version: str
@@ -115,14 +135,20 @@ class ResourceTable:
     def __init__(self, type_url: str) -> None:
         self.type_url = type_url
         self.entries: dict[str, Entry] = {}
+        self._aliases = ALIASES.get(type_url)
+        # alias -> resource names; built on the first alias lookup, so servers with only wildcard streams never pay.
+        self._by_alias: dict[str, set[str]] | None = None
 
     def apply(self, changes: Mapping[str, Message | None]) -> set[str]:
         """Apply upserts (message) and removals (None); return the names whose served content changed."""
         changed: set[str] = set()
         for name, msg in changes.items():
             if msg is None:
-                if self.entries.pop(name, None) is not None:
+                gone = self.entries.pop(name, None)
+                if gone is not None:
                     changed.add(name)
+                    if self._by_alias is not None:
+                        self._unindex(name, gone.message)
                 continue
             value = msg.SerializeToString(deterministic=True)
             version = resource_version(value)
@@ -134,7 +160,41 @@ class ResourceTable:
             )
             self.entries[name] = Entry(version, _field(_F_RESOURCES, res.SerializeToString()), msg)
             changed.add(name)
+            if self._by_alias is not None:
+                if old is not None:
+                    self._unindex(name, old.message)
+                self._index(name, msg)
         return changed
+
+    def aliases_of(self, name: str) -> list[str]:
+        entry = self.entries.get(name)
+        return self._aliases(entry.message) if entry is not None and self._aliases is not None else []
+
+    def resolve(self, name: str) -> set[str]:
+        """The resource names ``name`` stands for: itself if it is one, else those carrying it as an alias."""
+        if name in self.entries:
+            return {name}
+        if self._aliases is None:
+            return set()
+        if self._by_alias is None:
+            self._by_alias = {}
+            for n, e in self.entries.items():
+                self._index(n, e.message)
+        return set(self._by_alias.get(name, ()))
+
+    def _index(self, name: str, msg: Message) -> None:
+        assert self._aliases is not None and self._by_alias is not None
+        for alias in self._aliases(msg):
+            self._by_alias.setdefault(alias, set()).add(name)
+
+    def _unindex(self, name: str, msg: Message) -> None:
+        assert self._aliases is not None and self._by_alias is not None
+        for alias in self._aliases(msg):
+            names = self._by_alias.get(alias)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._by_alias[alias]
 
 
 @dataclass
@@ -327,7 +387,7 @@ class XdsServer:
                 # A full response built after these changes (or still to be built) already carries them.
                 if sub is None or type_url in conn.full or conn.full_built_at.get(type_url, -1.0) >= latest:
                     continue
-                wanted = names if sub.wildcard else names & sub.names
+                wanted = names if sub.wildcard else self._wanted(self.tables[type_url], sub, names)
                 if not wanted:
                     continue
                 conn.dirty.setdefault(type_url, set()).update(wanted)
@@ -456,6 +516,34 @@ class XdsServer:
                 extra=kv(connection=conn.id, type=SHORT_TYPE[req.type_url], resource_names=len(names)),
             )
 
+    @staticmethod
+    def _wanted(table: ResourceTable, sub: Subscription, changed: set[str]) -> set[str]:
+        """The changed names a non-wildcard stream wants: its own, and new ones carrying an alias it subscribed."""
+        wanted = changed & sub.names
+        for name in changed - wanted:
+            if any(alias in sub.names for alias in table.aliases_of(name)):
+                sub.names.add(name)
+                wanted.add(name)
+        return wanted
+
+    @staticmethod
+    def _lookup(table: ResourceTable, sub: Subscription, names: Iterable[str]) -> tuple[set[str], list[str]]:
+        """Resource names to send for the names a non-wildcard stream asked for, and the names that do not exist.
+
+        Resources found through an alias are subscribed under their own names too (istiod's bookkeeping), so their
+        later changes and removal reach the stream.
+        """
+        found: set[str] = set()
+        missing: list[str] = []
+        for name in names:
+            resolved = table.resolve(name)
+            if resolved:
+                found |= resolved
+            else:
+                missing.append(name)
+        sub.names |= found
+        return found, missing
+
     def _full_response(self, conn: XdsConnection, type_url: str, initial: dict[str, str]) -> None:
         conn.full[type_url] = (initial, time.monotonic())
         conn.dirty.pop(type_url, None)
@@ -537,19 +625,22 @@ class XdsServer:
                 frames = [e.frame for n, e in entries.items() if initial.get(n) != e.version]
                 removed = [n for n in initial if n not in entries]
             else:
-                frames = [entries[n].frame for n in sub.names if n in entries and initial.get(n) != entries[n].version]
-                removed = [n for n in sub.names if n not in entries]
+                found, removed = self._lookup(table, sub, list(sub.names))
+                frames = [entries[n].frame for n in found if initial.get(n) != entries[n].version]
             since = requested_at
             conn.full_built_at[type_url] = time.monotonic()
         elif conn.dirty.get(type_url):
             names = conn.dirty.pop(type_url)
             since = conn.dirty_since.pop(type_url)
-            if not sub.wildcard:
+            if sub.wildcard:
+                frames = [entries[n].frame for n in names if n in entries]
+                removed = [n for n in names if n not in entries]
+            else:
                 names &= sub.names  # some may have been unsubscribed since they changed
                 if not names:
                     return None
-            frames = [entries[n].frame for n in names if n in entries]
-            removed = [n for n in names if n not in entries]
+                found, removed = self._lookup(table, sub, names)
+                frames = [entries[n].frame for n in found]
         else:
             return None
         nonce = f"{next(conn.nonces):x}"

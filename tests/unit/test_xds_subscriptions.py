@@ -18,7 +18,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
 from controller.monitoring import ControllerMetrics
-from controller.xds_server import ADDRESS_TYPE, AUTHORIZATION_TYPE, Subscription, XdsServer
+from controller.xds_server import ADDRESS_TYPE, AUTHORIZATION_TYPE, ResourceTable, Subscription, XdsServer
 from tests.support.xds_controller import wait_for
 
 
@@ -50,6 +50,9 @@ class Stream:
         assert isinstance(resp, discovery_pb2.DeltaDiscoveryResponse), resp
         self.send(resp.type_url, response_nonce=resp.nonce)
         return resp
+
+
+SVC = "demo/web.demo.svc.cluster.local"
 
 
 def names(resp: discovery_pb2.DeltaDiscoveryResponse) -> list[str]:
@@ -195,3 +198,47 @@ async def test_wildcard_stream_ignores_named_subscriptions(env: Env) -> None:
     server.update(ADDRESS_TYPE, {"w2": None})
     resp = await stream.receive()
     assert list(resp.removed_resources) == ["w2"] and not resp.resources
+
+
+async def test_on_demand_lookup_by_network_address(env: Env) -> None:
+    """ztunnel looks addresses up as ``network/IP``; istiod answers with the workload or service carrying that alias
+    (under its own name, then subscribed), or with a removal when none does."""
+    server, channel = env
+    wl = wpb.Workload(uid="net-w", name="net-w", namespace="demo", network="net1")
+    wl.addresses.append(socket.inet_pton(socket.AF_INET6, "fd00::5"))
+    vip = wpb.NetworkAddress(network="net1", address=socket.inet_aton("10.96.0.1"))
+    svc = wpb.Service(name="web", namespace="demo", hostname=SVC.split("/")[1], addresses=[vip])
+    wildcard = Stream(channel)  # sees every push: shows when the update below has gone out
+    wildcard.send()
+    await wildcard.receive()
+    server.update(ADDRESS_TYPE, {"net-w": wpb.Address(workload=wl), SVC: wpb.Address(service=svc)})
+    assert names(await wildcard.receive()) == [SVC, "net-w"]
+    stream = Stream(channel)
+    stream.send(resource_names_subscribe=["*"], resource_names_unsubscribe=["*"])
+    await stream.receive()
+    stream.send(resource_names_subscribe=["net1/fd00::5", "net1/10.96.0.1", "/10.0.0.1", "net1/10.0.0.7"])
+    resp = await stream.receive()
+    # The fixture's workloads have no network: "/10.0.0.1" is w1's alias. Nothing carries "net1/10.0.0.7".
+    assert names(resp) == [SVC, "net-w", "w1"]
+    assert list(resp.removed_resources) == ["net1/10.0.0.7"]
+    # Found resources are subscribed by name: their changes follow; a workload taking the missing address arrives.
+    server.update(ADDRESS_TYPE, {"w2": workload("w2", "10.0.0.22")})
+    server.update(ADDRESS_TYPE, {"w1": workload("w1", "10.0.0.1", sa="other")})
+    assert names(await stream.receive()) == ["w1"]
+    late = wpb.Workload(uid="late", name="late", namespace="demo", network="net1")
+    late.addresses.append(socket.inet_aton("10.0.0.7"))
+    server.update(ADDRESS_TYPE, {"late": wpb.Address(workload=late)})
+    assert names(await stream.receive()) == ["late"]
+    server.update(ADDRESS_TYPE, {"net-w": None})
+    assert list((await stream.receive()).removed_resources) == ["net-w"]
+
+
+def test_alias_index_follows_changes() -> None:
+    table = ResourceTable(ADDRESS_TYPE)
+    table.apply({"a": workload("a", "10.0.0.1")})
+    assert table.resolve("/10.0.0.1") == {"a"}  # the first alias lookup builds the index
+    table.apply({"a": workload("a", "10.0.0.2"), "b": workload("b", "10.0.0.1")})
+    assert table.resolve("/10.0.0.1") == {"b"} and table.resolve("/10.0.0.2") == {"a"}
+    table.apply({"b": None})
+    assert table.resolve("/10.0.0.1") == set() and table.resolve("a") == {"a"}
+    assert ResourceTable(AUTHORIZATION_TYPE).resolve("/10.0.0.1") == set()  # policies have no aliases

@@ -455,3 +455,35 @@ def test_docs_name_only_metrics_the_code_exports() -> None:
         for name in set(re.findall(r"`((?:istio|ambit)_[a-z0-9_]+[a-z0-9])(?:\{[^`]*)?`", path.read_text())):
             base = name.removesuffix("_total")
             assert name in code or base in code, f"{path.name}: metric {name} is exported by no code"
+
+
+def _code_metric_labels() -> dict[str, set[str]]:
+    """Label names of the metrics whose name and labels the code writes as literals (others are not checked)."""
+    out: dict[str, set[str]] = {}
+    for package in ("agent", "controller"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+                    continue
+                name = node.args[0].value
+                if not (isinstance(name, str) and re.fullmatch(r"(istio|ambit|pilot|citadel)_[a-z0-9_]+", name)):
+                    continue
+                given = [k.value for k in node.keywords if k.arg in ("labels", "labelnames")] + node.args[2:3]
+                for value in given:
+                    if isinstance(value, ast.List | ast.Tuple):
+                        names = [e.value for e in value.elts if isinstance(e, ast.Constant)]
+                        if len(names) == len(value.elts) and all(isinstance(n, str) for n in names):
+                            out[name] = {str(n) for n in names}
+    return out
+
+
+def test_docs_name_only_labels_the_metrics_carry() -> None:
+    labels = _code_metric_labels()
+    assert "ambit_capture_events" in labels, "the label scan found nothing: has the metrics code changed shape?"
+    for path in DOCS:
+        for name, inside in re.findall(r"`((?:istio|ambit)_[a-z0-9_]+)\{([^}`]*)\}", path.read_text()):
+            known = labels.get(name, labels.get(name.removesuffix("_total")))
+            if known is None:
+                continue
+            documented = {part.split("=")[0].strip() for part in inside.split(",")}
+            assert documented <= known, f"{path.name}: {name} has labels {sorted(known)}, not {sorted(documented)}"

@@ -487,3 +487,30 @@ def test_docs_name_only_labels_the_metrics_carry() -> None:
                 continue
             documented = {part.split("=")[0].strip() for part in inside.split(",")}
             assert documented <= known, f"{path.name}: {name} has labels {sorted(known)}, not {sorted(documented)}"
+
+
+def test_readme_module_map_names_modules_that_exist() -> None:
+    section = _doc_section(REPO / "README.md", "Architecture in brief")
+    bullets = re.findall(r"^- `([a-z]+)/`:(.*?)(?=^- |\Z)", section, flags=re.M | re.S)
+    assert bullets, "README's module map has no `dir/:` bullets"
+    for directory, text in bullets:
+        assert (REPO / directory).is_dir(), directory
+        for module in re.findall(r"`([a-z_]+\.py)`", text):
+            assert (REPO / directory / module).is_file(), f"README names {directory}/{module}, which does not exist"
+        for sub in re.findall(r"`([a-z_]+)/`", text):
+            assert (REPO / directory / sub).is_dir(), f"README names {directory}/{sub}/, which does not exist"
+
+
+def test_docs_paths_and_links_exist() -> None:
+    for path in DOCS:
+        text = path.read_text()
+        for ref in re.findall(
+            r"`((?:agent|controller|common|api|lab|bench|cli|bpf|tests|daemonset|scripts)/[\w./-]+)", text
+        ):
+            file = ref.split("::")[0].rstrip(".")
+            if file.endswith("/"):
+                continue  # a directory the code creates (bench/results/), not in a fresh clone
+            assert (REPO / file).exists(), f"{path.name} names {file}, which does not exist"
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in link:
+                assert (path.parent / link).exists(), f"{path.name} links to {link}, which does not exist"

@@ -173,7 +173,12 @@ class _State:
 class Redirector:
     def __init__(self, config: RedirectConfig | None = None) -> None:
         self.config = config or RedirectConfig()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # start, reconcile, set_fail_open, close: one at a time
+        # The read-only views (counters, stats, readiness, status) run on the agent's event loop, for metrics scrapes,
+        # probes and the admin dump: they must never wait for a reconcile's netlink work, only for the map handles
+        # to stay open while they read. Reconcile replaces what they read whole (or mutates dicts, which a copy
+        # under the GIL sees before or after), so this lock only orders them against close.
+        self._view = threading.RLock()
         self._prog_fd = -1
         self._maps: RedirectMaps | None = None
         self._nl: Netlink | None = None
@@ -345,7 +350,7 @@ class Redirector:
     # --- observation -----------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, WorkloadCounters]:
-        with self._lock:
+        with self._view:
             maps, _ = self._require_started()
             return {
                 ip: WorkloadCounters(c.packets, c.bytes, c.conns_out, c.conns_in, c.drops)
@@ -354,43 +359,44 @@ class Redirector:
 
     def stats(self) -> dict[str, int]:
         """Node-wide program counters: captures per listener, fail-closed drops, fail-open passes, errors."""
-        with self._lock:
+        with self._view:
             maps, _ = self._require_started()
             return maps.stat_totals()
 
     def spoofed_drops(self) -> dict[str, int]:
         """Interface name (a pod's, or the uplink) -> TCP that came in there from an enrolled workload's address living
         elsewhere (dropped): who spoofs."""
-        with self._lock:
+        with self._view:
             maps, _ = self._require_started()
-            attached = self._state.attached
+            attached = dict(self._state.attached)  # a reconcile may attach or detach meanwhile
             return {attached[i].name: n for i, n in sorted(maps.spoofed_by_iface().items()) if i in attached}
 
     @property
     def capturing_any(self) -> bool:
         """At least one interface (uplink or pod) carries our program."""
-        with self._lock:
+        with self._view:
             return self._maps is not None and bool(self._state.attached)
 
     @property
     def ready(self) -> bool:
         """Started, and capturing at least one pod when pods are enrolled (a node agent that can capture none of
         its enrolled pods must not report ready)."""
-        with self._lock:
+        with self._view:
             if self._maps is None or not self._state.uplinks:
                 return False
             return not self._state.requested or bool(self._state.enrolled)
 
     def status(self) -> dict[str, Any]:
-        """Attached interfaces, enrolled pods, per-pod failures, program counters. No netlink: cheap enough for an
-        admin handler (like :meth:`counters` and the properties, it only reads maps and in-memory state)."""
-        with self._lock:
+        """Attached interfaces, enrolled pods, per-pod failures, program counters. No netlink and no wait for a
+        reconcile in progress: cheap enough for an admin handler on the event loop (like :meth:`counters` and the
+        properties, it only reads maps and the state the last reconcile published)."""
+        with self._view:
             st = self._state
             started = self._maps is not None
             interfaces: dict[str, dict[str, Any]] = {}
             by_ip = st.ip_iface
             spoofed = self._maps.spoofed_by_iface() if self._maps else {}
-            for idx, att in sorted(st.attached.items()):
+            for idx, att in sorted(dict(st.attached).items()):
                 interfaces[att.name] = {
                     "ifindex": idx,
                     "role": "uplink" if att.flags & IF_UPLINK else "pod",
@@ -555,16 +561,17 @@ class Redirector:
         self._prog_fd = -1
 
     def _close_handles(self) -> None:
-        if self._maps is not None:
-            self._maps.close()
-        if self._nl is not None:
-            self._nl.close()
-        if self._watch is not None:
-            self._watch.close()
-        self._maps, self._nl, self._watch = None, None, None
-        self._drop_program()
-        self._state = _State()
-        self._adopted = []
+        with self._view:  # no view is reading the maps through these fds
+            if self._maps is not None:
+                self._maps.close()
+            if self._nl is not None:
+                self._nl.close()
+            if self._watch is not None:
+                self._watch.close()
+            self._maps, self._nl, self._watch = None, None, None
+            self._drop_program()
+            self._state = _State()
+            self._adopted = []
 
 
 def cleanup(target: str | RedirectConfig) -> list[str]:

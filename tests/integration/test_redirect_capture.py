@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
@@ -738,6 +739,46 @@ def test_a_pod_interface_re_created_with_its_ip_is_noticed(env: Env) -> None:
             maps.close()
     finally:
         env.r.reconcile({pa.ip}, env.all_pods())
+
+
+def test_observers_do_not_wait_for_a_reconcile(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics scrapes, readiness probes and /config_dump read the redirector on the agent's event loop. They took
+    the lock a reconcile holds through all its netlink work, so while one ran (every pod or interface change) the
+    whole data path stood still behind a scrape. They now read the maps and the last published state at once."""
+    from agent.capture_metrics import CaptureCollector
+    from agent.redirect_plan import classify_route
+
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_route(*args: Any, **kwargs: Any) -> Any:
+        inside.set()
+        release.wait(30)
+        return classify_route(*args, **kwargs)
+
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    monkeypatch.setattr("agent.redirect.classify_route", slow_route)
+    worker = threading.Thread(target=env.r.reconcile, args=({env.pa.ip}, env.all_pods()))
+    worker.start()
+    seen: dict[str, Any] = {}
+
+    def observe() -> None:
+        seen["ready"] = env.r.ready
+        seen["status"] = env.r.status()
+        seen["metrics"] = [m.name for m in CaptureCollector(env.r).collect()]
+
+    try:
+        assert inside.wait(10), "the reconcile never reached its route lookups"
+        observer = threading.Thread(target=observe)
+        observer.start()
+        observer.join(10)  # a liveness bound: with the reconcile parked, a waiting observer would never finish
+        assert not observer.is_alive(), "reading capture state waited for the reconcile in progress"
+        assert seen["ready"] is True and env.pa.ip in seen["status"]["enrolled"]
+        assert "ambit_capture_spoofed_drops" in seen["metrics"]
+    finally:
+        release.set()
+        worker.join()
+    monkeypatch.undo()
+    assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
 
 
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).

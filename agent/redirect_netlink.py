@@ -46,7 +46,9 @@ F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_NH_ID = 1, 4, 5, 9, 15, 30
+RTM_GETNEXTHOP = 106
+NHA_ID, NHA_GROUP, NHA_OIF = 1, 2, 5
 FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
@@ -58,6 +60,9 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")  # also fib_rule_hdr: same layout
 _TCMSG = struct.Struct("=BxxxiIII")
+_RTNEXTHOP = struct.Struct("=HBBi")  # struct rtnexthop: len, flags, hops, ifindex (then its own attributes)
+_NHMSG = struct.Struct("=BBBBI")  # struct nhmsg: family, scope, protocol, resvd, flags
+_NH_GRP = struct.Struct("=IBBH")  # struct nexthop_grp: id, weight, weight_high, resvd2
 _U32 = struct.Struct("=I")
 _RECV_SIZE = 1 << 16
 
@@ -115,6 +120,25 @@ def get_ip(attrs: dict[int, memoryview], kind: int) -> str | None:
     if raw is None or len(raw) not in (4, 16):
         return None
     return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, bytes(raw))
+
+
+def route_oifs(attrs: dict[int, memoryview]) -> set[int]:
+    """Output interfaces named by a route's attributes: RTA_OIF and every hop of RTA_MULTIPATH. A hop whose length
+    runs past the attribute ends the scan (a malformed reply yields what was read, never an exception)."""
+    out: set[int] = set()
+    oif = get_u32(attrs, RTA_OIF)
+    if oif is not None:
+        out.add(oif)
+    hops = attrs.get(RTA_MULTIPATH)
+    pos = 0
+    while hops is not None and pos + _RTNEXTHOP.size <= len(hops):
+        length, _, _, ifindex = _RTNEXTHOP.unpack_from(hops, pos)
+        if length < _RTNEXTHOP.size or pos + length > len(hops):
+            break
+        if ifindex > 0:
+            out.add(ifindex)
+        pos += (length + 3) & ~3
+    return out
 
 
 def _ip_family(ip: str) -> int:
@@ -220,13 +244,43 @@ class Netlink:
                 yield hdr, attrs
 
     def default_route_oifs(self) -> list[int]:
-        out: list[int] = []
+        """Every interface a default route of the main table leaves through: single-path (RTA_OIF), multipath (each
+        RTA_MULTIPATH hop: ECMP towards several routers, as BGP-routed nodes have) and nexthop objects (RTA_NH_ID,
+        groups included). Reading only RTA_OIF found no uplink at all on a multipath node, or only some of them when
+        one family's default was single-path, and traffic for pods arriving on the others was never captured."""
+        out: set[int] = set()
         for family, _ in FAMILIES:
             for hdr, attrs in self._routes(family, RT_TABLE_MAIN):
-                oif = get_u32(attrs, RTA_OIF)
-                if hdr[1] == 0 and oif is not None:
-                    out.append(oif)
-        return sorted(set(out))
+                if hdr[1] != 0:
+                    continue
+                out.update(route_oifs(attrs))
+                nh_id = get_u32(attrs, RTA_NH_ID)
+                if nh_id is not None:
+                    out.update(self._nexthop_oifs(nh_id, depth=2))
+        return sorted(out)
+
+    def _nexthop_oifs(self, nh_id: int, depth: int) -> set[int]:
+        """Output interfaces of nexthop object ``nh_id`` (`ip nexthop`), members of a group resolved (groups do not
+        nest in the kernel; ``depth`` only bounds a malformed answer)."""
+        try:
+            msgs = self._request(
+                RTM_GETNEXTHOP, 0, _NHMSG.pack(0, 0, 0, 0, 0) + nla_u32(NHA_ID, nh_id), f"nexthop {nh_id}"
+            )
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP):
+                return set()
+            raise
+        out: set[int] = set()
+        for m in msgs:
+            attrs = attributes(m, _NHMSG.size)
+            oif = get_u32(attrs, NHA_OIF)
+            if oif is not None:
+                out.add(oif)
+            group = attrs.get(NHA_GROUP)
+            if group is not None and depth > 0:
+                for pos in range(0, len(group) - _NH_GRP.size + 1, _NH_GRP.size):
+                    out |= self._nexthop_oifs(_NH_GRP.unpack_from(group, pos)[0], depth - 1)
+        return out
 
     def route_get(self, ip: str) -> RouteInfo | None:
         """None when the node has no route at all (ENETUNREACH / EHOSTUNREACH)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import dataclasses
+import functools
 import os
 import re
+import secrets
 import select
 import shutil
 import socket
@@ -47,6 +49,7 @@ from agent.redirect_maps import (
     pack_addr,
     possible_cpus,
 )
+from agent.redirect_netlink import Netlink
 from tests.support import redirect_topology as rt
 
 IPV6_HOPOPTS = 54
@@ -779,6 +782,36 @@ def test_observers_do_not_wait_for_a_reconcile(env: Env, monkeypatch: pytest.Mon
         worker.join()
     monkeypatch.undo()
     assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
+
+
+def test_uplinks_of_multipath_and_nexthop_object_default_routes() -> None:
+    """Nodes routed by BGP reach their routers over ECMP: the default route has hops (RTA_MULTIPATH) or names a
+    nexthop object (RTA_NH_ID), never RTA_OIF. Every interface it leaves through is an uplink; reading RTA_OIF alone
+    found none (the agent refused to start) or, with another family single-path, only some of them."""
+    ns = "ambit-" + secrets.token_hex(2) + "-mp"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        run = functools.partial(subprocess.run, check=True, capture_output=True)
+        for n, name in enumerate(("a", "b", "c"), start=1):
+            run(["ip", "-n", ns, "link", "add", f"up{name}", "type", "veth", "peer", "name", f"up{name}p"])
+            run(["ip", "-n", ns, "addr", "add", f"10.66.{n}.1/24", "dev", f"up{name}"])
+            run(["ip", "-n", ns, "addr", "add", f"fd66:{n}::1/64", "dev", f"up{name}", "nodad"])
+            for ifname in (f"up{name}", f"up{name}p"):
+                run(["ip", "-n", ns, "link", "set", ifname, "up"])
+        run(["ip", "-n", ns, "route", "add", "default",
+             "nexthop", "via", "10.66.1.2", "dev", "upa", "nexthop", "via", "10.66.2.2", "dev", "upb"])  # fmt: skip
+        run(["ip", "-n", ns, "nexthop", "add", "id", "11", "via", "fd66:3::2", "dev", "upc"])
+        run(["ip", "-n", ns, "nexthop", "add", "id", "10", "group", "11"])
+        run(["ip", "-n", ns, "-6", "route", "add", "default", "nhid", "10"])
+        with rt.enter(ns):
+            nl = Netlink()
+        try:
+            want = {nl.link_index(name) for name in ("upa", "upb", "upc")}
+            assert set(nl.default_route_oifs()) == want
+        finally:
+            nl.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).

@@ -1,6 +1,7 @@
-"""Which rtnetlink notifications make the agent reconcile capture (agent/redirect_netlink.notifies_change): pod
-interfaces, tc objects and host routes do, a routing daemon's prefixes do not, and a datagram cut short counts as
-a change rather than being read past its end."""
+"""Reading rtnetlink without trusting it: which notifications make the agent reconcile capture (notifies_change:
+pod interfaces, tc objects and host routes do, a routing daemon's prefixes do not, a datagram cut short counts as a
+change) and which interfaces a route leaves through (route_oifs: RTA_OIF and multipath hops, a malformed hop list
+read up to where it breaks)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import socket
 import struct
 
 from agent.redirect_netlink import (
+    RTA_MULTIPATH,
+    RTA_OIF,
     RTM_DELLINK,
     RTM_DELTFILTER,
     RTM_NEWLINK,
     RTM_NEWQDISC,
     RTM_NEWROUTE,
     RTM_NEWRULE,
+    attributes,
+    nla,
+    nla_u32,
     notifies_change,
+    route_oifs,
 )
 
 
@@ -48,3 +55,23 @@ def test_a_truncated_datagram_counts_as_a_change() -> None:
     whole = _route(socket.AF_INET, 24)
     assert notifies_change(whole[:-4])
     assert notifies_change(struct.pack("=IHHII", 8, RTM_NEWROUTE, 0, 0, 0))  # length below the header's own size
+
+
+def _hop(ifindex: int, extra: bytes = b"") -> bytes:
+    return struct.pack("=HBBi", 8 + len(extra), 0, 0, ifindex) + extra
+
+
+def test_route_oifs_reads_the_oif_and_every_multipath_hop() -> None:
+    gateway = nla(5, bytes([10, 0, 0, 1]))  # RTA_GATEWAY inside a hop: hops are not all 8 bytes
+    attrs = attributes(nla(RTA_MULTIPATH, _hop(3, gateway) + _hop(7) + _hop(9, gateway)))
+    assert route_oifs(attrs) == {3, 7, 9}
+    assert route_oifs(attributes(nla_u32(RTA_OIF, 4))) == {4}
+    assert route_oifs({}) == set()
+
+
+def test_route_oifs_stops_at_a_malformed_hop() -> None:
+    overlong = struct.pack("=HBBi", 64, 0, 0, 8)  # claims more bytes than the attribute holds
+    assert route_oifs(attributes(nla(RTA_MULTIPATH, _hop(3) + overlong + _hop(5)))) == {3}
+    tiny = struct.pack("=HBBi", 2, 0, 0, 8)  # shorter than a hop header: would never advance
+    assert route_oifs(attributes(nla(RTA_MULTIPATH, _hop(3) + tiny))) == {3}
+    assert route_oifs(attributes(nla(RTA_MULTIPATH, _hop(6)[:5]))) == set()

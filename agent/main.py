@@ -157,8 +157,11 @@ class Agent:
     async def start(self) -> None:
         cfg = self.cfg
         # Readiness, metrics and admin first, so probes and operators see *why* the agent is not ready yet.
-        await self._serve(readiness_server(self.readiness), "0.0.0.0", cfg.ready_port)
-        await self._serve(metrics_server(self.metrics), "0.0.0.0", cfg.metrics_port)
+        # The kubelet probes and Prometheus scrapes the pod (node) IP: every address, of the data path's family
+        # (`--listen-address ::` is dual-stack, and what an IPv6-only node needs).
+        anywhere = "::" if ":" in cfg.listen_address else "0.0.0.0"
+        await self._serve(readiness_server(self.readiness), anywhere, cfg.ready_port)
+        await self._serve(metrics_server(self.metrics), anywhere, cfg.metrics_port)
         dump = config_dump(
             self.store,
             self.certs,
@@ -170,6 +173,11 @@ class Agent:
         admin = admin_server(dump, self.certs.snapshot, self.stopping.set, self.store, cfg.trust_domain)
         await self._serve(admin, cfg.admin_address, cfg.admin_port)
 
+        # The last good state before the listeners: a restarted agent's listeners get connections from the previous
+        # one's pinned filters at once, and against an empty store each was refused (unknown source/destination,
+        # a reset) for as long as the programs took to compile, 1-3 s on every restart. Restored, they wait for
+        # their certificate instead. A small local file, read once before anything is served.
+        self.xds.restore()
         # Listeners before capture: a captured SYN must always find its listener (else it is dropped, fail closed).
         for port, handler, name in (
             (cfg.outbound_port, self.outbound.handle, "outbound"),
@@ -192,6 +200,8 @@ class Agent:
 
         self.certs.start()
         self.store.subscribe(lambda _change: self._reconcile_wanted.set())
+        if self.xds.restored:  # applied before this subscription: enroll and prefetch from it now
+            self._reconcile_wanted.set()
         self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))

@@ -1,0 +1,95 @@
+"""The mesh lab under churn: agents killed and restarted while pods keep connecting.
+
+One lab for the module (bench/topology/mesh: client and server-local on node1, server on node2). A restarted agent
+finds the previous one's pinned filters steering SYNs to its listeners from the moment they exist; until then they
+are dropped (fail closed) and the client's kernel sends them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab import Lab, netns
+from lab.mesh import wait_ready
+from lab.observe import agent_log
+
+TOPOLOGY = Path(__file__).resolve().parents[2] / "bench" / "topology" / "mesh"
+ECHO = 9000
+SERVER = "10.71.2.10"  # bench-mesh/server on node2
+
+
+@pytest.fixture(scope="module")
+def mesh(require_root: None) -> Iterator[Lab]:
+    lab = Lab.up(TOPOLOGY, name=f"ambit-ch{secrets.token_hex(2)}", mesh=True)
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+async def _echo(lab: Lab, payload: bytes) -> str:
+    """One connection from bench-mesh/client to the server's echo port: "ok", or what went wrong. The timeout is a
+    liveness bound (SYNs dropped while no agent listens are sent again after 1 and 3 s), not a measurement."""
+    loop = asyncio.get_running_loop()
+    with netns.enter(lab.pod("client").netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(30):
+            await loop.sock_connect(sock, (SERVER, ECHO))
+            await loop.sock_sendall(sock, payload)
+            sock.shutdown(socket.SHUT_WR)
+            got = bytearray()
+            while chunk := await loop.sock_recv(sock, 65536):
+                got += chunk
+        return "ok" if got == payload else f"echo differs ({len(got)} of {len(payload)} bytes)"
+    except (OSError, TimeoutError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        sock.close()
+
+
+def _connect_through_restart(lab: Lab, agent: str) -> list[str]:
+    """Kill ``agent`` (-9: no drain), start it again, and open a connection every 50 ms from before the new
+    process exists until it reports ready; returns each connection's outcome."""
+    old = lab.process(agent)
+    node = lab.node(agent.removeprefix("agent-"))
+
+    async def run() -> list[str]:
+        attempts: list[asyncio.Task[str]] = []
+        os.kill(old.pid, signal.SIGKILL)
+        new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
+        ready = asyncio.create_task(asyncio.to_thread(wait_ready, node.netns, node.ip, 15021, new))
+        while not ready.done():
+            attempts.append(asyncio.create_task(_echo(lab, os.urandom(2048))))
+            await asyncio.sleep(0.05)
+        await ready
+        return list(await asyncio.gather(*attempts))
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("agent", ["agent-node1", "agent-node2"])
+def test_connections_arriving_while_a_restarted_agent_starts_are_served(mesh: Lab, agent: str) -> None:
+    """Source side (node1, outbound capture) and destination side (node2, HBONE capture): a connection accepted
+    before the agent had loaded its last good state was refused as unknown_source/unknown_destination (a reset,
+    for as long as the BPF programs took to compile) instead of being carried."""
+    assert asyncio.run(_echo(mesh, b"warm")) == "ok"
+    outcomes = _connect_through_restart(mesh, agent)
+    failed = [o for o in outcomes if o != "ok"]
+    refused = [
+        r
+        for r in agent_log(mesh, agent.removeprefix("agent-"))
+        if r.get("error") in ("unknown_source", "unknown_destination")
+    ]
+    assert len(outcomes) > 10, "connections must have been attempted while the agent started"
+    assert not failed, f"{len(failed)} of {len(outcomes)} connections failed across the restart: {failed[:3]}"
+    assert not refused, f"the restarted agent refused connections it had state for: {refused[:2]}"

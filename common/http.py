@@ -83,7 +83,9 @@ class HttpServer:
         # A socket bound here rather than `start_server(host, port)`: uvloop resolves even a numeric host through
         # libuv's getaddrinfo thread pool, which starts four threads that then idle for the process's life.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family)
+        # "::" is every address of both families, as for the data-path listeners (create_server makes an IPv6
+        # socket IPv6-only unless asked).
+        sock = socket.create_server((host, port), family=family, dualstack_ipv6=host == "::")
         self.server = await asyncio.start_server(self._serve, sock=sock)
         log.debug("http listening", extra=kv(server=self.name, address=host, port=self.port))
         return self.server

@@ -91,3 +91,20 @@ async def test_bad_requests_are_400_and_close(server: HttpServer, raw: bytes) ->
     reply = await _exchange(server.port, raw)
     assert reply.startswith(b"HTTP/1.1 400") and b"Connection: close" in reply
     assert (await _exchange(server.port, b"GET /hello HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 200")
+
+
+async def test_every_address_means_both_families() -> None:
+    """The agent's probe and metrics servers bind "::" when the data path is IPv6: the kubelet or Prometheus may
+    come over either family."""
+    s = _server(False)
+    await s.start("::", 0)
+    try:
+        for host in ("::1", "127.0.0.1"):
+            reader, writer = await asyncio.open_connection(host, s.port)
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            status, _, _ = await _read_response(reader)
+            writer.close()
+            assert status == 200, host
+    finally:
+        await s.close()

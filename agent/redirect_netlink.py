@@ -44,6 +44,8 @@ RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
+F_DUMP_INTR = 0x10  # the dumped table changed while it was read: what came may miss entries
+DUMP_ATTEMPTS = 3
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_NH_ID = 1, 4, 5, 9, 15, 30
@@ -172,12 +174,24 @@ class Netlink:
         self.sock.close()
 
     def _request(self, mtype: int, flags: int, body: bytes, what: str) -> list[memoryview]:
-        """Send one request and read every reply message until the dump ends or the ACK arrives. Always read to the
+        """Send one request and read every reply message until the dump ends or the ACK arrives. A dump the kernel
+        marks interrupted (links, routes or addresses changed while it was read) may lack entries, say the uplink's
+        default route or a link whose filter cleanup must remove: it is asked again, a few times at most. A dump
+        that ends in an error raises it instead of passing for complete."""
+        for _ in range(DUMP_ATTEMPTS):
+            out, interrupted = self._exchange(mtype, flags, body, what)
+            if not interrupted:
+                return out
+        raise RedirectKernelError(f"netlink: {what} changed while it was read, {DUMP_ATTEMPTS} times in a row")
+
+    def _exchange(self, mtype: int, flags: int, body: bytes, what: str) -> tuple[list[memoryview], bool]:
+        """One request and its replies, and whether the kernel flagged the dump inconsistent. Always read to the
         end: the kernel refuses a new dump on a socket whose previous one was left half-read (EBUSY)."""
-        self._seq += 1
+        self._seq = self._seq % 0xFFFFFFFF + 1
         seq = self._seq
         self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, F_REQUEST | flags, seq, 0) + body)
         out: list[memoryview] = []
+        interrupted = False
         while True:
             data = memoryview(self.sock.recv(_RECV_SIZE))
             pos = 0
@@ -189,16 +203,17 @@ class Netlink:
                 pos += (length + 3) & ~3
                 if rseq != seq:
                     continue
-                if rtype == NLMSG_ERROR:
+                interrupted = interrupted or bool(rflags & F_DUMP_INTR)
+                if rtype in (NLMSG_ERROR, NLMSG_DONE):
+                    if len(payload) < 4:
+                        raise RedirectKernelError(f"netlink: truncated reply to {what}")
                     code = -struct.unpack_from("=i", payload)[0]
                     if code:
                         raise NetlinkError(code, what)
-                    return out  # the ACK
-                if rtype == NLMSG_DONE:
-                    return out
+                    return out, interrupted  # the ACK, or the end of a complete dump
                 out.append(payload)
                 if not rflags & F_MULTI and not flags & F_ACK:
-                    return out
+                    return out, interrupted
 
     # --- links and routes ------------------------------------------------------------------------------------
 

@@ -1,14 +1,22 @@
 """Reading rtnetlink without trusting it: which notifications make the agent reconcile capture (notifies_change:
 pod interfaces, tc objects and host routes do, a routing daemon's prefixes do not, a datagram cut short counts as a
-change) and which interfaces a route leaves through (route_oifs: RTA_OIF and multipath hops, a malformed hop list
-read up to where it breaks)."""
+change), which interfaces a route leaves through (route_oifs: RTA_OIF and multipath hops, a malformed hop list
+read up to where it breaks), and dumps that are inconsistent or end in an error (asked again, or raised)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
+import pytest
+
+from agent.redirect_errors import RedirectKernelError
 from agent.redirect_netlink import (
+    DUMP_ATTEMPTS,
+    F_DUMP_INTR,
+    F_MULTI,
+    NLMSG_DONE,
     RTA_MULTIPATH,
     RTA_OIF,
     RTM_DELLINK,
@@ -17,6 +25,8 @@ from agent.redirect_netlink import (
     RTM_NEWQDISC,
     RTM_NEWROUTE,
     RTM_NEWRULE,
+    Netlink,
+    NetlinkError,
     attributes,
     nla,
     nla_u32,
@@ -75,3 +85,72 @@ def test_route_oifs_stops_at_a_malformed_hop() -> None:
     tiny = struct.pack("=HBBi", 2, 0, 0, 8)  # shorter than a hop header: would never advance
     assert route_oifs(attributes(nla(RTA_MULTIPATH, _hop(3) + tiny))) == {3}
     assert route_oifs(attributes(nla(RTA_MULTIPATH, _hop(6)[:5]))) == set()
+
+
+class _Kernel:
+    """Stands in for the rtnetlink socket: answers each request with the next scripted dump (a list of (type,
+    flags, payload) messages), stamped with the request's sequence number."""
+
+    def __init__(self, *dumps: list[tuple[int, int, bytes]]) -> None:
+        self.dumps = list(dumps)
+        self.pending: list[bytes] = []
+        self.requests = 0
+
+    def send(self, data: bytes) -> int:
+        seq = struct.unpack_from("=IHHII", data)[3]
+        self.requests += 1
+        self.pending = [b"".join(_stamped(mtype, flags, seq, body) for mtype, flags, body in self.dumps.pop(0))]
+        return len(data)
+
+    def recv(self, _size: int) -> bytes:
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def _stamped(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
+    length = 16 + len(body)
+    return struct.pack("=IHHII", length, mtype, flags, seq, 0) + body + b"\0" * (-length % 4)
+
+
+def _netlink(kernel: _Kernel) -> Netlink:
+    nl = Netlink()
+    nl.sock.close()
+    nl.sock = kernel  # type: ignore[assignment]
+    return nl
+
+
+def _link(index: int, flags: int = F_MULTI) -> tuple[int, int, bytes]:
+    return (RTM_NEWLINK, flags, struct.pack("=BxHiII", 0, 0, index, 0, 0))
+
+
+DONE = (NLMSG_DONE, F_MULTI, struct.pack("=i", 0))
+
+
+def test_an_interrupted_dump_is_read_again() -> None:
+    """A dump the kernel flags NLM_F_DUMP_INTR (the table changed meanwhile) may miss entries: cleanup would miss a
+    link whose filter it must remove, start an uplink. It is asked again; only a consistent answer is used."""
+    kernel = _Kernel([_link(1), _link(2, F_MULTI | F_DUMP_INTR), DONE], [_link(1), _link(2), _link(3), DONE])
+    assert _netlink(kernel).all_link_indexes() == [1, 2, 3]
+    assert kernel.requests == 2
+
+
+def test_a_dump_that_never_settles_is_an_error() -> None:
+    interrupted = [_link(1, F_MULTI | F_DUMP_INTR), DONE]
+    kernel = _Kernel(*[interrupted] * DUMP_ATTEMPTS)
+    with pytest.raises(RedirectKernelError, match="changed while it was read"):
+        _netlink(kernel).all_link_indexes()
+
+
+def test_a_dump_ending_in_an_error_is_not_taken_for_complete() -> None:
+    kernel = _Kernel([_link(1), (NLMSG_DONE, F_MULTI, struct.pack("=i", -errno.EMSGSIZE))])
+    with pytest.raises(NetlinkError) as info:
+        _netlink(kernel).all_link_indexes()
+    assert info.value.code == errno.EMSGSIZE
+
+
+def test_a_truncated_end_of_dump_is_an_error_not_a_crash() -> None:
+    kernel = _Kernel([_link(1), (NLMSG_DONE, F_MULTI, b"\x01")])
+    with pytest.raises(RedirectKernelError, match="truncated reply"):
+        _netlink(kernel).all_link_indexes()

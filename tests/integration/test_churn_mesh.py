@@ -8,8 +8,10 @@ are dropped (fail closed) and the client's kernel sends them again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import select
 import signal
 import socket
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ import pytest
 
 from lab import Lab, netns
 from lab.mesh import wait_ready
-from lab.observe import agent_log
+from lab.observe import agent_log, metric_lines, metrics
+from tests.support.mesh import wait_for
 
 TOPOLOGY = Path(__file__).resolve().parents[2] / "bench" / "topology" / "mesh"
 ECHO = 9000
@@ -93,3 +96,49 @@ def test_connections_arriving_while_a_restarted_agent_starts_are_served(mesh: La
     assert len(outcomes) > 10, "connections must have been attempted while the agent started"
     assert not failed, f"{len(failed)} of {len(outcomes)} connections failed across the restart: {failed[:3]}"
     assert not refused, f"the restarted agent refused connections it had state for: {refused[:2]}"
+
+
+def _rss_kib(lab: Lab, agent: str) -> int:
+    for line in Path(f"/proc/{lab.process(agent).pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {agent}")
+
+
+def _open_streams(lab: Lab, node: str) -> float:
+    text = metrics(lab, node)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metric_lines(text, "istio_tcp_sockets_open"))
+
+
+def test_agent_memory_returns_after_a_burst_of_stalled_streams(mesh: Lab) -> None:
+    """Twenty connections whose peers stop reading fill every buffer the path has (the echo server stops reading
+    once its replies back up, so both agents hold each stream's window and backlog), while other connections on the
+    same pooled HBONE connection keep flowing; once they close, the agents give that memory back. With glibc's
+    dynamic mmap threshold the relays' buffers came from the heap and stayed: all of the growth was kept."""
+    agents = ("agent-node1", "agent-node2")
+    baseline = {a: _rss_kib(mesh, a) for a in agents}
+    socks = []
+    for _ in range(20):
+        with netns.enter(mesh.pod("client").netns):
+            socks.append(socket.create_connection((SERVER, ECHO), timeout=10))
+    chunk = b"s" * 65536
+    try:
+        for s in socks:
+            s.setblocking(False)
+        while writable := select.select([], socks, [], 1.0)[1]:  # until the path takes no more: nobody reads
+            for s in writable:
+                with contextlib.suppress(BlockingIOError):
+                    s.send(chunk)
+        assert asyncio.run(_echo(mesh, os.urandom(100_000))) == "ok", "a stalled stream must not block the others"
+        peak = {a: _rss_kib(mesh, a) for a in agents}
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: _open_streams(mesh, "node1") == 0 == _open_streams(mesh, "node2"), "the stalled streams to close")
+    after = {a: _rss_kib(mesh, a) for a in agents}
+    for a in agents:
+        grown = peak[a] - baseline[a]
+        assert grown > 20_000, f"{a}: the stalled streams must have cost memory ({baseline[a]} -> {peak[a]} KiB)"
+        assert after[a] - baseline[a] < grown / 2, (
+            f"{a}: RSS {baseline[a]} KiB before, {peak[a]} KiB while stalled, {after[a]} KiB after they closed"
+        )

@@ -86,6 +86,9 @@ class RedirectConfig:
     inbound_port: int = 15006
     hbone_port: int = 15008
     uplinks: tuple[str, ...] = ()  # empty: the interfaces of the node's default route(s)
+    # Tunnel devices of the node netns (VXLAN, Geneve, IPIP, GRE, WireGuard) are uplinks too, found at each
+    # reconcile: overlay networks deliver other nodes' pod traffic there, and any pod can feed one with plain UDP.
+    capture_tunnels: bool = True
     fail_open: bool = False  # debugging only: pass enrolled pods' SYNs on (plaintext!) when no listener is there
     tc_priority: int = 10
     tc_handle: int = 0xA3B1
@@ -168,6 +171,7 @@ class _State:
     failures: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     ip_iface: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex at the last reconcile
+    tunnels: set[int] = field(default_factory=set)  # uplinks that are such because they are tunnel devices
 
 
 class Redirector:
@@ -202,7 +206,7 @@ class Redirector:
             netns = _netns_cookie()
             nl = Netlink()
             try:
-                uplinks = self._resolve_uplinks(nl)  # a config mistake fails before the costly compile
+                uplinks = self._uplinks_now(nl, keep_on_error=False)  # a config mistake fails before the compile
                 created_dir = _precheck_pins(cfg, netns)
             except RedirectError:
                 nl.close()
@@ -301,8 +305,10 @@ class Redirector:
             maps, nl = self._require_started()
             st = self._state
             enrolled = set(enrolled_ips)
+            uplink_failures: dict[str, str] = {}
+            self._refresh_uplinks(nl, uplink_failures)  # before planning: a route via a new tunnel is no pod's
             plan = plan_capture(enrolled, set(local_ips or ()), self._resolver(nl))
-            failures = dict(plan.failures)
+            failures = dict(plan.failures) | uplink_failures
             ok: set[int] = set()
             for idx, ip_plan in plan.interfaces.items():
                 try:
@@ -448,6 +454,40 @@ class Redirector:
         if not out:
             raise RedirectConfigError("uplinks: none given and the node netns has no default route; pass --uplink")
         return out
+
+    def _uplinks_now(self, nl: Netlink, keep_on_error: bool) -> dict[int, str]:
+        """The uplinks capture must cover at this moment: the configured or default-route ones, plus tunnel devices.
+        With ``keep_on_error`` (a reconcile) a transient failure, the default route being replaced, keeps the last
+        known ones instead of raising."""
+        try:
+            out = self._resolve_uplinks(nl)
+        except RedirectConfigError:
+            if not keep_on_error:
+                raise
+            out = {i: n for i, n in self._state.uplinks.items() if i not in self._state.tunnels}
+        tunnels = nl.tunnel_links() if self.config.capture_tunnels else {}
+        self._state.tunnels = set(tunnels) - set(out)
+        return {**tunnels, **out}
+
+    def _refresh_uplinks(self, nl: Netlink, failures: dict[str, str]) -> None:
+        """Attach to uplinks that appeared (a tunnel device an overlay agent created after us) and forget those whose
+        link is gone. An uplink that still exists keeps the program even when it stops qualifying: capturing on an
+        interface that no longer brings mesh traffic costs nothing, missing one that does is a bypass."""
+        st = self._state
+        now = self._uplinks_now(nl, keep_on_error=True)
+        for idx, name in now.items():
+            if idx not in st.uplinks:
+                try:
+                    self._attach(idx, name, IF_UPLINK)
+                except (AttachError, RedirectKernelError) as exc:
+                    failures[f"uplink:{name}"] = f"cannot attach: {exc}"
+                    continue
+                st.uplinks[idx] = name
+                log.info("capture attached to a new uplink", extra=kv(instance=self.config.instance, interface=name))
+        for idx in list(st.uplinks):
+            if idx not in now and nl.link_name(idx) is None:
+                self._detach(idx)
+                del st.uplinks[idx]
 
     @staticmethod
     def _write_homes(maps: RedirectMaps, homes: dict[str, int]) -> None:

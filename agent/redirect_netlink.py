@@ -46,7 +46,14 @@ F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 F_DUMP_INTR = 0x10  # the dumped table changed while it was read: what came may miss entries
 DUMP_ATTEMPTS = 3
-IFLA_IFNAME = 3
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+# Link kinds that decapsulate traffic from other hosts into the node's stack: overlay networks (VXLAN, Geneve,
+# IPIP, GRE) and encrypted ones (WireGuard) deliver pod traffic from other nodes there, not on the default route's
+# interface.
+TUNNEL_KINDS = frozenset(
+    {"vxlan", "geneve", "ipip", "ip6tnl", "sit", "gre", "gretap", "ip6gre", "ip6gretap", "erspan", "ip6erspan",
+     "wireguard", "bareudp"}
+)  # fmt: skip
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_NH_ID = 1, 4, 5, 9, 15, 30
 RTM_GETNEXTHOP = 106
@@ -240,6 +247,17 @@ class Netlink:
     def all_link_indexes(self) -> list[int]:
         dump = self._request(RTM_GETLINK, F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "link dump")
         return [int(_IFINFOMSG.unpack_from(m)[2]) for m in dump]
+
+    def tunnel_links(self) -> dict[int, str]:
+        """index -> name of every link whose kind (IFLA_LINKINFO/IFLA_INFO_KIND) is in TUNNEL_KINDS."""
+        out: dict[int, str] = {}
+        for m in self._request(RTM_GETLINK, F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "link dump"):
+            attrs = attributes(m, _IFINFOMSG.size)
+            info = attrs.get(IFLA_LINKINFO)
+            name = get_str(attrs, IFLA_IFNAME)
+            if info is not None and name and get_str(attributes(info), IFLA_INFO_KIND) in TUNNEL_KINDS:
+                out[int(_IFINFOMSG.unpack_from(m)[2])] = name
+        return out
 
     def local_addresses(self) -> set[str]:
         out: set[str] = set()

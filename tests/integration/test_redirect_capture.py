@@ -814,6 +814,42 @@ def test_uplinks_of_multipath_and_nexthop_object_default_routes() -> None:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
+def test_the_nodes_tunnel_devices_are_uplinks(env: Env) -> None:
+    """Overlay networks hand traffic to the node through tunnel devices (VXLAN, Geneve, IPIP, WireGuard) that are
+    not the default route's interface, so they carried no program: TCP decapsulated there reached enrolled pods
+    uncaptured (plaintext, no policy, any source address). Any pod can feed one with a plain UDP socket, no
+    capability needed. Tunnel devices of the node netns now get the uplink role, found again at each reconcile
+    (overlay agents create them at any time)."""
+    pa, pb, pc, topo = env.pa, env.pb, env.pc, env.topo
+    vx, vni = "r" + topo.prefix[-4:] + "x", 42
+    env.r.reconcile({pa.ip, pb.ip}, env.all_pods())
+    topo.ip(topo.node, "link", "add", vx, "type", "vxlan", "id", str(vni), "dstport", "4789")
+    try:
+        topo.ip(topo.node, "addr", "add", "10.66.0.1/24", "dev", vx)
+        topo.ip(topo.node, "link", "set", vx, "up")
+        assert env.r.reconcile({pa.ip, pb.ip}, env.all_pods()) == {}  # what the change watch asks for
+        assert vx in env.r.status()["uplinks"]
+        with rt.enter(pc.netns):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        before = env.r.stats()
+        with udp:
+            for n, src in enumerate(("10.66.0.2", pb.ip)):  # a source off the overlay, then enrolled pb's
+                syn = _tcp_packet(src, pa.ip, 42000 + n, 8080, 0x7E550000 + n, 0, 0x02)
+                frame = _mac(topo.node, vx) + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!H", 0x0800) + syn
+                with _sniffer(pa.netns) as seen:
+                    udp.sendto(struct.pack("!II", 0x08000000, vni << 8) + frame, ("10.77.3.1", 4789))
+                    arrived = seen(struct.pack("!HHI", 42000 + n, 8080, 0x7E550000 + n), 0.5)
+                assert not arrived, f"a SYN from {src} decapsulated on {vx} reached {pa.ip} uncaptured"
+        after = env.r.stats()
+        assert after["capture_inbound"] == before["capture_inbound"] + 1
+        assert after["drop_spoofed"] == before["drop_spoofed"] + 1
+        assert env.r.spoofed_drops()[vx] == 1
+    finally:
+        topo.ip(topo.node, "link", "del", vx)
+        env.r.reconcile({pa.ip}, env.all_pods())
+    assert vx not in env.r.status()["uplinks"]
+
+
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
 LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed")}
 LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)

@@ -307,7 +307,9 @@ class Redirector:
             enrolled = set(enrolled_ips)
             uplink_failures: dict[str, str] = {}
             self._refresh_uplinks(nl, uplink_failures)  # before planning: a route via a new tunnel is no pod's
-            plan = plan_capture(enrolled, set(local_ips or ()), self._resolver(nl))
+            plan = plan_capture(
+                enrolled, set(local_ips or ()), self._resolver(nl), nl.pod_route_links(exclude=st.uplinks)
+            )
             failures = dict(plan.failures) | uplink_failures
             ok: set[int] = set()
             for idx, ip_plan in plan.interfaces.items():

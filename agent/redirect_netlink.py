@@ -16,7 +16,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.redirect_errors import AttachError, RedirectKernelError
@@ -313,6 +313,25 @@ class Netlink:
             if group is not None and depth > 0:
                 for pos in range(0, len(group) - _NH_GRP.size + 1, _NH_GRP.size):
                     out |= self._nexthop_oifs(_NH_GRP.unpack_from(group, pos)[0], depth - 1)
+        return out
+
+    def pod_route_links(self, exclude: Iterable[int]) -> dict[int, str]:
+        """index -> name of the interfaces that direct host routes (/32, /128, unicast, no gateway) of the main table
+        leave through, apart from ``exclude`` (the uplinks) and lo: where CNIs that route pods (veth per pod) put
+        them, whether or not the pod is known yet."""
+        skip = set(exclude)
+        found: set[int] = set()
+        for family, _ in FAMILIES:
+            for hdr, attrs in self._routes(family, RT_TABLE_MAIN):
+                oif = get_u32(attrs, RTA_OIF)
+                host = hdr[1] == (32 if family == socket.AF_INET else 128)
+                if host and hdr[7] == RTN_UNICAST and oif is not None and RTA_GATEWAY not in attrs and oif not in skip:
+                    found.add(oif)
+        out: dict[int, str] = {}
+        for idx in sorted(found):
+            name = self.link_name(idx)
+            if name and name != "lo":
+                out[idx] = name
         return out
 
     def route_get(self, ip: str) -> RouteInfo | None:

@@ -93,10 +93,19 @@ def _check_ip(ip: str) -> str | None:
     return None
 
 
-def plan_capture(enrolled: Iterable[str], local: Iterable[str], resolve: Callable[[str], PodInterface]) -> Plan:
+def plan_capture(
+    enrolled: Iterable[str],
+    local: Iterable[str],
+    resolve: Callable[[str], PodInterface],
+    pod_links: Mapping[int, str] | None = None,
+) -> Plan:
     """Group pods by interface. Non-enrolled local pods get the program only while some local pod is enrolled:
     that is the only case where their traffic can need capture (a same-node call to an enrolled pod goes to the
-    inbound listener) or a return path (the agent's source-preserving upstream connections)."""
+    inbound listener) or a return path (the agent's source-preserving upstream connections).
+
+    ``pod_links`` (index -> name) are interfaces that hold a pod route whether or not the controller named the pod
+    behind them: a pod it has not listed yet (just created) or never lists calls enrolled pods all the same, and
+    such a call is only captured at the caller's interface. They get the program on the same terms as peers."""
     plan = Plan()
     enrolled_set = set(enrolled)
     resolved: dict[str, PodInterface] = {}
@@ -118,4 +127,7 @@ def plan_capture(enrolled: Iterable[str], local: Iterable[str], resolve: Callabl
             plan.interfaces.setdefault(iface.index, InterfacePlan(iface.name)).enrolled.add(ip)
         elif any_enrolled:
             plan.interfaces.setdefault(iface.index, InterfacePlan(iface.name)).peers.add(ip)
+    if any_enrolled:
+        for index, name in (pod_links or {}).items():
+            plan.interfaces.setdefault(index, InterfacePlan(name))
     return plan

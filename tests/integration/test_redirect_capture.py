@@ -850,6 +850,26 @@ def test_the_nodes_tunnel_devices_are_uplinks(env: Env) -> None:
     assert vx not in env.r.status()["uplinks"]
 
 
+def test_a_pod_the_controller_has_not_named_yet_is_captured_as_a_peer(env: Env) -> None:
+    """Same-node calls to an enrolled pod are captured at the caller's interface, which got the program only once
+    the controller listed the caller. A new pod (or one the controller never names) reached enrolled pods in
+    plaintext, past their inbound policy, until then. Every interface holding a pod route (/32, /128, direct) now
+    carries the program while anything local is enrolled."""
+    pa, pc, topo = env.pa, env.pc, env.topo
+    topo.ip(topo.node, "route", "add", f"{pc.ip}/32", "dev", pc.node_if)  # a pod route, as CNIs install them
+    try:
+        known = env.all_pods() - {pc.ip}  # the controller has not told the agent about pc yet
+        assert env.r.reconcile({pa.ip}, known) == {}
+        assert pc.node_if in env.r.status()["interfaces"]
+        got = rt.connect(pc.netns, pa.ip, 8080)
+        assert got.startswith("tproxy:15006 ") and f"peer={pc.ip}:" in got, got
+        env.r.reconcile(set(), known)  # nothing enrolled: no program for pods nobody named
+        assert pc.node_if not in env.r.status()["interfaces"]
+    finally:
+        topo.ip(topo.node, "route", "del", f"{pc.ip}/32", "dev", pc.node_if)
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
 # What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
 LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed")}
 LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)

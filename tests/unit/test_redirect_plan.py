@@ -69,6 +69,19 @@ def test_peers_get_no_program_while_nothing_local_is_enrolled() -> None:
     assert plan.failures == {"10.0.1.5": "no route to 10.0.1.5"}
 
 
+def test_pod_interfaces_nobody_named_get_the_program_while_something_is_enrolled() -> None:
+    """A pod the controller has not listed yet still calls enrolled pods; the call is only captured at its own
+    interface, which is known from the pod route alone."""
+    resolve = _resolver({"10.0.1.5": A, "10.0.2.5": B})
+    links = {4: "vethB", 9: "vethNew"}
+    plan = plan_capture({"10.0.1.5"}, {"10.0.2.5"}, resolve, links)
+    assert set(plan.interfaces) == {3, 4, 9}
+    assert plan.interfaces[9].name == "vethNew" and not plan.interfaces[9].enrolled | plan.interfaces[9].peers
+    assert plan.interfaces[4].peers == {"10.0.2.5"}  # a named pod's interface keeps what it knows
+    assert plan.homes_on(plan.interfaces) == {"10.0.1.5": 3}  # nobody's home
+    assert plan_capture(set(), {"10.0.2.5"}, resolve, links).interfaces == {}  # nothing enrolled: nothing needed
+
+
 def test_unparseable_addresses_fail_alone_and_ipv6_is_planned_like_ipv4() -> None:
     resolve = _resolver({"10.0.1.5": A, "fd00::1": A})
     plan = plan_capture({"10.0.1.5", "fd00::1", "pod-a"}, set(), resolve)

@@ -565,22 +565,26 @@ def _send_frame(netns: str, ifname: str, dst_mac: bytes, packet: bytes, tpids: t
 
 @contextlib.contextmanager
 def _sniffer(netns: str, ifname: str = "eth0") -> Iterator[Callable[[bytes, float], bool]]:
-    """``seen(marker, timeout)``: whether a frame containing ``marker`` arrives at ``ifname`` in ``netns``."""
+    """``seen(marker, timeout)``: whether a frame containing ``marker`` arrived at ``ifname`` in ``netns`` since the
+    sniffer opened, or arrives within ``timeout`` (frames are kept, so several markers can be looked for)."""
     with rt.enter(netns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.bind((ifname, 0))
+    frames: list[bytes] = []
 
     def seen(marker: bytes, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while not any(marker in frame for frame in frames):
+            if (left := deadline - time.monotonic()) <= 0:
+                return False
             s.settimeout(left)
             try:
                 frame, addr = s.recvfrom(65535)
             except TimeoutError:
                 return False
-            if addr[2] != socket.PACKET_OUTGOING and marker in frame:
-                return True
-        return False
+            if addr[2] != socket.PACKET_OUTGOING:
+                frames.append(frame)
+        return True
 
     with s:
         yield seen
@@ -606,14 +610,20 @@ def test_vlan_stacked_frames_cannot_slip_past_capture(env: Env) -> None:
         unparsed = env.r.stats()["unparsed"]
         leaked: list[tuple[str, str, tuple[int, ...]]] = []
         blocked: list[tuple[str, str, tuple[int, ...]]] = []
-        for n, (netns, ifname, (mac_ns, mac_if), src, rx, dst, mesh) in enumerate(cases):
-            for tpids in stacks if mesh else stacks[:2]:
-                sport = 41000 + n * 10 + len(tpids)
-                syn = _tcp_packet(src, dst, sport, 8080, 0x5EED0000 + n, 0, 0x02)
-                with _sniffer(rx) as seen:
-                    _send_frame(netns, ifname, _mac(mac_ns, mac_if), syn, tpids)
-                    arrived = seen(struct.pack("!HHI", sport, 8080, 0x5EED0000 + n), 0.4 if mesh else 2.0)
-                (leaked if mesh and arrived else blocked if not mesh and not arrived else []).append((src, dst, tpids))
+        sent: list[tuple[Callable[[bytes, float], bool], bytes, bool, tuple[str, str, tuple[int, ...]]]] = []
+        with _sniffer(pa.netns) as at_pa, _sniffer(pb.netns) as at_pb:
+            for n, (netns, ifname, (mac_ns, mac_if), src, rx, dst, mesh) in enumerate(cases):
+                for tpids in stacks if mesh else stacks[:2]:
+                    sport = 41000 + n * 10 + len(tpids)
+                    _send_frame(netns, ifname, _mac(mac_ns, mac_if), _tcp_packet(src, dst, sport, 8080, n, 0, 2), tpids)
+                    marker = struct.pack("!HHI", sport, 8080, n)
+                    sent.append((at_pa if rx == pa.netns else at_pb, marker, mesh, (src, dst, tpids)))
+            settle = time.monotonic() + 0.5  # one wait for every frame that must not arrive
+            for seen, marker, mesh, what in sent:
+                if mesh and seen(marker, settle - time.monotonic()):
+                    leaked.append(what)
+                if not mesh and not seen(marker, 2.0):
+                    blocked.append(what)
         assert leaked == [], f"TCP of enrolled workloads delivered uncaptured behind VLAN headers: {leaked}"
         assert blocked == [], f"TCP between non-enrolled ends no longer delivered: {blocked}"
         assert env.r.stats()["unparsed"] >= unparsed + 5 * len(stacks)

@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from agent.sockets import Readiness, abort, make_nonblocking
+from agent.sockets import Readiness, abort, close_gracefully, make_nonblocking, reset_if_orphaned
 from agent.tunnel import RelayResult
 
 DEFAULT_PIPE_SIZE = 1 << 20
@@ -205,8 +205,9 @@ class SpliceRelay:
 
         error: str | None = "cancelled"
         try:
-            make_nonblocking(self.client)
-            make_nonblocking(self.upstream)
+            for sock in (self.client, self.upstream):
+                make_nonblocking(sock)
+                reset_if_orphaned(sock)
             up = self._up = _Pump(loop, self.client, self.upstream, self.pipe_size, on_end)
             down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
             up.step()
@@ -219,8 +220,8 @@ class SpliceRelay:
                 if pump is not None:
                     pump.stop()
             if error is None:
-                self.client.close()
-                self.upstream.close()
+                close_gracefully(self.client)
+                close_gracefully(self.upstream)
             else:
                 abort(self.client)
                 abort(self.upstream)

@@ -103,7 +103,24 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+def reset_if_orphaned(sock: socket.socket) -> None:
+    """SO_LINGER 0 on a socket a relay owns, so that the kernel's close of it when the agent dies (kill -9, OOM) sends
+    RST: with the default it sent FIN, and the pod took the cut stream for a complete one (a truncated download or
+    upload that looked whole). The relay's own clean end undoes it (:func:`close_gracefully`)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+
+
+def close_gracefully(sock: socket.socket) -> None:
+    """Close with the ordinary FIN handshake, also after :func:`reset_if_orphaned` (RST would drop bytes the peer has
+    not acknowledged yet)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    sock.close()
+
+
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 class Readiness:

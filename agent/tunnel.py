@@ -26,7 +26,7 @@ from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
-from agent.sockets import Readiness, abort, connect_upstream, make_nonblocking
+from agent.sockets import Readiness, abort, close_gracefully, connect_upstream, make_nonblocking, reset_if_orphaned
 from common.log import kv
 from common.spiffe import Identity
 from common.tls import ALPN_H2, PeerVerificationError, verify_peer
@@ -1027,7 +1027,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         if abortive:
             abort(self.sock)
         else:
-            self.sock.close()
+            close_gracefully(self.sock)
         if not self.done.done():
             self.done.set_result(RelayResult(self.up, self.down, self.error))
 
@@ -1046,6 +1046,7 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     """
     done: asyncio.Future[RelayResult] = stream._proto.loop.create_future()
     make_nonblocking(sock)
+    reset_if_orphaned(sock)
     side = _TcpRelay(sock, stream, done)
     side.start()
     try:

@@ -27,6 +27,7 @@ from tests.support.mesh import wait_for
 TOPOLOGY = Path(__file__).resolve().parents[2] / "bench" / "topology" / "mesh"
 ECHO = 9000
 SERVER = "10.71.2.10"  # bench-mesh/server on node2
+PROBE = 9100  # a port no lab workload serves
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,22 @@ async def _echo(lab: Lab, payload: bytes) -> str:
         sock.close()
 
 
+def _kill(pid: int) -> None:
+    """kill -9, returning once the process has exited with all its threads (they share its descriptors): a SYN its
+    dying listener still took would be reset by the kernel whatever the next agent does."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _exited(pid), f"process {pid} to exit", interval=0.01)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status and threads == [str(pid)]
+
+
 def _connect_through_restart(lab: Lab, agent: str) -> list[str]:
     """Kill ``agent`` (-9: no drain), start it again, and open a connection every 50 ms from before the new
     process exists until it reports ready; returns each connection's outcome."""
@@ -68,7 +85,7 @@ def _connect_through_restart(lab: Lab, agent: str) -> list[str]:
 
     async def run() -> list[str]:
         attempts: list[asyncio.Task[str]] = []
-        os.kill(old.pid, signal.SIGKILL)
+        _kill(old.pid)
         new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
         ready = asyncio.create_task(asyncio.to_thread(wait_ready, node.netns, node.ip, 15021, new))
         while not ready.done():
@@ -142,3 +159,48 @@ def test_agent_memory_returns_after_a_burst_of_stalled_streams(mesh: Lab) -> Non
         assert after[a] - baseline[a] < grown / 2, (
             f"{a}: RSS {baseline[a]} KiB before, {peak[a]} KiB while stalled, {after[a]} KiB after they closed"
         )
+
+
+def _listen_in(lab: Lab, pod: str) -> socket.socket:
+    """A listener of the test's own in ``pod`` (the lab's echo server cannot say how its connection ended)."""
+    with netns.enter(lab.pod(pod).netns):
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("0.0.0.0", PROBE))
+    ls.listen(8)
+    ls.settimeout(10)
+    return ls
+
+
+def _how_it_ended(sock: socket.socket) -> str:
+    sock.settimeout(10)  # liveness bound
+    try:
+        data = sock.recv(100)
+    except OSError as e:
+        return type(e).__name__
+    return "EOF" if not data else f"data {data!r}"
+
+
+@pytest.mark.parametrize(
+    ("agent", "pod"),
+    [("agent-node1", "server"), ("agent-node2", "server"), ("agent-node1", "server-local")],
+    ids=["source-agent", "destination-agent", "same-node"],
+)
+def test_an_agent_killed_mid_stream_resets_its_pods_connections(mesh: Lab, agent: str, pod: str) -> None:
+    """Old connections must fail as failures: the kernel closed a killed agent's sockets with FIN, so the pod on its
+    side read a clean end of stream (a truncated transfer that looks complete), while the other side got RST."""
+    with contextlib.closing(_listen_in(mesh, pod)) as ls:
+        with netns.enter(mesh.pod("client").netns):
+            client = socket.create_connection((mesh.pod(pod).ip, PROBE), timeout=10)
+        server, _ = ls.accept()
+    with client, server:
+        client.sendall(b"q" * 1000)
+        assert len(server.recv(2000)) == 1000
+        server.sendall(b"r" * 1000)
+        assert len(client.recv(2000)) == 1000
+        old = mesh.process(agent)
+        _kill(old.pid)
+        ends = {"client": _how_it_ended(client), "server": _how_it_ended(server)}
+    node = mesh.node(agent.removeprefix("agent-"))
+    wait_ready(node.netns, node.ip, 15021, mesh.spawn(old.netns, list(old.argv), old.name, role=old.role))
+    assert ends == {"client": "ConnectionResetError", "server": "ConnectionResetError"}

@@ -200,12 +200,19 @@ class Netlink:
         out: list[memoryview] = []
         interrupted = False
         while True:
-            data = memoryview(self.sock.recv(_RECV_SIZE))
+            raw, _, msg_flags, _ = self.sock.recvmsg(_RECV_SIZE)
+            if msg_flags & socket.MSG_TRUNC:  # the rest of the datagram is gone: whatever it held would be missing
+                raise RedirectKernelError(f"netlink: reply to {what} larger than {_RECV_SIZE} bytes")
+            data = memoryview(raw)
             pos = 0
             while pos + _NLMSGHDR.size <= len(data):
                 length, rtype, rflags, rseq, _ = _NLMSGHDR.unpack_from(data, pos)
                 if length < _NLMSGHDR.size:
                     raise RedirectKernelError(f"netlink: malformed reply to {what}")
+                if pos + length > len(data):  # the kernel never splits a message: the receive buffer cut it
+                    raise RedirectKernelError(
+                        f"netlink: truncated reply to {what} ({length} bytes, {len(data) - pos} read)"
+                    )
                 payload = data[pos + _NLMSGHDR.size : pos + length]
                 pos += (length + 3) & ~3
                 if rseq != seq:

@@ -102,8 +102,8 @@ class _Kernel:
         self.pending = [b"".join(_stamped(mtype, flags, seq, body) for mtype, flags, body in self.dumps.pop(0))]
         return len(data)
 
-    def recv(self, _size: int) -> bytes:
-        return self.pending.pop(0)
+    def recvmsg(self, _size: int) -> tuple[bytes, list[object], int, None]:
+        return self.pending.pop(0), [], 0, None
 
     def close(self) -> None:
         pass
@@ -154,3 +154,30 @@ def test_a_truncated_end_of_dump_is_an_error_not_a_crash() -> None:
     kernel = _Kernel([_link(1), (NLMSG_DONE, F_MULTI, b"\x01")])
     with pytest.raises(RedirectKernelError, match="truncated reply"):
         _netlink(kernel).all_link_indexes()
+
+
+def test_a_message_running_past_its_datagram_is_an_error_not_a_short_answer() -> None:
+    """The kernel never splits a message across datagrams: one that claims more bytes than arrived was cut by the
+    receive buffer, and its attributes would silently be missing (a link without its name, a filter without its
+    kind)."""
+    cut = struct.pack("=IHHII", 16 + 64, RTM_NEWLINK, F_MULTI, 0, 0) + b"\0" * 16  # 64 bytes claimed, 16 present
+
+    class _Cut(_Kernel):
+        def send(self, data: bytes) -> int:
+            seq = struct.unpack_from("=IHHII", data)[3]
+            mtype, flags, body = _link(1)
+            self.pending = [_stamped(mtype, flags, seq, body) + cut[:12] + struct.pack("=I", seq) + cut[16:]]
+            return len(data)
+
+    with pytest.raises(RedirectKernelError, match="truncated reply"):
+        _netlink(_Cut()).all_link_indexes()
+
+
+def test_a_datagram_the_buffer_cut_at_a_message_boundary_is_an_error() -> None:
+    class _Overflow(_Kernel):
+        def recvmsg(self, size: int) -> tuple[bytes, list[object], int, None]:
+            data, ancillary, _, address = super().recvmsg(size)
+            return data, ancillary, socket.MSG_TRUNC, address
+
+    with pytest.raises(RedirectKernelError, match="larger than"):
+        _netlink(_Overflow([_link(1), DONE])).all_link_indexes()

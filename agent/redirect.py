@@ -300,6 +300,10 @@ class Redirector:
         node; ``local_ips`` (optional) all pods on this node, so non-enrolled ones can be captured when they call an
         enrolled local pod. Returns the per-IP failures of enrolled workloads (also in :meth:`status`, with the
         non-enrolled pods that were skipped and why); every other enrolled workload is captured.
+
+        It also follows the node as it is now, whatever the controller knows: uplinks that appeared (tunnel devices)
+        or vanished, and interfaces holding a pod route the controller has not named, which get the peer role while
+        anything is enrolled. Call it again whenever :attr:`change_watch` reports a change.
         """
         with self._lock:
             maps, nl = self._require_started()

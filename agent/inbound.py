@@ -56,6 +56,8 @@ from common.spiffe import Identity
 
 log = logging.getLogger("agent.inbound")
 
+ABANDONED = "client reset the stream before the answer"
+
 
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
@@ -277,15 +279,17 @@ class InboundProxy(_Common):
             bag = workload_baggage(self.store, wl)
             if not await _respond(req, 200, [("baggage", bag)] if bag else None):
                 upstream.close()
-                report.finish(error="client reset the stream before the answer", flags="CONNECT")
+                report.finish(error=ABANDONED, flags="CONNECT")
                 return
             answered = True
             tracked.close = req.stream.reset
             result = await relay(upstream, req.stream)
         except asyncio.CancelledError:
             late = tracked.late_rejection
-            if late is None:
-                report.finish(error="cancelled")
+            if late is None:  # the client gave up (the stream's reset cancels its handler), or the agent stops
+                report.finish(
+                    error=ABANDONED if req.abandoned else "cancelled", flags="CONNECT" if req.abandoned else "-"
+                )
                 raise
             if not answered:  # cut before the answer: refused as the first check would have
                 await _respond(req, 401)

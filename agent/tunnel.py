@@ -282,6 +282,7 @@ class HboneStream:
         self._response: asyncio.Future[int] | None = None
         self.early_sent = 0  # client bytes that went out with the CONNECT (the part of open_stream's ``early`` ...
         self._early_rest: memoryview | None = None  # ... and the part the windows did not take then
+        self._abandon: Callable[[], object] | None = None  # server: cancels the handler of an unanswered CONNECT
 
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} eof={self._eof} local_eof={self._local_eof} reset={self._reset_reason}>"
@@ -423,6 +424,9 @@ class HboneStream:
         self._reset_reason = reason
         self._stopped = stopped
         self._proto.blocked.discard(self)
+        if self._abandon is not None:  # nobody is left to answer: stop the work on it (upstream connect, ...)
+            abandon, self._abandon = self._abandon, None
+            abandon()
         if self._response is not None and not self._response.done():
             self._response.set_exception(HboneConnectError(503, reason, retryable=retryable))
         if self._sink is not None:
@@ -1252,6 +1256,7 @@ class ConnectRequest:
         if st._reset_reason is not None:
             raise HboneStreamReset(st._reset_reason)
         self.status = status
+        st._abandon = None  # answered: a reset from now on ends the relay, not the handler
         try:
             self._proto.h2.send_response(self.stream_id, status, headers)
         except StreamStateError as e:
@@ -1260,6 +1265,11 @@ class ConnectRequest:
             st._reset_reason = f"answered {status}"
         self._proto.flush()
         self._proto.forget_if_closed(st)
+
+    @property
+    def abandoned(self) -> bool:
+        """The client reset the stream (or the connection went away) before it was answered."""
+        return self.status is None and self._stream._reset_reason is not None
 
     @property
     def stream(self) -> HboneStream:
@@ -1298,6 +1308,11 @@ class _ServerProtocol(_HboneProtocol):
         task = self.loop.create_task(self._run_handler(req))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        # A CONNECT reset (or its connection lost) before the answer cancels its handler, as hyper drops the
+        # service future of a reset stream: otherwise a client that opens and resets streams at once (HTTP/2
+        # rapid reset, or just clients giving up) had every handler run on, each connecting to the pod, with no
+        # bound (max_concurrent_streams counts open streams only).
+        req._stream._abandon = task.cancel
 
     async def _run_handler(self, req: ConnectRequest) -> None:
         try:
@@ -1309,6 +1324,7 @@ class _ServerProtocol(_HboneProtocol):
         except Exception:
             log.exception("HBONE handler failed", extra=kv(authority=req.authority, peer=str(req.peer_identity)))
         finally:
+            req._stream._abandon = None
             if req.status is None and req._stream._reset_reason is None:
                 with contextlib.suppress(StreamStateError, HboneStreamReset):
                     await req.respond(503)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import gc
 import json
 import logging
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import heap
 from agent.accesslog import AccessLog
 from agent.addressing import AGENT_PORTS, workload_identity, workload_ips
 from agent.admin import admin_server, config_dump, metrics_server, readiness_server
@@ -336,36 +336,16 @@ async def _run(cfg: AgentConfig) -> int:
     # (measured ~45 ms per gen2 pass on a loaded lab node, against ~1 ms now).
     gc.collect()
     gc.freeze()
+    trimmer = heap.HeapTrimmer()
+    trimmer.start()
     await agent.stopping.wait()
+    trimmer.stop()
     await agent.drain_and_stop()
     return 0
 
 
-_M_ARENA_MAX = -8  # mallopt parameters, malloc.h
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
-
-
-def _tune_malloc() -> None:
-    """glibc gives every thread that allocates its own heap (arena), which keeps what it freed. The data path is
-    the event loop thread; the blocking-work thread only borrows memory under the GIL, so it shares the main heap.
-
-    glibc also raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), so after the first
-    256 KiB receive buffer came back, the relays' buffers and backlogs were carved from the heap, which gives back
-    only its top: a burst of slow readers (20 stalled streams: +120 MB) left the agent at 3x its baseline RSS long
-    after they closed. A fixed threshold turns the dynamic one off; big blocks stay mmapped and are returned on
-    free (measured after such a burst: 172 MB kept before, 64 MB now, baseline 52 MB; bulk throughput unchanged).
-    Not glibc (e.g. musl): nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_ARENA_MAX, 1)
-    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    _tune_malloc()
+    heap.one_arena()
     cfg = flags.parse(AgentConfig, argv)
     jsonlog.setup(cfg.log_level)
     if cfg.cleanup:

@@ -1,0 +1,113 @@
+"""The agent's glibc heap: one arena, and memory a burst left free given back to the node.
+
+A relay's receive buffers and backlogs are 256 KiB blocks. glibc raises its mmap threshold to the size of every
+mmapped block freed, so after the first one came back they are carved from the heap, which returns only its top on
+its own: a burst of slow readers (20 stalled streams, +120 MB) left the agent at 3x its baseline RSS long after they
+closed. Keeping big blocks mmapped instead (a fixed threshold) gave that memory back, but each TLS write then
+mmapped, faulted in and unmapped a fresh 256 KiB block: +20-40% CPU per GB moved (measured in the mesh lab,
+alternated with the dynamic threshold). So the threshold stays dynamic and the heap is trimmed after bursts:
+``malloc_trim`` releases the free pages inside the heap, not only at its top.
+
+Not glibc (e.g. musl): nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+from typing import Any
+
+from common.log import kv
+
+log = logging.getLogger("agent.heap")
+
+_M_ARENA_MAX = -8  # mallopt parameter, malloc.h
+TRIM_INTERVAL = 5.0  # seconds between looks at the heap
+TRIM_SLACK = 16 * 1024 * 1024  # free heap (and RSS growth since the last trim) worth giving back
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",  # free bytes in the heap: what a trim could give back, at most
+            "keepcost",
+        )
+    ]
+
+
+def _libc() -> Any | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def one_arena() -> None:
+    """glibc gives every thread that allocates its own heap (arena), which keeps what it freed. The data path is
+    the event loop thread; the blocking-work thread only borrows memory under the GIL, so it shares the main heap.
+    Called before any thread starts."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class HeapTrimmer:
+    """Every `interval`, trims the heap when it holds more than `slack` free and the process grew by more than
+    `slack` since the last trim (a trimmed heap keeps its free chunks, only their pages go: without the growth check
+    it would be trimmed again at every look). A trim walks the heap with its lock held, about a millisecond per
+    100 MB, and only follows a burst."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL, slack: int = TRIM_SLACK) -> None:
+        self.interval = interval
+        self.slack = slack
+        self.trims = 0
+        self._libc = _libc()
+        self._rss_after_trim = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._libc is None:
+            return
+        self._rss_after_trim = _rss()
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _look(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._look)
+        self.maybe_trim()
+
+    def maybe_trim(self) -> bool:
+        """Trim now if the heap is worth it; returns whether it was."""
+        assert self._libc is not None
+        free = self._libc.mallinfo2().fordblks
+        rss = _rss()
+        if free <= self.slack or rss - self._rss_after_trim <= self.slack:
+            self._rss_after_trim = min(self._rss_after_trim, rss)
+            return False
+        self._libc.malloc_trim(0)
+        self._rss_after_trim = after = _rss()
+        self.trims += 1
+        log.debug("heap trimmed", extra=kv(free_bytes=free, rss_before=rss, rss_after=after))
+        return True

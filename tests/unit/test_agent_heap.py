@@ -1,0 +1,72 @@
+"""The heap trimmer gives back what a burst left free inside glibc's heap, and leaves a heap it already trimmed alone.
+
+Runs on this test process's own heap: blocks just under glibc's (raised) mmap threshold come from the heap, small
+live objects between them keep the heap's top from being returned on its own, as a relay's buffers and the objects
+of other connections do in the agent."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent import heap
+
+BLOCK = 200 * 1024  # a relay buffer's size class: heap memory once glibc has raised its mmap threshold past it
+
+
+def _raise_mmap_threshold() -> None:
+    """glibc raises the threshold to the size of an mmapped block freed: from then on blocks this size use the heap."""
+    block = bytearray(1024 * 1024)
+    del block
+
+
+def _burst(blocks: int) -> list[bytes]:
+    """Fill the heap with `blocks` blocks and free every other one: the live ones between keep the freed ones from
+    merging into the heap's top, which glibc would return by itself. Returns the live ones."""
+    big = [b"\x01" * BLOCK for _ in range(blocks)]  # written: their pages are resident
+    live = big[1::2]
+    del big
+    return live
+
+
+def test_a_burst_left_free_in_the_heap_is_given_back_once() -> None:
+    _raise_mmap_threshold()
+    trimmer = heap.HeapTrimmer(slack=8 * 1024 * 1024)
+    assert trimmer._libc is not None, "glibc with mallinfo2 (>= 2.33) is what the agent runs on"
+    trimmer._rss_after_trim = heap._rss()
+    live = _burst(400)  # ~80 MB, half of it freed
+    freed = 200 * BLOCK
+    held = heap._rss()
+    assert trimmer._libc.mallinfo2().fordblks >= freed, "the freed blocks stay in the heap"
+    assert trimmer.maybe_trim()
+    assert held - heap._rss() > freed / 2, "the trim gave the freed blocks' pages back"
+    assert not trimmer.maybe_trim(), "nothing grew since: the heap is not walked again"
+    del live
+
+
+def test_a_small_heap_is_left_alone() -> None:
+    trimmer = heap.HeapTrimmer(slack=1024 * 1024 * 1024)
+    trimmer._rss_after_trim = 0
+    assert not trimmer.maybe_trim()
+    assert trimmer.trims == 0
+
+
+async def test_the_trimmer_looks_periodically_until_stopped() -> None:
+    trimmer = heap.HeapTrimmer(interval=0.01, slack=1024 * 1024 * 1024)
+    looks = 0
+    thrice = asyncio.Event()
+    real = trimmer.maybe_trim
+
+    def counting() -> bool:
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            thrice.set()
+        return real()
+
+    trimmer.maybe_trim = counting  # type: ignore[method-assign]
+    trimmer.start()
+    await asyncio.wait_for(thrice.wait(), 10)
+    trimmer.stop()
+    seen = looks
+    await asyncio.sleep(0.05)
+    assert looks == seen

@@ -311,6 +311,9 @@ class HboneConnection:
         self.goaway_sent = False
         self.goaway_received = False
         self.closed = False  # a connection error happened; nothing more is parsed
+        # Frames queued in answer to the peer's (PING and SETTINGS ACKs, refusals, stream resets): what a peer that
+        # sends but never reads can make us buffer without end (the 2019 HTTP/2 flood CVEs); the I/O layer bounds it.
+        self.replies = 0
         # Parser
         self._state = _ST_HEADER if client else _ST_PREFACE
         self._seen_settings = False
@@ -893,10 +896,12 @@ class HboneConnection:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"invalid new stream id {sid}")
         self._last_remote_id = sid
         if self.goaway_sent:
+            self.replies += 1
             self._out.append(_frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.REFUSED_STREAM)))
             events.append(RequestRejected(sid, 0, "refused_stream"))
             return
         if self._remote_streams >= self.settings.max_concurrent_streams:
+            self.replies += 1
             self._out.append(_frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.REFUSED_STREAM)))
             events.append(RequestRejected(sid, 0, "refused_stream"))
             return
@@ -922,6 +927,7 @@ class HboneConnection:
             events.append(RequestReceived(sid, authority, regular))
 
     def _reject(self, st: _Stream, status: int, reason: str, detail: str, events: list[Event]) -> None:
+        self.replies += 1
         self.send_response(st.id, status)
         events.append(RequestRejected(st.id, status, f"{reason}: {detail}" if detail else reason))
 
@@ -996,6 +1002,7 @@ class HboneConnection:
                     raise _ConnError(ErrorCode.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.peer_max_frame_size = value
             # MAX_HEADER_LIST_SIZE is advisory and our CONNECT blocks are tiny; unknown settings are ignored.
+        self.replies += 1
         self._out.append(_frame(SETTINGS, FLAG_ACK, 0, b""))
         events.append(SettingsChanged())
 
@@ -1049,6 +1056,7 @@ class HboneConnection:
         if self._flags & FLAG_ACK:
             events.append(PingAcked(bytes(payload)))
         else:
+            self.replies += 1
             self._out.append(_frame(PING, FLAG_ACK, 0, bytes(payload)))
 
     def _on_goaway(self, payload: memoryview, events: list[Event]) -> None:
@@ -1075,6 +1083,7 @@ class HboneConnection:
         return sid > self._last_remote_id
 
     def _stream_error(self, st: _Stream, code: ErrorCode, reason: str, events: list[Event]) -> None:
+        self.replies += 1
         self._out.append(_frame(RST_STREAM, 0, st.id, _U32.pack(code)))
         self._forget(st)
         events.append(StreamReset(st.id, code, remote=False, reason=reason))

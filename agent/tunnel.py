@@ -46,6 +46,10 @@ _KEEP_VIEW = 8 * 1024
 # what the TCP peer still sends (it normally closes first, having read the response and our FIN); nginx's
 # lingering_time.
 LINGER_TIMEOUT = 30.0
+# Frames the core may queue in answer to the peer (PING/SETTINGS ACKs, refusals, resets) while our writes to it are
+# paused, before the peer counts as flooding: it sends and does not read (Envoy's max_outbound_control_frames, 1000).
+# A well-behaved peer makes a few: a keepalive PING every few seconds.
+MAX_REPLIES_WHILE_PAUSED = 1000
 
 
 class HboneConnectError(Exception):
@@ -475,6 +479,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._ping_sent_at: float | None = None
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
+        self._replies_at_pause = 0
 
     # ------------------------------------------------------------------------------ asyncio callbacks
 
@@ -553,8 +558,22 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         if run:
             self._deliver(run_sid, run)
         del events, run  # drop the views into the receive buffer before it is reused
+        if self.write_paused and h2.replies - self._replies_at_pause > MAX_REPLIES_WHILE_PAUSED:
+            self._flooded()
+            return
         if h2.has_output():
             self.flush()
+
+    def _flooded(self) -> None:
+        """The peer keeps making us answer while it reads nothing: everything queued for it would stay in memory
+        for as long as it keeps sending. Cut (a GOAWAY would only wait behind the unread bytes)."""
+        self.stats.errors["flood"] += 1
+        log.warning(
+            "HBONE peer floods control frames without reading, dropping connection",
+            extra=kv(peer=str(self.peer_identity), replies=self.h2.replies - self._replies_at_pause),
+        )
+        if self.transport is not None:
+            self.transport.abort()
 
     def _deliver(self, stream_id: int, views: list[memoryview]) -> None:
         st = self.streams.get(stream_id)
@@ -593,6 +612,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._replies_at_pause = self.h2.replies
 
     def resume_writing(self) -> None:
         self.write_paused = False

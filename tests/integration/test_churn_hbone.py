@@ -4,10 +4,14 @@ HTTP/2 rapid-reset flood from a peer holding a mesh certificate), on 127.0.0.1 w
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
 
+from agent.hbone import PING, PREFACE, SETTINGS
 from agent.tunnel import ConnectRequest, TunnelStats, connect
 from tests.support.hbone_testbed import HboneServer
 from tests.support.loops import BOTH_LOOPS, event_loop_policy
@@ -77,3 +81,38 @@ async def test_connects_reset_before_the_answer_leave_no_handler_running(
         await asyncio.gather(probe, return_exceptions=True)
     finally:
         conn.close()
+
+
+def _frame(ftype: int, payload: bytes) -> bytes:
+    return struct.pack(">BHBBL", 0, len(payload), ftype, 0, 0) + payload
+
+
+def _ping_flood(addr: tuple[str, int], ctx: ssl.SSLContext, pings: int) -> int:
+    """A TLS client that sends SETTINGS then PINGs and never reads; returns how many PINGs went out before the
+    server cut the connection (``pings`` if it never did)."""
+    raw = socket.create_connection(addr, timeout=10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with ctx.wrap_socket(raw) as tls:
+        tls.sendall(PREFACE + _frame(SETTINGS, b""))
+        batch = _frame(PING, b"flood!!!") * 1000
+        sent = 0
+        try:
+            while sent < pings:
+                tls.sendall(batch)
+                sent += 1000
+        except OSError:  # reset, EOF or (timeout) a server that stopped reading
+            pass
+        return sent
+
+
+async def test_a_peer_that_sends_pings_and_reads_nothing_is_cut(
+    setup: tuple[TestCA, HboneServer, SlowUpstream],
+) -> None:
+    """Every PING is answered; a peer that reads none of the answers made the server buffer them all (2 million
+    PINGs: 30 MB, growing for as long as it kept sending). A well-behaved peer sends one per keepalive interval."""
+    ca, server, _ = setup
+    client_ctx = ca.client_context(ca.issue(ca.identity("default", "client")))
+    pings = 2_000_000
+    sent = await asyncio.to_thread(_ping_flood, server.addr, client_ctx, pings)
+    assert sent < pings, "the server kept answering a peer that reads nothing"
+    assert server.stats.errors["flood"] == 1

@@ -102,7 +102,7 @@ class TunnelStats:
     ("tls_handshake", "no_client_cert", "untrusted_peer", "trust_domain", "wrong_identity", "alpn",
     "protocol_error", "bad_request", "header_too_large", "refused_stream", and on the client side
     "malformed_response"); ``errors[reason]`` counts connections that failed later ("keepalive_timeout",
-    "goaway_<code>", "connection_lost")."""
+    "goaway_<code>", "connection_lost", "flood")."""
 
     rejects: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)

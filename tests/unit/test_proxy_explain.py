@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,6 +12,7 @@ from agent.admin import admin_server
 from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
 from common.http import HttpServer
+from tests.support.http_get import http_get
 from tests.support.workloads import pod_workload
 
 
@@ -63,14 +62,7 @@ async def admin() -> AsyncIterator[HttpServer]:
 
 
 async def get(server: HttpServer, query: str) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/explain?{query}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    return await asyncio.to_thread(fetch)
+    return await http_get(f"http://127.0.0.1:{server.port}/explain?{query}")
 
 
 async def test_explain_decisions(admin: HttpServer) -> None:

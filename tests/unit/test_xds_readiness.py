@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from api.istio.security import authorization_pb2 as apb
 from api.istio.workload import workload_pb2 as wpb
 from controller.monitoring import ControllerMetrics
 from controller.xds_server import XdsServer
+from tests.support.http_get import http_get
 from tests.support.xds_controller import wait_for
 
 GOOD, BAD = "c//Pod/demo/good", "c//Pod/demo/bad"
@@ -72,14 +71,7 @@ def test_nack_of_an_already_synced_type_does_not_block_the_others() -> None:
 
 
 async def probe(port: int) -> tuple[int, str]:
-    def get() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/ready", timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    return await asyncio.to_thread(get)
+    return await http_get(f"http://127.0.0.1:{port}/healthz/ready")
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import json
 import logging
@@ -184,7 +185,8 @@ class Agent:
             (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext"),
             (cfg.hbone_port, self.inbound.handle, "inbound"),
         ):
-            listener = Listener(transparent_listener(port, cfg.listen_address), handler, name)
+            gone = functools.partial(self.access_log.refused, name, reason="client_reset")
+            listener = Listener(transparent_listener(port, cfg.listen_address), handler, name, gone=gone)
             listener.start()
             self.listeners.append(listener)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -29,6 +30,9 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 Address = tuple[str, int]
 Handler = Callable[[socket.socket, Address], Awaitable[None]]
+Gone = Callable[[Address, Address], None]
+# (fd, client address from accept) of the connection the current Listener task is handling
+_ACCEPTED: contextvars.ContextVar[tuple[int, Address] | None] = contextvars.ContextVar("accepted", default=None)
 
 
 def set_transparent(sock: socket.socket, *, ipv6: bool) -> None:
@@ -80,7 +84,12 @@ def original_destination(sock: socket.socket) -> Address:
 
 def peer_or_close(sock: socket.socket) -> Address | None:
     """The client's address, or None with the socket closed: a client that reset before its handler ran is
-    gone, and there is nobody to refuse or log against."""
+    gone, and there is nobody to refuse or log against. Under a :class:`Listener` it is the address accept(2) gave
+    (the Listener already reported the ones gone before their handler ran), so a reset landing after that check
+    still leaves the handler an address to log the failed connection against."""
+    accepted = _ACCEPTED.get()
+    if accepted is not None and accepted[0] == sock.fileno():
+        return accepted[1]
     try:
         name = sock.getpeername()
     except OSError:
@@ -151,6 +160,10 @@ class Listener:
     Accepting runs from a reader callback that drains the backlog until it would block: a connection costs one
     accept(2) and a task, not a future and two epoll registrations per accept as `loop.sock_accept` does.
     A handler's exception is logged and its socket closed; it never stops the accept loop.
+
+    ``gone(client, orig_dst)`` is told of a connection its client reset before the handler ran, with the address
+    accept(2) gave: the socket no longer knows its peer (ENOTCONN), and handlers drop such a connection unlogged.
+    A pod that connects and resets at once (a connect scan) otherwise left no trace.
     """
 
     def __init__(
@@ -159,11 +172,13 @@ class Listener:
         handler: Handler,
         name: str,
         orig_dst: Callable[[socket.socket], Address] = original_destination,
+        gone: Gone | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
         self.name = name
         self.orig_dst = orig_dst
+        self.gone = gone
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backoff: asyncio.TimerHandle | None = None
@@ -182,7 +197,7 @@ class Listener:
         assert loop is not None
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, client = self.sock.accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -197,7 +212,7 @@ class Listener:
             # Like the upstream side: a proxy must not hold a small write back for the client's delayed ACK.
             with contextlib.suppress(OSError):  # a client that already reset; its handler finds out
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._run(conn))
+            task = loop.create_task(self._run(conn, client))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -206,9 +221,17 @@ class Listener:
         if self._loop is not None and self.sock.fileno() >= 0:
             self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
-    async def _run(self, conn: socket.socket) -> None:
+    async def _run(self, conn: socket.socket, client: Address) -> None:
         try:
-            await self.handler(conn, self.orig_dst(conn))
+            dst = self.orig_dst(conn)
+            if self.gone is not None:
+                peer = (canonical_ip(client[0]), int(client[1]))
+                if not _connected(conn):
+                    self.gone(peer, dst)
+                    conn.close()
+                    return
+                _ACCEPTED.set((conn.fileno(), peer))  # this task's own context: handlers skip getpeername
+            await self.handler(conn, dst)
         except asyncio.CancelledError:
             conn.close()
             raise

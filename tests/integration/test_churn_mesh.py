@@ -14,6 +14,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +211,30 @@ def test_an_agent_killed_mid_stream_resets_its_pods_connections(mesh: Lab, agent
     node = mesh.node(agent.removeprefix("agent-"))
     wait_ready(node.netns, node.ip, 15021, mesh.spawn(old.netns, list(old.argv), old.name, role=old.role))
     assert ends == {"client": "ConnectionResetError", "server": "ConnectionResetError"}
+
+
+def test_every_connection_a_pod_resets_at_once_is_in_the_access_log(mesh: Lab) -> None:
+    """connect() then RST, as a connect scan does: the agent accepts each, and its handler found the socket without
+    a peer (ENOTCONN) and dropped it unlogged and uncounted. Each must leave a line naming the pod's address."""
+    start = len(agent_log(mesh, "node1"))
+    ports = set()
+    for _ in range(200):
+        with netns.enter(mesh.pod("client").netns):
+            sock = socket.create_connection((SERVER, ECHO), timeout=10)
+        ports.add(sock.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def logged() -> set[int]:
+        lines = agent_log(mesh, "node1")[start:]
+        client = mesh.pod("client").ip
+        return {
+            int(r["src.addr"].rsplit(":", 1)[1])
+            for r in lines
+            if r.get("direction") == "outbound" and r.get("src.addr", "").startswith(client + ":")
+        }
+
+    with contextlib.suppress(AssertionError):  # the count below says what is missing
+        wait_for(lambda: ports <= logged(), "an access-log line for every connection", timeout=10)
+    missing = ports - logged()
+    assert not missing, f"{len(missing)} of {len(ports)} connections left no access-log line"

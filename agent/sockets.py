@@ -47,6 +47,21 @@ def set_transparent(sock: socket.socket, *, ipv6: bool) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
+# TCP keepalive on every proxied socket, ztunnel's values (idle 180 s, then 9 probes 180 s apart; istio/ztunnel#1699).
+# A connection whose peer vanished without FIN or RST is otherwise held forever, with its relay and descriptors: a
+# pod un-enrolled mid-connection (its packets stop reaching the agent's socket), a node gone, a conntrack entry lost.
+KEEPALIVE = (180, 180, 9)  # idle, interval, probes
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Turn TCP keepalive on with :data:`KEEPALIVE`. Accepted sockets inherit it from their listener."""
+    idle, interval, probes = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+
+
 def transparent_listener(
     port: int, host: str = "0.0.0.0", *, transparent: bool = True, reuse_port: bool = True, backlog: int = 1024
 ) -> socket.socket:
@@ -59,6 +74,7 @@ def transparent_listener(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             set_transparent(sock, ipv6=family == socket.AF_INET6)
+        keep_alive(sock)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -285,6 +301,7 @@ async def connect_upstream(
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive(sock)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source_ip is not None and (":" in source_ip) == (family == socket.AF_INET6):

@@ -305,6 +305,7 @@ class XdsClient:
         self.ready = asyncio.Event()
         self.connected = False
         self.restored = False
+        self._restore_tried = False  # the state file is read once per process: at start, or first in run()
         self.stats: dict[str, Any] = {
             "attempts": 0,
             "connects": 0,
@@ -355,7 +356,9 @@ class XdsClient:
             return None
 
     def restore(self, data: bytes | None = None) -> bool:
-        """Load the state file (or ``data``) into the store; run() does this first. True if something loaded."""
+        """Load the state file (or ``data``) into the store; run() does this first unless it was done. True if
+        something loaded."""
+        self._restore_tried = True
         if data is None:
             data = self._read_state()
         if data is None:
@@ -401,7 +404,7 @@ class XdsClient:
     # ---- connection loop ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        if self.state_path is not None and not self.restored and not self.ready.is_set():
+        if self.state_path is not None and not self._restore_tried and not self.ready.is_set():
             data = await asyncio.to_thread(self._read_state)
             if data is not None:
                 self.restore(data)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -133,3 +135,18 @@ async def test_restored_state_still_counts_as_ready(tmp_path: Path) -> None:
             assert await probe(ready_port) == (200, "ready\n")
     finally:
         await server.stop(0)
+
+
+async def test_a_corrupt_state_file_is_reported_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent restores before its listeners open; run() must not read (and refuse) the same file again."""
+    (tmp_path / STATE_FILE).write_bytes(b"something else")
+    client = XdsClient(WorkloadStore(), "127.0.0.1:1", "n1", state_dir=tmp_path)
+    with caplog.at_level(logging.ERROR, logger="agent.xds"):
+        assert not client.restore()
+        task = asyncio.create_task(client.run())
+        await asyncio.sleep(0.1)  # run() has started (and keeps retrying the unreachable controller)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [r.getMessage() for r in caplog.records].count("ignoring xDS state file") == 1
+    await client.channel.close()

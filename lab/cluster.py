@@ -7,6 +7,7 @@ Links and addresses live inside the lab's namespaces and vanish with them.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -416,9 +417,13 @@ def _remove_state_dir(d: Path, keep_logs: bool) -> None:
 
 
 def _remove_pins(pin_dir: str) -> None:
-    """Delete one lab pin directory (never its parent: other labs and agents may share it)."""
-    if Path(pin_dir).is_dir():
-        shutil.rmtree(pin_dir)
+    """Delete one lab pin directory, and its parent when nothing else is left in it (as the agent's own cleanup does:
+    other labs and agents may share it, and rmdir only removes it empty)."""
+    path = Path(pin_dir)
+    if path.is_dir():
+        shutil.rmtree(path)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def _prefixlen(cidr: str) -> str:

@@ -116,9 +116,10 @@ def test_two_labs_from_the_same_yaml_coexist(lab_factory: LabFactory) -> None:
 def test_down_leaves_nothing_behind(lab_factory: LabFactory) -> None:
     lab = lab_factory()
     extra = lab.spawn("node1", ["sleep", "300"], "sleeper")  # a user process started through the lab
-    pins = Path("/sys/fs/bpf") / f"{lab.name}-test-pins"
-    lab.record_pin_dir(str(pins))  # as mesh mode does for each agent, before anything is pinned
-    pins.mkdir()
+    # as mesh mode does for each agent (<pin root>/<instance>), before anything is pinned
+    pins = Path("/sys/fs/bpf") / f"{lab.name}-test-root" / "node1"
+    lab.record_pin_dir(str(pins))
+    pins.mkdir(parents=True)
     create_map = f"bpftool map create {pins / 'm'} type hash key 4 value 4 entries 1 name t"
     subprocess.run(create_map.split(), check=True)
     identities = _netns_identities(lab.plan.netns_names)
@@ -127,7 +128,7 @@ def test_down_leaves_nothing_behind(lab_factory: LabFactory) -> None:
 
     lab.down()
     _assert_gone(lab.name, lab.plan, identities, pids)
-    assert not pins.exists()
+    assert not pins.parent.exists(), "the pin root is removed once no lab's pins are left in it"
 
 
 def test_down_after_crash_cleans_everything(lab_factory: LabFactory) -> None:

@@ -70,24 +70,24 @@ def _rss() -> int:
 
 
 class HeapTrimmer:
-    """Every `interval`, trims the heap when the process grew by more than `slack` since the last trim (its lowest
-    RSS since) and the heap holds more than `slack` free. The growth is checked first: reading RSS is cheap, while
-    counting the heap's free bytes walks its free chunks (about 1.5 ms for 10,000), and a trimmed heap keeps its
-    free chunks (only their pages go), so without it the heap would be walked again at every look. A trim holds the
-    heap's lock for a few milliseconds after a burst of tens of MB, and only follows one."""
+    """Every `interval`, trims the heap when it holds more than `slack` free bytes beyond what it held free right
+    after the last trim (the lowest count seen since). A trimmed heap keeps its free chunks, only their pages go, so
+    the count does not fall with a trim: measured from there, only memory freed since is given back, and a heap
+    trimmed already is not walked again. Counting walks the free chunks (about 1.5 ms for 10,000); a trim holds the
+    heap's lock for a few milliseconds after a burst of tens of MB."""
 
     def __init__(self, interval: float = TRIM_INTERVAL, slack: int = TRIM_SLACK) -> None:
         self.interval = interval
         self.slack = slack
         self.trims = 0
         self._libc = _libc()
-        self._rss_after_trim = 0
+        self._free_base = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         if self._libc is None:
             return
-        self._rss_after_trim = _rss()
+        self._free_base = self._free()
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._look)
 
     def stop(self) -> None:
@@ -99,18 +99,20 @@ class HeapTrimmer:
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._look)
         self.maybe_trim()
 
+    def _free(self) -> int:
+        assert self._libc is not None
+        return int(self._libc.mallinfo2().fordblks)
+
     def maybe_trim(self) -> bool:
         """Trim now if the heap is worth it; returns whether it was."""
         assert self._libc is not None
+        free = self._free()
+        if free - self._free_base <= self.slack:
+            self._free_base = min(self._free_base, free)  # reused since: freeing it again will count
+            return False
         rss = _rss()
-        if rss - self._rss_after_trim <= self.slack:
-            self._rss_after_trim = min(self._rss_after_trim, rss)
-            return False
-        free = self._libc.mallinfo2().fordblks
-        if free <= self.slack:  # grown by memory in use: nothing to give back yet
-            return False
         self._libc.malloc_trim(0)
-        self._rss_after_trim = after = _rss()
+        self._free_base = free
         self.trims += 1
-        log.debug("heap trimmed", extra=kv(free_bytes=free, rss_before=rss, rss_after=after))
+        log.debug("heap trimmed", extra=kv(free_bytes=free, rss_before=rss, rss_after=_rss()))
         return True

@@ -256,7 +256,7 @@ class Agent:
 
     def _capture_changed(self, watch: ChangeWatch) -> None:
         # Not before the config is complete: a reconcile against an empty store would release every enrolled pod.
-        if watch.drain() and (self.xds.ready.is_set() or self.xds.restored):
+        if watch.drain() and self.xds.has_config:
             self._reconcile_wanted.set()
 
     async def _reconcile_loop(self) -> None:
@@ -285,8 +285,7 @@ class Agent:
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        # State restored from disk counts: a node whose agent restarts while the controller is down keeps serving.
-        if not (self.xds.ready.is_set() or self.xds.restored):
+        if not self.xds.has_config:
             return False, self.xds.not_ready_reason()
         missing = [str(i) for i in {self._identity(wl) for wl in self.enrolled_local()} if not self._has_cert(i)]
         if missing:

@@ -526,6 +526,12 @@ class XdsClient:
             self.ready.set()
             log.info("xds ready", extra=kv(controller=self.address))
 
+    @property
+    def has_config(self) -> bool:
+        """The store holds a whole configuration to act on: the controller's (``ready``), or the last good one from
+        the state file, which keeps a node serving while its agent restarts with the controller down."""
+        return self.ready.is_set() or self.restored
+
     def not_ready_reason(self) -> str:
         """Why ``ready`` is not set (for /healthz/ready); empty once it is."""
         if self.ready.is_set():

@@ -114,6 +114,28 @@ def attributes(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryvie
     return out
 
 
+class CutMessage(Exception):
+    """A netlink message header whose length is impossible: shorter than a header, or running past its datagram
+    (the kernel never splits a message, so the receive buffer cut it)."""
+
+    def __init__(self, length: int, available: int) -> None:
+        super().__init__(f"message of {length} bytes, {available} read")
+        self.length = length
+        self.available = available
+
+
+def messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
+    """(type, flags, sequence number, payload) of each message of one netlink datagram; raises CutMessage at one
+    that cannot be whole. Replies and notifications share it: :func:`attributes` is its counterpart one level down."""
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(data):
+        length, mtype, flags, seq, _ = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > len(data):
+            raise CutMessage(length, len(data) - pos)
+        yield mtype, flags, seq, data[pos + _NLMSGHDR.size : pos + length]
+        pos += (length + 3) & ~3
+
+
 def get_u32(attrs: dict[int, memoryview], kind: int) -> int | None:
     raw = attrs.get(kind)
     return int(_U32.unpack_from(raw)[0]) if raw is not None and len(raw) >= 4 else None
@@ -203,31 +225,27 @@ class Netlink:
             raw, _, msg_flags, _ = self.sock.recvmsg(_RECV_SIZE)
             if msg_flags & socket.MSG_TRUNC:  # the rest of the datagram is gone: whatever it held would be missing
                 raise RedirectKernelError(f"netlink: reply to {what} larger than {_RECV_SIZE} bytes")
-            data = memoryview(raw)
-            pos = 0
-            while pos + _NLMSGHDR.size <= len(data):
-                length, rtype, rflags, rseq, _ = _NLMSGHDR.unpack_from(data, pos)
-                if length < _NLMSGHDR.size:
-                    raise RedirectKernelError(f"netlink: malformed reply to {what}")
-                if pos + length > len(data):  # the kernel never splits a message: the receive buffer cut it
-                    raise RedirectKernelError(
-                        f"netlink: truncated reply to {what} ({length} bytes, {len(data) - pos} read)"
-                    )
-                payload = data[pos + _NLMSGHDR.size : pos + length]
-                pos += (length + 3) & ~3
-                if rseq != seq:
-                    continue
-                interrupted = interrupted or bool(rflags & F_DUMP_INTR)
-                if rtype in (NLMSG_ERROR, NLMSG_DONE):
-                    if len(payload) < 4:
-                        raise RedirectKernelError(f"netlink: truncated reply to {what}")
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code:
-                        raise NetlinkError(code, what)
-                    return out, interrupted  # the ACK, or the end of a complete dump
-                out.append(payload)
-                if not rflags & F_MULTI and not flags & F_ACK:
-                    return out, interrupted
+            try:
+                for rtype, rflags, rseq, payload in messages(memoryview(raw)):
+                    if rseq != seq:
+                        continue
+                    interrupted = interrupted or bool(rflags & F_DUMP_INTR)
+                    if rtype in (NLMSG_ERROR, NLMSG_DONE):
+                        if len(payload) < 4:
+                            raise RedirectKernelError(f"netlink: truncated reply to {what}")
+                        code = -struct.unpack_from("=i", payload)[0]
+                        if code:
+                            raise NetlinkError(code, what)
+                        return out, interrupted  # the ACK, or the end of a complete dump
+                    out.append(payload)
+                    if not rflags & F_MULTI and not flags & F_ACK:
+                        return out, interrupted
+            except CutMessage as e:
+                if e.length < _NLMSGHDR.size:
+                    raise RedirectKernelError(f"netlink: malformed reply to {what}") from None
+                raise RedirectKernelError(
+                    f"netlink: truncated reply to {what} ({e.length} bytes, {e.available} read)"
+                ) from None
 
     # --- links and routes ------------------------------------------------------------------------------------
 
@@ -540,19 +558,16 @@ def notifies_change(data: bytes | memoryview) -> bool:
     """Whether a datagram of rtnetlink notifications holds one capture has to follow: an interface added, removed or
     changed, a clsact qdisc or tc filter added or removed, or a host route (a pod's /32 or /128) added or removed.
     Other routes (a routing daemon's prefixes) are ignored, so their churn costs no reconcile."""
-    mv = memoryview(data)
-    pos = 0
-    while pos + _NLMSGHDR.size <= len(mv):
-        length, mtype, _, _, _ = _NLMSGHDR.unpack_from(mv, pos)
-        if length < _NLMSGHDR.size or pos + length > len(mv):
-            return True  # cut short: cannot tell what it said, so assume the worst
-        if mtype in _WATCHED:
-            return True
-        if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and length >= _NLMSGHDR.size + _RTMSG.size:
-            family, dst_len = _RTMSG.unpack_from(mv, pos + _NLMSGHDR.size)[:2]
-            if _HOST_BITS.get(family) == dst_len:
+    try:
+        for mtype, _, _, payload in messages(memoryview(data)):
+            if mtype in _WATCHED:
                 return True
-        pos += (length + 3) & ~3
+            if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and len(payload) >= _RTMSG.size:
+                family, dst_len = _RTMSG.unpack_from(payload)[:2]
+                if _HOST_BITS.get(family) == dst_len:
+                    return True
+    except CutMessage:
+        return True  # cut short: cannot tell what it said, so assume the worst
     return False
 
 

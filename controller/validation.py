@@ -492,10 +492,9 @@ def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
         meta = _parse_meta(ctx, raw_meta)
         builder = _BUILDERS.get(kind)
         if builder is None:
-            spec = doc.get("spec")
-            if spec is not None and not isinstance(spec, dict):
-                ctx.error("spec", f"must be a mapping, got {_type_name(spec)}")
-            obj: KObject | None = OpaqueObject(kind, api_version, meta, MappingProxyType(dict(spec or {})))
+            # Not interpreted, but a spec that is not a mapping is refused (dict() of a list or string would raise).
+            spec = _mapping(ctx, doc, "spec", "", None)
+            obj: KObject | None = OpaqueObject(kind, api_version, meta, MappingProxyType(dict(spec)))
         else:
             obj = builder(ctx, meta, doc)
     except _Invalid:

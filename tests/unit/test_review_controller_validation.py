@@ -1,0 +1,59 @@
+"""Bad input found in review: each case is a document the controller once mishandled, with the error it now gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.monitoring import ControllerMetrics
+from controller.sources.files import FileSource
+from controller.store import ConfigStore
+from controller.translate import Translator
+from controller.validation import parse_yaml_text
+
+GATEWAY_API = "apiVersion: gateway.networking.k8s.io/v1\n"
+GOOD_POD = """apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: demo}
+spec: {nodeName: node-a}
+status: {podIP: 10.1.0.5}
+"""
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        (
+            GATEWAY_API + "kind: Gateway\nmetadata: {name: wp, namespace: demo}\nspec: [1]\n",
+            "f.yaml:Gateway/demo/wp: spec: must be a mapping, got a list",
+        ),
+        (
+            GATEWAY_API + "kind: HTTPRoute\nmetadata: {name: r, namespace: demo}\nspec: ab\n",
+            "f.yaml:HTTPRoute/demo/r: spec: must be a mapping, got a string",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: demo}\n"
+            "spec: [[a, b]]\n",
+            "f.yaml:RequestAuthentication/demo/j: spec: must be a mapping, got a list",
+        ),
+    ],
+)
+def test_opaque_kind_with_a_spec_that_is_not_a_mapping_is_an_error_not_a_crash(document: str, error: str) -> None:
+    # dict() of a list or string raised TypeError/ValueError out of validation.
+    result = parse_yaml_text("f.yaml", GOOD_POD + "---\n" + document)
+    assert [str(e) for e in result.errors] == [error]
+    assert [str(o.key) for o in result.objects] == ["Pod/demo/web-0"]
+
+
+async def test_a_file_with_such_a_document_does_not_stop_other_files_from_loading(tmp_path: Path) -> None:
+    # The exception aborted the whole directory scan: no file, good or bad, was applied while it was there.
+    (tmp_path / "a-gateway.yaml").write_text(
+        GATEWAY_API + "kind: Gateway\nmetadata: {name: wp, namespace: demo}\nspec: [1]\n"
+    )
+    (tmp_path / "b-pod.yaml").write_text(GOOD_POD)
+    store = ConfigStore(Translator(), ControllerMetrics())
+    assert await FileSource(str(tmp_path), store).sync() == 2
+    names = [a.workload.name for a in store.translator.addresses().values() if a.HasField("workload")]
+    assert names == ["web-0"]
+    assert store.errors() == [f"{tmp_path / 'a-gateway.yaml'}:Gateway/demo/wp: spec: must be a mapping, got a list"]

@@ -38,12 +38,18 @@ class Lab:
     # ---- construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, config_dir: str | Path, name: str | None = None, mesh: bool = False) -> Lab:
+    def up(
+        cls, config_dir: str | Path, name: str | None = None, mesh: bool = False, drain_seconds: float | None = None
+    ) -> Lab:
         """Validate ``config_dir``, build the cluster and start a workload in every pod (and the mesh if asked).
+
+        ``drain_seconds`` is the agents' drain time on SIGTERM (default: ``AMBIT_DRAIN_SECONDS`` or the agent's
+        default); stopping an agent waits that long plus a margin before killing it.
 
         Raises LabConfigError before creating anything when the YAML is invalid; any later failure removes what was
         made and re-raises.
         """
+        drain = mesh_mode.drain_seconds(drain_seconds)
         topo = topology.load(config_dir)
         name = name or f"ambit-{secrets.token_hex(2)}"
         plan = make_plan(topo, name)
@@ -51,7 +57,12 @@ class Lab:
         copy = state_dir(name) / "config"
         shutil.copytree(config_dir, copy)
         state = LabState(
-            name=name, source_dir=str(Path(config_dir).resolve()), config_dir=str(copy), mesh=mesh, plan=plan
+            name=name,
+            source_dir=str(Path(config_dir).resolve()),
+            config_dir=str(copy),
+            mesh=mesh,
+            plan=plan,
+            drain_seconds=drain,
         )
         state.save()
         lab = cls(state)
@@ -185,6 +196,10 @@ class Lab:
         return self._state.mesh
 
     @property
+    def drain_seconds(self) -> float:
+        return self._state.drain_seconds
+
+    @property
     def files(self) -> Mapping[str, str]:
         return dict(self._state.files)
 
@@ -281,10 +296,13 @@ class Lab:
     ) -> ProcessRecord:
         """Start a tracked background process in ``target`` (see :meth:`netns_of`); `down` stops it.
 
-        Its output goes to ``log_file`` (default ``<state dir>/logs/<name>.log``).
+        Its output goes to ``log_file`` (default ``<state dir>/logs/<name>.log``). An ``agent`` is given its drain
+        time (plus a margin) between SIGTERM and SIGKILL when stopped, whoever restarts it.
         """
         log = Path(log_file) if log_file else self.state_dir / "logs" / f"{name}.log"
         record = ProcessRecord(name=name, netns=self.netns_of(target), argv=list(argv), log=str(log), role=role)
+        if role == "agent":
+            record.stop_timeout = self.drain_seconds + mesh_mode.STOP_MARGIN
         popen = processes.start(record, env)
         self._popens[record.pid] = popen
         self._refresh()
@@ -292,8 +310,9 @@ class Lab:
         self._state.save()
         return record
 
-    def stop(self, name: str, timeout: float = 3.0) -> None:
-        """Stop one tracked process (SIGTERM to its group, SIGKILL after ``timeout``)."""
+    def stop(self, name: str, timeout: float | None = None) -> None:
+        """Stop one tracked process (SIGTERM to its group, SIGKILL after ``timeout``, by default its record's
+        ``stop_timeout``: an agent's drain plus a margin)."""
         record = self.process(name)
         processes.stop([record], timeout)
         self._reap(record)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import secrets
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab import client
-from lab.errors import LabProcessError
+from lab.errors import LabConfigError, LabProcessError
 from lab.processes import is_alive, log_tail
 from lab.state import ProcessRecord
 
@@ -31,6 +32,22 @@ AGENT_READY_PORT = 15021
 READY_PATH = "/healthz/ready"
 READY_TIMEOUT = 60.0
 PIN_ROOT = "/sys/fs/bpf/ambit"  # agent.redirect's default pin root
+DRAIN_SECONDS = 5.0  # the agent's own --drain-seconds default
+# SIGTERM to SIGKILL for an agent: its drain, then the rest of its shutdown (pool, controller channel, netlink).
+STOP_MARGIN = 5.0
+
+
+def drain_seconds(value: float | None = None) -> float:
+    """The agents' drain time: ``value``, else ``AMBIT_DRAIN_SECONDS`` (which the agents would read themselves, so
+    the lab must wait as long), else the agent's default."""
+    raw: float | str = value if value is not None else os.environ.get("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise LabConfigError([f"AMBIT_DRAIN_SECONDS: not a number of seconds: {raw!r}"]) from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise LabConfigError([f"agent drain time must be a finite number of seconds >= 0, got {raw!r}"])
+    return seconds
 
 
 def _binary(name: str) -> str:
@@ -57,10 +74,18 @@ def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]
 
 
 def agent_argv(
-    node: str, controller: str, state_dir: str, token_file: str, root_cert: str, uplink: str, instance: str
+    node: str,
+    controller: str,
+    state_dir: str,
+    token_file: str,
+    root_cert: str,
+    uplink: str,
+    instance: str,
+    drain: float = DRAIN_SECONDS,
 ) -> list[str]:
     """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
-    and authenticate with their node token, as they would in a cluster with a service-account token."""
+    and authenticate with their node token, as they would in a cluster with a service-account token. The drain time
+    is passed explicitly: the lab waits that long when it stops an agent."""
     return [
         _binary("ambit-agent"),
         "--node",
@@ -77,6 +102,8 @@ def agent_argv(
         uplink,
         "--instance",
         instance,
+        "--drain-seconds",
+        str(drain),
     ]
 
 
@@ -152,6 +179,7 @@ def start(lab: Lab) -> None:
             str(ca_dir / "root-cert.pem"),
             node.uplink,
             node.netns,
+            lab.drain_seconds,
         )
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:

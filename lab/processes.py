@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 
@@ -58,15 +59,21 @@ def is_alive(record: ProcessRecord) -> bool:
     return _process(record) is not None
 
 
-def stop(records: list[ProcessRecord], timeout: float = 3.0) -> None:
-    """SIGTERM each process group, then SIGKILL whatever is left after ``timeout`` seconds."""
-    procs = [p for p in (_process(r) for r in records) if p is not None]
-    for proc in procs:
+def stop(records: list[ProcessRecord], timeout: float | None = None) -> None:
+    """SIGTERM each process group at once, then SIGKILL whatever is left after its record's ``stop_timeout`` (or
+    ``timeout`` for all). An agent drains on SIGTERM: killed before its drain ends, it loses the access-log lines
+    of the connections it was still carrying."""
+    procs = [(p, r.stop_timeout if timeout is None else timeout) for r in records if (p := _process(r)) is not None]
+    for proc, _ in procs:
         _signal_group(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        _signal_group(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=timeout)
+    started = time.monotonic()
+    killed = []
+    for proc, limit in sorted(procs, key=lambda pair: pair[1]):
+        _, alive = psutil.wait_procs([proc], timeout=max(0.0, started + limit - time.monotonic()))
+        for left in alive:
+            _signal_group(left.pid, signal.SIGKILL)
+            killed.append(left)
+    psutil.wait_procs(killed, timeout=3.0)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

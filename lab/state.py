@@ -29,6 +29,7 @@ class ProcessRecord:
     argv: list[str]
     log: str
     role: str = "user"  # workload | controller | agent | user
+    stop_timeout: float = 3.0  # seconds from SIGTERM to SIGKILL: an agent's is its drain time plus a margin
     pid: int = 0
     start_time: float = 0.0
 
@@ -40,6 +41,7 @@ class LabState:
     config_dir: str  # the lab's own copy of source_dir; the controller watches it, so demos can edit it live
     mesh: bool
     plan: LabPlan
+    drain_seconds: float = 5.0  # the mesh agents' --drain-seconds; stopping one waits that long plus a margin
     phase: str = "creating"  # creating | up | deleting
     created_at: float = field(default_factory=time.time)
     netns: list[str] = field(default_factory=list)  # recorded before each `ip netns add`

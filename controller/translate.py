@@ -39,6 +39,8 @@ from controller.model import (
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+# Written by Istio's sidecar injector; istio-cni never enrolls such a pod (enablement_selector.go podHasSidecar).
+SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 _REGION_LABEL = "topology.kubernetes.io/region"
 _ZONE_LABEL = "topology.kubernetes.io/zone"
 _SUBZONE_LABEL = "topology.istio.io/subzone"
@@ -522,10 +524,13 @@ class Translator:
         return f"{self.config.cluster_id}/networking.istio.io/ServiceEntry/{ns}/{name}/{address}"
 
     def _enrolled(self, pod: Pod) -> bool:
-        if pod.host_network:
+        """istio-cni's default enablement: the pod's label says `ambient`, or its namespace's does and the pod's is
+        not `none` (any other pod value defers to the namespace). A pod with an injected sidecar is never captured:
+        it already has a proxy, and both would wrap its traffic."""
+        if pod.host_network or SIDECAR_STATUS_ANNOTATION in pod.meta.annotations:
             return False
         mode = pod.meta.labels.get(DATAPLANE_MODE_LABEL)
-        if mode is not None:
+        if mode in ("ambient", "none"):
             return mode == "ambient"
         namespace = self._namespaces.get(pod.meta.namespace)
         return namespace is not None and namespace.meta.labels.get(DATAPLANE_MODE_LABEL) == "ambient"

@@ -1265,6 +1265,14 @@ def _build_authorization_policy(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> A
     elif action == "CUSTOM":
         ctx.error("spec.provider", "required with action CUSTOM")
     rules = _each(ctx, _list(ctx, spec, "rules", "spec"), "spec.rules", lambda d, p: _rule(ctx, d, p))
+    dry_run_text = meta.annotations.get(DRY_RUN_ANNOTATION)
+    dry_run = _GO_BOOLS.get(dry_run_text or "", False)
+    if dry_run_text is not None and dry_run_text not in _GO_BOOLS and action in ("ALLOW", "DENY"):
+        # Istio's webhook refuses it too; istiod would enforce the policy, the opposite of what was asked.
+        ctx.error(
+            f"metadata.annotations[{DRY_RUN_ANNOTATION}]",
+            f"{dry_run_text!r} is not a boolean (true, false, 1, 0, t, f, True, False, TRUE, FALSE, T, F)",
+        )
     return AuthorizationPolicy(
         meta,
         selector=MappingProxyType(selector) if selector is not None else None,
@@ -1272,8 +1280,16 @@ def _build_authorization_policy(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> A
         action=action,
         provider=provider,
         rules=rules,
-        dry_run=meta.annotations.get("istio.io/dry-run", "").lower() == "true",
+        dry_run=dry_run,
     )
+
+
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+# Go's strconv.ParseBool, which istiod reads the annotation with: "1" and "t" are true, "yes" and "tRue" are errors.
+_GO_BOOLS: Mapping[str, bool] = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
 
 
 def _mtls_mode(ctx: _Ctx, value: Any, path: str) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.model import AuthorizationPolicy
 from controller.monitoring import ControllerMetrics
 from controller.sources.files import FileSource
 from controller.store import ConfigStore
@@ -57,3 +58,34 @@ async def test_a_file_with_such_a_document_does_not_stop_other_files_from_loadin
     names = [a.workload.name for a in store.translator.addresses().values() if a.HasField("workload")]
     assert names == ["web-0"]
     assert store.errors() == [f"{tmp_path / 'a-gateway.yaml'}:Gateway/demo/wp: spec: must be a mapping, got a list"]
+
+
+def _policy(annotation: str, action: str = "DENY") -> str:
+    return f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: demo, annotations: {{istio.io/dry-run: {annotation}}}}}
+spec: {{action: {action}, rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("annotation", "dry_run"),
+    [("'true'", True), ("'True'", True), ("'1'", True), ("t", True), ("'false'", False), ("'0'", False), ("F", False)],
+)
+def test_dry_run_annotation_reads_as_istiod_reads_it(annotation: str, dry_run: bool) -> None:
+    # Go's strconv.ParseBool: "1" and "t" asked for a dry run and the policy was enforced instead.
+    result = parse_yaml_text("f.yaml", _policy(annotation))
+    assert result.errors == []
+    (policy,) = result.objects
+    assert isinstance(policy, AuthorizationPolicy)
+    assert policy.dry_run is dry_run
+
+
+@pytest.mark.parametrize("annotation", ["'yes'", "tRuE", "'on'", "''"])
+def test_dry_run_annotation_that_is_not_a_boolean_is_refused(annotation: str) -> None:
+    # It was enforced silently (istiod's webhook refuses it): the user asked for a dry run and got a DENY.
+    result = parse_yaml_text("f.yaml", _policy(annotation))
+    assert result.objects == []
+    assert [e.field for e in result.errors] == ["metadata.annotations[istio.io/dry-run]"]
+    where = "f.yaml:AuthorizationPolicy/demo/p: metadata.annotations[istio.io/dry-run]: "
+    assert str(result.errors[0]).startswith(where)

@@ -1223,7 +1223,8 @@ def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
         check = check_namespace_match
     values = _strings(ctx, item, "values", path, check)
     not_values = _strings(ctx, item, "notValues", path, check)
-    if not values and not not_values and "values" not in item and "notValues" not in item:
+    if not item.get("values") and not item.get("notValues"):
+        # Empty lists too: the condition would match nothing, so an ALLOW rule holding it denies everything.
         ctx.error(path, "values or notValues must be set")
     return Condition(key=key, values=values, not_values=not_values)
 

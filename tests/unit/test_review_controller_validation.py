@@ -89,3 +89,18 @@ def test_dry_run_annotation_that_is_not_a_boolean_is_refused(annotation: str) ->
     assert [e.field for e in result.errors] == ["metadata.annotations[istio.io/dry-run]"]
     where = "f.yaml:AuthorizationPolicy/demo/p: metadata.annotations[istio.io/dry-run]: "
     assert str(result.errors[0]).startswith(where)
+
+
+@pytest.mark.parametrize("condition", ["{key: source.ip, values: []}", "{key: source.ip, values: [], notValues: []}"])
+def test_condition_with_only_empty_lists_is_refused(condition: str) -> None:
+    # It matched nothing, so the ALLOW policy holding it denied every connection to the workload.
+    policy = f"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: demo}}
+spec: {{rules: [{{from: [{{source: {{namespaces: [demo]}}}}], when: [{condition}]}}]}}
+"""
+    result = parse_yaml_text("f.yaml", policy)
+    assert result.objects == []
+    assert [str(e) for e in result.errors] == [
+        "f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0]: values or notValues must be set"
+    ]

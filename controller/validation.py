@@ -1110,17 +1110,27 @@ def _se_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ServiceEntryPort | N
     return None if number is None else ServiceEntryPort(number=number, protocol=protocol, name=name, target_port=target)
 
 
+def _check_service_entry_host(host: str) -> str | None:
+    if host == "*":
+        return "'*' alone is not a valid host (it would claim every name)"
+    return None if _HOSTNAME.match(host) else f"{host!r} is not a valid host"
+
+
 def _build_service_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> ServiceEntry:
     known = ("hosts", "addresses", "ports", "location", "resolution", "endpoints", "workloadSelector", "exportTo")
     spec = _mapping(ctx, doc, "spec", "", (*known, "subjectAltNames"), required=True)
-    hosts = _strings(ctx, spec, "hosts", "spec", lambda h: None if _HOSTNAME.match(h) else f"{h!r} is not a valid host")
-    if not hosts and "hosts" not in spec:
-        ctx.error("spec.hosts", "required field is missing")
+    hosts = _strings(ctx, spec, "hosts", "spec", _check_service_entry_host)
+    if spec.get("hosts") is None or spec["hosts"] == []:  # Istio: at least one host
+        ctx.error("spec.hosts", "required field is missing" if spec.get("hosts") is None else "must not be empty")
     addresses = _strings(ctx, spec, "addresses", "spec", check_ip_or_cidr)
     ports = _each(ctx, _list(ctx, spec, "ports", "spec"), "spec.ports", lambda d, p: _se_port(ctx, d, p))
     numbers = [p.number for p in ports]
     if len(set(numbers)) != len(numbers):
         ctx.error("spec.ports", "port numbers must be unique")
+    port_names = [p.name for p in ports if p.name]
+    if len(set(port_names)) != len(port_names):
+        # Endpoints map their target ports by name: which of the two would `ports: {name: n}` override?
+        ctx.error("spec.ports", "port names must be unique")
     location = _enum(ctx, spec, "location", "spec", ("MESH_EXTERNAL", "MESH_INTERNAL"), "MESH_EXTERNAL")
     resolution = _enum(ctx, spec, "resolution", "spec", ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"), "NONE")
     endpoints = _each(
@@ -1134,6 +1144,11 @@ def _build_service_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> ServiceE
         for host in hosts:
             if "*" in host:
                 ctx.error("spec.hosts", f"{host!r}: hosts must be FQDN when resolution {resolution} has no endpoints")
+    for i, endpoint in enumerate(endpoints):
+        for name in endpoint.ports:
+            if name not in port_names:
+                # A typo here would silently send the traffic to the service port's default target.
+                ctx.error(f"spec.endpoints[{i}].ports[{name}]", "names no port of spec.ports")
     selector = _selector(ctx, spec, "workloadSelector", "spec", "labels")
     if selector is not None and endpoints:
         ctx.error("spec.workloadSelector", "cannot be combined with spec.endpoints")

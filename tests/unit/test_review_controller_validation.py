@@ -91,6 +91,38 @@ def test_dry_run_annotation_that_is_not_a_boolean_is_refused(annotation: str) ->
     assert str(result.errors[0]).startswith(where)
 
 
+SE = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: demo}\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "errors"),
+    [
+        ("{hosts: [], ports: [{number: 443, name: tls}]}", ["spec.hosts: must not be empty"]),
+        ("{hosts: 5}", ["spec.hosts: must be a list, got an integer"]),
+        ("{hosts: ['*'], ports: [{number: 443, name: tls}]}", ["spec.hosts[0]: '*' alone is not a valid host"]),
+        (
+            "{hosts: [a.example.com], ports: [{number: 443, name: tls}, {number: 8443, name: tls}]}",
+            ["spec.ports: port names must be unique"],
+        ),
+        (
+            "{hosts: [a.example.com], ports: [{number: 443, name: tls}], resolution: STATIC,"
+            " endpoints: [{address: 192.0.2.1, ports: {tsl: 9443}}]}",
+            ["spec.endpoints[0].ports[tsl]: names no port of spec.ports"],
+        ),
+    ],
+)
+def test_service_entry_fields_istio_refuses(spec: str, errors: list[str]) -> None:
+    # Each was accepted: no hosts (a ServiceEntry that serves nothing), '*' (a service named '*'), a port name
+    # used twice (endpoints map target ports by name), an endpoint port name that matches nothing (its target
+    # port silently ignored).
+    result = parse_yaml_text("f.yaml", SE + f"spec: {spec}\n")
+    assert result.objects == []
+    got = [str(e).removeprefix("f.yaml:ServiceEntry/demo/ext: ") for e in result.errors]
+    assert len(got) == len(errors)
+    for text, want in zip(got, errors, strict=True):
+        assert text.startswith(want)
+
+
 @pytest.mark.parametrize("condition", ["{key: source.ip, values: []}", "{key: source.ip, values: [], notValues: []}"])
 def test_condition_with_only_empty_lists_is_refused(condition: str) -> None:
     # It matched nothing, so the ALLOW policy holding it denied every connection to the workload.

@@ -104,6 +104,12 @@ def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield buf
 
 
+def _check_object(obj: Any, what: str) -> None:
+    """Raise WatchError unless ``obj`` is a JSON object whose metadata (if any) is one: what the code after it reads."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
+        raise WatchError(f"malformed {what}: {json.dumps(obj)[:200]}")
+
+
 class _Watcher:
     """List + watch of one resource, in a thread; reports to :class:`KubeSource` on the loop."""
 
@@ -162,6 +168,9 @@ class _Watcher:
                     self._failed(f"HTTP {e.status}: {e.reason}")
             except (HTTPError, OSError, ValueError, WatchError) as e:
                 self._failed(f"{type(e).__name__}: {e}")
+            except Exception as e:  # a client bug or an answer of a shape never seen must not end this watch
+                log.exception("kube list/watch failed unexpectedly", extra=kv(resource=self.resource.plural))
+                self._failed(f"{type(e).__name__}: {e}")
 
     def _missing(self) -> None:
         """The API does not serve this resource (e.g. Istio's CRDs are not installed): it has no objects.
@@ -190,9 +199,12 @@ class _Watcher:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
+        if not isinstance(body, dict) or not isinstance(body.get("items") or [], list):
+            raise WatchError(f"malformed list of {self.resource.plural}: not an object with an items list")
         self.missing = False
         items = body.get("items") or []
         for item in items:
+            _check_object(item, "list item")
             # List items of built-in kinds come without kind/apiVersion.
             item.setdefault("kind", self.resource.kind)
             item.setdefault("apiVersion", self.resource.api_version)
@@ -220,7 +232,10 @@ class _Watcher:
         try:
             event = json.loads(line)
             kind, obj = event["type"], event["object"]
-        except (ValueError, KeyError, TypeError) as e:
+            _check_object(obj, "watch event object")
+        except (ValueError, KeyError, TypeError, WatchError) as e:
+            # Resuming would be answered with the same event again: list afresh instead (after the backoff).
+            self.resource_version = ""
             raise WatchError(f"malformed watch event: {e}") from None
         if kind == "ERROR":
             if obj.get("code") == 410:
@@ -291,14 +306,14 @@ class KubeSource:
 
     def relisted(self, resource: Resource, items: list[dict[str, Any]]) -> None:
         """A full list: upsert everything in it, remove what is gone since the last list."""
-        changes: dict[str, Contribution | None] = {}
-        for item in items:
-            changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item], strict=False)
-        for sid in self._known[resource.kind] - changes.keys():
-            changes[sid] = None
-        self._known[resource.kind] = {sid for sid, c in changes.items() if c is not None}
         self.lists += 1
         try:
+            changes: dict[str, Contribution | None] = {}
+            for item in items:
+                changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item], strict=False)
+            for sid in self._known[resource.kind] - changes.keys():
+                changes[sid] = None
+            self._known[resource.kind] = {sid for sid, c in changes.items() if c is not None}
             self.store.update(changes)
         except Exception as e:  # the store keeps what it had; start() must not wait for this resource forever
             log.error(

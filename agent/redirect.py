@@ -38,6 +38,8 @@ from agent.redirect_errors import (
     RedirectPinError,
 )
 from agent.redirect_maps import (
+    IF_BRIDGE,
+    IF_BRIDGE_PORT,
     IF_POD,
     IF_UPLINK,
     LAYOUT_VERSION,
@@ -48,7 +50,7 @@ from agent.redirect_maps import (
     migrate_pins,
     read_pinned_config,
 )
-from agent.redirect_netlink import ChangeWatch, Netlink
+from agent.redirect_netlink import ChangeWatch, LinkInfo, Netlink
 from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
 from common.log import kv
 
@@ -172,6 +174,7 @@ class _State:
     skipped: dict[str, str] = field(default_factory=dict)
     ip_iface: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex at the last reconcile
     tunnels: set[int] = field(default_factory=set)  # uplinks that are such because they are tunnel devices
+    bridge_ports: dict[int, int] = field(default_factory=dict)  # port ifindex -> its bridge's (both carry the program)
 
 
 class Redirector:
@@ -315,14 +318,18 @@ class Redirector:
                 enrolled, set(local_ips or ()), self._resolver(nl), nl.pod_route_links(exclude=st.uplinks)
             )
             failures = dict(plan.failures) | uplink_failures
+            links = nl.links()
             ok: set[int] = set()
             for idx, ip_plan in plan.interfaces.items():
+                bridge = idx in links and links[idx].kind == "bridge"
                 try:
-                    self._attach(idx, ip_plan.name, IF_POD)
+                    self._attach(idx, ip_plan.name, IF_POD | (IF_BRIDGE if bridge else 0))
                     ok.add(idx)
                 except (AttachError, RedirectKernelError) as exc:
                     for ip in ip_plan.enrolled | ip_plan.peers:
                         failures[ip] = f"cannot attach to {ip_plan.name}: {exc}"
+            bridges = {i for i in ok if i in links and links[i].kind == "bridge"}
+            ports = self._attach_bridge_ports(maps, links, bridges, failures)
             homes = plan.homes_on(ok)
             want = set(homes)
             have = maps.workload_ips()
@@ -336,11 +343,19 @@ class Redirector:
             for ip in sorted(want - have):
                 maps.add_workload(ip)
             for idx, att in list(st.attached.items()):
-                if att.flags & IF_POD and idx not in ok:
-                    try:
+                if idx in ok or idx in ports:
+                    continue
+                try:
+                    if att.flags & IF_UPLINK and att.flags & IF_BRIDGE_PORT:
+                        self._attach(idx, att.name, IF_UPLINK)  # its bridge is no longer captured
+                    elif att.flags & IF_POD:
                         self._detach(idx)
-                    except (AttachError, RedirectKernelError) as exc:
-                        failures[f"interface:{att.name}"] = f"cannot detach: {exc}"
+                except (AttachError, RedirectKernelError) as exc:
+                    failures[f"interface:{att.name}"] = f"cannot detach: {exc}"
+            for idx in maps.bridge_port_entries().keys() - ports.keys():
+                if not st.attached.get(idx, _Attached("", 0)).flags & IF_BRIDGE_PORT:
+                    maps.delete_bridge_port(idx)
+            st.bridge_ports = ports
             self._log_changes(want, failures)
             st.enrolled = want
             st.requested = enrolled
@@ -409,9 +424,11 @@ class Redirector:
             by_ip = st.ip_iface
             spoofed = self._maps.spoofed_by_iface() if self._maps else {}
             for idx, att in sorted(dict(st.attached).items()):
+                bridge = st.attached.get(st.bridge_ports.get(idx, 0))
                 interfaces[att.name] = {
                     "ifindex": idx,
                     "role": "uplink" if att.flags & IF_UPLINK else "pod",
+                    "bridge": "" if bridge is None else bridge.name,  # a port of this bridge
                     "enrolled": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.enrolled),
                     "peers": sorted(ip for ip, i in by_ip.items() if i == idx and ip in st.peers),
                     "spoofed_drops": spoofed.get(idx, 0),
@@ -495,6 +512,31 @@ class Redirector:
                 self._detach(idx)
                 del st.uplinks[idx]
 
+    def _attach_bridge_ports(
+        self, maps: RedirectMaps, links: dict[int, LinkInfo], bridges: set[int], failures: dict[str, str]
+    ) -> dict[int, int]:
+        """Put the program on every port of ``bridges`` (bridges that hold pods, already attached), in the role of what
+        is behind the port: two pods of one bridge talk through the bridge's L2 switching, which never passes their
+        frames up to the bridge's own program. Ports come and go with pods (the change watch reports it). Returns
+        port -> bridge for the ports that carry it."""
+        st = self._state
+        entries = maps.bridge_port_entries()
+        out: dict[int, int] = {}
+        for idx, link in sorted(links.items()):
+            if link.master not in bridges or idx in bridges:
+                continue
+            bridge = links[link.master]
+            role = IF_UPLINK if idx in st.uplinks else IF_POD  # an L2 overlay's tunnel device can be a port too
+            try:
+                if entries.get(idx) != (bridge.index, bridge.mac):  # before the flag that makes the program read it
+                    maps.set_bridge_port(idx, bridge.index, bridge.mac)
+                self._attach(idx, link.name, role | IF_BRIDGE_PORT)
+            except (AttachError, RedirectKernelError) as exc:
+                failures[f"bridge port:{link.name}"] = f"cannot attach, pods of {bridge.name} talk uncaptured: {exc}"
+                continue
+            out[idx] = bridge.index
+        return out
+
     @staticmethod
     def _write_homes(maps: RedirectMaps, homes: dict[str, int]) -> None:
         current = maps.workload_homes()
@@ -538,7 +580,7 @@ class Redirector:
                 self._state.attached[idx] = _Attached(name, entry.flags)
                 self._adopted.append(name)
             elif entry.flags & IF_POD:
-                self._attach(idx, name, IF_POD)  # someone removed the filter: restore capture now
+                self._attach(idx, name, entry.flags)  # someone removed the filter: restore capture now
                 self._adopted.append(name)
             for prio, handle in nl.named_filters(idx, cfg.filter_name):
                 if (prio, handle) != (cfg.tc_priority, cfg.tc_handle):  # left by a run with another tc_priority

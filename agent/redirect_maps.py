@@ -20,13 +20,15 @@ from typing import Any
 from agent import redirect_syscalls as sysbpf
 from agent.redirect_errors import RedirectKernelError, RedirectPinError
 
-LAYOUT_VERSION = 2  # AMBIT_LAYOUT_VERSION
+LAYOUT_VERSION = 3  # AMBIT_LAYOUT_VERSION
 AF_INET = 2
 AF_INET6 = 10
 
 # Interface roles and loader bookkeeping (AMBIT_IF_*, AMBIT_LOADER_*).
 IF_POD = 0x1
 IF_UPLINK = 0x2
+IF_BRIDGE = 0x4  # a bridge whose ports carry the program
+IF_BRIDGE_PORT = 0x8  # a port of such a bridge (ambit_bridge_ports)
 LOADER_OWNS_QDISC = 0x1
 
 BPF_ANY = 0
@@ -54,6 +56,10 @@ class WlCounters(ct.Structure):
 
 class IfaceEntry(ct.Structure):
     _fields_ = [("flags", ct.c_uint32), ("loader_flags", ct.c_uint32)]
+
+
+class BridgePort(ct.Structure):
+    _fields_ = [("bridge", ct.c_uint32), ("mac", ct.c_uint8 * 6), ("pad", ct.c_uint8 * 2)]
 
 
 class ConfigEntry(ct.Structure):
@@ -109,9 +115,10 @@ WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(Ambit
 HOMES = MapSpec("ambit_wl_home", BPF_MAP_TYPE_HASH, ct.sizeof(AmbitAddr), 4, 16384)  # address -> ifindex
 IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
 IF_SPOOFED = MapSpec("ambit_if_spoofed", BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 4096, counters_only=True)
+BRIDGE_PORTS = MapSpec("ambit_bridge_ports", BPF_MAP_TYPE_HASH, 4, ct.sizeof(BridgePort), 4096)
 CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
 STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(STAT_NAMES), counters_only=True)
-ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, CONFIG, STATS)
+ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, BRIDGE_PORTS, CONFIG, STATS)
 
 
 def pack_addr(ip: str) -> AmbitAddr:
@@ -370,6 +377,7 @@ class RedirectMaps:
     homes: PinnedMap
     ifaces: PinnedMap
     if_spoofed: PinnedMap
+    bridge_ports: PinnedMap
     config: PinnedMap
     stats: PinnedMap
 
@@ -386,7 +394,7 @@ class RedirectMaps:
         return cls(*opened)
 
     def close(self) -> None:
-        for m in (self.workloads, self.homes, self.ifaces, self.if_spoofed, self.config, self.stats):
+        for m in (self.workloads, self.homes, self.ifaces, self.if_spoofed, self.bridge_ports, self.config, self.stats):
             m.close()
 
     # --- typed accessors -------------------------------------------------------------------------------------
@@ -410,9 +418,29 @@ class RedirectMaps:
         self.ifaces.update(ct.c_uint32(ifindex), entry)
 
     def delete_iface(self, ifindex: int) -> bool:
-        """Forget an interface, its spoofing count included (ifindexes are reused by later interfaces)."""
+        """Forget an interface, its spoofing count and bridge included (ifindexes are reused by later interfaces)."""
         self.if_spoofed.delete(ct.c_uint32(ifindex))
-        return self.ifaces.delete(ct.c_uint32(ifindex))
+        found = self.ifaces.delete(ct.c_uint32(ifindex))
+        self.bridge_ports.delete(ct.c_uint32(ifindex))  # after the role: a port's flag never lacks its bridge
+        return found
+
+    def bridge_port_entries(self) -> dict[int, tuple[int, bytes]]:
+        """Port ifindex -> (bridge ifindex, bridge MAC)."""
+        out: dict[int, tuple[int, bytes]] = {}
+        for key in self.bridge_ports.keys(ct.c_uint32):
+            raw = self.bridge_ports.lookup_raw(key)
+            if raw is not None:
+                entry = BridgePort.from_buffer_copy(raw)
+                out[int(key.value)] = (int(entry.bridge), bytes(entry.mac))  # type: ignore[attr-defined]
+        return out
+
+    def set_bridge_port(self, port: int, bridge: int, mac: bytes) -> None:
+        if len(mac) != 6:
+            raise RedirectKernelError(f"bridge {bridge} has no Ethernet address (got {mac.hex(':') or 'none'})")
+        self.bridge_ports.update(ct.c_uint32(port), BridgePort(bridge, (ct.c_uint8 * 6)(*mac)))
+
+    def delete_bridge_port(self, port: int) -> bool:
+        return self.bridge_ports.delete(ct.c_uint32(port))
 
     def spoofed_by_iface(self) -> dict[int, int]:
         """ifindex -> TCP packets dropped there as sent from another workload's address (summed over CPUs)."""

@@ -46,7 +46,7 @@ F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 F_DUMP_INTR = 0x10  # the dumped table changed while it was read: what came may miss entries
 DUMP_ATTEMPTS = 3
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 10, 18, 1
 # Link kinds that decapsulate traffic from other hosts into the node's stack: overlay networks (VXLAN, Geneve,
 # IPIP, GRE) and encrypted ones (WireGuard) deliver pod traffic from other nodes there, not on the default route's
 # interface.
@@ -186,6 +186,18 @@ class RouteInfo:
 
 
 @dataclass(frozen=True)
+class LinkInfo:
+    """What capture needs to know of an interface: its kind (IFLA_INFO_KIND, '' for none), the bridge or bond it is
+    enslaved to (IFLA_MASTER), and its hardware address."""
+
+    index: int
+    name: str
+    kind: str
+    master: int | None
+    mac: bytes
+
+
+@dataclass(frozen=True)
 class FilterInfo:
     kind: str
     name: str
@@ -273,16 +285,24 @@ class Netlink:
         dump = self._request(RTM_GETLINK, F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "link dump")
         return [int(_IFINFOMSG.unpack_from(m)[2]) for m in dump]
 
-    def tunnel_links(self) -> dict[int, str]:
-        """index -> name of every link whose kind (IFLA_LINKINFO/IFLA_INFO_KIND) is in TUNNEL_KINDS."""
-        out: dict[int, str] = {}
+    def links(self) -> dict[int, LinkInfo]:
+        """Every interface of the netns, by index (one dump)."""
+        out: dict[int, LinkInfo] = {}
         for m in self._request(RTM_GETLINK, F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "link dump"):
             attrs = attributes(m, _IFINFOMSG.size)
-            info = attrs.get(IFLA_LINKINFO)
             name = get_str(attrs, IFLA_IFNAME)
-            if info is not None and name and get_str(attributes(info), IFLA_INFO_KIND) in TUNNEL_KINDS:
-                out[int(_IFINFOMSG.unpack_from(m)[2])] = name
+            if not name:
+                continue
+            info = attrs.get(IFLA_LINKINFO)
+            kind = get_str(attributes(info), IFLA_INFO_KIND) if info is not None else None
+            index = int(_IFINFOMSG.unpack_from(m)[2])
+            address = attrs.get(IFLA_ADDRESS)
+            out[index] = LinkInfo(index, name, kind or "", get_u32(attrs, IFLA_MASTER), bytes(address or b""))
         return out
+
+    def tunnel_links(self) -> dict[int, str]:
+        """index -> name of every link whose kind (IFLA_LINKINFO/IFLA_INFO_KIND) is in TUNNEL_KINDS."""
+        return {idx: link.name for idx, link in self.links().items() if link.kind in TUNNEL_KINDS}
 
     def local_addresses(self) -> set[str]:
         out: set[str] = set()

@@ -13,9 +13,10 @@
 #endif
 
 /* 2: ambit_wl_home and ambit_if_spoofed added (source anti-spoofing), ambit_stats grew AMBIT_STAT_DROP_SPOOFED.
- * A layout-1 pin directory is migrated in place by the agent (agent/redirect_maps.py: new maps created, the
+ * 3: ambit_bridge_ports added (capture on the ports of bridge CNIs).
+ * An older pin directory is migrated in place by the agent (agent/redirect_maps.py: new maps created, the
  * counters-only stats map replaced); pins of a newer layout are refused. */
-#define AMBIT_LAYOUT_VERSION 2
+#define AMBIT_LAYOUT_VERSION 3
 
 #define AMBIT_AF_INET 2
 #define AMBIT_AF_INET6 10
@@ -40,6 +41,13 @@ struct ambit_wl_counters {
 /* Interface roles (value of ambit_ifaces). */
 #define AMBIT_IF_POD 0x1     /* node-side end of pod interfaces: capture from / to enrolled workloads */
 #define AMBIT_IF_UPLINK 0x2  /* the node's uplink: capture traffic arriving for enrolled workloads */
+/* Modifiers for bridge CNIs (flannel's cni0, the bridge plugin), where pods' node-side veths are ports of one bridge
+ * and the route to every pod points at the bridge. A frame between two pods of that bridge is switched at L2 and
+ * never reaches the bridge's own ingress, so the ports carry the program too (AMBIT_IF_BRIDGE_PORT, with the pod or
+ * uplink role of what is behind them). What a port captures gets the bridge's MAC as destination, so the bridge
+ * passes it up to the node's stack instead of switching it; the bridge's program assigns it to its socket. */
+#define AMBIT_IF_BRIDGE 0x4      /* a bridge whose ports carry the program: it assigns the packets they marked */
+#define AMBIT_IF_BRIDGE_PORT 0x8 /* a port of such a bridge; ambit_bridge_ports names the bridge */
 
 /* Loader bookkeeping kept next to the role so that it survives agent restarts. */
 #define AMBIT_LOADER_OWNS_QDISC 0x1 /* the agent created the clsact qdisc and may remove it when it is empty */
@@ -47,6 +55,13 @@ struct ambit_wl_counters {
 struct ambit_iface {
     u32 flags;
     u32 loader_flags;
+};
+
+/* Value of ambit_bridge_ports (key: the port's ifindex). */
+struct ambit_bridge_port {
+    u32 bridge; /* ifindex of the bridge: the home (ambit_wl_home) of the pods behind its ports */
+    u8 mac[6];  /* the bridge's own address: a frame sent to it is passed up, not switched to another port */
+    u8 pad[2];
 };
 
 struct ambit_config {
@@ -87,6 +102,9 @@ BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN_
  * is what an operator needs to know. Touched on the drop path only; the agent removes an interface's entry with its
  * ambit_ifaces one. */
 BPF_TABLE_PINNED("percpu_hash", u32, u64, ambit_if_spoofed, 4096, AMBIT_PIN_DIR "/ambit_if_spoofed");
+/* Ports of bridges that carry the program (AMBIT_IF_BRIDGE_PORT): written before the port's ambit_ifaces entry and
+ * removed with it. */
+BPF_TABLE_PINNED("hash", u32, struct ambit_bridge_port, ambit_bridge_ports, 4096, AMBIT_PIN_DIR "/ambit_bridge_ports");
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
 BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");
 

@@ -8,6 +8,14 @@
  * sockets, and its source-preserving upstream connections) are handed to those sockets. Capture means
  * bpf_sk_assign + a mark that policy routing turns into local delivery (fwmark rule -> `local 0/0 dev lo` table).
  *
+ * Bridge CNIs: the ports of a bridge that holds pods carry the program as well (AMBIT_IF_BRIDGE_PORT, see
+ * ambit_maps.h), since the bridge switches frames between its pods without passing them up. A port decides (and
+ * counts) as its role says, with the bridge as its own interface for the home check, and sends what it captures
+ * up to the bridge: destination MAC rewritten to the bridge's, marked. The bridge keeps the mark and MAC but drops
+ * a socket assignment on the way (seen on 6.18), so the bridge's own program makes the assignment for marked
+ * packets (ambit_assign_steered). On a bridge, port 15008 of an enrolled pod is the HBONE listener's for any
+ * caller, local ones included (as in Istio, where 15008 is ztunnel's inside the pod).
+ *
  * On a pod interface, TCP whose source is an enrolled workload that lives behind another interface (ambit_wl_home)
  * is dropped: the agent takes the source workload, hence the identity, from the source address. On the uplink, TCP
  * from an enrolled workload's address to an enrolled one is dropped likewise. TCP from a source that is not enrolled
@@ -49,6 +57,15 @@ static __always_inline int ambit_drop_spoofed(u32 ifindex) {
     return TC_ACT_SHOT;
 }
 
+/* The agent listener (port, host order) a new connection is captured to. */
+static __always_inline u16 ambit_listener(const struct ambit_config *cfg, u32 if_flags, u8 outbound, u16 dport) {
+    if (outbound)
+        return cfg->outbound_port;
+    if ((if_flags & (AMBIT_IF_UPLINK | AMBIT_IF_BRIDGE | AMBIT_IF_BRIDGE_PORT)) && dport == htons(cfg->hbone_port))
+        return cfg->hbone_port;
+    return cfg->inbound_port;
+}
+
 /* bpf_skc_lookup_tcp in the node netns for the packet's tuple with destination port `dport`. */
 static __always_inline struct bpf_sock *ambit_lookup(struct __sk_buff *skb, const struct ambit_pkt *p, u16 dport) {
     struct bpf_sock_tuple t = {};
@@ -66,6 +83,49 @@ static __always_inline struct bpf_sock *ambit_lookup(struct __sk_buff *skb, cons
     return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
 }
 
+/* A socket for the tuple that is not a listener (NULL: none; the reference is released). */
+static __always_inline struct bpf_sock *ambit_owner(struct __sk_buff *skb, const struct ambit_pkt *p) {
+    struct bpf_sock *sk = ambit_lookup(skb, p, p->dport);
+    if (sk && sk->state == BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        sk = NULL;
+    }
+    return sk;
+}
+
+/* The listener on `port` (host order), or NULL. */
+static __always_inline struct bpf_sock *ambit_listening(struct __sk_buff *skb, const struct ambit_pkt *p, u16 port) {
+    struct bpf_sock *sk = ambit_lookup(skb, p, htons(port));
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        sk = NULL;
+    }
+    return sk;
+}
+
+/* At a bridge, a packet one of its ports captured: assign it (again) to the socket the port found. Decided, checked
+ * and counted at the port already; a socket gone meanwhile means the packet is dropped. */
+static __always_inline int ambit_assign_steered(struct __sk_buff *skb, struct ambit_pkt *p, struct ambit_config *cfg) {
+    if (ambit_parse_tcp(skb, p) != AMBIT_PARSE_TCP)
+        return TC_ACT_SHOT;
+    struct bpf_sock *sk = ambit_owner(skb, p);
+    if (!sk && p->syn && !p->ack) {
+        struct ambit_addr src = {};
+        ambit_key(&src, p->family, p->saddr);
+        u8 outbound = ambit_workloads.lookup(&src) != NULL;
+        sk = ambit_listening(skb, p, ambit_listener(cfg, AMBIT_IF_BRIDGE, outbound, p->dport));
+    }
+    if (!sk)
+        return TC_ACT_SHOT;
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err) {
+        ambit_stat(AMBIT_STAT_DROP_ASSIGN_ERROR);
+        return TC_ACT_SHOT;
+    }
+    return TC_ACT_OK;
+}
+
 int ambit_tc_ingress(struct __sk_buff *skb) {
     struct ambit_pkt p = {};
     int parsed = ambit_parse(skb, &p);
@@ -80,6 +140,16 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     struct ambit_config *cfg = ambit_config.lookup(&zero);
     if (!cfg || !cfg->outbound_port)
         return TC_ACT_UNSPEC;
+    if ((ifc->flags & AMBIT_IF_BRIDGE) && parsed == AMBIT_PARSE_TCP && (skb->mark & cfg->mark_mask) == cfg->mark)
+        return ambit_assign_steered(skb, &p, cfg); /* only a port's program marks: marks never cross netns */
+    /* A bridge port stands for its bridge: the pods behind it have the bridge as their home. */
+    u32 home_if = ifindex;
+    struct ambit_bridge_port *port = NULL;
+    if (ifc->flags & AMBIT_IF_BRIDGE_PORT) {
+        port = ambit_bridge_ports.lookup(&ifindex);
+        if (port)
+            home_if = port->bridge;
+    }
     if (parsed == AMBIT_PARSE_OPAQUE) {
         /* Behind so many VLAN headers that its addresses are out of reach, yet the kernel may still route it: it
          * could be an enrolled workload's TCP, so it is treated as unreadable TCP of one. */
@@ -97,7 +167,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
              * else (pod A sending as pod B, a SYN or a forged segment of B's connections) is dropped before it is
              * captured or counted as B's, whatever fail_open says: this is not a missing listener. */
             u32 *home = ambit_wl_home.lookup(&key);
-            if (!home || *home != ifindex)
+            if (!home || *home != home_if)
                 return ambit_drop_spoofed(ifindex);
             outbound = 1;
         }
@@ -127,30 +197,24 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         return cfg->fail_open ? TC_ACT_UNSPEC : TC_ACT_SHOT;
     }
 
-    u16 listen_port = cfg->outbound_port;
-    u32 capture_stat = AMBIT_STAT_CAPTURE_OUTBOUND;
+    u16 listen_port = ambit_listener(cfg, ifc->flags, outbound, p.dport);
+    u32 capture_stat = AMBIT_STAT_CAPTURE_INBOUND;
     if (outbound) {
         wl->packets += 1;
         wl->bytes += skb->len;
-    } else if ((ifc->flags & AMBIT_IF_UPLINK) && p.dport == htons(cfg->hbone_port)) {
-        listen_port = cfg->hbone_port;
+        capture_stat = AMBIT_STAT_CAPTURE_OUTBOUND;
+    } else if (listen_port == cfg->hbone_port) {
         capture_stat = AMBIT_STAT_CAPTURE_HBONE;
-    } else {
-        listen_port = cfg->inbound_port;
-        capture_stat = AMBIT_STAT_CAPTURE_INBOUND;
     }
 
     /* 1. A socket in this (node) netns already owns the 4-tuple: accepted or request socket of the agent, its
      * source-preserving upstream socket (return path), or a TIME_WAIT socket. TIME_WAIT must be assigned too:
      * the kernel's TIME_WAIT logic then lets a reused 4-tuple through within milliseconds, while skipping it
      * blackholes the new SYN until the TIME_WAIT expires. */
-    struct bpf_sock *sk = ambit_lookup(skb, &p, p.dport);
+    struct bpf_sock *sk = ambit_owner(skb, &p);
     if (sk) {
-        if (sk->state != BPF_TCP_LISTEN) {
-            ambit_stat(AMBIT_STAT_ASSIGN_EXISTING);
-            goto assign;
-        }
-        bpf_sk_release(sk);
+        ambit_stat(AMBIT_STAT_ASSIGN_EXISTING);
+        goto assign;
     }
 
     /* 2. Only a new connection (SYN without ACK) is captured; anything else mid-stream (a connection that
@@ -162,11 +226,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
      * <original daddr>:<port> finds it and the accepted socket's local address stays the original destination
      * (getsockname()). The real source keeps SO_REUSEPORT groups balanced. An IPv6 SYN of an enrolled workload
      * finds no listener while the agent listens on IPv4 only, and is dropped like any other (fail closed). */
-    sk = ambit_lookup(skb, &p, htons(listen_port));
-    if (sk && sk->state != BPF_TCP_LISTEN) {
-        bpf_sk_release(sk);
-        sk = NULL;
-    }
+    sk = ambit_listening(skb, &p, listen_port);
     if (!sk) {
         if (cfg->fail_open) {
             ambit_stat(AMBIT_STAT_PASS_NO_LISTENER);
@@ -184,7 +244,9 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
 
 assign:
     {
-        long err = bpf_sk_assign(skb, sk, 0);
+        /* On a bridge port the frame, addressed to the bridge, is passed up to the node's stack instead of being
+         * switched to the pod it was sent to; the bridge's program assigns it (an assignment made here is lost). */
+        long err = port ? bpf_skb_store_bytes(skb, 0, port->mac, ETH_ALEN, 0) : bpf_sk_assign(skb, sk, 0);
         bpf_sk_release(sk);
         if (err) {
             ambit_stat(AMBIT_STAT_DROP_ASSIGN_ERROR);

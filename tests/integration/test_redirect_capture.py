@@ -41,6 +41,7 @@ from agent.redirect import (
 from agent.redirect_maps import (
     ALL_MAPS,
     CONFIG,
+    LAYOUT_VERSION,
     WORKLOADS,
     ConfigEntry,
     PinnedMap,
@@ -880,8 +881,10 @@ def test_a_pod_the_controller_has_not_named_yet_is_captured_as_a_peer(env: Env) 
         env.r.reconcile({pa.ip}, env.all_pods())
 
 
-# What a layout-1 agent left: no ambit_wl_home, an 8-entry ambit_stats (no drop_spoofed).
-LAYOUT_1 = {s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed")}
+# What a layout-1 agent left: no ambit_wl_home (nor the later maps), an 8-entry ambit_stats (no drop_spoofed).
+LAYOUT_1 = {
+    s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed", "ambit_bridge_ports")
+}
 LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)
 
 
@@ -918,7 +921,7 @@ def test_layout_1_pins_are_migrated_and_homes_filled_from_routes(env: Env) -> No
             try:
                 pa_index = int(env.topo.ip(env.topo.node, "-o", "link", "show", env.pa.node_if).split(":")[0])
                 assert maps.workload_homes() == {env.pa.ip: pa_index}
-                assert maps.read_config().layout_version == 2
+                assert maps.read_config().layout_version == LAYOUT_VERSION
                 # Enrollment kept as it was, counters included (the 7 was written to every CPU's slot).
                 assert maps.workload_counters()[env.pa.ip].packets == 7 * possible_cpus()
             finally:
@@ -949,8 +952,12 @@ def test_pins_of_a_newer_layout_are_refused_and_left_alone(env: Env) -> None:
     node_netns = os.stat(f"/var/run/netns/{env.topo.node}").st_ino
     shapes = {s.name: s.shape for s in ALL_MAPS}
     try:
-        _pin_maps(cfg.pin_dir, shapes, ConfigEntry(layout_version=3, netns_cookie=node_netns))
-        with rt.enter(env.topo.node), pytest.raises(RedirectPinError, match="layout 3, newer than this agent's 2"):
+        newer = LAYOUT_VERSION + 1
+        _pin_maps(cfg.pin_dir, shapes, ConfigEntry(layout_version=newer, netns_cookie=node_netns))
+        with (
+            rt.enter(env.topo.node),
+            pytest.raises(RedirectPinError, match=f"layout {newer}, newer than this agent's {LAYOUT_VERSION}"),
+        ):
             Redirector(cfg).start()
         assert sorted(os.listdir(cfg.pin_dir)) == sorted(shapes)
         assert f"ambit:{cfg.instance}" not in env.filters(env.topo.uplink)

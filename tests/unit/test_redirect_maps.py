@@ -37,6 +37,8 @@ def test_struct_layouts_match_the_header() -> None:
     assert [f[0] for f in rm.WlCounters._fields_] == _struct_fields("ambit_wl_counters")
     assert [f[0] for f in rm.IfaceEntry._fields_] == _struct_fields("ambit_iface")
     assert [f[0] for f in rm.ConfigEntry._fields_] == _struct_fields("ambit_config")
+    assert [f[0] for f in rm.BridgePort._fields_] == _struct_fields("ambit_bridge_port")
+    assert ct.sizeof(rm.BridgePort) == 12
     assert (ct.sizeof(rm.AmbitAddr), ct.sizeof(rm.WlCounters), ct.sizeof(rm.IfaceEntry)) == (20, 40, 8)
     assert ct.sizeof(rm.ConfigEntry) == 32
 
@@ -45,6 +47,7 @@ def test_constants_match_the_header() -> None:
     assert _define("AMBIT_LAYOUT_VERSION") == rm.LAYOUT_VERSION
     assert _define("AMBIT_IF_POD") == rm.IF_POD
     assert _define("AMBIT_IF_UPLINK") == rm.IF_UPLINK
+    assert (_define("AMBIT_IF_BRIDGE"), _define("AMBIT_IF_BRIDGE_PORT")) == (rm.IF_BRIDGE, rm.IF_BRIDGE_PORT)
     assert _define("AMBIT_LOADER_OWNS_QDISC") == rm.LOADER_OWNS_QDISC
     assert (_define("AMBIT_AF_INET"), _define("AMBIT_AF_INET6")) == (rm.AF_INET, rm.AF_INET6)
     stats = sorted(
@@ -65,6 +68,7 @@ def test_map_declarations_match_specs() -> None:
         "struct ambit_wl_counters": ct.sizeof(rm.WlCounters),
         "struct ambit_iface": ct.sizeof(rm.IfaceEntry),
         "struct ambit_config": ct.sizeof(rm.ConfigEntry),
+        "struct ambit_bridge_port": ct.sizeof(rm.BridgePort),
     }
     for kind, key, leaf, name, max_entries in decls:
         spec = next(s for s in rm.ALL_MAPS if s.name == name)
@@ -101,6 +105,7 @@ def test_unknown_family_in_a_key_is_an_error() -> None:
 
 
 # What an agent of layout 1 pinned: no ambit_wl_home, and ambit_stats one entry shorter (no drop_spoofed).
+# Layout 2 added ambit_wl_home and ambit_if_spoofed, layout 3 ambit_bridge_ports.
 LAYOUT_1 = {
     "ambit_workloads": rm.WORKLOADS.shape,
     "ambit_ifaces": rm.IFACES.shape,
@@ -111,13 +116,20 @@ LAYOUT_1 = {
 
 def test_layout_1_pins_migrate_by_adding_homes_and_replacing_only_the_counters() -> None:
     plan = rm.plan_migration("/sys/fs/bpf/ambit/n1", 1, LAYOUT_1)
-    assert plan.create == (rm.HOMES, rm.IF_SPOOFED)
+    assert plan.create == (rm.HOMES, rm.IF_SPOOFED, rm.BRIDGE_PORTS)
     assert plan.replace == (rm.STATS,)
     assert plan.describe() == [
         "created ambit_wl_home",
         "created ambit_if_spoofed",
+        "created ambit_bridge_ports",
         "replaced ambit_stats, counts reset",
     ]
+
+
+def test_layout_2_pins_migrate_by_adding_the_bridge_ports() -> None:
+    layout_2 = {spec.name: spec.shape for spec in rm.ALL_MAPS if spec is not rm.BRIDGE_PORTS}
+    plan = rm.plan_migration("/p", 2, layout_2)
+    assert plan == rm.PinMigration(create=(rm.BRIDGE_PORTS,))
 
 
 def test_current_pins_need_no_migration() -> None:

@@ -95,7 +95,12 @@ def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
     """How ztunnel is to pick this service's endpoints, as istiod's constructService sets it: PreferClose (the
     field, or the annotation also ServiceEntries may carry) ranks by network, region, zone, subzone with failover;
     internalTrafficPolicy Local keeps to the client's node strictly; publishNotReadyAddresses sends to endpoints
-    that are not ready. None: any healthy endpoint."""
+    that are not ready; a ServiceEntry with resolution NONE passes connections through. None: any healthy
+    endpoint."""
+    if isinstance(obj, ServiceEntry) and obj.resolution == "NONE":
+        # Connections go to the address the client dialled; ztunnel picks no endpoint for a PASSTHROUGH service
+        # (without it, a service with no endpoints refuses every connection: NoHealthyUpstream).
+        return _LB(mode=_LB.PASSTHROUGH, health_policy=_LB.ALLOW_ALL)
     prefer_close = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "").lower() == "preferclose"
     lb: wl.LoadBalancing | None = None
     if isinstance(obj, Service):

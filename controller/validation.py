@@ -1139,6 +1139,9 @@ def _build_service_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> ServiceE
         "spec.endpoints",
         lambda d, p: _workload_entry_spec(ctx, d, p, static=resolution == "STATIC"),
     )
+    if resolution == "NONE" and endpoints and spec.get("resolution") in (None, "NONE"):  # not a refused value
+        # As Istio's webhook: with NONE the client's original destination is used, so the endpoints would be ignored.
+        ctx.error("spec.endpoints", "not allowed with resolution NONE (connections keep their destination address)")
     if resolution in ("DNS", "DNS_ROUND_ROBIN") and not endpoints:
         # Each host is then its own endpoint, resolved by name (istiod's implicit endpoints): a wildcard is no name.
         for host in hosts:

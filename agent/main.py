@@ -81,6 +81,13 @@ class AgentConfig:
     ready_port: int = field(default=15021, metadata=doc("/healthz/ready"))
     early_data: int = field(default=EARLY_DATA, metadata=doc("bytes of a client's first write sent with the CONNECT"))
     drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
+    config_wait: float = field(
+        default=30.0,
+        metadata=doc(
+            "with no saved xDS state, seconds captured connections wait unaccepted for the first configuration "
+            "(after that they are accepted, and refused while the agent knows no workload)"
+        ),
+    )
     dns_ttl: float = field(
         default=ANSWER_TTL,
         metadata=doc("seconds an on-demand DNS answer is kept (getaddrinfo reports no record TTL)"),
@@ -97,7 +104,7 @@ class AgentConfig:
         # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
         if not 0 <= self.early_data <= MAX_EARLY_DATA:
             raise ValueError(f"--early-data must be 0 to {MAX_EARLY_DATA} bytes, got {self.early_data}")
-        for name in ("dns_ttl", "dns_failure_ttl", "dns_timeout"):
+        for name in ("dns_ttl", "dns_failure_ttl", "dns_timeout", "config_wait"):
             seconds = getattr(self, name)
             if not (math.isfinite(seconds) and seconds > 0):  # nan and inf parse as floats too
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {seconds}")
@@ -186,9 +193,20 @@ class Agent:
             (cfg.hbone_port, self.inbound.handle, "inbound"),
         ):
             gone = functools.partial(self.access_log.refused, name, reason="client_reset")
-            listener = Listener(transparent_listener(port, cfg.listen_address), handler, name, gone=gone)
-            listener.start()
-            self.listeners.append(listener)
+            self.listeners.append(Listener(transparent_listener(port, cfg.listen_address), handler, name, gone=gone))
+        if self.xds.has_config:
+            self._accept()
+        else:
+            self._tasks.append(asyncio.create_task(self._accept_when_configured(), name="accept-when-configured"))
+
+        self.certs.start()
+        self.store.subscribe(lambda _change: self._reconcile_wanted.set())
+        if self.xds.restored:  # applied before this subscription: enroll and prefetch from it now
+            self._reconcile_wanted.set()
+        # xDS before the programs compile (1-3 s, off the loop): an agent with no saved state learns its workloads
+        # meanwhile, and the connections held for them wait that much less. The reconcile loop, the only other
+        # user of the redirector, starts after the compile and finds the store's changes waiting.
+        self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
 
         if self.redirector is not None:
             try:
@@ -200,13 +218,29 @@ class Agent:
                 # A pod interface re-created with its IP is news to capture, not to the controller.
                 asyncio.get_running_loop().add_reader(watch.fileno(), self._capture_changed, watch)
 
-        self.certs.start()
-        self.store.subscribe(lambda _change: self._reconcile_wanted.set())
-        if self.xds.restored:  # applied before this subscription: enroll and prefetch from it now
-            self._reconcile_wanted.set()
-        self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))
+
+    def _accept(self) -> None:
+        for listener in self.listeners:
+            listener.start()
+
+    async def _accept_when_configured(self) -> None:
+        """With no saved state the agent knows no workload until the controller answers, while the previous agent's
+        pinned filters already steer enrolled pods' connections here: accepted now, every one was refused (unknown
+        source or destination, a reset). Unaccepted, the kernel completes their handshakes into the listeners'
+        backlogs (SYNs beyond that are dropped and sent again), and they are served once the configuration is in.
+        Past `config_wait` they are accepted anyway, and refused and logged, rather than held without a trace."""
+        log.info("holding captured connections until the first configuration", extra=kv(seconds=self.cfg.config_wait))
+        try:
+            await asyncio.wait_for(self.xds.ready.wait(), self.cfg.config_wait)
+        except TimeoutError:
+            log.warning(
+                "no configuration yet: accepting captured connections without it",
+                extra=kv(seconds=self.cfg.config_wait, reason=self.xds.not_ready_reason()),
+            )
+        if not self.draining:  # a drain closed the listening sockets; nothing left to accept on
+            self._accept()
 
     async def _serve(self, server: HttpServer, host: str, port: int) -> None:
         await server.start(host, port)

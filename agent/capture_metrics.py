@@ -10,19 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
-
+from agent.prometheus import MetricFamily, counter_family
 from agent.redirect import Redirector
 
 log = logging.getLogger("agent.capture_metrics")
 
 
-class CaptureCollector(Collector):
+class CaptureCollector:
     def __init__(self, redirector: Redirector) -> None:
         self.redirector = redirector
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         try:
             per_workload = self.redirector.counters()
             totals = self.redirector.stats()
@@ -30,18 +28,18 @@ class CaptureCollector(Collector):
         except Exception as e:  # capture not started (yet): report nothing rather than fail the whole scrape
             log.debug("capture counters unavailable", extra={"fields": {"error": repr(e)}})
             return
-        packets = CounterMetricFamily(
+        packets = counter_family(
             "ambit_capture_packets", "TCP packets sent by each enrolled workload, counted in the kernel", labels=["ip"]
         )
-        octets = CounterMetricFamily(
+        octets = counter_family(
             "ambit_capture_bytes", "TCP bytes sent by each enrolled workload, counted in the kernel", labels=["ip"]
         )
-        conns = CounterMetricFamily(
+        conns = counter_family(
             "ambit_capture_connections",
             "New connections captured into the agent per enrolled workload",
             labels=["ip", "direction"],
         )
-        drops = CounterMetricFamily(
+        drops = counter_family(
             "ambit_capture_fail_closed_drops",
             "Connections of an enrolled workload dropped because no agent listener was there (fail closed)",
             labels=["ip"],
@@ -52,12 +50,10 @@ class CaptureCollector(Collector):
             conns.add_metric([ip, "outbound"], c.connections_out)
             conns.add_metric([ip, "inbound"], c.connections_in)
             drops.add_metric([ip], c.drops)
-        events = CounterMetricFamily(
-            "ambit_capture_events", "Node-wide capture program events by kind", labels=["event"]
-        )
+        events = counter_family("ambit_capture_events", "Node-wide capture program events by kind", labels=["event"])
         for name, value in sorted(totals.items()):
             events.add_metric([name], value)
-        spoofing = CounterMetricFamily(
+        spoofing = counter_family(
             "ambit_capture_spoofed_drops",
             "TCP arriving at an interface (a pod's, or the uplink) from the address of an enrolled workload living "
             "elsewhere (dropped)",

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from agent.ca_client import CaRequestError, CertificateSigner
+from agent.prometheus import Counter, Gauge, Registry
 from common import tls
 from common.log import kv
 from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs, path_to_root
@@ -211,7 +211,7 @@ class CertificateManager:
         *,
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         initial_roots: Sequence[str] = (),
-        registry: CollectorRegistry | None = None,
+        registry: Registry | None = None,
         backoff: Backoff | None = None,
         concurrency: int = 4,
         rng: random.Random | None = None,
@@ -227,7 +227,7 @@ class CertificateManager:
         self._queue: asyncio.PriorityQueue[tuple[int, int, Identity]] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._workers: list[asyncio.Task[None]] = []
-        reg = registry if registry is not None else REGISTRY
+        reg = registry if registry is not None else Registry()
         self._expiry = Gauge(
             "ambit_cert_expiry_seconds",
             "Expiry time (Unix seconds) of the certificate held for each workload identity",
@@ -467,5 +467,4 @@ class CertificateManager:
             entry.timer = None
         entry.queued = None
         self._wake(entry, CertificateUnavailable(why))
-        with contextlib.suppress(KeyError):
-            self._expiry.remove(str(entry.identity))
+        self._expiry.remove(str(entry.identity))

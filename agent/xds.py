@@ -32,9 +32,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
-from prometheus_client import CollectorRegistry, Counter
 
 from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError
+from agent.prometheus import Counter, Registry
 from agent.state import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
@@ -225,7 +225,7 @@ def decode_state(data: bytes) -> list[discovery_pb2.DeltaDiscoveryResponse]:
 class XdsMetrics:
     """ztunnel's xDS client metrics (src/xds/metrics.rs names), registered in the agent's registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.terminations = Counter(
             "istio_xds_connection_terminations", "xDS streams ended, by reason", ["reason"], registry=registry
         )
@@ -289,7 +289,7 @@ class XdsClient:
         server_name: str = DEFAULT_SERVER_NAME,
         cluster_id: str = "Kubernetes",
         backoff: Backoff | None = None,
-        registry: CollectorRegistry | None = None,
+        registry: Registry | None = None,
         channel: ControllerChannel | None = None,
     ) -> None:
         self.store = store

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import CollectorRegistry
 
 from agent.ca_client import CaRequestError
 from agent.identity import (
@@ -21,6 +20,7 @@ from agent.identity import (
     new_key_and_csr,
     parse_response,
 )
+from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller import ca_rotation
 from controller.ca import CertificateAuthority
@@ -70,12 +70,12 @@ def signer(ca: CertificateAuthority) -> FakeSigner:
 
 
 @pytest.fixture
-async def registry() -> CollectorRegistry:
-    return CollectorRegistry()
+async def registry() -> Registry:
+    return Registry()
 
 
 @pytest.fixture
-async def manager(signer: FakeSigner, registry: CollectorRegistry) -> AsyncIterator[CertificateManager]:
+async def manager(signer: FakeSigner, registry: Registry) -> AsyncIterator[CertificateManager]:
     m = CertificateManager(signer, TD, ttl_seconds=3600, registry=registry, backoff=FAST)
     yield m
     await m.close()
@@ -94,7 +94,7 @@ async def test_on_demand_contexts_do_mutual_tls_with_spiffe_ids_and_h2(manager: 
 
 
 async def test_prefetch_warms_without_a_caller(
-    manager: CertificateManager, signer: FakeSigner, registry: CollectorRegistry
+    manager: CertificateManager, signer: FakeSigner, registry: Registry
 ) -> None:
     manager.prefetch([WEB, DB])
     await eventually(lambda: all(r["state"] == "valid" for r in manager.snapshot()) and len(manager.snapshot()) == 2)
@@ -107,7 +107,7 @@ async def test_prefetch_warms_without_a_caller(
     assert signer.calls.count(WEB) == 1, "prefetch of a valid certificate does nothing"
 
 
-async def test_realtime_overtakes_warmup(ca: CertificateAuthority, registry: CollectorRegistry) -> None:
+async def test_realtime_overtakes_warmup(ca: CertificateAuthority, registry: Registry) -> None:
     signer = FakeSigner(ca)
     signer.gate = asyncio.Event()
     m = CertificateManager(signer, TD, registry=registry, concurrency=1)
@@ -125,7 +125,7 @@ async def test_realtime_overtakes_warmup(ca: CertificateAuthority, registry: Col
 
 
 async def test_failed_refresh_keeps_valid_certificate_then_recovers(
-    ca: CertificateAuthority, registry: CollectorRegistry
+    ca: CertificateAuthority, registry: Registry
 ) -> None:
     signer = FakeSigner(ca)
     m = CertificateManager(signer, TD, ttl_seconds=2, registry=registry, backoff=FAST)
@@ -146,7 +146,7 @@ async def test_failed_refresh_keeps_valid_certificate_then_recovers(
 
 
 async def test_expired_certificate_is_dropped_when_refresh_keeps_failing(
-    ca: CertificateAuthority, registry: CollectorRegistry
+    ca: CertificateAuthority, registry: Registry
 ) -> None:
     signer = FakeSigner(ca)
     m = CertificateManager(signer, TD, ttl_seconds=1, registry=registry, backoff=FAST)
@@ -167,7 +167,7 @@ async def test_expired_certificate_is_dropped_when_refresh_keeps_failing(
 
 
 async def test_retry_after_failed_refresh_comes_no_later_than_expiry(
-    ca: CertificateAuthority, registry: CollectorRegistry
+    ca: CertificateAuthority, registry: Registry
 ) -> None:
     """A failed refresh used to wait out its whole backoff even when the held certificate expired first: from the
     expiry on every connection was refused at once, for up to the backoff (minutes), even with the CA back."""
@@ -199,7 +199,7 @@ async def test_refused_on_demand_raises_with_reason(manager: CertificateManager,
 
 
 async def test_retain_only_drops_departed_workloads(
-    manager: CertificateManager, signer: FakeSigner, registry: CollectorRegistry
+    manager: CertificateManager, signer: FakeSigner, registry: Registry
 ) -> None:
     await manager.server_context(WEB)
     await manager.server_context(DB)
@@ -218,7 +218,7 @@ async def test_retain_only_drops_departed_workloads(
 
 @pytest.mark.parametrize("tamper", ["other_identity", "other_key", "no_root", "garbage", "foreign_root"])
 async def test_invalid_responses_are_rejected(
-    tmp_path: Path, ca: CertificateAuthority, registry: CollectorRegistry, tamper: str
+    tmp_path: Path, ca: CertificateAuthority, registry: Registry, tamper: str
 ) -> None:
     foreign = CertificateAuthority(tmp_path / "foreign", TD)
     tampers: dict[str, Callable[[list[str], Identity], list[str]]] = {
@@ -251,7 +251,7 @@ def test_parse_response_splits_presented_chain_and_bundle(ca: CertificateAuthori
 
 
 async def test_new_bundle_rebuilds_contexts_and_updates_ca_channel(
-    ca: CertificateAuthority, registry: CollectorRegistry
+    ca: CertificateAuthority, registry: Registry
 ) -> None:
     signer = FakeSigner(ca)
     m = CertificateManager(signer, TD, ttl_seconds=2, registry=registry, backoff=FAST)
@@ -267,9 +267,9 @@ async def test_new_bundle_rebuilds_contexts_and_updates_ca_channel(
         await m.close()
 
 
-async def test_handshake_fails_across_unrelated_roots(tmp_path: Path, registry: CollectorRegistry) -> None:
+async def test_handshake_fails_across_unrelated_roots(tmp_path: Path, registry: Registry) -> None:
     a = CertificateManager(FakeSigner(CertificateAuthority(tmp_path / "a", TD)), TD, registry=registry)
-    b = CertificateManager(FakeSigner(CertificateAuthority(tmp_path / "b", TD)), TD, registry=CollectorRegistry())
+    b = CertificateManager(FakeSigner(CertificateAuthority(tmp_path / "b", TD)), TD, registry=Registry())
     try:
         with pytest.raises(ssl.SSLError):
             handshake(await a.server_context(WEB), await b.client_context(DB))
@@ -278,9 +278,7 @@ async def test_handshake_fails_across_unrelated_roots(tmp_path: Path, registry: 
         await b.close()
 
 
-async def test_unexpected_signer_error_fails_waiters_and_retries(
-    ca: CertificateAuthority, registry: CollectorRegistry
-) -> None:
+async def test_unexpected_signer_error_fails_waiters_and_retries(ca: CertificateAuthority, registry: Registry) -> None:
     class Flaky(FakeSigner):
         async def create_certificate(self, csr_pem: str, identity: Identity, ttl_seconds: int) -> list[str]:
             if not self.calls:

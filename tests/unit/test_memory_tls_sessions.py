@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.identity import CertificateManager
+from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
 from tests.support.identity_pki import handshake
@@ -22,7 +22,7 @@ DB = Identity(TD, "default", "db")
 
 @pytest.fixture
 async def manager(tmp_path: Path) -> AsyncIterator[CertificateManager]:
-    m = CertificateManager(FakeSigner(CertificateAuthority(tmp_path / "ca", TD)), TD, registry=CollectorRegistry())
+    m = CertificateManager(FakeSigner(CertificateAuthority(tmp_path / "ca", TD)), TD, registry=Registry())
     yield m
     await m.close()
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 from agent.capture_metrics import CaptureCollector
+from agent.prometheus import Registry, render_text
 from agent.redirect import Redirector, WorkloadCounters
 
 
@@ -28,9 +27,9 @@ class _NotStarted:
 
 
 def _scrape(redirector: object) -> str:
-    registry = CollectorRegistry()
+    registry = Registry()
     registry.register(CaptureCollector(cast(Redirector, redirector)))
-    return generate_latest(registry).decode()
+    return render_text(registry)
 
 
 def test_spoofed_drops_are_exported_per_interface_next_to_the_node_total() -> None:

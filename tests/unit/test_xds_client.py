@@ -9,8 +9,8 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
-from prometheus_client import CollectorRegistry
 
+from agent.prometheus import Registry
 from agent.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, StoreChange, WorkloadStore
 from agent.xds import (
     TYPES,
@@ -292,7 +292,7 @@ def test_store_put_accepts_bare_messages() -> None:
 
 
 async def test_unreadable_credentials_back_off_and_are_counted(tmp_path: Path) -> None:
-    registry = CollectorRegistry()
+    registry = Registry()
     client = XdsClient(
         WorkloadStore(),
         "127.0.0.1:1",
@@ -314,7 +314,7 @@ async def test_unexpected_session_error_is_retried_not_fatal(tmp_path: Path) -> 
     running with no config updates, and nothing was logged since the task's exception was never retrieved."""
     token = tmp_path / "token"
     token.write_bytes(b"\xff\xfe")
-    registry = CollectorRegistry()
+    registry = Registry()
     client = XdsClient(
         WorkloadStore(), "127.0.0.1:1", "n1", token_file=token, backoff=Backoff(0.01, 0.04), registry=registry
     )
@@ -330,7 +330,7 @@ async def test_unexpected_session_error_is_retried_not_fatal(tmp_path: Path) -> 
 
 
 def test_messages_are_counted() -> None:
-    registry = CollectorRegistry()
+    registry = Registry()
     client = XdsClient(WorkloadStore(), "127.0.0.1:1", "n1", registry=registry)
     resp = response(AUTHORIZATION_TYPE, resource("demo/p", pol("p"), AUTHORIZATION_TYPE))
     client.handle_response(resp)

@@ -159,6 +159,7 @@ class Agent:
         self._reconcile_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._capture_error: str | None = None
+        self._captured_config = False  # a reconcile has applied a whole configuration (readiness waits for it)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -230,17 +231,22 @@ class Agent:
         pinned filters already steer enrolled pods' connections here: accepted now, every one was refused (unknown
         source or destination, a reset). Unaccepted, the kernel completes their handshakes into the listeners'
         backlogs (SYNs beyond that are dropped and sent again), and they are served once the configuration is in.
-        Past `config_wait` they are accepted anyway, and refused and logged, rather than held without a trace."""
+        Past `config_wait` they are accepted anyway, and refused and logged, rather than held without a trace.
+        The store may not change with the last type's first response (no policies): capture is reconciled then."""
         log.info("holding captured connections until the first configuration", extra=kv(seconds=self.cfg.config_wait))
+        configured = asyncio.ensure_future(self.xds.ready.wait())
         try:
-            await asyncio.wait_for(self.xds.ready.wait(), self.cfg.config_wait)
-        except TimeoutError:
-            log.warning(
-                "no configuration yet: accepting captured connections without it",
-                extra=kv(seconds=self.cfg.config_wait, reason=self.xds.not_ready_reason()),
-            )
-        if not self.draining:  # a drain closed the listening sockets; nothing left to accept on
-            self._accept()
+            if not (await asyncio.wait({configured}, timeout=self.cfg.config_wait))[0]:
+                log.warning(
+                    "no configuration yet: accepting captured connections without it",
+                    extra=kv(seconds=self.cfg.config_wait, reason=self.xds.not_ready_reason()),
+                )
+            if not self.draining:  # a drain closed the listening sockets; nothing left to accept on
+                self._accept()
+            await configured
+        finally:
+            configured.cancel()
+        self._reconcile_wanted.set()
 
     async def _serve(self, server: HttpServer, host: str, port: int) -> None:
         await server.start(host, port)
@@ -298,6 +304,7 @@ class Agent:
         while True:
             await self._reconcile_wanted.wait()
             self._reconcile_wanted.clear()
+            configured = self.xds.has_config
             enrolled = self.enrolled_local()
             idents = {self._identity(wl) for wl in enrolled}
             self.certs.prefetch(idents)
@@ -311,6 +318,7 @@ class Agent:
             except Exception as e:
                 log.error("capture reconcile failed", extra=kv(error=f"{type(e).__name__}: {e}"))
                 continue
+            self._captured_config |= configured
             for ip, why in failures.items():
                 log.warning("workload not captured", extra=kv(ip=ip, reason=why))
 
@@ -327,6 +335,9 @@ class Agent:
         if self.redirector is not None:
             if self._capture_error:
                 return False, f"capture unavailable: {self._capture_error}"
+            # Before the first reconcile the redirector has no enrolled pod asked of it, and says ready.
+            if not self._captured_config:
+                return False, "capture not yet applied to the configuration"
             if not self.redirector.ready:
                 return False, f"capture not ready: {json.dumps(self.redirector.status().get('failures', {}))}"
         return True, "ready"

@@ -1,0 +1,74 @@
+"""The agent's readiness against its capture: ready only once capture was reconciled with a whole configuration.
+
+The redirector reports ready as soon as its programs are loaded when nothing has been asked of it yet, so an agent
+whose certificates arrived before its first reconcile finished said ready while no enrolled pod was captured.
+A stand-in redirector answers like the real one (no kernel needed); the reconcile loop is the agent's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from agent.main import Agent, AgentConfig
+from tests.support.xds_controller import wait_for
+
+
+class _Capture:
+    """Ready before any reconcile, as agent.redirect.Redirector is with nothing requested."""
+
+    ready = True
+    change_watch = None
+
+    def __init__(self) -> None:
+        self.reconciles = 0
+
+    def reconcile(self, enrolled: set[str], local: set[str]) -> dict[str, str]:
+        self.reconciles += 1
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+@contextlib.asynccontextmanager
+async def _agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, _Capture]]:
+    agent = Agent(AgentConfig(node="n1", controller="127.0.0.1:1", state_dir=str(tmp_path), capture=False))
+    capture = _Capture()
+    agent.redirector = capture  # type: ignore[assignment]
+    loop = asyncio.create_task(agent._reconcile_loop())
+    try:
+        yield agent, capture
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await agent.controller.close()
+
+
+async def test_not_ready_until_capture_was_reconciled_with_the_whole_configuration(tmp_path: Path) -> None:
+    async with _agent(tmp_path) as (agent, capture):
+        agent._reconcile_wanted.set()  # a first type applied: the config is not whole yet
+        await wait_for(lambda: capture.reconciles == 1, what="first reconcile")
+        assert agent.readiness() == (False, "waiting for the first full configuration from the controller")
+        agent.xds.ready.set()
+        assert agent.readiness() == (False, "capture not yet applied to the configuration")
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: agent.readiness() == (True, "ready"), what="ready after the second reconcile")
+        assert capture.reconciles == 2
+
+
+async def test_the_first_configuration_triggers_a_reconcile_even_when_the_store_did_not_change(tmp_path: Path) -> None:
+    """A cluster with no policies: the Authorization type's first response changes nothing in the store, so no
+    store change asks for the reconcile that readiness waits for; the configuration becoming whole does."""
+    async with _agent(tmp_path) as (agent, capture):
+        held = asyncio.create_task(agent._accept_when_configured())
+        await asyncio.sleep(0)
+        assert capture.reconciles == 0
+        agent.xds.ready.set()
+        await held
+        await wait_for(lambda: agent.readiness() == (True, "ready"), what="a reconcile on the first configuration")
+        assert capture.reconciles == 1

@@ -159,6 +159,7 @@ class Translator:
         self._owned_workloads: dict[ObjectKey, set[str]] = {}
         self._owned_services: dict[ObjectKey, dict[str, wl.Service]] = {}
         self._service_claims: dict[str, set[ObjectKey]] = {}
+        self._names_by_hostname: dict[str, set[str]] = {}  # hostname -> its "<ns>/<hostname>" services
         self._converted_pas: set[str] = set()
         self._warnings: dict[ObjectKey, str] = {}
         # Per-rebuild memos keyed by (namespace, labels): workloads with equal labels select the same things.
@@ -420,22 +421,34 @@ class Translator:
                 claims.discard(key)
                 if not claims:
                     self._service_claims.pop(name, None)
+                    _toggle_name(self._names_by_hostname, name, add=False)
             for name in built:
                 self._service_claims.setdefault(name, set()).add(key)
+                _toggle_name(self._names_by_hostname, name, add=True)
             if built:
                 self._owned_services[key] = built
             touched |= previous.keys() | built.keys()
         self._dirty_services.clear()
         for name in touched:
-            owners = self._service_claims.get(name)
-            if not owners:
+            if name not in self._service_claims:
                 self._set_address(name, None, delta)
-                continue
-            winner = min(owners, key=self._service_precedence)
-            self._set_address(name, wl.Address(service=self._owned_services[winner][name]), delta)
+        # Which namespace's service is canonical for a hostname depends on every namespace's: redo whole hostnames.
+        for hostname in {name.partition("/")[2] for name in touched}:
+            names = self._names_by_hostname.get(hostname, set())
+            winners = {name: min(self._service_claims[name], key=self._service_precedence) for name in names}
+            canonical = min(winners, key=lambda n: (*self._service_precedence(winners[n]), n), default=None)
+            for name, winner in winners.items():
+                service = self._owned_services[winner][name]
+                if name == canonical and not service.canonical:
+                    service = wl.Service(canonical=True)
+                    service.MergeFrom(self._owned_services[winner][name])
+                self._set_address(name, wl.Address(service=service), delta)
 
     def _service_precedence(self, key: ObjectKey) -> tuple[int, str, str]:
-        """Kubernetes Services win over ServiceEntries for the same hostname; then the oldest ServiceEntry."""
+        """Kubernetes Services win over ServiceEntries for the same hostname; then the oldest ServiceEntry.
+
+        The same order picks, among the namespaces serving one hostname, the service marked `canonical` (istiod's
+        selectWorkloadServices): the one clients of other namespaces reach at a VIP or name several share."""
         obj = self._objects[key]
         return (0 if key.kind == "Service" else 1, obj.meta.creation_timestamp, key.name)
 
@@ -464,6 +477,7 @@ class Translator:
                 ports=ports,
                 load_balancing=_load_balancing(obj),
                 ip_families=_IP_FAMILIES.get(obj.ip_families, wl.DUAL),
+                canonical=True,  # istiod: a Kubernetes Service is always canonical for its hostname
             )
             return {f"{ns}/{hostname}": service}
         se_ports = [wl.Port(service_port=p.number, target_port=p.target_port) for p in obj.ports]
@@ -732,6 +746,16 @@ def _toggle(index: dict[_B, set[ObjectKey]], bucket: _B, key: ObjectKey, add: bo
         index[bucket].discard(key)
         if not index[bucket]:
             del index[bucket]
+
+
+def _toggle_name(index: dict[str, set[str]], name: str, add: bool) -> None:
+    hostname = name.partition("/")[2]
+    if add:
+        index.setdefault(hostname, set()).add(name)
+    elif hostname in index:
+        index[hostname].discard(name)
+        if not index[hostname]:
+            del index[hostname]
 
 
 def _resolve_target(target: int | str | None, port: int, subject: Pod | WorkloadEntry) -> int | None:

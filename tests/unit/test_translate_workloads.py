@@ -114,6 +114,7 @@ def test_service_resource() -> None:
         ports { service_port: 80 target_port: 0 }
         ports { service_port: 9000 target_port: 9000 }
         ports { service_port: 9090 target_port: 19090 app_protocol: GRPC }
+        canonical: true
         """,
         wl.Service(),
     )

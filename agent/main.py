@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import json
@@ -42,7 +43,7 @@ from agent.redirect_netlink import ChangeWatch
 from agent.sockets import Listener, transparent_listener
 from agent.state import WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
-from agent.xds import XdsClient
+from agent.xds import STATE_FILE, XdsClient
 from api.istio.workload import workload_pb2
 from common import flags, runtime
 from common import log as jsonlog
@@ -364,6 +365,20 @@ def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
     )
 
 
+def _remove_state(state_dir: Path) -> list[str]:
+    """The saved xDS state goes with the capture: a later install restoring it would act on a stale cluster until
+    its controller answered. The directory too, when nothing else is in it."""
+    removed = []
+    state = state_dir / STATE_FILE
+    with contextlib.suppress(FileNotFoundError):
+        state.unlink()
+        removed.append(f"xDS state file {state}")
+    with contextlib.suppress(OSError):  # not empty, absent, or a mount point: left as it is
+        state_dir.rmdir()
+        removed.append(f"state directory {state_dir}")
+    return removed
+
+
 async def _run(cfg: AgentConfig) -> int:
     agent = Agent(cfg)
     loop = asyncio.get_running_loop()
@@ -395,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = flags.parse(AgentConfig, argv)
     jsonlog.setup(cfg.log_level)
     if cfg.cleanup:
-        removed = cleanup(_redirect_config(cfg))
+        removed = cleanup(_redirect_config(cfg)) + _remove_state(Path(cfg.state_dir))
         log.info("cleanup done", extra=kv(instance=cfg.instance, removed=removed))
         return
     runtime.run(lambda: _run(cfg), cfg.event_loop)

@@ -34,6 +34,7 @@ from controller.sources import kube
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "daemonset" / "base"
+CLEANUP = REPO / "daemonset" / "cleanup"  # the uninstall helper: its own kustomization, never part of the base
 DOCKERFILE = REPO / "daemonset" / "Dockerfile"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -231,6 +232,84 @@ def test_agent_runs_privileged_on_the_host_network_with_host_bpffs_and_state(mon
 def test_agent_grace_period_covers_its_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(*AGENT[:3], monkeypatch)
     assert _pod_spec("DaemonSet", "ambit-agent")["terminationGracePeriodSeconds"] > cfg.drain_seconds
+
+
+# --- the uninstall DaemonSet against the agent it cleans up after ---------------------------------------------------
+
+
+def _cleanup_kustomization() -> dict[str, Any]:
+    kust: dict[str, Any] = yaml.safe_load((CLEANUP / "kustomization.yaml").read_text())
+    return kust
+
+
+def _cleanup_daemonset() -> dict[str, Any]:
+    kust = _cleanup_kustomization()
+    objects = [d for r in kust["resources"] for d in yaml.safe_load_all((CLEANUP / r).read_text()) if d]
+    (ds,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    assert ds["metadata"]["name"] == "ambit-cleanup"
+    return ds
+
+
+def _cleanup_container() -> dict[str, Any]:
+    (init,) = _cleanup_daemonset()["spec"]["template"]["spec"]["initContainers"]
+    return dict(init)
+
+
+def _host_path(spec: dict[str, Any], container: dict[str, Any], path: str) -> PurePosixPath:
+    """Where ``path`` inside the container is on the node, through its hostPath volume."""
+    mount = _mounted(container, path)
+    assert mount is not None, f"{container['name']}: {path} is in no volumeMount"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "hostPath" in volume, f"{container['name']}: {path} is not on the node"
+    inside = PurePosixPath(path).relative_to(mount["mountPath"])
+    return PurePosixPath(volume["hostPath"]["path"]) / inside
+
+
+def test_cleanup_kustomization_matches_the_base() -> None:
+    kust = _cleanup_kustomization()
+    for resource in kust["resources"]:
+        assert (CLEANUP / resource).is_file(), resource
+    assert {p.name for p in CLEANUP.glob("*.yaml")} - {"kustomization.yaml"} <= set(kust["resources"])
+    assert kust["namespace"] == _kustomization()["namespace"]
+    assert kust["images"] == _kustomization()["images"], "the cleanup must run the agent version that installed"
+
+
+def test_cleanup_runs_the_agents_cleanup_with_real_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = _cleanup_container()
+    assert c["command"] == [AGENT[3]]
+    for var in list(os.environ):
+        if var.startswith("AMBIT_"):
+            monkeypatch.delenv(var)
+    for env in c.get("env", []):
+        assert env["name"].startswith("AMBIT_") and env["name"][len("AMBIT_") :].lower() in {
+            f.name for f in dataclasses.fields(AgentConfig)
+        }, env["name"]
+        monkeypatch.setenv(env["name"], str(env["value"]))
+    cleanup = flags.parse(AgentConfig, c["args"])  # argparse exits on an unknown or malformed flag
+    assert cleanup.cleanup is True
+    agent = _config(*AGENT[:3], monkeypatch)
+    assert cleanup.instance == agent.instance, "--cleanup removes one capture instance: the agent's"
+
+
+def test_cleanup_reaches_what_the_agent_left_on_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same scheduling, the node's network namespace, privileges for netlink and the sysctl, and the agent's pin
+    directory and state directory at the same places on the node."""
+    ds_spec = _cleanup_daemonset()["spec"]["template"]["spec"]
+    agent_spec = _pod_spec("DaemonSet", "ambit-agent")
+    c, agent_c = _cleanup_container(), _container("DaemonSet", "ambit-agent")
+    assert ds_spec["hostNetwork"] is True and c["securityContext"]["privileged"] is True
+    for key in ("tolerations", "nodeSelector", "affinity"):
+        assert ds_spec.get(key) == agent_spec.get(key), f"the cleanup must run wherever the agent ran ({key})"
+    pins = RedirectConfig().pin_root
+    assert _host_path(ds_spec, c, pins) == _host_path(agent_spec, agent_c, pins)
+    for var in list(os.environ):
+        if var.startswith("AMBIT_"):
+            monkeypatch.delenv(var)
+    cleanup = flags.parse(AgentConfig, c["args"])
+    agent = _config(*AGENT[:3], monkeypatch)
+    cleaned = _host_path(ds_spec, c, cleanup.state_dir)
+    assert cleaned == _host_path(agent_spec, agent_c, agent.state_dir), "the saved state must be the agent's"
+    assert _mounted(c, cleanup.state_dir)["mountPath"] != cleanup.state_dir, "a mount point cannot be removed"  # type: ignore[index]
 
 
 # --- RBAC against the API calls in the code -----------------------------------------------------------------------

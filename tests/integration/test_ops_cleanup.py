@@ -1,0 +1,59 @@
+"""`ambit-agent --cleanup` as the uninstall DaemonSet runs it: in a node's network namespace, with the agent's
+instance and state directory. Capture's own removal (filters, qdiscs, routing, pins) is tested with the redirect
+module; this checks what the command adds: the saved xDS state goes too, and a second run finds nothing."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.xds import STATE_FILE
+from lab import netns
+
+AGENT = str(Path(sys.executable).parent / "ambit-agent")
+
+
+@pytest.fixture
+def node_netns(require_root: None) -> Iterator[str]:
+    name = f"ambit-{secrets.token_hex(2)}"
+    netns.add(name)
+    try:
+        yield name
+    finally:
+        netns.delete(name)
+
+
+def _cleanup(ns: str, instance: str, state_dir: Path) -> list[Any]:
+    argv = [AGENT, "--cleanup", f"--instance={instance}", f"--state-dir={state_dir}"]
+    done = subprocess.run(netns.nsenter_argv(ns, argv), capture_output=True, text=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    (record,) = [r for r in lines if r.get("msg") == "cleanup done"]
+    assert record["instance"] == instance
+    removed: list[Any] = record["removed"]
+    return removed
+
+
+def test_cleanup_removes_the_saved_state_and_its_directory(node_netns: str, tmp_path: Path) -> None:
+    state_dir = tmp_path / "ambit"
+    state_dir.mkdir()
+    (state_dir / STATE_FILE).write_bytes(b"saved by an agent")
+    removed = _cleanup(node_netns, node_netns, state_dir)
+    assert f"xDS state file {state_dir / STATE_FILE}" in removed, removed
+    assert f"state directory {state_dir}" in removed, removed
+    assert not state_dir.exists()
+    assert _cleanup(node_netns, node_netns, state_dir) == [], "a second run must find nothing left"
+
+
+def test_cleanup_keeps_a_state_directory_holding_other_files(node_netns: str, tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b"saved by an agent")
+    (tmp_path / "not-ours").write_text("someone else's")
+    removed = _cleanup(node_netns, node_netns, tmp_path)
+    assert removed == [f"xDS state file {tmp_path / STATE_FILE}"]
+    assert (tmp_path / "not-ours").read_text() == "someone else's"

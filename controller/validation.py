@@ -1096,13 +1096,25 @@ def _build_workload_entry(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Workloa
     return WorkloadEntry(meta, parsed)
 
 
+# Istio's protocol.Parse, which reads them ignoring case; "" lets the proxy sniff.
+_ISTIO_PROTOCOLS = frozenset(
+    ("tcp", "udp", "grpc", "grpc-web", "http", "http_proxy", "http2", "https", "tls", "mongo", "redis", "mysql")
+)
+
+
 def _se_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> ServiceEntryPort | None:
     _check_unknown(ctx, item, path, ("number", "protocol", "name", "targetPort"))
     if "number" not in item:
         ctx.error(f"{path}.number", "required field is missing")
         return None
     number = _port(ctx, item["number"], f"{path}.number")
-    protocol = _enum(ctx, item, "protocol", path, ("", "HTTP", "HTTPS", "GRPC", "HTTP2", "MONGO", "TCP", "TLS"), "")
+    protocol = _str(ctx, item, "protocol", path)
+    if protocol and protocol.lower() not in _ISTIO_PROTOCOLS:
+        ctx.error(
+            f"{path}.protocol",
+            f"unknown protocol {protocol!r} (valid, any case: {', '.join(sorted(_ISTIO_PROTOCOLS))})",
+        )
+        protocol = ""
     target = 0
     if item.get("targetPort") is not None:
         target = _port(ctx, item["targetPort"], f"{path}.targetPort") or 0

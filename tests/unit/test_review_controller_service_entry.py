@@ -77,3 +77,22 @@ def test_endpoints_with_resolution_none_are_refused() -> None:
         "t.yaml:ServiceEntry/demo/corp: spec.endpoints: not allowed with resolution NONE"
         " (connections keep their destination address)"
     ]
+
+
+@pytest.mark.parametrize("protocol", ["MYSQL", "REDIS", "UDP", "GRPC-Web", "HTTP_PROXY", "http", "tls", "Mongo"])
+def test_every_protocol_istio_accepts_is_accepted(protocol: str) -> None:
+    # Only seven upper-case spellings were: an entry for an external MySQL or Redis (protocol: MYSQL) was refused,
+    # so the database it declared was missing from the mesh.
+    port = f"{{number: 3306, name: db, protocol: {protocol}}}"
+    spec = f"{{hosts: [db.example.com], addresses: [203.0.113.7], ports: [{port}]}}"
+    result = parse_yaml_text("t.yaml", entry(spec))
+    assert result.errors == []
+    assert len(result.objects) == 1
+
+
+def test_an_unknown_protocol_is_still_refused() -> None:
+    spec = "{hosts: [db.example.com], ports: [{number: 3306, name: db, protocol: SMTP}]}"
+    result = parse_yaml_text("t.yaml", entry(spec))
+    assert result.objects == []
+    assert [e.field for e in result.errors] == ["spec.ports[0].protocol"]
+    assert "'SMTP'" in result.errors[0].reason

@@ -234,6 +234,10 @@ class Rule:
     from_: tuple[Source, ...] = ()
     to: tuple[Operation, ...] = ()
     when: tuple[Condition, ...] = ()
+    # Fields (and `when` keys) of a newer Istio that this code cannot evaluate, accepted from the API server only:
+    # the rule is then treated as needing attributes the agent lacks (an ALLOW rule is dropped), never as if the
+    # restriction were absent.
+    unsupported: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,7 @@ def _http_source_fields(src: Source) -> list[str]:
 
 def _convert_rule(action: int, rule: Rule, namespace: str) -> tuple[list[pb.Rules] | None, set[str]]:
     """One policy rule -> the AND-ed clauses of one group, or None when an ALLOW rule needs HTTP attributes."""
-    http_fields: set[str] = set()
+    http_fields: set[str] = set(rule.unsupported)  # not evaluable by the agent either: handled the same way
     clauses: list[pb.Rules] = []
     to_matches = []
     for op in rule.to:

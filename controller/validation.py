@@ -315,6 +315,7 @@ class _Ctx:
         self.namespace = ""
         self.name = f"#{index}"
         self.errors: list[ConfigError] = []
+        self.unsupported: list[str] = []  # see _unsupported; collected per AuthorizationPolicy rule
 
     def error(self, path: str, reason: str) -> None:
         self.errors.append(ConfigError(self.source, self.kind, self.namespace, self.name, path, reason))
@@ -1199,23 +1200,37 @@ _SOURCE_CHECKS: Mapping[str, Callable[[str], str | None] | None] = {
 }
 
 
+def _unsupported(ctx: _Ctx, data: dict[Any, Any], path: str, allowed: Iterable[str]) -> bool:
+    """Unknown keys at a level of an AuthorizationPolicy rule: errors in strict mode; otherwise (objects the API
+    server accepted, maybe from a newer Istio: `trustDomains`, ...) they are recorded for the rule, because
+    ignoring a match field would widen an ALLOW rule. Returns whether any was recorded."""
+    if ctx.strict:
+        _check_unknown(ctx, data, path, allowed)
+        return False
+    unknown = [str(key) for key in data if key not in allowed]
+    ctx.unsupported.extend(unknown)
+    return bool(unknown)
+
+
 def _source(ctx: _Ctx, item: dict[Any, Any], path: str) -> Source | None:
-    _check_unknown(ctx, item, path, ("source",))
+    _unsupported(ctx, item, path, ("source",))
     errors_before = len(ctx.errors)
-    raw = _mapping(ctx, item, "source", path, _SOURCE_FIELDS.keys(), required=True)
+    raw = _mapping(ctx, item, "source", path, None, required=True)
     full = f"{path}.source"
+    newer = _unsupported(ctx, raw, full, _SOURCE_FIELDS.keys())
     values = {_SOURCE_FIELDS[k]: _strings(ctx, raw, k, full, _SOURCE_CHECKS[k]) for k in _SOURCE_FIELDS}
-    if not any(values.values()) and len(ctx.errors) == errors_before:
+    if not any(values.values()) and len(ctx.errors) == errors_before and not newer:
         ctx.error(full, "at least one field must be set")
     return Source(**values)
 
 
 def _operation(ctx: _Ctx, item: dict[Any, Any], path: str) -> Operation | None:
-    _check_unknown(ctx, item, path, ("operation",))
+    _unsupported(ctx, item, path, ("operation",))
     allowed = {*_OPERATION_STRING_FIELDS, "ports", "notPorts"}
     errors_before = len(ctx.errors)
-    raw = _mapping(ctx, item, "operation", path, allowed, required=True)
+    raw = _mapping(ctx, item, "operation", path, None, required=True)
     full = f"{path}.operation"
+    newer = _unsupported(ctx, raw, full, allowed)
     values: dict[str, Any] = {
         _OPERATION_STRING_FIELDS[k]: _strings(ctx, raw, k, full, None) for k in _OPERATION_STRING_FIELDS
     }
@@ -1228,20 +1243,23 @@ def _operation(ctx: _Ctx, item: dict[Any, Any], path: str) -> Operation | None:
             else:
                 ports.append(int(text))
         values[attr] = tuple(ports)
-    if not any(values.values()) and len(ctx.errors) == errors_before:
+    if not any(values.values()) and len(ctx.errors) == errors_before and not newer:
         ctx.error(full, "at least one field must be set")
     return Operation(**values)
 
 
 def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
-    _check_unknown(ctx, item, path, ("key", "values", "notValues"))
+    _unsupported(ctx, item, path, ("key", "values", "notValues"))
     key = _str(ctx, item, "key", path, required=True)
     if (
         key
         and key not in _WHEN_KEYS
         and not (key.startswith(_WHEN_KEY_PREFIXES) and (key.endswith("]") or key.startswith("experimental.")))
     ):
-        ctx.error(f"{path}.key", f"unknown attribute {key!r}")
+        if ctx.strict:
+            ctx.error(f"{path}.key", f"unknown attribute {key!r}")
+        else:  # a newer Istio's key (source.serviceAccount, ...): not evaluable here, like an HTTP attribute
+            ctx.unsupported.append(key)
     check: Callable[[str], str | None] | None = None
     if key in ("source.ip", "destination.ip", "remote.ip"):
         check = check_ip_or_cidr
@@ -1260,11 +1278,13 @@ def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
 
 
 def _rule(ctx: _Ctx, item: dict[Any, Any], path: str) -> Rule | None:
-    _check_unknown(ctx, item, path, ("from", "to", "when"))
+    ctx.unsupported = []
+    _unsupported(ctx, item, path, ("from", "to", "when"))
     return Rule(
         from_=_each(ctx, _list(ctx, item, "from", path), f"{path}.from", lambda d, p: _source(ctx, d, p)),
         to=_each(ctx, _list(ctx, item, "to", path), f"{path}.to", lambda d, p: _operation(ctx, d, p)),
         when=_each(ctx, _list(ctx, item, "when", path), f"{path}.when", lambda d, p: _condition(ctx, d, p)),
+        unsupported=tuple(dict.fromkeys(ctx.unsupported)),
     )
 
 

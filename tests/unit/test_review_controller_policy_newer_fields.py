@@ -1,0 +1,76 @@
+"""AuthorizationPolicy rules from the API server carrying fields of a newer Istio than this code knows.
+
+The kube source validates with strict=False so such objects still load. Inside a policy rule that must not mean
+"ignore the field": a `trustDomains` restriction ignored makes an ALLOW rule admit every trust domain. Like
+istiod does for attributes ztunnel cannot evaluate, the rule is treated as needing them: an ALLOW rule is dropped
+(the policy denies more), a DENY rule keeps its L4 part (it denies more)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.istio.security import authorization_pb2 as pb
+from controller.model import AuthorizationPolicy
+from controller.translate_policy import convert_authorization_policy
+from controller.validation import parse_documents
+
+
+def policy(action: str, *rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "demo"},
+        "spec": {"action": action, "rules": list(rules)},
+    }
+
+
+def from_kube(doc: dict[str, Any]) -> tuple[pb.Authorization, str]:
+    result = parse_documents("kube", [doc], strict=False)
+    assert result.errors == []
+    (obj,) = result.objects
+    assert isinstance(obj, AuthorizationPolicy)
+    converted = convert_authorization_policy(obj, "istio-system")
+    assert converted.authorization is not None
+    return converted.authorization, converted.warning
+
+
+NS_A = {"from": [{"source": {"namespaces": ["a"]}}]}
+NS_B = {"from": [{"source": {"namespaces": ["b"]}}]}
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"from": [{"source": {"namespaces": ["a"], "trustDomains": ["other.td"]}}]}, "trustDomains"),
+        ({"from": [{"source": {"trustDomains": ["other.td"]}}]}, "trustDomains"),
+        ({"to": [{"operation": {"ports": ["80"], "newMatch": ["x"]}}]}, "newMatch"),
+        ({**NS_A, "newRuleField": {"x": 1}}, "newRuleField"),
+        ({**NS_A, "when": [{"key": "source.serviceAccount", "values": ["a/b"]}]}, "source.serviceAccount"),
+    ],
+)
+def test_allow_rule_with_a_field_this_code_does_not_know_is_dropped_not_widened(
+    rule: dict[str, Any], field: str
+) -> None:
+    # Before: the unknown field was ignored (namespace a from any trust domain was allowed), or the unknown
+    # `when` key or an otherwise empty source rejected the whole policy (no ALLOW policy: everything allowed).
+    authz, warning = from_kube(policy("ALLOW", rule, NS_B))
+    assert [g.rules[0].matches[0].namespaces[0].exact for g in authz.groups] == ["b"]
+    assert field in warning
+
+
+def test_deny_rule_keeps_its_l4_part() -> None:
+    rule = {"from": [{"source": {"namespaces": ["a"], "notTrustDomains": ["cluster.local"]}}]}
+    authz, warning = from_kube(policy("DENY", rule))
+    assert authz.groups[0].rules[0].matches[0].namespaces[0].exact == "a"
+    assert "notTrustDomains" in warning
+
+
+def test_files_still_refuse_unknown_fields() -> None:
+    rule = {"from": [{"source": {"namespaces": ["a"], "trustDomains": ["other.td"]}}]}
+    result = parse_documents("f.yaml", [policy("ALLOW", rule)])
+    assert result.objects == []
+    assert [str(e) for e in result.errors] == [
+        "f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].from[0].source.trustDomains: unknown field"
+    ]

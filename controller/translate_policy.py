@@ -212,6 +212,9 @@ def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: st
             elif found:
                 dead_http_rules += 1
     warning = ""
+    if action == pb.DENY and not policy.rules:
+        # Istio's webhook refuses it; it reads like "deny everything" but matches nothing.
+        warning = "a DENY policy without rules never matches; add an empty rule {} to deny every connection"
     if http_fields:
         if action == pb.ALLOW:
             boilerplate = _HTTP_BOILERPLATE_ALLOW

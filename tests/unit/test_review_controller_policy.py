@@ -1,4 +1,5 @@
-"""AuthorizationPolicy rules from the API server carrying fields of a newer Istio than this code knows.
+"""AuthorizationPolicy translation found wanting in review. First: rules from the API server carrying fields of a
+newer Istio than this code knows.
 
 The kube source validates with strict=False so such objects still load. Inside a policy rule that must not mean
 "ignore the field": a `trustDomains` restriction ignored makes an ALLOW rule admit every trust domain. Like
@@ -74,3 +75,16 @@ def test_files_still_refuse_unknown_fields() -> None:
     assert [str(e) for e in result.errors] == [
         "f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].from[0].source.trustDomains: unknown field"
     ]
+
+
+def test_deny_without_rules_is_sent_but_warned_about() -> None:
+    # It was accepted silently: it reads like "deny everything" and denies nothing (Istio's webhook refuses it).
+    result = parse_documents("f.yaml", [policy("DENY")])
+    (obj,) = result.objects
+    assert isinstance(obj, AuthorizationPolicy)
+    converted = convert_authorization_policy(obj, "istio-system")
+    assert converted.authorization is not None and not converted.authorization.groups
+    assert "without rules never matches" in converted.warning
+    with_rule = parse_documents("f.yaml", [policy("DENY", {})]).objects[0]
+    assert isinstance(with_rule, AuthorizationPolicy)
+    assert convert_authorization_policy(with_rule, "istio-system").warning == ""

@@ -304,6 +304,8 @@ class HboneConnection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = self.settings.connection_window
         self._conn_unacked = 0
+        self._conn_credit_held = False  # see hold_connection_credit
+        self._conn_deferred = 0
         self._next_stream_id = 1 if client else 2
         self._last_remote_id = 0
         self._local_streams = 0  # open streams we initiated (client) -- counted against the peer's limit
@@ -725,9 +727,29 @@ class HboneConnection:
             return
         self._start_data_payload(length, 0, events)
 
+    def hold_connection_credit(self, hold: bool) -> None:
+        """While held, connection credit for received DATA is kept back (and returned when released).
+
+        Why: credit normally goes back at once, so that a stream whose reader stalls does not block the others.
+        What such streams hold then grows with their number (a stream window each). The caller holds the credit
+        while what its consumers keep buffered is above a budget, which bounds a connection's buffered bytes by
+        that budget plus one connection window; past it, its streams wait for the stalled ones, as they would
+        with credit tied to reading (ztunnel, Envoy)."""
+        if hold == self._conn_credit_held:
+            return
+        self._conn_credit_held = hold
+        if not hold and self._conn_deferred:
+            deferred, self._conn_deferred = self._conn_deferred, 0
+            self._credit_connection(None, deferred)
+
+    @property
+    def connection_credit_held(self) -> bool:
+        return self._conn_credit_held
+
     def _credit_connection(self, st: _Stream | None, length: int) -> None:
-        """Connection credit for received DATA goes back at once: per-stream buffering is bounded by the stream
-        window, and holding it until the bytes are read would let one stalled stream block all the others.
+        """Connection credit for received DATA goes back at once (unless the caller holds it, see
+        :meth:`hold_connection_credit`): per-stream buffering is bounded by the stream window, and holding it until
+        the bytes are read would let one stalled stream block all the others.
 
         Except for a stream we have not answered yet (server): nothing reads it until the upstream is connected,
         so its bytes wait in memory. Their credit is held until the answer (or the stream's end), which bounds
@@ -735,6 +757,9 @@ class HboneConnection:
         (200 x 4 MiB)."""
         if st is not None and not st.responded and not self.client:
             st.held += length
+            return
+        if self._conn_credit_held:
+            self._conn_deferred += length
             return
         self._conn_unacked += length
         if self._conn_unacked >= self.settings.connection_window >> 2:

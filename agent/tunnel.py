@@ -480,6 +480,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
         self._replies_at_pause = 0
+        self.buffered = 0  # received bytes our relays keep for TCP sockets that did not take them yet
+        self._buffer_budget = config.connection_window
 
     # ------------------------------------------------------------------------------ asyncio callbacks
 
@@ -625,6 +627,16 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         out = self.h2.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+
+    def buffered_changed(self, delta: int) -> None:
+        """Relays report what they keep and write out: connection credit is held while the total is over the
+        budget (one connection window), so many stalled streams cannot make the agent keep a stream window each."""
+        self.buffered += delta
+        over = self.buffered > self._buffer_budget
+        if over != self.h2.connection_credit_held:
+            self.h2.hold_connection_credit(over)
+            if not over and self.h2.has_output():
+                self.flush()
 
     def acknowledge(self, stream_id: int, nbytes: int) -> None:
         self.h2.acknowledge(stream_id, nbytes)
@@ -905,6 +917,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             # 44 MiB while other streams of the connection moved 32 MiB). A kept view pins at most 32x its size.
             backlog.append(v if len(v) >= _KEEP_VIEW else memoryview(v.tobytes()))
         self._backlog_size += total
+        self.stream._proto.buffered_changed(total)
         self._drop_sent(sent)
         self._writer.watch(True)
         if self._backlog_size > WRITE_HIGH:
@@ -981,6 +994,8 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         """Take `sent` written bytes off the front of the backlog."""
         backlog = self._backlog
         self._backlog_size -= sent
+        if sent:
+            self.stream._proto.buffered_changed(-sent)
         while sent:
             head = backlog[0]
             if sent >= len(head):
@@ -1048,6 +1063,9 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         self._backlog.clear()
+        if self._backlog_size:
+            self.stream._proto.buffered_changed(-self._backlog_size)
+            self._backlog_size = 0
         if abortive:
             abort(self.sock)
         else:

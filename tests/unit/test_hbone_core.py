@@ -297,6 +297,26 @@ def test_credit_is_returned_only_when_acknowledged() -> None:
     assert client.send_window(sid) == window
 
 
+def test_held_connection_credit_is_returned_on_release() -> None:
+    """While the caller holds connection credit (its relays keep too much), received DATA returns none; the
+    release returns all of it, and other streams move again."""
+    window = 65535 * 4
+    client, server = pair(server_settings=HboneSettings(connection_window=window, stream_window=window))
+    first = open_tunnel(client, server)
+    second = open_tunnel(client, server, "10.0.0.3:80")
+    server.hold_connection_credit(True)
+    assert server.connection_credit_held
+    assert client.send_data(first, b"h" * window) == window
+    at_server, _ = exchange(client, server)
+    assert len(data_of(at_server, first)) == window
+    assert client.send_data(second, b"x") == 0, "the connection window is spent and nothing came back"
+    server.hold_connection_credit(False)
+    exchange(client, server)
+    assert client.send_data(second, b"x" * 1000) == 1000
+    server.hold_connection_credit(False)  # idempotent: nothing more to return
+    assert not server.has_output()
+
+
 def test_data_beyond_stream_window_resets_that_stream_only() -> None:
     client, server = pair(server_settings=HboneSettings(stream_window=65535))
     sid = open_tunnel(client, server)

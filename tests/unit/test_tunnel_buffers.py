@@ -144,3 +144,75 @@ async def test_a_slow_readers_small_frames_do_not_pin_the_connections_receive_bu
     assert backlog > 20 * 1024, "the slow stream's bytes wait in the relay"
     # The backlog itself plus the few shared big buffers, not one 256 KiB buffer per frame waiting (~40 MiB)
     assert held < 8 * 1024 * 1024, f"{held / 2**20:.1f} MiB held for a {backlog / 1024:.0f} KiB backlog"
+
+
+STALLED = 12
+
+
+async def test_many_stalled_streams_keep_at_most_a_connection_window_of_backlog(
+    server: tuple[HboneServer, TestCA],
+) -> None:
+    """Every stream of one pooled connection sends to a TCP client that does not read. Each relay may keep a stream
+    window (and WRITE_HIGH) of what its socket did not take, so what the connection kept grew with the number of
+    streams (12 x 2 MiB here; 200 x 5 MiB with the defaults). Connection credit is now held while the relays keep
+    more than a connection window: the connection keeps at most about two windows, and once the clients read, every
+    byte still arrives, in order."""
+    hbone, ca = server
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async def handler(req: tunnel.ConnectRequest) -> None:
+        await req.respond(200)
+        await req.stream.write(payload)
+        req.stream.write_eof()
+        await req.stream.read()
+
+    hbone.handler = handler
+    client_id = ca.identity("default", "client")
+    ctx = ca.client_context(ca.issue(client_id))
+    key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
+    window = 1024 * 1024
+    config = tunnel.TunnelConfig(stream_window=window, connection_window=2 * window)
+    pool = HboneConnectionPool(config=config, stats=TunnelStats())
+    loop = asyncio.get_running_loop()
+    pairs = [socket.socketpair() for _ in range(STALLED)]
+    relays: list[asyncio.Future[tunnel.RelayResult]] = []
+    try:
+        streams = []
+        for i, (app, side) in enumerate(pairs):
+            app.setblocking(False)
+            side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            stream = await pool.open_stream(key, ctx, f"stalled:{i}", [])
+            streams.append(stream)
+            relays.append(asyncio.ensure_future(relay(side, stream)))
+        proto = streams[0]._proto
+        assert all(s._proto is proto for s in streams), "one pooled connection"
+        most = last = 0
+        async with asyncio.timeout(30):
+            while True:  # until what the relays keep stops growing
+                await asyncio.sleep(0.3)
+                kept = sum(cast(tunnel._TcpRelay, s._sink)._backlog_size for s in streams)
+                most = max(most, proto.buffered)
+                if kept == last:
+                    break
+                last = kept
+        assert kept == proto.buffered
+        assert kept > 2 * window, "the relays keep what their sockets do not take"
+
+        async def read_all(app: socket.socket) -> bytes:
+            got = bytearray()
+            while chunk := await loop.sock_recv(app, 1 << 16):
+                got += chunk
+            return bytes(got)
+
+        async with asyncio.timeout(60):
+            received = await asyncio.gather(*(read_all(app) for app, _ in pairs))
+    finally:
+        for app, _ in pairs:
+            app.close()
+        await asyncio.wait(relays, timeout=10)
+        await pool.close()
+    # The budget (one connection window), what the peer may still send then (one connection window), and a few
+    # reads parsed (credited) before their bytes reach the relays; without the budget: 12 x 2 MiB.
+    assert most <= 2 * config.connection_window + 4 * tunnel.READ_SIZE, f"{most / 2**20:.1f} MiB kept"
+    assert [hashlib.sha256(r).digest() for r in received] == [hashlib.sha256(payload).digest()] * STALLED
+    assert proto.buffered == 0 and not proto.h2.connection_credit_held

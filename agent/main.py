@@ -161,6 +161,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._capture_error: str | None = None
         self._captured_config = False  # a reconcile has applied a whole configuration (readiness waits for it)
+        self._reconcile_error = ""  # why the last reconcile failed, for readiness
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -317,8 +318,10 @@ class Agent:
             try:
                 failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips)
             except Exception as e:
-                log.error("capture reconcile failed", extra=kv(error=f"{type(e).__name__}: {e}"))
+                self._reconcile_error = f"{type(e).__name__}: {e}"
+                log.error("capture reconcile failed", extra=kv(error=self._reconcile_error))
                 continue
+            self._reconcile_error = ""
             self._captured_config |= configured
             for ip, why in failures.items():
                 log.warning("workload not captured", extra=kv(ip=ip, reason=why))
@@ -338,7 +341,8 @@ class Agent:
                 return False, f"capture unavailable: {self._capture_error}"
             # Before the first reconcile the redirector has no enrolled pod asked of it, and says ready.
             if not self._captured_config:
-                return False, "capture not yet applied to the configuration"
+                why = f" (last attempt: {self._reconcile_error})" if self._reconcile_error else ""
+                return False, f"capture not yet applied to the configuration{why}"
             if not self.redirector.ready:
                 return False, f"capture not ready: {json.dumps(self.redirector.status().get('failures', {}))}"
         return True, "ready"

@@ -25,9 +25,12 @@ class _Capture:
 
     def __init__(self) -> None:
         self.reconciles = 0
+        self.fail: Exception | None = None
 
     def reconcile(self, enrolled: set[str], local: set[str]) -> dict[str, str]:
         self.reconciles += 1
+        if self.fail is not None:
+            raise self.fail
         return {}
 
     def status(self) -> dict[str, Any]:
@@ -72,3 +75,15 @@ async def test_the_first_configuration_triggers_a_reconcile_even_when_the_store_
         await held
         await wait_for(lambda: agent.readiness() == (True, "ready"), what="a reconcile on the first configuration")
         assert capture.reconciles == 1
+
+
+async def test_a_failing_reconcile_is_the_reason_readiness_gives(tmp_path: Path) -> None:
+    async with _agent(tmp_path) as (agent, capture):
+        agent.xds.ready.set()
+        capture.fail = OSError("netlink said no")
+        agent._reconcile_wanted.set()
+        want = (False, "capture not yet applied to the configuration (last attempt: OSError: netlink said no)")
+        await wait_for(lambda: agent.readiness() == want, what="the reconcile error in the readiness reason")
+        capture.fail = None
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: agent.readiness() == (True, "ready"), what="ready after a reconcile that worked")

@@ -42,7 +42,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
-F_REQUEST, F_MULTI, F_ACK, F_DUMP = 0x1, 0x2, 0x4, 0x300
+F_REQUEST, F_MULTI, F_ACK, F_ECHO, F_DUMP = 0x1, 0x2, 0x4, 0x8, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 F_DUMP_INTR = 0x10  # the dumped table changed while it was read: what came may miss entries
 DUMP_ATTEMPTS = 3
@@ -471,10 +471,18 @@ class Netlink:
     # --- tc --------------------------------------------------------------------------------------------------
 
     def has_clsact(self, index: int) -> bool:
-        for m in self._request(RTM_GETQDISC, F_DUMP, _TCMSG.pack(0, 0, 0, 0, 0), "qdisc dump"):
-            if _TCMSG.unpack_from(m)[1] == index and get_str(attributes(m, _TCMSG.size), TCA_KIND) == "clsact":
-                return True
-        return False
+        """Asks for this interface's ingress-side qdisc alone: the kernel filters no qdisc dump by interface, so the
+        dump this replaced listed every qdisc of the node on each attach. The kernel answers such a get as a
+        notification, which only NLM_F_ECHO sends back to the asker; after a deletion it reports nothing (a builtin
+        placeholder), before the first ingress-side qdisc ENOENT."""
+        body = _TCMSG.pack(0, index, 0, TC_H_CLSACT, 0)
+        try:
+            msgs = self._request(RTM_GETQDISC, F_ACK | F_ECHO, body, f"ingress qdisc of interface {index}")
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return False
+            raise
+        return any(get_str(attributes(m, _TCMSG.size), TCA_KIND) == "clsact" for m in msgs)
 
     def _clsact(self, mtype: int, flags: int, index: int) -> None:
         body = _TCMSG.pack(0, index, CLSACT_HANDLE, TC_H_CLSACT, 0) + nla_str(TCA_KIND, "clsact")

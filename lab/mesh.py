@@ -40,13 +40,17 @@ STOP_MARGIN = 5.0
 def drain_seconds(value: float | None = None) -> float:
     """The agents' drain time: ``value``, else ``AMBIT_DRAIN_SECONDS`` (which the agents would read themselves, so
     the lab must wait as long), else the agent's default."""
-    raw: float | str = value if value is not None else os.environ.get("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS)
+    raw: float | str
+    if value is not None:
+        source, raw = "drain_seconds", value
+    else:
+        source, raw = "AMBIT_DRAIN_SECONDS", os.environ.get("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS)
     try:
         seconds = float(raw)
     except ValueError:
-        raise LabConfigError([f"AMBIT_DRAIN_SECONDS: not a number of seconds: {raw!r}"]) from None
+        seconds = math.nan
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise LabConfigError([f"agent drain time must be a finite number of seconds >= 0, got {raw!r}"])
+        raise LabConfigError([f"{source}: the agents' drain time must be a number of seconds >= 0, got {raw!r}"])
     return seconds
 
 

@@ -678,16 +678,17 @@ class Translator:
                 for port in svc.ports:
                     if port.protocol != "TCP":
                         continue
-                    target = _resolve_target(port.target_port, port.port, subject)
+                    target = _resolve_target(port.target_port, port.port, port.name, subject)
                     if target is not None:
                         ports.add(service_port=port.port, target_port=target)
             else:
                 for host in svc.hosts:
                     ports = workload.services[f"{ns}/{host}"].ports
                     for se_port in svc.ports:
-                        target = se_port.target_port or se_port.number
-                        if isinstance(subject, WorkloadEntry) and se_port.name in subject.spec.ports:
-                            target = subject.spec.ports[se_port.name]
+                        # A ServiceEntry has no named target ports: its port name is matched against the
+                        # workload's own port names (istiod's constructServices / constructServicesFromWorkloadEntry).
+                        named = _named_port(subject, se_port.name) if se_port.name else None
+                        target = named or se_port.target_port or se_port.number
                         ports.add(service_port=se_port.number, target_port=target)
 
     def _policies_for(self, ns: str, labels: Labels) -> list[str]:
@@ -758,18 +759,26 @@ def _toggle_name(index: dict[str, set[str]], name: str, add: bool) -> None:
             del index[hostname]
 
 
-def _resolve_target(target: int | str | None, port: int, subject: Pod | WorkloadEntry) -> int | None:
-    """A service port's target on one workload; None when a named target port is not declared there."""
-    if target is None:
-        return port
-    if isinstance(target, int):
-        return target
+def _resolve_target(target: int | str | None, port: int, port_name: str, subject: Pod | WorkloadEntry) -> int | None:
+    """A Kubernetes service port's target on one workload; None when a named target port is not declared there.
+
+    A WorkloadEntry's `ports` map service port names to its own ports, so a numeric target is overridden by the
+    entry's port of the service port's name (istiod's constructServicesFromWorkloadEntry)."""
+    if isinstance(target, str):
+        return _named_port(subject, target)
+    if isinstance(subject, WorkloadEntry) and port_name and port_name in subject.spec.ports:
+        return subject.spec.ports[port_name]
+    return port if target is None else target
+
+
+def _named_port(subject: Pod | WorkloadEntry, name: str) -> int | None:
+    """The workload's port called `name`: a pod's container port, or a WorkloadEntry's `ports` entry."""
     if isinstance(subject, Pod):
         for cport in subject.container_ports:
-            if cport.name == target:
+            if cport.name == name:
                 return cport.port
         return None
-    return subject.spec.ports.get(target)
+    return subject.spec.ports.get(name)
 
 
 def _locality_of(node: KObject | None) -> wl.Locality | None:

@@ -39,6 +39,9 @@ from controller.model import (
 
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+# An entry that terminates HBONE itself (a VM running its own tunnel endpoint), as istiod's SupportsTunnel. Not
+# applied to pods: the node agent captures every HBONE pod on its node, and a pod terminating HBONE must not be.
+TUNNEL_LABEL = "networking.istio.io/tunnel"
 # Written by Istio's sidecar injector; istio-cni never enrolls such a pod (enablement_selector.go podHasSidecar).
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 _REGION_LABEL = "topology.kubernetes.io/region"
@@ -604,7 +607,12 @@ class Translator:
                 name=name,
                 namespace=meta.namespace,
                 network=spec.network or self.config.network,
-                tunnel_protocol=wl.HBONE if meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled" else wl.NONE,
+                tunnel_protocol=(
+                    wl.HBONE
+                    if meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled" or _native_tunnel(labels)
+                    else wl.NONE
+                ),
+                native_tunnel=_native_tunnel(labels),
                 trust_domain=self._trust_domain(),
                 service_account="" if spec.service_account == "default" else spec.service_account,
                 canonical_name=canonical_name,
@@ -747,6 +755,10 @@ def _toggle(index: dict[_B, set[ObjectKey]], bucket: _B, key: ObjectKey, add: bo
         index[bucket].discard(key)
         if not index[bucket]:
             del index[bucket]
+
+
+def _native_tunnel(labels: Labels) -> bool:
+    return labels.get(TUNNEL_LABEL) == "http"
 
 
 def _toggle_name(index: dict[str, set[str]], name: str, add: bool) -> None:

@@ -4,6 +4,7 @@ Kubernetes Service too), and a ServiceEntry port name is matched against a selec
 
 from __future__ import annotations
 
+from api.istio.workload import workload_pb2 as wl
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
 
@@ -68,3 +69,21 @@ spec:
     # 443 went to the pod's port 443, where nothing listens.
     got = ports_of("Kubernetes//Pod/demo/web-0", "demo/api.internal", NS, pod, entry)
     assert got == {443: 8443, 80: 80}
+
+
+def test_workload_entry_labelled_as_speaking_hbone_gets_it() -> None:
+    # istiod's SupportsTunnel: networking.istio.io/tunnel=http marks a native HBONE endpoint. It was sent
+    # plaintext, which such a VM's tunnel endpoint does not serve (and which bypasses its policy).
+    entry = """apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: demo, labels: {networking.istio.io/tunnel: http}}
+spec: {address: 192.0.2.20}
+"""
+    result = parse_yaml_text("t.yaml", entry)
+    t = Translator()
+    t.apply(result.objects)
+    workload = t.addresses()[VM_UID].workload
+    assert (workload.tunnel_protocol, workload.native_tunnel) == (wl.HBONE, True)
+    plain = parse_yaml_text("t.yaml", entry.replace("labels: {networking.istio.io/tunnel: http}", "labels: {}"))
+    t.apply(plain.objects)
+    assert t.addresses()[VM_UID].workload.tunnel_protocol == wl.NONE

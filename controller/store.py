@@ -83,6 +83,7 @@ class ConfigStore:
         self._sources: dict[str, _SourceState] = {}
         self._claims: dict[ObjectKey, list[str]] = {}  # sources offering each key; the first one serves
         self._listeners: list[Callable[[Delta], None]] = []
+        self._warned: dict[ObjectKey, str] = {}  # translator warnings already logged
         self.generation = 0
 
     def subscribe(self, listener: Callable[[Delta], None]) -> None:
@@ -130,6 +131,7 @@ class ConfigStore:
             return Delta()
         self.generation += 1
         delta = self.translator.apply(upserts, deletes)
+        self._log_warnings()
         if delta:
             for listener in self._listeners:
                 listener(delta)
@@ -172,6 +174,16 @@ class ConfigStore:
             )
         for text in old_errors - new_errors.keys():
             log.info("config error resolved", extra=kv(source=source_id, error=text))
+
+    def _log_warnings(self) -> None:
+        """Objects accepted with a caveat (an action the agent cannot enforce, HTTP rules without a waypoint, a DENY
+        without rules, ...) are logged once when the caveat appears or changes, not only shown in config_status:
+        the policy then does less, or more, than its author wrote."""
+        warnings = self.translator.warnings
+        for key, warning in warnings.items():
+            if self._warned.get(key) != warning:
+                log.warning("config accepted with a caveat", extra=kv(object=str(key), warning=warning))
+        self._warned = warnings
 
     def _duplicates(self) -> list[tuple[ObjectKey, str, str]]:
         """(key, ignored source, serving source) for every object defined more than once."""

@@ -8,12 +8,16 @@ istiod does for attributes ztunnel cannot evaluate, the rule is treated as needi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
 from api.istio.security import authorization_pb2 as pb
 from controller.model import AuthorizationPolicy
+from controller.monitoring import ControllerMetrics
+from controller.store import ConfigStore
+from controller.translate import Translator
 from controller.translate_policy import convert_authorization_policy
 from controller.validation import parse_documents
 
@@ -88,3 +92,18 @@ def test_deny_without_rules_is_sent_but_warned_about() -> None:
     with_rule = parse_documents("f.yaml", [policy("DENY", {})]).objects[0]
     assert isinstance(with_rule, AuthorizationPolicy)
     assert convert_authorization_policy(with_rule, "istio-system").warning == ""
+
+
+def test_a_caveat_is_logged_once_when_it_appears(caplog: pytest.LogCaptureFixture) -> None:
+    # Warnings were only visible in /debug/config_status: a CUSTOM policy silently enforced nothing.
+    store = ConfigStore(Translator(), ControllerMetrics())
+    custom = policy("CUSTOM", NS_A)
+    custom["spec"]["provider"] = {"name": "ext-authz"}
+    caplog.set_level(logging.WARNING, logger="ambit.controller.config")
+    store.update({"f.yaml": parse_documents("f.yaml", [custom])})
+    store.update({"g.yaml": parse_documents("g.yaml", [policy("ALLOW", NS_B) | {"metadata": {"name": "q"}}])})
+    caveats = [r for r in caplog.records if r.getMessage() == "config accepted with a caveat"]
+    assert len(caveats) == 1
+    fields = caveats[0].fields  # type: ignore[attr-defined]
+    assert fields["object"] == "AuthorizationPolicy/demo/p"
+    assert "action CUSTOM is not supported" in fields["warning"]

@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,14 @@ from agent.redirect_maps import (
     read_pinned_config,
 )
 from agent.redirect_netlink import ChangeWatch, LinkInfo, Netlink
-from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
+from agent.redirect_plan import (
+    PodInterface,
+    RouteProblem,
+    Sighting,
+    classify_route,
+    hold_reused_addresses,
+    plan_capture,
+)
 from common.log import kv
 
 __all__ = [
@@ -175,6 +182,8 @@ class _State:
     ip_iface: dict[str, int] = field(default_factory=dict)  # pod IP -> ifindex at the last reconcile
     tunnels: set[int] = field(default_factory=set)  # uplinks that are such because they are tunnel devices
     bridge_ports: dict[int, int] = field(default_factory=dict)  # port ifindex -> its bridge's (both carry the program)
+    seen: dict[str, Sighting] = field(default_factory=dict)  # enrolled address -> where and as whose it was captured
+    held: dict[str, str] = field(default_factory=dict)  # enrolled address -> owner token it is held under
 
 
 class Redirector:
@@ -298,11 +307,23 @@ class Redirector:
 
     # --- enrollment ------------------------------------------------------------------------------------------
 
-    def reconcile(self, enrolled_ips: Iterable[str], local_ips: Iterable[str] | None = None) -> dict[str, str]:
+    def reconcile(
+        self,
+        enrolled_ips: Iterable[str],
+        local_ips: Iterable[str] | None = None,
+        owners: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
         """Make capture match the controller's view: ``enrolled_ips`` are the enrolled workloads running on this
         node; ``local_ips`` (optional) all pods on this node, so non-enrolled ones can be captured when they call an
         enrolled local pod. Returns the per-IP failures of enrolled workloads (also in :meth:`status`, with the
         non-enrolled pods that were skipped and why); every other enrolled workload is captured.
+
+        ``owners`` (enrolled address -> a token naming the workload the controller gives it, e.g. its uid and xDS
+        resource version) turns on the reused-address hold: an address that comes back behind another interface
+        while its token is unchanged (a new sandbox holds the IP, the controller has not caught up) stays enrolled
+        without a home, so all TCP from it is dropped and nothing reaches it, until the token changes
+        (:func:`agent.redirect_plan.hold_reused_addresses`). Held addresses are reported as failures. Without
+        ``owners`` a moved address is captured as the workload named for it at once.
 
         It also follows the node as it is now, whatever the controller knows: uplinks that appeared (tunnel devices)
         or vanished, and interfaces holding a pod route the controller has not named, which get the peer role while
@@ -332,11 +353,20 @@ class Redirector:
             ports = self._attach_bridge_ports(maps, links, bridges, failures)
             homes = plan.homes_on(ok)
             want = set(homes)
+            held, st.seen = hold_reused_addresses(enrolled, homes, owners, st.seen, st.held) if owners else ({}, {})
+            self._log_holds(held, homes)
+            st.held = held
+            for ip in held:
+                failures[ip] = (
+                    f"its interface was re-created ({homes.get(ip, 'none now')}) and the controller has not confirmed "
+                    "the workload since (a new pod reusing the IP?): held, its TCP dropped"
+                )
+            homes = {ip: idx for ip, idx in homes.items() if ip not in held}
             have = maps.workload_ips()
             # Release before detaching (nothing is captured half-way), enroll after attaching (the return path is
             # in place before the first captured SYN). A home is written before its workload is enrolled and
-            # removed after it is released, so an enrolled address always has one; one that moved to another
-            # interface (a new pod with a recycled IP) has its home rewritten in place.
+            # removed after it is released, so an enrolled address has one unless it is held; one that moved to
+            # another interface (a new pod with a recycled IP) has its home rewritten in place.
             for ip in sorted(have - want):
                 maps.delete_workload(ip)
             self._write_homes(maps, homes)
@@ -441,6 +471,7 @@ class Redirector:
                 "uplinks": sorted(st.uplinks.values()),
                 "interfaces": interfaces,
                 "enrolled": sorted(st.enrolled),
+                "held": sorted(st.held),
                 "failures": dict(sorted(st.failures.items())),
                 "skipped_peers": dict(sorted(st.skipped.items())),
                 "capturing_any": started and bool(st.attached),
@@ -633,6 +664,16 @@ class Redirector:
         if entry is not None and entry.loader_flags & LOADER_OWNS_QDISC:
             nl.delete_clsact_if_empty(idx)
         log.info("capture detached", extra=kv(instance=cfg.instance, interface=att.name if att else idx))
+
+    def _log_holds(self, held: dict[str, str], homes: dict[str, int]) -> None:
+        for ip in sorted(held.keys() - self._state.held.keys()):
+            log.warning(
+                "holding a workload address: its pod interface was re-created and the controller has not confirmed "
+                "the workload since",
+                extra=kv(instance=self.config.instance, ip=ip, interface=homes.get(ip), owner=held[ip]),
+            )
+        for ip in sorted(self._state.held.keys() - held.keys()):
+            log.info("workload address released from hold", extra=kv(instance=self.config.instance, ip=ip))
 
     def _log_changes(self, want: set[str], failures: dict[str, str]) -> None:
         st = self._state

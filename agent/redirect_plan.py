@@ -131,3 +131,41 @@ def plan_capture(
         for index, name in (pod_links or {}).items():
             plan.interfaces.setdefault(index, InterfacePlan(name))
     return plan
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """Where an enrolled address was last captured, and under which workload (the caller's owner token)."""
+
+    index: int
+    owner: str
+
+
+def hold_reused_addresses(
+    enrolled: Iterable[str],
+    homes: Mapping[str, int],
+    owners: Mapping[str, str],
+    seen: Mapping[str, Sighting],
+    held: Mapping[str, str],
+) -> tuple[dict[str, str], dict[str, Sighting]]:
+    """Which enrolled addresses must not be taken for the workload the controller names for them.
+
+    Identity is keyed by IP: when a pod goes and a new sandbox gets its IP before the controller has caught up, the
+    new pod would be captured as the old workload (its certificate, its policy, its inbound traffic). What the node
+    shows is the address coming back behind another interface (``homes``, this reconcile) than where it was captured
+    (``seen``) while the owner token the caller gives for it (workload uid and resource version) is unchanged. Such an
+    address is held, under that token, until the token changes (the controller confirms the new pod, or a new
+    version of the same workload) or it leaves ``enrolled``. Returns (held: address -> token, sightings to keep).
+    An address enrolled but without a home this time (its interface gone, the new one not there yet) keeps its
+    sighting, so the usual order, old interface deleted then a new one created, is caught too.
+    """
+    still = set(enrolled)
+    out_held = {ip: token for ip, token in held.items() if ip in still and owners.get(ip, "") == token}
+    out_seen = {ip: s for ip, s in seen.items() if ip in still and ip not in homes}
+    for ip, index in homes.items():
+        token = owners.get(ip, "")
+        last = seen.get(ip)
+        if ip not in out_held and last is not None and last.index != index and last.owner == token:
+            out_held[ip] = token
+        out_seen[ip] = Sighting(index, token)
+    return out_held, out_seen

@@ -755,6 +755,40 @@ def test_a_pod_interface_re_created_with_its_ip_is_noticed(env: Env) -> None:
         env.r.reconcile({pa.ip}, env.all_pods())
 
 
+def test_a_reused_address_is_held_until_the_controller_confirms_its_workload(env: Env) -> None:
+    """Identity is keyed by IP. When a pod goes and a new sandbox gets its IP (a new veth) before the controller has
+    caught up, the agent's config still names the old workload: the new pod was captured as that workload, with its
+    certificate, and got its inbound traffic. With owner tokens (uid@version) the redirector holds such an address
+    (enrolled, no home): nothing of the new pod's TCP goes out and connections to it cannot complete, until the
+    token changes. The usual order, old veth deleted and a reconcile before the new one exists, is covered."""
+    pa, pc, topo = env.pa, env.pc, env.topo
+    enrolled = {pa.ip, pc.ip}
+    owners = {pa.ip: "pod-a@1", pc.ip: "pod-c@1"}
+    env.start_listener("--relay")
+    try:
+        assert env.r.reconcile(enrolled, env.all_pods(), owners) == {}
+        topo.ip(topo.node, "link", "del", pc.node_if)  # the old pod's sandbox goes
+        assert pc.ip in env.r.reconcile(enrolled, env.all_pods(), owners)  # what the change watch causes
+        _replug(env, pc)  # a new pod's sandbox with the same IP; the config still names pod-c
+        failures = env.r.reconcile(enrolled, env.all_pods(), owners)
+        spoofed = env.r.stats()["drop_spoofed"]
+        with pytest.raises(OSError):  # not captured as pod-c (nor sent anywhere)
+            rt.connect(pc.netns, env.pb.ip, 8080, timeout=1.0)
+        # A call to it is captured as usual, but the agent's connection to it never completes.
+        assert rt.connect(pa.netns, pc.ip, 8080, timeout=6).startswith("relay-failed:15001")
+        assert env.r.stats()["drop_spoofed"] > spoofed
+        assert "held" in failures[pc.ip] and env.r.status()["held"] == [pc.ip]
+        assert env.r.reconcile(enrolled, env.all_pods(), owners)[pc.ip] == failures[pc.ip]  # still held
+        # The controller names the new pod: captured as it from now on.
+        assert env.r.reconcile(enrolled, env.all_pods(), owners | {pc.ip: "pod-e@1"}) == {}
+        assert env.r.status()["held"] == []
+        got = rt.connect(pc.netns, env.pb.ip, 8080, timeout=4)
+        assert got.startswith("relayed:15001 server:8080") and f"peer={pc.ip}:" in got, got
+    finally:
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
 def test_observers_do_not_wait_for_a_reconcile(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """Metrics scrapes, readiness probes and /config_dump read the redirector on the agent's event loop. They took
     the lock a reconcile holds through all its netlink work, so while one ran (every pod or interface change) the

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from agent.redirect_netlink import RTN_LOCAL, RTN_UNICAST, RouteInfo
-from agent.redirect_plan import PodInterface, RouteProblem, classify_route, plan_capture
+from agent.redirect_plan import (
+    PodInterface,
+    RouteProblem,
+    Sighting,
+    classify_route,
+    hold_reused_addresses,
+    plan_capture,
+)
 
 NAMES = {1: "lo", 2: "eth0", 3: "vethA", 4: "vethB", 5: "cni0"}
 UPLINKS = {2: "eth0"}
@@ -96,3 +103,43 @@ def test_unresolvable_non_enrolled_pods_are_skipped_not_failed() -> None:
     assert plan.failures == {}
     assert set(plan.skipped) == {"10.0.0.1", "pod-z"}
     assert "local address" in plan.skipped["10.0.0.1"]
+
+
+IP_A, IP_B = "10.0.1.5", "10.0.1.6"
+
+
+def test_an_address_back_behind_another_interface_under_the_same_owner_is_held() -> None:
+    seen = {IP_A: Sighting(3, "pod-a@1"), IP_B: Sighting(4, "pod-b@1")}
+    held, seen = hold_reused_addresses({IP_A, IP_B}, {IP_A: 7, IP_B: 4}, {IP_A: "pod-a@1", IP_B: "pod-b@1"}, seen, {})
+    assert held == {IP_A: "pod-a@1"}  # IP_B stayed where it was
+    assert seen == {IP_A: Sighting(7, "pod-a@1"), IP_B: Sighting(4, "pod-b@1")}
+    # Still held on the next reconcile, though it no longer moves; released once the owner token changes.
+    held, seen = hold_reused_addresses({IP_A, IP_B}, {IP_A: 7, IP_B: 4}, {IP_A: "pod-a@1", IP_B: "pod-b@1"}, seen, held)
+    assert held == {IP_A: "pod-a@1"}
+    held, seen = hold_reused_addresses({IP_A, IP_B}, {IP_A: 7, IP_B: 4}, {IP_A: "pod-c@1", IP_B: "pod-b@1"}, seen, held)
+    assert held == {}
+    assert seen[IP_A] == Sighting(7, "pod-c@1")
+
+
+def test_a_move_the_controller_already_names_is_not_held() -> None:
+    held, _ = hold_reused_addresses({IP_A}, {IP_A: 7}, {IP_A: "pod-c@1"}, {IP_A: Sighting(3, "pod-a@1")}, {})
+    assert held == {}
+    # A first sighting has nothing to compare with.
+    first, seen = hold_reused_addresses({IP_A}, {IP_A: 3}, {IP_A: "pod-a@1"}, {}, {})
+    assert first == {} and seen == {IP_A: Sighting(3, "pod-a@1")}
+
+
+def test_the_old_interface_gone_before_the_new_one_comes_is_still_caught() -> None:
+    seen = {IP_A: Sighting(3, "pod-a@1")}
+    held, seen = hold_reused_addresses({IP_A}, {}, {IP_A: "pod-a@1"}, seen, {})  # no route for a while
+    assert held == {} and seen == {IP_A: Sighting(3, "pod-a@1")}
+    held, seen = hold_reused_addresses({IP_A}, {IP_A: 8}, {IP_A: "pod-a@1"}, seen, held)
+    assert held == {IP_A: "pod-a@1"}
+
+
+def test_an_address_that_leaves_the_enrolled_set_is_forgotten() -> None:
+    held, seen = hold_reused_addresses(set(), {}, {}, {IP_A: Sighting(3, "pod-a@1")}, {IP_A: "pod-a@1"})
+    assert held == {} and seen == {}
+    # Enrolled again later under the same owner, anywhere: a first sighting, not a hold.
+    held, _ = hold_reused_addresses({IP_A}, {IP_A: 9}, {IP_A: "pod-a@1"}, seen, held)
+    assert held == {}

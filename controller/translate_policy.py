@@ -38,6 +38,12 @@ _HTTP_BOILERPLATE_DENY_PARTLY = (
 )
 
 
+NO_WAYPOINT_WARNING = (
+    "bound to a waypoint with targetRef(s), which only a waypoint enforces; no waypoint is programmed with "
+    "AuthorizationPolicies yet, so the policy has no effect"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Converted:
     """Result of converting one AuthorizationPolicy: the resource (None if not sent) and a warning (or "")."""
@@ -190,7 +196,8 @@ def sent_to_agents(policy: AuthorizationPolicy) -> bool:
 
 def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: str) -> Converted:
     if policy.has_target_refs:
-        return Converted(None)  # bound to a waypoint
+        # Bound to a waypoint; Ambit's waypoint (waypoint/) is not programmed from these yet, so say it.
+        return Converted(None, NO_WAYPOINT_WARNING)
     if policy.action not in ("ALLOW", "DENY"):
         return Converted(None, f"action {policy.action} is not supported by the L4 agent; the policy is not enforced")
     action = pb.ALLOW if policy.action == "ALLOW" else pb.DENY

@@ -107,3 +107,14 @@ def test_a_caveat_is_logged_once_when_it_appears(caplog: pytest.LogCaptureFixtur
     fields = caveats[0].fields  # type: ignore[attr-defined]
     assert fields["object"] == "AuthorizationPolicy/demo/p"
     assert "action CUSTOM is not supported" in fields["warning"]
+
+
+def test_waypoint_bound_policy_says_it_is_not_enforced() -> None:
+    # Accepted silently: an L7 policy written for a waypoint (targetRefs) was enforced by nothing.
+    doc = policy("DENY", NS_A)
+    doc["spec"]["targetRefs"] = [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}]
+    (obj,) = parse_documents("f.yaml", [doc]).objects
+    assert isinstance(obj, AuthorizationPolicy)
+    converted = convert_authorization_policy(obj, "istio-system")
+    assert converted.authorization is None
+    assert "no effect" in converted.warning

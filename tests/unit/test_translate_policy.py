@@ -258,7 +258,10 @@ spec: {action: DENY}
             "  action: CUSTOM\n  provider: {name: ext-authz}\n",
             "action CUSTOM is not supported by the L4 agent; the policy is not enforced",
         ),
-        ("  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n", ""),
+        (
+            "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n",
+            translate_policy.NO_WAYPOINT_WARNING,
+        ),
     ],
 )
 def test_policies_not_sent_to_agents(spec: str, warning: str) -> None:

@@ -732,9 +732,9 @@ class HboneConnection:
 
         Why: credit normally goes back at once, so that a stream whose reader stalls does not block the others.
         What such streams hold then grows with their number (a stream window each). The caller holds the credit
-        while what its consumers keep buffered is above a budget, which bounds a connection's buffered bytes by
-        that budget plus one connection window; past it, its streams wait for the stalled ones, as they would
-        with credit tied to reading (ztunnel, Envoy)."""
+        while its consumers keep too much (tunnel.BUFFERS): the peer can then send at most what is left of the
+        connection window, and the streams wait for the stalled ones, as they would with credit tied to reading
+        (ztunnel, Envoy)."""
         if hold == self._conn_credit_held:
             return
         self._conn_credit_held = hold

@@ -205,6 +205,50 @@ class _BigBuffers:
 _BIG = _BigBuffers()
 
 
+class _BufferBudget:
+    """What the relays of the process keep for TCP sockets that did not take it yet, against one budget.
+
+    Connection credit goes back as DATA arrives, so that a stream whose reader stalls does not block the other
+    streams of its pooled connection; such a relay keeps up to a stream window plus WRITE_HIGH (5 MiB). Nothing
+    bounded how many do: 200 stalled streams made an agent keep 1 GB. Over the budget, every HBONE connection whose
+    relays keep something holds its connection credit back (HboneConnection.hold_connection_credit) until the total
+    is below three quarters of the budget: each such connection can then take at most what is left of its window
+    (16 MiB, as a ztunnel connection keeps), and connections whose relays keep nothing are not slowed. Below the
+    budget nothing waits for a stalled stream.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.total = 0
+        self.over = False
+        self._keeping: set[_HboneProtocol] = set()
+
+    def changed(self, proto: _HboneProtocol, delta: int) -> None:
+        proto.buffered += delta
+        self.total += delta
+        if proto.buffered > 0:
+            if proto not in self._keeping:
+                self._keeping.add(proto)
+                if self.over:
+                    proto.hold_credit(True)
+        elif proto in self._keeping:
+            self._keeping.discard(proto)
+            proto.hold_credit(False)  # it keeps nothing now: it does not wait for the others to drain
+        if not self.over and self.total > self.budget:
+            self.over = True
+            for p in self._keeping:
+                p.hold_credit(True)
+        elif self.over and self.total <= self.budget * 3 // 4:
+            self.over = False
+            for p in list(self._keeping):
+                p.hold_credit(False)
+
+
+BUFFERS = _BufferBudget(256 * 1024 * 1024)
+"""The process's relays. 256 MiB: far above what flowing streams keep (a few windows in all), so only many stalled
+readers reach it (20 stalled streams of one pod pair keep about 100 MiB: they still do not slow each other)."""
+
+
 def _new_buffer(size: int) -> bytearray:
     # One spare byte of capacity so that the append/del probe never reallocates.
     buf = bytearray(size + 1)
@@ -480,8 +524,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
         self._replies_at_pause = 0
-        self.buffered = 0  # received bytes our relays keep for TCP sockets that did not take them yet
-        self._buffer_budget = config.connection_window
+        self.buffered = 0  # received bytes our relays keep for TCP sockets that did not take them yet (BUFFERS)
 
     # ------------------------------------------------------------------------------ asyncio callbacks
 
@@ -629,14 +672,12 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             self.transport.writelines(out)
 
     def buffered_changed(self, delta: int) -> None:
-        """Relays report what they keep and write out: connection credit is held while the total is over the
-        budget (one connection window), so many stalled streams cannot make the agent keep a stream window each."""
-        self.buffered += delta
-        over = self.buffered > self._buffer_budget
-        if over != self.h2.connection_credit_held:
-            self.h2.hold_connection_credit(over)
-            if not over and self.h2.has_output():
-                self.flush()
+        BUFFERS.changed(self, delta)
+
+    def hold_credit(self, hold: bool) -> None:
+        self.h2.hold_connection_credit(hold)
+        if not hold and self.h2.has_output():
+            self.flush()
 
     def acknowledge(self, stream_id: int, nbytes: int) -> None:
         self.h2.acknowledge(stream_id, nbytes)

@@ -149,14 +149,14 @@ async def test_a_slow_readers_small_frames_do_not_pin_the_connections_receive_bu
 STALLED = 12
 
 
-async def test_many_stalled_streams_keep_at_most_a_connection_window_of_backlog(
-    server: tuple[HboneServer, TestCA],
+async def test_stalled_streams_keep_at_most_the_budget_and_a_connection_window(
+    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every stream of one pooled connection sends to a TCP client that does not read. Each relay may keep a stream
-    window (and WRITE_HIGH) of what its socket did not take, so what the connection kept grew with the number of
-    streams (12 x 2 MiB here; 200 x 5 MiB with the defaults). Connection credit is now held while the relays keep
-    more than a connection window: the connection keeps at most about two windows, and once the clients read, every
-    byte still arrives, in order."""
+    window (and WRITE_HIGH) of what its socket did not take, so what the agent kept grew with the number of streams
+    (12 x 2 MiB here; 200 x 5 MiB with the defaults). Over the agent's budget (lowered here to 2 MiB), connections
+    whose relays keep something hold their connection credit: this one keeps at most the budget and about one more
+    connection window, and once the clients read, every byte still arrives, in order."""
     hbone, ca = server
     payload = os.urandom(3 * 1024 * 1024)
 
@@ -172,10 +172,13 @@ async def test_many_stalled_streams_keep_at_most_a_connection_window_of_backlog(
     key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
     window = 1024 * 1024
     config = tunnel.TunnelConfig(stream_window=window, connection_window=2 * window)
+    budget = tunnel._BufferBudget(2 * window)
+    monkeypatch.setattr(tunnel, "BUFFERS", budget)
     pool = HboneConnectionPool(config=config, stats=TunnelStats())
     loop = asyncio.get_running_loop()
     pairs = [socket.socketpair() for _ in range(STALLED)]
     relays: list[asyncio.Future[tunnel.RelayResult]] = []
+    pools = [pool]
     try:
         streams = []
         for i, (app, side) in enumerate(pairs):
@@ -204,15 +207,28 @@ async def test_many_stalled_streams_keep_at_most_a_connection_window_of_backlog(
                 got += chunk
             return bytes(got)
 
+        # Another connection, whose relay keeps nothing, is not held while this one is.
+        assert budget.over and proto.h2.connection_credit_held
+        other_pool = HboneConnectionPool(config=config, stats=TunnelStats())
+        pools = [pool, other_pool]
+        fast_app, fast_side = socket.socketpair()
+        fast_app.setblocking(False)
+        pairs.append((fast_app, fast_side))
+        fast = await other_pool.open_stream(key, ctx, "fast:1", [])
+        assert fast._proto is not proto
+        relays.append(asyncio.ensure_future(relay(fast_side, fast)))
         async with asyncio.timeout(60):
-            received = await asyncio.gather(*(read_all(app) for app, _ in pairs))
+            assert await read_all(fast_app) == payload
+            assert proto.h2.connection_credit_held, "the stalled connection still holds its credit"
+            received = await asyncio.gather(*(read_all(app) for app, _ in pairs[:STALLED]))
     finally:
         for app, _ in pairs:
             app.close()
         await asyncio.wait(relays, timeout=10)
-        await pool.close()
-    # The budget (one connection window), what the peer may still send then (one connection window), and a few
-    # reads parsed (credited) before their bytes reach the relays; without the budget: 12 x 2 MiB.
-    assert most <= 2 * config.connection_window + 4 * tunnel.READ_SIZE, f"{most / 2**20:.1f} MiB kept"
+        for p in pools:
+            await p.close()
+    # The budget, what the peer may still send then (one connection window), and a few reads parsed (credited)
+    # before their bytes reach the relays; without the budget: 12 x 2 MiB.
+    assert most <= budget.budget + config.connection_window + 4 * tunnel.READ_SIZE, f"{most / 2**20:.1f} MiB kept"
     assert [hashlib.sha256(r).digest() for r in received] == [hashlib.sha256(payload).digest()] * STALLED
-    assert proto.buffered == 0 and not proto.h2.connection_credit_held
+    assert proto.buffered == 0 == budget.total and not proto.h2.connection_credit_held

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ["lab", "bench", "certs", "explain"]
+COMMAND_MODULES = ["lab", "bench", "certs", "explain", "workloads"]
 
 
 def build_parser() -> argparse.ArgumentParser:

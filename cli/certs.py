@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from cli.agent_admin import AdminError, add_target_arguments, fetch_json
+from cli.table import render
 
 
 def register(subparsers: Any) -> None:
@@ -47,10 +48,7 @@ def format_table(rows: list[dict[str, Any]], now: datetime.datetime | None = Non
     ]
     if not table:
         return "no certificates (no enrolled workloads on this node yet)"
-    widths = [max(len(c) for c in col) for col in zip(headers, *table, strict=False)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in [headers, *table]
-    )
+    return render(headers, table)
 
 
 def run(args: argparse.Namespace) -> int:

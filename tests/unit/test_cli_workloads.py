@@ -1,0 +1,117 @@
+"""`ambitctl workloads | services | policies | config-dump` (DESIGN's command set) against an admin endpoint serving
+what a real agent's /config_dump holds: the controller's translation of examples/, through the agent's store."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.state import WorkloadStore
+from cli import ambitctl
+from controller.translate import Translator
+from controller.validation import parse_yaml_text
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def agent_dump() -> dict[str, Any]:
+    objects = []
+    for path in sorted(EXAMPLES.glob("*/*.yaml")):
+        result = parse_yaml_text(str(path), path.read_text())
+        assert result.errors == []
+        objects += result.objects
+    translator = Translator()
+    translator.apply(objects)
+    store = WorkloadStore()
+    store.put(list(translator.addresses().values()), list(translator.authorizations().values()))
+    return {**store.snapshot_dict(), "certificates": []}
+
+
+@pytest.fixture
+def admin() -> Iterator[tuple[str, list[Any]]]:
+    served: list[Any] = [agent_dump()]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/config_dump"
+            body = json.dumps(served[0] if found else {}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
+    return [line.split() for line in capsys.readouterr().out.splitlines()]
+
+
+def test_workloads_table(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    assert ambitctl.main(["workloads", "--admin", admin[0]]) == 0
+    table = lines(capsys)
+    assert table[0] == ["NAMESPACE", "NAME", "ADDRESS", "NODE", "TUNNEL", "IDENTITY", "STATUS"]
+    rows = {row[1]: row for row in table[1:]}
+    assert rows["client"] == [
+        "demo",
+        "client",
+        "10.244.1.10",
+        "node1",
+        "HBONE",
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "HEALTHY",
+    ]
+    assert rows["web"][:5] == ["legacy", "web", "10.244.2.20", "node2", "NONE"]  # namespace not enrolled
+
+
+def test_namespace_filter_and_json(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    assert ambitctl.main(["workloads", "--admin", admin[0], "-n", "legacy", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(w["namespace"], w["name"]) for w in entries] == [("legacy", "web")]
+
+
+def test_services_and_policies(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    assert ambitctl.main(["services", "--admin", admin[0]]) == 0
+    rows = {row[1]: row for row in lines(capsys)[1:]}
+    assert rows["server.demo.svc.cluster.local"] == [
+        "demo",
+        "server.demo.svc.cluster.local",
+        "10.96.0.10",
+        "80->8080,9000",
+    ]
+    assert ambitctl.main(["policies", "--admin", admin[0]]) == 0
+    assert lines(capsys)[1:] == [["demo", "server-allow-client", "WORKLOAD_SELECTOR", "ALLOW", "1", "no"]]
+
+
+def test_config_dump_is_the_whole_json(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    assert ambitctl.main(["config-dump", "--admin", admin[0]]) == 0
+    assert json.loads(capsys.readouterr().out) == admin[1][0]
+
+
+def test_unusable_answers_are_reported(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    address, served = admin
+    served[0] = {"workloads": "nope"}
+    assert ambitctl.main(["workloads", "--admin", address]) == 1
+    assert "no list of workloads" in capsys.readouterr().err
+    served[0] = ["not", "an", "object"]
+    assert ambitctl.main(["config-dump", "--admin", address]) == 1
+    assert "did not return an object" in capsys.readouterr().err
+    assert ambitctl.main(["policies", "--admin", "127.0.0.1:9"]) == 1
+    assert "ambitctl policies: agent admin 127.0.0.1:9" in capsys.readouterr().err

@@ -10,12 +10,14 @@
 #include <uapi/linux/tcp.h>
 
 #define AMBIT_IP_OFFSET_MASK 0x1fff
+#define AMBIT_IP_MF 0x2000
 
 enum ambit_parse_result {
     AMBIT_PARSE_TCP = 0,    /* addresses and l4_off are filled (ports and flags by ambit_parse_tcp) */
-    AMBIT_PARSE_OTHER = 1,  /* not TCP over IPv4/IPv6 (or a non-first fragment): not ours */
+    AMBIT_PARSE_OTHER = 1,  /* not TCP over IPv4/IPv6: not ours */
     AMBIT_PARSE_SHORT = 2,  /* (maybe) TCP that must not be captured as read; addresses are filled in */
     AMBIT_PARSE_OPAQUE = 3, /* more VLAN headers than AMBIT_MAX_VLAN: whose it is cannot be told */
+    AMBIT_PARSE_FRAGMENT = 4, /* a later fragment of a TCP datagram: addresses and frag_id filled, no TCP header */
 };
 
 /* Addresses use the map key layout: IPv4 in the first 4 bytes (network order), the rest zero. */
@@ -23,7 +25,8 @@ struct ambit_pkt {
     u8 family; /* AMBIT_AF_INET or AMBIT_AF_INET6 */
     u8 syn;
     u8 ack;
-    u8 pad;
+    u8 first_fragment; /* the datagram is fragmented and this is its first fragment (frag_id is set) */
+    u32 frag_id;       /* IPv4 identification or IPv6 fragment header identification (network order) */
     u16 sport; /* network order */
     u16 dport;
     u32 l4_off; /* byte offset of the TCP header */
@@ -75,8 +78,10 @@ static __always_inline int ambit_v6_find_tcp(struct __sk_buff *skb, u8 nexthdr, 
         } else if (nexthdr == AMBIT_NEXTHDR_FRAGMENT) {
             if (bpf_skb_load_bytes(skb, off, hdr, 8))
                 return AMBIT_PARSE_SHORT;
-            if ((hdr[2] << 8 | hdr[3]) & 0xfff8)
-                return AMBIT_PARSE_OTHER; /* a non-first fragment carries no TCP header */
+            __builtin_memcpy(&p->frag_id, &hdr[4], 4);
+            if ((hdr[2] << 8 | hdr[3]) & 0xfff8) /* a later fragment carries no TCP header */
+                return hdr[0] == IPPROTO_TCP ? AMBIT_PARSE_FRAGMENT : AMBIT_PARSE_OTHER;
+            p->first_fragment = hdr[3] & 1; /* M: more fragments follow */
             off += 8;
         } else {
             return AMBIT_PARSE_OTHER; /* UDP, ICMPv6, ESP, ...: not ours */
@@ -158,14 +163,16 @@ static __always_inline int ambit_parse(struct __sk_buff *skb, struct ambit_pkt *
             return AMBIT_PARSE_OTHER;
         if (iph->protocol != IPPROTO_TCP)
             return AMBIT_PARSE_OTHER;
-        if (iph->frag_off & htons(AMBIT_IP_OFFSET_MASK))
-            return AMBIT_PARSE_OTHER;
         u32 ihl = (iph->ihl & 0xf) * 4;
         if (ihl < sizeof(struct iphdr))
             return AMBIT_PARSE_OTHER;
         p->family = AMBIT_AF_INET;
         p->saddr[0] = iph->saddr;
         p->daddr[0] = iph->daddr;
+        p->frag_id = iph->id;
+        if (iph->frag_off & htons(AMBIT_IP_OFFSET_MASK))
+            return AMBIT_PARSE_FRAGMENT;
+        p->first_fragment = !!(iph->frag_off & htons(AMBIT_IP_MF));
         p->l4_off = sizeof(struct ethhdr) + ihl;
         return AMBIT_PARSE_TCP;
     }

@@ -35,6 +35,21 @@
 #include "ambit_maps.h"
 #include "ambit_parse.h"
 
+/* A fragmented TCP datagram: its later fragments carry no ports, so they are recognised by the first one's key. */
+struct ambit_frag_key {
+    u8 family;
+    u8 pad[3];
+    u32 id;
+    u32 saddr[4];
+    u32 daddr[4];
+};
+
+/* Fragmented TCP datagrams whose first fragment was captured (or assigned) -> the interface it came in on. Their
+ * later fragments must reach the node's stack too, where the datagram is reassembled for the socket: forwarded on
+ * to the pod instead, they left the node's reassembly waiting and the connection stalled. Transient state, so not
+ * pinned (an agent restart drops the datagrams in flight); LRU, so a flood of first fragments only evicts. */
+BPF_TABLE("lru_hash", struct ambit_frag_key, u32, ambit_frags, 4096);
+
 static __always_inline void ambit_stat(u32 idx) {
     u64 *v = ambit_stats.lookup(&idx);
     if (v)
@@ -55,6 +70,31 @@ static __always_inline int ambit_drop_spoofed(u32 ifindex) {
     if (by_if)
         *by_if += 1;
     return TC_ACT_SHOT;
+}
+
+static __always_inline void ambit_frag_key(struct ambit_frag_key *k, const struct ambit_pkt *p) {
+    k->family = p->family;
+    k->id = p->frag_id;
+    __builtin_memcpy(k->saddr, p->saddr, 16);
+    __builtin_memcpy(k->daddr, p->daddr, 16);
+}
+
+/* A later fragment of a datagram whose first fragment was captured here: delivered to the node's stack as well (no
+ * socket to assign without ports; the reassembled datagram finds the connection's socket by its 4-tuple). */
+static __always_inline int ambit_later_fragment(struct __sk_buff *skb, const struct ambit_pkt *p,
+                                                const struct ambit_config *cfg, u32 ifindex,
+                                                struct ambit_bridge_port *port) {
+    struct ambit_frag_key k = {};
+    ambit_frag_key(&k, p);
+    u32 *from = ambit_frags.lookup(&k);
+    if (!from || *from != ifindex)
+        return TC_ACT_UNSPEC;
+    if (port && bpf_skb_store_bytes(skb, 0, port->mac, ETH_ALEN, 0)) {
+        ambit_stat(AMBIT_STAT_DROP_ASSIGN_ERROR);
+        return TC_ACT_SHOT;
+    }
+    skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->mark;
+    return TC_ACT_OK;
 }
 
 /* The agent listener (port, host order) a new connection is captured to. */
@@ -150,6 +190,8 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         if (port)
             home_if = port->bridge;
     }
+    if (parsed == AMBIT_PARSE_FRAGMENT)
+        return ambit_later_fragment(skb, &p, cfg, ifindex, port);
     if (parsed == AMBIT_PARSE_OPAQUE) {
         /* Behind so many VLAN headers that its addresses are out of reach, yet the kernel may still route it: it
          * could be an enrolled workload's TCP, so it is treated as unreadable TCP of one. */
@@ -254,5 +296,10 @@ assign:
         }
     }
     skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->mark;
+    if (p.first_fragment) {
+        struct ambit_frag_key k = {};
+        ambit_frag_key(&k, &p);
+        ambit_frags.update(&k, &ifindex);
+    }
     return TC_ACT_OK;
 }

@@ -707,6 +707,65 @@ def test_uplink_packets_from_an_enrolled_local_address_are_dropped(env: Env) -> 
         env.r.reconcile({pa.ip}, env.all_pods())
 
 
+def _fragments(packet: bytes, first: int) -> list[bytes]:
+    """An IPv4 or IPv6 packet as two fragments (identification 0x4242), the first carrying ``first`` payload bytes."""
+    v6 = packet[0] >> 4 == 6
+    header, payload = (packet[:40], packet[40:]) if v6 else (packet[:20], packet[20:])
+    out = []
+    for offset, chunk, more in ((0, payload[:first], 1), (first, payload[first:], 0)):
+        if v6:  # the fragment header after the fixed one: next header TCP, offset in 8-byte units, M flag, id
+            fragment = struct.pack("!BBHI", socket.IPPROTO_TCP, 0, offset | more, 0x4242)
+            h = header[:4] + struct.pack("!HBB", 8 + len(chunk), 44, 64) + header[8:40]
+            out.append(h + fragment + chunk)
+            continue
+        h = header[:2] + struct.pack("!HHH", 20 + len(chunk), 0x4242, more << 13 | offset // 8) + header[8:10]
+        h += b"\0\0" + header[12:20]
+        out.append(h[:10] + struct.pack("!H", _csum(h)) + h[12:] + chunk)
+    return out
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_ip_fragments_of_a_captured_connection_reach_its_socket(env: Env, family: socket.AddressFamily) -> None:
+    """A later IP fragment carries no TCP header: it was not ours, so it was forwarded on to the pod while the first
+    fragment went to the agent's socket, whose reassembly then waited forever (the connection stalled)."""
+    pa, pb, topo = env.pa, env.pb, env.topo
+    src, dst = (pa.ip6, pb.ip6) if family == socket.AF_INET6 else (pa.ip, pb.ip)
+    env.r.reconcile({pa.ip, pa.ip6}, env.all_pods() | {p.ip6 for p in topo.pods.values()})
+    env.stop_listener()
+    with rt.enter(topo.node):
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        with rt.enter(pa.netns):
+            client = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+        else:
+            listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: the agent's outbound listener
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", env.config.outbound_port))
+        listener.listen(4)
+        listener.settimeout(5)
+        client.settimeout(5)
+        client.connect((dst, 8080))
+        agent_side, _ = listener.accept()
+        with agent_side:
+            agent_side.settimeout(2.0)
+            expected, sent = _next_seqs(client)
+            data = bytes(range(256)) * 4
+            segment = _tcp_packet(src, dst, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+            for fragment in _fragments(segment, 512):  # as a pod's stack sends TCP with PMTU discovery off
+                _send_frame(pa.netns, "eth0", _mac(topo.node, pa.node_if), fragment)
+            got = b""
+            while len(got) < len(data):
+                got += agent_side.recv(4096)
+            assert got == data
+    finally:
+        client.close()
+        listener.close()
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
 def _replug(env: Env, pod: rt.Pod) -> None:
     """A new veth pair for ``pod`` with its old names and addresses: a pod sandbox re-created with the same IP."""
     topo, gw, gw6 = env.topo, pod.ip.rsplit(".", 1)[0] + ".1", pod.ip6.rsplit(":", 1)[0] + ":1"

@@ -29,6 +29,7 @@ from controller.model import (
     Namespace,
     Node,
     ObjectKey,
+    OpaqueObject,
     PeerAuthentication,
     Pod,
     Service,
@@ -42,6 +43,7 @@ REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 # An entry that terminates HBONE itself (a VM running its own tunnel endpoint), as istiod's SupportsTunnel. Not
 # applied to pods: the node agent captures every HBONE pod on its node, and a pod terminating HBONE must not be.
 TUNNEL_LABEL = "networking.istio.io/tunnel"
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
 # Written by Istio's sidecar injector; istio-cni never enrolls such a pod (enablement_selector.go podHasSidecar).
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 _REGION_LABEL = "topology.kubernetes.io/region"
@@ -226,6 +228,11 @@ class Translator:
     def _index(self, obj: KObject, add: bool) -> None:
         key = obj.key
         ns = key.namespace
+        caveat = _waypoint_caveat(obj)
+        if caveat and add:
+            self._warnings[key] = caveat
+        elif caveat:
+            self._warnings.pop(key, None)
         if isinstance(obj, Namespace):
             if add:
                 self._namespaces[obj.meta.name] = obj
@@ -755,6 +762,20 @@ def _toggle(index: dict[_B, set[ObjectKey]], bucket: _B, key: ObjectKey, add: bo
         index[bucket].discard(key)
         if not index[bucket]:
             del index[bucket]
+
+
+_NO_WAYPOINTS = "waypoints (L7 routing and policy) are not implemented in this release"
+
+
+def _waypoint_caveat(obj: KObject) -> str:
+    """What an object asks of a waypoint that nothing provides: said rather than silently dropped."""
+    if isinstance(obj, OpaqueObject):
+        return f"{obj.kind} is accepted but not acted on: {_NO_WAYPOINTS}"
+    if isinstance(obj, Namespace | Pod | Service | ServiceEntry | WorkloadEntry):
+        waypoint = obj.meta.labels.get(USE_WAYPOINT_LABEL)
+        if waypoint and waypoint != "none":
+            return f"label {USE_WAYPOINT_LABEL}={waypoint} is ignored: {_NO_WAYPOINTS}; traffic goes directly"
+    return ""
 
 
 def _native_tunnel(labels: Labels) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import select
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ import pytest
 
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.redirect_maps import RedirectMaps
+from tests.integration.test_redirect_capture import _fragments, _mac, _next_seqs, _send_frame, _tcp_packet
 from tests.support import redirect_topology as rt
 
 LISTENER = ("serve", "--transparent", "--dual", "--port", "15001", "--port", "15006", "--port", "15008")
@@ -148,6 +150,43 @@ def test_the_return_path_of_source_preserving_connections_crosses_the_bridge(bri
             assert got.startswith(f"relayed:{port} server:8080 local={dst.ip}:8080 peer={src.ip}:"), got
     finally:
         topo.stop(relay)
+        topo.probe_server(topo.node, *LISTENER)
+
+
+def test_fragments_between_pods_of_a_bridge_reach_the_agent(bridged: Bridged) -> None:
+    """A later IP fragment from a port goes up to the bridge with the first one (MAC rewritten, marked), not
+    switched on to the pod it was sent to."""
+    pa, pb, topo = bridged.pod("pa"), bridged.pod("pb"), bridged.topo
+    bridged.r.reconcile(bridged.ips("pa"), bridged.everyone())
+    probe = next(p for p in topo.procs if "--transparent" in list(p.args))  # type: ignore[arg-type]
+    topo.stop(probe)
+    with rt.enter(topo.node):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with rt.enter(pa.netns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", bridged.config.outbound_port))
+        listener.listen(4)
+        listener.settimeout(5)
+        client.settimeout(5)
+        client.connect((pb.ip, 8080))
+        agent_side, _ = listener.accept()
+        with agent_side:
+            agent_side.settimeout(2.0)
+            expected, sent = _next_seqs(client)
+            data = bytes(range(256)) * 4
+            segment = _tcp_packet(pa.ip, pb.ip, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+            for fragment in _fragments(segment, 512):  # to pb's MAC, as pa's stack addresses a pod of its bridge
+                _send_frame(pa.netns, "eth0", _mac(pb.netns, "eth0"), fragment)
+            got = b""
+            while len(got) < len(data):
+                got += agent_side.recv(4096)
+            assert got == data
+    finally:
+        client.close()
+        listener.close()
         topo.probe_server(topo.node, *LISTENER)
 
 

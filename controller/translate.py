@@ -62,6 +62,16 @@ _ALL = ("", "")
 TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
 _IP_FAMILIES = {(): wl.AUTOMATIC, ("IPv4",): wl.IPV4_ONLY, ("IPv6",): wl.IPV6_ONLY}
 _LB = wl.LoadBalancing
+# spec.trafficDistribution -> failover order (the annotation takes the same names in any case). PreferSameZone is
+# Kubernetes 1.33's name for PreferClose; PreferSameNode ranks the client's own node first (istiod's
+# GetTrafficDistribution).
+_CLOSE = [_LB.NETWORK, _LB.REGION, _LB.ZONE, _LB.SUBZONE]
+_TRAFFIC_DISTRIBUTIONS: Mapping[str, list[wl.LoadBalancing.Scope]] = {
+    "PreferClose": _CLOSE,
+    "PreferSameZone": _CLOSE,
+    "PreferSameNode": [*_CLOSE, _LB.NODE],
+}
+_TRAFFIC_DISTRIBUTION_ANNOTATIONS = {name.lower(): order for name, order in _TRAFFIC_DISTRIBUTIONS.items()}
 
 Labels = Mapping[str, str]
 _B = TypeVar("_B", str, tuple[str, str, str])
@@ -97,8 +107,9 @@ def _anchor(selector: Labels) -> tuple[str, str]:
 
 
 def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
-    """How ztunnel is to pick this service's endpoints, as istiod's constructService sets it: PreferClose (the
-    field, or the annotation also ServiceEntries may carry) ranks by network, region, zone, subzone with failover;
+    """How ztunnel is to pick this service's endpoints, as istiod's constructService sets it: PreferClose or
+    PreferSameZone (the field, or the annotation also ServiceEntries may carry) ranks by network, region, zone,
+    subzone with failover, PreferSameNode then by node;
     internalTrafficPolicy Local keeps to the client's node strictly; publishNotReadyAddresses sends to endpoints
     that are not ready; a ServiceEntry with resolution NONE passes connections through. None: any healthy
     endpoint."""
@@ -106,15 +117,16 @@ def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
         # Connections go to the address the client dialled; ztunnel picks no endpoint for a PASSTHROUGH service
         # (without it, a service with no endpoints refuses every connection: NoHealthyUpstream).
         return _LB(mode=_LB.PASSTHROUGH, health_policy=_LB.ALLOW_ALL)
-    prefer_close = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "").lower() == "preferclose"
+    annotation = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "")
+    preference = _TRAFFIC_DISTRIBUTION_ANNOTATIONS.get(annotation.lower())
     lb: wl.LoadBalancing | None = None
     if isinstance(obj, Service):
         if obj.traffic_distribution:
-            prefer_close = obj.traffic_distribution == "PreferClose"
+            preference = _TRAFFIC_DISTRIBUTIONS.get(obj.traffic_distribution)
         if obj.internal_traffic_policy == "Local":
             lb = _LB(routing_preference=[_LB.NODE], mode=_LB.STRICT)
-    if lb is None and prefer_close:
-        lb = _LB(routing_preference=[_LB.NETWORK, _LB.REGION, _LB.ZONE, _LB.SUBZONE], mode=_LB.FAILOVER)
+    if lb is None and preference:
+        lb = _LB(routing_preference=preference, mode=_LB.FAILOVER)
     if isinstance(obj, Service) and obj.publish_not_ready_addresses:
         lb = lb or _LB()
         lb.health_policy = _LB.ALLOW_ALL

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import gc
 import json
 import logging
 import math
+import os
 import signal
 import socket
 from collections.abc import Sequence
@@ -369,6 +371,34 @@ def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
     )
 
 
+LOCK_FILE = "agent.lock"
+
+
+class StateDirInUse(Exception):
+    """A running agent holds the state directory's lock."""
+
+
+def _lock_state(state_dir: Path, *, create: bool) -> int | None:
+    """An exclusive flock on ``<state-dir>/agent.lock``; the descriptor is never closed, so it lasts as long as the
+    process, and the kernel drops it however the process ends. The agent holds it so that `--cleanup` can tell a
+    running (or still draining) agent, whose change watch would put back the filters the cleanup removes, from one
+    that is gone. Without ``create``, None when there is no lock file: no agent ran with this directory."""
+    open_flags = os.O_RDWR | os.O_CLOEXEC
+    if create:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        open_flags |= os.O_CREAT
+    try:
+        fd = os.open(state_dir / LOCK_FILE, open_flags, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirInUse(f"{state_dir / LOCK_FILE} is locked by a running agent") from None
+    return fd
+
+
 def _remove_state(state_dir: Path) -> list[str]:
     """The saved xDS state goes with the capture: a later install restoring it would act on a stale cluster until
     its controller answered. The directory too, when nothing else is in it."""
@@ -377,6 +407,8 @@ def _remove_state(state_dir: Path) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         state.unlink()
         removed.append(f"xDS state file {state}")
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / LOCK_FILE).unlink()  # ours: the caller holds it
     with contextlib.suppress(OSError):  # not empty, absent, or a mount point: left as it is
         state_dir.rmdir()
         removed.append(f"state directory {state_dir}")
@@ -413,10 +445,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     heap.one_arena()
     cfg = flags.parse(AgentConfig, argv)
     jsonlog.setup(cfg.log_level)
+    state_dir = Path(cfg.state_dir)
     if cfg.cleanup:
-        removed = cleanup(_redirect_config(cfg)) + _remove_state(Path(cfg.state_dir))
+        try:
+            _lock_state(state_dir, create=False)
+        except (StateDirInUse, OSError) as e:
+            log.error("cleanup refused", extra=kv(state_dir=str(state_dir), error=str(e)))
+            raise SystemExit(1) from None
+        removed = cleanup(_redirect_config(cfg)) + _remove_state(state_dir)
         log.info("cleanup done", extra=kv(instance=cfg.instance, removed=removed))
         return
+    try:
+        _lock_state(state_dir, create=True)
+    except (StateDirInUse, OSError) as e:
+        log.warning("state directory not locked: --cleanup cannot see this agent", extra=kv(error=str(e)))
     runtime.run(lambda: _run(cfg), cfg.event_loop)
 
 

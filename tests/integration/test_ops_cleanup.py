@@ -1,13 +1,16 @@
 """`ambit-agent --cleanup` as the uninstall DaemonSet runs it: in a node's network namespace, with the agent's
 instance and state directory. Capture's own removal (filters, qdiscs, routing, pins) is tested with the redirect
-module; this checks what the command adds: the saved xDS state goes too, and a second run finds nothing."""
+module; this checks what the command adds: it refuses while an agent still runs with that state directory, the
+saved xDS state goes too, and a second run finds nothing."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,15 @@ def node_netns(require_root: None) -> Iterator[str]:
         netns.delete(name)
 
 
-def _cleanup(ns: str, instance: str, state_dir: Path) -> list[Any]:
+def _run_cleanup(ns: str, instance: str, state_dir: Path) -> tuple[int, list[dict[str, Any]]]:
     argv = [AGENT, "--cleanup", f"--instance={instance}", f"--state-dir={state_dir}"]
-    done = subprocess.run(netns.nsenter_argv(ns, argv), capture_output=True, text=True, timeout=60, check=True)
-    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    done = subprocess.run(netns.nsenter_argv(ns, argv), capture_output=True, text=True, timeout=60)
+    return done.returncode, [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+
+
+def _cleanup(ns: str, instance: str, state_dir: Path) -> list[Any]:
+    code, lines = _run_cleanup(ns, instance, state_dir)
+    assert code == 0, lines
     (record,) = [r for r in lines if r.get("msg") == "cleanup done"]
     assert record["instance"] == instance
     removed: list[Any] = record["removed"]
@@ -57,3 +65,32 @@ def test_cleanup_keeps_a_state_directory_holding_other_files(node_netns: str, tm
     removed = _cleanup(node_netns, node_netns, tmp_path)
     assert removed == [f"xDS state file {tmp_path / STATE_FILE}"]
     assert (tmp_path / "not-ours").read_text() == "someone else's"
+
+
+def test_cleanup_refuses_while_an_agent_runs_with_the_state_directory(node_netns: str, tmp_path: Path) -> None:
+    """A draining agent's change watch puts back what the cleanup removes; the DaemonSet's init container must fail
+    (and be retried) until the agent is gone. A real agent (no capture, no controller) in the test's netns."""
+    state_dir = tmp_path / "ambit"
+    log = tmp_path / "agent.log"
+    argv = [AGENT, "--no-capture", "--node=n1", "--controller=127.0.0.1:1", f"--state-dir={state_dir}"]
+    argv += ["--admin-port=0", "--metrics-port=0", "--ready-port=0", "--drain-seconds=0"]
+    with open(log, "w") as out:
+        agent = subprocess.Popen(netns.nsenter_argv(node_netns, argv), stderr=out, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30  # liveness bound for a loaded machine
+        while '"agent started"' not in log.read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        code, lines = _run_cleanup(node_netns, node_netns, state_dir)
+        assert code == 1 and [r["msg"] for r in lines if r.get("level") == "error"] == ["cleanup refused"], lines
+        assert state_dir.is_dir(), "nothing may be removed under a running agent"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    removed = _cleanup(node_netns, node_netns, state_dir)
+    assert f"state directory {state_dir}" in removed, removed
+    assert not state_dir.exists()

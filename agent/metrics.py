@@ -12,6 +12,7 @@ import collections
 from collections.abc import Iterator
 from typing import Any
 
+from agent import tunnel
 from agent.prometheus import Counter, MetricFamily, Registry, counter_family, gauge_family, render
 from agent.tunnel import TunnelStats
 from common.spiffe import Identity
@@ -200,6 +201,16 @@ class _TunnelStatsCollector:
         yield counter_family("ambit_hbone_streams_opened", "HBONE CONNECT streams opened", value=s.streams_opened)
         yield gauge_family(
             "ambit_hbone_streams_active", "HBONE CONNECT streams open now", value=s.streams_opened - s.streams_closed
+        )
+        yield gauge_family(
+            "ambit_relay_buffered_bytes",
+            "Bytes received over HBONE that relays keep for TCP peers that did not take them yet",
+            value=tunnel.BUFFERS.total,
+        )
+        yield counter_family(
+            "ambit_relay_buffer_budget_exceeded",
+            "Times the relays kept more than their budget and connections keeping bytes held their HBONE credit",
+            value=tunnel.BUFFERS.exceeded,
         )
 
 

@@ -221,6 +221,7 @@ class _BufferBudget:
         self.budget = budget
         self.total = 0
         self.over = False
+        self.exceeded = 0  # times the total went over the budget (a metric: streams then waited for stalled ones)
         self._keeping: set[_HboneProtocol] = set()
 
     def changed(self, proto: _HboneProtocol, delta: int) -> None:
@@ -236,6 +237,11 @@ class _BufferBudget:
             proto.hold_credit(False)  # it keeps nothing now: it does not wait for the others to drain
         if not self.over and self.total > self.budget:
             self.over = True
+            self.exceeded += 1
+            log.warning(
+                "relays keep more than their budget for stalled readers: holding credit of the connections they use",
+                extra=kv(kept=self.total, budget=self.budget, connections=len(self._keeping)),
+            )
             for p in self._keeping:
                 p.hold_credit(True)
         elif self.over and self.total <= self.budget * 3 // 4:

@@ -17,6 +17,7 @@ from typing import cast
 import pytest
 
 from agent import tunnel
+from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import TunnelStats, relay
 from tests.support.hbone_testbed import Backend, HboneServer, echo  # noqa: F401  (fixture)
@@ -200,6 +201,9 @@ async def test_stalled_streams_keep_at_most_the_budget_and_a_connection_window(
                 last = kept
         assert kept == proto.buffered
         assert kept > 2 * window, "the relays keep what their sockets do not take"
+        exported = Metrics(TunnelStats()).registry
+        assert exported.get_sample_value("ambit_relay_buffered_bytes") == kept
+        assert exported.get_sample_value("ambit_relay_buffer_budget_exceeded_total") == 1
 
         async def read_all(app: socket.socket) -> bytes:
             got = bytearray()

@@ -236,3 +236,37 @@ async def test_stalled_streams_keep_at_most_the_budget_and_a_connection_window(
     assert most <= budget.budget + config.connection_window + 4 * tunnel.READ_SIZE, f"{most / 2**20:.1f} MiB kept"
     assert [hashlib.sha256(r).digest() for r in received] == [hashlib.sha256(payload).digest()] * STALLED
     assert proto.buffered == 0 == budget.total and not proto.h2.connection_credit_held
+
+
+class _FakeConnection:
+    """Stands for an _HboneProtocol: what the budget reads and calls."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.held = False
+
+    def hold_credit(self, hold: bool) -> None:
+        self.held = hold
+
+
+def test_budget_holds_only_connections_that_keep_bytes_and_releases_below_three_quarters() -> None:
+    budget = tunnel._BufferBudget(1000)
+    stalled, idle, other = _FakeConnection(), _FakeConnection(), _FakeConnection()
+    conns = cast(list[tunnel._HboneProtocol], [stalled, idle, other])
+    budget.changed(conns[0], 600)
+    budget.changed(conns[2], 300)
+    assert not (stalled.held or other.held or budget.over)
+    budget.changed(conns[0], 200)  # 1100 > 1000
+    assert budget.over and budget.exceeded == 1
+    assert stalled.held and other.held and not idle.held, "a connection that keeps nothing is never held"
+    budget.changed(conns[2], -300)  # other keeps nothing now: released though the total (800) is still high
+    assert not other.held and stalled.held and budget.over
+    budget.changed(conns[1], 10)  # a connection starting to keep bytes while over the budget is held at once
+    assert idle.held
+    budget.changed(conns[0], -60)  # 750: at three quarters, everyone goes again
+    assert not (budget.over or stalled.held or idle.held)
+    budget.changed(conns[0], 300)  # 1050: over again, counted again
+    assert budget.exceeded == 2 and stalled.held and idle.held
+    budget.changed(conns[0], -1040)
+    budget.changed(conns[1], -10)
+    assert budget.total == 0 and not budget.over and not (stalled.held or idle.held)

@@ -111,12 +111,17 @@ def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
     PreferSameZone (the field, or the annotation also ServiceEntries may carry) ranks by network, region, zone,
     subzone with failover, PreferSameNode then by node;
     internalTrafficPolicy Local keeps to the client's node strictly; publishNotReadyAddresses sends to endpoints
-    that are not ready; a ServiceEntry with resolution NONE passes connections through. None: any healthy
-    endpoint."""
+    that are not ready; a ServiceEntry with resolution NONE, or a Service without a selector, passes connections
+    through. None: any healthy endpoint."""
     if isinstance(obj, ServiceEntry) and obj.resolution == "NONE":
         # Connections go to the address the client dialled; ztunnel picks no endpoint for a PASSTHROUGH service
         # (without it, a service with no endpoints refuses every connection: NoHealthyUpstream).
         return _LB(mode=_LB.PASSTHROUGH, health_policy=_LB.ALLOW_ALL)
+    if isinstance(obj, Service) and obj.selector is None:
+        # Endpoints managed outside Kubernetes' selector (manual EndpointSlices: an external database, ...), which
+        # this controller does not read (istiod turns them into workloads): the VIP is passed through, for
+        # kube-proxy to route as it would without the mesh, instead of being refused for want of endpoints.
+        return _LB(mode=_LB.PASSTHROUGH)
     annotation = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "")
     preference = _TRAFFIC_DISTRIBUTION_ANNOTATIONS.get(annotation.lower())
     lb: wl.LoadBalancing | None = None

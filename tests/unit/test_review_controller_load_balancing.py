@@ -1,11 +1,14 @@
-"""Kubernetes 1.33's trafficDistribution values (PreferSameZone, PreferSameNode), which istiod's
-GetTrafficDistribution maps and the controller ignored: the service then spread to any endpoint."""
+"""How a Service's endpoints are picked (its LoadBalancing), where review found the controller wanting: Kubernetes
+1.33's trafficDistribution values, which istiod's GetTrafficDistribution maps and the controller ignored, and
+Services without a selector."""
 
 from __future__ import annotations
 
 import pytest
 from google.protobuf import text_format
 
+from agent.outbound import RouteKind, route
+from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wl
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
@@ -48,3 +51,32 @@ spec: {{selector: {{app: web}}, clusterIP: 10.96.0.10, ports: [{{port: 80}}], {s
 def test_traffic_distribution_values(spec: str, annotations: str, want: str | None) -> None:
     got = service_lb(spec, annotations)
     assert got == (None if want is None else text_format.Parse(want, wl.LoadBalancing()))
+
+
+def test_service_without_selector_is_passed_through_to_its_vip() -> None:
+    # Its endpoints live in EndpointSlices the controller does not read, so the agent had none and refused every
+    # connection from an enrolled pod (no_healthy_upstream); kube-proxy routes the VIP when it is passed through.
+    text = """apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec: {nodeName: n1}
+status: {podIP: 10.1.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec: {clusterIP: 10.96.0.50, ports: [{port: 5432}]}
+"""
+    result = parse_yaml_text("t.yaml", text)
+    assert result.errors == []
+    t = Translator()
+    t.apply(result.objects)
+    store = WorkloadStore()
+    store.put(list(t.addresses().values()))
+    r = route(store, "n1", t.addresses()["Kubernetes//Pod/demo/client"].workload, ("10.96.0.50", 5432))
+    assert (r.kind, r.target) == (RouteKind.PASSTHROUGH, ("10.96.0.50", 5432))
+    assert service_lb("type: ClusterIP") is None  # a selected service still picks its endpoints

@@ -113,22 +113,28 @@ class CaSecret:
         return data
 
     def _mirror(self, data: dict[str, str]) -> bool:
-        """Write the Secret's files into the directory; True when anything changed."""
+        """Write the Secret's files into the directory; True when anything changed.
+
+        Every value is decoded before any file is touched: a Secret with one bad value must leave the directory as
+        the last good Secret made it, not half replaced (a new certificate beside the old key).
+        """
+        contents: dict[str, bytes] = {}
+        for key in KEYS:
+            if key in data:
+                try:
+                    contents[key] = base64.b64decode(data[key], validate=True)
+                except ValueError:
+                    raise CaSecretError(f"secret {self.ref}: data[{key}] is not base64") from None
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         changed = False
         for key in KEYS:
             path = self.directory / key
-            if key not in data:
+            if key not in contents:
                 if path.exists():
                     path.unlink()
                     changed = True
-                continue
-            try:
-                content = base64.b64decode(data[key], validate=True)
-            except ValueError:
-                raise CaSecretError(f"secret {self.ref}: data[{key}] is not base64") from None
-            if not path.exists() or path.read_bytes() != content:
-                write_atomic(path, content, 0o600 if key == CA_KEY else 0o644)
+            elif not path.exists() or path.read_bytes() != contents[key]:
+                write_atomic(path, contents[key], 0o600 if key == CA_KEY else 0o644)
                 changed = True
         return changed
 

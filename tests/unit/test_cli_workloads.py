@@ -4,9 +4,7 @@ what a real agent's /config_dump holds: the controller's translation of examples
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from agent.state import WorkloadStore
 from cli import ambitctl
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
+from tests.support.json_endpoint import serve_json
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -36,28 +35,8 @@ def agent_dump() -> dict[str, Any]:
 @pytest.fixture
 def admin() -> Iterator[tuple[str, list[Any]]]:
     served: list[Any] = [agent_dump()]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            found = self.path == "/config_dump"
-            body = json.dumps(served[0] if found else {}).encode()
-            self.send_response(200 if found else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_json("/config_dump", served) as address:
+        yield address, served
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[list[str]]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from cli import ambitctl
 from cli.certs import format_table
+from tests.support.json_endpoint import serve_json
 
 ROWS = [
     {
@@ -39,27 +38,8 @@ ROWS = [
 @pytest.fixture
 def admin() -> Iterator[tuple[str, list[Any]]]:
     served: list[Any] = [ROWS]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(served[0]).encode() if self.path == "/certs" else b"{}"
-            self.send_response(200 if self.path == "/certs" else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_json("/certs", served) as address:
+        yield address, served
 
 
 def test_table_shows_identity_state_serial_and_remaining_time() -> None:

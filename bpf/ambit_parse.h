@@ -17,7 +17,8 @@ enum ambit_parse_result {
     AMBIT_PARSE_OTHER = 1,  /* not TCP over IPv4/IPv6: not ours */
     AMBIT_PARSE_SHORT = 2,  /* (maybe) TCP that must not be captured as read; addresses are filled in */
     AMBIT_PARSE_OPAQUE = 3, /* more VLAN headers than AMBIT_MAX_VLAN: whose it is cannot be told */
-    AMBIT_PARSE_FRAGMENT = 4, /* a later fragment of a TCP datagram: addresses and frag_id filled, no TCP header */
+    AMBIT_PARSE_FRAGMENT = 4, /* a later fragment (IPv4: of a TCP datagram; IPv6: of any): addresses and frag_id
+                               * filled, no TCP header */
 };
 
 /* Addresses use the map key layout: IPv4 in the first 4 bytes (network order), the rest zero. */
@@ -79,8 +80,11 @@ static __always_inline int ambit_v6_find_tcp(struct __sk_buff *skb, u8 nexthdr, 
             if (bpf_skb_load_bytes(skb, off, hdr, 8))
                 return AMBIT_PARSE_SHORT;
             __builtin_memcpy(&p->frag_id, &hdr[4], 4);
-            if ((hdr[2] << 8 | hdr[3]) & 0xfff8) /* a later fragment carries no TCP header */
-                return hdr[0] == IPPROTO_TCP ? AMBIT_PARSE_FRAGMENT : AMBIT_PARSE_OTHER;
+            /* A later fragment carries no TCP header. Whatever next header it names, reassembly takes the first
+             * fragment's (RFC 8200 keys a datagram by addresses and identification only), so it may complete a TCP
+             * datagram: every later fragment is reported, not only those that say TCP. */
+            if ((hdr[2] << 8 | hdr[3]) & 0xfff8)
+                return AMBIT_PARSE_FRAGMENT;
             p->first_fragment = hdr[3] & 1; /* M: more fragments follow */
             off += 8;
         } else {

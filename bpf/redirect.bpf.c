@@ -190,8 +190,19 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         if (port)
             home_if = port->bridge;
     }
-    if (parsed == AMBIT_PARSE_FRAGMENT)
+    if (parsed == AMBIT_PARSE_FRAGMENT) {
+        /* Anti-spoofing holds for later fragments too: one joins whatever datagram of its addresses and id the node
+         * is reassembling, so pod A sending B's later fragment could complete a captured segment of B's with A's
+         * bytes. An enrolled source's fragments are believed only on its home (never on an uplink). */
+        struct ambit_addr src = {};
+        ambit_key(&src, p.family, p.saddr);
+        if (ambit_workloads.lookup(&src)) {
+            u32 *home = ambit_wl_home.lookup(&src);
+            if (!home || *home != home_if)
+                return ambit_drop_spoofed(ifindex);
+        }
         return ambit_later_fragment(skb, &p, cfg, ifindex, port);
+    }
     if (parsed == AMBIT_PARSE_OPAQUE) {
         /* Behind so many VLAN headers that its addresses are out of reach, yet the kernel may still route it: it
          * could be an enrolled workload's TCP, so it is treated as unreadable TCP of one. */

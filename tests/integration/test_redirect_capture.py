@@ -707,14 +707,15 @@ def test_uplink_packets_from_an_enrolled_local_address_are_dropped(env: Env) -> 
         env.r.reconcile({pa.ip}, env.all_pods())
 
 
-def _fragments(packet: bytes, first: int) -> list[bytes]:
-    """An IPv4 or IPv6 packet as two fragments (identification 0x4242), the first carrying ``first`` payload bytes."""
+def _fragments(packet: bytes, first: int, later_next: int = socket.IPPROTO_TCP) -> list[bytes]:
+    """An IPv4 or IPv6 packet as two fragments (identification 0x4242), the first carrying ``first`` payload bytes.
+    ``later_next``: the next header the IPv6 later fragment's fragment header names (reassembly ignores it)."""
     v6 = packet[0] >> 4 == 6
     header, payload = (packet[:40], packet[40:]) if v6 else (packet[:20], packet[20:])
     out = []
     for offset, chunk, more in ((0, payload[:first], 1), (first, payload[first:], 0)):
-        if v6:  # the fragment header after the fixed one: next header TCP, offset in 8-byte units, M flag, id
-            fragment = struct.pack("!BBHI", socket.IPPROTO_TCP, 0, offset | more, 0x4242)
+        if v6:  # the fragment header after the fixed one: next header, offset in 8-byte units, M flag, id
+            fragment = struct.pack("!BBHI", later_next if offset else socket.IPPROTO_TCP, 0, offset | more, 0x4242)
             h = header[:4] + struct.pack("!HBB", 8 + len(chunk), 44, 64) + header[8:40]
             out.append(h + fragment + chunk)
             continue
@@ -724,12 +725,12 @@ def _fragments(packet: bytes, first: int) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_ip_fragments_of_a_captured_connection_reach_its_socket(env: Env, family: socket.AddressFamily) -> None:
-    """A later IP fragment carries no TCP header: it was not ours, so it was forwarded on to the pod while the first
-    fragment went to the agent's socket, whose reassembly then waited forever (the connection stalled)."""
-    pa, pb, topo = env.pa, env.pb, env.topo
-    src, dst = (pa.ip6, pb.ip6) if family == socket.AF_INET6 else (pa.ip, pb.ip)
+@contextlib.contextmanager
+def _captured_connection(env: Env, dst: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """pa's connection to ``dst``:8080, captured to a transparent stand-in for the agent's outbound listener (pa and
+    pa's IPv6 address enrolled): (pa's socket, the agent-side socket). Capture and the listener are restored after."""
+    pa, topo = env.pa, env.topo
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     env.r.reconcile({pa.ip, pa.ip6}, env.all_pods() | {p.ip6 for p in topo.pods.values()})
     env.stop_listener()
     with rt.enter(topo.node):
@@ -750,20 +751,73 @@ def test_ip_fragments_of_a_captured_connection_reach_its_socket(env: Env, family
         agent_side, _ = listener.accept()
         with agent_side:
             agent_side.settimeout(2.0)
-            expected, sent = _next_seqs(client)
-            data = bytes(range(256)) * 4
-            segment = _tcp_packet(src, dst, client.getsockname()[1], 8080, sent, expected, 0x18, data)
-            for fragment in _fragments(segment, 512):  # as a pod's stack sends TCP with PMTU discovery off
-                _send_frame(pa.netns, "eth0", _mac(topo.node, pa.node_if), fragment)
-            got = b""
-            while len(got) < len(data):
-                got += agent_side.recv(4096)
-            assert got == data
+            yield client, agent_side
     finally:
         client.close()
         listener.close()
         env.start_listener()
         env.r.reconcile({pa.ip}, env.all_pods())
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_ip_fragments_of_a_captured_connection_reach_its_socket(env: Env, family: socket.AddressFamily) -> None:
+    """A later IP fragment carries no TCP header: it was not ours, so it was forwarded on to the pod while the first
+    fragment went to the agent's socket, whose reassembly then waited forever (the connection stalled)."""
+    pa, pb, topo = env.pa, env.pb, env.topo
+    src, dst = (pa.ip6, pb.ip6) if family == socket.AF_INET6 else (pa.ip, pb.ip)
+    with _captured_connection(env, dst) as (client, agent_side):
+        expected, sent = _next_seqs(client)
+        data = bytes(range(256)) * 4
+        segment = _tcp_packet(src, dst, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+        for fragment in _fragments(segment, 512):  # as a pod's stack sends TCP with PMTU discovery off
+            _send_frame(pa.netns, "eth0", _mac(topo.node, pa.node_if), fragment)
+        assert _recv_exactly(agent_side, len(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("family", "later_next"),
+    [
+        (socket.AF_INET, socket.IPPROTO_TCP),
+        (socket.AF_INET6, socket.IPPROTO_TCP),
+        (socket.AF_INET6, socket.IPPROTO_UDP),
+    ],
+)
+def test_a_later_fragment_sent_as_another_enrolled_pod_is_dropped(
+    env: Env, family: socket.AddressFamily, later_next: int
+) -> None:
+    """Anti-spoofing covered whole TCP segments only. A later fragment carries no TCP header, yet it completes any
+    datagram of the same addresses and identification in the node's reassembly (IPv6 ignores a later fragment's next
+    header, so it need not even say TCP): pc sent pa's later fragment from its own interface and its bytes reached
+    pa's captured connection, as pa's. Here pa calls the node's own address, which the node reassembles whatever the
+    mark; where conntrack defragments in PREROUTING (kube-proxy nodes) any destination does."""
+    pa, pc, topo = env.pa, env.pc, env.topo
+    src, dst = (pa.ip6, topo.node_ip6) if family == socket.AF_INET6 else (pa.ip, topo.node_ip)
+    with _captured_connection(env, dst) as (client, agent_side):
+        expected, sent = _next_seqs(client)
+        data = b"pa" * 256 + b"pc" * 256
+        segment = _tcp_packet(src, dst, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+        first, later = _fragments(segment, 512, later_next)
+        spoofed = env.r.spoofed_drops().get(pc.node_if, 0)
+        _send_frame(pa.netns, "eth0", _mac(topo.node, pa.node_if), first)
+        _send_frame(pc.netns, "eth0", _mac(topo.node, pc.node_if), later)  # pc forges the rest of pa's datagram
+        agent_side.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            agent_side.recv(4096)  # without the check: pa's first half and pc's second, as one segment of pa's
+        rt.wait_for(lambda: env.r.spoofed_drops().get(pc.node_if, 0) > spoofed)
+        # pa's own later fragment still completes its datagram.
+        agent_side.settimeout(2.0)
+        _send_frame(pa.netns, "eth0", _mac(topo.node, pa.node_if), later)
+        assert _recv_exactly(agent_side, len(data)) == data
 
 
 def _replug(env: Env, pod: rt.Pod) -> None:

@@ -50,7 +50,7 @@ from agent.redirect_maps import (
     migrate_pins,
     read_pinned_config,
 )
-from agent.redirect_netlink import ChangeWatch, LinkInfo, Netlink
+from agent.redirect_netlink import ChangeWatch, LinkInfo, Netlink, NetlinkError
 from agent.redirect_plan import (
     PodInterface,
     RouteProblem,
@@ -351,9 +351,12 @@ class Redirector:
                         failures[ip] = f"cannot attach to {ip_plan.name}: {exc}"
             bridges = {i for i in ok if i in links and links[i].kind == "bridge"}
             ports = self._attach_bridge_ports(maps, links, bridges, failures)
-            homes = plan.homes_on(ok)
+            homes = self._port_homes(nl, links, ports, plan.homes_on(ok))
             want = set(homes)
-            held, st.seen = hold_reused_addresses(enrolled, homes, owners, st.seen, st.held) if owners else ({}, {})
+            # A home the agent knows only as a bridge says nothing of which pod holds the address now: such an
+            # address keeps the port it was last seen behind (a dump that missed it must not look like a move).
+            precise = {ip: idx for ip, idx in homes.items() if idx not in bridges}
+            held, st.seen = hold_reused_addresses(enrolled, precise, owners, st.seen, st.held) if owners else ({}, {})
             self._log_holds(held, homes)
             st.held = held
             for ip in held:
@@ -566,6 +569,33 @@ class Redirector:
                 failures[f"bridge port:{link.name}"] = f"cannot attach, pods of {bridge.name} talk uncaptured: {exc}"
                 continue
             out[idx] = bridge.index
+        return out
+
+    def _port_homes(
+        self, nl: Netlink, links: dict[int, LinkInfo], ports: dict[int, int], homes: dict[str, int]
+    ) -> dict[str, int]:
+        """Narrow the home of each enrolled address behind a bridge from the bridge (the route says no more) to the one
+        port whose veth's far end holds it. With the bridge as home every pod of the bridge could send as any other
+        and be captured as it (its certificate, its policy): the pod's own address list, read in its netns, is not
+        the pod's to forge without CAP_NET_ADMIN there, unlike the ARP and FDB entries it can poison. An address
+        found behind no port or behind several (a pod that added another's) keeps the bridge, as before."""
+        behind: dict[str, set[int]] = {}
+        for port in ports:
+            link = links.get(port)
+            if link is None or link.peer is None or link.peer_netns is None:
+                continue  # not a veth into a pod's netns: its pods' homes stay the bridge
+            try:
+                found = nl.peer_addresses(link.peer_netns, link.peer)
+            except (NetlinkError, RedirectKernelError, OSError) as exc:  # the pod's netns is going away; an old kernel
+                log.debug("bridge port peer unreadable", extra=kv(interface=link.name, error=str(exc)))
+                continue
+            for ip in found:
+                behind.setdefault(str(ipaddress.ip_address(ip)), set()).add(port)
+        out = dict(homes)
+        for ip, idx in homes.items():
+            candidates = {p for p in behind.get(str(ipaddress.ip_address(ip)), ()) if ports[p] == idx}
+            if len(candidates) == 1:
+                out[ip] = candidates.pop()
         return out
 
     @staticmethod

@@ -46,7 +46,10 @@ F_REQUEST, F_MULTI, F_ACK, F_ECHO, F_DUMP = 0x1, 0x2, 0x4, 0x8, 0x300
 F_REPLACE, F_EXCL, F_CREATE = 0x100, 0x200, 0x400
 F_DUMP_INTR = 0x10  # the dumped table changed while it was read: what came may miss entries
 DUMP_ATTEMPTS = 3
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 10, 18, 1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 5, 10, 18, 1
+IFLA_LINK_NETNSID = 37  # the netns (as this netns numbers it) of the link's peer: a veth's other end
+IFA_TARGET_NETNSID = 10  # an address dump of another netns, by its number here (kernel >= 4.20, strict checks)
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 # Link kinds that decapsulate traffic from other hosts into the node's stack: overlay networks (VXLAN, Geneve,
 # IPIP, GRE) and encrypted ones (WireGuard) deliver pod traffic from other nodes there, not on the default route's
 # interface.
@@ -188,13 +191,15 @@ class RouteInfo:
 @dataclass(frozen=True)
 class LinkInfo:
     """What capture needs to know of an interface: its kind (IFLA_INFO_KIND, '' for none), the bridge or bond it is
-    enslaved to (IFLA_MASTER), and its hardware address."""
+    enslaved to (IFLA_MASTER), its hardware address, and where a veth's other end is."""
 
     index: int
     name: str
     kind: str
     master: int | None
     mac: bytes
+    peer: int | None = None  # IFLA_LINK: a veth's other end, by its index in ``peer_netns``
+    peer_netns: int | None = None  # IFLA_LINK_NETNSID: None when the peer (if any) is in this netns
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,36 @@ class Netlink:
             kind = get_str(attributes(info), IFLA_INFO_KIND) if info is not None else None
             index = int(_IFINFOMSG.unpack_from(m)[2])
             address = attrs.get(IFLA_ADDRESS)
-            out[index] = LinkInfo(index, name, kind or "", get_u32(attrs, IFLA_MASTER), bytes(address or b""))
+            nsid = attrs.get(IFLA_LINK_NETNSID)
+            out[index] = LinkInfo(
+                index,
+                name,
+                kind or "",
+                get_u32(attrs, IFLA_MASTER),
+                bytes(address or b""),
+                get_u32(attrs, IFLA_LINK),
+                None if nsid is None or len(nsid) < 4 else int(struct.unpack_from("=i", nsid)[0]),
+            )
+        return out
+
+    def peer_addresses(self, netns: int, index: int) -> set[str]:
+        """The addresses of interface ``index`` in the netns this one numbers ``netns`` (a veth's far end: what the
+        pod behind a bridge port holds). Strict checking is on for these dumps only: without it the kernel ignores
+        IFA_TARGET_NETNSID and answers for this netns."""
+        out: set[str] = set()
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                body = _IFADDRMSG.pack(family, 0, 0, 0, index) + struct.pack("=HHi", 8, IFA_TARGET_NETNSID, netns)
+                for m in self._request(RTM_GETADDR, F_DUMP, body, f"address dump of netns {netns}"):
+                    if _IFADDRMSG.unpack_from(m)[4] != index:
+                        continue
+                    attrs = attributes(m, _IFADDRMSG.size)
+                    ip = get_ip(attrs, IFA_LOCAL) or get_ip(attrs, IFA_ADDRESS)
+                    if ip:
+                        out.add(ip)
+        finally:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 0)
         return out
 
     def tunnel_links(self) -> dict[int, str]:

@@ -59,7 +59,7 @@ struct ambit_iface {
 
 /* Value of ambit_bridge_ports (key: the port's ifindex). */
 struct ambit_bridge_port {
-    u32 bridge; /* ifindex of the bridge: the home (ambit_wl_home) of the pods behind its ports */
+    u32 bridge; /* ifindex of the bridge (the home of a pod behind it the agent found no port for) */
     u8 mac[6];  /* the bridge's own address: a frame sent to it is passed up, not switched to another port */
     u8 pad[2];
 };

@@ -10,10 +10,10 @@
  *
  * Bridge CNIs: the ports of a bridge that holds pods carry the program as well (AMBIT_IF_BRIDGE_PORT, see
  * ambit_maps.h), since the bridge switches frames between its pods without passing them up. A port decides (and
- * counts) as its role says, with the bridge as its own interface for the home check, and sends what it captures
- * up to the bridge: destination MAC rewritten to the bridge's, marked. The bridge keeps the mark and MAC but drops
- * a socket assignment on the way (seen on 6.18), so the bridge's own program makes the assignment for marked
- * packets (ambit_assign_steered). On a bridge, port 15008 of an enrolled pod is the HBONE listener's for any
+ * counts) as its role says (the home of a pod behind it is the port itself, see ambit_at_home), and sends what it
+ * captures up to the bridge: destination MAC rewritten to the bridge's, marked. The bridge keeps the mark and MAC
+ * but drops a socket assignment on the way (seen on 6.18), so the bridge's own program makes the assignment for
+ * marked packets (ambit_assign_steered). On a bridge, port 15008 of an enrolled pod is the HBONE listener's for any
  * caller, local ones included (as in Istio, where 15008 is ztunnel's inside the pod).
  *
  * On a pod interface, TCP whose source is an enrolled workload that lives behind another interface (ambit_wl_home)
@@ -77,6 +77,20 @@ static __always_inline void ambit_frag_key(struct ambit_frag_key *k, const struc
     k->id = p->frag_id;
     __builtin_memcpy(k->saddr, p->saddr, 16);
     __builtin_memcpy(k->daddr, p->daddr, 16);
+}
+
+/* Whether an enrolled address whose home is `home` may send from interface `ifindex`. Its home is normally that very
+ * interface: a pod's veth, or on a bridge CNI the port whose far end holds the address. At a bridge port (`port`),
+ * a home the agent only knows as the bridge (no port found for it) is accepted too. At a bridge, a home that is one of
+ * its ports is: a frame of that pod sent to the bridge's address and not captured at the port (mid-stream) is passed
+ * up to the bridge after the port's own check. */
+static __always_inline int ambit_at_home(u32 home, u32 ifindex, const struct ambit_bridge_port *port) {
+    if (home == ifindex)
+        return 1;
+    if (port)
+        return home == port->bridge;
+    struct ambit_bridge_port *home_port = ambit_bridge_ports.lookup(&home);
+    return home_port && home_port->bridge == ifindex;
 }
 
 /* A later fragment of a datagram whose first fragment was captured here: delivered to the node's stack as well (no
@@ -182,14 +196,9 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         return TC_ACT_UNSPEC;
     if ((ifc->flags & AMBIT_IF_BRIDGE) && parsed == AMBIT_PARSE_TCP && (skb->mark & cfg->mark_mask) == cfg->mark)
         return ambit_assign_steered(skb, &p, cfg); /* only a port's program marks: marks never cross netns */
-    /* A bridge port stands for its bridge: the pods behind it have the bridge as their home. */
-    u32 home_if = ifindex;
     struct ambit_bridge_port *port = NULL;
-    if (ifc->flags & AMBIT_IF_BRIDGE_PORT) {
+    if (ifc->flags & AMBIT_IF_BRIDGE_PORT)
         port = ambit_bridge_ports.lookup(&ifindex);
-        if (port)
-            home_if = port->bridge;
-    }
     if (parsed == AMBIT_PARSE_FRAGMENT) {
         /* Anti-spoofing holds for later fragments too: one joins whatever datagram of its addresses and id the node
          * is reassembling, so pod A sending B's later fragment could complete a captured segment of B's with A's
@@ -198,7 +207,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         ambit_key(&src, p.family, p.saddr);
         if (ambit_workloads.lookup(&src)) {
             u32 *home = ambit_wl_home.lookup(&src);
-            if (!home || *home != home_if)
+            if (!home || !ambit_at_home(*home, ifindex, port))
                 return ambit_drop_spoofed(ifindex);
         }
         return ambit_later_fragment(skb, &p, cfg, ifindex, port);
@@ -220,7 +229,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
              * else (pod A sending as pod B, a SYN or a forged segment of B's connections) is dropped before it is
              * captured or counted as B's, whatever fail_open says: this is not a missing listener. */
             u32 *home = ambit_wl_home.lookup(&key);
-            if (!home || *home != home_if)
+            if (!home || !ambit_at_home(*home, ifindex, port))
                 return ambit_drop_spoofed(ifindex);
             outbound = 1;
         }

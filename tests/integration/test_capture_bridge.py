@@ -12,6 +12,7 @@ the node netns stands in for the agent, plain probe servers run in the pods.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import select
@@ -135,6 +136,48 @@ def test_same_bridge_calls_of_and_to_enrolled_pods_are_captured(bridged: Bridged
     assert after["drop_spoofed"] == stats["drop_spoofed"]
     counters = bridged.r.counters()
     assert counters[pa.ip].connections_out == 2 and counters[pa.ip].connections_in == 1  # counted once, not twice
+
+
+@contextlib.contextmanager
+def _borrowed(bridged: Bridged, pod: rt.Pod, *addrs: str) -> Iterator[None]:
+    """Give ``pod`` other pods' addresses to send from; removed after, with every neighbour entry its ARP and ND (sent
+    from those addresses) planted in the node and the pods."""
+    topo = bridged.topo
+    for addr in addrs:
+        topo.ip(pod.netns, "addr", "add", f"{addr}/{128 if ':' in addr else 32}", "dev", "eth0", "nodad")
+    try:
+        yield
+    finally:
+        for addr in addrs:
+            topo.ip(pod.netns, "addr", "del", f"{addr}/{128 if ':' in addr else 32}", "dev", "eth0")
+        for netns in (topo.node, *(p.netns for p in topo.pods.values())):
+            topo.ip(netns, "neigh", "flush", "all")
+            topo.ip(netns, "-6", "neigh", "flush", "all")
+
+
+def test_a_pod_of_the_bridge_cannot_send_as_another(bridged: Bridged) -> None:
+    """The bridge was the home of every pod behind it, so any pod of the bridge could send as an enrolled one and be
+    captured as it (its certificate towards other nodes, its policy), enrolled or not. Its ARP request for the
+    gateway, sent from the borrowed address, even moved the node's neighbour entry, so the answer came back to it and
+    the connection completed. A pod's home is now the port whose veth's far end holds its address."""
+    pa, pb, pc, pd = (bridged.pod(n) for n in ("pa", "pb", "pc", "pd"))
+    assert bridged.r.reconcile(bridged.ips("pa", "pb"), bridged.everyone()) == {}
+    stats, victim = bridged.r.stats(), bridged.r.counters()[pa.ip]
+    with _borrowed(bridged, pc, pa.ip, pa.ip6), _borrowed(bridged, pb, pa.ip):
+        # pc (not enrolled) as pa to a pod of the bridge, over IPv4 and IPv6; pb (enrolled) as pa off the bridge.
+        for netns, src, dst in ((pc.netns, pa.ip, pd.ip), (pc.netns, pa.ip6, pd.ip6), (pb.netns, pa.ip, GATEWAY)):
+            with pytest.raises(OSError):
+                rt.connect(netns, dst, 8080, src_ip=src, timeout=1.0)
+        after = bridged.r.stats()
+        assert after["capture_outbound"] == stats["capture_outbound"]  # nothing was captured as pa
+        assert bridged.r.counters()[pa.ip] == victim
+        by_if = bridged.r.spoofed_drops()
+        assert by_if.get(pc.node_if, 0) >= 2 and by_if.get(pb.node_if, 0) >= 1 and pa.node_if not in by_if, by_if
+    # Each pod's own calls are captured as before, at its port, as itself.
+    for pod in (pa, pb):
+        for src, dst in ((pod.ip, pd.ip), (pod.ip6, pd.ip6), (pod.ip, GATEWAY)):
+            assert _captured(rt.connect(pod.netns, dst, 8080), 15001, dst, src)
+    assert bridged.r.stats()["capture_outbound"] == after["capture_outbound"] + 6
 
 
 def test_the_return_path_of_source_preserving_connections_crosses_the_bridge(bridged: Bridged) -> None:

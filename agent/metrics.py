@@ -204,7 +204,7 @@ class _TunnelStatsCollector:
         )
         yield gauge_family(
             "ambit_relay_buffered_bytes",
-            "Bytes received over HBONE that relays keep for TCP peers that did not take them yet",
+            "Memory that relays keep for TCP peers that did not take what arrived over HBONE yet",
             value=tunnel.BUFFERS.total,
         )
         yield counter_family(

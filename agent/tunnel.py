@@ -39,9 +39,11 @@ MIN_READ_SIZE = 4 * 1024  # idle pooled connections and short exchanges never ne
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg may take (1024 on Linux)
-# Received pieces smaller than this are copied when they have to wait for a slow TCP reader; bigger ones are kept as
-# views (a copy of 8 KiB costs ~1 us; bigger ones measured 5-10x more per byte, the allocator's doing).
-_KEEP_VIEW = 8 * 1024
+# Received bytes that have to wait for a slow TCP reader are kept as views of the receive buffer they arrived in when
+# they are at least 1/_PIN_RATIO of it (a copy of 8 KiB costs ~1 us; bigger ones measured 5-10x more per byte, the
+# allocator's doing), and copied otherwise: a view keeps its whole buffer alive, so a peer trickling small frames to
+# a stalled stream made each one pin a 256 KiB buffer (8 KiB frames: 20 MiB kept pinned 284 MiB).
+_PIN_RATIO = 4
 # How long a relay whose stream peer stopped reading keeps its TCP socket open once the response is out, dropping
 # what the TCP peer still sends (it normally closes first, having read the response and our FIN); nginx's
 # lingering_time.
@@ -208,6 +210,9 @@ _BIG = _BigBuffers()
 class _BufferBudget:
     """What the relays of the process keep for TCP sockets that did not take it yet, against one budget.
 
+    Counted as memory, not bytes: a kept view costs the receive buffer it keeps alive, once however many views of
+    that buffer the relays keep (``_pins``), so small frames cannot make the relays hold more than the count says.
+
     Connection credit goes back as DATA arrives, so that a stream whose reader stalls does not block the other
     streams of its pooled connection; such a relay keeps up to a stream window plus WRITE_HIGH (5 MiB). Nothing
     bounded how many do: 200 stalled streams made an agent keep 1 GB. Over the budget, every HBONE connection whose
@@ -223,6 +228,24 @@ class _BufferBudget:
         self.over = False
         self.exceeded = 0  # times the total went over the budget (a metric: streams then waited for stalled ones)
         self._keeping: set[_HboneProtocol] = set()
+        self._pins: dict[int, int] = {}  # id of a buffer -> backlog entries that view it (they keep it alive)
+
+    def pin(self, buf: bytes | bytearray) -> int:
+        """A backlog entry views ``buf``: the memory this newly keeps (its size for the first one, else 0)."""
+        key = id(buf)
+        n = self._pins.get(key, 0)
+        self._pins[key] = n + 1
+        return 0 if n else len(buf)
+
+    def unpin(self, buf: bytes | bytearray) -> int:
+        """A backlog entry viewing ``buf`` is gone: the memory this frees (its size for the last one, else 0)."""
+        key = id(buf)
+        n = self._pins[key] - 1
+        if n:
+            self._pins[key] = n
+            return 0
+        del self._pins[key]
+        return len(buf)
 
     def changed(self, proto: _HboneProtocol, delta: int) -> None:
         proto.buffered += delta
@@ -530,7 +553,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
         self._replies_at_pause = 0
-        self.buffered = 0  # received bytes our relays keep for TCP sockets that did not take them yet (BUFFERS)
+        self.buffered = 0  # memory our relays keep for TCP sockets that did not take it yet (BUFFERS)
 
     # ------------------------------------------------------------------------------ asyncio callbacks
 
@@ -958,13 +981,24 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             if sent == total:
                 return True
         backlog = self._backlog
+        pin = BUFFERS.pin
+        kept = 0
+        # A view keeps the whole receive buffer it points into alive (READ_SIZE): a piece that is a small part of it
+        # is copied, or a slow reader's backlog of small frames would pin one buffer per frame (measured: 86 KB of
+        # backlog held 44 MiB while other streams of the connection moved 32 MiB). The batch (one read's frames
+        # for this stream) counts as a whole when it is all of one buffer, so a bulk read is not copied frame by
+        # frame. Kept views pin at most _PIN_RATIO times their size; what they pin is what the budget counts.
+        first = views[0].obj
+        whole = total if views[-1].obj is first else 0
         for v in views:
-            # A view keeps the whole receive buffer it points into alive (READ_SIZE): a small one is copied, or a slow
-            # reader's backlog of small frames would pin one buffer per frame (measured: 86 KB of backlog held
-            # 44 MiB while other streams of the connection moved 32 MiB). A kept view pins at most 32x its size.
-            backlog.append(v if len(v) >= _KEEP_VIEW else memoryview(v.tobytes()))
+            buf = cast(bytes, v.obj)
+            if (whole if buf is first else len(v)) * _PIN_RATIO < len(buf):
+                v = memoryview(v.tobytes())
+                buf = cast(bytes, v.obj)
+            backlog.append(v)
+            kept += pin(buf)
         self._backlog_size += total
-        self.stream._proto.buffered_changed(total)
+        self.stream._proto.buffered_changed(kept)
         self._drop_sent(sent)
         self._writer.watch(True)
         if self._backlog_size > WRITE_HIGH:
@@ -1041,16 +1075,18 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         """Take `sent` written bytes off the front of the backlog."""
         backlog = self._backlog
         self._backlog_size -= sent
-        if sent:
-            self.stream._proto.buffered_changed(-sent)
+        freed = 0
         while sent:
             head = backlog[0]
             if sent >= len(head):
                 sent -= len(head)
                 backlog.popleft()
+                freed += BUFFERS.unpin(cast(bytes, head.obj))
             else:
                 backlog[0] = head[sent:]
                 sent = 0
+        if freed:
+            self.stream._proto.buffered_changed(-freed)
 
     def _maybe_send_eof(self) -> None:
         if self._tcp_eof and self._pending is None and not self._up_done:
@@ -1109,10 +1145,13 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self._discarding.watch(False)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        freed = 0
+        for v in self._backlog:
+            freed += BUFFERS.unpin(cast(bytes, v.obj))
         self._backlog.clear()
-        if self._backlog_size:
-            self.stream._proto.buffered_changed(-self._backlog_size)
-            self._backlog_size = 0
+        self._backlog_size = 0
+        if freed:
+            self.stream._proto.buffered_changed(-freed)
         if abortive:
             abort(self.sock)
         else:

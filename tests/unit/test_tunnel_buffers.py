@@ -199,10 +199,10 @@ async def test_stalled_streams_keep_at_most_the_budget_and_a_connection_window(
                 if kept == last:
                     break
                 last = kept
-        assert kept == proto.buffered
+        assert proto.buffered == budget.total >= kept, "counted as what the backlogs keep alive (>= their bytes)"
         assert kept > 2 * window, "the relays keep what their sockets do not take"
         exported = Metrics(TunnelStats()).registry
-        assert exported.get_sample_value("ambit_relay_buffered_bytes") == kept
+        assert exported.get_sample_value("ambit_relay_buffered_bytes") == proto.buffered
         assert exported.get_sample_value("ambit_relay_buffer_budget_exceeded_total") == 1
 
         async def read_all(app: socket.socket) -> bytes:

@@ -43,7 +43,7 @@ from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.redirect_netlink import ChangeWatch
 from agent.sockets import Listener, transparent_listener
-from agent.state import WorkloadStore
+from agent.state import ADDRESS_TYPE, WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
 from agent.xds import STATE_FILE, XdsClient
 from api.istio.workload import workload_pb2
@@ -317,8 +317,12 @@ class Agent:
                 continue
             enrolled_ips = {ip for wl in enrolled for ip in workload_ips(wl)}
             local_ips = {ip for wl in self.local_workloads() for ip in workload_ips(wl)}
+            # Who the controller says holds each address, as of which version: an address that reappears behind
+            # another interface under the same token is a new sandbox the controller has not named yet, and is held.
+            versions = self.store.versions(ADDRESS_TYPE)
+            owners = {ip: f"{wl.uid}@{versions.get(wl.uid, '')}" for wl in enrolled for ip in workload_ips(wl)}
             try:
-                failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips)
+                failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips, owners)
             except Exception as e:
                 self._reconcile_error = f"{type(e).__name__}: {e}"
                 log.error("capture reconcile failed", extra=kv(error=self._reconcile_error))

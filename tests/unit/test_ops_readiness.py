@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.main import Agent, AgentConfig
+from agent.state import ADDRESS_TYPE
+from api.istio.workload import workload_pb2 as wpb
+from tests.support.workloads import pod_workload
 from tests.support.xds_controller import wait_for
 
 
@@ -26,9 +29,11 @@ class _Capture:
     def __init__(self) -> None:
         self.reconciles = 0
         self.fail: Exception | None = None
+        self.owners: dict[str, str] = {}
 
-    def reconcile(self, enrolled: set[str], local: set[str]) -> dict[str, str]:
+    def reconcile(self, enrolled: set[str], local: set[str], owners: dict[str, str]) -> dict[str, str]:
         self.reconciles += 1
+        self.owners = dict(owners)
         if self.fail is not None:
             raise self.fail
         return {}
@@ -87,3 +92,22 @@ async def test_a_failing_reconcile_is_the_reason_readiness_gives(tmp_path: Path)
         capture.fail = None
         agent._reconcile_wanted.set()
         await wait_for(lambda: agent.readiness() == (True, "ready"), what="ready after a reconcile that worked")
+
+
+async def test_capture_is_told_which_workload_and_version_holds_each_address(tmp_path: Path) -> None:
+    """The reused-address hold (Redirector.reconcile's owners): a token per enrolled address that changes when the
+    controller names another workload for it or sends a new version of the same one, and only then."""
+    pod = pod_workload("web-1", "default", "10.0.1.5", sa="web", node="n1")
+    uid = pod.uid
+    async with _agent(tmp_path) as (agent, capture):
+        agent.xds.ready.set()
+        agent.store.apply(ADDRESS_TYPE, {uid: (wpb.Address(workload=pod), "v1")})
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: capture.owners == {"10.0.1.5": f"{uid}@v1"}, what="the first token")
+        agent.store.apply(ADDRESS_TYPE, {uid: (wpb.Address(workload=pod), "v2")})
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: capture.owners == {"10.0.1.5": f"{uid}@v2"}, what="a new version's token")
+        other = pod_workload("web-2", "default", "10.0.1.5", sa="web", node="n1")
+        agent.store.apply(ADDRESS_TYPE, {other.uid: (wpb.Address(workload=other), "v1")}, removed=[uid])
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: capture.owners == {"10.0.1.5": f"{other.uid}@v1"}, what="the new pod's token")

@@ -241,7 +241,7 @@ def _escape_help(text: str, quote: bool = False) -> str:
 
 def _number(value: float) -> str:
     if isinstance(value, int):
-        return f"{value}.0"
+        return f"{int(value)}.0"  # int(): a bool is an int whose str is 'True', which no scraper parses
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):

@@ -133,3 +133,18 @@ def test_get_sample_value_matches_exact_labels() -> None:
     assert r.get_sample_value("events_total", {"reason": "zzz"}) is None
     assert r.get_sample_value("plain_total") == 4
     assert r.get_sample_value("expiry_seconds", {"identity": "gone"}) is None
+
+
+def test_a_flag_given_as_a_value_renders_as_a_number() -> None:
+    """A collector yielding a bool (a flag: attached, ready) rendered 'True.0', which Prometheus refuses, failing
+    the whole scrape; prometheus_client renders it 1.0."""
+    r = Registry()
+
+    class _Flags:
+        def collect(self) -> list[MetricFamily]:
+            return [gauge_family("up_flag", "doc", value=True), gauge_family("down_flag", "doc", value=False)]
+
+    r.register(_Flags())
+    for body, parse in ((render(r)[0], parse_text), (render(r, "application/openmetrics-text")[0], parse_openmetrics)):
+        values = _values(parse(body.decode()))
+        assert values[("up_flag", ())] == 1.0 and values[("down_flag", ())] == 0.0

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import select
-import signal
 import socket
 import struct
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from lab import Lab, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, metric_lines, metrics
-from tests.support.mesh import wait_for
+from tests.support.mesh import connect_through_restart, echo_through, kill_and_reap, wait_for
 
 TOPOLOGY = Path(__file__).resolve().parents[2] / "bench" / "topology" / "mesh"
 ECHO = 9000
@@ -41,61 +40,7 @@ def mesh(require_root: None) -> Iterator[Lab]:
 
 
 async def _echo(lab: Lab, payload: bytes) -> str:
-    """One connection from bench-mesh/client to the server's echo port: "ok", or what went wrong. The timeout is a
-    liveness bound (SYNs dropped while no agent listens are sent again after 1 and 3 s), not a measurement."""
-    loop = asyncio.get_running_loop()
-    with netns.enter(lab.pod("client").netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(30):
-            await loop.sock_connect(sock, (SERVER, ECHO))
-            await loop.sock_sendall(sock, payload)
-            sock.shutdown(socket.SHUT_WR)
-            got = bytearray()
-            while chunk := await loop.sock_recv(sock, 65536):
-                got += chunk
-        return "ok" if got == payload else f"echo differs ({len(got)} of {len(payload)} bytes)"
-    except (OSError, TimeoutError) as e:
-        return f"{type(e).__name__}: {e}"
-    finally:
-        sock.close()
-
-
-def _kill(pid: int) -> None:
-    """kill -9, returning once the process has exited with all its threads (they share its descriptors): a SYN its
-    dying listener still took would be reset by the kernel whatever the next agent does."""
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: _exited(pid), f"process {pid} to exit", interval=0.01)
-
-
-def _exited(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        threads = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status and threads == [str(pid)]
-
-
-def _connect_through_restart(lab: Lab, agent: str) -> list[str]:
-    """Kill ``agent`` (-9: no drain), start it again, and open a connection every 50 ms from before the new
-    process exists until it reports ready; returns each connection's outcome."""
-    old = lab.process(agent)
-    node = lab.node(agent.removeprefix("agent-"))
-
-    async def run() -> list[str]:
-        attempts: list[asyncio.Task[str]] = []
-        _kill(old.pid)
-        new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
-        ready = asyncio.create_task(asyncio.to_thread(wait_ready, node.netns, node.ip, 15021, new))
-        while not ready.done():
-            attempts.append(asyncio.create_task(_echo(lab, os.urandom(2048))))
-            await asyncio.sleep(0.05)
-        await ready
-        return list(await asyncio.gather(*attempts))
-
-    return asyncio.run(run())
+    return await echo_through(lab, "client", (SERVER, ECHO), payload)
 
 
 @pytest.mark.parametrize("agent", ["agent-node1", "agent-node2"])
@@ -104,7 +49,7 @@ def test_connections_arriving_while_a_restarted_agent_starts_are_served(mesh: La
     before the agent had loaded its last good state was refused as unknown_source/unknown_destination (a reset,
     for as long as the BPF programs took to compile) instead of being carried."""
     assert asyncio.run(_echo(mesh, b"warm")) == "ok"
-    outcomes = _connect_through_restart(mesh, agent)
+    outcomes = connect_through_restart(mesh, agent, (SERVER, ECHO))
     failed = [o for o in outcomes if o != "ok"]
     refused = [
         r
@@ -206,7 +151,7 @@ def test_an_agent_killed_mid_stream_resets_its_pods_connections(mesh: Lab, agent
         server.sendall(b"r" * 1000)
         assert len(client.recv(2000)) == 1000
         old = mesh.process(agent)
-        _kill(old.pid)
+        kill_and_reap(old.pid)
         ends = {"client": _how_it_ended(client), "server": _how_it_ended(server)}
     node = mesh.node(agent.removeprefix("agent-"))
     wait_ready(node.netns, node.ip, 15021, mesh.spawn(old.netns, list(old.argv), old.name, role=old.role))

@@ -8,7 +8,6 @@ without its xDS state file must not refuse the connections the previous agent's 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 from collections.abc import Iterator
@@ -20,8 +19,7 @@ import pytest
 from lab import Lab
 from lab.mesh import wait_ready
 from lab.observe import agent_log
-from tests.integration.test_churn_mesh import _echo, _kill
-from tests.support.mesh import connect
+from tests.support.mesh import connect, connect_through_restart, echo_through
 
 from .conftest import LabFactory
 
@@ -75,25 +73,13 @@ def _restart_without_state(lab: Lab, agent: str) -> tuple[list[str], list[dict[s
     """Kill ``agent`` (-9), delete its xDS state file, start it again and open a connection every 50 ms from
     before the new process exists until it reports ready. Returns each connection's outcome and the new agent's log
     lines (all of them)."""
-    old = lab.process(agent)
     node = lab.node(agent.removeprefix("agent-"))
     state_file = lab.state_dir / "agents" / node.name / "xds-state.pb"
     assert state_file.exists(), "the agent must have saved its state: the test deletes it"
     logged_before = len(agent_log(lab, node.name))
 
-    async def run() -> list[str]:
-        attempts: list[asyncio.Task[str]] = []
-        _kill(old.pid)
-        state_file.unlink()
-        new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
-        ready = asyncio.create_task(asyncio.to_thread(wait_ready, node.netns, node.ip, 15021, new))
-        while not ready.done():
-            attempts.append(asyncio.create_task(_echo(lab, os.urandom(2048))))
-            await asyncio.sleep(0.05)
-        await ready
-        return list(await asyncio.gather(*attempts))
-
-    return asyncio.run(run()), agent_log(lab, node.name)[logged_before:]
+    outcomes = connect_through_restart(lab, agent, (SERVER, ECHO), while_down=state_file.unlink)
+    return outcomes, agent_log(lab, node.name)[logged_before:]
 
 
 @pytest.mark.parametrize("agent", ["agent-node1", "agent-node2"])
@@ -102,7 +88,7 @@ def test_an_agent_restarted_without_its_state_file_holds_connections_for_its_con
     pinned filters steer connections to the new agent's listeners as soon as they exist; with no state file the
     agent knew no workload until the controller answered (after the programs compiled) and refused every one of
     them (43 of 44 failed on node1 before, 35 of 36 on node2)."""
-    assert asyncio.run(_echo(mesh, b"warm")) == "ok"
+    assert asyncio.run(echo_through(mesh, "client", (SERVER, ECHO), b"warm")) == "ok"
     outcomes, log = _restart_without_state(mesh, agent)
     failed = [o for o in outcomes if o != "ok"]
     refused = [r for r in log if r.get("error") in ("unknown_source", "unknown_destination")]
@@ -110,7 +96,7 @@ def test_an_agent_restarted_without_its_state_file_holds_connections_for_its_con
     assert len(outcomes) > 10, "connections must have been attempted while the agent started"
     assert not failed, f"{len(failed)} of {len(outcomes)} failed across the restart: {failed[:3]}; agent: {problems}"
     assert not refused, f"the restarted agent refused connections for want of config: {refused[:2]}"
-    assert asyncio.run(_echo(mesh, b"after")) == "ok"
+    assert asyncio.run(echo_through(mesh, "client", (SERVER, ECHO), b"after")) == "ok"
 
 
 def test_lab_down_waits_for_the_drain_and_keeps_the_access_log_line(lab_factory: LabFactory) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from lab import Lab, netns
+from lab.mesh import wait_ready
 
 ETH_P_ALL = 0x0003
 
@@ -66,3 +69,65 @@ def parallel_echo(lab: Lab, pod: str, ip: str, port: int, streams: int, size: in
     return [
         (hashlib.sha256(p).hexdigest(), hashlib.sha256(r).hexdigest()) for p, r in zip(payloads, results, strict=True)
     ]
+
+
+async def echo_through(lab: Lab, pod: str, dst: tuple[str, int], payload: bytes) -> str:
+    """One connection from ``pod`` to an echo server at ``dst``: "ok", or what went wrong. The timeout is a liveness
+    bound (SYNs dropped while no agent listens are sent again after 1 and 3 s), not a measurement."""
+    loop = asyncio.get_running_loop()
+    with netns.enter(lab.pod(pod).netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(30):
+            await loop.sock_connect(sock, dst)
+            await loop.sock_sendall(sock, payload)
+            sock.shutdown(socket.SHUT_WR)
+            got = bytearray()
+            while chunk := await loop.sock_recv(sock, 65536):
+                got += chunk
+        return "ok" if got == payload else f"echo differs ({len(got)} of {len(payload)} bytes)"
+    except (OSError, TimeoutError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        sock.close()
+
+
+def kill_and_reap(pid: int) -> None:
+    """kill -9, returning once the process has exited with all its threads (they share its descriptors): a SYN its
+    dying listener still took would be reset by the kernel whatever the next agent does."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _exited(pid), f"process {pid} to exit", interval=0.01)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status and threads == [str(pid)]
+
+
+def connect_through_restart(
+    lab: Lab, agent: str, dst: tuple[str, int], while_down: Callable[[], None] = lambda: None
+) -> list[str]:
+    """Kill ``agent`` (-9: no drain), run ``while_down``, start it again, and open a connection from bench-mesh's
+    client pod to the echo server ``dst`` every 50 ms from before the new process exists until it reports ready;
+    returns each connection's outcome (see :func:`echo_through`)."""
+    old = lab.process(agent)
+    node = lab.node(agent.removeprefix("agent-"))
+
+    async def run() -> list[str]:
+        attempts: list[asyncio.Task[str]] = []
+        kill_and_reap(old.pid)
+        while_down()
+        new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
+        ready = asyncio.create_task(asyncio.to_thread(wait_ready, node.netns, node.ip, 15021, new))
+        while not ready.done():
+            attempts.append(asyncio.create_task(echo_through(lab, "client", dst, os.urandom(2048))))
+            await asyncio.sleep(0.05)
+        await ready
+        return list(await asyncio.gather(*attempts))
+
+    return asyncio.run(run())

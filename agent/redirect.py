@@ -238,7 +238,7 @@ class Redirector:
             swapped_now = 0
             try:
                 # Subscribed before adopting, so no interface change after our first look at the netns goes unseen.
-                self._watch = ChangeWatch()
+                self._watch = ChangeWatch(own_port=nl.port)
                 saved = maps.read_config().early_demux_saved  # kept across restarts: the node's original value
                 if cfg.disable_early_demux and not saved:
                     saved = 1 + _swap_tcp_early_demux(0)

@@ -130,12 +130,19 @@ class CutMessage(Exception):
 def messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
     """(type, flags, sequence number, payload) of each message of one netlink datagram; raises CutMessage at one
     that cannot be whole. Replies and notifications share it: :func:`attributes` is its counterpart one level down."""
+    for mtype, flags, seq, _, payload in messages_with_port(data):
+        yield mtype, flags, seq, payload
+
+
+def messages_with_port(data: memoryview) -> Iterator[tuple[int, int, int, int, memoryview]]:
+    """:func:`messages` with each message's port id: in a notification, the port of the socket whose request caused
+    it (0 when the kernel changed something on its own)."""
     pos = 0
     while pos + _NLMSGHDR.size <= len(data):
-        length, mtype, flags, seq, _ = _NLMSGHDR.unpack_from(data, pos)
+        length, mtype, flags, seq, port = _NLMSGHDR.unpack_from(data, pos)
         if length < _NLMSGHDR.size or pos + length > len(data):
             raise CutMessage(length, len(data) - pos)
-        yield mtype, flags, seq, data[pos + _NLMSGHDR.size : pos + length]
+        yield mtype, flags, seq, port, data[pos + _NLMSGHDR.size : pos + length]
         pos += (length + 3) & ~3
 
 
@@ -215,6 +222,11 @@ class Netlink:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self.sock.bind((0, 0))
         self._seq = 0
+
+    @property
+    def port(self) -> int:
+        """The netlink port id of this socket: what the notifications its requests cause carry."""
+        return int(self.sock.getsockname()[0])
 
     def close(self) -> None:
         self.sock.close()
@@ -616,12 +628,17 @@ _WATCHED = {
 _HOST_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
 
 
-def notifies_change(data: bytes | memoryview) -> bool:
+def notifies_change(data: bytes | memoryview, own_port: int = 0) -> bool:
     """Whether a datagram of rtnetlink notifications holds one capture has to follow: an interface added, removed or
     changed, a clsact qdisc or tc filter added or removed, or a host route (a pod's /32 or /128) added or removed.
-    Other routes (a routing daemon's prefixes) are ignored, so their churn costs no reconcile."""
+    Other routes (a routing daemon's prefixes) are ignored, so their churn costs no reconcile, and so are the
+    notifications of capture's own requests (``own_port``, its Netlink socket's port): the kernel answers even a
+    qdisc *get* with a notification to every tc listener, so a reconcile whose attach kept failing woke its own watch
+    and reconciled again, without end."""
     try:
-        for mtype, _, _, payload in messages(memoryview(data)):
+        for mtype, _, _, port, payload in messages_with_port(memoryview(data)):
+            if own_port and port == own_port:
+                continue
             if mtype in _WATCHED:
                 return True
             if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and len(payload) >= _RTMSG.size:
@@ -641,7 +658,10 @@ class ChangeWatch:
     policy, no anti-spoofing) until some unrelated config change made the agent reconcile. The same holds for a
     filter or qdisc someone else removed and for a pod route that moved."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_port: int = 0) -> None:
+        """``own_port``: the port of the Netlink socket capture changes the netns with, whose own changes (and gets)
+        are no news to it."""
+        self.own_port = own_port
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         )
@@ -669,7 +689,7 @@ class ChangeWatch:
                     changed = True
                     continue
                 return True
-            changed = changed or notifies_change(data)
+            changed = changed or notifies_change(data, self.own_port)
 
     def close(self) -> None:
         self.sock.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.redirect_netlink import F_DUMP, RTM_GETQDISC, Netlink
+from agent.redirect_netlink import F_DUMP, RTM_GETQDISC, ChangeWatch, Netlink
 from tests.support import redirect_topology as rt
 
 
@@ -66,4 +66,26 @@ def test_has_clsact_asks_for_one_interface_not_a_dump(netns: str) -> None:
         assert nl.has_clsact(index + 1000) is False  # no such interface
         assert recording.sent and all(mtype == RTM_GETQDISC and not flags & F_DUMP for mtype, flags in recording.sent)
     finally:
+        nl.close()
+
+
+def test_the_change_watch_ignores_what_captures_own_requests_cause(netns: str) -> None:
+    """The kernel answers a qdisc get with a notification to every tc listener (NLM_F_ECHO only adds a copy for the
+    asker): has_clsact woke the agent's own change watch, so a reconcile whose attach kept failing asked for the
+    next one, without end. Other processes' changes still wake it."""
+    subprocess.run(["ip", "-n", netns, "link", "add", "ca", "type", "veth", "peer", "name", "cb"], check=True)
+    subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "ca", "clsact"], check=True)
+    with rt.enter(netns):
+        nl = Netlink()
+        watch = ChangeWatch(own_port=nl.port)
+    try:
+        index = nl.link_index("ca")
+        assert index is not None
+        watch.drain()
+        assert nl.has_clsact(index) is True
+        assert watch.drain() is False  # the get's notification names our own port
+        subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "add", "dev", "cb", "clsact"], check=True)
+        assert watch.drain() is True  # someone else's
+    finally:
+        watch.close()
         nl.close()

@@ -396,8 +396,12 @@ def test_attach_conflict_leaves_no_half_attached_state(env: Env) -> None:
         classid=1, direct_action=True, prio=env.config.tc_priority,
     )  # fmt: skip
     try:
+        watch = env.r.change_watch
+        assert watch is not None
+        watch.drain()
         failures = env.r.reconcile({env.pa.ip, env.pb.ip})
         assert "taken by another filter" in failures[env.pb.ip] and env.pb.node_if in failures[env.pb.ip]
+        assert watch.drain() is False  # the failed attach does not ask for the next reconcile (one more failure)
         assert set(env.r.counters()) == {env.pa.ip}  # pb not enrolled in the map: the uplink won't capture for it
         maps = RedirectMaps.open(env.config.pin_dir)
         try:

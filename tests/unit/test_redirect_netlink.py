@@ -57,6 +57,15 @@ def test_prefix_routes_and_rules_are_not() -> None:
     assert not notifies_change(b"")
 
 
+def test_notifications_of_our_own_requests_are_not_changes() -> None:
+    """The kernel notifies even a qdisc get; what the agent's own socket (port 77) caused must not wake its watch."""
+    ours = struct.pack("=IHHII", 36, RTM_NEWQDISC, 0, 5, 77) + b"\0" * 20
+    assert not notifies_change(ours, own_port=77)
+    assert notifies_change(ours, own_port=78)  # another process's change
+    assert notifies_change(ours)  # no port to ignore
+    assert notifies_change(ours + _msg(RTM_NEWLINK, b"\0" * 16), own_port=77)  # the kernel's own (port 0)
+
+
 def test_a_change_behind_other_messages_is_found() -> None:
     assert notifies_change(_route(socket.AF_INET, 16) + _msg(RTM_NEWLINK, b"\0" * 16))
 

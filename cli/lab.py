@@ -23,6 +23,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--dir", default=DEFAULT_DIR, help="directory of Kubernetes-style YAML [examples/basic]")
     up.add_argument("--name", default=DEFAULT_NAME, help=f"lab name, prefix of every netns it creates [{DEFAULT_NAME}]")
     up.add_argument("--mesh", action="store_true", help="also start ambit-controller and one ambit-agent per node")
+    up.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=None,
+        help="agents' drain on SIGTERM; stopping one waits for it [AMBIT_DRAIN_SECONDS or the agent's 5 s]",
+    )
     up.set_defaults(func=_guard(_up))
 
     down = commands.add_parser("down", help="remove a lab: processes, namespaces, state")
@@ -66,7 +72,7 @@ def _only_lab(name: str | None) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    lab = Lab.up(args.dir, name=args.name, mesh=args.mesh)
+    lab = Lab.up(args.dir, name=args.name, mesh=args.mesh, drain_seconds=args.drain_seconds)
     print(format_status(lab.status()))
     print(f"\nremove it with: ambitctl lab down --name {lab.name}")
     return 0

@@ -10,8 +10,9 @@ from cli.lab import format_status
 
 def test_lab_subcommands_parse() -> None:
     parser = ambitctl.build_parser()
-    up = parser.parse_args(["lab", "up", "--dir", "examples/basic", "--name", "x1", "--mesh"])
-    assert (up.dir, up.name, up.mesh) == ("examples/basic", "x1", True)
+    up = parser.parse_args(["lab", "up", "--dir", "examples/basic", "--name", "x1", "--mesh", "--drain-seconds", "2.5"])
+    assert (up.dir, up.name, up.mesh, up.drain_seconds) == ("examples/basic", "x1", True, 2.5)
+    assert parser.parse_args(["lab", "up"]).drain_seconds is None  # the lab's own default (AMBIT_DRAIN_SECONDS or 5)
     down = parser.parse_args(["lab", "down", "--all"])
     assert down.all and down.name is None
     ex = parser.parse_args(["lab", "exec", "demo/client", "--", "curl", "-s", "http://x/"])

@@ -21,7 +21,7 @@ from typing import Any
 from lab import mesh as mesh_mode
 from lab import netns, processes, topology
 from lab.errors import LabError, LabProcessError, LabStateError
-from lab.plan import CORE_BRIDGE, POD_GATEWAY, POD_IFACE, LabPlan, NodeInfo, PodInfo, make_plan
+from lab.plan import CORE_BRIDGE, POD_GATEWAY, POD_GATEWAY6, POD_IFACE, LabPlan, NodeInfo, PodInfo, make_plan
 from lab.state import STATE_FILE, STATE_ROOT, LabState, ProcessRecord, recorded_labs, state_dir
 
 WORKLOAD_ECHO_PORT = 9000
@@ -94,64 +94,66 @@ class Lab:
     def _build_network(self) -> None:
         plan = self.plan
         self._add_netns(plan.core_netns)
-        netns.batch(
-            plan.core_netns,
-            [
-                f"link add {CORE_BRIDGE} type bridge",
-                f"addr add {plan.core_ip}/{_prefixlen(plan.node_subnet)} dev {CORE_BRIDGE}",
-                f"link set {CORE_BRIDGE} up",
-            ],
-        )
+        # Multicast snooping would drop IPv6 neighbour solicitations between nodes until someone sends MLD reports.
+        bridge = f"link add {CORE_BRIDGE} type bridge" + (" mcast_snooping 0" if plan.dual_stack else "")
+        core = [bridge, f"addr add {plan.core_ip}/{_prefixlen(plan.node_subnet)} dev {CORE_BRIDGE}"]
+        if plan.dual_stack:
+            core.append(f"addr add {plan.core_ip6}/{_prefixlen(plan.node_subnet6)} dev {CORE_BRIDGE} nodad")
+        netns.batch(plan.core_netns, [*core, f"link set {CORE_BRIDGE} up"])
         for node in plan.nodes.values():
             self._add_netns(node.netns)
-            _router_sysctls(node.netns)
+            _router_sysctls(node.netns, plan.dual_stack)
             netns.batch(
                 plan.core_netns,
                 [
                     f"link add {node.core_link} type veth peer name {node.uplink} netns {node.netns}",
                     f"link set {node.core_link} master {CORE_BRIDGE} up",
                     f"route add {node.pod_cidr} via {node.ip}",
+                    *([f"route add {node.pod_cidr6} via {node.ip6}"] if plan.dual_stack else []),
                 ],
             )
-            netns.batch(
-                node.netns,
-                [f"addr add {node.ip}/{_prefixlen(plan.node_subnet)} dev {node.uplink}", f"link set {node.uplink} up"],
-            )
+            uplink = [f"addr add {node.ip}/{_prefixlen(plan.node_subnet)} dev {node.uplink}"]
+            if plan.dual_stack:
+                uplink.append(f"addr add {node.ip6}/{_prefixlen(plan.node_subnet6)} dev {node.uplink} nodad")
+            netns.batch(node.netns, [*uplink, f"link set {node.uplink} up"])
         for node in plan.nodes.values():
-            netns.batch(
-                node.netns,
-                [f"route add {o.pod_cidr} via {o.ip}" for o in plan.nodes.values() if o.name != node.name],
-            )
+            others = [o for o in plan.nodes.values() if o.name != node.name]
+            routes = [f"route add {o.pod_cidr} via {o.ip}" for o in others]
+            if plan.dual_stack:
+                routes += [f"route add {o.pod_cidr6} via {o.ip6}" for o in others]
+            netns.batch(node.netns, routes)
         for pod in plan.pods.values():
             if not pod.host_network:
                 self._wire_pod(pod, plan.nodes[pod.node])
 
     def _wire_pod(self, pod: PodInfo, node: NodeInfo) -> None:
         self._add_netns(pod.netns)
-        netns.batch(
-            node.netns,
-            [
-                f"link add {pod.host_veth} type veth peer name {POD_IFACE} netns {pod.netns}",
-                f"addr add {POD_GATEWAY}/32 dev {pod.host_veth} scope link",
-                f"link set {pod.host_veth} up",
-                f"route add {pod.ip}/32 dev {pod.host_veth} src {node.ip}",
-            ],
-        )
-        netns.batch(
-            pod.netns,
-            [
-                f"addr add {pod.ip}/32 dev {POD_IFACE}",
-                f"link set {POD_IFACE} up",
-                f"route add {POD_GATEWAY} dev {POD_IFACE} scope link",
-                f"route add default via {POD_GATEWAY} dev {POD_IFACE}",
-            ],
-        )
+        host_side = [
+            f"link add {pod.host_veth} type veth peer name {POD_IFACE} netns {pod.netns}",
+            f"addr add {POD_GATEWAY}/32 dev {pod.host_veth} scope link",
+        ]
+        pod_side = [f"addr add {pod.ip}/32 dev {POD_IFACE}"]
+        if pod.ip6:
+            host_side.append(f"addr add {POD_GATEWAY6}/64 dev {pod.host_veth} nodad")
+            pod_side.append(f"addr add {pod.ip6}/128 dev {POD_IFACE} nodad")
+        host_side += [f"link set {pod.host_veth} up", f"route add {pod.ip}/32 dev {pod.host_veth} src {node.ip}"]
+        if pod.ip6:
+            host_side.append(f"route add {pod.ip6}/128 dev {pod.host_veth} src {node.ip6}")
+        pod_side += [
+            f"link set {POD_IFACE} up",
+            f"route add {POD_GATEWAY} dev {POD_IFACE} scope link",
+            f"route add default via {POD_GATEWAY} dev {POD_IFACE}",
+        ]
+        if pod.ip6:
+            pod_side.append(f"route add default via {POD_GATEWAY6} dev {POD_IFACE}")
+        netns.batch(node.netns, host_side)
+        netns.batch(pod.netns, pod_side)
 
     def _add_netns(self, name: str) -> None:
         self._state.netns.append(name)
         self._state.save()
         netns.add(name)
-        _quiet_ipv6(name)
+        _ipv6_sysctls(name, self.plan.dual_stack)
 
     def _start_workloads(self) -> None:
         started = []
@@ -160,6 +162,8 @@ class Lab:
                 continue
             argv = [sys.executable, "-m", "lab.workload", "--name", pod.name, "--namespace", pod.namespace]
             argv += ["--node", pod.node, "--echo-port", str(WORKLOAD_ECHO_PORT), "--http-port", str(WORKLOAD_HTTP_PORT)]
+            if pod.ip6:  # every address of both families (asyncio binds 0.0.0.0 and :: apart, :: IPv6-only)
+                argv.append("--bind=")
             started.append((pod, self.spawn(pod.netns, argv, f"workload-{pod.namespace}-{pod.name}", role="workload")))
         for pod, record in started:
             _wait_listening(pod.netns, [WORKLOAD_ECHO_PORT, WORKLOAD_HTTP_PORT], record, WORKLOAD_READY_TIMEOUT)
@@ -449,18 +453,27 @@ def _prefixlen(cidr: str) -> str:
     return cidr.split("/")[1]
 
 
-def _router_sysctls(name: str) -> None:
+def _router_sysctls(name: str, dual_stack: bool) -> None:
     """Nodes forward between pods and the uplink; rp_filter off because replies may come back asymmetrically
     once the agent spoofs client addresses."""
     netns.write_sysctl(name, "net.ipv4.ip_forward", "1")
     for scope in ("all", "default"):
         netns.write_sysctl(name, f"net.ipv4.conf.{scope}.rp_filter", "0")
+        if dual_stack:
+            netns.write_sysctl(name, f"net.ipv6.conf.{scope}.forwarding", "1")
 
 
-def _quiet_ipv6(name: str) -> None:
-    """The lab is IPv4; without IPv6 on its links there is no DAD delay or ND chatter in captures."""
-    if Path("/proc/sys/net/ipv6").exists():
-        for scope in ("all", "default"):
+def _ipv6_sysctls(name: str, dual_stack: bool) -> None:
+    """An IPv4 lab turns IPv6 off on its links: no DAD delay or ND chatter in captures. A dual-stack lab keeps it
+    and turns duplicate address detection off, so addresses work at once (the lab assigns them, no duplicates)."""
+    if not Path("/proc/sys/net/ipv6").exists():
+        if dual_stack:
+            raise LabError("a dual-stack lab needs IPv6 in the kernel (no /proc/sys/net/ipv6)")
+        return
+    for scope in ("all", "default"):
+        if dual_stack:
+            netns.write_sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
+        else:
             netns.write_sysctl(name, f"net.ipv6.conf.{scope}.disable_ipv6", "1")
 
 

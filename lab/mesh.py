@@ -86,10 +86,12 @@ def agent_argv(
     uplink: str,
     instance: str,
     drain: float = DRAIN_SECONDS,
+    listen_address: str = "0.0.0.0",
 ) -> list[str]:
     """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
     and authenticate with their node token, as they would in a cluster with a service-account token. The drain time
-    is passed explicitly: the lab waits that long when it stops an agent."""
+    is passed explicitly: the lab waits that long when it stops an agent. A dual-stack lab's agents listen on
+    ``::`` (one socket per port for both families)."""
     return [
         _binary("ambit-agent"),
         "--node",
@@ -108,6 +110,8 @@ def agent_argv(
         instance,
         "--drain-seconds",
         str(drain),
+        "--listen-address",
+        listen_address,
     ]
 
 
@@ -184,6 +188,7 @@ def start(lab: Lab) -> None:
             node.uplink,
             node.netns,
             lab.drain_seconds,
+            "::" if plan.dual_stack else "0.0.0.0",
         )
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:

@@ -9,6 +9,11 @@ Wiring (mirrors the eBPF spike's proven topology):
 - node netns: uplink ``eth0`` with the node IP on the lab's node subnet; routes to the other nodes' pod CIDRs;
   per pod a host-side veth carrying the link-local gateway and a /32 route to the pod.
 - pod netns: ``eth0`` with the /32 pod IP and a default route via the gateway.
+
+A dual-stack lab (nodes with an IPv6 ``spec.podCIDRs`` entry) wires IPv6 the same way beside IPv4: the node link
+gets a ULA /64 derived from the lab name (each node and the core take the host number of their IPv4 address in it),
+each IPv6 pod CIDR is routed via its node's IPv6 address, and pods get a /128 and a default route via the
+link-local gateway ``fe80::1`` on their host-side veth.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from lab.errors import LabConfigError
@@ -29,6 +34,7 @@ POD_IFACE = "eth0"
 CORE_BRIDGE = "br0"
 # Calico's trick: every pod's default gateway is the same link-local address, present on each host-side veth.
 POD_GATEWAY = IPv4Address("169.254.1.1")
+POD_GATEWAY6 = IPv6Address("fe80::1")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class NodeInfo:
     uplink: str
     name: str
     core_link: str  # this node's veth end inside the core netns
+    ip6: str = ""  # dual-stack labs only, like pod_cidr6
+    pod_cidr6: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class PodInfo:
     service_account: str
     labels: dict[str, str]
     host_network: bool
+    ip6: str = ""  # the IPv6 address of a pod in a dual-stack lab (its node's for hostNetwork pods)
 
     @property
     def key(self) -> str:
@@ -68,6 +77,12 @@ class LabPlan:
     node_subnet: str
     nodes: dict[str, NodeInfo]
     pods: dict[str, PodInfo]  # by "namespace/name"
+    core_ip6: str = ""  # dual-stack labs only
+    node_subnet6: str = ""
+
+    @property
+    def dual_stack(self) -> bool:
+        return bool(self.node_subnet6)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +96,8 @@ class LabPlan:
             node_subnet=d["node_subnet"],
             nodes={k: NodeInfo(**v) for k, v in d["nodes"].items()},
             pods={k: PodInfo(**v) for k, v in d["pods"].items()},
+            core_ip6=d.get("core_ip6", ""),
+            node_subnet6=d.get("node_subnet6", ""),
         )
 
     @property
@@ -127,9 +144,30 @@ def _node_subnet(topo: Topology, lab_name: str) -> IPv4Network:
     raise LabConfigError([f"{topo.config_dir}: no free 10.x.0.0/24 for node addresses; set Node InternalIPs"])
 
 
+def _node_subnet6(topo: Topology, lab_name: str) -> IPv6Network | None:
+    """For a dual-stack topology, a ULA /64 (fd00::/8) derived from the lab name that avoids the IPv6 pod CIDRs."""
+    taken = [n.pod_cidr6 for n in topo.nodes.values() if n.pod_cidr6 is not None]
+    if not taken:
+        return None
+    start = int(_short_hash(lab_name, 12), 16)
+    for i in range(250):
+        subnet = IPv6Network(((0xFD << 120) | (((start + i) % (1 << 56)) << 64), 64))
+        if not any(subnet.overlaps(c) for c in taken):
+            return subnet
+    raise LabConfigError([f"{topo.config_dir}: no free fd00::/8 /64 for node IPv6 addresses"])
+
+
+def _mirror(ip: IPv4Address, subnet: IPv4Network, subnet6: IPv6Network | None) -> str:
+    """The IPv6 twin of a node-link address: the same host number in the IPv6 node subnet ("" when IPv4 only)."""
+    if subnet6 is None:
+        return ""
+    return str(subnet6.network_address + (int(ip) - int(subnet.network_address)))
+
+
 def make_plan(topo: Topology, lab_name: str) -> LabPlan:
     check_name(lab_name)
     subnet = _node_subnet(topo, lab_name)
+    subnet6 = _node_subnet6(topo, lab_name)
     hosts = list(subnet.hosts())
     nodes: dict[str, NodeInfo] = {}
     used: set[IPv4Address] = {n.internal_ip for n in topo.nodes.values() if n.internal_ip is not None}
@@ -144,6 +182,8 @@ def make_plan(topo: Topology, lab_name: str) -> LabPlan:
             pod_cidr=str(spec.pod_cidr),
             uplink=NODE_UPLINK,
             core_link=_ifname(f"n{index}", spec.name, spec.name),
+            ip6=_mirror(ip, subnet, subnet6),
+            pod_cidr6=str(spec.pod_cidr6 or ""),
         )
     core_ip = next(h for h in reversed(hosts) if h not in used)
     pods: dict[str, PodInfo] = {}
@@ -167,5 +207,15 @@ def make_plan(topo: Topology, lab_name: str) -> LabPlan:
             service_account=pod.service_account,
             labels=dict(pod.labels),
             host_network=pod.host_network,
+            ip6=node.ip6 if pod.host_network else str(pod.ip6 or ""),
         )
-    return LabPlan(lab_name, f"{lab_name}-core", str(core_ip), str(subnet), nodes, pods)
+    return LabPlan(
+        lab_name,
+        f"{lab_name}-core",
+        str(core_ip),
+        str(subnet),
+        nodes,
+        pods,
+        core_ip6=_mirror(core_ip, subnet, subnet6),
+        node_subnet6=str(subnet6 or ""),
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,14 @@ class ObjectRef:
 
 @dataclass(frozen=True)
 class NodeSpec:
+    """``pod_cidr6`` is the IPv6 half of a dual-stack node (``spec.podCIDRs``); the lab builds IPv4 or dual-stack
+    clusters, not IPv6-only ones, so the IPv4 range is always there."""
+
     name: str
     pod_cidr: IPv4Network
     internal_ip: IPv4Address | None
     ref: ObjectRef
+    pod_cidr6: IPv6Network | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class PodSpec:
     labels: dict[str, str]
     host_network: bool
     ref: ObjectRef
+    ip6: IPv6Address | None = None  # the IPv6 entry of status.podIPs on a dual-stack node
 
     @property
     def key(self) -> str:
@@ -254,24 +259,49 @@ def _ipv4(raw: _Raw, path: str, value: Any, problems: _Problems) -> IPv4Address 
         problems.add(raw.ref, path, f"{value!r} is not an IP address")
         return None
     if not isinstance(addr, IPv4Address):
-        problems.add(raw.ref, path, f"{value} is IPv6; the lab is IPv4 only")
+        problems.add(raw.ref, path, f"{value} is IPv6; only the IPv4 address may be given here")
         return None
     return addr
 
 
+def _families(raw: _Raw, path: str, values: list[Any], parse: Any, problems: _Problems) -> tuple[Any, Any] | None:
+    """Split a dual-stack list (``spec.podCIDRs``, ``status.podIPs``) into its IPv4 and IPv6 entries, as Kubernetes
+    allows them: at most one of each family, in either order. ``parse`` turns one text into an address or network
+    (raising ValueError)."""
+    found: dict[int, Any] = {}
+    for i, text in enumerate(values):
+        try:
+            value = parse(text if isinstance(text, str) else "")
+        except ValueError as e:
+            problems.add(raw.ref, f"{path}[{i}]", f"{text!r} is not valid ({e})")
+            return None
+        if value.version in found:
+            problems.add(raw.ref, f"{path}[{i}]", f"a second IPv{value.version} entry (at most one per family)")
+            return None
+        found[value.version] = value
+    if 4 not in found:
+        problems.add(raw.ref, path, "no IPv4 entry: the lab builds IPv4 and dual-stack clusters, not IPv6-only ones")
+        return None
+    return found[4], found.get(6)
+
+
 def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
     cidr_text = _get(raw.body, "spec.podCIDR")
-    if cidr_text is None:
+    cidrs_texts = _get(raw.body, "spec.podCIDRs")
+    if cidrs_texts is not None and (not isinstance(cidrs_texts, list) or not cidrs_texts):
+        problems.add(raw.ref, "spec.podCIDRs", "must be a non-empty list of network addresses")
+        return None
+    if cidr_text is None and cidrs_texts is None:
         problems.add(raw.ref, "spec.podCIDR", "required")
         return None
-    try:
-        cidr = ipaddress.ip_network(cidr_text if isinstance(cidr_text, str) else "", strict=True)
-    except ValueError as e:
-        problems.add(raw.ref, "spec.podCIDR", f"{cidr_text!r} is not a network address ({e})")
+    if cidr_text is not None and cidrs_texts is not None and cidrs_texts[0] != cidr_text:
+        problems.add(raw.ref, "spec.podCIDRs", f"the first entry {cidrs_texts[0]!r} must equal spec.podCIDR")
         return None
-    if not isinstance(cidr, IPv4Network):
-        problems.add(raw.ref, "spec.podCIDR", f"{cidr} is IPv6; the lab is IPv4 only")
+    path = "spec.podCIDRs" if cidrs_texts is not None else "spec.podCIDR"
+    split = _families(raw, path, cidrs_texts or [cidr_text], lambda t: ipaddress.ip_network(t, strict=True), problems)
+    if split is None:
         return None
+    cidr, cidr6 = split
     internal: IPv4Address | None = None
     addresses = _get(raw.body, "status.addresses") or []
     if not isinstance(addresses, list):
@@ -282,7 +312,7 @@ def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
             internal = _ipv4(raw, f"status.addresses[{i}].address", entry.get("address"), problems)
             if internal is None:
                 return None
-    return NodeSpec(raw.ref.name, cidr, internal, raw.ref)
+    return NodeSpec(raw.ref.name, cidr, internal, raw.ref, cidr6)
 
 
 def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None:
@@ -303,8 +333,29 @@ def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None
         problems.add(raw.ref, "spec.serviceAccountName", "must be a string")
         ok = False
     ip_text = _get(raw.body, "status.podIP")
+    ips_entries = _get(raw.body, "status.podIPs")
     ip: IPv4Address | None = None
-    if ip_text is None:
+    ip6: IPv6Address | None = None
+    if ips_entries is not None:
+        texts = (
+            [e.get("ip") if isinstance(e, dict) else None for e in ips_entries] if isinstance(ips_entries, list) else []
+        )
+        if not texts:
+            problems.add(raw.ref, "status.podIPs", "must be a non-empty list of {ip: ADDRESS}")
+            ok = False
+        elif ip_text is not None and texts[0] != ip_text:
+            problems.add(raw.ref, "status.podIPs", f"the first entry {texts[0]!r} must equal status.podIP")
+            ok = False
+        elif host_network:
+            problems.add(raw.ref, "status.podIPs", "a hostNetwork pod uses its node's addresses; omit it")
+            ok = False
+        else:
+            split = _families(raw, "status.podIPs", texts, ipaddress.ip_address, problems)
+            if split is None:
+                ok = False
+            else:
+                ip, ip6 = split
+    elif ip_text is None:
         if not host_network:
             problems.add(raw.ref, "status.podIP", "required (the lab does not allocate pod addresses)")
             ok = False
@@ -315,7 +366,7 @@ def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None
     if not ok:
         return None
     assert isinstance(node_name, str) and isinstance(sa, str)
-    return PodSpec(raw.ref.name, raw.ref.namespace, node_name, ip, sa, labels, bool(host_network), raw.ref)
+    return PodSpec(raw.ref.name, raw.ref.namespace, node_name, ip, sa, labels, bool(host_network), raw.ref, ip6)
 
 
 def _parse_service(raw: _Raw, problems: _Problems) -> ServiceSpec | None:
@@ -369,6 +420,13 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         for b in nodes[i + 1 :]:
             if a.pod_cidr.overlaps(b.pod_cidr):
                 problems.add(b.ref, "spec.podCIDR", f"{b.pod_cidr} overlaps {a.ref} podCIDR {a.pod_cidr}")
+            if a.pod_cidr6 is not None and b.pod_cidr6 is not None and a.pod_cidr6.overlaps(b.pod_cidr6):
+                problems.add(b.ref, "spec.podCIDRs", f"{b.pod_cidr6} overlaps {a.ref} podCIDRs {a.pod_cidr6}")
+    dual = [n for n in nodes if n.pod_cidr6 is not None]
+    if dual and len(dual) != len(nodes):
+        for n in nodes:
+            if n.pod_cidr6 is None:
+                problems.add(n.ref, "spec.podCIDRs", "IPv6 range required: other nodes are dual-stack (all or none)")
     with_ip = [n for n in nodes if n.internal_ip is not None]
     if with_ip and len(with_ip) != len(nodes):
         for n in nodes:
@@ -394,6 +452,7 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
                 if n.internal_ip in other.pod_cidr:
                     problems.add(n.ref, "status.addresses", f"InternalIP {n.internal_ip} is inside {other.ref} podCIDR")
     seen_ip: dict[IPv4Address, PodSpec] = {}
+    seen_ip6: dict[IPv6Address, PodSpec] = {}
     for pod in topo.pods:
         node = topo.nodes[pod.node]
         if pod.host_network:
@@ -410,6 +469,8 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         first = seen_ip.setdefault(pod.ip, pod)
         if first is not pod:
             problems.add(pod.ref, "status.podIP", f"{pod.ip} is already used by {first.ref}")
+        if pod.ip6 is not None:
+            _check_pod_ip6(pod, node, seen_ip6, problems)
     seen_vip: dict[IPv4Address, ServiceSpec] = {}
     for svc in topo.services:
         if svc.cluster_ip is None:
@@ -422,3 +483,16 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         first_svc = seen_vip.setdefault(svc.cluster_ip, svc)
         if first_svc is not svc:
             problems.add(svc.ref, "spec.clusterIP", f"{svc.cluster_ip} is already used by {first_svc.ref}")
+
+
+def _check_pod_ip6(pod: PodSpec, node: NodeSpec, seen: dict[IPv6Address, PodSpec], problems: _Problems) -> None:
+    assert pod.ip6 is not None
+    if node.pod_cidr6 is None:
+        problems.add(pod.ref, "status.podIPs", f"{pod.ip6}: node {node.name!r} has no IPv6 podCIDR")
+    elif pod.ip6 not in node.pod_cidr6:
+        problems.add(pod.ref, "status.podIPs", f"{pod.ip6} is outside node {node.name!r} podCIDRs {node.pod_cidr6}")
+    elif pod.ip6 == node.pod_cidr6.network_address:
+        problems.add(pod.ref, "status.podIPs", f"{pod.ip6} is the subnet-router anycast address of {node.pod_cidr6}")
+    first = seen.setdefault(pod.ip6, pod)
+    if first is not pod:
+        problems.add(pod.ref, "status.podIPs", f"{pod.ip6} is already used by {first.ref}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -44,6 +45,10 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one sendmsg may take (1024 on Lin
 # allocator's doing), and copied otherwise: a view keeps its whole buffer alive, so a peer trickling small frames to
 # a stalled stream made each one pin a 256 KiB buffer (8 KiB frames: 20 MiB kept pinned 284 MiB).
 _PIN_RATIO = 4
+_KEEP_VIEW = 8 * 1024  # and only pieces this big: an entry costs ~200 bytes of objects, whatever its size
+# Copied pieces are appended to the backlog's last copy while it is below this, not kept one object each: a peer
+# sending 1-byte frames to a stalled stream made each one a backlog entry of ~450 bytes of RSS (196 KB kept, +89 MiB).
+_COPY_MAX = 64 * 1024
 # How long a relay whose stream peer stopped reading keeps its TCP socket open once the response is out, dropping
 # what the TCP peer still sends (it normally closes first, having read the response and our FIN); nginx's
 # lingering_time.
@@ -886,7 +891,8 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self.error: str | None = None
         self._init_buffer()
         self._pending: memoryview | None = None  # TCP bytes the stream could not take yet
-        self._backlog: collections.deque[memoryview] = collections.deque()  # stream bytes the socket did not take
+        # Stream bytes the socket did not take: views of receive buffers, and copies (bytearrays, appended to).
+        self._backlog: collections.deque[memoryview | bytearray] = collections.deque()
         self._backlog_size = 0
         self._held_credit = 0
         self._tcp_eof = False  # TCP peer sent FIN
@@ -947,7 +953,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         backlog = self._backlog
         try:
             while backlog:
-                self._drop_sent(self.sock.sendmsg(list(backlog)[:64]))
+                self._drop_sent(self.sock.sendmsg(list(itertools.islice(backlog, 64))))
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -992,11 +998,16 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         whole = total if views[-1].obj is first else 0
         for v in views:
             buf = cast(bytes, v.obj)
-            if (whole if buf is first else len(v)) * _PIN_RATIO < len(buf):
-                v = memoryview(v.tobytes())
-                buf = cast(bytes, v.obj)
-            backlog.append(v)
-            kept += pin(buf)
+            if len(v) >= _KEEP_VIEW and (whole if buf is first else len(v)) * _PIN_RATIO >= len(buf):
+                backlog.append(v)
+                kept += pin(buf)
+                continue
+            tail = backlog[-1] if backlog else None
+            if type(tail) is not bytearray or len(tail) >= _COPY_MAX:
+                tail = bytearray()
+                backlog.append(tail)
+            tail += v
+            kept += len(v)
         self._backlog_size += total
         self.stream._proto.buffered_changed(kept)
         self._drop_sent(sent)
@@ -1081,7 +1092,11 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             if sent >= len(head):
                 sent -= len(head)
                 backlog.popleft()
-                freed += BUFFERS.unpin(cast(bytes, head.obj))
+                freed += _entry_freed(head)
+            elif type(head) is bytearray:
+                del head[:sent]  # cheap at the front of a bytearray
+                freed += sent
+                sent = 0
             else:
                 backlog[0] = head[sent:]
                 sent = 0
@@ -1147,7 +1162,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self._linger_timer.cancel()
         freed = 0
         for v in self._backlog:
-            freed += BUFFERS.unpin(cast(bytes, v.obj))
+            freed += _entry_freed(v)
         self._backlog.clear()
         self._backlog_size = 0
         if freed:
@@ -1161,6 +1176,14 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
 
     def abort(self, reason: str) -> None:
         self._fail(reason)
+
+
+def _entry_freed(entry: memoryview | bytearray) -> int:
+    """The memory the budget counted for a backlog entry that is written or dropped: what is left of a copy, or
+    the buffer a view kept alive if it was the last such view."""
+    if isinstance(entry, bytearray):
+        return len(entry)
+    return BUFFERS.unpin(cast(bytes, entry.obj))
 
 
 async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:

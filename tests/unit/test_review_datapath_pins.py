@@ -33,18 +33,32 @@ async def server() -> AsyncIterator[tuple[HboneServer, TestCA]]:
 
 
 def _pinned(relays: list[tunnel._TcpRelay]) -> tuple[int, int]:
-    """(memory the relays' backlogs keep alive: each distinct object their views point into, once; bytes kept)."""
+    """(memory the relays' backlogs keep alive: their copies, and each distinct buffer their views point into, once;
+    bytes kept)."""
     objs: dict[int, int] = {}
     for r in relays:
         for v in r._backlog:
-            objs[id(v.obj)] = len(cast(bytes, v.obj))
+            buf = v if isinstance(v, bytearray) else cast(bytes, v.obj)
+            objs[id(buf)] = len(buf)
     return sum(objs.values()), sum(r._backlog_size for r in relays)
+
+
+async def _stalled_stream(
+    server: tuple[HboneServer, TestCA], pool: HboneConnectionPool, name: str
+) -> tuple[tunnel.HboneStream, socket.socket, asyncio.Future[tunnel.RelayResult]]:
+    hbone, ca = server
+    client_id = ca.identity("default", "client")
+    key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
+    app, side = socket.socketpair()
+    side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills at once: the relay keeps a backlog
+    stream = await pool.open_stream(key, ca.client_context(ca.issue(client_id)), name, [])
+    return stream, app, asyncio.ensure_future(relay(side, stream))
 
 
 async def test_small_frames_to_stalled_streams_are_counted_by_what_they_pin(
     server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hbone, ca = server
+    hbone, _ = server
     budget = tunnel._BufferBudget(1 << 40)  # never over: this test is about the count
     monkeypatch.setattr(tunnel, "BUFFERS", budget)
     stop = asyncio.Event()
@@ -60,19 +74,16 @@ async def test_small_frames_to_stalled_streams_are_counted_by_what_they_pin(
             pass
 
     hbone.handler = handler
-    client_id = ca.identity("default", "client")
-    ctx = ca.client_context(ca.issue(client_id))
-    key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
     pool = HboneConnectionPool(stats=TunnelStats())
-    pairs = [socket.socketpair() for _ in range(STREAMS)]
+    apps: list[socket.socket] = []
     tasks: list[asyncio.Future[tunnel.RelayResult]] = []
     try:
         streams = []
-        for i, (_, side) in enumerate(pairs):
-            side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            stream = await pool.open_stream(key, ctx, f"stalled:{i}", [])
+        for i in range(STREAMS):
+            stream, app, task = await _stalled_stream(server, pool, f"stalled:{i}")
             streams.append(stream)
-            tasks.append(asyncio.ensure_future(relay(side, stream)))
+            apps.append(app)
+            tasks.append(task)
         proto = streams[0]._proto
         last = -1
         async with asyncio.timeout(60):
@@ -90,8 +101,48 @@ async def test_small_frames_to_stalled_streams_are_counted_by_what_they_pin(
         assert pinned <= tunnel._PIN_RATIO * kept + STREAMS * tunnel.READ_SIZE, f"{pinned / kept:.1f}x"
     finally:
         stop.set()
-        for app, _ in pairs:
+        for app in apps:
             app.close()
         await asyncio.wait(tasks, timeout=10)
         await pool.close()
     assert budget.total == 0 and not budget._pins, "every pin was released with its relay"
+
+
+TINY = 30_000
+
+
+async def test_one_byte_frames_to_a_stalled_stream_are_kept_in_few_objects(
+    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each piece a relay copied was an object of its own (a memoryview over a bytes: ~450 bytes of RSS): 1-byte
+    frames made the backlog's objects weigh hundreds of times the bytes counted (196 KB counted, +89 MiB RSS), and a
+    stream window of them (4 MiB) about 2 GB. Copies now go into the backlog's last copy."""
+    hbone, _ = server
+    budget = tunnel._BufferBudget(1 << 40)
+    monkeypatch.setattr(tunnel, "BUFFERS", budget)
+
+    async def handler(req: tunnel.ConnectRequest) -> None:
+        await req.respond(200)
+        for _ in range(TINY):
+            await req.stream.write(b"x")  # one DATA frame each
+        await req.stream.read()
+
+    hbone.handler = handler
+    pool = HboneConnectionPool(stats=TunnelStats())
+    stream, app, task = await _stalled_stream(server, pool, "tiny:1")
+    try:
+        async with asyncio.timeout(60):
+            while True:  # until every frame reached the relay
+                await asyncio.sleep(0.05)
+                if stream._sink is not None and cast(tunnel._TcpRelay, stream._sink).down == TINY:
+                    break
+        r = cast(tunnel._TcpRelay, stream._sink)
+        pinned, kept = _pinned([r])
+        assert kept > TINY // 2, "most of the frames wait in the relay"
+        assert len(r._backlog) <= kept // tunnel._COPY_MAX + 2, f"{len(r._backlog)} objects for {kept} bytes"
+        assert pinned == kept == budget.total
+    finally:
+        app.close()
+        await asyncio.wait([task], timeout=10)
+        await pool.close()
+    assert budget.total == 0

@@ -94,7 +94,9 @@ class RedirectConfig:
     outbound_port: int = 15001
     inbound_port: int = 15006
     hbone_port: int = 15008
-    uplinks: tuple[str, ...] = ()  # empty: the interfaces of the node's default route(s)
+    # Empty: the interfaces of the node's default route(s) and of every route through a router (other nodes' pod
+    # CIDRs over a second network); given: exactly these.
+    uplinks: tuple[str, ...] = ()
     # Tunnel devices of the node netns (VXLAN, Geneve, IPIP, GRE, WireGuard) are uplinks too, found at each
     # reconcile: overlay networks deliver other nodes' pod traffic there, and any pod can feed one with plain UDP.
     capture_tunnels: bool = True
@@ -269,6 +271,8 @@ class Redirector:
                     if fresh:
                         attached_now.append(idx)
                 self._state.uplinks = uplinks
+                if not cfg.uplinks:  # found, not given: a route through a router elsewhere is news
+                    self._watch.uplinks = set(uplinks)
             except Exception:
                 for idx in attached_now:
                     self._detach(idx)
@@ -510,6 +514,14 @@ class Redirector:
                 out[idx] = found
         if not out:
             raise RedirectConfigError("uplinks: none given and the node netns has no default route; pass --uplink")
+        # Other nodes' pod CIDRs may be routed over a second network rather than the default route's: HBONE from
+        # those nodes arrives there. Any interface a route through a router leaves by is an uplink too, apart from
+        # those holding pod host routes (a pod acting as a router stays a pod).
+        pods = nl.pod_route_links(exclude=out)
+        for idx in nl.gateway_route_oifs():
+            found = nl.link_name(idx)
+            if found and found != "lo" and idx not in pods:
+                out.setdefault(idx, found)
         return out
 
     def _uplinks_now(self, nl: Netlink, keep_on_error: bool) -> dict[int, str]:
@@ -545,6 +557,8 @@ class Redirector:
             if idx not in now and nl.link_name(idx) is None:
                 self._detach(idx)
                 del st.uplinks[idx]
+        if self._watch is not None and not self.config.uplinks:
+            self._watch.uplinks = set(st.uplinks)
 
     def _attach_bridge_ports(
         self, maps: RedirectMaps, links: dict[int, LinkInfo], bridges: set[int], failures: dict[str, str]

@@ -16,7 +16,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.redirect_errors import AttachError, RedirectKernelError
@@ -58,7 +58,7 @@ TUNNEL_KINDS = frozenset(
      "wireguard", "bareudp"}
 )  # fmt: skip
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_NH_ID = 1, 4, 5, 9, 15, 30
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA, RTA_NH_ID = 1, 4, 5, 9, 15, 18, 30
 RTM_GETNEXTHOP = 106
 NHA_ID, NHA_GROUP, NHA_OIF = 1, 2, 5
 FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
@@ -383,6 +383,23 @@ class Netlink:
                     out.update(self._nexthop_oifs(nh_id, depth=2))
         return sorted(out)
 
+    def gateway_route_oifs(self) -> list[int]:
+        """Every interface a unicast route of the main table through a router leaves by (RTA_GATEWAY, RTA_VIA, a
+        multipath route's hops, a nexthop object): where packets from other hosts' prefixes arrive, other nodes' pod
+        CIDRs routed over a second network among them. Connected and host routes (a pod's veth, a bridge's subnet) name
+        no router."""
+        out: set[int] = set()
+        for family, _ in FAMILIES:
+            for hdr, attrs in self._routes(family, RT_TABLE_MAIN):
+                if hdr[7] != RTN_UNICAST:
+                    continue
+                nh_id = get_u32(attrs, RTA_NH_ID)
+                if RTA_GATEWAY in attrs or RTA_VIA in attrs or RTA_MULTIPATH in attrs:
+                    out.update(route_oifs(attrs))
+                elif nh_id is not None:
+                    out.update(self._nexthop_oifs(nh_id, depth=2))
+        return sorted(out)
+
     def _nexthop_oifs(self, nh_id: int, depth: int) -> set[int]:
         """Output interfaces of nexthop object ``nh_id`` (`ip nexthop`), members of a group resolved (groups do not
         nest in the kernel; ``depth`` only bounds a malformed answer)."""
@@ -628,13 +645,14 @@ _WATCHED = {
 _HOST_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
 
 
-def notifies_change(data: bytes | memoryview, own_port: int = 0) -> bool:
+def notifies_change(data: bytes | memoryview, own_port: int = 0, uplinks: Collection[int] | None = None) -> bool:
     """Whether a datagram of rtnetlink notifications holds one capture has to follow: an interface added, removed or
     changed, a clsact qdisc or tc filter added or removed, or a host route (a pod's /32 or /128) added or removed.
     Other routes (a routing daemon's prefixes) are ignored, so their churn costs no reconcile, and so are the
     notifications of capture's own requests (``own_port``, its Netlink socket's port): the kernel answers even a
     qdisc *get* with a notification to every tc listener, so a reconcile whose attach kept failing woke its own watch
-    and reconciled again, without end."""
+    and reconciled again, without end. Given ``uplinks``, a route through a router (RTA_GATEWAY, RTA_VIA or
+    multipath) leaving by another interface is a change too: that interface brings other hosts' traffic."""
     try:
         for mtype, _, _, port, payload in messages_with_port(memoryview(data)):
             if own_port and port == own_port:
@@ -645,6 +663,11 @@ def notifies_change(data: bytes | memoryview, own_port: int = 0) -> bool:
                 family, dst_len = _RTMSG.unpack_from(payload)[:2]
                 if _HOST_BITS.get(family) == dst_len:
                     return True
+                if uplinks is not None and mtype == RTM_NEWROUTE:
+                    attrs = attributes(payload, _RTMSG.size)
+                    routed = RTA_GATEWAY in attrs or RTA_VIA in attrs or RTA_MULTIPATH in attrs
+                    if routed and route_oifs(attrs) - set(uplinks):
+                        return True
     except CutMessage:
         return True  # cut short: cannot tell what it said, so assume the worst
     return False
@@ -662,6 +685,7 @@ class ChangeWatch:
         """``own_port``: the port of the Netlink socket capture changes the netns with, whose own changes (and gets)
         are no news to it."""
         self.own_port = own_port
+        self.uplinks: set[int] | None = None  # set by the redirector: the interfaces capture treats as uplinks
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
         )
@@ -689,7 +713,7 @@ class ChangeWatch:
                     changed = True
                     continue
                 return True
-            changed = changed or notifies_change(data, self.own_port)
+            changed = changed or notifies_change(data, self.own_port, self.uplinks)
 
     def close(self) -> None:
         self.sock.close()

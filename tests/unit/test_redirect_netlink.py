@@ -17,6 +17,7 @@ from agent.redirect_netlink import (
     F_DUMP_INTR,
     F_MULTI,
     NLMSG_DONE,
+    RTA_GATEWAY,
     RTA_MULTIPATH,
     RTA_OIF,
     RTM_DELLINK,
@@ -64,6 +65,18 @@ def test_notifications_of_our_own_requests_are_not_changes() -> None:
     assert notifies_change(ours, own_port=78)  # another process's change
     assert notifies_change(ours)  # no port to ignore
     assert notifies_change(ours + _msg(RTM_NEWLINK, b"\0" * 16), own_port=77)  # the kernel's own (port 0)
+
+
+def test_a_route_through_a_router_off_the_uplinks_is_a_change_when_uplinks_are_found() -> None:
+    """Uplinks found from routes: a prefix routed through a router by an interface that is no uplink yet (another
+    node's pod CIDR over a second network) must make the agent reconcile; one by an uplink, or on-link, need not."""
+    head = struct.pack("=BBBBBBBBI", socket.AF_INET, 24, 0, 0, 254, 3, 0, 1, 0)
+    via = nla(RTA_GATEWAY, socket.inet_aton("10.66.0.2"))
+    by_eth1 = _msg(RTM_NEWROUTE, head + nla_u32(RTA_OIF, 7) + via)
+    assert notifies_change(by_eth1, uplinks={3})
+    assert not notifies_change(by_eth1, uplinks={3, 7})
+    assert not notifies_change(by_eth1)  # uplinks given by the operator: prefixes stay no news
+    assert not notifies_change(_msg(RTM_NEWROUTE, head + nla_u32(RTA_OIF, 7)), uplinks={3})  # on-link
 
 
 def test_a_change_behind_other_messages_is_found() -> None:

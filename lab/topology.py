@@ -264,19 +264,22 @@ def _ipv4(raw: _Raw, path: str, value: Any, problems: _Problems) -> IPv4Address 
     return addr
 
 
-def _families(raw: _Raw, path: str, values: list[Any], parse: Any, problems: _Problems) -> tuple[Any, Any] | None:
+def _families(
+    raw: _Raw, path: str, values: list[Any], parse: Any, what: str, problems: _Problems, indexed: bool = True
+) -> tuple[Any, Any] | None:
     """Split a dual-stack list (``spec.podCIDRs``, ``status.podIPs``) into its IPv4 and IPv6 entries, as Kubernetes
     allows them: at most one of each family, in either order. ``parse`` turns one text into an address or network
-    (raising ValueError)."""
+    (raising ValueError); ``indexed`` is false for a single value given without its list (``spec.podCIDR``)."""
     found: dict[int, Any] = {}
     for i, text in enumerate(values):
+        where = f"{path}[{i}]" if indexed else path
         try:
             value = parse(text if isinstance(text, str) else "")
         except ValueError as e:
-            problems.add(raw.ref, f"{path}[{i}]", f"{text!r} is not valid ({e})")
+            problems.add(raw.ref, where, f"{text!r} is not {what} ({e})")
             return None
         if value.version in found:
-            problems.add(raw.ref, f"{path}[{i}]", f"a second IPv{value.version} entry (at most one per family)")
+            problems.add(raw.ref, where, f"a second IPv{value.version} entry (at most one per family)")
             return None
         found[value.version] = value
     if 4 not in found:
@@ -297,8 +300,15 @@ def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
     if cidr_text is not None and cidrs_texts is not None and cidrs_texts[0] != cidr_text:
         problems.add(raw.ref, "spec.podCIDRs", f"the first entry {cidrs_texts[0]!r} must equal spec.podCIDR")
         return None
-    path = "spec.podCIDRs" if cidrs_texts is not None else "spec.podCIDR"
-    split = _families(raw, path, cidrs_texts or [cidr_text], lambda t: ipaddress.ip_network(t, strict=True), problems)
+    split = _families(
+        raw,
+        "spec.podCIDRs" if cidrs_texts is not None else "spec.podCIDR",
+        cidrs_texts or [cidr_text],
+        lambda t: ipaddress.ip_network(t, strict=True),
+        "a network address",
+        problems,
+        indexed=cidrs_texts is not None,
+    )
     if split is None:
         return None
     cidr, cidr6 = split
@@ -350,7 +360,7 @@ def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None
             problems.add(raw.ref, "status.podIPs", "a hostNetwork pod uses its node's addresses; omit it")
             ok = False
         else:
-            split = _families(raw, "status.podIPs", texts, ipaddress.ip_address, problems)
+            split = _families(raw, "status.podIPs", texts, ipaddress.ip_address, "an IP address", problems)
             if split is None:
                 ok = False
             else:

@@ -354,7 +354,9 @@ class HboneStream:
         self.stream_id = stream_id
         self.peer_identity: Identity | None = proto.peer_identity
         self._sink: _Sink | None = None
-        self._rbuf: collections.deque[bytes] = collections.deque()
+        # What arrived before a sink was attached (a CONNECT not answered yet) or for read(): appended to the last
+        # chunk while it is below _COPY_MAX, so small frames do not cost an object each.
+        self._rbuf: collections.deque[bytearray] = collections.deque()
         self._eof = False  # peer's END_STREAM received
         self._local_eof = False  # our END_STREAM sent
         self._reset_reason: str | None = None
@@ -386,9 +388,9 @@ class HboneStream:
         chunk = self._rbuf.popleft()
         if len(chunk) > max_bytes:
             self._rbuf.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
+            del chunk[max_bytes:]
         self._proto.acknowledge(self.stream_id, len(chunk))
-        return chunk
+        return bytes(chunk)
 
     async def write(self, data: bytes | memoryview) -> None:
         """Send ``data``, waiting for flow-control window and TLS write back-pressure. Raises HboneStreamReset.
@@ -490,7 +492,11 @@ class HboneStream:
                 # no flush here: the receive batch is flushed once when it has been dispatched
                 self._proto.h2.acknowledge(self.stream_id, len(data))
             return
-        self._rbuf.append(bytes(data))
+        rbuf = self._rbuf
+        if rbuf and len(rbuf[-1]) < _COPY_MAX:
+            rbuf[-1] += data
+        else:
+            rbuf.append(bytearray(data))
         self._wake_reader()
 
     def _on_eof(self) -> None:

@@ -146,3 +146,46 @@ async def test_one_byte_frames_to_a_stalled_stream_are_kept_in_few_objects(
         await asyncio.wait([task], timeout=10)
         await pool.close()
     assert budget.total == 0
+
+
+SMALL_FRAMES = 20_000
+
+
+async def test_small_frames_on_an_unanswered_stream_are_kept_in_few_objects(
+    server: tuple[HboneServer, TestCA],
+) -> None:
+    """Until the server answers a CONNECT (its upstream connect still running), what the client sends waits in the
+    stream, within the connection window. Each frame was a bytes object of its own: 2-byte frames cost ~57 bytes of
+    RSS per 2 bytes (600 KB kept, +17 MiB), so one connection window of them about 450 MB."""
+    hbone, ca = server
+    answer = asyncio.Event()
+    requests: list[tunnel.ConnectRequest] = []
+
+    async def handler(req: tunnel.ConnectRequest) -> None:
+        requests.append(req)
+        await answer.wait()
+        await req.respond(503)
+
+    hbone.handler = handler
+    client_id = ca.identity("default", "client")
+    conn = await tunnel.connect(
+        hbone.addr, ca.client_context(ca.issue(client_id)), ca.identity("default", "server"), stats=TunnelStats()
+    )
+    proto = conn._proto
+    try:
+        sid = proto.h2.send_connect("unanswered:1", [])
+        for _ in range(SMALL_FRAMES):
+            assert proto.h2.send_data(sid, b"ab") == 2  # one DATA frame each
+        proto.flush()
+        async with asyncio.timeout(30):
+            while True:  # until every byte waits in the server's stream
+                await asyncio.sleep(0.05)
+                if requests and sum(map(len, requests[0]._stream._rbuf)) == 2 * SMALL_FRAMES:
+                    break
+        rbuf = requests[0]._stream._rbuf
+        assert len(rbuf) <= 2 * SMALL_FRAMES // tunnel._COPY_MAX + 1, f"{len(rbuf)} objects"
+        assert b"".join(rbuf) == b"ab" * SMALL_FRAMES
+    finally:
+        answer.set()
+        conn.close()
+        await conn.wait_closed()

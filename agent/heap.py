@@ -8,7 +8,8 @@ mmapped, faulted in and unmapped a fresh 256 KiB block: +20-40% CPU per GB moved
 alternated with the dynamic threshold). So the threshold stays dynamic and the heap is trimmed after bursts:
 ``malloc_trim`` releases the free pages inside the heap, not only at its top.
 
-Not glibc (e.g. musl): nothing to do.
+Not glibc (e.g. musl): nothing to do. glibc before 2.33 (no mallinfo2: Debian 11, Ubuntu 20.04, RHEL 8, where the
+agent may run outside its image) still gets one arena and the trims, counted with mallinfo.
 """
 
 from __future__ import annotations
@@ -28,29 +29,43 @@ TRIM_INTERVAL = 5.0  # seconds between looks at the heap
 TRIM_SLACK = 4 * 1024 * 1024  # free heap (and RSS growth since the last trim) worth giving back
 
 
+_MALLINFO_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",  # free bytes in the heap: what a trim could give back, at most
+    "keepcost",
+)
+
+
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",  # free bytes in the heap: what a trim could give back, at most
-            "keepcost",
-        )
-    ]
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO_FIELDS]
+
+
+class _MallInfo(ctypes.Structure):
+    """glibc < 2.33: the same counts as int, read unsigned (right up to 4 GiB free, which a trim then misjudges)."""
+
+    _fields_ = [(name, ctypes.c_uint) for name in _MALLINFO_FIELDS]
 
 
 def _libc() -> Any | None:
+    """glibc's malloc controls, or None. Its heap statistics are ``mallinfo2`` (glibc >= 2.33) or ``mallinfo``."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):  # a library of that name, not glibc's malloc
+        return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+    elif hasattr(libc, "mallinfo"):
+        libc.mallinfo.restype = _MallInfo
+    else:
         return None
     return libc
 
@@ -81,6 +96,7 @@ class HeapTrimmer:
         self.slack = slack
         self.trims = 0
         self._libc = _libc()
+        self._mallinfo = None if self._libc is None else getattr(self._libc, "mallinfo2", None) or self._libc.mallinfo
         self._free_base = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -100,8 +116,8 @@ class HeapTrimmer:
         self.maybe_trim()
 
     def _free(self) -> int:
-        assert self._libc is not None
-        return int(self._libc.mallinfo2().fordblks)
+        assert self._mallinfo is not None
+        return int(self._mallinfo().fordblks)
 
     def maybe_trim(self) -> bool:
         """Trim now if the heap is worth it; returns whether it was."""

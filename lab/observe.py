@@ -61,16 +61,22 @@ class Sniffer:
     frames: list[bytes] = field(default_factory=list)
 
     def tcp_payloads(self) -> Iterator[tuple[int, int, bytes]]:
-        """(source port, destination port, payload) of each IPv4 TCP segment seen."""
+        """(source port, destination port, payload) of each TCP segment seen, IPv4 or IPv6 (an IPv6 segment only
+        when TCP directly follows the fixed header: the lab's traffic carries no extension headers)."""
         for frame in self.frames:
-            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+            ethertype = frame[12:14]
+            if ethertype == b"\x08\x00" and len(frame) >= 34:
+                ip = frame[14:]
+                if ip[9] != socket.IPPROTO_TCP:
+                    continue
+                tcp = ip[(ip[0] & 0x0F) * 4 : struct.unpack("!H", ip[2:4])[0]]
+            elif ethertype == b"\x86\xdd" and len(frame) >= 54:
+                ip = frame[14:]
+                if ip[6] != socket.IPPROTO_TCP:
+                    continue
+                tcp = ip[40 : 40 + struct.unpack("!H", ip[4:6])[0]]
+            else:
                 continue
-            ip = frame[14:]
-            ihl = (ip[0] & 0x0F) * 4
-            if ip[9] != socket.IPPROTO_TCP:
-                continue
-            total = struct.unpack("!H", ip[2:4])[0]
-            tcp = ip[ihl:total]
             sport, dport = struct.unpack("!HH", tcp[:4])
             off = (tcp[12] >> 4) * 4
             yield sport, dport, bytes(tcp[off:])

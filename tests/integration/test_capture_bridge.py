@@ -198,10 +198,11 @@ def test_the_return_path_of_source_preserving_connections_crosses_the_bridge(bri
         topo.probe_server(topo.node, *LISTENER)
 
 
-def test_fragments_between_pods_of_a_bridge_reach_the_agent(bridged: Bridged) -> None:
-    """A later IP fragment from a port goes up to the bridge with the first one (MAC rewritten, marked), not
-    switched on to the pod it was sent to."""
-    pa, pb, topo = bridged.pod("pa"), bridged.pod("pb"), bridged.topo
+@contextlib.contextmanager
+def _agent_side(bridged: Bridged, dst: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """pa (enrolled) calls ``dst``:8080, captured to a transparent stand-in for the agent's outbound listener: (pa's
+    socket, the agent-side one). The probe listener is back afterwards."""
+    pa, topo = bridged.pod("pa"), bridged.topo
     bridged.r.reconcile(bridged.ips("pa"), bridged.everyone())
     probe = next(p for p in topo.procs if "--transparent" in list(p.args))  # type: ignore[arg-type]
     topo.stop(probe)
@@ -216,23 +217,61 @@ def test_fragments_between_pods_of_a_bridge_reach_the_agent(bridged: Bridged) ->
         listener.listen(4)
         listener.settimeout(5)
         client.settimeout(5)
-        client.connect((pb.ip, 8080))
+        client.connect((dst, 8080))
         agent_side, _ = listener.accept()
         with agent_side:
             agent_side.settimeout(2.0)
-            expected, sent = _next_seqs(client)
-            data = bytes(range(256)) * 4
-            segment = _tcp_packet(pa.ip, pb.ip, client.getsockname()[1], 8080, sent, expected, 0x18, data)
-            for fragment in _fragments(segment, 512):  # to pb's MAC, as pa's stack addresses a pod of its bridge
-                _send_frame(pa.netns, "eth0", _mac(pb.netns, "eth0"), fragment)
-            got = b""
-            while len(got) < len(data):
-                got += agent_side.recv(4096)
-            assert got == data
+            yield client, agent_side
     finally:
         client.close()
         listener.close()
         topo.probe_server(topo.node, *LISTENER)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_fragments_between_pods_of_a_bridge_reach_the_agent(bridged: Bridged) -> None:
+    """A later IP fragment from a port goes up to the bridge with the first one (MAC rewritten, marked), not
+    switched on to the pod it was sent to."""
+    pa, pb = bridged.pod("pa"), bridged.pod("pb")
+    with _agent_side(bridged, pb.ip) as (client, agent_side):
+        expected, sent = _next_seqs(client)
+        data = bytes(range(256)) * 4
+        segment = _tcp_packet(pa.ip, pb.ip, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+        for fragment in _fragments(segment, 512):  # to pb's MAC, as pa's stack addresses a pod of its bridge
+            _send_frame(pa.netns, "eth0", _mac(pb.netns, "eth0"), fragment)
+        assert _recv_exactly(agent_side, len(data)) == data
+
+
+def test_a_pod_of_the_bridge_cannot_complete_anothers_fragments(bridged: Bridged) -> None:
+    """pc sends the later fragment of a segment of pa's connection to the bridge's own address (which the node
+    reassembles whatever the mark): with the bridge as every pod's home, and no source check on later fragments,
+    pc's bytes reached pa's captured connection as pa's."""
+    pa, pc = bridged.pod("pa"), bridged.pod("pc")
+    bridge_mac = _mac(bridged.topo.node, bridged.bridge)
+    with _agent_side(bridged, GATEWAY) as (client, agent_side):
+        expected, sent = _next_seqs(client)
+        data = b"pa" * 256 + b"pc" * 256
+        segment = _tcp_packet(pa.ip, GATEWAY, client.getsockname()[1], 8080, sent, expected, 0x18, data)
+        first, later = _fragments(segment, 512)
+        spoofed = bridged.r.spoofed_drops().get(pc.node_if, 0)
+        _send_frame(pa.netns, "eth0", bridge_mac, first)
+        _send_frame(pc.netns, "eth0", bridge_mac, later)
+        agent_side.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            agent_side.recv(4096)
+        rt.wait_for(lambda: bridged.r.spoofed_drops().get(pc.node_if, 0) > spoofed)
+        agent_side.settimeout(2.0)
+        _send_frame(pa.netns, "eth0", bridge_mac, later)  # pa's own completes it
+        assert _recv_exactly(agent_side, len(data)) == data
 
 
 def test_a_new_port_is_captured_and_ports_are_released_with_the_last_enrolled_pod(bridged: Bridged) -> None:

@@ -65,7 +65,7 @@ def _binary(name: str) -> str:
     return found
 
 
-def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]:
+def controller_argv(config_dir: str, ca_dir: str, tokens_file: str, listen_address: str = "0.0.0.0") -> list[str]:
     return [
         _binary("ambit-controller"),
         "--config-dir",
@@ -74,6 +74,8 @@ def controller_argv(config_dir: str, ca_dir: str, tokens_file: str) -> list[str]
         ca_dir,
         "--node-tokens",
         tokens_file,
+        "--listen-address",
+        listen_address,
     ]
 
 
@@ -160,19 +162,24 @@ def wait_ready(netns: str, ip: str, port: int, record: ProcessRecord, timeout: f
 
 
 def start(lab: Lab) -> None:
-    """Credentials, then the controller (ready), then every agent (ready)."""
+    """Credentials, then the controller (ready), then every agent (ready).
+
+    In a dual-stack lab the control plane runs over IPv6 (the controller listens on ``::``, agents dial its IPv6
+    address), as an IPv6-only cluster's would, while IPv4 labs keep it on IPv4."""
     plan = lab.plan
+    controller_ip = plan.core_ip6 if plan.dual_stack else plan.core_ip
+    any_address = "::" if plan.dual_stack else "0.0.0.0"
     tokens_file, token_files = write_credentials(lab.state_dir, list(plan.nodes))
     ca_dir = lab.state_dir / "ca"
     ca_dir.mkdir(mode=0o700, exist_ok=True)
     lab.record_files(node_tokens=tokens_file, ca_dir=str(ca_dir))
     controller = lab.spawn(
         plan.core_netns,
-        controller_argv(str(lab.config_dir), str(ca_dir), tokens_file),
+        controller_argv(str(lab.config_dir), str(ca_dir), tokens_file, any_address),
         "controller",
         role="controller",
     )
-    wait_ready(plan.core_netns, plan.core_ip, MONITORING_PORT, controller)
+    wait_ready(plan.core_netns, controller_ip, MONITORING_PORT, controller)
     agents = []
     for node in plan.nodes.values():
         agent_dir = lab.state_dir / "agents" / node.name
@@ -181,14 +188,14 @@ def start(lab: Lab) -> None:
         lab.record_pin_dir(os.path.join(PIN_ROOT, node.netns))
         argv = agent_argv(
             node.name,
-            f"{plan.core_ip}:{XDS_TLS_PORT}",
+            f"[{controller_ip}]:{XDS_TLS_PORT}" if plan.dual_stack else f"{controller_ip}:{XDS_TLS_PORT}",
             str(agent_dir),
             token_files[node.name],
             str(ca_dir / "root-cert.pem"),
             node.uplink,
             node.netns,
             lab.drain_seconds,
-            "::" if plan.dual_stack else "0.0.0.0",
+            any_address,
         )
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:

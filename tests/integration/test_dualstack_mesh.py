@@ -19,7 +19,7 @@ import pytest
 
 from lab import Lab
 from lab.client import tcp_echo, who
-from lab.observe import agent_log, config_file, sniff
+from lab.observe import agent_log, config_file, http_json, sniff, workloads
 from tests.support.mesh import connect, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
@@ -185,3 +185,14 @@ def test_ipv6_ip_block_policy_denies_that_family_only(mesh: Lab) -> None:
         denials = _access(mesh, "node2", direction="inbound", **{"policy.decision": "deny"})
         assert any(str(r["src.addr"]).startswith(caller) for r in denials), "node2 logged no IPv6 denial"
     wait_for(lambda: _reaches(mesh, CLIENT, v6), "the IPv6 caller to be allowed again")
+
+
+def test_control_plane_runs_over_ipv6(mesh: Lab) -> None:
+    """The agents know only the controller's IPv6 address, so their workloads and certificates came over IPv6."""
+    controller = f"[{mesh.plan.core_ip6}]:15012"
+    for node in ("node1", "node2"):
+        dump = http_json(mesh, node, 15000, "/config_dump", host="127.0.0.1")
+        assert dump["config"]["controller"] == controller
+        assert {w["name"] for w in workloads(mesh, node)} >= {"client", "server", "local", "web"}
+        connected = mesh.exec(node, ["ss", "-Htn", "state", "established", "dst", controller])
+        assert connected.stdout.strip(), f"{node}'s agent has no established connection to {controller}"

@@ -516,8 +516,10 @@ class Redirector:
             raise RedirectConfigError("uplinks: none given and the node netns has no default route; pass --uplink")
         # Other nodes' pod CIDRs may be routed over a second network rather than the default route's: HBONE from
         # those nodes arrives there. Any interface a route through a router leaves by is an uplink too, apart from
-        # those holding pod host routes (a pod acting as a router stays a pod).
-        pods = nl.pod_route_links(exclude=out)
+        # pod interfaces (a pod acting as a router stays a pod): those holding pod host routes, and bridges with a
+        # port into another netns (an uplink's pods would all be refused).
+        pods = set(nl.pod_route_links(exclude=out))
+        pods |= {link.master for link in nl.links().values() if link.master and link.peer_netns is not None}
         for idx in nl.gateway_route_oifs():
             found = nl.link_name(idx)
             if found and found != "lo" and idx not in pods:

@@ -77,3 +77,29 @@ def test_an_interface_other_nodes_pods_are_routed_by_is_an_uplink(
     assert got.startswith(f"tproxy:15008 orig={pa.ip}:15008 peer={OTHER_POD}:"), got
     got = rt.connect(sec, pa.ip, 8080, src_ip=OTHER_POD)
     assert got.startswith(f"tproxy:15006 orig={pa.ip}:8080 peer={OTHER_POD}:"), got
+
+
+def test_a_bridge_of_pods_routing_to_a_pod_stays_a_pod_interface(
+    routed: tuple[rt.Topology, Redirector, str, str],
+) -> None:
+    """A prefix routed through a pod of a bridge (a pod acting as a router) does not make the bridge an uplink: its
+    pods would all be refused as routed through an uplink."""
+    topo, r, _, _ = routed
+    short = f"r{topo.prefix[-4:]}"
+    router = f"{topo.prefix}-router"
+    subprocess.run(["ip", "netns", "add", router], check=True)
+    try:
+        topo.ip(topo.node, "link", "add", f"{short}br", "type", "bridge")
+        topo.ip(topo.node, "addr", "add", "10.55.0.1/24", "dev", f"{short}br")
+        topo.ip(topo.node, "link", "set", f"{short}br", "up")
+        topo.ip(topo.node, "link", "add", f"{short}p", "type", "veth", "peer", "name", "eth0", "netns", router)
+        topo.ip(topo.node, "link", "set", f"{short}p", "master", f"{short}br", "up")
+        topo.ip(router, "addr", "add", "10.55.0.10/24", "dev", "eth0")
+        topo.ip(router, "link", "set", "eth0", "up")
+        topo.ip(topo.node, "route", "add", "10.56.0.0/24", "via", "10.55.0.10", "dev", f"{short}br")
+        assert r.reconcile({"10.55.0.10"}, {"10.55.0.10"}) == {}
+        assert f"{short}br" not in r.status()["uplinks"]
+        assert r.status()["enrolled"] == ["10.55.0.10"]
+    finally:
+        r.reconcile(set(), set())
+        subprocess.run(["ip", "netns", "del", router], capture_output=True)

@@ -19,7 +19,7 @@ import pytest
 
 from lab import Lab
 from lab.client import tcp_echo, who
-from lab.observe import agent_log, config_file, http_json, sniff, workloads
+from lab.observe import agent_log, capture_status, config_file, http_json, metric_lines, metrics, sniff, workloads
 from tests.support.mesh import connect, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
@@ -196,3 +196,57 @@ def test_control_plane_runs_over_ipv6(mesh: Lab) -> None:
         assert {w["name"] for w in workloads(mesh, node)} >= {"client", "server", "local", "web"}
         connected = mesh.exec(node, ["ss", "-Htn", "state", "established", "dst", controller])
         assert connected.stdout.strip(), f"{node}'s agent has no established connection to {controller}"
+
+
+def _enrolled(lab: Lab, node: str, ip: str) -> bool:
+    return ip in capture_status(lab, node).get("enrolled", [])
+
+
+def _echo_ok(lab: Lab, src: str, ip: str) -> bool:
+    payload = os.urandom(4096)
+    try:
+        return tcp_echo(lab.pod(src).netns, ip, ECHO, payload, timeout=3) == payload
+    except OSError:
+        return False
+
+
+def test_unenrolling_live_releases_the_ipv6_address_too(mesh: Lab) -> None:
+    config = Path(mesh.config_dir) / "cluster.yaml"
+    original = config.read_text()
+    client6, server6 = _ip(mesh, CLIENT, "ip6"), _ip(mesh, SERVER, "ip6")
+    assert _enrolled(mesh, "node1", client6)
+    try:
+        config.write_text(original.replace("istio.io/dataplane-mode: ambient", "istio.io/dataplane-mode: none"))
+        wait_for(lambda: not _enrolled(mesh, "node1", client6), "demo's IPv6 addresses to be released from capture")
+        wait_for(lambda: not _enrolled(mesh, "node2", server6), "the server's IPv6 address to be released")
+        marker = b"V6-UNENROLLED-" + secrets.token_hex(8).encode()
+        with sniff(mesh.plan.core_netns, mesh.node("node1").core_link) as wire:
+            assert tcp_echo(mesh.pod(CLIENT).netns, server6, ECHO, marker) == marker
+        assert wire.saw(marker), "an un-enrolled pod talks plaintext over IPv6, untouched by the mesh"
+    finally:
+        config.write_text(original)
+    wait_for(lambda: _enrolled(mesh, "node1", client6), "the client's IPv6 address to be captured again")
+    wait_for(lambda: _enrolled(mesh, "node2", server6), "the server's IPv6 address to be captured again")
+    wait_for(lambda: _echo_ok(mesh, CLIENT, server6), "IPv6 traffic through the mesh again")
+
+
+def test_agent_stopped_fails_closed_over_ipv6_and_restart_resumes(mesh: Lab) -> None:
+    client6, server6 = _ip(mesh, CLIENT, "ip6"), _ip(mesh, SERVER, "ip6")
+
+    def drops() -> float:
+        lines = metric_lines(metrics(mesh, "node1"), "ambit_capture_fail_closed_drops_total", ip=client6)
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    before = drops()
+    mesh.stop("agent-node1")
+    try:
+        marker = b"V6-FAILCLOSED-" + secrets.token_hex(8).encode()
+        with sniff(mesh.plan.core_netns, mesh.node("node1").core_link) as wire, pytest.raises(OSError):
+            connect(mesh, CLIENT, server6, ECHO, timeout=2).sendall(marker)
+        assert not wire.saw(marker)
+        assert not any(dport == ECHO for _, dport, _ in wire.tcp_payloads()), "an IPv6 SYN left with no agent"
+    finally:
+        mesh.restart("agent-node1")
+    wait_for(lambda: _echo_ok(mesh, CLIENT, server6), "the restarted agent to carry IPv6 traffic", timeout=60)
+    wait_for(lambda: _enrolled(mesh, "node1", client6), "capture of the IPv6 address to be adopted")
+    assert drops() > before, "the kernel must count the IPv6 fail-closed drop"

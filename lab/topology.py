@@ -101,6 +101,7 @@ class ServiceSpec:
     selector: dict[str, str]
     ports: list[ServicePort]
     ref: ObjectRef
+    cluster_ip6: IPv6Address | None = None  # of a dual-stack or IPv6-only Service (spec.clusterIPs)
 
 
 @dataclass
@@ -265,11 +266,19 @@ def _ipv4(raw: _Raw, path: str, value: Any, problems: _Problems) -> IPv4Address 
 
 
 def _families(
-    raw: _Raw, path: str, values: list[Any], parse: Any, what: str, problems: _Problems, indexed: bool = True
+    raw: _Raw,
+    path: str,
+    values: list[Any],
+    parse: Any,
+    what: str,
+    problems: _Problems,
+    indexed: bool = True,
+    need_ipv4: bool = True,
 ) -> tuple[Any, Any] | None:
-    """Split a dual-stack list (``spec.podCIDRs``, ``status.podIPs``) into its IPv4 and IPv6 entries, as Kubernetes
-    allows them: at most one of each family, in either order. ``parse`` turns one text into an address or network
-    (raising ValueError); ``indexed`` is false for a single value given without its list (``spec.podCIDR``)."""
+    """Split a dual-stack list (``spec.podCIDRs``, ``status.podIPs``, ``spec.clusterIPs``) into its IPv4 and IPv6
+    entries, as Kubernetes allows them: at most one of each family, in either order. ``parse`` turns one text into
+    an address or network (raising ValueError); ``indexed`` is false for a single value given without its list
+    (``spec.podCIDR``); ``need_ipv4`` is false where IPv6 alone is fine (a Service's VIPs: the lab routes no VIP)."""
     found: dict[int, Any] = {}
     for i, text in enumerate(values):
         where = f"{path}[{i}]" if indexed else path
@@ -282,10 +291,10 @@ def _families(
             problems.add(raw.ref, where, f"a second IPv{value.version} entry (at most one per family)")
             return None
         found[value.version] = value
-    if 4 not in found:
+    if need_ipv4 and 4 not in found:
         problems.add(raw.ref, path, "no IPv4 entry: the lab builds IPv4 and dual-stack clusters, not IPv6-only ones")
         return None
-    return found[4], found.get(6)
+    return found.get(4), found.get(6)
 
 
 def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
@@ -382,10 +391,30 @@ def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None
 def _parse_service(raw: _Raw, problems: _Problems) -> ServiceSpec | None:
     ok = True
     cluster_ip: IPv4Address | None = None
+    cluster_ip6: IPv6Address | None = None
     ip_text = _get(raw.body, "spec.clusterIP")
-    if ip_text not in (None, "None", ""):
-        cluster_ip = _ipv4(raw, "spec.clusterIP", ip_text, problems)
-        ok = cluster_ip is not None
+    ips_texts = _get(raw.body, "spec.clusterIPs")
+    if ips_texts is not None and (not isinstance(ips_texts, list) or not ips_texts):
+        problems.add(raw.ref, "spec.clusterIPs", "must be a non-empty list of IP addresses")
+        ok = False
+    elif ips_texts is not None and ip_text is not None and ips_texts[0] != ip_text:
+        problems.add(raw.ref, "spec.clusterIPs", f"the first entry {ips_texts[0]!r} must equal spec.clusterIP")
+        ok = False
+    elif (ips_texts or [ip_text])[0] not in (None, "None", ""):
+        split = _families(
+            raw,
+            "spec.clusterIPs" if ips_texts is not None else "spec.clusterIP",
+            ips_texts or [ip_text],
+            ipaddress.ip_address,
+            "an IP address",
+            problems,
+            indexed=ips_texts is not None,
+            need_ipv4=False,
+        )
+        if split is None:
+            ok = False
+        else:
+            cluster_ip, cluster_ip6 = split
     selector = _labels(raw, "spec.selector", problems)
     raw_ports = _get(raw.body, "spec.ports")
     ports: list[ServicePort] = []
@@ -416,7 +445,7 @@ def _parse_service(raw: _Raw, problems: _Problems) -> ServiceSpec | None:
         ports.append(ServicePort(str(p.get("name", "")), port, target, protocol))
     if not ok:
         return None
-    return ServiceSpec(raw.ref.name, raw.ref.namespace, cluster_ip, selector, ports, raw.ref)
+    return ServiceSpec(raw.ref.name, raw.ref.namespace, cluster_ip, selector, ports, raw.ref, cluster_ip6)
 
 
 def _is_port(value: Any) -> bool:
@@ -493,6 +522,18 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         first_svc = seen_vip.setdefault(svc.cluster_ip, svc)
         if first_svc is not svc:
             problems.add(svc.ref, "spec.clusterIP", f"{svc.cluster_ip} is already used by {first_svc.ref}")
+    seen_vip6: dict[IPv6Address, ServiceSpec] = {}
+    for svc in topo.services:
+        if svc.cluster_ip6 is None:
+            continue
+        for node in nodes:
+            if node.pod_cidr6 is not None and svc.cluster_ip6 in node.pod_cidr6:
+                problems.add(
+                    svc.ref, "spec.clusterIPs", f"{svc.cluster_ip6} is inside {node.ref} podCIDRs {node.pod_cidr6}"
+                )
+        first_svc = seen_vip6.setdefault(svc.cluster_ip6, svc)
+        if first_svc is not svc:
+            problems.add(svc.ref, "spec.clusterIPs", f"{svc.cluster_ip6} is already used by {first_svc.ref}")
 
 
 def _check_pod_ip6(pod: PodSpec, node: NodeSpec, seen: dict[IPv6Address, PodSpec], problems: _Problems) -> None:

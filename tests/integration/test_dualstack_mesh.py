@@ -8,6 +8,7 @@ One lab for the module; each test leaves the live config as it found it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -27,19 +28,6 @@ ECHO = 9000
 HTTP = 8080
 CLIENT, SERVER, LOCAL, LEGACY = "demo/client", "demo/server", "demo/local", "legacy/web"
 FAMILIES = [pytest.param("ip6", id="ipv6"), pytest.param("ip", id="ipv4")]
-
-DUAL_STACK_SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: demo}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:10:96::10"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  selector: {app: server}
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"""
 
 DENY_CLIENT_IPV6 = """
 apiVersion: security.istio.io/v1
@@ -157,15 +145,29 @@ def test_other_paths_work_over_both_families(
     )
 
 
-def test_dual_stack_service_sends_each_family_to_an_endpoint_of_that_family(mesh: Lab) -> None:
-    client = mesh.pod(CLIENT).netns
-    with config_file(mesh, "dualstack-service.yaml", DUAL_STACK_SERVICE):
-        wait_for(lambda: who(client, "fd00:10:96::10", 80)["pod"] == "server", "the IPv6 VIP to answer")
-        v6 = who(client, "fd00:10:96::10", 80)
-        v4 = who(client, "10.96.0.10", 80)
-    assert _caller_ip(v6["server"]) == _ip(mesh, SERVER, "ip6")
-    assert _caller_ip(v6["client"]) == _ip(mesh, CLIENT, "ip6")
-    assert _caller_ip(v4["server"]) == _ip(mesh, SERVER, "ip")
+@pytest.mark.parametrize(
+    ("vip", "family"),
+    [
+        pytest.param("fd00:10:96::10", "ip6", id="dual-stack-ipv6"),
+        pytest.param("10.96.0.10", "ip", id="dual-stack-ipv4"),
+        pytest.param("fd00:10:96::20", "ip6", id="ipv6-only"),
+    ],
+)
+def test_service_vip_goes_to_an_endpoint_of_the_callers_family(mesh: Lab, vip: str, family: str) -> None:
+    """examples/dualstack's Services: `server` has a VIP per family, `server-v6` only an IPv6 one."""
+    with connect(mesh, CLIENT, vip, 80) as sock:
+        src = _hostport(_ip(mesh, CLIENT, family), sock.getsockname()[1])
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    answer = json.loads(response.partition(b"\r\n\r\n")[2])
+    assert _caller_ip(answer["server"]) == _ip(mesh, SERVER, family)
+    assert _caller_ip(answer["client"]) == _ip(mesh, CLIENT, family)
+    out = _one_access(mesh, "node1", direction="outbound", **{"src.addr": src})
+    assert out["path"] == "hbone" and out["dst.addr"] == _hostport(_ip(mesh, SERVER, family), 15008)
+    service = "server-v6" if vip.endswith("::20") else "server"
+    assert out["dst.service"] == f"{service}.demo.svc.cluster.local"
 
 
 def _reaches(lab: Lab, src: str, ip: str) -> bool:

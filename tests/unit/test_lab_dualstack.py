@@ -29,6 +29,13 @@ N2 = node("node2", '{podCIDR: 10.244.2.0/24, podCIDRs: [10.244.2.0/24, "fd00:2::
 A = pod("a", '{podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00:1::10"}]}')
 
 
+def service(name: str, spec: str) -> str:
+    return f"kind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n"
+
+
+PORTS = "ports: [{port: 80}]"
+
+
 def problems(tmp_path: Path, *docs: str) -> list[str]:
     (tmp_path / "c.yaml").write_text("\n---\n".join(docs))
     with pytest.raises(LabConfigError) as info:
@@ -105,6 +112,26 @@ CASES = [
         ],
         id="bad-pod-ip6",
     ),
+    pytest.param(
+        [N1, service("s", f'{{clusterIP: 10.96.0.1, clusterIPs: ["fd00:96::1", 10.96.0.1], {PORTS}}}')],
+        ["Service/demo/s: spec.clusterIPs: the first entry 'fd00:96::1' must equal spec.clusterIP"],
+        id="first-cluster-ip-differs",
+    ),
+    pytest.param(
+        [N1, service("s", f"{{clusterIPs: [10.96.0.1, 10.96.0.2], {PORTS}}}")],
+        ["Service/demo/s: spec.clusterIPs[1]: a second IPv4 entry (at most one per family)"],
+        id="two-ipv4-cluster-ips",
+    ),
+    pytest.param(
+        [N1, service("s", f'{{clusterIP: "fd00:1::99", {PORTS}}}')],
+        ["Service/demo/s: spec.clusterIPs: fd00:1::99 is inside c.yaml:Node/node1 podCIDRs fd00:1::/64"],
+        id="ipv6-vip-in-pod-cidr",
+    ),
+    pytest.param(
+        [N1, *(service(name, f'{{clusterIP: "fd00:96::1", {PORTS}}}') for name in "st")],
+        ["Service/demo/t: spec.clusterIPs: fd00:96::1 is already used by c.yaml:Service/demo/s"],
+        id="duplicate-ipv6-vip",
+    ),
 ]
 
 
@@ -163,3 +190,22 @@ def test_ipv4_plan_is_unchanged_and_old_records_load() -> None:
         entry.pop("ip6")
         entry.pop("pod_cidr6", None)
     assert LabPlan.from_dict(record) == plan
+
+
+def test_services_may_be_dual_stack_or_ipv6_only(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "\n---\n".join(
+            [
+                N1,
+                service("dual", f'{{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, "fd00:96::1"], {PORTS}}}'),
+                service("v6", f'{{clusterIP: "fd00:96::2", {PORTS}}}'),
+                service("v4", f"{{clusterIP: 10.96.0.3, {PORTS}}}"),
+            ]
+        )
+    )
+    vips = {s.name: (s.cluster_ip, s.cluster_ip6) for s in topology.load(tmp_path).services}
+    assert vips == {
+        "dual": (ipaddress.ip_address("10.96.0.1"), ipaddress.ip_address("fd00:96::1")),
+        "v6": (None, ipaddress.ip_address("fd00:96::2")),
+        "v4": (ipaddress.ip_address("10.96.0.3"), None),
+    }

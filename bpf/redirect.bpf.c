@@ -237,6 +237,16 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
     if (!wl) {
         if (!(ifc->flags & (AMBIT_IF_POD | AMBIT_IF_UPLINK)))
             return TC_ACT_UNSPEC;
+        if ((ifc->flags & (AMBIT_IF_UPLINK | AMBIT_IF_BRIDGE_PORT)) == (AMBIT_IF_UPLINK | AMBIT_IF_BRIDGE_PORT)) {
+            /* An uplink among a bridge's ports: what it lets through to the bridge's own address is decided again
+             * at the bridge, as a pod's (the home of the pods behind the bridge is one of its ports). Another host
+             * sending as an enrolled local pod would be captured as that pod's outbound call there, whatever the
+             * destination: so here every TCP from such an address is dropped, not only TCP to an enrolled pod. */
+            struct ambit_addr src = {};
+            ambit_key(&src, p.family, p.saddr);
+            if (ambit_workloads.lookup(&src))
+                return ambit_drop_spoofed(ifindex);
+        }
         ambit_key(&key, p.family, p.daddr);
         wl = ambit_workloads.lookup(&key);
         if (!wl)

@@ -21,13 +21,21 @@ import pytest
 from lab import Lab
 from lab.client import tcp_echo, who
 from lab.observe import agent_log, capture_status, config_file, http_json, metric_lines, metrics, sniff, workloads
-from tests.support.mesh import connect, wait_for
+from tests.support.mesh import connect, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 ECHO = 9000
 HTTP = 8080
 CLIENT, SERVER, LOCAL, LEGACY = "demo/client", "demo/server", "demo/local", "legacy/web"
 FAMILIES = [pytest.param("ip6", id="ipv6"), pytest.param("ip", id="ipv4")]
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: demo}
+spec:
+  mtls: {mode: STRICT}
+"""
 
 DENY_CLIENT_IPV6 = """
 apiVersion: security.istio.io/v1
@@ -103,6 +111,9 @@ def test_cross_node_bytes_go_through_hbone_mtls_to_the_pods_address(mesh: Lab, f
     assert inbound["path"] == "hbone" and inbound["security"] == "mutual_tls"
     assert inbound["dst.addr"] == _hostport(server_ip, ECHO)
     assert inbound["src.identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+    # Many streams at once share pooled HBONE connections to that address, each stream's bytes intact.
+    pairs = parallel_echo(mesh, CLIENT, server_ip, ECHO, streams=8, size=256 * 1024)
+    assert all(sent == got for sent, got in pairs), f"corrupted echo over {family} under 8 streams"
 
 
 def test_node_link_carries_enrolled_ipv6_traffic_only_inside_tls(mesh: Lab) -> None:
@@ -252,3 +263,23 @@ def test_agent_stopped_fails_closed_over_ipv6_and_restart_resumes(mesh: Lab) -> 
     wait_for(lambda: _echo_ok(mesh, CLIENT, server6), "the restarted agent to carry IPv6 traffic", timeout=60)
     wait_for(lambda: _enrolled(mesh, "node1", client6), "capture of the IPv6 address to be adopted")
     assert drops() > before, "the kernel must count the IPv6 fail-closed drop"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_strict_denies_plaintext_from_a_non_mesh_pod_over_both_families(mesh: Lab, family: str) -> None:
+    client_ip, caller = _ip(mesh, CLIENT, family), _ip(mesh, LEGACY, family)
+
+    def denied() -> bool:
+        try:
+            who(mesh.pod(LEGACY).netns, client_ip, HTTP, timeout=3)
+        except OSError:
+            return True
+        return False
+
+    assert not denied()
+    with config_file(mesh, "strict.yaml", STRICT):
+        wait_for(denied, f"STRICT to refuse plaintext over {family}")
+        assert who(mesh.pod(SERVER).netns, client_ip, HTTP)["pod"] == "client", "mTLS callers still pass"
+        records = _access(mesh, "node1", direction="inbound", path="plaintext", **{"policy.decision": "deny"})
+        assert any(str(r["src.addr"]).startswith(_hostport(caller, 0)[:-1]) for r in records)
+    wait_for(lambda: not denied(), "plaintext to pass again once STRICT is gone")

@@ -90,7 +90,8 @@ struct ambit_config {
 
 BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,
                  AMBIT_PIN_DIR "/ambit_workloads");
-/* Where each enrolled workload address lives: the node-side ifindex of its pod (the route to it). A pod interface
+/* Where each enrolled workload address lives: the node-side ifindex of its pod (the route to it; behind a bridge, the
+ * port whose veth holds the address in the pod's netns, or the bridge when no one port does). A pod interface
  * may send TCP from an enrolled address only when it is that address's home; the agent picks the workload, and with
  * it the certificate, by source address, so this is what keeps pod A from borrowing pod B's identity. Kept apart
  * from ambit_workloads because that value is per-CPU counters: the home is one shared word the agent rewrites when

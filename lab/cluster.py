@@ -95,56 +95,60 @@ class Lab:
         plan = self.plan
         self._add_netns(plan.core_netns)
         # Multicast snooping would drop IPv6 neighbour solicitations between nodes until someone sends MLD reports.
-        bridge = f"link add {CORE_BRIDGE} type bridge" + (" mcast_snooping 0" if plan.dual_stack else "")
-        core = [bridge, f"addr add {plan.core_ip}/{_prefixlen(plan.node_subnet)} dev {CORE_BRIDGE}"]
-        if plan.dual_stack:
+        core = [f"link add {CORE_BRIDGE} type bridge" + (" mcast_snooping 0" if plan.ipv6 else "")]
+        if plan.ipv4:
+            core.append(f"addr add {plan.core_ip}/{_prefixlen(plan.node_subnet)} dev {CORE_BRIDGE}")
+        if plan.ipv6:
             core.append(f"addr add {plan.core_ip6}/{_prefixlen(plan.node_subnet6)} dev {CORE_BRIDGE} nodad")
         netns.batch(plan.core_netns, [*core, f"link set {CORE_BRIDGE} up"])
         for node in plan.nodes.values():
             self._add_netns(node.netns)
-            _router_sysctls(node.netns, plan.dual_stack)
+            _router_sysctls(node.netns, plan.ipv6)
+            routes = [f"route add {node.pod_cidr} via {node.ip}"] if plan.ipv4 else []
+            if plan.ipv6:
+                routes.append(f"route add {node.pod_cidr6} via {node.ip6}")
             netns.batch(
                 plan.core_netns,
                 [
                     f"link add {node.core_link} type veth peer name {node.uplink} netns {node.netns}",
                     f"link set {node.core_link} master {CORE_BRIDGE} up",
-                    f"route add {node.pod_cidr} via {node.ip}",
-                    *([f"route add {node.pod_cidr6} via {node.ip6}"] if plan.dual_stack else []),
+                    *routes,
                 ],
             )
-            uplink = [f"addr add {node.ip}/{_prefixlen(plan.node_subnet)} dev {node.uplink}"]
-            if plan.dual_stack:
+            uplink = [f"addr add {node.ip}/{_prefixlen(plan.node_subnet)} dev {node.uplink}"] if plan.ipv4 else []
+            if plan.ipv6:
                 uplink.append(f"addr add {node.ip6}/{_prefixlen(plan.node_subnet6)} dev {node.uplink} nodad")
             netns.batch(node.netns, [*uplink, f"link set {node.uplink} up"])
         for node in plan.nodes.values():
             others = [o for o in plan.nodes.values() if o.name != node.name]
-            routes = [f"route add {o.pod_cidr} via {o.ip}" for o in others]
-            if plan.dual_stack:
+            routes = [f"route add {o.pod_cidr} via {o.ip}" for o in others] if plan.ipv4 else []
+            if plan.ipv6:
                 routes += [f"route add {o.pod_cidr6} via {o.ip6}" for o in others]
             netns.batch(node.netns, routes)
         for pod in plan.pods.values():
             if not pod.host_network:
-                self._wire_pod(pod, plan.nodes[pod.node])
+                self._wire_pod(pod, plan.nodes[pod.node], plan.ipv4)
 
-    def _wire_pod(self, pod: PodInfo, node: NodeInfo) -> None:
+    def _wire_pod(self, pod: PodInfo, node: NodeInfo, ipv4: bool) -> None:
         self._add_netns(pod.netns)
-        host_side = [
-            f"link add {pod.host_veth} type veth peer name {POD_IFACE} netns {pod.netns}",
-            f"addr add {POD_GATEWAY}/32 dev {pod.host_veth} scope link",
-        ]
-        pod_side = [f"addr add {pod.ip}/32 dev {POD_IFACE}"]
+        host_side = [f"link add {pod.host_veth} type veth peer name {POD_IFACE} netns {pod.netns}"]
+        pod_side = []
+        if ipv4:
+            host_side.append(f"addr add {POD_GATEWAY}/32 dev {pod.host_veth} scope link")
+            pod_side.append(f"addr add {pod.ip}/32 dev {POD_IFACE}")
         if pod.ip6:
             host_side.append(f"addr add {POD_GATEWAY6}/64 dev {pod.host_veth} nodad")
             pod_side.append(f"addr add {pod.ip6}/128 dev {POD_IFACE} nodad")
-        host_side += [f"link set {pod.host_veth} up", f"route add {pod.ip}/32 dev {pod.host_veth} src {node.ip}"]
+        host_side.append(f"link set {pod.host_veth} up")
+        pod_side.append(f"link set {POD_IFACE} up")
+        if ipv4:
+            host_side.append(f"route add {pod.ip}/32 dev {pod.host_veth} src {node.ip}")
+            pod_side += [
+                f"route add {POD_GATEWAY} dev {POD_IFACE} scope link",
+                f"route add default via {POD_GATEWAY} dev {POD_IFACE}",
+            ]
         if pod.ip6:
             host_side.append(f"route add {pod.ip6}/128 dev {pod.host_veth} src {node.ip6}")
-        pod_side += [
-            f"link set {POD_IFACE} up",
-            f"route add {POD_GATEWAY} dev {POD_IFACE} scope link",
-            f"route add default via {POD_GATEWAY} dev {POD_IFACE}",
-        ]
-        if pod.ip6:
             pod_side.append(f"route add default via {POD_GATEWAY6} dev {POD_IFACE}")
         netns.batch(node.netns, host_side)
         netns.batch(pod.netns, pod_side)
@@ -153,7 +157,7 @@ class Lab:
         self._state.netns.append(name)
         self._state.save()
         netns.add(name)
-        _ipv6_sysctls(name, self.plan.dual_stack)
+        _ipv6_sysctls(name, self.plan.ipv6)
 
     def _start_workloads(self) -> None:
         started = []
@@ -453,25 +457,25 @@ def _prefixlen(cidr: str) -> str:
     return cidr.split("/")[1]
 
 
-def _router_sysctls(name: str, dual_stack: bool) -> None:
+def _router_sysctls(name: str, ipv6: bool) -> None:
     """Nodes forward between pods and the uplink; rp_filter off because replies may come back asymmetrically
     once the agent spoofs client addresses."""
     netns.write_sysctl(name, "net.ipv4.ip_forward", "1")
     for scope in ("all", "default"):
         netns.write_sysctl(name, f"net.ipv4.conf.{scope}.rp_filter", "0")
-        if dual_stack:
+        if ipv6:
             netns.write_sysctl(name, f"net.ipv6.conf.{scope}.forwarding", "1")
 
 
-def _ipv6_sysctls(name: str, dual_stack: bool) -> None:
-    """An IPv4 lab turns IPv6 off on its links: no DAD delay or ND chatter in captures. A dual-stack lab keeps it
+def _ipv6_sysctls(name: str, ipv6: bool) -> None:
+    """An IPv4 lab turns IPv6 off on its links: no DAD delay or ND chatter in captures. A lab with IPv6 keeps it
     and turns duplicate address detection off, so addresses work at once (the lab assigns them, no duplicates)."""
     if not Path("/proc/sys/net/ipv6").exists():
-        if dual_stack:
-            raise LabError("a dual-stack lab needs IPv6 in the kernel (no /proc/sys/net/ipv6)")
+        if ipv6:
+            raise LabError("a lab with IPv6 needs IPv6 in the kernel (no /proc/sys/net/ipv6)")
         return
     for scope in ("all", "default"):
-        if dual_stack:
+        if ipv6:
             netns.write_sysctl(name, f"net.ipv6.conf.{scope}.accept_dad", "0")
         else:
             netns.write_sysctl(name, f"net.ipv6.conf.{scope}.disable_ipv6", "1")

@@ -164,11 +164,11 @@ def wait_ready(netns: str, ip: str, port: int, record: ProcessRecord, timeout: f
 def start(lab: Lab) -> None:
     """Credentials, then the controller (ready), then every agent (ready).
 
-    In a dual-stack lab the control plane runs over IPv6 (the controller listens on ``::``, agents dial its IPv6
-    address), as an IPv6-only cluster's would, while IPv4 labs keep it on IPv4."""
+    In a lab with IPv6 (dual-stack or IPv6-only) the control plane runs over IPv6 (the controller listens on ``::``,
+    agents dial its IPv6 address), while IPv4 labs keep it on IPv4."""
     plan = lab.plan
-    controller_ip = plan.core_ip6 if plan.dual_stack else plan.core_ip
-    any_address = "::" if plan.dual_stack else "0.0.0.0"
+    controller_ip = plan.core_ip6 if plan.ipv6 else plan.core_ip
+    any_address = "::" if plan.ipv6 else "0.0.0.0"
     tokens_file, token_files = write_credentials(lab.state_dir, list(plan.nodes))
     ca_dir = lab.state_dir / "ca"
     ca_dir.mkdir(mode=0o700, exist_ok=True)
@@ -188,7 +188,7 @@ def start(lab: Lab) -> None:
         lab.record_pin_dir(os.path.join(PIN_ROOT, node.netns))
         argv = agent_argv(
             node.name,
-            f"[{controller_ip}]:{XDS_TLS_PORT}" if plan.dual_stack else f"{controller_ip}:{XDS_TLS_PORT}",
+            f"[{controller_ip}]:{XDS_TLS_PORT}" if plan.ipv6 else f"{controller_ip}:{XDS_TLS_PORT}",
             str(agent_dir),
             token_files[node.name],
             str(ca_dir / "root-cert.pem"),

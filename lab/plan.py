@@ -13,7 +13,8 @@ Wiring (mirrors the eBPF spike's proven topology):
 A dual-stack lab (nodes with an IPv6 ``spec.podCIDRs`` entry) wires IPv6 the same way beside IPv4: the node link
 gets a ULA /64 derived from the lab name (each node and the core take the host number of their IPv4 address in it),
 each IPv6 pod CIDR is routed via its node's IPv6 address, and pods get a /128 and a default route via the
-link-local gateway ``fe80::1`` on their host-side veth.
+link-local gateway ``fe80::1`` on their host-side veth. An IPv6-only lab (nodes with only an IPv6 range) is wired
+the same way with no IPv4 at all; its primary fields (``ip``, ``pod_cidr``, ``core_ip``) hold the IPv6 addresses.
 """
 
 from __future__ import annotations
@@ -77,12 +78,23 @@ class LabPlan:
     node_subnet: str
     nodes: dict[str, NodeInfo]
     pods: dict[str, PodInfo]  # by "namespace/name"
-    core_ip6: str = ""  # dual-stack labs only
+    core_ip6: str = ""  # labs with IPv6 only (dual-stack or IPv6-only)
     node_subnet6: str = ""
 
     @property
-    def dual_stack(self) -> bool:
+    def ipv6(self) -> bool:
+        """Whether the lab has IPv6 (dual-stack or IPv6-only)."""
         return bool(self.node_subnet6)
+
+    @property
+    def ipv4(self) -> bool:
+        """Whether the lab has IPv4; the primary fields (``ip``, ``pod_cidr``, ``core_ip``) of an IPv6-only lab hold
+        its IPv6 addresses, as Kubernetes' ``status.podIP`` does in an IPv6-only cluster."""
+        return ":" not in self.node_subnet
+
+    @property
+    def dual_stack(self) -> bool:
+        return self.ipv4 and self.ipv6
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +146,7 @@ def _node_subnet(topo: Topology, lab_name: str) -> IPv4Network:
     given = [n.internal_ip for n in topo.nodes.values() if n.internal_ip is not None]
     if given:
         return IPv4Network(f"{given[0]}/24", strict=False)
-    taken = [n.pod_cidr for n in topo.nodes.values()]
+    taken = [n.pod_cidr for n in topo.nodes.values() if n.pod_cidr is not None]
     vips = [s.cluster_ip for s in topo.services if s.cluster_ip is not None]
     start = int(_short_hash(lab_name, 6), 16)
     for i in range(250):
@@ -145,7 +157,7 @@ def _node_subnet(topo: Topology, lab_name: str) -> IPv4Network:
 
 
 def _node_subnet6(topo: Topology, lab_name: str) -> IPv6Network | None:
-    """For a dual-stack topology, a ULA /64 (fd00::/8) derived from the lab name that avoids the IPv6 pod CIDRs."""
+    """For a topology with IPv6, a ULA /64 (fd00::/8) derived from the lab name that avoids the IPv6 pod CIDRs."""
     taken = [n.pod_cidr6 for n in topo.nodes.values() if n.pod_cidr6 is not None]
     if not taken:
         return None
@@ -166,8 +178,10 @@ def _mirror(ip: IPv4Address, subnet: IPv4Network, subnet6: IPv6Network | None) -
 
 def make_plan(topo: Topology, lab_name: str) -> LabPlan:
     check_name(lab_name)
+    # An IPv6-only lab numbers its nodes as an IPv4 one would, in the IPv6 node subnet, and configures no IPv4.
     subnet = _node_subnet(topo, lab_name)
     subnet6 = _node_subnet6(topo, lab_name)
+    ipv6_only = all(n.pod_cidr is None for n in topo.nodes.values())
     hosts = list(subnet.hosts())
     nodes: dict[str, NodeInfo] = {}
     used: set[IPv4Address] = {n.internal_ip for n in topo.nodes.values() if n.internal_ip is not None}
@@ -175,14 +189,15 @@ def make_plan(topo: Topology, lab_name: str) -> LabPlan:
     for index, spec in enumerate(topo.nodes.values()):
         ip = spec.internal_ip or next(free)
         used.add(ip)
+        ip6 = _mirror(ip, subnet, subnet6)
         nodes[spec.name] = NodeInfo(
             name=spec.name,
             netns=f"{lab_name}-node-{spec.name}",
-            ip=str(ip),
-            pod_cidr=str(spec.pod_cidr),
+            ip=ip6 if ipv6_only else str(ip),
+            pod_cidr=str(spec.pod_cidr or spec.pod_cidr6),
             uplink=NODE_UPLINK,
             core_link=_ifname(f"n{index}", spec.name, spec.name),
-            ip6=_mirror(ip, subnet, subnet6),
+            ip6=ip6,
             pod_cidr6=str(spec.pod_cidr6 or ""),
         )
     core_ip = next(h for h in reversed(hosts) if h not in used)
@@ -202,7 +217,7 @@ def make_plan(topo: Topology, lab_name: str) -> LabPlan:
             namespace=pod.namespace,
             node=pod.node,
             netns=node.netns if pod.host_network else f"{lab_name}-pod-{pod.namespace}-{pod.name}",
-            ip=node.ip if pod.host_network else str(pod.ip),
+            ip=node.ip if pod.host_network else str(pod.ip or pod.ip6),
             host_veth=host_veth,
             service_account=pod.service_account,
             labels=dict(pod.labels),
@@ -212,8 +227,8 @@ def make_plan(topo: Topology, lab_name: str) -> LabPlan:
     return LabPlan(
         lab_name,
         f"{lab_name}-core",
-        str(core_ip),
-        str(subnet),
+        _mirror(core_ip, subnet, subnet6) if ipv6_only else str(core_ip),
+        str(subnet6 if ipv6_only else subnet),
         nodes,
         pods,
         core_ip6=_mirror(core_ip, subnet, subnet6),

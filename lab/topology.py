@@ -52,11 +52,11 @@ class ObjectRef:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """``pod_cidr6`` is the IPv6 half of a dual-stack node (``spec.podCIDRs``); the lab builds IPv4 or dual-stack
-    clusters, not IPv6-only ones, so the IPv4 range is always there."""
+    """A node's pod ranges, one per family (``spec.podCIDRs``): IPv4 (``pod_cidr``), IPv6 (``pod_cidr6``) or both;
+    every node of a lab has the same families."""
 
     name: str
-    pod_cidr: IPv4Network
+    pod_cidr: IPv4Network | None
     internal_ip: IPv4Address | None
     ref: ObjectRef
     pod_cidr6: IPv6Network | None = None
@@ -73,7 +73,7 @@ class PodSpec:
     name: str
     namespace: str
     node: str
-    ip: IPv4Address | None  # None only for hostNetwork pods, which use their node's address
+    ip: IPv4Address | None  # None for hostNetwork pods (their node's address) and on IPv6-only nodes
     service_account: str
     labels: dict[str, str]
     host_network: bool
@@ -273,27 +273,24 @@ def _families(
     what: str,
     problems: _Problems,
     indexed: bool = True,
-    need_ipv4: bool = True,
+    detail: bool = False,
 ) -> tuple[Any, Any] | None:
     """Split a dual-stack list (``spec.podCIDRs``, ``status.podIPs``, ``spec.clusterIPs``) into its IPv4 and IPv6
     entries, as Kubernetes allows them: at most one of each family, in either order. ``parse`` turns one text into
     an address or network (raising ValueError); ``indexed`` is false for a single value given without its list
-    (``spec.podCIDR``); ``need_ipv4`` is false where IPv6 alone is fine (a Service's VIPs: the lab routes no VIP)."""
+    (``spec.podCIDR``); ``detail`` adds the parser's reason (worth it for a network's host bits)."""
     found: dict[int, Any] = {}
     for i, text in enumerate(values):
         where = f"{path}[{i}]" if indexed else path
         try:
             value = parse(text if isinstance(text, str) else "")
         except ValueError as e:
-            problems.add(raw.ref, where, f"{text!r} is not {what} ({e})")
+            problems.add(raw.ref, where, f"{text!r} is not {what}" + (f" ({e})" if detail else ""))
             return None
         if value.version in found:
             problems.add(raw.ref, where, f"a second IPv{value.version} entry (at most one per family)")
             return None
         found[value.version] = value
-    if need_ipv4 and 4 not in found:
-        problems.add(raw.ref, path, "no IPv4 entry: the lab builds IPv4 and dual-stack clusters, not IPv6-only ones")
-        return None
     return found.get(4), found.get(6)
 
 
@@ -317,6 +314,7 @@ def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
         "a network address",
         problems,
         indexed=cidrs_texts is not None,
+        detail=True,
     )
     if split is None:
         return None
@@ -328,6 +326,9 @@ def _parse_node(raw: _Raw, problems: _Problems) -> NodeSpec | None:
         return None
     for i, entry in enumerate(addresses):
         if isinstance(entry, dict) and entry.get("type") == "InternalIP":
+            if cidr is None:
+                problems.add(raw.ref, f"status.addresses[{i}]", "an IPv6-only lab gives its nodes addresses itself")
+                return None
             internal = _ipv4(raw, f"status.addresses[{i}].address", entry.get("address"), problems)
             if internal is None:
                 return None
@@ -378,9 +379,17 @@ def _parse_pod(raw: _Raw, topo: Topology, problems: _Problems) -> PodSpec | None
         if not host_network:
             problems.add(raw.ref, "status.podIP", "required (the lab does not allocate pod addresses)")
             ok = False
-    else:
+    elif host_network:
         ip = _ipv4(raw, "status.podIP", ip_text, problems)
         ok = ok and ip is not None
+    else:
+        split = _families(
+            raw, "status.podIP", [ip_text], ipaddress.ip_address, "an IP address", problems, indexed=False
+        )
+        if split is None:
+            ok = False
+        else:
+            ip, ip6 = split
     labels = _labels(raw, "metadata.labels", problems)
     if not ok:
         return None
@@ -409,7 +418,6 @@ def _parse_service(raw: _Raw, problems: _Problems) -> ServiceSpec | None:
             "an IP address",
             problems,
             indexed=ips_texts is not None,
-            need_ipv4=False,
         )
         if split is None:
             ok = False
@@ -457,15 +465,17 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
     nodes = list(topo.nodes.values())
     for i, a in enumerate(nodes):
         for b in nodes[i + 1 :]:
-            if a.pod_cidr.overlaps(b.pod_cidr):
+            if a.pod_cidr is not None and b.pod_cidr is not None and a.pod_cidr.overlaps(b.pod_cidr):
                 problems.add(b.ref, "spec.podCIDR", f"{b.pod_cidr} overlaps {a.ref} podCIDR {a.pod_cidr}")
             if a.pod_cidr6 is not None and b.pod_cidr6 is not None and a.pod_cidr6.overlaps(b.pod_cidr6):
                 problems.add(b.ref, "spec.podCIDRs", f"{b.pod_cidr6} overlaps {a.ref} podCIDRs {a.pod_cidr6}")
-    dual = [n for n in nodes if n.pod_cidr6 is not None]
-    if dual and len(dual) != len(nodes):
-        for n in nodes:
-            if n.pod_cidr6 is None:
-                problems.add(n.ref, "spec.podCIDRs", "IPv6 range required: other nodes are dual-stack (all or none)")
+    for version, has in ((4, lambda n: n.pod_cidr is not None), (6, lambda n: n.pod_cidr6 is not None)):
+        if any(has(n) for n in nodes):
+            for n in nodes:
+                if not has(n):
+                    problems.add(
+                        n.ref, "spec.podCIDRs", f"IPv{version} range required: other nodes have one (all or none)"
+                    )
     with_ip = [n for n in nodes if n.internal_ip is not None]
     if with_ip and len(with_ip) != len(nodes):
         for n in nodes:
@@ -488,7 +498,7 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
                 )
             seen_node_ip[n.internal_ip] = n
             for other in nodes:
-                if n.internal_ip in other.pod_cidr:
+                if other.pod_cidr is not None and n.internal_ip in other.pod_cidr:
                     problems.add(n.ref, "status.addresses", f"InternalIP {n.internal_ip} is inside {other.ref} podCIDR")
     seen_ip: dict[IPv4Address, PodSpec] = {}
     seen_ip6: dict[IPv6Address, PodSpec] = {}
@@ -500,14 +510,11 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
                     pod.ref, "status.podIP", "a hostNetwork pod's podIP must be omitted or equal its node's InternalIP"
                 )
             continue
-        assert pod.ip is not None
-        if pod.ip not in node.pod_cidr:
-            problems.add(pod.ref, "status.podIP", f"{pod.ip} is outside node {node.name!r} podCIDR {node.pod_cidr}")
-        elif pod.ip in (node.pod_cidr.network_address, node.pod_cidr.broadcast_address):
-            problems.add(pod.ref, "status.podIP", f"{pod.ip} is the network or broadcast address of {node.pod_cidr}")
-        first = seen_ip.setdefault(pod.ip, pod)
-        if first is not pod:
-            problems.add(pod.ref, "status.podIP", f"{pod.ip} is already used by {first.ref}")
+        for version, mine, node_cidr in ((4, pod.ip, node.pod_cidr), (6, pod.ip6, node.pod_cidr6)):
+            if mine is None and node_cidr is not None:
+                problems.add(pod.ref, "status.podIPs", f"no IPv{version} address: node {node.name!r} has {node_cidr}")
+        if pod.ip is not None:
+            _check_pod_ip(pod, node, seen_ip, problems)
         if pod.ip6 is not None:
             _check_pod_ip6(pod, node, seen_ip6, problems)
     seen_vip: dict[IPv4Address, ServiceSpec] = {}
@@ -515,7 +522,7 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         if svc.cluster_ip is None:
             continue
         for node in nodes:
-            if svc.cluster_ip in node.pod_cidr:
+            if node.pod_cidr is not None and svc.cluster_ip in node.pod_cidr:
                 problems.add(
                     svc.ref, "spec.clusterIP", f"{svc.cluster_ip} is inside {node.ref} podCIDR {node.pod_cidr}"
                 )
@@ -534,6 +541,19 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
         first_svc = seen_vip6.setdefault(svc.cluster_ip6, svc)
         if first_svc is not svc:
             problems.add(svc.ref, "spec.clusterIPs", f"{svc.cluster_ip6} is already used by {first_svc.ref}")
+
+
+def _check_pod_ip(pod: PodSpec, node: NodeSpec, seen: dict[IPv4Address, PodSpec], problems: _Problems) -> None:
+    assert pod.ip is not None
+    if node.pod_cidr is None:
+        problems.add(pod.ref, "status.podIP", f"{pod.ip}: node {node.name!r} has no IPv4 podCIDR")
+    elif pod.ip not in node.pod_cidr:
+        problems.add(pod.ref, "status.podIP", f"{pod.ip} is outside node {node.name!r} podCIDR {node.pod_cidr}")
+    elif pod.ip in (node.pod_cidr.network_address, node.pod_cidr.broadcast_address):
+        problems.add(pod.ref, "status.podIP", f"{pod.ip} is the network or broadcast address of {node.pod_cidr}")
+    first = seen.setdefault(pod.ip, pod)
+    if first is not pod:
+        problems.add(pod.ref, "status.podIP", f"{pod.ip} is already used by {first.ref}")
 
 
 def _check_pod_ip6(pod: PodSpec, node: NodeSpec, seen: dict[IPv6Address, PodSpec], problems: _Problems) -> None:

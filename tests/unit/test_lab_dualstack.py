@@ -1,6 +1,6 @@
-"""Dual-stack lab topologies: IPv6 pod ranges (spec.podCIDRs) and pod addresses (status.podIPs) are read as
-Kubernetes writes them, every mistake is named by file, object and field, and the plan gives nodes IPv6 addresses
-of their own while IPv4 labs plan exactly as before."""
+"""Dual-stack and IPv6-only lab topologies: IPv6 pod ranges (spec.podCIDRs) and pod addresses (status.podIPs) are
+read as Kubernetes writes them, every mistake is named by file, object and field, and the plan gives nodes IPv6
+addresses of their own while IPv4 labs plan exactly as before."""
 
 from __future__ import annotations
 
@@ -55,18 +55,13 @@ CASES = [
         id="two-ipv4-cidrs",
     ),
     pytest.param(
-        [node("node1", '{podCIDRs: ["fd00:1::/64"]}')],
-        ["Node/node1: spec.podCIDRs: no IPv4 entry: the lab builds IPv4 and dual-stack clusters, not IPv6-only ones"],
-        id="ipv6-only-node",
-    ),
-    pytest.param(
         [node("node1", '{podCIDRs: [10.244.1.0/24, "fd00:1::1/64"]}')],
         ["Node/node1: spec.podCIDRs[1]: 'fd00:1::1/64' is not a network address (fd00:1::1/64 has host bits set)"],
         id="ipv6-cidr-host-bits",
     ),
     pytest.param(
         [N1, node("node2", "{podCIDR: 10.244.2.0/24}")],
-        ["Node/node2: spec.podCIDRs: IPv6 range required: other nodes are dual-stack (all or none)"],
+        ["Node/node2: spec.podCIDRs: IPv6 range required: other nodes have one (all or none)"],
         id="mixed-nodes",
     ),
     pytest.param(
@@ -96,8 +91,8 @@ CASES = [
     ),
     pytest.param(
         [N1, pod("a", '{podIPs: [{ip: "fd00:1::10"}]}')],
-        ["Pod/demo/a: status.podIPs: no IPv4 entry: the lab builds IPv4 and dual-stack clusters, not IPv6-only ones"],
-        id="ipv6-only-pod",
+        ["Pod/demo/a: status.podIPs: no IPv4 address: node 'node1' has 10.244.1.0/24"],
+        id="ipv6-only-pod-on-dual-stack-node",
     ),
     pytest.param(
         [N1, pod("a", '{podIPs: [{ip: 10.244.1.10}, {ip: "fd00:1::"}]}')],
@@ -106,10 +101,7 @@ CASES = [
     ),
     pytest.param(
         [N1, pod("a", '{podIPs: [{ip: 10.244.1.10}, {ip: "fd00:1::zz"}]}')],
-        [
-            "Pod/demo/a: status.podIPs[1]: 'fd00:1::zz' is not an IP address ('fd00:1::zz' does not appear to be an "
-            "IPv4 or IPv6 address)"
-        ],
+        ["Pod/demo/a: status.podIPs[1]: 'fd00:1::zz' is not an IP address"],
         id="bad-pod-ip6",
     ),
     pytest.param(
@@ -209,3 +201,61 @@ def test_services_may_be_dual_stack_or_ipv6_only(tmp_path: Path) -> None:
         "v6": (None, ipaddress.ip_address("fd00:96::2")),
         "v4": (ipaddress.ip_address("10.96.0.3"), None),
     }
+
+
+def test_ipv6_only_plan_has_ipv6_primary_addresses_and_no_ipv4(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "\n---\n".join(
+            [
+                node("node1", '{podCIDRs: ["fd00:1::/64"]}'),
+                node("node2", '{podCIDR: "fd00:2::/64"}'),
+                pod("a", '{podIP: "fd00:1::10"}'),
+                pod("b", '{podIPs: [{ip: "fd00:2::10"}]}', on="node2"),
+            ]
+        )
+    )
+    plan = make_plan(topology.load(tmp_path), "ambit-v6x")
+    assert (plan.ipv4, plan.ipv6, plan.dual_stack) == (False, True, False)
+    assert plan.node_subnet == plan.node_subnet6 and plan.core_ip == plan.core_ip6
+    assert [(n.ip == n.ip6, n.pod_cidr, n.pod_cidr6) for n in plan.nodes.values()] == [
+        (True, "fd00:1::/64", "fd00:1::/64"),
+        (True, "fd00:2::/64", "fd00:2::/64"),
+    ]
+    assert {k: (p.ip, p.ip6) for k, p in plan.pods.items()} == {
+        "demo/a": ("fd00:1::10", "fd00:1::10"),
+        "demo/b": ("fd00:2::10", "fd00:2::10"),
+    }
+    assert all(ipaddress.ip_address(n.ip) in ipaddress.ip_network(plan.node_subnet) for n in plan.nodes.values())
+
+
+@pytest.mark.parametrize(
+    ("docs", "expected"),
+    [
+        pytest.param(
+            [node("node1", '{podCIDRs: ["fd00:1::/64"]}'), node("node2", "{podCIDR: 10.244.2.0/24}")],
+            [
+                "Node/node1: spec.podCIDRs: IPv4 range required: other nodes have one (all or none)",
+                "Node/node2: spec.podCIDRs: IPv6 range required: other nodes have one (all or none)",
+            ],
+            id="ipv6-only-beside-ipv4-node",
+        ),
+        pytest.param(
+            [node("node1", '{podCIDRs: ["fd00:1::/64"]}'), pod("a", "{podIP: 10.244.1.10}")],
+            [
+                "Pod/demo/a: status.podIPs: no IPv6 address: node 'node1' has fd00:1::/64",
+                "Pod/demo/a: status.podIP: 10.244.1.10: node 'node1' has no IPv4 podCIDR",
+            ],
+            id="ipv4-pod-on-ipv6-only-node",
+        ),
+        pytest.param(
+            [
+                'kind: Node\nmetadata: {name: node1}\nspec: {podCIDRs: ["fd00:1::/64"]}\n'
+                "status: {addresses: [{type: InternalIP, address: 10.10.0.1}]}\n"
+            ],
+            ["Node/node1: status.addresses[0]: an IPv6-only lab gives its nodes addresses itself"],
+            id="internal-ip-on-ipv6-only-node",
+        ),
+    ],
+)
+def test_bad_ipv6_only_input_is_named(tmp_path: Path, docs: list[str], expected: list[str]) -> None:
+    assert problems(tmp_path, *docs) == expected

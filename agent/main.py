@@ -164,6 +164,7 @@ class Agent:
         self._capture_error: str | None = None
         self._captured_config = False  # a reconcile has applied a whole configuration (readiness waits for it)
         self._reconcile_error = ""  # why the last reconcile failed, for readiness
+        self._hold_timer: asyncio.TimerHandle | None = None  # the reconcile that ends a reused-address hold
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -331,6 +332,17 @@ class Agent:
             self._captured_config |= configured
             for ip, why in failures.items():
                 log.warning("workload not captured", extra=kv(ip=ip, reason=why))
+            self._reconcile_when_a_hold_expires()
+
+    def _reconcile_when_a_hold_expires(self) -> None:
+        """An address held for a re-created pod interface is released by a reconcile once its time is up, and
+        nothing else may ask for one (a static config sends no change)."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        delay = self.redirector.hold_expires_in() if self.redirector is not None else None
+        if delay is not None:
+            self._hold_timer = asyncio.get_running_loop().call_later(delay + 0.1, self._reconcile_wanted.set)
 
     # --- readiness ---------------------------------------------------------------------------------------------
 

@@ -18,11 +18,13 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,9 @@ class RedirectConfig:
     # 4-tuples would be blackholed for up to 60 s. Capture therefore turns early demux off in the node netns (and
     # cleanup restores the previous value).
     disable_early_demux: bool = True
+    # How long an address whose pod interface was re-created stays held without the controller naming its workload
+    # anew (see reconcile's ``owners``); then it is captured as the workload named for it.
+    reuse_hold_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not _INSTANCE_RE.match(self.instance):
@@ -134,6 +139,8 @@ class RedirectConfig:
             raise RedirectConfigError(f"route_table: {self.route_table} is reserved or out of range")
         if not 1 <= self.rule_priority <= 32765:
             raise RedirectConfigError(f"rule_priority: {self.rule_priority} must be 1-32765 (before the main table)")
+        if not (math.isfinite(self.reuse_hold_seconds) and self.reuse_hold_seconds > 0):
+            raise RedirectConfigError(f"reuse_hold_seconds: {self.reuse_hold_seconds} must be a positive number")
         for up in self.uplinks:
             if not up or len(up) > 15 or "/" in up:
                 raise RedirectConfigError(f"uplinks: {up!r} is not an interface name")
@@ -186,6 +193,7 @@ class _State:
     bridge_ports: dict[int, int] = field(default_factory=dict)  # port ifindex -> its bridge's (both carry the program)
     seen: dict[str, Sighting] = field(default_factory=dict)  # enrolled address -> where and as whose it was captured
     held: dict[str, str] = field(default_factory=dict)  # enrolled address -> owner token it is held under
+    held_since: dict[str, float] = field(default_factory=dict)  # enrolled address -> when its hold began (monotonic)
 
 
 class Redirector:
@@ -360,9 +368,14 @@ class Redirector:
             # A home the agent knows only as a bridge says nothing of which pod holds the address now: such an
             # address keeps the port it was last seen behind (a dump that missed it must not look like a move).
             precise = {ip: idx for ip, idx in homes.items() if idx not in bridges}
-            held, st.seen = hold_reused_addresses(enrolled, precise, owners, st.seen, st.held) if owners else ({}, {})
-            self._log_holds(held, homes)
+            now = time.monotonic()
+            expired = {ip for ip, t in st.held_since.items() if now - t >= self.config.reuse_hold_seconds}
+            held, st.seen = (
+                hold_reused_addresses(enrolled, precise, owners, st.seen, st.held, expired) if owners else ({}, {})
+            )
+            self._log_holds(held, homes, expired)
             st.held = held
+            st.held_since = {ip: st.held_since.get(ip, now) for ip in held}
             for ip in held:
                 failures[ip] = (
                     f"its interface was re-created ({homes.get(ip, 'none now')}) and the controller has not confirmed "
@@ -711,7 +724,15 @@ class Redirector:
             nl.delete_clsact_if_empty(idx)
         log.info("capture detached", extra=kv(instance=cfg.instance, interface=att.name if att else idx))
 
-    def _log_holds(self, held: dict[str, str], homes: dict[str, int]) -> None:
+    def hold_expires_in(self) -> float | None:
+        """Seconds until the next held address is released unless the controller names its workload anew (the
+        caller reconciles then); None when nothing is held."""
+        since = self._state.held_since
+        if not since:
+            return None
+        return max(0.0, min(since.values()) + self.config.reuse_hold_seconds - time.monotonic())
+
+    def _log_holds(self, held: dict[str, str], homes: dict[str, int], expired: set[str]) -> None:
         for ip in sorted(held.keys() - self._state.held.keys()):
             log.warning(
                 "holding a workload address: its pod interface was re-created and the controller has not confirmed "
@@ -719,7 +740,14 @@ class Redirector:
                 extra=kv(instance=self.config.instance, ip=ip, interface=homes.get(ip), owner=held[ip]),
             )
         for ip in sorted(self._state.held.keys() - held.keys()):
-            log.info("workload address released from hold", extra=kv(instance=self.config.instance, ip=ip))
+            if ip in expired:
+                log.warning(
+                    "workload address released from hold: the controller named no other workload for it in time, so "
+                    "the re-created interface is taken for the same pod",
+                    extra=kv(instance=self.config.instance, ip=ip, seconds=self.config.reuse_hold_seconds),
+                )
+            else:
+                log.info("workload address released from hold", extra=kv(instance=self.config.instance, ip=ip))
 
     def _log_changes(self, want: set[str], failures: dict[str, str]) -> None:
         st = self._state

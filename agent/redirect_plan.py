@@ -7,7 +7,7 @@ same-node calls to enrolled ones) are unit-tested with plain values.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from agent.redirect_netlink import RTN_LOCAL, RTN_UNICAST, RouteInfo
@@ -147,6 +147,7 @@ def hold_reused_addresses(
     owners: Mapping[str, str],
     seen: Mapping[str, Sighting],
     held: Mapping[str, str],
+    expired: Set[str] = frozenset(),
 ) -> tuple[dict[str, str], dict[str, Sighting]]:
     """Which enrolled addresses must not be taken for the workload the controller names for them.
 
@@ -158,14 +159,22 @@ def hold_reused_addresses(
     version of the same workload) or it leaves ``enrolled``. Returns (held: address -> token, sightings to keep).
     An address enrolled but without a home this time (its interface gone, the new one not there yet) keeps its
     sighting, so the usual order, old interface deleted then a new one created, is caught too.
+
+    ``expired`` are held addresses the caller has held long enough: released as the workload named for them, and
+    seen where they are now, so they are not held again for the same move. Without that, a pod sandbox re-created
+    with its IP while nothing the controller sends changes (a static config, a pod whose status does not move)
+    would stay cut off for good.
     """
     still = set(enrolled)
-    out_held = {ip: token for ip, token in held.items() if ip in still and owners.get(ip, "") == token}
+    out_held = {
+        ip: token for ip, token in held.items() if ip in still and ip not in expired and owners.get(ip, "") == token
+    }
     out_seen = {ip: s for ip, s in seen.items() if ip in still and ip not in homes}
     for ip, index in homes.items():
         token = owners.get(ip, "")
         last = seen.get(ip)
-        if ip not in out_held and last is not None and last.index != index and last.owner == token:
+        moved = last is not None and last.index != index and last.owner == token
+        if moved and ip not in out_held and ip not in expired:
             out_held[ip] = token
         out_seen[ip] = Sighting(index, token)
     return out_held, out_seen

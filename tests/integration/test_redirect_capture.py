@@ -878,16 +878,12 @@ def test_a_reused_address_is_held_until_the_controller_confirms_its_workload(env
     certificate, and got its inbound traffic. With owner tokens (uid@version) the redirector holds such an address
     (enrolled, no home): nothing of the new pod's TCP goes out and connections to it cannot complete, until the
     token changes. The usual order, old veth deleted and a reconcile before the new one exists, is covered."""
-    pa, pc, topo = env.pa, env.pc, env.topo
+    pa, pc = env.pa, env.pc
     enrolled = {pa.ip, pc.ip}
     owners = {pa.ip: "pod-a@1", pc.ip: "pod-c@1"}
     env.start_listener("--relay")
     try:
-        assert env.r.reconcile(enrolled, env.all_pods(), owners) == {}
-        topo.ip(topo.node, "link", "del", pc.node_if)  # the old pod's sandbox goes
-        assert pc.ip in env.r.reconcile(enrolled, env.all_pods(), owners)  # what the change watch causes
-        _replug(env, pc)  # a new pod's sandbox with the same IP; the config still names pod-c
-        failures = env.r.reconcile(enrolled, env.all_pods(), owners)
+        failures = _recreate_sandbox(env, enrolled, owners)
         spoofed = env.r.stats()["drop_spoofed"]
         with pytest.raises(OSError):  # not captured as pod-c (nor sent anywhere)
             rt.connect(pc.netns, env.pb.ip, 8080, timeout=1.0)
@@ -902,6 +898,42 @@ def test_a_reused_address_is_held_until_the_controller_confirms_its_workload(env
         got = rt.connect(pc.netns, env.pb.ip, 8080, timeout=4)
         assert got.startswith("relayed:15001 server:8080") and f"peer={pc.ip}:" in got, got
     finally:
+        env.start_listener()
+        env.r.reconcile({pa.ip}, env.all_pods())
+
+
+def _recreate_sandbox(env: Env, enrolled: set[str], owners: dict[str, str]) -> dict[str, str]:
+    """pc's veth deleted (a reconcile sees it go, as the change watch makes it), then a new one with the same IP
+    while the config still names pod-c; returns the failures of the reconcile after it."""
+    pc, topo = env.pc, env.topo
+    assert env.r.reconcile(enrolled, env.all_pods(), owners) == {}
+    topo.ip(topo.node, "link", "del", pc.node_if)
+    assert pc.ip in env.r.reconcile(enrolled, env.all_pods(), owners)
+    _replug(env, pc)
+    return env.r.reconcile(enrolled, env.all_pods(), owners)
+
+
+def test_a_held_address_is_released_when_its_hold_time_is_up(env: Env) -> None:
+    """A sandbox re-created with its IP while nothing the controller sends changes (a static config, a pod whose
+    status does not move) was cut off for good: the hold only ended with a new owner token. After
+    reuse_hold_seconds it is captured as the workload named for it, and not held again for the same move."""
+    pa, pc = env.pa, env.pc
+    enrolled = {pa.ip, pc.ip}
+    owners = {pa.ip: "pod-a@1", pc.ip: "pod-c@1"}
+    env.r.config = dataclasses.replace(env.r.config, reuse_hold_seconds=1.0)
+    env.start_listener("--relay")
+    try:
+        assert "held" in _recreate_sandbox(env, enrolled, owners)[pc.ip]
+        expires = env.r.hold_expires_in()
+        assert expires is not None and 0 < expires <= 1.0
+        time.sleep(expires + 0.05)  # the agent's reconcile loop sets a timer for this moment
+        assert env.r.reconcile(enrolled, env.all_pods(), owners) == {}
+        assert env.r.status()["held"] == [] and env.r.hold_expires_in() is None
+        got = rt.connect(pc.netns, env.pb.ip, 8080, timeout=4)
+        assert got.startswith("relayed:15001 server:8080") and f"peer={pc.ip}:" in got, got
+        assert env.r.reconcile(enrolled, env.all_pods(), owners) == {}  # not held again for the same move
+    finally:
+        env.r.config = dataclasses.replace(env.r.config, reuse_hold_seconds=30.0)
         env.start_listener()
         env.r.reconcile({pa.ip}, env.all_pods())
 

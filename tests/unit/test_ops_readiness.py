@@ -30,10 +30,16 @@ class _Capture:
         self.reconciles = 0
         self.fail: Exception | None = None
         self.owners: dict[str, str] = {}
+        self.expires: float | None = None  # what hold_expires_in answers after this reconcile
+        self.next_expires: float | None = None
+
+    def hold_expires_in(self) -> float | None:
+        return self.expires
 
     def reconcile(self, enrolled: set[str], local: set[str], owners: dict[str, str]) -> dict[str, str]:
         self.reconciles += 1
         self.owners = dict(owners)
+        self.expires, self.next_expires = self.next_expires, None
         if self.fail is not None:
             raise self.fail
         return {}
@@ -111,3 +117,14 @@ async def test_capture_is_told_which_workload_and_version_holds_each_address(tmp
         agent.store.apply(ADDRESS_TYPE, {other.uid: (wpb.Address(workload=other), "v1")}, removed=[uid])
         agent._reconcile_wanted.set()
         await wait_for(lambda: capture.owners == {"10.0.1.5": f"{other.uid}@v1"}, what="the new pod's token")
+
+
+async def test_a_reconcile_follows_when_a_held_address_is_due_for_release(tmp_path: Path) -> None:
+    """A held address is released by a reconcile, and with a static config nothing else would ask for one."""
+    async with _agent(tmp_path) as (agent, capture):
+        agent.xds.ready.set()
+        capture.next_expires = 0.05
+        agent._reconcile_wanted.set()
+        await wait_for(lambda: capture.reconciles == 2, what="the reconcile the hold's timer asks for")
+        await asyncio.sleep(0.3)
+        assert capture.reconciles == 2, "no hold left: no more timers"

@@ -143,3 +143,15 @@ def test_an_address_that_leaves_the_enrolled_set_is_forgotten() -> None:
     # Enrolled again later under the same owner, anywhere: a first sighting, not a hold.
     held, _ = hold_reused_addresses({IP_A}, {IP_A: 9}, {IP_A: "pod-a@1"}, seen, held)
     assert held == {}
+
+
+def test_an_expired_hold_is_released_and_not_taken_up_again_for_the_same_move() -> None:
+    seen = {IP_A: Sighting(3, "pod-a@1")}
+    held, seen = hold_reused_addresses({IP_A}, {IP_A: 7}, {IP_A: "pod-a@1"}, seen, {})
+    assert held == {IP_A: "pod-a@1"}
+    held, seen = hold_reused_addresses({IP_A}, {IP_A: 7}, {IP_A: "pod-a@1"}, seen, held, expired={IP_A})
+    assert held == {} and seen == {IP_A: Sighting(7, "pod-a@1")}
+    held, seen = hold_reused_addresses({IP_A}, {IP_A: 7}, {IP_A: "pod-a@1"}, seen, held)
+    assert held == {}, "the same interface under the same owner: nothing moved since the release"
+    held, _ = hold_reused_addresses({IP_A}, {IP_A: 9}, {IP_A: "pod-a@1"}, seen, held)
+    assert held == {IP_A: "pod-a@1"}, "a later move is held again"

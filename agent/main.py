@@ -71,7 +71,10 @@ class AgentConfig:
     trust_domain: str = field(default="cluster.local", metadata=doc("SPIFFE trust domain"))
     cert_ttl: int = field(default=24 * 3600, metadata=doc("requested workload certificate lifetime, seconds"))
     instance: str = field(default="default", metadata=doc("capture instance (bpffs pin dir name)"))
-    uplink: str = field(default="", metadata=doc("comma-separated uplink interfaces (default: default route's)"))
+    uplink: str = field(
+        default="",
+        metadata=doc("comma-separated uplink interfaces (default: every interface with a route through a router)"),
+    )
     capture: bool = field(default=True, metadata=doc("load and attach the eBPF capture programs"))
     fail_open: bool = field(default=False, metadata=doc("debug only: let enrolled pods' SYNs pass with no agent"))
     listen_address: str = field(default="0.0.0.0", metadata=doc("address of the data-path listeners"))

@@ -1,5 +1,6 @@
 """`ambitctl workloads | services | policies | config-dump` (DESIGN's command set) against an admin endpoint serving
-what a real agent's /config_dump holds: the controller's translation of examples/, through the agent's store."""
+what a real agent's /config_dump holds: the controller's translation of examples/basic and examples/policies (the lab's
+default cluster and its policy), through the agent's store."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def agent_dump() -> dict[str, Any]:
     objects = []
-    for path in sorted(EXAMPLES.glob("*/*.yaml")):
+    for path in sorted((EXAMPLES / "basic").glob("*.yaml")) + sorted((EXAMPLES / "policies").glob("*.yaml")):
         result = parse_yaml_text(str(path), path.read_text())
         assert result.errors == []
         objects += result.objects

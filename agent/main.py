@@ -42,7 +42,7 @@ from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundP
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.redirect_netlink import ChangeWatch
-from agent.sockets import Listener, transparent_listener
+from agent.sockets import Listener, any_address, transparent_listener
 from agent.state import ADDRESS_TYPE, WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
 from agent.xds import STATE_FILE, XdsClient
@@ -77,7 +77,12 @@ class AgentConfig:
     )
     capture: bool = field(default=True, metadata=doc("load and attach the eBPF capture programs"))
     fail_open: bool = field(default=False, metadata=doc("debug only: let enrolled pods' SYNs pass with no agent"))
-    listen_address: str = field(default="0.0.0.0", metadata=doc("address of the data-path listeners"))
+    listen_address: str = field(
+        default="",
+        metadata=doc(
+            "address of the data-path listeners (default: :: when the node has IPv6, both families; else 0.0.0.0)"
+        ),
+    )
     outbound_port: int = field(default=15001, metadata=doc("outbound capture listener"))
     inbound_plaintext_port: int = field(default=15006, metadata=doc("inbound plaintext capture listener"))
     hbone_port: int = field(default=15008, metadata=doc("HBONE (mTLS) listener"))
@@ -176,7 +181,8 @@ class Agent:
         # Readiness, metrics and admin first, so probes and operators see *why* the agent is not ready yet.
         # The kubelet probes and Prometheus scrapes the pod (node) IP: every address, of the data path's family
         # (`--listen-address ::` is dual-stack, and what an IPv6-only node needs).
-        anywhere = "::" if ":" in cfg.listen_address else "0.0.0.0"
+        listen = cfg.listen_address or any_address()
+        anywhere = "::" if ":" in listen else "0.0.0.0"
         await self._serve(readiness_server(self.readiness), anywhere, cfg.ready_port)
         await self._serve(metrics_server(self.metrics), anywhere, cfg.metrics_port)
         dump = config_dump(
@@ -202,7 +208,7 @@ class Agent:
             (cfg.hbone_port, self.inbound.handle, "inbound"),
         ):
             gone = functools.partial(self.access_log.refused, name, reason="client_reset")
-            self.listeners.append(Listener(transparent_listener(port, cfg.listen_address), handler, name, gone=gone))
+            self.listeners.append(Listener(transparent_listener(port, listen), handler, name, gone=gone))
         if self.xds.has_config:
             self._accept()
         else:

@@ -12,6 +12,7 @@ import uvloop
 
 from agent.sockets import (
     Listener,
+    any_address,
     canonical_ip,
     connect_upstream,
     make_nonblocking,
@@ -151,3 +152,24 @@ def test_make_nonblocking_skips_sockets_already_nonblocking() -> None:
     with Spy(socket.AF_INET, socket.SOCK_STREAM) as blocking:
         make_nonblocking(blocking)
         assert calls == [False] and not blocking.getblocking()
+
+
+def test_the_default_listen_address_serves_ipv4_and_falls_back_without_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's default: `::` where the kernel has IPv6 (IPv6 pods are not dropped for want of a listener), which
+    must still take IPv4; `0.0.0.0` where it has none (a kernel booted with ipv6.disable=1)."""
+    address = any_address()
+    listener = transparent_listener(0, address, transparent=False)
+    try:
+        with socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5):
+            pass
+    finally:
+        listener.close()
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    assert any_address() == "0.0.0.0"

@@ -16,6 +16,7 @@ from agent.pool import HboneConnectionPool
 from agent.tunnel import ConnectRequest, HboneStream, TunnelConfig, TunnelStats, serve_hbone_connection
 from bench.hbone_micro import forward_to_authority
 from lab.workload import handle_echo
+from tests.support.pki import TestCA
 
 
 class Backend:
@@ -151,6 +152,15 @@ async def echo() -> AsyncIterator[Backend]:
     b = await Backend().start()
     yield b
     await b.close()
+
+
+@pytest.fixture
+async def hbone_server() -> AsyncIterator[tuple[HboneServer, TestCA]]:
+    """An HBONE server with the identity default/server of its own CA, for one test (tests/conftest.py loads it)."""
+    ca = TestCA()
+    s = await HboneServer(ca.server_context(ca.issue(ca.identity("default", "server")))).start()
+    yield s, ca
+    await s.close()
 
 
 @pytest.fixture

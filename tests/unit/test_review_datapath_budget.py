@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,18 +19,10 @@ MiB = 1024 * 1024
 STALLED = 6
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[HboneServer, TestCA]]:
-    ca = TestCA()
-    s = await HboneServer(ca.server_context(ca.issue(ca.identity("default", "server")))).start()
-    yield s, ca
-    await s.close()
-
-
 async def test_a_held_connection_that_dies_leaves_nothing_counted(
-    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
+    hbone_server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hbone, ca = server
+    hbone, ca = hbone_server
     budget = tunnel._BufferBudget(2 * MiB)
     monkeypatch.setattr(tunnel, "BUFFERS", budget)
     server_sides: list[tunnel._HboneProtocol] = []

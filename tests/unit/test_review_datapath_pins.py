@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
@@ -24,14 +23,6 @@ FRAME = 8 * 1024
 STREAMS = 2
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[HboneServer, TestCA]]:
-    ca = TestCA()
-    s = await HboneServer(ca.server_context(ca.issue(ca.identity("default", "server")))).start()
-    yield s, ca
-    await s.close()
-
-
 def _pinned(relays: list[tunnel._TcpRelay]) -> tuple[int, int]:
     """(memory the relays' backlogs keep alive: their copies, and each distinct buffer their views point into, once;
     bytes kept)."""
@@ -44,9 +35,9 @@ def _pinned(relays: list[tunnel._TcpRelay]) -> tuple[int, int]:
 
 
 async def _stalled_stream(
-    server: tuple[HboneServer, TestCA], pool: HboneConnectionPool, name: str
+    hbone_server: tuple[HboneServer, TestCA], pool: HboneConnectionPool, name: str
 ) -> tuple[tunnel.HboneStream, socket.socket, asyncio.Future[tunnel.RelayResult]]:
-    hbone, ca = server
+    hbone, ca = hbone_server
     client_id = ca.identity("default", "client")
     key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
     app, side = socket.socketpair()
@@ -56,9 +47,9 @@ async def _stalled_stream(
 
 
 async def test_small_frames_to_stalled_streams_are_counted_by_what_they_pin(
-    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
+    hbone_server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hbone, _ = server
+    hbone, _ = hbone_server
     budget = tunnel._BufferBudget(1 << 40)  # never over: this test is about the count
     monkeypatch.setattr(tunnel, "BUFFERS", budget)
     stop = asyncio.Event()
@@ -80,7 +71,7 @@ async def test_small_frames_to_stalled_streams_are_counted_by_what_they_pin(
     try:
         streams = []
         for i in range(STREAMS):
-            stream, app, task = await _stalled_stream(server, pool, f"stalled:{i}")
+            stream, app, task = await _stalled_stream(hbone_server, pool, f"stalled:{i}")
             streams.append(stream)
             apps.append(app)
             tasks.append(task)
@@ -112,12 +103,12 @@ TINY = 30_000
 
 
 async def test_one_byte_frames_to_a_stalled_stream_are_kept_in_few_objects(
-    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
+    hbone_server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each piece a relay copied was an object of its own (a memoryview over a bytes: ~450 bytes of RSS): 1-byte
     frames made the backlog's objects weigh hundreds of times the bytes counted (196 KB counted, +89 MiB RSS), and a
     stream window of them (4 MiB) about 2 GB. Copies now go into the backlog's last copy."""
-    hbone, _ = server
+    hbone, _ = hbone_server
     budget = tunnel._BufferBudget(1 << 40)
     monkeypatch.setattr(tunnel, "BUFFERS", budget)
 
@@ -129,7 +120,7 @@ async def test_one_byte_frames_to_a_stalled_stream_are_kept_in_few_objects(
 
     hbone.handler = handler
     pool = HboneConnectionPool(stats=TunnelStats())
-    stream, app, task = await _stalled_stream(server, pool, "tiny:1")
+    stream, app, task = await _stalled_stream(hbone_server, pool, "tiny:1")
     try:
         async with asyncio.timeout(60):
             while True:  # until every frame reached the relay
@@ -152,12 +143,12 @@ SMALL_FRAMES = 20_000
 
 
 async def test_small_frames_on_an_unanswered_stream_are_kept_in_few_objects(
-    server: tuple[HboneServer, TestCA],
+    hbone_server: tuple[HboneServer, TestCA],
 ) -> None:
     """Until the server answers a CONNECT (its upstream connect still running), what the client sends waits in the
     stream, within the connection window. Each frame was a bytes object of its own: 2-byte frames cost ~57 bytes of
     RSS per 2 bytes (600 KB kept, +17 MiB), so one connection window of them about 450 MB."""
-    hbone, ca = server
+    hbone, ca = hbone_server
     answer = asyncio.Event()
     requests: list[tunnel.ConnectRequest] = []
 

@@ -11,7 +11,6 @@ import hashlib
 import os
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
@@ -20,19 +19,11 @@ from agent import tunnel
 from agent.metrics import Metrics
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import TunnelStats, relay
-from tests.support.hbone_testbed import Backend, HboneServer, echo  # noqa: F401  (fixture)
+from tests.support.hbone_testbed import Backend, HboneServer
 from tests.support.pki import TestCA
 
 CONNECTIONS = 40
 PAYLOAD = 96 * 1024  # well above the small buffer, so every relay on both sides has read into big buffers
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[HboneServer, TestCA]]:
-    ca = TestCA()
-    s = await HboneServer(ca.server_context(ca.issue(ca.identity("default", "server")))).start()
-    yield s, ca
-    await s.close()
 
 
 async def _echo_through(app: socket.socket, payload: bytes) -> bytes:
@@ -53,10 +44,10 @@ def _held_by_tunnel(snapshot: tracemalloc.Snapshot) -> int:
 
 
 async def test_idle_relays_hold_no_big_receive_buffer(
-    server: tuple[HboneServer, TestCA],
-    echo: Backend,  # noqa: F811
+    hbone_server: tuple[HboneServer, TestCA],
+    echo: Backend,
 ) -> None:
-    hbone, ca = server
+    hbone, ca = hbone_server
     client_id = ca.identity("default", "client")
     ctx = ca.client_context(ca.issue(client_id))
     key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
@@ -88,12 +79,12 @@ async def test_idle_relays_hold_no_big_receive_buffer(
 
 
 async def test_a_slow_readers_small_frames_do_not_pin_the_connections_receive_buffers(
-    server: tuple[HboneServer, TestCA],
+    hbone_server: tuple[HboneServer, TestCA],
 ) -> None:
     """One stream trickles small frames to a TCP client that never reads while another stream of the same pooled
     connection moves bulk data: each TLS read then carries one small frame of the slow stream, and the relay keeps
     what its socket did not take. Kept as a view, each such frame held a whole 256 KiB receive buffer."""
-    hbone, ca = server
+    hbone, ca = hbone_server
     bulk_done = asyncio.Event()
 
     async def handler(req: tunnel.ConnectRequest) -> None:
@@ -151,14 +142,14 @@ STALLED = 12
 
 
 async def test_stalled_streams_keep_at_most_the_budget_and_a_connection_window(
-    server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
+    hbone_server: tuple[HboneServer, TestCA], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every stream of one pooled connection sends to a TCP client that does not read. Each relay may keep a stream
     window (and WRITE_HIGH) of what its socket did not take, so what the agent kept grew with the number of streams
     (12 x 2 MiB here; 200 x 5 MiB with the defaults). Over the agent's budget (lowered here to 2 MiB), connections
     whose relays keep something hold their connection credit: this one keeps at most the budget and about one more
     connection window, and once the clients read, every byte still arrives, in order."""
-    hbone, ca = server
+    hbone, ca = hbone_server
     payload = os.urandom(3 * 1024 * 1024)
 
     async def handler(req: tunnel.ConnectRequest) -> None:

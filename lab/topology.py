@@ -517,30 +517,22 @@ def _check_addresses(topo: Topology, problems: _Problems) -> None:
             _check_pod_ip(pod, node, seen_ip, problems)
         if pod.ip6 is not None:
             _check_pod_ip6(pod, node, seen_ip6, problems)
-    seen_vip: dict[IPv4Address, ServiceSpec] = {}
-    for svc in topo.services:
-        if svc.cluster_ip is None:
-            continue
-        for node in nodes:
-            if node.pod_cidr is not None and svc.cluster_ip in node.pod_cidr:
-                problems.add(
-                    svc.ref, "spec.clusterIP", f"{svc.cluster_ip} is inside {node.ref} podCIDR {node.pod_cidr}"
-                )
-        first_svc = seen_vip.setdefault(svc.cluster_ip, svc)
-        if first_svc is not svc:
-            problems.add(svc.ref, "spec.clusterIP", f"{svc.cluster_ip} is already used by {first_svc.ref}")
-    seen_vip6: dict[IPv6Address, ServiceSpec] = {}
-    for svc in topo.services:
-        if svc.cluster_ip6 is None:
-            continue
-        for node in nodes:
-            if node.pod_cidr6 is not None and svc.cluster_ip6 in node.pod_cidr6:
-                problems.add(
-                    svc.ref, "spec.clusterIPs", f"{svc.cluster_ip6} is inside {node.ref} podCIDRs {node.pod_cidr6}"
-                )
-        first_svc = seen_vip6.setdefault(svc.cluster_ip6, svc)
-        if first_svc is not svc:
-            problems.add(svc.ref, "spec.clusterIPs", f"{svc.cluster_ip6} is already used by {first_svc.ref}")
+    for field_name, cidr_name, vip_of, cidr_of in (
+        ("spec.clusterIP", "podCIDR", lambda s: s.cluster_ip, lambda n: n.pod_cidr),
+        ("spec.clusterIPs", "podCIDRs", lambda s: s.cluster_ip6, lambda n: n.pod_cidr6),
+    ):
+        seen_vip: dict[IPv4Address | IPv6Address, ServiceSpec] = {}
+        for svc in topo.services:
+            vip = vip_of(svc)
+            if vip is None:
+                continue
+            for node in nodes:
+                cidr = cidr_of(node)
+                if cidr is not None and vip in cidr:
+                    problems.add(svc.ref, field_name, f"{vip} is inside {node.ref} {cidr_name} {cidr}")
+            first_svc = seen_vip.setdefault(vip, svc)
+            if first_svc is not svc:
+                problems.add(svc.ref, field_name, f"{vip} is already used by {first_svc.ref}")
 
 
 def _check_pod_ip(pod: PodSpec, node: NodeSpec, seen: dict[IPv4Address, PodSpec], problems: _Problems) -> None:

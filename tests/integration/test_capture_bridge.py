@@ -206,25 +206,10 @@ def _agent_side(bridged: Bridged, dst: str) -> Iterator[tuple[socket.socket, soc
     bridged.r.reconcile(bridged.ips("pa"), bridged.everyone())
     probe = next(p for p in topo.procs if "--transparent" in list(p.args))  # type: ignore[arg-type]
     topo.stop(probe)
-    with rt.enter(topo.node):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        with rt.enter(pa.netns):
-            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("0.0.0.0", bridged.config.outbound_port))
-        listener.listen(4)
-        listener.settimeout(5)
-        client.settimeout(5)
-        client.connect((dst, 8080))
-        agent_side, _ = listener.accept()
-        with agent_side:
-            agent_side.settimeout(2.0)
-            yield client, agent_side
+        with rt.captured_by_hand(topo.node, pa.netns, bridged.config.outbound_port, dst) as pair:
+            yield pair
     finally:
-        client.close()
-        listener.close()
         topo.probe_server(topo.node, *LISTENER)
 
 

@@ -734,31 +734,12 @@ def _captured_connection(env: Env, dst: str) -> Iterator[tuple[socket.socket, so
     """pa's connection to ``dst``:8080, captured to a transparent stand-in for the agent's outbound listener (pa and
     pa's IPv6 address enrolled): (pa's socket, the agent-side socket). Capture and the listener are restored after."""
     pa, topo = env.pa, env.topo
-    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     env.r.reconcile({pa.ip, pa.ip6}, env.all_pods() | {p.ip6 for p in topo.pods.values()})
     env.stop_listener()
-    with rt.enter(topo.node):
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        with rt.enter(pa.netns):
-            client = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if family == socket.AF_INET6:
-            listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
-        else:
-            listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: the agent's outbound listener
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", env.config.outbound_port))
-        listener.listen(4)
-        listener.settimeout(5)
-        client.settimeout(5)
-        client.connect((dst, 8080))
-        agent_side, _ = listener.accept()
-        with agent_side:
-            agent_side.settimeout(2.0)
-            yield client, agent_side
+        with rt.captured_by_hand(topo.node, pa.netns, env.config.outbound_port, dst) as pair:
+            yield pair
     finally:
-        client.close()
-        listener.close()
         env.start_listener()
         env.r.reconcile({pa.ip}, env.all_pods())
 

@@ -205,3 +205,34 @@ def wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached")
+
+
+@contextlib.contextmanager
+def captured_by_hand(
+    node_netns: str, pod_netns: str, port: int, dst: str
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A pod's connection to ``dst``:8080 accepted by a transparent stand-in for the agent's outbound listener on
+    ``port`` in the node netns (the caller has capture steer it there): (the pod's socket, the agent-side one)."""
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with enter(node_netns):
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        with enter(pod_netns):
+            client = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
+        else:
+            listener.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: as the agent's outbound listener
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        listener.listen(4)
+        listener.settimeout(5)
+        client.settimeout(5)
+        client.connect((dst, 8080))
+        agent_side, _ = listener.accept()
+        with agent_side:
+            agent_side.settimeout(2.0)
+            yield client, agent_side
+    finally:
+        client.close()
+        listener.close()

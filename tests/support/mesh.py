@@ -76,7 +76,7 @@ async def echo_through(lab: Lab, pod: str, dst: tuple[str, int], payload: bytes)
     bound (SYNs dropped while no agent listens are sent again after 1 and 3 s), not a measurement."""
     loop = asyncio.get_running_loop()
     with netns.enter(lab.pod(pod).netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(30):

@@ -122,6 +122,11 @@ def _mark(present: bool) -> str:
     return "" if present else " (MISSING)"
 
 
+def _both(entry: dict[str, Any], v4: str, v6: str) -> str:
+    """A dual-stack lab's two addresses (or ranges) in one cell; an IPv6-only lab's in the IPv4 field's place."""
+    return ",".join(a for a in (entry.get(v4), entry.get(v6)) if a)
+
+
 def format_status(s: dict[str, Any]) -> str:
     core = s["core"]
     head = [
@@ -132,7 +137,16 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     nodes = _table(
         ["NODE", "IP", "POD CIDR", "UPLINK", "NETNS"],
-        [[n["name"], n["ip"], n["pod_cidr"], n["uplink"], n["netns"] + _mark(n["present"])] for n in s["nodes"]],
+        [
+            [
+                n["name"],
+                _both(n, "ip", "ip6"),
+                _both(n, "pod_cidr", "pod_cidr6"),
+                n["uplink"],
+                n["netns"] + _mark(n["present"]),
+            ]
+            for n in s["nodes"]
+        ],
     )
     pods = _table(
         ["POD", "NODE", "IP", "SERVICE ACCOUNT", "HOST VETH", "NETNS"],
@@ -140,7 +154,7 @@ def format_status(s: dict[str, Any]) -> str:
             [
                 f"{p['namespace']}/{p['name']}",
                 p["node"],
-                p["ip"],
+                _both(p, "ip", "ip6"),
                 p["service_account"],
                 p["host_veth"] or "(hostNetwork)",
                 p["netns"] + _mark(p["present"]),

@@ -60,3 +60,45 @@ def test_status_table_marks_dead_processes_and_missing_netns() -> None:
     text = format_status(status)
     assert "a-n1 (MISSING)" in text
     assert ["w", "workload", "42", "DEAD", "a-p", "/l/w.log"] in [line.split() for line in text.splitlines()]
+
+
+def test_status_table_shows_both_families_of_a_dual_stack_lab() -> None:
+    status = {
+        "name": "ambit-0002",
+        "phase": "up",
+        "mesh": True,
+        "config_dir": "/c",
+        "source_dir": "/s",
+        "state_dir": "/st",
+        "core": {"netns": "ambit-0002-core", "ip": "10.1.0.254", "present": True},
+        "nodes": [
+            {
+                "name": "n1",
+                "ip": "10.1.0.1",
+                "ip6": "fd00:1::1",
+                "pod_cidr": "10.2.0.0/24",
+                "pod_cidr6": "fd00:10:244:1::/64",
+                "uplink": "eth0",
+                "netns": "a-n1",
+                "present": True,
+            }
+        ],
+        "pods": [
+            {
+                "namespace": "demo",
+                "name": "client",
+                "node": "n1",
+                "ip": "10.2.0.10",
+                "ip6": "fd00:10:244:1::10",
+                "service_account": "client",
+                "host_veth": "vclient",
+                "netns": "a-p",
+                "present": True,
+            }
+        ],
+        "processes": [],
+        "files": {},
+    }
+    text = format_status(status)
+    assert "10.1.0.1,fd00:1::1" in text and "10.2.0.0/24,fd00:10:244:1::/64" in text
+    assert "10.2.0.10,fd00:10:244:1::10" in text

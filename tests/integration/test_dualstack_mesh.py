@@ -20,8 +20,8 @@ import pytest
 
 from lab import Lab
 from lab.client import tcp_echo, who
-from lab.observe import agent_log, capture_status, config_file, http_json, metric_lines, metrics, sniff, workloads
-from tests.support.mesh import connect, parallel_echo, wait_for
+from lab.observe import agent_log, capture_status, config_file, http_json, sniff, workloads
+from tests.support.mesh import connect, fail_closed_drops, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 ECHO = 9000
@@ -247,8 +247,7 @@ def test_agent_stopped_fails_closed_over_ipv6_and_restart_resumes(mesh: Lab) -> 
     client6, server6 = _ip(mesh, CLIENT, "ip6"), _ip(mesh, SERVER, "ip6")
 
     def drops() -> float:
-        lines = metric_lines(metrics(mesh, "node1"), "ambit_capture_fail_closed_drops_total", ip=client6)
-        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+        return fail_closed_drops(mesh, "node1", client6)
 
     before = drops()
     mesh.stop("agent-node1")

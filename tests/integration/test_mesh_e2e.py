@@ -28,7 +28,7 @@ from lab.observe import (
     sniff,
     workloads,
 )
-from tests.support.mesh import connect, parallel_echo, wait_for
+from tests.support.mesh import connect, fail_closed_drops, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 ECHO = 9000
@@ -220,8 +220,7 @@ def test_agent_stopped_fails_closed_and_restart_resumes_capture(mesh: Lab) -> No
     server, client_ip = _ip(mesh, "demo/server-1"), _ip(mesh, "demo/client")
 
     def drops() -> float:
-        lines = metric_lines(metrics(mesh, "node1"), "ambit_capture_fail_closed_drops_total", ip=client_ip)
-        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+        return fail_closed_drops(mesh, "node1", client_ip)
 
     before = drops()
     mesh.stop("agent-node1")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lab import Lab, netns
 from lab.mesh import wait_ready
+from lab.observe import metric_lines, metrics
 
 ETH_P_ALL = 0x0003
 
@@ -131,3 +132,9 @@ def connect_through_restart(
         return list(await asyncio.gather(*attempts))
 
     return asyncio.run(run())
+
+
+def fail_closed_drops(lab: Lab, node: str, ip: str) -> float:
+    """What ``node``'s agent exports as dropped for want of a listener (fail closed) for the enrolled ``ip``."""
+    lines = metric_lines(metrics(lab, node), "ambit_capture_fail_closed_drops_total", ip=ip)
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from prometheus_client import CollectorRegistry
 
 from agent.ca_client import CaClient
 from agent.identity import Backoff, CertificateManager
+from agent.prometheus import Registry
 from common import tls
 from common.spiffe import Identity
 from tests.support.xds_controller import free_port, metric_sum
@@ -187,7 +187,7 @@ class ControllerProcess:
     def manager(self, node: str, ttl_seconds: int = 3600) -> tuple[CertificateManager, CaClient]:
         client = self.client(node)
         backoff = Backoff(initial=0.1, maximum=1.0)
-        m = CertificateManager(client, TD, ttl_seconds=ttl_seconds, registry=CollectorRegistry(), backoff=backoff)
+        m = CertificateManager(client, TD, ttl_seconds=ttl_seconds, registry=Registry(), backoff=backoff)
         return m, client
 
 

@@ -52,7 +52,7 @@ from agent.redirect_maps import (
     migrate_pins,
     read_pinned_config,
 )
-from agent.redirect_netlink import ChangeWatch, LinkInfo, Netlink, NetlinkError
+from agent.redirect_netlink import TUNNEL_KINDS, ChangeWatch, LinkInfo, Netlink, NetlinkError
 from agent.redirect_plan import (
     PodInterface,
     RouteProblem,
@@ -228,7 +228,7 @@ class Redirector:
             netns = _netns_cookie()
             nl = Netlink()
             try:
-                uplinks = self._uplinks_now(nl, keep_on_error=False)  # a config mistake fails before the compile
+                uplinks = self._uplinks_now(nl, nl.links(), keep_on_error=False)  # a config mistake fails first
                 created_dir = _precheck_pins(cfg, netns)
             except RedirectError:
                 nl.close()
@@ -346,22 +346,22 @@ class Redirector:
             st = self._state
             enrolled = set(enrolled_ips)
             uplink_failures: dict[str, str] = {}
-            self._refresh_uplinks(nl, uplink_failures)  # before planning: a route via a new tunnel is no pod's
+            links = nl.links()
+            self._refresh_uplinks(nl, links, uplink_failures)  # before planning: a route via a new tunnel is no pod's
             plan = plan_capture(
                 enrolled, set(local_ips or ()), self._resolver(nl), nl.pod_route_links(exclude=st.uplinks)
             )
             failures = dict(plan.failures) | uplink_failures
-            links = nl.links()
             ok: set[int] = set()
+            all_bridges = {i for i, link in links.items() if link.kind == "bridge"}
             for idx, ip_plan in plan.interfaces.items():
-                bridge = idx in links and links[idx].kind == "bridge"
                 try:
-                    self._attach(idx, ip_plan.name, IF_POD | (IF_BRIDGE if bridge else 0))
+                    self._attach(idx, ip_plan.name, IF_POD | (IF_BRIDGE if idx in all_bridges else 0))
                     ok.add(idx)
                 except (AttachError, RedirectKernelError) as exc:
                     for ip in ip_plan.enrolled | ip_plan.peers:
                         failures[ip] = f"cannot attach to {ip_plan.name}: {exc}"
-            bridges = {i for i in ok if i in links and links[i].kind == "bridge"}
+            bridges = ok & all_bridges
             ports = self._attach_bridge_ports(maps, links, bridges, failures)
             homes = self._port_homes(nl, links, ports, plan.homes_on(ok))
             want = set(homes)
@@ -512,7 +512,7 @@ class Redirector:
 
         return resolve
 
-    def _resolve_uplinks(self, nl: Netlink) -> dict[int, str]:
+    def _resolve_uplinks(self, nl: Netlink, links: Mapping[int, LinkInfo]) -> dict[int, str]:
         out: dict[int, str] = {}
         if self.config.uplinks:
             for name in self.config.uplinks:
@@ -532,33 +532,37 @@ class Redirector:
         # pod interfaces (a pod acting as a router stays a pod): those holding pod host routes, and bridges with a
         # port into another netns (an uplink's pods would all be refused).
         pods = set(nl.pod_route_links(exclude=out))
-        pods |= {link.master for link in nl.links().values() if link.master and link.peer_netns is not None}
+        pods |= {link.master for link in links.values() if link.master and link.peer_netns is not None}
         for idx in nl.gateway_route_oifs():
             found = nl.link_name(idx)
             if found and found != "lo" and idx not in pods:
                 out.setdefault(idx, found)
         return out
 
-    def _uplinks_now(self, nl: Netlink, keep_on_error: bool) -> dict[int, str]:
+    def _uplinks_now(self, nl: Netlink, links: Mapping[int, LinkInfo], keep_on_error: bool) -> dict[int, str]:
         """The uplinks capture must cover at this moment: the configured or default-route ones, plus tunnel devices.
         With ``keep_on_error`` (a reconcile) a transient failure, the default route being replaced, keeps the last
         known ones instead of raising."""
         try:
-            out = self._resolve_uplinks(nl)
+            out = self._resolve_uplinks(nl, links)
         except RedirectConfigError:
             if not keep_on_error:
                 raise
             out = {i: n for i, n in self._state.uplinks.items() if i not in self._state.tunnels}
-        tunnels = nl.tunnel_links() if self.config.capture_tunnels else {}
+        tunnels = (
+            {i: link.name for i, link in links.items() if link.kind in TUNNEL_KINDS}
+            if self.config.capture_tunnels
+            else {}
+        )
         self._state.tunnels = set(tunnels) - set(out)
         return {**tunnels, **out}
 
-    def _refresh_uplinks(self, nl: Netlink, failures: dict[str, str]) -> None:
+    def _refresh_uplinks(self, nl: Netlink, links: Mapping[int, LinkInfo], failures: dict[str, str]) -> None:
         """Attach to uplinks that appeared (a tunnel device an overlay agent created after us) and forget those whose
         link is gone. An uplink that still exists keeps the program even when it stops qualifying: capturing on an
         interface that no longer brings mesh traffic costs nothing, missing one that does is a bypass."""
         st = self._state
-        now = self._uplinks_now(nl, keep_on_error=True)
+        now = self._uplinks_now(nl, links, keep_on_error=True)
         for idx, name in now.items():
             if idx not in st.uplinks:
                 try:

@@ -346,10 +346,6 @@ class Netlink:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 0)
         return out
 
-    def tunnel_links(self) -> dict[int, str]:
-        """index -> name of every link whose kind (IFLA_LINKINFO/IFLA_INFO_KIND) is in TUNNEL_KINDS."""
-        return {idx: link.name for idx, link in self.links().items() if link.kind in TUNNEL_KINDS}
-
     def local_addresses(self) -> set[str]:
         out: set[str] = set()
         for m in self._request(RTM_GETADDR, F_DUMP, _IFADDRMSG.pack(0, 0, 0, 0, 0), "address dump"):

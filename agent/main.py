@@ -325,14 +325,14 @@ class Agent:
             self.certs.retain_only(idents)
             if self.redirector is None or self._capture_error:
                 continue
-            enrolled_ips = {ip for wl in enrolled for ip in workload_ips(wl)}
             local_ips = {ip for wl in self.local_workloads() for ip in workload_ips(wl)}
-            # Who the controller says holds each address, as of which version: an address that reappears behind
-            # another interface under the same token is a new sandbox the controller has not named yet, and is held.
+            # Every enrolled address, with who the controller says holds it as of which version: an address that
+            # reappears behind another interface under the same token is a new sandbox the controller has not named
+            # yet, and is held.
             versions = self.store.versions(ADDRESS_TYPE)
             owners = {ip: f"{wl.uid}@{versions.get(wl.uid, '')}" for wl in enrolled for ip in workload_ips(wl)}
             try:
-                failures = await asyncio.to_thread(self.redirector.reconcile, enrolled_ips, local_ips, owners)
+                failures = await asyncio.to_thread(self.redirector.reconcile, set(owners), local_ips, owners)
             except Exception as e:
                 self._reconcile_error = f"{type(e).__name__}: {e}"
                 log.error("capture reconcile failed", extra=kv(error=self._reconcile_error))

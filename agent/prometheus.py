@@ -124,9 +124,6 @@ class _CounterChild(_Child):
 class _GaugeChild(_Child):
     __slots__ = ()
 
-    def dec(self, amount: float = 1.0) -> None:
-        self.value -= amount
-
     def set(self, value: float) -> None:
         self.value = float(value)
 
@@ -182,9 +179,6 @@ class Counter(_Metric[_CounterChild]):
 class Gauge(_Metric[_GaugeChild]):
     kind = "gauge"
     child_type = _GaugeChild
-
-    def set(self, value: float) -> None:
-        self.labels().set(value)
 
 
 # ---------------------------------------------------------------------------------------------------- exposition

@@ -6,7 +6,9 @@ updates swap a ``..data`` symlink rather than writing the files. Stat calls on a
 microseconds; reading and parsing only happen for files whose signature changed, in a worker thread so a large
 file never stalls the event loop. A changed file is applied once it has held still for one interval, so a change
 lands within two intervals (about 0.4 s) and a file caught mid-write is not applied unless its writer stalls for a
-whole interval (atomic rename-into-place writers are always safe).
+whole interval (atomic rename-into-place writers are always safe). Likewise a file that disappears is removed only
+once it has stayed away for one interval: editors that save by renaming the old file away and writing a new one,
+and renames, leave a moment with no file, and its objects (a DENY policy among them) must not go for that moment.
 
 Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects,
 and a file that cannot be read keeps its previous contribution serving.
@@ -90,13 +92,21 @@ def scan(
 
     With ``previous`` (the signatures of the last pass) a changed file is read only once its signature has held
     still for a whole interval, and only if it did not change while being read: a file caught half-written
-    (truncated by a non-atomic writer) would otherwise take its objects away for a moment.
+    (truncated by a non-atomic writer) would otherwise take its objects away for a moment. Likewise a file is
+    reported removed only once it was already missing in the last pass.
     """
     try:
         current = list_files(directory)
     except OSError as e:
         raise ConfigDirError(f"{directory}: cannot list config directory: {e.strerror}") from e
+    # Removals first: a file renamed in the same pass then hands its objects over without ever being claimed by
+    # both names (which the store would log as a duplicate).
     changed: dict[str, Contribution | None] = {}
+    for path in known.keys() - current.keys():
+        # A file that vanished since the last pass may be an editor saving by renaming the old one away: it is
+        # removed once it has stayed away for a whole pass, so its objects never go for a moment.
+        if previous is None or path not in previous:
+            changed[path] = None
     for path, sig in current.items():
         if known.get(path) == sig or (previous is not None and previous.get(path) != sig):
             continue
@@ -107,8 +117,6 @@ def scan(
         except OSError:
             continue  # removed while we read it: next pass reports the removal
         changed[path] = contribution
-    for path in known.keys() - current.keys():
-        changed[path] = None
     if caches is not None:
         for path in caches.keys() - current.keys():
             del caches[path]
@@ -144,6 +152,9 @@ class FileSource:
                     known[path] = sig
             elif path in self._known:
                 known[path] = self._known[path]  # unchanged, or changed but not settled yet
+        for path, sig in self._known.items():
+            if path not in result.signatures and path not in result.changed:
+                known[path] = sig  # missing for the first time: its removal is reported next pass
         self._known = known
         if result.changed:
             for path, contribution in result.changed.items():

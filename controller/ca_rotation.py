@@ -4,8 +4,8 @@
    root. Agents learn the two-root bundle with their next certificate.
 2. ``activate``: the new root becomes the signing CA. Certificates issued from now on chain to it; peers still
    holding old-root certificates verify because everybody trusts both roots.
-3. ``retire``: roots other than the signing one leave the bundle, once every old-root certificate has been
-   replaced.
+3. ``retire``: roots other than the one the signing chain ends in leave the bundle, once every old-root
+   certificate has been replaced (for a plugged-in intermediate this is phase 3 of a rotation in your own PKI).
 
 Each step only rewrites files (atomically); a running controller picks them up on its next reload.
 Usage: ``python -m controller.ca_rotation --ca-dir DIR {status,add-root,activate,retire}``.
@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography import x509
 
 from common.files import write_atomic
-from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs
+from common.pki import PemError, cert_pem, fingerprint, is_self_signed, load_pem_certs, path_to_root
 from controller.ca import (
     CA_CERT,
     CA_KEY,
@@ -85,24 +85,39 @@ def activate(directory: Path) -> str:
     return fingerprint(staged)
 
 
+def _signing_anchor(directory: Path, bundle: Sequence[x509.Certificate]) -> x509.Certificate:
+    """The bundled root the signing chain ends in: ``ca-cert.pem`` itself when self-signed, else the root its
+    ``cert-chain.pem`` reaches (a plugged-in intermediate)."""
+    current = _signing_cert(directory)
+    if is_self_signed(current):
+        return current
+    chain_path = directory / CERT_CHAIN
+    chain = load_pem_certs(chain_path.read_bytes(), str(chain_path)) if chain_path.exists() else []
+    path = path_to_root(current, [c for c in chain if fingerprint(c) != fingerprint(current)], bundle)
+    if path is None:
+        raise RotationError(f"{chain_path}: no chain from {directory / CA_CERT} to a root in {directory / ROOT_CERT}")
+    return path[1]
+
+
 def retire(directory: Path) -> list[str]:
-    """Step 3: drop every root except the signing one from the bundle. Returns the removed fingerprints."""
+    """Step 3: drop every root except the one the signing chain ends in. Returns the removed fingerprints."""
     if (directory / NEXT_CA_CERT).exists():
         raise RotationError(f"{directory / NEXT_CA_CERT}: a staged root exists; `activate` it before retiring")
-    current = _signing_cert(directory)
     bundle = _bundle(directory)
-    keep = [r for r in bundle if fingerprint(r) == fingerprint(current)] or [current]
-    removed = [fingerprint(r) for r in bundle if fingerprint(r) != fingerprint(current)]
+    anchor = _signing_anchor(directory, bundle)
+    keep = [r for r in bundle if fingerprint(r) == fingerprint(anchor)] or [anchor]
+    removed = [fingerprint(r) for r in bundle if fingerprint(r) != fingerprint(anchor)]
     write_atomic(directory / ROOT_CERT, "".join(cert_pem(c) for c in keep).encode(), 0o644)
     return removed
 
 
 def status(directory: Path) -> list[dict[str, str]]:
-    current = fingerprint(_signing_cert(directory))
+    bundle = _bundle(directory)
+    current = fingerprint(_signing_anchor(directory, bundle))
     staged_path = directory / NEXT_CA_CERT
     staged = fingerprint(load_pem_certs(staged_path.read_bytes(), str(staged_path))[0]) if staged_path.exists() else ""
     rows = []
-    for r in _bundle(directory):
+    for r in bundle:
         fp = fingerprint(r)
         role = "signing" if fp == current else "staged" if fp == staged else "trusted"
         rows.append(

@@ -1,0 +1,35 @@
+"""Root rotation steps against a plugged-in CA (an operator's intermediate under their own root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from common.pki import fingerprint, load_pem_certs
+from common.spiffe import Identity
+from controller import ca_rotation
+from controller.ca import ROOT_CERT, CertificateAuthority, new_root
+from tests.support.identity_pki import csr_pem, write_plugged_ca
+
+WEB = Identity("cluster.local", "default", "web")
+
+
+def test_retire_on_a_plugged_in_ca_keeps_the_root_its_chain_ends_in(tmp_path: Path) -> None:
+    """Phase 3 of a plugged-in rotation (docs/ca-rotation.md): the old root leaves the bundle, the root the
+    intermediate chains to stays. `retire` used to keep only the signing certificate, here the intermediate, so it
+    wrote the intermediate as the whole bundle and deleted every root: the running CA refused the directory and a
+    restarted controller could not start."""
+    d = tmp_path / "ca"
+    root, _ = write_plugged_ca(d)
+    old_root, _ = new_root("cluster.local")
+    pem = serialization.Encoding.PEM
+    (d / ROOT_CERT).write_bytes(old_root.public_bytes(pem) + root.public_bytes(pem))
+    ca = CertificateAuthority(d, "cluster.local")
+
+    assert ca_rotation.retire(d) == [fingerprint(old_root)]
+
+    assert ca.reload_if_changed(force=True), "the retired directory must still be a consistent CA"
+    assert [fingerprint(r) for c in ca.roots_pem() for r in load_pem_certs(c, "roots")] == [fingerprint(root)]
+    assert CertificateAuthority(d, "cluster.local").sign_csr(csr_pem(), WEB, 60)
+    assert [(row["role"], row["fingerprint"]) for row in ca_rotation.status(d)] == [("signing", fingerprint(root))]

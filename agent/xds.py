@@ -6,9 +6,12 @@
 - ``ready`` is set once a response of every type has been applied and ACKed, as ztunnel counts a type synced
   only on its first ACK: a NACKed first response keeps the agent not ready (:meth:`XdsClient.not_ready_reason`
   says which type and why) until a later response of that type applies cleanly. It stays set after that.
-- Reconnects with exponential backoff (10 ms doubling to 15 s). The backoff resets only where ztunnel resets it:
-  on gRPC Unknown/Cancelled/DeadlineExceeded, "transport is closing" or "received prior goaway", and on a clean
-  end of stream (the server going away on purpose).
+- Reconnects with exponential backoff (10 ms doubling to 15 s), each delay jittered by +-20% (gRPC's connection
+  backoff) so that agents that lost the controller together do not come back in lockstep. The backoff resets
+  where ztunnel resets it (gRPC Unknown/Cancelled/DeadlineExceeded, "transport is closing" or "received prior
+  goaway", a clean end of stream: the server going away on purpose), but only after a stream that delivered a
+  response, as gRPC's xDS client (A57) and Envoy do: a controller (or a proxy in front of it) that ends every
+  stream before answering would otherwise have every agent reconnect, asking for the full state, each 10 ms.
 - On every (re)connect the first request of each type carries ``initial_resource_versions`` with what the store
   holds, so the controller resends only what changed.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -245,16 +249,20 @@ def termination_reason(error: RpcStatus | None) -> str:
 
 
 class Backoff:
-    """10 ms doubling to 15 s, reset on the events ztunnel treats as expected disconnects."""
+    """10 ms doubling to 15 s, reset on the events ztunnel treats as expected disconnects; each delay is jittered by
+    ``jitter`` (a fraction, either way) and never exceeds ``maximum``."""
 
-    def __init__(self, initial: float = 0.01, maximum: float = 15.0) -> None:
-        self.initial, self.maximum = initial, maximum
+    def __init__(
+        self, initial: float = 0.01, maximum: float = 15.0, *, jitter: float = 0.2, rng: random.Random | None = None
+    ) -> None:
+        self.initial, self.maximum, self.jitter = initial, maximum, jitter
         self.current = initial
+        self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = self.current
+        delay = self.current * (1 + self._rng.uniform(-self.jitter, self.jitter))
         self.current = min(self.maximum, self.current * 2)
-        return delay
+        return min(self.maximum, delay)
 
     def reset(self) -> None:
         self.current = self.initial
@@ -414,6 +422,7 @@ class XdsClient:
             while True:
                 error: RpcError | None = None
                 local_failure = False
+                answered = False
                 try:
                     await self._session()
                     log.info("xds stream ended by the server", extra=kv(controller=self.address))
@@ -433,11 +442,11 @@ class XdsClient:
                     self.stats["last_error"] = f"{type(e).__name__}: {e}"
                     log.exception("xds session failed unexpectedly", extra=kv(controller=self.address))
                 finally:
-                    self.connected = False
+                    answered, self.connected = self.connected, False
                 if self.metrics is not None:
                     reason = "Error" if local_failure else termination_reason(error)
                     self.metrics.terminations.labels(reason).inc()
-                if not local_failure and resets_backoff(error):
+                if answered and not local_failure and resets_backoff(error):
                     self.backoff.reset()
                 await asyncio.sleep(self.backoff.next_delay())
         finally:

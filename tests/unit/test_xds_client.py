@@ -208,7 +208,7 @@ def test_state_file_with_a_type_this_agent_does_not_know_restores_the_rest() -> 
 
 
 def test_backoff_doubles_to_cap_and_resets() -> None:
-    b = Backoff()
+    b = Backoff(jitter=0)  # jitter: tests/unit/test_review_xds_backoff.py
     delays = [b.next_delay() for _ in range(15)]
     assert delays[:4] == [0.01, 0.02, 0.04, 0.08]
     assert delays[-1] == 15.0 and max(delays) == 15.0

@@ -18,7 +18,6 @@ HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
 LB_STRICT, LB_FAILOVER, LB_PASSTHROUGH = 1, 2, 3  # istio.workload.LoadBalancing.Mode
 LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
 IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
-HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK
 
 Address = tuple[str, int]
 
@@ -76,13 +75,6 @@ def workload_ips(wl: Any) -> list[str]:
         if len(raw) in (4, 16):
             out.append(str(ipaddress.ip_address(bytes(raw))))
     return out
-
-
-def address_owner(store: Any, ip: str) -> Any | None:
-    """The workload that owns `ip`, as ztunnel's by-address index: a host-network pod shares its node's address
-    (as every other host-network pod of that node does) and owns none."""
-    wl = store.workload_by_ip(ip)
-    return None if wl is None or wl.network_mode == HOST_NETWORK else wl
 
 
 def endpoint_address(wl: Any, want_v6: bool, families: int) -> bytes | None:

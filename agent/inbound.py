@@ -30,7 +30,6 @@ from agent.addressing import (
     HBONE,
     Address,
     BadAuthority,
-    address_owner,
     destination_service,
     format_address,
     parse_authority,
@@ -205,10 +204,10 @@ class InboundProxy(_Common):
         TCP peer."""
         fwd = forwarded_for(params)
         if fwd is not None:
-            src = address_owner(self.store, fwd[0])
+            src = self.store.workload_by_ip(fwd[0])
             if src is not None and workload_identity(src, self.trust_domain) == req.peer_identity:
                 return fwd, src
-        return peer, address_owner(self.store, peer[0])
+        return peer, self.store.workload_by_ip(peer[0])
 
     async def _refuse_stream(
         self, req: ConnectRequest, peer: Address, dst: Address, status: int, reason: str, **detail: Any
@@ -322,7 +321,7 @@ class InboundPlaintextProxy(_Common):
             "inbound",
             client,
             orig_dst,
-            src=address_owner(self.store, client[0]),
+            src=self.store.workload_by_ip(client[0]),
             dst=wl,
             service=destination_service(self.store, wl, orig_dst[1]),
             dst_identity=workload_identity(wl, self.trust_domain),

@@ -43,7 +43,6 @@ from agent.addressing import (
     LB_PASSTHROUGH,
     LB_STRICT,
     Address,
-    address_owner,
     destination_service,
     endpoint_address,
     format_address,
@@ -162,7 +161,7 @@ def route(
         if not ip:  # known by hostname only: resolved per connection, by the proxy (see `resolved`)
             return _endpoint_route(node, src, wl, svc, wl.hostname, port, config, by_name=True)
     else:
-        wl = address_owner(store, ip)
+        wl = store.workload_by_ip(ip)
         # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
         if wl is None or wl.network != src.network:
             return Route(RouteKind.PASSTHROUGH, target=dst)

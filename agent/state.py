@@ -85,7 +85,7 @@ class WorkloadStore:
         self._policies: dict[str, Authorization] = {}
         # Resource name -> which kind of Address it is ("w" workload uid or "s" service key).
         self._address_kind: dict[str, str] = {}
-        # Insertion-ordered name sets so that with a shared IP the latest arrival answers, as in ztunnel.
+        # Insertion-ordered name sets: with a shared IP the latest arrival wins among equals, as in ztunnel.
         self._workloads_by_ip: dict[bytes, dict[str, None]] = {}
         self._workloads_by_node: dict[str, dict[str, None]] = {}
         self._services_by_vip: dict[tuple[str, bytes], dict[str, None]] = {}  # (network, VIP) -> service keys
@@ -118,9 +118,17 @@ class WorkloadStore:
         return self._workloads.get(uid)
 
     def workload_by_ip(self, ip: str) -> Workload | None:
+        """The workload owning `ip`, as ztunnel's by-address index: host-network workloads own none (they share
+        their node's address); when several others name it, the one ztunnel's WorkloadByAddr::get picks (see
+        :func:`_address_rank`)."""
         packed = pack_ip(ip)
         names = self._workloads_by_ip.get(packed) if packed is not None else None
-        return self._workloads[next(reversed(names))] if names else None
+        if not names:
+            return None
+        if len(names) == 1:  # the common case
+            return self._workloads[next(iter(names))]
+        # max() keeps the first of equals, so walk from the latest arrival back: it wins a tie.
+        return max((self._workloads[n] for n in reversed(names)), key=_address_rank)
 
     def service_by_vip(self, ip: str, namespace: str | None = None, network: str = "") -> Service | None:
         """The service a client in `namespace` on `network` reaches at VIP `ip`, as ztunnel's get_best_by_vip.
@@ -295,8 +303,9 @@ class WorkloadStore:
     def _insert_workload(self, uid: str, wl: Workload, change: StoreChange) -> None:
         self._workloads[uid] = wl
         self._address_kind[uid] = "w"
-        for ip in wl.addresses:
-            _add(self._workloads_by_ip, bytes(ip), uid)
+        if wl.network_mode != wl_pb.HOST_NETWORK:  # the node's address, shared by all of them: owned by none
+            for ip in wl.addresses:
+                _add(self._workloads_by_ip, bytes(ip), uid)
         if wl.node:
             _add(self._workloads_by_node, wl.node, uid)
         for key in wl.services:
@@ -322,8 +331,9 @@ class WorkloadStore:
         kind = self._address_kind.pop(name, None)
         if kind == "w":
             wl = self._workloads.pop(name)
-            for ip in wl.addresses:
-                _discard(self._workloads_by_ip, bytes(ip), name)
+            if wl.network_mode != wl_pb.HOST_NETWORK:
+                for ip in wl.addresses:
+                    _discard(self._workloads_by_ip, bytes(ip), name)
             if wl.node:
                 _discard(self._workloads_by_node, wl.node, name)
             for key in wl.services:
@@ -362,6 +372,13 @@ class _CidrVip:
     base: int  # the address's first `prefix` bits, as an integer
     prefix: int
     key: str  # the service's
+
+
+def _address_rank(wl: Workload) -> tuple[bool, bool]:
+    """Which of the workloads sharing an address owns it: a Pod before a WorkloadEntry or ServiceEntry endpoint
+    (those may name any address, so one naming a pod's IP must not take over that pod's identity and certificate),
+    then an HBONE workload before one outside the mesh (ztunnel's ranking)."""
+    return "//Pod/" in wl.uid, wl.tunnel_protocol == wl_pb.HBONE
 
 
 def _visible(svc: Service, namespace: str) -> bool:

@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
 CERT_CHAIN = "cert-chain.pem"
 ROOT_CERT = "root-cert.pem"
+CA_FILES = (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT)
 # Staging files of a root rotation for the self-signed mode (see rotation helpers below).
 NEXT_CA_CERT = "next-ca-cert.pem"
 NEXT_CA_KEY = "next-ca-key.pem"
@@ -84,7 +85,7 @@ class CaLoadError(CaError):
 
 
 @dataclass(frozen=True)
-class _Material:
+class CaMaterial:
     """One consistent signing state, swapped atomically on reload."""
 
     cert: x509.Certificate
@@ -108,9 +109,9 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _load_certs(path: Path) -> list[x509.Certificate]:
+def _load_certs(data: bytes, source: str) -> list[x509.Certificate]:
     try:
-        return load_pem_certs(path.read_bytes(), str(path))
+        return load_pem_certs(data, source)
     except PemError as e:
         raise CaLoadError(str(e)) from None
 
@@ -168,7 +169,7 @@ def new_root(
 
 def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
     out = []
-    for name in (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT):
+    for name in CA_FILES:
         try:
             st = (directory / name).stat()
         except FileNotFoundError:
@@ -177,19 +178,30 @@ def _file_state(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def _load_material(directory: Path, generation: int) -> _Material:
-    """Read and cross-check the four files; any inconsistency raises CaLoadError naming the file."""
-    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
-    try:
-        certs = _load_certs(cert_path)
-        key_bytes = key_path.read_bytes()
-    except FileNotFoundError as e:
-        raise CaLoadError(f"{e.filename}: missing") from e
+def _load_material(directory: Path, generation: int) -> CaMaterial:
+    """Read the directory's files and cross-check them (:func:`check_material`), naming each file by its path."""
+    contents = {}
+    for name in CA_FILES:
+        try:
+            contents[name] = (directory / name).read_bytes()
+        except FileNotFoundError:
+            continue
+    return check_material(contents, lambda name: str(directory / name), generation)
+
+
+def check_material(contents: Mapping[str, bytes], where: Callable[[str], str], generation: int = 0) -> CaMaterial:
+    """The consistent CA that ``contents`` (file name -> bytes, Istio's layout) forms, else CaLoadError naming the
+    offending file as ``where(name)`` says (a path, or a Secret's data key)."""
+    cert_path, key_path = where(CA_CERT), where(CA_KEY)
+    for name in (CA_CERT, CA_KEY):
+        if name not in contents:
+            raise CaLoadError(f"{where(name)}: missing")
+    certs = _load_certs(contents[CA_CERT], cert_path)
     if not certs:
         raise CaLoadError(f"{cert_path}: no certificate")
     cert = certs[0]
     try:
-        key = serialization.load_pem_private_key(key_bytes, password=None)
+        key = serialization.load_pem_private_key(contents[CA_KEY], password=None)
     except (ValueError, TypeError) as e:
         raise CaLoadError(f"{key_path}: not an unencrypted PEM private key ({type(e).__name__})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
@@ -206,9 +218,9 @@ def _load_material(directory: Path, generation: int) -> _Material:
     if bc is None or not bc.ca:
         raise CaLoadError(f"{cert_path}: not a CA certificate (basicConstraints CA:true required)")
 
-    chain_path, roots_path = directory / CERT_CHAIN, directory / ROOT_CERT
-    chain = _load_certs(chain_path) if chain_path.exists() else []
-    roots = _load_certs(roots_path) if roots_path.exists() else []
+    chain_path, roots_path = where(CERT_CHAIN), where(ROOT_CERT)
+    chain = _load_certs(contents[CERT_CHAIN], chain_path) if CERT_CHAIN in contents else []
+    roots = _load_certs(contents[ROOT_CERT], roots_path) if ROOT_CERT in contents else []
     if is_self_signed(cert) and all(fingerprint(r) != fingerprint(cert) for r in roots):
         roots.insert(0, cert)
     if not roots:
@@ -225,7 +237,7 @@ def _load_material(directory: Path, generation: int) -> _Material:
     intermediates = ([] if fingerprint(cert) == fingerprint(anchor) else [cert]) + between
     if cert.not_valid_after_utc <= _now():
         raise CaLoadError(f"{cert_path}: CA certificate expired at {cert.not_valid_after_utc.isoformat()}")
-    return _Material(cert, key, tuple(intermediates), anchor, tuple(roots), generation)
+    return CaMaterial(cert, key, tuple(intermediates), anchor, tuple(roots), generation)
 
 
 class CertificateAuthority:

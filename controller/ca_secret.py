@@ -3,7 +3,8 @@
 The Secret uses Istio's keys (``ca-cert.pem``, ``ca-key.pem``, ``cert-chain.pem``, ``root-cert.pem``), so both
 istiod's self-signed ``istio-system/istio-ca-secret`` and a plugged-in ``istio-system/cacerts`` work unchanged.
 It is mirrored into the controller's ``--ca-dir`` (an emptyDir), which :class:`controller.ca.CertificateAuthority`
-reads and re-reads; editing the Secret (a rotation step) therefore reaches every replica at its next sync.
+reads and re-reads; editing the Secret (a rotation step) therefore reaches every replica at its next sync. An edit
+that does not form a consistent CA is neither mirrored nor published: the last good copy stays.
 
 On first start, when the Secret does not exist, a replica creates it from a fresh root; if another replica wins
 that race (409 Conflict) its Secret is used instead, so all replicas converge on one root.
@@ -22,11 +23,20 @@ import urllib3
 from common.files import write_atomic
 from common.log import kv
 from common.pki import cert_pem
-from controller.ca import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CaError, key_pem, new_root
+from controller.ca import (
+    CA_CERT,
+    CA_FILES,
+    CA_KEY,
+    ROOT_CERT,
+    CaError,
+    CaLoadError,
+    CaMaterial,
+    check_material,
+    key_pem,
+    new_root,
+)
 
 log = logging.getLogger("ambit.ca_secret")
-
-KEYS = (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT)
 
 
 class CaSecretError(CaError):
@@ -112,22 +122,28 @@ class CaSecret:
         log.info("created CA secret with a new self-signed root", extra=kv(secret=self.ref))
         return data
 
-    def _mirror(self, data: dict[str, str]) -> bool:
-        """Write the Secret's files into the directory; True when anything changed.
+    def _mirror(self, data: dict[str, str]) -> tuple[bool, CaMaterial]:
+        """Write the Secret's files into the directory; True when anything changed, and the CA they form.
 
-        Every value is decoded before any file is touched: a Secret with one bad value must leave the directory as
-        the last good Secret made it, not half replaced (a new certificate beside the old key).
+        Every value is decoded and the whole checked as a CA before any file is touched: a Secret with one bad
+        value, or values that form no CA (a key not matching the certificate, a bundle without the root the chain
+        ends in), must leave the directory as the last good Secret made it. The running CA would refuse such a
+        directory anyway, but a restarted replica would fail to start on it.
         """
         contents: dict[str, bytes] = {}
-        for key in KEYS:
+        for key in CA_FILES:
             if key in data:
                 try:
                     contents[key] = base64.b64decode(data[key], validate=True)
                 except ValueError:
                     raise CaSecretError(f"secret {self.ref}: data[{key}] is not base64") from None
+        try:
+            material = check_material(contents, lambda key: f"data[{key}]")
+        except CaLoadError as e:
+            raise CaSecretError(f"secret {self.ref}: {e}") from None
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         changed = False
-        for key in KEYS:
+        for key in CA_FILES:
             path = self.directory / key
             if key not in contents:
                 if path.exists():
@@ -136,14 +152,14 @@ class CaSecret:
             elif not path.exists() or path.read_bytes() != contents[key]:
                 write_atomic(path, contents[key], 0o600 if key == CA_KEY else 0o644)
                 changed = True
-        return changed
+        return changed, material
 
-    def _publish_roots(self) -> None:
+    def _publish_roots(self, material: CaMaterial) -> None:
+        """The bundle of the CA just checked, never raw Secret text: agents started from the ConfigMap trust only
+        it, so a bundle that does not hold the root the controller's serving chain ends in would lock them out."""
         if self.root_configmap is None:
             return
-        roots = (self.directory / ROOT_CERT).read_text() if (self.directory / ROOT_CERT).exists() else ""
-        if not roots:
-            roots = (self.directory / CA_CERT).read_text()
+        roots = "".join(cert_pem(r) for r in material.roots)
         if roots == self._published:
             return
         k8s = self._k8s
@@ -173,8 +189,8 @@ class CaSecret:
             data = self._create(_fresh_root_data(self.trust_domain))
         if CA_CERT not in data or CA_KEY not in data:
             raise CaSecretError(f"secret {self.ref}: needs data keys {CA_CERT} and {CA_KEY}")
-        changed = self._mirror(data)
-        self._publish_roots()
+        changed, material = self._mirror(data)
+        self._publish_roots(material)
         return changed
 
     async def run(self, interval: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -429,15 +430,18 @@ def parse_csr(csr_pem: str | bytes) -> ec.EllipticCurvePublicKey:
         csr = x509.load_pem_x509_csr(raw)
     except ValueError:
         raise CsrError("bad_csr", "not a PEM-encoded PKCS#10 certificate request") from None
+    except x509.InvalidVersion as e:
+        raise CsrError("bad_csr", f"not a PKCS#10 certificate request: {e}") from None
+    # A key algorithm or curve OpenSSL does not implement surfaces as UnsupportedAlgorithm from either call.
     try:
         valid = csr.is_signature_valid
-    except (ValueError, x509.UnsupportedGeneralNameType) as e:
+    except (ValueError, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm) as e:
         raise CsrError("bad_csr", f"CSR cannot be checked: {e}") from None
     if not valid:
         raise CsrError("bad_csr_signature", "CSR signature does not verify against its own public key")
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise CsrError("bad_csr", f"CSR public key is unreadable: {e}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CsrError("bad_key_type", f"CSR key is {_describe_key(key)}; only ECDSA P-256 keys are accepted")

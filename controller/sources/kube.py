@@ -3,7 +3,8 @@
 Per resource: list (remembering ``metadata.resourceVersion``), then watch from that version with bookmarks;
 a watch that ends (server timeout, dropped connection) resumes from the last version seen; a 410 Gone (as an
 ``ERROR`` event or an HTTP status) means the version was compacted away, so the resource is listed again and
-the store gets the difference. Other errors back off exponentially (0.2 s doubling to 30 s).
+the store gets the difference. "Too large resource version" (the server's store is behind the version: an etcd
+restore) is listed again too, after the backoff. Other errors back off exponentially (0.2 s doubling to 30 s).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
@@ -104,6 +105,31 @@ def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield buf
 
 
+def too_large_version(status: Any) -> bool:
+    """Whether a ``Status`` (an ERROR event's object, or an error response's body) says "Too large resource version"
+    (504, cause ResourceVersionTooLarge): the API server's store is behind the version the watch resumes from, as
+    after an etcd restore or behind a lagging API server. Retrying that version would be refused until the store
+    caught up, which after a restore never happens: only a fresh list goes on (client-go's reflector relists)."""
+    if not isinstance(status, dict):
+        return False
+    details = status.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    if isinstance(causes, list) and any(
+        isinstance(c, dict) and c.get("reason") == "ResourceVersionTooLarge" for c in causes
+    ):
+        return True
+    message = status.get("message")  # API servers before 1.19 sent no cause
+    return isinstance(message, str) and "too large resource version" in message.lower()
+
+
+def _json(body: Any) -> Any:
+    """An error response's body as JSON, or None."""
+    try:
+        return json.loads(body) if isinstance(body, (str, bytes)) else None
+    except ValueError:
+        return None
+
+
 def _check_object(obj: Any, what: str) -> None:
     """Raise WatchError unless ``obj`` is a JSON object whose metadata (if any) is one: what the code after it reads."""
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
@@ -156,6 +182,9 @@ class _Watcher:
             except ApiException as e:
                 if e.status == 410:
                     self.resource_version = ""
+                elif too_large_version(_json(e.body)):
+                    self.resource_version = ""  # listed afresh after the backoff: a lagging server may catch up
+                    self._failed(f"HTTP {e.status}: {e.reason}")
                 elif e.status == 404 and not self.resource_version and self.resource.older:
                     log.info(
                         "kube resource version not served; trying the older one",
@@ -240,6 +269,8 @@ class _Watcher:
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise WatchExpired(obj.get("message", "expired"))
+            if too_large_version(obj):
+                self.resource_version = ""  # listed afresh after the backoff: a lagging server may catch up
             raise WatchError(f"{obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if version:

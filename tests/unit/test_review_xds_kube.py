@@ -1,0 +1,114 @@
+"""The kube source when the API server's store went back in time (etcd restored from a backup, or a lagging API
+server behind a load balancer): a watch resuming from a resource version the server has not reached is refused
+with "Too large resource version" (504, cause ResourceVersionTooLarge), never with 410. client-go's reflector
+lists afresh on it; resuming with the same version would be refused forever and no change would arrive again."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from controller.monitoring import ControllerMetrics
+from controller.sources.kube import KubeSource, api_client, too_large_version
+from controller.store import ConfigStore
+from controller.translate import Translator
+from tests.support.fake_kube import Collection, FakeKube, namespace, pod, serve, status_object
+from tests.support.xds_controller import wait_for
+
+
+def too_large(since: int, current: int) -> dict[str, Any]:
+    """The Status the API server's watch cache answers with (apiserver storage.NewTooLargeResourceVersionError)."""
+    status = status_object(504, "Timeout", f"Timeout: Too large resource version: {since}, current: {current}")
+    status["details"] = {
+        "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+        "retryAfterSeconds": 1,
+    }
+    return status
+
+
+class RestoredKube(FakeKube):
+    """Refuses watches from a version past its own, as the real API server does (the base fake would wait)."""
+
+    def watch_events(self, coll: Collection, since: int, bookmarks: bool, stop: threading.Event) -> Iterator[Any]:
+        with self.cond:
+            current = self.resource_version
+        if since > current:
+            yield {"type": "ERROR", "object": too_large(since, current)}
+            return
+        yield from super().watch_events(coll, since, bookmarks, stop)
+
+
+def workloads(store: ConfigStore) -> dict[str, str]:
+    return {
+        a.workload.name: socket.inet_ntoa(a.workload.addresses[0])
+        for a in store.translator.addresses().values()
+        if a.HasField("workload")
+    }
+
+
+async def test_a_store_restored_behind_the_watch_version_is_listed_again(tmp_path: Path) -> None:
+    with serve(RestoredKube()) as fake:
+        fake.resource_version = 5000
+        fake.upsert(namespace("demo"))
+        fake.upsert(pod("web-0", "10.1.0.1"))
+        store = ConfigStore(Translator(), ControllerMetrics())
+        src = KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.05)
+        await asyncio.wait_for(src.start(), 20)
+        try:
+            await wait_for(lambda: fake.open_watches("/api/v1/pods") == 1, what="pod watch open")
+            # etcd restored from an older backup: versions go back, web-0 never existed there, web-7 did.
+            with fake.cond:
+                fake.resource_version = 200
+                coll = fake.collection("Pod")
+                coll.items.clear()
+                coll.history.clear()
+            fake.upsert(pod("web-7", "10.1.0.7"))
+            fake.drop_watches()
+            await wait_for(lambda: workloads(store) == {"web-7": "10.1.0.7"}, what="state of the restored store")
+            fake.upsert(pod("web-8", "10.1.0.8"))  # and the watch goes on from the restored versions
+            await wait_for(lambda: "web-8" in workloads(store), what="event after the relist")
+        finally:
+            src.stop()
+
+
+def test_too_large_versions_are_recognised() -> None:
+    assert not too_large_version(status_object(410, "Expired", "too old resource version: 1 (5)"))  # its own path
+    assert too_large_version(too_large(9, 5))
+    # Older API servers sent the message without the cause.
+    assert too_large_version(status_object(504, "Timeout", "Timeout: Too large resource version: 9, current: 5"))
+    assert not too_large_version(status_object(504, "Timeout", "the server was unable to return a response in time"))
+    assert not too_large_version(status_object(500, "InternalError", "etcdserver: leader changed"))
+    assert not too_large_version("not a status")
+
+
+async def test_too_large_as_an_http_error_is_listed_again(tmp_path: Path) -> None:
+    """API servers that refuse the watch request itself (an error response instead of an ERROR event)."""
+    with serve() as fake:
+        fake.upsert(namespace("demo"))
+        fake.upsert(pod("web-0", "10.1.0.1"))
+        store = ConfigStore(Translator(), ControllerMetrics())
+        src = KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.05)
+        await asyncio.wait_for(src.start(), 20)
+        try:
+            await wait_for(lambda: fake.open_watches("/api/v1/pods") == 1, what="pod watch open")
+            lists = fake.count("GET", "/api/v1/pods", watch=False)
+            refused: list[int] = []
+
+            def refuse(match: Any, body: Any) -> tuple[int, Any]:
+                refused.append(1)
+                return 504, too_large(9999, fake.resource_version)
+
+            fake.add_route("GET", "/api/v1/pods", refuse)
+            fake.drop_watches()
+            await wait_for(lambda: len(refused) >= 2, what="refused requests")
+            fake.routes.clear()
+            await wait_for(lambda: fake.count("GET", "/api/v1/pods", watch=False) > lists, what="a list again")
+            fake.upsert(pod("web-1", "10.1.0.2"))
+            await wait_for(lambda: "web-1" in workloads(store), what="events after the relist")
+            assert workloads(store)["web-0"] == "10.1.0.1"
+        finally:
+            src.stop()

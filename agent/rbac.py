@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.addressing import workload_identity
+from agent.addressing import HBONE, workload_identity
 from agent.state import WorkloadStore, policy_key
 from common.spiffe import Identity
 
@@ -227,17 +227,20 @@ def explain(
 ) -> dict[str, Any]:
     """What the destination's agent would decide for a connection from `src_ip` to `dst` (`ambitctl explain`).
 
-    The peer identity is `identity` if given, none with `plaintext`, else the source workload's own (what a
-    mesh client presents). Raises LookupError when `dst` is no workload's address.
+    The peer identity is `identity` if given, none with `plaintext`, else the source workload's own when it is in
+    the mesh (what its agent presents; a caller outside the mesh arrives in plaintext, with none). A destination
+    outside the mesh is reached by passthrough, where no agent enforces policy. Raises LookupError when `dst` is no
+    workload's address.
     """
     dst_wl = store.workload_by_ip(dst[0])
     if dst_wl is None:
         raise LookupError(f"{dst[0]} is not the address of any workload")
     src_wl = store.workload_by_ip(src_ip)
-    if identity is None and not plaintext and src_wl is not None:
+    if identity is None and not plaintext and src_wl is not None and src_wl.tunnel_protocol == HBONE:
         identity = workload_identity(src_wl, trust_domain)
     conn = Connection(src_ip, dst[0], dst[1], None if plaintext else identity)
-    policies = list(store.policies_for(dst_wl))
+    enforced = dst_wl.tunnel_protocol == HBONE
+    policies = list(store.policies_for(dst_wl)) if enforced else []
     decision = evaluate(policies, conn)
     return {
         "connection": str(conn),
@@ -245,7 +248,7 @@ def explain(
         "destination_workload": dst_wl.uid,
         "applicable_policies": [policy_key(p) + (" (dry-run)" if p.dry_run else "") for p in policies],
         "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.outcome.value,
+        "reason": decision.outcome.value if enforced else "allowed: the destination is not in the mesh (no policy)",
         "policy": decision.policy,
         "dry_run": list(decision.dry_run),
     }

@@ -32,6 +32,7 @@ log = logging.getLogger("ambit.controller.files")
 SUFFIXES = (".yaml", ".yml", ".json")
 
 Signature = tuple[int, int, int, int]
+_RETRY: Signature = (-1, -1, -1, -1)  # the "applied" signature of a file that could not be read: matches no file
 
 
 class ConfigDirError(Exception):
@@ -148,8 +149,9 @@ class FileSource:
         known: dict[str, Signature] = {}
         for path, sig in result.signatures.items():
             if path in result.changed:
-                if not _unreadable(result.changed[path]):  # an unreadable file stays pending: retried next pass
-                    known[path] = sig
+                # An unreadable file is retried every pass (no signature matches _RETRY), and is still known: the
+                # store holds its contribution, which its deletion must take away.
+                known[path] = _RETRY if _unreadable(result.changed[path]) else sig
             elif path in self._known:
                 known[path] = self._known[path]  # unchanged, or changed but not settled yet
         for path, sig in self._known.items():

@@ -167,3 +167,25 @@ async def test_configmap_volume_updates_apply_through_the_data_symlink_swap(tmp_
         await src.sync(settle=True)
     assert workloads(store) == {"p1": "10.0.0.2"}
     assert store.errors() == []
+
+
+async def test_an_unreadable_file_that_is_then_deleted_is_removed(tmp_path: Path, store: ConfigStore) -> None:
+    """An unreadable file keeps its last contribution serving and is retried each pass; deleting it must still take
+    that contribution away (it stayed in the store for the controller's lifetime)."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(pod_yaml("p1", "10.0.0.1"))
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    pods.write_bytes(b"\xff\xfe not text")
+    bump_mtime(pods)
+    for _ in range(2):
+        await src.sync(settle=True)
+    assert workloads(store) == {"p1": "10.0.0.1"}  # last good contribution kept
+    assert any("not UTF-8" in e for e in store.errors())
+    pods.unlink()
+    for _ in range(3):
+        await src.sync(settle=True)
+    assert workloads(store) == {}
+    assert store.errors() == []
+    assert store.sources() == [str(tmp_path / "ns.yaml")]

@@ -10,6 +10,7 @@ so a change on either side that leaves the other behind fails here.
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import functools
 import importlib.metadata
@@ -232,6 +233,100 @@ def test_agent_runs_privileged_on_the_host_network_with_host_bpffs_and_state(mon
 def test_agent_grace_period_covers_its_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(*AGENT[:3], monkeypatch)
     assert _pod_spec("DaemonSet", "ambit-agent")["terminationGracePeriodSeconds"] > cfg.drain_seconds
+
+
+# --- what a real cluster asks of the pods ---------------------------------------------------------------------------
+
+
+async def _http_status(host: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET /healthz/ready HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return (await reader.readline()).split(b" ")[1]
+    finally:
+        writer.close()
+
+
+async def test_controller_probe_answers_on_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet probes the pod's IP, and on an IPv6-only or IPv6-first cluster that is an IPv6 address: the
+    monitoring listener (which serves the readiness probe) must take IPv6 as well as IPv4, or the controller is
+    never Ready and its Service has no endpoint for the agents. (gRPC binds both families for any wildcard.)"""
+    cfg = _config(*CONTROLLER[:3], monkeypatch)
+    server = Controller(cfg).monitoring
+    await server.start(cfg.listen_address, 0)
+    try:
+        for host in ("::1", "127.0.0.1"):
+            assert await _http_status(host, server.port) == b"503", host  # not ready: nothing synced here
+    finally:
+        assert server.server is not None
+        server.server.close()
+        await server.server.wait_closed()
+
+
+def _every_pod_spec() -> Iterator[tuple[str, dict[str, Any]]]:
+    yield "DaemonSet/ambit-agent", _pod_spec("DaemonSet", "ambit-agent")
+    yield "Deployment/ambit-controller", _pod_spec("Deployment", "ambit-controller")
+    yield "DaemonSet/ambit-cleanup", _cleanup_daemonset()["spec"]["template"]["spec"]
+
+
+def test_pods_run_on_linux_nodes_only() -> None:
+    """The image is a Linux one, and the DaemonSets tolerate every taint, the one on Windows nodes included:
+    without the selector a mixed cluster schedules an agent on each Windows node, where it never starts."""
+    for where, spec in _every_pod_spec():
+        assert spec.get("nodeSelector", {}).get("kubernetes.io/os") == "linux", where
+
+
+def test_namespace_admits_the_privileged_pods_it_holds() -> None:
+    """Pod Security Admission judges pods by their namespace's level; a cluster whose default is baseline or
+    restricted refuses privileged, host-network, hostPath pods, so the agent's namespace must say privileged."""
+    (ns,) = [o for o in _objects() if o["kind"] == "Namespace"]
+    assert ns["metadata"]["name"] == _kustomization()["namespace"]
+    spec = _pod_spec("DaemonSet", "ambit-agent")
+    assert spec["hostNetwork"] and any("hostPath" in v for v in spec["volumes"])
+    assert ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce") == "privileged"
+
+
+def test_controller_meets_the_restricted_pod_security_standard() -> None:
+    """The controller holds the CA key and talks to the API: it needs nothing the restricted standard removes."""
+    spec = _pod_spec("Deployment", "ambit-controller")
+    sc = {**spec.get("securityContext", {}), **_container("Deployment", "ambit-controller")["securityContext"]}
+    assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0
+    assert sc.get("allowPrivilegeEscalation") is False and sc.get("capabilities") == {"drop": ["ALL"]}
+    assert sc.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+    assert not spec.get("hostNetwork") and not any("hostPath" in v for v in spec.get("volumes", []))
+
+
+def test_agent_pod_carries_no_api_credentials() -> None:
+    """The agent reads nothing from the API (it authenticates to the controller with its projected istio-ca
+    token), so the default service-account token, valid for the API server, stays out of a privileged pod."""
+    for path in sorted((REPO / "agent").rglob("*.py")):
+        assert not re.search(r"^\s*(import|from)\s+kubernetes\b", path.read_text(), re.M), path.name
+    assert _pod_spec("DaemonSet", "ambit-agent").get("automountServiceAccountToken") is False
+
+
+_MIB = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "": 1 / (1024 * 1024)}
+
+# Measured (BCC 0.26, kernel 6.18): the loader child compiling bpf/redirect.bpf.c peaks at 150 MB RSS, beside an
+# agent of 57-60 MB with 100 local workloads (bench/agent_memory.py), so an agent starting on a busy node needs
+# about 210 MB for those seconds.
+AGENT_START_PEAK_MIB = 150 + 60
+
+
+def _mib(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([KMG]i)?", quantity).groups()  # type: ignore[union-attr]
+    return float(number) * _MIB[unit or ""]
+
+
+def test_agent_memory_request_and_limit_fit_what_it_uses() -> None:
+    """The request covers the start (compile) peak, so the scheduler does not overcommit the node by it; a limit,
+    if any, must not kill the agent below its relay budget: an OOM-killed agent leaves its pods failing closed."""
+    from agent.tunnel import BUFFERS
+
+    resources = _container("DaemonSet", "ambit-agent")["resources"]
+    assert _mib(resources["requests"]["memory"]) >= AGENT_START_PEAK_MIB
+    limit = resources.get("limits", {}).get("memory")
+    assert limit is None or _mib(limit) > AGENT_START_PEAK_MIB + BUFFERS.budget / 2**20
 
 
 # --- the uninstall DaemonSet against the agent it cleans up after ---------------------------------------------------

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+
+# What decoding a certificate's fields raises when they are not well formed.
+_MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
 class PemError(ValueError):
@@ -18,14 +21,26 @@ def cert_pem(cert: x509.Certificate) -> str:
 
 
 def load_pem_certs(data: bytes | str, source: str) -> list[x509.Certificate]:
-    """All certificates in ``data`` (empty text gives none); ``source`` names where it came from in errors."""
+    """All certificates in ``data`` (empty text gives none); ``source`` names where it came from in errors.
+
+    cryptography decodes a certificate's names, extensions and key only when first read, so a certificate whose
+    outer DER is intact but whose fields are not would pass here and raise ValueError (or UnsupportedAlgorithm)
+    later, wherever it is first used. Every field the CA and the agent read is decoded here instead.
+    """
     raw = data.encode() if isinstance(data, str) else data
     if not raw.strip():
         return []
     try:
-        return x509.load_pem_x509_certificates(raw)
-    except ValueError:
+        certs = x509.load_pem_x509_certificates(raw)
+    except (ValueError, x509.InvalidVersion):
         raise PemError(f"{source}: not PEM certificates") from None
+    for i, cert in enumerate(certs):
+        try:
+            _ = (cert.subject, cert.issuer, cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc)
+            cert.public_key()
+        except _MALFORMED as e:
+            raise PemError(f"{source}: certificate {i + 1} is malformed: {e}") from None
+    return certs
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -35,7 +50,7 @@ def fingerprint(cert: x509.Certificate) -> str:
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 

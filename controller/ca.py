@@ -203,7 +203,7 @@ def check_material(contents: Mapping[str, bytes], where: Callable[[str], str], g
     cert = certs[0]
     try:
         key = serialization.load_pem_private_key(contents[CA_KEY], password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise CaLoadError(f"{key_path}: not an unencrypted PEM private key ({type(e).__name__})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CaLoadError(f"{key_path}: unsupported key type {type(key).__name__} (ECDSA or RSA)")

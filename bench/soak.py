@@ -45,6 +45,7 @@ STALL_BYTES = 4 * 1024 * 1024  # more than the windows and socket buffers along 
 STALL_SECONDS = 1.0
 OP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 30.0
+SETTLE_SECONDS = 12.0  # after a drain, before the sample that counts: the agent's heap trimmer looks every 5 s
 # What an agent may keep after the final drain beyond what it held after the warm-up: sockets of pooled HBONE
 # connections that were not open at the baseline, and the allocator's high-water marks. Pipes are not compared: the
 # same-node relay keeps up to 64 empty ones for reuse (agent/relay.py), as many as its busiest moment needed.
@@ -259,15 +260,17 @@ class Watcher:
         return now
 
     async def drain(self) -> tuple[bool, list[Sample]]:
-        """Sample until no agent holds a connection or a buffered byte, or DRAIN_TIMEOUT passed."""
+        """Sample until no agent holds a connection or a buffered byte, or DRAIN_TIMEOUT passed; then, once
+        SETTLE_SECONDS are over, the sample that counts."""
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while True:
             now = self.sample()
-            if all(s.sockets_open == 0 and s.buffered_bytes == 0 for s in now):
-                return True, now
-            if time.monotonic() > deadline:
-                return False, now
+            drained = all(s.sockets_open == 0 and s.buffered_bytes == 0 for s in now)
+            if drained or time.monotonic() > deadline:
+                break
             await asyncio.sleep(1.0)
+        await asyncio.sleep(SETTLE_SECONDS)
+        return drained, self.sample()
 
 
 def _status(tally: Tally, now: list[Sample]) -> str:
@@ -279,7 +282,7 @@ async def soak(lab: Lab, minutes: float, concurrency: int, interval: float, warm
     tally = Tally()
     driver = Driver(lab, tally, random.Random(secrets.randbits(32)))
     watcher = Watcher(lab)
-    progress = Progress(warmup + minutes * 60 + 2 * DRAIN_TIMEOUT)
+    progress = Progress(warmup + minutes * 60 + 2 * SETTLE_SECONDS)
     watcher.sample()
     progress.step(f"soak warm-up ({warmup:.0f} s)", warmup)
     await driver.run(warmup, concurrency)

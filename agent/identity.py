@@ -3,15 +3,17 @@
 Keys (ECDSA P-256) are generated here and never leave the process; the controller's CA signs CSRs for the
 identities of workloads on this node. Fetches go through one priority queue so that a connection waiting for a
 certificate (RealTime) overtakes warm-up of newly seen workloads (Warmup), which overtakes routine refreshes
-(Background). Certificates are refreshed at half-life; failures back off exponentially with jitter while the
-still-valid certificate keeps serving. The trust bundle is whatever roots the CA returned last (several during
-a root rotation); when it changes every SSL context is rebuilt.
+(Background). Certificates are refreshed at half-life, moved by a small random jitter so that certificates fetched
+together are not renewed together; failures back off exponentially with jitter while the still-valid certificate
+keeps serving. The trust bundle is whatever roots the CA returned last (several during a root rotation); when it
+changes every SSL context is rebuilt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import enum
 import itertools
@@ -36,6 +38,8 @@ from common.spiffe import Identity
 log = logging.getLogger("ambit.identity")
 
 DEFAULT_TTL_SECONDS = 24 * 3600
+# Each refresh moves by up to this fraction of the lifetime either way (Istio's SECRET_GRACE_PERIOD_RATIO_JITTER).
+DEFAULT_REFRESH_JITTER = 0.01
 _ALPN = [tls.ALPN_H2]  # HBONE is HTTP/2 both ways
 
 
@@ -215,12 +219,14 @@ class CertificateManager:
         backoff: Backoff | None = None,
         concurrency: int = 4,
         rng: random.Random | None = None,
+        refresh_jitter: float = DEFAULT_REFRESH_JITTER,
     ) -> None:
         self.signer = signer
         self.trust_domain = trust_domain
         self.ttl_seconds = ttl_seconds
         self.backoff = backoff or Backoff()
         self.concurrency = concurrency
+        self.refresh_jitter = refresh_jitter
         self._rng = rng or random.Random()
         self._roots: tuple[str, ...] = tuple(initial_roots)
         self._entries: dict[Identity, _Entry] = {}
@@ -379,7 +385,7 @@ class CertificateManager:
         key, csr = new_key_and_csr(ident)
         try:
             chain = await self.signer.create_certificate(csr, ident, self.ttl_seconds)
-            issued = parse_response(chain, ident, key, time.time())
+            issued = self._jittered(parse_response(chain, ident, key, time.time()))
             server_ctx = self._server_context(issued, issued.roots_pem)
         except (CaRequestError, InvalidCertificateResponse, ssl.SSLError, OSError) as e:
             reason = e.reason if isinstance(e, CaRequestError) else "invalid_response"
@@ -398,6 +404,16 @@ class CertificateManager:
         )
         if issued.roots_pem != self._roots:
             self._roots_changed(issued.roots_pem)
+
+    def _jittered(self, issued: IssuedCertificate) -> IssuedCertificate:
+        """Half-life moved by up to ``refresh_jitter`` of the lifetime either way. Certificates fetched together
+        (an agent or a cluster starting) would otherwise be renewed together again every half TTL, forever, and
+        the CA would meet the start-up herd twice a day; with the jitter such a fleet spreads out over the window
+        (28 minutes for 24 h certificates at 1 %) and keeps drifting apart."""
+        life = 2 * (issued.not_after - issued.refresh_at)  # from when the certificate was first usable
+        shift = self._rng.uniform(-self.refresh_jitter, self.refresh_jitter) * life
+        at = min(max(issued.refresh_at + shift, issued.not_after - life), issued.not_after)
+        return dataclasses.replace(issued, refresh_at=at)
 
     def _failed(self, entry: _Entry, priority: Priority, reason: str, message: str) -> None:
         self._errors.labels(reason).inc()

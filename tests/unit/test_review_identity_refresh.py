@@ -1,0 +1,52 @@
+"""Refresh timing across many workloads: certificates fetched together must not all be renewed at one instant."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.identity import CertificateManager, IssuedCertificate
+from agent.prometheus import Registry
+from common.spiffe import Identity
+from controller.ca import CertificateAuthority
+
+TD = "cluster.local"
+TTL = 3600
+
+
+class Signer:
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+
+    async def create_certificate(self, csr_pem: str, identity: Identity, ttl_seconds: int) -> list[str]:
+        return self.ca.sign_csr(csr_pem, identity, ttl_seconds)
+
+    def update_roots(self, roots_pem: Sequence[str]) -> None:
+        pass
+
+
+async def test_certificates_fetched_together_are_refreshed_spread_around_half_life(tmp_path: Path) -> None:
+    """An agent (or a whole cluster) that starts at once fetches every certificate within seconds; refreshing each
+    at exactly half its life renews them all again at one instant every TTL/2, forever: the herd the CA sees at a
+    cluster start comes back twice a day. As Istio's agent (SECRET_GRACE_PERIOD_RATIO_JITTER 0.01), each refresh
+    is moved by up to 1 % of the lifetime either way, so such a fleet spreads out and stays spread."""
+    ca = CertificateAuthority(tmp_path / "ca", TD)
+    m = CertificateManager(Signer(ca), TD, ttl_seconds=TTL, registry=Registry(), rng=random.Random(5))
+    idents = [Identity(TD, "default", f"sa{i}") for i in range(40)]
+    try:
+        started = time.time()
+        for ident in idents:
+            await m.server_context(ident)
+        certs = [m.certificate(i) for i in idents]
+    finally:
+        await m.close()
+    issued = [c for c in certs if isinstance(c, IssuedCertificate)]
+    assert len(issued) == len(idents)
+    for c in issued:
+        start = max(c.not_before, started)
+        life = c.not_after - start
+        assert 0.49 * life - 1 <= c.refresh_at - start <= 0.51 * life + 1, "refresh stays near half-life"
+    times = sorted(c.refresh_at for c in issued)
+    assert times[-1] - times[0] > 0.005 * TTL, f"40 refreshes within {times[-1] - times[0]:.3f} s of each other"

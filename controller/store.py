@@ -92,18 +92,29 @@ class ConfigStore:
     def update(self, changes: Mapping[str, Contribution | None]) -> Delta:
         """Replace the contribution of each named source (None: the source is gone) and apply the difference."""
         before: dict[ObjectKey, KObject | None] = {}
+        states: dict[str, tuple[Mapping[ObjectKey, KObject], set[str], _SourceState]] = {}
         for source_id, result in changes.items():
             old = self._sources.get(source_id)
             old_objects = old.objects if old is not None else {}
             old_errors = set(map(str, old.errors)) if old is not None else set()
             new = _SourceState({}, []) if result is None else self._merge(old_objects, result)
+            states[source_id] = (old_objects, old_errors, new)
             for key in old_objects.keys() | new.objects.keys():
                 if key not in before:
                     before[key] = self._serving(key)
+        # Every withdrawal of the batch before any new claim: an object moving from one source to another in one
+        # update (a ConfigMap key renamed, a document moved between files) is handed over, not a duplicate.
+        for source_id, (old_objects, old_errors, new) in states.items():
             for key in old_objects.keys() - new.objects.keys():
                 self._claims[key].remove(source_id)
                 if not self._claims[key]:
                     del self._claims[key]
+            if changes[source_id] is None:
+                self._sources.pop(source_id, None)
+            else:
+                self._sources[source_id] = new
+            self._log_errors(source_id, old_errors, new)
+        for source_id, (old_objects, _, new) in states.items():
             for key in new.objects.keys() - old_objects.keys():
                 claims = self._claims.setdefault(key, [])
                 claims.append(source_id)
@@ -112,11 +123,6 @@ class ConfigStore:
                         "duplicate config object ignored",
                         extra=kv(object=str(key), source=source_id, serving_from=claims[0]),
                     )
-            if result is None:
-                self._sources.pop(source_id, None)
-            else:
-                self._sources[source_id] = new
-            self._log_errors(source_id, old_errors, new)
         upserts: list[KObject] = []
         deletes: list[ObjectKey] = []
         for key, was in before.items():

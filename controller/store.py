@@ -95,7 +95,7 @@ class ConfigStore:
         states: dict[str, tuple[Mapping[ObjectKey, KObject], set[str], _SourceState]] = {}
         for source_id, result in changes.items():
             old = self._sources.get(source_id)
-            old_objects = old.objects if old is not None else {}
+            old_objects: Mapping[ObjectKey, KObject] = old.objects if old is not None else {}
             old_errors = set(map(str, old.errors)) if old is not None else set()
             new = _SourceState({}, []) if result is None else self._merge(old_objects, result)
             states[source_id] = (old_objects, old_errors, new)

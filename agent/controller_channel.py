@@ -171,9 +171,11 @@ class Call(Generic[M]):
         fields = self._trailers or self._headers
         raw = fields.get("grpc-status")
         if raw is None:
-            http = int(self._headers.get(":status", "0") or 0)
-            code = _HTTP_TO_GRPC.get(http, StatusCode.UNKNOWN) if http != 200 else StatusCode.INTERNAL
-            self.finish(RpcError(code, f"no grpc-status in the response (HTTP status {http})"))
+            http = self._headers.get(":status", "")
+            code = StatusCode.INTERNAL if http == "200" else StatusCode.UNKNOWN
+            if http.isdigit():
+                code = _HTTP_TO_GRPC.get(int(http), code)
+            self.finish(RpcError(code, f"no grpc-status in the response (HTTP status {http or 'missing'})"))
         elif raw != "0":
             try:
                 code = StatusCode(int(raw))
@@ -329,6 +331,8 @@ class _Connection:
                     return  # closed by an event (GOAWAY)
         except (OSError, ssl.SSLError) as e:
             reason = f"connection to the controller failed: {e}"
+        except UnicodeDecodeError as e:  # h2 decodes header values as UTF-8
+            reason = f"HTTP/2 protocol error from the controller: a header value is not UTF-8 text ({e.reason})"
         except h2.exceptions.ProtocolError as e:
             reason = f"HTTP/2 protocol error from the controller: {e}"
             if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:

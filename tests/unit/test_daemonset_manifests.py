@@ -548,8 +548,19 @@ def test_image_copies_the_packages_and_the_ebpf_source_it_compiles() -> None:
     source = DEFAULT_SOURCE.relative_to(REPO)
     assert source.parts[0] in copied, f"the agent compiles {source} at start"
     # agent/redirect.py finds bpf/ beside its own package: only an in-place install keeps them side by side.
-    (install,) = [line for line in _dockerfile_lines() if "pip install" in line]
-    assert re.search(r"pip install [^&]*-e \.", install), install
+    installs = [line for line in _dockerfile_lines() if "pip install" in line]
+    (in_place,) = [line for line in installs if re.search(r"pip install [^&]*-e \.", line)]
+    # Anything installed before is the project's own dependency list, read from pyproject.toml (a layer of its own).
+    for line in installs:
+        assert line is in_place or '["project"]["dependencies"]' in line, line
+
+
+def test_image_can_unpack_the_kernels_own_headers() -> None:
+    """Where a node has no kernel headers on disk, BCC (src/cc/frontends/clang/kbuild_helper.cc, 0.26 as later)
+    runs ``modprobe kheaders`` and ``tar -xf /sys/kernel/kheaders.tar.xz``; the slim base has tar but neither
+    modprobe nor xz, so without these the fallback fails and the agent reports capture unavailable."""
+    apt = " ".join(line for line in _dockerfile_lines() if "apt-get install" in line).split()
+    assert {"kmod", "xz-utils"} <= set(apt)
 
 
 # --- the docs against the flags, ports and metrics ----------------------------------------------------------------

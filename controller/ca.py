@@ -40,8 +40,9 @@ log = logging.getLogger("ambit.ca")
 
 DEFAULT_TTL_SECONDS = 24 * 3600
 MAX_TTL_SECONDS = 90 * 24 * 3600
-# Peers whose clocks run a little behind must still accept a freshly issued certificate.
-CLOCK_SKEW_SECONDS = 60
+# Peers whose clocks run a little behind must still accept a freshly issued certificate: not_before is backdated
+# by this much, as Istio's CA does (pki/util ClockSkewGracePeriod, 2 minutes).
+CLOCK_SKEW_SECONDS = 120
 ROOT_VALIDITY_DAYS = 10 * 365
 MAX_CSR_BYTES = 64 * 1024
 # Re-reading the directory is cheap, but there is no point doing it for every request of a burst.

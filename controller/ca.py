@@ -327,9 +327,7 @@ class CertificateAuthority:
 
     def chain_tail(self) -> list[str]:
         """What follows a leaf in a response: intermediates, the other bundled roots, and the anchor root last."""
-        m = self._material
-        others = [r for r in m.roots if fingerprint(r) != fingerprint(m.anchor)]
-        return [cert_pem(c) for c in (*m.intermediates, *others, m.anchor)]
+        return _chain_tail(self._material)
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds <= 0:
@@ -340,13 +338,13 @@ class CertificateAuthority:
 
     def _issue(
         self,
+        m: CaMaterial,
         public_key: ec.EllipticCurvePublicKey,
         sans: Sequence[x509.GeneralName],
         ttl_seconds: int,
         *,
         server: bool,
     ) -> x509.Certificate:
-        m = self._material
         now = _now()
         if m.cert.not_valid_after_utc <= now:
             # Checked at load, but a CA (a plugged-in intermediate, typically) can expire while serving.
@@ -406,8 +404,10 @@ class CertificateAuthority:
             raise IdentityError(f"identity {identity} is not in trust domain {self.trust_domain}")
         ttl = self._ttl(ttl_seconds)
         public_key = parse_csr(csr_pem)
-        leaf = self._issue(public_key, [x509.UniformResourceIdentifier(str(identity))], ttl, server=False)
-        return [cert_pem(leaf), *self.chain_tail()]
+        # One state for the leaf and its chain: gRPC's serving-certificate callback may reload in between.
+        m = self._material
+        leaf = self._issue(m, public_key, [x509.UniformResourceIdentifier(str(identity))], ttl, server=False)
+        return [cert_pem(leaf), *_chain_tail(m)]
 
     def issue_serving_certificate(
         self, dns_names: Iterable[str], ip_addresses: Iterable[str], ttl_seconds: int = DEFAULT_TTL_SECONDS
@@ -417,9 +417,15 @@ class CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        leaf = self._issue(key.public_key(), sans, self._ttl(ttl_seconds), server=True)
-        chain = [cert_pem(leaf), *[cert_pem(c) for c in self._material.intermediates]]
+        m = self._material
+        leaf = self._issue(m, key.public_key(), sans, self._ttl(ttl_seconds), server=True)
+        chain = [cert_pem(leaf), *[cert_pem(c) for c in m.intermediates]]
         return IssuedKeyPair(chain, key_pem(key).decode(), leaf.not_valid_after_utc)
+
+
+def _chain_tail(m: CaMaterial) -> list[str]:
+    others = [r for r in m.roots if fingerprint(r) != fingerprint(m.anchor)]
+    return [cert_pem(c) for c in (*m.intermediates, *others, m.anchor)]
 
 
 def parse_csr(csr_pem: str | bytes) -> ec.EllipticCurvePublicKey:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from pytest import MonkeyPatch
 
-from common.pki import fingerprint, load_pem_certs
+from common.pki import fingerprint, issued_by, load_pem_certs
 from common.spiffe import Identity
 from controller import ca_rotation
 from controller.ca import ROOT_CERT, CertificateAuthority, new_root
@@ -33,3 +36,25 @@ def test_retire_on_a_plugged_in_ca_keeps_the_root_its_chain_ends_in(tmp_path: Pa
     assert [fingerprint(r) for c in ca.roots_pem() for r in load_pem_certs(c, "roots")] == [fingerprint(root)]
     assert CertificateAuthority(d, "cluster.local").sign_csr(csr_pem(), WEB, 60)
     assert [(row["role"], row["fingerprint"]) for row in ca_rotation.status(d)] == [("signing", fingerprint(root))]
+
+
+def test_a_reload_while_signing_does_not_mix_two_cas_in_one_chain(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """gRPC's serving-certificate callback reloads the CA directory from its own thread, so a rotation step can be
+    picked up between signing a leaf and building the rest of its chain. The chain must still be the one CA's that
+    signed the leaf, root last: sign_csr used to read the CA state twice and could return a leaf from the old root
+    with the new root last (with a plugged-in intermediate, the wrong intermediate: a chain nobody can verify)."""
+    d = tmp_path / "ca"
+    ca = CertificateAuthority(d, "cluster.local")
+    ca_rotation.add_root(d, "cluster.local")
+    assert ca.reload_if_changed(force=True)
+    ca_rotation.activate(d)  # on disk; the CA has not seen it yet
+    issue = CertificateAuthority._issue
+
+    def issue_then_reload(self: CertificateAuthority, *args: Any, **kwargs: Any) -> x509.Certificate:
+        leaf = issue(self, *args, **kwargs)
+        assert self.reload_if_changed(force=True)  # what the other thread does at this moment
+        return leaf
+
+    monkeypatch.setattr(CertificateAuthority, "_issue", issue_then_reload)
+    chain = [x509.load_pem_x509_certificate(p.encode()) for p in ca.sign_csr(csr_pem(), WEB, 60)]
+    assert issued_by(chain[0], chain[-1]), "the root last in the chain must be the one that signed the leaf"

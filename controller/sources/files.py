@@ -137,6 +137,7 @@ class FileSource:
         # Used only by the one scan thread running at a time.
         self._doc_caches: dict[str, dict[str, Any]] = {}
         self._dir_error: str | None = None
+        self._failing: dict[str, list[str]] = {}  # errors of each file being retried, as last applied
 
     async def sync(self, settle: bool = False) -> int:
         """Scan once and apply what changed; returns the number of files applied. Raises ConfigDirError.
@@ -158,8 +159,9 @@ class FileSource:
             if path not in result.signatures and path not in result.changed:
                 known[path] = sig  # missing for the first time: its removal is reported next pass
         self._known = known
-        if result.changed:
-            for path, contribution in result.changed.items():
+        changed = {path: c for path, c in result.changed.items() if not self._same_failure(path, c)}
+        if changed:
+            for path, contribution in changed.items():
                 log.info(
                     "config file removed" if contribution is None else "config file loaded",
                     extra=kv(
@@ -168,8 +170,18 @@ class FileSource:
                         errors=len(contribution.errors) if contribution else 0,
                     ),
                 )
-            self.store.update(result.changed)
-        return len(result.changed)
+            self.store.update(changed)
+        return len(changed)
+
+    def _same_failure(self, path: str, contribution: Contribution | None) -> bool:
+        """Whether ``path`` is still unreadable for the same reason as on the last pass: nothing new to apply or log."""
+        if contribution is None or not _unreadable(contribution):
+            self._failing.pop(path, None)
+            return False
+        errors = [str(e) for e in contribution.errors]
+        same = self._failing.get(path) == errors
+        self._failing[path] = errors
+        return same
 
     async def run(self) -> None:
         while True:

@@ -189,3 +189,27 @@ async def test_an_unreadable_file_that_is_then_deleted_is_removed(tmp_path: Path
     assert workloads(store) == {}
     assert store.errors() == []
     assert store.sources() == [str(tmp_path / "ns.yaml")]
+
+
+async def test_an_unreadable_file_is_retried_quietly(
+    tmp_path: Path, store: ConfigStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It is re-read every pass (a permission fix changes no signature), but logged once per new error: it logged
+    'config file loaded' five times a second for as long as it stayed unreadable."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_bytes(b"\xff\xfe not text")
+    src = FileSource(str(tmp_path), store)
+    with caplog.at_level(logging.INFO, logger="ambit.controller.files"):
+        await src.sync()
+        for _ in range(5):
+            await src.sync(settle=True)
+        loaded = [r for r in caplog.records if r.getMessage() == "config file loaded" and "pods" in str(r.__dict__)]
+        assert len(loaded) == 1, [r.__dict__ for r in loaded]
+        assert any("not UTF-8" in e for e in store.errors())
+        pods.write_text(pod_yaml("p1", "10.0.0.1"))  # readable again: applied
+        bump_mtime(pods)
+        for _ in range(2):
+            await src.sync(settle=True)
+    assert workloads(store) == {"p1": "10.0.0.1"}
+    assert store.errors() == []

@@ -11,6 +11,7 @@ from agent.identity import CertificateManager, IssuedCertificate
 from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
+from tests.support.waiting import eventually
 
 TD = "cluster.local"
 TTL = 3600
@@ -50,3 +51,19 @@ async def test_certificates_fetched_together_are_refreshed_spread_around_half_li
         assert 0.49 * life - 1 <= c.refresh_at - start <= 0.51 * life + 1, "refresh stays near half-life"
     times = sorted(c.refresh_at for c in issued)
     assert times[-1] - times[0] > 0.005 * TTL, f"40 refreshes within {times[-1] - times[0]:.3f} s of each other"
+
+
+async def test_client_context_is_one_object_per_certificate_and_bundle(tmp_path: Path) -> None:
+    """What a connection pool can key its connections by: the same context object while the certificate and the
+    trust bundle stay, a new one as soon as either changes (so a rotated certificate can stop taking new streams)."""
+    ca = CertificateAuthority(tmp_path / "ca", TD)
+    m = CertificateManager(Signer(ca), TD, ttl_seconds=2, registry=Registry())
+    ident = Identity(TD, "default", "web")
+    try:
+        first = await m.client_context(ident)
+        serial = getattr(m.certificate(ident), "serial", None)
+        assert await m.client_context(ident) is first
+        await eventually(lambda: getattr(m.certificate(ident), "serial", None) != serial, "the refresh at ~1 s")
+        assert await m.client_context(ident) is not first
+    finally:
+        await m.close()

@@ -424,6 +424,10 @@ class CertificateManager:
         now = time.time()
         if entry.cert is not None and not entry.valid(now):
             # The expiry gauge stays (in the past) so that an alert on it fires while nothing valid is held.
+            log.error(
+                "certificate expired without a renewal; the identity's connections are refused until one arrives",
+                extra=kv(identity=str(entry.identity), expired=_iso(entry.cert.not_after), error=message),
+            )
             entry.cert = entry.server_ctx = entry.client_ctx = None
         delay = self.backoff.delay(entry.failures, self._rng)
         if entry.cert is not None:

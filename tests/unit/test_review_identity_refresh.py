@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.identity import CertificateManager, IssuedCertificate
+import pytest
+
+from agent.ca_client import CaRequestError
+from agent.identity import Backoff, CertificateManager, IssuedCertificate
 from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
@@ -67,3 +71,34 @@ async def test_client_context_is_one_object_per_certificate_and_bundle(tmp_path:
         assert await m.client_context(ident) is not first
     finally:
         await m.close()
+
+
+class Down(Signer):
+    """Signs once, then the CA is unreachable."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        super().__init__(ca)
+        self.signed = 0
+
+    async def create_certificate(self, csr_pem: str, identity: Identity, ttl_seconds: int) -> list[str]:
+        if self.signed:
+            raise CaRequestError("unavailable", "UNAVAILABLE: controller down")
+        self.signed += 1
+        return await super().create_certificate(csr_pem, identity, ttl_seconds)
+
+
+async def test_expiry_without_renewal_is_logged_as_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Until the expiry, failed refreshes are warnings with the old certificate still serving; from the expiry on
+    the identity's connections are refused, which an operator must hear about as such, once, at error level."""
+    ca = CertificateAuthority(tmp_path / "ca", TD)
+    m = CertificateManager(Down(ca), TD, ttl_seconds=1, registry=Registry(), backoff=Backoff(0.05, maximum=0.2))
+    ident = Identity(TD, "default", "web")
+    try:
+        await m.server_context(ident)
+        with caplog.at_level(logging.WARNING, logger="ambit.identity"):
+            await eventually(lambda: m.certificate(ident) is None, "the expired certificate dropped")
+            await eventually(lambda: sum(r.message == "certificate fetch failed" for r in caplog.records) > 3)
+    finally:
+        await m.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.message.split(";")[0] for r in errors] == ["certificate expired without a renewal"]

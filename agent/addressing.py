@@ -18,6 +18,7 @@ HEALTHY = 0  # istio.workload.WorkloadStatus.HEALTHY
 LB_STRICT, LB_FAILOVER, LB_PASSTHROUGH = 1, 2, 3  # istio.workload.LoadBalancing.Mode
 LB_ALLOW_ALL = 1  # istio.workload.LoadBalancing.HealthPolicy.ALLOW_ALL
 IPV4_ONLY, IPV6_ONLY = 1, 2  # istio.workload.IPFamilies
+HOST_NETWORK = 1  # istio.workload.NetworkMode.HOST_NETWORK
 
 Address = tuple[str, int]
 
@@ -29,6 +30,12 @@ AGENT_PORTS = frozenset({15001, 15006, 15008})
 
 class BadAuthority(ValueError):
     """A CONNECT `:authority` that is not `ip:port` (IPv6 as `[ip]:port`) with a port in 1..65535."""
+
+
+def is_pod(wl: Any) -> bool:
+    """A Kubernetes Pod, not a WorkloadEntry or ServiceEntry endpoint (which may name any address, behind any NAT):
+    ztunnel tells them apart by uid (`<cluster>//Pod/<namespace>/<name>`)."""
+    return "//Pod/" in wl.uid
 
 
 def workload_identity(wl: Any, default_trust_domain: str) -> Identity:

@@ -38,6 +38,7 @@ from agent.addressing import (
     AGENT_PORTS,
     HBONE,
     HEALTHY,
+    HOST_NETWORK,
     LB_ALLOW_ALL,
     LB_FAILOVER,
     LB_PASSTHROUGH,
@@ -47,6 +48,7 @@ from agent.addressing import (
     endpoint_address,
     format_address,
     ip_text,
+    is_pod,
     service_sans,
     service_target_port,
     socket_address,
@@ -104,7 +106,8 @@ class OutboundConfig:
     own_ports: frozenset[int] = AGENT_PORTS
     is_node_address: Callable[[str], bool] = is_node_address
     same_node_fast_path: bool = True
-    keep_source_address: bool = True  # same-node fast path: connect from the client pod's IP
+    # Connect from the client pod's IP: on the same-node fast path, and on passthrough to a pod outside the mesh
+    keep_source_address: bool = True
     connect_timeout: float = 5.0
     early_data: int = EARLY_DATA
     # An endpoint at a loopback address would be the node's own loopback here, not a pod's (ztunnel connects from
@@ -427,7 +430,7 @@ class OutboundProxy:
             elif r.kind is RouteKind.SAME_NODE:
                 await self._same_node(sock, client, r, report)
             else:
-                await self._passthrough(sock, r, report)
+                await self._passthrough(sock, client, r, report)
         except asyncio.CancelledError:  # at any await (certificate, tunnel, connect, relay): still closed and logged
             report.finish(error="cancelled")
             raise
@@ -518,11 +521,21 @@ class OutboundProxy:
             connect_timeout=self.config.connect_timeout,
         )
 
-    async def _passthrough(self, sock: socket.socket, r: Route, report: ConnectionReport) -> None:
+    async def _passthrough(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
+        """Plain TCP to a destination outside the mesh. ztunnel connects from inside the client pod, so a pod there
+        sees the client's address (what its NetworkPolicy and logs go by); the agent connects from the client's
+        address too when the destination is a pod, whose replies come back through a hook that hands them to this
+        socket (its node's uplink, or its own veth on this node). Anything else (a WorkloadEntry or ServiceEntry
+        endpoint, an address no workload owns, a PASSTHROUGH service, a host-network pod) may be behind NAT or this
+        node's own stack, where the replies would bypass the agent: it sees the node's address."""
         assert r.target is not None
+        wl = r.workload
+        keep = self.config.keep_source_address and wl is not None and is_pod(wl) and wl.network_mode != HOST_NETWORK
         report.opened()
         try:
-            upstream = await connect_upstream(r.target, connect_timeout=self.config.connect_timeout)
+            upstream = await connect_upstream(
+                r.target, source_ip=client[0] if keep else None, connect_timeout=self.config.connect_timeout
+            )
         except (OSError, TimeoutError) as e:
             self.metrics.error("outbound", "connect_failed")
             report.finish(error=f"connect {format_address(r.target)}: {e}", flags="CONNECT")

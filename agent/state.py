@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from agent.addressing import is_pod
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
 from common.protojson import message_to_json
@@ -378,7 +379,7 @@ def _address_rank(wl: Workload) -> tuple[bool, bool]:
     """Which of the workloads sharing an address owns it: a Pod before a WorkloadEntry or ServiceEntry endpoint
     (those may name any address, so one naming a pod's IP must not take over that pod's identity and certificate),
     then an HBONE workload before one outside the mesh (ztunnel's ranking)."""
-    return "//Pod/" in wl.uid, wl.tunnel_protocol == wl_pb.HBONE
+    return is_pod(wl), wl.tunnel_protocol == wl_pb.HBONE
 
 
 def _visible(svc: Service, namespace: str) -> bool:

@@ -43,14 +43,18 @@ class ConfigDirError(Exception):
 class Scan:
     signatures: dict[str, Signature]
     changed: dict[str, Contribution | None]
+    unlisted: dict[str, str]  # entry -> why it could not be listed or stat'ed (its known files were kept as they were)
 
 
 def _signature(st: os.stat_result) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
-def list_files(directory: str) -> dict[str, Signature]:
-    """Config files under ``directory`` (hidden entries skipped, symlinks followed) with their signatures."""
+def list_files(directory: str, unlisted: dict[str, str]) -> dict[str, Signature]:
+    """Config files under ``directory`` (hidden entries skipped, symlinks followed) with their signatures.
+
+    OSError when ``directory`` itself cannot be listed. An entry below it that cannot be listed or stat'ed
+    (permissions, I/O) is recorded in ``unlisted`` with the reason; entries that vanished meanwhile are skipped."""
     found: dict[str, Signature] = {}
 
     def walk(path: str, depth: int) -> None:
@@ -64,8 +68,10 @@ def list_files(directory: str) -> dict[str, Signature]:
                     walk(entry.path, depth + 1)
                 elif entry.is_file() and entry.name.endswith(SUFFIXES):
                     found[entry.path] = _signature(entry.stat())
-            except OSError as e:
+            except (FileNotFoundError, NotADirectoryError) as e:
                 log.debug("config entry vanished during scan", extra=kv(path=entry.path, error=str(e)))
+            except OSError as e:
+                unlisted[entry.path] = e.strerror or str(e)
 
     walk(directory, 0)
     return found
@@ -96,10 +102,16 @@ def scan(
     (truncated by a non-atomic writer) would otherwise take its objects away for a moment. Likewise a file is
     reported removed only once it was already missing in the last pass.
     """
+    unlisted: dict[str, str] = {}
     try:
-        current = list_files(directory)
+        current = list_files(directory, unlisted)
     except OSError as e:
         raise ConfigDirError(f"{directory}: cannot list config directory: {e.strerror}") from e
+    # What could not be listed is not gone: known files under it stay as they were (their objects keep serving)
+    # until it can be listed again. A subdirectory that never held config (lost+found) costs nothing.
+    for path, sig in known.items():
+        if path not in current and any(path == d or path.startswith(d + os.sep) for d in unlisted):
+            current[path] = sig
     # Removals first: a file renamed in the same pass then hands its objects over without ever being claimed by
     # both names (which the store would log as a duplicate).
     changed: dict[str, Contribution | None] = {}
@@ -121,7 +133,7 @@ def scan(
     if caches is not None:
         for path in caches.keys() - current.keys():
             del caches[path]
-    return Scan(current, changed)
+    return Scan(current, changed, unlisted)
 
 
 class FileSource:
@@ -138,6 +150,7 @@ class FileSource:
         self._doc_caches: dict[str, dict[str, Any]] = {}
         self._dir_error: str | None = None
         self._failing: dict[str, list[str]] = {}  # errors of each file being retried, as last applied
+        self._unlisted: dict[str, str] = {}  # entries that could not be listed or stat'ed on the last pass
 
     async def sync(self, settle: bool = False) -> int:
         """Scan once and apply what changed; returns the number of files applied. Raises ConfigDirError.
@@ -147,6 +160,7 @@ class FileSource:
         previous = dict(self._previous) if settle else None
         result = await asyncio.to_thread(scan, self.directory, dict(self._known), previous, self._doc_caches)
         self._previous = result.signatures
+        self._report_unlisted(result.unlisted)
         known: dict[str, Signature] = {}
         for path, sig in result.signatures.items():
             if path in result.changed:
@@ -172,6 +186,17 @@ class FileSource:
                 )
             self.store.update(changed)
         return len(changed)
+
+    def _report_unlisted(self, unlisted: dict[str, str]) -> None:
+        for path, reason in unlisted.items():
+            if self._unlisted.get(path) != reason:
+                log.error(
+                    "config entry cannot be listed; its files keep serving as they were",
+                    extra=kv(path=path, error=reason),
+                )
+        for path in self._unlisted.keys() - unlisted.keys():
+            log.info("config entry listed again", extra=kv(path=path))
+        self._unlisted = unlisted
 
     def _same_failure(self, path: str, contribution: Contribution | None) -> bool:
         """Whether ``path`` is still unreadable for the same reason as on the last pass: nothing new to apply or log."""

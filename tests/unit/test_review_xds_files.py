@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,3 +214,40 @@ async def test_an_unreadable_file_is_retried_quietly(
             await src.sync(settle=True)
     assert workloads(store) == {"p1": "10.0.0.1"}
     assert store.errors() == []
+
+
+async def test_a_subdirectory_that_cannot_be_listed_keeps_its_files_serving(
+    tmp_path: Path, store: ConfigStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O or permission error listing a subdirectory made its files look deleted, and their objects were removed
+    from every agent. Its known files now stay as they were; the rest of the tree still applies; a subdirectory
+    that is really gone takes its files with it."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "pods.yaml").write_text(pod_yaml("p1", "10.0.0.1"))
+    (tmp_path / "lost+found").mkdir()  # never listable by the controller, never held config
+    src = FileSource(str(tmp_path), store)
+    await src.sync()
+    real_scandir = os.scandir
+    broken = {str(tmp_path / "apps"): OSError(5, "Input/output error"), str(tmp_path / "lost+found"): None}
+
+    def scandir(path: Any) -> Any:
+        if str(path) in broken:
+            raise broken[str(path)] or PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.INFO, logger="ambit.controller.files"):
+        (tmp_path / "more.yaml").write_text(pod_yaml("p2", "10.0.0.2"))
+        for _ in range(3):
+            await src.sync(settle=True)
+        assert workloads(store) == {"p1": "10.0.0.1", "p2": "10.0.0.2"}
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2  # each subdirectory once, not once a pass
+        monkeypatch.setattr(os, "scandir", real_scandir)
+        (tmp_path / "apps" / "pods.yaml").unlink()
+        (tmp_path / "apps").rmdir()  # really gone: its files go
+        for _ in range(3):
+            await src.sync(settle=True)
+    assert workloads(store) == {"p2": "10.0.0.2"}
+    assert any(r.getMessage() == "config entry listed again" for r in caplog.records)

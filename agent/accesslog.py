@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.metrics import RESPONSE_FLAGS, Metrics, traffic_label_values
+from agent.metrics import Metrics, Progress, ProtoValues, traffic_label_values
 from agent.rbac import Decision
 from common.log import direct_handler, kv
 from common.spiffe import Identity
@@ -28,6 +28,16 @@ def _addr(addr: Address | None) -> str | None:
         return None
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _compute_log_values(wl: Any) -> tuple[str | None, str | None, str | None]:
+    """name, namespace, cluster as ztunnel logs them: the pod's name (else the canonical service; the metrics keep
+    the workload's name); a value it does not know is left out."""
+    return (wl.name or wl.canonical_name or None, wl.namespace or None, wl.cluster_id or None)
+
+
+_log_values = ProtoValues(_compute_log_values)
+_UNNAMED: tuple[None, None, None] = (None, None, None)
 
 
 @dataclass(eq=False)
@@ -49,6 +59,7 @@ class ConnectionReport:
     decision: Decision | None = None
     start: float = field(default_factory=time.monotonic)
     _opened_labels: tuple[str, ...] | None = None
+    _progress: Progress | None = None
     _finished: bool = False
 
     @property
@@ -74,10 +85,19 @@ class ConnectionReport:
             self._opened_labels = self.labels()
             self.log.metrics.connection_opened(self._opened_labels)
 
-    def finish(self, bytes_up: int = 0, bytes_down: int = 0, *, error: str | None = None, flags: str = "-") -> None:
-        """Close the record: count closed/bytes with the final response flag and write the access-log line.
+    def relaying(self, progress: Progress) -> None:
+        """The relay's live counts (client->server, server->client), read at every scrape until `finish`, so
+        the byte counters move while the connection lasts, as ztunnel's do."""
+        self.opened()
+        assert self._opened_labels is not None
+        self._progress = progress
+        self.log.metrics.relaying(self, self._opened_labels, progress)
 
-        bytes_up is client->server, bytes_down server->client. Idempotent: the first call wins.
+    def finish(self, bytes_up: int = 0, bytes_down: int = 0, *, error: str | None = None, flags: str = "-") -> None:
+        """Close the record: count it closed with the final response flag, its bytes, and write the access-log line.
+
+        bytes_up is client->server, bytes_down server->client; a relaying record counts at least what its relay
+        reported (a connection cut mid-relay may be finished without counts). Idempotent: the first call wins.
         """
         if self._finished:
             return
@@ -85,9 +105,11 @@ class ConnectionReport:
         self.opened()
         labels = self._opened_labels
         assert labels is not None
-        if flags != labels[RESPONSE_FLAGS]:
-            labels = (*labels[:RESPONSE_FLAGS], flags, *labels[RESPONSE_FLAGS + 1 :])
-        self.log.metrics.connection_closed(labels, bytes_up, bytes_down)
+        if self._progress is not None:
+            self.log.metrics.relay_ended(self)
+            up, down = self._progress()
+            bytes_up, bytes_down = max(bytes_up, up), max(bytes_down, down)
+        self.log.metrics.connection_closed(labels, bytes_up, bytes_down, flags)
         self.log.write(self, bytes_up, bytes_down, error, flags)
 
 
@@ -114,25 +136,26 @@ class AccessLog:
         if not logger.isEnabledFor(level):
             return
 
-        def name(wl: Any | None) -> str | None:
-            return (wl.workload_name or wl.name) if wl is not None else None
-
         # As ztunnel logs them: what the reporting side's workload sent and received, so an inbound line's
         # bytes_sent is the pod's response (the metrics keep request/response for both reporters).
         sent, received = (bytes_up, bytes_down) if r.direction == "outbound" else (bytes_down, bytes_up)
 
+        s_name, s_ns, s_cluster = _UNNAMED if r.src is None else _log_values(r.src)
+        d_name, d_ns, d_cluster = _UNNAMED if r.dst is None else _log_values(r.dst)
         fields: dict[str, Any] = {
             "src.addr": _addr(r.src_addr),
-            "src.workload": name(r.src),
-            "src.namespace": r.src.namespace if r.src is not None else None,
+            "src.workload": s_name,
+            "src.namespace": s_ns,
             # identities only for mutual TLS, as ztunnel logs them (the metrics keep the destination's for plaintext)
             "src.identity": str(r.src_identity) if r.src_identity and r.mtls else None,
+            "src.cluster": s_cluster,
             "dst.addr": _addr(r.dst_addr),
             "dst.hbone_addr": _addr(r.hbone_addr),
             "dst.service": r.service.hostname if r.service is not None else None,
-            "dst.workload": name(r.dst),
-            "dst.namespace": r.dst.namespace if r.dst is not None else None,
+            "dst.workload": d_name,
+            "dst.namespace": d_ns,
             "dst.identity": str(r.dst_identity) if r.dst_identity and r.mtls else None,
+            "dst.cluster": d_cluster,
             "direction": r.direction,
             "path": r.path,
             "security": "mutual_tls" if r.mtls else "plaintext",

@@ -9,11 +9,15 @@ input shows up on a dashboard instead of only in a log.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from typing import Any
+import os
+import resource
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from agent import tunnel
-from agent.prometheus import Counter, MetricFamily, Registry, counter_family, gauge_family, render
+from agent.prometheus import Counter, Gauge, MetricFamily, Registry, counter_family, gauge_family, render
 from agent.tunnel import TunnelStats
 from common.spiffe import Identity
 
@@ -44,6 +48,12 @@ TRAFFIC_LABELS: tuple[str, ...] = (
     "request_protocol",
     "response_flags",
     "connection_security_policy",
+    # ztunnel's LocalityLabels (Istio 1.26+), flattened after the rest; present once a workload is known, which
+    # every record here has.
+    "source_region",
+    "source_zone",
+    "destination_region",
+    "destination_zone",
 )
 
 # Istio's response flags that make a connection count as failed.
@@ -56,11 +66,42 @@ def _v(value: str | None) -> str:
     return value if value else UNKNOWN
 
 
-def _workload_values(wl: Any | None) -> tuple[str, str, str, str, str, str, str]:
-    """workload, canonical_service, canonical_revision, workload_namespace, app, version, cluster."""
-    if wl is None:
-        return (UNKNOWN,) * 7
+_UNKNOWN_WORKLOAD = (UNKNOWN,) * 9
+_UNKNOWN_SERVICE = (UNKNOWN,) * 3
+
+
+V = TypeVar("V")
+
+
+class ProtoValues(Generic[V]):
+    """Values derived from a workload or service proto, computed once per proto object.
+
+    An attribute of a (upb) proto costs 0.15-0.3 us to read, and the nine label values a workload gives were most
+    of a connection's label cost. Keyed by the object, whose identity is checked (the store replaces a proto when
+    it changes, never edits it); an entry keeps its proto alive, so the id is not reused while cached. Cleared
+    when full: a miss only recomputes. The values' strings are shared by every series of the workload.
+    """
+
+    SIZE = 4096
+
+    def __init__(self, compute: Callable[[Any], V]) -> None:
+        self._compute = compute
+        self._entries: dict[int, tuple[Any, V]] = {}
+
+    def __call__(self, proto: Any) -> V:
+        hit = self._entries.get(id(proto))
+        if hit is not None and hit[0] is proto:
+            return hit[1]
+        values = self._compute(proto)
+        if len(self._entries) >= self.SIZE:
+            self._entries.clear()
+        self._entries[id(proto)] = (proto, values)
+        return values
+
+
+def _compute_workload(wl: Any) -> tuple[str, ...]:
     service, revision = _v(wl.canonical_name), _v(wl.canonical_revision)
+    locality = wl.locality
     return (
         _v(wl.workload_name or wl.name),
         service,
@@ -69,7 +110,22 @@ def _workload_values(wl: Any | None) -> tuple[str, str, str, str, str, str, str]
         service,
         revision,
         _v(wl.cluster_id),
+        _v(locality.region),
+        _v(locality.zone),
     )
+
+
+def _compute_service(svc: Any) -> tuple[str, ...]:
+    return (_v(svc.hostname), _v(svc.namespace), _v(svc.name))
+
+
+_workload_labels = ProtoValues(_compute_workload)
+_service_labels = ProtoValues(_compute_service)
+
+
+def _workload_values(wl: Any | None) -> tuple[str, ...]:
+    """workload, canonical_service, canonical_revision, workload_namespace, app, version, cluster, region, zone."""
+    return _UNKNOWN_WORKLOAD if wl is None else _workload_labels(wl)
 
 
 def traffic_label_values(
@@ -90,12 +146,9 @@ def traffic_label_values(
     principal is the destination workload's identity whenever it is known, plaintext included, as ztunnel's
     `with_destination` fills it.
     """
-    s_wl, s_svc, s_rev, s_ns, s_app, s_ver, s_cluster = _workload_values(src)
-    d_wl, d_svc, d_rev, d_ns, d_app, d_ver, d_cluster = _workload_values(dst)
-    if service is not None:
-        svc_host, svc_ns, svc_name = _v(service.hostname), _v(service.namespace), _v(service.name)
-    else:
-        svc_host = svc_ns = svc_name = UNKNOWN
+    s_wl, s_svc, s_rev, s_ns, s_app, s_ver, s_cluster, s_region, s_zone = _workload_values(src)
+    d_wl, d_svc, d_rev, d_ns, d_app, d_ver, d_cluster, d_region, d_zone = _workload_values(dst)
+    svc_host, svc_ns, svc_name = _UNKNOWN_SERVICE if service is None else _service_labels(service)
     return (
         reporter,
         s_wl,
@@ -120,6 +173,10 @@ def traffic_label_values(
         "tcp",
         response_flags,
         MUTUAL_TLS if mtls else UNKNOWN,
+        s_region,
+        s_zone,
+        d_region,
+        d_zone,
     )
 
 
@@ -136,11 +193,16 @@ REPORTER = TRAFFIC_LABELS.index("reporter")
 RESPONSE_FLAGS = TRAFFIC_LABELS.index("response_flags")
 
 
+Progress = Callable[[], tuple[int, int]]
+"""A relay's live byte counts: (client -> server, server -> client)."""
+
+
 class _TrafficCollector:
     """Istio's per-connection series as plain dicts, rendered at scrape time.
 
     Four counters and a gauge move on every proxied connection: a dict increment each, with the label tuple
-    the connection already holds, instead of a labelled child looked up per update.
+    the connection already holds, instead of a labelled child looked up per update. Bytes of connections still
+    relaying are read from their relays at scrape time, so the data path never touches a counter.
     """
 
     FAMILIES = (
@@ -158,9 +220,20 @@ class _TrafficCollector:
         self.sent: collections.Counter[tuple[str, ...]] = collections.Counter()
         self.failed: collections.Counter[tuple[str, ...]] = collections.Counter()
         self.sockets_open: collections.Counter[str] = collections.Counter()
+        # Relaying connections: (labels, their live client->server and server->client counts), by record.
+        self.live: dict[object, tuple[tuple[str, ...], Progress]] = {}
 
     def collect(self) -> Iterator[MetricFamily]:
-        tables = (self.opened, self.closed, self.received, self.sent, self.failed)
+        received, sent = self.received, self.sent
+        if self.live:
+            # Open connections' bytes on top of the closed ones', read now: the counters move while a
+            # connection lasts, as ztunnel's do (it adds every write), instead of jumping at its close.
+            received, sent = received.copy(), sent.copy()
+            for labels, progress in list(self.live.values()):
+                up, down = progress()
+                received[labels] += up
+                sent[labels] += down
+        tables = (self.opened, self.closed, received, sent, self.failed)
         for (name, doc), table in zip(self.FAMILIES, tables, strict=True):
             fam = counter_family(name, doc, labels=TRAFFIC_LABELS)
             for labels, value in list(table.items()):
@@ -214,6 +287,33 @@ class _TunnelStatsCollector:
         )
 
 
+def build_tag() -> str:
+    """The installed package's version, from its metadata file: importlib.metadata would load the email parser,
+    csv and zipfile (0.7 MB of RSS on every node) for one label."""
+    for entry in sys.path:
+        for meta in Path(entry or ".").glob("ambit-*.dist-info/METADATA"):
+            with meta.open(encoding="utf-8") as lines:
+                for line in lines:
+                    if line.startswith("Version:"):
+                        return line.split(":", 1)[1].strip()
+    return UNKNOWN
+
+
+class _ProcessCollector:
+    """ztunnel's process figures (src/metrics/process.rs), which fd-exhaustion alerts divide: a proxy holds two
+    descriptors per relayed connection, and running out refuses every new one."""
+
+    def collect(self) -> Iterator[MetricFamily]:
+        try:
+            open_fds = len(os.listdir("/proc/self/fd")) - 1  # less the one listing the directory
+        except OSError:
+            open_fds = None
+        if open_fds is not None:
+            yield gauge_family("process_open_fds", "Number of open file descriptors", value=open_fds)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        yield gauge_family("process_max_fds", "Maximum number of file descriptors", value=soft)
+
+
 class Metrics:
     """The agent's registry; one instance per agent (tests make their own)."""
 
@@ -234,6 +334,11 @@ class Metrics:
             ON_DEMAND_DNS_LABELS,
             registry=r,
         )
+        # As ztunnel (src/metrics/meta.rs): the Istio ztunnel dashboard's versions panel sums it by tag.
+        Gauge("istio_build", "Istio component build info", ["component", "tag"], registry=r).labels(
+            "ztunnel", build_tag()
+        ).set(1)
+        r.register(_ProcessCollector())
         if tunnel_stats is not None:
             r.register(_TunnelStatsCollector(tunnel_stats))
 
@@ -243,17 +348,30 @@ class Metrics:
         t.opened[labels] += 1
         t.sockets_open[labels[REPORTER]] += 1
 
-    def connection_closed(self, labels: tuple[str, ...], bytes_up: int, bytes_down: int) -> None:
-        """`labels` as at close (final response_flags); bytes_up = client->server, bytes_down = server->client."""
+    def connection_closed(self, labels: tuple[str, ...], bytes_up: int, bytes_down: int, flags: str = "-") -> None:
+        """`labels` as the connection was opened with; bytes_up = client->server, bytes_down = server->client.
+
+        As ztunnel: the bytes go to the series the connection was opened with (it takes those counters when
+        the connection starts and adds to them as bytes move), while closed and failed carry the final
+        response flag."""
         t = self.traffic
-        t.closed[labels] += 1
-        t.sockets_open[labels[REPORTER]] -= 1
-        if labels[RESPONSE_FLAGS] in FAILURE_FLAGS:
-            t.failed[labels] += 1
         if bytes_up:
             t.received[labels] += bytes_up
         if bytes_down:
             t.sent[labels] += bytes_down
+        t.sockets_open[labels[REPORTER]] -= 1
+        if flags != labels[RESPONSE_FLAGS]:
+            labels = (*labels[:RESPONSE_FLAGS], flags, *labels[RESPONSE_FLAGS + 1 :])
+            if flags in FAILURE_FLAGS:
+                t.failed[labels] += 1
+        t.closed[labels] += 1
+
+    def relaying(self, key: object, labels: tuple[str, ...], progress: Progress) -> None:
+        """Add `progress`'s counts to `labels`' byte counters at every scrape until `relay_ended(key)`."""
+        self.traffic.live[key] = (labels, progress)
+
+    def relay_ended(self, key: object) -> None:
+        self.traffic.live.pop(key, None)
 
     def error(self, direction: str, reason: str) -> None:
         self.errors.labels(direction, reason).inc()
@@ -261,7 +379,7 @@ class Metrics:
     def on_demand_dns_requested(self, src: Any, src_identity: Identity | None, hostname: str) -> None:
         """A connection from `src` picked an endpoint known only by `hostname` (counted whether or not the answer
         was cached, as ztunnel counts it)."""
-        wl, svc, rev, ns, app, ver, cluster = _workload_values(src)
+        wl, svc, rev, ns, app, ver, cluster, _, _ = _workload_values(src)
         principal = str(src_identity) if src_identity else UNKNOWN
         self.on_demand_dns.labels(wl, svc, rev, ns, principal, app, ver, cluster, _v(hostname)).inc()
 

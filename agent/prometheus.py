@@ -185,8 +185,9 @@ class Gauge(_Metric[_GaugeChild]):
 
 
 def wants_openmetrics(accept: str) -> bool:
-    """Prometheus lists OpenMetrics first (highest q) when it can parse it; anything else gets the 0.0.4 text."""
-    return any(part.split(";", 1)[0].strip() == "application/openmetrics-text" for part in accept.split(","))
+    """Prometheus lists OpenMetrics first (highest q) when it can parse it; anything else gets the 0.0.4 text.
+    Media types are case-insensitive, so matched lowercased (as ztunnel does)."""
+    return any(part.split(";", 1)[0].strip() == "application/openmetrics-text" for part in accept.lower().split(","))
 
 
 def render(registry: Registry, accept: str = "") -> tuple[bytes, str]:

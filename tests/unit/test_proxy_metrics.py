@@ -38,7 +38,7 @@ DST_ID = Identity("cluster.local", "server", "default")
 def test_label_names_and_order_are_istios() -> None:
     labels = traffic_labels(reporter="destination", src=SRC, dst=DST, service=SVC, mtls=True)
     assert tuple(labels) == TRAFFIC_LABELS
-    assert TRAFFIC_LABELS[0] == "reporter" and TRAFFIC_LABELS[-1] == "connection_security_policy"
+    assert TRAFFIC_LABELS[0] == "reporter" and TRAFFIC_LABELS[-5] == "connection_security_policy"
 
 
 def test_labels_from_workloads() -> None:

@@ -3,6 +3,13 @@
 A Python mTLS handshake costs 3-6 ms of CPU, so user connections must become streams on pooled connections;
 concurrent openers for one key share a single handshake instead of stampeding, a connection takes at most
 ``max_streams_per_conn`` streams (then another is opened), and connections idle for ``idle_timeout`` are closed.
+
+A connection speaks with the certificate and trusts the roots its TLS context had at the handshake. When the source
+identity's certificate is renewed or the trust bundle changes, the caller's context changes (CertificateManager
+hands out one context per certificate and bundle), and connections made with an older one take no new streams:
+they are retired, closing with their last stream. Otherwise a busy pooled connection, never idle, would go on
+presenting a certificate past its renewal, past its expiry even (TLS checks it once), and trusting a root the mesh
+has since retired.
 """
 
 from __future__ import annotations
@@ -52,11 +59,13 @@ class PoolKey:
 class _Pooled:
     """A pooled connection plus the bookkeeping for idle release."""
 
-    __slots__ = ("conn", "created", "idle_handle", "idle_since", "key")
+    __slots__ = ("conn", "context", "created", "idle_handle", "idle_since", "key", "retired")
 
-    def __init__(self, key: PoolKey, conn: HboneClientConnection) -> None:
+    def __init__(self, key: PoolKey, conn: HboneClientConnection, context: ssl.SSLContext) -> None:
         self.key = key
         self.conn = conn
+        self.context = context  # the source's TLS context at the handshake (its certificate, the roots it trusts)
+        self.retired = False  # out of the pool: its context was replaced; closes with its last stream
         self.created = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -81,6 +90,7 @@ class HboneConnectionPool:
         self.stats = stats or STATS
         self._conns: dict[PoolKey, list[_Pooled]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[_Pooled]] = {}
+        self._retired: set[_Pooled] = set()  # out of the pool, still carrying streams
         self.connections_created = 0
         self.connect_failures = 0
         self._closed = False
@@ -115,10 +125,17 @@ class HboneConnectionPool:
         while True:
             if self._closed:
                 raise HboneConnectError(503, "connection pool closed")
+            stale = None
             for pooled in self._conns.get(key, ()):
+                if pooled.context is not ssl_context:
+                    stale = pooled
+                    continue
                 conn = pooled.conn
                 if conn.usable and conn.active_streams < self.max_streams_per_conn and conn.available_streams > 0:
                     return pooled
+            if stale is not None:
+                self._retire_stale(key, ssl_context)
+                continue
             task = self._connecting.get(key)
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._connect(key, ssl_context))
@@ -133,7 +150,7 @@ class HboneConnectionPool:
         except HboneConnectError:
             self.connect_failures += 1
             raise
-        pooled = _Pooled(key, conn)
+        pooled = _Pooled(key, conn, ssl_context)
         self.connections_created += 1
         conn.set_stream_count_callback(functools.partial(self._on_stream_count, pooled))
         self._conns.setdefault(key, []).append(pooled)
@@ -152,6 +169,7 @@ class HboneConnectionPool:
         """Evict the connection from the pool as soon as it closes (GOAWAY, keepalive timeout, peer close)."""
         await pooled.conn.wait_closed()
         self._evict(pooled)
+        self._retired.discard(pooled)
 
     def _evict(self, pooled: _Pooled) -> None:
         if pooled.idle_handle is not None:
@@ -163,6 +181,21 @@ class HboneConnectionPool:
             if not conns:
                 del self._conns[pooled.key]
 
+    def _retire_stale(self, key: PoolKey, ssl_context: ssl.SSLContext) -> None:
+        """Take the key's connections made with another context than ``ssl_context`` out of the pool: those without
+        a stream close now, the others with their last one (:meth:`_on_stream_count`)."""
+        for pooled in [p for p in self._conns.get(key, ()) if p.context is not ssl_context]:
+            pooled.retired = True
+            self._evict(pooled)
+            self._retired.add(pooled)
+            log.info(
+                "HBONE connection retired: the source's certificate or trust bundle changed",
+                extra=kv(src=str(key.src), dst=str(key.dst), streams=pooled.conn.active_streams),
+            )
+            if pooled.conn.active_streams == 0:
+                pooled.conn.close()
+                self._retired.discard(pooled)
+
     def _on_stream_count(self, pooled: _Pooled, count: int) -> None:
         if count:
             pooled.idle_since = None
@@ -173,10 +206,11 @@ class HboneConnectionPool:
         if pooled.idle_since is None:
             pooled.idle_since = time.monotonic()
             self._arm_idle(pooled)
-        if not pooled.conn.usable:
-            # Draining after GOAWAY: nothing will use it again.
+        if not pooled.conn.usable or pooled.retired:
+            # Draining after GOAWAY, or retired: nothing will use it again.
             pooled.conn.close()
             self._evict(pooled)
+            self._retired.discard(pooled)
 
     def _arm_idle(self, pooled: _Pooled) -> None:
         if pooled.idle_handle is not None:
@@ -194,10 +228,13 @@ class HboneConnectionPool:
         return sum(len(v) for v in self._conns.values())
 
     def stream_count(self) -> int:
-        return sum(p.conn.active_streams for v in self._conns.values() for p in v)
+        return sum(p.conn.active_streams for p in self._all())
+
+    def _all(self) -> list[_Pooled]:
+        return [p for conns in self._conns.values() for p in conns] + list(self._retired)
 
     def snapshot(self) -> list[dict[str, object]]:
-        """Per connection: key, active streams, age, idle time (for /config_dump style debugging)."""
+        """Per connection, retired ones included: key, active streams, age, idle time (for /config_dump)."""
         now = time.monotonic()
         return [
             {
@@ -208,11 +245,11 @@ class HboneConnectionPool:
                 "addr": f"{p.key.addr[0]}:{p.key.addr[1]}",
                 "streams": p.conn.active_streams,
                 "usable": p.conn.usable,
+                "retired": p.retired,
                 "age_s": round(now - p.created, 3),
                 "idle_s": None if p.idle_since is None else round(now - p.idle_since, 3),
             }
-            for conns in self._conns.values()
-            for p in conns
+            for p in self._all()
         ]
 
     async def close(self) -> None:
@@ -220,7 +257,8 @@ class HboneConnectionPool:
         self._closed = True
         for task in list(self._connecting.values()):
             task.cancel()
-        pooled_all = [p for conns in self._conns.values() for p in conns]
+        pooled_all = self._all()
+        self._retired.clear()
         for p in pooled_all:
             p.conn.close()
             self._evict(p)

@@ -241,3 +241,58 @@ def test_sans_naming_the_workload_itself_are_the_same_key(mesh: Mesh) -> None:
     with_other = PoolKey(mesh.client_id, mesh.server_id, addr, frozenset({mesh.server_id, other}))
     assert with_other != plain and with_other.also == {other}
     assert with_other.accepted == {mesh.server_id, other}
+
+
+def _peer_leaf(req: object) -> bytes:
+    """DER of the client certificate the server saw on the connection carrying ``req``."""
+    ssl_obj = req._proto.transport.get_extra_info("ssl_object")  # type: ignore[attr-defined]
+    der: bytes = ssl_obj.getpeercert(binary_form=True)
+    return der
+
+
+async def _closed_count(server: HboneServer, want: int) -> int:
+    for _ in range(100):
+        if server.stats.connections_closed >= want:
+            break
+        await asyncio.sleep(0.02)
+    return server.stats.connections_closed
+
+
+async def test_a_renewed_certificate_retires_the_connections_made_with_the_old_one(
+    mesh: Mesh, server: HboneServer, echo: Backend
+) -> None:
+    """A renewal hands the pool a new context for the same key: new streams go on a connection made with it, the
+    old connection keeps its open stream and closes with it (a busy connection never goes idle, and would otherwise
+    present the old certificate for as long as the pod keeps talking)."""
+    pool = HboneConnectionPool(stats=TunnelStats())
+    old_ctx = mesh.ca.client_context(mesh.ca.issue(mesh.client_id))
+    long_lived = await pool.open_stream(mesh.key(server), old_ctx, echo.addr, [])
+    old_cert = _peer_leaf(server.requests[-1])
+
+    new_ctx = mesh.ca.client_context(mesh.ca.issue(mesh.client_id))  # renewed: same identity, new certificate
+    fresh = await pool.open_stream(mesh.key(server), new_ctx, echo.addr, [])
+    assert pool.connections_created == 2 and server.connections == 2
+    assert _peer_leaf(server.requests[-1]) != old_cert
+    retired = [c for c in pool.snapshot() if c["retired"]]
+    assert len(retired) == 1 and retired[0]["streams"] == 1
+    assert await roundtrip(long_lived, b"old") == b"old"
+    assert await _closed_count(server, 1) == 1, "the retired connection closes with its last stream"
+    assert await roundtrip(fresh) == b"hello"
+    again = await pool.open_stream(mesh.key(server), new_ctx, echo.addr, [])
+    assert pool.connections_created == 2, "the new connection is pooled as usual"
+    assert await roundtrip(again) == b"hello"
+    assert [c["retired"] for c in pool.snapshot()] == [False]
+    await pool.close()
+
+
+async def test_an_idle_connection_of_a_replaced_context_closes_at_once(
+    mesh: Mesh, server: HboneServer, echo: Backend
+) -> None:
+    pool = HboneConnectionPool(stats=TunnelStats())
+    old_ctx = mesh.ca.client_context(mesh.ca.issue(mesh.client_id))
+    assert await roundtrip(await pool.open_stream(mesh.key(server), old_ctx, echo.addr, [])) == b"hello"
+    new_ctx = mesh.ca.client_context(mesh.ca.issue(mesh.client_id))
+    assert await roundtrip(await pool.open_stream(mesh.key(server), new_ctx, echo.addr, [])) == b"hello"
+    assert await _closed_count(server, 1) == 1
+    assert pool.connection_count() == 1 and len(pool.snapshot()) == 1
+    await pool.close()

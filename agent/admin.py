@@ -116,7 +116,7 @@ def metrics_server(metrics: Metrics) -> HttpServer:
     """15020: `/metrics` and `/stats/prometheus` (OpenMetrics when the scraper asks for it)."""
 
     async def scrape(req: Request) -> Response:
-        body, content_type = metrics.render(req.headers.get("accept"))
+        body, content_type = await metrics.render(req.headers.get("accept"))
         return Response(200, body, content_type)
 
     s = HttpServer("metrics")

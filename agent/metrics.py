@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from agent import tunnel
-from agent.prometheus import Counter, Gauge, MetricFamily, Registry, counter_family, gauge_family, render
+from agent.prometheus import Counter, Gauge, MetricFamily, Registry, counter_family, gauge_family, render_async
 from agent.tunnel import TunnelStats
 from common.spiffe import Identity
 
@@ -383,9 +383,10 @@ class Metrics:
         principal = str(src_identity) if src_identity else UNKNOWN
         self.on_demand_dns.labels(wl, svc, rev, ns, principal, app, ver, cluster, _v(hostname)).inc()
 
-    def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """Prometheus text (or OpenMetrics when the scraper asks for it) and its content type."""
-        return render(self.registry, accept or "")
+    async def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Prometheus text (or OpenMetrics when the scraper asks for it) and its content type, handing the event
+        loop back while a large scrape renders."""
+        return await render_async(self.registry, accept or "")
 
 
 def sample_value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:

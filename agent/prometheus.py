@@ -12,6 +12,7 @@ Everything runs on the event loop's thread: no locks.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,19 +30,30 @@ class Sample(NamedTuple):
 
 @dataclass
 class MetricFamily:
-    """One metric family as a scrape sees it. A counter's ``name`` is without ``_total``; its samples carry it."""
+    """One metric family as a scrape sees it. A counter's ``name`` is without ``_total``; its samples carry it.
+
+    Rows are kept as (label values, value), in ``labelnames`` order: a scrape renders them without a dict per
+    sample; ``samples`` builds the named view for tests and tools."""
 
     name: str
     documentation: str
     type: str  # "counter" or "gauge"
     labelnames: tuple[str, ...] = ()
-    samples: list[Sample] = field(default_factory=list)
+    rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+    @property
+    def sample_name(self) -> str:
+        return self.name + "_total" if self.type == "counter" else self.name
+
+    @property
+    def samples(self) -> list[Sample]:
+        name, names = self.sample_name, self.labelnames
+        return [Sample(name, dict(zip(names, values, strict=True)), value) for values, value in self.rows]
 
     def add_metric(self, labels: Sequence[str], value: float) -> None:
         if len(labels) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(labels)} label values for {len(self.labelnames)} label names")
-        suffix = "_total" if self.type == "counter" else ""
-        self.samples.append(Sample(self.name + suffix, dict(zip(self.labelnames, labels, strict=True)), value))
+        self.rows.append((tuple(labels), value))
 
 
 def _family(
@@ -192,37 +204,87 @@ def wants_openmetrics(accept: str) -> bool:
 
 def render(registry: Registry, accept: str = "") -> tuple[bytes, str]:
     """The scrape body and its content type, in the format ``accept`` asks for."""
-    if wants_openmetrics(accept):
-        return render_openmetrics(registry).encode(), OPENMETRICS_CONTENT_TYPE
-    return render_text(registry).encode(), TEXT_CONTENT_TYPE
+    openmetrics = wants_openmetrics(accept)
+    body = "".join(_Exposition(openmetrics).pieces(registry))
+    return body.encode(), OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+
+
+async def render_async(registry: Registry, accept: str = "", lines_per_turn: int = 2000) -> tuple[bytes, str]:
+    """As :func:`render`, handing the event loop back every ``lines_per_turn`` lines.
+
+    The agent keeps every series it has seen (as ztunnel does), so a node that served many short-lived
+    workloads renders tens of thousands of lines, which in one piece stalled every relay on the loop.
+    """
+    openmetrics = wants_openmetrics(accept)
+    out: list[str] = []
+    for piece in _Exposition(openmetrics, lines_per_turn).pieces(registry):
+        out.append(piece)
+        if not piece:  # _TURN
+            await asyncio.sleep(0)
+    return "".join(out).encode(), OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
 
 
 def render_text(registry: Registry) -> str:
-    out: list[str] = []
-    for fam in registry.collect():
-        # The 0.0.4 format names a counter's HELP and TYPE lines after its samples (prometheus_client does too).
-        name = fam.name + "_total" if fam.type == "counter" else fam.name
-        out.append(f"# HELP {name} {_escape_help(fam.documentation)}\n# TYPE {name} {fam.type}\n")
-        out.extend(_sample_lines(fam))
-    return "".join(out)
+    return "".join(_Exposition(False).pieces(registry))
 
 
 def render_openmetrics(registry: Registry) -> str:
-    out: list[str] = []
-    for fam in registry.collect():
-        out.append(f"# HELP {fam.name} {_escape_help(fam.documentation, quote=True)}\n# TYPE {fam.name} {fam.type}\n")
-        out.extend(_sample_lines(fam))
-    out.append("# EOF\n")
-    return "".join(out)
+    return "".join(_Exposition(True).pieces(registry))
 
 
-def _sample_lines(fam: MetricFamily) -> Iterator[str]:
-    for s in fam.samples:
-        if s.labels:
-            labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(s.labels.items()))
-            yield f"{s.name}{{{labels}}} {_number(s.value)}\n"
-        else:
-            yield f"{s.name} {_number(s.value)}\n"
+_TURN = ""
+"""Yielded between pieces where a caller may hand the loop back (an empty string: joins to nothing)."""
+
+
+class _Exposition:
+    """One scrape's rendering. Each distinct label set is rendered once per scrape and each distinct value
+    escaped once: Istio's four traffic counters share their label sets, and most values repeat (`unknown`,
+    `tcp`, a namespace), which made label escaping most of a large scrape's cost."""
+
+    def __init__(self, openmetrics: bool, lines_per_turn: int = 0) -> None:
+        self.openmetrics = openmetrics
+        self.lines_per_turn = lines_per_turn
+        self._escaped: dict[str, str] = {}
+        # label names -> (their sorted positions with `name="` prefixes, rendered label sets by values)
+        self._layouts: dict[tuple[str, ...], tuple[list[tuple[int, str]], dict[tuple[str, ...], str]]] = {}
+
+    def pieces(self, registry: Registry) -> Iterator[str]:
+        every, count = self.lines_per_turn, 0
+        for fam in registry.collect():
+            if self.openmetrics:
+                doc, name = _escape_help(fam.documentation, quote=True), fam.name
+            else:  # the 0.0.4 format names a counter's HELP and TYPE lines after its samples, as prometheus_client
+                doc, name = _escape_help(fam.documentation), fam.sample_name
+            yield f"# HELP {name} {doc}\n# TYPE {name} {fam.type}\n"
+            sample = fam.sample_name
+            if not fam.labelnames:
+                for _, value in fam.rows:
+                    yield f"{sample} {_number(value)}\n"
+                continue
+            layout = self._layouts.get(fam.labelnames)
+            if layout is None:
+                names = fam.labelnames
+                order = [(i, f'{names[i]}="') for i in sorted(range(len(names)), key=names.__getitem__)]
+                layout = self._layouts[names] = (order, {})
+            order, rendered = layout
+            escaped = self._escaped
+            for values, value in fam.rows:
+                labels = rendered.get(values)
+                if labels is None:
+                    parts = []
+                    for i, prefix in order:
+                        v = values[i]
+                        e = escaped.get(v)
+                        if e is None:
+                            e = escaped[v] = _escape_label(v)
+                        parts.append(f'{prefix}{e}"')
+                    labels = rendered[values] = "{" + ",".join(parts) + "}"
+                yield f"{sample}{labels} {_number(value)}\n"
+                count += 1
+                if every and count % every == 0:
+                    yield _TURN
+        if self.openmetrics:
+            yield "# EOF\n"
 
 
 def _escape_label(value: str) -> str:

@@ -5,15 +5,17 @@ Each test names the ztunnel behaviour it checks (istio/ztunnel src/proxy/metrics
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from agent.accesslog import AccessLog
 from agent.metrics import TRAFFIC_LABELS, Metrics, sample_value, traffic_labels
-from agent.prometheus import render_text, wants_openmetrics
+from agent.prometheus import render, render_async, render_text, wants_openmetrics
 from api.istio.workload import workload_pb2 as wpb
 from common.spiffe import Identity
 
@@ -178,3 +180,35 @@ def test_openmetrics_is_recognised_in_any_case() -> None:
     """Media types are case-insensitive (RFC 9110 8.3.1); ztunnel lowercases the Accept header before matching."""
     assert wants_openmetrics("Application/OpenMetrics-Text; version=1.0.0; q=0.5, text/plain;q=0.1")
     assert not wants_openmetrics("text/plain;version=0.0.4")
+
+
+async def test_a_big_scrape_lets_the_proxy_run_while_it_renders() -> None:
+    """Every series of a workload ever seen stays (ztunnel's families never drop one either): after 10,000 Jobs
+    talked through a node, its 80,000 traffic series took 2 s of CPU to render, in one piece on the event loop
+    that relays every connection. The scrape hands the loop back between pieces and renders each label set
+    once per scrape (Istio's four traffic counters share them)."""
+    m = Metrics()
+    log = AccessLog(m)
+    for i in range(600):
+        src = wpb.Workload(uid=f"c//Pod/batch/job-{i}", name=f"job-{i}-x", namespace="batch", workload_name=f"job-{i}")
+        r = log.start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80), src=src, dst=DST, service=SVC)
+        r.finish(10, 20)
+    turns = 0
+    rendering = True
+
+    async def other_work() -> None:
+        nonlocal turns
+        while rendering:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    body, ctype = await render_async(m.registry, "", lines_per_turn=500)
+    rendering = False
+    await task
+    assert turns - before >= 4  # 2,400 traffic lines and the rest: the loop ran between pieces
+    assert (body, ctype) == render(m.registry, "")
+    families = {f.name: f for f in parse_text(body.decode())}
+    assert len(families["istio_tcp_connections_closed"].samples) == 600

@@ -42,13 +42,14 @@ from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundP
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.redirect_netlink import ChangeWatch
-from agent.sockets import Listener, any_address, transparent_listener
+from agent.sockets import Listener, transparent_listener
 from agent.state import ADDRESS_TYPE, WorkloadStore
 from agent.tunnel import STATS, TunnelConfig
 from agent.xds import STATE_FILE, XdsClient
 from api.istio.workload import workload_pb2
 from common import flags, runtime
 from common import log as jsonlog
+from common.addresses import any_address
 from common.flags import doc
 from common.http import HttpServer
 from common.log import kv

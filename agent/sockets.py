@@ -84,20 +84,6 @@ def transparent_listener(
     return sock
 
 
-def any_address() -> str:
-    """``::`` where this network namespace can have IPv6 sockets, else ``0.0.0.0``.
-
-    Why: on a dual-stack or IPv6-only cluster, capture hands enrolled pods' IPv6 connections to the agent's
-    listeners, and with IPv4-only ones it finds none and drops them (fail closed). One ``::`` socket per port takes
-    both families (IPv4 as ``::ffff:a.b.c.d``, see :func:`canonical_ip`); only a kernel without IPv6 refuses it."""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::", 0))
-    except OSError:
-        return "0.0.0.0"
-    return "::"
-
-
 def canonical_ip(host: str) -> str:
     """``host`` with an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) written as IPv4.
 

@@ -19,6 +19,7 @@ import grpc
 
 from common import flags, runtime
 from common import log as jsonlog
+from common.addresses import any_address
 from common.flags import doc
 from common.http import Response
 from common.log import kv
@@ -41,7 +42,9 @@ class ControllerConfig:
     xds_port: int = field(default=15010, metadata=doc("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
     tls_port: int = field(default=15012, metadata=doc("gRPC over TLS (xDS + CA); needs --ca-dir; 0 turns it off"))
     monitoring_port: int = field(default=15014, metadata=doc("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
-    listen_address: str = field(default="0.0.0.0", metadata=doc("address the listeners bind"))
+    listen_address: str = field(
+        default="", metadata=doc("address the listeners bind (default: :: where the kernel has IPv6, else 0.0.0.0)")
+    )
     ca_dir: str = field(default="", metadata=doc("CA directory (created if empty); enables the CA and TLS port"))
     ca_secret: str = field(
         default="",
@@ -63,6 +66,9 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         jsonlog.parse_levels(self.log_level)  # refused as a usage error here, not as a traceback at setup
+
+    def bind_address(self) -> str:
+        return self.listen_address or any_address()
 
 
 class StartupError(Exception):
@@ -108,9 +114,10 @@ class Controller:
 
     async def start(self) -> None:
         cfg = self.cfg
+        address = cfg.bind_address()
         if cfg.monitoring_port:
-            await self.monitoring.start(cfg.listen_address, cfg.monitoring_port)
-            log.info("monitoring listening", extra=kv(address=cfg.listen_address, port=self.monitoring.port))
+            await self.monitoring.start(address, cfg.monitoring_port)
+            log.info("monitoring listening", extra=kv(address=address, port=self.monitoring.port))
         await self._start_sources()
         await self._sync_ca_secret()
         authenticator, grpc_services = self._grpc_services()
@@ -120,10 +127,10 @@ class Controller:
             self.xds.add_to_server(server)
             for register in grpc_services:
                 register(server)
-            bound = server.add_insecure_port(_hostport(cfg.listen_address, cfg.xds_port))
+            bound = server.add_insecure_port(_hostport(address, cfg.xds_port))
             await server.start()
             self._servers.append(server)
-            log.info("xds listening", extra=kv(address=cfg.listen_address, port=bound, tls=False))
+            log.info("xds listening", extra=kv(address=address, port=bound, tls=False))
         if cfg.tls_port and cfg.ca_dir:
             from controller.ca_service import server_credentials
 
@@ -131,10 +138,10 @@ class Controller:
             self.xds.add_to_server(server, authenticate=authenticator)
             for register in grpc_services:
                 register(server)
-            bound = server.add_secure_port(_hostport(cfg.listen_address, cfg.tls_port), server_credentials(self._ca))
+            bound = server.add_secure_port(_hostport(address, cfg.tls_port), server_credentials(self._ca))
             await server.start()
             self._servers.append(server)
-            log.info("xds listening", extra=kv(address=cfg.listen_address, port=bound, tls=True))
+            log.info("xds listening", extra=kv(address=address, port=bound, tls=True))
         elif cfg.tls_port:
             log.info("TLS port off: no --ca-dir")
         self.ready = True

@@ -251,10 +251,11 @@ async def _http_status(host: str, port: int) -> bytes:
 async def test_controller_probe_answers_on_both_families(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kubelet probes the pod's IP, and on an IPv6-only or IPv6-first cluster that is an IPv6 address: the
     monitoring listener (which serves the readiness probe) must take IPv6 as well as IPv4, or the controller is
-    never Ready and its Service has no endpoint for the agents. (gRPC binds both families for any wildcard.)"""
+    never Ready and its Service has no endpoint for the agents. The default address is `::` where the kernel has
+    IPv6 (it was 0.0.0.0); gRPC binds both families for any wildcard."""
     cfg = _config(*CONTROLLER[:3], monkeypatch)
     server = Controller(cfg).monitoring
-    await server.start(cfg.listen_address, 0)
+    await server.start(cfg.bind_address(), 0)
     try:
         for host in ("::1", "127.0.0.1"):
             assert await _http_status(host, server.port) == b"503", host  # not ready: nothing synced here

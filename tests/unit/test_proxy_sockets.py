@@ -12,7 +12,6 @@ import uvloop
 
 from agent.sockets import (
     Listener,
-    any_address,
     canonical_ip,
     connect_upstream,
     make_nonblocking,
@@ -21,6 +20,7 @@ from agent.sockets import (
     read_waiting,
     transparent_listener,
 )
+from common.addresses import any_address
 
 LOOPS = ["asyncio", "uvloop"]
 

@@ -80,6 +80,14 @@ def _valid_ip(raw: bytes) -> bool:
     return len(raw) in (4, 16)
 
 
+def _unknown(enum: Any, field: str, value: int) -> str | None:
+    """proto3 keeps enum values it does not know as plain integers; ztunnel refuses them (``try_from``), and so do
+    we: read as the nearest known value, an unknown policy action became ALLOW."""
+    if value in enum.values():
+        return None
+    return f"{field} {value} is not one of {', '.join(enum.keys())}"
+
+
 def validate_address(name: str, addr: wl_pb.Address) -> str | None:
     """Why this Address cannot be used, or None. Checks what the data path relies on."""
     if addr.HasField("workload"):
@@ -88,6 +96,11 @@ def validate_address(name: str, addr: wl_pb.Address) -> str | None:
             return "workload has no uid"
         if name != w.uid:
             return f"resource name does not match workload uid {w.uid!r}"
+        reason = _unknown(wl_pb.TunnelProtocol, "tunnel_protocol", w.tunnel_protocol) or _unknown(
+            wl_pb.NetworkMode, "network_mode", w.network_mode
+        )
+        if reason is not None:
+            return reason
         for ip in w.addresses:
             if not _valid_ip(ip):
                 return f"workload address of {len(ip)} bytes is not an IPv4/IPv6 address"
@@ -112,6 +125,9 @@ def validate_authorization(name: str, policy: authz_pb.Authorization) -> str | N
         return "policy has no name"
     if name != policy_key(policy):
         return f"resource name does not match policy {policy_key(policy)!r}"
+    reason = _unknown(authz_pb.Action, "action", policy.action) or _unknown(authz_pb.Scope, "scope", policy.scope)
+    if reason is not None:
+        return reason
     for group in policy.groups:
         for rules in group.rules:
             for match in rules.matches:

@@ -205,12 +205,12 @@ class _TrafficCollector:
     relaying are read from their relays at scrape time, so the data path never touches a counter.
     """
 
-    FAMILIES = (
-        ("istio_tcp_connections_opened", "TCP connections opened"),
-        ("istio_tcp_connections_closed", "TCP connections closed"),
-        ("istio_tcp_received_bytes", "Bytes sent by the client (request direction)"),
-        ("istio_tcp_sent_bytes", "Bytes returned by the server (response direction)"),
-        ("istio_tcp_connections_failed", "TCP connections that failed (response_flags)"),
+    FAMILIES = (  # ztunnel's help texts
+        ("istio_tcp_connections_opened", "The total number of TCP connections opened"),
+        ("istio_tcp_connections_closed", "The total number of TCP connections closed"),
+        ("istio_tcp_received_bytes", "The size of total bytes received during request in case of a TCP connection"),
+        ("istio_tcp_sent_bytes", "The size of total bytes sent during response in case of a TCP connection"),
+        ("istio_tcp_connections_failed", "The total number of TCP connections that failed to establish (unstable)"),
     )
 
     def __init__(self) -> None:
@@ -239,7 +239,9 @@ class _TrafficCollector:
             for labels, value in list(table.items()):
                 fam.add_metric(labels, value)
             yield fam
-        gauge = gauge_family("istio_tcp_sockets_open", "Proxied TCP connections open now", labels=["reporter"])
+        gauge = gauge_family(
+            "istio_tcp_sockets_open", "The current number of open TCP sockets (unstable)", labels=["reporter"]
+        )
         for reporter, value in sorted(self.sockets_open.items()):
             gauge.add_metric([reporter], value)
         yield gauge

@@ -277,6 +277,13 @@ class CertificateAuthority:
         if has_cert or has_key:
             missing = CA_KEY if has_cert else CA_CERT
             raise CaLoadError(f"{d / missing}: missing while its pair exists; refusing to overwrite a partial CA")
+        present = [name for name in (CERT_CHAIN, ROOT_CERT) if (d / name).exists()]
+        if present:
+            # A plugged-in CA being copied in, not a first start: minting a root would overwrite the operator's bundle.
+            raise CaLoadError(
+                f"{d / CA_CERT}, {d / CA_KEY}: missing while {', '.join(present)} exist; "
+                "refusing to create a self-signed root over a partial plugged-in CA"
+            )
         cert, key = new_root(self.trust_domain)
         # Key first: a crash between the writes leaves a key without a cert, which the next start refuses loudly
         # rather than silently minting a second root.

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from pytest import MonkeyPatch
 
 from common.pki import fingerprint, issued_by, load_pem_certs
 from common.spiffe import Identity
 from controller import ca_rotation
-from controller.ca import ROOT_CERT, CertificateAuthority, new_root
+from controller.ca import ROOT_CERT, CaLoadError, CertificateAuthority, new_root
 from tests.support.identity_pki import csr_pem, write_plugged_ca
 
 WEB = Identity("cluster.local", "default", "web")
@@ -38,7 +38,9 @@ def test_retire_on_a_plugged_in_ca_keeps_the_root_its_chain_ends_in(tmp_path: Pa
     assert [(row["role"], row["fingerprint"]) for row in ca_rotation.status(d)] == [("signing", fingerprint(root))]
 
 
-def test_a_reload_while_signing_does_not_mix_two_cas_in_one_chain(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+def test_a_reload_while_signing_does_not_mix_two_cas_in_one_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """gRPC's serving-certificate callback reloads the CA directory from its own thread, so a rotation step can be
     picked up between signing a leaf and building the rest of its chain. The chain must still be the one CA's that
     signed the leaf, root last: sign_csr used to read the CA state twice and could return a leaf from the old root
@@ -58,3 +60,18 @@ def test_a_reload_while_signing_does_not_mix_two_cas_in_one_chain(tmp_path: Path
     monkeypatch.setattr(CertificateAuthority, "_issue", issue_then_reload)
     chain = [x509.load_pem_x509_certificate(p.encode()) for p in ca.sign_csr(csr_pem(), WEB, 60)]
     assert issued_by(chain[0], chain[-1]), "the root last in the chain must be the one that signed the leaf"
+
+
+def test_a_half_copied_plugged_in_ca_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """An operator plugging in their PKI copies root-cert.pem and cert-chain.pem before ca-cert.pem and ca-key.pem,
+    and the controller starts in between: the directory has no signing pair, but it is not empty. It used to be
+    taken for a first start: a fresh self-signed root was minted and written over the operator's root-cert.pem, and
+    once the rest was copied the intermediate's chain no longer reached the bundle."""
+    d = tmp_path / "ca"
+    root, _ = write_plugged_ca(d)
+    (d / "ca-cert.pem").unlink()
+    (d / "ca-key.pem").unlink()
+    with pytest.raises(CaLoadError, match=r"ca-key\.pem: missing while cert-chain\.pem, root-cert\.pem exist"):
+        CertificateAuthority(d, "cluster.local")
+    assert [fingerprint(c) for c in load_pem_certs((d / ROOT_CERT).read_bytes(), "roots")] == [fingerprint(root)]
+    assert not (d / "ca-key.pem").exists()

@@ -79,10 +79,11 @@ class ProtoValues(Generic[V]):
     An attribute of a (upb) proto costs 0.15-0.3 us to read, and the nine label values a workload gives were most
     of a connection's label cost. Keyed by the object, whose identity is checked (the store replaces a proto when
     it changes, never edits it); an entry keeps its proto alive, so the id is not reused while cached. Cleared
-    when full: a miss only recomputes. The values' strings are shared by every series of the workload.
+    when full: a miss only recomputes. SIZE bounds what replaced protos it keeps alive (~3 KB each: 3 MB at
+    most). The values' strings are shared by every series of the workload.
     """
 
-    SIZE = 4096
+    SIZE = 1024
 
     def __init__(self, compute: Callable[[Any], V]) -> None:
         self._compute = compute

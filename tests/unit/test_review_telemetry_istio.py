@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from agent.accesslog import AccessLog
-from agent.metrics import TRAFFIC_LABELS, Metrics, sample_value, traffic_labels
+from agent.metrics import TRAFFIC_LABELS, Metrics, ProtoValues, sample_value, traffic_labels
 from agent.prometheus import render, render_async, render_text, wants_openmetrics
 from api.istio.workload import workload_pb2 as wpb
 from common.spiffe import Identity
@@ -212,3 +212,16 @@ async def test_a_big_scrape_lets_the_proxy_run_while_it_renders() -> None:
     assert (body, ctype) == render(m.registry, "")
     families = {f.name: f for f in parse_text(body.decode())}
     assert len(families["istio_tcp_connections_closed"].samples) == 600
+
+
+def test_label_values_follow_a_replaced_workload() -> None:
+    """Label values are computed once per proto object: the store replaces a workload's proto when it changes,
+    and the replacement's values are the ones used (the cache is checked by object, and bounded)."""
+    old = wpb.Workload(uid="u", name="p", namespace="ns", workload_name="web", canonical_revision="v1")
+    new = wpb.Workload(uid="u", name="p", namespace="ns", workload_name="web", canonical_revision="v2")
+    assert traffic_labels(reporter="source", src=old, dst=None, mtls=False)["source_canonical_revision"] == "v1"
+    assert traffic_labels(reporter="source", src=new, dst=None, mtls=False)["source_canonical_revision"] == "v2"
+    values = ProtoValues(lambda wl: (wl.name,))
+    protos = [wpb.Workload(name=f"w{i}") for i in range(ProtoValues.SIZE + 5)]
+    assert [values(p) for p in protos] == [(f"w{i}",) for i in range(ProtoValues.SIZE + 5)]
+    assert len(values._entries) <= ProtoValues.SIZE  # cleared when full: old protos are not kept alive

@@ -4,7 +4,10 @@ Per resource: list (remembering ``metadata.resourceVersion``), then watch from t
 a watch that ends (server timeout, dropped connection) resumes from the last version seen; a 410 Gone (as an
 ``ERROR`` event or an HTTP status) means the version was compacted away, so the resource is listed again and
 the store gets the difference. "Too large resource version" (the server's store is behind the version: an etcd
-restore) is listed again too, after the backoff. Other errors back off exponentially (0.2 s doubling to 30 s).
+restore) is listed again too, after the backoff. A kind the API does not serve at its version is tried at the
+older one (Istio's v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served,
+starts again from the preferred version, so CRDs installed or upgraded later are found. Other errors back off
+exponentially (0.2 s doubling to 30 s).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
@@ -142,6 +145,7 @@ class _Watcher:
     def __init__(self, source: KubeSource, resource: Resource) -> None:
         self.source = source
         self.resource = resource
+        self.preferred = resource  # what a retry after "not served" asks for first: CRDs may be installed since
         self.stopped = threading.Event()
         self.resource_version = ""
         self.backoff = source.backoff_initial
@@ -186,13 +190,19 @@ class _Watcher:
                     self.resource_version = ""  # listed afresh after the backoff: a lagging server may catch up
                     self._failed(f"HTTP {e.status}: {e.reason}")
                 elif e.status == 404 and not self.resource_version and self.resource.older:
-                    log.info(
+                    log.log(
+                        logging.DEBUG if self.missing else logging.INFO,
                         "kube resource version not served; trying the older one",
                         extra=kv(resource=self.resource.path, older=self.resource.older),
                     )
                     self.resource = dataclasses.replace(self.resource, version=self.resource.older, older="")
                 elif e.status == 404 and not self.resource_version:
                     self._missing()
+                elif e.status == 404:
+                    # No longer served at this version (CRDs upgraded, or removed): list afresh from the preferred one.
+                    self.resource_version = ""
+                    self.resource = self.preferred
+                    self._failed(f"HTTP {e.status}: {e.reason}")
                 else:
                     self._failed(f"HTTP {e.status}: {e.reason}")
             except (HTTPError, OSError, ValueError, WatchError) as e:
@@ -211,6 +221,9 @@ class _Watcher:
             self.missing = True
             self.source.from_thread(self.source.relisted, self.resource, [])
         self.stopped.wait(self.source.backoff_max)
+        # Ask for the preferred version again, not the older one that was tried last: CRDs installed meanwhile may
+        # serve only the newer one.
+        self.resource = self.preferred
 
     def _failed(self, error: str) -> None:
         if self.stopped.is_set():

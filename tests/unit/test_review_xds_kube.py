@@ -112,3 +112,68 @@ async def test_too_large_as_an_http_error_is_listed_again(tmp_path: Path) -> Non
             assert workloads(store)["web-0"] == "10.1.0.1"
         finally:
             src.stop()
+
+
+async def test_a_kind_installed_after_start_is_found_at_its_preferred_version(tmp_path: Path) -> None:
+    """Istio's CRDs absent at start: v1, then the older v1beta1, were both 404 and the watcher stayed on v1beta1 for
+    good. CRDs installed later that serve v1 only (a future Istio, a hand-made CRD) were never seen, so their
+    AuthorizationPolicies or PeerAuthentications were silently never enforced. Each retry now asks for v1 first."""
+    with serve() as fake:
+        fake.upsert(namespace("demo"))
+        path = "/apis/security.istio.io/v1/peerauthentications"
+        coll = fake.collections.pop(path)  # CRD not installed: 404 at every version
+        store = ConfigStore(Translator(), ControllerMetrics())
+        src = KubeSource(
+            store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.02, backoff_max=0.2
+        )
+        await asyncio.wait_for(src.start(), 20)
+        try:
+            watcher = next(w for w in src._watchers if w.resource.kind == "PeerAuthentication")
+            await wait_for(lambda: watcher.missing, what="resource missing")
+            fake.collections[path] = coll  # installed, serving v1 only
+            fake.upsert(
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "PeerAuthentication",
+                    "metadata": {"name": "default", "namespace": "istio-system"},
+                    "spec": {"mtls": {"mode": "STRICT"}},
+                }
+            )
+            key = ("PeerAuthentication", "istio-system", "default")
+            await wait_for(lambda: key in store.translator.objects(), what="PeerAuthentication from the new CRD")
+            assert watcher.resource.version == "v1" and not watcher.missing
+        finally:
+            src.stop()
+
+
+async def test_an_older_version_that_stops_being_served_moves_back_to_the_preferred_one(tmp_path: Path) -> None:
+    """Watching the older version (v1 was not served at start): an upgrade of the CRDs that drops it answered every
+    resumed watch with 404, retried from the same version forever, and no change of that kind arrived again."""
+    with serve() as fake:
+        fake.upsert(namespace("demo"))
+        fake.serve_version("PeerAuthentication", "v1beta1")
+        store = ConfigStore(Translator(), ControllerMetrics())
+        src = KubeSource(
+            store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.02, backoff_max=0.2
+        )
+        await asyncio.wait_for(src.start(), 20)
+        try:
+            watcher = next(w for w in src._watchers if w.resource.kind == "PeerAuthentication")
+            assert watcher.resource.version == "v1beta1"
+            old_path = "/apis/security.istio.io/v1beta1/peerauthentications"
+            await wait_for(lambda: fake.open_watches(old_path) == 1, what="watch on v1beta1")
+            fake.serve_version("PeerAuthentication", "v1")  # the upgrade: v1 only from now on
+            fake.drop_watches()
+            fake.upsert(
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "PeerAuthentication",
+                    "metadata": {"name": "default", "namespace": "istio-system"},
+                    "spec": {"mtls": {"mode": "STRICT"}},
+                }
+            )
+            key = ("PeerAuthentication", "istio-system", "default")
+            await wait_for(lambda: key in store.translator.objects(), what="PeerAuthentication after the upgrade")
+            assert watcher.resource.version == "v1"
+        finally:
+            src.stop()

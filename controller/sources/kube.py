@@ -150,6 +150,7 @@ class _Watcher:
         self.resource_version = ""
         self.backoff = source.backoff_initial
         self.missing = False
+        self.listed = False  # a list of this resource has been applied since start
         self._response: Any = None
         self.thread = threading.Thread(target=self._run, name=f"kube-watch-{resource.plural}", daemon=True)
 
@@ -214,12 +215,20 @@ class _Watcher:
     def _missing(self) -> None:
         """The API does not serve this resource (e.g. Istio's CRDs are not installed): it has no objects.
 
-        Treated as an empty list so that start-up completes; checked again now and then in case it appears.
+        At start it counts as an empty list, so that start-up completes; checked again now and then in case it
+        appears. A resource that was served before keeps its objects: a deleted CRD's objects were deleted (and
+        watched as such) before it went, so only a transient 404 (an API server still starting) is left, and
+        that must not take every policy of the kind away from the agents.
         """
         if not self.missing:
-            log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
             self.missing = True
-            self.source.from_thread(self.source.relisted, self.resource, [])
+            if self.listed:
+                log.warning(
+                    "kube resource no longer served; keeping its objects", extra=kv(resource=self.resource.path)
+                )
+            else:
+                log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
+                self.source.from_thread(self.source.relisted, self.resource, [])
         self.stopped.wait(self.source.backoff_max)
         # Ask for the preferred version again, not the older one that was tried last: CRDs installed meanwhile may
         # serve only the newer one.
@@ -251,6 +260,7 @@ class _Watcher:
             item.setdefault("kind", self.resource.kind)
             item.setdefault("apiVersion", self.resource.api_version)
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        self.listed = True
         self.source.from_thread(self.source.relisted, self.resource, items)
 
     def _watch(self) -> None:

@@ -16,7 +16,7 @@ from controller.monitoring import ControllerMetrics
 from controller.sources.kube import KubeSource, api_client, too_large_version
 from controller.store import ConfigStore
 from controller.translate import Translator
-from tests.support.fake_kube import Collection, FakeKube, namespace, pod, serve, status_object
+from tests.support.fake_kube import Collection, FakeKube, deny_policy, namespace, pod, serve, status_object
 from tests.support.xds_controller import wait_for
 
 
@@ -175,5 +175,33 @@ async def test_an_older_version_that_stops_being_served_moves_back_to_the_prefer
             key = ("PeerAuthentication", "istio-system", "default")
             await wait_for(lambda: key in store.translator.objects(), what="PeerAuthentication after the upgrade")
             assert watcher.resource.version == "v1"
+        finally:
+            src.stop()
+
+
+async def test_a_kind_that_stops_being_served_keeps_its_objects(tmp_path: Path) -> None:
+    """A 404 at every version for a kind that was served (an API server answering before its CRD handlers are up):
+    its policies stay with the agents rather than all being withdrawn; they are checked again and resume."""
+    with serve() as fake:
+        fake.upsert(namespace("demo"))
+        fake.upsert(deny_policy("no-evil"))
+        path = "/apis/security.istio.io/v1/authorizationpolicies"
+        store = ConfigStore(Translator(), ControllerMetrics())
+        src = KubeSource(
+            store, api_client(str(fake.write_kubeconfig(tmp_path / "kc"))), backoff_initial=0.02, backoff_max=0.2
+        )
+        await asyncio.wait_for(src.start(), 20)
+        try:
+            watcher = next(w for w in src._watchers if w.resource.kind == "AuthorizationPolicy")
+            await wait_for(lambda: fake.open_watches(path) == 1, what="policy watch open")
+            coll = fake.collections.pop(path)
+            fake.drop_watches()
+            await wait_for(lambda: watcher.missing, what="404 at every version")
+            await asyncio.sleep(0.5)  # a few more rounds of retries
+            assert "demo/no-evil" in store.translator.authorizations()
+            fake.collections[path] = coll
+            fake.delete("AuthorizationPolicy", "demo", "no-evil")  # deleted while it was not served
+            await wait_for(lambda: "demo/no-evil" not in store.translator.authorizations(), what="relist")
+            assert not watcher.missing
         finally:
             src.stop()

@@ -84,6 +84,11 @@ class CaSecret:
         self.trust_domain = trust_domain
         self.root_configmap = root_configmap
         self._published: str | None = None
+        # The ConfigMap is written when the bundle changes, and re-asserted every this many syncs (5 minutes at the
+        # default interval): deleted, or overwritten by a replica that had not yet seen a rotation step, it would
+        # otherwise stay so until the next change. An unchanged write is a no-op for the API server.
+        self.republish_every = 10
+        self._syncs = 0
 
     @property
     def ref(self) -> str:
@@ -190,6 +195,9 @@ class CaSecret:
         if CA_CERT not in data or CA_KEY not in data:
             raise CaSecretError(f"secret {self.ref}: needs data keys {CA_CERT} and {CA_KEY}")
         changed, material = self._mirror(data)
+        self._syncs += 1
+        if self._syncs % self.republish_every == 0:
+            self._published = None
         self._publish_roots(material)
         return changed
 

@@ -97,3 +97,25 @@ def test_the_published_bundle_is_the_one_the_ca_trusts(api: tuple[Objects, Objec
     assert fingerprint(load_pem_certs(ca.chain_tail()[-1], "anchor")[0]) in {
         fingerprint(c) for c in load_pem_certs(published, "configmap")
     }
+
+
+@pytest.mark.parametrize("damage", ["deleted", "overwritten_by_a_stale_replica"])
+def test_the_published_bundle_is_restored_when_it_changes_under_the_controller(
+    api: tuple[Objects, Objects, Any], tmp_path: Path, damage: str
+) -> None:
+    """The ConfigMap was written only when this replica's own bundle changed. Deleted (by hand, by a cleanup job),
+    it stayed deleted, and agent pods mounting it could not start; overwritten by a replica that had not yet
+    synced a rotation step and then went away (a rolling update), it stayed stale, and fresh agents could not
+    verify the controller after `activate`. Istio re-creates istio-ca-root-cert the same way. Re-asserted every
+    `republish_every` syncs, so the churn stays one idempotent write per replica per few minutes."""
+    _, configmaps, client = api
+    mirror = CaSecret(client, *SECRET, tmp_path / "ca", TD, root_configmap=CONFIGMAP)
+    mirror.sync()
+    good = configmaps.items[CONFIGMAP]["data"]["root-cert.pem"]
+    if damage == "deleted":
+        del configmaps.items[CONFIGMAP]
+    else:
+        configmaps.items[CONFIGMAP]["data"]["root-cert.pem"] = CertificateAuthority(tmp_path / "x", TD).roots_pem()[0]
+    for _ in range(mirror.republish_every):
+        mirror.sync()
+    assert configmaps.items[CONFIGMAP]["data"]["root-cert.pem"] == good

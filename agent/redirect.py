@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import redirect_syscalls as sysbpf
+from agent.capture_dnat import DnatCapture, DnatCaptureError
 from agent.redirect_errors import (
     AttachError,
     RedirectCompileError,
@@ -114,6 +115,9 @@ class RedirectConfig:
     # 4-tuples would be blackholed for up to 60 s. Capture therefore turns early demux off in the node netns (and
     # cleanup restores the previous value).
     disable_early_demux: bool = True
+    # Connections the node DNATs to an enrolled local pod (Service VIPs, NodePorts) pass the tc program before the
+    # rewrite; an nftables chain after it hands them to the inbound listener (agent/capture_dnat.py). Needs nft.
+    capture_dnat: bool = True
     # How long an address whose pod interface was re-created stays held without the controller naming its workload
     # anew (see reconcile's ``owners``); then it is captured as the workload named for it.
     reuse_hold_seconds: float = 30.0
@@ -211,6 +215,7 @@ class Redirector:
         self._watch: ChangeWatch | None = None
         self._state = _State()
         self._adopted: list[str] = []
+        self._dnat = _dnat_capture(self.config) if self.config.capture_dnat else None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -392,6 +397,11 @@ class Redirector:
             self._write_homes(maps, homes)
             for ip in sorted(want - have):
                 maps.add_workload(ip)
+            if self._dnat is not None:
+                try:
+                    self._dnat.sync(want)
+                except DnatCaptureError as exc:
+                    failures["capture:dnat"] = f"connections DNATed to enrolled pods are not captured: {exc}"
             for idx, att in list(st.attached.items()):
                 if idx in ok or idx in ports:
                     continue
@@ -843,6 +853,9 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
         else:
             _swap_tcp_early_demux(early_demux_saved - 1)
             removed.append(f"net.ipv4.tcp_early_demux restored to {early_demux_saved - 1}")
+    dnat = _dnat_capture(cfg)
+    if dnat.remove():
+        removed.append(f"nftables table inet {dnat.table}")
     if _remove_pin_dir(cfg.pin_dir):
         removed.append(f"pins {cfg.pin_dir}")
     with contextlib.suppress(OSError):
@@ -852,6 +865,10 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _dnat_capture(cfg: RedirectConfig) -> DnatCapture:
+    return DnatCapture(cfg.instance, port=cfg.inbound_port, mark=cfg.mark, mark_mask=cfg.mark_mask)
 
 
 def _netns_cookie() -> int:

@@ -1,0 +1,122 @@
+"""Capture of connections the node DNATs to an enrolled local pod (Service VIPs, NodePorts, hostPorts).
+
+The tc program sees a packet before netfilter's PREROUTING, so a connection addressed to a Service VIP or a
+NodePort is not yet addressed to the pod kube-proxy will pick: nothing enrolled is in it, the program lets it pass,
+kube-proxy rewrites it, and it reached an enrolled pod uncaptured: plaintext past STRICT and past every
+AuthorizationPolicy. (Istio redirects inside the pod, after the node's NAT, so every inbound connection meets
+ztunnel there.) This adds the missing step after the rewrite, in the node netns, with nftables: a chain at
+priority dstnat+1 hands the SYN of a DNATed connection now addressed to an enrolled local pod to the inbound
+listener (TPROXY, the listener sees the pod's address as the original destination), with the capture mark that
+policy routing delivers locally, as the tc program does. The connection's later packets are found by their
+socket (``socket transparent``) and delivered the same way. Replies leave through the same conntrack entry and are
+rewritten back to the VIP, so the client sees the address it dialled. With no listener (the agent restarting) the
+SYN is dropped: fail closed, as the tc program.
+
+Only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc program's
+(or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced whole and
+atomically (one ``nft -f`` transaction) when the enrolled addresses change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from common.log import kv
+
+log = logging.getLogger(__name__)
+
+NFT_TIMEOUT = 10.0
+
+
+class DnatCaptureError(Exception):
+    """nft is missing or refused the table (no nf_tables, tproxy or socket support in the kernel)."""
+
+
+def table_name(instance: str) -> str:
+    """nft identifiers are letters, digits and underscores."""
+    return "ambit_" + re.sub(r"[^A-Za-z0-9_]", "_", instance)
+
+
+def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_mask: int) -> str:
+    """The whole table, replacing any previous one in the same transaction."""
+    v4 = sorted(a for a in addresses if ipaddress.ip_address(a).version == 4)
+    v6 = sorted(a for a in addresses if ipaddress.ip_address(a).version == 6)
+    keep = 0xFFFFFFFF & ~mark_mask
+    set_mark = f"meta mark set meta mark & {keep:#x} | {mark:#x}"
+    unmarked = f"meta mark & {mark_mask:#x} != {mark:#x}"
+    syn = "tcp flags & (syn | ack) == syn"
+    lines = [
+        f"table inet {table} {{}}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+    ]
+    for name, kind, items in (("enrolled4", "ipv4_addr", v4), ("enrolled6", "ipv6_addr", v6)):
+        elements = f" elements = {{ {', '.join(items)} }};" if items else ""
+        lines.append(f"  set {name} {{ type {kind};{elements} }}")
+    lines += [
+        "  chain prerouting {",
+        "    type filter hook prerouting priority dstnat + 1; policy accept;",
+    ]
+    for family, field in (("ip", "enrolled4"), ("ip6", "enrolled6")):
+        match = f"ct status dnat meta l4proto tcp {family} daddr @{field}"
+        lines += [
+            f"    {match} socket transparent 1 {set_mark} accept",
+            # tproxy does not end the rule's evaluation when it found the listener (accept does); when it found
+            # none, the rule stops there and the next one drops the SYN
+            f"    {match} {syn} {unmarked} {set_mark} tproxy {family} to :{port} accept",
+            f"    {match} {syn} {unmarked} drop",
+        ]
+    lines += ["  }", "}", ""]
+    return "\n".join(lines)
+
+
+class DnatCapture:
+    """The nftables table of one agent instance in the calling thread's netns."""
+
+    def __init__(self, instance: str, *, port: int, mark: int, mark_mask: int, nft: str = "nft") -> None:
+        self.table = table_name(instance)
+        self.port = port
+        self.mark = mark
+        self.mark_mask = mark_mask
+        self.nft = nft
+        self._applied: frozenset[str] | None = None
+
+    def sync(self, addresses: Iterable[str]) -> None:
+        """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods); a no-op when unchanged."""
+        want = frozenset(addresses)
+        if want == self._applied:
+            return
+        self._run(ruleset(self.table, want, port=self.port, mark=self.mark, mark_mask=self.mark_mask))
+        if self._applied is None:
+            log.info("DNAT capture installed", extra=kv(table=self.table, addresses=len(want)))
+        self._applied = want
+
+    def forget(self) -> None:
+        """Apply the table afresh at the next sync (someone may have flushed the ruleset)."""
+        self._applied = None
+
+    def remove(self) -> bool:
+        """Delete the table; False when there was none (or no nft to ask)."""
+        self._applied = None
+        if shutil.which(self.nft) is None:
+            return False
+        try:
+            self._run(f"delete table inet {self.table}\n")
+        except DnatCaptureError:  # no such table (nft says so on stderr)
+            return False
+        return True
+
+    def _run(self, script: str) -> None:
+        try:
+            done = subprocess.run(
+                [self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DnatCaptureError(f"cannot run {self.nft}: {exc}") from exc
+        if done.returncode != 0:
+            raise DnatCaptureError(f"nft refused table inet {self.table}: {done.stderr.strip()[-400:]}")

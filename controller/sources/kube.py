@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,14 +78,31 @@ class WatchError(Exception):
     """An ERROR event other than 410, or a malformed event."""
 
 
+# A watch idles in a socket read for minutes. An API server (or a load balancer in front) that vanishes without a
+# FIN or RST (a node lost, a flow dropped) was noticed only by the read timeout, WATCH_TIMEOUT_SECONDS + 30 = 5.5
+# min with no change of that kind reaching the agents; TCP keepalive notices within about a minute (client-go pings
+# its HTTP/2 connections for the same reason). (option name, value): idle seconds, probe interval, probes.
+KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+
+
+def socket_options() -> list[tuple[int, int, int]]:
+    """urllib3's own default (no Nagle), plus keepalive with the timings above where the platform has them."""
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    options += [(socket.IPPROTO_TCP, getattr(socket, name), v) for name, v in KEEPALIVE if hasattr(socket, name)]
+    return options
+
+
 def api_client(kubeconfig: str | None = None) -> Any:
-    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
+    """An ApiClient from a kubeconfig file, or in-cluster config when none is given; its sockets keep alive."""
     from kubernetes import client, config
 
+    cfg = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    config.load_incluster_config()
-    return client.ApiClient()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    cfg.socket_options = socket_options()
+    return client.ApiClient(configuration=cfg)
 
 
 def source_id(kind: str, obj: dict[str, Any]) -> str:

@@ -205,3 +205,21 @@ async def test_a_kind_that_stops_being_served_keeps_its_objects(tmp_path: Path) 
             assert not watcher.missing
         finally:
             src.stop()
+
+
+def test_api_connections_keep_alive(tmp_path: Path) -> None:
+    """A watch whose API server vanished without a FIN was noticed only by its 5.5 min read timeout."""
+    with serve() as fake:
+        api = api_client(str(fake.write_kubeconfig(tmp_path / "kc")))
+        options = api.rest_client.pool_manager.connection_pool_kw["socket_options"]
+        assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
+        assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30) in options
+        assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in options  # urllib3's default kept
+        # The options reach the socket the watch reads from.
+        conn = api.rest_client.pool_manager.connection_from_url(fake.url)._new_conn()
+        conn.connect()
+        try:
+            assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        finally:
+            conn.close()

@@ -7,8 +7,10 @@ so 20 MiB of backlog (counted against the 256 MiB budget) pinned 284 MiB: the bu
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
+import ssl
 from typing import cast
 
 import pytest
@@ -34,6 +36,13 @@ def _pinned(relays: list[tunnel._TcpRelay]) -> tuple[int, int]:
     return sum(objs.values()), sum(r._backlog_size for r in relays)
 
 
+@functools.cache
+def _client_context(ca: TestCA) -> ssl.SSLContext:
+    """One client certificate per CA: the pool puts streams of one context on one connection (a new context, as
+    after a renewal, gets a new connection)."""
+    return ca.client_context(ca.issue(ca.identity("default", "client")))
+
+
 async def _stalled_stream(
     hbone_server: tuple[HboneServer, TestCA], pool: HboneConnectionPool, name: str
 ) -> tuple[tunnel.HboneStream, socket.socket, asyncio.Future[tunnel.RelayResult]]:
@@ -42,7 +51,7 @@ async def _stalled_stream(
     key = PoolKey(client_id, ca.identity("default", "server"), hbone.addr)
     app, side = socket.socketpair()
     side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills at once: the relay keeps a backlog
-    stream = await pool.open_stream(key, ca.client_context(ca.issue(client_id)), name, [])
+    stream = await pool.open_stream(key, _client_context(ca), name, [])
     return stream, app, asyncio.ensure_future(relay(side, stream))
 
 

@@ -131,7 +131,9 @@ class AccessLog:
         self.logger.warning("connection failed", extra=kv(**{k: v for k, v in fields.items() if v}, **detail))
 
     def write(self, r: ConnectionReport, bytes_up: int, bytes_down: int, error: str | None, flags: str) -> None:
-        level = logging.WARNING if error else logging.INFO
+        """ztunnel's access_log!: "connection complete", INFO, or ERROR with `error` when the connection failed
+        ("connection failed" is only the early refusal's line, as log_early_deny's)."""
+        level = logging.ERROR if error else logging.INFO
         logger = self.logger
         if not logger.isEnabledFor(level):
             return
@@ -174,12 +176,12 @@ class AccessLog:
         if error:
             fields["error"] = error
         clean = {k: v for k, v in fields.items() if v is not None}
-        msg = "connection failed" if error else "connection complete"
+        msg = "connection complete"
         # One line per connection: straight to the JSON handler when that is where it would end up anyway (no
         # LogRecord, no handler chain); otherwise a record made directly, skipping Logger._log's caller lookup (a
         # stack walk per record whose file and line an access log does not use).
         direct = direct_handler(logger, level)
         if direct is not None:
-            direct.write_fields("warning" if error else "info", logger.name, msg, clean)
+            direct.write_fields("error" if error else "info", logger.name, msg, clean)
         else:
             logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, (), None, extra={"fields": clean}))

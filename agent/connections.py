@@ -161,7 +161,9 @@ class ConnectionRegistry:
                 error, flags = f"connect {format_address(target)}: {e}", "CONNECT"
                 abort(sock)
                 return
-            splice = SpliceRelay(sock, upstream)
+            splice = relaying = SpliceRelay(sock, upstream)
+            for r in reports:
+                r.relaying(lambda: (relaying.bytes_up, relaying.bytes_down))
             error = (await splice.run()).error
         except asyncio.CancelledError:
             error = tracked.late_rejection or "cancelled"

@@ -282,7 +282,7 @@ class InboundProxy(_Common):
                 return
             answered = True
             tracked.close = req.stream.reset
-            result = await relay(upstream, req.stream)
+            result = await relay(upstream, req.stream, lambda live: report.relaying(lambda: live()[::-1]))
         except asyncio.CancelledError:
             late = tracked.late_rejection
             if late is None:  # the client gave up (the stream's reset cancels its handler), or the agent stops

@@ -490,7 +490,7 @@ class OutboundProxy:
             report.finish(error=str(e), flags=flags)
             abort(sock)
             return
-        result = await relay(sock, stream)
+        result = await relay(sock, stream, report.relaying)
         report.finish(result.bytes_up, result.bytes_down, error=result.error)
 
     async def _same_node(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
@@ -542,6 +542,7 @@ class OutboundProxy:
             abort(sock)
             return
         splice = SpliceRelay(sock, upstream)
+        report.relaying(lambda: (splice.bytes_up, splice.bytes_down))
         error: str | None = "cancelled"
         try:
             error = (await splice.run()).error

@@ -1192,7 +1192,9 @@ def _entry_freed(entry: memoryview | bytearray) -> int:
     return BUFFERS.unpin(cast(bytes, entry.obj))
 
 
-async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
+async def relay(
+    sock: socket.socket, stream: HboneStream, live: Callable[[Callable[[], tuple[int, int]]], object] | None = None
+) -> RelayResult:
     """Move bytes both ways between a connected plain TCP socket and ``stream`` until both directions ended.
 
     TCP FIN becomes END_STREAM and END_STREAM becomes shutdown(SHUT_WR); a reset on either side aborts both.
@@ -1205,6 +1207,8 @@ async def relay(sock: socket.socket, stream: HboneStream) -> RelayResult:
     make_nonblocking(sock)
     reset_if_orphaned(sock)
     side = _TcpRelay(sock, stream, done)
+    if live is not None:  # (up, down) as counted so far, for metrics that move while the connection lasts
+        live(lambda: (side.up, side.down))
     side.start()
     try:
         return await done

@@ -144,12 +144,12 @@ def test_access_log_lines_are_the_same_on_both_paths(stream: CountingStream) -> 
         return line
 
     with json_handler_only():
-        assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.WARNING) is not None
+        assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.ERROR) is not None
         direct = one()
-    assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.WARNING) is None  # pytest's too
+    assert jsonlog.direct_handler(logging.getLogger("access.test-same"), logging.ERROR) is None  # pytest's too
     via_record = one()
     assert direct == via_record
-    assert direct["level"] == "warning" and direct["msg"] == "connection failed" and direct["bytes_recv"] == 20
+    assert direct["level"] == "error" and direct["msg"] == "connection complete" and direct["bytes_recv"] == 20
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,10 @@ def test_setup_sets_per_logger_levels_and_the_access_log_obeys(stream: CountingS
         AccessLog(Metrics()).start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80)).finish(1, 1)  # clean: info, quieted
         AccessLog(Metrics()).start("inbound", ("10.1.0.5", 2), ("10.2.0.7", 80)).finish(error="connect: refused")
         logging.getLogger("agent").info("still at info")
-        assert [line["msg"] for line in stream.lines()] == ["connection failed", "still at info"]
+        assert [(line["level"], line["msg"]) for line in stream.lines()] == [
+            ("error", "connection complete"),
+            ("info", "still at info"),
+        ]
     finally:
         access.setLevel(saved)
 

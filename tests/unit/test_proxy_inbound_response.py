@@ -29,7 +29,7 @@ async def answer(monkeypatch: pytest.MonkeyPatch, server: wpb.Workload, deny_cur
         b.close()
         return a
 
-    async def no_relay(upstream: socket.socket, stream: Any) -> RelayResult:
+    async def no_relay(upstream: socket.socket, stream: Any, live: Any = None) -> RelayResult:
         upstream.close()
         return RelayResult(0, 0, None)
 

@@ -51,6 +51,21 @@ def _record(m: Metrics, direction: str = "outbound") -> object:
 # ---------------------------------------------------------------------------------------------------- access log
 
 
+def test_a_failed_connection_is_connection_complete_at_error(caplog: pytest.LogCaptureFixture) -> None:
+    """ztunnel's access_log!: one "connection complete" line per connection, INFO when it succeeded and ERROR
+    with `error=` when it did not ("connection failed" is only log_early_deny's line, for a connection refused
+    before its source and destination were known). A pipeline keyed on the message, or an alert on level=error,
+    sees every failure only this way."""
+    m = Metrics()
+    r = _record(m, "inbound")
+    with caplog.at_level(logging.INFO, logger="access"):
+        r.finish(error="policy says no", flags="DENY")  # type: ignore[attr-defined]
+    [rec] = [x for x in caplog.records if x.name == "access"]
+    assert rec.getMessage() == "connection complete"
+    assert rec.levelno == logging.ERROR
+    assert rec.fields["error"] == "policy says no"  # type: ignore[attr-defined]
+
+
 def test_early_refusal_is_still_connection_failed_at_warning(caplog: pytest.LogCaptureFixture) -> None:
     """log_early_deny: WARN "connection failed" with src.addr, dst.addr, direction, error."""
     m = Metrics()

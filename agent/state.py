@@ -12,6 +12,7 @@ Not thread-safe: the xDS client and the proxies share one event loop.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from typing import Any, TypeVar
 from agent.addressing import is_pod
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
+from common.log import kv
 from common.protojson import message_to_json
+
+log = logging.getLogger(__name__)
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
@@ -282,7 +286,13 @@ class WorkloadStore:
         if change:
             self.memo.clear()
             for callback in list(self._subscribers):
-                callback(change)
+                # Each subscriber runs whatever another one does: the store already holds the change, and an
+                # exception escaping here made the xDS client drop the stream before recording the response, which
+                # a reconnect never sends again (the versions say it was had).
+                try:
+                    callback(change)
+                except Exception:
+                    log.exception("workload store subscriber failed", extra=kv(subscriber=repr(callback)))
         return change
 
     def put(self, addresses: Iterable[Any] = (), policies: Iterable[Authorization] = ()) -> StoreChange:

@@ -336,3 +336,23 @@ def test_messages_are_counted() -> None:
     client.handle_response(resp)
     assert registry.get_sample_value("istio_xds_message_total", {"url": AUTHORIZATION_TYPE}) == 1
     assert registry.get_sample_value("istio_xds_message_bytes_total", {"url": AUTHORIZATION_TYPE}) == resp.ByteSize()
+
+
+def test_a_failing_store_subscriber_does_not_stop_the_others_or_the_update(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store holds the change whatever a subscriber does: an exception escaping apply() made the xDS client
+    drop the stream before recording the response, and a reconnect never sent it again."""
+    store = WorkloadStore()
+    seen: list[StoreChange] = []
+
+    def broken(change: StoreChange) -> None:
+        raise RuntimeError("subscriber bug")
+
+    store.subscribe(broken)
+    store.subscribe(seen.append)
+    change = store.apply(ADDRESS_TYPE, {"w1": (wl("w1", IP1), "v1")})
+    assert change and seen == [change], "the later subscriber still ran and apply() returned"
+    assert store.workload_by_ip("10.0.0.1") is not None
+    assert store.versions(ADDRESS_TYPE) == {"w1": "v1"}
+    assert any("subscriber failed" in r.getMessage() for r in caplog.records)

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.admin import readiness_server
+from agent.admin import metrics_server, readiness_server
 from agent.main import AgentConfig
+from agent.metrics import Metrics
 from agent.redirect import DEFAULT_SOURCE, RedirectConfig
 from common import flags
 from controller import ca_secret, node_auth
@@ -160,6 +161,25 @@ def test_controller_probe_ports_and_service_are_the_ones_it_serves(monkeypatch: 
         <= _object("Deployment", "ambit-controller")["spec"]["template"]["metadata"]["labels"].items()
     )
     assert {p.get("targetPort", p["port"]) for p in svc["spec"]["ports"]} <= serving
+
+
+def test_scrape_annotations_name_the_metrics_each_pod_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Annotation-based Prometheus (Istio's sample, kube-prometheus's pod job) scrapes only what the pod template
+    announces: the agent's istio_tcp_* and the controller's metrics, on the ports and path they are served."""
+    agent_cfg = _config(*AGENT[:3], monkeypatch)
+    controller_cfg = _config(*CONTROLLER[:3], monkeypatch)
+    served = {
+        ("DaemonSet", "ambit-agent"): (agent_cfg.metrics_port, metrics_server(Metrics()).routes),
+        ("Deployment", "ambit-controller"): (
+            controller_cfg.monitoring_port,
+            Controller(controller_cfg).monitoring.routes,
+        ),
+    }
+    for (kind, name), (port, routes) in served.items():
+        notes = _object(kind, name)["spec"]["template"]["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/scrape") == "true", name
+        assert notes.get("prometheus.io/port") == str(port), name
+        assert ("GET", notes.get("prometheus.io/path")) in routes, name
 
 
 def test_agent_reaches_the_controller_service_over_tls(monkeypatch: pytest.MonkeyPatch) -> None:

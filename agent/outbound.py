@@ -75,6 +75,15 @@ EARLY_DATA = 16384
 MAX_EARLY_DATA = 65536
 
 
+# ambit_connection_errors{reason="hbone_<status>"}: the statuses an HBONE peer answers (ztunnel: 400, 401, 503; a
+# waypoint's Envoy also 403, 404 and 5xx); any other of the 900 a peer could send shares one label.
+_STATUS_REASONS = {status: f"hbone_{status}" for status in (400, 401, 403, 404, 500, 502, 503, 504)}
+
+
+def connect_error_reason(e: HboneConnectError) -> str:
+    return _STATUS_REASONS.get(e.status, "hbone_other")
+
+
 def _is_loopback(ip: str) -> bool:
     """127/8, ::1, the unspecified addresses (which connect to this host) and their IPv4-mapped forms."""
     ip = canonical_ip(ip)
@@ -486,7 +495,7 @@ class OutboundProxy:
             )
         except HboneConnectError as e:
             flags = "DENY" if e.status == 401 else "CONNECT"
-            self.metrics.error("outbound", f"hbone_{e.status}")
+            self.metrics.error("outbound", connect_error_reason(e))
             report.finish(error=str(e), flags=flags)
             abort(sock)
             return

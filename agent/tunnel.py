@@ -30,7 +30,7 @@ from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateEr
 from agent.sockets import Readiness, abort, close_gracefully, connect_upstream, make_nonblocking, reset_if_orphaned
 from common.log import kv
 from common.spiffe import Identity
-from common.tls import ALPN_H2, PeerVerificationError, verify_peer
+from common.tls import ALPN_H2, PeerVerificationError, peer_identity, verify_peer
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,53 @@ class TunnelConfig:
         )
 
 
+REJECT_REASONS = frozenset(
+    {
+        "tls_handshake",
+        "tls_timeout",
+        "no_client_cert",
+        "untrusted_peer",
+        "trust_domain",
+        "wrong_identity",
+        "alpn",
+        "verify_error",
+        "protocol_error",
+        "bad_request",
+        "header_too_large",
+        "refused_stream",
+        "malformed_response",
+    }
+)
+"""Every value of ``TunnelStats.rejects``' keys (the ``ambit_hbone_rejects`` reason label): fixed, so neither a
+peer nor the wording of an error message can add series."""
+
+_GOAWAY_REASONS = {int(code): f"goaway_{code.name.lower()}" for code in ErrorCode}
+_GOAWAY_UNKNOWN = "goaway_unknown"  # a GOAWAY code is 32 bits of the peer's choosing: the rest share one label
+ERROR_REASONS = frozenset({"keepalive_timeout", "flood", _GOAWAY_UNKNOWN, *_GOAWAY_REASONS.values()})
+"""Every value of ``TunnelStats.errors``' keys (the ``ambit_hbone_errors`` reason label)."""
+
+
+def reject_reason(text: str) -> str:
+    """The counter reason of a refusal the HTTP/2 core describes as ``reason: detail`` (RequestRejected, its own
+    stream resets, connection errors): one of REJECT_REASONS, ``protocol_error`` for any other text."""
+    head = text.partition(":")[0]
+    return head if head in REJECT_REASONS else "protocol_error"
+
+
+class PeerRefused(PeerVerificationError):
+    """The peer's certificate chained to our roots but our check after the handshake refused it. ``reason`` (one
+    of REJECT_REASONS) is what the check decided; the message adds the detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 @dataclass
 class TunnelStats:
-    """Counters PROXY's metrics can read: ``rejects[reason]`` counts refused connections/streams by reason
-    ("tls_handshake", "no_client_cert", "untrusted_peer", "trust_domain", "wrong_identity", "alpn",
-    "protocol_error", "bad_request", "header_too_large", "refused_stream", and on the client side
-    "malformed_response"); ``errors[reason]`` counts connections that failed later ("keepalive_timeout",
-    "goaway_<code>", "connection_lost", "flood")."""
+    """Counters PROXY's metrics can read: ``rejects[reason]`` counts refused connections/streams by reason, one of
+    REJECT_REASONS; ``errors[reason]`` counts connections that failed later, one of ERROR_REASONS
+    ("keepalive_timeout", "flood", "goaway_<HTTP/2 error code name>" or "goaway_unknown")."""
 
     rejects: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -124,6 +164,7 @@ STATS = TunnelStats()
 
 _COUNTED_RESETS = ("header_too_large:", "malformed_response:")
 """Reasons of the core's own stream resets that refuse what the peer sent (counted like refused requests)."""
+_LOGGED_DEBUG_DATA = 256  # of a GOAWAY's debug data (the peer's text, up to a frame long) in our log lines
 
 
 class _ReceiveBuffer:
@@ -310,10 +351,6 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "tls_timeout"
     return "tls_handshake"
-
-
-def _conn_reason(reason: str) -> str:
-    return "header_too_large" if "header_too_large" in reason else "protocol_error"
 
 
 # ---------------------------------------------------------------------------------------------------- streams
@@ -571,14 +608,17 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
         transport = self.transport = cast(asyncio.Transport, transport)
+        refused: PeerRefused | None = None
         try:
-            reason = self.verify(transport)
+            self.verify(transport)
+        except PeerRefused as e:
+            refused = e
         except Exception as e:  # a bug in verification must not leave the socket open
-            reason = f"verify_error: {e}"
-        if reason:
+            refused = PeerRefused("verify_error", str(e))
+        if refused is not None:
             transport.abort()
             if not self.ready.done():
-                self.ready.set_exception(PeerVerificationError(reason))
+                self.ready.set_exception(refused)
             return
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.stats.connections_opened += 1
@@ -589,8 +629,8 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             self._ka_handle = self.loop.call_later(self.config.keepalive_interval, self._keepalive)
         self.ready.set_result(None)
 
-    def verify(self, transport: asyncio.Transport) -> str:
-        """Check the peer after the handshake; returns a reject reason or ''."""
+    def verify(self, transport: asyncio.Transport) -> None:
+        """Check the peer after the handshake; raises PeerRefused."""
         raise NotImplementedError
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -785,7 +825,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
                 self.forget_if_closed(st)
         elif isinstance(ev, hbone.StreamReset):
             if not ev.remote and ev.reason.startswith(_COUNTED_RESETS):  # we refused what the peer sent
-                self.stats.rejects[ev.reason.split(":", 1)[0]] += 1
+                self.stats.rejects[reject_reason(ev.reason)] += 1
             st = streams.get(ev.stream_id)
             if st is not None:
                 refused = ev.remote and ev.error_code == ErrorCode.REFUSED_STREAM
@@ -797,7 +837,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         elif isinstance(ev, hbone.ResponseReceived):
             self.on_response(ev)
         elif isinstance(ev, hbone.RequestRejected):
-            self.stats.rejects[ev.reason.split(":", 1)[0]] += 1
+            self.stats.rejects[reject_reason(ev.reason)] += 1
             log.info("HBONE request rejected", extra=kv(stream=ev.stream_id, status=ev.status, reason=ev.reason))
         elif isinstance(ev, hbone.PingAcked):
             self._ping_sent_at = None
@@ -824,15 +864,19 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
     def on_terminated(self, ev: hbone.ConnectionTerminated) -> None:
         if ev.remote:
             if ev.error_code != ErrorCode.NO_ERROR:
-                self.stats.errors[f"goaway_{hbone.error_name(ev.error_code).lower()}"] += 1
+                self.stats.errors[_GOAWAY_REASONS.get(ev.error_code, _GOAWAY_UNKNOWN)] += 1
                 log.warning(
                     "HBONE peer sent GOAWAY",
-                    extra=kv(code=hbone.error_name(ev.error_code), reason=ev.reason, peer=str(self.peer_identity)),
+                    extra=kv(
+                        code=hbone.error_name(ev.error_code),
+                        reason=ev.reason[:_LOGGED_DEBUG_DATA],
+                        peer=str(self.peer_identity),
+                    ),
                 )
             if not self.streams:
                 self.close()
             return
-        self.stats.rejects[_conn_reason(ev.reason)] += 1
+        self.stats.rejects[reject_reason(ev.reason)] += 1
         log.warning(
             "HBONE protocol error, closing connection",
             extra=kv(code=hbone.error_name(ev.error_code), reason=ev.reason, peer=str(self.peer_identity)),
@@ -1225,17 +1269,16 @@ class _ClientProtocol(_HboneProtocol):
         super().__init__(client=True, config=config, stats=stats)
         self.expected = expected if isinstance(expected, frozenset) else frozenset((expected,))
 
-    def verify(self, transport: asyncio.Transport) -> str:
+    def verify(self, transport: asyncio.Transport) -> None:
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN_H2:
-            return "alpn"
+            raise PeerRefused("alpn")
         try:
             # One of several (a service's subject_alt_names) may be of another trust domain: membership is the check.
             domain = next(iter(self.expected)).trust_domain if len(self.expected) == 1 else None
             self.peer_identity = verify_peer(sslobj, trust_domain=domain, expected=self.expected)
         except PeerVerificationError as e:
-            return f"wrong_identity: {e}"
-        return ""
+            raise PeerRefused("wrong_identity", str(e)) from None
 
 
 class HboneClientConnection:
@@ -1354,8 +1397,8 @@ async def connect(
                 ssl_handshake_timeout=cfg.handshake_timeout,
             )
             await proto.ready
-    except PeerVerificationError as e:
-        st.rejects[str(e).split(":", 1)[0]] += 1
+    except PeerRefused as e:
+        st.rejects[e.reason] += 1
         _close(sock)
         raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {e}") from None
     except (OSError, TimeoutError, ConnectionError) as e:
@@ -1449,15 +1492,16 @@ class _ServerProtocol(_HboneProtocol):
         self.trust_domain = trust_domain
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def verify(self, transport: asyncio.Transport) -> str:
+    def verify(self, transport: asyncio.Transport) -> None:
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None or sslobj.selected_alpn_protocol() != ALPN_H2:
-            return "alpn"
+            raise PeerRefused("alpn")
         try:
             self.peer_identity = verify_peer(sslobj, trust_domain=self.trust_domain)
         except PeerVerificationError as e:
-            return ("trust_domain" if "trust domain" in str(e) else "untrusted_peer") + f": {e}"
-        return ""
+            ident = peer_identity(sslobj)
+            foreign = ident is not None and self.trust_domain is not None and ident.trust_domain != self.trust_domain
+            raise PeerRefused("trust_domain" if foreign else "untrusted_peer", str(e)) from None
 
     def on_request(self, ev: hbone.RequestReceived) -> None:
         req = ConnectRequest(self, ev)
@@ -1541,9 +1585,8 @@ async def serve_hbone_connection(
             lambda: proto, sock, ssl=ssl_context, ssl_handshake_timeout=cfg.handshake_timeout
         )
         await proto.ready
-    except PeerVerificationError as e:
-        reason = str(e).split(":", 1)[0]
-        st.rejects[reason] += 1
+    except PeerRefused as e:
+        st.rejects[e.reason] += 1
         log.info("HBONE client refused", extra=kv(peer=peer, reason=str(e)))
         sock.close()
         return

@@ -7,10 +7,20 @@ AuthorizationPolicy. (Istio redirects inside the pod, after the node's NAT, so e
 ztunnel there.) This adds the missing step after the rewrite, in the node netns, with nftables: a chain at
 priority dstnat+1 hands the SYN of a DNATed connection now addressed to an enrolled local pod to the inbound
 listener (TPROXY, the listener sees the pod's address as the original destination), with the capture mark that
-policy routing delivers locally, as the tc program does. The connection's later packets are found by their
-socket (``socket transparent``) and delivered the same way. Replies leave through the same conntrack entry and are
+policy routing delivers locally, as the tc program does. Replies leave through the same conntrack entry and are
 rewritten back to the VIP, so the client sees the address it dialled. With no listener (the agent restarting) the
 SYN is dropped: fail closed, as the tc program.
+
+The same rewrite hides an enrolled client's connection from the tc program after its SYN: the SYN was assigned to
+the outbound listener at the pod's veth, but later packets are looked up there by the VIP, find no socket, and
+after the rewrite would be routed to the endpoint (which resets them). So a DNATed connection whose SYN was
+captured, by the tc program or here, keeps the capture mark in its conntrack entry, and its later packets get it
+back: delivered locally, they meet their socket by the kernel's own lookup. Neither the SYN's destination nor a
+socket lookup decides this: nftables' ``socket`` lookup also matches the agent's wildcard listeners, so a DNAT to
+any address's port 15001 or 15008 would have been taken by the agent's outbound or HBONE listener (a non-mesh
+pod's connection tunnelled in mTLS under its own identity), and connections established before capture began
+have no mark and are left alone. The conntrack mark uses the same bits as the packet mark (outside them nothing
+is changed), which nothing else on the node may use either.
 
 Only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc program's
 (or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced whole and
@@ -21,7 +31,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -38,8 +47,9 @@ class DnatCaptureError(Exception):
 
 
 def table_name(instance: str) -> str:
-    """nft identifiers are letters, digits and underscores."""
-    return "ambit_" + re.sub(r"[^A-Za-z0-9_]", "_", instance)
+    """nft takes an instance name as it is (letters, digits, ``_.-``) after a leading letter: mapping ``.`` and
+    ``-`` to ``_`` would give instances ``a-b`` and ``a_b`` one table, each agent replacing the other's set."""
+    return "ambit_" + instance
 
 
 def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_mask: int) -> str:
@@ -48,7 +58,9 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
     v6 = sorted(a for a in addresses if ipaddress.ip_address(a).version == 6)
     keep = 0xFFFFFFFF & ~mark_mask
     set_mark = f"meta mark set meta mark & {keep:#x} | {mark:#x}"
+    marked = f"meta mark & {mark_mask:#x} == {mark:#x}"
     unmarked = f"meta mark & {mark_mask:#x} != {mark:#x}"
+    remember = f"ct mark set ct mark & {keep:#x} | {mark:#x}"
     syn = "tcp flags & (syn | ack) == syn"
     lines = [
         f"table inet {table} {{}}",
@@ -61,14 +73,18 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
     lines += [
         "  chain prerouting {",
         "    type filter hook prerouting priority dstnat + 1; policy accept;",
+        # a later packet of a captured connection (a SYN goes on, to be captured again if its socket is gone)
+        f"    ct status dnat ct direction original ct mark & {mark_mask:#x} == {mark:#x} tcp flags & syn == 0"
+        f" {set_mark} accept",
+        # a SYN the tc program captured (an enrolled client's, to the outbound listener) before the rewrite
+        f"    ct status dnat {syn} {marked} {remember} accept",
     ]
     for family, field in (("ip", "enrolled4"), ("ip6", "enrolled6")):
-        match = f"ct status dnat meta l4proto tcp {family} daddr @{field}"
+        match = f"ct status dnat {family} daddr @{field}"
         lines += [
-            f"    {match} socket transparent 1 {set_mark} accept",
             # tproxy does not end the rule's evaluation when it found the listener (accept does); when it found
             # none, the rule stops there and the next one drops the SYN
-            f"    {match} {syn} {unmarked} {set_mark} tproxy {family} to :{port} accept",
+            f"    {match} {syn} {unmarked} {set_mark} tproxy {family} to :{port} {remember} accept",
             f"    {match} {syn} {unmarked} drop",
         ]
     lines += ["  }", "}", ""]

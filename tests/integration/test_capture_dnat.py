@@ -22,8 +22,10 @@ from lab.observe import agent_log, config_file
 from tests.support.mesh import connect, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
-VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning
+VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
+VIP_WEB = "10.96.0.97"  # DNATed to legacy/web (not enrolled, node2)
 PORT = 9000  # every lab pod's workload echoes here
+OUTBOUND_PORT = 15001  # the agent's outbound listener's port, DNATed on node2 to the same port of demo/server-1
 
 STRICT = """
 apiVersion: security.istio.io/v1
@@ -39,27 +41,31 @@ def lab(require_root: None) -> Iterator[Lab]:
     lab = Lab.up(EXAMPLE, name=f"ambit-dn{secrets.token_hex(2)}", mesh=True)
     try:
         server = lab.pod("demo/server-1").ip
+        web = lab.pod("legacy/web").ip
+        # Every node DNATs the VIPs, as kube-proxy does: a pod's connection is rewritten on its own node.
         rules = (
             "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
-            f"  ip daddr {VIP} tcp dport {PORT} dnat to {server}:{PORT}\n }}\n}}\n"
+            f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT} }} dnat to {server}\n"
+            f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n }}\n}}\n"
         )
-        subprocess.run(
-            ["nsenter", f"--net=/run/netns/{lab.node('node2').netns}", "nft", "-f", "-"],
-            input=rules,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        for node in ("node1", "node2"):
+            subprocess.run(
+                ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", "-f", "-"],
+                input=rules,
+                text=True,
+                check=True,
+                capture_output=True,
+            )
         yield lab
     finally:
         lab.down()
 
 
-def _echo(lab: Lab, pod: str, ip: str) -> tuple[str, str]:
+def _echo(lab: Lab, pod: str, ip: str, port: int = PORT) -> tuple[str, str]:
     """(outcome, the address that answered)."""
     data = os.urandom(1000)
     try:
-        with connect(lab, pod, ip, PORT, timeout=5) as sock:
+        with connect(lab, pod, ip, port, timeout=5) as sock:
             peer = sock.getpeername()[0]
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
@@ -114,6 +120,46 @@ def test_strict_refuses_plaintext_the_node_dnats_to_an_enrolled_pod(lab: Lab) ->
     wait_for(lambda: _echo(lab, "legacy/web", VIP)[0] == "ok", "plaintext allowed again without STRICT")
 
 
+def test_an_enrolled_client_dialling_an_address_its_own_node_dnats_reaches_a_remote_pod(lab: Lab) -> None:
+    """demo/client's SYN is captured (to 15001) at its veth before its node rewrites the VIP; the connection's later
+    packets, rewritten too, must still reach the agent's socket, whatever the endpoint: before, they were routed to
+    the endpoint, which reset them."""
+    client = lab.pod("demo/client").ip
+    server = lab.pod("demo/server-1").ip
+    assert _echo(lab, "demo/client", VIP) == ("ok", VIP)
+    assert _echo(lab, "demo/client", VIP_WEB) == ("ok", VIP_WEB), "to a pod outside the mesh (passthrough)"
+    carried = [
+        r
+        for r in agent_log(lab, "node1")
+        if r.get("direction") == "outbound"
+        and str(r.get("src.addr", "")).startswith(f"{client}:")
+        and r.get("dst.hbone_addr") == f"{server}:{PORT}"
+    ]
+    assert carried and carried[-1]["security"] == "mutual_tls", "node1's agent carried it in HBONE"
+
+
+def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plaintext(lab: Lab) -> None:
+    """Through a DNAT to demo/server-1:15001, legacy/web's connection went to the agent's outbound listener, which
+    took the non-mesh pod for a mesh client: it got web a certificate and tunnelled to server-1 as web in mTLS. It is
+    plaintext to an enrolled pod, as when web dials server-1:15001 itself (refused there as a call to the agent)."""
+    web = lab.pod("legacy/web").ip
+    server = lab.pod("demo/server-1").ip
+    _echo(lab, "legacy/web", VIP, OUTBOUND_PORT)
+
+    def lines(direction: str) -> list[dict[str, object]]:
+        return [
+            r
+            for r in agent_log(lab, "node2")
+            if r.get("direction") == direction and str(r.get("src.addr", "")).startswith(f"{web}:")
+        ]
+
+    wait_for(
+        lambda: any(r.get("dst.addr") == f"{server}:{OUTBOUND_PORT}" for r in lines("inbound_plaintext")),
+        "node2's agent handles it as plaintext inbound",
+    )
+    assert not lines("outbound"), f"a non-mesh pod is never a mesh client: {lines('outbound')}"
+
+
 def test_the_table_is_replaced_whole_and_removed(require_root: None) -> None:
     """In a netns of its own: a sync replaces the set's addresses (none left over), an unchanged set costs no nft
     call, and remove() (what `ambit-agent --cleanup` runs) leaves nothing."""
@@ -136,3 +182,22 @@ def test_the_table_is_replaced_whole_and_removed(require_root: None) -> None:
     assert "10.1.0.6" in listing and "10.1.0.5" not in listing and "fd00::5" not in listing
     assert "tproxy ip to :15006" in listing and "priority dstnat + 1" in listing
     assert table_name(name) not in after
+
+
+def test_instances_of_one_netns_keep_their_own_tables(require_root: None) -> None:
+    """Instance names may differ only in '-', '.' or '_': each still has a table of its own (before, 'a-b' and
+    'a_b' shared one and each agent replaced the other's addresses)."""
+    name = f"ambit-dt{secrets.token_hex(2)}"
+    netns.add(name)
+    try:
+        with netns.enter(name):
+            dash = DnatCapture(f"{name}-x", port=15006, mark=0x200, mark_mask=0xF00)
+            under = DnatCapture(f"{name}_x", port=15006, mark=0x200, mark_mask=0xF00)
+            dash.sync({"10.1.0.5"})
+            under.sync({"10.1.0.6"})
+            assert dash.remove() is True
+            listing = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    finally:
+        netns.delete(name)
+    assert dash.table != under.table
+    assert "10.1.0.6" in listing and "10.1.0.5" not in listing, listing

@@ -56,6 +56,9 @@ from common.spiffe import Identity
 log = logging.getLogger("agent.inbound")
 
 ABANDONED = "client reset the stream before the answer"
+# ztunnel's handler is not cancelled by the client's reset: it runs on to send_response, which fails with an
+# h2::Error (Error::H2, src/proxy/h2/server.rs), recorded as H2_HANDSHAKE_FAILURE (src/proxy/inbound.rs serve_connect)
+ABANDONED_FLAG = "H2_HANDSHAKE_FAILURE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +281,7 @@ class InboundProxy(_Common):
             bag = workload_baggage(self.store, wl)
             if not await _respond(req, 200, [("baggage", bag)] if bag else None):
                 upstream.close()
-                report.finish(error=ABANDONED, flags="CONNECT")
+                report.finish(error=ABANDONED, flags=ABANDONED_FLAG)
                 return
             answered = True
             tracked.close = req.stream.reset
@@ -287,7 +290,7 @@ class InboundProxy(_Common):
             late = tracked.late_rejection
             if late is None:  # the client gave up (the stream's reset cancels its handler), or the agent stops
                 report.finish(
-                    error=ABANDONED if req.abandoned else "cancelled", flags="CONNECT" if req.abandoned else "-"
+                    error=ABANDONED if req.abandoned else "cancelled", flags=ABANDONED_FLAG if req.abandoned else "-"
                 )
                 raise
             if not answered:  # cut before the answer: refused as the first check would have
@@ -295,13 +298,15 @@ class InboundProxy(_Common):
             report.finish(error=late, flags="DENY")
             return
         except Exception as e:  # a failure nothing above expects: the handler logs it; the record still closes
-            report.finish(error=f"internal error: {e!r}")
+            report.finish(error=f"internal error: {e!r}", flags="CONNECT")
             raise
         finally:
             self.connections.untrack(tracked)
         # relay counts from the TCP socket's view: up = pod -> tunnel (server->client)
         late = tracked.late_rejection
-        report.finish(result.bytes_down, result.bytes_up, error=late or result.error, flags="DENY" if late else "-")
+        failure = result.failure  # a reset or broken pipe while relaying is no error (ztunnel's ignore_io_errors)
+        flags = "DENY" if late else "CONNECT" if failure else "-"  # a copy error: SendError/ReceiveError, CONNECT
+        report.finish(result.bytes_down, result.bytes_up, error=late or failure, flags=flags)
 
 
 class InboundPlaintextProxy(_Common):

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from agent import tunnel
 from agent.prometheus import Counter, Gauge, MetricFamily, Registry, counter_family, gauge_family, render_async
-from agent.tunnel import TunnelStats
+from agent.tunnel import ConnectStage, TunnelStats
 from common.spiffe import Identity
 
 UNKNOWN = "unknown"
@@ -60,6 +60,19 @@ TRAFFIC_LABELS: tuple[str, ...] = (
 FAILURE_FLAGS = frozenset(
     {"DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY", "IDENTITY_ERROR"}
 )
+
+# The source's flag for a tunnel that could not be opened, as ztunnel's extract_failure_reason (src/proxy/metrics.rs)
+# maps the proxy::Error its pool and h2 client raise for each stage: only MaybeHBONENetworkPolicyError, Http2Handshake
+# and H2 have flags of their own; HttpStatus (a 401 included: DENY is the destination's) and Io (the TLS connector's
+# failures too, tokio-rustls' io::Error becoming Error::Io, not Error::Tls) fall through to CONNECT.
+CONNECT_FAILURE_FLAGS: dict[ConnectStage, str] = {
+    ConnectStage.POOL: "CONNECT",
+    ConnectStage.TCP: "CONNECT",
+    ConnectStage.TCP_TIMEOUT: "NETWORK_POLICY",
+    ConnectStage.TLS: "CONNECT",
+    ConnectStage.HTTP2: "H2_HANDSHAKE_FAILURE",
+    ConnectStage.RESPONSE: "CONNECT",
+}
 
 
 def _v(value: str | None) -> str:

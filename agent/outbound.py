@@ -28,6 +28,7 @@ import errno
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -58,13 +59,13 @@ from agent.addressing import (
 )
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
-from agent.metrics import Metrics
+from agent.metrics import CONNECT_FAILURE_FLAGS, Metrics
 from agent.ondemand_dns import OnDemandResolver, ResolutionError
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay
 from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close, read_waiting
 from agent.state import WorkloadStore
-from agent.tunnel import HboneConnectError, relay
+from agent.tunnel import HboneConnectError, relay, ungraceful
 from common.log import kv
 from common.spiffe import Identity
 
@@ -441,10 +442,11 @@ class OutboundProxy:
             else:
                 await self._passthrough(sock, client, r, report)
         except asyncio.CancelledError:  # at any await (certificate, tunnel, connect, relay): still closed and logged
-            report.finish(error="cancelled")
+            # "-", as ztunnel's ConnectionResult dropped unrecorded (its Drop records ClosedFromDrain unflagged)
+            report.finish(error="cancelled", flags="-")
             raise
         except Exception as e:  # a failure nothing above expects: the listener logs it; the record still closes
-            report.finish(error=f"internal error: {e!r}")
+            report.finish(error=f"internal error: {e!r}", flags="CONNECT")
             raise
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str, **detail: Any) -> None:
@@ -474,15 +476,21 @@ class OutboundProxy:
         report.opened()
         try:
             ctx = await self.certs.client_context(report.src_identity)
-        except CertificateUnavailable as e:
+        except CertificateUnavailable as e:  # ztunnel: fetch_certificate fails, Error::Identity
             self.metrics.error("outbound", "no_certificate")
             report.finish(error=str(e), flags="IDENTITY_ERROR")
+            abort(sock)
+            return
+        except ssl.SSLError as e:  # ztunnel: the certificate makes no client configuration, Error::Tls
+            self.metrics.error("outbound", "tls_config")
+            report.finish(error=f"client TLS context: {e}", flags="TLS_FAILURE")
             abort(sock)
             return
         try:
             early = read_waiting(sock, self.config.early_data)
         except OSError as e:
-            report.finish(error=f"client read: {e}")
+            failed = not ungraceful(e)  # a client that reset already is no error for ztunnel's copy (ignore_io_errors)
+            report.finish(error=f"client read: {e}" if failed else None, flags="CONNECT" if failed else "-")
             abort(sock)
             return
         try:
@@ -494,13 +502,13 @@ class OutboundProxy:
                 early,
             )
         except HboneConnectError as e:
-            flags = "DENY" if e.status == 401 else "CONNECT"
             self.metrics.error("outbound", connect_error_reason(e))
-            report.finish(error=str(e), flags=flags)
+            report.finish(error=str(e), flags=CONNECT_FAILURE_FLAGS[e.stage])
             abort(sock)
             return
         result = await relay(sock, stream, report.relaying)
-        report.finish(result.bytes_up, result.bytes_down, error=result.error)
+        failure = result.failure  # a reset or broken pipe while relaying is no error (ztunnel's ignore_io_errors)
+        report.finish(result.bytes_up, result.bytes_down, error=failure, flags="CONNECT" if failure else "-")
 
     async def _same_node(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
         """Policy as the destination would apply it, reported by both sides, bytes spliced in the kernel."""
@@ -553,7 +561,9 @@ class OutboundProxy:
         splice = SpliceRelay(sock, upstream)
         report.relaying(lambda: (splice.bytes_up, splice.bytes_down))
         error: str | None = "cancelled"
+        flags = "-"
         try:
-            error = (await splice.run()).error
+            error = (await splice.run()).failure
+            flags = "CONNECT" if error else "-"  # a copy error: ztunnel's SendError/ReceiveError, CONNECT
         finally:
-            report.finish(splice.bytes_up, splice.bytes_down, error=error)
+            report.finish(splice.bytes_up, splice.bytes_down, error=error, flags=flags)

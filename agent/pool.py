@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from agent.tunnel import (
     STATS,
+    ConnectStage,
     HboneClientConnection,
     HboneConnectError,
     HboneStream,
@@ -124,7 +125,7 @@ class HboneConnectionPool:
         """A usable connection with a free stream slot; it stays usable until the caller's next await."""
         while True:
             if self._closed:
-                raise HboneConnectError(503, "connection pool closed")
+                raise HboneConnectError(503, "connection pool closed", stage=ConnectStage.POOL)
             stale = None
             for pooled in self._conns.get(key, ()):
                 if pooled.context is not ssl_context:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
+import errno
 import itertools
 import logging
 import os
@@ -59,20 +61,36 @@ LINGER_TIMEOUT = 30.0
 MAX_REPLIES_WHILE_PAUSED = 1000
 
 
+class ConnectStage(enum.Enum):
+    """Where opening a tunnel stream failed. The source's response flag follows from it as ztunnel's follows from
+    the proxy::Error its pool and h2 client raise (src/proxy/pool.rs new_pool_conn, src/proxy/h2/client.rs)."""
+
+    POOL = "pool"  # the pool takes no more streams (ztunnel: WorkloadHBONEPoolDraining)
+    TCP = "tcp"  # the TCP connect failed (Error::Io)
+    TCP_TIMEOUT = "tcp_timeout"  # ... timed out (MaybeHBONENetworkPolicyError)
+    TLS = "tls"  # the handshake, or the peer's identity (the connector's io::Error: Error::Io)
+    HTTP2 = "http2"  # no answer: the stream refused or reset, the connection lost or going away (Error::H2)
+    RESPONSE = "response"  # the peer answered, not 200 (Error::HttpStatus)
+
+
 class HboneConnectError(Exception):
     """Opening a tunnel stream failed.
 
     ``status`` is the HTTP status the peer answered (400 bad request / address mismatch, 401 denied by policy,
     503 upstream unreachable) or 503 when we never got an answer (connect refused, TLS failure, peer identity
-    not the expected one, connection lost before the response). ``retryable`` is True when the peer provably did
-    not process the request (refused stream, GOAWAY before it), so another connection may be tried.
+    not the expected one, connection lost before the response); ``stage`` says which. ``retryable`` is True when
+    the peer provably did not process the request (refused stream, GOAWAY before it), so another connection may be
+    tried.
     """
 
-    def __init__(self, status: int, reason: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, status: int, reason: str, *, retryable: bool = False, stage: ConnectStage = ConnectStage.RESPONSE
+    ) -> None:
         super().__init__(f"HBONE CONNECT failed: {status} {reason}")
         self.status = status
         self.reason = reason
         self.retryable = retryable
+        self.stage = stage
 
 
 class HboneStreamReset(Exception):
@@ -161,6 +179,24 @@ class TunnelStats:
 
 STATS = TunnelStats()
 """Process-wide default counters, used when no ``stats`` is passed."""
+
+_UNGRACEFUL_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+# asyncio raises ConnectionResetError("Connection lost") without an errno; the TLS peer may go mid-stream, cleanly
+# (close_notify) or not
+_UNGRACEFUL_TYPES = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
+def ungraceful(exc: BaseException) -> bool:
+    """Whether ``exc`` only says that a side went away without a clean close (reset, broken pipe, not connected,
+    TLS ended mid-stream). A TCP connection may end so at any time; ztunnel does not count it as an error (its
+    copy loop's ignore_io_errors, src/copy.rs: ConnectionReset, BrokenPipe, NotConnected, UnexpectedEof), and
+    neither do our reports."""
+    return isinstance(exc, _UNGRACEFUL_TYPES) or (isinstance(exc, OSError) and exc.errno in _UNGRACEFUL_ERRNOS)
+
+
+# The peer's RST_STREAM codes that end a stream without failing it: ztunnel's h2 wrapper reads NO_ERROR and CANCEL
+# as EOF and STREAM_CLOSED as a broken pipe, and writes after any of the three as a broken pipe (src/proxy/h2.rs).
+_BENIGN_RESETS = frozenset({ErrorCode.NO_ERROR, ErrorCode.CANCEL, ErrorCode.STREAM_CLOSED})
 
 _COUNTED_RESETS = ("header_too_large:", "malformed_response:")
 """Reasons of the core's own stream resets that refuse what the peer sent (counted like refused requests)."""
@@ -367,7 +403,8 @@ class _Sink:
     def on_eof(self) -> None:
         raise NotImplementedError
 
-    def on_reset(self, reason: str) -> None:
+    def on_reset(self, reason: str, benign: bool = False) -> None:
+        """The stream was reset or its connection lost; ``benign`` when that is an ungraceful end, no failure."""
         raise NotImplementedError
 
     def on_stop_sending(self) -> None:
@@ -397,6 +434,7 @@ class HboneStream:
         self._eof = False  # peer's END_STREAM received
         self._local_eof = False  # our END_STREAM sent
         self._reset_reason: str | None = None
+        self._reset_benign = False  # the reset is how connections end, not a failure (see ungraceful())
         self._stopped = False  # the reset was the peer's RST_STREAM(NO_ERROR) after its END_STREAM
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
@@ -518,7 +556,7 @@ class HboneStream:
             sink.on_eof()
             sink.on_stop_sending()
         elif self._reset_reason is not None:
-            sink.on_reset(self._reset_reason)
+            sink.on_reset(self._reset_reason, self._reset_benign)
         elif self._eof:
             sink.on_eof()
 
@@ -542,23 +580,25 @@ class HboneStream:
             self._sink.on_eof()
         self._wake_reader()
 
-    def _on_reset(self, reason: str, retryable: bool = False, stopped: bool = False) -> None:
-        """``stopped``: the peer's RST_STREAM(NO_ERROR) after its END_STREAM, which ends only our sending side."""
+    def _on_reset(self, reason: str, retryable: bool = False, stopped: bool = False, benign: bool = False) -> None:
+        """``stopped``: the peer's RST_STREAM(NO_ERROR) after its END_STREAM, which ends only our sending side.
+        ``benign``: the peer ended the stream or went away without it being a failure (see ungraceful())."""
         if self._reset_reason is not None:
             return
         self._reset_reason = reason
+        self._reset_benign = benign
         self._stopped = stopped
         self._proto.blocked.discard(self)
         if self._abandon is not None:  # nobody is left to answer: stop the work on it (upstream connect, ...)
             abandon, self._abandon = self._abandon, None
             abandon()
         if self._response is not None and not self._response.done():
-            self._response.set_exception(HboneConnectError(503, reason, retryable=retryable))
+            self._response.set_exception(HboneConnectError(503, reason, retryable=retryable, stage=ConnectStage.HTTP2))
         if self._sink is not None:
             if stopped:
                 self._sink.on_stop_sending()
             else:
-                self._sink.on_reset(reason)
+                self._sink.on_reset(reason, benign)
         self._wake_reader()
         self._on_writable()
 
@@ -600,6 +640,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._ping_sent_at: float | None = None
         self._ka_handle: asyncio.TimerHandle | None = None
         self._counted = False
+        self._failed: str | None = None  # why the connection is being cut, when that fails its streams
         self._replies_at_pause = 0
         self.buffered = 0  # memory our relays keep for TCP sockets that did not take it yet (BUFFERS)
 
@@ -693,6 +734,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         """The peer keeps making us answer while it reads nothing: everything queued for it would stay in memory
         for as long as it keeps sending. Cut (a GOAWAY would only wait behind the unread bytes)."""
         self.stats.errors["flood"] += 1
+        self._failed = "peer floods control frames"
         log.warning(
             "HBONE peer floods control frames without reading, dropping connection",
             extra=kv(peer=str(self.peer_identity), replies=self.h2.replies - self._replies_at_pause),
@@ -720,9 +762,17 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         if self._ka_handle is not None:
             self._ka_handle.cancel()
             self._ka_handle = None
-        reason = f"connection lost: {exc}" if exc else "connection closed"
+        # A connection that just went away ends its streams as the peer's reset would, no failure (ztunnel: h2
+        # hands the io error on, or a broken pipe at EOF, and the copy ignores both); one we cut, or that went
+        # after a GOAWAY with an error code (h2's GoAway error), fails them.
+        if self._failed is not None:
+            reason, benign = self._failed, False
+        elif exc is not None:
+            reason, benign = f"connection lost: {exc}", ungraceful(exc)
+        else:
+            reason, benign = "connection closed", True
         for st in list(self.streams.values()):
-            st._on_reset(reason)
+            st._on_reset(reason, benign=benign)
         self.stats.streams_closed += len(self.streams)
         self.streams.clear()
         self.blocked.clear()
@@ -830,7 +880,10 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
             if st is not None:
                 refused = ev.remote and ev.error_code == ErrorCode.REFUSED_STREAM
                 stopped = ev.remote and ev.error_code == ErrorCode.NO_ERROR and st._eof
-                st._on_reset(ev.reason or hbone.error_name(ev.error_code), retryable=refused, stopped=stopped)
+                benign = ev.remote and ev.error_code in _BENIGN_RESETS
+                st._on_reset(
+                    ev.reason or hbone.error_name(ev.error_code), retryable=refused, stopped=stopped, benign=benign
+                )
                 self.forget_if_closed(st)
         elif isinstance(ev, hbone.RequestReceived):
             self.on_request(ev)
@@ -865,6 +918,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         if ev.remote:
             if ev.error_code != ErrorCode.NO_ERROR:
                 self.stats.errors[_GOAWAY_REASONS.get(ev.error_code, _GOAWAY_UNKNOWN)] += 1
+                self._failed = f"peer sent GOAWAY {hbone.error_name(ev.error_code)}"
                 log.warning(
                     "HBONE peer sent GOAWAY",
                     extra=kv(
@@ -877,6 +931,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
                 self.close()
             return
         self.stats.rejects[reject_reason(ev.reason)] += 1
+        self._failed = f"HBONE protocol error: {ev.reason}"
         log.warning(
             "HBONE protocol error, closing connection",
             extra=kv(code=hbone.error_name(ev.error_code), reason=ev.reason, peer=str(self.peer_identity)),
@@ -892,6 +947,7 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         now = self.loop.time()
         if self._ping_sent_at is not None and now - self._ping_sent_at >= self.config.keepalive_timeout:
             self.stats.errors["keepalive_timeout"] += 1
+            self._failed = "keepalive timeout"
             log.warning("HBONE keepalive timeout, dropping connection", extra=kv(peer=str(self.peer_identity)))
             self.transport.abort()
             return
@@ -911,11 +967,18 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
 @dataclass(frozen=True, slots=True)
 class RelayResult:
     """Bytes moved by :func:`relay`: up = TCP -> tunnel (taken by the stream), down = tunnel -> TCP (received);
-    ``error`` when it did not end cleanly."""
+    ``error`` when it did not end cleanly, ``ungraceful`` when that is only how it ended (a side reset or went
+    away, see ungraceful()), which is no failure."""
 
     bytes_up: int
     bytes_down: int
     error: str | None = None
+    ungraceful: bool = False
+
+    @property
+    def failure(self) -> str | None:
+        """``error`` when the connection failed: what its report and response flag go by."""
+        return None if self.ungraceful else self.error
 
 
 class _TcpRelay(_ReceiveBuffer, _Sink):
@@ -939,6 +1002,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self.up = stream.early_sent  # counted as the stream takes them
         self.down = 0
         self.error: str | None = None
+        self.ungraceful = False  # the error is only how the connection ended
         self._init_buffer()
         self._pending: memoryview | None = None  # TCP bytes the stream could not take yet
         # Stream bytes the socket did not take: views of receive buffers, and copies (bytearrays, appended to).
@@ -979,7 +1043,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                self._fail(f"tcp read: {e}")
+                self._fail(f"tcp read: {e}", ungraceful(e))
                 return
             if nbytes == 0:
                 self._tcp_eof = True
@@ -1007,7 +1071,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
-            self._fail(f"tcp write: {e}")
+            self._fail(f"tcp write: {e}", ungraceful(e))
             return
         self._writer.watch(bool(backlog))
         if self._held_credit and self._backlog_size <= WRITE_LOW:
@@ -1032,7 +1096,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as e:
-                self._fail(f"tcp write: {e}")
+                self._fail(f"tcp write: {e}", ungraceful(e))
                 return True
             if sent == total:
                 return True
@@ -1073,16 +1137,19 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         self._down_done = True
         self._maybe_send_fin()
 
-    def on_reset(self, reason: str) -> None:
+    def on_reset(self, reason: str, benign: bool = False) -> None:
         if self.error is None and not (self._up_done and self._down_done):
             self.error = f"stream reset: {reason}"
+            self.ungraceful = benign
         self._close(abortive=True)
 
     def on_stop_sending(self) -> None:
         if self._closed:
             return
         if self._pending is not None and self.error is None:
+            # ztunnel's write after RST_STREAM(NO_ERROR) is a broken pipe, which its copy ignores
             self.error = "peer stopped reading: unsent bytes dropped"
+            self.ungraceful = True
         self._pending = None
         self._up_done = True
         if not self._tcp_eof:
@@ -1119,7 +1186,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._fail(f"tcp read: {e}")
+            self._fail(f"tcp read: {e}", ungraceful(e))
             return
         if self._discarding is not None:
             self._discarding.watch(False)
@@ -1165,7 +1232,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError as e:  # the TCP peer is already gone
-                self.on_reset(f"tcp shutdown: {e}")
+                self.on_reset(f"tcp shutdown: {e}", ungraceful(e))
                 return
             self._maybe_finish()
 
@@ -1183,15 +1250,16 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         if self._linger_timer is not None:
             return
         if not self.done.done():
-            self.done.set_result(RelayResult(self.up, self.down, self.error))
+            self.done.set_result(RelayResult(self.up, self.down, self.error, self.ungraceful))
         self._linger_timer = self.stream._proto.loop.call_later(LINGER_TIMEOUT, self._close_lingering)
 
     def _close_lingering(self) -> None:
         self._close(abortive=False)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, benign: bool = False) -> None:
         if self.error is None:
             self.error = reason
+            self.ungraceful = benign
         self._close(abortive=True)
 
     def _close(self, *, abortive: bool) -> None:
@@ -1222,7 +1290,7 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
         else:
             close_gracefully(self.sock)
         if not self.done.done():
-            self.done.set_result(RelayResult(self.up, self.down, self.error))
+            self.done.set_result(RelayResult(self.up, self.down, self.error, self.ungraceful))
 
     def abort(self, reason: str) -> None:
         self._fail(reason)
@@ -1245,7 +1313,8 @@ async def relay(
     Back-pressure: TCP reading pauses while the stream has no send window or TLS writing is paused, and stream
     credit is returned only as the TCP side drains. Takes ownership of ``sock`` (closed at the end). Cancelling
     the task (e.g. a policy change) resets the stream and closes the socket. I/O failures end up in
-    ``RelayResult.error``; the only exception is CancelledError.
+    ``RelayResult.error`` (``RelayResult.failure`` leaves out resets and broken pipes, which are no failure); the
+    only exception is CancelledError.
     """
     done: asyncio.Future[RelayResult] = stream._proto.loop.create_future()
     make_nonblocking(sock)
@@ -1303,11 +1372,11 @@ class HboneClientConnection:
         """
         proto = self._proto
         if not self.usable:
-            raise HboneConnectError(503, "connection not usable", retryable=True)
+            raise HboneConnectError(503, "connection not usable", retryable=True, stage=ConnectStage.HTTP2)
         try:
             sid = proto.h2.send_connect(authority, headers)
         except StreamStateError as e:
-            raise HboneConnectError(503, str(e), retryable=True) from None
+            raise HboneConnectError(503, str(e), retryable=True, stage=ConnectStage.HTTP2) from None
         st = HboneStream(proto, sid)
         if early:
             n = st.early_sent = proto.h2.send_data(sid, early)
@@ -1326,7 +1395,9 @@ class HboneClientConnection:
             raise
         except TimeoutError:
             st.reset()
-            raise HboneConnectError(503, "timed out waiting for the CONNECT response") from None
+            raise HboneConnectError(
+                503, "timed out waiting for the CONNECT response", stage=ConnectStage.HTTP2
+            ) from None
         except asyncio.CancelledError:
             st.reset()
             raise
@@ -1379,7 +1450,8 @@ async def connect(
     """TCP connect + TLS (no SNI) + SPIFFE check of the server against ``expected`` (and its trust domain), or
     against any one of a set of acceptable identities.
 
-    Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity.
+    Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity, with the stage
+    (TCP, TCP_TIMEOUT or TLS).
     """
     cfg = config or TunnelConfig()
     st = stats or STATS
@@ -1400,12 +1472,16 @@ async def connect(
     except PeerRefused as e:
         st.rejects[e.reason] += 1
         _close(sock)
-        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {e}") from None
+        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {e}", stage=ConnectStage.TLS) from None
     except (OSError, TimeoutError, ConnectionError) as e:
         _close(sock)
         if isinstance(e, ssl.SSLError):
             st.rejects[_ssl_reason(e)] += 1
-        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {type(e).__name__}: {e}") from None
+        if sock is not None:
+            stage = ConnectStage.TLS
+        else:  # ETIMEDOUT is a TimeoutError too
+            stage = ConnectStage.TCP_TIMEOUT if isinstance(e, TimeoutError) else ConnectStage.TCP
+        raise HboneConnectError(503, f"{addr[0]}:{addr[1]}: {type(e).__name__}: {e}", stage=stage) from None
     except BaseException:
         _close(sock)
         raise

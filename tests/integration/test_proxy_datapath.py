@@ -116,6 +116,15 @@ async def test_deny_policy_blocks_one_caller_only(mesh: Mesh) -> None:
         )
         == 1
     )
+    # The source reports the peer's 401 as ztunnel does (Error::HttpStatus: CONNECT); DENY is the destination's.
+    source = {"reporter": "source", "source_principal": str(mesh.identity("other"))}
+    assert (
+        sample_value(mesh.n1.metrics, "istio_tcp_connections_failed_total", {**source, "response_flags": "CONNECT"})
+        == 1
+    )
+    assert (
+        sample_value(mesh.n1.metrics, "istio_tcp_connections_closed_total", {**source, "response_flags": "DENY"}) == 0
+    )
 
 
 async def test_strict_denies_plaintext_but_not_mtls(mesh: Mesh) -> None:

@@ -101,31 +101,54 @@ class DnatCapture:
         self.mark_mask = mark_mask
         self.nft = nft
         self._applied: frozenset[str] | None = None
+        self._listed = ""  # the table as nft listed it after our last write
 
     def sync(self, addresses: Iterable[str]) -> None:
-        """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods); a no-op when unchanged."""
+        """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods).
+
+        The table is written again when the addresses changed or when it is no longer as written: a firewall reload
+        (``flush ruleset`` heads Debian's /etc/nftables.conf) or a hand edit would otherwise leave DNATed connections
+        uncaptured, kube-proxy having put its own rules back, until the enrolled set next changed. Unchanged, a sync
+        costs one read."""
         want = frozenset(addresses)
-        if want == self._applied:
+        if want == self._applied and self._listing() == self._listed:
             return
+        if self._applied is not None and want == self._applied:
+            log.warning(
+                "DNAT capture table was changed or removed by someone else; writing it again",
+                extra=kv(table=self.table),
+            )
         self._run(ruleset(self.table, want, port=self.port, mark=self.mark, mark_mask=self.mark_mask))
         if self._applied is None:
             log.info("DNAT capture installed", extra=kv(table=self.table, addresses=len(want)))
         self._applied = want
-
-    def forget(self) -> None:
-        """Apply the table afresh at the next sync (someone may have flushed the ruleset)."""
-        self._applied = None
+        self._listed = self._listing()
 
     def remove(self) -> bool:
         """Delete the table; False when there was none (or no nft to ask)."""
         self._applied = None
-        if shutil.which(self.nft) is None:
+        if shutil.which(self.nft) is None or not self._listing():
             return False
         try:
             self._run(f"delete table inet {self.table}\n")
-        except DnatCaptureError:  # no such table (nft says so on stderr)
+        except DnatCaptureError as exc:  # the rest of a cleanup still runs
+            log.warning("cannot remove the DNAT capture table", extra=kv(table=self.table, error=str(exc)))
             return False
         return True
+
+    def _listing(self) -> str:
+        """The table as nft lists it now; empty when it does not exist (or nft cannot be run)."""
+        try:
+            done = subprocess.run(
+                [self.nft, "list", "table", "inet", self.table],
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
 
     def _run(self, script: str) -> None:
         try:

@@ -160,27 +160,37 @@ def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plai
     assert not lines("outbound"), f"a non-mesh pod is never a mesh client: {lines('outbound')}"
 
 
-def test_the_table_is_replaced_whole_and_removed(require_root: None) -> None:
-    """In a netns of its own: a sync replaces the set's addresses (none left over), an unchanged set costs no nft
-    call, and remove() (what `ambit-agent --cleanup` runs) leaves nothing."""
+def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) -> None:
+    """In a netns of its own: a sync replaces the set's addresses (none left over), an unchanged set writes nothing,
+    a table someone flushed away (a firewall reload) is written again at the next sync even with the set unchanged,
+    and remove() (what `ambit-agent --cleanup` runs) leaves nothing."""
     name = f"ambit-dt{secrets.token_hex(2)}"
     netns.add(name)
+
+    def nft(*args: str) -> str:
+        return subprocess.run(["nft", *args], capture_output=True, text=True, check=True).stdout
+
     try:
         with netns.enter(name):
             capture = DnatCapture(name, port=15006, mark=0x200, mark_mask=0xF00)
             capture.sync({"10.1.0.5", "fd00::5"})
             capture.sync({"10.1.0.6"})
-            listing = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
-            capture.nft = "/nonexistent/nft"  # an unchanged set must not need nft at all
+            listing = nft("list", "ruleset")
+            handle = nft("-a", "list", "table", "inet", capture.table).splitlines()[0]
             capture.sync({"10.1.0.6"})
-            capture.nft = "nft"
+            unchanged = nft("-a", "list", "table", "inet", capture.table).splitlines()[0]
+            nft("flush", "ruleset")
+            capture.sync({"10.1.0.6"})
+            restored = nft("list", "ruleset")
             assert capture.remove() is True
-            after = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+            after = nft("list", "ruleset")
             assert capture.remove() is False, "nothing left to remove"
     finally:
         netns.delete(name)
     assert "10.1.0.6" in listing and "10.1.0.5" not in listing and "fd00::5" not in listing
     assert "tproxy ip to :15006" in listing and "priority dstnat + 1" in listing
+    assert unchanged == handle, "an unchanged set is not written again (the table keeps its handle)"
+    assert restored == listing, "the flushed table is back as it was"
     assert table_name(name) not in after
 
 

@@ -228,14 +228,16 @@ class InboundProxy(_Common):
             await self._refuse_stream(req, peer, orig_dst, 400, "bad_authority", detail=str(e))
             return
         if dst[1] in self.config.own_ports:  # ztunnel: SelfCall while picking the upstream, answered 503
-            await self._refuse_stream(req, peer, dst, 503, "self_call")
+            await self._refuse_stream(req, peer, orig_dst, 503, "self_call")
             return
         params = forwarded(req.headers)
         client, src = self._client(req, params, peer)
+        # As ztunnel (build_inbound_request), for consistency with the source's line: dst.addr is the address the
+        # tunnel reached (podIP:15008), dst.hbone_addr the :authority.
         report = self.access_log.start(
             "inbound",
             client,
-            dst,
+            orig_dst,
             src=src,
             dst=wl,
             service=destination_service(self.store, wl, dst[1], params.get("host")),

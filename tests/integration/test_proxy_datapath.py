@@ -272,6 +272,10 @@ async def test_metrics_and_access_log_over_http(mesh: Mesh, caplog: pytest.LogCa
     assert logs["access.n1"]["direction"] == "outbound" and logs["access.n2"]["direction"] == "inbound"
     assert logs["access.n2"]["src.identity"] == str(mesh.identity("client"))
     assert logs["access.n2"]["src.addr"].startswith(mesh.ip["client"] + ":")  # forwarded for= trusted
+    # As ztunnel: both sides name the tunnel's address (podIP:15008) as dst.addr and the :authority as hbone_addr.
+    for field in ("dst.addr", "dst.hbone_addr"):
+        assert logs["access.n2"][field] == logs["access.n1"][field], field
+    assert logs["access.n2"]["dst.addr"] != logs["access.n2"]["dst.hbone_addr"]
     assert logs["access.n2"]["bytes_sent"] == 12345 == logs["access.n1"]["bytes_recv"]
     assert logs["access.n1"]["dst.hbone_addr"] == f"{mesh.ip['echo-1']}:{ECHO_PORT}"
     assert logs["access.n2"]["policy.decision"] == "allow"

@@ -14,6 +14,7 @@ Resource names follow istiod: a workload by its uid (`<cluster>//Pod/<ns>/<name>
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -46,6 +47,16 @@ TUNNEL_LABEL = "networking.istio.io/tunnel"
 USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
 # Written by Istio's sidecar injector; istio-cni never enrolls such a pod (enablement_selector.go podHasSidecar).
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+# Names the workload whatever owns the pod or entry (istio/api label.ServiceWorkloadName).
+WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
+AUTO_REGISTRATION_GROUP_ANNOTATION = "istio.io/autoRegistrationGroup"
+_CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+_CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+# A Deployment's, then an Argo Rollout's, pod-template hash: the suffix of the ReplicaSet's name.
+_TEMPLATE_HASH_LABELS = ("pod-template-hash", "rollouts-pod-template-hash")
+_DEPLOYMENT_CONFIG_LABEL = "deploymentconfig"
+# A CronJob's Job: `<cronjob>-<scheduled time in minutes>` (istiod's cronJobNameRegexp; ASCII digits as Go's \d).
+_CRONJOB_RUN = re.compile(r"(.+)-[0-9]{8,10}\Z")
 _REGION_LABEL = "topology.kubernetes.io/region"
 _ZONE_LABEL = "topology.kubernetes.io/zone"
 _SUBZONE_LABEL = "topology.istio.io/subzone"
@@ -586,7 +597,7 @@ class Translator:
         if pod.terminal or not pod.ips:
             return None
         meta = pod.meta
-        workload_name, workload_type = _workload_name_and_type(pod)
+        workload_name = _pod_workload_name(pod)
         canonical_name, canonical_revision = _canonical(meta.labels, workload_name)
         healthy = not meta.deleting and pod.phase in ("", "Running") and pod.ready in ("", "True")
         fields = dict(
@@ -601,7 +612,7 @@ class Translator:
             node=pod.node_name,
             canonical_name=canonical_name,
             canonical_revision=canonical_revision,
-            workload_type=workload_type,
+            workload_type=wl.POD,
             workload_name=workload_name,
             authorization_policies=self._policies_for(meta.namespace, meta.labels),
             status=wl.HEALTHY if healthy else wl.UNHEALTHY,
@@ -622,7 +633,8 @@ class Translator:
         """A workload for a WorkloadEntry, or for one endpoint of a ServiceEntry (`hosts` = the hosts it serves)."""
         meta = owner.meta
         labels = _workload_labels(owner)
-        canonical_name, canonical_revision = _canonical(labels, name)
+        workload_name = _entry_workload_name(owner, labels) if isinstance(owner, WorkloadEntry) else name
+        canonical_name, canonical_revision = _canonical(labels, workload_name)
         address = wl.Address()
         workload = address.workload
         workload.MergeFrom(
@@ -642,7 +654,7 @@ class Translator:
                 canonical_name=canonical_name,
                 canonical_revision=canonical_revision,
                 workload_type=wl.POD,
-                workload_name=name,
+                workload_name=workload_name,
                 authorization_policies=self._policies_for(meta.namespace, labels),
                 status=wl.HEALTHY,
                 cluster_id=self.config.cluster_id,
@@ -841,32 +853,49 @@ def _locality_of(node: KObject | None) -> wl.Locality | None:
     return wl.Locality(region=region, zone=zone, subzone=subzone)
 
 
-def _workload_name_and_type(pod: Pod) -> tuple[str, wl.WorkloadType]:
-    """The controller (Deployment, Job, ...) a pod belongs to, as istiod derives it from owner references."""
-    kind, name = pod.meta.owner_kind, pod.meta.owner_name
+def _pod_workload_name(pod: Pod) -> str:
+    """The workload a pod belongs to, named as istiod's GetWorkloadMetaFromPod names it (pkg/kube/util.go): the
+    workload-name label, else the pod's controller (Deployment, CronJob, StatefulSet, ...), else the pod itself.
+
+    The name is a label of every metric series the agent reports for the pod, so it has to be the same for all the
+    pods of a controller and all the runs of a CronJob: a name per pod or per run is a new series each time, kept
+    by Prometheus for its whole retention."""
+    labels = pod.meta.labels
+    if WORKLOAD_NAME_LABEL in labels:
+        return labels[WORKLOAD_NAME_LABEL]
+    return _controller_name(pod.meta.owner_kind, pod.meta.owner_name, labels) or pod.meta.name
+
+
+def _controller_name(kind: str, name: str, labels: Labels) -> str:
+    """GetDeployMetaFromPod's heuristics on the controlling owner reference: a ReplicaSet stands for the Deployment
+    (or Argo Rollout) whose pod-template hash ends its name, an OpenShift ReplicationController for the
+    DeploymentConfig its pods are labelled with, a Job named `<name>-<8 to 10 digits>` for the CronJob that ran it
+    (the digits are the run's scheduled minute). Any other controller is named as it is."""
     if kind == "ReplicaSet":
-        template_hash = pod.meta.labels.get("pod-template-hash")
-        if template_hash and name.endswith(f"-{template_hash}"):
-            return name[: -len(template_hash) - 1], wl.DEPLOYMENT
-        return name.rsplit("-", 1)[0] if "-" in name else name, wl.DEPLOYMENT
-    if kind == "Job":
-        return name, wl.JOB
-    if kind:
-        return name, wl.POD
-    return pod.meta.name, wl.POD
+        for hash_label in _TEMPLATE_HASH_LABELS:
+            template_hash = labels.get(hash_label, "")
+            if template_hash and name.endswith(template_hash):
+                return name.removesuffix(f"-{template_hash}")
+    elif kind == "ReplicationController":
+        return labels.get(_DEPLOYMENT_CONFIG_LABEL) or name
+    elif kind == "Job":
+        run = _CRONJOB_RUN.search(name)
+        if run is not None:
+            return run.group(1)
+    return name
+
+
+def _entry_workload_name(entry: WorkloadEntry, labels: Labels) -> str:
+    """istiod's WorkloadNameFromWorkloadEntry (pkg/kube/labels): an auto-registered VM is named after its
+    WorkloadGroup, so all the group's entries are one workload."""
+    annotations = entry.meta.annotations
+    if AUTO_REGISTRATION_GROUP_ANNOTATION in annotations:
+        return annotations[AUTO_REGISTRATION_GROUP_ANNOTATION]
+    return labels.get(WORKLOAD_NAME_LABEL, entry.meta.name)
 
 
 def _canonical(labels: Labels, workload_name: str) -> tuple[str, str]:
-    name = (
-        labels.get("service.istio.io/canonical-name")
-        or labels.get("app.kubernetes.io/name")
-        or labels.get("app")
-        or workload_name
-    )
-    revision = (
-        labels.get("service.istio.io/canonical-revision")
-        or labels.get("app.kubernetes.io/version")
-        or labels.get("version")
-        or "latest"
-    )
+    """istiod's CanonicalService (pkg/kube/labels): the first of each list of labels that is present, even empty."""
+    name = next((labels[k] for k in _CANONICAL_NAME_LABELS if k in labels), workload_name)
+    revision = next((labels[k] for k in _CANONICAL_REVISION_LABELS if k in labels), "latest")
     return name, revision

@@ -250,6 +250,7 @@ apiVersion: v1
 kind: Pod
 metadata:
   name: web-7d9f-abcde
+  generateName: web-7d9f-
   namespace: demo
   labels: {app: web, pod-template-hash: 7d9f, version: v2}
   ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, uid: u, controller: true}]
@@ -259,7 +260,7 @@ status: {podIP: 10.1.0.6}
     got = workload(translate(CLUSTER, text), "Kubernetes//Pod/demo/web-7d9f-abcde")
     assert (got.workload_name, got.workload_type, got.canonical_name, got.canonical_revision) == (
         "web",
-        wl.DEPLOYMENT,
+        wl.POD,  # istiod sends POD for every pod since Istio 1.25 (#55032)
         "web",
         "v2",
     )

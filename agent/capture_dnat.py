@@ -15,12 +15,13 @@ The same rewrite hides an enrolled client's connection from the tc program after
 the outbound listener at the pod's veth, but later packets are looked up there by the VIP, find no socket, and
 after the rewrite would be routed to the endpoint (which resets them). So a DNATed connection whose SYN was
 captured, by the tc program or here, keeps the capture mark in its conntrack entry, and its later packets get it
-back: delivered locally, they meet their socket by the kernel's own lookup. Neither the SYN's destination nor a
-socket lookup decides this: nftables' ``socket`` lookup also matches the agent's wildcard listeners, so a DNAT to
-any address's port 15001 or 15008 would have been taken by the agent's outbound or HBONE listener (a non-mesh
-pod's connection tunnelled in mTLS under its own identity), and connections established before capture began
-have no mark and are left alone. The conntrack mark uses the same bits as the packet mark (outside them nothing
-is changed), which nothing else on the node may use either.
+back: delivered locally, they meet their socket by the kernel's own lookup. Connections established before
+capture began have no mark and are left alone. A connection whose conntrack entry went (expired while idle:
+kube-proxy sets 24 h; flushed) is picked up again mid-stream without the mark; its packets are matched by their
+socket instead (``socket transparent``), an established one only: nftables' socket lookup also finds the agent's
+wildcard listeners, and through them a DNAT to any address's port 15001 or 15008 would reach the outbound or HBONE
+listener (a non-mesh pod's connection tunnelled in mTLS under its own identity). The conntrack mark uses the same
+bits as the packet mark (outside them nothing is changed), which nothing else on the node may use either.
 
 Only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc program's
 (or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced whole and
@@ -76,6 +77,10 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
         # a later packet of a captured connection (a SYN goes on, to be captured again if its socket is gone)
         f"    ct status dnat ct direction original ct mark & {mark_mask:#x} == {mark:#x} tcp flags & syn == 0"
         f" {set_mark} accept",
+        # one whose conntrack entry was lost (expired while idle, flushed) and picked up again mid-stream: its
+        # socket, an established one of the agent's (a wildcard one is a listener: never matched)
+        f"    ct status dnat ct direction original tcp flags & syn == 0 socket transparent 1 socket wildcard 0"
+        f" {set_mark} {remember} accept",
         # a SYN the tc program captured (an enrolled client's, to the outbound listener) before the rewrite
         f"    ct status dnat {syn} {marked} {remember} accept",
     ]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import Conntrack
 
 from agent.capture_dnat import DnatCapture, table_name
 from lab import Lab, netns
@@ -158,6 +159,43 @@ def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plai
         "node2's agent handles it as plaintext inbound",
     )
     assert not lines("outbound"), f"a non-mesh pod is never a mesh client: {lines('outbound')}"
+
+
+def test_a_captured_connection_outlives_its_conntrack_entry(lab: Lab) -> None:
+    """A conntrack entry can go while its connection lives (kube-proxy sets a 24 h established timeout, an idle
+    connection outlasts it; a flush). The client's next packet is picked up mid-stream and DNATed again, but carries
+    no capture mark: it must still find the agent's socket, not the pod (which resets it)."""
+    data = os.urandom(100)
+    socks = {pod: connect(lab, pod, VIP, PORT) for pod in ("legacy/web", "demo/client")}
+    try:
+        for sock in socks.values():
+            sock.sendall(data)
+            assert _read(sock, len(data)) == data
+        for node in ("node1", "node2"):
+            with netns.enter(lab.node(node).netns):
+                conntrack = Conntrack()
+                try:
+                    conntrack.flush()
+                finally:
+                    conntrack.close()
+        outcome = {}
+        for pod, sock in socks.items():
+            try:
+                sock.sendall(data)
+                outcome[pod] = "ok" if _read(sock, len(data)) == data else "bytes differ"
+            except OSError as e:
+                outcome[pod] = f"failed: {e}"
+    finally:
+        for sock in socks.values():
+            sock.close()
+    assert outcome == {"legacy/web": "ok", "demo/client": "ok"}
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size and (chunk := sock.recv(65536)):
+        got += chunk
+    return got
 
 
 def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) -> None:

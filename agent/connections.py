@@ -164,7 +164,8 @@ class ConnectionRegistry:
             splice = relaying = SpliceRelay(sock, upstream)
             for r in reports:
                 r.relaying(lambda: (relaying.bytes_up, relaying.bytes_down))
-            error = (await splice.run()).error
+            error = (await splice.run()).failure
+            flags = "CONNECT" if error else "-"  # a copy error: ztunnel's SendError/ReceiveError, CONNECT
         except asyncio.CancelledError:
             error = tracked.late_rejection or "cancelled"
             if splice is None:

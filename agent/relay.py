@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 
 from agent.sockets import Readiness, abort, close_gracefully, make_nonblocking, reset_if_orphaned
-from agent.tunnel import RelayResult
+from agent.tunnel import RelayResult, ungraceful
 
 DEFAULT_PIPE_SIZE = 1 << 20
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -191,7 +191,7 @@ class SpliceRelay:
 
     async def run(self) -> RelayResult:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[str | None] = loop.create_future()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
         ended: list[_Pump] = []
 
         def on_end(pump: _Pump, error: BaseException | None) -> None:
@@ -199,11 +199,12 @@ class SpliceRelay:
             if done.done():
                 return
             if error is not None:
-                done.set_result(f"{type(error).__name__}: {error}")
+                done.set_result(error)
             elif len(ended) == 2:
                 done.set_result(None)
 
         error: str | None = "cancelled"
+        gone = False  # a side reset or went away: how it ended, not a failure (tunnel.ungraceful)
         try:
             for sock in (self.client, self.upstream):
                 make_nonblocking(sock)
@@ -212,7 +213,9 @@ class SpliceRelay:
             down = self._down = _Pump(loop, self.upstream, self.client, self.pipe_size, on_end)
             up.step()
             down.step()
-            error = await done
+            exc = await done
+            error = None if exc is None else f"{type(exc).__name__}: {exc}"
+            gone = exc is not None and ungraceful(exc)
         except OSError as e:  # no pipe for a direction (out of descriptors): the sockets are still ours to close
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -225,4 +228,4 @@ class SpliceRelay:
             else:
                 abort(self.client)
                 abort(self.upstream)
-        return RelayResult(self.bytes_up, self.bytes_down, error)
+        return RelayResult(self.bytes_up, self.bytes_down, error, ungraceful=gone)

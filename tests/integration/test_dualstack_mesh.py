@@ -109,7 +109,8 @@ def test_cross_node_bytes_go_through_hbone_mtls_to_the_pods_address(mesh: Lab, f
     assert (out["bytes_sent"], out["bytes_recv"]) == (len(payload), len(payload))
     inbound = _one_access(mesh, "node2", direction="inbound", **{"src.addr": src})
     assert inbound["path"] == "hbone" and inbound["security"] == "mutual_tls"
-    assert inbound["dst.addr"] == _hostport(server_ip, ECHO)
+    assert inbound["dst.addr"] == _hostport(server_ip, 15008), "as ztunnel logs it: where the tunnel arrived"
+    assert inbound["dst.hbone_addr"] == _hostport(server_ip, ECHO)
     assert inbound["src.identity"] == "spiffe://cluster.local/ns/demo/sa/client"
     # Many streams at once share pooled HBONE connections to that address, each stream's bytes intact.
     pairs = parallel_echo(mesh, CLIENT, server_ip, ECHO, streams=8, size=256 * 1024)

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -84,6 +85,20 @@ async def test_cancel_resets_both_sides(relayer: Relayer) -> None:
             raise AssertionError("expected a reset, got a clean EOF")
     assert relayer.relays[0].bytes_up == 4 and relayer.relays[0].bytes_down == 4
     writer.close()
+
+
+async def test_a_client_reset_ends_the_relay_without_failing_it(relayer: Relayer) -> None:
+    """ztunnel's copy ignores resets and broken pipes (src/copy.rs ignore_io_errors): a pod that resets its
+    connection is no failed connection (no error in the log, flag "-"), though the relay keeps what happened."""
+    sock = await connect_from("127.0.0.1", relayer.listener.address)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()  # RST
+    async with asyncio.timeout(5):
+        result = await relayer.results.get()
+    assert result.error is not None and result.ungraceful and result.failure is None, result
 
 
 def _open_fds() -> set[str]:

@@ -158,9 +158,10 @@ def _packed(ip: str) -> bytes:
 
 
 def _workload_labels(obj: Pod | WorkloadEntry | ServiceEntry) -> Labels:
-    """Labels policies and services select on. A WorkloadEntry's spec labels win over its metadata labels."""
+    """Labels policies and services select on, and that name the workload. A WorkloadEntry's metadata labels win
+    over its spec labels, as istiod merges them (ConvertClientWorkloadEntry)."""
     if isinstance(obj, WorkloadEntry) and obj.spec.labels:
-        return {**obj.meta.labels, **obj.spec.labels}
+        return {**obj.spec.labels, **obj.meta.labels}
     return obj.meta.labels
 
 

@@ -230,3 +230,23 @@ def test_workload_entry_name_from_its_group_then_its_label() -> None:
     assert named("product-vm-10.0.0.1") == ("product-vm", "product", wl.POD)
     assert named("cache-vm-1") == ("cache", "cache", wl.POD)
     assert named("plain-vm") == ("plain-vm", "plain-vm", wl.POD)
+
+
+def test_workload_entry_metadata_labels_win_over_spec_labels() -> None:
+    """istiod merges a WorkloadEntry's labels with its metadata's winning (ConvertClientWorkloadEntry), for the
+    canonical name as for what selects the entry."""
+    entry = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-1", "namespace": "demo", "labels": {"app": "meta", "tier": "db"}},
+        "spec": {"address": "10.0.0.9", "labels": {"app": "spec", "version": "v3"}},
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "meta", "namespace": "demo"},
+        "spec": {"selector": {"app": "meta"}, "clusterIP": "10.96.0.9", "ports": [{"port": 80}]},
+    }
+    got = workload_of(translated(entry, service), "Kubernetes/networking.istio.io/WorkloadEntry/demo/vm-1")
+    assert (got.canonical_name, got.canonical_revision) == ("meta", "v3")
+    assert list(got.services) == ["demo/meta.demo.svc.cluster.local"]

@@ -88,9 +88,11 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
         match = f"ct status dnat {family} daddr @{field}"
         lines += [
             # tproxy does not end the rule's evaluation when it found the listener (accept does); when it found
-            # none, the rule stops there and the next one drops the SYN
-            f"    {match} {syn} {unmarked} {set_mark} tproxy {family} to :{port} {remember} accept",
-            f"    {match} {syn} {unmarked} drop",
+            # none, the rule stops there, before the mark (a mark set ahead of it stayed, the next rule skipped
+            # the SYN as captured and policy routing delivered it locally to no socket), and the next one drops
+            # and counts the SYN
+            f"    {match} {syn} {unmarked} tproxy {family} to :{port} {set_mark} {remember} accept",
+            f"    {match} {syn} {unmarked} counter drop",
         ]
     lines += ["  }", "}", ""]
     return "\n".join(lines)
@@ -145,7 +147,7 @@ class DnatCapture:
         """The table as nft lists it now; empty when it does not exist (or nft cannot be run)."""
         try:
             done = subprocess.run(
-                [self.nft, "list", "table", "inet", self.table],
+                [self.nft, "--stateless", "list", "table", "inet", self.table],  # without the drop counter
                 capture_output=True,
                 text=True,
                 timeout=NFT_TIMEOUT,

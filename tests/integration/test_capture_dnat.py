@@ -2,7 +2,8 @@
 after the rewrite (agent/capture_dnat.py), in the eBPF lab of examples/basic with a DNAT rule of our own on node2.
 
 Before, the tc program saw the VIP, let the SYN pass, and the rewritten connection reached demo/server-1 uncaptured:
-plaintext from legacy/web got through STRICT.
+plaintext from legacy/web got through STRICT. Both nodes DNAT the VIPs, as kube-proxy does (a pod's connection is
+rewritten on its own node, after the tc program captured an enrolled client's SYN).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pyroute2 import Conntrack
 
 from agent.capture_dnat import DnatCapture, table_name
 from lab import Lab, netns
+from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
-from tests.support.mesh import connect, wait_for
+from tests.support.mesh import connect, kill_and_reap, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
@@ -189,6 +191,55 @@ def test_a_captured_connection_outlives_its_conntrack_entry(lab: Lab) -> None:
         for sock in socks.values():
             sock.close()
     assert outcome == {"legacy/web": "ok", "demo/client": "ok"}
+
+
+def test_while_the_agent_is_down_a_dnated_syn_is_dropped_and_captured_again_after(lab: Lab) -> None:
+    """The table outlives the agent (as the tc filters do): with no listener the SYN is dropped, never passed to the
+    pod in plaintext (fail closed); the next agent takes the table over and captures again."""
+    web = lab.pod("legacy/web").ip
+
+    def carried() -> int:
+        return sum(
+            r.get("direction") == "inbound" and str(r.get("src.addr", "")).startswith(f"{web}:")
+            for r in agent_log(lab, "node2")
+        )
+
+    before = carried()
+    old = lab.process("agent-node2")
+    node = lab.node("node2")
+    kill_and_reap(old.pid)
+    try:
+        assert table_name(node.netns) in _nft_table(lab), "the table stays while the agent is away"
+        outcome = "ok"
+        try:
+            with connect(lab, "legacy/web", VIP, PORT, timeout=2):
+                pass
+        except OSError as e:
+            outcome = f"failed: {e}"
+        dropped = _drop_counter(lab, table_name(node.netns))
+    finally:
+        new = lab.spawn(old.netns, list(old.argv), old.name, role=old.role)
+        wait_ready(node.netns, node.ip, 15021, new)
+    assert "timed out" in outcome, f"dropped, not answered by the pod nor refused: {outcome}"
+    # by the drop rule: the TPROXY rule, finding no listener, used to leave the SYN marked, so the drop rule (for
+    # unmarked SYNs) never matched and it went on to local delivery with no socket, lost only by chance
+    assert dropped > 0, "dropped and counted by the table's drop rule"
+    assert _echo(lab, "legacy/web", VIP) == ("ok", VIP)
+    wait_for(lambda: carried() > before, "the new agent carried it")
+
+
+def _drop_counter(lab: Lab, table: str) -> int:
+    """Packets the table's IPv4 drop rule (SYNs with no listener to take them) counted."""
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{lab.node('node2').netns}", "nft", "list", "chain", "inet", table, "prerouting"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rules = [line for line in out.splitlines() if "@enrolled4" in line and line.rstrip().endswith("drop")]
+    assert len(rules) == 1, out
+    words = rules[0].split()
+    return int(words[words.index("packets") + 1]) if "packets" in words else 0
 
 
 def _read(sock: socket.socket, size: int) -> bytes:

@@ -1,0 +1,83 @@
+"""DNAT capture over IPv6 (agent/capture_dnat.py's ip6 rules), in the eBPF lab of examples/dualstack with a
+kube-proxy-like IPv6 DNAT rule of our own on both nodes: a Service VIP for demo/server (enrolled, node2)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab import Lab
+from lab.observe import agent_log
+from tests.support.mesh import connect, wait_for
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
+VIP6 = "fd00:96::99"  # no lab interface has it: only the DNAT rule gives it a meaning
+PORT = 9000  # every lab pod's workload echoes here
+
+
+@pytest.fixture(scope="module")
+def lab(require_root: None) -> Iterator[Lab]:
+    lab = Lab.up(EXAMPLE, name=f"ambit-d6{secrets.token_hex(2)}", mesh=True)
+    try:
+        server = lab.pod("demo/server").ip6
+        rules = (
+            "table ip6 test_dnat6 {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
+            f"  ip6 daddr {VIP6} tcp dport {PORT} dnat to [{server}]:{PORT}\n }}\n}}\n"
+        )
+        for node in ("node1", "node2"):
+            subprocess.run(
+                ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", "-f", "-"],
+                input=rules,
+                text=True,
+                check=True,
+                capture_output=True,
+            )
+        yield lab
+    finally:
+        lab.down()
+
+
+def _echo(lab: Lab, pod: str) -> tuple[str, str]:
+    """(outcome, the address that answered) of an echo through the VIP."""
+    data = os.urandom(1000)
+    try:
+        with connect(lab, pod, VIP6, PORT, timeout=5) as sock:
+            peer = sock.getpeername()[0]
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+    except OSError as e:
+        return f"failed: {e}", ""
+    return ("ok" if got == data else f"{len(got)} bytes back"), peer
+
+
+def test_ipv6_connections_the_node_dnats_are_captured(lab: Lab) -> None:
+    """legacy/web's plaintext through the VIP is carried by node2's agent (TPROXY to 15006, ip6 rules);
+    demo/client's connection, rewritten on node1 after its SYN was captured there, is carried in HBONE."""
+    web = lab.pod("legacy/web").ip6
+    client = lab.pod("demo/client").ip6
+    server = lab.pod("demo/server").ip6
+    assert _echo(lab, "legacy/web") == ("ok", VIP6)
+    assert _echo(lab, "demo/client") == ("ok", VIP6)
+
+    def carried(node: str, src: str, direction: str) -> list[dict[str, object]]:
+        return [
+            r
+            for r in agent_log(lab, node)
+            if r.get("direction") == direction
+            and str(r.get("src.addr", "")).startswith(f"[{src}]:")
+            and f"[{server}]:{PORT}" in (r.get("dst.addr"), r.get("dst.hbone_addr"))
+        ]
+
+    wait_for(lambda: bool(carried("node2", web, "inbound")), "node2's agent carries legacy/web's connection")
+    assert carried("node2", web, "inbound")[-1]["security"] == "plaintext"
+    wait_for(lambda: bool(carried("node1", client, "outbound")), "node1's agent carries demo/client's connection")
+    assert carried("node1", client, "outbound")[-1]["security"] == "mutual_tls"

@@ -833,8 +833,12 @@ def _parse_meta(ctx: _Ctx, raw: Any) -> Meta:
         ):
             ctx.error(f"metadata.ownerReferences[{i}]", "must be a mapping with string kind and name")
             continue
-        if owner.get("controller") is True or not owner_kind:
+        if owner.get("controller") is True and not owner_kind:
             owner_kind, owner_name = owner["kind"], owner["name"]
+    if not _str(ctx, raw, "generateName", "metadata"):
+        # istiod names a pod's workload after its controller only when the pod's name was generated
+        # (GetDeployMetaFromPod): a pod named explicitly, by hand or by an operator, is its own workload.
+        owner_kind = owner_name = ""
     return Meta(
         name=name,
         namespace=namespace,

@@ -547,6 +547,7 @@ def test_real_kubernetes_pod_fields_are_accepted() -> None:
             {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6d8f", "uid": "u", "controller": True}
         ],
         metadata__resourceVersion="42",
+        metadata__generateName="web-6d8f-",
         spec__volumes=[{"name": "v"}],
         spec__tolerations=[],
         status__podIPs=[{"ip": "10.1.0.5"}, {"ip": "fd00::5"}],
@@ -599,3 +600,25 @@ def test_yaml_aliases_within_bounds_are_ordinary_yaml() -> None:
     result = parse_yaml_text("cfg/anchors.yaml", text)
     assert not result.errors
     assert ObjectKey("HTTPRoute", "demo", "bomb") in [o.key for o in result.objects]
+
+
+@pytest.mark.parametrize(
+    ("generate_name", "controller", "owner"),
+    [("web-6d8f-", True, ("ReplicaSet", "web-6d8f")), ("", True, ("", "")), ("web-6d8f-", None, ("", ""))],
+    ids=["generated, controller", "named explicitly", "owner that is not the controller"],
+)
+def test_pod_owner_is_its_controller_when_its_name_was_generated(
+    generate_name: str, controller: bool | None, owner: tuple[str, str]
+) -> None:
+    """As istiod's GetDeployMetaFromPod: otherwise the pod is its own workload (controller/translate.py)."""
+    reference: dict[str, Any] = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-6d8f", "uid": "u"}
+    if controller is not None:
+        reference["controller"] = controller
+    doc = _doc("Pod", metadata__ownerReferences=[reference])
+    if generate_name:
+        doc["metadata"]["generateName"] = generate_name
+    result = parse_documents("api", [doc])
+    assert result.errors == []
+    pod = result.objects[0]
+    assert isinstance(pod, Pod)
+    assert (pod.meta.owner_kind, pod.meta.owner_name) == owner

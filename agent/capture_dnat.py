@@ -78,8 +78,10 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
         f"    ct status dnat ct direction original ct mark & {mark_mask:#x} == {mark:#x} tcp flags & syn == 0"
         f" {set_mark} accept",
         # one whose conntrack entry was lost (expired while idle, flushed) and picked up again mid-stream: its
-        # socket, an established one of the agent's (a wildcard one is a listener: never matched)
-        f"    ct status dnat ct direction original tcp flags & syn == 0 socket transparent 1 socket wildcard 0"
+        # socket, an established one of the agent's (a wildcard one is a listener: never matched); looked up for
+        # the entry's first packet only (state new), not for every packet the node forwards for a DNAT
+        f"    ct status dnat ct state new ct direction original tcp flags & syn == 0"
+        " socket transparent 1 socket wildcard 0"
         f" {set_mark} {remember} accept",
         # a SYN the tc program captured (an enrolled client's, to the outbound listener) before the rewrite
         f"    ct status dnat {syn} {marked} {remember} accept",

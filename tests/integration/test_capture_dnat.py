@@ -28,6 +28,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
 VIP_WEB = "10.96.0.97"  # DNATed to legacy/web (not enrolled, node2)
 PORT = 9000  # every lab pod's workload echoes here
+NODEPORT_SERVER, NODEPORT_WEB = 30090, 30097  # on every node's own address, as kube-proxy's NodePorts
 OUTBOUND_PORT = 15001  # the agent's outbound listener's port, DNATed on node2 to the same port of demo/server-1
 
 STRICT = """
@@ -49,7 +50,9 @@ def lab(require_root: None) -> Iterator[Lab]:
         rules = (
             "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
             f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT} }} dnat to {server}\n"
-            f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n }}\n}}\n"
+            f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n"
+            f"  fib daddr type local tcp dport {NODEPORT_SERVER} dnat to {server}:{PORT}\n"
+            f"  fib daddr type local tcp dport {NODEPORT_WEB} dnat to {web}:{PORT}\n }}\n}}\n"
         )
         for node in ("node1", "node2"):
             subprocess.run(
@@ -65,10 +68,15 @@ def lab(require_root: None) -> Iterator[Lab]:
 
 
 def _echo(lab: Lab, pod: str, ip: str, port: int = PORT) -> tuple[str, str]:
-    """(outcome, the address that answered)."""
+    """(outcome, the address that answered) from ``pod`` (or the core netns, the lab's outside world, for "core")."""
     data = os.urandom(1000)
     try:
-        with connect(lab, pod, ip, port, timeout=5) as sock:
+        if pod == "core":
+            with netns.enter(lab.core_netns):
+                sock = socket.create_connection((ip, port), timeout=5)
+        else:
+            sock = connect(lab, pod, ip, port, timeout=5)
+        with sock:
             peer = sock.getpeername()[0]
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
@@ -139,6 +147,28 @@ def test_an_enrolled_client_dialling_an_address_its_own_node_dnats_reaches_a_rem
         and r.get("dst.hbone_addr") == f"{server}:{PORT}"
     ]
     assert carried and carried[-1]["security"] == "mutual_tls", "node1's agent carried it in HBONE"
+
+
+def test_a_nodeport_from_outside_is_captured_for_an_enrolled_pod_only(lab: Lab) -> None:
+    """From the core netns to node2's own address: to demo/server-1 node2's agent carries it; to legacy/web (outside
+    the mesh) the DNAT is left alone, no agent sees it."""
+    node2 = lab.node("node2").ip
+    core = lab.core_ip
+    server = lab.pod("demo/server-1").ip
+    web = lab.pod("legacy/web").ip
+    assert _echo(lab, "core", node2, NODEPORT_SERVER) == ("ok", node2)
+    assert _echo(lab, "core", node2, NODEPORT_WEB) == ("ok", node2)
+
+    def seen(dst: str) -> list[dict[str, object]]:
+        return [
+            r
+            for r in agent_log(lab, "node2")
+            if str(r.get("src.addr", "")).startswith(f"{core}:") and r.get("dst.addr") == f"{dst}:{PORT}"
+        ]
+
+    wait_for(lambda: bool(seen(server)), "node2's agent carries the NodePort connection to server-1")
+    assert seen(server)[-1]["direction"] == "inbound" and seen(server)[-1]["security"] == "plaintext"
+    assert not seen(web), f"a DNAT to a pod outside the mesh is not the agent's: {seen(web)}"
 
 
 def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plaintext(lab: Lab) -> None:

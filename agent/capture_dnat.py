@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -101,7 +102,8 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
 
 
 class DnatCapture:
-    """The nftables table of one agent instance in the calling thread's netns."""
+    """The nftables table of one agent instance: in the netns bound by :meth:`bind_netns`, else in the calling
+    thread's."""
 
     def __init__(self, instance: str, *, port: int, mark: int, mark_mask: int, nft: str = "nft") -> None:
         self.table = table_name(instance)
@@ -109,8 +111,22 @@ class DnatCapture:
         self.mark = mark
         self.mark_mask = mark_mask
         self.nft = nft
+        self._netns: int | None = None  # fd of the bound netns
         self._applied: frozenset[str] | None = None
         self._listed = ""  # the table as nft listed it after our last write
+
+    def bind_netns(self) -> None:
+        """Keep the table in the calling thread's netns from now on, whichever thread syncs: a Redirector binds its
+        netlink socket at start, in the node netns, and reconciles from any thread (a worker of the agent's, or a
+        test's, which is not in the node netns)."""
+        self.close()
+        self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        """Let go of the bound netns (the table stays, as the tc filters do)."""
+        if self._netns is not None:
+            os.close(self._netns)
+            self._netns = None
 
     def sync(self, addresses: Iterable[str]) -> None:
         """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods).
@@ -149,11 +165,12 @@ class DnatCapture:
         """The table as nft lists it now; empty when it does not exist (or nft cannot be run)."""
         try:
             done = subprocess.run(
-                [self.nft, "--stateless", "list", "table", "inet", self.table],  # without the drop counter
+                self._command("--stateless", "list", "table", "inet", self.table),  # without the drop counter
                 capture_output=True,
                 text=True,
                 timeout=NFT_TIMEOUT,
                 check=False,
+                pass_fds=self._fds(),
             )
         except (OSError, subprocess.TimeoutExpired):
             return ""
@@ -162,9 +179,24 @@ class DnatCapture:
     def _run(self, script: str) -> None:
         try:
             done = subprocess.run(
-                [self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+                self._command("-f", "-"),
+                input=script,
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+                pass_fds=self._fds(),
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DnatCaptureError(f"cannot run {self.nft}: {exc}") from exc
         if done.returncode != 0:
             raise DnatCaptureError(f"nft refused table inet {self.table}: {done.stderr.strip()[-400:]}")
+
+    def _command(self, *args: str) -> list[str]:
+        if self._netns is None:
+            return [self.nft, *args]
+        # nsenter (util-linux) opens the netns by the fd it inherits: no setns in the agent's own threads
+        return ["nsenter", f"--net=/proc/self/fd/{self._netns}", self.nft, *args]
+
+    def _fds(self) -> tuple[int, ...]:
+        return () if self._netns is None else (self._netns,)

@@ -330,3 +330,28 @@ def test_instances_of_one_netns_keep_their_own_tables(require_root: None) -> Non
         netns.delete(name)
     assert dash.table != under.table
     assert "10.1.0.6" in listing and "10.1.0.5" not in listing, listing
+
+
+def test_a_bound_table_is_written_in_its_netns_whichever_thread_syncs(require_root: None) -> None:
+    """A Redirector's reconcile may run in any thread (its netlink socket was bound at start, in the node netns);
+    the table must go where capture was started, not into the calling thread's netns (tests reconciling from the
+    root netns left ambit tables in the machine's own ruleset)."""
+    name = f"ambit-dt{secrets.token_hex(2)}"
+    netns.add(name)
+    capture = DnatCapture(name, port=15006, mark=0x200, mark_mask=0xF00)
+    try:
+        with netns.enter(name):
+            capture.bind_netns()
+        capture.sync({"10.1.0.7"})  # from this test's own netns
+        here = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+        with netns.enter(name):
+            there = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+        removed = capture.remove()
+        with netns.enter(name):
+            after = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    finally:
+        capture.close()
+        netns.delete(name)
+    assert capture.table not in here, "nothing written where the sync was called"
+    assert "10.1.0.7" in there
+    assert removed and capture.table not in after

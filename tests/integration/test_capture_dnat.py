@@ -51,8 +51,11 @@ def lab(require_root: None) -> Iterator[Lab]:
             "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
             f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT} }} dnat to {server}\n"
             f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n"
-            f"  fib daddr type local tcp dport {NODEPORT_SERVER} dnat to {server}:{PORT}\n"
-            f"  fib daddr type local tcp dport {NODEPORT_WEB} dnat to {web}:{PORT}\n }}\n}}\n"
+            # kube-proxy marks NodePort traffic for masquerade (0x4000) and masquerades it where it leaves the node
+            f"  fib daddr type local tcp dport {NODEPORT_SERVER} meta mark set mark or 0x4000 dnat to {server}:{PORT}\n"
+            f"  fib daddr type local tcp dport {NODEPORT_WEB} meta mark set mark or 0x4000 dnat to {web}:{PORT}\n }}\n"
+            " chain postrouting {\n  type nat hook postrouting priority srcnat;\n"
+            "  meta mark & 0x4000 == 0x4000 masquerade\n }\n}\n"
         )
         for node in ("node1", "node2"):
             subprocess.run(
@@ -169,6 +172,24 @@ def test_a_nodeport_from_outside_is_captured_for_an_enrolled_pod_only(lab: Lab) 
     wait_for(lambda: bool(seen(server)), "node2's agent carries the NodePort connection to server-1")
     assert seen(server)[-1]["direction"] == "inbound" and seen(server)[-1]["security"] == "plaintext"
     assert not seen(web), f"a DNAT to a pod outside the mesh is not the agent's: {seen(web)}"
+
+
+def test_a_nodeport_to_another_nodes_pod_is_masqueraded_there_and_captured_at_the_endpoint(lab: Lab) -> None:
+    """Through node1's NodePort to demo/server-1 on node2: node1 DNATs and masquerades (as kube-proxy), so node2
+    sees a plain connection from node1 to its pod (the uplink's program captures it) and the reply goes back through
+    node1's conntrack entry: the client sees the address it dialled."""
+    node1 = lab.node("node1").ip
+    server = lab.pod("demo/server-1").ip
+    assert _echo(lab, "core", node1, NODEPORT_SERVER) == ("ok", node1)
+    wait_for(
+        lambda: any(
+            r.get("direction") == "inbound"
+            and str(r.get("src.addr", "")).startswith(f"{node1}:")
+            and r.get("dst.addr") == f"{server}:{PORT}"
+            for r in agent_log(lab, "node2")
+        ),
+        "node2's agent carries it, from node1's address",
+    )
 
 
 def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plaintext(lab: Lab) -> None:

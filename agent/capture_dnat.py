@@ -25,7 +25,7 @@ bits as the packet mark (outside them nothing is changed), which nothing else on
 
 Only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc program's
 (or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced whole and
-atomically (one ``nft -f`` transaction) when the enrolled addresses change.
+atomically (one ``nft -f`` transaction) when the enrolled addresses change or someone else changed it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ NFT_TIMEOUT = 10.0
 
 
 class DnatCaptureError(Exception):
-    """nft is missing or refused the table (no nf_tables, tproxy or socket support in the kernel)."""
+    """nft is missing or refused the table (no nf_tables, tproxy, socket or conntrack support in the kernel)."""
 
 
 def table_name(instance: str) -> str:

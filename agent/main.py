@@ -235,6 +235,8 @@ class Agent:
                 asyncio.get_running_loop().add_reader(watch.fileno(), self._capture_changed, watch)
 
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
+        if self.redirector is not None:
+            self._tasks.append(asyncio.create_task(self._reconcile_periodically(), name="reconcile-timer"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))
 
     def _accept(self) -> None:
@@ -344,6 +346,15 @@ class Agent:
                 log.warning("workload not captured", extra=kv(ip=ip, reason=why))
             self._reconcile_when_a_hold_expires()
 
+    async def _reconcile_periodically(self) -> None:
+        """Netlink tells capture of every change to the interfaces and filters it owns, but nothing tells it that its
+        nftables table was flushed (a firewall reload starts with `flush ruleset`): a reconcile now and then puts it
+        back (one nft read when nothing changed)."""
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            if self.xds.has_config:  # as _capture_changed: an empty store would release every enrolled pod
+                self._reconcile_wanted.set()
+
     def _reconcile_when_a_hold_expires(self) -> None:
         """An address held for a re-created pod interface is released by a reconcile once its time is up, and
         nothing else may ask for one (a static config sends no change)."""
@@ -398,6 +409,7 @@ def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
 
 
 LOCK_FILE = "agent.lock"
+RECONCILE_INTERVAL = 60.0  # seconds between reconciles nothing asked for (see _reconcile_periodically)
 
 
 class StateDirInUse(Exception):

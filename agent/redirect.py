@@ -248,6 +248,8 @@ class Redirector:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
             self._maps, self._nl = maps, nl
+            if self._dnat is not None:
+                self._dnat.bind_netns()  # its nft calls act on this (the node's) netns, whichever thread reconciles
             routing_existed = False
             attached_now: list[int] = []
             swapped_now = 0
@@ -785,6 +787,8 @@ class Redirector:
                 self._nl.close()
             if self._watch is not None:
                 self._watch.close()
+            if self._dnat is not None:
+                self._dnat.close()
             self._maps, self._nl, self._watch = None, None, None
             self._drop_program()
             self._state = _State()

@@ -63,7 +63,14 @@ from agent.metrics import CONNECT_FAILURE_FLAGS, Metrics
 from agent.ondemand_dns import OnDemandResolver, ResolutionError
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.relay import SpliceRelay
-from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close, read_waiting
+from agent.sockets import (
+    abort,
+    canonical_ip,
+    connect_upstream,
+    destination_before_nat,
+    peer_or_close,
+    read_waiting,
+)
 from agent.state import WorkloadStore
 from agent.tunnel import HboneConnectError, relay, ungraceful
 from common.log import kv
@@ -413,6 +420,10 @@ class OutboundProxy:
         if src.node != self.node:  # only this node's pods are captured here: never act for another node's pod
             self._refuse(sock, client, orig_dst, "source_not_local")
             return
+        if (dialled := destination_before_nat(sock, orig_dst)) is not None and self.store.service_by_vip(
+            dialled[0], src.namespace, src.network
+        ):
+            orig_dst = dialled  # a service VIP the node DNATed before the agent saw it: the agent balances it itself
         r = route(self.store, self.node, src, orig_dst, self.config)
         if r.kind is RouteKind.REJECT:
             self._refuse(sock, client, orig_dst, r.reason)

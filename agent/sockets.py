@@ -98,6 +98,30 @@ def original_destination(sock: socket.socket) -> Address:
     return (canonical_ip(name[0]), int(name[1]))
 
 
+_SO_ORIGINAL_DST = 80  # netfilter's SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6)
+
+
+def destination_before_nat(sock: socket.socket, local: Address) -> Address | None:
+    """Where the client dialled before the node rewrote it (a kube-proxy ClusterIP, from conntrack), or None when
+    nothing rewrote it (no conntrack entry, or the same address as ``local``).
+
+    Capture assigns an enrolled pod's SYN to the outbound listener at its interface, before netfilter; kube-proxy
+    then DNATs the VIP to the endpoint it picks, and the accepted socket's own address is that endpoint. The
+    service the pod asked for is only in conntrack. One getsockopt; ENOENT where conntrack has no entry."""
+    v6 = ":" in local[0]
+    try:
+        if v6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # sockaddr_in6 (SOL_IPV6)
+            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:  # also an IPv4 connection on a dual-stack socket (SOL_IP options reach the IPv4 side)
+            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)  # sockaddr_in
+            ip = socket.inet_ntop(socket.AF_INET, raw[4:8])
+    except OSError:
+        return None
+    dialled = (ip, int.from_bytes(raw[2:4], "big"))
+    return None if dialled == local else dialled
+
+
 def peer_or_close(sock: socket.socket) -> Address | None:
     """The client's address, or None with the socket closed: a client that reset before its handler ran is
     gone, and there is nobody to refuse or log against. Under a :class:`Listener` it is the address accept(2) gave

@@ -26,6 +26,7 @@ from tests.support.mesh import connect, kill_and_reap, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
+SERVICE_VIP = "10.96.0.10"  # demo/server's ClusterIP (examples/basic/services.yaml): the agent knows it
 VIP_WEB = "10.96.0.97"  # DNATed to legacy/web (not enrolled, node2)
 PORT = 9000  # every lab pod's workload echoes here
 NODEPORT_SERVER, NODEPORT_WEB = 30090, 30097  # on every node's own address, as kube-proxy's NodePorts
@@ -51,6 +52,7 @@ def lab(require_root: None) -> Iterator[Lab]:
             "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
             f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT} }} dnat to {server}\n"
             f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n"
+            f"  ip daddr {SERVICE_VIP} tcp dport {PORT} dnat to {server}\n"  # a VIP the mesh knows (demo/server)
             # kube-proxy marks NodePort traffic for masquerade (0x4000) and masquerades it where it leaves the node
             f"  fib daddr type local tcp dport {NODEPORT_SERVER} meta mark set mark or 0x4000 dnat to {server}:{PORT}\n"
             f"  fib daddr type local tcp dport {NODEPORT_WEB} meta mark set mark or 0x4000 dnat to {web}:{PORT}\n }}\n"
@@ -150,6 +152,26 @@ def test_an_enrolled_client_dialling_an_address_its_own_node_dnats_reaches_a_rem
         and r.get("dst.hbone_addr") == f"{server}:{PORT}"
     ]
     assert carried and carried[-1]["security"] == "mutual_tls", "node1's agent carried it in HBONE"
+
+
+def test_an_enrolled_client_dialling_a_service_its_node_dnats_is_routed_and_reported_as_that_service(lab: Lab) -> None:
+    """Capture takes the SYN before kube-proxy rewrites the VIP, so the accepted socket names the endpoint kube-proxy
+    picked; the agent reads the VIP the pod dialled from conntrack (SO_ORIGINAL_DST) and balances the service itself,
+    as ztunnel (which sees the VIP inside the pod) does: its telemetry names the service."""
+    client = lab.pod("demo/client").ip
+    assert _echo(lab, "demo/client", SERVICE_VIP) == ("ok", SERVICE_VIP)
+
+    def lines() -> list[dict[str, object]]:
+        return [
+            r
+            for r in agent_log(lab, "node1")
+            if r.get("direction") == "outbound"
+            and str(r.get("src.addr", "")).startswith(f"{client}:")
+            and r.get("dst.service") == "server.demo.svc.cluster.local"
+        ]
+
+    wait_for(lambda: bool(lines()), "node1's agent reports the connection against demo/server")
+    assert lines()[-1]["security"] == "mutual_tls"
 
 
 def test_a_nodeport_from_outside_is_captured_for_an_enrolled_pod_only(lab: Lab) -> None:

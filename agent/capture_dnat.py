@@ -136,6 +136,13 @@ class DnatCapture:
         uncaptured, kube-proxy having put its own rules back, until the enrolled set next changed. Unchanged, a sync
         costs one read."""
         want = frozenset(addresses)
+        if not want:
+            # Nothing enrolled here: nothing to capture, and a table's `ct` expressions would turn conntrack on in
+            # a netns that may not use it yet (a cost on every packet of the node's traffic).
+            if self._applied != want:
+                self.remove()
+                self._applied, self._listed = want, ""
+            return
         if want == self._applied and self._listing() == self._listed:
             return
         if self._applied is not None and want == self._applied:

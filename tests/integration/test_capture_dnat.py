@@ -347,8 +347,12 @@ def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) ->
             assert capture.remove() is True
             after = nft("list", "ruleset")
             assert capture.remove() is False, "nothing left to remove"
+            capture.sync({"10.1.0.6"})
+            capture.sync(set())  # nothing enrolled any more: no table, and no conntrack turned on for it
+            emptied = nft("list", "ruleset")
     finally:
         netns.delete(name)
+    assert table_name(name) not in emptied
     assert "10.1.0.6" in listing and "10.1.0.5" not in listing and "fd00::5" not in listing
     assert "tproxy ip to :15006" in listing and "priority dstnat + 1" in listing
     assert unchanged == handle, "an unchanged set is not written again (the table keeps its handle)"

@@ -68,6 +68,22 @@ class LabSite:
         return self.lab.node(name)
 
 
+CONNTRACK_TABLE = (
+    "table inet bench_conntrack {\n chain prerouting {\n  type filter hook prerouting priority 0;\n"
+    "  ct state invalid counter\n }\n}\n"
+)
+"""A rule that only makes netfilter track connections in a node netns, as it does on every Kubernetes node
+(kube-proxy's NAT, Cilium's own tracking): the agent's DNAT capture table needs conntrack, so a mesh node has it,
+and the baselines' nodes must pay the same or the comparison would charge Ambit for Kubernetes."""
+
+
+def track_connections(netns: str) -> None:
+    argv = procs.in_netns(netns, ["nft", "-f", "-"])
+    out = subprocess.run(argv, input=CONNTRACK_TABLE, capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise DriverUnavailable(f"cannot turn conntrack on in {netns}: {out.stderr.strip()[-300:]}")
+
+
 class BenchLabs:
     def __init__(self, group: ProcessGroup, tools: Tools, pinning: Pinning, log_dir: Path) -> None:
         self._group = group
@@ -105,6 +121,8 @@ class BenchLabs:
         site = LabSite(kind, lab)
         self._sites[kind] = site
         try:
+            for node in lab.nodes.values():
+                track_connections(node.netns)
             for key in SERVER_PODS.get(kind, ()):
                 self._start_backends(site, key)
         except (procs.ProcessDied, TimeoutError, OSError, LabError) as exc:

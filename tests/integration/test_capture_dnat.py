@@ -22,7 +22,7 @@ from agent.capture_dnat import DnatCapture, table_name
 from lab import Lab, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
-from tests.support.mesh import connect, kill_and_reap, wait_for
+from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
@@ -31,14 +31,6 @@ VIP_WEB = "10.96.0.97"  # DNATed to legacy/web (not enrolled, node2)
 PORT = 9000  # every lab pod's workload echoes here
 NODEPORT_SERVER, NODEPORT_WEB = 30090, 30097  # on every node's own address, as kube-proxy's NodePorts
 OUTBOUND_PORT = 15001  # the agent's outbound listener's port, DNATed on node2 to the same port of demo/server-1
-
-STRICT = """
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: demo}
-spec:
-  mtls: {mode: STRICT}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -74,23 +66,15 @@ def lab(require_root: None) -> Iterator[Lab]:
 
 def _echo(lab: Lab, pod: str, ip: str, port: int = PORT) -> tuple[str, str]:
     """(outcome, the address that answered) from ``pod`` (or the core netns, the lab's outside world, for "core")."""
-    data = os.urandom(1000)
     try:
         if pod == "core":
             with netns.enter(lab.core_netns):
                 sock = socket.create_connection((ip, port), timeout=5)
         else:
             sock = connect(lab, pod, ip, port, timeout=5)
-        with sock:
-            peer = sock.getpeername()[0]
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := sock.recv(65536):
-                got += chunk
     except OSError as e:
         return f"failed: {e}", ""
-    return ("ok" if got == data else f"{len(got)} bytes back"), peer
+    return echo_on(sock)
 
 
 def _nft_table(lab: Lab) -> str:
@@ -124,7 +108,7 @@ def test_a_dnated_connection_goes_through_the_agent_and_is_answered_from_the_add
 
 def test_strict_refuses_plaintext_the_node_dnats_to_an_enrolled_pod(lab: Lab) -> None:
     server = lab.pod("demo/server-1").ip
-    with config_file(lab, "strict.yaml", STRICT):
+    with config_file(lab, "strict.yaml", STRICT_DEMO):
         wait_for(lambda: _echo(lab, "legacy/web", server)[0] != "ok", "STRICT applied on node2")
         outcome, _ = _echo(lab, "legacy/web", VIP)
         assert outcome.startswith("failed"), f"plaintext through the VIP must be refused under STRICT: {outcome}"

@@ -3,9 +3,7 @@ kube-proxy-like IPv6 DNAT rule of our own on both nodes: a Service VIP for demo/
 
 from __future__ import annotations
 
-import os
 import secrets
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from lab import Lab
 from lab.observe import agent_log
-from tests.support.mesh import connect, wait_for
+from tests.support.mesh import connect, echo_on, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 VIP6 = "fd00:96::99"  # no lab interface has it: only the DNAT rule gives it a meaning
@@ -45,18 +43,11 @@ def lab(require_root: None) -> Iterator[Lab]:
 
 def _echo(lab: Lab, pod: str) -> tuple[str, str]:
     """(outcome, the address that answered) of an echo through the VIP."""
-    data = os.urandom(1000)
     try:
-        with connect(lab, pod, VIP6, PORT, timeout=5) as sock:
-            peer = sock.getpeername()[0]
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := sock.recv(65536):
-                got += chunk
+        sock = connect(lab, pod, VIP6, PORT, timeout=5)
     except OSError as e:
         return f"failed: {e}", ""
-    return ("ok" if got == data else f"{len(got)} bytes back"), peer
+    return echo_on(sock)
 
 
 def test_ipv6_connections_the_node_dnats_are_captured(lab: Lab) -> None:

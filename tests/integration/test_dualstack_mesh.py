@@ -21,7 +21,7 @@ import pytest
 from lab import Lab
 from lab.client import tcp_echo, who
 from lab.observe import agent_log, capture_status, config_file, http_json, sniff, workloads
-from tests.support.mesh import connect, fail_closed_drops, parallel_echo, wait_for
+from tests.support.mesh import STRICT_DEMO, connect, fail_closed_drops, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 ECHO = 9000
@@ -29,13 +29,6 @@ HTTP = 8080
 CLIENT, SERVER, LOCAL, LEGACY = "demo/client", "demo/server", "demo/local", "legacy/web"
 FAMILIES = [pytest.param("ip6", id="ipv6"), pytest.param("ip", id="ipv4")]
 
-STRICT = """
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: demo}
-spec:
-  mtls: {mode: STRICT}
-"""
 
 DENY_CLIENT_IPV6 = """
 apiVersion: security.istio.io/v1
@@ -277,7 +270,7 @@ def test_strict_denies_plaintext_from_a_non_mesh_pod_over_both_families(mesh: La
         return False
 
     assert not denied()
-    with config_file(mesh, "strict.yaml", STRICT):
+    with config_file(mesh, "strict.yaml", STRICT_DEMO):
         wait_for(denied, f"STRICT to refuse plaintext over {family}")
         assert who(mesh.pod(SERVER).netns, client_ip, HTTP)["pod"] == "client", "mTLS callers still pass"
         records = _access(mesh, "node1", direction="inbound", path="plaintext", **{"policy.decision": "deny"})

@@ -28,7 +28,7 @@ from lab.observe import (
     sniff,
     workloads,
 )
-from tests.support.mesh import connect, fail_closed_drops, parallel_echo, wait_for
+from tests.support.mesh import STRICT_DEMO, connect, fail_closed_drops, parallel_echo, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 ECHO = 9000
@@ -44,14 +44,6 @@ spec:
   action: DENY
   rules:
     - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]
-"""
-
-STRICT = """
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: demo}
-spec:
-  mtls: {mode: STRICT}
 """
 
 
@@ -145,7 +137,7 @@ def test_deny_policy_blocks_one_caller_while_others_pass(mesh: Lab) -> None:
 
 def test_strict_denies_plaintext_from_a_non_mesh_pod(mesh: Lab) -> None:
     server = _ip(mesh, "demo/server-1")
-    with config_file(mesh, "strict.yaml", STRICT):
+    with config_file(mesh, "strict.yaml", STRICT_DEMO):
         wait_for(lambda: not _echo_ok(mesh, "legacy/web", server), "STRICT to deny plaintext")
         assert _echo_ok(mesh, "demo/client", server), "mTLS caller must still pass under STRICT"
     wait_for(lambda: _echo_ok(mesh, "legacy/web", server), "STRICT removal")

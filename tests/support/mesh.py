@@ -19,6 +19,33 @@ from lab.observe import metric_lines, metrics
 ETH_P_ALL = 0x0003
 
 
+STRICT_DEMO = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: demo}
+spec:
+  mtls: {mode: STRICT}
+"""
+"""examples/basic's (and examples/dualstack's) enrolled namespace in STRICT mode, for lab.observe.config_file."""
+
+
+def echo_on(sock: socket.socket, size: int = 1000) -> tuple[str, str]:
+    """Echo ``size`` random bytes on a connected ``sock`` (closed after): ("ok" or what went wrong, the address
+    that answered)."""
+    data = os.urandom(size)
+    try:
+        with sock:
+            peer = sock.getpeername()[0]
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+    except OSError as e:
+        return f"failed: {e}", ""
+    return ("ok" if got == data else f"{len(got)} bytes back"), peer
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0, interval: float = 0.2) -> None:
     """Poll until ``predicate()`` holds. The timeout is a liveness bound for a hung system, not a measurement."""
     deadline = time.monotonic() + timeout

@@ -15,22 +15,7 @@ from controller.monitoring import ControllerMetrics
 from controller.sources.files import FileSource
 from controller.store import ConfigStore
 from controller.translate import Translator
-
-NS = """apiVersion: v1
-kind: Namespace
-metadata:
-  name: demo
-  labels: {istio.io/dataplane-mode: ambient}
-"""
-
-
-def pod_yaml(name: str, ip: str) -> str:
-    return f"""apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: demo, uid: uid-{name}}}
-spec: {{nodeName: node-a, serviceAccountName: sa-{name}}}
-status: {{podIP: {ip}}}
-"""
+from tests.support.config_files import NS, bump_mtime, pod_yaml
 
 
 def workloads(store: ConfigStore) -> dict[str, str]:
@@ -39,12 +24,6 @@ def workloads(store: ConfigStore) -> dict[str, str]:
         for a in store.translator.addresses().values()
         if a.HasField("workload")
     }
-
-
-def bump_mtime(path: Path) -> None:
-    """Coarse-mtime filesystems could hide a rewrite; make each write visible as a new signature."""
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
 
 
 @pytest.fixture

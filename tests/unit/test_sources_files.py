@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,7 @@ from controller.sources.files import ConfigDirError, FileSource
 from controller.store import ConfigStore
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
-
-NS = """apiVersion: v1
-kind: Namespace
-metadata:
-  name: demo
-  labels: {istio.io/dataplane-mode: ambient}
-"""
-
-
-def pod_yaml(name: str, ip: str) -> str:
-    return f"""apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: demo, uid: uid-{name}}}
-spec: {{nodeName: node-a, serviceAccountName: sa-{name}}}
-status: {{podIP: {ip}}}
-"""
+from tests.support.config_files import NS, bump_mtime, pod_yaml
 
 
 def workloads(store: ConfigStore) -> dict[str, bytes]:
@@ -67,8 +51,7 @@ async def test_edit_delete_and_same_size_rewrite(tmp_path: Path, store: ConfigSt
     src = FileSource(str(tmp_path), store)
     await src.sync()
     pods.write_text(pod_yaml("p1", "10.0.0.7"))  # same size, new content
-    st = pods.stat()
-    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    bump_mtime(pods)
     await src.sync()
     assert workloads(store) == {"p1": bytes([10, 0, 0, 7])}
     pods.unlink()
@@ -152,8 +135,7 @@ async def test_watch_applies_a_change_only_once_it_settled(tmp_path: Path, store
     pods.write_text("")  # a writer that truncated the file and has not written yet
     assert await src.sync(settle=True) == 0  # first sight of the new signature: wait
     pods.write_text(pod_yaml("p1", "10.0.0.2") + "---\n" + pod_yaml("p2", "10.0.0.3"))
-    st = pods.stat()
-    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    bump_mtime(pods)
     assert await src.sync(settle=True) == 0  # changed again since the last pass: still wait
     assert workloads(store) == {"p1": bytes([10, 0, 0, 1])}  # the truncated state was never applied
     assert await src.sync(settle=True) == 1
@@ -184,8 +166,7 @@ async def test_edit_of_a_large_file_reuses_unchanged_documents(tmp_path: Path, s
     (cache,) = src._doc_caches.values()
     before = dict(cache)
     pods.write_text(NS + "---\n" + "---\n".join(pod_yaml(f"p{i}", f"10.0.1.{i if i else 99}") for i in range(50)))
-    st = pods.stat()
-    os.utime(pods, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    bump_mtime(pods)
     await src.sync()
     assert workloads(store)["p0"] == bytes([10, 0, 1, 99])
     reused = [k for k, v in cache.items() if k in before and before[k] is v]

@@ -44,6 +44,23 @@ log = logging.getLogger(__name__)
 NFT_TIMEOUT = 10.0
 
 
+IPVS_DEVICE = "kube-ipvs0"
+"""The dummy interface kube-proxy's IPVS mode binds every Service address to: that mode rewrites connections in
+LOCAL_IN and sends them straight out, past this table's prerouting chain."""
+
+
+def uncovered_rewrites(link_names: Iterable[str]) -> str | None:
+    """Why connections the node rewrites to enrolled pods may escape capture here, judged by its interfaces; None
+    when nothing says so."""
+    if IPVS_DEVICE in set(link_names):
+        return (
+            f"{IPVS_DEVICE} exists: kube-proxy runs in IPVS mode, whose rewrites of Service and NodePort connections "
+            "to this node's enrolled pods happen after the capture table's hook, so plaintext through them is not "
+            "captured (use kube-proxy's iptables or nftables mode)"
+        )
+    return None
+
+
 class DnatCaptureError(Exception):
     """nft is missing or refused the table (no nf_tables, tproxy, socket or conntrack support in the kernel)."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import redirect_syscalls as sysbpf
-from agent.capture_dnat import DnatCapture, DnatCaptureError
+from agent.capture_dnat import DnatCapture, DnatCaptureError, uncovered_rewrites
 from agent.redirect_errors import (
     AttachError,
     RedirectCompileError,
@@ -233,7 +233,8 @@ class Redirector:
             netns = _netns_cookie()
             nl = Netlink()
             try:
-                uplinks = self._uplinks_now(nl, nl.links(), keep_on_error=False)  # a config mistake fails first
+                links = nl.links()
+                uplinks = self._uplinks_now(nl, links, keep_on_error=False)  # a config mistake fails first
                 created_dir = _precheck_pins(cfg, netns)
             except RedirectError:
                 nl.close()
@@ -300,6 +301,8 @@ class Redirector:
                 if fresh_pins:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
+            if cfg.capture_dnat and (why := uncovered_rewrites(link.name for link in links.values())):
+                log.warning("connections the node rewrites may escape capture", extra=kv(reason=why))
             log.info(
                 "capture started",
                 extra=kv(

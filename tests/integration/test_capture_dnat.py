@@ -22,7 +22,7 @@ from agent.capture_dnat import DnatCapture, table_name
 from lab import Lab, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
-from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, wait_for
+from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, nft, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
@@ -52,13 +52,7 @@ def lab(require_root: None) -> Iterator[Lab]:
             "  meta mark & 0x4000 == 0x4000 masquerade\n }\n}\n"
         )
         for node in ("node1", "node2"):
-            subprocess.run(
-                ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", "-f", "-"],
-                input=rules,
-                text=True,
-                check=True,
-                capture_output=True,
-            )
+            nft(lab, node, "-f", "-", script=rules)
         yield lab
     finally:
         lab.down()
@@ -78,13 +72,7 @@ def _echo(lab: Lab, pod: str, ip: str, port: int = PORT) -> tuple[str, str]:
 
 
 def _nft_table(lab: Lab) -> str:
-    out = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node('node2').netns}", "nft", "list", "tables"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
+    return nft(lab, "node2", "list", "tables")
 
 
 def test_a_dnated_connection_goes_through_the_agent_and_is_answered_from_the_address_dialled(lab: Lab) -> None:
@@ -287,12 +275,7 @@ def test_while_the_agent_is_down_a_dnated_syn_is_dropped_and_captured_again_afte
 
 def _drop_counter(lab: Lab, table: str) -> int:
     """Packets the table's IPv4 drop rule (SYNs with no listener to take them) counted."""
-    out = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{lab.node('node2').netns}", "nft", "list", "chain", "inet", table, "prerouting"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = nft(lab, "node2", "list", "chain", "inet", table, "prerouting")
     rules = [line for line in out.splitlines() if "@enrolled4" in line and line.rstrip().endswith("drop")]
     assert len(rules) == 1, out
     words = rules[0].split()
@@ -306,6 +289,11 @@ def _read(sock: socket.socket, size: int) -> bytes:
     return got
 
 
+def _nft_here(*args: str) -> str:
+    """nft in the calling thread's netns (inside netns.enter)."""
+    return subprocess.run(["nft", *args], capture_output=True, text=True, check=True).stdout
+
+
 def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) -> None:
     """In a netns of its own: a sync replaces the set's addresses (none left over), an unchanged set writes nothing,
     a table someone flushed away (a firewall reload) is written again at the next sync even with the set unchanged,
@@ -313,27 +301,24 @@ def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) ->
     name = f"ambit-dt{secrets.token_hex(2)}"
     netns.add(name)
 
-    def nft(*args: str) -> str:
-        return subprocess.run(["nft", *args], capture_output=True, text=True, check=True).stdout
-
     try:
         with netns.enter(name):
             capture = DnatCapture(name, port=15006, mark=0x200, mark_mask=0xF00)
             capture.sync({"10.1.0.5", "fd00::5"})
             capture.sync({"10.1.0.6"})
-            listing = nft("list", "ruleset")
-            handle = nft("-a", "list", "table", "inet", capture.table).splitlines()[0]
+            listing = _nft_here("list", "ruleset")
+            handle = _nft_here("-a", "list", "table", "inet", capture.table).splitlines()[0]
             capture.sync({"10.1.0.6"})
-            unchanged = nft("-a", "list", "table", "inet", capture.table).splitlines()[0]
-            nft("flush", "ruleset")
+            unchanged = _nft_here("-a", "list", "table", "inet", capture.table).splitlines()[0]
+            _nft_here("flush", "ruleset")
             capture.sync({"10.1.0.6"})
-            restored = nft("list", "ruleset")
+            restored = _nft_here("list", "ruleset")
             assert capture.remove() is True
-            after = nft("list", "ruleset")
+            after = _nft_here("list", "ruleset")
             assert capture.remove() is False, "nothing left to remove"
             capture.sync({"10.1.0.6"})
             capture.sync(set())  # nothing enrolled any more: no table, and no conntrack turned on for it
-            emptied = nft("list", "ruleset")
+            emptied = _nft_here("list", "ruleset")
     finally:
         netns.delete(name)
     assert table_name(name) not in emptied
@@ -356,7 +341,7 @@ def test_instances_of_one_netns_keep_their_own_tables(require_root: None) -> Non
             dash.sync({"10.1.0.5"})
             under.sync({"10.1.0.6"})
             assert dash.remove() is True
-            listing = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+            listing = _nft_here("list", "ruleset")
     finally:
         netns.delete(name)
     assert dash.table != under.table
@@ -374,12 +359,12 @@ def test_a_bound_table_is_written_in_its_netns_whichever_thread_syncs(require_ro
         with netns.enter(name):
             capture.bind_netns()
         capture.sync({"10.1.0.7"})  # from this test's own netns
-        here = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+        here = _nft_here("list", "tables")
         with netns.enter(name):
-            there = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+            there = _nft_here("list", "ruleset")
         removed = capture.remove()
         with netns.enter(name):
-            after = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+            after = _nft_here("list", "tables")
     finally:
         capture.close()
         netns.delete(name)

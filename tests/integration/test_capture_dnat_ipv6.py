@@ -4,7 +4,6 @@ kube-proxy-like IPv6 DNAT rule of our own on both nodes: a Service VIP for demo/
 from __future__ import annotations
 
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from lab import Lab
 from lab.observe import agent_log
-from tests.support.mesh import connect, echo_on, wait_for
+from tests.support.mesh import connect, echo_on, nft, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 VIP6 = "fd00:96::99"  # no lab interface has it: only the DNAT rule gives it a meaning
@@ -29,13 +28,7 @@ def lab(require_root: None) -> Iterator[Lab]:
             f"  ip6 daddr {VIP6} tcp dport {PORT} dnat to [{server}]:{PORT}\n }}\n}}\n"
         )
         for node in ("node1", "node2"):
-            subprocess.run(
-                ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", "-f", "-"],
-                input=rules,
-                text=True,
-                check=True,
-                capture_output=True,
-            )
+            nft(lab, node, "-f", "-", script=rules)
         yield lab
     finally:
         lab.down()

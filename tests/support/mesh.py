@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,12 @@ def echo_on(sock: socket.socket, size: int = 1000) -> tuple[str, str]:
     except OSError as e:
         return f"failed: {e}", ""
     return ("ok" if got == data else f"{len(got)} bytes back"), peer
+
+
+def nft(lab: Lab, node: str, *args: str, script: str | None = None) -> str:
+    """Run nft in a lab node's netns (``script`` on stdin for ``-f -``); its output. Raises when nft refuses."""
+    argv = ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", *args]
+    return subprocess.run(argv, input=script, capture_output=True, text=True, check=True).stdout
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0, interval: float = 0.2) -> None:

@@ -57,6 +57,23 @@ def server_registry() -> tuple[WorkloadStore, Metrics, ConnectionRegistry]:
     return store, metrics, ConnectionRegistry(store, metrics)
 
 
+def fake_pod_and_relay(monkeypatch: pytest.MonkeyPatch, result: RelayResult) -> None:
+    """inbound's upstream connect hands back a socket whose pod end is already closed, and its relay returns
+    ``result`` at once: what a test of the inbound decision and its report needs of the data path."""
+
+    async def pod(*_: Any, **__: Any) -> socket.socket:
+        a, b = socket.socketpair()
+        b.close()
+        return a
+
+    async def relayed(upstream: socket.socket, stream: Any, live: Any = None) -> RelayResult:
+        upstream.close()
+        return result
+
+    monkeypatch.setattr(inbound_mod, "connect_upstream", pod)
+    monkeypatch.setattr(inbound_mod, "relay", relayed)
+
+
 def test_policy_change_cuts_only_denied_connections() -> None:
     store, metrics, registry = server_registry()
     cut: list[str] = []

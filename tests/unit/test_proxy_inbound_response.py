@@ -3,18 +3,22 @@ default), the 200 carries the destination workload's `baggage`; refusals carry n
 
 from __future__ import annotations
 
-import socket
-from typing import Any
-
 import pytest
 
-from agent import inbound as inbound_mod
 from agent.accesslog import AccessLog
 from agent.inbound import InboundProxy
 from agent.tunnel import RelayResult
 from api.istio.workload import workload_pb2 as wpb
 from common.spiffe import Identity
-from tests.unit.test_proxy_connections import CURL, SERVER, _Certs, _FakeRequest, deny, server_registry
+from tests.unit.test_proxy_connections import (
+    CURL,
+    SERVER,
+    _Certs,
+    _FakeRequest,
+    deny,
+    fake_pod_and_relay,
+    server_registry,
+)
 
 SERVER_ID = Identity("cluster.local", "server", "default")
 
@@ -24,17 +28,7 @@ async def answer(monkeypatch: pytest.MonkeyPatch, server: wpb.Workload, deny_cur
     store.put([server], policies=[deny(CURL.principal)] if deny_curl else [])
     proxy = InboundProxy(store, _Certs(), "n2", metrics, AccessLog(metrics), registry)
 
-    async def pod(*_: Any, **__: Any) -> socket.socket:
-        a, b = socket.socketpair()
-        b.close()
-        return a
-
-    async def no_relay(upstream: socket.socket, stream: Any, live: Any = None) -> RelayResult:
-        upstream.close()
-        return RelayResult(0, 0, None)
-
-    monkeypatch.setattr(inbound_mod, "connect_upstream", pod)
-    monkeypatch.setattr(inbound_mod, "relay", no_relay)
+    fake_pod_and_relay(monkeypatch, RelayResult(0, 0, None))
     req = _FakeRequest("10.2.0.7:8080", CURL)
     await proxy._connect(req, server, SERVER_ID, ("10.2.0.7", 15008), ("10.1.0.6", 1))  # type: ignore[arg-type]
     return req

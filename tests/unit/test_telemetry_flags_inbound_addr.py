@@ -6,17 +6,15 @@ an early refusal (log_early_deny) names the connection's own destination too."""
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import pytest
 
-from agent import inbound as inbound_mod
 from agent.accesslog import AccessLog
 from agent.inbound import InboundProxy
 from agent.tunnel import RelayResult
 from common.spiffe import Identity
-from tests.unit.test_proxy_connections import CURL, SERVER, _Certs, _FakeRequest, server_registry
+from tests.unit.test_proxy_connections import CURL, SERVER, _Certs, _FakeRequest, fake_pod_and_relay, server_registry
 
 SERVER_ID = Identity("cluster.local", "server", "default")
 ORIG_DST = ("10.2.0.7", 15008)
@@ -26,17 +24,7 @@ async def _access_line(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptur
     store, metrics, registry = server_registry()
     proxy = InboundProxy(store, _Certs(), "n2", metrics, AccessLog(metrics), registry)
 
-    async def pod(*_: Any, **__: Any) -> socket.socket:
-        a, b = socket.socketpair()
-        b.close()
-        return a
-
-    async def relayed(upstream: socket.socket, stream: Any, live: Any = None) -> RelayResult:
-        upstream.close()
-        return RelayResult(3, 4)
-
-    monkeypatch.setattr(inbound_mod, "connect_upstream", pod)
-    monkeypatch.setattr(inbound_mod, "relay", relayed)
+    fake_pod_and_relay(monkeypatch, RelayResult(3, 4))
     with caplog.at_level(logging.INFO, logger="access"):
         await proxy._connect(_FakeRequest(authority, CURL), SERVER, SERVER_ID, ORIG_DST, ("10.1.0.6", 1))  # type: ignore[arg-type]
     [line] = [r for r in caplog.records if r.name == "access"]

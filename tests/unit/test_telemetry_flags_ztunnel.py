@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from agent import inbound as inbound_mod
 from agent import tunnel
 from agent.accesslog import AccessLog
 from agent.connections import ConnectionRegistry
@@ -42,7 +41,7 @@ from common.spiffe import Identity
 from tests.support.hbone_testbed import HboneServer
 from tests.support.loops import BOTH_LOOPS, event_loop_policy  # noqa: F401  (fixture)
 from tests.support.pki import TestCA
-from tests.unit.test_proxy_connections import CURL, SERVER, _Certs, _FakeRequest, server_registry
+from tests.unit.test_proxy_connections import CURL, SERVER, _Certs, _FakeRequest, fake_pod_and_relay, server_registry
 
 pytestmark = BOTH_LOOPS
 
@@ -241,17 +240,7 @@ async def _inbound(
     store, metrics, registry = server_registry()
     proxy = InboundProxy(store, _Certs(), "n2", metrics, AccessLog(metrics), registry)
 
-    async def pod(*_: Any, **__: Any) -> socket.socket:
-        a, b = socket.socketpair()
-        b.close()
-        return a
-
-    async def relayed(upstream: socket.socket, stream: Any, live: Any = None) -> RelayResult:
-        upstream.close()
-        return result
-
-    monkeypatch.setattr(inbound_mod, "connect_upstream", pod)
-    monkeypatch.setattr(inbound_mod, "relay", relayed)
+    fake_pod_and_relay(monkeypatch, result)
     req = _FakeRequest("10.2.0.7:8080", CURL)
     server_id = Identity("cluster.local", "server", "default")
     with caplog.at_level(logging.INFO, logger="access"):

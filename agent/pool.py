@@ -126,15 +126,15 @@ class HboneConnectionPool:
         while True:
             if self._closed:
                 raise HboneConnectError(503, "connection pool closed", stage=ConnectStage.POOL)
-            stale = None
+            stale = False
             for pooled in self._conns.get(key, ()):
                 if pooled.context is not ssl_context:
-                    stale = pooled
+                    stale = True
                     continue
                 conn = pooled.conn
                 if conn.usable and conn.active_streams < self.max_streams_per_conn and conn.available_streams > 0:
                     return pooled
-            if stale is not None:
+            if stale:
                 self._retire_stale(key, ssl_context)
                 continue
             task = self._connecting.get(key)

@@ -8,8 +8,12 @@ ztunnel there.) This adds the missing step after the rewrite, in the node netns,
 priority dstnat+1 hands the SYN of a DNATed connection now addressed to an enrolled local pod to the inbound
 listener (TPROXY, the listener sees the pod's address as the original destination), with the capture mark that
 policy routing delivers locally, as the tc program does. Replies leave through the same conntrack entry and are
-rewritten back to the VIP, so the client sees the address it dialled. With no listener (the agent restarting) the
-SYN is dropped: fail closed, as the tc program.
+rewritten back to the VIP, so the client sees the address it dialled. A connection now addressed to the pod's port
+15008 (a Service whose targetPort is 15008, an east-west gateway forwarding HBONE) goes to the HBONE listener, as the
+tc program sends podIP:15008 arriving at an uplink or a bridge (in Istio, 15008 inside the pod is ztunnel's whoever
+calls): the plaintext listener would relay the client's TLS to a pod port where nothing listens. With no listener
+(the agent restarting) the SYN is dropped: fail closed, as the tc program; with fail-open (debugging only) it goes on
+to the pod uncaptured, as the tc program lets it, and is counted either way.
 
 The same rewrite hides an enrolled client's connection from the tc program after its SYN: the SYN was assigned to
 the outbound listener at the pod's veth, but later packets are looked up there by the VIP, find no socket, and
@@ -71,8 +75,18 @@ def table_name(instance: str) -> str:
     return "ambit_" + instance
 
 
-def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_mask: int) -> str:
-    """The whole table, replacing any previous one in the same transaction."""
+def ruleset(
+    table: str,
+    addresses: Iterable[str],
+    *,
+    port: int,
+    hbone_port: int,
+    mark: int,
+    mark_mask: int,
+    fail_open: bool = False,
+) -> str:
+    """The whole table, replacing any previous one in the same transaction. ``port`` is the plaintext inbound
+    listener's, ``hbone_port`` the HBONE listener's (and the pod port that goes to it)."""
     v4 = sorted(a for a in addresses if ipaddress.ip_address(a).version == 4)
     v6 = sorted(a for a in addresses if ipaddress.ip_address(a).version == 6)
     keep = 0xFFFFFFFF & ~mark_mask
@@ -104,15 +118,19 @@ def ruleset(table: str, addresses: Iterable[str], *, port: int, mark: int, mark_
         # a SYN the tc program captured (an enrolled client's, to the outbound listener) before the rewrite
         f"    ct status dnat {syn} {marked} {remember} accept",
     ]
+    no_listener = "accept" if fail_open else "drop"
     for family, field in (("ip", "enrolled4"), ("ip6", "enrolled6")):
-        match = f"ct status dnat {family} daddr @{field}"
+        match = f"ct status dnat {family} daddr @{field} {syn} {unmarked}"
         lines += [
             # tproxy does not end the rule's evaluation when it found the listener (accept does); when it found
             # none, the rule stops there, before the mark (a mark set ahead of it stayed, the next rule skipped
-            # the SYN as captured and policy routing delivered it locally to no socket), and the next one drops
-            # and counts the SYN
-            f"    {match} {syn} {unmarked} tproxy {family} to :{port} {set_mark} {remember} accept",
-            f"    {match} {syn} {unmarked} counter drop",
+            # the SYN as captured and policy routing delivered it locally to no socket), and evaluation goes on.
+            # The plaintext rule leaves the HBONE port alone, so a SYN for it whose listener is missing is not
+            # taken by the plaintext listener: it reaches the last rule, which drops and counts it (fail-open:
+            # counts it and lets it go on to the pod)
+            f"    {match} tcp dport {hbone_port} tproxy {family} to :{hbone_port} {set_mark} {remember} accept",
+            f"    {match} tcp dport != {hbone_port} tproxy {family} to :{port} {set_mark} {remember} accept",
+            f"    {match} counter {no_listener}",
         ]
     lines += ["  }", "}", ""]
     return "\n".join(lines)
@@ -122,14 +140,27 @@ class DnatCapture:
     """The nftables table of one agent instance: in the netns bound by :meth:`bind_netns`, else in the calling
     thread's."""
 
-    def __init__(self, instance: str, *, port: int, mark: int, mark_mask: int, nft: str = "nft") -> None:
+    def __init__(
+        self,
+        instance: str,
+        *,
+        port: int,
+        hbone_port: int,
+        mark: int,
+        mark_mask: int,
+        fail_open: bool = False,
+        nft: str = "nft",
+    ) -> None:
         self.table = table_name(instance)
         self.port = port
+        self.hbone_port = hbone_port
         self.mark = mark
         self.mark_mask = mark_mask
+        self.fail_open = fail_open  # takes effect at the next sync
         self.nft = nft
         self._netns: int | None = None  # fd of the bound netns
         self._applied: frozenset[str] | None = None
+        self._script = ""  # the table as we last wrote it ("" when we wrote none since start or removal)
         self._listed = ""  # the table as nft listed it after our last write
 
     def bind_netns(self) -> None:
@@ -146,36 +177,48 @@ class DnatCapture:
             self._netns = None
 
     def sync(self, addresses: Iterable[str]) -> None:
-        """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods).
+        """Capture DNATed connections to exactly ``addresses`` (the enrolled local pods), as :attr:`fail_open` says.
 
-        The table is written again when the addresses changed or when it is no longer as written: a firewall reload
-        (``flush ruleset`` heads Debian's /etc/nftables.conf) or a hand edit would otherwise leave DNATed connections
-        uncaptured, kube-proxy having put its own rules back, until the enrolled set next changed. Unchanged, a sync
-        costs one read."""
+        The table is written again when the addresses or fail-open changed or when it is no longer as written: a
+        firewall reload (``flush ruleset`` heads Debian's /etc/nftables.conf) or a hand edit would otherwise leave
+        DNATed connections uncaptured, kube-proxy having put its own rules back, until the enrolled set next changed.
+        Unchanged, a sync costs one read. Raises DnatCaptureError when nft cannot write the table; the next sync
+        tries again."""
         want = frozenset(addresses)
         if not want:
             # Nothing enrolled here: nothing to capture, and a table's `ct` expressions would turn conntrack on in
             # a netns that may not use it yet (a cost on every packet of the node's traffic).
             if self._applied != want:
                 self.remove()
-                self._applied, self._listed = want, ""
+                self._applied, self._script, self._listed = want, "", ""
             return
-        if want == self._applied and self._listing() == self._listed:
+        script = ruleset(
+            self.table,
+            want,
+            port=self.port,
+            hbone_port=self.hbone_port,
+            mark=self.mark,
+            mark_mask=self.mark_mask,
+            fail_open=self.fail_open,
+        )
+        if script == self._script and self._listing() == self._listed:
             return
-        if self._applied is not None and want == self._applied:
+        if script == self._script:
             log.warning(
                 "DNAT capture table was changed or removed by someone else; writing it again",
                 extra=kv(table=self.table),
             )
-        self._run(ruleset(self.table, want, port=self.port, mark=self.mark, mark_mask=self.mark_mask))
-        if self._applied is None:
-            log.info("DNAT capture installed", extra=kv(table=self.table, addresses=len(want)))
-        self._applied = want
+        self._run(script)
+        if not self._script:
+            log.info(
+                "DNAT capture installed", extra=kv(table=self.table, addresses=len(want), fail_open=self.fail_open)
+            )
+        self._applied, self._script = want, script
         self._listed = self._listing()
 
     def remove(self) -> bool:
         """Delete the table; False when there was none (or no nft to ask)."""
-        self._applied = None
+        self._applied, self._script = None, ""
         if shutil.which(self.nft) is None or not self._listing():
             return False
         try:

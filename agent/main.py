@@ -78,6 +78,10 @@ class AgentConfig:
     )
     capture: bool = field(default=True, metadata=doc("load and attach the eBPF capture programs"))
     fail_open: bool = field(default=False, metadata=doc("debug only: let enrolled pods' SYNs pass with no agent"))
+    capture_dnat: bool = field(
+        default=True,
+        metadata=doc("capture connections the node DNATs to enrolled pods (nftables; when it fails: not ready)"),
+    )
     listen_address: str = field(
         default="",
         metadata=doc(
@@ -405,6 +409,7 @@ def _redirect_config(cfg: AgentConfig) -> RedirectConfig:
         hbone_port=cfg.hbone_port,
         uplinks=tuple(u for u in cfg.uplink.split(",") if u),
         fail_open=cfg.fail_open,
+        capture_dnat=cfg.capture_dnat,
     )
 
 

@@ -82,6 +82,8 @@ log = logging.getLogger("ambit.redirect")
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "redirect.bpf.c"
 PROGRAM_FUNCTION = "ambit_tc_ingress"
 PROGRAM_PIN = "ambit_prog"
+DNAT_FAILURE = "capture:dnat"
+"""The key of :meth:`Redirector.status`'s ``failures`` under which the DNAT capture table's failure is reported."""
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _RESERVED_TABLES = {0, 253, 254, 255}
 
@@ -215,6 +217,7 @@ class Redirector:
         self._watch: ChangeWatch | None = None
         self._state = _State()
         self._adopted: list[str] = []
+        self._fail_open = self.config.fail_open  # as set_fail_open last said (the pinned config's, since start)
         self._dnat = _dnat_capture(self.config) if self.config.capture_dnat else None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -249,7 +252,9 @@ class Redirector:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
             self._maps, self._nl = maps, nl
+            self._fail_open = cfg.fail_open  # written to the pinned config below
             if self._dnat is not None:
+                self._dnat.fail_open = cfg.fail_open
                 self._dnat.bind_netns()  # its nft calls act on this (the node's) netns, whichever thread reconciles
             routing_existed = False
             attached_now: list[int] = []
@@ -301,7 +306,10 @@ class Redirector:
                 if fresh_pins:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
-            if cfg.capture_dnat and (why := uncovered_rewrites(link.name for link in links.values())):
+            if not cfg.capture_dnat:
+                # turned off: a table a previous agent left would go on capturing the addresses it was last given
+                _dnat_capture(cfg).remove()
+            elif why := uncovered_rewrites(link.name for link in links.values()):
                 log.warning("connections the node rewrites may escape capture", extra=kv(reason=why))
             log.info(
                 "capture started",
@@ -402,11 +410,7 @@ class Redirector:
             self._write_homes(maps, homes)
             for ip in sorted(want - have):
                 maps.add_workload(ip)
-            if self._dnat is not None:
-                try:
-                    self._dnat.sync(want)
-                except DnatCaptureError as exc:
-                    failures["capture:dnat"] = f"connections DNATed to enrolled pods are not captured: {exc}"
+            self._sync_dnat(want, failures)
             for idx, att in list(st.attached.items()):
                 if idx in ok or idx in ports:
                     continue
@@ -431,12 +435,24 @@ class Redirector:
             return dict(failures)
 
     def set_fail_open(self, fail_open: bool) -> None:
-        """Flip fail-open at run time (a debugging switch: fail-open lets enrolled pods talk plaintext)."""
+        """Flip fail-open at run time (a debugging switch: fail-open lets enrolled pods talk plaintext), in the
+        programs' config and in the DNAT capture table. The table is rewritten here once a reconcile has enrolled
+        pods; before that the first reconcile writes it (a sync of no addresses now would remove the table a previous
+        agent left, uncapturing DNATed connections until then)."""
         with self._lock:
             maps, _ = self._require_started()
             cfg = maps.read_config()
             cfg.fail_open = int(fail_open)
             maps.write_config(cfg)
+            self._fail_open = fail_open
+            st = self._state
+            if self._dnat is not None:
+                self._dnat.fail_open = fail_open
+                if st.enrolled:
+                    failures = {k: v for k, v in st.failures.items() if k != DNAT_FAILURE}
+                    self._sync_dnat(st.enrolled, failures)
+                    self._log_changes(st.enrolled, failures)
+                    st.failures = failures
             log.warning("fail-open changed", extra=kv(instance=self.config.instance, fail_open=fail_open))
 
     # --- observation -----------------------------------------------------------------------------------------
@@ -471,12 +487,18 @@ class Redirector:
 
     @property
     def ready(self) -> bool:
-        """Started, and capturing at least one pod when pods are enrolled (a node agent that can capture none of
-        its enrolled pods must not report ready)."""
+        """Started, capturing at least one pod when pods are enrolled (a node agent that can capture none of its
+        enrolled pods must not report ready), and, unless fail-open, with the DNAT capture table in place: without
+        it, plaintext the node DNATs to an enrolled pod reaches it past policy, which fail-closed capture exists to
+        prevent. Under fail-open (debugging, where capture already lets connections pass when it cannot take them)
+        the table's failure is only reported (:meth:`status`, logs)."""
         with self._view:
-            if self._maps is None or not self._state.uplinks:
+            st = self._state
+            if self._maps is None or not st.uplinks:
                 return False
-            return not self._state.requested or bool(self._state.enrolled)
+            if DNAT_FAILURE in st.failures and not self._fail_open:
+                return False
+            return not st.requested or bool(st.enrolled)
 
     def status(self) -> dict[str, Any]:
         """Attached interfaces, enrolled pods, per-pod failures, program counters. No netlink and no wait for a
@@ -510,6 +532,7 @@ class Redirector:
                 "failures": dict(sorted(st.failures.items())),
                 "skipped_peers": dict(sorted(st.skipped.items())),
                 "capturing_any": started and bool(st.attached),
+                "fail_open": self._fail_open,
                 "ready": self.ready,
                 "stats": self._maps.stat_totals() if self._maps else {},
             }
@@ -768,6 +791,19 @@ class Redirector:
             else:
                 log.info("workload address released from hold", extra=kv(instance=self.config.instance, ip=ip))
 
+    def _sync_dnat(self, want: set[str], failures: dict[str, str]) -> None:
+        """Bring the DNAT capture table to ``want``; a failure goes into ``failures`` under DNAT_FAILURE (it holds
+        readiness, see :attr:`ready`) until a later sync succeeds."""
+        if self._dnat is None:
+            return
+        try:
+            self._dnat.sync(want)
+        except DnatCaptureError as exc:
+            failures[DNAT_FAILURE] = (
+                f"connections DNATed to enrolled pods (Service VIPs, NodePorts) are not captured (DNAT capture "
+                f"table inet {self._dnat.table}): {exc}"
+            )
+
     def _log_changes(self, want: set[str], failures: dict[str, str]) -> None:
         st = self._state
         added, removed = sorted(want - st.enrolled), sorted(st.enrolled - want)
@@ -875,7 +911,14 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
 
 
 def _dnat_capture(cfg: RedirectConfig) -> DnatCapture:
-    return DnatCapture(cfg.instance, port=cfg.inbound_port, mark=cfg.mark, mark_mask=cfg.mark_mask)
+    return DnatCapture(
+        cfg.instance,
+        port=cfg.inbound_port,
+        hbone_port=cfg.hbone_port,
+        mark=cfg.mark,
+        mark_mask=cfg.mark_mask,
+        fail_open=cfg.fail_open,
+    )
 
 
 def _netns_cookie() -> int:

@@ -303,7 +303,7 @@ def test_the_table_is_replaced_whole_restored_and_removed(require_root: None) ->
 
     try:
         with netns.enter(name):
-            capture = DnatCapture(name, port=15006, mark=0x200, mark_mask=0xF00)
+            capture = DnatCapture(name, port=15006, hbone_port=15008, mark=0x200, mark_mask=0xF00)
             capture.sync({"10.1.0.5", "fd00::5"})
             capture.sync({"10.1.0.6"})
             listing = _nft_here("list", "ruleset")
@@ -336,8 +336,8 @@ def test_instances_of_one_netns_keep_their_own_tables(require_root: None) -> Non
     netns.add(name)
     try:
         with netns.enter(name):
-            dash = DnatCapture(f"{name}-x", port=15006, mark=0x200, mark_mask=0xF00)
-            under = DnatCapture(f"{name}_x", port=15006, mark=0x200, mark_mask=0xF00)
+            dash = DnatCapture(f"{name}-x", port=15006, hbone_port=15008, mark=0x200, mark_mask=0xF00)
+            under = DnatCapture(f"{name}_x", port=15006, hbone_port=15008, mark=0x200, mark_mask=0xF00)
             dash.sync({"10.1.0.5"})
             under.sync({"10.1.0.6"})
             assert dash.remove() is True
@@ -354,7 +354,7 @@ def test_a_bound_table_is_written_in_its_netns_whichever_thread_syncs(require_ro
     root netns left ambit tables in the machine's own ruleset)."""
     name = f"ambit-dt{secrets.token_hex(2)}"
     netns.add(name)
-    capture = DnatCapture(name, port=15006, mark=0x200, mark_mask=0xF00)
+    capture = DnatCapture(name, port=15006, hbone_port=15008, mark=0x200, mark_mask=0xF00)
     try:
         with netns.enter(name):
             capture.bind_netns()

@@ -1,0 +1,169 @@
+"""DNAT capture's edges (agent/capture_dnat.py) with the real kernel program and nftables, in the compact topology of
+tests/support/redirect_topology.py: a kube-proxy-like DNAT in the node netns sends a VIP to pod pa (enrolled), a
+transparent probe listener stands in for the agent, connections come from the remote node behind the uplink (the tc
+program there sees the VIP, not an enrolled pod, and lets them pass: only the table decides).
+
+Covered: the pod's port 15008 goes to the HBONE listener; fail-open lets a SYN with no listener pass to the pod and is
+switched at run time; a table nft cannot write is a capture failure that holds readiness (not under fail-open) until
+a later reconcile writes it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from agent.redirect import DNAT_FAILURE, RedirectConfig, Redirector, cleanup
+from tests.support import redirect_topology as rt
+
+VIP = "10.96.8.1"  # no interface has it: the DNAT rule below sends it to pa
+ALL_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
+
+
+@dataclass
+class Env:
+    topo: rt.Topology
+    r: Redirector
+    listener: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pa(self) -> rt.Pod:
+        return self.topo.pods["pa"]
+
+    @property
+    def table(self) -> str:
+        return f"ambit_{self.topo.prefix}"
+
+    def listen(self, *ports: str) -> None:
+        """The agent's stand-in on ``ports`` (none: no listener at all, the agent is away)."""
+        if self.listener is not None:
+            self.topo.stop(self.listener)
+            self.listener = None
+        if ports:
+            self.listener = self.topo.probe_server(self.topo.node, "serve", "--transparent", *ports)
+
+    def nft(self, *args: str, script: str | None = None) -> str:
+        return subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{self.topo.node}", "nft", *args],
+            input=script,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def no_listener_verdicts(self) -> list[str]:
+        """What the table does with an enrolled pod's DNATed SYN no listener took (IPv4, IPv6)."""
+        chain = self.nft("list", "chain", "inet", self.table, "prerouting")
+        return [line.split()[-1] for line in chain.splitlines() if "@enrolled" in line and " counter " in line]
+
+    def enroll(self) -> dict[str, str]:
+        return self.r.reconcile({self.pa.ip}, {p.ip for p in self.topo.pods.values()})
+
+
+@pytest.fixture(scope="module")
+def env(require_root: None) -> Iterator[Env]:
+    topo = rt.up(("pa",))
+    config = RedirectConfig(instance=topo.prefix, uplinks=(topo.uplink,))
+    e = Env(topo, Redirector(config))
+    try:
+        with rt.enter(topo.node):
+            e.r.start()
+        topo.probe_server(e.pa.netns, "serve", "--port", "8080", "--port", "15008")
+        e.listen(*ALL_PORTS)
+        rules = (
+            "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
+            f"  ip daddr {VIP} tcp dport {{ 8080, 15008 }} dnat to {e.pa.ip}\n }}\n}}\n"
+        )
+        e.nft("-f", "-", script=rules)
+        assert e.enroll() == {}
+        yield e
+    finally:
+        try:
+            e.r.close()
+            with rt.enter(topo.node):
+                cleanup(config)
+        finally:
+            topo.down()
+
+
+def test_a_dnated_connection_to_the_pods_hbone_port_goes_to_the_hbone_listener(env: Env) -> None:
+    """Before, every DNATed connection went to the plaintext listener, which relayed the client's TLS to pa:15008
+    (nothing of the agent's there): HBONE through a Service or an east-west gateway failed."""
+    got = rt.connect(env.topo.remote, VIP, 15008)
+    assert got.startswith(f"tproxy:15008 orig={env.pa.ip}:15008 peer={env.topo.remote_ip}:"), got
+    assert rt.connect(env.topo.remote, VIP, 8080).startswith(f"tproxy:15006 orig={env.pa.ip}:8080"), "other ports"
+    env.listen("--port", "15001", "--port", "15006")  # the HBONE listener alone is missing
+    try:
+        with pytest.raises(OSError):  # dropped, never handed to the plaintext listener
+            rt.connect(env.topo.remote, VIP, 15008, timeout=1.2)
+    finally:
+        env.listen(*ALL_PORTS)
+
+
+def test_fail_open_lets_a_dnated_syn_with_no_listener_through_to_the_pod_and_is_switched_at_run_time(
+    env: Env,
+) -> None:
+    env.listen()
+    try:
+        with pytest.raises(OSError):  # the default: fail closed
+            rt.connect(env.topo.remote, VIP, 8080, timeout=1.2)
+        env.r.set_fail_open(True)
+        got = rt.connect(env.topo.remote, VIP, 8080)
+        assert got.startswith(f"server:8080 local={env.pa.ip}:8080 peer={env.topo.remote_ip}:"), got
+        env.listen(*ALL_PORTS)
+        assert rt.connect(env.topo.remote, VIP, 8080).startswith("tproxy:15006 "), "a listener still captures"
+        assert env.r.status()["fail_open"] is True and env.no_listener_verdicts() == ["accept", "accept"]
+    finally:
+        env.r.set_fail_open(False)
+        env.listen(*ALL_PORTS)
+    assert env.no_listener_verdicts() == ["drop", "drop"], "fail closed again"
+
+
+@pytest.fixture
+def table_held(env: Env) -> Iterator[None]:
+    """Someone else's table of the agent's name that the kernel refuses to let anyone else change (nft's ``owner``
+    flag: it belongs to the netlink socket of the process that made it, and goes when that process does)."""
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/var/run/netns/{env.topo.node}", "nft", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None
+        holder.stdin.write(f"delete table inet {env.table}\nadd table inet {env.table} {{ flags owner; }}\n")
+        holder.stdin.flush()
+        rt.wait_for(lambda: "flags owner" in env.nft("list", "table", "inet", env.table))
+        yield
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        try:
+            holder.wait(5)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_table_nft_cannot_write_holds_readiness_until_a_reconcile_writes_it(env: Env, table_held: None) -> None:
+    failures = env.enroll()
+    assert env.table in failures.get(DNAT_FAILURE, ""), failures
+    assert env.r.ready is False and DNAT_FAILURE in env.r.status()["failures"]
+    env.r.set_fail_open(True)  # debugging: reported, does not hold readiness
+    try:
+        assert DNAT_FAILURE in env.r.status()["failures"] and env.r.ready is True
+    finally:
+        env.r.set_fail_open(False)
+    assert env.r.ready is False
+
+
+def test_after_the_failure_a_reconcile_writes_the_table_and_readiness_returns(env: Env) -> None:
+    """Runs after the table_held test (its holder gone, the kernel removed the held table with it)."""
+    assert env.enroll() == {}
+    assert env.r.ready is True and DNAT_FAILURE not in env.r.status()["failures"]
+    assert env.pa.ip in env.nft("list", "table", "inet", env.table)
+    assert rt.connect(env.topo.remote, VIP, 8080).startswith("tproxy:15006 ")

@@ -25,6 +25,7 @@ from common.http import Response
 from common.log import kv
 from controller.monitoring import ControllerMetrics, metrics_route, monitoring_server
 from controller.sources.files import ConfigDirError, FileSource
+from controller.sources.last_good import default_state_dir
 from controller.store import ConfigStore
 from controller.translate import Translator, TranslatorConfig
 from controller.xds_server import GRPC_SERVER_OPTIONS, Authenticator, XdsServer
@@ -37,6 +38,13 @@ class ControllerConfig:
     """Ambit controller: config sources -> workload API over delta xDS, plus the mesh CA."""
 
     config_dir: str = field(default="", metadata=doc("directory of YAML config, watched for changes"))
+    state_dir: str = field(
+        default="",
+        metadata=doc(
+            "where --config-dir's last good objects are saved, so a restart keeps serving an object whose file went"
+            " bad (default: beside the config directory, .<name>.ambit-state)"
+        ),
+    )
     kube: bool = field(default=False, metadata=doc("read config from the Kubernetes API instead"))
     kubeconfig: str = field(default="", metadata=doc("kubeconfig file for --kube (default: in-cluster)"))
     xds_port: int = field(default=15010, metadata=doc("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
@@ -69,6 +77,9 @@ class ControllerConfig:
 
     def bind_address(self) -> str:
         return self.listen_address or any_address()
+
+    def files_state_dir(self) -> str:
+        return self.state_dir or default_state_dir(self.config_dir)
 
 
 class StartupError(Exception):
@@ -150,7 +161,9 @@ class Controller:
     async def _start_sources(self) -> None:
         cfg = self.cfg
         if cfg.config_dir:
-            source = FileSource(cfg.config_dir, self.store, poll_interval=cfg.poll_interval)
+            source = FileSource(
+                cfg.config_dir, self.store, poll_interval=cfg.poll_interval, state_dir=cfg.files_state_dir()
+            )
             try:
                 await source.sync()
             except ConfigDirError as e:

@@ -1,12 +1,13 @@
 """The controller's config store: which source contributes which objects, and what is serving right now.
 
 Sources (files, Kubernetes resources) hand over their whole contribution each time they change; the store
-works out upserts and deletes for the translator. Two rules keep a bad edit from taking config away:
-
-- an object that fails validation keeps its last valid version from the same source serving (the error is
-  recorded and shown until fixed);
-- when a source has an error that cannot be tied to an object (unreadable file, YAML syntax error, a document
-  without a name), nothing it contributed before is removed until it parses cleanly again.
+works out upserts and deletes for the translator. One rule keeps a bad edit from taking config away: while a
+source has any error (unreadable file, YAML syntax error, an invalid document), nothing it contributed before is
+removed. An object that fails validation keeps its last valid version serving; so does every other object the
+source no longer offers, because an invalid document cannot be told apart from the object it used to be (a typo in
+``kind`` or ``metadata.name`` names some other object, and a document that stopped parsing names none). Once the
+source is clean again, what it no longer offers goes. The file source applies the same rule at start-up to the
+last good versions it saved, so a restart does not forget them either.
 
 The same object defined by two sources is an error on the later one; the first keeps serving, and the second
 takes over only if the first withdraws it.
@@ -57,8 +58,8 @@ class SourceResult:
 
 
 def error_key(err: Problem) -> ObjectKey | None:
-    """The object an error belongs to, or None when validation could not tell (no kind or no name)."""
-    if isinstance(err, SourceError) or err.kind == "?" or err.name.startswith("#"):
+    """The object an error belongs to, or None when validation could not tell (no kind or name, an unknown kind)."""
+    if isinstance(err, SourceError) or err.kind == "?" or err.name.startswith("#") or err.field == "kind":
         return None
     return ObjectKey(err.kind, err.namespace, err.name)
 
@@ -147,15 +148,7 @@ class ConfigStore:
         objects = {obj.key: obj for obj in result.objects}
         errors = list(result.errors)
         kept: set[ObjectKey] = set()
-        keep_everything = False
-        for err in errors:
-            key = error_key(err)
-            if key is None:
-                keep_everything = True
-            elif key not in objects and key in old_objects:
-                objects[key] = old_objects[key]
-                kept.add(key)
-        if keep_everything:
+        if errors:
             for key, obj in old_objects.items():
                 if key not in objects:
                     objects[key] = obj
@@ -247,3 +240,9 @@ class ConfigStore:
 
     def sources(self) -> list[str]:
         return sorted(self._sources)
+
+    def offered(self, source_id: str) -> Mapping[ObjectKey, KObject]:
+        """What a source offers now: its valid objects and the last valid versions it keeps (served unless another
+        source claimed the object first)."""
+        state = self._sources.get(source_id)
+        return state.objects if state is not None else {}

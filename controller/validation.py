@@ -13,6 +13,7 @@ has no usable name, the name is `#<n>` (its 1-based position in the source).
 from __future__ import annotations
 
 import datetime
+import difflib
 import ipaddress
 import re
 import socket
@@ -299,6 +300,8 @@ class ConfigError(Exception):
 class ParseResult:
     objects: list[KObject] = field(default_factory=list)
     errors: list[ConfigError] = field(default_factory=list)
+    # The decoded document of each object in ``objects``: what the file source saves as an object's last good version.
+    documents: dict[model.ObjectKey, Any] = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -310,6 +313,7 @@ class _Ctx:
 
     def __init__(self, source: str, index: int, strict: bool) -> None:
         self.source = source
+        self.index = index
         self.strict = strict
         self.kind = "?"
         self.namespace = ""
@@ -456,6 +460,7 @@ def parse_documents(source: str, docs: Iterable[Any], *, strict: bool = True) ->
                 continue
             seen[obj.key] = index
             result.objects.append(obj)
+            result.documents[obj.key] = item
     return result
 
 
@@ -479,7 +484,10 @@ def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
         ctx.error("kind", "required field is missing" if not kind else f"must be a string, got {_type_name(kind)}")
         return None
     if kind not in API_VERSIONS:
-        ctx.error("kind", f"unknown kind {kind!r} (known: {', '.join(sorted(API_VERSIONS))})")
+        # A typo'd kind names no object this code knows: say which document, and what was probably meant.
+        close = difflib.get_close_matches(kind, list(API_VERSIONS), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(API_VERSIONS))}"
+        ctx.error("kind", f"unknown kind {kind!r} in document #{ctx.index} ({hint})")
         return None
     if not isinstance(api_version, str) or not api_version:
         reason = f"must be a string, got {_type_name(api_version)}" if api_version else "required field is missing"

@@ -11,7 +11,11 @@ once it has stayed away for one interval: editors that save by renaming the old 
 and renames, leave a moment with no file, and its objects (a DENY policy among them) must not go for that moment.
 
 Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects,
-and a file that cannot be read keeps its previous contribution serving.
+and a file that cannot be read, or holds an invalid document, keeps its previous contribution serving. With a
+state directory (:mod:`controller.sources.last_good`) what each file serves is also saved, and a restarted
+controller that finds a file unreadable or invalid serves its saved objects under the same rule. A file deleted
+while the controller was down takes its saved objects with it: only a file still there, and still failing, keeps
+them.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.log import kv
+from controller.model import ObjectKey
+from controller.sources.last_good import LastGood, LastGoodError
 from controller.store import ConfigStore, Contribution, SourceError, SourceResult
-from controller.validation import parse_yaml_text
+from controller.validation import ParseResult, parse_documents, parse_yaml_text
 
 log = logging.getLogger("ambit.controller.files")
 
@@ -139,10 +145,18 @@ def scan(
 class FileSource:
     """Keeps the store in step with a directory; :meth:`sync` once, then :meth:`run` to follow changes."""
 
-    def __init__(self, directory: str, store: ConfigStore, poll_interval: float = 0.2) -> None:
-        self.directory = directory
+    def __init__(
+        self, directory: str, store: ConfigStore, poll_interval: float = 0.2, state_dir: str | None = None
+    ) -> None:
+        # Absolute, so a file's saved record is found again whatever working directory the next run starts in.
+        self.directory = os.path.abspath(directory)
         self.store = store
         self.poll_interval = poll_interval
+        self._last_good = LastGood(state_dir) if state_dir else None
+        self._loaded = False  # the saved records were read (on the first pass that could list the directory)
+        self._saved: dict[str, list[Any]] = {}  # saved documents of each file not read since start
+        self._served: dict[str, dict[ObjectKey, Any]] = {}  # each file's served objects' documents, as saved
+        self._state_error: str | None = None
         self._known: dict[str, Signature] = {}  # signature of each file's applied content
         self._previous: dict[str, Signature] = {}  # signatures seen by the last pass
         # Per file, its documents as loaded last time: an edit re-loads only the documents it touched.
@@ -173,6 +187,7 @@ class FileSource:
             if path not in result.signatures and path not in result.changed:
                 known[path] = sig  # missing for the first time: its removal is reported next pass
         self._known = known
+        restored = await self._restore(result)
         changed = {path: c for path, c in result.changed.items() if not self._same_failure(path, c)}
         if changed:
             for path, contribution in changed.items():
@@ -184,8 +199,92 @@ class FileSource:
                         errors=len(contribution.errors) if contribution else 0,
                     ),
                 )
+            if restored:
+                self.store.update(restored)  # as if the last good versions had been read before the bad edit
             self.store.update(changed)
+            await self._save(changed)
         return len(changed)
+
+    async def _restore(self, result: Scan) -> dict[str, Contribution]:
+        """The saved objects of each file read for the first time since start that is unreadable or invalid.
+
+        On the first pass, the records of files no longer there are deleted: those files were removed on purpose.
+        Records of files under an entry that cannot be listed wait until it can be."""
+        if self._last_good is None:
+            return {}
+        if not self._loaded:
+            try:
+                self._saved = await asyncio.to_thread(self._last_good.load, self.directory)
+            except LastGoodError as e:
+                self._state_failed(e)
+            self._loaded = True
+            unlisted = tuple(p + os.sep for p in result.unlisted)
+            for path in [p for p in self._saved if p not in result.signatures and not p.startswith(unlisted)]:
+                del self._saved[path]
+                log.info("config file gone since the last run; its saved objects are dropped", extra=kv(file=path))
+                await self._write(path, [])
+        restored: dict[str, Contribution] = {}
+        for path, contribution in result.changed.items():
+            saved = self._saved.pop(path, None)
+            if saved is None:
+                continue
+            previous = parse_documents(path, saved)
+            self._served[path] = previous.documents
+            if contribution is None or not contribution.errors:
+                continue  # read cleanly (its record is rewritten if it differs) or gone (its record deleted)
+            if previous.errors:
+                log.error(
+                    "saved last good objects no longer valid; not restored",
+                    extra=kv(file=path, errors=[str(e) for e in previous.errors]),
+                )
+            log.warning(
+                "config file failing at start; serving its last good objects from the state directory",
+                extra=kv(
+                    file=path,
+                    objects=len(previous.objects),
+                    errors=[str(e) for e in contribution.errors],
+                    state_dir=str(self._last_good.directory),
+                ),
+            )
+            restored[path] = ParseResult(objects=previous.objects)
+        return restored
+
+    async def _save(self, changed: Mapping[str, Contribution | None]) -> None:
+        """Record what each changed file now serves: its valid objects and the last good versions it keeps."""
+        if self._last_good is None:
+            return
+        for path, contribution in changed.items():
+            before = self._served.pop(path, {})
+            served: dict[ObjectKey, Any] = {}
+            if contribution is not None:
+                fresh = contribution.documents if isinstance(contribution, ParseResult) else {}
+                for key in self.store.offered(path):
+                    doc = fresh.get(key, before.get(key))
+                    if doc is not None:
+                        served[key] = doc
+                self._served[path] = served
+            if served != before:
+                await self._write(path, list(served.values()))
+
+    async def _write(self, path: str, documents: list[Any]) -> None:
+        assert self._last_good is not None
+        try:
+            await asyncio.to_thread(self._last_good.save, path, documents)
+        except LastGoodError as e:
+            self._state_failed(e)
+            return
+        if self._state_error is not None:
+            log.info("state directory writable again", extra=kv(state_dir=str(self._last_good.directory)))
+            self._state_error = None
+
+    def _state_failed(self, error: LastGoodError) -> None:
+        """Logged once per new reason: config keeps serving, only a restart's memory of it is at risk."""
+        if str(error) != self._state_error:
+            log.error(
+                "cannot keep the last good config in the state directory; a restart would forget it",
+                extra=kv(error=str(error)),
+            )
+            self._state_error = str(error)
 
     def _report_unlisted(self, unlisted: dict[str, str]) -> None:
         for path, reason in unlisted.items():

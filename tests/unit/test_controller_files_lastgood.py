@@ -1,0 +1,249 @@
+"""The file source keeps the last good version of an object while its file holds a bad document, across restarts
+of the controller too (the state directory), and forgets only what was removed on purpose."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from common import flags
+from controller.main import ControllerConfig
+from controller.monitoring import ControllerMetrics
+from controller.sources.files import FileSource
+from controller.sources.last_good import SUFFIX, LastGood, default_state_dir
+from controller.store import ConfigStore
+from controller.translate import Translator
+from tests.support.config_files import NS, bump_mtime, pod_yaml
+
+DENY_KEY = "AuthorizationPolicy/demo/deny-evil"
+
+
+def deny(kind: str = "AuthorizationPolicy", name: str = "deny-evil", action: str = "DENY") -> str:
+    return f"""apiVersion: security.istio.io/v1
+kind: {kind}
+metadata: {{name: {name}, namespace: demo}}
+spec: {{action: {action}, rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}]}}
+"""
+
+
+def served(store: ConfigStore) -> set[str]:
+    return {str(key) for key in store.translator.objects()}
+
+
+def actions(store: ConfigStore) -> dict[str, int]:
+    return {name: policy.action for name, policy in store.translator.authorizations().items()}
+
+
+def new_store() -> ConfigStore:
+    return ConfigStore(Translator(), ControllerMetrics())
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+    bump_mtime(path)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    root = tmp_path / "config"
+    root.mkdir()
+    (root / "ns.yaml").write_text(NS)
+    (root / "policy.yaml").write_text(pod_yaml("p1", "10.0.0.1") + "---\n" + deny())
+    return root
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> str:
+    return str(tmp_path / "state")
+
+
+async def start(config: Path, state: str | None) -> tuple[FileSource, ConfigStore]:
+    """A controller's start: a fresh store, one sync before anything is served."""
+    store = new_store()
+    source = FileSource(str(config), store, state_dir=state)
+    await source.sync()
+    return source, store
+
+
+# ---- a running controller ------------------------------------------------------------------------------------------
+
+
+async def test_a_kind_typo_keeps_the_object_and_names_file_document_and_field(config: Path) -> None:
+    source, store = await start(config, None)
+    assert DENY_KEY in served(store)
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1") + "---\n" + deny(kind="AuthorizationPolicyy"))
+    await source.sync()
+    assert DENY_KEY in served(store), "a typo in kind removed the DENY policy"
+    assert store.errors() == [
+        f"{config / 'policy.yaml'}:AuthorizationPolicyy/demo/deny-evil: kind: unknown kind 'AuthorizationPolicyy' in "
+        "document #2 (did you mean AuthorizationPolicy?)"
+    ]
+    status = store.status()
+    assert status["objects"][DENY_KEY]["status"] == "stale"  # kept: its file has an error it cannot be tied to
+    assert "AuthorizationPolicyy/demo/deny-evil" not in status["objects"]  # no such object is claimed to exist
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1"))  # fixed by removing the document: now it goes
+    await source.sync()
+    assert DENY_KEY not in served(store) and store.errors() == []
+
+
+async def test_a_name_typo_that_is_not_a_name_keeps_the_object(config: Path) -> None:
+    source, store = await start(config, None)
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1") + "---\n" + deny(name="Deny_evil"))
+    await source.sync()
+    assert DENY_KEY in served(store)
+    (error,) = store.errors()
+    assert error.startswith(f"{config / 'policy.yaml'}:AuthorizationPolicy/demo/Deny_evil: metadata.name: ")
+
+
+async def test_a_name_typo_that_is_a_valid_name_renames_the_object(config: Path) -> None:
+    source, store = await start(config, None)
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1") + "---\n" + deny(name="deny-evl"))
+    await source.sync()
+    assert "AuthorizationPolicy/demo/deny-evl" in served(store) and DENY_KEY not in served(store)
+    assert store.errors() == []
+
+
+async def test_while_a_file_has_an_error_nothing_it_served_goes(config: Path) -> None:
+    """A document deleted in the same edit that broke another stays until the file is clean: the controller cannot
+    tell a deleted document from one that no longer parses as the object it was."""
+    source, store = await start(config, None)
+    write(config / "policy.yaml", deny(action="DENYY"))  # p1 deleted, the policy broken
+    await source.sync()
+    assert {"Pod/demo/p1", DENY_KEY} <= served(store)
+    assert store.status()["objects"]["Pod/demo/p1"]["status"] == "stale"
+    assert store.status()["objects"][DENY_KEY]["status"] == "rejected"
+    write(config / "policy.yaml", deny())
+    await source.sync()
+    assert "Pod/demo/p1" not in served(store) and DENY_KEY in served(store)
+
+
+# ---- a restarted controller ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param((pod_yaml("p1", "10.0.0.1") + "---\n" + deny(action="DENYY")).encode(), id="invalid-field"),
+        pytest.param((pod_yaml("p1", "10.0.0.1") + "---\n" + deny(kind="AuthorizationPolicyy")).encode(), id="kind"),
+        pytest.param((pod_yaml("p1", "10.0.0.1") + "---\nkind: [unclosed\n").encode(), id="yaml-syntax"),
+        pytest.param(b"\xff\xfe not text", id="not-utf8"),
+    ],
+)
+async def test_a_restart_serves_the_last_good_version_of_an_object_whose_file_went_bad(
+    config: Path, state: str, bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The DENY is edited into an invalid shape while the controller is down (or before it restarts): the restarted
+    controller must keep it, and say why."""
+    _, before = await start(config, state)
+    policy = config / "policy.yaml"
+    policy.write_bytes(bad)
+    bump_mtime(policy)
+    with caplog.at_level(logging.WARNING):
+        _, store = await start(config, state)  # the restart
+    assert actions(store) == actions(before) and len(actions(store)) == 1, "the DENY was lost in the restart"
+    assert {"Pod/demo/p1", DENY_KEY} <= served(store)
+    errors = store.errors()
+    assert errors and all(e.startswith(str(policy)) for e in errors), errors
+    assert store.metrics.config_errors._value.get() == len(errors)
+    restored = [r for r in caplog.records if "last good objects from the state directory" in r.getMessage()]
+    assert len(restored) == 1 and restored[0].__dict__["fields"]["file"] == str(policy)
+
+
+async def test_without_a_state_directory_a_restart_forgets(config: Path) -> None:
+    """The failure the state directory exists for (and what the test above would see without it)."""
+    await start(config, None)
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1") + "---\n" + deny(action="DENYY"))
+    _, store = await start(config, None)
+    assert DENY_KEY not in served(store)
+
+
+async def test_a_restart_keeps_what_the_running_controller_kept(config: Path, state: str) -> None:
+    """The policy went bad while the controller ran (its last good version kept), then a pod was edited: the saved
+    record holds both the kept policy and the new pod, and a restart serves the same."""
+    source, running = await start(config, state)
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1") + "---\n" + deny(action="DENYY"))
+    await source.sync()
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.9") + "---\n" + deny(action="DENYY"))
+    await source.sync()
+    _, store = await start(config, state)
+    assert served(store) == served(running) and DENY_KEY in served(store)
+    assert store.translator.objects() == running.translator.objects()
+
+
+async def test_objects_removed_on_purpose_do_not_come_back(config: Path, state: str) -> None:
+    (config / "other.yaml").write_text(pod_yaml("p2", "10.0.0.2"))
+    await start(config, state)
+    (config / "other.yaml").unlink()  # file deleted while down
+    write(config / "policy.yaml", pod_yaml("p1", "10.0.0.1"))  # document deleted while down, the file valid
+    _, store = await start(config, state)
+    assert served(store) == {"Namespace//demo", "Pod/demo/p1"}
+    assert store.errors() == []
+    # Their records went with them: a later bad edit of policy.yaml brings back only what it last served.
+    records = [n for n in os.listdir(state) if n.endswith(SUFFIX)]
+    assert len(records) == 2  # ns.yaml, policy.yaml
+    write(config / "policy.yaml", "kind: [unclosed\n")
+    _, store = await start(config, state)
+    assert served(store) == {"Namespace//demo", "Pod/demo/p1"}
+
+
+async def test_a_file_fixed_while_down_serves_its_new_content(config: Path, state: str) -> None:
+    source, _ = await start(config, state)
+    write(config / "policy.yaml", deny(action="DENYY"))
+    await source.sync()  # kept p1 and the policy, saved so
+    write(config / "policy.yaml", deny(action="ALLOW"))
+    _, store = await start(config, state)
+    assert served(store) == {"Namespace//demo", DENY_KEY}  # p1 removed on purpose, now that the file is clean
+    assert list(actions(store).values()) == [0]  # ALLOW
+
+
+async def test_records_are_replaced_whole_and_a_bad_one_is_skipped(
+    config: Path, state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await start(config, state)
+    names = sorted(os.listdir(state))
+    assert len(names) == 2 and all(n.endswith(SUFFIX) for n in names)  # no temp file left behind
+    saved = LastGood(state).load(str(config))
+    assert sorted(saved) == [str(config / "ns.yaml"), str(config / "policy.yaml")]
+    assert [d["kind"] for d in saved[str(config / "policy.yaml")]] == ["Pod", "AuthorizationPolicy"]
+    for name in names:
+        (Path(state) / name).write_text("format: 1\nsource: [")  # torn by something other than us
+    write(config / "policy.yaml", "kind: [unclosed\n")
+    with caplog.at_level(logging.ERROR):
+        _, store = await start(config, state)
+    assert served(store) == {"Namespace//demo"}  # nothing to restore, nothing invented
+    assert len([r for r in caplog.records if "record unreadable" in r.getMessage()]) == 2
+
+
+async def test_an_unusable_state_directory_is_reported_and_config_still_serves(
+    config: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+
+    def failures() -> list[str]:
+        return [r.__dict__["fields"]["error"] for r in caplog.records if "cannot keep the last good" in r.getMessage()]
+
+    with caplog.at_level(logging.ERROR):
+        source, store = await start(config, str(blocker / "state"))
+        first = failures()
+        for action in ("ALLOW", "DENY"):
+            write(config / "policy.yaml", deny(action=action))
+            await source.sync()
+    assert served(store) == {"Namespace//demo", DENY_KEY}
+    assert first and all("not-a-dir" in e for e in first)
+    assert failures() == first  # each reason once, not once per write
+
+
+# ---- wiring --------------------------------------------------------------------------------------------------------
+
+
+def test_state_dir_flag_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = flags.parse(ControllerConfig, ["--config-dir", "/srv/ambit/config"])
+    assert cfg.files_state_dir() == "/srv/ambit/.config.ambit-state" == default_state_dir("/srv/ambit/config/")
+    monkeypatch.setenv("AMBIT_STATE_DIR", "/var/lib/ambit/controller")
+    assert flags.parse(ControllerConfig, ["--config-dir", "c"]).files_state_dir() == "/var/lib/ambit/controller"
+    cfg = flags.parse(ControllerConfig, ["--config-dir", "c", "--state-dir", "/elsewhere"])
+    assert cfg.files_state_dir() == "/elsewhere"

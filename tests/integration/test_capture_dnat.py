@@ -15,13 +15,22 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pyroute2 import Conntrack
 
 from agent.capture_dnat import DnatCapture, table_name
-from lab import Lab, netns
+from common import tls
+from common.spiffe import Identity
+from controller.ca import CertificateAuthority
+from lab import Lab, client, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
+from tests.support.identity_pki import csr_pem
 from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, nft, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
@@ -31,6 +40,7 @@ VIP_WEB = "10.96.0.97"  # DNATed to legacy/web (not enrolled, node2)
 PORT = 9000  # every lab pod's workload echoes here
 NODEPORT_SERVER, NODEPORT_WEB = 30090, 30097  # on every node's own address, as kube-proxy's NodePorts
 OUTBOUND_PORT = 15001  # the agent's outbound listener's port, DNATed on node2 to the same port of demo/server-1
+HBONE_PORT = 15008  # DNATed to demo/server-1's: a Service whose targetPort is 15008, an east-west gateway
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,7 @@ def lab(require_root: None) -> Iterator[Lab]:
         # Every node DNATs the VIPs, as kube-proxy does: a pod's connection is rewritten on its own node.
         rules = (
             "table ip test_dnat {\n chain prerouting {\n  type nat hook prerouting priority dstnat;\n"
-            f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT} }} dnat to {server}\n"
+            f"  ip daddr {VIP} tcp dport {{ {PORT}, {OUTBOUND_PORT}, {HBONE_PORT} }} dnat to {server}\n"
             f"  ip daddr {VIP_WEB} tcp dport {PORT} dnat to {web}\n"
             f"  ip daddr {SERVICE_VIP} tcp dport {PORT} dnat to {server}\n"  # a VIP the mesh knows (demo/server)
             # kube-proxy marks NodePort traffic for masquerade (0x4000) and masquerades it where it leaves the node
@@ -206,6 +216,102 @@ def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plai
         "node2's agent handles it as plaintext inbound",
     )
     assert not lines("outbound"), f"a non-mesh pod is never a mesh client: {lines('outbound')}"
+
+
+def test_hbone_the_node_dnats_to_an_enrolled_pods_port_15008_is_terminated_by_its_agent(lab: Lab) -> None:
+    """A mesh client's HBONE through a VIP to demo/server-1:15008 (as an east-west gateway forwards it): node2's agent
+    terminates it with server-1's certificate and carries the CONNECT to server-1. Before, the table sent it to the
+    plaintext listener, which relayed the TLS bytes to server-1:15008, where nothing listens."""
+    server = lab.pod("demo/server-1").ip
+    caller = Identity("cluster.local", "legacy", "gateway")
+    ca = CertificateAuthority(lab.state_dir / "ca", "cluster.local")
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = ca.sign_csr(csr_pem(key), caller, 600)
+    key_text = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    ctx = tls.client_context(ca.roots_pem(), "".join(chain), key_text, alpn=[tls.ALPN_H2])
+    data = os.urandom(1000)
+    with ctx.wrap_socket(connect(lab, "legacy/web", VIP, HBONE_PORT), server_hostname=None) as sock:
+        peer = tls.peer_identity(sock)
+        status, got = _hbone_echo(sock, f"{server}:{PORT}", data)
+    assert str(peer) == "spiffe://cluster.local/ns/demo/sa/server", "server-1's certificate, from its node's agent"
+    assert (status, got) == ("200", data)
+    wait_for(
+        lambda: any(
+            r.get("direction") == "inbound"
+            and r.get("src.identity") == str(caller)
+            and r.get("dst.hbone_addr") == f"{server}:{PORT}"
+            for r in agent_log(lab, "node2")
+        ),
+        "node2's agent logs the tunnelled connection",
+    )
+
+
+def _hbone_echo(sock: socket.socket, authority: str, data: bytes) -> tuple[str, bytes]:
+    """One CONNECT to ``authority`` on an HBONE connection (``sock``, TLS done): (its status, what came back)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
+    conn.send_data(1, data, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, got, done = "", b"", False
+    sock.settimeout(10)
+    while not done and (chunk := sock.recv(65536)):
+        for event in conn.receive_data(chunk):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = dict(event.headers or []).get(":status", "")
+            elif isinstance(event, h2.events.DataReceived):
+                got += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            done = done or isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
+        sock.sendall(conn.data_to_send())
+    return str(status), got
+
+
+def test_a_table_nft_cannot_write_makes_the_agent_not_ready_naming_it_until_it_can(lab: Lab) -> None:
+    """Someone's table of the agent's name that the kernel lets no one else change (nft's ``owner`` flag; it goes
+    with the process holding it): node2's agent reports not ready, naming the table, and is ready again, its table
+    back, after the next reconcile that can write it. Before, it only logged ``capture:dnat`` and stayed ready while
+    plaintext through VIPs reached enrolled pods unchecked."""
+    node = lab.node("node2")
+    table = table_name(node.netns)
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{node.netns}", "nft", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdin is not None
+    try:
+        holder.stdin.write(f"delete table inet {table}\nadd table inet {table} {{ flags owner; }}\n")
+        holder.stdin.flush()
+        wait_for(lambda: "flags owner" in nft(lab, "node2", "list", "table", "inet", table), "the table taken")
+        _reconcile(lab)
+        wait_for(lambda: _ready(lab)[0] == 503, "node2's agent not ready")
+        body = _ready(lab)[1]
+        assert "capture:dnat" in body and table in body, body
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    _reconcile(lab)
+    wait_for(lambda: _ready(lab)[0] == 200, "ready again once the table is written")
+    assert lab.pod("demo/server-1").ip in nft(lab, "node2", "list", "table", "inet", table)
+
+
+def _ready(lab: Lab) -> tuple[int, str]:
+    node = lab.node("node2")
+    status, body = client.http_get(node.netns, node.ip, 15021, "/healthz/ready", timeout=2.0)
+    return status, body.decode()
+
+
+def _reconcile(lab: Lab) -> None:
+    """Have node2's agent reconcile now: an interface appearing in its netns is a change it follows."""
+    name = f"dn{secrets.token_hex(3)}"
+    node = lab.node("node2").netns
+    subprocess.run(["ip", "-n", node, "link", "add", name, "type", "veth", "peer", "name", f"{name}p"], check=True)
+    subprocess.run(["ip", "-n", node, "link", "del", name], check=True)
 
 
 def test_a_captured_connection_outlives_its_conntrack_entry(lab: Lab) -> None:

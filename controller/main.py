@@ -165,7 +165,7 @@ class Controller:
                 cfg.config_dir, self.store, poll_interval=cfg.poll_interval, state_dir=cfg.files_state_dir()
             )
             try:
-                await source.sync()
+                await source.initial_sync()
             except ConfigDirError as e:
                 raise StartupError(str(e)) from None
             self._tasks.append(asyncio.create_task(source.run(), name="config-dir"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,39 @@ class FileSource:
         self._dir_error: str | None = None
         self._failing: dict[str, list[str]] = {}  # errors of each file being retried, as last applied
         self._unlisted: dict[str, str] = {}  # entries that could not be listed or stat'ed on the last pass
+
+    async def initial_sync(self, max_passes: int = 25) -> None:
+        """The first state to serve: everything read, then passes until every file held still for an interval.
+
+        Nothing is served yet, so a file caught half-written (a non-atomic writer at work during the start) costs
+        nothing if the pass that sees it change again runs before xDS opens; served, the half would take the
+        objects it lacks away from every agent. A file modified less than an interval before it was read gets that
+        second look too. A directory that never holds still is served as last read after ``max_passes``. Raises
+        ConfigDirError."""
+        await self.sync()
+        for passes in range(max_passes + 1):
+            unsettled = self._unsettled(time.time_ns() - int(self.poll_interval * 1e9))
+            if not unsettled:
+                return
+            if passes == max_passes:
+                log.warning(
+                    "config files kept changing during start; serving them as last read", extra=kv(files=unsettled)
+                )
+                return
+            if not passes:
+                log.info("config files still changing; waiting for them before serving", extra=kv(files=unsettled))
+            await asyncio.sleep(self.poll_interval)
+            await self.sync(settle=True)
+
+    def _unsettled(self, recent_ns: int) -> list[str]:
+        """Files whose applied content may not be their last: changed, missing or new since it was read, or modified
+        after ``recent_ns``. An unreadable file is retried every pass anyway: nothing to wait for."""
+        out = [
+            p
+            for p, sig in self._known.items()
+            if sig != _RETRY and (self._previous.get(p) != sig or sig[0] > recent_ns)
+        ]
+        return out + sorted(self._previous.keys() - self._known.keys())
 
     async def sync(self, settle: bool = False) -> int:
         """Scan once and apply what changed; returns the number of files applied. Raises ConfigDirError.

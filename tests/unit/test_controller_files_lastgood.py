@@ -247,3 +247,108 @@ def test_state_dir_flag_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None
     assert flags.parse(ControllerConfig, ["--config-dir", "c"]).files_state_dir() == "/var/lib/ambit/controller"
     cfg = flags.parse(ControllerConfig, ["--config-dir", "c", "--state-dir", "/elsewhere"])
     assert cfg.files_state_dir() == "/elsewhere"
+
+
+# ---- files caught half-written -------------------------------------------------------------------------------------
+
+PODS = [pod_yaml(f"p{i}", f"10.0.0.{i}") for i in (1, 2, 3)]
+
+
+async def test_a_slow_writer_is_applied_only_once_it_stopped(tmp_path: Path) -> None:
+    """``cat > file`` from a slow producer: truncated, then one document per pass, each stage valid YAML with fewer
+    documents than the file had. No stage may take an object away; the finished file applies on the next pass."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text("---\n".join(PODS))
+    store = new_store()
+    source = FileSource(str(tmp_path), store)
+    await source.sync()
+    everything = {"Namespace//demo", "Pod/demo/p1", "Pod/demo/p2", "Pod/demo/p3"}
+    final = [p.replace("10.0.0.", "10.0.9.") for p in PODS]
+    for stage in range(len(final) + 1):
+        write(pods, "---\n".join(final[:stage]))
+        await source.sync(settle=True)
+        assert served(store) == everything, f"stage {stage} of the write was applied"
+    await source.sync(settle=True)  # the writer stopped: one pass later it is applied
+    ips = {
+        a.workload.name: a.workload.addresses[0][-2] for a in store.translator.addresses().values() if a.workload.name
+    }
+    assert ips == {"p1": 9, "p2": 9, "p3": 9}
+
+
+def _old(path: Path) -> None:
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+
+
+async def test_start_waits_for_a_file_that_changes_after_it_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read half-written at start, served as is, agents would see the missing objects removed: the start looks
+    again after an interval and serves the finished file."""
+    (tmp_path / "ns.yaml").write_text(NS)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(PODS[0])
+    _old(tmp_path / "ns.yaml")  # pods.yaml was modified just now: its writer may not be done
+    store = new_store()
+    source = FileSource(str(tmp_path), store, poll_interval=0.01)
+    calls: list[bool] = []
+    real_sync = source.sync
+
+    async def sync(settle: bool = False) -> int:
+        applied = await real_sync(settle)
+        if not calls:
+            write(pods, "---\n".join(PODS))  # the writer finishes just after the first read
+        calls.append(settle)
+        return applied
+
+    monkeypatch.setattr(source, "sync", sync)
+    await source.initial_sync()
+    assert served(store) == {"Namespace//demo", "Pod/demo/p1", "Pod/demo/p2", "Pod/demo/p3"}
+    assert calls[0] is False and all(calls[1:])
+
+
+async def test_start_reads_once_when_nothing_is_being_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ns.yaml").write_text(NS)
+    _old(tmp_path / "ns.yaml")
+    source = FileSource(str(tmp_path), new_store(), poll_interval=0.01)
+    passes: list[bool] = []
+    real_sync = source.sync
+
+    async def sync(settle: bool = False) -> int:
+        passes.append(settle)
+        return await real_sync(settle)
+
+    monkeypatch.setattr(source, "sync", sync)
+    await source.initial_sync()
+    assert passes == [False]
+    (tmp_path / "new.yaml").write_text(PODS[0])  # just written: one more look before serving it
+    passes.clear()
+    source = FileSource(str(tmp_path), new_store(), poll_interval=0.01)
+    real_sync = source.sync
+    monkeypatch.setattr(source, "sync", sync)
+    await source.initial_sync()
+    assert passes[0] is False and len(passes) >= 2
+
+
+async def test_start_gives_up_waiting_for_a_file_that_never_holds_still(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(NS)
+    store = new_store()
+    source = FileSource(str(tmp_path), store, poll_interval=0.01)
+    real_sync = source.sync
+    passes: list[bool] = []
+
+    async def sync(settle: bool = False) -> int:
+        applied = await real_sync(settle)
+        passes.append(settle)
+        write(pods, NS + f"# rewrite {len(passes)}\n")
+        return applied
+
+    monkeypatch.setattr(source, "sync", sync)
+    with caplog.at_level(logging.WARNING):
+        await source.initial_sync(max_passes=3)
+    assert len(passes) == 4
+    assert served(store) == {"Namespace//demo"}
+    assert any("kept changing during start" in r.getMessage() for r in caplog.records)

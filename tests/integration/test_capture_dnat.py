@@ -260,13 +260,15 @@ def _hbone_echo(sock: socket.socket, authority: str, data: bytes) -> tuple[str, 
     while not done and (chunk := sock.recv(65536)):
         for event in conn.receive_data(chunk):
             if isinstance(event, h2.events.ResponseReceived):
-                status = dict(event.headers or []).get(":status", "")
+                for name, value in event.headers or ():
+                    if name in (":status", b":status"):
+                        status = value.decode() if isinstance(value, bytes) else str(value)
             elif isinstance(event, h2.events.DataReceived):
                 got += event.data
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             done = done or isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset))
         sock.sendall(conn.data_to_send())
-    return str(status), got
+    return status, got
 
 
 def test_a_table_nft_cannot_write_makes_the_agent_not_ready_naming_it_until_it_can(lab: Lab) -> None:

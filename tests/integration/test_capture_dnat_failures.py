@@ -5,11 +5,12 @@ program there sees the VIP, not an enrolled pod, and lets them pass: only the ta
 
 Covered: the pod's port 15008 goes to the HBONE listener; fail-open lets a SYN with no listener pass to the pod and is
 switched at run time; a table nft cannot write is a capture failure that holds readiness (not under fail-open) until
-a later reconcile writes it.
+a later reconcile writes it; an agent started with DNAT capture off removes the table a previous one left.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ ALL_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 @dataclass
 class Env:
     topo: rt.Topology
+    config: RedirectConfig
     r: Redirector
     listener: subprocess.Popen[bytes] | None = None
 
@@ -67,7 +69,7 @@ class Env:
 def env(require_root: None) -> Iterator[Env]:
     topo = rt.up(("pa",))
     config = RedirectConfig(instance=topo.prefix, uplinks=(topo.uplink,))
-    e = Env(topo, Redirector(config))
+    e = Env(topo, config, Redirector(config))
     try:
         with rt.enter(topo.node):
             e.r.start()
@@ -167,3 +169,17 @@ def test_after_the_failure_a_reconcile_writes_the_table_and_readiness_returns(en
     assert env.r.ready is True and DNAT_FAILURE not in env.r.status()["failures"]
     assert env.pa.ip in env.nft("list", "table", "inet", env.table)
     assert rt.connect(env.topo.remote, VIP, 8080).startswith("tproxy:15006 ")
+
+
+def test_an_agent_started_with_dnat_capture_off_removes_the_table_a_previous_one_left(env: Env) -> None:
+    """Last: it ends the module's agent. Left behind, the table would go on capturing the addresses it last held
+    (an agent turned off for a node whose kernel refuses it ends up there after a rollout, too)."""
+    assert env.table in env.nft("list", "tables")
+    env.r.close()  # the previous agent exits; its table stays, as its filters do
+    env.r = Redirector(dataclasses.replace(env.config, capture_dnat=False))
+    with rt.enter(env.topo.node):
+        env.r.start()
+    assert env.table not in env.nft("list", "tables")
+    assert env.enroll() == {} and env.r.ready is True
+    assert env.table not in env.nft("list", "tables")
+    assert rt.connect(env.topo.remote, VIP, 8080).startswith(f"server:8080 local={env.pa.ip}:8080"), "not captured"

@@ -300,8 +300,9 @@ class ConfigError(Exception):
 class ParseResult:
     objects: list[KObject] = field(default_factory=list)
     errors: list[ConfigError] = field(default_factory=list)
-    # The decoded document of each object in ``objects``: what the file source saves as an object's last good version.
-    documents: dict[model.ObjectKey, Any] = field(default_factory=dict)
+    positions: dict[model.ObjectKey, int] = field(default_factory=dict)  # 1-based document index of each object
+    # parse_yaml_text only: each object's document as written, what the file source saves as its last good version.
+    texts: dict[model.ObjectKey, str] = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -335,7 +336,8 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
     docs: list[Any] = []
     pre_errors: list[ConfigError] = []
     loaded: dict[str, Any] = {}
-    for index, (first_line, chunk) in enumerate(_split_documents(text), start=1):
+    chunks = _split_documents(text)
+    for index, (first_line, chunk) in enumerate(chunks, start=1):
         if cache is not None and chunk in cache:
             docs.append(cache[chunk])
             loaded[chunk] = cache[chunk]
@@ -359,6 +361,7 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
         cache.update(loaded)
     result = parse_documents(source, docs)
     result.errors[:0] = pre_errors
+    result.texts = {key: chunks[index - 1][1] for key, index in result.positions.items()}
     return result
 
 
@@ -460,7 +463,7 @@ def parse_documents(source: str, docs: Iterable[Any], *, strict: bool = True) ->
                 continue
             seen[obj.key] = index
             result.objects.append(obj)
-            result.documents[obj.key] = item
+            result.positions[obj.key] = index
     return result
 
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.log import kv
-from controller.model import ObjectKey
-from controller.sources.last_good import LastGood, LastGoodError
+from controller.model import KObject
+from controller.sources.last_good import LastGood, LastGoodError, Saved
 from controller.store import ConfigStore, Contribution, SourceError, SourceResult
-from controller.validation import ParseResult, parse_documents, parse_yaml_text
+from controller.validation import ParseResult, parse_yaml_text
 
 log = logging.getLogger("ambit.controller.files")
 
@@ -155,8 +155,8 @@ class FileSource:
         self.poll_interval = poll_interval
         self._last_good = LastGood(state_dir) if state_dir else None
         self._loaded = False  # the saved records were read (on the first pass that could list the directory)
-        self._saved: dict[str, list[Any]] = {}  # saved documents of each file not read since start
-        self._served: dict[str, dict[ObjectKey, Any]] = {}  # each file's served objects' documents, as saved
+        self._saved: dict[str, Saved] = {}  # records of files not read since start
+        self._served: dict[str, Saved] = {}  # what each file serves, as recorded
         self._state_error: str | None = None
         self._known: dict[str, Signature] = {}  # signature of each file's applied content
         self._previous: dict[str, Signature] = {}  # signatures seen by the last pass
@@ -256,31 +256,28 @@ class FileSource:
             for path in [p for p in self._saved if p not in result.signatures and not p.startswith(unlisted)]:
                 del self._saved[path]
                 log.info("config file gone since the last run; its saved objects are dropped", extra=kv(file=path))
-                await self._write(path, [])
+                await self._write(path, {})
         restored: dict[str, Contribution] = {}
         for path, contribution in result.changed.items():
             saved = self._saved.pop(path, None)
             if saved is None:
                 continue
-            previous = parse_documents(path, saved)
-            self._served[path] = previous.documents
+            self._served[path] = saved  # what _save compares with: a file read as it was recorded is not rewritten
             if contribution is None or not contribution.errors:
-                continue  # read cleanly (its record is rewritten if it differs) or gone (its record deleted)
-            if previous.errors:
-                log.error(
-                    "saved last good objects no longer valid; not restored",
-                    extra=kv(file=path, errors=[str(e) for e in previous.errors]),
-                )
+                continue
+            objects, lost = await asyncio.to_thread(_restore_objects, path, saved)
+            if lost:
+                log.error("saved last good objects no longer valid; not restored", extra=kv(file=path, objects=lost))
             log.warning(
                 "config file failing at start; serving its last good objects from the state directory",
                 extra=kv(
                     file=path,
-                    objects=len(previous.objects),
+                    objects=len(objects),
                     errors=[str(e) for e in contribution.errors],
                     state_dir=str(self._last_good.directory),
                 ),
             )
-            restored[path] = ParseResult(objects=previous.objects)
+            restored[path] = ParseResult(objects=objects)
         return restored
 
     async def _save(self, changed: Mapping[str, Contribution | None]) -> None:
@@ -289,21 +286,21 @@ class FileSource:
             return
         for path, contribution in changed.items():
             before = self._served.pop(path, {})
-            served: dict[ObjectKey, Any] = {}
+            served: Saved = {}
             if contribution is not None:
-                fresh = contribution.documents if isinstance(contribution, ParseResult) else {}
+                fresh = contribution.texts if isinstance(contribution, ParseResult) else {}
                 for key in self.store.offered(path):
-                    doc = fresh.get(key, before.get(key))
-                    if doc is not None:
-                        served[key] = doc
+                    text = fresh.get(key) or before.get(str(key))
+                    if text is not None:
+                        served[str(key)] = text
                 self._served[path] = served
             if served != before:
-                await self._write(path, list(served.values()))
+                await self._write(path, served)
 
-    async def _write(self, path: str, documents: list[Any]) -> None:
+    async def _write(self, path: str, served: Saved) -> None:
         assert self._last_good is not None
         try:
-            await asyncio.to_thread(self._last_good.save, path, documents)
+            await asyncio.to_thread(self._last_good.save, path, served)
         except LastGoodError as e:
             self._state_failed(e)
             return
@@ -355,6 +352,20 @@ class FileSource:
                     self._dir_error = str(e)
             except Exception:  # a bug downstream must not stop the watch: later edits can still apply
                 log.exception("applying config changes failed", extra=kv(directory=self.directory))
+
+
+def _restore_objects(path: str, saved: Saved) -> tuple[list[KObject], list[str]]:
+    """Blocking: the objects of a record, and the keys of those that no longer validate (a newer controller may
+    refuse what an older one accepted). Each document is parsed on its own: a List document recorded for one
+    of its items may hold others the file no longer served."""
+    wanted: dict[str, set[str]] = {}
+    for key, text in saved.items():
+        wanted.setdefault(text, set()).add(key)
+    objects: list[KObject] = []
+    for text, keys in wanted.items():
+        objects.extend(obj for obj in parse_yaml_text(path, text).objects if str(obj.key) in keys)
+    lost = sorted(saved.keys() - {str(obj.key) for obj in objects})
+    return objects, lost
 
 
 def _unreadable(contribution: Contribution | None) -> bool:

@@ -6,22 +6,21 @@ record of it, a controller restarted meanwhile (a new pod, a node drain) would s
 and push the object's removal to every agent: a DENY policy would silently go. With the Kubernetes source none of
 this is needed: the API server validates and keeps the objects.
 
-One state file per config file (named by a hash of its absolute path, so nothing in the state directory looks like
-config), holding the decoded documents of every object the file served: its valid objects and the last good
-versions it keeps. YAML, because decoded documents can hold values JSON cannot (timestamps). Each write replaces
-the file atomically (:func:`common.files.write_atomic`): a crash leaves the old or the new record, never half.
+One record per config file (named by a hash of its absolute path, so nothing in the state directory looks like
+config): the text of each document whose object the file served, its valid objects and the last good versions it
+keeps, as written in the file. Kept as text, not re-serialised: saving costs a copy of strings the source already
+holds, and restoring parses exactly what was once accepted. Each write replaces the record atomically
+(:func:`common.files.write_atomic`): a crash leaves the old or the new record, never half.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from common.files import write_atomic
 from common.log import kv
@@ -31,8 +30,7 @@ log = logging.getLogger("ambit.controller.files")
 SUFFIX = ".lastgood"
 FORMAT = 1
 
-_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+Saved = dict[str, str]  # "Kind/namespace/name" -> the text of the document it came from
 
 
 class LastGoodError(Exception):
@@ -57,8 +55,8 @@ class LastGood:
         digest = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:32]
         return self.directory / f"{digest}{SUFFIX}"
 
-    def load(self, config_dir: str) -> dict[str, list[Any]]:
-        """The saved documents of every config file under ``config_dir``, by absolute path. A missing state
+    def load(self, config_dir: str) -> dict[str, Saved]:
+        """The saved objects of every config file under ``config_dir``, by absolute path. A missing state
         directory is an empty one; a record that cannot be read is logged and skipped (it is replaced on the next
         save of its file). Raises LastGoodError when the directory exists but cannot be listed."""
         root = os.path.abspath(config_dir) + os.sep
@@ -68,35 +66,40 @@ class LastGood:
             return {}
         except OSError as e:
             raise LastGoodError(f"{self.directory}: cannot list state directory: {e.strerror}") from e
-        saved: dict[str, list[Any]] = {}
+        saved: dict[str, Saved] = {}
         for name in names:
             path = self.directory / name
             try:
-                record = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                source, entry = _parse_record(path.read_bytes())
+            except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
                 log.error("last good config record unreadable; skipped", extra=kv(path=str(path), error=str(e)))
                 continue
-            if not (
-                isinstance(record, dict)
-                and record.get("format") == FORMAT
-                and isinstance(record.get("source"), str)
-                and isinstance(record.get("documents"), list)
-            ):
-                log.error("last good config record malformed; skipped", extra=kv(path=str(path)))
-                continue
-            if record["source"].startswith(root) and path == self._record(record["source"]):
-                saved[record["source"]] = record["documents"]
+            if source.startswith(root) and path == self._record(source):
+                saved[source] = entry
         return saved
 
-    def save(self, source: str, documents: Sequence[Any]) -> None:
-        """Record what ``source`` serves; no documents removes its record. Raises LastGoodError."""
+    def save(self, source: str, objects: Mapping[str, str]) -> None:
+        """Record what ``source`` serves (see :data:`Saved`); nothing removes its record. Raises LastGoodError."""
         path = self._record(source)
+        texts: dict[str, int] = {}  # a List document serving several objects is written once
+        positions = {key: texts.setdefault(text, len(texts)) for key, text in objects.items()}
+        record = {"format": FORMAT, "source": os.path.abspath(source), "objects": positions, "documents": list(texts)}
         try:
-            if not documents:
+            if not objects:
                 path.unlink(missing_ok=True)
                 return
-            record = {"format": FORMAT, "source": os.path.abspath(source), "documents": list(documents)}
-            text = yaml.dump(record, Dumper=_DUMPER, sort_keys=False, allow_unicode=True)
-            write_atomic(path, text.encode(), 0o600, parents=True)
+            write_atomic(path, json.dumps(record, ensure_ascii=False).encode(), 0o600, parents=True)
         except OSError as e:
             raise LastGoodError(f"{self.directory}: cannot save last good config: {e.strerror or e}") from e
+
+
+def _parse_record(data: bytes) -> tuple[str, Saved]:
+    record = json.loads(data)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"not a format {FORMAT} record")
+    source, texts, positions = record.get("source"), record.get("documents"), record.get("objects")
+    if not (isinstance(source, str) and isinstance(texts, list) and isinstance(positions, dict)):
+        raise ValueError("source, documents or objects missing")
+    if not all(isinstance(i, int) and 0 <= i < len(texts) and isinstance(texts[i], str) for i in positions.values()):
+        raise ValueError("an object names no document")
+    return source, {str(key): texts[i] for key, i in positions.items()}

@@ -207,9 +207,9 @@ async def test_records_are_replaced_whole_and_a_bad_one_is_skipped(
     assert len(names) == 2 and all(n.endswith(SUFFIX) for n in names)  # no temp file left behind
     saved = LastGood(state).load(str(config))
     assert sorted(saved) == [str(config / "ns.yaml"), str(config / "policy.yaml")]
-    assert [d["kind"] for d in saved[str(config / "policy.yaml")]] == ["Pod", "AuthorizationPolicy"]
+    assert saved[str(config / "policy.yaml")] == {"Pod/demo/p1": pod_yaml("p1", "10.0.0.1"), DENY_KEY: "\n" + deny()}
     for name in names:
-        (Path(state) / name).write_text("format: 1\nsource: [")  # torn by something other than us
+        (Path(state) / name).write_text('{"format": 1, "source": ')  # torn by something other than us
     write(config / "policy.yaml", "kind: [unclosed\n")
     with caplog.at_level(logging.ERROR):
         _, store = await start(config, state)
@@ -352,3 +352,57 @@ async def test_start_gives_up_waiting_for_a_file_that_never_holds_still(
     assert len(passes) == 4
     assert served(store) == {"Namespace//demo"}
     assert any("kept changing during start" in r.getMessage() for r in caplog.records)
+
+
+LIST_HEAD = "apiVersion: v1\nkind: List\nitems:\n"
+
+
+def pod_list(*pods: str) -> str:
+    """A v1 List (what kubectl get -o yaml writes) of the given pod documents, indented as items."""
+    return LIST_HEAD + "".join("- " + p.replace("\n", "\n  ").rstrip() + "\n" for p in pods)
+
+
+async def test_a_list_document_restores_the_items_it_served(config: Path, state: str) -> None:
+    (config / "list.yaml").write_text(pod_list(pod_yaml("p2", "10.0.0.2"), pod_yaml("p3", "10.0.0.3")))
+    source, _ = await start(config, state)
+    write(config / "list.yaml", pod_list(pod_yaml("p2", "10.0.0.22"), pod_yaml("p3", "bad")))  # p3 kept
+    await source.sync()
+    write(config / "list.yaml", pod_list(pod_yaml("p2", "10.0.0.23"), pod_yaml("p3", "worse")))
+    _, store = await start(config, state)
+    ips = {a.workload.name: a.workload.addresses[0][-1] for a in store.translator.addresses().values()}
+    assert ips == {"p1": 1, "p2": 23, "p3": 3}  # p2 as now written, p3 its last good version
+
+
+async def test_a_saved_object_this_controller_refuses_is_not_restored(
+    config: Path, state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record written by another version (or by hand) is validated again: what fails is reported, not served."""
+    LastGood(state).save(
+        str(config / "policy.yaml"),
+        {DENY_KEY: deny(action="DENYY"), "Pod/demo/p1": pod_yaml("p1", "10.0.0.1")},
+    )
+    write(config / "policy.yaml", "kind: [unclosed\n")
+    with caplog.at_level(logging.ERROR):
+        _, store = await start(config, state)
+    assert served(store) == {"Namespace//demo", "Pod/demo/p1"}
+    (lost,) = [r for r in caplog.records if "no longer valid" in r.getMessage()]
+    assert lost.__dict__["fields"]["objects"] == [DENY_KEY]
+
+
+async def test_a_file_read_as_recorded_is_not_written_again(
+    config: Path, state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await start(config, state)
+    writes: list[str] = []
+    real_save = LastGood.save
+
+    def save(self: LastGood, source: str, objects: dict[str, str]) -> None:
+        writes.append(source)
+        real_save(self, source, objects)
+
+    monkeypatch.setattr(LastGood, "save", save)
+    source, _ = await start(config, state)
+    assert writes == []
+    write(config / "policy.yaml", deny())
+    await source.sync()
+    assert writes == [str(config / "policy.yaml")]

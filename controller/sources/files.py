@@ -243,7 +243,8 @@ class FileSource:
         """The saved objects of each file read for the first time since start that is unreadable or invalid.
 
         On the first pass, the records of files no longer there are deleted: those files were removed on purpose.
-        Records of files under an entry that cannot be listed wait until it can be."""
+        A file under an entry that cannot be listed is not known to be gone: its saved objects are restored, and
+        the file counts as unreadable (added to ``result.changed``) until the entry can be listed again."""
         if self._last_good is None:
             return {}
         if not self._loaded:
@@ -252,11 +253,16 @@ class FileSource:
             except LastGoodError as e:
                 self._state_failed(e)
             self._loaded = True
-            unlisted = tuple(p + os.sep for p in result.unlisted)
-            for path in [p for p in self._saved if p not in result.signatures and not p.startswith(unlisted)]:
-                del self._saved[path]
-                log.info("config file gone since the last run; its saved objects are dropped", extra=kv(file=path))
-                await self._write(path, {})
+            for path in [p for p in self._saved if p not in result.signatures]:
+                entry = next((e for e in result.unlisted if path.startswith(e + os.sep)), None)
+                if entry is None:
+                    del self._saved[path]
+                    log.info("config file gone since the last run; its saved objects are dropped", extra=kv(file=path))
+                    await self._write(path, {})
+                else:
+                    reason = f"cannot list {entry}: {result.unlisted[entry]}"
+                    result.changed[path] = SourceResult(errors=[SourceError(path, reason)])
+                    self._known[path] = _RETRY
         restored: dict[str, Contribution] = {}
         for path, contribution in result.changed.items():
             saved = self._saved.pop(path, None)

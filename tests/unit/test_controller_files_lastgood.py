@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -406,3 +407,39 @@ async def test_a_file_read_as_recorded_is_not_written_again(
     write(config / "policy.yaml", deny())
     await source.sync()
     assert writes == [str(config / "policy.yaml")]
+
+
+async def test_a_restart_while_a_subdirectory_cannot_be_listed_keeps_its_files_objects(
+    config: Path, state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its files are not known to be gone: their saved objects serve, as a running controller keeps them, until the
+    subdirectory can be listed again; then what is there applies, and what is not goes."""
+    (config / "apps").mkdir()
+    (config / "apps" / "a.yaml").write_text(pod_yaml("p2", "10.0.0.2"))
+    (config / "apps" / "b.yaml").write_text(pod_yaml("p3", "10.0.0.3"))
+    await start(config, state)
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> Any:
+        if str(path) == str(config / "apps"):
+            raise OSError(5, "Input/output error")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    source, store = await start(config, state)
+    assert {"Pod/demo/p2", "Pod/demo/p3"} <= served(store)
+    assert store.errors() == [
+        f"{config / 'apps' / f}: cannot list {config / 'apps'}: Input/output error" for f in ("a.yaml", "b.yaml")
+    ]
+    await source.sync(settle=True)
+    assert {"Pod/demo/p2", "Pod/demo/p3"} <= served(store)
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    (config / "apps" / "b.yaml").unlink()  # deleted meanwhile
+    write(config / "apps" / "a.yaml", pod_yaml("p2", "10.0.0.22"))
+    for _ in range(3):
+        await source.sync(settle=True)
+    assert "Pod/demo/p3" not in served(store) and "Pod/demo/p2" in served(store)
+    assert store.errors() == []
+    assert sorted(LastGood(state).load(str(config))) == sorted(
+        str(config / f) for f in ("ns.yaml", "policy.yaml", "apps/a.yaml")
+    )

@@ -144,7 +144,7 @@ def scan(
 
 
 class FileSource:
-    """Keeps the store in step with a directory; :meth:`sync` once, then :meth:`run` to follow changes."""
+    """Keeps the store in step with a directory; :meth:`initial_sync` once, then :meth:`run` to follow changes."""
 
     def __init__(
         self, directory: str, store: ConfigStore, poll_interval: float = 0.2, state_dir: str | None = None
@@ -223,6 +223,8 @@ class FileSource:
         self._known = known
         restored = await self._restore(result)
         changed = {path: c for path, c in result.changed.items() if not self._same_failure(path, c)}
+        if restored:
+            self.store.update(restored)  # as if the last good versions had been read before the bad edit
         if changed:
             for path, contribution in changed.items():
                 log.info(
@@ -233,8 +235,6 @@ class FileSource:
                         errors=len(contribution.errors) if contribution else 0,
                     ),
                 )
-            if restored:
-                self.store.update(restored)  # as if the last good versions had been read before the bad edit
             self.store.update(changed)
             await self._save(changed)
         return len(changed)

@@ -253,7 +253,7 @@ class FileSource:
             except LastGoodError as e:
                 self._state_failed(e)
             self._loaded = True
-            for path in [p for p in self._saved if p not in result.signatures]:
+            for path in sorted(p for p in self._saved if p not in result.signatures):
                 entry = next((e for e in result.unlisted if path.startswith(e + os.sep)), None)
                 if entry is None:
                     del self._saved[path]

@@ -50,6 +50,7 @@ MAX_HEADER_FRAMES = 64
 # Output parts up to this size (one TLS record's worth) are joined with their neighbours by data_to_send: at most
 # one 16 KiB copy instead of an SSL_write and a TLS record of their own. Bigger payload views go out uncopied.
 COALESCE_LIMIT = 16 * 1024
+SMALL_FRAME = COALESCE_LIMIT - 9  # a payload copied into its frame (one bytes, one TLS record), not referenced
 
 _HDR = struct.Struct(">BHBBL")
 _U32 = struct.Struct(">L")
@@ -304,6 +305,7 @@ class HboneConnection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = self.settings.connection_window
         self._conn_unacked = 0
+        self._conn_credit_batch = self.settings.connection_window >> 2  # credit goes back a quarter window at a time
         self._conn_credit_held = False  # see hold_connection_credit
         self._conn_deferred = 0
         self._next_stream_id = 1 if client else 2
@@ -456,7 +458,7 @@ class HboneConnection:
         out = self._out
         if n <= fsize:
             hdr = _HDR.pack(n >> 16, n & 0xFFFF, DATA, FLAG_END_STREAM if fin else 0, stream_id)
-            if n <= COALESCE_LIMIT - _HDR.size:
+            if n <= SMALL_FRAME:
                 out.append(hdr + mv[:n])  # joined here, so a lone small frame skips _coalesce: the latency path
             else:
                 out.append(hdr)
@@ -472,6 +474,26 @@ class HboneConnection:
         if fin:
             self._local_close(st)
         return n
+
+    def data_frame(self, stream_id: int, data: bytes | memoryview) -> bytes | None:
+        """The latency path of :meth:`send_data`: a payload of up to SMALL_FRAME bytes that the windows take whole,
+        on a stream open for sending, is returned as one DATA frame (a copy) for the caller to write at once;
+        anything else returns None and changes nothing (use :meth:`send_data`). The caller writes what
+        :meth:`data_to_send` holds first: frames go out in the order they were made."""
+        n = len(data)
+        st = self._streams.get(stream_id)
+        if (
+            st is None
+            or not 0 < n <= SMALL_FRAME
+            or st.local_closed
+            or n > st.send_window
+            or n > self._conn_send_window
+            or not (self.client or st.responded)
+        ):
+            return None
+        st.send_window -= n
+        self._conn_send_window -= n
+        return _HDR.pack(0, n, DATA, 0, stream_id) + data
 
     def _sendable(self, stream_id: int) -> _Stream:
         """The stream, if we may send DATA on it: open on our side, and (server) answered, since a response starts
@@ -547,38 +569,48 @@ class HboneConnection:
         return None (use :meth:`receive_data`). With END_STREAM the stream is half-closed here, as
         ``receive_data`` would do before reporting StreamEnded.
         """
-        end = len(data)
-        if self._state != _ST_HEADER or self._hbuf or end < 9:
+        if self._state != _ST_HEADER or self._hbuf:
             return None
-        hi, lo = _HDR.unpack_from(data, 0)[:2]
-        if 9 + ((hi << 16) | lo) != end:
-            return None
-        return self._whole_data_frame(data, 0, end)
+        return self._whole_data_frame(data, 0, len(data), True)
 
     # ------------------------------------------------------------------------------------------ parser
 
-    def _whole_data_frame(self, mv: memoryview, pos: int, end: int) -> tuple[int, memoryview, bool] | None:
+    def _whole_data_frame(
+        self, mv: memoryview, pos: int, end: int, alone: bool = False
+    ) -> tuple[int, memoryview, bool] | None:
         """Consume the DATA frame at ``pos`` when it is whole, unpadded, on an open stream and within the
-        windows -- the common case, kept to one call. Anything else (or any doubt) returns None untouched."""
+        windows -- the common case, kept to one call. Anything else (or any doubt) returns None untouched.
+        ``alone``: the frame must end at ``end`` (one frame per read, the request/response case)."""
         if end - pos < 9:
             return None
         hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
         length = (hi << 16) | lo
-        if ftype != DATA or flags & FLAG_PADDED or end - pos - 9 < length or length > self._max_frame:
+        if alone:
+            if end - pos - 9 != length:
+                return None
+        elif end - pos - 9 < length:
+            return None
+        if ftype != DATA or flags & FLAG_PADDED or length > self._max_frame:
             return None
         st = self._streams.get(sid)
         if st is None or st.remote_closed or length > st.recv_window or length > self._conn_recv_window:
             return None
-        if self.client and not st.responded:
+        client = self.client
+        if client and not st.responded:
             return None  # DATA before the response: the full path refuses it
         if length:
             st.recv_window -= length
             self._conn_recv_window -= length
-            self._credit_connection(st, length)
-        fin = bool(flags & FLAG_END_STREAM)
-        if fin:
+            if st.responded and not self._conn_credit_held:  # _credit_connection's common case, inline
+                unacked = self._conn_unacked = self._conn_unacked + length
+                if unacked >= self._conn_credit_batch:
+                    self._return_connection_credit()
+            else:
+                self._credit_connection(st, length)
+        if flags & FLAG_END_STREAM:
             self._remote_close(st)
-        return sid, mv[pos + 9 : pos + 9 + length], fin
+            return sid, mv[pos + 9 : pos + 9 + length], True
+        return sid, mv[pos + 9 : pos + 9 + length], False
 
     def _parse(self, mv: memoryview, events: list[Event]) -> None:
         pos = 0
@@ -762,7 +794,7 @@ class HboneConnection:
             self._conn_deferred += length
             return
         self._conn_unacked += length
-        if self._conn_unacked >= self.settings.connection_window >> 2:
+        if self._conn_unacked >= self._conn_credit_batch:
             self._return_connection_credit()
 
     def _release_held(self, st: _Stream) -> None:

@@ -533,8 +533,17 @@ class HboneStream:
     def _send(self, view: memoryview) -> int:
         """Queue as much of ``view`` as the windows allow and write it out; returns bytes taken."""
         proto = self._proto
+        h2 = proto.h2
+        frame = h2.data_frame(self.stream_id, view)
+        if frame is not None:  # small and within the windows: the request/response path, written as it is
+            transport = proto.transport
+            if transport is not None and not transport.is_closing():
+                if h2.has_output():
+                    proto.flush()
+                transport.write(frame)
+            return len(view)
         try:
-            n = proto.h2.send_data(self.stream_id, view)
+            n = h2.send_data(self.stream_id, view)
         except StreamStateError:
             self._on_reset("stream closed")
             return 0
@@ -1054,11 +1063,14 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
                 self._grow()  # the next read borrows a big buffer; this one is still being handed on
             view = mv[:nbytes]
             del mv
-            n = self.stream._send(view)
+            stream = self.stream
+            n = stream._send(view)
             self.up += n
             if n < nbytes:
                 self._pending = view[n:]  # a view: the buffer is not read into again while it lives
-            self._update_reading()
+                self._update_reading()
+            elif stream._proto.write_paused:  # that write filled the TLS buffers
+                self._update_reading()
         finally:
             if self._bufsize == READ_SIZE:
                 self._release()

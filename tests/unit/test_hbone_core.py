@@ -638,6 +638,54 @@ def test_single_data_frame_latency_path() -> None:
     assert data_of(events, sid) == b"twothree" and StreamEnded(sid) in events
 
 
+def test_data_frame_latency_path_accounts_windows_and_refuses_what_send_data_would_split() -> None:
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    before = client.send_window(sid)
+    frame_bytes = client.data_frame(sid, memoryview(b"ping"))
+    assert frame_bytes is not None and client.send_window(sid) == before - 4
+    assert not client.has_output()  # returned to the caller, not queued
+    events = server.receive_data(frame_bytes)
+    assert data_of(events, sid) == b"ping"
+    # Nothing the fast path cannot do whole: empty, too big for one copied frame, beyond the window, unknown.
+    assert client.data_frame(sid, b"") is None
+    assert client.data_frame(sid, b"x" * (hbone.SMALL_FRAME + 1)) is None
+    assert client.data_frame(sid + 2, b"x") is None
+    client.send_data(sid, b"y" * (client.send_window(sid) - 1))
+    assert client.data_frame(sid, b"ab") is None and client.send_window(sid) == 1
+    client.end_stream(sid)
+    assert client.data_frame(sid, b"z") is None  # closed for sending
+
+
+def test_data_frame_is_refused_on_a_stream_the_server_has_not_answered() -> None:
+    client, server = pair()
+    sid = client.send_connect("10.0.0.2:8080")
+    exchange(client, server)
+    assert server.data_frame(sid, b"early") is None
+    server.send_response(sid, 200)
+    assert server.data_frame(sid, b"late") is not None
+
+
+def test_single_frames_return_connection_credit_a_quarter_window_at_a_time() -> None:
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    window = server.settings.connection_window
+    chunk = hbone.SMALL_FRAME
+    sent = 0
+    while sent + chunk < window // 4:
+        got = server.receive_single_data(memoryview(client.data_frame(sid, b"c" * chunk) or b""))
+        assert got is not None
+        server.acknowledge(sid, chunk)
+        sent += chunk
+        client.receive_data(b"".join(bytes(x) for x in server.data_to_send()))  # stream credit only so far
+    assert client.send_window(sid) > 0
+    conn_before = client._conn_send_window
+    got = server.receive_single_data(memoryview(client.data_frame(sid, b"c" * chunk) or b""))
+    assert got is not None
+    events = client.receive_data(b"".join(bytes(x) for x in server.data_to_send()))
+    assert WindowOpened(0) in events and client._conn_send_window > conn_before
+
+
 def test_an_internal_bug_costs_one_connection_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
     _client, server = pair()
 

@@ -39,8 +39,9 @@ class LastGoodError(Exception):
 
 def default_state_dir(config_dir: str) -> str:
     """Beside the config directory, hidden: ``/x/config`` keeps its state in ``/x/.config.ambit-state``. It lives
-    and goes with what it describes (the lab's copy of its config is removed with the lab), needs no privileges
-    the config directory's owner lacks, and two controllers watching different directories never share it."""
+    and goes with what it describes (the lab's copy of its config is removed with the lab, and this with it), and
+    two controllers watching different directories never share it. Where the parent is read-only (a ConfigMap
+    volume's mount point) saving fails, is logged, and ``--state-dir`` names a writable place."""
     path = os.path.abspath(config_dir)
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.ambit-state")
 

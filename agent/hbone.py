@@ -305,7 +305,9 @@ class HboneConnection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = self.settings.connection_window
         self._conn_unacked = 0
-        self._conn_credit_batch = self.settings.connection_window >> 2  # credit goes back a quarter window at a time
+        # Credit goes back a quarter window at a time (of the connection's and of each stream's).
+        self._conn_credit_batch = self.settings.connection_window >> 2
+        self._stream_credit_batch = self.settings.stream_window >> 2
         self._conn_credit_held = False  # see hold_connection_credit
         self._conn_deferred = 0
         self._next_stream_id = 1 if client else 2
@@ -528,7 +530,7 @@ class HboneConnection:
         if st is None or st.remote_closed or nbytes <= 0:
             return
         st.unacked += nbytes
-        if st.unacked >= self.settings.stream_window >> 2:
+        if st.unacked >= self._stream_credit_batch:
             inc = st.unacked
             st.unacked = 0
             st.recv_window += inc
@@ -563,24 +565,24 @@ class HboneConnection:
             self._connection_error(ErrorCode.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}", events)
         return events
 
-    def receive_single_data(self, data: memoryview) -> tuple[int, memoryview, bool] | None:
-        """The latency path: if ``data`` is exactly one whole unpadded DATA frame for an open stream within its
+    # ------------------------------------------------------------------------------------------ parser
+
+    def receive_single_data(self, mv: memoryview, pos: int = 0, end: int = -1) -> tuple[int, memoryview, bool] | None:
+        """The latency path: if ``mv`` holds exactly one whole unpadded DATA frame for an open stream within its
         windows, consume it and return (stream id, payload view, END_STREAM); otherwise consume nothing and
         return None (use :meth:`receive_data`). With END_STREAM the stream is half-closed here, as
         ``receive_data`` would do before reporting StreamEnded.
+
+        The parser uses it for each frame of a bigger read, from ``pos``, with ``end`` (the frame may then end
+        before it): the common case kept to one call.
         """
-        if self._state != _ST_HEADER or self._hbuf:
-            return None
-        return self._whole_data_frame(data, 0, len(data), True)
-
-    # ------------------------------------------------------------------------------------------ parser
-
-    def _whole_data_frame(
-        self, mv: memoryview, pos: int, end: int, alone: bool = False
-    ) -> tuple[int, memoryview, bool] | None:
-        """Consume the DATA frame at ``pos`` when it is whole, unpadded, on an open stream and within the
-        windows -- the common case, kept to one call. Anything else (or any doubt) returns None untouched.
-        ``alone``: the frame must end at ``end`` (one frame per read, the request/response case)."""
+        if end < 0:
+            if self._state != _ST_HEADER or self._hbuf:
+                return None
+            end = len(mv)
+            alone = True
+        else:
+            alone = False
         if end - pos < 9:
             return None
         hi, lo, ftype, flags, sid = _HDR.unpack_from(mv, pos)
@@ -619,7 +621,7 @@ class HboneConnection:
         while pos < end:
             state = self._state
             if state == _ST_HEADER and not hbuf:
-                whole = self._whole_data_frame(mv, pos, end)
+                whole = self.receive_single_data(mv, pos, end)
                 if whole is not None:
                     sid, payload, fin = whole
                     if payload:

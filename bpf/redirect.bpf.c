@@ -111,11 +111,14 @@ static __always_inline int ambit_later_fragment(struct __sk_buff *skb, const str
     return TC_ACT_OK;
 }
 
-/* The agent listener (port, host order) a new connection is captured to. */
-static __always_inline u16 ambit_listener(const struct ambit_config *cfg, u32 if_flags, u8 outbound, u16 dport) {
+/* The agent listener (port, host order) a new connection is captured to. An enrolled pod's port 15008 is the
+ * agent's HBONE listener whoever calls and through whichever interface (a peer node's agent over the uplink, or a
+ * waypoint or east-west gateway on this node through its veth), as in Istio, where 15008 inside the pod is
+ * ztunnel's: the plaintext listener would relay the caller's TLS to a pod port where nothing listens. */
+static __always_inline u16 ambit_listener(const struct ambit_config *cfg, u8 outbound, u16 dport) {
     if (outbound)
         return cfg->outbound_port;
-    if ((if_flags & (AMBIT_IF_UPLINK | AMBIT_IF_BRIDGE | AMBIT_IF_BRIDGE_PORT)) && dport == htons(cfg->hbone_port))
+    if (dport == htons(cfg->hbone_port))
         return cfg->hbone_port;
     return cfg->inbound_port;
 }
@@ -167,7 +170,7 @@ static __always_inline int ambit_assign_steered(struct __sk_buff *skb, struct am
         struct ambit_addr src = {};
         ambit_key(&src, p->family, p->saddr);
         u8 outbound = ambit_workloads.lookup(&src) != NULL;
-        sk = ambit_listening(skb, p, ambit_listener(cfg, AMBIT_IF_BRIDGE, outbound, p->dport));
+        sk = ambit_listening(skb, p, ambit_listener(cfg, outbound, p->dport));
     }
     if (!sk)
         return TC_ACT_SHOT;
@@ -269,7 +272,7 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
         return cfg->fail_open ? TC_ACT_UNSPEC : TC_ACT_SHOT;
     }
 
-    u16 listen_port = ambit_listener(cfg, ifc->flags, outbound, p.dport);
+    u16 listen_port = ambit_listener(cfg, outbound, p.dport);
     u32 capture_stat = AMBIT_STAT_CAPTURE_INBOUND;
     if (outbound) {
         wl->packets += 1;

@@ -143,6 +143,10 @@ def test_same_node_call_from_non_enrolled_pod_goes_to_inbound(env: Env) -> None:
     env.r.reconcile({env.pa.ip}, env.all_pods())
     got = rt.connect(env.pc.netns, env.pa.ip, 8080)
     assert got.startswith("tproxy:15006 ") and f"orig={env.pa.ip}:8080" in got and f"peer={env.pc.ip}:" in got
+    # The enrolled pod's 15008 is the agent's HBONE listener from a same-node caller too (a waypoint, an east-west
+    # gateway), as from the uplink: the plaintext listener would relay its TLS to a closed pod port.
+    hbone = rt.connect(env.pc.netns, env.pa.ip, 15008)
+    assert hbone.startswith("tproxy:15008 ") and f"orig={env.pa.ip}:15008" in hbone and f"peer={env.pc.ip}:" in hbone
 
 
 def test_uplink_captures_hbone_and_plaintext_for_enrolled_pods_only(env: Env) -> None:

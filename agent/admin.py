@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent import rbac
@@ -23,15 +23,15 @@ from common.spiffe import Identity, InvalidIdentity
 
 def admin_server(
     dump: Callable[[], dict[str, Any]],
-    certs: Callable[[], list[dict[str, Any]]],
+    certs: Callable[[], Sequence[Mapping[str, object]]],
     on_quit: Callable[[], None],
     store: WorkloadStore | None = None,
     trust_domain: str = "cluster.local",
 ) -> HttpServer:
-    """15000: `/config_dump` (whatever `dump()` assembles), `/certs`, `/logging` (GET; POST `?level=` or
-    `?<logger>=<level>`), `/quitquitquit` (POST), and with `store` `/explain?src=IP&dst=IP:PORT`
-    (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a connection, with the
-    policies and the reason."""
+    """15000: `/config_dump` (whatever `dump()` assembles), `/certs` (the list its `certificates` holds),
+    `/logging` (GET; POST `?level=` or `?<logger>=<level>`), `/quitquitquit` (POST), and with `store`
+    `/explain?src=IP&dst=IP:PORT` (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a
+    connection, with the policies and the reason."""
 
     async def config_dump(_: Request) -> Response:
         return Response.json(dump())
@@ -92,7 +92,8 @@ def config_dump(
     store: WorkloadStore, certs: Any, *sections: tuple[str, Callable[[], Any]]
 ) -> Callable[[], dict[str, Any]]:
     """The /config_dump assembler: the store's snapshot (workloads, services, policies, camelCase as in
-    ztunnel), `certificates`, and any named extra sections (e.g. ("connections", registry.snapshot))."""
+    ztunnel), `certificates` (ztunnel's shape, which `istioctl ztunnel-config certificates` reads: see
+    agent.identity.CertsDump), and any named extra sections (e.g. ("connections", registry.snapshot))."""
 
     def dump() -> dict[str, Any]:
         out: dict[str, Any] = dict(store.snapshot_dict())

@@ -12,6 +12,7 @@ changes every SSL context is rebuilt.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -23,6 +24,7 @@ import ssl
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,13 +51,6 @@ class Priority(enum.IntEnum):
     REALTIME = 0
     WARMUP = 1
     BACKGROUND = 2
-
-
-class CertState(enum.StrEnum):
-    PENDING = "pending"  # no certificate yet, first fetch queued or running
-    VALID = "valid"
-    REFRESHING = "refreshing"  # valid certificate held, a new one being fetched
-    ERROR = "error"  # last fetch failed; a retry is scheduled (a still-valid certificate keeps serving)
 
 
 class CertificateUnavailable(Exception):
@@ -191,18 +186,58 @@ class _Entry:
     def valid(self, now: float) -> bool:
         return self.cert is not None and self.cert.not_after > now
 
-    def state(self, now: float) -> CertState:
-        if self.fetching or self.queued is not None:
-            return CertState.REFRESHING if self.valid(now) else CertState.PENDING
+    def state(self, now: float) -> str:
+        """ztunnel's certificate states, as its /config_dump words them: `Available` whenever a valid certificate
+        is held (a refresh running or failing does not change that: the certificate keeps serving), `Unavailable:
+        <why>` when none is and the last fetch failed (also while its retry runs) or the held one expired,
+        `Initializing` until the first answer."""
+        if self.valid(now):
+            return "Available"
         if self.last_error:
-            return CertState.ERROR
-        return CertState.VALID if self.valid(now) else CertState.PENDING
+            return f"Unavailable: {self.last_error}"
+        if self.cert is not None:
+            return f"Unavailable: certificate expired at {_iso(self.cert.not_after)}"
+        return "Initializing"
 
 
 def _iso(ts: float | None) -> str:
     if ts is None:
         return ""
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class CertDump(TypedDict):
+    """One certificate as ztunnel's /config_dump shows it (its admin.rs CertDump), so that `istioctl ztunnel-config
+    certificates` and scripts written for ztunnel read ours: `pem` is the base64 of the PEM text (not the PEM),
+    `serialNumber` the serial in decimal, `validFrom`/`expirationTime` RFC 3339 UTC in whole seconds."""
+
+    pem: str
+    serialNumber: str
+    validFrom: str
+    expirationTime: str
+
+
+class CertsDump(TypedDict):
+    """One identity in /config_dump's `certificates` (and /certs): ztunnel's CertsDump, `certChain` the leaf then
+    its intermediates, `rootCerts` the trust bundle, both empty unless `state` is `Available`. `refreshAt` (when
+    the next renewal is due, "" without a certificate) and `lastError` ("" once a fetch succeeds) are ours:
+    ztunnel's readers ignore keys they do not know."""
+
+    identity: str
+    state: str
+    certChain: list[CertDump]
+    rootCerts: list[CertDump]
+    refreshAt: str
+    lastError: str
+
+
+def cert_dump(cert: x509.Certificate) -> CertDump:
+    return {
+        "pem": base64.b64encode(cert_pem(cert).encode()).decode(),
+        "serialNumber": str(cert.serial_number),
+        "validFrom": _iso(cert.not_valid_before_utc.timestamp()),
+        "expirationTime": _iso(cert.not_valid_after_utc.timestamp()),
+    }
 
 
 class CertificateManager:
@@ -233,6 +268,7 @@ class CertificateManager:
         self._queue: asyncio.PriorityQueue[tuple[int, int, Identity]] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._workers: list[asyncio.Task[None]] = []
+        self._dumped: dict[str, list[CertDump]] = {}
         reg = registry if registry is not None else Registry()
         self._expiry = Gauge(
             "ambit_cert_expiry_seconds",
@@ -302,21 +338,33 @@ class CertificateManager:
         entry = self._entries.get(ident)
         return entry.cert if entry else None
 
-    def snapshot(self) -> list[dict[str, str]]:
+    def snapshot(self) -> list[CertsDump]:
+        """Every identity, sorted, in ztunnel's /config_dump shape (see CertsDump; its dicts are shared between
+        calls, read them only). `rootCerts` is the bundle the identity's contexts trust now: the CA's latest, which
+        every context was rebuilt with when it changed.
+
+        Certificates are parsed once, not on every dump: the dump runs on the event loop that carries traffic,
+        and a node with hundreds of identities would otherwise stall it for tens of milliseconds each time."""
         now = time.time()
-        rows = []
-        for ident in sorted(self._entries):
+        parsed, self._dumped = self._dumped, {}
+
+        def dumps(pem: str) -> list[CertDump]:
+            if pem not in self._dumped:
+                self._dumped[pem] = parsed.get(pem) or [cert_dump(c) for c in load_pem_certs(pem, "held certificate")]
+            return self._dumped[pem]
+
+        rows: list[CertsDump] = []
+        for ident in sorted(self._entries, key=str):  # as ztunnel sorts them
             e = self._entries[ident]
             c = e.cert if e.valid(now) else None
             rows.append(
                 {
                     "identity": str(ident),
-                    "serial": f"{c.serial:x}" if c else "",
-                    "not_before": _iso(c.not_before if c else None),
-                    "expiry": _iso(c.not_after if c else None),
-                    "refresh_at": _iso(c.refresh_at if c else None),
-                    "state": str(e.state(now)),
-                    "last_error": e.last_error,
+                    "state": e.state(now),
+                    "certChain": list(dumps(c.chain_pem)) if c else [],
+                    "rootCerts": [d for pem in self._roots for d in dumps(pem)] if c else [],
+                    "refreshAt": _iso(c.refresh_at) if c else "",
+                    "lastError": e.last_error,
                 }
             )
         return rows

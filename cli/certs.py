@@ -15,7 +15,7 @@ from cli.table import render
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("certs", help="list the workload certificates an agent holds")
     add_target_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the raw JSON rows")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON (ztunnel's certificates shape)")
     parser.set_defaults(func=run)
 
 
@@ -32,20 +32,35 @@ def _remaining(expiry: str, now: datetime.datetime) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def format_table(rows: list[dict[str, Any]], now: datetime.datetime | None = None) -> str:
+def _serial_hex(decimal: str) -> str:
+    """The dump's serial is decimal (ztunnel's); shown in hex like istioctl and the agent's logs."""
+    try:
+        return f"{int(decimal):x}"
+    except ValueError:
+        return decimal
+
+
+def _row(entry: dict[str, Any], now: datetime.datetime) -> list[str]:
+    """One identity from /certs (ztunnel's shape: see agent.identity.CertsDump), its leaf being certChain[0]."""
+    state, _, reason = str(entry.get("state", "")).partition(": ")
+    chain = entry.get("certChain")
+    leaf = chain[0] if isinstance(chain, list) and chain and isinstance(chain[0], dict) else {}
+    expiry = str(leaf.get("expirationTime", ""))
+    return [
+        str(entry.get("identity", "")),
+        state,
+        _serial_hex(str(leaf.get("serialNumber", "")))[:16] or "-",
+        expiry or "-",
+        _remaining(expiry, now),
+        # ztunnel has no lastError: its reason is in the state ("Unavailable: <why>").
+        str(entry.get("lastError") or reason) or "-",
+    ]
+
+
+def format_table(rows: list[Any], now: datetime.datetime | None = None) -> str:
     now = now or datetime.datetime.now(datetime.UTC)
     headers = ["IDENTITY", "STATE", "SERIAL", "EXPIRY", "REMAINING", "LAST ERROR"]
-    table = [
-        [
-            str(r.get("identity", "")),
-            str(r.get("state", "")),
-            str(r.get("serial", ""))[:16] or "-",
-            str(r.get("expiry", "")) or "-",
-            _remaining(str(r.get("expiry", "")), now),
-            str(r.get("last_error", "")) or "-",
-        ]
-        for r in rows
-    ]
+    table = [_row(r, now) for r in rows if isinstance(r, dict)]
     if not table:
         return "no certificates (no enrolled workloads on this node yet)"
     return render(headers, table)

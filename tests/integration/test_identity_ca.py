@@ -80,7 +80,7 @@ async def test_agent_gets_its_own_workloads_and_they_talk_mtls(shared: Controlle
     node2, c2 = shared.manager("node2")
     try:
         node1.prefetch([WEB, API])
-        await eventually(lambda: [r["state"] for r in node1.snapshot()] == ["valid", "valid"], "node1 warm-up")
+        await eventually(lambda: [r["state"] for r in node1.snapshot()] == ["Available", "Available"], "node1 warm-up")
         assert {r["identity"] for r in node1.snapshot()} == {str(WEB), str(API)}
         seen_by_server, seen_by_client = await tcp_handshake(
             await node1.server_context(WEB), await node2.client_context(DB)
@@ -183,12 +183,12 @@ async def test_restart_with_same_ca_dir_keeps_root_and_agents_continue(controlle
         await node1.server_context(WEB)
         roots_before = controller.root_cert.read_text()
         await controller.stop()
-        await eventually(lambda: node1.snapshot()[0]["state"] == "error", "refresh failing while the CA is down")
+        await eventually(lambda: node1.snapshot()[0]["lastError"] != "", "refresh failing while the CA is down")
         await controller.start()
         assert controller.root_cert.read_text() == roots_before
         first = node1.certificate(WEB)
         await eventually(
-            lambda: node1.snapshot()[0]["state"] == "valid" and node1.certificate(WEB) is not first,
+            lambda: node1.snapshot()[0]["state"] == "Available" and node1.certificate(WEB) is not first,
             "refresh after the controller restarted",
         )
         assert node1.roots() == load_roots(roots_before)
@@ -256,7 +256,9 @@ async def test_root_rotation_keeps_both_sides_verifying(controller: ControllerPr
         await controller.stop()
         await controller.start()
         # 3 s certificates may have expired during the restart; the retries (backoff capped at 1 s here) recover.
-        await eventually(lambda: all(r["expiry"] for m in (node1, node2) for r in m.snapshot()), "valid after restart")
+        await eventually(
+            lambda: all(r["state"] == "Available" for m in (node1, node2) for r in m.snapshot()), "valid after restart"
+        )
         assert await tcp_handshake(await node1.server_context(WEB), await node2.client_context(DB)) == (DB, WEB)
         assert issued_by(leaf_of(node1, WEB), new_root)
     finally:

@@ -13,24 +13,45 @@ from cli import ambitctl
 from cli.certs import format_table
 from tests.support.json_endpoint import serve_json
 
-ROWS = [
+WEB_SERIAL = 0x7D671F2AA88A043512A8148096BA1CFC933644BC
+ROOT: dict[str, str] = {
+    "pem": "",
+    "serialNumber": "1",
+    "validFrom": "2026-01-01T00:00:00Z",
+    "expirationTime": "2036-01-01T00:00:00Z",
+}
+# What an agent's /certs serves: ztunnel's certificates shape plus Ambit's refreshAt and lastError.
+ROWS: list[dict[str, Any]] = [
     {
         "identity": "spiffe://cluster.local/ns/default/sa/web",
-        "serial": "7d671f2aa88a043512a8148096ba1cfc933644bc",
-        "not_before": "2026-11-27T11:00:00Z",
-        "expiry": "2026-11-28T11:00:00Z",
-        "refresh_at": "2026-11-27T23:00:00Z",
-        "state": "valid",
-        "last_error": "",
+        "state": "Available",
+        "certChain": [
+            {
+                "pem": "",
+                "serialNumber": str(WEB_SERIAL),
+                "validFrom": "2026-11-27T11:00:00Z",
+                "expirationTime": "2026-11-28T11:00:00Z",
+            }
+        ],
+        "rootCerts": [ROOT],
+        "refreshAt": "2026-11-27T23:00:00Z",
+        "lastError": "",
     },
     {
         "identity": "spiffe://cluster.local/ns/default/sa/db",
-        "serial": "",
-        "not_before": "",
-        "expiry": "",
-        "refresh_at": "",
-        "state": "error",
-        "last_error": "PERMISSION_DENIED: node node1 runs no pod with service account default/db",
+        "state": "Unavailable: PERMISSION_DENIED: node node1 runs no pod with service account default/db",
+        "certChain": [],
+        "rootCerts": [],
+        "refreshAt": "",
+        "lastError": "PERMISSION_DENIED: node node1 runs no pod with service account default/db",
+    },
+    {
+        "identity": "spiffe://cluster.local/ns/default/sa/api",
+        "state": "Initializing",
+        "certChain": [],
+        "rootCerts": [],
+        "refreshAt": "",
+        "lastError": "",
     },
 ]
 
@@ -47,14 +68,41 @@ def test_table_shows_identity_state_serial_and_remaining_time() -> None:
     lines = format_table(ROWS, now).splitlines()
     assert lines[0].split() == ["IDENTITY", "STATE", "SERIAL", "EXPIRY", "REMAINING", "LAST", "ERROR"]
     web = lines[1].split()
-    assert web[:5] == [
+    assert web == [
         "spiffe://cluster.local/ns/default/sa/web",
-        "valid",
+        "Available",
+        "7d671f2aa88a0435",  # the decimal serialNumber in hex, as the agent logs it
+        "2026-11-28T11:00:00Z",
+        "22h30m",
+        "-",
+    ]
+    db = lines[2].split()
+    assert db[:5] == ["spiffe://cluster.local/ns/default/sa/db", "Unavailable", "-", "-", "-"]
+    assert " ".join(db[5:]) == "PERMISSION_DENIED: node node1 runs no pod with service account default/db"
+    assert lines[3].split() == ["spiffe://cluster.local/ns/default/sa/api", "Initializing", "-", "-", "-", "-"]
+
+
+def test_table_shows_a_failing_refresh_of_a_held_certificate() -> None:
+    now = datetime.datetime(2026, 11, 27, 12, 30, tzinfo=datetime.UTC)
+    failing = {**ROWS[0], "lastError": "UNAVAILABLE: controller down"}
+    assert format_table([failing], now).splitlines()[1].split()[1:] == [
+        "Available",
         "7d671f2aa88a0435",
         "2026-11-28T11:00:00Z",
         "22h30m",
+        "UNAVAILABLE:",
+        "controller",
+        "down",
     ]
-    assert "runs no pod" in lines[2] and lines[2].split()[1] == "error"
+
+
+def test_table_reads_a_ztunnel_dump_without_our_extra_keys() -> None:
+    """ztunnel's entries have no lastError: an Unavailable one's reason is in its state."""
+    ztunnel = [{k: v for k, v in r.items() if k not in ("refreshAt", "lastError")} for r in ROWS]
+    now = datetime.datetime(2026, 11, 27, 12, 30, tzinfo=datetime.UTC)
+    lines = format_table(ztunnel, now).splitlines()
+    assert lines[1].split()[1:5] == ["Available", "7d671f2aa88a0435", "2026-11-28T11:00:00Z", "22h30m"]
+    assert lines[2].split()[1] == "Unavailable" and lines[2].endswith("service account default/db")
 
 
 def test_table_marks_expired() -> None:

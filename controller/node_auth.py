@@ -5,6 +5,8 @@ Two authenticators, chosen by the controller's flags:
   ``{"<node>": "<token>"}`` that ``lab up`` provisions.
 - :class:`TokenReviewAuthenticator` (cluster): the agent's projected service-account token (audience ``istio-ca``)
   checked with the Kubernetes TokenReview API; the token's bound pod gives the node, as istiod's node authorizer.
+  Answers are cached (acceptances 60 s, definite refusals 10 s, API failures never) and concurrent requests with
+  one token share one review, so no caller can make the controller flood the API server.
 
 Failures are split by what the caller can do about them: :class:`AuthenticationError` (no or bad credential ->
 UNAUTHENTICATED), :class:`UntrustedCallerError` (valid credential, but not a node agent -> PERMISSION_DENIED),
@@ -22,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from common.log import kv
 
@@ -134,6 +136,59 @@ class NodeTokenAuthenticator:
         return Caller(node=node, subject=f"node {node}")
 
 
+V = TypeVar("V")
+
+
+class _ExpiringCache(Generic[V]):
+    """A bounded map whose entries all live ``ttl`` seconds.
+
+    With one TTL and a monotonic clock, insertion order is expiry order, so a full cache drops its oldest entry
+    without scanning: a flood of new keys costs the entries it displaces, never a pass over the whole map.
+    """
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._items: dict[bytes, tuple[float, V]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes, now: float) -> V | None:
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= now:
+            del self._items[key]
+            return None
+        return hit[1]
+
+    def put(self, key: bytes, value: V, now: float) -> None:
+        if self.ttl <= 0 or self.size <= 0:
+            return
+        self._items.pop(key, None)
+        while len(self._items) >= self.size:
+            del self._items[next(iter(self._items))]
+        self._items[key] = (now + self.ttl, value)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """An :class:`AuthError` kept as its parts: every answer raises a fresh exception of the same type, message
+    and reason (raising one stored object again and again would grow its traceback with every request)."""
+
+    kind: type[AuthError]
+    message: str
+    reason: str
+
+    @classmethod
+    def of(cls, error: AuthError) -> _Refusal:
+        return cls(type(error), str(error), error.reason)
+
+    def error(self) -> AuthError:
+        return self.kind(self.message, self.reason)
+
+
 class TokenReviewAuthenticator:
     """Kubernetes TokenReview + pod lookup, as istiod does for ztunnel's impersonated requests.
 
@@ -141,6 +196,15 @@ class TokenReviewAuthenticator:
     Accepted tokens are remembered for ``cache_seconds`` (keyed by their SHA-256) because an agent asks once per
     workload: a node with a hundred pods would otherwise cost the API server two hundred calls per refresh round.
     The price is that a deleted agent pod keeps its access for at most that long.
+
+    Definite refusals (the API server answered: not authenticated, wrong audience, not a node agent, pod gone...)
+    are remembered for ``failure_cache_seconds``, in a cache of their own so a flood of bad tokens cannot push
+    accepted ones out: an agent retrying with an expired token, or a scanner, then costs one review per token and
+    TTL instead of one per request. Backend errors (unreachable, HTTP errors, malformed answers) are never
+    remembered; the next request reviews again. Requests with a token whose review is in flight wait for that
+    review and share its outcome, backend errors included, as the API server's own cached token authenticator
+    does. The review runs in a task of its own, so a waiter that is cancelled (its call ended) leaves it running
+    for the others.
     """
 
     def __init__(
@@ -151,6 +215,9 @@ class TokenReviewAuthenticator:
         trusted_accounts: Iterable[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
         cache_seconds: float = 60.0,
         cache_size: int = 4096,
+        failure_cache_seconds: float = 10.0,
+        failure_cache_size: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client as k8s
 
@@ -159,9 +226,12 @@ class TokenReviewAuthenticator:
         self._core = k8s.CoreV1Api(api_client)
         self.audiences = list(audiences)
         self.trusted_accounts = frozenset(trusted_accounts)
-        self.cache_seconds = cache_seconds
-        self.cache_size = cache_size
-        self._cache: dict[bytes, tuple[float, Caller]] = {}
+        self._clock = clock
+        self._accepted: _ExpiringCache[Caller] = _ExpiringCache(cache_seconds, cache_size)
+        self._refused: _ExpiringCache[_Refusal] = _ExpiringCache(failure_cache_seconds, failure_cache_size)
+        self._flights: dict[bytes, asyncio.Task[Caller | _Refusal]] = {}
+        self.reviews = 0  # TokenReviews sent
+        self.answered_without_review = 0  # from a cache or by joining a review in flight
 
     def _review(self, token: str) -> Caller:
         k8s = self._k8s
@@ -171,8 +241,10 @@ class TokenReviewAuthenticator:
         except k8s.ApiException as e:
             raise AuthBackendError(f"token review failed: HTTP {e.status} {e.reason}") from None
         status = review.status
-        if status is None or not status.authenticated:
-            detail = (status.error if status else None) or "not authenticated"
+        if status is None:
+            raise AuthBackendError("token review failed: the API server's answer has no status")
+        if not status.authenticated:
+            detail = status.error or "not authenticated"
             raise AuthenticationError(f"token rejected by TokenReview: {detail}", "bad_token")
         if status.audiences is not None and not set(status.audiences) & set(self.audiences):
             raise AuthenticationError(
@@ -200,9 +272,11 @@ class TokenReviewAuthenticator:
             if e.status == 404:
                 raise AuthenticationError(f"caller pod {namespace}/{pod_name} does not exist", "bad_token") from None
             raise AuthBackendError(f"reading pod {namespace}/{pod_name} failed: HTTP {e.status} {e.reason}") from None
-        if pod.metadata is None or pod.metadata.uid != pod_uid:
+        if pod.metadata is None or pod.spec is None:
+            raise AuthBackendError(f"reading pod {namespace}/{pod_name} failed: no metadata or spec in the answer")
+        if pod.metadata.uid != pod_uid:
             raise AuthenticationError(f"caller pod {namespace}/{pod_name} was replaced (uid mismatch)", "bad_token")
-        if pod.spec is None or pod.spec.service_account_name != sa:
+        if pod.spec.service_account_name != sa:
             raise AuthenticationError(f"caller pod {namespace}/{pod_name} does not run as {account}", "bad_token")
         if not pod.spec.node_name:
             raise AuthenticationError(f"caller pod {namespace}/{pod_name} is not scheduled on a node", "bad_token")
@@ -211,22 +285,53 @@ class TokenReviewAuthenticator:
     async def authenticate(self, metadata: Metadata) -> Caller:
         token = bearer_token(metadata)
         key = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        now = self._clock()
+        outcome: Caller | _Refusal | None = self._accepted.get(key, now)
+        if outcome is None:
+            outcome = self._refused.get(key, now)
+        if outcome is None:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = asyncio.create_task(self._fly(key, token), name="token-review")
+                self._flights[key] = flight
+            else:
+                self.answered_without_review += 1
+            # shield: a waiter's cancellation must not cancel the review the other waiters are waiting for.
+            outcome = await asyncio.shield(flight)
+        else:
+            self.answered_without_review += 1
+        if isinstance(outcome, _Refusal):
+            raise outcome.error()
+        return outcome
+
+    async def _fly(self, key: bytes, token: str) -> Caller | _Refusal:
+        """One review, shared by every request with its token until it lands; then cached unless the backend
+        failed. Returns refusals rather than raising them, so each waiter raises a fresh exception."""
+        self.reviews += 1
+        outcome: Caller | _Refusal
         try:
             caller = await asyncio.to_thread(self._review, token)
-        except AuthError:
-            raise
+        except AuthBackendError as e:
+            outcome = _Refusal.of(e)
+        except AuthError as e:
+            outcome = _Refusal.of(e)
+            self._refused.put(key, outcome, self._clock())
         except Exception as e:  # urllib3/connection errors of the client, whatever their type
-            raise AuthBackendError(f"token review failed: {type(e).__name__}: {e}") from None
-        if len(self._cache) >= self.cache_size:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-            if len(self._cache) >= self.cache_size:
-                self._cache.clear()
-        self._cache[key] = (now + self.cache_seconds, caller)
-        return caller
+            outcome = _Refusal.of(AuthBackendError(f"token review failed: {type(e).__name__}: {e}"))
+        else:
+            outcome = caller
+            self._accepted.put(key, caller, self._clock())
+        finally:
+            del self._flights[key]
+        log.debug(
+            "token review",
+            extra=kv(
+                outcome=outcome.subject if isinstance(outcome, Caller) else outcome.reason,
+                reviews=self.reviews,
+                answered_without_review=self.answered_without_review,
+            ),
+        )
+        return outcome
 
 
 class FirstMatchAuthenticator:

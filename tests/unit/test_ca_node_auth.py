@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -153,20 +152,3 @@ async def test_for_xds_adapter_returns_node_or_permission_error(tmp_path: Path) 
     assert await check({"authorization": "Bearer aaa"}) == "node1"
     with pytest.raises(PermissionError, match="does not match"):
         await check({"authorization": "Bearer zzz"})
-
-
-async def test_token_review_result_cached_briefly(kube: Kube) -> None:
-    config = k8s.Configuration()
-    config.host = kube.url
-    auth = TokenReviewAuthenticator(k8s.ApiClient(config), cache_seconds=0.3)
-    for _ in range(3):
-        assert (await auth.authenticate(md("agent-token"))).node == "node1"
-    assert len(kube.table.reviews) == 1
-    await asyncio.sleep(0.35)
-    await auth.authenticate(md("agent-token"))
-    assert len(kube.table.reviews) == 2
-    with pytest.raises(AuthenticationError):  # refusals are never cached as successes
-        await auth.authenticate(md("nonsense"))
-    with pytest.raises(AuthenticationError):
-        await auth.authenticate(md("nonsense"))
-    assert len(kube.table.reviews) == 4

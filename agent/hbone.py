@@ -479,13 +479,14 @@ class HboneConnection:
 
     def data_frame(self, stream_id: int, data: bytes | memoryview) -> bytes | None:
         """The latency path of :meth:`send_data`: a payload of up to SMALL_FRAME bytes that the windows take whole,
-        on a stream open for sending, is returned as one DATA frame (a copy) for the caller to write at once;
-        anything else returns None and changes nothing (use :meth:`send_data`). The caller writes what
-        :meth:`data_to_send` holds first: frames go out in the order they were made."""
+        on a stream open for sending, while nothing else is queued, is returned as one DATA frame (a copy) for the
+        caller to write at once; anything else returns None and changes nothing (use :meth:`send_data`). Frames
+        already queued (a response's HEADERS) must go first, and go best in the same write as this one."""
         n = len(data)
         st = self._streams.get(stream_id)
         if (
-            st is None
+            self._out
+            or st is None
             or not 0 < n <= SMALL_FRAME
             or st.local_closed
             or n > st.send_window

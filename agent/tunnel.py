@@ -535,11 +535,9 @@ class HboneStream:
         proto = self._proto
         h2 = proto.h2
         frame = h2.data_frame(self.stream_id, view)
-        if frame is not None:  # small and within the windows: the request/response path, written as it is
+        if frame is not None:  # small, within the windows, nothing queued: the request/response path, written as is
             transport = proto.transport
             if transport is not None and not transport.is_closing():
-                if h2.has_output():
-                    proto.flush()
                 transport.write(frame)
             return len(view)
         try:
@@ -558,9 +556,12 @@ class HboneStream:
     def _attach(self, sink: _Sink) -> None:
         self._sink = sink
         buffered, self._rbuf = self._rbuf, collections.deque()
+        proto = self._proto
         for chunk in buffered:
             if sink.on_data([memoryview(chunk)], len(chunk)):
-                self._proto.acknowledge(self.stream_id, len(chunk))
+                proto.h2.acknowledge(self.stream_id, len(chunk))
+        if buffered and proto.h2.has_output():
+            proto.flush_soon()  # not now: a 200 queued with the credit goes best with the pod's answer
         if self._stopped:
             sink.on_eof()
             sink.on_stop_sending()
@@ -809,6 +810,12 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         out = self.h2.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+
+    def flush_soon(self) -> None:
+        """Write what is queued when this turn of the loop is done, unless a write takes it along sooner: frames
+        queued just before others (a 200, then the pod's answer to the client's first bytes) leave in one TLS
+        record and one write instead of one each."""
+        self.loop.call_soon(self.flush)
 
     def buffered_changed(self, delta: int) -> None:
         BUFFERS.changed(self, delta)
@@ -1551,8 +1558,11 @@ class ConnectRequest:
             raise HboneStreamReset(str(e)) from None
         if status != 200:
             st._reset_reason = f"answered {status}"
-        self._proto.flush()
-        self._proto.forget_if_closed(st)
+            self._proto.flush()
+            self._proto.forget_if_closed(st)
+            return
+        # The relay starts now and reads the pod's answer at once (the client's first bytes were handed to it).
+        self._proto.flush_soon()
 
     @property
     def abandoned(self) -> bool:

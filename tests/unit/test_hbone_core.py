@@ -663,7 +663,12 @@ def test_data_frame_is_refused_on_a_stream_the_server_has_not_answered() -> None
     exchange(client, server)
     assert server.data_frame(sid, b"early") is None
     server.send_response(sid, 200)
-    assert server.data_frame(sid, b"late") is not None
+    assert server.data_frame(sid, b"late") is None  # its HEADERS are queued: they go first, in one write with it
+    assert server.send_data(sid, b"late") == 4
+    wire = b"".join(bytes(p) for p in server.data_to_send())
+    assert server.data_frame(sid, b"later") is not None
+    events = client.receive_data(wire)
+    assert [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)] == [ResponseReceived, DataReceived]
 
 
 def test_single_frames_return_connection_credit_a_quarter_window_at_a_time() -> None:

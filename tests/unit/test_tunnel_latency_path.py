@@ -4,9 +4,12 @@ HEADERS (a stream error there)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from agent import hbone, tunnel
 from agent.hbone import DataReceived, HboneConnection, ResponseReceived, StreamReset
 from agent.tunnel import HboneStream, TunnelConfig, TunnelStats
+from common.spiffe import Identity
 
 
 class RecordingTransport:
@@ -29,24 +32,32 @@ class RecordingTransport:
         return False
 
 
-async def _answered_stream(transport: RecordingTransport) -> tuple[HboneConnection, HboneStream]:
-    """A server protocol with one CONNECT stream whose 200 is queued in the core, not written yet."""
+async def _request(transport: RecordingTransport) -> tuple[HboneConnection, tunnel.ConnectRequest]:
+    """A server protocol that received one CONNECT, not answered yet, its preface already written."""
 
     async def handler(req: tunnel.ConnectRequest) -> None:
         raise AssertionError("not dispatched here")
 
     client = HboneConnection(client=True)
     client.initiate()
-    sid = client.send_connect("10.0.0.2:8080")
+    client.send_connect("10.0.0.2:8080")
     proto = tunnel._ServerProtocol(handler, None, TunnelConfig(), TunnelStats())
     proto.transport = transport  # type: ignore[assignment]
+    proto.peer_identity = Identity("cluster.local", "default", "client")
     proto.h2.initiate()
     events = proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send()))
-    assert hbone.RequestReceived in [type(e) for e in events]
-    proto.h2.send_response(sid, 200)
-    stream = HboneStream(proto, sid)
-    proto.add_stream(stream)
-    return client, stream
+    request = next(e for e in events if isinstance(e, hbone.RequestReceived))
+    proto.flush()  # the server's SETTINGS and their ACK
+    req = tunnel.ConnectRequest(proto, request)
+    proto.add_stream(req._stream)
+    return client, req
+
+
+async def _answered_stream(transport: RecordingTransport) -> tuple[HboneConnection, HboneStream]:
+    """A server protocol with one CONNECT stream whose 200 is queued in the core, not written yet."""
+    client, req = await _request(transport)
+    req._proto.h2.send_response(req.stream_id, 200)
+    return client, req._stream
 
 
 async def test_a_small_write_goes_out_after_the_frames_already_queued() -> None:
@@ -69,3 +80,61 @@ async def test_small_writes_are_one_transport_write_each() -> None:
     assert transport.writes - before == 3
     events = client.receive_data(bytes(transport.wire))
     assert b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived)) == b"abcdefg"
+
+
+async def test_a_200_and_the_first_answer_of_the_pod_leave_in_one_write() -> None:
+    transport = RecordingTransport()
+    client, req = await _request(transport)
+    before = transport.writes
+    await req.respond(200)
+    assert transport.writes == before  # not yet: the relay's first read may bring the pod's answer along
+    req.stream._send(memoryview(b"pong"))
+    assert transport.writes == before + 1
+    events = client.receive_data(bytes(transport.wire))
+    assert [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)] == [ResponseReceived, DataReceived]
+    await asyncio.sleep(0)  # the scheduled flush finds nothing left
+    assert transport.writes == before + 1
+
+
+async def test_a_200_goes_out_within_the_loop_turn_when_the_pod_has_not_answered() -> None:
+    transport = RecordingTransport()
+    client, req = await _request(transport)
+    before = transport.writes
+    await req.respond(200)
+    await asyncio.sleep(0)
+    assert transport.writes == before + 1
+    events = client.receive_data(bytes(transport.wire))
+    assert ResponseReceived in [type(e) for e in events]
+
+
+class TakeAll(tunnel._Sink):
+    """A relay's stream side that takes every byte at once (a pod socket with room)."""
+
+    def __init__(self) -> None:
+        self.got = bytearray()
+
+    def on_data(self, views: list[memoryview], total: int) -> bool:
+        for v in views:
+            self.got += v
+        return True
+
+
+async def test_handing_the_clients_first_bytes_to_the_pod_does_not_write_the_200_alone() -> None:
+    """The client's first bytes arrived with its CONNECT and wait in the stream; attaching the relay hands them to the
+    pod and returns their credit, which must not flush the queued 200 ahead of the pod's answer."""
+    transport = RecordingTransport()
+    client, req = await _request(transport)
+    proto = req._proto
+    client.send_data(req.stream_id, b"ping")
+    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
+        if isinstance(event, DataReceived):
+            req._stream._on_data(event.data)
+    before = transport.writes
+    await req.respond(200)
+    sink = TakeAll()
+    req.stream._attach(sink)
+    assert sink.got == b"ping" and transport.writes == before
+    req.stream._send(memoryview(b"pong"))
+    assert transport.writes == before + 1
+    events = client.receive_data(bytes(transport.wire))
+    assert [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)] == [ResponseReceived, DataReceived]

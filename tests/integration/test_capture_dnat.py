@@ -31,7 +31,7 @@ from lab import Lab, client, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
 from tests.support.identity_pki import csr_pem
-from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, nft, wait_for
+from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, nft, table_held_elsewhere, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
@@ -278,29 +278,11 @@ def test_a_table_nft_cannot_write_makes_the_agent_not_ready_naming_it_until_it_c
     plaintext through VIPs reached enrolled pods unchecked."""
     node = lab.node("node2")
     table = table_name(node.netns)
-    holder = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{node.netns}", "nft", "-i"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert holder.stdin is not None
-    try:
-        holder.stdin.write(f"delete table inet {table}\nadd table inet {table} {{ flags owner; }}\n")
-        holder.stdin.flush()
-        wait_for(lambda: "flags owner" in nft(lab, "node2", "list", "table", "inet", table), "the table taken")
+    with table_held_elsewhere(node.netns, table):
         _reconcile(lab)
         wait_for(lambda: _ready(lab)[0] == 503, "node2's agent not ready")
         body = _ready(lab)[1]
         assert "capture:dnat" in body and table in body, body
-    finally:
-        holder.stdin.close()  # nft -i exits at the end of its input, and the kernel drops the table it owned
-        try:
-            holder.wait(10)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
     _reconcile(lab)
     wait_for(lambda: _ready(lab)[0] == 200, "ready again once the table is written")
     assert lab.pod("demo/server-1").ip in nft(lab, "node2", "list", "table", "inet", table)

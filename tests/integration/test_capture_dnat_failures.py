@@ -19,6 +19,7 @@ import pytest
 
 from agent.redirect import DNAT_FAILURE, RedirectConfig, Redirector, cleanup
 from tests.support import redirect_topology as rt
+from tests.support.mesh import table_held_elsewhere
 
 VIP = "10.96.8.1"  # no interface has it: the DNAT rule below sends it to pa
 ALL_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
@@ -128,27 +129,8 @@ def test_fail_open_lets_a_dnated_syn_with_no_listener_through_to_the_pod_and_is_
 def table_held(env: Env) -> Iterator[None]:
     """Someone else's table of the agent's name that the kernel refuses to let anyone else change (nft's ``owner``
     flag: it belongs to the netlink socket of the process that made it, and goes when that process does)."""
-    holder = subprocess.Popen(
-        ["nsenter", f"--net=/var/run/netns/{env.topo.node}", "nft", "-i"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert holder.stdin is not None
-        holder.stdin.write(f"delete table inet {env.table}\nadd table inet {env.table} {{ flags owner; }}\n")
-        holder.stdin.flush()
-        rt.wait_for(lambda: "flags owner" in env.nft("list", "table", "inet", env.table))
+    with table_held_elsewhere(env.topo.node, env.table):
         yield
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()
-        try:
-            holder.wait(5)
-        except subprocess.TimeoutExpired:
-            holder.kill()
-            holder.wait()
 
 
 def test_a_table_nft_cannot_write_holds_readiness_until_a_reconcile_writes_it(env: Env, table_held: None) -> None:

@@ -4,13 +4,14 @@ Observing agents, links and the live config lives in lab.observe (the demo uses 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lab import Lab, netns
@@ -51,6 +52,34 @@ def nft(lab: Lab, node: str, *args: str, script: str | None = None) -> str:
     """Run nft in a lab node's netns (``script`` on stdin for ``-f -``); its output. Raises when nft refuses."""
     argv = ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", *args]
     return subprocess.run(argv, input=script, capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def table_held_elsewhere(netns_name: str, table: str) -> Iterator[None]:
+    """Someone else's nftables table ``inet <table>`` in ``netns_name`` that the kernel lets no one else change (nft's
+    ``owner`` flag: it belongs to the netlink socket of the process that made it, and goes when that process exits).
+    An agent's write of its DNAT table there fails for real (EPERM) for as long as this lasts."""
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{netns_name}", "nft", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdin is not None
+    listing = ["nsenter", f"--net=/run/netns/{netns_name}", "nft", "list", "table", "inet", table]
+    try:
+        holder.stdin.write(f"delete table inet {table}\nadd table inet {table} {{ flags owner; }}\n")
+        holder.stdin.flush()
+        wait_for(lambda: "flags owner" in subprocess.run(listing, capture_output=True, text=True).stdout, "the table")
+        yield
+    finally:
+        holder.stdin.close()  # nft -i exits at the end of its input, and the kernel drops the table it owned
+        try:
+            holder.wait(10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0, interval: float = 0.2) -> None:

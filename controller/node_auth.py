@@ -204,7 +204,8 @@ class TokenReviewAuthenticator:
     remembered; the next request reviews again. Requests with a token whose review is in flight wait for that
     review and share its outcome, backend errors included, as the API server's own cached token authenticator
     does. The review runs in a task of its own, so a waiter that is cancelled (its call ended) leaves it running
-    for the others.
+    for the others; each API call is bounded by ``request_timeout``, so a hung API server cannot hold a token's
+    review, and everyone waiting for it, forever.
     """
 
     def __init__(
@@ -217,6 +218,7 @@ class TokenReviewAuthenticator:
         cache_size: int = 4096,
         failure_cache_seconds: float = 10.0,
         failure_cache_size: int = 4096,
+        request_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client as k8s
@@ -226,6 +228,7 @@ class TokenReviewAuthenticator:
         self._core = k8s.CoreV1Api(api_client)
         self.audiences = list(audiences)
         self.trusted_accounts = frozenset(trusted_accounts)
+        self.request_timeout = request_timeout
         self._clock = clock
         self._accepted: _ExpiringCache[Caller] = _ExpiringCache(cache_seconds, cache_size)
         self._refused: _ExpiringCache[_Refusal] = _ExpiringCache(failure_cache_seconds, failure_cache_size)
@@ -237,7 +240,7 @@ class TokenReviewAuthenticator:
         k8s = self._k8s
         body = k8s.V1TokenReview(spec=k8s.V1TokenReviewSpec(token=token, audiences=self.audiences))
         try:
-            review = self._authn.create_token_review(body)
+            review = self._authn.create_token_review(body, _request_timeout=self.request_timeout)
         except k8s.ApiException as e:
             raise AuthBackendError(f"token review failed: HTTP {e.status} {e.reason}") from None
         status = review.status
@@ -267,7 +270,7 @@ class TokenReviewAuthenticator:
                 f"token of {account} is not bound to a pod (use a projected service-account token)", "bad_token"
             )
         try:
-            pod = self._core.read_namespaced_pod(pod_name, namespace)
+            pod = self._core.read_namespaced_pod(pod_name, namespace, _request_timeout=self.request_timeout)
         except k8s.ApiException as e:
             if e.status == 404:
                 raise AuthenticationError(f"caller pod {namespace}/{pod_name} does not exist", "bad_token") from None

@@ -155,6 +155,15 @@ async def test_backend_error_is_not_cached(backend: Backend, failure: str) -> No
     assert backend.calls == 3
 
 
+async def test_hung_api_server_times_out_and_is_not_cached(backend: Backend) -> None:
+    auth = authenticator(backend, request_timeout=0.3)
+    backend.gate.clear()
+    for n in (1, 2):
+        e = await refusal(auth, "agent-token")
+        assert type(e) is AuthBackendError and "timed out" in str(e).lower()
+        assert backend.calls == n
+
+
 async def test_unreachable_api_server_is_not_cached() -> None:
     config = k8s.Configuration()
     config.host = "http://127.0.0.1:9"

@@ -49,6 +49,38 @@ def test_a_burst_left_free_in_the_heap_is_given_back_once() -> None:
     del live
 
 
+def test_freed_chunks_written_again_and_freed_again_between_looks_are_given_back() -> None:
+    """Traffic between two looks takes the trimmed chunks and frees them again: the heap's free count is back where
+    it was, but the pages are resident again. The process's growth tells."""
+    _raise_mmap_threshold()
+    trimmer = heap.HeapTrimmer(slack=8 * 1024 * 1024)
+    assert trimmer._libc is not None
+    live = _burst(400)
+    assert trimmer.maybe_trim()
+    free = trimmer._free()
+    trimmed = heap._rss()
+    again = [b"\x02" * BLOCK for _ in range(200)]  # the 200 freed blocks' holes, written
+    del again
+    assert abs(trimmer._free() - free) < trimmer.slack, "the free count alone does not show it"
+    assert heap._rss() - trimmed > 200 * BLOCK / 2, "the holes' pages are resident again"
+    held = heap._rss()
+    assert trimmer.maybe_trim()
+    assert held - heap._rss() > 200 * BLOCK / 2
+    assert not trimmer.maybe_trim(), "nothing was written since: the heap is not walked again"
+    del live
+
+
+def test_growth_of_memory_in_use_is_not_trimmed() -> None:
+    trimmer = heap.HeapTrimmer()
+    assert trimmer._libc is not None
+    trimmer.slack = trimmer._free() + 4 * 1024 * 1024  # more than the heap holds free, now and below
+    grown = [b"\x03" * BLOCK for _ in range(trimmer.slack // BLOCK + 40)]  # taken from the free chunks, then the top
+    assert heap._rss() - trimmer._rss_base > trimmer.slack
+    assert not trimmer.maybe_trim()
+    assert trimmer.trims == 0
+    del grown
+
+
 def test_a_small_heap_is_left_alone() -> None:
     trimmer = heap.HeapTrimmer(slack=1024 * 1024 * 1024)
     trimmer._free_base = 0

@@ -39,4 +39,4 @@ class StaticCertificates:
         return self._client[ident]
 
     def snapshot(self) -> list[dict[str, str]]:
-        return [{"identity": str(i), "state": "available"} for i in sorted(self._leaves)]
+        return [{"identity": str(i), "state": "Available"} for i in sorted(self._leaves)]

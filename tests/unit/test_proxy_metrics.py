@@ -167,7 +167,7 @@ async def servers() -> AsyncIterator[dict[str, HttpServer]]:
 
     class Certs:
         def snapshot(self) -> list[dict[str, str]]:
-            return [{"identity": str(DST_ID), "state": "available"}]
+            return [{"identity": str(DST_ID), "state": "Available"}]
 
     def quit_() -> None:
         state["quit"] += 1

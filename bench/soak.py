@@ -64,6 +64,12 @@ class Sample:
     other_fds: int
     buffered_bytes: float  # ambit_relay_buffered_bytes
     sockets_open: float  # istio_tcp_sockets_open, both reporters
+    # Where the RSS is (resident_by_kind): a heap that grows while Python's own objects do not is fragmentation or
+    # C allocations (OpenSSL); anonymous mappings are Python's object arenas and blocks glibc mmapped.
+    heap_mb: float = 0.0
+    anon_mb: float = 0.0
+    file_mb: float = 0.0
+    threads: int = 0
 
 
 @dataclass
@@ -101,6 +107,33 @@ def open_fds(pid: int) -> Counter[str]:
                 target = os.readlink(f"{fd_dir}/{fd}")
                 kinds[target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else "other"] += 1
     return kinds
+
+
+def resident_by_kind(pid: int) -> Counter[str]:
+    """The process's resident bytes by mapping, from /proc/<pid>/smaps: "heap" (glibc's main arena, grown with brk),
+    "anon" (other anonymous mappings: Python's 1 MiB object arenas, blocks glibc mmapped, other threads' arenas),
+    "file" (the interpreter, libraries, mapped files) and "other" (stacks, vdso). Empty when the process is gone."""
+    kinds: Counter[str] = Counter()
+    kind = "other"
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                kinds[kind] += int(line.split()[1]) * 1024
+            elif not line[0].isupper():  # a mapping's header: address range, perms, offset, device, inode, name
+                name = fields[5].strip() if len(fields := line.split(maxsplit=5)) == 6 else ""
+                if name == "[heap]":
+                    kind = "heap"
+                elif not name:
+                    kind = "anon"
+                else:
+                    kind = "file" if name.startswith("/") else "other"
+    return kinds
+
+
+def threads(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        return len(os.listdir(f"/proc/{pid}/task"))
+    return 0
 
 
 def verdict(baseline: list[Sample], final: list[Sample], drained: bool, tally: Tally) -> list[str]:
@@ -244,6 +277,7 @@ class Watcher:
         for node, pid in sorted(self.pids.items()):
             text = metrics(self.lab, node)
             fds = open_fds(pid)
+            resident = resident_by_kind(pid)
             now.append(
                 Sample(
                     t=round(time.monotonic() - self.start, 1),
@@ -254,6 +288,10 @@ class Watcher:
                     other_fds=fds["other"],
                     buffered_bytes=metric_sum(text, "ambit_relay_buffered_bytes"),
                     sockets_open=metric_sum(text, "istio_tcp_sockets_open"),
+                    heap_mb=round(resident["heap"] / 1e6, 1),
+                    anon_mb=round(resident["anon"] / 1e6, 1),
+                    file_mb=round(resident["file"] / 1e6, 1),
+                    threads=threads(pid),
                 )
             )
         self.samples.extend(now)
@@ -325,6 +363,7 @@ def plot(result: dict[str, object], path: Path) -> None:
         t = [s.t / 60 for s in mine]
         color = f"C{i}"
         ax_rss.plot(t, [s.rss_mb for s in mine], color=color, label=f"agent {node}")
+        ax_rss.plot(t, [s.heap_mb for s in mine], color=color, linestyle="--", label=f"agent {node} heap")
         ax_fds.plot(t, [s.sockets for s in mine], color=color, label=f"agent {node} sockets")
         ax_fds.plot(t, [s.pipes for s in mine], color=color, linestyle=":", label=f"agent {node} pipes")
     baseline_t = max(s["t"] for s in result["baseline"]) / 60  # type: ignore[attr-defined]
@@ -346,11 +385,12 @@ def _summary(result: dict[str, object]) -> str:
     lines = [f"connections: {result['connections']}, failed: {result['failed']}"]
     final = {s["node"]: s for s in result["final"]}  # type: ignore[attr-defined]
     slopes: dict[str, float] = result["rss_slope_mb_per_hour"]  # type: ignore[assignment]
-    lines.append("agent   RSS MB (warm-up -> end)   sockets   pipes   RSS trend, 2nd half")
+    lines.append("agent   RSS MB (warm-up -> end)   heap MB        sockets   pipes   RSS trend, 2nd half")
     for b in result["baseline"]:  # type: ignore[attr-defined]
         f = final[b["node"]]
         lines.append(
             f"{b['node']:<7} {b['rss_mb']:>6.1f} -> {f['rss_mb']:<6.1f}"
+            f"{'':13}{b['heap_mb']:>5.1f} -> {f['heap_mb']:<5.1f}"
             f"{b['sockets']:>12} -> {f['sockets']:<4}{b['pipes']:>4} -> {f['pipes']:<4}"
             f"{slopes.get(b['node'], 0.0):>+10.1f} MB/h"
         )

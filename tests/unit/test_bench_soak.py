@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench.soak import FD_SLACK, Sample, Tally, metric_sum, open_fds, rss_slope, verdict
+from bench.soak import FD_SLACK, Sample, Tally, metric_sum, open_fds, resident_by_kind, rss_slope, threads, verdict
 
 
 def _sample(node: str = "node1", *, t: float = 0.0, rss: float = 60.0, sockets: int = 12, other: int = 20) -> Sample:
@@ -80,3 +80,17 @@ def test_open_fds_sorts_this_process_descriptors_by_kind() -> None:
         os.close(w)
     assert after["pipe"] == before["pipe"] + 2
     assert after["other"] >= 1  # the interpreter's own files, /dev/null ...
+
+
+def test_resident_by_kind_finds_an_anonymous_block_this_process_wrote() -> None:
+    before = resident_by_kind(os.getpid())
+    block = bytearray(b"\x01") * (64 * 1024 * 1024)  # past glibc's mmap threshold: its own anonymous mapping
+    after = resident_by_kind(os.getpid())
+    del block
+    assert after["anon"] - before["anon"] >= 60 * 1024 * 1024
+    assert before["heap"] > 0 and before["file"] > 0
+    assert threads(os.getpid()) >= 1
+
+
+def test_a_process_that_is_gone_has_nothing_resident() -> None:
+    assert resident_by_kind(2**22 + 1) == {} and threads(2**22 + 1) == 0  # above pid_max's default and limit

@@ -211,7 +211,7 @@ async def test_http_endpoints(servers: dict[str, HttpServer]) -> None:
     assert status == 200 and ctype == "application/json"
     assert json.loads(body)["certificates"][0]["identity"] == str(DST_ID)
     status, _, body = await asyncio.to_thread(_get, url("admin", "/certs"))
-    assert json.loads(body)[0]["state"] == "available"
+    assert json.loads(body)[0]["state"] == "Available"
 
     status, _, body = await asyncio.to_thread(_get, url("admin", "/logging?agent.test=debug"), "POST")
     assert status == 200 and json.loads(body)["agent.test"] == "debug"

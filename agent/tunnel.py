@@ -416,6 +416,10 @@ class _Sink:
         """Send window or TLS write buffer opened up."""
         raise NotImplementedError
 
+    def on_write_paused(self) -> None:
+        """The connection's TLS write buffer went past its high-water mark: stop reading what would be written to
+        it (:meth:`on_writable` follows when it drained). A sink that reads nothing has nothing to do."""
+
 
 class HboneStream:
     """One CONNECT stream: a bidirectional byte stream with half-close.
@@ -796,8 +800,14 @@ class _HboneProtocol(_ReceiveBuffer, asyncio.BufferedProtocol):
         self._notify_count()
 
     def pause_writing(self) -> None:
+        """Every relay of the connection stops reading now, not after its next read: each would otherwise still
+        read (up to READ_SIZE) and queue it behind the high-water mark, 200 streams some 50 MiB."""
         self.write_paused = True
         self._replies_at_pause = self.h2.replies
+        for st in self.streams.values():
+            sink = st._sink
+            if sink is not None:
+                sink.on_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -1070,13 +1080,10 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
                 self._grow()  # the next read borrows a big buffer; this one is still being handed on
             view = mv[:nbytes]
             del mv
-            stream = self.stream
-            n = stream._send(view)
+            n = self.stream._send(view)
             self.up += n
             if n < nbytes:
                 self._pending = view[n:]  # a view: the buffer is not read into again while it lives
-                self._update_reading()
-            elif stream._proto.write_paused:  # that write filled the TLS buffers
                 self._update_reading()
         finally:
             if self._bufsize == READ_SIZE:
@@ -1183,6 +1190,9 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self._maybe_finish()
         else:
             self._maybe_send_fin()  # the response is complete: FIN once the backlog is written
+
+    def on_write_paused(self) -> None:
+        self._update_reading()
 
     def on_writable(self) -> None:
         if self._pending is not None:

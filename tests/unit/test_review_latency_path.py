@@ -22,52 +22,7 @@ from agent.hbone import (
 )
 from agent.tunnel import ConnectRequest, TunnelConfig, TunnelStats
 from common.spiffe import Identity
-
-
-class Transport:
-    """What the TLS transport was asked to write, in order; pauses its protocol past ``high`` buffered bytes, as
-    asyncio's and uvloop's SSL transports do from inside the write."""
-
-    def __init__(self, high: int = 1 << 40) -> None:
-        self.wire = bytearray()
-        self.writes = 0
-        self.closing = False
-        self.after_close = 0  # writes asked for once closing (what a real transport drops, with a warning)
-        self.high = high
-        self.buffered = 0
-        self.proto: tunnel._HboneProtocol | None = None
-
-    def _took(self, n: int) -> None:
-        self.writes += 1
-        self.buffered += n
-        if self.buffered >= self.high and self.proto is not None and not self.proto.write_paused:
-            self.proto.pause_writing()
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self.closing:
-            self.after_close += 1
-            return
-        self.wire += data
-        self._took(len(data))
-
-    def writelines(self, parts: list[bytes | memoryview]) -> None:
-        if self.closing:
-            self.after_close += 1
-            return
-        n = 0
-        for part in parts:
-            self.wire += part
-            n += len(part)
-        self._took(n)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def take(self) -> bytes:
-        out = bytes(self.wire)
-        self.wire.clear()
-        return out
-
+from tests.support.tunnel_fakes import TakeAll, Transport
 
 Handler = Callable[[ConnectRequest], Awaitable[None]]
 
@@ -251,25 +206,6 @@ async def test_early_bytes_hold_connection_credit_until_the_answer_then_return_i
     assert server.client._streams[sid].send_window == stream_before + sent
 
 
-class TakeAll(tunnel._Sink):
-    """A relay's stream side whose pod takes every byte at once."""
-
-    def on_data(self, views: list[memoryview], total: int) -> bool:
-        return True
-
-    def on_eof(self) -> None:
-        pass
-
-    def on_reset(self, reason: str, benign: bool = False) -> None:
-        pass
-
-    def on_stop_sending(self) -> None:
-        pass
-
-    def on_writable(self) -> None:
-        pass
-
-
 def _relay_pair(stream: tunnel.HboneStream) -> tuple[tunnel._TcpRelay, socket.socket, asyncio.Future[object]]:
     mine, pod = socket.socketpair()
     mine.setblocking(False)
@@ -315,3 +251,41 @@ async def test_the_relay_stops_reading_when_a_small_write_pauses_the_transport_a
     finally:
         relay.abort("test over")
         pod.close()
+
+
+async def test_a_pause_stops_every_relay_of_the_connection_not_only_the_writer() -> None:
+    """The write of one stream's relay fills the TLS buffer: the other streams' relays stop reading at once. Before,
+    each stopped only after its own next read and write, so every relay could still queue up to READ_SIZE behind
+    the high-water mark (200 streams: some 50 MiB)."""
+    reqs: list[ConnectRequest] = []
+
+    async def handler(req: ConnectRequest) -> None:
+        reqs.append(req)
+        await req.respond(200)
+        await asyncio.sleep(3600)
+
+    server = Server(handler, high=3000)
+    for port in (80, 81):
+        server.client.send_connect(f"10.0.0.2:{port}")
+    server.send()
+    await turn()
+    server.receive()
+    (writer, pod_a, _), (other, pod_b, _) = (_relay_pair(req.stream) for req in reqs)
+    try:
+        writer.start()
+        other.start()
+        assert writer._reader.watching and other._reader.watching
+        for _ in range(10):
+            pod_a.send(b"x" * 1000)
+            writer._on_readable()
+            if server.proto.write_paused:
+                break
+        assert server.proto.write_paused
+        assert not other._reader.watching, "the other relay would read and queue more behind the mark"
+        server.transport.buffered = 0
+        server.proto.resume_writing()
+        assert writer._reader.watching and other._reader.watching
+    finally:
+        for relay, pod in ((writer, pod_a), (other, pod_b)):
+            relay.abort("test over")
+            pod.close()

@@ -10,29 +10,10 @@ from agent import hbone, tunnel
 from agent.hbone import DataReceived, HboneConnection, ResponseReceived, StreamReset
 from agent.tunnel import HboneStream, TunnelConfig, TunnelStats
 from common.spiffe import Identity
+from tests.support.tunnel_fakes import TakeAll, Transport
 
 
-class RecordingTransport:
-    """What the TLS transport was asked to write, in order."""
-
-    def __init__(self) -> None:
-        self.wire = bytearray()
-        self.writes = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.wire += data
-        self.writes += 1
-
-    def writelines(self, parts: list[bytes | memoryview]) -> None:
-        for part in parts:
-            self.wire += part
-        self.writes += 1
-
-    def is_closing(self) -> bool:
-        return False
-
-
-async def _request(transport: RecordingTransport) -> tuple[HboneConnection, tunnel.ConnectRequest]:
+async def _request(transport: Transport) -> tuple[HboneConnection, tunnel.ConnectRequest]:
     """A server protocol that received one CONNECT, not answered yet, its preface already written."""
 
     async def handler(req: tunnel.ConnectRequest) -> None:
@@ -53,7 +34,7 @@ async def _request(transport: RecordingTransport) -> tuple[HboneConnection, tunn
     return client, req
 
 
-async def _answered_stream(transport: RecordingTransport) -> tuple[HboneConnection, HboneStream]:
+async def _answered_stream(transport: Transport) -> tuple[HboneConnection, HboneStream]:
     """A server protocol with one CONNECT stream whose 200 is queued in the core, not written yet."""
     client, req = await _request(transport)
     req._proto.h2.send_response(req.stream_id, 200)
@@ -61,7 +42,7 @@ async def _answered_stream(transport: RecordingTransport) -> tuple[HboneConnecti
 
 
 async def test_a_small_write_goes_out_after_the_frames_already_queued() -> None:
-    transport = RecordingTransport()
+    transport = Transport()
     client, stream = await _answered_stream(transport)
     assert stream._send(memoryview(b"hello")) == 5
     events = client.receive_data(bytes(transport.wire))
@@ -71,7 +52,7 @@ async def test_a_small_write_goes_out_after_the_frames_already_queued() -> None:
 
 
 async def test_small_writes_are_one_transport_write_each() -> None:
-    transport = RecordingTransport()
+    transport = Transport()
     client, stream = await _answered_stream(transport)
     stream._send(memoryview(b"a"))  # flushes the queued response first
     before = transport.writes
@@ -83,7 +64,7 @@ async def test_small_writes_are_one_transport_write_each() -> None:
 
 
 async def test_a_200_and_the_first_answer_of_the_pod_leave_in_one_write() -> None:
-    transport = RecordingTransport()
+    transport = Transport()
     client, req = await _request(transport)
     before = transport.writes
     await req.respond(200)
@@ -97,7 +78,7 @@ async def test_a_200_and_the_first_answer_of_the_pod_leave_in_one_write() -> Non
 
 
 async def test_a_200_goes_out_within_the_loop_turn_when_the_pod_has_not_answered() -> None:
-    transport = RecordingTransport()
+    transport = Transport()
     client, req = await _request(transport)
     before = transport.writes
     await req.respond(200)
@@ -107,22 +88,10 @@ async def test_a_200_goes_out_within_the_loop_turn_when_the_pod_has_not_answered
     assert ResponseReceived in [type(e) for e in events]
 
 
-class TakeAll(tunnel._Sink):
-    """A relay's stream side that takes every byte at once (a pod socket with room)."""
-
-    def __init__(self) -> None:
-        self.got = bytearray()
-
-    def on_data(self, views: list[memoryview], total: int) -> bool:
-        for v in views:
-            self.got += v
-        return True
-
-
 async def test_handing_the_clients_first_bytes_to_the_pod_does_not_write_the_200_alone() -> None:
     """The client's first bytes arrived with its CONNECT and wait in the stream; attaching the relay hands them to the
     pod and returns their credit, which must not flush the queued 200 ahead of the pod's answer."""
-    transport = RecordingTransport()
+    transport = Transport()
     client, req = await _request(transport)
     proto = req._proto
     client.send_data(req.stream_id, b"ping")

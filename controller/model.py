@@ -140,6 +140,57 @@ class Service:
         return ObjectKey(self.kind, self.meta.namespace, self.meta.name)
 
 
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint of an EndpointSlice. Conditions are None when the slice does not say (Kubernetes: unknown,
+    which consumers read as ready)."""
+
+    addresses: tuple[str, ...]
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+    # targetRef, "" when absent; its namespace defaults to the slice's.
+    target_kind: str = ""
+    target_namespace: str = ""
+    target_name: str = ""
+    target_uid: str = ""
+    node_name: str = ""
+    zone: str = ""
+    hostname: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    # The Service port's name ("" for its unnamed port) and the port the endpoints serve it on; None: all ports.
+    name: str = ""
+    port: int | None = None
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """discovery.k8s.io/v1: the endpoints of the Service named by label kubernetes.io/service-name."""
+
+    meta: Meta
+    address_type: str = "IPv4"  # IPv4, IPv6 or FQDN
+    endpoints: tuple[Endpoint, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()
+    kind: Literal["EndpointSlice"] = "EndpointSlice"
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.meta.namespace, self.meta.name)
+
+    @property
+    def service_name(self) -> str:
+        """The Service these endpoints belong to; "" when the slice belongs to none."""
+        return self.meta.labels.get(SERVICE_NAME_LABEL, "")
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadEntrySpec:
     """The spec of a WorkloadEntry, also used inline as a ServiceEntry endpoint."""
@@ -291,6 +342,7 @@ KObject = (
     | Node
     | Pod
     | Service
+    | EndpointSlice
     | ServiceEntry
     | WorkloadEntry
     | AuthorizationPolicy

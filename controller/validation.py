@@ -29,6 +29,9 @@ from controller.model import (
     AuthorizationPolicy,
     Condition,
     ContainerPort,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
     KObject,
     Meta,
     Namespace,
@@ -58,6 +61,7 @@ API_VERSIONS: Mapping[str, tuple[str, ...]] = {
     "Node": ("v1",),
     "Pod": ("v1",),
     "Service": ("v1",),
+    "EndpointSlice": ("discovery.k8s.io/v1",),
     "ServiceEntry": _ISTIO_NETWORKING,
     "WorkloadEntry": _ISTIO_NETWORKING,
     "AuthorizationPolicy": _ISTIO_SECURITY,
@@ -254,6 +258,18 @@ _SERVICE_SPEC_FIELDS = (
 )
 _SERVICE_PORT_FIELDS = frozenset({"name", "port", "targetPort", "protocol", "appProtocol", "nodePort"})
 _TOP_LEVEL_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+# Kinds whose fields sit beside metadata rather than under spec.
+_KIND_TOP_LEVEL_FIELDS: Mapping[str, frozenset[str]] = {
+    "EndpointSlice": frozenset({"apiVersion", "kind", "metadata", "addressType", "endpoints", "ports"}),
+}
+_ENDPOINT_FIELDS = frozenset(
+    {"addresses", "conditions", "hostname", "targetRef", "nodeName", "zone", "hints", "deprecatedTopology"}
+)
+_TARGET_REF_FIELDS = frozenset({"kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath"})
+# The API server's limits (discovery/v1 validation): more would never reach a real controller.
+MAX_SLICE_ENDPOINTS = 1000
+MAX_SLICE_PORTS = 100
+MAX_ENDPOINT_ADDRESSES = 100
 _SOURCE_FIELDS = {
     "principals": "principals",
     "notPrincipals": "not_principals",
@@ -499,7 +515,7 @@ def _parse_object(ctx: _Ctx, doc: Any) -> KObject | None:
     if api_version not in API_VERSIONS[kind]:
         ctx.error("apiVersion", f"{api_version!r} does not serve kind {kind} (use {' or '.join(API_VERSIONS[kind])})")
         return None
-    _check_unknown(ctx, doc, "", _TOP_LEVEL_FIELDS)
+    _check_unknown(ctx, doc, "", _KIND_TOP_LEVEL_FIELDS.get(kind, _TOP_LEVEL_FIELDS))
     try:
         meta = _parse_meta(ctx, raw_meta)
         builder = _BUILDERS.get(kind)
@@ -1065,6 +1081,100 @@ def _build_service(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Service:
     )
 
 
+def _endpoint_address_check(address_type: str) -> Callable[[str], str | None]:
+    """An endpoint address must be of the slice's addressType (kube-proxy and istiod trust it to be)."""
+
+    def check(value: str) -> str | None:
+        if address_type == "FQDN":
+            ok = len(value) <= 253 and _DNS_SUBDOMAIN.match(value) is not None
+            return None if ok else f"{value!r} is not a DNS subdomain (addressType FQDN)"
+        reason = check_ip(value)
+        if reason is None and (":" in value) != (address_type == "IPv6"):
+            reason = f"{value!r} is not an {address_type} address (addressType {address_type})"
+        return reason
+
+    return check
+
+
+def _endpoint(ctx: _Ctx, item: dict[Any, Any], path: str, address_type: str) -> Endpoint | None:
+    _check_unknown(ctx, item, path, _ENDPOINT_FIELDS)
+    raw = _list(ctx, item, "addresses", path, required=True)
+    if len(raw) > MAX_ENDPOINT_ADDRESSES:
+        ctx.error(f"{path}.addresses", f"{len(raw)} addresses, more than {MAX_ENDPOINT_ADDRESSES}")
+    addresses = _strings(ctx, item, "addresses", path, _endpoint_address_check(address_type))
+    conditions = _mapping(ctx, item, "conditions", path, ("ready", "serving", "terminating"))
+    flags = [
+        None if conditions.get(name) is None else _bool(ctx, conditions, name, f"{path}.conditions")
+        for name in ("ready", "serving", "terminating")
+    ]
+    ref = _mapping(ctx, item, "targetRef", path, _TARGET_REF_FIELDS)
+    ref_path = f"{path}.targetRef"
+    target = [_str(ctx, ref, name, ref_path) for name in ("kind", "namespace", "name", "uid")]
+    for name in ("apiVersion", "resourceVersion", "fieldPath"):
+        _str(ctx, ref, name, ref_path)
+    node_name = _str(ctx, item, "nodeName", path)
+    if node_name and (len(node_name) > 253 or not _DNS_SUBDOMAIN.match(node_name)):
+        ctx.error(f"{path}.nodeName", f"{node_name!r} is not a valid node name")
+    hostname = _str(ctx, item, "hostname", path)
+    if hostname and (len(hostname) > 63 or not _DNS_LABEL.match(hostname)):
+        ctx.error(f"{path}.hostname", f"{hostname!r} is not a DNS label")
+    _mapping(ctx, item, "hints", path, None)
+    _mapping(ctx, item, "deprecatedTopology", path, None)
+    if len(addresses) != len(raw):
+        return None
+    return Endpoint(
+        addresses=addresses,
+        ready=flags[0],
+        serving=flags[1],
+        terminating=flags[2],
+        target_kind=target[0],
+        target_namespace=target[1],
+        target_name=target[2],
+        target_uid=target[3],
+        node_name=node_name,
+        zone=_str(ctx, item, "zone", path),
+        hostname=hostname,
+    )
+
+
+def _endpoint_port(ctx: _Ctx, item: dict[Any, Any], path: str) -> EndpointPort | None:
+    _check_unknown(ctx, item, path, ("name", "port", "protocol", "appProtocol"))
+    # The API server's defaults: an unnamed port is the Service's unnamed one, TCP unless said otherwise.
+    name = _str(ctx, item, "name", path)
+    if name and (len(name) > 63 or not _DNS_LABEL.match(name)):
+        ctx.error(f"{path}.name", f"{name!r} is not a DNS label (it names a port of the Service)")
+    port = None if item.get("port") is None else _port(ctx, item["port"], f"{path}.port")
+    protocol = _enum(ctx, item, "protocol", path, ("TCP", "UDP", "SCTP"), "TCP")
+    return EndpointPort(name=name, port=port, protocol=protocol, app_protocol=_str(ctx, item, "appProtocol", path))
+
+
+def _build_endpoint_slice(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> EndpointSlice:
+    if doc.get("addressType") is None:
+        ctx.error("addressType", "required field is missing")
+        raise _Invalid
+    address_type = _enum(ctx, doc, "addressType", "", ("IPv4", "IPv6", "FQDN"), "")
+    if not address_type:
+        raise _Invalid  # every address would be judged against the wrong family
+    raw_endpoints = _list(ctx, doc, "endpoints", "")
+    if len(raw_endpoints) > MAX_SLICE_ENDPOINTS:
+        ctx.error("endpoints", f"{len(raw_endpoints)} endpoints, more than {MAX_SLICE_ENDPOINTS}")
+    endpoints = _each(ctx, raw_endpoints, "endpoints", lambda d, p: _endpoint(ctx, d, p, address_type))
+    raw_ports = _list(ctx, doc, "ports", "")
+    if len(raw_ports) > MAX_SLICE_PORTS:
+        ctx.error("ports", f"{len(raw_ports)} ports, more than {MAX_SLICE_PORTS}")
+    ports = _each(ctx, raw_ports, "ports", lambda d, p: _endpoint_port(ctx, d, p))
+    seen: set[str] = set()
+    for i, port in enumerate(ports):
+        if port.name in seen:
+            # Which of the two would the Service's port of that name be served on?
+            ctx.error(f"ports[{i}].name", f"duplicate port name {port.name!r}")
+        seen.add(port.name)
+    service = meta.labels.get(model.SERVICE_NAME_LABEL)
+    if service is not None and (len(service) > 63 or not _DNS1035_LABEL.match(service)):
+        ctx.error(f"metadata.labels[{model.SERVICE_NAME_LABEL}]", f"{service!r} cannot name a Service")
+    return EndpointSlice(meta, address_type=address_type, endpoints=endpoints, ports=ports)
+
+
 # --- Istio networking -------------------------------------------------------------------------------------------
 
 
@@ -1397,6 +1507,7 @@ _BUILDERS: Mapping[str, Callable[[_Ctx, Meta, dict[Any, Any]], KObject]] = {
     "Node": _build_node,
     "Pod": _build_pod,
     "Service": _build_service,
+    "EndpointSlice": _build_endpoint_slice,
     "ServiceEntry": _build_service_entry,
     "WorkloadEntry": _build_workload_entry,
     "AuthorizationPolicy": _build_authorization_policy,

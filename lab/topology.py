@@ -28,6 +28,7 @@ CONTROLLER_KINDS = frozenset(
         "RequestAuthentication",
         "ServiceEntry",
         "WorkloadEntry",
+        "EndpointSlice",
         "Gateway",
         "HTTPRoute",
     }

@@ -110,8 +110,9 @@ CASES = [
     pytest.param(
         docs(NODE1, "kind: Deployment\nmetadata: {name: x, namespace: demo}\n"),
         [
-            "{f}:Deployment/demo/x: kind: unknown kind 'Deployment' (known: AuthorizationPolicy, Gateway, HTTPRoute, "
-            "Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Service, ServiceEntry, WorkloadEntry)"
+            "{f}:Deployment/demo/x: kind: unknown kind 'Deployment' (known: AuthorizationPolicy, EndpointSlice, "
+            "Gateway, HTTPRoute, Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Service, "
+            "ServiceEntry, WorkloadEntry)"
         ],
         id="unknown-kind",
     ),

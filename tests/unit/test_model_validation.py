@@ -131,8 +131,8 @@ ERROR_CASES = [
     (_doc("Pod", kind=None), "f.yaml:?/demo/web-0: kind: required field is missing"),
     (
         _doc("Pod", kind="Deployment"),
-        "f.yaml:Deployment/demo/web-0: kind: unknown kind 'Deployment' in document #1 (known: AuthorizationPolicy, Gateway, HTTPRoute, "
-        "Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Service, ServiceEntry, WorkloadEntry)",
+        "f.yaml:Deployment/demo/web-0: kind: unknown kind 'Deployment' in document #1 (known: AuthorizationPolicy, "
+        "EndpointSlice, Gateway, HTTPRoute, Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Service, ServiceEntry, WorkloadEntry)",
     ),
     (
         _doc("Pod", apiVersion="apps/v1"),

@@ -63,6 +63,8 @@ RESOURCES = (
     Resource("Node", "nodes"),
     Resource("Pod", "pods"),
     Resource("Service", "services"),
+    # Built in, but outside the core group: read through the generic API like the CRDs (same path and JSON).
+    Resource("EndpointSlice", "endpointslices", "v1", group="discovery.k8s.io"),
     Resource("ServiceEntry", "serviceentries", "v1", older="v1beta1", group="networking.istio.io"),
     Resource("WorkloadEntry", "workloadentries", "v1", older="v1beta1", group="networking.istio.io"),
     Resource("AuthorizationPolicy", "authorizationpolicies", "v1", older="v1beta1", group="security.istio.io"),

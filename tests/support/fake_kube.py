@@ -57,6 +57,7 @@ COLLECTIONS = {
     "/api/v1/nodes": ("Node", "v1"),
     "/api/v1/pods": ("Pod", "v1"),
     "/api/v1/services": ("Service", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
     "/apis/networking.istio.io/v1/serviceentries": ("ServiceEntry", "networking.istio.io/v1"),
     "/apis/networking.istio.io/v1/workloadentries": ("WorkloadEntry", "networking.istio.io/v1"),
     "/apis/security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1"),
@@ -67,7 +68,9 @@ COLLECTIONS = {
 class FakeKube:
     def __init__(self) -> None:
         self.collections = {
-            path: Collection(kind, api, builtin=path.startswith("/api/")) for path, (kind, api) in COLLECTIONS.items()
+            # Built-in kinds' list items come without kind and apiVersion (CRDs' keep them), in any group.
+            path: Collection(kind, api, builtin=path.startswith(("/api/", "/apis/discovery.k8s.io/")))
+            for path, (kind, api) in COLLECTIONS.items()
         }
         self.resource_version = 100
         self.cond = threading.Condition()

@@ -7,7 +7,8 @@ and reports the ones whose protobuf actually changed.
 
 Resource names follow istiod: a workload by its uid (`<cluster>//Pod/<ns>/<name>`,
 `<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>`,
-`<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`), a service by `<ns>/<hostname>`, a policy by
+`<cluster>/networking.istio.io/ServiceEntry/<ns>/<name>/<address>`,
+`<cluster>/discovery.k8s.io/EndpointSlice/<ns>/<name>/<address>`), a service by `<ns>/<hostname>`, a policy by
 `<ns>/<name>`.
 """
 
@@ -26,6 +27,8 @@ from api.istio.workload import workload_pb2 as wl
 from controller import translate_policy
 from controller.model import (
     AuthorizationPolicy,
+    Endpoint,
+    EndpointSlice,
     KObject,
     Namespace,
     Node,
@@ -85,7 +88,9 @@ _TRAFFIC_DISTRIBUTIONS: Mapping[str, list[wl.LoadBalancing.Scope]] = {
 _TRAFFIC_DISTRIBUTION_ANNOTATIONS = {name.lower(): order for name, order in _TRAFFIC_DISTRIBUTIONS.items()}
 
 Labels = Mapping[str, str]
-_B = TypeVar("_B", str, tuple[str, str, str])
+_B = TypeVar("_B", str, tuple[str, str], tuple[str, str, str])
+# A pod an EndpointSlice endpoint names by targetRef: (namespace, name, uid).
+_PodRef = tuple[str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,21 +122,22 @@ def _anchor(selector: Labels) -> tuple[str, str]:
     return min(selector.items()) if selector else _ALL
 
 
-def _load_balancing(obj: Service | ServiceEntry) -> wl.LoadBalancing | None:
+def _load_balancing(obj: Service | ServiceEntry, has_slices: bool = False) -> wl.LoadBalancing | None:
     """How ztunnel is to pick this service's endpoints, as istiod's constructService sets it: PreferClose or
     PreferSameZone (the field, or the annotation also ServiceEntries may carry) ranks by network, region, zone,
     subzone with failover, PreferSameNode then by node;
     internalTrafficPolicy Local keeps to the client's node strictly; publishNotReadyAddresses sends to endpoints
-    that are not ready; a ServiceEntry with resolution NONE, or a Service without a selector, passes connections
-    through. None: any healthy endpoint."""
+    that are not ready; a ServiceEntry with resolution NONE, or a Service without a selector that no EndpointSlice
+    serves (`has_slices`), passes connections through. None: any healthy endpoint."""
     if isinstance(obj, ServiceEntry) and obj.resolution == "NONE":
         # Connections go to the address the client dialled; ztunnel picks no endpoint for a PASSTHROUGH service
         # (without it, a service with no endpoints refuses every connection: NoHealthyUpstream).
         return _LB(mode=_LB.PASSTHROUGH, health_policy=_LB.ALLOW_ALL)
-    if isinstance(obj, Service) and obj.selector is None:
-        # Endpoints managed outside Kubernetes' selector (manual EndpointSlices: an external database, ...), which
-        # this controller does not read (istiod turns them into workloads): the VIP is passed through, for
-        # kube-proxy to route as it would without the mesh, instead of being refused for want of endpoints.
+    if isinstance(obj, Service) and obj.selector is None and not has_slices:
+        # Endpoints managed outside Kubernetes' selector, with no EndpointSlice read for them (yet): the VIP is
+        # passed through, for kube-proxy to route as it would without the mesh, instead of being refused for want
+        # of endpoints. Once a slice serves it, its endpoints are workloads (istiod's EndpointSlice workloads) and
+        # the agents balance over them like over pods.
         return _LB(mode=_LB.PASSTHROUGH)
     annotation = obj.meta.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "")
     preference = _TRAFFIC_DISTRIBUTION_ANNOTATIONS.get(annotation.lower())
@@ -185,6 +191,10 @@ class Translator:
         # Selector-scoped authorization policies that are sent to agents, by (namespace, anchor label, value).
         self._policy_selectors: dict[tuple[str, str, str], set[ObjectKey]] = {}
         self._peer_auths_by_ns: dict[str, set[ObjectKey]] = {}
+        # EndpointSlices by the (namespace, Service name) they serve, and by the (namespace, name) of each pod their
+        # endpoints name by targetRef.
+        self._slices_by_service: dict[tuple[str, str], set[ObjectKey]] = {}
+        self._slices_by_pod: dict[tuple[str, str], set[ObjectKey]] = {}
         # Identities of non-terminal pods per node, for the CA's node authorization.
         self._identities_by_node: dict[str, Counter[tuple[str, str]]] = {}
         # Output state.
@@ -276,6 +286,10 @@ class Translator:
             _toggle(self._peer_auths_by_ns, ns, key, add)
         elif isinstance(obj, AuthorizationPolicy) and obj.selector is not None and translate_policy.sent_to_agents(obj):
             _toggle(self._policy_selectors, (ns, *_anchor(obj.selector)), key, add)
+        if isinstance(obj, EndpointSlice) and obj.service_name:
+            _toggle(self._slices_by_service, (ns, obj.service_name), key, add)
+            for pod_ns, pod_name, _ in _slice_pod_refs(obj):
+                _toggle(self._slices_by_pod, (pod_ns, pod_name), key, add)
         if isinstance(obj, Service) and obj.selector:
             _toggle(self._service_selectors, (ns, *_anchor(obj.selector)), key, add)
         if isinstance(obj, ServiceEntry) and obj.workload_selector is not None:
@@ -333,6 +347,34 @@ class Translator:
             for svc in (old, new):
                 if isinstance(svc, Service) and svc.selector:
                     self._dirty_workloads.update(self._selected(ns, svc.selector, ("Pod", "WorkloadEntry")))
+            # Its EndpointSlices' workloads map its ports, and pods its slices name carry it.
+            for slice_key in self._slices_by_service.get((ns, obj.meta.name), ()):
+                self._dirty_workloads.add(slice_key)
+                slc = self._objects.get(slice_key)
+                if isinstance(slc, EndpointSlice):
+                    self._dirty_workloads.update(
+                        ObjectKey("Pod", p_ns, p_name) for p_ns, p_name, _ in _slice_pod_refs(slc)
+                    )
+        elif isinstance(obj, EndpointSlice):
+            self._dirty_workloads.add(obj.key)
+            for slc in (old, new):
+                if not isinstance(slc, EndpointSlice):
+                    continue
+                svc = self._objects.get(ObjectKey("Service", ns, slc.service_name))
+                if isinstance(svc, Service) and svc.selector is None:
+                    self._dirty_services.add(svc.key)  # whether it is passed through depends on its slices
+            # Pods that joined or left the slice gain or lose its Service (a change of readiness touches none).
+            old_refs = _slice_pod_refs(old) if isinstance(old, EndpointSlice) else set()
+            new_refs = _slice_pod_refs(new) if isinstance(new, EndpointSlice) else set()
+            if (
+                isinstance(old, EndpointSlice)
+                and isinstance(new, EndpointSlice)
+                and old.service_name != new.service_name
+            ):
+                changed = old_refs | new_refs
+            else:
+                changed = old_refs ^ new_refs
+            self._dirty_workloads.update(ObjectKey("Pod", p_ns, p_name) for p_ns, p_name, _ in changed)
         elif isinstance(obj, ServiceEntry):
             self._dirty_services.add(obj.key)
             self._dirty_workloads.add(obj.key)
@@ -514,7 +556,7 @@ class Translator:
                 hostname=hostname,
                 addresses=addresses,
                 ports=ports,
-                load_balancing=_load_balancing(obj),
+                load_balancing=_load_balancing(obj, self._has_slices(obj)),
                 ip_families=_IP_FAMILIES.get(obj.ip_families, wl.DUAL),
                 canonical=True,  # istiod: a Kubernetes Service is always canonical for its hostname
             )
@@ -543,6 +585,13 @@ class Translator:
             for host in obj.hosts
         }
 
+    def _has_slices(self, svc: Service) -> bool:
+        """Whether an EndpointSlice that can list addresses serves `svc` (even an empty one: none are ready)."""
+        return any(
+            isinstance(slc := self._objects.get(key), EndpointSlice) and slc.address_type != "FQDN"
+            for key in self._slices_by_service.get((svc.meta.namespace, svc.meta.name), ())
+        )
+
     def service_hostname(self, name: str, namespace: str) -> str:
         return f"{name}.{namespace}.svc.{self.config.domain_suffix}"
 
@@ -561,6 +610,8 @@ class Translator:
                 uid = self.service_entry_uid(obj, spec.address)
                 if uid not in built:
                     built[uid] = self._build_entry(obj, spec, uid, hosts, obj.meta.name)
+        elif isinstance(obj, EndpointSlice):
+            built = self._build_slice_workloads(obj)
         previous = self._owned_workloads.pop(key, set())
         for uid in previous - built.keys():
             self._set_address(uid, None, delta)
@@ -580,6 +631,74 @@ class Translator:
     def service_entry_uid(self, entry: ServiceEntry, address: str) -> str:
         ns, name = entry.meta.namespace, entry.meta.name
         return f"{self.config.cluster_id}/networking.istio.io/ServiceEntry/{ns}/{name}/{address}"
+
+    def endpoint_slice_uid(self, slc: EndpointSlice, address: str) -> str:
+        ns, name = slc.meta.namespace, slc.meta.name
+        return f"{self.config.cluster_id}/discovery.k8s.io/EndpointSlice/{ns}/{name}/{address}"
+
+    def _slice_service(self, slc: EndpointSlice) -> Service | None:
+        """The Service a slice serves, when it exists and is one ztunnel balances (not ExternalName)."""
+        if not slc.service_name or slc.address_type == "FQDN":
+            return None
+        svc = self._objects.get(ObjectKey("Service", slc.meta.namespace, slc.service_name))
+        return svc if isinstance(svc, Service) and svc.type != "ExternalName" else None
+
+    def _build_slice_workloads(self, slc: EndpointSlice) -> dict[str, wl.Address]:
+        """istiod's EndpointSlice workloads: one per endpoint that is not a pod (a pod is its own, richer workload),
+        known only by its addresses. Nothing says who it is, so it is out of the mesh (no tunnel, no identity, no
+        policy); its address may be shared (a node, a load balancer), hence HOST_NETWORK, which no agent treats as
+        owning the address. Ports: each slice port serves the Service port of its name on its own number."""
+        svc = self._slice_service(slc)
+        if svc is None:
+            return {}
+        ns = slc.meta.namespace
+        service_ports = {p.name: p.port for p in svc.ports if p.protocol == "TCP"}
+        ports = [
+            wl.Port(service_port=service_ports[p.name], target_port=p.port)
+            for p in slc.ports
+            if p.port is not None and p.protocol == "TCP" and p.name in service_ports
+        ]
+        service_name = f"{ns}/{self.service_hostname(svc.meta.name, ns)}"
+        built: dict[str, wl.Address] = {}
+        for endpoint in slc.endpoints:
+            if endpoint.target_kind == "Pod":
+                continue
+            uid = self.endpoint_slice_uid(slc, endpoint.addresses[0])
+            if uid in built:
+                continue  # the same address twice in one slice: one workload, as istiod
+            address = wl.Address(
+                workload=dict(
+                    uid=uid,
+                    name=slc.meta.name,
+                    namespace=ns,
+                    addresses=[_packed(ip) for ip in endpoint.addresses],
+                    network=self.config.network,
+                    trust_domain=self._trust_domain(),
+                    # Kubernetes: an unset condition is unknown, read as ready.
+                    status=wl.UNHEALTHY if endpoint.ready is False else wl.HEALTHY,
+                    cluster_id=self.config.cluster_id,
+                    network_mode=wl.HOST_NETWORK,
+                )
+            )
+            address.workload.services[service_name].ports.extend(ports)
+            built[uid] = address
+        return built
+
+    def _slice_services_of(self, pod: Pod) -> list[Service]:
+        """Services whose EndpointSlices name `pod` by targetRef (istiod's matchingServicesWithoutSelectors): how a
+        pod joins a Service without a selector whose endpoints another controller keeps."""
+        meta = pod.meta
+        found: dict[str, Service] = {}
+        for key in self._slices_by_pod.get((meta.namespace, meta.name), ()):
+            slc = self._objects.get(key)
+            if not isinstance(slc, EndpointSlice):
+                continue
+            svc = self._slice_service(slc)
+            if svc is None or svc.meta.name in found:
+                continue
+            if any(_names_pod(slc, endpoint, pod) for endpoint in slc.endpoints):
+                found[svc.meta.name] = svc
+        return [found[name] for name in sorted(found)]
 
     def _enrolled(self, pod: Pod) -> bool:
         """istio-cni's default enablement: the pod's label says `ambient`, or its namespace's does and the pod's is
@@ -626,6 +745,10 @@ class Translator:
         if locality is not None:
             workload.locality.CopyFrom(locality)
         self._fill_services(workload, pod, meta.namespace, meta.labels)
+        for svc in self._slice_services_of(pod):
+            hostname = self.service_hostname(svc.meta.name, meta.namespace)
+            if f"{meta.namespace}/{hostname}" not in workload.services:  # selected already: the same ports
+                self._add_service_ports(workload, svc, pod)
         return address
 
     def _build_entry(
@@ -718,14 +841,7 @@ class Translator:
         """Per-service port maps for the Services and ServiceEntries whose selector matches `subject`."""
         for svc in self._selecting_services(ns, labels):
             if isinstance(svc, Service):
-                hostname = self.service_hostname(svc.meta.name, ns)
-                ports = workload.services[f"{ns}/{hostname}"].ports
-                for port in svc.ports:
-                    if port.protocol != "TCP":
-                        continue
-                    target = _resolve_target(port.target_port, port.port, port.name, subject)
-                    if target is not None:
-                        ports.add(service_port=port.port, target_port=target)
+                self._add_service_ports(workload, svc, subject)
             else:
                 for host in svc.hosts:
                     ports = workload.services[f"{ns}/{host}"].ports
@@ -735,6 +851,16 @@ class Translator:
                         named = _named_port(subject, se_port.name) if se_port.name else None
                         target = named or se_port.target_port or se_port.number
                         ports.add(service_port=se_port.number, target_port=target)
+
+    def _add_service_ports(self, workload: wl.Workload, svc: Service, subject: Pod | WorkloadEntry) -> None:
+        ns = svc.meta.namespace
+        ports = workload.services[f"{ns}/{self.service_hostname(svc.meta.name, ns)}"].ports
+        for port in svc.ports:
+            if port.protocol != "TCP":
+                continue
+            target = _resolve_target(port.target_port, port.port, port.name, subject)
+            if target is not None:
+                ports.add(service_port=port.port, target_port=target)
 
     def _policies_for(self, ns: str, labels: Labels) -> list[str]:
         """Selector policies, then PeerAuthentication-derived ones, as istiod lists them; memoised for one rebuild."""
@@ -764,6 +890,29 @@ class Translator:
 
 
 _SUBJECT_KINDS = ("Pod", "WorkloadEntry", "ServiceEntry")
+
+
+def _slice_pod_refs(slc: EndpointSlice) -> set[_PodRef]:
+    """The pods a Service's slice names by targetRef (a slice of no Service, or of names, names none that matter)."""
+    if not slc.service_name or slc.address_type == "FQDN":
+        return set()
+    ns = slc.meta.namespace
+    return {
+        (e.target_namespace or ns, e.target_name, e.target_uid)
+        for e in slc.endpoints
+        if e.target_kind == "Pod" and e.target_name
+    }
+
+
+def _names_pod(slc: EndpointSlice, endpoint: Endpoint, pod: Pod) -> bool:
+    """Whether `endpoint` is `pod`: by namespace and name, and by uid when both have one (a pod recreated under
+    the same name is another pod until the slice's controller catches up)."""
+    meta = pod.meta
+    return (
+        endpoint.target_kind == "Pod"
+        and (endpoint.target_namespace or slc.meta.namespace, endpoint.target_name) == (meta.namespace, meta.name)
+        and (not endpoint.target_uid or not meta.uid or endpoint.target_uid == meta.uid)
+    )
 
 
 def _policy_selects(policy: KObject | None, labels: Labels) -> bool:

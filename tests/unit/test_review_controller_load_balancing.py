@@ -54,8 +54,9 @@ def test_traffic_distribution_values(spec: str, annotations: str, want: str | No
 
 
 def test_service_without_selector_is_passed_through_to_its_vip() -> None:
-    # Its endpoints live in EndpointSlices the controller does not read, so the agent had none and refused every
-    # connection from an enrolled pod (no_healthy_upstream); kube-proxy routes the VIP when it is passed through.
+    # With no EndpointSlice read for it the agent had no endpoints and refused every connection from an enrolled
+    # pod (no_healthy_upstream); kube-proxy routes the VIP when it is passed through. (With slices it is balanced:
+    # tests/unit/test_controller_endpointslices.py.)
     text = """apiVersion: v1
 kind: Namespace
 metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}

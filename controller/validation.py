@@ -1170,7 +1170,8 @@ def _build_endpoint_slice(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Endpoin
             ctx.error(f"ports[{i}].name", f"duplicate port name {port.name!r}")
         seen.add(port.name)
     service = meta.labels.get(model.SERVICE_NAME_LABEL)
-    if service is not None and (len(service) > 63 or not _DNS1035_LABEL.match(service)):
+    # A typo in a file; from the API server, a slice some other controller labels for no Service is just unused.
+    if ctx.strict and service is not None and (len(service) > 63 or not _DNS1035_LABEL.match(service)):
         ctx.error(f"metadata.labels[{model.SERVICE_NAME_LABEL}]", f"{service!r} cannot name a Service")
     return EndpointSlice(meta, address_type=address_type, endpoints=endpoints, ports=ports)
 

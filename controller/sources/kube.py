@@ -11,8 +11,8 @@ exponentially (0.2 s doubling to 30 s).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
-workers (cores + 4) and seven never-ending watches would starve every other ``to_thread`` user in the process.
-Threads do only HTTP and JSON decoding; all state changes happen on the event loop through
+workers (cores + 4) and a never-ending watch per resource would starve every other ``to_thread`` user in the
+process. Threads do only HTTP and JSON decoding; all state changes happen on the event loop through
 ``loop.call_soon_threadsafe``. Objects are fed to validation as the plain JSON dicts the API server sent, the
 same shape as YAML documents from the file source, validated with ``strict=False`` because the API server has
 already checked them and may serve fields newer than this code.

@@ -19,7 +19,7 @@ from controller.monitoring import ControllerMetrics
 from controller.sources.kube import KubeSource, api_client
 from controller.store import ConfigStore
 from controller.translate import Translator
-from controller.validation import parse_yaml_text
+from controller.validation import parse_documents, parse_yaml_text
 from tests.support.fake_kube import namespace, serve
 from tests.support.xds_controller import wait_for
 
@@ -308,3 +308,13 @@ def test_slice_turning_from_names_to_addresses_brings_its_pods_in() -> None:
     assert DB not in t.addresses()["Kubernetes//Pod/demo/web-0"].workload.services  # istiod skips FQDN slices
     t.apply(parse(slice_text))
     assert DB in t.addresses()["Kubernetes//Pod/demo/web-0"].workload.services
+
+
+def test_a_slice_the_api_server_labels_for_no_service_is_accepted_and_unused() -> None:
+    # Another controller's bag of addresses: nothing to reject (the API server took it), nothing to serve.
+    doc = _kube_slice(ready=True)
+    doc["metadata"]["labels"] = {"kubernetes.io/service-name": "Not_A_Service"}
+    result = parse_documents("kube", [doc], strict=False)
+    assert result.errors == [] and len(result.objects) == 1
+    t = translated(BASE)
+    assert not t.apply(result.objects)

@@ -214,9 +214,11 @@ def _relay_pair(stream: tunnel.HboneStream) -> tuple[tunnel._TcpRelay, socket.so
     return tunnel._TcpRelay(mine, stream, done), pod, done  # type: ignore[arg-type]
 
 
-async def test_the_relay_stops_reading_when_a_small_write_pauses_the_transport_and_resumes_after() -> None:
+async def test_a_small_write_that_pauses_the_transport_stops_every_relay_until_resumed() -> None:
     """Each pod read is one small DATA frame written at once; the write that crosses the transport's high-water
-    mark pauses it (from inside the write): the relay must stop reading there, and read again on resume."""
+    mark pauses it (from inside the write): the writing relay must stop reading there, and so must every other
+    relay of the connection, at once. Before, each other relay stopped only after its own next read and write, so
+    each could still queue up to READ_SIZE behind the mark (200 streams: some 50 MiB). All read again on resume."""
     reqs: list[ConnectRequest] = []
 
     async def handler(req: ConnectRequest) -> None:
@@ -226,13 +228,15 @@ async def test_the_relay_stops_reading_when_a_small_write_pauses_the_transport_a
 
     server = Server(handler, high=3000)
     sid = server.client.send_connect("10.0.0.2:80")
+    server.client.send_connect("10.0.0.2:81")
     server.send()
     await turn()
     server.receive()
-    relay, pod, _done = _relay_pair(reqs[0].stream)
+    (relay, pod, _), (other, other_pod, _) = (_relay_pair(req.stream) for req in reqs)
     try:
         relay.start()
-        assert relay._reader.watching
+        other.start()
+        assert relay._reader.watching and other._reader.watching
         for _ in range(10):
             pod.send(b"x" * 1000)
             relay._on_readable()
@@ -240,52 +244,16 @@ async def test_the_relay_stops_reading_when_a_small_write_pauses_the_transport_a
                 break
         assert server.proto.write_paused
         assert not relay._reader.watching
+        assert not other._reader.watching, "the other relay would read and queue more behind the mark"
         pod.send(b"y" * 10)
         server.transport.buffered = 0
         server.proto.resume_writing()
-        assert relay._reader.watching
+        assert relay._reader.watching and other._reader.watching
         relay._on_readable()
         events = server.receive()
         got = b"".join(bytes(e.data) for e in events if isinstance(e, DataReceived) and e.stream_id == sid)
         assert got.endswith(b"y" * 10) and got.count(b"x") == len(got) - 10
     finally:
-        relay.abort("test over")
-        pod.close()
-
-
-async def test_a_pause_stops_every_relay_of_the_connection_not_only_the_writer() -> None:
-    """The write of one stream's relay fills the TLS buffer: the other streams' relays stop reading at once. Before,
-    each stopped only after its own next read and write, so every relay could still queue up to READ_SIZE behind
-    the high-water mark (200 streams: some 50 MiB)."""
-    reqs: list[ConnectRequest] = []
-
-    async def handler(req: ConnectRequest) -> None:
-        reqs.append(req)
-        await req.respond(200)
-        await asyncio.sleep(3600)
-
-    server = Server(handler, high=3000)
-    for port in (80, 81):
-        server.client.send_connect(f"10.0.0.2:{port}")
-    server.send()
-    await turn()
-    server.receive()
-    (writer, pod_a, _), (other, pod_b, _) = (_relay_pair(req.stream) for req in reqs)
-    try:
-        writer.start()
-        other.start()
-        assert writer._reader.watching and other._reader.watching
-        for _ in range(10):
-            pod_a.send(b"x" * 1000)
-            writer._on_readable()
-            if server.proto.write_paused:
-                break
-        assert server.proto.write_paused
-        assert not other._reader.watching, "the other relay would read and queue more behind the mark"
-        server.transport.buffered = 0
-        server.proto.resume_writing()
-        assert writer._reader.watching and other._reader.watching
-    finally:
-        for relay, pod in ((writer, pod_a), (other, pod_b)):
-            relay.abort("test over")
-            pod.close()
+        for r, p in ((relay, pod), (other, other_pod)):
+            r.abort("test over")
+            p.close()

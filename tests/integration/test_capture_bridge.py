@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.redirect import RedirectConfig, Redirector, cleanup
+from agent.redirect import RedirectConfig, Redirector
 from agent.redirect_maps import RedirectMaps
 from tests.integration.test_redirect_capture import _fragments, _mac, _next_seqs, _send_frame, _tcp_packet
 from tests.support import redirect_topology as rt
@@ -97,12 +97,7 @@ def bridged() -> Iterator[Bridged]:
         topo.probe_server(topo.node, *LISTENER)
         yield env
     finally:
-        try:
-            env.r.close()
-            with rt.enter(topo.node):
-                cleanup(config)
-        finally:
-            topo.down()
+        rt.take_down(topo, env.r, config)
 
 
 def _captured(got: str, listener: int, orig: str, peer: str) -> bool:

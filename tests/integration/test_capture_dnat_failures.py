@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent.redirect import DNAT_FAILURE, RedirectConfig, Redirector, cleanup
+from agent.redirect import DNAT_FAILURE, RedirectConfig, Redirector
 from tests.support import redirect_topology as rt
 from tests.support.mesh import table_held_elsewhere
 
@@ -84,12 +84,7 @@ def env(require_root: None) -> Iterator[Env]:
         assert e.enroll() == {}
         yield e
     finally:
-        try:
-            e.r.close()
-            with rt.enter(topo.node):
-                cleanup(config)
-        finally:
-            topo.down()
+        rt.take_down(topo, e.r, config)
 
 
 def test_a_dnated_connection_to_the_pods_hbone_port_goes_to_the_hbone_listener(env: Env) -> None:

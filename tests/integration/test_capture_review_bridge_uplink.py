@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.redirect import RedirectConfig, Redirector, cleanup
+from agent.redirect import RedirectConfig, Redirector
 from tests.integration.test_capture_bridge import GATEWAY, GATEWAY6, LISTENER, Bridged
 from tests.support import redirect_topology as rt
 
@@ -48,12 +48,7 @@ def overlaid() -> Iterator[tuple[Bridged, str, str]]:
         topo.probe_server(topo.node, *LISTENER)
         yield env, topo.remote, topo.uplink
     finally:
-        try:
-            env.r.close()
-            with rt.enter(topo.node):
-                cleanup(config)
-        finally:
-            topo.down()
+        rt.take_down(topo, env.r, config)
 
 
 def test_an_uplink_port_of_a_bridge_never_sends_as_a_local_pod(overlaid: tuple[Bridged, str, str]) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.redirect import RedirectConfig, Redirector, cleanup
+from agent.redirect import RedirectConfig, Redirector
 from tests.support import redirect_topology as rt
 
 OTHER_POD = "10.66.5.7"  # a pod of the node behind the second network
@@ -50,11 +50,8 @@ def routed() -> Iterator[tuple[rt.Topology, Redirector, str, str]]:
         yield topo, r, sec, ifname
     finally:
         try:
-            r.close()
-            with rt.enter(topo.node):
-                cleanup(config)
+            rt.take_down(topo, r, config)
         finally:
-            topo.down()
             subprocess.run(["ip", "netns", "del", sec], capture_output=True)
 
 

@@ -108,12 +108,7 @@ def env() -> Iterator[Env]:
         e.start_listener()
         yield e
     finally:
-        try:
-            e.r.close()
-            with rt.enter(topo.node):
-                cleanup(config)
-        finally:
-            topo.down()
+        rt.take_down(topo, e.r, config)
 
 
 def _tc_prog_id(env: Env, ifname: str) -> int:

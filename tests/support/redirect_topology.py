@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.redirect import RedirectConfig, Redirector, cleanup
+
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +118,17 @@ def enter(netns: str) -> Iterator[None]:
         _libc.setns(back, _CLONE_NEWNET)
         os.close(back)
         os.close(target)
+
+
+def take_down(topo: Topology, redirector: Redirector, config: RedirectConfig) -> None:
+    """Close the redirector, remove what its instance left in the node netns (pins, filters, the DNAT table), and
+    take the topology down, the last even when the others fail."""
+    try:
+        redirector.close()
+        with enter(topo.node):
+            cleanup(config)
+    finally:
+        topo.down()
 
 
 def up(pods: tuple[str, ...] = ("pa", "pb", "pc")) -> Topology:

@@ -135,6 +135,38 @@ def test_deny_policy_blocks_one_caller_while_others_pass(mesh: Lab) -> None:
     wait_for(lambda: _echo_ok(mesh, "demo/client", server), "DENY policy removal")
 
 
+SLICED_SERVICE_VIP = "10.96.0.77"
+SLICED_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-db, namespace: demo}
+spec: {clusterIP: 10.96.0.77, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: legacy-db-manual
+  namespace: demo
+  labels: {kubernetes.io/service-name: legacy-db}
+addressType: IPv4
+ports: [{name: pg, port: 9000}]
+endpoints:
+  - addresses: [10.244.2.20]
+"""
+
+
+def test_a_service_without_selector_is_balanced_over_its_endpointslice(mesh: Lab) -> None:
+    """Endpoints kept by hand (an external database, a VM): the agent balances the VIP over the slice's endpoint,
+    here legacy/web's echo port, outside the mesh. The lab has no kube-proxy, so before EndpointSlices were read
+    (the VIP passed through) nothing answered it."""
+    with config_file(mesh, "legacy-db.yaml", SLICED_SERVICE):
+        wait_for(lambda: _echo_ok(mesh, "demo/client", SLICED_SERVICE_VIP, 5432), "the slice's endpoint to answer")
+        web = f"{_ip(mesh, 'legacy/web')}:9000"
+        wait_for(lambda: bool(_access(mesh, "node1", **{"dst.service": "legacy-db.demo.svc.cluster.local"})), "its log")
+        out = _access(mesh, "node1", **{"dst.service": "legacy-db.demo.svc.cluster.local"})
+        assert out[-1]["dst.addr"] == web and out[-1]["direction"] == "outbound", out[-1]
+
+
 def test_strict_denies_plaintext_from_a_non_mesh_pod(mesh: Lab) -> None:
     server = _ip(mesh, "demo/server-1")
     with config_file(mesh, "strict.yaml", STRICT_DEMO):

@@ -4,7 +4,6 @@ text changes whenever the text does (ambit_hbone_rejects, ambit_hbone_errors, am
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from agent.tunnel import ERROR_REASONS, REJECT_REASONS, HboneConnectError, Tunne
 from common.tls import PeerVerificationError
 from tests.support.hbone_testbed import HboneServer
 from tests.support.pki import TestCA
+from tests.support.waiting import eventually
 
 
 async def test_goaway_codes_a_peer_sends_are_a_bounded_label() -> None:
@@ -64,10 +64,8 @@ async def test_a_refused_peer_is_counted_by_a_fixed_reason_whatever_the_message(
                 PoolKey(client_id, server_id, server.addr), ca.client_context(ca.issue(client_id)), "x:1", []
             )
             await stream.read()  # the server refused after its handshake: the stream dies with the connection
-        for _ in range(200):
-            if server.stats.rejects:
-                break
-            await asyncio.sleep(0.01)
+        if side == "server":
+            await eventually(lambda: server.stats.rejects, "the server's reject count")
     finally:
         await pool.close()
         await server.close()
@@ -87,10 +85,7 @@ async def test_a_client_of_another_trust_domain_is_counted_as_such() -> None:
             await pool.open_stream(
                 PoolKey(client_id, server_id, server.addr), ca.client_context(ca.issue(client_id)), "x:1", []
             )
-        for _ in range(200):
-            if server.stats.rejects:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.stats.rejects, "the server's reject count")
     finally:
         await pool.close()
         await server.close()

@@ -11,12 +11,11 @@ a later reconcile writes it; an agent started with DNAT capture off removes the 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
+from agent.capture_dnat import table_name
 from agent.redirect import DNAT_FAILURE, RedirectConfig, Redirector
 from tests.support import redirect_topology as rt
 from tests.support.mesh import table_held_elsewhere
@@ -25,37 +24,10 @@ VIP = "10.96.8.1"  # no interface has it: the DNAT rule below sends it to pa
 ALL_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 
 
-@dataclass
-class Env:
-    topo: rt.Topology
-    config: RedirectConfig
-    r: Redirector
-    listener: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pa(self) -> rt.Pod:
-        return self.topo.pods["pa"]
-
+class Env(rt.RedirectorEnv):
     @property
     def table(self) -> str:
-        return f"ambit_{self.topo.prefix}"
-
-    def listen(self, *ports: str) -> None:
-        """The agent's stand-in on ``ports`` (none: no listener at all, the agent is away)."""
-        if self.listener is not None:
-            self.topo.stop(self.listener)
-            self.listener = None
-        if ports:
-            self.listener = self.topo.probe_server(self.topo.node, "serve", "--transparent", *ports)
-
-    def nft(self, *args: str, script: str | None = None) -> str:
-        return subprocess.run(
-            ["nsenter", f"--net=/var/run/netns/{self.topo.node}", "nft", *args],
-            input=script,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        return table_name(self.topo.prefix)
 
     def no_listener_verdicts(self) -> list[str]:
         """What the table does with an enrolled pod's DNATed SYN no listener took (IPv4, IPv6)."""

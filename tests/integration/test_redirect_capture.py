@@ -59,16 +59,8 @@ LISTENER_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 
 
 @dataclass
-class Env:
-    topo: rt.Topology
-    config: RedirectConfig
-    r: Redirector
-    listener: subprocess.Popen[bytes] | None = None
+class Env(rt.RedirectorEnv):
     gone: set[str] = field(default_factory=set)  # pods whose interface a test deleted
-
-    @property
-    def pa(self) -> rt.Pod:
-        return self.topo.pods["pa"]
 
     @property
     def pb(self) -> rt.Pod:
@@ -82,13 +74,10 @@ class Env:
         return {p.ip for p in self.topo.pods.values() if p.name not in self.gone}
 
     def start_listener(self, *extra: str) -> None:
-        self.stop_listener()
-        self.listener = self.topo.probe_server(self.topo.node, "serve", "--transparent", *LISTENER_PORTS, *extra)
+        self.listen(*LISTENER_PORTS, *extra)
 
     def stop_listener(self) -> None:
-        if self.listener is not None:
-            self.topo.stop(self.listener)
-            self.listener = None
+        self.listen()
 
     def filters(self, ifname: str) -> str:
         return self.topo.tc("filter", "show", "dev", ifname, "ingress")

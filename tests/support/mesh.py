@@ -48,10 +48,15 @@ def echo_on(sock: socket.socket, size: int = 1000) -> tuple[str, str]:
     return ("ok" if got == data else f"{len(got)} bytes back"), peer
 
 
-def nft(lab: Lab, node: str, *args: str, script: str | None = None) -> str:
-    """Run nft in a lab node's netns (``script`` on stdin for ``-f -``); its output. Raises when nft refuses."""
-    argv = ["nsenter", f"--net=/run/netns/{lab.node(node).netns}", "nft", *args]
+def nft_in(netns_name: str, *args: str, script: str | None = None) -> str:
+    """Run nft in a named netns (``script`` on stdin for ``-f -``); its output. Raises when nft refuses."""
+    argv = ["nsenter", f"--net=/run/netns/{netns_name}", "nft", *args]
     return subprocess.run(argv, input=script, capture_output=True, text=True, check=True).stdout
+
+
+def nft(lab: Lab, node: str, *args: str, script: str | None = None) -> str:
+    """:func:`nft_in` a lab node's netns."""
+    return nft_in(lab.node(node).netns, *args, script=script)
 
 
 @contextlib.contextmanager
@@ -67,11 +72,10 @@ def table_held_elsewhere(netns_name: str, table: str) -> Iterator[None]:
         text=True,
     )
     assert holder.stdin is not None
-    listing = ["nsenter", f"--net=/run/netns/{netns_name}", "nft", "list", "table", "inet", table]
     try:
         holder.stdin.write(f"delete table inet {table}\nadd table inet {table} {{ flags owner; }}\n")
         holder.stdin.flush()
-        wait_for(lambda: "flags owner" in subprocess.run(listing, capture_output=True, text=True).stdout, "the table")
+        wait_for(lambda: "flags owner" in nft_in(netns_name, "list", "table", "inet", table), "the table")
         yield
     finally:
         holder.stdin.close()  # nft -i exits at the end of its input, and the kernel drops the table it owned

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.redirect import RedirectConfig, Redirector, cleanup
+from tests.support.mesh import nft_in
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -118,6 +119,32 @@ def enter(netns: str) -> Iterator[None]:
         _libc.setns(back, _CLONE_NEWNET)
         os.close(back)
         os.close(target)
+
+
+@dataclass
+class RedirectorEnv:
+    """A started Redirector on a topology's node, with a stand-in for the agent's listeners there."""
+
+    topo: Topology
+    config: RedirectConfig
+    r: Redirector
+    listener: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pa(self) -> Pod:
+        return self.topo.pods["pa"]
+
+    def listen(self, *args: str) -> None:
+        """The agent's stand-in (``serve --transparent`` with ``args``: its ports and options) in place of the
+        previous one; no args: no listener at all, the agent is away."""
+        if self.listener is not None:
+            self.topo.stop(self.listener)
+            self.listener = None
+        if args:
+            self.listener = self.topo.probe_server(self.topo.node, "serve", "--transparent", *args)
+
+    def nft(self, *args: str, script: str | None = None) -> str:
+        return nft_in(self.topo.node, *args, script=script)
 
 
 def take_down(topo: Topology, redirector: Redirector, config: RedirectConfig) -> None:

@@ -31,7 +31,15 @@ from lab import Lab, client, netns
 from lab.mesh import wait_ready
 from lab.observe import agent_log, config_file
 from tests.support.identity_pki import csr_pem
-from tests.support.mesh import STRICT_DEMO, connect, echo_on, kill_and_reap, nft, table_held_elsewhere, wait_for
+from tests.support.mesh import (
+    STRICT_DEMO,
+    connect,
+    echo_from,
+    kill_and_reap,
+    nft,
+    table_held_elsewhere,
+    wait_for,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 VIP = "10.96.0.99"  # an address no lab interface has: only the DNAT rule gives it a meaning (demo/server-1)
@@ -68,19 +76,6 @@ def lab(require_root: None) -> Iterator[Lab]:
         lab.down()
 
 
-def _echo(lab: Lab, pod: str, ip: str, port: int = PORT) -> tuple[str, str]:
-    """(outcome, the address that answered) from ``pod`` (or the core netns, the lab's outside world, for "core")."""
-    try:
-        if pod == "core":
-            with netns.enter(lab.core_netns):
-                sock = socket.create_connection((ip, port), timeout=5)
-        else:
-            sock = connect(lab, pod, ip, port, timeout=5)
-    except OSError as e:
-        return f"failed: {e}", ""
-    return echo_on(sock)
-
-
 def _nft_table(lab: Lab) -> str:
     return nft(lab, "node2", "list", "tables")
 
@@ -89,7 +84,7 @@ def test_a_dnated_connection_goes_through_the_agent_and_is_answered_from_the_add
     assert "ambit_" in _nft_table(lab), "the agent installs its table in the node netns"
     web = lab.pod("legacy/web").ip
     server = lab.pod("demo/server-1").ip
-    assert _echo(lab, "legacy/web", VIP) == ("ok", VIP)
+    assert echo_from(lab, "legacy/web", VIP, PORT) == ("ok", VIP)
 
     def logged() -> list[dict[str, object]]:
         return [
@@ -107,15 +102,15 @@ def test_a_dnated_connection_goes_through_the_agent_and_is_answered_from_the_add
 def test_strict_refuses_plaintext_the_node_dnats_to_an_enrolled_pod(lab: Lab) -> None:
     server = lab.pod("demo/server-1").ip
     with config_file(lab, "strict.yaml", STRICT_DEMO):
-        wait_for(lambda: _echo(lab, "legacy/web", server)[0] != "ok", "STRICT applied on node2")
-        outcome, _ = _echo(lab, "legacy/web", VIP)
+        wait_for(lambda: echo_from(lab, "legacy/web", server, PORT)[0] != "ok", "STRICT applied on node2")
+        outcome, _ = echo_from(lab, "legacy/web", VIP, PORT)
         assert outcome.startswith("failed"), f"plaintext through the VIP must be refused under STRICT: {outcome}"
-        assert _echo(lab, "demo/client", server)[0] == "ok", "mesh traffic still passes"
+        assert echo_from(lab, "demo/client", server, PORT)[0] == "ok", "mesh traffic still passes"
     denied = [
         r for r in agent_log(lab, "node2") if r.get("direction") == "inbound" and r.get("policy.decision") == "deny"
     ]
     assert denied, "the agent refused it (not the network)"
-    wait_for(lambda: _echo(lab, "legacy/web", VIP)[0] == "ok", "plaintext allowed again without STRICT")
+    wait_for(lambda: echo_from(lab, "legacy/web", VIP, PORT)[0] == "ok", "plaintext allowed again without STRICT")
 
 
 def test_an_enrolled_client_dialling_an_address_its_own_node_dnats_reaches_a_remote_pod(lab: Lab) -> None:
@@ -124,8 +119,8 @@ def test_an_enrolled_client_dialling_an_address_its_own_node_dnats_reaches_a_rem
     the endpoint, which reset them."""
     client = lab.pod("demo/client").ip
     server = lab.pod("demo/server-1").ip
-    assert _echo(lab, "demo/client", VIP) == ("ok", VIP)
-    assert _echo(lab, "demo/client", VIP_WEB) == ("ok", VIP_WEB), "to a pod outside the mesh (passthrough)"
+    assert echo_from(lab, "demo/client", VIP, PORT) == ("ok", VIP)
+    assert echo_from(lab, "demo/client", VIP_WEB, PORT) == ("ok", VIP_WEB), "to a pod outside the mesh (passthrough)"
     carried = [
         r
         for r in agent_log(lab, "node1")
@@ -141,7 +136,7 @@ def test_an_enrolled_client_dialling_a_service_its_node_dnats_is_routed_and_repo
     picked; the agent reads the VIP the pod dialled from conntrack (SO_ORIGINAL_DST) and balances the service itself,
     as ztunnel (which sees the VIP inside the pod) does: its telemetry names the service."""
     client = lab.pod("demo/client").ip
-    assert _echo(lab, "demo/client", SERVICE_VIP) == ("ok", SERVICE_VIP)
+    assert echo_from(lab, "demo/client", SERVICE_VIP, PORT) == ("ok", SERVICE_VIP)
 
     def lines() -> list[dict[str, object]]:
         return [
@@ -163,8 +158,8 @@ def test_a_nodeport_from_outside_is_captured_for_an_enrolled_pod_only(lab: Lab) 
     core = lab.core_ip
     server = lab.pod("demo/server-1").ip
     web = lab.pod("legacy/web").ip
-    assert _echo(lab, "core", node2, NODEPORT_SERVER) == ("ok", node2)
-    assert _echo(lab, "core", node2, NODEPORT_WEB) == ("ok", node2)
+    assert echo_from(lab, "core", node2, NODEPORT_SERVER) == ("ok", node2)
+    assert echo_from(lab, "core", node2, NODEPORT_WEB) == ("ok", node2)
 
     def seen(dst: str) -> list[dict[str, object]]:
         return [
@@ -184,7 +179,7 @@ def test_a_nodeport_to_another_nodes_pod_is_masqueraded_there_and_captured_at_th
     node1's conntrack entry: the client sees the address it dialled."""
     node1 = lab.node("node1").ip
     server = lab.pod("demo/server-1").ip
-    assert _echo(lab, "core", node1, NODEPORT_SERVER) == ("ok", node1)
+    assert echo_from(lab, "core", node1, NODEPORT_SERVER) == ("ok", node1)
     wait_for(
         lambda: any(
             r.get("direction") == "inbound"
@@ -202,7 +197,7 @@ def test_a_dnated_connection_to_an_agent_port_of_an_enrolled_pod_is_inbound_plai
     plaintext to an enrolled pod, as when web dials server-1:15001 itself (refused there as a call to the agent)."""
     web = lab.pod("legacy/web").ip
     server = lab.pod("demo/server-1").ip
-    _echo(lab, "legacy/web", VIP, OUTBOUND_PORT)
+    echo_from(lab, "legacy/web", VIP, OUTBOUND_PORT)
 
     def lines(direction: str) -> list[dict[str, object]]:
         return [
@@ -363,7 +358,7 @@ def test_while_the_agent_is_down_a_dnated_syn_is_dropped_and_captured_again_afte
     # by the drop rule: the TPROXY rule, finding no listener, used to leave the SYN marked, so the drop rule (for
     # unmarked SYNs) never matched and it went on to local delivery with no socket, lost only by chance
     assert dropped > 0, "dropped and counted by the table's drop rule"
-    assert _echo(lab, "legacy/web", VIP) == ("ok", VIP)
+    assert echo_from(lab, "legacy/web", VIP, PORT) == ("ok", VIP)
     wait_for(lambda: carried() > before, "the new agent carried it")
 
 

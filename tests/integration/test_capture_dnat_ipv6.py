@@ -11,7 +11,7 @@ import pytest
 
 from lab import Lab
 from lab.observe import agent_log
-from tests.support.mesh import connect, echo_on, nft, wait_for
+from tests.support.mesh import echo_from, nft, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack"
 VIP6 = "fd00:96::99"  # no lab interface has it: only the DNAT rule gives it a meaning
@@ -34,23 +34,14 @@ def lab(require_root: None) -> Iterator[Lab]:
         lab.down()
 
 
-def _echo(lab: Lab, pod: str) -> tuple[str, str]:
-    """(outcome, the address that answered) of an echo through the VIP."""
-    try:
-        sock = connect(lab, pod, VIP6, PORT, timeout=5)
-    except OSError as e:
-        return f"failed: {e}", ""
-    return echo_on(sock)
-
-
 def test_ipv6_connections_the_node_dnats_are_captured(lab: Lab) -> None:
     """legacy/web's plaintext through the VIP is carried by node2's agent (TPROXY to 15006, ip6 rules);
     demo/client's connection, rewritten on node1 after its SYN was captured there, is carried in HBONE."""
     web = lab.pod("legacy/web").ip6
     client = lab.pod("demo/client").ip6
     server = lab.pod("demo/server").ip6
-    assert _echo(lab, "legacy/web") == ("ok", VIP6)
-    assert _echo(lab, "demo/client") == ("ok", VIP6)
+    assert echo_from(lab, "legacy/web", VIP6, PORT) == ("ok", VIP6)
+    assert echo_from(lab, "demo/client", VIP6, PORT) == ("ok", VIP6)
 
     def carried(node: str, src: str, direction: str) -> list[dict[str, object]]:
         return [

@@ -48,6 +48,20 @@ def echo_on(sock: socket.socket, size: int = 1000) -> tuple[str, str]:
     return ("ok" if got == data else f"{len(got)} bytes back"), peer
 
 
+def echo_from(lab: Lab, pod: str, ip: str, port: int) -> tuple[str, str]:
+    """(outcome, the address that answered) of an echo from ``pod`` (or the core netns, the lab's outside world, for
+    "core") to ``ip``:``port``; see :func:`echo_on`."""
+    try:
+        if pod == "core":
+            with netns.enter(lab.core_netns):
+                sock = socket.create_connection((ip, port), timeout=5)
+        else:
+            sock = connect(lab, pod, ip, port, timeout=5)
+    except OSError as e:
+        return f"failed: {e}", ""
+    return echo_on(sock)
+
+
 def nft_in(netns_name: str, *args: str, script: str | None = None) -> str:
     """Run nft in a named netns (``script`` on stdin for ``-f -``); its output. Raises when nft refuses."""
     argv = ["nsenter", f"--net=/run/netns/{netns_name}", "nft", *args]

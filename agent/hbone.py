@@ -305,9 +305,6 @@ class HboneConnection:
         self._conn_send_window = DEFAULT_WINDOW
         self._conn_recv_window = self.settings.connection_window
         self._conn_unacked = 0
-        # Credit goes back a quarter window at a time (of the connection's and of each stream's).
-        self._conn_credit_batch = self.settings.connection_window >> 2
-        self._stream_credit_batch = self.settings.stream_window >> 2
         self._conn_credit_held = False  # see hold_connection_credit
         self._conn_deferred = 0
         self._next_stream_id = 1 if client else 2
@@ -531,7 +528,7 @@ class HboneConnection:
         if st is None or st.remote_closed or nbytes <= 0:
             return
         st.unacked += nbytes
-        if st.unacked >= self._stream_credit_batch:
+        if st.unacked >= self.settings.stream_window >> 2:
             inc = st.unacked
             st.unacked = 0
             st.recv_window += inc
@@ -598,22 +595,16 @@ class HboneConnection:
         st = self._streams.get(sid)
         if st is None or st.remote_closed or length > st.recv_window or length > self._conn_recv_window:
             return None
-        client = self.client
-        if client and not st.responded:
+        if self.client and not st.responded:
             return None  # DATA before the response: the full path refuses it
         if length:
             st.recv_window -= length
             self._conn_recv_window -= length
-            if st.responded and not self._conn_credit_held:  # _credit_connection's common case, inline
-                unacked = self._conn_unacked = self._conn_unacked + length
-                if unacked >= self._conn_credit_batch:
-                    self._return_connection_credit()
-            else:
-                self._credit_connection(st, length)
-        if flags & FLAG_END_STREAM:
+            self._credit_connection(st, length)
+        fin = bool(flags & FLAG_END_STREAM)
+        if fin:
             self._remote_close(st)
-            return sid, mv[pos + 9 : pos + 9 + length], True
-        return sid, mv[pos + 9 : pos + 9 + length], False
+        return sid, mv[pos + 9 : pos + 9 + length], fin
 
     def _parse(self, mv: memoryview, events: list[Event]) -> None:
         pos = 0
@@ -797,7 +788,7 @@ class HboneConnection:
             self._conn_deferred += length
             return
         self._conn_unacked += length
-        if self._conn_unacked >= self._conn_credit_batch:
+        if self._conn_unacked >= self.settings.connection_window >> 2:
             self._return_connection_credit()
 
     def _release_held(self, st: _Stream) -> None:

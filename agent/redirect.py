@@ -217,7 +217,6 @@ class Redirector:
         self._watch: ChangeWatch | None = None
         self._state = _State()
         self._adopted: list[str] = []
-        self._fail_open = self.config.fail_open  # as set_fail_open last said (the pinned config's, since start)
         self._dnat = _dnat_capture(self.config) if self.config.capture_dnat else None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -252,7 +251,6 @@ class Redirector:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
             self._maps, self._nl = maps, nl
-            self._fail_open = cfg.fail_open  # written to the pinned config below
             if self._dnat is not None:
                 self._dnat.fail_open = cfg.fail_open
                 self._dnat.bind_netns()  # its nft calls act on this (the node's) netns, whichever thread reconciles
@@ -444,7 +442,6 @@ class Redirector:
             cfg = maps.read_config()
             cfg.fail_open = int(fail_open)
             maps.write_config(cfg)
-            self._fail_open = fail_open
             st = self._state
             if self._dnat is not None:
                 self._dnat.fail_open = fail_open
@@ -496,7 +493,8 @@ class Redirector:
             st = self._state
             if self._maps is None or not st.uplinks:
                 return False
-            if DNAT_FAILURE in st.failures and not self._fail_open:
+            dnat = self._dnat
+            if dnat is not None and DNAT_FAILURE in st.failures and not dnat.fail_open:
                 return False
             return not st.requested or bool(st.enrolled)
 
@@ -532,7 +530,7 @@ class Redirector:
                 "failures": dict(sorted(st.failures.items())),
                 "skipped_peers": dict(sorted(st.skipped.items())),
                 "capturing_any": started and bool(st.attached),
-                "fail_open": self._fail_open,
+                "fail_open": bool(self._maps.read_config().fail_open) if self._maps else self.config.fail_open,
                 "ready": self.ready,
                 "stats": self._maps.stat_totals() if self._maps else {},
             }

@@ -16,6 +16,7 @@ from typing import Any
 from agent import rbac
 from agent.addressing import BadAuthority, parse_authority
 from agent.metrics import Metrics
+from agent.prometheus import gzip_accepted
 from agent.state import WorkloadStore
 from common.http import HttpServer, Request, Response
 from common.spiffe import Identity, InvalidIdentity
@@ -114,11 +115,13 @@ def _levels() -> dict[str, str]:
 
 
 def metrics_server(metrics: Metrics) -> HttpServer:
-    """15020: `/metrics` and `/stats/prometheus` (OpenMetrics when the scraper asks for it)."""
+    """15020: `/metrics` and `/stats/prometheus` (OpenMetrics when the scraper asks for it, gzip when it takes it)."""
 
     async def scrape(req: Request) -> Response:
-        body, content_type = await metrics.render(req.headers.get("accept"))
-        return Response(200, body, content_type)
+        gzip = gzip_accepted(req.headers.get("accept-encoding", ""))
+        body, content_type = await metrics.render(req.headers.get("accept"), gzip=gzip)
+        encoding = (("Content-Encoding", "gzip"),) if gzip else ()
+        return Response(200, body, content_type, (*encoding, ("Vary", "Accept-Encoding")))
 
     s = HttpServer("metrics")
     s.routes.update({("GET", "/metrics"): scrape, ("GET", "/stats/prometheus"): scrape})

@@ -399,10 +399,10 @@ class Metrics:
         principal = str(src_identity) if src_identity else UNKNOWN
         self.on_demand_dns.labels(wl, svc, rev, ns, principal, app, ver, cluster, _v(hostname)).inc()
 
-    async def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """Prometheus text (or OpenMetrics when the scraper asks for it) and its content type, handing the event
-        loop back while a large scrape renders."""
-        return await render_async(self.registry, accept or "")
+    async def render(self, accept: str | None = None, gzip: bool = False) -> tuple[bytes, str]:
+        """Prometheus text (or OpenMetrics when the scraper asks for it), gzipped if asked, and its content type,
+        handing the event loop back while a large scrape renders."""
+        return await render_async(self.registry, accept or "", gzip=gzip)
 
 
 def sample_value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:

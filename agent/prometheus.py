@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, Protocol, TypeVar
@@ -209,19 +210,62 @@ def render(registry: Registry, accept: str = "") -> tuple[bytes, str]:
     return body.encode(), OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
 
 
-async def render_async(registry: Registry, accept: str = "", lines_per_turn: int = 2000) -> tuple[bytes, str]:
-    """As :func:`render`, handing the event loop back every ``lines_per_turn`` lines.
+GZIP_LEVEL = 1
+"""zlib's fastest level. A 20,000-series scrape (14 MB of text, Istio's 27 labels) gzips to 190 KB at level 1 and
+185 KB at level 6, for a third of the CPU (about 35 against 95 ms here); prometheus_client compresses at 9."""
 
-    The agent keeps every series it has seen (as ztunnel does), so a node that served many short-lived
-    workloads renders tens of thousands of lines, which in one piece stalled every relay on the loop.
+
+def gzip_accepted(accept_encoding: str) -> bool:
+    """Whether the scraper takes a gzip body (Prometheus always asks). ``gzip;q=0`` refuses it (RFC 9110 12.5.3);
+    ``*`` is not taken to mean gzip, as the Prometheus client libraries do not."""
+    for part in accept_encoding.lower().split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip() != "gzip":
+            continue
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+async def render_async(
+    registry: Registry, accept: str = "", lines_per_turn: int = 250, gzip: bool = False
+) -> tuple[bytes, str]:
+    """As :func:`render`, handing the event loop back every ``lines_per_turn`` lines; with ``gzip``, the body is
+    gzip-compressed (``Content-Encoding: gzip``) a turn's text at a time.
+
+    The agent keeps the series of every workload it has seen until they expire, so a node that served many
+    short-lived workloads renders tens of thousands of lines: 20,000 series take about 200 ms to render and
+    35 ms to compress, which in one piece stalled every relay on the loop. 250 lines are 2-4 ms of rendering and
+    compressing (measured turn by turn, median and worst, on this 2-core machine shared with others: at 2000 lines
+    a turn they were 10-13 ms, up to 50 ms).
     """
     openmetrics = wants_openmetrics(accept)
-    out: list[str] = []
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None  # 31: a gzip header and trailer
+    out: list[bytes] = []
+    turn: list[str] = []
     for piece in _Exposition(openmetrics, lines_per_turn).pieces(registry):
-        out.append(piece)
-        if not piece:  # _TURN
-            await asyncio.sleep(0)
-    return "".join(out).encode(), OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+        if piece:
+            turn.append(piece)
+            continue
+        out.append(_encoded(turn, compressor))
+        await asyncio.sleep(0)
+    out.append(_encoded(turn, compressor))
+    if compressor is not None:
+        out.append(compressor.flush())
+    return b"".join(out), OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+
+
+def _encoded(pieces: list[str], compressor: zlib._Compress | None) -> bytes:
+    """The pieces as UTF-8, compressed when there is a compressor; empties ``pieces``."""
+    data = "".join(pieces).encode()
+    pieces.clear()
+    return data if compressor is None else compressor.compress(data)
 
 
 def render_text(registry: Registry) -> str:

@@ -48,6 +48,7 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()  # further response headers (Content-Encoding, Vary)
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, *, sort_keys: bool = False) -> Response:
@@ -149,7 +150,8 @@ async def _write(writer: asyncio.StreamWriter, resp: Response, *, keep: bool, he
     head = (
         f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Error')}\r\n"
         f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
-        f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in resp.headers)
+        + f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
     )
     with contextlib.suppress(ConnectionError):
         writer.write(head.encode() if head_only else head.encode() + resp.body)

@@ -23,6 +23,7 @@ from common.addresses import any_address
 from common.flags import doc
 from common.http import Response
 from common.log import kv
+from controller import node_auth
 from controller.monitoring import ControllerMetrics, metrics_route, monitoring_server
 from controller.sources.files import ConfigDirError, FileSource
 from controller.sources.last_good import default_state_dir
@@ -64,6 +65,28 @@ class ControllerConfig:
     )
     trust_domain: str = field(default="cluster.local", metadata=doc("SPIFFE trust domain"))
     node_tokens: str = field(default="", metadata=doc('JSON {"<node>": "<token>"} authenticating agents'))
+    token_review_cache_seconds: float = field(
+        default=node_auth.ACCEPTED_CACHE_SECONDS,
+        metadata=doc(
+            "--kube: seconds an agent's accepted token is remembered (a deleted agent pod keeps its access that long"
+            " at most); 0 reviews every request"
+        ),
+    )
+    token_review_cache_size: int = field(
+        default=node_auth.ACCEPTED_CACHE_SIZE,
+        metadata=doc("--kube: accepted tokens remembered at most (the oldest goes first); 0 remembers none"),
+    )
+    token_review_failure_cache_seconds: float = field(
+        default=node_auth.REFUSED_CACHE_SECONDS,
+        metadata=doc(
+            "--kube: seconds a refused token (not authenticated, untrusted account, pod gone) is answered without a"
+            " new review; 0 lets every retry reach the API server"
+        ),
+    )
+    token_review_failure_cache_size: int = field(
+        default=node_auth.REFUSED_CACHE_SIZE,
+        metadata=doc("--kube: refused tokens remembered at most, apart from the accepted ones; 0 remembers none"),
+    )
     cluster_id: str = field(default="Kubernetes", metadata=doc("cluster id written into workload uids"))
     root_namespace: str = field(default="istio-system", metadata=doc("mesh root namespace (global policies)"))
     poll_interval: float = field(default=0.2, metadata=doc("seconds between config directory scans"))
@@ -74,12 +97,30 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         jsonlog.parse_levels(self.log_level)  # refused as a usage error here, not as a traceback at setup
+        for name in (
+            "token_review_cache_seconds",
+            "token_review_cache_size",
+            "token_review_failure_cache_seconds",
+            "token_review_failure_cache_size",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
 
     def bind_address(self) -> str:
         return self.listen_address or any_address()
 
     def files_state_dir(self) -> str:
         return self.state_dir or default_state_dir(self.config_dir)
+
+    def token_review(self, api_client: Any) -> node_auth.TokenReviewAuthenticator:
+        """The TokenReview authenticator of ``--kube``, with this config's caches."""
+        return node_auth.TokenReviewAuthenticator(
+            api_client,
+            cache_seconds=self.token_review_cache_seconds,
+            cache_size=self.token_review_cache_size,
+            failure_cache_seconds=self.token_review_failure_cache_seconds,
+            failure_cache_size=self.token_review_failure_cache_size,
+        )
 
 
 class StartupError(Exception):
@@ -201,7 +242,7 @@ class Controller:
         cfg = self.cfg
         if not cfg.ca_dir:
             return None, []
-        from controller import ca_service, node_auth
+        from controller import ca_service
         from controller.ca import CaError, CertificateAuthority
 
         try:
@@ -217,7 +258,7 @@ class Controller:
         if cfg.kube:
             from controller.sources.kube import api_client
 
-            authn.append(node_auth.TokenReviewAuthenticator(api_client(cfg.kubeconfig or None)))
+            authn.append(cfg.token_review(api_client(cfg.kubeconfig or None)))
         if not authn:
             raise StartupError("--ca-dir needs a way to authenticate agents: --node-tokens FILE or --kube")
         authenticator = authn[0] if len(authn) == 1 else node_auth.FirstMatchAuthenticator(authn)

@@ -5,8 +5,9 @@ Two authenticators, chosen by the controller's flags:
   ``{"<node>": "<token>"}`` that ``lab up`` provisions.
 - :class:`TokenReviewAuthenticator` (cluster): the agent's projected service-account token (audience ``istio-ca``)
   checked with the Kubernetes TokenReview API; the token's bound pod gives the node, as istiod's node authorizer.
-  Answers are cached (acceptances 60 s, definite refusals 10 s, API failures never) and concurrent requests with
-  one token share one review, so no caller can make the controller flood the API server.
+  Answers are cached (by default acceptances 60 s, definite refusals 10 s, API failures never; the controller's
+  ``--token-review-*`` flags) and concurrent requests with one token share one review, so no caller can make the
+  controller flood the API server.
 
 Failures are split by what the caller can do about them: :class:`AuthenticationError` (no or bad credential ->
 UNAUTHENTICATED), :class:`UntrustedCallerError` (valid credential, but not a node agent -> PERMISSION_DENIED),
@@ -35,6 +36,11 @@ DEFAULT_TRUSTED_NODE_ACCOUNTS = ("istio-system/ztunnel", "ambit-system/ambit-age
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 SA_PREFIX = "system:serviceaccount:"
+# TokenReviewAuthenticator's caches; the controller's --token-review-* flags default to these.
+ACCEPTED_CACHE_SECONDS = 60.0
+ACCEPTED_CACHE_SIZE = 4096
+REFUSED_CACHE_SECONDS = 10.0
+REFUSED_CACHE_SIZE = 4096
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -214,10 +220,10 @@ class TokenReviewAuthenticator:
         *,
         audiences: Iterable[str] = (TOKEN_AUDIENCE,),
         trusted_accounts: Iterable[str] = DEFAULT_TRUSTED_NODE_ACCOUNTS,
-        cache_seconds: float = 60.0,
-        cache_size: int = 4096,
-        failure_cache_seconds: float = 10.0,
-        failure_cache_size: int = 4096,
+        cache_seconds: float = ACCEPTED_CACHE_SECONDS,
+        cache_size: int = ACCEPTED_CACHE_SIZE,
+        failure_cache_seconds: float = REFUSED_CACHE_SECONDS,
+        failure_cache_size: int = REFUSED_CACHE_SIZE,
         request_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -1,13 +1,14 @@
 """The controller's config store: which source contributes which objects, and what is serving right now.
 
 Sources (files, Kubernetes resources) hand over their whole contribution each time they change; the store
-works out upserts and deletes for the translator. One rule keeps a bad edit from taking config away: while a
-source has any error (unreadable file, YAML syntax error, an invalid document), nothing it contributed before is
-removed. An object that fails validation keeps its last valid version serving; so does every other object the
-source no longer offers, because an invalid document cannot be told apart from the object it used to be (a typo in
-``kind`` or ``metadata.name`` names some other object, and a document that stopped parsing names none). Once the
-source is clean again, what it no longer offers goes. The file source applies the same rule at start-up to the
-last good versions it saved, so a restart does not forget them either.
+works out upserts and deletes for the translator. One rule keeps a bad edit from taking config away: an object
+that fails validation keeps its last valid version serving, as an object the API server refuses keeps its stored
+one. Which objects those are is the source's to tell (``held`` in :meth:`ConfigStore.update`): the file source
+works out which object each rejected document was (:mod:`controller.sources.rejected`), and everything else the
+file no longer offers goes, as with ``kubectl apply``, where every object stands on its own. A source with errors
+that cannot tell (a file that cannot be read at all) removes nothing it contributed before until it is clean
+again. The file source applies the same rule at start-up to the last good versions it saved, so a restart does not
+forget them either.
 
 The same object defined by two sources is an error on the later one; the first keeps serving, and the second
 takes over only if the first withdraws it.
@@ -16,7 +17,7 @@ takes over only if the first withdraws it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,15 +91,22 @@ class ConfigStore:
     def subscribe(self, listener: Callable[[Delta], None]) -> None:
         self._listeners.append(listener)
 
-    def update(self, changes: Mapping[str, Contribution | None]) -> Delta:
-        """Replace the contribution of each named source (None: the source is gone) and apply the difference."""
+    def update(
+        self, changes: Mapping[str, Contribution | None], held: Mapping[str, Collection[ObjectKey]] | None = None
+    ) -> Delta:
+        """Replace the contribution of each named source (None: the source is gone) and apply the difference.
+
+        ``held`` names, for a source with errors, the objects it offered before that its errors stand for: they keep
+        the version they had, and what else it no longer offers goes. A source with errors not named there keeps
+        everything it offered before."""
         before: dict[ObjectKey, KObject | None] = {}
         states: dict[str, tuple[Mapping[ObjectKey, KObject], set[str], _SourceState]] = {}
         for source_id, result in changes.items():
             old = self._sources.get(source_id)
             old_objects: Mapping[ObjectKey, KObject] = old.objects if old is not None else {}
             old_errors = set(map(str, old.errors)) if old is not None else set()
-            new = _SourceState({}, []) if result is None else self._merge(old_objects, result)
+            keep = held.get(source_id) if held is not None else None
+            new = _SourceState({}, []) if result is None else self._merge(old_objects, result, keep)
             states[source_id] = (old_objects, old_errors, new)
             for key in old_objects.keys() | new.objects.keys():
                 if key not in before:
@@ -144,13 +152,15 @@ class ConfigStore:
                 listener(delta)
         return delta
 
-    def _merge(self, old_objects: Mapping[ObjectKey, KObject], result: Contribution) -> _SourceState:
+    def _merge(
+        self, old_objects: Mapping[ObjectKey, KObject], result: Contribution, held: Collection[ObjectKey] | None
+    ) -> _SourceState:
         objects = {obj.key: obj for obj in result.objects}
         errors = list(result.errors)
         kept: set[ObjectKey] = set()
         if errors:
             for key, obj in old_objects.items():
-                if key not in objects:
+                if key not in objects and (held is None or key in held):
                     objects[key] = obj
                     kept.add(key)
         return _SourceState(objects, errors, kept)
@@ -221,7 +231,8 @@ class ConfigStore:
                 entry.setdefault("errors", []).append(str(err))
             for key in state.kept:
                 if "errors" not in objects[str(key)]:
-                    objects[str(key)]["status"] = "stale"  # its source failed as a whole; see the source's errors
+                    # No error names it: its document no longer names any object, or the source failed as a whole.
+                    objects[str(key)]["status"] = "stale"
         for key, sid, first in self._duplicates():
             objects[str(key)].setdefault("errors", []).append(f"{sid}: duplicate of the object in {first}")
         warnings = self.translator.warnings

@@ -319,6 +319,10 @@ class ParseResult:
     positions: dict[model.ObjectKey, int] = field(default_factory=dict)  # 1-based document index of each object
     # parse_yaml_text only: each object's document as written, what the file source saves as its last good version.
     texts: dict[model.ObjectKey, str] = field(default_factory=dict)
+    # The errors of each document that has any, by 1-based index, and (parse_yaml_text only) its text: what tells
+    # the file source which object a rejected document was, when its errors cannot name it.
+    rejected: dict[int, list[ConfigError]] = field(default_factory=dict)
+    rejected_texts: dict[int, str] = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -350,7 +354,7 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
     cache is left holding exactly this text's documents. Loaded values are shared, never mutated.
     """
     docs: list[Any] = []
-    pre_errors: list[ConfigError] = []
+    pre_errors: dict[int, ConfigError] = {}
     loaded: dict[str, Any] = {}
     chunks = _split_documents(text)
     for index, (first_line, chunk) in enumerate(chunks, start=1):
@@ -361,7 +365,7 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
         try:
             doc = yaml.load(chunk, Loader=_LOADER)
             if "&" in chunk and "*" in chunk and _expanded_size(doc, MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
-                pre_errors.append(ConfigError(source, "?", "", f"#{index}", "document", _ALIAS_PROBLEM))
+                pre_errors[index] = ConfigError(source, "?", "", f"#{index}", "document", _ALIAS_PROBLEM)
                 docs.append(_SKIP)
                 continue
             docs.append(doc)
@@ -370,14 +374,16 @@ def parse_yaml_text(source: str, text: str, cache: dict[str, Any] | None = None)
             mark = getattr(exc, "problem_mark", None)
             where = f"line {first_line + mark.line + 1}" if mark is not None else "document"
             problem = getattr(exc, "problem", None) or str(exc)
-            pre_errors.append(ConfigError(source, "?", "", f"#{index}", where, f"invalid YAML: {problem}"))
+            pre_errors[index] = ConfigError(source, "?", "", f"#{index}", where, f"invalid YAML: {problem}")
             docs.append(_SKIP)
     if cache is not None:
         cache.clear()
         cache.update(loaded)
     result = parse_documents(source, docs)
-    result.errors[:0] = pre_errors
+    result.errors[:0] = pre_errors.values()
+    result.rejected.update((index, [err]) for index, err in pre_errors.items())
     result.texts = {key: chunks[index - 1][1] for key, index in result.positions.items()}
+    result.rejected_texts = {index: chunks[index - 1][1] for index in result.rejected}
     return result
 
 
@@ -453,6 +459,7 @@ def parse_documents(source: str, docs: Iterable[Any], *, strict: bool = True) ->
         index += 1
         if doc is None or doc is _SKIP:
             continue
+        first_error = len(result.errors)
         items = [doc]
         if isinstance(doc, dict) and doc.get("kind") == "List" and doc.get("apiVersion") == "v1":
             raw_items = doc.get("items")
@@ -480,6 +487,8 @@ def parse_documents(source: str, docs: Iterable[Any], *, strict: bool = True) ->
             seen[obj.key] = index
             result.objects.append(obj)
             result.positions[obj.key] = index
+        if len(result.errors) > first_error:
+            result.rejected[index] = result.errors[first_error:]
     return result
 
 

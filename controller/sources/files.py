@@ -10,10 +10,12 @@ whole interval (atomic rename-into-place writers are always safe). Likewise a fi
 once it has stayed away for one interval: editors that save by renaming the old file away and writing a new one,
 and renames, leave a moment with no file, and its objects (a DENY policy among them) must not go for that moment.
 
-Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects,
-and a file that cannot be read, or holds an invalid document, keeps its previous contribution serving. With a
-state directory (:mod:`controller.sources.last_good`) what each file serves is also saved, and a restarted
-controller that finds a file unreadable or invalid serves its saved objects under the same rule. A file deleted
+Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects.
+A file that cannot be read keeps its previous contribution serving; in a file with an invalid document only the
+object that document was keeps its last good version (:mod:`controller.sources.rejected`), and the file's other
+edits, deletions included, apply. With a state directory (:mod:`controller.sources.last_good`) what each file
+serves is also saved, and a restarted controller that finds a file unreadable or invalid serves its saved objects
+under the same rule. A file deleted
 while the controller was down takes its saved objects with it: only a file still there, and still failing, keeps
 them.
 """
@@ -29,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.log import kv
-from controller.model import KObject
+from controller.model import KObject, ObjectKey
 from controller.sources.last_good import LastGood, LastGoodError, Saved
+from controller.sources.rejected import held_objects
 from controller.store import ConfigStore, Contribution, SourceError, SourceResult
 from controller.validation import ParseResult, parse_yaml_text
 
@@ -156,7 +159,7 @@ class FileSource:
         self._last_good = LastGood(state_dir) if state_dir else None
         self._loaded = False  # the saved records were read (on the first pass that could list the directory)
         self._saved: dict[str, Saved] = {}  # records of files not read since start
-        self._served: dict[str, Saved] = {}  # what each file serves, as recorded
+        self._served: dict[str, Saved] = {}  # what each file serves, with each object's document
         self._state_error: str | None = None
         self._known: dict[str, Signature] = {}  # signature of each file's applied content
         self._previous: dict[str, Signature] = {}  # signatures seen by the last pass
@@ -221,8 +224,14 @@ class FileSource:
             if path not in result.signatures and path not in result.changed:
                 known[path] = sig  # missing for the first time: its removal is reported next pass
         self._known = known
-        restored = await self._restore(result)
+        held: dict[str, set[ObjectKey]] = {}
+        restored = await self._restore(result, held)
         changed = {path: c for path, c in result.changed.items() if not self._same_failure(path, c)}
+        for path, contribution in changed.items():
+            if path not in held and isinstance(contribution, ParseResult) and contribution.errors:
+                served = self._served.get(path, {})
+                documents = {key: served.get(str(key), "") for key in self.store.offered(path)}
+                held[path] = await asyncio.to_thread(held_objects, documents, contribution)
         if restored:
             self.store.update(restored)  # as if the last good versions had been read before the bad edit
         if changed:
@@ -235,12 +244,14 @@ class FileSource:
                         errors=len(contribution.errors) if contribution else 0,
                     ),
                 )
-            self.store.update(changed)
+            self.store.update(changed, held)
             await self._save(changed)
         return len(changed)
 
-    async def _restore(self, result: Scan) -> dict[str, Contribution]:
-        """The saved objects of each file read for the first time since start that is unreadable or invalid.
+    async def _restore(self, result: Scan, held: dict[str, set[ObjectKey]]) -> dict[str, Contribution]:
+        """The saved objects of each file read for the first time since start that is unreadable or invalid: all
+        of them for an unreadable file, only those its rejected documents stand for (recorded in ``held``) for an
+        invalid one.
 
         On the first pass, the records of files no longer there are deleted: those files were removed on purpose.
         A file under an entry that cannot be listed is not known to be gone: its saved objects are restored, and
@@ -274,6 +285,10 @@ class FileSource:
             objects, lost = await asyncio.to_thread(_restore_objects, path, saved)
             if lost:
                 log.error("saved last good objects no longer valid; not restored", extra=kv(file=path, objects=lost))
+            if isinstance(contribution, ParseResult):
+                documents = {obj.key: saved[str(obj.key)] for obj in objects}
+                held[path] = await asyncio.to_thread(held_objects, documents, contribution)
+                objects = [obj for obj in objects if obj.key in held[path]]
             log.warning(
                 "config file failing at start; serving its last good objects from the state directory",
                 extra=kv(
@@ -287,9 +302,9 @@ class FileSource:
         return restored
 
     async def _save(self, changed: Mapping[str, Contribution | None]) -> None:
-        """Record what each changed file now serves: its valid objects and the last good versions it keeps."""
-        if self._last_good is None:
-            return
+        """Record what each changed file now serves, its valid objects and the last good versions it keeps, each as
+        the text of its document: the next bad edit is compared with these (:mod:`controller.sources.rejected`),
+        and with a state directory they are saved for a restart."""
         for path, contribution in changed.items():
             before = self._served.pop(path, {})
             served: Saved = {}
@@ -300,7 +315,7 @@ class FileSource:
                     if text is not None:
                         served[str(key)] = text
                 self._served[path] = served
-            if served != before:
+            if self._last_good is not None and served != before:
                 await self._write(path, served)
 
     async def _write(self, path: str, served: Saved) -> None:

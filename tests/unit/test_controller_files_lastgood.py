@@ -107,18 +107,18 @@ async def test_a_name_typo_that_is_a_valid_name_renames_the_object(config: Path)
     assert store.errors() == []
 
 
-async def test_while_a_file_has_an_error_nothing_it_served_goes(config: Path) -> None:
-    """A document deleted in the same edit that broke another stays until the file is clean: the controller cannot
-    tell a deleted document from one that no longer parses as the object it was."""
+async def test_a_document_deleted_in_the_edit_that_broke_another_goes(config: Path) -> None:
+    """Only the broken document's object keeps its last good version: a document deleted in the same edit goes, as
+    a deleted object does with the API server (more cases in test_controller_c_rejected)."""
     source, store = await start(config, None)
     write(config / "policy.yaml", deny(action="DENYY"))  # p1 deleted, the policy broken
     await source.sync()
-    assert {"Pod/demo/p1", DENY_KEY} <= served(store)
-    assert store.status()["objects"]["Pod/demo/p1"]["status"] == "stale"
+    assert DENY_KEY in served(store) and "Pod/demo/p1" not in served(store)
     assert store.status()["objects"][DENY_KEY]["status"] == "rejected"
+    assert "Pod/demo/p1" not in store.status()["objects"]
     write(config / "policy.yaml", deny())
     await source.sync()
-    assert "Pod/demo/p1" not in served(store) and DENY_KEY in served(store)
+    assert DENY_KEY in served(store) and store.errors() == []
 
 
 # ---- a restarted controller ----------------------------------------------------------------------------------------
@@ -193,10 +193,10 @@ async def test_objects_removed_on_purpose_do_not_come_back(config: Path, state: 
 async def test_a_file_fixed_while_down_serves_its_new_content(config: Path, state: str) -> None:
     source, _ = await start(config, state)
     write(config / "policy.yaml", deny(action="DENYY"))
-    await source.sync()  # kept p1 and the policy, saved so
+    await source.sync()  # kept the policy, saved so (p1 deleted)
     write(config / "policy.yaml", deny(action="ALLOW"))
     _, store = await start(config, state)
-    assert served(store) == {"Namespace//demo", DENY_KEY}  # p1 removed on purpose, now that the file is clean
+    assert served(store) == {"Namespace//demo", DENY_KEY}
     assert list(actions(store).values()) == [0]  # ALLOW
 
 

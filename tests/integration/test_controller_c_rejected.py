@@ -1,0 +1,86 @@
+"""A real ambit-controller and a real xDS client: a file edit that breaks the DENY policy and deletes a pod's
+document delivers the pod's removal while the DENY keeps serving, and so does a restart after another deletion in
+the still-broken file (the DENY from the state directory, the deleted pod not)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.state import StoreChange, WorkloadStore, policy_key
+from agent.xds import Backoff, XdsClient
+from tests.support.xds_controller import ControllerProc, running, wait_for
+
+NS = """apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+"""
+DENY = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-evil, namespace: demo}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+"""
+BROKEN_DENY = DENY.replace("kind: AuthorizationPolicy", "kind: AuthorizationPolicyy")
+
+
+def pod(name: str, ip: str) -> str:
+    return f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: demo}}
+spec: {{nodeName: node1, serviceAccountName: web}}
+status: {{podIP: {ip}}}
+"""
+
+
+def replace(path: Path, *documents: str) -> None:
+    """As a careful writer does: elsewhere, then renamed into place."""
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text("---\n".join(documents))
+    os.replace(tmp, path)
+
+
+async def test_a_deletion_beside_a_broken_document_reaches_the_agent(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    demo = config / "demo.yaml"
+    replace(demo, NS, pod("web-0", "10.1.0.1"), pod("web-1", "10.1.0.2"), DENY)
+    controller = ControllerProc(tmp_path, ["--config-dir", str(config)])
+    store = WorkloadStore()
+    seen: list[StoreChange] = []
+    client = XdsClient(store, controller.address, "node1", backoff=Backoff(0.01, 0.2))
+
+    def workloads() -> set[str]:
+        return {w.name for w in store.all_workloads()}
+
+    def policies() -> list[str]:
+        return [policy_key(p) for p in store.all_policies()]
+
+    def resumed() -> bool:
+        connections = controller.json("/debug/connections")
+        return bool(connections) and len(connections[0]["subscribed"]) == 2 and connections[0]["unacked"] == 0
+
+    await controller.start()
+    try:
+        async with running(client):
+            await wait_for(lambda: workloads() == {"web-0", "web-1"} and policies() == ["demo/deny-evil"], what="all")
+            store.subscribe(seen.append)
+            replace(demo, NS, pod("web-0", "10.1.0.1"), BROKEN_DENY)  # web-1 deleted, the DENY broken
+            await wait_for(lambda: workloads() == {"web-0"}, what="web-1's removal")
+            status = controller.json("/debug/config_status")
+            assert status["errors"] == [
+                f"{demo}:AuthorizationPolicyy/demo/deny-evil: kind: unknown kind 'AuthorizationPolicyy' in "
+                "document #3 (did you mean AuthorizationPolicy?)"
+            ]
+            assert status["objects"]["AuthorizationPolicy/demo/deny-evil"]["status"] == "stale"
+            assert "Pod/demo/web-1" not in status["objects"]
+
+            await controller.stop()
+            replace(demo, NS, BROKEN_DENY)  # web-0 deleted while the controller is down, still broken
+            await controller.start()
+            await wait_for(resumed, what="the client to resume both types")
+            await wait_for(lambda: workloads() == set(), what="web-0's removal")
+            assert controller.json("/debug/config_status")["objects"]["AuthorizationPolicy/demo/deny-evil"]
+            assert policies() == ["demo/deny-evil"]
+            assert not any("demo/deny-evil" in change.policies for change in seen), "the DENY was removed"
+    finally:
+        await controller.stop()

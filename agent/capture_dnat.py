@@ -35,11 +35,14 @@ atomically (one ``nft -f`` transaction) when the enrolled addresses change or so
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterable
+from typing import Any
 
 from common.log import kv
 
@@ -73,6 +76,95 @@ def table_name(instance: str) -> str:
     """nft takes an instance name as it is (letters, digits, ``_.-``) after a leading letter: mapping ``.`` and
     ``-`` to ``_`` would give instances ``a-b`` and ``a_b`` one table, each agent replacing the other's set."""
     return "ambit_" + instance
+
+
+NO_LISTENER_ACTIONS = {"drop": "drop", "accept": "pass"}  # the verdict of a no-listener rule -> the metric's label
+NO_LISTENER_FAMILIES = {"ip": "ipv4", "ip6": "ipv6"}
+
+
+class NoListenerCounts:
+    """The packets the table's no-listener rules counted (SYNs that found no agent listener: dropped, or passed with
+    fail-open), by (family, action), kept monotonic although each rewrite of the table starts its counters at 0.
+
+    nf_tables gives every new table a larger handle than the netns's tables before it, so a listing with a larger
+    handle is a rewrite: what the previous table counted is kept, as last read. The agent reads the counters before
+    it rewrites or removes the table, so only what a table counted after that read is lost, and a listing of an
+    older table arriving late is ignored. Fed from the blocking-work thread (syncs) and from the event loop (the
+    poller): a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handle = -1
+        self._current: dict[tuple[str, str], int] = {}
+        self._before: dict[tuple[str, str], int] = {}
+
+    def observe(self, listing: str) -> None:
+        """Take in ``nft -j list table inet <table>``'s output; raises ValueError when it is not such a listing."""
+        handle, counts = parse_no_listener_counts(listing)
+        with self._lock:
+            if handle > self._handle:
+                for key, value in self._current.items():
+                    self._before[key] = self._before.get(key, 0) + value
+                self._handle, self._current = handle, {}
+            elif handle < self._handle:
+                return
+            for key, value in counts.items():
+                self._current[key] = max(self._current.get(key, 0), value)
+
+    def totals(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            keys = self._before.keys() | self._current.keys()
+            return {key: self._before.get(key, 0) + self._current.get(key, 0) for key in sorted(keys)}
+
+
+def parse_no_listener_counts(listing: str) -> tuple[int, dict[tuple[str, str], int]]:
+    """The table's handle and its no-listener rules' packet counts by (family, action), from nft's JSON listing of
+    one table. Raises ValueError when it is not such a listing."""
+    try:
+        handle = None
+        counts: dict[tuple[str, str], int] = {}
+        for obj in json.loads(listing)["nftables"]:
+            if "table" in obj:
+                handle = int(obj["table"]["handle"])
+            elif "rule" in obj:
+                rule = _no_listener_rule(obj["rule"]["expr"])
+                if rule is not None:
+                    key, packets = rule
+                    counts[key] = counts.get(key, 0) + packets
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not an nft JSON listing of a table: {exc!r}") from exc
+    if handle is None:
+        raise ValueError("not an nft JSON listing of a table: no table in it")
+    return handle, counts
+
+
+def _no_listener_rule(exprs: list[dict[str, Any]]) -> tuple[tuple[str, str], int] | None:
+    """((family, action), packets) when these are a no-listener rule's expressions: a daddr match, a counter and
+    a verdict."""
+    packets, action, family = None, None, None
+    for expr in exprs:
+        if "counter" in expr:
+            packets = int(expr["counter"]["packets"])
+        for verdict, label in NO_LISTENER_ACTIONS.items():
+            if verdict in expr:
+                action = label
+        left = expr.get("match", {}).get("left")
+        if isinstance(left, dict) and left.get("payload", {}).get("field") == "daddr":
+            family = NO_LISTENER_FAMILIES.get(left["payload"].get("protocol"))
+    if packets is None or action is None or family is None:
+        return None
+    return (family, action), packets
+
+
+_COUNTS: dict[str, NoListenerCounts] = {}
+_COUNTS_LOCK = threading.Lock()
+
+
+def no_listener_counts(table: str) -> NoListenerCounts:
+    """The counts of this process's table ``inet <table>``: one object for the DnatCapture that writes the table and
+    the poller that exports them, which the agent builds apart (the Redirector owns the former)."""
+    with _COUNTS_LOCK:
+        return _COUNTS.setdefault(table, NoListenerCounts())
 
 
 def ruleset(
@@ -162,6 +254,7 @@ class DnatCapture:
         self._applied: frozenset[str] | None = None
         self._script = ""  # the table as we last wrote it ("" when we wrote none since start or removal)
         self._listed = ""  # the table as nft listed it after our last write
+        self.counts = no_listener_counts(self.table)
 
     def bind_netns(self) -> None:
         """Keep the table in the calling thread's netns from now on, whichever thread syncs: a Redirector binds its
@@ -208,6 +301,7 @@ class DnatCapture:
                 "DNAT capture table was changed or removed by someone else; writing it again",
                 extra=kv(table=self.table),
             )
+        self._read_counts()  # a rewrite starts the counters at 0
         self._run(script)
         if not self._script:
             log.info(
@@ -221,6 +315,7 @@ class DnatCapture:
         self._applied, self._script = None, ""
         if shutil.which(self.nft) is None or not self._listing():
             return False
+        self._read_counts()
         try:
             self._run(f"delete table inet {self.table}\n")
         except DnatCaptureError as exc:  # the rest of a cleanup still runs
@@ -242,6 +337,25 @@ class DnatCapture:
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return done.stdout if done.returncode == 0 else ""
+
+    def _read_counts(self) -> None:
+        """Fold the no-listener counters of the table there is now (if any) into :attr:`counts`."""
+        try:
+            done = subprocess.run(
+                self._command("-j", "list", "table", "inet", self.table),
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+                pass_fds=self._fds(),
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        if done.returncode == 0:
+            try:
+                self.counts.observe(done.stdout)
+            except ValueError as exc:
+                log.warning("cannot read the DNAT capture table's counters", extra=kv(table=self.table, error=str(exc)))
 
     def _run(self, script: str) -> None:
         try:

@@ -31,6 +31,7 @@ from agent.accesslog import AccessLog
 from agent.addressing import AGENT_PORTS, workload_identity, workload_ips
 from agent.admin import admin_server, config_dump, metrics_server, readiness_server
 from agent.ca_client import CaClient
+from agent.capture_dnat_metrics import DnatCounterCollector
 from agent.capture_metrics import CaptureCollector
 from agent.connections import ConnectionRegistry
 from agent.controller_channel import ControllerChannel
@@ -165,9 +166,13 @@ class Agent:
         )
         self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, inbound, trust_domain=cfg.trust_domain)
         self.redirector: Redirector | None = None
+        self.dnat_counters: DnatCounterCollector | None = None
         if cfg.capture:
             self.redirector = Redirector(_redirect_config(cfg))
             self.metrics.registry.register(CaptureCollector(self.redirector))
+            if cfg.capture_dnat:
+                self.dnat_counters = DnatCounterCollector(cfg.instance)
+                self.metrics.registry.register(self.dnat_counters)
         self.listeners: list[Listener] = []
         self.servers: list[HttpServer] = []
         self.stopping = asyncio.Event()
@@ -241,6 +246,8 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconcile"))
         if self.redirector is not None:
             self._tasks.append(asyncio.create_task(self._reconcile_periodically(), name="reconcile-timer"))
+        if self.dnat_counters is not None:
+            self._tasks.append(asyncio.create_task(self.dnat_counters.run(), name="dnat-counters"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))
 
     def _accept(self) -> None:

@@ -38,6 +38,7 @@ from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundConfig, InboundPlaintextProxy, InboundProxy
 from agent.metrics import Metrics
+from agent.metrics_expiry import SERIES_EXPIRY, SeriesExpiry
 from agent.ondemand_dns import ANSWER_TTL, FAILURE_TTL, LOOKUP_TIMEOUT, OnDemandResolver
 from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
 from agent.pool import HboneConnectionPool
@@ -111,6 +112,12 @@ class AgentConfig:
     )
     dns_failure_ttl: float = field(default=FAILURE_TTL, metadata=doc("seconds a failed on-demand DNS lookup is kept"))
     dns_timeout: float = field(default=LOOKUP_TIMEOUT, metadata=doc("seconds before an on-demand DNS lookup fails"))
+    metrics_expiry: float = field(
+        default=SERIES_EXPIRY,
+        metadata=doc(
+            "seconds a metric series of a workload gone from the agent's state stays after it last changed (0: never)"
+        ),
+    )
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
     log_level: str = field(default="info", metadata=doc(jsonlog.LOG_LEVEL_HELP))
     cleanup: bool = field(default=False, metadata=doc("remove everything the agent installed on this node, then exit"))
@@ -121,6 +128,8 @@ class AgentConfig:
         # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
         if not 0 <= self.early_data <= MAX_EARLY_DATA:
             raise ValueError(f"--early-data must be 0 to {MAX_EARLY_DATA} bytes, got {self.early_data}")
+        if not (math.isfinite(self.metrics_expiry) and self.metrics_expiry >= 0):
+            raise ValueError(f"--metrics-expiry must be 0 (never) or a number of seconds, got {self.metrics_expiry}")
         for name in ("dns_ttl", "dns_failure_ttl", "dns_timeout", "config_wait"):
             seconds = getattr(self, name)
             if not (math.isfinite(seconds) and seconds > 0):  # nan and inf parse as floats too
@@ -248,6 +257,10 @@ class Agent:
             self._tasks.append(asyncio.create_task(self._reconcile_periodically(), name="reconcile-timer"))
         if self.dnat_counters is not None:
             self._tasks.append(asyncio.create_task(self.dnat_counters.run(), name="dnat-counters"))
+        if cfg.metrics_expiry:
+            expiry = SeriesExpiry(self.metrics, self.store.all_workloads, cfg.metrics_expiry)
+            self.metrics.registry.register(expiry)
+            self._tasks.append(asyncio.create_task(expiry.run(), name="metrics-expiry"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))
 
     def _accept(self) -> None:

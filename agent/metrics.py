@@ -142,6 +142,13 @@ def _workload_values(wl: Any | None) -> tuple[str, ...]:
     return _UNKNOWN_WORKLOAD if wl is None else _workload_labels(wl)
 
 
+def workload_key(wl: Any) -> tuple[str, str]:
+    """The workload's name and namespace as its series' labels carry them (source_ or destination_workload and
+    _workload_namespace)."""
+    values = _workload_values(wl)
+    return values[0], values[3]
+
+
 def traffic_label_values(
     *,
     reporter: str,

@@ -171,6 +171,11 @@ class _Metric(Generic[C]):
             child = self._children[key] = self.child_type()
         return child
 
+    @property
+    def children(self) -> dict[tuple[str, ...], C]:
+        """The series by their label values (agent.metrics_expiry removes those of workloads gone)."""
+        return self._children
+
     def remove(self, *values: str) -> None:
         self._children.pop(tuple(str(v) for v in values), None)
 

@@ -4,9 +4,17 @@ Keys (ECDSA P-256) are generated here and never leave the process; the controlle
 identities of workloads on this node. Fetches go through one priority queue so that a connection waiting for a
 certificate (RealTime) overtakes warm-up of newly seen workloads (Warmup), which overtakes routine refreshes
 (Background). Certificates are refreshed at half-life, moved by a small random jitter so that certificates fetched
-together are not renewed together; failures back off exponentially with jitter while the still-valid certificate
-keeps serving. The trust bundle is whatever roots the CA returned last (several during a root rotation); when it
-changes every SSL context is rebuilt.
+together are not renewed together, and never more often than a floor (a CA near its own expiry cuts every
+certificate to it: see next_refresh); failures back off exponentially with jitter while the still-valid certificate
+keeps serving. A certificate counts as valid while its whole chain is. Times are this node's clock: a renewal whose
+notBefore is still in its future (a CA clock ahead by more than its 2-minute backdating) waits for it while the
+current certificate serves.
+
+The trust bundle is whatever roots the CA returned last (several during a root rotation); when it changes every
+SSL context is rebuilt. It lives in memory only, as ztunnel's: a restarted agent trusts its --root-cert file (kept
+current by the controller's ConfigMap, re-read at every connection) and then the CA's next answer. A bundle kept
+on disk would bring back, at the one moment the agent has nothing newer, roots an operator retired, possibly
+because their key leaked (docs/ca-rotation.md, "Agent restarts").
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -42,6 +50,12 @@ log = logging.getLogger("ambit.identity")
 DEFAULT_TTL_SECONDS = 24 * 3600
 # Each refresh moves by up to this fraction of the lifetime either way (Istio's SECRET_GRACE_PERIOD_RATIO_JITTER).
 DEFAULT_REFRESH_JITTER = 0.01
+# Renewals come at most this often, as a fraction of the requested TTL (90 minutes for 24 h certificates): see
+# next_refresh for why, and for the one renewal allowed inside that interval, just before expiry.
+DEFAULT_MIN_REFRESH_FRACTION = 1 / 16
+# A renewal due when its certificate lapses waits this long past the lapse: a timer firing a hair early would get
+# one more certificate from the expiring CA that lapses at once, and again.
+LAPSE_MARGIN_SECONDS = 1.0
 _ALPN = [tls.ALPN_H2]  # HBONE is HTTP/2 both ways
 
 
@@ -92,6 +106,43 @@ def refresh_at(not_before: float, not_after: float, received_at: float) -> float
     return start + max(0.0, not_after - start) / 2
 
 
+def next_refresh(
+    not_before: float,
+    expires: float,
+    received_at: float,
+    *,
+    min_interval: float,
+    jitter: float,
+    rng: random.Random,
+    previous_expires: float | None = None,
+) -> float:
+    """When to renew a certificate received at ``received_at`` (this node's clock) that peers accept until
+    ``expires``.
+
+    Normally at half-life (:func:`refresh_at`), moved by up to ``jitter`` of the lifetime either way: certificates
+    fetched together (an agent or a cluster starting) would otherwise be renewed together again every half TTL,
+    forever, and the CA would meet the start-up herd twice a day (28 minutes of spread for 24 h certificates at 1 %).
+
+    Never sooner than ``min_interval`` after receipt. A CA near its own expiry cuts every certificate to it, so each
+    renewal's half-life is half the last one's: 12 h, 6 h, ... down to the second, 17 renewals per workload in the
+    CA's last day, 10 of them in its last quarter of an hour, on every node at once. No renewal can outlive that
+    CA, so the only point of renewing early is to pick up a CA rotated meanwhile, which the floor still does.
+    A certificate that expires within ``min_interval`` gets one renewal at 50 to 90 % of what is left of it (the
+    last chance to move to a rotated CA before this one lapses, spread so that nodes do not come at one instant);
+    when a renewal expires no later than the certificate it replaces (the same expiring CA signed it), the next one
+    is due just after its expiry: it then fails, the backoff takes over, and the lapse is logged as an error. (A
+    connection that needs the certificate meanwhile asks at once.)
+    """
+    remaining = expires - received_at
+    if remaining <= min_interval:
+        if previous_expires is not None and expires <= previous_expires:
+            return expires + LAPSE_MARGIN_SECONDS
+        return received_at + max(0.0, remaining) * rng.uniform(0.5, 0.9)
+    start = max(not_before, received_at)
+    life = expires - start
+    return max(start + life / 2 + rng.uniform(-jitter, jitter) * life, received_at + min_interval)
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     identity: Identity
@@ -102,6 +153,14 @@ class IssuedCertificate:
     not_before: float
     not_after: float
     refresh_at: float
+    # The earliest expiry among the intermediates and the root the leaf chains through: peers check all of them.
+    ca_not_after: float
+
+    @property
+    def expires(self) -> float:
+        """When peers stop accepting the chain: the leaf's expiry, or its CA's if that comes first (istiod issues
+        the requested TTL past its own expiry; ours cuts the leaf to it)."""
+        return min(self.not_after, self.ca_not_after)
 
 
 def new_key_and_csr(identity: Identity) -> tuple[ec.EllipticCurvePrivateKey, str]:
@@ -149,11 +208,14 @@ def parse_response(
     path = path_to_root(leaf, intermediates, roots)
     if path is None:
         raise InvalidCertificateResponse("leaf certificate does not chain to a root in cert_chain")
-    between, _ = path
+    between, anchor = path
     not_before = leaf.not_valid_before_utc.timestamp()
     not_after = leaf.not_valid_after_utc.timestamp()
     if not_after <= received_at:
         raise InvalidCertificateResponse(f"leaf certificate expired at {leaf.not_valid_after_utc.isoformat()}")
+    ca_expiry = min(c.not_valid_after_utc for c in (*between, anchor))
+    if ca_expiry.timestamp() <= received_at:
+        raise InvalidCertificateResponse(f"the CA chain of the leaf certificate expired at {ca_expiry.isoformat()}")
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -165,7 +227,8 @@ def parse_response(
         serial=leaf.serial_number,
         not_before=not_before,
         not_after=not_after,
-        refresh_at=refresh_at(not_before, not_after, received_at),
+        refresh_at=refresh_at(not_before, min(not_after, ca_expiry.timestamp()), received_at),
+        ca_not_after=ca_expiry.timestamp(),
     )
 
 
@@ -182,9 +245,11 @@ class _Entry:
     queued_seq: int = -1
     timer: asyncio.TimerHandle | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    # A renewal not valid yet by this node's clock, waiting for its notBefore while ``cert`` keeps serving.
+    staged: IssuedCertificate | None = None
 
     def valid(self, now: float) -> bool:
-        return self.cert is not None and self.cert.not_after > now
+        return self.cert is not None and self.cert.expires > now
 
     def state(self, now: float) -> str:
         """ztunnel's certificate states, as its /config_dump words them: `Available` whenever a valid certificate
@@ -196,7 +261,7 @@ class _Entry:
         if self.last_error:
             return f"Unavailable: {self.last_error}"
         if self.cert is not None:
-            return f"Unavailable: certificate expired at {_iso(self.cert.not_after)}"
+            return f"Unavailable: certificate expired at {_iso(self.cert.expires)}"
         return "Initializing"
 
 
@@ -255,6 +320,7 @@ class CertificateManager:
         concurrency: int = 4,
         rng: random.Random | None = None,
         refresh_jitter: float = DEFAULT_REFRESH_JITTER,
+        min_refresh_interval: float | None = None,
     ) -> None:
         self.signer = signer
         self.trust_domain = trust_domain
@@ -262,6 +328,10 @@ class CertificateManager:
         self.backoff = backoff or Backoff()
         self.concurrency = concurrency
         self.refresh_jitter = refresh_jitter
+        self.min_refresh_interval = (
+            ttl_seconds * DEFAULT_MIN_REFRESH_FRACTION if min_refresh_interval is None else min_refresh_interval
+        )
+        self._ca_expiry_warned = 0.0  # the CA expiry last logged, so that N workloads do not log it N times
         self._rng = rng or random.Random()
         self._roots: tuple[str, ...] = tuple(initial_roots)
         self._entries: dict[Identity, _Entry] = {}
@@ -278,6 +348,19 @@ class CertificateManager:
         )
         self._errors = Counter(
             "ambit_cert_fetch_errors", "Failed certificate fetches by reason", ["reason"], registry=reg
+        )
+        self._chain_expiry = Gauge(
+            "ambit_cert_chain_expiry_seconds",
+            "Expiry time (Unix seconds) of the CA chain (intermediates and root) each identity's certificate "
+            "depends on: no renewal outlives it until the CA is rotated",
+            ["identity"],
+            registry=reg,
+        )
+        self._ahead = Gauge(
+            "ambit_cert_not_before_ahead_seconds",
+            "How far in this node's future the notBefore of the latest certificate was; above 0 the CA's clock "
+            "runs ahead of this node's by more than the CA's backdating",
+            registry=reg,
         )
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -386,16 +469,21 @@ class CertificateManager:
         return entry
 
     def _schedule(self, entry: _Entry, at: float, priority: Priority) -> None:
+        """A fetch at ``at`` (this node's clock)."""
+        self._at(entry, at, lambda: self._request(entry.identity, priority))
+
+    def _at(self, entry: _Entry, at: float, action: Callable[[], object]) -> None:
+        """The entry's one timer: a fetch, or putting a staged certificate in service."""
         if entry.timer is not None:
             entry.timer.cancel()
         loop = asyncio.get_running_loop()
         delay = max(0.0, at - time.time())
-        entry.timer = loop.call_later(delay, self._timer_fired, entry, priority)
+        entry.timer = loop.call_later(delay, self._timer_fired, entry, action)
 
-    def _timer_fired(self, entry: _Entry, priority: Priority) -> None:
+    def _timer_fired(self, entry: _Entry, action: Callable[[], object]) -> None:
         entry.timer = None
         if self._entries.get(entry.identity) is entry:
-            self._request(entry.identity, priority)
+            action()
 
     async def _ready(self, ident: Identity) -> _Entry:
         entry = self._entries.get(ident)
@@ -433,7 +521,8 @@ class CertificateManager:
         key, csr = new_key_and_csr(ident)
         try:
             chain = await self.signer.create_certificate(csr, ident, self.ttl_seconds)
-            issued = self._jittered(parse_response(chain, ident, key, time.time()))
+            received = time.time()
+            issued = parse_response(chain, ident, key, received)
             server_ctx = self._server_context(issued, issued.roots_pem)
         except (CaRequestError, InvalidCertificateResponse, ssl.SSLError, OSError) as e:
             reason = e.reason if isinstance(e, CaRequestError) else "invalid_response"
@@ -441,27 +530,80 @@ class CertificateManager:
             return
         if self._entries.get(ident) is not entry:
             return  # the workload left while we were fetching
-        entry.cert, entry.server_ctx, entry.client_ctx = issued, server_ctx, None
+        held = entry.cert if entry.valid(received) else None
+        at = next_refresh(
+            issued.not_before,
+            issued.expires,
+            received,
+            min_interval=self.min_refresh_interval,
+            jitter=self.refresh_jitter,
+            rng=self._rng,
+            previous_expires=held.expires if held else None,
+        )
+        issued = dataclasses.replace(issued, refresh_at=at)
         entry.failures, entry.last_error = 0, ""
-        self._expiry.labels(str(ident)).set(issued.not_after)
+        self._check_ca_expiry(issued)
+        ahead = issued.not_before - received
+        self._ahead.labels().set(max(0.0, ahead))
+        if ahead > 0 and held is not None and held.not_before <= received:
+            # Peers whose clocks agree with ours would refuse it ("not yet valid") until then, and the held one
+            # is still good: swap when the new one becomes valid (or when the held one expires, if sooner)
+            # rather than flap every renewal. No new request: asking again would only get another one like it.
+            entry.staged = issued
+            swap = min(issued.not_before, held.expires)
+            self._at(entry, swap, lambda: self._put_in_service(entry, entry.staged))
+            log.warning(
+                "renewed certificate is not valid yet by this node's clock; the current one serves until it is",
+                extra=kv(identity=str(ident), not_before=_iso(issued.not_before), ahead_seconds=round(ahead, 3)),
+            )
+        else:
+            if ahead > 0:
+                log.warning(
+                    "certificate is not valid yet by this node's clock; peers with clocks like this node's refuse it "
+                    "until its notBefore (the CA's clock is ahead of this node's by more than its backdating)",
+                    extra=kv(identity=str(ident), not_before=_iso(issued.not_before), ahead_seconds=round(ahead, 3)),
+                )
+            self._put_in_service(entry, issued, server_ctx)
+        if issued.roots_pem != self._roots:
+            self._roots_changed(issued.roots_pem)
+
+    def _put_in_service(
+        self, entry: _Entry, issued: IssuedCertificate | None, server_ctx: ssl.SSLContext | None = None
+    ) -> None:
+        if issued is None:
+            return
+        if server_ctx is None:  # a staged certificate: trust the bundle as it is now
+            try:
+                server_ctx = self._server_context(issued, self._roots)
+            except (ssl.SSLError, OSError) as e:
+                self._failed(entry, Priority.BACKGROUND, "invalid_response", str(e))
+                return
+        entry.cert, entry.server_ctx, entry.client_ctx, entry.staged = issued, server_ctx, None, None
+        ident = entry.identity
+        self._expiry.labels(str(ident)).set(issued.expires)
+        self._chain_expiry.labels(str(ident)).set(issued.ca_not_after)
         self._schedule(entry, issued.refresh_at, Priority.BACKGROUND)
         self._wake(entry, None)
         log.info(
             "certificate issued",
-            extra=kv(identity=str(ident), serial=f"{issued.serial:x}", expiry=_iso(issued.not_after)),
+            extra=kv(identity=str(ident), serial=f"{issued.serial:x}", expiry=_iso(issued.expires)),
         )
-        if issued.roots_pem != self._roots:
-            self._roots_changed(issued.roots_pem)
 
-    def _jittered(self, issued: IssuedCertificate) -> IssuedCertificate:
-        """Half-life moved by up to ``refresh_jitter`` of the lifetime either way. Certificates fetched together
-        (an agent or a cluster starting) would otherwise be renewed together again every half TTL, forever, and
-        the CA would meet the start-up herd twice a day; with the jitter such a fleet spreads out over the window
-        (28 minutes for 24 h certificates at 1 %) and keeps drifting apart."""
-        life = 2 * (issued.not_after - issued.refresh_at)  # from when the certificate was first usable
-        shift = self._rng.uniform(-self.refresh_jitter, self.refresh_jitter) * life
-        at = min(max(issued.refresh_at + shift, issued.not_after - life), issued.not_after)
-        return dataclasses.replace(issued, refresh_at=at)
+    def _check_ca_expiry(self, issued: IssuedCertificate) -> None:
+        """Say once per expiring CA (not once per workload and renewal) that certificates end with it."""
+        if issued.ca_not_after > issued.not_after + 1.0 or issued.ca_not_after == self._ca_expiry_warned:
+            return
+        self._ca_expiry_warned = issued.ca_not_after
+        log.warning(
+            "certificates are cut short by their CA's expiry: no renewal outlives it until the CA is rotated "
+            "(docs/ca-rotation.md); renewals are spaced by at least the minimum refresh interval meanwhile",
+            extra=kv(
+                identity=str(issued.identity),
+                ca_expiry=_iso(issued.ca_not_after),
+                remaining_seconds=round(issued.ca_not_after - time.time()),
+                min_refresh_interval=self.min_refresh_interval,
+            ),
+        )
 
     def _failed(self, entry: _Entry, priority: Priority, reason: str, message: str) -> None:
         self._errors.labels(reason).inc()
@@ -474,14 +616,14 @@ class CertificateManager:
             # The expiry gauge stays (in the past) so that an alert on it fires while nothing valid is held.
             log.error(
                 "certificate expired without a renewal; the identity's connections are refused until one arrives",
-                extra=kv(identity=str(entry.identity), expired=_iso(entry.cert.not_after), error=message),
+                extra=kv(identity=str(entry.identity), expired=_iso(entry.cert.expires), error=message),
             )
             entry.cert = entry.server_ctx = entry.client_ctx = None
         delay = self.backoff.delay(entry.failures, self._rng)
         if entry.cert is not None:
             # As ztunnel: never retry later than the held certificate expires. Past its expiry, callers are refused
             # at once until the retry, which a backoff of minutes would otherwise hold back after the CA is back.
-            delay = min(delay, entry.cert.not_after - now)
+            delay = min(delay, entry.cert.expires - now)
         self._schedule(entry, now + delay, priority)
         log.warning(
             "certificate fetch failed",
@@ -534,5 +676,7 @@ class CertificateManager:
             entry.timer.cancel()
             entry.timer = None
         entry.queued = None
+        entry.staged = None
         self._wake(entry, CertificateUnavailable(why))
         self._expiry.remove(str(entry.identity))
+        self._chain_expiry.remove(str(entry.identity))

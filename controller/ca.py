@@ -97,6 +97,12 @@ class CaMaterial:
     roots: tuple[x509.Certificate, ...]  # the trust bundle, anchor included
     generation: int
 
+    @property
+    def chain_not_after(self) -> datetime.datetime:
+        """When the first certificate a leaf chains through expires (signing certificate, intermediates, anchor).
+        Peers check every one of them, so a leaf is worthless past this instant whatever its own notAfter says."""
+        return min(c.not_valid_after_utc for c in (self.cert, *self.intermediates, self.anchor))
+
 
 @dataclass(frozen=True)
 class IssuedKeyPair:
@@ -239,6 +245,12 @@ def check_material(contents: Mapping[str, bytes], where: Callable[[str], str], g
     intermediates = ([] if fingerprint(cert) == fingerprint(anchor) else [cert]) + between
     if cert.not_valid_after_utc <= _now():
         raise CaLoadError(f"{cert_path}: CA certificate expired at {cert.not_valid_after_utc.isoformat()}")
+    for c in (*between, anchor):
+        if c.not_valid_after_utc <= _now():
+            raise CaLoadError(
+                f"{chain_path if c in between else roots_path}: {c.subject.rfc4514_string()}, which {cert_path} "
+                f"chains through, expired at {c.not_valid_after_utc.isoformat()}"
+            )
     return CaMaterial(cert, key, tuple(intermediates), anchor, tuple(roots), generation)
 
 
@@ -255,6 +267,7 @@ class CertificateAuthority:
         self.max_ttl_seconds = max_ttl_seconds
         self._lock = threading.Lock()
         self._checked_at = 0.0
+        self._cut_warned = 0  # the generation whose expiry was last warned about
         self._ensure_initialized()
         self._files = _file_state(self.directory)
         self._material = _load_material(self.directory, 1)
@@ -324,6 +337,10 @@ class CertificateAuthority:
         """Changes whenever the signing material or the bundle changes; lets callers re-issue dependent certs."""
         return self._material.generation
 
+    def chain_expiry(self) -> float:
+        """Unix time when the signing chain (not counting other bundled roots) expires: no leaf outlives it."""
+        return self._material.chain_not_after.timestamp()
+
     def earliest_expiry(self) -> float:
         """Unix time when the first certificate of the signing chain or bundle expires (the alerting horizon)."""
         m = self._material
@@ -353,13 +370,20 @@ class CertificateAuthority:
         server: bool,
     ) -> x509.Certificate:
         now = _now()
-        if m.cert.not_valid_after_utc <= now:
+        chain_end = m.chain_not_after
+        if chain_end <= now:
             # Checked at load, but a CA (a plugged-in intermediate, typically) can expire while serving.
             raise CaExpiredError(
-                f"{self.directory / CA_CERT}: the signing CA expired at {m.cert.not_valid_after_utc.isoformat()}; "
+                f"{self.directory / CA_CERT}: the signing CA expired at {chain_end.isoformat()}; "
                 "rotate it (docs/ca-rotation.md)"
             )
-        not_after = min(now + datetime.timedelta(seconds=ttl_seconds), m.cert.not_valid_after_utc)
+        not_after = now + datetime.timedelta(seconds=ttl_seconds)
+        if not_after > chain_end:
+            # Unlike istiod (which issues the requested TTL past its own expiry), the leaf says when peers stop
+            # accepting it, so agents know to renew before then. Their refresh has a floor (agent/identity.py),
+            # which keeps these shrinking lifetimes from turning into a refresh storm.
+            not_after = chain_end
+            self._warn_cut(m, chain_end, now)
         # Workload certificates serve both ends of HBONE; the controller's only serves.
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         if not server:
@@ -399,6 +423,20 @@ class CertificateAuthority:
             .add_extension(aki, critical=False)
         )
         return builder.sign(m.key, hashes.SHA256())
+
+    def _warn_cut(self, m: CaMaterial, chain_end: datetime.datetime, now: datetime.datetime) -> None:
+        """Once per CA state: every certificate issued from now on is cut short, which only a rotation ends."""
+        if self._cut_warned == m.generation:
+            return
+        self._cut_warned = m.generation
+        log.warning(
+            "the signing CA expires soon: certificates are cut to its expiry; rotate it (docs/ca-rotation.md)",
+            extra=kv(
+                ca_dir=str(self.directory),
+                expires=chain_end.isoformat(),
+                remaining_seconds=int((chain_end - now).total_seconds()),
+            ),
+        )
 
     def sign_csr(self, csr_pem: str | bytes, identity: Identity, ttl_seconds: int) -> list[str]:
         """Sign ``csr_pem`` for ``identity``: the PEM chain, leaf first, root last.

@@ -21,7 +21,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from api.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from common.log import kv
 from common.spiffe import Identity, InvalidIdentity
-from controller.ca import DEFAULT_TTL_SECONDS, CaError, CertificateAuthority, CsrError, IdentityError, TtlError
+from controller.ca import (
+    DEFAULT_TTL_SECONDS,
+    CaError,
+    CaExpiredError,
+    CertificateAuthority,
+    CsrError,
+    IdentityError,
+    TtlError,
+)
 from controller.node_auth import (
     AuthBackendError,
     AuthenticationError,
@@ -73,12 +81,17 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             ["result", "reason"],
             registry=registry if registry is not None else REGISTRY,
         )
-        # Istio's name, so existing alerts on istiod's CA keep working.
+        # Istio's names, so existing alerts on istiod's CA keep working.
         Gauge(
             "citadel_server_root_cert_expiry_timestamp",
             "Unix time when the CA's signing chain or a bundled root expires (earliest)",
             registry=registry if registry is not None else REGISTRY,
         ).set_function(ca.earliest_expiry)
+        Gauge(
+            "citadel_server_cert_chain_expiry_timestamp",
+            "Unix time when the signing chain expires; workload certificates are cut to it",
+            registry=registry if registry is not None else REGISTRY,
+        ).set_function(ca.chain_expiry)
 
     async def _caller(self, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
         try:
@@ -153,7 +166,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             log.warning("certificate request refused", extra=kv(code=r.code.name, reason=r.reason, error=r.message))
             await context.abort(r.code, r.message)
         except CaError as e:
-            self.requests.labels("error", "ca_error").inc()
+            self.requests.labels("error", "ca_expired" if isinstance(e, CaExpiredError) else "ca_error").inc()
             log.error("CA failed to sign", extra=kv(error=str(e)))
             await context.abort(grpc.StatusCode.INTERNAL, f"CA failed to sign: {e}")
         except Exception:
@@ -185,12 +198,20 @@ class _ServingCertificate:
     def __init__(self, ca: CertificateAuthority, dns_names: Sequence[str], ips: Sequence[str], ttl: int) -> None:
         self.ca, self.dns_names, self.ips, self.ttl = ca, dns_names, ips, ttl
         self._lock = threading.Lock()
+        self._not_after = 0.0
         self.initial = self._issue()
 
     def _issue(self) -> grpc.ServerCertificateConfiguration:
         self._generation = self.ca.generation
         pair = self.ca.issue_serving_certificate(self.dns_names, self.ips, self.ttl)
-        self._refresh_at = time.time() + (pair.not_after.timestamp() - time.time()) / 2
+        not_after = pair.not_after.timestamp()
+        if not_after <= self._not_after:
+            # Cut to the same expiring CA as the one it replaces: re-issuing before then gains nothing, and at half
+            # of an ever shorter life it would re-issue at every handshake in the CA's last seconds.
+            self._refresh_at = not_after
+        else:
+            self._refresh_at = time.time() + (not_after - time.time()) / 2
+        self._not_after = not_after
         return grpc.ssl_server_certificate_configuration([(pair.key_pem.encode(), "".join(pair.chain_pem).encode())])
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:

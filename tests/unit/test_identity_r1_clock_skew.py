@@ -1,0 +1,140 @@
+"""A CA whose clock differs from the agent's: real certificates with a shifted validity window, real handshakes."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from agent.identity import CertificateManager
+from agent.prometheus import Registry
+from common.spiffe import Identity
+from controller import ca as ca_module
+from controller.ca import CLOCK_SKEW_SECONDS, CertificateAuthority
+from tests.support.identity_pki import handshake
+from tests.support.waiting import eventually
+
+TD = "cluster.local"
+WEB = Identity(TD, "default", "web")
+DB = Identity(TD, "default", "db")
+
+
+class ShiftedClock:
+    """The CA's clock, ``offset`` seconds from the real one (the certificates it signs are shifted with it)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self._real: Callable[[], datetime.datetime] = ca_module._now
+
+    def __call__(self) -> datetime.datetime:
+        return self._real() + datetime.timedelta(seconds=self.offset)
+
+
+@pytest.fixture
+def ca_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[ShiftedClock]:
+    clock = ShiftedClock()
+    monkeypatch.setattr(ca_module, "_now", clock)
+    yield clock
+
+
+class Signer:
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+        self.calls = 0
+
+    async def create_certificate(self, csr: str, identity: Identity, ttl_seconds: int) -> list[str]:
+        self.calls += 1
+        return self.ca.sign_csr(csr, identity, ttl_seconds)
+
+    def update_roots(self, roots_pem: Sequence[str]) -> None:
+        pass
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+async def test_a_renewal_not_valid_yet_waits_for_its_not_before_while_the_current_one_serves(
+    tmp_path: Path, ca_clock: ShiftedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The controller's clock jumps 121.5 s ahead of the nodes': the CA backdates by 2 minutes, so a renewal
+    becomes valid 1.5 s after it arrives. Put in service at once, every peer with the nodes' clock refused it
+    ("certificate is not yet valid") at each renewal until then. The agent keeps presenting the current
+    certificate, swaps when the renewal is valid by its own clock, and asks the CA nothing more meanwhile."""
+    ca = CertificateAuthority(tmp_path / "ca", TD)
+    web_signer = Signer(ca)
+    registry = Registry()
+    web = CertificateManager(web_signer, TD, ttl_seconds=6, registry=registry)
+    peer = CertificateManager(Signer(ca), TD, ttl_seconds=3600, registry=Registry())
+    try:
+        await web.server_context(WEB)
+        first = web.certificate(WEB)
+        assert first is not None
+        peer_client = await peer.client_context(DB)
+        handshake(await web.server_context(WEB), peer_client)
+
+        ca_clock.offset = CLOCK_SKEW_SECONDS + 1.5
+        with caplog.at_level(logging.WARNING, logger="ambit.identity"):
+            await eventually(lambda: web_signer.calls == 2, "the renewal at half-life (3 s)")
+            staged = web._entries[WEB].staged
+            assert staged is not None, "the renewal waits"
+            assert web.certificate(WEB) is first
+            # A peer on the nodes' clock accepts what is presented now, and would refuse the renewal.
+            assert handshake(await web.server_context(WEB), peer_client)[0] == DB
+            with pytest.raises(ssl.SSLError, match="not yet valid"):
+                handshake(web._server_context(staged, web.roots()), peer_client)
+            ahead = registry.get_sample_value("ambit_cert_not_before_ahead_seconds")
+            assert ahead is not None and 0 < ahead <= 1.5
+
+            await eventually(lambda: web.certificate(WEB) is staged, "the swap at the renewal's notBefore")
+            assert handshake(await web.server_context(WEB), peer_client)[0] == DB
+        assert web_signer.calls == 2, "no request while the renewal waited"
+        assert len(messages(caplog, "not valid yet by this node's clock; the current one serves")) == 1
+    finally:
+        await web.close()
+        await peer.close()
+
+
+async def test_a_first_certificate_not_valid_yet_serves_at_once_and_says_why(
+    tmp_path: Path, ca_clock: ShiftedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing held, waiting would only refuse the workload's connections here as well; the certificate is
+    used, and the log and a gauge say that peers with this node's clock refuse it until its notBefore."""
+    ca_clock.offset = CLOCK_SKEW_SECONDS + 30
+    registry = Registry()
+    m = CertificateManager(Signer(CertificateAuthority(tmp_path / "ca", TD)), TD, registry=registry)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ambit.identity"):
+            await m.server_context(WEB)
+        held = m.certificate(WEB)
+        row = m.snapshot()[0]
+    finally:
+        await m.close()
+    assert held is not None and row["state"] == "Available"
+    assert len(messages(caplog, "peers with clocks like this node's refuse it")) == 1
+    ahead = registry.get_sample_value("ambit_cert_not_before_ahead_seconds")
+    assert ahead is not None and 25 < ahead <= 30
+
+
+@pytest.mark.parametrize("offset", [-3600.0, 3600.0])
+async def test_renewal_is_timed_by_the_agents_clock(tmp_path: Path, ca_clock: ShiftedClock, offset: float) -> None:
+    """Half of the time the certificate is valid by this node's clock, whichever way the CA's runs: an hour behind
+    (the certificate has an hour less than its TTL left here) or ahead (it becomes valid only in an hour)."""
+    ca_clock.offset = offset
+    ttl = 4 * 3600
+    m = CertificateManager(Signer(CertificateAuthority(tmp_path / "ca", TD)), TD, ttl_seconds=ttl, registry=Registry())
+    try:
+        await m.server_context(WEB)
+        held = m.certificate(WEB)
+    finally:
+        await m.close()
+    assert held is not None
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    usable_from = max(held.not_before, now)
+    half = usable_from + (held.expires - usable_from) / 2
+    assert abs(held.refresh_at - half) <= 0.01 * ttl + 5
+    assert now < held.refresh_at < held.expires

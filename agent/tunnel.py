@@ -1052,12 +1052,21 @@ class _TcpRelay(_ReceiveBuffer, _Sink):
             self._pending, stream._early_rest = stream._early_rest, None
             self.on_writable()
         self._update_reading()
-        if self._reader.watching and not stream._proto.h2.client:
+        proto = stream._proto
+        if proto.h2.client:
+            return
+        if self._reader.watching:
             # The server side just handed the pod the client's first bytes, and a pod on this core answers as
             # soon as it is woken: read its answer now, not a loop turn later (strace: one epoll_wait less per
             # connection). The client side took its first bytes with the CONNECT, and its client is waiting for
             # the answer, so a read there is nearly always EAGAIN: the poll reports what does arrive.
             self._on_readable()
+        if not self.down and proto.h2.has_output():
+            # No client bytes reached the pod, so there is no answer to wait for that the 200 could go out with:
+            # the client waits for the 200 (or, for a protocol where the server speaks first, for the pod's banner
+            # behind it). It goes now, not after the rest of the loop turn, which under load is every other
+            # connection's ready work (ConnectRequest.respond only schedules it).
+            proto.flush()
 
     # TCP side
 

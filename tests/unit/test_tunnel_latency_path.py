@@ -5,6 +5,7 @@ HEADERS (a stream error there)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from agent import hbone, tunnel
 from agent.hbone import DataReceived, HboneConnection, ResponseReceived, StreamReset
@@ -107,3 +108,79 @@ async def test_handing_the_clients_first_bytes_to_the_pod_does_not_write_the_200
     assert transport.writes == before + 1
     events = client.receive_data(bytes(transport.wire))
     assert [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)] == [ResponseReceived, DataReceived]
+
+
+def _relay_to_pod(stream: HboneStream) -> tuple[tunnel._TcpRelay, socket.socket]:
+    """The server side's relay to a pod (a socket pair), created as ``relay()`` does, not started."""
+    mine, pod = socket.socketpair()
+    mine.setblocking(False)
+    done: asyncio.Future[tunnel.RelayResult] = asyncio.get_running_loop().create_future()
+    return tunnel._TcpRelay(mine, stream, done), pod
+
+
+async def test_a_relay_to_a_pod_with_nothing_to_answer_writes_the_200_as_it_starts() -> None:
+    """No client bytes reached the pod, so no answer can come to take the 200 along, and the client waits for it
+    (a protocol where the server speaks first waits for the 200 and the pod's banner behind it): the 200 goes out
+    when the relay starts, not after the rest of the loop turn."""
+    transport = Transport()
+    client, req = await _request(transport)
+    await req.respond(200)
+    before = transport.writes
+    side, pod = _relay_to_pod(req.stream)
+    try:
+        side.start()
+        assert transport.writes == before + 1
+        events = client.receive_data(bytes(transport.wire))
+        assert ResponseReceived in [type(e) for e in events]
+        await asyncio.sleep(0)  # the flush respond() scheduled finds nothing left
+        assert transport.writes == before + 1
+    finally:
+        side.abort("test over")
+        pod.close()
+
+
+async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answer_with_the_200() -> None:
+    transport = Transport()
+    client, req = await _request(transport)
+    proto = req._proto
+    client.send_data(req.stream_id, b"ping")
+    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
+        if isinstance(event, DataReceived):
+            req._stream._on_data(event.data)
+    await req.respond(200)
+    before = transport.writes
+    side, pod = _relay_to_pod(req.stream)
+    try:
+        pod.send(b"pong")  # a pod on the other core that answered before the relay's first read
+        side.start()
+        assert pod.recv(16) == b"ping"
+        assert transport.writes == before + 1  # one write: the 200 and the answer
+        events = client.receive_data(bytes(transport.wire))
+        kinds = [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)]
+        assert kinds == [ResponseReceived, DataReceived]
+    finally:
+        side.abort("test over")
+        pod.close()
+
+
+async def test_a_relay_whose_pod_has_not_answered_the_first_bytes_yet_leaves_the_200_to_the_loop_turn() -> None:
+    transport = Transport()
+    client, req = await _request(transport)
+    proto = req._proto
+    client.send_data(req.stream_id, b"ping")
+    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
+        if isinstance(event, DataReceived):
+            req._stream._on_data(event.data)
+    await req.respond(200)
+    before = transport.writes
+    side, pod = _relay_to_pod(req.stream)
+    try:
+        side.start()
+        assert pod.recv(16) == b"ping"
+        assert transport.writes == before  # the answer may still come in this turn and take the 200 along
+        await asyncio.sleep(0)
+        assert transport.writes == before + 1
+        assert ResponseReceived in [type(e) for e in client.receive_data(bytes(transport.wire))]
+    finally:
+        side.abort("test over")
+        pod.close()

@@ -113,14 +113,21 @@ class ProtoValues(Generic[V]):
         return values
 
 
+def workload_key(wl: Any) -> tuple[str, str]:
+    """The workload's name and namespace as its series' labels carry them (source_ or destination_workload and
+    _workload_namespace)."""
+    return _v(wl.workload_name or wl.name), _v(wl.namespace)
+
+
 def _compute_workload(wl: Any) -> tuple[str, ...]:
     service, revision = _v(wl.canonical_name), _v(wl.canonical_revision)
     locality = wl.locality
+    name, namespace = workload_key(wl)
     return (
-        _v(wl.workload_name or wl.name),
+        name,
         service,
         revision,
-        _v(wl.namespace),
+        namespace,
         service,
         revision,
         _v(wl.cluster_id),
@@ -140,13 +147,6 @@ _service_labels = ProtoValues(_compute_service)
 def _workload_values(wl: Any | None) -> tuple[str, ...]:
     """workload, canonical_service, canonical_revision, workload_namespace, app, version, cluster, region, zone."""
     return _UNKNOWN_WORKLOAD if wl is None else _workload_labels(wl)
-
-
-def workload_key(wl: Any) -> tuple[str, str]:
-    """The workload's name and namespace as its series' labels carry them (source_ or destination_workload and
-    _workload_namespace)."""
-    values = _workload_values(wl)
-    return values[0], values[3]
 
 
 def traffic_label_values(

@@ -89,7 +89,11 @@ class SeriesExpiry:
 
     async def sweep(self) -> int:
         """One pass over every workload series; returns how many were removed."""
-        known = {workload_key(wl) for wl in self.workloads()}
+        known = set()
+        for i, wl in enumerate(self.workloads()):
+            if i and i % ROWS_PER_TURN == 0:
+                await asyncio.sleep(0)
+            known.add(workload_key(wl))
         if not known:
             # An agent that knows no workload (started without saved state, before its first configuration) would
             # find every workload gone.

@@ -43,6 +43,12 @@ MAX_TTL_SECONDS = 90 * 24 * 3600
 # Peers whose clocks run a little behind must still accept a freshly issued certificate: not_before is backdated
 # by this much, as Istio's CA does (pki/util ClockSkewGracePeriod, 2 minutes).
 CLOCK_SKEW_SECONDS = 120
+# The CA's own certificates (the roots it mints, the controller's serving certificate) are backdated further. Agents
+# verify the controller with their own clocks, and a node more than CLOCK_SKEW_SECONDS behind could not connect to
+# it (no config, no certificates) for that long after every controller start, serving re-issue and new root. Their
+# notBefore protects nothing: they only ever serve live handshakes. Workload certificates keep Istio's figure; the
+# agent holds a renewal that is not valid yet by its clock until it is (agent/identity.py).
+CA_BACKDATE_SECONDS = 3600
 ROOT_VALIDITY_DAYS = 10 * 365
 MAX_CSR_BYTES = 64 * 1024
 # Re-reading the directory is cheap, but there is no point doing it for every request of a burst.
@@ -151,7 +157,7 @@ def new_root(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(serial)
-        .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_SECONDS))
+        .not_valid_before(now - datetime.timedelta(seconds=CA_BACKDATE_SECONDS))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -368,6 +374,7 @@ class CertificateAuthority:
         ttl_seconds: int,
         *,
         server: bool,
+        backdate_seconds: int = CLOCK_SKEW_SECONDS,
     ) -> x509.Certificate:
         now = _now()
         chain_end = m.chain_not_after
@@ -401,7 +408,7 @@ class CertificateAuthority:
             .issuer_name(m.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_SECONDS))
+            .not_valid_before(now - datetime.timedelta(seconds=backdate_seconds))
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(list(sans)), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -463,7 +470,9 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         m = self._material
-        leaf = self._issue(m, key.public_key(), sans, self._ttl(ttl_seconds), server=True)
+        leaf = self._issue(
+            m, key.public_key(), sans, self._ttl(ttl_seconds), server=True, backdate_seconds=CA_BACKDATE_SECONDS
+        )
         chain = [cert_pem(leaf), *[cert_pem(c) for c in m.intermediates]]
         return IssuedKeyPair(chain, key_pem(key).decode(), leaf.not_valid_after_utc)
 

@@ -90,6 +90,14 @@ class ControllerConfig:
     cluster_id: str = field(default="Kubernetes", metadata=doc("cluster id written into workload uids"))
     root_namespace: str = field(default="istio-system", metadata=doc("mesh root namespace (global policies)"))
     poll_interval: float = field(default=0.2, metadata=doc("seconds between config directory scans"))
+    cut_short_wait: float = field(
+        default=5.0,
+        metadata=doc(
+            "seconds a config file that looks cut short by a writer (empty, no final newline, its last document"
+            " invalid) must hold still before the objects it no longer holds are removed; its other changes apply"
+            " at once"
+        ),
+    )
     debounce_quiet: float = field(default=0.02, metadata=doc("push after this many quiet seconds"))
     debounce_max: float = field(default=1.0, metadata=doc("push at the latest this long after a change"))
     event_loop: str = field(default="uvloop", metadata=doc("uvloop or asyncio"))
@@ -98,6 +106,7 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         jsonlog.parse_levels(self.log_level)  # refused as a usage error here, not as a traceback at setup
         for name in (
+            "cut_short_wait",
             "token_review_cache_seconds",
             "token_review_cache_size",
             "token_review_failure_cache_seconds",
@@ -203,7 +212,11 @@ class Controller:
         cfg = self.cfg
         if cfg.config_dir:
             source = FileSource(
-                cfg.config_dir, self.store, poll_interval=cfg.poll_interval, state_dir=cfg.files_state_dir()
+                cfg.config_dir,
+                self.store,
+                poll_interval=cfg.poll_interval,
+                state_dir=cfg.files_state_dir(),
+                cut_short_wait=cfg.cut_short_wait,
             )
             try:
                 await source.initial_sync()

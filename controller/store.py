@@ -96,9 +96,9 @@ class ConfigStore:
     ) -> Delta:
         """Replace the contribution of each named source (None: the source is gone) and apply the difference.
 
-        ``held`` names, for a source with errors, the objects it offered before that its errors stand for: they keep
-        the version they had, and what else it no longer offers goes. A source with errors not named there keeps
-        everything it offered before."""
+        ``held`` names, for a source, the objects it offered before that keep the version they had though it no
+        longer offers them (those its errors stand for; everything, while a file looks cut short); what else it no
+        longer offers goes. A source with errors not named there keeps everything it offered before."""
         before: dict[ObjectKey, KObject | None] = {}
         states: dict[str, tuple[Mapping[ObjectKey, KObject], set[str], _SourceState]] = {}
         for source_id, result in changes.items():
@@ -158,7 +158,7 @@ class ConfigStore:
         objects = {obj.key: obj for obj in result.objects}
         errors = list(result.errors)
         kept: set[ObjectKey] = set()
-        if errors:
+        if errors or held is not None:
             for key, obj in old_objects.items():
                 if key not in objects and (held is None or key in held):
                     objects[key] = obj

@@ -6,9 +6,12 @@ updates swap a ``..data`` symlink rather than writing the files. Stat calls on a
 microseconds; reading and parsing only happen for files whose signature changed, in a worker thread so a large
 file never stalls the event loop. A changed file is applied once it has held still for one interval, so a change
 lands within two intervals (about 0.4 s) and a file caught mid-write is not applied unless its writer stalls for a
-whole interval (atomic rename-into-place writers are always safe). Likewise a file that disappears is removed only
-once it has stayed away for one interval: editors that save by renaming the old file away and writing a new one,
-and renames, leave a moment with no file, and its objects (a DENY policy among them) must not go for that moment.
+whole interval (atomic rename-into-place writers are always safe). If it does, a file that looks cut short
+(:func:`~controller.sources.rejected.looks_cut_short`: empty, not ending its last line, its last document
+rejected) applies what it holds but removes nothing it served until it has held still for ``cut_short_wait``.
+Likewise a file that disappears is removed only once it has stayed away for one interval: editors that save by
+renaming the old file away and writing a new one, and renames, leave a moment with no file, and its objects (a DENY
+policy among them) must not go for that moment.
 
 Each file is one source in the :class:`~controller.store.ConfigStore`; deleting the file removes its objects.
 A file that cannot be read keeps its previous contribution serving; in a file with an invalid document only the
@@ -26,14 +29,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.log import kv
 from controller.model import KObject, ObjectKey
 from controller.sources.last_good import LastGood, LastGoodError, Saved
-from controller.sources.rejected import held_objects
+from controller.sources.rejected import held_objects, looks_cut_short
 from controller.store import ConfigStore, Contribution, SourceError, SourceResult
 from controller.validation import ParseResult, parse_yaml_text
 
@@ -54,6 +57,7 @@ class Scan:
     signatures: dict[str, Signature]
     changed: dict[str, Contribution | None]
     unlisted: dict[str, str]  # entry -> why it could not be listed or stat'ed (its known files were kept as they were)
+    cut_short: set[str] = field(default_factory=set)  # changed files that look cut short
 
 
 def _signature(st: os.stat_result) -> Signature:
@@ -87,16 +91,18 @@ def list_files(directory: str, unlisted: dict[str, str]) -> dict[str, Signature]
     return found
 
 
-def read_file(path: str, cache: dict[str, Any] | None = None) -> Contribution:
-    """Read and validate one file; ``cache`` is that file's loaded-document cache (see parse_yaml_text)."""
+def read_file(path: str, cache: dict[str, Any] | None = None) -> tuple[Contribution, bool]:
+    """Read and validate one file; ``cache`` is that file's loaded-document cache (see parse_yaml_text). Also
+    whether it looks cut short (:func:`~controller.sources.rejected.looks_cut_short`)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        return SourceResult(errors=[SourceError(path, f"not UTF-8 text: {e.reason} at byte {e.start}")])
+        return SourceResult(errors=[SourceError(path, f"not UTF-8 text: {e.reason} at byte {e.start}")]), False
     except OSError as e:
-        return SourceResult(errors=[SourceError(path, f"cannot read: {e.strerror}")])
-    return parse_yaml_text(path, text, cache)
+        return SourceResult(errors=[SourceError(path, f"cannot read: {e.strerror}")]), False
+    result = parse_yaml_text(path, text, cache)
+    return result, looks_cut_short(text, result)
 
 
 def scan(
@@ -125,6 +131,7 @@ def scan(
     # Removals first: a file renamed in the same pass then hands its objects over without ever being claimed by
     # both names (which the store would log as a duplicate).
     changed: dict[str, Contribution | None] = {}
+    cut_short: set[str] = set()
     for path in known.keys() - current.keys():
         # A file that vanished since the last pass may be an editor saving by renaming the old one away: it is
         # removed once it has stayed away for a whole pass, so its objects never go for a moment.
@@ -133,24 +140,32 @@ def scan(
     for path, sig in current.items():
         if known.get(path) == sig or (previous is not None and previous.get(path) != sig):
             continue
-        contribution = read_file(path, caches.setdefault(path, {}) if caches is not None else None)
+        contribution, cut = read_file(path, caches.setdefault(path, {}) if caches is not None else None)
         try:
             if _signature(os.stat(path)) != sig:
                 continue  # written to while we read it: next pass
         except OSError:
             continue  # removed while we read it: next pass reports the removal
         changed[path] = contribution
+        if cut:
+            cut_short.add(path)
     if caches is not None:
         for path in caches.keys() - current.keys():
             del caches[path]
-    return Scan(current, changed, unlisted)
+    return Scan(current, changed, unlisted, cut_short)
 
 
 class FileSource:
     """Keeps the store in step with a directory; :meth:`initial_sync` once, then :meth:`run` to follow changes."""
 
     def __init__(
-        self, directory: str, store: ConfigStore, poll_interval: float = 0.2, state_dir: str | None = None
+        self,
+        directory: str,
+        store: ConfigStore,
+        poll_interval: float = 0.2,
+        state_dir: str | None = None,
+        cut_short_wait: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Absolute, so a file's saved record is found again whatever working directory the next run starts in.
         self.directory = os.path.abspath(directory)
@@ -169,6 +184,11 @@ class FileSource:
         self._dir_error: str | None = None
         self._failing: dict[str, list[str]] = {}  # errors of each file being retried, as last applied
         self._unlisted: dict[str, str] = {}  # entries that could not be listed or stat'ed on the last pass
+        self.cut_short_wait = cut_short_wait
+        self._clock = clock
+        # Files applied while they looked cut short, keeping everything they served: when, held still, what they
+        # no longer hold goes, and their contribution as applied.
+        self._cut_short: dict[str, tuple[float, ParseResult]] = {}
 
     async def initial_sync(self, max_passes: int = 25) -> None:
         """The first state to serve: everything read, then passes until every file held still for an interval.
@@ -224,16 +244,29 @@ class FileSource:
             if path not in result.signatures and path not in result.changed:
                 known[path] = sig  # missing for the first time: its removal is reported next pass
         self._known = known
-        held: dict[str, set[ObjectKey]] = {}
-        restored = await self._restore(result, held)
+        restored = await self._restore(result)
         changed = {path: c for path, c in result.changed.items() if not self._same_failure(path, c)}
+        held: dict[str, set[ObjectKey]] = {}
         for path, contribution in changed.items():
-            if path not in held and isinstance(contribution, ParseResult) and contribution.errors:
-                served = self._served.get(path, {})
-                documents = {key: served.get(str(key), "") for key in self.store.offered(path)}
+            self._cut_short.pop(path, None)
+            if not isinstance(contribution, ParseResult):
+                continue  # removed, or unreadable: an unreadable file keeps all it served
+            keys = [obj.key for obj in restored[path]] if path in restored else list(self.store.offered(path))
+            served = self._served.get(path, {})
+            documents = {key: served.get(str(key), "") for key in keys}
+            if path in result.cut_short and documents.keys() - {obj.key for obj in contribution.objects}:
+                held[path] = set(documents)
+                self._cut_short[path] = (self._clock() + self.cut_short_wait, contribution)
+                log.warning(
+                    "config file looks cut short (no document, no final newline or its last document invalid);"
+                    " the objects it no longer holds stay until it holds still",
+                    extra=kv(file=path, wait_seconds=self.cut_short_wait),
+                )
+            elif contribution.errors:
                 held[path] = await asyncio.to_thread(held_objects, documents, contribution)
         if restored:
-            self.store.update(restored)  # as if the last good versions had been read before the bad edit
+            # As if the last good versions had been read before the bad edit.
+            self.store.update(self._restored(restored, result.changed, held))
         if changed:
             for path, contribution in changed.items():
                 log.info(
@@ -246,12 +279,31 @@ class FileSource:
                 )
             self.store.update(changed, held)
             await self._save(changed)
-        return len(changed)
+        return len(changed) + await self._settle_cut_short()
 
-    async def _restore(self, result: Scan, held: dict[str, set[ObjectKey]]) -> dict[str, Contribution]:
-        """The saved objects of each file read for the first time since start that is unreadable or invalid: all
-        of them for an unreadable file, only those its rejected documents stand for (recorded in ``held``) for an
-        invalid one.
+    async def _settle_cut_short(self) -> int:
+        """Applies in full each file that looked cut short and has held still, as read, for ``cut_short_wait``: what
+        it no longer holds (but its rejected documents' objects) goes now. Returns the number of files applied."""
+        now = self._clock()
+        due: dict[str, Contribution | None] = {}
+        held: dict[str, set[ObjectKey]] = {}
+        for path, (deadline, contribution) in list(self._cut_short.items()):
+            if deadline > now or self._previous.get(path) != self._known.get(path):
+                continue  # waiting, or being written to again: its next read replaces this
+            del self._cut_short[path]
+            served = self._served.get(path, {})
+            documents = {key: served.get(str(key), "") for key in self.store.offered(path)}
+            held[path] = await asyncio.to_thread(held_objects, documents, contribution)
+            due[path] = contribution
+            log.info("config file held still; what it no longer holds is removed", extra=kv(file=path))
+        if due:
+            self.store.update(due, held)
+            await self._save(due)
+        return len(due)
+
+    async def _restore(self, result: Scan) -> dict[str, list[KObject]]:
+        """The saved objects of each file read for the first time since start that is unreadable, invalid or looks
+        cut short (:meth:`_restored` keeps those the file still holds).
 
         On the first pass, the records of files no longer there are deleted: those files were removed on purpose.
         A file under an entry that cannot be listed is not known to be gone: its saved objects are restored, and
@@ -274,32 +326,43 @@ class FileSource:
                     reason = f"cannot list {entry}: {result.unlisted[entry]}"
                     result.changed[path] = SourceResult(errors=[SourceError(path, reason)])
                     self._known[path] = _RETRY
-        restored: dict[str, Contribution] = {}
+        restored: dict[str, list[KObject]] = {}
         for path, contribution in result.changed.items():
             saved = self._saved.pop(path, None)
             if saved is None:
                 continue
             self._served[path] = saved  # what _save compares with: a file read as it was recorded is not rewritten
-            if contribution is None or not contribution.errors:
+            if contribution is None or not (contribution.errors or path in result.cut_short):
                 continue
             objects, lost = await asyncio.to_thread(_restore_objects, path, saved)
             if lost:
                 log.error("saved last good objects no longer valid; not restored", extra=kv(file=path, objects=lost))
-            if isinstance(contribution, ParseResult):
-                documents = {obj.key: saved[str(obj.key)] for obj in objects}
-                held[path] = await asyncio.to_thread(held_objects, documents, contribution)
-                objects = [obj for obj in objects if obj.key in held[path]]
+            restored[path] = objects
+        return restored
+
+    def _restored(
+        self,
+        restored: Mapping[str, list[KObject]],
+        changed: Mapping[str, Contribution | None],
+        held: Mapping[str, set[ObjectKey]],
+    ) -> dict[str, Contribution]:
+        """Of each file's saved objects, those it keeps (see :meth:`sync`): all of them for an unreadable file."""
+        out: dict[str, Contribution] = {}
+        for path, objects in restored.items():
+            keep = held.get(path)
+            kept = [obj for obj in objects if keep is None or obj.key in keep]
+            contribution = changed[path]
             log.warning(
                 "config file failing at start; serving its last good objects from the state directory",
                 extra=kv(
                     file=path,
-                    objects=len(objects),
-                    errors=[str(e) for e in contribution.errors],
-                    state_dir=str(self._last_good.directory),
+                    objects=len(kept),
+                    errors=[str(e) for e in contribution.errors] if contribution else [],
+                    state_dir=str(self._last_good.directory) if self._last_good else "",
                 ),
             )
-            restored[path] = ParseResult(objects=objects)
-        return restored
+            out[path] = ParseResult(objects=kept)
+        return out
 
     async def _save(self, changed: Mapping[str, Contribution | None]) -> None:
         """Record what each changed file now serves, its valid objects and the last good versions it keeps, each as

@@ -14,7 +14,8 @@ serving (a DENY policy must not go because of a typo). This module tells them ap
   document that is really new thus holds back the deletion of a look-alike made in the same edit, which errs on
   the side of keeping config.
 
-Every other object the file no longer offers goes, as the user deleted it.
+Every other object the file no longer offers goes, as the user deleted it. Unless the file looks cut short
+(:func:`looks_cut_short`): then it may be a writer's half, and nothing it served goes until it holds still.
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ def _closest(unnamed: list[tuple[str, str | None]], candidates: dict[str, set[Ob
             if ratio == best:
                 held |= remaining.pop(text)
     return held
+
+
+def looks_cut_short(text: str, result: ParseResult) -> bool:
+    """Whether a file may be a non-atomic writer's first part: it holds no document (a shell's ``> file`` before the
+    command writes), does not end its last line, or its last document is rejected (cut mid-way). Cheap signs, not
+    proof either way: a cut between documents, or one that leaves a valid document, shows none of them; a file
+    saved without a final newline shows one."""
+    if not text.endswith("\n"):
+        return True
+    last = max([*result.positions.values(), *result.rejected], default=0)
+    return last == 0 or last in result.rejected

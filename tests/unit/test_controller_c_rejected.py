@@ -148,7 +148,8 @@ async def test_deleting_and_editing_beside_a_broken_document_apply(config: Path,
     source, store = await start(config, None)
     bad, error = BROKEN[way]
     demo = config / "demo.yaml"
-    write(demo, docs(P1.replace("10.0.0.1", "10.0.0.9"), bad))  # p1 edited, p2 and p3 deleted, the DENY broken
+    # p1 edited, p2 and p3 deleted, the DENY broken (not last: see test_controller_c_cut_short)
+    write(demo, docs(bad, P1.replace("10.0.0.1", "10.0.0.9")))
     await source.sync()
     assert served(store) == {"Namespace//demo", "Pod/demo/p1", DENY_KEY}
     assert pod_ip(store, "p1") == bytes([10, 0, 0, 9])
@@ -158,10 +159,10 @@ async def test_deleting_and_editing_beside_a_broken_document_apply(config: Path,
     status = store.status()["objects"]
     assert status[DENY_KEY]["status"] == ("rejected" if way == "field" else "stale")
     assert "Pod/demo/p2" not in status and "Pod/demo/p3" not in status
-    # Still broken, p1 deleted too: the DENY is still held (against its last good version), p1 goes.
-    write(demo, bad)
+    # Still broken, p1 deleted too and p3 back: the DENY is still held (against its last good version), p1 goes.
+    write(demo, docs(bad, P3))
     await source.sync()
-    assert served(store) == {"Namespace//demo", DENY_KEY}
+    assert served(store) == {"Namespace//demo", "Pod/demo/p3", DENY_KEY}
     write(demo, DENY.replace("action: DENY", "action: ALLOW"))  # fixed
     await source.sync()
     assert served(store) == {"Namespace//demo", DENY_KEY} and store.errors() == []
@@ -192,6 +193,6 @@ async def test_a_restart_restores_only_the_broken_documents_object(
     assert restored.__dict__["fields"]["objects"] == 1
     _, again = await start(config, state)  # and what it saved since holds the same
     assert served(again) == served(store)
-    write(config / "demo.yaml", docs(P1, BROKEN[way][0]))  # p3 deleted while running: goes
+    write(config / "demo.yaml", docs(BROKEN[way][0], P1))  # p3 deleted while running: goes
     await source.sync()
     assert served(store) == {"Namespace//demo", "Pod/demo/p1", DENY_KEY}

@@ -111,9 +111,10 @@ async def test_a_document_deleted_in_the_edit_that_broke_another_goes(config: Pa
     """Only the broken document's object keeps its last good version: a document deleted in the same edit goes, as
     a deleted object does with the API server (more cases in test_controller_c_rejected)."""
     source, store = await start(config, None)
-    write(config / "policy.yaml", deny(action="DENYY"))  # p1 deleted, the policy broken
+    # p1 deleted, the policy broken (and not last: a file whose last document is invalid may be cut short)
+    write(config / "policy.yaml", deny(action="DENYY") + "---\n" + pod_yaml("p2", "10.0.0.2"))
     await source.sync()
-    assert DENY_KEY in served(store) and "Pod/demo/p1" not in served(store)
+    assert {DENY_KEY, "Pod/demo/p2"} <= served(store) and "Pod/demo/p1" not in served(store)
     assert store.status()["objects"][DENY_KEY]["status"] == "rejected"
     assert "Pod/demo/p1" not in store.status()["objects"]
     write(config / "policy.yaml", deny())

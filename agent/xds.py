@@ -8,10 +8,12 @@
   says which type and why) until a later response of that type applies cleanly. It stays set after that.
 - Reconnects with exponential backoff (10 ms doubling to 15 s), each delay jittered by +-20% (gRPC's connection
   backoff) so that agents that lost the controller together do not come back in lockstep. The backoff resets
-  where ztunnel resets it (gRPC Unknown/Cancelled/DeadlineExceeded, "transport is closing" or "received prior
-  goaway", a clean end of stream: the server going away on purpose), but only after a stream that delivered a
-  response, as gRPC's xDS client (A57) and Envoy do: a controller (or a proxy in front of it) that ends every
-  stream before answering would otherwise have every agent reconnect, asking for the full state, each 10 ms.
+  after a stream that delivered a response, whatever status ended it, as gRPC's xDS client (A57) and Envoy
+  (GrpcStream::onReceiveMessage) do: ztunnel's reset events alone (gRPC Unknown/Cancelled/DeadlineExceeded,
+  "transport is closing", "received prior goaway", a clean end) kept a backoff grown in an earlier outage, so a
+  controller lost abruptly later (UNAVAILABLE) was retried only after up to 15 s. A stream ended before any
+  response never resets it: a controller (or a proxy in front of it) that ends every stream before answering
+  would otherwise have every agent reconnect, asking for the full state, each 10 ms.
 - On every (re)connect the first request of each type carries ``initial_resource_versions`` with what the store
   holds, so the controller resends only what changed.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
@@ -265,8 +267,8 @@ def termination_reason(error: RpcStatus | None) -> str:
 
 
 class Backoff:
-    """10 ms doubling to 15 s, reset on the events ztunnel treats as expected disconnects; each delay is jittered by
-    ``jitter`` (a fraction, either way) and never exceeds ``maximum``."""
+    """10 ms doubling to 15 s, reset after a stream that delivered a response; each delay is jittered by ``jitter``
+    (a fraction, either way) and never exceeds ``maximum``."""
 
     def __init__(
         self, initial: float = 0.01, maximum: float = 15.0, *, jitter: float = 0.2, rng: random.Random | None = None
@@ -285,7 +287,8 @@ class Backoff:
 
 
 def resets_backoff(error: RpcStatus | None) -> bool:
-    """None is a clean end of stream."""
+    """Whether ztunnel sees an expected disconnect (it resets its backoff on these; here they label the termination
+    metric "Reconnect"). None is a clean end of stream."""
     if error is None:
         return True
     details = (error.details() or "").lower()
@@ -462,7 +465,7 @@ class XdsClient:
                 if self.metrics is not None:
                     reason = "Error" if local_failure else termination_reason(error)
                     self.metrics.terminations.labels(reason).inc()
-                if answered and not local_failure and resets_backoff(error):
+                if answered and not local_failure:
                     self.backoff.reset()
                 await asyncio.sleep(self.backoff.next_delay())
         finally:

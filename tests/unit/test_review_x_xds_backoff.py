@@ -1,0 +1,55 @@
+"""Reconnect pacing after a stream that worked: gRPC's xDS client (gRFC A57) and Envoy (GrpcStream::onReceiveMessage)
+reset the backoff once a response arrives on the stream, whatever status ends it later. ztunnel's rule alone (reset
+on UNKNOWN/CANCELLED/clean end) kept a backoff grown during an earlier outage: a controller lost abruptly later
+(node failure, OOM kill, keepalive timeout: UNAVAILABLE) was retried only after up to 15 s."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from agent.state import ADDRESS_TYPE, WorkloadStore
+from agent.xds import Backoff, XdsClient
+from controller.xds_server import METHOD_NAME, SERVICE_NAME
+from tests.support.xds_controller import running, wait_for
+
+
+def _answer_then_fail(code: grpc.StatusCode, calls: list[int]) -> grpc.GenericRpcHandler:
+    async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        calls.append(1)
+        resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE, nonce=f"n{len(calls)}")
+        await context.write(resp.SerializeToString())
+        await anext(aiter(requests))  # the first initial request, so the response is read before the failure
+        await context.abort(code, "controller lost")
+
+    method = grpc.stream_stream_rpc_method_handler(
+        handler, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString, response_serializer=bytes
+    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method})
+
+
+@contextlib.asynccontextmanager
+async def grpc_server(handler: grpc.GenericRpcHandler) -> AsyncIterator[int]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(0)
+
+
+async def test_a_stream_that_delivered_a_response_resets_the_backoff_whatever_ends_it() -> None:
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAUTHENTICATED):
+        calls: list[int] = []
+        async with grpc_server(_answer_then_fail(code, calls)) as port:
+            client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 60.0))
+            client.backoff.current = 60.0  # as after an earlier outage: without a reset, no second attempt for 60 s
+            async with running(client):
+                await wait_for(lambda: len(calls) >= 2, what=f"a quick reconnect after {code.name}")  # noqa: B023
+            assert client.stats["responses"] >= 1

@@ -124,9 +124,10 @@ def next_refresh(
     forever, and the CA would meet the start-up herd twice a day (28 minutes of spread for 24 h certificates at 1 %).
 
     Never sooner than ``min_interval`` after receipt. A CA near its own expiry cuts every certificate to it, so each
-    renewal's half-life is half the last one's: 12 h, 6 h, ... down to the second, 17 renewals per workload in the
-    CA's last day, 10 of them in its last quarter of an hour, on every node at once. No renewal can outlive that
-    CA, so the only point of renewing early is to pick up a CA rotated meanwhile, which the floor still does.
+    renewal's half-life is half the last one's: 12 h, 6 h, ... down to the fetch's own latency (with 5 ms fetches,
+    24 renewals per workload in the CA's last day, 17 of them in its last quarter of an hour), on every node at
+    once. No renewal can outlive that CA, so the only point of renewing early is to pick up a CA rotated
+    meanwhile, which the floor still does (5 renewals in that day, the last inside its final 90 minutes).
     A certificate that expires within ``min_interval`` gets one renewal at 50 to 90 % of what is left of it (the
     last chance to move to a rotated CA before this one lapses, spread so that nodes do not come at one instant);
     when a renewal expires no later than the certificate it replaces (the same expiring CA signed it), the next one

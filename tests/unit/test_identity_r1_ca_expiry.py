@@ -172,9 +172,10 @@ def renewals_until(ca_expiry: float, ttl: float, min_interval: float, rng: rando
 
 def test_renewals_against_an_expiring_ca_stay_spaced_and_end_at_its_expiry() -> None:
     """24 h certificates from a CA with a day left: at half-life alone each certificate is renewed when half of
-    what the CA has left is gone, 17 renewals down to the second (10 in the last quarter hour). With the floor
-    (1/16 of the TTL) renewals are at least 90 minutes apart, the last chance to move to a rotated CA comes
-    before the expiry, and the one after it is due at the expiry itself (where the backoff takes over)."""
+    what the CA has left is gone, halving down to the fetch's latency (this simulation, with instant fetches,
+    never stops). With the floor (1/16 of the TTL) renewals are at least 90 minutes apart, the last chance to
+    move to a rotated CA comes before the expiry, and the one after it is due just after the expiry (where the
+    backoff takes over)."""
     rng = random.Random(7)
     floor = DAY / 16
     times = renewals_until(DAY, DAY, floor, rng)

@@ -1,14 +1,14 @@
 """The controller's config store: which source contributes which objects, and what is serving right now.
 
-Sources (files, Kubernetes resources) hand over their whole contribution each time they change; the store
-works out upserts and deletes for the translator. One rule keeps a bad edit from taking config away: an object
-that fails validation keeps its last valid version serving, as an object the API server refuses keeps its stored
-one. Which objects those are is the source's to tell (``held`` in :meth:`ConfigStore.update`): the file source
-works out which object each rejected document was (:mod:`controller.sources.rejected`), and everything else the
-file no longer offers goes, as with ``kubectl apply``, where every object stands on its own. A source with errors
-that cannot tell (a file that cannot be read at all) removes nothing it contributed before until it is clean
-again. The file source applies the same rule at start-up to the last good versions it saved, so a restart does not
-forget them either.
+Sources (files, Kubernetes resources) hand over their whole contribution each time they change; the store works out
+upserts and deletes for the translator. One rule keeps a bad edit from taking config away: an object that fails
+validation keeps its last valid version serving, as an object the API server refuses keeps its stored one. Which
+objects those are is the source's to tell (``held`` in :meth:`ConfigStore.update`): the file source works out which
+object each rejected document was (:mod:`controller.sources.rejected`), and everything else the file no longer
+offers goes, as with ``kubectl apply``, where every object stands on its own (unless the file looks cut short by a
+writer: then it holds everything for a while). A source with errors that cannot tell (a file that cannot be read at
+all) removes nothing it contributed before until it is clean again. The file source applies the same rule at
+start-up to the last good versions it saved, so a restart does not forget them either.
 
 The same object defined by two sources is an error on the later one; the first keeps serving, and the second
 takes over only if the first withdraws it.

@@ -353,7 +353,7 @@ class FileSource:
             kept = [obj for obj in objects if keep is None or obj.key in keep]
             contribution = changed[path]
             log.warning(
-                "config file failing at start; serving its last good objects from the state directory",
+                "config file failing or cut short at start; serving its last good objects from the state directory",
                 extra=kv(
                     file=path,
                     objects=len(kept),

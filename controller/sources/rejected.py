@@ -52,10 +52,11 @@ def held_objects(previous: Mapping[ObjectKey, str], result: ParseResult) -> set[
 def _closest(unnamed: list[tuple[str, str | None]], candidates: dict[str, set[ObjectKey]]) -> set[ObjectKey]:
     """Pairs each unnamed document with the candidate it resembles most, the closest pairs first, so that two
     broken documents do not both claim one previous document and leave the other's object to go."""
-    lines = {text: text.splitlines() for text in candidates}
+    # Stripped: a document after a `---` line starts with the rest of that line, mostly an empty one.
+    lines = {text: text.strip().splitlines() for text in candidates}
     scores = []
     for text, kind in unnamed:
-        own = text.splitlines()
+        own = text.strip().splitlines()
         scores.append(
             {
                 c: difflib.SequenceMatcher(None, own, theirs).ratio()

@@ -92,6 +92,15 @@ def test_two_broken_look_alikes_each_hold_their_own() -> None:
     assert held(OLD, new) == {"Pod/demo/p1", "Pod/demo/p2"}
 
 
+def test_a_broken_document_as_close_to_several_holds_them_all() -> None:
+    """Only the lines every pod has are left: which pod it was cannot be told, so none of them goes."""
+    assert held(OLD, docs("apiVersion: v1\nkind: Pod\nmetadata: [\n", DENY)) == {
+        "Pod/demo/p1",
+        "Pod/demo/p2",
+        "Pod/demo/p3",
+    }
+
+
 def test_a_broken_list_document_holds_its_items() -> None:
     pods = [pod_yaml("p1", "10.0.0.1"), pod_yaml("p2", "10.0.0.2")]
     items = "apiVersion: v1\nkind: List\nitems:\n" + "".join(

@@ -7,12 +7,12 @@ serving (a DENY policy must not go because of a typo). This module tells them ap
 
 - a rejected document whose errors name objects the file served (kind, namespace and name read, a field wrong)
   stands for those objects;
-- one whose errors name none of them (YAML that does not parse, a missing or unknown kind, a name that is no
-  name, a new name) stands for the previous document it most resembles, line by line, among those whose objects
-  the file no longer offers (of its kind, when its kind is known: a renamed object keeps its kind): a typo leaves
-  most lines as they were. Each such document holds one previous document (all of those equally close). A broken
-  document that is really new thus holds back the deletion of a look-alike made in the same edit, which errs on
-  the side of keeping config.
+- one whose errors name none of them (YAML that does not parse, a missing or unknown kind, a name that is no name, a
+  new name) stands for the previous document it most resembles, line by line, among those whose objects the file no
+  longer offers (of its kind, when its kind is known: a renamed object keeps its kind; sharing at least a line): a
+  typo leaves most lines as they were. Each such document holds one previous document (all of those equally close).
+  A broken document that is really new thus holds back the deletion of a look-alike made in the same edit, which
+  errs on the side of keeping config.
 
 Every other object the file no longer offers goes, as the user deleted it. Unless the file looks cut short
 (:func:`looks_cut_short`): then it may be a writer's half, and nothing it served goes until it holds still.
@@ -57,19 +57,18 @@ def _closest(unnamed: list[tuple[str, str | None]], candidates: dict[str, set[Ob
     scores = []
     for text, kind in unnamed:
         own = text.strip().splitlines()
-        scores.append(
-            {
-                c: difflib.SequenceMatcher(None, own, theirs).ratio()
-                for c, theirs in lines.items()
-                if kind is None or any(key.kind == kind for key in candidates[c])
-            }
-        )
+        ratios = {
+            c: difflib.SequenceMatcher(None, own, theirs).ratio()
+            for c, theirs in lines.items()
+            if kind is None or any(key.kind == kind for key in candidates[c])
+        }
+        scores.append({c: r for c, r in ratios.items() if r > 0})  # not a line in common: it was not that one
     remaining = dict(candidates)
     held: set[ObjectKey] = set()
     for score in sorted(scores, key=lambda s: max(s.values(), default=0.0), reverse=True):
         live = {c: r for c, r in score.items() if c in remaining}
         if not live:
-            break
+            continue  # its candidates were closer to others (or none is of its kind, or like it at all)
         best = max(live.values())
         for text, ratio in live.items():
             if ratio == best:

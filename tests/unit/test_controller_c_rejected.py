@@ -101,6 +101,16 @@ def test_a_broken_document_as_close_to_several_holds_them_all() -> None:
     }
 
 
+def test_a_broken_document_whose_look_alike_was_claimed_does_not_stop_the_others() -> None:
+    """Two broken pods, one previous pod left for them (the other deleted... or what one of them became), and a
+    broken policy: the policy's document still finds the policy."""
+    broken_pod = P1.replace("kind: Pod", "kind: Podd")
+    policy = DENY.replace("name: deny-evil", "name: Deny_Evil").replace("action: DENY", "action: DENYY")
+    policy = policy.replace("security.istio.io/v1", "security.istio.io/v1beta1")  # little like its old self
+    new = docs(broken_pod, broken_pod.replace("p1", "p9"), policy)
+    assert held(docs(P1, DENY), new) == {"Pod/demo/p1", DENY_KEY}
+
+
 def test_a_broken_list_document_holds_its_items() -> None:
     pods = [pod_yaml("p1", "10.0.0.1"), pod_yaml("p2", "10.0.0.2")]
     items = "apiVersion: v1\nkind: List\nitems:\n" + "".join(
@@ -111,8 +121,9 @@ def test_a_broken_list_document_holds_its_items() -> None:
 
 def test_a_new_broken_document_holds_back_a_deletion_in_the_same_edit() -> None:
     """It names nothing the file served, so it may be what a deleted document became: kept, erring on the side of
-    config (the deletion applies once the file is fixed)."""
-    assert held(docs(P1, P2), docs(P1, "kind: [unclosed\n")) == {"Pod/demo/p2"}
+    config (the deletion applies once the file is fixed). Unless they have not a line in common."""
+    assert held(docs(P1, P2), docs(P1, "apiVersion: v1\nkind: [unclosed\n")) == {"Pod/demo/p2"}
+    assert held(docs(P1, P2), docs(P1, "kind: [unclosed\n")) == set()
 
 
 def test_a_duplicate_document_holds_nothing() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 
 from agent.capture_dnat import NoListenerCounts, no_listener_counts, table_name
@@ -57,7 +58,10 @@ class DnatCounterCollector:
         table (nothing enrolled on the node) reads as nothing new."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+                *self._argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "LC_ALL": "C"},  # nft's errors in English: a missing table is told by its text
             )
         except OSError as exc:
             return self._failed(f"cannot run nft: {exc}")

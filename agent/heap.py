@@ -32,7 +32,7 @@ TRIM_BACKOFF = 1000.0
 """After a trim, the next look waits this many times as long as the trim took (at least the interval): trims then
 hold the event loop for 0.1% of its time at most. Measured here (2 cores, shared), a malloc_trim of a 20 MB heap
 takes 0.3-3 ms, so the interval decides (5 s); of a 300 MB heap 8-90 ms (more the more pages it gives back, 7-18 ms
-when it gives none), which every relay on the loop waits for: those trims come 10-90 s apart instead of every
+when it gives none), which every relay on the loop waits for: those trims come 8-90 s apart instead of every
 13 s under steady traffic."""
 
 

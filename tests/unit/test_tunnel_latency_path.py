@@ -35,6 +35,18 @@ async def _request(transport: Transport) -> tuple[HboneConnection, tunnel.Connec
     return client, req
 
 
+async def _request_with_first_bytes(
+    transport: Transport, first: bytes
+) -> tuple[HboneConnection, tunnel.ConnectRequest]:
+    """As :func:`_request`, with the client's first bytes sent after its CONNECT and waiting in the stream."""
+    client, req = await _request(transport)
+    client.send_data(req.stream_id, first)
+    for event in req._proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
+        if isinstance(event, DataReceived):
+            req._stream._on_data(event.data)
+    return client, req
+
+
 async def _answered_stream(transport: Transport) -> tuple[HboneConnection, HboneStream]:
     """A server protocol with one CONNECT stream whose 200 is queued in the core, not written yet."""
     client, req = await _request(transport)
@@ -93,12 +105,7 @@ async def test_handing_the_clients_first_bytes_to_the_pod_does_not_write_the_200
     """The client's first bytes arrived with its CONNECT and wait in the stream; attaching the relay hands them to the
     pod and returns their credit, which must not flush the queued 200 ahead of the pod's answer."""
     transport = Transport()
-    client, req = await _request(transport)
-    proto = req._proto
-    client.send_data(req.stream_id, b"ping")
-    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
-        if isinstance(event, DataReceived):
-            req._stream._on_data(event.data)
+    client, req = await _request_with_first_bytes(transport, b"ping")
     before = transport.writes
     await req.respond(200)
     sink = TakeAll()
@@ -141,12 +148,7 @@ async def test_a_relay_to_a_pod_with_nothing_to_answer_writes_the_200_as_it_star
 
 async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answer_with_the_200() -> None:
     transport = Transport()
-    client, req = await _request(transport)
-    proto = req._proto
-    client.send_data(req.stream_id, b"ping")
-    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
-        if isinstance(event, DataReceived):
-            req._stream._on_data(event.data)
+    client, req = await _request_with_first_bytes(transport, b"ping")
     await req.respond(200)
     before = transport.writes
     side, pod = _relay_to_pod(req.stream)
@@ -165,12 +167,7 @@ async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answ
 
 async def test_a_relay_whose_pod_has_not_answered_the_first_bytes_yet_leaves_the_200_to_the_loop_turn() -> None:
     transport = Transport()
-    client, req = await _request(transport)
-    proto = req._proto
-    client.send_data(req.stream_id, b"ping")
-    for event in proto.h2.receive_data(b"".join(bytes(p) for p in client.data_to_send())):
-        if isinstance(event, DataReceived):
-            req._stream._on_data(event.data)
+    client, req = await _request_with_first_bytes(transport, b"ping")
     await req.respond(200)
     before = transport.writes
     side, pod = _relay_to_pod(req.stream)

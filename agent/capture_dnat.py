@@ -325,35 +325,14 @@ class DnatCapture:
 
     def _listing(self) -> str:
         """The table as nft lists it now; empty when it does not exist (or nft cannot be run)."""
-        try:
-            done = subprocess.run(
-                self._command("--stateless", "list", "table", "inet", self.table),  # without the drop counter
-                capture_output=True,
-                text=True,
-                timeout=NFT_TIMEOUT,
-                check=False,
-                pass_fds=self._fds(),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout if done.returncode == 0 else ""
+        return self._nft_list("--stateless") or ""  # without the drop counter
 
     def _read_counts(self) -> None:
         """Fold the no-listener counters of the table there is now (if any) into :attr:`counts`."""
-        try:
-            done = subprocess.run(
-                self._command("-j", "list", "table", "inet", self.table),
-                capture_output=True,
-                text=True,
-                timeout=NFT_TIMEOUT,
-                check=False,
-                pass_fds=self._fds(),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return
-        if done.returncode == 0:
+        listing = self._nft_list("-j")
+        if listing is not None:
             try:
-                self.counts.observe(done.stdout)
+                self.counts.observe(listing)
             except ValueError as exc:
                 log.warning("cannot read the DNAT capture table's counters", extra=kv(table=self.table, error=str(exc)))
 
@@ -372,6 +351,21 @@ class DnatCapture:
             raise DnatCaptureError(f"cannot run {self.nft}: {exc}") from exc
         if done.returncode != 0:
             raise DnatCaptureError(f"nft refused table inet {self.table}: {done.stderr.strip()[-400:]}")
+
+    def _nft_list(self, option: str) -> str | None:
+        """``nft <option> list table`` of ours; None when it does not exist or nft cannot be run."""
+        try:
+            done = subprocess.run(
+                self._command(option, "list", "table", "inet", self.table),
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+                pass_fds=self._fds(),
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
 
     def _command(self, *args: str) -> list[str]:
         if self._netns is None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from controller.store import ConfigStore
 
 NS = """apiVersion: v1
 kind: Namespace
@@ -27,3 +31,14 @@ def bump_mtime(path: Path) -> None:
     """Coarse-mtime filesystems could hide a rewrite; make each write visible as a new signature."""
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def write(path: Path, text: str) -> None:
+    """Rewrite a config file so that the source sees a new version, however coarse the filesystem's mtimes."""
+    path.write_text(text)
+    bump_mtime(path)
+
+
+def served(store: ConfigStore) -> set[str]:
+    """The keys (``Kind/namespace/name``) of the objects the store serves."""
+    return {str(key) for key in store.translator.objects()}

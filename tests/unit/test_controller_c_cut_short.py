@@ -18,7 +18,7 @@ from controller.sources.rejected import looks_cut_short
 from controller.store import ConfigStore
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
-from tests.support.config_files import NS, bump_mtime, pod_yaml
+from tests.support.config_files import NS, pod_yaml, served, write
 
 P1, P2, P3 = pod_yaml("p1", "10.0.0.1"), pod_yaml("p2", "10.0.0.2"), pod_yaml("p3", "10.0.0.3")
 FULL = "---\n".join([P1, P2, P3])
@@ -54,15 +54,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def served(store: ConfigStore) -> set[str]:
-    return {str(key) for key in store.translator.objects()}
-
-
-def write(path: Path, text: str) -> None:
-    path.write_text(text)
-    bump_mtime(path)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from controller.sources.rejected import held_objects
 from controller.store import ConfigStore
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
-from tests.support.config_files import NS, bump_mtime, pod_yaml
+from tests.support.config_files import NS, bump_mtime, pod_yaml, served, write
 
 DENY_KEY = "AuthorizationPolicy/demo/deny-evil"
 DENY = """apiVersion: security.istio.io/v1
@@ -131,15 +131,6 @@ def test_a_duplicate_document_holds_nothing() -> None:
 
 
 # ---- the file source -----------------------------------------------------------------------------------------------
-
-
-def served(store: ConfigStore) -> set[str]:
-    return {str(key) for key in store.translator.objects()}
-
-
-def write(path: Path, text: str) -> None:
-    path.write_text(text)
-    bump_mtime(path)
 
 
 @pytest.fixture

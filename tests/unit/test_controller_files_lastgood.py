@@ -17,7 +17,7 @@ from controller.sources.files import FileSource
 from controller.sources.last_good import SUFFIX, LastGood, default_state_dir
 from controller.store import ConfigStore
 from controller.translate import Translator
-from tests.support.config_files import NS, bump_mtime, pod_yaml
+from tests.support.config_files import NS, bump_mtime, pod_yaml, served, write
 
 DENY_KEY = "AuthorizationPolicy/demo/deny-evil"
 
@@ -30,21 +30,12 @@ spec: {{action: {action}, rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}
 """
 
 
-def served(store: ConfigStore) -> set[str]:
-    return {str(key) for key in store.translator.objects()}
-
-
 def actions(store: ConfigStore) -> dict[str, int]:
     return {name: policy.action for name, policy in store.translator.authorizations().items()}
 
 
 def new_store() -> ConfigStore:
     return ConfigStore(Translator(), ControllerMetrics())
-
-
-def write(path: Path, text: str) -> None:
-    path.write_text(text)
-    bump_mtime(path)
 
 
 @pytest.fixture

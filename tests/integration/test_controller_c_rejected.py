@@ -56,10 +56,6 @@ async def test_a_deletion_beside_a_broken_document_reaches_the_agent(tmp_path: P
     def policies() -> list[str]:
         return [policy_key(p) for p in store.all_policies()]
 
-    def resumed() -> bool:
-        connections = controller.json("/debug/connections")
-        return bool(connections) and len(connections[0]["subscribed"]) == 2 and connections[0]["unacked"] == 0
-
     await controller.start()
     try:
         async with running(client):
@@ -79,7 +75,7 @@ async def test_a_deletion_beside_a_broken_document_reaches_the_agent(tmp_path: P
             await controller.stop()
             replace(demo, BROKEN_DENY, NS)  # web-0 deleted while the controller is down, still broken
             await controller.start()
-            await wait_for(resumed, what="the client to resume both types")
+            await wait_for(controller.client_resumed, what="the client to resume both types")
             await wait_for(lambda: workloads() == set(), what="web-0's removal")
             assert controller.json("/debug/config_status")["objects"]["AuthorizationPolicy/demo/deny-evil"]
             assert policies() == ["demo/deny-evil"]

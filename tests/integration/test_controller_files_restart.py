@@ -36,10 +36,6 @@ async def test_a_restart_with_a_bad_document_removes_nothing_from_agents(tmp_pat
     seen: list[StoreChange] = []
     client = XdsClient(store, controller.address, "node1", backoff=Backoff(0.01, 0.2))
 
-    def resumed() -> bool:
-        connections = controller.json("/debug/connections")
-        return bool(connections) and len(connections[0]["subscribed"]) == 2 and connections[0]["unacked"] == 0
-
     await controller.start()
     try:
         async with running(client):
@@ -48,7 +44,7 @@ async def test_a_restart_with_a_bad_document_removes_nothing_from_agents(tmp_pat
             policy_file.write_text(CONFIG.replace("kind: AuthorizationPolicy", "kind: AuthorizationPolicyy"))
             store.subscribe(seen.append)
             await controller.start()
-            await wait_for(resumed, what="the client to resume both types")
+            await wait_for(controller.client_resumed, what="the client to resume both types")
             status = controller.json("/debug/config_status")
             assert status["objects"]["AuthorizationPolicy/demo/deny-evil"]["status"] == "stale"
             assert status["errors"] == [

@@ -123,6 +123,11 @@ class ControllerProc:
     def json(self, path: str) -> Any:
         return json.loads(self.get(path))
 
+    def client_resumed(self) -> bool:
+        """Its one xDS client subscribes to both types again and has acknowledged everything sent."""
+        connections = self.json("/debug/connections")
+        return bool(connections) and len(connections[0]["subscribed"]) == 2 and connections[0]["unacked"] == 0
+
     def metric(self, name: str, **labels: str) -> float:
         return metric_sum(self.get("/metrics").decode(), name, **labels)
 

@@ -53,9 +53,10 @@ DEFAULT_REFRESH_JITTER = 0.01
 # Renewals come at most this often, as a fraction of the requested TTL (90 minutes for 24 h certificates): see
 # next_refresh for why, and for the one renewal allowed inside that interval, just before expiry.
 DEFAULT_MIN_REFRESH_FRACTION = 1 / 16
-# A renewal due when its certificate lapses waits this long past the lapse: a timer firing a hair early would get
-# one more certificate from the expiring CA that lapses at once, and again.
-LAPSE_MARGIN_SECONDS = 1.0
+# A renewal due when its certificate lapses comes this long after the lapse: at least a second (a timer firing a
+# hair early would get one more certificate from the expiring CA that lapses at once, and again), spread so that a
+# whole fleet, whose certificates all lapse with the CA at one instant, does not ask at that instant.
+LAPSE_RETRY_SECONDS = (1.0, 15.0)
 _ALPN = [tls.ALPN_H2]  # HBONE is HTTP/2 both ways
 
 
@@ -131,13 +132,13 @@ def next_refresh(
     A certificate that expires within ``min_interval`` gets one renewal at 50 to 90 % of what is left of it (the
     last chance to move to a rotated CA before this one lapses, spread so that nodes do not come at one instant);
     when a renewal expires no later than the certificate it replaces (the same expiring CA signed it), the next one
-    is due just after its expiry: it then fails, the backoff takes over, and the lapse is logged as an error. (A
+    is due 1 to 15 s after its expiry: it then fails, the backoff takes over, and the lapse is logged as an error. (A
     connection that needs the certificate meanwhile asks at once.)
     """
     remaining = expires - received_at
     if remaining <= min_interval:
         if previous_expires is not None and expires <= previous_expires:
-            return expires + LAPSE_MARGIN_SECONDS
+            return expires + rng.uniform(*LAPSE_RETRY_SECONDS)
         return received_at + max(0.0, remaining) * rng.uniform(0.5, 0.9)
     start = max(not_before, received_at)
     life = expires - start

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import identity
 from common.files import write_atomic
 from common.pki import cert_pem, fingerprint, load_pem_certs
 from common.spiffe import Identity
@@ -20,13 +21,14 @@ CA_LIFE = 15.0
 
 
 async def test_an_agent_rides_out_its_ca_expiring_and_recovers_when_a_new_ca_is_plugged_in(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The controller starts with a CA that has 15 s left and the agent asks for 24 h certificates. It gets one
     cut to the CA's expiry, renews once before it (the last chance to move to a rotated CA), then the certificate
     lapses with the CA: the controller refuses to sign (counted as ca_expired), the agent logs the lapse as an
     error and the workload is Unavailable saying why. The operator plugs in a new CA (and updates the agents'
     --root-cert): within the agent's backoff the workload has a full 24 h certificate from it."""
+    monkeypatch.setattr(identity, "LAPSE_RETRY_SECONDS", (1.0, 1.5))  # the fleet's spread, for one agent
     write_ca(tmp_path / "ca", root_life=CA_LIFE)
     c = ControllerProcess(tmp_path, Placement({("node1", "default", "web")}), {"node1": "token-node1"})
     await c.start()

@@ -283,6 +283,7 @@ class CertificateAuthority:
                 ca_dir=str(self.directory),
                 signing=self._material.cert.subject.rfc4514_string(),
                 roots=[fingerprint(r)[:16] for r in self._material.roots],
+                chain_expires=self._material.chain_not_after.isoformat(),
             ),
         )
 
@@ -333,7 +334,9 @@ class CertificateAuthority:
         log.info(
             "CA reloaded",
             extra=kv(
-                signing=material.cert.subject.rfc4514_string(), roots=[fingerprint(r)[:16] for r in material.roots]
+                signing=material.cert.subject.rfc4514_string(),
+                roots=[fingerprint(r)[:16] for r in material.roots],
+                chain_expires=material.chain_not_after.isoformat(),
             ),
         )
         return True

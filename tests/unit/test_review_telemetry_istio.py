@@ -5,7 +5,6 @@ Each test names the ztunnel behaviour it checks (istio/ztunnel src/proxy/metrics
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import resource
@@ -18,6 +17,7 @@ from agent.metrics import TRAFFIC_LABELS, Metrics, ProtoValues, sample_value, tr
 from agent.prometheus import render, render_async, render_text, wants_openmetrics
 from api.istio.workload import workload_pb2 as wpb
 from common.spiffe import Identity
+from tests.support.waiting import LoopTurns
 
 SRC = wpb.Workload(
     uid="c//Pod/client/sleep-7d9f-abcde",
@@ -208,22 +208,10 @@ async def test_a_big_scrape_lets_the_proxy_run_while_it_renders() -> None:
         src = wpb.Workload(uid=f"c//Pod/batch/job-{i}", name=f"job-{i}-x", namespace="batch", workload_name=f"job-{i}")
         r = log.start("inbound", ("10.1.0.5", 1), ("10.2.0.7", 80), src=src, dst=DST, service=SVC)
         r.finish(10, 20)
-    turns = 0
-    rendering = True
-
-    async def other_work() -> None:
-        nonlocal turns
-        while rendering:
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other_work())
-    await asyncio.sleep(0)
-    before = turns
-    body, ctype = await render_async(m.registry, "", lines_per_turn=500)
-    rendering = False
-    await task
-    assert turns - before >= 4  # 2,400 traffic lines and the rest: the loop ran between pieces
+    async with LoopTurns() as loop:
+        before = loop.turns
+        body, ctype = await render_async(m.registry, "", lines_per_turn=500)
+        assert loop.turns - before >= 4  # 2,400 traffic lines and the rest: the loop ran between pieces
     assert (body, ctype) == render(m.registry, "")
     families = {f.name: f for f in parse_text(body.decode())}
     assert len(families["istio_tcp_connections_closed"].samples) == 600

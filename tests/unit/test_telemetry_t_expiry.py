@@ -5,8 +5,6 @@ Real store (xDS deltas removing workloads), real Metrics and exposition; the clo
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from agent import metrics_expiry
@@ -17,6 +15,7 @@ from agent.prometheus import render
 from agent.state import ADDRESS_TYPE, WorkloadStore
 from common import flags
 from common.spiffe import Identity
+from tests.support.waiting import LoopTurns
 from tests.support.workloads import pod_workload
 
 INTERVAL = 300.0
@@ -162,22 +161,12 @@ async def test_a_large_sweep_hands_the_loop_back(
     monkeypatch.setattr(metrics_expiry, "ROWS_PER_TURN", 100)
     for i in range(1000):
         _connection(m, _labels(pod_workload(f"job-{i}", "jobs", "10.0.1.1", deployment=f"job-{i}"), SERVER))
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    await expiry.sweep()
-    clock.now += INTERVAL
-    start = ticks
-    assert await expiry.sweep() == 4000
-    task.cancel()
-    assert ticks - start >= 4000 // 100 - 4  # between every two chunks of a table
+    async with LoopTurns() as loop:
+        await expiry.sweep()
+        clock.now += INTERVAL
+        start = loop.turns
+        assert await expiry.sweep() == 4000
+        assert loop.turns - start >= 4000 // 100 - 4  # between every two chunks of a table
 
 
 def test_the_expiry_flag() -> None:

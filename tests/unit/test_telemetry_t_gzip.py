@@ -17,6 +17,7 @@ from agent.admin import metrics_server
 from agent.metrics import TRAFFIC_LABELS, Metrics
 from agent.prometheus import gzip_accepted, render, render_async
 from common.http import HttpServer
+from tests.support.waiting import LoopTurns
 
 # What Prometheus 2.x sends with every scrape (scrape/scrape.go: acceptHeader, Accept-Encoding, the timeout header).
 PROMETHEUS_HEADERS = {
@@ -135,19 +136,9 @@ def test_gzip_accepted(header: str, expected: bool) -> None:
 
 async def test_a_large_gzipped_scrape_hands_the_loop_back() -> None:
     m = _populated(2000)  # 8,000 traffic series
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    start = ticks
-    body, _ = await render_async(m.registry, gzip=True, lines_per_turn=250)
-    during = ticks - start
-    task.cancel()
+    async with LoopTurns() as loop:
+        start = loop.turns
+        body, _ = await render_async(m.registry, gzip=True, lines_per_turn=250)
+        during = loop.turns - start
     assert _samples(gzip.decompress(body).decode(), False) == _samples(render(m.registry)[0].decode(), False)
     assert during >= 8000 // 250  # the ticker ran between every two turns of rendering and compressing

@@ -85,10 +85,13 @@ _RESET_TO_GRPC = {h2.errors.ErrorCodes.CANCEL: StatusCode.CANCELLED,
 class RpcError(Exception):
     """A call ended with a status other than OK; ``code()``/``details()`` as on grpc's AioRpcError."""
 
-    def __init__(self, code: StatusCode, details: str) -> None:
+    def __init__(self, code: StatusCode, details: str, *, unusable_response: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
+        self.unusable_response = unusable_response
+        """The agent ended the call on a response it could not take (undecodable, too large, compressed, cut
+        short): a new call would most likely be sent the same bytes, so it is no sign of a healthy controller."""
 
     def code(self) -> StatusCode:
         return self._code
@@ -130,7 +133,9 @@ class Call(Generic[M]):
             return self._type.FromString(item)
         except DecodeError as e:
             self.cancel()
-            raise RpcError(StatusCode.INTERNAL, f"cannot decode {self._type.__name__}: {e}") from None
+            raise RpcError(
+                StatusCode.INTERNAL, f"cannot decode {self._type.__name__}: {e}", unusable_response=True
+            ) from None
 
     def __aiter__(self) -> Call[M]:
         return self
@@ -183,7 +188,7 @@ class Call(Generic[M]):
                 code = StatusCode.UNKNOWN
             self.finish(RpcError(code, unquote(fields.get("grpc-message", ""))))
         elif self._buf:
-            self.finish(RpcError(StatusCode.INTERNAL, "stream ended inside a message"))
+            self.finish(RpcError(StatusCode.INTERNAL, "stream ended inside a message", unusable_response=True))
         else:
             self.finish(None)
 
@@ -195,7 +200,7 @@ class Call(Generic[M]):
 
     def _fail_stream(self, code: StatusCode, details: str) -> None:
         self._conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        self.finish(RpcError(code, details))
+        self.finish(RpcError(code, details, unusable_response=True))
 
 
 class _Connection:

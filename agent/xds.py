@@ -13,7 +13,8 @@
   "transport is closing", "received prior goaway", a clean end) kept a backoff grown in an earlier outage, so a
   controller lost abruptly later (UNAVAILABLE) was retried only after up to 15 s. A stream ended before any
   response never resets it: a controller (or a proxy in front of it) that ends every stream before answering
-  would otherwise have every agent reconnect, asking for the full state, each 10 ms.
+  would otherwise have every agent reconnect, asking for the full state, each 10 ms. Nor does one the agent ended
+  on a response it could not take (undecodable, over 200 MiB): the next stream would be sent it again.
 - On every (re)connect the first request of each type carries ``initial_resource_versions`` with what the store
   holds, so the controller resends only what changed.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
@@ -465,7 +466,7 @@ class XdsClient:
                 if self.metrics is not None:
                     reason = "Error" if local_failure else termination_reason(error)
                     self.metrics.terminations.labels(reason).inc()
-                if answered and not local_failure:
+                if answered and not local_failure and not (error is not None and error.unusable_response):
                     self.backoff.reset()
                 await asyncio.sleep(self.backoff.next_delay())
         finally:

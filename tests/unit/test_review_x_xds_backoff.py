@@ -5,6 +5,7 @@ on UNKNOWN/CANCELLED/clean end) kept a backoff grown during an earlier outage: a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,12 +19,17 @@ from controller.xds_server import METHOD_NAME, SERVICE_NAME
 from tests.support.xds_controller import running, wait_for
 
 
-def _answer_then_fail(code: grpc.StatusCode, calls: list[int]) -> grpc.GenericRpcHandler:
+def _answer_then_fail(code: grpc.StatusCode, calls: list[int], then: bytes = b"") -> grpc.GenericRpcHandler:
+    """Each stream: one good response, then ``then`` as a second message if given, then ``code``."""
+
     async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         calls.append(1)
         resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE, nonce=f"n{len(calls)}")
         await context.write(resp.SerializeToString())
         await anext(aiter(requests))  # the first initial request, so the response is read before the failure
+        if then:
+            await context.write(then)
+            await asyncio.sleep(0.5)  # the agent ends the stream on it
         await context.abort(code, "controller lost")
 
     method = grpc.stream_stream_rpc_method_handler(
@@ -53,3 +59,17 @@ async def test_a_stream_that_delivered_a_response_resets_the_backoff_whatever_en
             async with running(client):
                 await wait_for(lambda: len(calls) >= 2, what=f"a quick reconnect after {code.name}")  # noqa: B023
             assert client.stats["responses"] >= 1
+
+
+async def test_a_stream_ended_on_a_response_the_agent_cannot_take_keeps_backing_off() -> None:
+    """A controller that answers and then sends bytes the agent cannot decode would send them again on every new
+    stream: resetting there would have each agent resume the full state every 10 ms."""
+    calls: list[int] = []
+    garbage = b"\x0a\xff\xff"  # field 1, a length running past the end: not a DeltaDiscoveryResponse
+    async with grpc_server(_answer_then_fail(grpc.StatusCode.UNAVAILABLE, calls, then=garbage)) as port:
+        client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 0.08))
+        async with running(client):
+            await wait_for(lambda: len(calls) >= 6, what="repeated streams")
+        assert client.stats["responses"] >= 6  # each stream delivered its good response first
+        assert "cannot decode" in client.stats["last_error"]
+        assert client.backoff.current == 0.08

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import struct
@@ -152,6 +153,12 @@ class DecodedDelta:
     upserts: dict[str, tuple[Any, str]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (resource name, reason)
+    # The Resource each upsert came from, for the state file: with a name twice in a response, not a later
+    # copy that was rejected.
+    sources: dict[str, discovery_pb2.Resource] = field(default_factory=dict)
+
+    def serialized_sources(self) -> dict[str, bytes]:
+        return {name: res.SerializeToString() for name, res in self.sources.items()}
 
 
 def decode_response(resp: discovery_pb2.DeltaDiscoveryResponse) -> DecodedDelta:
@@ -178,6 +185,7 @@ def decode_response(resp: discovery_pb2.DeltaDiscoveryResponse) -> DecodedDelta:
             out.errors.append((name, reason))
             continue
         out.upserts[name] = (msg, res.version)
+        out.sources[name] = res
     return out
 
 
@@ -407,27 +415,41 @@ class XdsClient:
             if decoded.errors:
                 log.warning("state file entries skipped", extra=kv(errors=nack_message(decoded.errors)))
             self.store.apply(decoded.type_url, decoded.upserts, ())
-            good = self._good[decoded.type_url]
-            for res in resp.resources:
-                if res.name in decoded.upserts:
-                    good[res.name] = res.SerializeToString()
+            self._good[decoded.type_url].update(decoded.serialized_sources())
             count += len(decoded.upserts)
         self.restored = True
         log.info("xDS state restored from disk", extra=kv(file=str(self.state_path), resources=count))
         return True
 
     async def _save_loop(self) -> None:
-        """Coalesces saves: at most one write in flight, the latest state wins."""
+        """Coalesces saves: at most one write in flight, the latest state wins. Cancelled (the client stops), it
+        lets the write in flight finish and then writes what is still wanted: an agent stopped within a save's
+        pause after an update restarted, with the controller away, from the state before it."""
+        writing: asyncio.Future[None] | None = None
+        try:
+            while True:
+                await self._save_wanted.wait()
+                writing = self._write_state()
+                await asyncio.shield(writing)  # a cancelled wait leaves the thread writing: never two at once
+                await asyncio.sleep(0.2)
+        finally:
+            if writing is not None and not writing.done():
+                await writing
+            if self._save_wanted.is_set():
+                await self._write_state()
+
+    def _write_state(self) -> asyncio.Future[None]:
         assert self.state_path is not None
-        while True:
-            await self._save_wanted.wait()
-            self._save_wanted.clear()
-            data = encode_state(self._good)
+        self._save_wanted.clear()
+        data, path = encode_state(self._good), self.state_path
+
+        def write() -> None:
             try:
-                await asyncio.to_thread(write_atomic, self.state_path, data, 0o644, parents=True)
+                write_atomic(path, data, 0o644, parents=True)
             except OSError as e:
-                log.error("cannot write xDS state file", extra=kv(file=str(self.state_path), error=str(e)))
-            await asyncio.sleep(0.2)
+                log.error("cannot write xDS state file", extra=kv(file=str(path), error=str(e)))
+
+        return asyncio.ensure_future(asyncio.to_thread(write))
 
     # ---- connection loop ---------------------------------------------------------------------------------------
 
@@ -471,8 +493,10 @@ class XdsClient:
                 await asyncio.sleep(self.backoff.next_delay())
         finally:
             if self._saver is not None:
-                self._saver.cancel()
-                self._saver = None
+                saver, self._saver = self._saver, None
+                saver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await saver  # its last write
             if self._own_channel:
                 await self.channel.close()
 
@@ -513,11 +537,9 @@ class XdsClient:
             good = self._good[resp.type_url]
             for name in decoded.removed:
                 good.pop(name, None)
-            for res in resp.resources:
-                # A rejected update leaves the previous version in the store and the file; its version differs
-                # from the server's, so a resume asks for it again.
-                if res.name in decoded.upserts:
-                    good[res.name] = res.SerializeToString()
+            # A rejected update leaves the previous version in the store and the file; its version differs from
+            # the server's, so a resume asks for it again.
+            good.update(decoded.serialized_sources())
             self._save_wanted.set()
         self.stats["responses"] += 1
         if self.metrics is not None:

@@ -1,0 +1,78 @@
+"""The agent's last good xDS state on disk (<state-dir>/xds-state.pb), which a restart with the controller away
+serves from: it must hold what the store enforces, including an update that arrived just before the agent stopped
+and the version of a resource that the store applied when a later copy in the same response was rejected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+
+from agent.state import AUTHORIZATION_TYPE, WorkloadStore
+from agent.xds import STATE_FILE, Backoff, XdsClient
+from api.istio.security import authorization_pb2 as apb
+from tests.support.xds_controller import free_port, wait_for
+
+
+def deny(name: str, action: int = apb.DENY) -> apb.Authorization:
+    return apb.Authorization(name=name, namespace="demo", scope=apb.NAMESPACE, action=action, groups=[apb.Group()])  # type: ignore[arg-type]
+
+
+def response(*policies: tuple[apb.Authorization, str], nonce: str = "1") -> discovery_pb2.DeltaDiscoveryResponse:
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=AUTHORIZATION_TYPE, nonce=nonce)
+    for p, version in policies:
+        resp.resources.add(
+            name=f"demo/{p.name}",
+            version=version,
+            resource=any_pb2.Any(type_url=AUTHORIZATION_TYPE, value=p.SerializeToString()),
+        )
+    return resp
+
+
+def restored(state_dir: Path) -> dict[str, int]:
+    """What an agent restarted with the controller away would enforce: policy key -> action."""
+    store = WorkloadStore()
+    XdsClient(store, "127.0.0.1:1", "n1", state_dir=state_dir).restore()
+    return {f"{p.namespace}/{p.name}": p.action for p in store.all_policies()}
+
+
+@contextlib.asynccontextmanager
+async def stopped_at_the_end(client: XdsClient) -> AsyncIterator[None]:
+    """``client.run()`` for the block with the controller away (its first retry 30 s off), cancelled at the end
+    as the agent's shutdown does."""
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_for(lambda: client.stats["last_error"], what="the controller found away")
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_update_just_before_the_agent_stops_is_on_disk(tmp_path: Path) -> None:
+    client = XdsClient(
+        WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(client):
+        client.handle_response(response((deny("first"), "v1")))
+        await wait_for(lambda: (tmp_path / STATE_FILE).exists() and restored(tmp_path), what="the first save")
+        client.handle_response(response((deny("second"), "v1"), nonce="2"))  # a DENY added just before SIGTERM
+    assert restored(tmp_path) == {"demo/first": apb.DENY, "demo/second": apb.DENY}
+
+
+async def test_a_rejected_later_copy_does_not_replace_the_applied_one_on_disk(tmp_path: Path) -> None:
+    store = WorkloadStore()
+    client = XdsClient(
+        store, f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(client):
+        ack = client.handle_response(response((deny("p"), "v1"), (deny("p", action=7), "v2")))
+        assert "demo/p: action 7" in ack.error_detail.message
+        assert [p.action for p in store.all_policies()] == [apb.DENY]  # the valid copy is enforced
+        await wait_for(lambda: (tmp_path / STATE_FILE).exists(), what="a save")
+    assert restored(tmp_path) == {"demo/p": apb.DENY}

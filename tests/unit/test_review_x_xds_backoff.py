@@ -70,6 +70,6 @@ async def test_a_stream_ended_on_a_response_the_agent_cannot_take_keeps_backing_
         client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 0.08))
         async with running(client):
             await wait_for(lambda: len(calls) >= 6, what="repeated streams")
-        assert client.stats["responses"] >= 6  # each stream delivered its good response first
+        assert client.stats["responses"] >= 5  # each stream delivered its good response first (the last may not yet)
         assert "cannot decode" in client.stats["last_error"]
         assert client.backoff.current == 0.08

@@ -1415,6 +1415,11 @@ def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
 def _rule(ctx: _Ctx, item: dict[Any, Any], path: str) -> Rule | None:
     ctx.unsupported = []
     _unsupported(ctx, item, path, ("from", "to", "when"))
+    for key in ("from", "to"):
+        if item.get(key) == []:
+            # Istio's webhook refuses it. Read as absent, the rule would match every connection: an ALLOW whose
+            # source list a template left empty ("nobody") would admit everyone.
+            ctx.error(_join(path, key), "must not be empty")
     return Rule(
         from_=_each(ctx, _list(ctx, item, "from", path), f"{path}.from", lambda d, p: _source(ctx, d, p)),
         to=_each(ctx, _list(ctx, item, "to", path), f"{path}.to", lambda d, p: _operation(ctx, d, p)),

@@ -1,0 +1,70 @@
+"""AuthorizationPolicy input compared with istiod's ambient translation and Istio's webhook, case by case.
+
+Sources: istio/istio pkg/config/validation/validation.go `ValidateAuthorizationPolicy`, pkg/config/security
+security.go `ValidateAttribute`, pilot/pkg/serviceregistry/ambient/authorization.go `handleRule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent import rbac
+from api.istio.security import authorization_pb2 as pb
+from common.spiffe import Identity
+from controller.model import AuthorizationPolicy
+from controller.translate_policy import convert_authorization_policy
+from controller.validation import parse_documents
+
+PEER_A = "cluster.local/ns/a/sa/client"
+
+
+def policy(action: str, *rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "demo"},
+        "spec": {"action": action, "rules": list(rules)},
+    }
+
+
+def errors(doc: dict[str, Any], strict: bool = True) -> list[str]:
+    return [str(e) for e in parse_documents("f.yaml", [doc], strict=strict).errors]
+
+
+def converted(doc: dict[str, Any], strict: bool = True) -> tuple[pb.Authorization, str]:
+    result = parse_documents("f.yaml", [doc], strict=strict)
+    assert [str(e) for e in result.errors] == []
+    (obj,) = result.objects
+    assert isinstance(obj, AuthorizationPolicy)
+    out = convert_authorization_policy(obj, "istio-system")
+    assert out.authorization is not None
+    return out.authorization, out.warning
+
+
+def admits(authz: pb.Authorization, identity: str | None, port: int = 8080) -> bool:
+    """The agent's decision for this one policy (an ALLOW must match, a DENY must not)."""
+    peer = Identity.parse(f"spiffe://{identity}") if identity else None
+    conn = rbac.Connection("10.9.0.1", "10.1.0.5", port, peer)
+    return rbac.matches(authz, conn) == (authz.action == pb.ALLOW)
+
+
+# --- `from: []` / `to: []` --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("field", ["from", "to"])
+def test_an_empty_from_or_to_list_is_refused_not_read_as_absent(field: str, strict: bool) -> None:
+    # Istio's webhook: "`from` must not be empty" / "`to` must not be empty". Read as absent, the rule had no
+    # clause and matched every connection: ALLOW `rules: [{from: []}]` (a source list a template left empty,
+    # meaning "nobody") admitted every caller, mesh or plaintext.
+    doc = policy("ALLOW", {field: []})
+    assert errors(doc, strict) == [f"f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].{field}: must not be empty"]
+
+
+def test_an_absent_or_null_from_still_matches_everything() -> None:
+    # `from:` with no value is YAML null: Go's nil slice, absent for istiod too (rule `{}` = match all).
+    authz, _ = converted(policy("ALLOW", {"from": None, "to": [{"operation": {"ports": ["8080"]}}]}))
+    assert admits(authz, None, 8080)
+    assert not admits(authz, None, 9090)

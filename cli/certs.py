@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -19,11 +20,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _instant(text: str) -> datetime.datetime:
+    """A dump's time ("...Z"); ValueError if it is none."""
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _remaining(expiry: str, now: datetime.datetime) -> str:
     if not expiry:
         return "-"
     try:
-        left = (datetime.datetime.fromisoformat(expiry.replace("Z", "+00:00")) - now).total_seconds()
+        left = (_instant(expiry) - now).total_seconds()
     except ValueError:
         return "?"
     if left <= 0:
@@ -41,11 +47,19 @@ def _serial_hex(decimal: str) -> str:
 
 
 def _row(entry: dict[str, Any], now: datetime.datetime) -> list[str]:
-    """One identity from /certs (ztunnel's shape: see agent.identity.CertsDump), its leaf being certChain[0]."""
+    """One identity from /certs (ztunnel's shape: see agent.identity.CertsDump), its leaf being certChain[0].
+
+    The expiry shown is the chain's earliest: peers refuse the leaf once an intermediate under it lapses, and istiod
+    signs leaves that outlive its own certificate (Ambit's CA cuts them to it)."""
     state, _, reason = str(entry.get("state", "")).partition(": ")
     chain = entry.get("certChain")
-    leaf = chain[0] if isinstance(chain, list) and chain and isinstance(chain[0], dict) else {}
+    certs = [c for c in chain if isinstance(c, dict)] if isinstance(chain, list) else []
+    leaf = certs[0] if certs else {}
     expiry = str(leaf.get("expirationTime", ""))
+    for cert in certs[1:]:
+        with contextlib.suppress(ValueError):  # an unreadable time leaves the leaf's ("?" below if that is one)
+            if _instant(str(cert.get("expirationTime", ""))) < _instant(expiry):
+                expiry = str(cert["expirationTime"])
     return [
         str(entry.get("identity", "")),
         state,

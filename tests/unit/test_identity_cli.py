@@ -129,3 +129,13 @@ def test_ambitctl_certs_rejects_non_list(admin: tuple[str, list[Any]], capsys: p
     served[0] = {"certificates": "nope"}
     assert ambitctl.main(["certs", "--admin", address]) == 1
     assert "did not return a list" in capsys.readouterr().err
+
+
+def test_expiry_is_the_chains_earliest() -> None:
+    """A leaf signed past its intermediate's expiry (istiod does) is refused by peers from that expiry on."""
+    now = datetime.datetime(2026, 11, 27, 12, 30, tzinfo=datetime.UTC)
+    intermediate = {**ROOT, "serialNumber": "2", "expirationTime": "2026-11-27T18:00:00Z"}
+    entry = {**ROWS[0], "certChain": [*ROWS[0]["certChain"], intermediate]}
+    assert format_table([entry], now).splitlines()[1].split()[3:5] == ["2026-11-27T18:00:00Z", "5h30m"]
+    garbled = {**entry, "certChain": [*ROWS[0]["certChain"], {**intermediate, "expirationTime": "soon"}]}
+    assert format_table([garbled], now).splitlines()[1].split()[3:5] == ["2026-11-28T11:00:00Z", "22h30m"]

@@ -202,6 +202,10 @@ def _endpoint_route(
     hostname = host if by_name else ""
     # Waypoint routing goes here (wl.waypoint / svc.waypoint); out of scope for now.
     if wl.tunnel_protocol != HBONE:
+        # An endpoint picked behind a VIP may sit on this node's address (a host-network pod): dialled at one of
+        # the agent's ports it is the agent's own listener, refused as for a dialled address (and in `resolved`).
+        if not by_name and port in config.own_ports and config.is_node_address(host):
+            return Route(RouteKind.REJECT, workload=wl, service=svc, reason="self_call")
         return Route(RouteKind.PASSTHROUGH, target=(host, port), workload=wl, service=svc, hostname=hostname)
     if config.same_node_fast_path and wl.node == node and src.node == node and src.tunnel_protocol == HBONE:
         if port in config.own_ports:  # what the destination agent's inbound would refuse (a VIP's target port)

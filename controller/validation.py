@@ -83,8 +83,11 @@ _WHEN_KEYS = frozenset(
         "request.auth.audiences",
         "request.auth.presenter",
         "connection.sni",
+        "source.serviceAccount",
+        "source.trustDomain",
     }
 )
+# Keys naming a map entry, `prefix...[name]` (Istio's validateMapKey).
 _WHEN_KEY_PREFIXES = ("request.headers[", "request.auth.claims[", "experimental.envoy.filters.")
 
 # \Z, not $: "$" also matches before a trailing newline, which YAML block scalars (`key: |`) leave in values.
@@ -1383,17 +1386,17 @@ def _operation(ctx: _Ctx, item: dict[Any, Any], path: str) -> Operation | None:
     return Operation(**values)
 
 
+def _is_map_key(key: str) -> bool:
+    return key.startswith(_WHEN_KEY_PREFIXES) and key.endswith("]") and 0 < key.find("[") < len(key) - 2
+
+
 def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
     _unsupported(ctx, item, path, ("key", "values", "notValues"))
     key = _str(ctx, item, "key", path, required=True)
-    if (
-        key
-        and key not in _WHEN_KEYS
-        and not (key.startswith(_WHEN_KEY_PREFIXES) and (key.endswith("]") or key.startswith("experimental.")))
-    ):
+    if key and key not in _WHEN_KEYS and not _is_map_key(key):
         if ctx.strict:
             ctx.error(f"{path}.key", f"unknown attribute {key!r}")
-        else:  # a newer Istio's key (source.serviceAccount, ...): not evaluable here, like an HTTP attribute
+        else:  # a newer Istio's key: not evaluable here, like an HTTP attribute
             ctx.unsupported.append(key)
     check: Callable[[str], str | None] | None = None
     if key in ("source.ip", "destination.ip", "remote.ip"):
@@ -1404,6 +1407,10 @@ def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
         check = check_principal
     elif key == "source.namespace":
         check = check_namespace_match
+    elif key == "source.serviceAccount":
+        check = check_service_account_match
+    elif key == "source.trustDomain":
+        check = _check_wildcard
     values = _strings(ctx, item, "values", path, check)
     not_values = _strings(ctx, item, "notValues", path, check)
     if not item.get("values") and not item.get("notValues"):

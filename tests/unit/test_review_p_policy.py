@@ -68,3 +68,55 @@ def test_an_absent_or_null_from_still_matches_everything() -> None:
     authz, _ = converted(policy("ALLOW", {"from": None, "to": [{"operation": {"ports": ["8080"]}}]}))
     assert admits(authz, None, 8080)
     assert not admits(authz, None, 9090)
+
+
+# --- when keys Istio knows that are not L4 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("source.serviceAccount", "a/client"), ("source.trustDomain", "cluster.local")]
+)
+def test_istio_when_keys_beyond_l4_load_from_files_and_are_handled_as_istiod_does(key: str, value: str) -> None:
+    # Both are valid Istio (ValidateAttribute) and not among istiod's l4WhenAttributes: an ALLOW rule holding
+    # one is dropped, a DENY rule keeps an empty match that never fires. Files refused the whole policy instead
+    # ("unknown attribute"), so a DENY written for Istio was not enforced at all.
+    when = {"key": key, "values": [value]}
+    allow, warning = converted(policy("ALLOW", {"when": [when]}, {"from": [{"source": {"namespaces": ["b"]}}]}))
+    assert len(allow.groups) == 1
+    assert not admits(allow, PEER_A)
+    assert admits(allow, "cluster.local/ns/b/sa/x")
+    assert key in warning
+    deny, warning = converted(policy("DENY", {"from": [{"source": {"namespaces": ["a"]}}], "when": [when]}))
+    assert len(deny.groups) == 1
+    assert admits(deny, PEER_A)
+    assert "no effect" in warning
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("source.serviceAccount", "a/*", "wildcards are not supported for service accounts"),
+        ("source.serviceAccount", "a/b/c", "must be <account> or <namespace>/<account>"),
+        ("source.trustDomain", "*.local*", "'*' is only supported alone, as a prefix or as a suffix"),
+    ],
+)
+def test_their_values_are_checked_as_istio_does(key: str, value: str, reason: str) -> None:
+    (error,) = errors(policy("DENY", {"when": [{"key": key, "values": [value]}]}))
+    assert error.startswith("f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0].values[0]: ")
+    assert reason in error
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "request.headers[]",
+        "request.auth.claims[]",
+        "request.headers[x",
+        "request.headers[x]y",
+        "experimental.envoy.filters.a",
+    ],
+)
+def test_map_keys_need_a_name_in_brackets(key: str) -> None:
+    # ValidateAttribute's validateMapKey: `a[b]` with b non-empty.
+    (error,) = errors(policy("DENY", {"when": [{"key": key, "values": ["v"]}]}))
+    assert error.startswith("f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0].key: ")

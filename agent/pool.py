@@ -108,12 +108,13 @@ class HboneConnectionPool:
 
         ``ssl_context`` is the client context of ``key.src`` (CertificateManager.client_context). Raises
         HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures. A stream
-        the peer provably did not process (GOAWAY race, refused stream) is retried once on a fresh connection,
-        with the same ``early`` bytes (HboneClientConnection.open_stream), which that peer therefore never got.
+        the peer provably did not process (GOAWAY race, refused stream, a new connection gone before use) is retried
+        once on a fresh connection, with the same ``early`` bytes (HboneClientConnection.open_stream), which that
+        peer therefore never got.
         """
         for attempt in (1, 2):
-            pooled = await self._checkout(key, ssl_context)
             try:
+                pooled = await self._checkout(key, ssl_context)
                 return await pooled.conn.open_stream(authority, headers, early)
             except HboneConnectError as e:
                 if not e.retryable or attempt == 2:
@@ -143,7 +144,14 @@ class HboneConnectionPool:
                 self._connecting[key] = task
                 task.add_done_callback(functools.partial(self._connect_done, key))
             # Every opener for this key waits on the same handshake; cancelling one waiter does not cancel it.
-            await asyncio.shield(task)
+            made = await asyncio.shield(task)
+            if not made.conn.usable:
+                # Gone before anyone used it (GOAWAY, the peer's close, a TLS alert right after the handshake): this
+                # attempt fails, as ztunnel's maker's request on it would. Dialling again here never ended against
+                # a peer refusing every connection.
+                raise HboneConnectError(
+                    503, "new connection closed before use", retryable=True, stage=ConnectStage.HTTP2
+                )
 
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:

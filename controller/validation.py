@@ -1338,6 +1338,42 @@ _SOURCE_CHECKS: Mapping[str, Callable[[str], str | None] | None] = {
 }
 
 
+def _check_service_account_form(value: str) -> str | None:
+    """Istio's own check (CheckServiceAccount): no wildcard, `account` or `namespace/account`, both non-empty."""
+    parts = value.split("/")
+    if "*" in value or len(parts) > 2 or not all(parts) or len(value) > 320:
+        return f"{value!r} must be <account> or <namespace>/<account>, without wildcards"
+    return None
+
+
+def _check_port_or_zero(value: str) -> str | None:
+    """Istio's own check (ValidatePorts): 0-65535. Port 0 matches no connection."""
+    if not is_decimal(value) or int(value) > 65535:
+        return f"{value!r} is not a port number (0-65535)"
+    return None
+
+
+# For objects the API server holds (strict=False), the value checks this code adds beyond Istio's webhook give way
+# to Istio's own (None: non-empty only). Refusing such an object drops the policy, and a dropped ALLOW policy can
+# admit everyone; istiod sends these values as matches no connection meets (pilot/pkg/serviceregistry/ambient/
+# authorization.go stringToMatch, stringToPort), so the ALLOW still stands. Files keep the stricter checks: there
+# the author sees the error.
+_API_VALUE_CHECKS: Mapping[Callable[[str], str | None], Callable[[str], str | None] | None] = {
+    check_principal: None,
+    check_namespace_match: None,
+    _check_wildcard: None,
+    check_service_account_match: _check_service_account_form,
+    check_port_string: _check_port_or_zero,
+}
+
+
+def _value_check(ctx: _Ctx, check: Callable[[str], str | None] | None) -> Callable[[str], str | None] | None:
+    """The check for AuthorizationPolicy match values from this source (see _API_VALUE_CHECKS)."""
+    if ctx.strict or check is None:
+        return check
+    return _API_VALUE_CHECKS.get(check, check)
+
+
 def _unsupported(ctx: _Ctx, data: dict[Any, Any], path: str, allowed: Iterable[str]) -> bool:
     """Unknown keys at a level of an AuthorizationPolicy rule: errors in strict mode; otherwise (objects the API
     server accepted, maybe from a newer Istio: `trustDomains`, ...) they are recorded for the rule, because
@@ -1356,7 +1392,9 @@ def _source(ctx: _Ctx, item: dict[Any, Any], path: str) -> Source | None:
     raw = _mapping(ctx, item, "source", path, None, required=True)
     full = f"{path}.source"
     newer = _unsupported(ctx, raw, full, _SOURCE_FIELDS.keys())
-    values = {_SOURCE_FIELDS[k]: _strings(ctx, raw, k, full, _SOURCE_CHECKS[k]) for k in _SOURCE_FIELDS}
+    values = {
+        _SOURCE_FIELDS[k]: _strings(ctx, raw, k, full, _value_check(ctx, _SOURCE_CHECKS[k])) for k in _SOURCE_FIELDS
+    }
     if not any(values.values()) and len(ctx.errors) == errors_before and not newer:
         ctx.error(full, "at least one field must be set")
     return Source(**values)
@@ -1372,12 +1410,13 @@ def _operation(ctx: _Ctx, item: dict[Any, Any], path: str) -> Operation | None:
     values: dict[str, Any] = {
         _OPERATION_STRING_FIELDS[k]: _strings(ctx, raw, k, full, None) for k in _OPERATION_STRING_FIELDS
     }
+    port_check, low = (check_port_string, 1) if ctx.strict else (_check_port_or_zero, 0)
     for key, attr in (("ports", "ports"), ("notPorts", "not_ports")):
         ports: list[int] = []
         for i, value in enumerate(_list(ctx, raw, key, full)):
             text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-            if not isinstance(text, str) or check_port_string(text) is not None:
-                ctx.error(f"{full}.{key}[{i}]", f"{value!r} is not a port number (1-65535)")
+            if not isinstance(text, str) or port_check(text) is not None:
+                ctx.error(f"{full}.{key}[{i}]", f"{value!r} is not a port number ({low}-65535)")
             else:
                 ports.append(int(text))
         values[attr] = tuple(ports)
@@ -1411,6 +1450,7 @@ def _condition(ctx: _Ctx, item: dict[Any, Any], path: str) -> Condition | None:
         check = check_service_account_match
     elif key == "source.trustDomain":
         check = _check_wildcard
+    check = _value_check(ctx, check)
     values = _strings(ctx, item, "values", path, check)
     not_values = _strings(ctx, item, "notValues", path, check)
     if not item.get("values") and not item.get("notValues"):

@@ -120,3 +120,51 @@ def test_map_keys_need_a_name_in_brackets(key: str) -> None:
     # ValidateAttribute's validateMapKey: `a[b]` with b non-empty.
     (error,) = errors(policy("DENY", {"when": [{"key": key, "values": ["v"]}]}))
     assert error.startswith("f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0].key: ")
+
+
+# --- values Istio accepts and this code's file checks refuse ------------------------------------------------------
+
+
+ODD_BUT_ISTIO_VALID = [
+    pytest.param({"from": [{"source": {"principals": [f"spiffe://{PEER_A}"]}}]}, id="principal-with-scheme"),
+    pytest.param({"from": [{"source": {"principals": ["cluster.local/ns/*/sa/client"]}}]}, id="principal-mid-star"),
+    pytest.param({"from": [{"source": {"principals": ["*a*"]}}]}, id="principal-both-stars"),
+    pytest.param({"from": [{"source": {"namespaces": ["A_b"]}}]}, id="namespace-not-dns"),
+    pytest.param({"from": [{"source": {"serviceAccounts": ["A_b/Client"]}}]}, id="service-account-not-dns"),
+    pytest.param({"from": [{"source": {"requestPrincipals": ["iss/*sub*"]}}]}, id="request-principal-stars"),
+    pytest.param({"to": [{"operation": {"ports": ["0"]}}]}, id="port-zero"),
+    pytest.param({"when": [{"key": "source.principal", "values": [f"spiffe://{PEER_A}"]}]}, id="when-principal"),
+    pytest.param({"when": [{"key": "source.namespace", "values": ["A_b"]}]}, id="when-namespace"),
+    pytest.param({"when": [{"key": "destination.port", "values": ["0"]}]}, id="when-port-zero"),
+]
+
+
+@pytest.mark.parametrize("rule", ODD_BUT_ISTIO_VALID)
+def test_from_the_api_an_allow_with_values_that_never_match_still_denies(rule: dict[str, Any]) -> None:
+    # Istio's webhook takes these (CheckEmptyValues, CheckServiceAccount, ValidatePorts 0-65535) and istiod
+    # compiles them to matches no connection meets (stringToMatch exact, port 0): the ALLOW policy is sent and
+    # admits nobody through that rule. Here the API object was refused, so the workload had no ALLOW policy
+    # and admitted everyone (a common slip: principals written with spiffe://).
+    authz, _ = converted(policy("ALLOW", rule), strict=False)
+    assert authz.action == pb.ALLOW
+    assert not admits(authz, PEER_A, 8080)
+    assert not admits(authz, None, 8080)
+
+
+@pytest.mark.parametrize("rule", ODD_BUT_ISTIO_VALID)
+def test_files_still_refuse_them_with_the_reason(rule: dict[str, Any]) -> None:
+    assert len(errors(policy("ALLOW", rule))) == 1
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"serviceAccounts": ["a/*"]},
+        {"serviceAccounts": ["a/b/c"]},
+        {"serviceAccounts": ["/b"]},
+        {"ipBlocks": ["10.0.0.300"]},
+        {"principals": [""]},
+    ],
+)
+def test_from_the_api_what_istio_refuses_is_still_refused(source: dict[str, Any]) -> None:
+    assert len(errors(policy("ALLOW", {"from": [{"source": source}]}), strict=False)) == 1

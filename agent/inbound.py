@@ -61,9 +61,15 @@ ABANDONED = "client reset the stream before the answer"
 ABANDONED_FLAG = "H2_HANDSHAKE_FAILURE"
 
 
+# How much sooner than the source agent stops waiting for a CONNECT's answer the pod's connect gives up: the 503 (and
+# the destination's reason in its log) must reach the source before its own timer fires.
+ANSWER_MARGIN = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     keep_source_address: bool = True
+    # For HBONE capped below the source's wait for the answer (see InboundProxy); plaintext clients wait for TCP.
     connect_timeout: float = 5.0
     own_ports: frozenset[int] = AGENT_PORTS
 
@@ -163,6 +169,12 @@ class InboundProxy(_Common):
         super().__init__(store, node, metrics, access_log, connections, config, trust_domain=certs.trust_domain)
         self.certs = certs
         self.tunnel_config = tunnel_config
+        # The source agent waits for the CONNECT's answer as long as its tunnel's connect_timeout (the same binary's
+        # default as ours). A pod that never answers the SYN timed out on both sides at once, the source first (its
+        # timer starts a round trip earlier): it logged a stream timeout, and the 503 went to a reset stream. ztunnel
+        # has no such wait: its source always hears the 503 (src/proxy/inbound.rs serve_connect).
+        wait = (tunnel_config or TunnelConfig()).connect_timeout
+        self.upstream_timeout = min(self.config.connect_timeout, max(wait - ANSWER_MARGIN, wait / 2))
         self.hbone_connections = ServerConnections()  # told to go elsewhere when the agent drains
         self.tunnel_stats = tunnel_stats
 
@@ -271,7 +283,7 @@ class InboundProxy(_Common):
                     dst,
                     # not a pod to itself: its kernel drops a packet from its own address arriving from outside
                     source_ip=client[0] if self.config.keep_source_address and client[0] != dst[0] else None,
-                    connect_timeout=self.config.connect_timeout,
+                    connect_timeout=self.upstream_timeout,
                 )
             except (OSError, TimeoutError) as e:
                 self.metrics.error("inbound", "connect_failed")

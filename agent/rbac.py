@@ -1,7 +1,9 @@
 """L4 authorization with Istio ambient's semantics (ztunnel `assert_rbac` / `Authorization::matches`).
 
 Pure functions over the `istio.security.Authorization` protobufs the controller sends, so the exact
-semantics can be checked in tables without sockets and the same code explains a decision in `ambitctl`.
+semantics can be checked in tables without sockets and the same code explains a decision in `ambitctl`. Each
+policy is read once into a matchable form (CIDRs parsed, unset values dropped), as ztunnel converts it on
+arrival: decisions are taken per connection, and again for every tracked connection at each policy update.
 The order is fixed by Istio: enforced DENY first; no enforced ALLOW policy means allow; otherwise an
 enforced ALLOW must match. Dry-run policies never change the outcome: what they would have done is
 returned so the caller can log it.
@@ -17,15 +19,14 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from agent.addressing import HBONE, workload_identity
 from agent.state import WorkloadStore, policy_key
 from common.spiffe import Identity
-
-T = TypeVar("T")
 
 # Values of istio.security.Action; compared as ints so this module does not need the generated code.
 ACTION_ALLOW = 0
@@ -70,6 +71,7 @@ class Decision:
 
 def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
     """Decide `conn` against the destination workload's applicable policies (`store.policies_for`)."""
+    peer = _Peer.of(conn)
     allow: list[Any] = []
     deny: list[Any] = []
     dry: list[str] = []
@@ -77,11 +79,11 @@ def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
     for p in policies:
         if p.dry_run:
             if p.action == ACTION_DENY:
-                if matches(p, conn):
+                if _matches(p, peer):
                     dry.append(f"dry-run: {policy_key(p)} would deny")
             elif p.action == ACTION_ALLOW:
                 dry_allows = True
-                if matches(p, conn):
+                if _matches(p, peer):
                     dry_allow_matched = True
                     dry.append(f"dry-run: {policy_key(p)} would allow")
             continue
@@ -92,104 +94,162 @@ def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
         dry.append("dry-run: no allow policies match, would deny")
     dry_run = tuple(dry)
     for p in deny:
-        if matches(p, conn):
+        if _matches(p, peer):
             return Decision(Outcome.EXPLICITLY_DENIED, policy_key(p), dry_run)
     if not allow:
         return Decision(Outcome.NO_POLICIES, None, dry_run)
     for p in allow:
-        if matches(p, conn):
+        if _matches(p, peer):
             return Decision(Outcome.ALLOWED, policy_key(p), dry_run)
     return Decision(Outcome.NOT_ALLOWED, None, dry_run)
 
 
 def matches(policy: Any, conn: Connection) -> bool:
     """Whether any group of `policy` matches; a policy without groups matches nothing."""
-    return any(_group_matches(g, conn) for g in policy.groups)
+    return _matches(policy, _Peer.of(conn))
 
 
-def _group_matches(group: Any, conn: Connection) -> bool:
-    for rules in group.rules:
-        if len(rules.matches) == 0:
-            continue  # an empty clause counts as matched
-        compiled = (_compile(m) for m in rules.matches)
-        if not any(c.matches(conn) for c in compiled if not c.empty):
-            return False
-    return True
+def _matches(policy: Any, peer: _Peer) -> bool:
+    return any(_group_matches(g, peer) for g in _compiled(policy))
+
+
+def _group_matches(clauses: tuple[_Clause, ...], peer: _Peer) -> bool:
+    return all(clause is None or any(m.matches(peer) for m in clause) for clause in clauses)
 
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Ip = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# A `Rules` (clause): its non-empty matches, of which one must hold; None for one without matches, which holds.
+_Clause = tuple["_Match", ...] | None
+# Policies read into their matchable form, as ztunnel converts one when it arrives, by id() of the policy, which the
+# entry holds so that the id stays its own. The store replaces a policy it updates (never mutates it), so a policy
+# read once stays read; least recently used first out, so replaced ones leave.
+_COMPILED: OrderedDict[int, tuple[Any, tuple[tuple[_Clause, ...], ...]]] = OrderedDict()
+COMPILED_LIMIT = 4096
+
+
+def _compiled(policy: Any) -> tuple[tuple[_Clause, ...], ...]:
+    key = id(policy)
+    entry = _COMPILED.get(key)
+    if entry is not None and entry[0] is policy:
+        _COMPILED.move_to_end(key)
+        return entry[1]
+    groups = tuple(tuple(_clause(rules) for rules in group.rules) for group in policy.groups)
+    _COMPILED[key] = (policy, groups)
+    _COMPILED.move_to_end(key)
+    if len(_COMPILED) > COMPILED_LIMIT:
+        _COMPILED.popitem(last=False)
+    return groups
+
+
+def _clause(rules: Any) -> _Clause:
+    if len(rules.matches) == 0:
+        return None  # an empty clause counts as matched
+    return tuple(c for c in (_compile(m) for m in rules.matches) if not c.empty)
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    """What the matches compare, worked out once per decision."""
+
+    src_ip: Ip
+    dst_ip: Ip
+    dst_port: int
+    service_account: tuple[str, str] | None
+    principal: str | None
+    namespace: str | None
+
+    @classmethod
+    def of(cls, conn: Connection) -> _Peer:
+        ident = conn.src_identity
+        return cls(
+            ipaddress.ip_address(conn.src_ip),
+            ipaddress.ip_address(conn.dst_ip),
+            conn.dst_port,
+            (ident.namespace, ident.service_account) if ident else None,
+            ident.principal if ident else None,
+            ident.namespace if ident else None,
+        )
+
+
+# A field's test of one value: (what the peer brought, the policy's value) -> holds.
+_Test = Callable[[_Peer, Any], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    """A `Match` with what ztunnel's conversion drops already dropped (unset StringMatch, malformed CIDR)."""
+    """A `Match` with what ztunnel's conversion drops already dropped (unset StringMatch, malformed CIDR): for each
+    field it sets, the field's test with its positive and negative values. Values of one field are OR-ed, the
+    fields AND-ed, each being `(no positives or any positive) and (no negatives or no negative)`."""
 
-    namespaces: list[Any]
-    not_namespaces: list[Any]
-    service_accounts: list[tuple[str, str]]
-    not_service_accounts: list[tuple[str, str]]
-    principals: list[Any]
-    not_principals: list[Any]
-    source_ips: list[Net]
-    not_source_ips: list[Net]
-    destination_ips: list[Net]
-    not_destination_ips: list[Net]
-    destination_ports: list[int]
-    not_destination_ports: list[int]
+    fields: tuple[tuple[_Test, tuple[Any, ...], tuple[Any, ...]], ...]
 
     @property
     def empty(self) -> bool:
-        return not any(getattr(self, f) for f in self.__slots__)
+        return not self.fields
 
-    def matches(self, conn: Connection) -> bool:
-        ident = conn.src_identity
-        sa = (ident.namespace, ident.service_account) if ident else None
-        return (
-            _field(self.destination_ips, self.not_destination_ips, lambda n: ipaddress.ip_address(conn.dst_ip) in n)
-            and _field(self.source_ips, self.not_source_ips, lambda n: ipaddress.ip_address(conn.src_ip) in n)
-            and _field(self.destination_ports, self.not_destination_ports, lambda p: p == conn.dst_port)
-            and _field(self.service_accounts, self.not_service_accounts, lambda s: s == sa)
-            and _field(
-                self.principals,
-                self.not_principals,
-                lambda s: ident is not None and string_matches(s, ident.principal),
-            )
-            and _field(
-                self.namespaces,
-                self.not_namespaces,
-                lambda s: ident is not None and string_matches(s, ident.namespace),
-            )
-        )
+    def matches(self, peer: _Peer) -> bool:
+        for test, positive, negative in self.fields:
+            if positive and not any(test(peer, v) for v in positive):
+                return False
+            if negative and any(test(peer, v) for v in negative):
+                return False
+        return True
+
+
+def _dst_ip(peer: _Peer, net: Net) -> bool:
+    return peer.dst_ip in net
+
+
+def _src_ip(peer: _Peer, net: Net) -> bool:
+    return peer.src_ip in net
+
+
+def _port(peer: _Peer, port: int) -> bool:
+    return port == peer.dst_port
+
+
+def _service_account(peer: _Peer, sa: tuple[str, str]) -> bool:
+    return sa == peer.service_account  # no identity: None, which no (namespace, account) equals
+
+
+def _principal(peer: _Peer, sm: tuple[str, str]) -> bool:
+    return peer.principal is not None and _string_holds(sm, peer.principal)
+
+
+def _namespace(peer: _Peer, sm: tuple[str, str]) -> bool:
+    return peer.namespace is not None and _string_holds(sm, peer.namespace)
 
 
 def _compile(m: Any) -> _Match:
-    return _Match(
-        namespaces=_strings(m.namespaces),
-        not_namespaces=_strings(m.not_namespaces),
-        service_accounts=[(s.namespace, s.serviceAccount) for s in m.service_accounts],
-        not_service_accounts=[(s.namespace, s.serviceAccount) for s in m.not_service_accounts],
-        principals=_strings(m.principals),
-        not_principals=_strings(m.not_principals),
-        source_ips=_nets(m.source_ips),
-        not_source_ips=_nets(m.not_source_ips),
-        destination_ips=_nets(m.destination_ips),
-        not_destination_ips=_nets(m.not_destination_ips),
-        destination_ports=list(m.destination_ports),
-        not_destination_ports=list(m.not_destination_ports),
+    # ztunnel's field order (Authorization::matches): cheap and selective ones first changes no outcome.
+    fields = (
+        (_dst_ip, _nets(m.destination_ips), _nets(m.not_destination_ips)),
+        (_src_ip, _nets(m.source_ips), _nets(m.not_source_ips)),
+        (_port, tuple(m.destination_ports), tuple(m.not_destination_ports)),
+        (
+            _service_account,
+            tuple((s.namespace, s.serviceAccount) for s in m.service_accounts),
+            tuple((s.namespace, s.serviceAccount) for s in m.not_service_accounts),
+        ),
+        (_principal, _strings(m.principals), _strings(m.not_principals)),
+        (_namespace, _strings(m.namespaces), _strings(m.not_namespaces)),
     )
+    return _Match(tuple(f for f in fields if f[1] or f[2]))
 
 
-def _field(positive: Sequence[T], negative: Sequence[T], pred: Callable[[T], bool]) -> bool:
-    pos = not positive or any(pred(v) for v in positive)
-    neg = not negative or not any(pred(v) for v in negative)
-    return pos and neg
+def _strings(values: Sequence[Any]) -> tuple[tuple[str, str], ...]:
+    """StringMatches as (kind, value); unset ones dropped, as ztunnel's conversion does."""
+    out = []
+    for v in values:
+        kind = v.WhichOneof("match_type")
+        if kind is not None:
+            out.append((kind, "" if kind == "presence" else getattr(v, kind)))
+    return tuple(out)
 
 
-def _strings(values: Sequence[Any]) -> list[Any]:
-    return [v for v in values if v.WhichOneof("match_type")]
-
-
-def _nets(values: Sequence[Any]) -> list[Net]:
+def _nets(values: Sequence[Any]) -> tuple[Net, ...]:
     out: list[Net] = []
     for a in values:
         raw = bytes(a.address)
@@ -199,21 +259,19 @@ def _nets(values: Sequence[Any]) -> list[Net]:
             out.append(ipaddress.ip_network((ipaddress.ip_address(raw), a.length), strict=False))
         except ValueError:
             continue  # prefix longer than the address: dropped, as ztunnel does
-    return out
+    return tuple(out)
 
 
-def string_matches(sm: Any, value: str) -> bool:
+def _string_holds(sm: tuple[str, str], value: str) -> bool:
     """istio.security.StringMatch; `presence` means any non-empty value."""
-    kind = sm.WhichOneof("match_type")
+    kind, expected = sm
     if kind == "exact":
-        return bool(value == sm.exact)
+        return value == expected
     if kind == "prefix":
-        return value.startswith(sm.prefix)
+        return value.startswith(expected)
     if kind == "suffix":
-        return value.endswith(sm.suffix)
-    if kind == "presence":
-        return value != ""
-    return False
+        return value.endswith(expected)
+    return kind == "presence" and value != ""
 
 
 def explain(

@@ -312,7 +312,8 @@ class AuthorizationPolicy:
 @dataclass(frozen=True, slots=True)
 class PeerAuthentication:
     meta: Meta
-    # None or an empty mapping: namespace wide (mesh wide in the root namespace).
+    # None or an empty mapping: namespace wide. In the root namespace None is mesh wide; an empty mapping only
+    # covers the root namespace itself (istiod fetches only selector-less root policies for other namespaces).
     selector: Mapping[str, str] | None = None
     mode: str = "UNSET"  # UNSET, DISABLE, PERMISSIVE, STRICT
     port_level: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))  # port -> mode

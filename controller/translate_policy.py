@@ -271,7 +271,15 @@ def _oldest(current: PeerAuthentication | None, candidate: PeerAuthentication) -
 
 
 def _has_selector(pa: PeerAuthentication) -> bool:
+    """A selector without labels makes a namespace-wide policy, as in istiod's convertedSelectorPeerAuthentications."""
     return bool(pa.selector)
+
+
+def _mesh_wide_for(pa: PeerAuthentication, namespace: str, root_namespace: str) -> bool:
+    """A root namespace policy without labels is mesh wide; one with an empty selector only for workloads of the
+    root namespace itself: istiod fetches only selector-less root policies for other namespaces
+    (workloads.go fetchPeerAuthentications, policies.go PeerAuthByNamespace)."""
+    return pa.meta.namespace == root_namespace and (pa.selector is None or namespace == root_namespace)
 
 
 def _selects(pa: PeerAuthentication, labels: Mapping[str, str]) -> bool:
@@ -286,7 +294,7 @@ def mesh_and_namespace_policies(
     for pa in candidates:
         if _has_selector(pa):
             continue
-        if pa.meta.namespace == root_namespace:
+        if _mesh_wide_for(pa, namespace, root_namespace):
             mesh = _oldest(mesh, pa)
         elif pa.meta.namespace == namespace:
             ns_cfg = _oldest(ns_cfg, pa)
@@ -304,7 +312,7 @@ def workload_peer_authentication_keys(
     mesh = ns_cfg = workload = None
     for pa in candidates:
         if not _has_selector(pa):
-            if pa.meta.namespace == root_namespace:
+            if _mesh_wide_for(pa, namespace, root_namespace):
                 mesh = _oldest(mesh, pa)
             elif pa.meta.namespace == namespace:
                 ns_cfg = _oldest(ns_cfg, pa)

@@ -1558,7 +1558,7 @@ def _build_peer_authentication(ctx: _Ctx, meta: Meta, doc: dict[Any, Any]) -> Pe
         ctx.error("spec.portLevelMtls", "requires a workload selector (spec.selector.matchLabels)")
     return PeerAuthentication(
         meta,
-        selector=MappingProxyType(selector) if selector else None,
+        selector=MappingProxyType(selector) if selector is not None else None,
         mode=mode,
         port_level=MappingProxyType(port_level),
     )

@@ -16,6 +16,7 @@ from common.spiffe import Identity
 from controller.model import AuthorizationPolicy
 from controller.translate_policy import convert_authorization_policy
 from controller.validation import parse_documents
+from tests.unit.test_translate_policy import WORKLOADS, _plaintext_denied, attached, peer_auth, translate
 
 PEER_A = "cluster.local/ns/a/sa/client"
 
@@ -168,3 +169,32 @@ def test_files_still_refuse_them_with_the_reason(rule: dict[str, Any]) -> None:
 )
 def test_from_the_api_what_istio_refuses_is_still_refused(source: dict[str, Any]) -> None:
     assert len(errors(policy("ALLOW", {"from": [{"source": source}]}), strict=False)) == 1
+
+
+# --- PeerAuthentication with a selector and no labels ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selector", ["{}", "{matchLabels: {}}"])
+def test_a_root_policy_with_an_empty_selector_is_not_the_mesh_policy_of_other_namespaces(selector: str) -> None:
+    # istiod gives workloads of other namespaces only the root namespace's policies without a selector
+    # (pilot/pkg/serviceregistry/ambient/workloads.go fetchPeerAuthentications: Spec.Selector == nil). Here an
+    # empty selector read as none: an older PERMISSIVE one with `selector: {}` became the mesh policy and
+    # overrode the mesh's STRICT, so plaintext reached every workload (Istio's webhook only warns about it).
+    t = translate(
+        WORKLOADS,
+        peer_auth("default", "istio-system", "  mtls: {mode: STRICT}\n", created="2024-01-02T00:00:00Z"),
+        peer_auth("odd", "istio-system", f"  selector: {selector}\n  mtls: {{mode: PERMISSIVE}}\n"),
+    )
+    assert attached(t, "Kubernetes//Pod/demo/web-0") == ["istio-system/istio_converted_static_strict"]
+    assert _plaintext_denied(t, "Kubernetes//Pod/demo/web-0", 8080)
+
+
+def test_an_empty_selector_still_counts_as_namespace_wide_in_its_namespace() -> None:
+    # convertedSelectorPeerAuthentications: no labels is a namespace (in the root namespace: mesh) policy.
+    t = translate(
+        WORKLOADS,
+        peer_auth("default", "istio-system", "  mtls: {mode: PERMISSIVE}\n"),
+        peer_auth("ns", "demo", "  selector: {}\n  mtls: {mode: STRICT}\n"),
+    )
+    assert attached(t, "Kubernetes//Pod/demo/web-0") == ["istio-system/istio_converted_static_strict"]
+    assert attached(t, "Kubernetes//Pod/other/web-0") == []

@@ -122,15 +122,16 @@ Ip = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # A `Rules` (clause): its non-empty matches, of which one must hold; None for one without matches, which holds.
 _Clause = tuple["_Match", ...] | None
-# Policies read into their matchable form, as ztunnel converts one when it arrives, by id() of the policy, which the
-# entry holds so that the id stays its own. The store replaces a policy it updates (never mutates it), so a policy
-# read once stays read; least recently used first out, so replaced ones leave.
-_COMPILED: OrderedDict[int, tuple[Any, tuple[tuple[_Clause, ...], ...]]] = OrderedDict()
+# Policies read into their matchable form, as ztunnel converts one when it arrives: by policy key, the entry
+# holding the policy object it was read from. The store replaces a policy it updates (never mutates it), so an
+# entry serves while its object is the one asked about, and an update's new object takes the key's place (old
+# versions do not pile up). Least recently used keys leave first past the limit.
+_COMPILED: OrderedDict[str, tuple[Any, tuple[tuple[_Clause, ...], ...]]] = OrderedDict()
 COMPILED_LIMIT = 4096
 
 
 def _compiled(policy: Any) -> tuple[tuple[_Clause, ...], ...]:
-    key = id(policy)
+    key = policy_key(policy)
     entry = _COMPILED.get(key)
     if entry is not None and entry[0] is policy:
         _COMPILED.move_to_end(key)

@@ -47,3 +47,12 @@ def test_a_replaced_policy_is_read_afresh() -> None:
     assert rbac.evaluate([allow_port(8080)], conn).allowed
     assert not rbac.evaluate([allow_port(9090)], conn).allowed  # same key, new object: the store's update
     assert rbac.evaluate([allow_port(8080)], conn).allowed
+
+
+def test_updates_of_a_policy_do_not_pile_up() -> None:
+    """Each update is a new object: only the latest of a policy stays read (the agent's memory budget)."""
+    conn = rbac.Connection("10.1.0.5", "10.2.0.7", 8080, SLEEP)
+    for port in range(1000, 1100):
+        rbac.evaluate([allow_port(port, "churning")], conn)
+    assert sum(1 for key in rbac._COMPILED if key == "demo/churning") == 1
+    assert len(rbac._COMPILED) < 100

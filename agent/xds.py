@@ -19,7 +19,7 @@
   holds, so the controller resends only what changed.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
   ``DeltaDiscoveryResponse`` messages, one per type) so an agent restarted while the controller is down starts
-  from it (:meth:`XdsClient.restore`).
+  from it (:meth:`XdsClient.restore`); only once ``ready``, so that it always holds a whole configuration.
 """
 
 from __future__ import annotations
@@ -540,7 +540,6 @@ class XdsClient:
             # A rejected update leaves the previous version in the store and the file; its version differs from
             # the server's, so a resume asks for it again.
             good.update(decoded.serialized_sources())
-            self._save_wanted.set()
         self.stats["responses"] += 1
         if self.metrics is not None:
             self.metrics.messages.labels(resp.type_url).inc()
@@ -561,8 +560,15 @@ class XdsClient:
                 ms=round((time.monotonic() - started) * 1000, 2),
             ),
         )
-        if resp.type_url in _DECODERS and not self.ready.is_set():
-            self._track_sync(resp.type_url, ack.error_detail.message if decoded.errors else None)
+        if resp.type_url in _DECODERS:
+            if not self.ready.is_set():
+                self._track_sync(resp.type_url, ack.error_detail.message if decoded.errors else None)
+            # Only a configuration the agent serves from is one to restart from: before every type synced (a first
+            # sync cut short, or its policies rejected) the file would hold workloads without their policies, and
+            # an agent restarted from it with the controller away enforced none. Until then the file keeps the
+            # last whole state, if any.
+            if self.ready.is_set():
+                self._save_wanted.set()
         return ack
 
     def _track_sync(self, type_url: str, error: str | None) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
-from agent.state import AUTHORIZATION_TYPE, WorkloadStore
+from agent.state import ADDRESS_TYPE, AUTHORIZATION_TYPE, WorkloadStore
 from agent.xds import STATE_FILE, Backoff, XdsClient
 from api.istio.security import authorization_pb2 as apb
+from api.istio.workload import workload_pb2 as wpb
 from tests.support.xds_controller import free_port, wait_for
 
 
@@ -30,6 +31,17 @@ def response(*policies: tuple[apb.Authorization, str], nonce: str = "1") -> disc
             version=version,
             resource=any_pb2.Any(type_url=AUTHORIZATION_TYPE, value=p.SerializeToString()),
         )
+    return resp
+
+
+def address_response() -> discovery_pb2.DeltaDiscoveryResponse:
+    w = wpb.Workload(uid="c//Pod/demo/server", name="server", namespace="demo", addresses=[bytes([10, 0, 0, 1])])
+    resp = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE, nonce="a1")
+    resp.resources.add(
+        name=w.uid,
+        version="v1",
+        resource=any_pb2.Any(type_url=ADDRESS_TYPE, value=wpb.Address(workload=w).SerializeToString()),
+    )
     return resp
 
 
@@ -59,6 +71,7 @@ async def test_an_update_just_before_the_agent_stops_is_on_disk(tmp_path: Path) 
         WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
     )
     async with stopped_at_the_end(client):
+        client.handle_response(address_response())
         client.handle_response(response((deny("first"), "v1")))
         await wait_for(lambda: (tmp_path / STATE_FILE).exists() and restored(tmp_path), what="the first save")
         client.handle_response(response((deny("second"), "v1"), nonce="2"))  # a DENY added just before SIGTERM
@@ -71,8 +84,44 @@ async def test_a_rejected_later_copy_does_not_replace_the_applied_one_on_disk(tm
         store, f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
     )
     async with stopped_at_the_end(client):
+        client.handle_response(address_response())
+        client.handle_response(response(nonce="p0"))  # the first policies: none
         ack = client.handle_response(response((deny("p"), "v1"), (deny("p", action=7), "v2")))
         assert "demo/p: action 7" in ack.error_detail.message
         assert [p.action for p in store.all_policies()] == [apb.DENY]  # the valid copy is enforced
         await wait_for(lambda: (tmp_path / STATE_FILE).exists(), what="a save")
     assert restored(tmp_path) == {"demo/p": apb.DENY}
+
+
+async def test_a_first_sync_cut_short_is_no_configuration_to_restart_from(tmp_path: Path) -> None:
+    """The workloads arrived, their policies not yet (or rejected): the agent is not ready, as ztunnel is not
+    before both types are ACKed. Restarted from such a file with the controller away, it served every workload
+    with no policy at all: DENYs and ALLOWs unenforced."""
+    client = XdsClient(
+        WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(client):
+        client.handle_response(address_response())
+        bad = deny("p", action=7)
+        client.handle_response(response((bad, "v1"), nonce="p1"))  # the only policy, rejected: still not ready
+        assert not client.ready.is_set()
+    restarted = XdsClient(WorkloadStore(), "127.0.0.1:1", "n1", state_dir=tmp_path)
+    restarted.restore()
+    assert not restarted.has_config
+
+
+async def test_the_state_is_saved_once_both_types_are_in(tmp_path: Path) -> None:
+    client = XdsClient(
+        WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(client):
+        client.handle_response(address_response())
+        client.handle_response(response((deny("p"), "v1"), nonce="p1"))
+        assert client.ready.is_set()
+        await wait_for(lambda: restored(tmp_path), what="the save")
+    store = WorkloadStore()
+    restarted = XdsClient(store, "127.0.0.1:1", "n1", state_dir=tmp_path)
+    restarted.restore()
+    assert restarted.has_config
+    assert store.workload_by_ip("10.0.0.1") is not None
+    assert [p.name for p in store.all_policies()] == ["p"]

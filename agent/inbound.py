@@ -69,8 +69,9 @@ ANSWER_MARGIN = 1.0
 @dataclass(frozen=True, slots=True)
 class InboundConfig:
     keep_source_address: bool = True
-    # For HBONE capped below the source's wait for the answer (see InboundProxy); plaintext clients wait for TCP.
-    connect_timeout: float = 5.0
+    # ztunnel's CONNECTION_TIMEOUT (src/proxy.rs freebind_connect); for HBONE capped below the source's wait for
+    # the CONNECT's answer (see InboundProxy), plaintext clients wait for TCP.
+    connect_timeout: float = 10.0
     own_ports: frozenset[int] = AGENT_PORTS
 
 

@@ -125,7 +125,9 @@ class OutboundConfig:
     same_node_fast_path: bool = True
     # Connect from the client pod's IP: on the same-node fast path, and on passthrough to a pod outside the mesh
     keep_source_address: bool = True
-    connect_timeout: float = 5.0
+    # Passthrough and same-node connects: ztunnel's CONNECTION_TIMEOUT (src/proxy.rs freebind_connect). A SYN lost
+    # three times is answered at the kernel's third retransmission, 7 s after the first.
+    connect_timeout: float = 10.0
     early_data: int = EARLY_DATA
     # An endpoint at a loopback address would be the node's own loopback here, not a pod's (ztunnel connects from
     # the pod's network namespace): its local services and the agent's admin port. Only test harnesses whose pods

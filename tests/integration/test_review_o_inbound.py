@@ -23,25 +23,43 @@ async def mesh() -> AsyncIterator[Mesh]:
         yield m
 
 
-@contextlib.contextmanager
-def jammed_listener(ip: str, port: int) -> Iterator[socket.socket]:
+class Jammed:
     """A listener that drops every further SYN: its accept queue (backlog 0) is full and nobody accepts. A pod that
     never answers the SYN looks the same to the agent (a NetworkPolicy dropping it, an overloaded pod)."""
-    lsock = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        lsock.bind((ip, port))
-        lsock.listen(0)
-        for _ in range(2):
+
+    def __init__(self, ip: str, port: int) -> None:
+        self.sock = socket.socket()
+        self.fillers: list[socket.socket] = []
+        self.sock.bind((ip, port))
+        self.sock.listen(0)
+        for _ in range(2):  # one fills the queue, the other keeps retrying its SYN
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex((ip, port))
-            fillers.append(s)
-        yield lsock
-    finally:
-        for s in fillers:
+            self.fillers.append(s)
+
+    def release(self) -> None:
+        """Room for one more connection: the fillers go, the queued one is taken off the queue."""
+        for s in self.fillers:
             s.close()
-        lsock.close()
+        self.fillers.clear()
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            self.sock.accept()[0].close()
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def jammed_listener(ip: str, port: int) -> Iterator[Jammed]:
+    jammed = Jammed(ip, port)
+    try:
+        yield jammed
+    finally:
+        jammed.close()
 
 
 async def _until_closed(sock: socket.socket) -> None:

@@ -32,10 +32,11 @@ _HTTP_BOILERPLATE_DENY_NO_EFFECT = (
     "Without its HTTP rules the DENY policy has nothing left to match, so it has no effect. "
     "This is less restrictive than requested."
 )
-_HTTP_BOILERPLATE_DENY_PARTLY = (
-    "The DENY policy is enforced without its HTTP rules, which is more restrictive than requested; its rules that "
-    "have nothing left to match without them have no effect, which is less restrictive."
-)
+_HTTP_DENY_PARTLY = "The DENY policy is enforced without its HTTP rules, which is more restrictive than requested; "
+_HTTP_DENY_DEAD_RULES = "its rules that have nothing left to match without them have no effect"
+# A from/to entry with only HTTP attributes is an empty match, skipped beside the others: "POST anywhere, or port
+# 22" denies port 22 only. istiod's httpDenyMixedBoilerplate calls that more restrictive, which it is not.
+_HTTP_DENY_VOIDED_ENTRIES = "its from/to entries that hold only HTTP attributes match nothing"
 
 
 NO_WAYPOINT_WARNING = (
@@ -175,6 +176,11 @@ def _can_match(clauses: Sequence[pb.Rules]) -> bool:
     return all(not c.matches or any(m.ByteSize() for m in c.matches) for c in clauses)
 
 
+def _has_voided_entry(clauses: Sequence[pb.Rules]) -> bool:
+    """Whether some clause holds an empty match (skipped by agents) beside others."""
+    return any(not m.ByteSize() for c in clauses for m in c.matches)
+
+
 def _when_match(key: str, values: Sequence[str], not_values: Sequence[str]) -> pb.Match:
     if key == "source.namespace":
         return pb.Match(namespaces=string_matches(values), not_namespaces=string_matches(not_values))
@@ -208,7 +214,8 @@ def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: st
         scope = pb.GLOBAL if namespace == root_namespace else pb.NAMESPACE
     groups = []
     http_fields: set[str] = set()
-    dead_http_rules = live_http_rules = 0  # DENY rules with HTTP attributes, by whether their L4 rest can match
+    # DENY rules with HTTP attributes, by whether their L4 rest can match, and live ones missing an alternative
+    dead_http_rules = live_http_rules = voided_http_rules = 0
     for rule in policy.rules:
         clauses, found = _convert_rule(action, rule, namespace)
         http_fields |= found
@@ -216,6 +223,7 @@ def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: st
             groups.append(pb.Group(rules=clauses))
             if found and _can_match(clauses):
                 live_http_rules += 1
+                voided_http_rules += _has_voided_entry(clauses)
             elif found:
                 dead_http_rules += 1
     warning = ""
@@ -227,8 +235,10 @@ def convert_authorization_policy(policy: AuthorizationPolicy, root_namespace: st
             boilerplate = _HTTP_BOILERPLATE_ALLOW
         elif not live_http_rules:
             boilerplate = _HTTP_BOILERPLATE_DENY_NO_EFFECT
-        elif dead_http_rules:
-            boilerplate = _HTTP_BOILERPLATE_DENY_PARTLY
+        elif dead_http_rules or voided_http_rules:
+            less = [_HTTP_DENY_DEAD_RULES] if dead_http_rules else []
+            less += [_HTTP_DENY_VOIDED_ENTRIES] if voided_http_rules else []
+            boilerplate = f"{_HTTP_DENY_PARTLY}{'; '.join(less)}, which is less restrictive."
         else:
             boilerplate = _HTTP_BOILERPLATE_DENY
         warning = (

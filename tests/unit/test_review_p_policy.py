@@ -198,3 +198,32 @@ def test_an_empty_selector_still_counts_as_namespace_wide_in_its_namespace() -> 
     )
     assert attached(t, "Kubernetes//Pod/demo/web-0") == ["istio-system/istio_converted_static_strict"]
     assert attached(t, "Kubernetes//Pod/other/web-0") == []
+
+
+# --- what the warning says about a DENY whose from/to entries are HTTP only ---------------------------------------
+
+
+def test_a_deny_entry_with_only_http_attributes_is_said_to_match_nothing() -> None:
+    # "POST anywhere, or anything to port 22": the POST entry has nothing left at L4 and the agent skips it, so
+    # only port 22 is denied. The warning said only "more restrictive than requested" (istiod's
+    # httpDenyMixedBoilerplate says the same), hiding that POSTs elsewhere are no longer denied.
+    rule = {"to": [{"operation": {"methods": ["POST"]}}, {"operation": {"ports": ["22"]}}]}
+    authz, warning = converted(policy("DENY", rule))
+    assert not admits(authz, PEER_A, 22)
+    assert admits(authz, PEER_A, 8080)
+    assert warning.endswith(
+        "The DENY policy is enforced without its HTTP rules, which is more restrictive than requested; its from/to "
+        "entries that hold only HTTP attributes match nothing, which is less restrictive."
+    )
+
+
+def test_a_deny_with_both_dead_rules_and_voided_entries_names_both() -> None:
+    voided = {"from": [{"source": {"requestPrincipals": ["*"]}}, {"source": {"namespaces": ["a"]}}]}
+    dead = {"from": [{"source": {"namespaces": ["b"]}}], "when": [{"key": "request.headers[x]", "values": ["y"]}]}
+    authz, warning = converted(policy("DENY", voided, dead))
+    assert not admits(authz, PEER_A)
+    assert admits(authz, "cluster.local/ns/b/sa/x")
+    assert warning.endswith(
+        "more restrictive than requested; its rules that have nothing left to match without them have no effect; "
+        "its from/to entries that hold only HTTP attributes match nothing, which is less restrictive."
+    )

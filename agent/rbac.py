@@ -18,6 +18,7 @@ is skipped (it matches nothing).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -71,7 +72,7 @@ class Decision:
 
 def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
     """Decide `conn` against the destination workload's applicable policies (`store.policies_for`)."""
-    peer = _Peer.of(conn)
+    peer = _Peer(conn)
     allow: list[Any] = []
     deny: list[Any] = []
     dry: list[str] = []
@@ -106,7 +107,7 @@ def evaluate(policies: Iterable[Any], conn: Connection) -> Decision:
 
 def matches(policy: Any, conn: Connection) -> bool:
     """Whether any group of `policy` matches; a policy without groups matches nothing."""
-    return _matches(policy, _Peer.of(conn))
+    return _matches(policy, _Peer(conn))
 
 
 def _matches(policy: Any, peer: _Peer) -> bool:
@@ -150,28 +151,29 @@ def _clause(rules: Any) -> _Clause:
     return tuple(c for c in (_compile(m) for m in rules.matches) if not c.empty)
 
 
-@dataclass(frozen=True, slots=True)
 class _Peer:
-    """What the matches compare, worked out once per decision."""
+    """What the matches compare, worked out once per decision, and only if a policy asks (most connections meet
+    no CIDR, and many no policy at all)."""
 
-    src_ip: Ip
-    dst_ip: Ip
-    dst_port: int
-    service_account: tuple[str, str] | None
-    principal: str | None
-    namespace: str | None
-
-    @classmethod
-    def of(cls, conn: Connection) -> _Peer:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.dst_port = conn.dst_port
         ident = conn.src_identity
-        return cls(
-            ipaddress.ip_address(conn.src_ip),
-            ipaddress.ip_address(conn.dst_ip),
-            conn.dst_port,
-            (ident.namespace, ident.service_account) if ident else None,
-            ident.principal if ident else None,
-            ident.namespace if ident else None,
-        )
+        self.service_account = (ident.namespace, ident.service_account) if ident else None
+        self.namespace = ident.namespace if ident else None
+
+    @functools.cached_property
+    def src_ip(self) -> Ip:
+        return ipaddress.ip_address(self.conn.src_ip)
+
+    @functools.cached_property
+    def dst_ip(self) -> Ip:
+        return ipaddress.ip_address(self.conn.dst_ip)
+
+    @functools.cached_property
+    def principal(self) -> str | None:
+        ident = self.conn.src_identity
+        return ident.principal if ident else None
 
 
 # A field's test of one value: (what the peer brought, the policy's value) -> holds.

@@ -266,10 +266,16 @@ class XdsMetrics:
         )
 
 
-def termination_reason(error: RpcStatus | None) -> str:
-    if error is None or resets_backoff(error):
-        return "Reconnect"
-    return "ConnectionError" if error.code().name == "UNAVAILABLE" else "Error"
+def termination_reason(error: RpcStatus | None, established: bool) -> str:
+    """ztunnel's label for a stream's end (src/xds/client.rs run_loop): "Complete" for a clean end,
+    "ConnectionError" for a stream that failed before it was established (tonic's Error::Connection, whatever the
+    status), then "Reconnect" for its expected disconnects and "Error" for the rest. ``established``: the stream
+    delivered a response (gRPC servers send the response headers with the first message)."""
+    if error is None:
+        return "Complete"
+    if not established:
+        return "ConnectionError"
+    return "Reconnect" if resets_backoff(error) else "Error"
 
 
 # ---- the client ------------------------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ class Backoff:
 
 def resets_backoff(error: RpcStatus | None) -> bool:
     """Whether ztunnel sees an expected disconnect (it resets its backoff on these; here they label the termination
-    metric "Reconnect"). None is a clean end of stream."""
+    metric). None is a clean end of stream."""
     if error is None:
         return True
     details = (error.details() or "").lower()
@@ -486,7 +492,7 @@ class XdsClient:
                 finally:
                     answered, self.connected = self.connected, False
                 if self.metrics is not None:
-                    reason = "Error" if local_failure else termination_reason(error)
+                    reason = "Error" if local_failure else termination_reason(error, answered)
                     self.metrics.terminations.labels(reason).inc()
                 if answered and not local_failure and not (error is not None and error.unusable_response):
                     self.backoff.reset()

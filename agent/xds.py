@@ -19,7 +19,7 @@
   holds, so the controller resends only what changed.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
   ``DeltaDiscoveryResponse`` messages, one per type) so an agent restarted while the controller is down starts
-  from it (:meth:`XdsClient.restore`); only once ``ready``, so that it always holds a whole configuration.
+  from it (:meth:`XdsClient.restore`); only once ``ready`` (or restored), so that it holds a whole configuration.
 """
 
 from __future__ import annotations
@@ -569,11 +569,11 @@ class XdsClient:
         if resp.type_url in _DECODERS:
             if not self.ready.is_set():
                 self._track_sync(resp.type_url, ack.error_detail.message if decoded.errors else None)
-            # Only a configuration the agent serves from is one to restart from: before every type synced (a first
-            # sync cut short, or its policies rejected) the file would hold workloads without their policies, and
-            # an agent restarted from it with the controller away enforced none. Until then the file keeps the
-            # last whole state, if any.
-            if self.ready.is_set():
+            # Only a whole configuration is one to restart from: before every type synced (a first sync cut short,
+            # or its policies rejected) the file would hold workloads without their policies, and an agent
+            # restarted from it with the controller away enforced none. A store restored from the file is whole
+            # from the start (a rejected update keeps the previous version), so it is saved as it changes.
+            if self.ready.is_set() or self.restored:
                 self._save_wanted.set()
         return ack
 

@@ -125,3 +125,28 @@ async def test_the_state_is_saved_once_both_types_are_in(tmp_path: Path) -> None
     assert restarted.has_config
     assert store.workload_by_ip("10.0.0.1") is not None
     assert [p.name for p in store.all_policies()] == ["p"]
+
+
+async def test_an_agent_restored_from_disk_keeps_saving_while_a_type_stays_rejected(tmp_path: Path) -> None:
+    """Restored from a whole state, the store stays whole (a rejected update keeps the previous version): updates
+    that apply must reach the file even while one type's first response after the restart is NACKed (which keeps
+    `ready` unset for good), or a later restart with the controller away went back to a state long gone."""
+    first = XdsClient(
+        WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(first):
+        first.handle_response(address_response())
+        first.handle_response(response((deny("old"), "v1"), nonce="p1"))
+        await wait_for(lambda: restored(tmp_path), what="the first save")
+    second = XdsClient(
+        WorkloadStore(), f"127.0.0.1:{free_port()}", "n1", state_dir=tmp_path, backoff=Backoff(30.0, 30.0, jitter=0)
+    )
+    async with stopped_at_the_end(second):
+        assert second.restored
+        broken = discovery_pb2.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE, nonce="a2")
+        broken.resources.add(name="x", version="v9", resource=any_pb2.Any(type_url=ADDRESS_TYPE, value=b"\xff"))
+        second.handle_response(broken)  # NACKed: Address never syncs, the agent is not ready
+        second.handle_response(response((deny("new"), "v1"), nonce="p2"))
+        assert not second.ready.is_set()
+        await wait_for(lambda: "demo/new" in restored(tmp_path), what="the save of the new policy")
+    assert restored(tmp_path) == {"demo/old": apb.DENY, "demo/new": apb.DENY}

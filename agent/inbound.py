@@ -170,11 +170,12 @@ class InboundProxy(_Common):
         super().__init__(store, node, metrics, access_log, connections, config, trust_domain=certs.trust_domain)
         self.certs = certs
         self.tunnel_config = tunnel_config
-        # The source agent waits for the CONNECT's answer as long as its tunnel's connect_timeout (the same binary's
-        # default as ours). A pod that never answers the SYN timed out on both sides at once, the source first (its
-        # timer starts a round trip earlier): it logged a stream timeout, and the 503 went to a reset stream. ztunnel
-        # has no such wait: its source always hears the 503 (src/proxy/inbound.rs serve_connect).
-        wait = (tunnel_config or TunnelConfig()).connect_timeout
+        # The source agent waits for the CONNECT's answer as long as its tunnel's response_timeout (the same
+        # binary's default as ours). Were our connect to the pod as long, a pod that never answers the SYN would time
+        # out on both sides at once, the source first (its timer starts a round trip earlier): it would log a stream
+        # timeout, and the 503 would go to a reset stream. ztunnel has no such wait: its source always hears the 503
+        # (src/proxy/inbound.rs serve_connect).
+        wait = (tunnel_config or TunnelConfig()).response_timeout
         self.upstream_timeout = min(self.config.connect_timeout, max(wait - ANSWER_MARGIN, wait / 2))
         self.hbone_connections = ServerConnections()  # told to go elsewhere when the agent drains
         self.tunnel_stats = tunnel_stats

@@ -109,7 +109,11 @@ class TunnelConfig:
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
     handshake_timeout: float = 10.0
-    connect_timeout: float = 5.0
+    connect_timeout: float = 10.0  # TCP to the peer's 15008 (ztunnel's pool: 10 s)
+    # How long a CONNECT waits for its answer. ztunnel has no such wait; ours must outlast the peer agent's own
+    # connect to its pod (10 s, capped below this by InboundProxy), so that the peer's 503 and its reason reach the
+    # caller instead of our timeout resetting the stream first.
+    response_timeout: float = 15.0
 
     def h2_settings(self) -> HboneSettings:
         return HboneSettings(
@@ -1425,7 +1429,7 @@ class HboneClientConnection:
         proto.flush()
         # A timer on the future, not asyncio.timeout(): the timeout context costs a task lookup and a reschedule
         # on every stream, and this is the connection-setup path.
-        timer = proto.loop.call_later(proto.config.connect_timeout, _expire, response)
+        timer = proto.loop.call_later(proto.config.response_timeout, _expire, response)
         try:
             await response
         except HboneConnectError:

@@ -75,10 +75,11 @@ async def test_a_pod_that_never_answers_the_syn_is_the_destinations_503_at_the_s
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The destination agent gives up on the pod's connect and answers 503 (ztunnel: ConnectionFailed, 503), which
-    the source records as the peer's answer. With the defaults, the source stopped waiting for the CONNECT's
-    answer (5 s) at the very moment the destination's connect timeout (5 s) was due, always first (its timer
-    started a round trip earlier): the source logged a stream timeout (H2_HANDSHAKE_FAILURE) and the
-    destination's 503, with its reason, went to a reset stream."""
+    the source records as the peer's answer. With the defaults as they were, the source stopped waiting for the
+    CONNECT's answer (5 s) at the very moment the destination's connect timeout (5 s) was due, always first (its
+    timer started a round trip earlier): the source logged a stream timeout (H2_HANDSHAKE_FAILURE) and the
+    destination's 503, with its reason, went to a reset stream. Now the source waits 15 s, the destination's
+    connect gives up after ztunnel's 10 s."""
     with jammed_listener(mesh.ip["echo-1"], JAMMED_PORT), caplog.at_level(logging.INFO):
         client = await connect_from(mesh.ip["client"], mesh.n1.capture_outbound((mesh.ip["echo-1"], JAMMED_PORT)))
         await _until_closed(client)

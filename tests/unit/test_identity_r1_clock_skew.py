@@ -68,9 +68,10 @@ async def test_a_renewal_not_valid_yet_waits_for_its_not_before_while_the_curren
     tmp_path: Path, ca_clock: ShiftedClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The controller's clock jumps 122.5 s ahead of the nodes': the CA backdates by 2 minutes, so a renewal
-    becomes valid 1.5 to 2.5 s (notBefore has whole seconds) after it arrives. Put in service at once, every peer with the nodes' clock refused it
-    ("certificate is not yet valid") at each renewal until then. The agent keeps presenting the current
-    certificate, swaps when the renewal is valid by its own clock, and asks the CA nothing more meanwhile."""
+    becomes valid 1.5 to 2.5 s (notBefore has whole seconds) after it arrives. Put in service at once, every peer
+    with the nodes' clock refused it ("certificate is not yet valid") at each renewal until then. The agent keeps
+    presenting the current certificate, swaps when the renewal is valid by its own clock, and asks the CA nothing
+    more meanwhile."""
     ca = CertificateAuthority(tmp_path / "ca", TD)
     web_signer = Signer(ca)
     registry = Registry()

@@ -10,13 +10,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.xds import XdsClient
+from controller.xds_server import METHOD_NAME, SERVICE_NAME
 
 
 def free_port() -> int:
@@ -139,3 +142,23 @@ class ControllerProc:
             except ValueError:
                 continue
         return out
+
+
+StreamHandler = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def delta_xds_server(handler: StreamHandler) -> AsyncIterator[int]:
+    """A gRPC server on 127.0.0.1 whose delta xDS method is ``handler`` (requests decoded, responses written as
+    serialized bytes): a controller that misbehaves exactly as a test needs. Yields its port."""
+    method = grpc.stream_stream_rpc_method_handler(
+        handler, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString, response_serializer=bytes
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(0)

@@ -6,7 +6,6 @@ on UNKNOWN/CANCELLED/clean end) kept a backoff grown during an earlier outage: a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,11 +14,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from agent.state import ADDRESS_TYPE, WorkloadStore
 from agent.xds import Backoff, XdsClient
-from controller.xds_server import METHOD_NAME, SERVICE_NAME
-from tests.support.xds_controller import running, wait_for
+from tests.support.xds_controller import StreamHandler, delta_xds_server, running, wait_for
 
 
-def _answer_then_fail(code: grpc.StatusCode, calls: list[int], then: bytes = b"") -> grpc.GenericRpcHandler:
+def _answer_then_fail(code: grpc.StatusCode, calls: list[int], then: bytes = b"") -> StreamHandler:
     """Each stream: one good response, then ``then`` as a second message if given, then ``code``."""
 
     async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
@@ -32,28 +30,13 @@ def _answer_then_fail(code: grpc.StatusCode, calls: list[int], then: bytes = b""
             await asyncio.sleep(0.5)  # the agent ends the stream on it
         await context.abort(code, "controller lost")
 
-    method = grpc.stream_stream_rpc_method_handler(
-        handler, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString, response_serializer=bytes
-    )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method})
-
-
-@contextlib.asynccontextmanager
-async def grpc_server(handler: grpc.GenericRpcHandler) -> AsyncIterator[int]:
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(0)
+    return handler
 
 
 async def test_a_stream_that_delivered_a_response_resets_the_backoff_whatever_ends_it() -> None:
     for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAUTHENTICATED):
         calls: list[int] = []
-        async with grpc_server(_answer_then_fail(code, calls)) as port:
+        async with delta_xds_server(_answer_then_fail(code, calls)) as port:
             client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 60.0))
             client.backoff.current = 60.0  # as after an earlier outage: without a reset, no second attempt for 60 s
             async with running(client):
@@ -66,7 +49,7 @@ async def test_a_stream_ended_on_a_response_the_agent_cannot_take_keeps_backing_
     stream: resetting there would have each agent resume the full state every 10 ms."""
     calls: list[int] = []
     garbage = b"\x0a\xff\xff"  # field 1, a length running past the end: not a DeltaDiscoveryResponse
-    async with grpc_server(_answer_then_fail(grpc.StatusCode.UNAVAILABLE, calls, then=garbage)) as port:
+    async with delta_xds_server(_answer_then_fail(grpc.StatusCode.UNAVAILABLE, calls, then=garbage)) as port:
         client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 0.08))
         async with running(client):
             await wait_for(lambda: len(calls) >= 6, what="repeated streams")

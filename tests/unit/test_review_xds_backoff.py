@@ -4,19 +4,17 @@ hot loop against a controller that ends every stream before answering it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import discovery_pb2
 
 from agent.state import WorkloadStore
 from agent.xds import Backoff, XdsClient
 from controller.monitoring import ControllerMetrics
-from controller.xds_server import METHOD_NAME, SERVICE_NAME, XdsServer
-from tests.support.xds_controller import running, wait_for
+from controller.xds_server import XdsServer
+from tests.support.xds_controller import StreamHandler, delta_xds_server, running, wait_for
 
 
 def test_delays_are_jittered_around_the_doubling_and_capped() -> None:
@@ -38,28 +36,13 @@ def test_agents_started_together_disperse() -> None:
     assert len({round(d, 6) for d in delays}) > 40
 
 
-def _abort_every_stream(code: grpc.StatusCode, calls: list[int]) -> grpc.GenericRpcHandler:
+def _abort_every_stream(code: grpc.StatusCode, calls: list[int]) -> StreamHandler:
     async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         calls.append(1)
         if code != grpc.StatusCode.OK:  # OK: the handler returns at once, a clean end of stream
             await context.abort(code, "broken controller")
 
-    method = grpc.stream_stream_rpc_method_handler(
-        handler, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString, response_serializer=bytes
-    )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method})
-
-
-@contextlib.asynccontextmanager
-async def grpc_server(handler: grpc.GenericRpcHandler) -> AsyncIterator[int]:
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(0)
+    return handler
 
 
 async def test_streams_ended_before_any_response_back_off() -> None:
@@ -69,7 +52,7 @@ async def test_streams_ended_before_any_response_back_off() -> None:
     full state. Without a response on the stream, the backoff keeps growing."""
     for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.OK):
         calls: list[int] = []
-        async with grpc_server(_abort_every_stream(code, calls)) as port:
+        async with delta_xds_server(_abort_every_stream(code, calls)) as port:
             client = XdsClient(WorkloadStore(), f"127.0.0.1:{port}", "n1", backoff=Backoff(0.01, 0.08))
             async with running(client):
                 await wait_for(lambda: len(calls) >= 6, what="repeated streams")  # noqa: B023

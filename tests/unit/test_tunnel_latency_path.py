@@ -5,7 +5,9 @@ HEADERS (a stream error there)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
 
 from agent import hbone, tunnel
 from agent.hbone import DataReceived, HboneConnection, ResponseReceived, StreamReset
@@ -117,12 +119,18 @@ async def test_handing_the_clients_first_bytes_to_the_pod_does_not_write_the_200
     assert [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)] == [ResponseReceived, DataReceived]
 
 
-def _relay_to_pod(stream: HboneStream) -> tuple[tunnel._TcpRelay, socket.socket]:
+@contextlib.contextmanager
+def _relay_to_pod(stream: HboneStream) -> Iterator[tuple[tunnel._TcpRelay, socket.socket]]:
     """The server side's relay to a pod (a socket pair), created as ``relay()`` does, not started."""
     mine, pod = socket.socketpair()
     mine.setblocking(False)
     done: asyncio.Future[tunnel.RelayResult] = asyncio.get_running_loop().create_future()
-    return tunnel._TcpRelay(mine, stream, done), pod
+    side = tunnel._TcpRelay(mine, stream, done)
+    try:
+        yield side, pod
+    finally:
+        side.abort("test over")
+        pod.close()
 
 
 async def test_a_relay_to_a_pod_with_nothing_to_answer_writes_the_200_as_it_starts() -> None:
@@ -133,17 +141,13 @@ async def test_a_relay_to_a_pod_with_nothing_to_answer_writes_the_200_as_it_star
     client, req = await _request(transport)
     await req.respond(200)
     before = transport.writes
-    side, pod = _relay_to_pod(req.stream)
-    try:
+    with _relay_to_pod(req.stream) as (side, _):
         side.start()
         assert transport.writes == before + 1
         events = client.receive_data(bytes(transport.wire))
         assert ResponseReceived in [type(e) for e in events]
         await asyncio.sleep(0)  # the flush respond() scheduled finds nothing left
         assert transport.writes == before + 1
-    finally:
-        side.abort("test over")
-        pod.close()
 
 
 async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answer_with_the_200() -> None:
@@ -151,8 +155,7 @@ async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answ
     client, req = await _request_with_first_bytes(transport, b"ping")
     await req.respond(200)
     before = transport.writes
-    side, pod = _relay_to_pod(req.stream)
-    try:
+    with _relay_to_pod(req.stream) as (side, pod):
         pod.send(b"pong")  # a pod on the other core that answered before the relay's first read
         side.start()
         assert pod.recv(16) == b"ping"
@@ -160,9 +163,6 @@ async def test_a_relay_that_hands_the_pod_the_clients_first_bytes_sends_its_answ
         events = client.receive_data(bytes(transport.wire))
         kinds = [type(e) for e in events if type(e) in (ResponseReceived, DataReceived)]
         assert kinds == [ResponseReceived, DataReceived]
-    finally:
-        side.abort("test over")
-        pod.close()
 
 
 async def test_a_relay_whose_pod_has_not_answered_the_first_bytes_yet_leaves_the_200_to_the_loop_turn() -> None:
@@ -170,14 +170,10 @@ async def test_a_relay_whose_pod_has_not_answered_the_first_bytes_yet_leaves_the
     client, req = await _request_with_first_bytes(transport, b"ping")
     await req.respond(200)
     before = transport.writes
-    side, pod = _relay_to_pod(req.stream)
-    try:
+    with _relay_to_pod(req.stream) as (side, pod):
         side.start()
         assert pod.recv(16) == b"ping"
         assert transport.writes == before  # the answer may still come in this turn and take the 200 along
         await asyncio.sleep(0)
         assert transport.writes == before + 1
         assert ResponseReceived in [type(e) for e in client.receive_data(bytes(transport.wire))]
-    finally:
-        side.abort("test over")
-        pod.close()

@@ -8,10 +8,8 @@ import ssl
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 
 from agent.ca_client import CaClient
 from agent.identity import CertificateManager
@@ -19,8 +17,7 @@ from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller import ca as ca_module
 from controller.ca import CLOCK_SKEW_SECONDS, CertificateAuthority
-from controller.ca_service import add_to_server, server_credentials
-from controller.node_auth import NodeTokenAuthenticator
+from tests.support.ca_service import ca_service
 from tests.support.identity_pki import csr_pem, handshake
 from tests.support.waiting import eventually
 
@@ -147,11 +144,6 @@ async def test_renewal_is_timed_by_the_agents_clock(tmp_path: Path, ca_clock: Sh
     assert now < held.refresh_at < held.expires
 
 
-class AllPods:
-    def has_pod(self, node: str, namespace: str, service_account: str) -> bool:
-        return True
-
-
 async def test_an_agent_behind_the_controller_gets_certificates_right_after_the_controller_starts(
     tmp_path: Path, ca_clock: ShiftedClock
 ) -> None:
@@ -161,20 +153,11 @@ async def test_an_agent_behind_the_controller_gets_certificates_right_after_the_
     real gRPC TLS, verified by OpenSSL at the real time."""
     ca_clock.offset = 600.0
     ca = CertificateAuthority(tmp_path / "ca", TD)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text('{"node1": "secret"}')
-    (tmp_path / "token").write_text("secret")
-    server = grpc.aio.server()
-    add_to_server(server, ca, AllPods(), NodeTokenAuthenticator(tokens), CollectorRegistry())
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(ca))
-    await server.start()
-    client = CaClient(
-        f"127.0.0.1:{port}", token_file=tmp_path / "token", root_cert_file=tmp_path / "ca" / "root-cert.pem"
-    )
-    try:
-        chain = await client.create_certificate(csr_pem(), WEB, 3600)
-    finally:
-        await client.close()
-        await server.stop(None)
+    async with ca_service(ca, tmp_path) as (address, token_file):
+        client = CaClient(address, token_file=token_file, root_cert_file=tmp_path / "ca" / "root-cert.pem")
+        try:
+            chain = await client.create_certificate(csr_pem(), WEB, 3600)
+        finally:
+            await client.close()
     leaf = x509.load_pem_x509_certificate(chain[0].encode())
     assert leaf.not_valid_before_utc > datetime.datetime.now(datetime.UTC), "the leaf itself is not valid yet here"

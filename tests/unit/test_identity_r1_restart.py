@@ -8,9 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agent.ca_client import CaClient, CaRequestError
 from agent.identity import CertificateManager
@@ -18,17 +16,11 @@ from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller import ca_rotation
 from controller.ca import CertificateAuthority
-from controller.ca_service import add_to_server, server_credentials
-from controller.node_auth import NodeTokenAuthenticator
+from tests.support.ca_service import ca_service
 from tests.support.identity_pki import csr_pem
 
 TD = "cluster.local"
 WEB = Identity(TD, "default", "web")
-
-
-class AllPods:
-    def has_pod(self, node: str, namespace: str, service_account: str) -> bool:
-        return True
 
 
 @dataclass
@@ -43,17 +35,8 @@ class Controller:
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     """The CA service over gRPC TLS on 127.0.0.1, with the serving certificate re-issued when the CA changes."""
     ca = CertificateAuthority(tmp_path / "ca", TD)
-    tokens = tmp_path / "tokens.json"
-    tokens.write_text('{"node1": "secret"}')
-    (tmp_path / "token").write_text("secret")
-    server = grpc.aio.server()
-    add_to_server(server, ca, AllPods(), NodeTokenAuthenticator(tokens), CollectorRegistry())
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(ca))
-    await server.start()
-    try:
-        yield Controller(ca, tmp_path / "ca", f"127.0.0.1:{port}", tmp_path / "token")
-    finally:
-        await server.stop(None)
+    async with ca_service(ca, tmp_path) as (address, token_file):
+        yield Controller(ca, tmp_path / "ca", address, token_file)
 
 
 def rotate(c: Controller, step: str) -> None:

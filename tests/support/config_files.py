@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from controller.store import ConfigStore
@@ -42,3 +42,13 @@ def write(path: Path, text: str) -> None:
 def served(store: ConfigStore) -> set[str]:
     """The keys (``Kind/namespace/name``) of the objects the store serves."""
     return {str(key) for key in store.translator.objects()}
+
+
+def authorization_policy(action: str, *rules: dict[str, Any]) -> dict[str, Any]:
+    """AuthorizationPolicy ``demo/p`` (no selector: namespace-wide) as a parsed document."""
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "demo"},
+        "spec": {"action": action, "rules": list(rules)},
+    }

@@ -16,18 +16,10 @@ from common.spiffe import Identity
 from controller.model import AuthorizationPolicy
 from controller.translate_policy import convert_authorization_policy
 from controller.validation import parse_documents
+from tests.support.config_files import authorization_policy
 from tests.unit.test_translate_policy import WORKLOADS, _plaintext_denied, attached, peer_auth, translate
 
 PEER_A = "cluster.local/ns/a/sa/client"
-
-
-def policy(action: str, *rules: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "p", "namespace": "demo"},
-        "spec": {"action": action, "rules": list(rules)},
-    }
 
 
 def errors(doc: dict[str, Any], strict: bool = True) -> list[str]:
@@ -60,13 +52,13 @@ def test_an_empty_from_or_to_list_is_refused_not_read_as_absent(field: str, stri
     # Istio's webhook: "`from` must not be empty" / "`to` must not be empty". Read as absent, the rule had no
     # clause and matched every connection: ALLOW `rules: [{from: []}]` (a source list a template left empty,
     # meaning "nobody") admitted every caller, mesh or plaintext.
-    doc = policy("ALLOW", {field: []})
+    doc = authorization_policy("ALLOW", {field: []})
     assert errors(doc, strict) == [f"f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].{field}: must not be empty"]
 
 
 def test_an_absent_or_null_from_still_matches_everything() -> None:
     # `from:` with no value is YAML null: Go's nil slice, absent for istiod too (rule `{}` = match all).
-    authz, _ = converted(policy("ALLOW", {"from": None, "to": [{"operation": {"ports": ["8080"]}}]}))
+    authz, _ = converted(authorization_policy("ALLOW", {"from": None, "to": [{"operation": {"ports": ["8080"]}}]}))
     assert admits(authz, None, 8080)
     assert not admits(authz, None, 9090)
 
@@ -82,12 +74,16 @@ def test_istio_when_keys_beyond_l4_load_from_files_and_are_handled_as_istiod_doe
     # one is dropped, a DENY rule keeps an empty match that never fires. Files refused the whole policy instead
     # ("unknown attribute"), so a DENY written for Istio was not enforced at all.
     when = {"key": key, "values": [value]}
-    allow, warning = converted(policy("ALLOW", {"when": [when]}, {"from": [{"source": {"namespaces": ["b"]}}]}))
+    allow, warning = converted(
+        authorization_policy("ALLOW", {"when": [when]}, {"from": [{"source": {"namespaces": ["b"]}}]})
+    )
     assert len(allow.groups) == 1
     assert not admits(allow, PEER_A)
     assert admits(allow, "cluster.local/ns/b/sa/x")
     assert key in warning
-    deny, warning = converted(policy("DENY", {"from": [{"source": {"namespaces": ["a"]}}], "when": [when]}))
+    deny, warning = converted(
+        authorization_policy("DENY", {"from": [{"source": {"namespaces": ["a"]}}], "when": [when]})
+    )
     assert len(deny.groups) == 1
     assert admits(deny, PEER_A)
     assert "no effect" in warning
@@ -102,7 +98,7 @@ def test_istio_when_keys_beyond_l4_load_from_files_and_are_handled_as_istiod_doe
     ],
 )
 def test_their_values_are_checked_as_istio_does(key: str, value: str, reason: str) -> None:
-    (error,) = errors(policy("DENY", {"when": [{"key": key, "values": [value]}]}))
+    (error,) = errors(authorization_policy("DENY", {"when": [{"key": key, "values": [value]}]}))
     assert error.startswith("f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0].values[0]: ")
     assert reason in error
 
@@ -119,7 +115,7 @@ def test_their_values_are_checked_as_istio_does(key: str, value: str, reason: st
 )
 def test_map_keys_need_a_name_in_brackets(key: str) -> None:
     # ValidateAttribute's validateMapKey: `a[b]` with b non-empty.
-    (error,) = errors(policy("DENY", {"when": [{"key": key, "values": ["v"]}]}))
+    (error,) = errors(authorization_policy("DENY", {"when": [{"key": key, "values": ["v"]}]}))
     assert error.startswith("f.yaml:AuthorizationPolicy/demo/p: spec.rules[0].when[0].key: ")
 
 
@@ -146,7 +142,7 @@ def test_from_the_api_an_allow_with_values_that_never_match_still_denies(rule: d
     # compiles them to matches no connection meets (stringToMatch exact, port 0): the ALLOW policy is sent and
     # admits nobody through that rule. Here the API object was refused, so the workload had no ALLOW policy
     # and admitted everyone (a common slip: principals written with spiffe://).
-    authz, _ = converted(policy("ALLOW", rule), strict=False)
+    authz, _ = converted(authorization_policy("ALLOW", rule), strict=False)
     assert authz.action == pb.ALLOW
     assert not admits(authz, PEER_A, 8080)
     assert not admits(authz, None, 8080)
@@ -154,7 +150,7 @@ def test_from_the_api_an_allow_with_values_that_never_match_still_denies(rule: d
 
 @pytest.mark.parametrize("rule", ODD_BUT_ISTIO_VALID)
 def test_files_still_refuse_them_with_the_reason(rule: dict[str, Any]) -> None:
-    assert len(errors(policy("ALLOW", rule))) == 1
+    assert len(errors(authorization_policy("ALLOW", rule))) == 1
 
 
 @pytest.mark.parametrize(
@@ -168,7 +164,7 @@ def test_files_still_refuse_them_with_the_reason(rule: dict[str, Any]) -> None:
     ],
 )
 def test_from_the_api_what_istio_refuses_is_still_refused(source: dict[str, Any]) -> None:
-    assert len(errors(policy("ALLOW", {"from": [{"source": source}]}), strict=False)) == 1
+    assert len(errors(authorization_policy("ALLOW", {"from": [{"source": source}]}), strict=False)) == 1
 
 
 # --- PeerAuthentication with a selector and no labels ------------------------------------------------------------
@@ -208,7 +204,7 @@ def test_a_deny_entry_with_only_http_attributes_is_said_to_match_nothing() -> No
     # only port 22 is denied. The warning said only "more restrictive than requested" (istiod's
     # httpDenyMixedBoilerplate says the same), hiding that POSTs elsewhere are no longer denied.
     rule = {"to": [{"operation": {"methods": ["POST"]}}, {"operation": {"ports": ["22"]}}]}
-    authz, warning = converted(policy("DENY", rule))
+    authz, warning = converted(authorization_policy("DENY", rule))
     assert not admits(authz, PEER_A, 22)
     assert admits(authz, PEER_A, 8080)
     assert warning.endswith(
@@ -220,7 +216,7 @@ def test_a_deny_entry_with_only_http_attributes_is_said_to_match_nothing() -> No
 def test_a_deny_with_both_dead_rules_and_voided_entries_names_both() -> None:
     voided = {"from": [{"source": {"requestPrincipals": ["*"]}}, {"source": {"namespaces": ["a"]}}]}
     dead = {"from": [{"source": {"namespaces": ["b"]}}], "when": [{"key": "request.headers[x]", "values": ["y"]}]}
-    authz, warning = converted(policy("DENY", voided, dead))
+    authz, warning = converted(authorization_policy("DENY", voided, dead))
     assert not admits(authz, PEER_A)
     assert admits(authz, "cluster.local/ns/b/sa/x")
     assert warning.endswith(

@@ -27,6 +27,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,10 @@ log = logging.getLogger("ambit.controller.kube")
 
 SOURCE_LABEL = "kube"  # what error messages name as the source: "kube:Pod/ns/name: field: reason"
 WATCH_TIMEOUT_SECONDS = 300  # the API server ends watches after this; we resume from the last version
+# A watch that ends sooner than this without one event is a failure (backed off), not a watch to resume at once: an
+# API server shutting down, or a proxy before it, may end every watch as soon as it starts, and resuming each at
+# once would be a tight loop of requests against it (client-go's reflector watchHandler: "very short watch").
+SHORT_WATCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -291,14 +296,18 @@ class _Watcher:
             timeout_seconds=WATCH_TIMEOUT_SECONDS,
         )
         self._response = resp
+        started, events = time.monotonic(), 0
         try:
             for line in iter_lines(resp.stream(decode_content=True)):
                 if self.stopped.is_set():
                     return
                 self._event(line)
+                events += 1
         finally:
             self._response = None
             resp.release_conn()
+        if not events and time.monotonic() - started < SHORT_WATCH_SECONDS and not self.stopped.is_set():
+            raise WatchError(f"very short watch: the server ended it within {SHORT_WATCH_SECONDS:g} s, no event")
 
     def _event(self, line: bytes) -> None:
         try:

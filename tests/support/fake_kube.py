@@ -8,16 +8,26 @@
 - :meth:`FakeKube.drop_watches` closes open watch connections (a dropped watch), :meth:`FakeKube.expire` compacts
   history so that resuming watches get 410, :meth:`FakeKube.bookmark` sends a BOOKMARK.
 - Other engineers add endpoints with :meth:`FakeKube.add_route` (e.g. ``POST .../tokenreviews``).
+- A list with ``limit`` is paginated as the real server does from etcd: every page of one list comes from the
+  snapshot of its first page, ``metadata.continue`` names the rest; :attr:`FakeKube.expire_continues` answers that
+  many next continue requests with 410 Expired (the token outlived etcd's compaction).
+- :attr:`FakeKube.fail_lists` failures answer with :attr:`FakeKube.fail_list_status` and, when set, a
+  ``Retry-After`` header (:attr:`FakeKube.fail_list_retry_after`), as priority and fairness sends with 429.
+- :attr:`FakeKube.short_watches` (by collection path) answers that many next watches with an empty stream the server
+  ends at once (an API server shutting down, a proxy closing it); :attr:`FakeKube.request_times` holds when each
+  request in :attr:`FakeKube.requests` arrived.
 
 It runs an ``http.server`` in a thread: test infrastructure, not product code.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -77,6 +87,13 @@ class FakeKube:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
         self.routes: list[tuple[str, re.Pattern[str], RouteHandler]] = []
         self.fail_lists: int = 0  # answer this many next list requests with 500
+        self.fail_list_status = 500  # the status of those failures
+        self.fail_list_retry_after: str | None = None  # their Retry-After header, if any
+        self.short_watches: dict[str, int] = {}  # collection path -> next watches ended at once, without events
+        self.expire_continues = 0  # answer this many next continue requests with 410 Expired
+        self.request_times: list[float] = []  # time.monotonic() of each entry of requests
+        self._snapshots: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # paginated lists: (version, items) by id
+        self._snapshot_ids = itertools.count(1)
         self._watch_sockets: dict[socket.socket, str] = {}  # open watch connections and their collection
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -193,6 +210,31 @@ class FakeKube:
             "items": items,
         }
 
+    def list_page(self, coll: Collection, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """A list honouring ``limit`` and ``continue`` (call with ``cond`` held): later pages come from the first
+        page's snapshot, so the pages make one consistent list, as etcd serves them at one revision."""
+        body = self.list_body(coll)
+        token = query.get("continue")
+        if token:
+            snapshot, offset = token.rsplit(":", 1)
+            if self.expire_continues > 0 or snapshot not in self._snapshots:
+                self.expire_continues = max(0, self.expire_continues - 1)
+                return 410, status_object(410, "Expired", "The provided continue parameter is too old")
+            version, items = self._snapshots[snapshot]
+            body["metadata"]["resourceVersion"] = version
+            start = int(offset)
+        elif query.get("limit"):
+            snapshot, items, start = str(next(self._snapshot_ids)), body["items"], 0
+            self._snapshots[snapshot] = (body["metadata"]["resourceVersion"], items)
+        else:
+            return 200, body
+        end = start + int(query["limit"])
+        body["items"] = items[start:end]
+        if end < len(items):
+            body["metadata"]["continue"] = f"{snapshot}:{end}"
+            body["metadata"]["remainingItemCount"] = len(items) - end
+        return 200, body
+
     def watch_events(self, coll: Collection, since: int, bookmarks: bool, stop: threading.Event) -> Iterator[Any]:
         """Events after ``since``; blocks for new ones; an ERROR 410 when ``since`` was compacted away."""
         last = since
@@ -262,10 +304,12 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-        def _send_json(self, status: int, obj: Any) -> None:
+        def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -273,7 +317,9 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
         def _dispatch(self, method: str) -> None:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            kube.requests.append((method, url.path, query))
+            with kube.cond:
+                kube.request_times.append(time.monotonic())
+                kube.requests.append((method, url.path, query))
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             for m, pattern, handler in kube.routes:
@@ -291,10 +337,15 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
             with kube.cond:
                 if kube.fail_lists > 0:
                     kube.fail_lists -= 1
-                    self._send_json(500, status_object(500, "InternalError", "injected failure"))
+                    retry_after = kube.fail_list_retry_after
+                    self._send_json(
+                        kube.fail_list_status,
+                        status_object(kube.fail_list_status, "InternalError", "injected failure"),
+                        {"Retry-After": retry_after} if retry_after else None,
+                    )
                     return
-                listing = kube.list_body(coll)
-            self._send_json(200, listing)
+                status, listing = kube.list_page(coll, query)
+            self._send_json(status, listing)
 
         def _watch(self, coll: Collection, query: dict[str, str]) -> None:
             self.send_response(200)
@@ -302,9 +353,15 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             stop = threading.Event()
+            path = urlsplit(self.path).path
             with kube.cond:
-                kube._watch_sockets[self.connection] = urlsplit(self.path).path
+                kube._watch_sockets[self.connection] = path
+                short = kube.short_watches.get(path, 0) > 0
+                if short:
+                    kube.short_watches[path] -= 1
             try:
+                if short:
+                    stop.set()
                 since = int(query.get("resourceVersion") or kube.resource_version)
                 for event in kube.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
                     line = json.dumps(event).encode() + b"\n"

@@ -1,0 +1,72 @@
+"""The kube source against client-go's reflector on what a busy or unhealthy API server does: watches it ends at
+once, 429s with Retry-After, lists too large for one response (limit/continue, an expired continue token), and
+retries of many controllers that must not stay in step (jitter)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.monitoring import ControllerMetrics
+from controller.sources.kube import KubeSource, api_client
+from controller.store import ConfigStore
+from controller.translate import Translator
+from tests.support.fake_kube import FakeKube, namespace, pod, serve
+from tests.support.xds_controller import wait_for
+
+PODS = "/api/v1/pods"
+
+
+def workloads(store: ConfigStore) -> set[str]:
+    return {a.workload.name for a in store.translator.addresses().values() if a.HasField("workload")}
+
+
+def requests(fake: FakeKube, path: str, watch: bool) -> list[tuple[float, dict[str, str]]]:
+    """(arrival time, query) of each list or watch request of ``path``."""
+    with fake.cond:
+        timed = list(zip(fake.request_times, fake.requests, strict=True))
+    return [(t, q) for t, (_, p, q) in timed if p == path and (q.get("watch") == "true") == watch]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    with serve() as f:
+        f.upsert(namespace("demo"))
+        for i in range(5):
+            f.upsert(pod(f"web-{i}", f"10.1.0.{i + 1}"))
+        yield f
+
+
+def new_source(fake: FakeKube, tmp_path: Path, **kwargs: float) -> KubeSource:
+    store = ConfigStore(Translator(), ControllerMetrics())
+    return KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kubeconfig"))), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def started(fake: FakeKube, tmp_path: Path) -> AsyncIterator[KubeSource]:
+    src = new_source(fake, tmp_path, backoff_initial=0.1)
+    await asyncio.wait_for(src.start(), 20)
+    try:
+        yield src
+    finally:
+        src.stop()
+
+
+async def test_a_watch_the_server_ends_at_once_is_retried_after_a_backoff(fake: FakeKube, started: KubeSource) -> None:
+    """An API server going away (or a proxy in front of it) may answer each watch with an empty stream it ends
+    at once. client-go's reflector counts a watch shorter than a second without an event as an error and backs off
+    (tools/cache/reflector.go watchHandler: "very short watch"); resuming at once is a tight loop of requests."""
+    await wait_for(lambda: fake.open_watches(PODS) == 1, what="pod watch open")
+    fake.short_watches[PODS] = 3
+    fake.drop_watches()
+    await wait_for(lambda: fake.short_watches[PODS] == 0 and fake.open_watches(PODS) == 1, what="watch back")
+    times = [t for t, _ in requests(fake, PODS, watch=True)][-4:]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= 0.1 for gap in gaps[1:]), gaps  # each short watch waited for the backoff (or more)
+    fake.upsert(pod("web-9", "10.1.0.9"))
+    await wait_for(lambda: "web-9" in workloads(started.store), what="events after the short watches")
+    assert len(requests(fake, PODS, watch=False)) == 1  # resumed from the version, never listed again

@@ -39,6 +39,9 @@ from controller.validation import parse_documents
 log = logging.getLogger("ambit.controller.kube")
 
 SOURCE_LABEL = "kube"  # what error messages name as the source: "kube:Pod/ns/name: field: reason"
+# Lists are read in pages of this many objects (client-go's tools/pager defaultPageSize): an unpaged list of every pod
+# of a large cluster is one response the API server must build within its request timeout and hold in memory.
+LIST_PAGE_SIZE = 500
 WATCH_TIMEOUT_SECONDS = 300  # the API server ends watches after this; we resume from the last version
 # A watch that ends sooner than this without one event is a failure (backed off), not a watch to resume at once: an
 # API server shutting down, or a proxy before it, may end every watch as soon as it starts, and resuming each at
@@ -270,23 +273,50 @@ class _Watcher:
         self.backoff = min(self.source.backoff_max, self.backoff * 2)
 
     def _list(self) -> None:
-        resp = self._request()
+        """The whole list, read in pages of ``page_size``, to the store at once: the pages are one snapshot (etcd
+        serves every page at the first one's revision), which the store gets only whole, never a page of it.
+
+        A continue token that outlived etcd's compaction (a slow reader of a large list) is answered 410 Expired;
+        the list is then read again in one request, as client-go's pager does (FullListIfExpired): starting over
+        in pages could expire again each time.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        paging = {"limit": self.source.page_size} if self.source.page_size > 0 else {}
+        body = self._list_page(**paging)
+        items = list(body["items"])
+        while token := str((body.get("metadata") or {}).get("continue") or ""):
+            try:
+                body = self._list_page(**paging, _continue=token)
+            except ApiException as e:
+                if e.status != 410:
+                    raise
+                log.info(
+                    "kube list continue token expired; listing in one request", extra=kv(resource=self.resource.plural)
+                )
+                body = self._list_page()
+                items = []
+            items += body["items"]
+        self.missing = False
+        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
+        self.listed = True
+        self.source.from_thread(self.source.relisted, self.resource, items)
+
+    def _list_page(self, **params: Any) -> dict[str, Any]:
+        resp = self._request(**params)
         try:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
         if not isinstance(body, dict) or not isinstance(body.get("items") or [], list):
             raise WatchError(f"malformed list of {self.resource.plural}: not an object with an items list")
-        self.missing = False
-        items = body.get("items") or []
-        for item in items:
+        body["items"] = body.get("items") or []
+        for item in body["items"]:
             _check_object(item, "list item")
             # List items of built-in kinds come without kind/apiVersion.
             item.setdefault("kind", self.resource.kind)
             item.setdefault("apiVersion", self.resource.api_version)
-        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
-        self.listed = True
-        self.source.from_thread(self.source.relisted, self.resource, items)
+        return body
 
     def _watch(self) -> None:
         resp = self._request(
@@ -351,8 +381,10 @@ class KubeSource:
         resources: tuple[Resource, ...] = RESOURCES,
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self.store = store
+        self.page_size = page_size  # 0: lists in one request
         self.api = api
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,9 +42,9 @@ def fake() -> Iterator[FakeKube]:
         yield f
 
 
-def new_source(fake: FakeKube, tmp_path: Path, **kwargs: float) -> KubeSource:
+def new_source(fake: FakeKube, tmp_path: Path, **kwargs: Any) -> KubeSource:
     store = ConfigStore(Translator(), ControllerMetrics())
-    return KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kubeconfig"))), **kwargs)  # type: ignore[arg-type]
+    return KubeSource(store, api_client(str(fake.write_kubeconfig(tmp_path / "kubeconfig"))), **kwargs)
 
 
 @pytest.fixture
@@ -70,3 +71,38 @@ async def test_a_watch_the_server_ends_at_once_is_retried_after_a_backoff(fake: 
     fake.upsert(pod("web-9", "10.1.0.9"))
     await wait_for(lambda: "web-9" in workloads(started.store), what="events after the short watches")
     assert len(requests(fake, PODS, watch=False)) == 1  # resumed from the version, never listed again
+
+
+async def test_lists_are_paginated(fake: FakeKube, tmp_path: Path) -> None:
+    """client-go lists in pages of 500 (tools/pager/pager.go defaultPageSize): one unbounded list of every pod of a
+    large cluster is one huge response the API server must build within its request timeout (60 s) and hold in
+    memory, and that this client parses in one piece."""
+    src = new_source(fake, tmp_path, backoff_initial=0.02, page_size=2)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+        assert workloads(src.store) == {f"web-{i}" for i in range(5)}
+        pages = [q for _, q in requests(fake, PODS, watch=False)]
+        assert [q.get("limit") for q in pages] == ["2", "2", "2"]
+        assert [bool(q.get("continue")) for q in pages] == [False, True, True]
+        await wait_for(lambda: requests(fake, PODS, watch=True), what="pod watch")
+        watch = requests(fake, PODS, watch=True)[0][1]
+        assert watch["resourceVersion"] == str(fake.resource_version)  # the version of the list's snapshot
+    finally:
+        src.stop()
+
+
+async def test_an_expired_continue_token_falls_back_to_a_full_list(fake: FakeKube, tmp_path: Path) -> None:
+    """A continue token outlives etcd's compaction (5 minutes) when paging is slow; the server answers 410 Expired.
+    client-go's pager then lists everything in one request (pager.go FullListIfExpired): starting over in pages could
+    expire again and again. The pages already read must not count as the whole list."""
+    fake.expire_continues = 1
+    src = new_source(fake, tmp_path, backoff_initial=0.02, page_size=2)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+        assert workloads(src.store) == {f"web-{i}" for i in range(5)}
+        pages = [q for _, q in requests(fake, PODS, watch=False)]
+        assert [(q.get("limit"), bool(q.get("continue"))) for q in pages] == [("2", False), ("2", True), (None, False)]
+        fake.delete("Pod", "demo", "web-0")
+        await wait_for(lambda: "web-0" not in workloads(src.store), what="watch after the full list")
+    finally:
+        src.stop()

@@ -1,13 +1,15 @@
 """Config from the Kubernetes API: list + watch per resource with the official ``kubernetes`` client.
 
-Per resource: list (remembering ``metadata.resourceVersion``), then watch from that version with bookmarks;
-a watch that ends (server timeout, dropped connection) resumes from the last version seen; a 410 Gone (as an
+Per resource: list (in pages, remembering ``metadata.resourceVersion``), then watch from that version with
+bookmarks; a watch that ends (server timeout, dropped connection) resumes from the last version seen, after the
+backoff if it ended within a second without an event; a 410 Gone (as an
 ``ERROR`` event or an HTTP status) means the version was compacted away, so the resource is listed again and
 the store gets the difference. "Too large resource version" (the server's store is behind the version: an etcd
 restore) is listed again too, after the backoff. A kind the API does not serve at its version is tried at the
 older one (Istio's v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served,
 starts again from the preferred version, so CRDs installed or upgraded later are found. Other errors back off
-exponentially (0.2 s doubling to 30 s).
+exponentially (0.2 s doubling to 30 s, each wait up to twice that at random); a 429 or 503 with Retry-After is
+retried by urllib3 after the time asked (the client's default Retry honours the header).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -42,11 +45,15 @@ SOURCE_LABEL = "kube"  # what error messages name as the source: "kube:Pod/ns/na
 # Lists are read in pages of this many objects (client-go's tools/pager defaultPageSize): an unpaged list of every pod
 # of a large cluster is one response the API server must build within its request timeout and hold in memory.
 LIST_PAGE_SIZE = 500
-WATCH_TIMEOUT_SECONDS = 300  # the API server ends watches after this; we resume from the last version
+# The API server ends a watch after the timeout it is asked for, between this and twice it at random (client-go's
+# reflector: minWatchTimeout * (rand + 1)), so that the watches of every resource and replica do not all end and
+# come back in the same second; we resume from the last version.
+WATCH_TIMEOUT_SECONDS = 300
 # A watch that ends sooner than this without one event is a failure (backed off), not a watch to resume at once: an
 # API server shutting down, or a proxy before it, may end every watch as soon as it starts, and resuming each at
 # once would be a tight loop of requests against it (client-go's reflector watchHandler: "very short watch").
 SHORT_WATCH_SECONDS = 1.0
+RETRY_AFTER_MAX = 60.0  # a Retry-After longer than this is waited for this long: a broken header must not stall us
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,9 @@ class WatchError(Exception):
 
 
 # A watch idles in a socket read for minutes. An API server (or a load balancer in front) that vanishes without a
-# FIN or RST (a node lost, a flow dropped) was noticed only by the read timeout, WATCH_TIMEOUT_SECONDS + 30 = 5.5
-# min with no change of that kind reaching the agents; TCP keepalive notices within about a minute (client-go pings
-# its HTTP/2 connections for the same reason). (option name, value): idle seconds, probe interval, probes.
+# FIN or RST (a node lost, a flow dropped) was noticed only by the read timeout, the watch timeout + 30 s (5.5 to
+# 10.5 min) with no change of that kind reaching the agents; TCP keepalive notices within about a minute (client-go
+# pings its HTTP/2 connections for the same reason). (option name, value): idle seconds, probe interval, probes.
 KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
@@ -113,6 +120,28 @@ def api_client(kubeconfig: str | None = None) -> Any:
         config.load_incluster_config(client_configuration=cfg)
     cfg.socket_options = socket_options()
     return client.ApiClient(configuration=cfg)
+
+
+def jittered(seconds: float) -> float:
+    """A wait between ``seconds`` and twice it (client-go's backoff jitter 1.0): when the API server restarts, every
+    resource of every replica fails in the same instant, and waits without jitter would bring them all back in the
+    same instant again, at each step of the backoff."""
+    return seconds * (1.0 + random.random())
+
+
+def retry_after(error: Any) -> float:
+    """The seconds an error response's Retry-After header asks to wait (0 without one; at most RETRY_AFTER_MAX).
+
+    client-go's REST client waits that long after a 429 or any 5xx (rest/with_retry.go checkWait); urllib3's
+    default Retry does it only for 413, 429 and 503, so a 500 or 504 (a timeout) carrying it was retried after our
+    own backoff, from 0.2 s, sooner than the server asked.
+    """
+    headers = getattr(error, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return min(RETRY_AFTER_MAX, max(0.0, float(value))) if value else 0.0
+    except (TypeError, ValueError):  # an HTTP date, which the API server never sends: our own backoff then
+        return 0.0
 
 
 def source_id(kind: str, obj: dict[str, Any]) -> str:
@@ -217,7 +246,7 @@ class _Watcher:
                     self.resource_version = ""
                 elif too_large_version(_json(e.body)):
                     self.resource_version = ""  # listed afresh after the backoff: a lagging server may catch up
-                    self._failed(f"HTTP {e.status}: {e.reason}")
+                    self._failed(f"HTTP {e.status}: {e.reason}", retry_after(e))
                 elif e.status == 404 and not self.resource_version and self.resource.older:
                     log.log(
                         logging.DEBUG if self.missing else logging.INFO,
@@ -231,9 +260,9 @@ class _Watcher:
                     # No longer served at this version (CRDs upgraded, or removed): list afresh from the preferred one.
                     self.resource_version = ""
                     self.resource = self.preferred
-                    self._failed(f"HTTP {e.status}: {e.reason}")
+                    self._failed(f"HTTP {e.status}: {e.reason}", retry_after(e))
                 else:
-                    self._failed(f"HTTP {e.status}: {e.reason}")
+                    self._failed(f"HTTP {e.status}: {e.reason}", retry_after(e))
             except (HTTPError, OSError, ValueError, WatchError) as e:
                 self._failed(f"{type(e).__name__}: {e}")
             except Exception as e:  # a client bug or an answer of a shape never seen must not end this watch
@@ -257,19 +286,20 @@ class _Watcher:
             else:
                 log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
                 self.source.from_thread(self.source.relisted, self.resource, [])
-        self.stopped.wait(self.source.backoff_max)
+        self.stopped.wait(jittered(self.source.backoff_max))
         # Ask for the preferred version again, not the older one that was tried last: CRDs installed meanwhile may
         # serve only the newer one.
         self.resource = self.preferred
 
-    def _failed(self, error: str) -> None:
+    def _failed(self, error: str, at_least: float = 0.0) -> None:
         if self.stopped.is_set():
             return
+        wait = max(jittered(self.backoff), at_least)
         log.warning(
             "kube list/watch failed; retrying",
-            extra=kv(resource=self.resource.plural, error=error, retry_in=round(self.backoff, 3)),
+            extra=kv(resource=self.resource.plural, error=error, retry_in=round(wait, 3)),
         )
-        self.stopped.wait(self.backoff)
+        self.stopped.wait(wait)
         self.backoff = min(self.source.backoff_max, self.backoff * 2)
 
     def _list(self) -> None:
@@ -318,12 +348,17 @@ class _Watcher:
             item.setdefault("apiVersion", self.resource.api_version)
         return body
 
+    def watch_timeout(self) -> int:
+        return int(WATCH_TIMEOUT_SECONDS * (1.0 + random.random()))
+
     def _watch(self) -> None:
+        timeout = self.watch_timeout()
         resp = self._request(
             watch=True,
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_TIMEOUT_SECONDS,
+            timeout_seconds=timeout,
+            _request_timeout=(10, timeout + 30),
         )
         self._response = resp
         started, events = time.monotonic(), 0

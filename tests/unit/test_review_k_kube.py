@@ -73,6 +73,56 @@ async def test_a_watch_the_server_ends_at_once_is_retried_after_a_backoff(fake: 
     assert len(requests(fake, PODS, watch=False)) == 1  # resumed from the version, never listed again
 
 
+@pytest.mark.parametrize("status", [429, 500])
+async def test_retry_after_is_waited_for(fake: FakeKube, tmp_path: Path, status: int) -> None:
+    """Priority and fairness rejects with 429 and Retry-After, an API server in trouble answers 5xx with it;
+    client-go's REST client waits that long before the retry (rest/with_retry.go checkWait: 429 or any 5xx with
+    Retry-After). urllib3's default Retry already did for 429 (and 503); a 500 was retried after our own 20 ms."""
+    fake.fail_lists = 1
+    fake.fail_list_status = status
+    fake.fail_list_retry_after = "1"
+    src = new_source(fake, tmp_path, backoff_initial=0.02)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+    finally:
+        src.stop()
+    assert workloads(src.store) == {f"web-{i}" for i in range(5)}
+    lists = [t for path in {r.path for r in src.resources} for t, _ in requests(fake, path, watch=False)]
+    # The rejected list and its retry: the only path with two lists.
+    retried = [r.path for r in src.resources if len(requests(fake, r.path, watch=False)) == 2]
+    assert len(retried) == 1 and len(lists) == len(src.resources) + 1
+    (first, _), (second, _) = requests(fake, retried[0], watch=False)
+    assert second - first >= 1.0
+
+
+def test_retries_are_jittered() -> None:
+    """Every resource of every controller replica fails together when the API server restarts; client-go spreads
+    their retries (wait.NewExponentialBackoffManager(800ms, 30s, 2m, 2.0, jitter 1.0) in NewReflectorWithOptions):
+    each wait is between the backoff and twice it. Without jitter they all come back in the same instant."""
+    store = ConfigStore(Translator(), ControllerMetrics())
+    src = KubeSource(store, api=None, backoff_initial=0.2, backoff_max=30.0)
+    waits: list[float] = []
+    watchers = src._watchers
+    for w in watchers:
+        w.stopped.wait = lambda timeout=None: bool(waits.append(timeout or 0.0))  # type: ignore[method-assign,func-returns-value]
+        w._failed("HTTP 503: Service Unavailable")
+    assert all(0.2 <= t <= 0.4 for t in waits), waits
+    assert len(set(waits)) > 1, waits
+    # The backoff doubles up to backoff_max; the jitter adds up to as much again (client-go's stop at [30, 60) s).
+    for _ in range(12):
+        watchers[0]._failed("HTTP 503: Service Unavailable")
+    assert 30.0 <= waits[-1] < 60.0 and max(waits) < 60.0, waits[-3:]
+
+
+def test_watch_timeouts_are_spread() -> None:
+    """client-go asks for a watch timeout between 5 and 10 minutes at random (reflector.go watch: minWatchTimeout *
+    (rand + 1)), so that the watches of all resources and replicas do not all end and reconnect in the same second."""
+    store = ConfigStore(Translator(), ControllerMetrics())
+    src = KubeSource(store, api=None)
+    timeouts = {src._watchers[0].watch_timeout() for _ in range(20)}
+    assert all(300 <= t < 600 for t in timeouts) and len(timeouts) > 1, timeouts
+
+
 async def test_lists_are_paginated(fake: FakeKube, tmp_path: Path) -> None:
     """client-go lists in pages of 500 (tools/pager/pager.go defaultPageSize): one unbounded list of every pod of a
     large cluster is one huge response the API server must build within its request timeout (60 s) and hold in

@@ -16,6 +16,11 @@
 - :attr:`FakeKube.short_watches` (by collection path) answers that many next watches with an empty stream the server
   ends at once (an API server shutting down, a proxy closing it); :attr:`FakeKube.request_times` holds when each
   request in :attr:`FakeKube.requests` arrived.
+- :attr:`FakeKube.cut_next_event` (collection paths): the next event of an open watch of that collection is cut in
+  the middle of its line, the connection closed there (a connection lost mid-event).
+- ``serve(fake, tls=context)`` serves HTTPS (an in-cluster client's only scheme); :attr:`FakeKube.accepted_tokens`,
+  when set, answers 401 to requests without one of these bearer tokens (a rotated service account token);
+  :attr:`FakeKube.tokens_seen` holds each request's token.
 
 It runs an ``http.server`` in a thread: test infrastructure, not product code.
 """
@@ -26,6 +31,7 @@ import itertools
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +97,9 @@ class FakeKube:
         self.fail_list_retry_after: str | None = None  # their Retry-After header, if any
         self.short_watches: dict[str, int] = {}  # collection path -> next watches ended at once, without events
         self.expire_continues = 0  # answer this many next continue requests with 410 Expired
+        self.cut_next_event: set[str] = set()  # collection paths whose next watch event is cut mid-line
+        self.accepted_tokens: set[str] | None = None  # bearer tokens answered; None: any, or none
+        self.tokens_seen: list[str] = []  # the bearer token of each request ("" without one)
         self.request_times: list[float] = []  # time.monotonic() of each entry of requests
         self._snapshots: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # paginated lists: (version, items) by id
         self._snapshot_ids = itertools.count(1)
@@ -295,7 +304,7 @@ def deny_policy(name: str) -> dict[str, Any]:
 
 
 @contextmanager
-def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
+def serve(fake: FakeKube | None = None, tls: ssl.SSLContext | None = None) -> Iterator[FakeKube]:
     kube = fake or FakeKube()
 
     class Handler(BaseHTTPRequestHandler):
@@ -317,11 +326,18 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
         def _dispatch(self, method: str) -> None:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            auth = self.headers.get("Authorization") or ""
+            token = auth[len("bearer ") :] if auth.lower().startswith("bearer ") else ""
             with kube.cond:
                 kube.request_times.append(time.monotonic())
                 kube.requests.append((method, url.path, query))
+                kube.tokens_seen.append(token)
+                refused = kube.accepted_tokens is not None and token not in kube.accepted_tokens
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
+            if refused:
+                self._send_json(401, status_object(401, "Unauthorized", "Unauthorized"))
+                return
             for m, pattern, handler in kube.routes:
                 match = pattern.fullmatch(url.path)
                 if m == method and match:
@@ -365,8 +381,16 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
                 since = int(query.get("resourceVersion") or kube.resource_version)
                 for event in kube.watch_events(coll, since, query.get("allowWatchBookmarks") == "true", stop):
                     line = json.dumps(event).encode() + b"\n"
+                    with kube.cond:
+                        cut = path in kube.cut_next_event
+                        kube.cut_next_event.discard(path)
+                    if cut:
+                        line = line[: len(line) // 2]
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
+                    if cut:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 pass
@@ -387,8 +411,10 @@ def serve(fake: FakeKube | None = None) -> Iterator[FakeKube]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     kube._server = server
-    kube.url = f"http://127.0.0.1:{server.server_address[1]}"
+    kube.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="fake-kube", daemon=True)
     thread.start()
     try:

@@ -91,6 +91,25 @@ async def test_a_watch_cut_in_the_middle_of_an_event_resumes_from_the_last_versi
     assert requests(fake, PODS, watch=True)[-1][1]["resourceVersion"] == version
 
 
+async def test_a_modified_never_seen_is_an_add_and_a_deleted_takes_its_last_state(
+    fake: FakeKube, started: KubeSource
+) -> None:
+    """A watch may deliver MODIFIED for an object it never announced (its ADDED compacted away before a resume) and
+    DELETED carries the object's last state, not the one we hold: the first is an add (client-go's store.Update
+    adds what it lacks), the second removes by name whatever the state. Passes before: a guard."""
+    coll = fake.collection("Pod")
+    with fake.cond:
+        coll.items[("demo", "web-6")] = fake._record(coll, "MODIFIED", pod("web-6", "10.1.0.6"))
+    await wait_for(lambda: "web-6" in workloads(started.store), what="MODIFIED of an object never seen")
+    last = pod("web-6", "10.1.0.66")
+    last["metadata"]["labels"] = {"app": "renamed"}
+    with fake.cond:
+        del coll.items[("demo", "web-6")]
+        fake._record(coll, "DELETED", last)
+    await wait_for(lambda: "web-6" not in workloads(started.store), what="DELETED with a newer last state")
+    assert len(requests(fake, PODS, watch=False)) == 1
+
+
 @pytest.mark.parametrize("status", [429, 500])
 async def test_retry_after_is_waited_for(fake: FakeKube, tmp_path: Path, status: int) -> None:
     """Priority and fairness rejects with 429 and Retry-After, an API server in trouble answers 5xx with it;

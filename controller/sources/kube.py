@@ -31,7 +31,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,7 @@ def source_id(kind: str, obj: dict[str, Any]) -> str:
     return f"kube:{kind}/{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
-def iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Watch events are newline-delimited JSON; chunk boundaries fall anywhere."""
     buf = b""
     for chunk in chunks:
@@ -194,6 +194,31 @@ def _check_object(obj: Any, what: str) -> None:
     """Raise WatchError unless ``obj`` is a JSON object whose metadata (if any) is one: what the code after it reads."""
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
         raise WatchError(f"malformed {what}: {json.dumps(obj)[:200]}")
+
+
+class _Body:
+    """A watch response's chunks, noting whether the body ended in the middle of a line (``cut``): every event the
+    API server sends ends with a newline, so anything after the last one is an event cut short.
+
+    :meth:`close` must come before the connection goes back to the pool: closing urllib3's stream before its end
+    closes the connection, which otherwise would be handed to the next request with the watch still streaming
+    into it (that request then waits for an answer that never comes, up to the read timeout).
+    """
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self._last = b"\n"
+        self.cut = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if chunk:
+                self._last = chunk
+            yield chunk
+        self.cut = not self._last.endswith(b"\n")
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 class _Watcher:
@@ -362,14 +387,23 @@ class _Watcher:
         )
         self._response = resp
         started, events = time.monotonic(), 0
+        body = _Body(resp.stream(decode_content=True))
         try:
-            for line in iter_lines(resp.stream(decode_content=True)):
+            for line in iter_lines(body):
                 if self.stopped.is_set():
                     return
+                if body.cut:
+                    # The body ended in the middle of an event (a proxy relaying a lost connection ends it cleanly):
+                    # the half line is no event, and resuming from the last whole one brings the event again.
+                    log.info(
+                        "kube watch ended in the middle of an event; resuming", extra=kv(resource=self.resource.plural)
+                    )
+                    break
                 self._event(line)
                 events += 1
         finally:
             self._response = None
+            body.close()
             resp.release_conn()
         if not events and time.monotonic() - started < SHORT_WATCH_SECONDS and not self.stopped.is_set():
             raise WatchError(f"very short watch: the server ended it within {SHORT_WATCH_SECONDS:g} s, no event")

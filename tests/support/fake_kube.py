@@ -17,7 +17,9 @@
   ends at once (an API server shutting down, a proxy closing it); :attr:`FakeKube.request_times` holds when each
   request in :attr:`FakeKube.requests` arrived.
 - :attr:`FakeKube.cut_next_event` (collection paths): the next event of an open watch of that collection is cut in
-  the middle of its line, the connection closed there (a connection lost mid-event).
+  the middle of its line, the connection closed there (a connection lost mid-event); with
+  :attr:`FakeKube.end_mid_event` the response is ended properly there instead (a proxy that ends the body it relays
+  when its upstream connection is lost).
 - ``serve(fake, tls=context)`` serves HTTPS (an in-cluster client's only scheme); :attr:`FakeKube.accepted_tokens`,
   when set, answers 401 to requests without one of these bearer tokens (a rotated service account token);
   :attr:`FakeKube.tokens_seen` holds each request's token.
@@ -98,6 +100,7 @@ class FakeKube:
         self.short_watches: dict[str, int] = {}  # collection path -> next watches ended at once, without events
         self.expire_continues = 0  # answer this many next continue requests with 410 Expired
         self.cut_next_event: set[str] = set()  # collection paths whose next watch event is cut mid-line
+        self.end_mid_event = False  # a cut event ends the chunked body properly, not the connection
         self.accepted_tokens: set[str] | None = None  # bearer tokens answered; None: any, or none
         self.tokens_seen: list[str] = []  # the bearer token of each request ("" without one)
         self.request_times: list[float] = []  # time.monotonic() of each entry of requests
@@ -388,6 +391,8 @@ def serve(fake: FakeKube | None = None, tls: ssl.SSLContext | None = None) -> It
                         line = line[: len(line) // 2]
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
+                    if cut and kube.end_mid_event:
+                        break
                     if cut:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return

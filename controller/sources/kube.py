@@ -8,8 +8,8 @@ the store gets the difference. "Too large resource version" (the server's store 
 restore) is listed again too, after the backoff. A kind the API does not serve at its version is tried at the
 older one (Istio's v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served,
 starts again from the preferred version, so CRDs installed or upgraded later are found. Other errors back off
-exponentially (0.2 s doubling to 30 s, each wait up to twice that at random); a 429 or 503 with Retry-After is
-retried by urllib3 after the time asked (the client's default Retry honours the header).
+exponentially (0.2 s doubling to 30 s, each wait up to twice that at random), and at least as long as an error
+response's Retry-After asks (urllib3's default Retry already waits it out itself for 429 and 503).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few

@@ -1,6 +1,7 @@
 """The kube source against client-go's reflector on what a busy or unhealthy API server does: watches it ends at
-once, 429s with Retry-After, lists too large for one response (limit/continue, an expired continue token), and
-retries of many controllers that must not stay in step (jitter)."""
+once or cuts in the middle of an event, events for objects never announced, 429s and 5xx with Retry-After, lists
+too large for one response (limit/continue, an expired continue token), and retries and watch timeouts of many
+controllers that must not stay in step (jitter)."""
 
 from __future__ import annotations
 

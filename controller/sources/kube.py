@@ -14,7 +14,8 @@ response's Retry-After asks (urllib3's default Retry already waits it out itself
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
 workers (cores + 4) and a never-ending watch per resource would starve every other ``to_thread`` user in the
-process. Threads do only HTTP and JSON decoding; all state changes happen on the event loop through
+process. Threads do HTTP, JSON decoding and validation (pure, and CPU in proportion to a list: on the loop, a
+relist of every pod of a large cluster stalled it for seconds); all state changes happen on the event loop through
 ``loop.call_soon_threadsafe``. Objects are fed to validation as the plain JSON dicts the API server sent, the
 same shape as YAML documents from the file source, validated with ``strict=False`` because the API server has
 already checked them and may serve fields newer than this code.
@@ -147,6 +148,16 @@ def retry_after(error: Any) -> float:
 def source_id(kind: str, obj: dict[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"kube:{kind}/{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def validate(kind: str, obj: dict[str, Any]) -> Contribution | None:
+    """``obj`` as the store takes it, or None (logged) when validation itself raised: a bug, never an invalid object
+    (those come back as errors in the contribution), which must not end the watch of the kind."""
+    try:
+        return parse_documents(SOURCE_LABEL, [obj], strict=False)
+    except Exception:
+        log.exception("validating a kube object failed", extra=kv(object=source_id(kind, obj)))
+        return None
 
 
 def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -310,7 +321,7 @@ class _Watcher:
                 )
             else:
                 log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
-                self.source.from_thread(self.source.relisted, self.resource, [])
+                self.source.from_thread(self.source.relisted, self.resource, {})
         self.stopped.wait(jittered(self.source.backoff_max))
         # Ask for the preferred version again, not the older one that was tried last: CRDs installed meanwhile may
         # serve only the newer one.
@@ -355,7 +366,9 @@ class _Watcher:
         self.missing = False
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
         self.listed = True
-        self.source.from_thread(self.source.relisted, self.resource, items)
+        kind = self.resource.kind
+        parsed = {source_id(kind, item): validate(kind, item) for item in items}
+        self.source.from_thread(self.source.relisted, self.resource, parsed)
 
     def _list_page(self, **params: Any) -> dict[str, Any]:
         resp = self._request(**params)
@@ -430,7 +443,14 @@ class _Watcher:
             return
         obj.setdefault("kind", self.resource.kind)
         obj.setdefault("apiVersion", self.resource.api_version)
-        self.source.from_thread(self.source.changed, self.resource, kind, obj)
+        contribution = None
+        if kind in ("ADDED", "MODIFIED"):
+            contribution = validate(self.resource.kind, obj)
+            if contribution is None:
+                return  # validation raised (logged): this event is lost, the watch goes on
+        self.source.from_thread(
+            self.source.changed, self.resource, kind, source_id(self.resource.kind, obj), contribution
+        )
 
     def stop(self) -> None:
         self.stopped.set()
@@ -488,33 +508,37 @@ class KubeSource:
 
     # ---- on the event loop ---------------------------------------------------------------------------------------
 
-    def relisted(self, resource: Resource, items: list[dict[str, Any]]) -> None:
-        """A full list: upsert everything in it, remove what is gone since the last list."""
+    def relisted(self, resource: Resource, parsed: dict[str, Contribution | None]) -> None:
+        """A full list, validated (by source id): upsert everything in it, remove what is gone since the last list.
+        A None (validation raised, logged) keeps the store as it was: the list without that object would delete it."""
         self.lists += 1
         try:
-            changes: dict[str, Contribution | None] = {}
-            for item in items:
-                changes[source_id(resource.kind, item)] = parse_documents(SOURCE_LABEL, [item], strict=False)
-            for sid in self._known[resource.kind] - changes.keys():
+            if any(c is None for c in parsed.values()):
+                log.error(
+                    "kube list not applied: validating one of its objects failed", extra=kv(resource=resource.plural)
+                )
+                return
+            changes = dict(parsed)
+            for sid in self._known[resource.kind] - parsed.keys():
                 changes[sid] = None
-            self._known[resource.kind] = {sid for sid, c in changes.items() if c is not None}
+            self._known[resource.kind] = set(parsed)
             self.store.update(changes)
         except Exception as e:  # the store keeps what it had; start() must not wait for this resource forever
             log.error(
-                "applying a kube list failed", extra=kv(resource=resource.plural, objects=len(items), error=repr(e))
+                "applying a kube list failed", extra=kv(resource=resource.plural, objects=len(parsed), error=repr(e))
             )
         finally:
             if resource.kind in self._synced:
                 self._synced[resource.kind].set()
 
-    def changed(self, resource: Resource, event_type: str, obj: dict[str, Any]) -> None:
-        sid = source_id(resource.kind, obj)
+    def changed(self, resource: Resource, event_type: str, sid: str, contribution: Contribution | None) -> None:
+        """A watch event of the object ``sid``, validated when ADDED or MODIFIED."""
         self.events += 1
         if event_type == "DELETED":
             self._known[resource.kind].discard(sid)
             self.store.update({sid: None})
-        elif event_type in ("ADDED", "MODIFIED"):
+        elif event_type in ("ADDED", "MODIFIED") and contribution is not None:
             self._known[resource.kind].add(sid)
-            self.store.update({sid: parse_documents(SOURCE_LABEL, [obj], strict=False)})
+            self.store.update({sid: contribution})
         else:
             log.warning("unknown watch event type ignored", extra=kv(resource=resource.plural, type=event_type))

@@ -120,6 +120,9 @@ def api_client(kubeconfig: str | None = None) -> Any:
     else:
         config.load_incluster_config(client_configuration=cfg)
     cfg.socket_options = socket_options()
+    # Each resource's watch holds a connection; the default pool (cpu_count * 5) is smaller than the watches on a
+    # one-CPU node, and urllib3 closes what does not fit at each watch's end: a new handshake for the next request.
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, len(RESOURCES) + 2)
     return client.ApiClient(configuration=cfg)
 
 

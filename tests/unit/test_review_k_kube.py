@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import configuration as kube_configuration
 
 from controller.monitoring import ControllerMetrics
 from controller.sources import kube
@@ -249,3 +250,24 @@ async def test_an_object_validation_fails_on_keeps_the_store_and_the_watch(
         assert "web-8" not in workloads(src.store)
     finally:
         src.stop()
+
+
+async def test_every_watch_keeps_its_connection_in_the_pool(
+    fake: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every resource holds a connection for its watch (client-go multiplexes them on one HTTP/2 connection). The
+    client's pool keeps cpu_count * 5 connections: on a one-CPU node 5, fewer than the watches, so urllib3 closed
+    the surplus at the end of each watch ("Connection pool is full, discarding connection") and the next request
+    of that resource paid a new TCP (and TLS) handshake."""
+    monkeypatch.setattr(kube_configuration.multiprocessing, "cpu_count", lambda: 1)
+    src = new_source(fake, tmp_path, backoff_initial=0.05)
+    try:
+        await asyncio.wait_for(src.start(), 20)
+        paths = [r.path for r in src.resources]
+        await wait_for(lambda: all(fake.open_watches(p) == 1 for p in paths), what="every watch open")
+        fake.drop_watches()
+        fake.upsert(pod("web-9", "10.1.0.9"))
+        await wait_for(lambda: "web-9" in workloads(src.store), what="watches back")
+    finally:
+        src.stop()
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -20,6 +20,8 @@
   the middle of its line, the connection closed there (a connection lost mid-event); with
   :attr:`FakeKube.end_mid_event` the response is ended properly there instead (a proxy that ends the body it relays
   when its upstream connection is lost).
+- :attr:`FakeKube.refuse_watches` (by collection path): the next watch is answered with that HTTP status and its
+  ``Status`` (410 Expired: the API server refusing a version compacted away before the watch started).
 - ``serve(fake, tls=context)`` serves HTTPS (an in-cluster client's only scheme); :attr:`FakeKube.accepted_tokens`,
   when set, answers 401 to requests without one of these bearer tokens (a rotated service account token);
   :attr:`FakeKube.tokens_seen` holds each request's token.
@@ -97,6 +99,7 @@ class FakeKube:
         self.fail_lists: int = 0  # answer this many next list requests with 500
         self.fail_list_status = 500  # the status of those failures
         self.fail_list_retry_after: str | None = None  # their Retry-After header, if any
+        self.refuse_watches: dict[str, int] = {}  # collection path -> HTTP status answering its next watch
         self.short_watches: dict[str, int] = {}  # collection path -> next watches ended at once, without events
         self.expire_continues = 0  # answer this many next continue requests with 410 Expired
         self.cut_next_event: set[str] = set()  # collection paths whose next watch event is cut mid-line
@@ -351,6 +354,11 @@ def serve(fake: FakeKube | None = None, tls: ssl.SSLContext | None = None) -> It
                 self._send_json(404, status_object(404, "NotFound", f"{method} {url.path} not found"))
                 return
             if query.get("watch") == "true":
+                with kube.cond:
+                    watch_refused = kube.refuse_watches.pop(url.path, 0)
+                if watch_refused:
+                    self._send_json(watch_refused, status_object(watch_refused, "Expired", "too old resource version"))
+                    return
                 self._watch(coll, query)
                 return
             with kube.cond:

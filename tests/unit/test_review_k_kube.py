@@ -271,3 +271,20 @@ async def test_every_watch_keeps_its_connection_in_the_pool(
     finally:
         src.stop()
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
+async def test_a_watch_refused_with_410_lists_again_and_removes_what_vanished(
+    fake: FakeKube, started: KubeSource
+) -> None:
+    """A watch refused outright with HTTP 410 (not an ERROR event on an open stream): the version is gone, so the
+    resource is listed again and what disappeared meanwhile is deleted (client-go: isExpiredError, relist).
+    Passes before: a guard."""
+    await wait_for(lambda: fake.open_watches(PODS) == 1, what="pod watch open")
+    with fake.cond:  # a deletion the watch never delivers
+        del fake.collection("Pod").items[("demo", "web-0")]
+        fake.resource_version += 1
+    fake.refuse_watches[PODS] = 410
+    fake.drop_watches()
+    await wait_for(lambda: "web-0" not in workloads(started.store), what="the relist's deletion")
+    assert len(requests(fake, PODS, watch=False)) == 2
+    assert workloads(started.store) == {f"web-{i}" for i in range(1, 5)}

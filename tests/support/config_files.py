@@ -52,3 +52,18 @@ def authorization_policy(action: str, *rules: dict[str, Any]) -> dict[str, Any]:
         "metadata": {"name": "p", "namespace": "demo"},
         "spec": {"action": action, "rules": list(rules)},
     }
+
+
+def demo_client(node: str) -> str:
+    """YAML: namespace ``demo`` enrolled in ambient and its pod ``client`` (10.1.0.5) on ``node``, as the first
+    documents of a config the tests add Services and endpoints to."""
+    return f"""apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: demo}}
+spec: {{nodeName: {node}}}
+status: {{podIP: 10.1.0.5}}
+"""

@@ -20,27 +20,22 @@ from controller.sources.kube import KubeSource, api_client
 from controller.store import ConfigStore
 from controller.translate import Translator
 from controller.validation import parse_documents, parse_yaml_text
+from tests.support.config_files import demo_client
 from tests.support.fake_kube import namespace, serve
 from tests.support.xds_controller import wait_for
 
 DB = "demo/db.demo.svc.cluster.local"
 SLICE_UID = "Kubernetes/discovery.k8s.io/EndpointSlice/demo/db-abc/"
 
-BASE = """apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: n1}
-status: {podIP: 10.1.0.5}
----
+BASE = (
+    demo_client("n1")
+    + """---
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: demo}
 spec: {clusterIP: 10.96.0.50, ports: [{name: pg, port: 5432, targetPort: 6432}, {name: metrics, port: 9187}]}
 """
+)
 
 SLICE = """apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice

@@ -12,6 +12,7 @@ from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wl
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
+from tests.support.config_files import demo_client
 
 CLOSE = "routing_preference: [NETWORK, REGION, ZONE, SUBZONE] mode: FAILOVER"
 
@@ -57,21 +58,15 @@ def test_service_without_selector_is_passed_through_to_its_vip() -> None:
     # With no EndpointSlice read for it the agent had no endpoints and refused every connection from an enrolled
     # pod (no_healthy_upstream); kube-proxy routes the VIP when it is passed through. (With slices it is balanced:
     # tests/unit/test_controller_endpointslices.py.)
-    text = """apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: n1}
-status: {podIP: 10.1.0.5}
----
+    text = (
+        demo_client("n1")
+        + """---
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: demo}
 spec: {clusterIP: 10.96.0.50, ports: [{port: 5432}]}
 """
+    )
     result = parse_yaml_text("t.yaml", text)
     assert result.errors == []
     t = Translator()

@@ -10,17 +10,9 @@ from agent.state import WorkloadStore
 from api.istio.workload import workload_pb2 as wl
 from controller.translate import Translator
 from controller.validation import parse_yaml_text
+from tests.support.config_files import demo_client
 
-CLIENT = """apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: demo}
-spec: {nodeName: node-a}
-status: {podIP: 10.1.0.5}
-"""
+CLIENT = demo_client("node-a")
 
 
 def entry(spec: str) -> str:

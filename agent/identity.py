@@ -7,8 +7,8 @@ certificate (RealTime) overtakes warm-up of newly seen workloads (Warmup), which
 together are not renewed together, and never more often than a floor (a CA near its own expiry cuts every
 certificate to it: see next_refresh); failures back off exponentially with jitter while the still-valid certificate
 keeps serving. A certificate counts as valid while its whole chain is. Times are this node's clock: a renewal whose
-notBefore is still in its future (a CA clock ahead by more than its 2-minute backdating) waits for it while the
-current certificate serves.
+chain's latest notBefore (the leaf's, or an intermediate's minted moments ago) is still in its future (a CA clock
+ahead by more than its backdating) waits for it while the current certificate serves.
 
 The trust bundle is whatever roots the CA returned last (several during a root rotation); when it changes every
 SSL context is rebuilt. It lives in memory only, as ztunnel's: a restarted agent trusts its --root-cert file (kept
@@ -157,12 +157,21 @@ class IssuedCertificate:
     refresh_at: float
     # The earliest expiry among the intermediates and the root the leaf chains through: peers check all of them.
     ca_not_after: float
+    # The latest notBefore among them, likewise: an intermediate minted moments ago by a clock ahead of this
+    # node's makes the whole chain not valid yet here, however far back the leaf is dated.
+    ca_not_before: float
 
     @property
     def expires(self) -> float:
         """When peers stop accepting the chain: the leaf's expiry, or its CA's if that comes first (istiod issues
         the requested TTL past its own expiry; ours cuts the leaf to it)."""
         return min(self.not_after, self.ca_not_after)
+
+    @property
+    def valid_from(self) -> float:
+        """When peers start accepting the chain: the latest notBefore of the leaf and of every certificate it
+        chains through (OpenSSL and BoringSSL check each one's validity period, the anchor's included)."""
+        return max(self.not_before, self.ca_not_before)
 
 
 def new_key_and_csr(identity: Identity) -> tuple[ec.EllipticCurvePrivateKey, str]:
@@ -218,6 +227,7 @@ def parse_response(
     ca_expiry = min(c.not_valid_after_utc for c in (*between, anchor))
     if ca_expiry.timestamp() <= received_at:
         raise InvalidCertificateResponse(f"the CA chain of the leaf certificate expired at {ca_expiry.isoformat()}")
+    ca_not_before = max(c.not_valid_before_utc for c in (*between, anchor)).timestamp()
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -229,8 +239,9 @@ def parse_response(
         serial=leaf.serial_number,
         not_before=not_before,
         not_after=not_after,
-        refresh_at=refresh_at(not_before, min(not_after, ca_expiry.timestamp()), received_at),
+        refresh_at=refresh_at(max(not_before, ca_not_before), min(not_after, ca_expiry.timestamp()), received_at),
         ca_not_after=ca_expiry.timestamp(),
+        ca_not_before=ca_not_before,
     )
 
 
@@ -360,8 +371,8 @@ class CertificateManager:
         )
         self._ahead = Gauge(
             "ambit_cert_not_before_ahead_seconds",
-            "How far in this node's future the notBefore of the latest certificate was; above 0 the CA's clock "
-            "runs ahead of this node's by more than the CA's backdating",
+            "How far in this node's future the latest notBefore of the latest certificate's chain (leaf, "
+            "intermediates, root) was; above 0 the CA's clock runs ahead of this node's by more than its backdating",
             registry=reg,
         )
 
@@ -534,7 +545,7 @@ class CertificateManager:
             return  # the workload left while we were fetching
         held = entry.cert if entry.valid(received) else None
         at = next_refresh(
-            issued.not_before,
+            issued.valid_from,
             issued.expires,
             received,
             min_interval=self.min_refresh_interval,
@@ -545,25 +556,25 @@ class CertificateManager:
         issued = dataclasses.replace(issued, refresh_at=at)
         entry.failures, entry.last_error = 0, ""
         self._check_ca_expiry(issued)
-        ahead = issued.not_before - received
+        ahead = issued.valid_from - received
         self._ahead.labels().set(max(0.0, ahead))
-        if ahead > 0 and held is not None and held.not_before <= received:
+        if ahead > 0 and held is not None and held.valid_from <= received:
             # Peers whose clocks agree with ours would refuse it ("not yet valid") until then, and the held one
             # is still good: swap when the new one becomes valid (or when the held one expires, if sooner)
             # rather than flap every renewal. No new request: asking again would only get another one like it.
             entry.staged = issued
-            swap = min(issued.not_before, held.expires)
+            swap = min(issued.valid_from, held.expires)
             self._at(entry, swap, lambda: self._put_in_service(entry, entry.staged))
             log.warning(
                 "renewed certificate is not valid yet by this node's clock; the current one serves until it is",
-                extra=kv(identity=str(ident), not_before=_iso(issued.not_before), ahead_seconds=round(ahead, 3)),
+                extra=kv(identity=str(ident), not_before=_iso(issued.valid_from), ahead_seconds=round(ahead, 3)),
             )
         else:
             if ahead > 0:
                 log.warning(
                     "certificate is not valid yet by this node's clock; peers with clocks like this node's refuse it "
                     "until its notBefore (the CA's clock is ahead of this node's by more than its backdating)",
-                    extra=kv(identity=str(ident), not_before=_iso(issued.not_before), ahead_seconds=round(ahead, 3)),
+                    extra=kv(identity=str(ident), not_before=_iso(issued.valid_from), ahead_seconds=round(ahead, 3)),
                 )
             self._put_in_service(entry, issued, server_ctx)
         if issued.roots_pem != self._roots:

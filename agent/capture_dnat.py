@@ -34,6 +34,7 @@ atomically (one ``nft -f`` transaction) when the enrolled addresses change or so
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -41,7 +42,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from common.log import kv
@@ -89,7 +90,8 @@ class NoListenerCounts:
     nf_tables gives every new table a larger handle than the netns's tables before it, so a listing with a larger
     handle is a rewrite: what the previous table counted is kept, as last read. The agent reads the counters before
     it rewrites or removes the table, so only what a table counted after that read is lost, and a listing of an
-    older table arriving late is ignored. Fed from the blocking-work thread (syncs) and from the event loop (the
+    older table arriving late is ignored; it reads them right after it wrote a table too, so the series are there,
+    at 0, from then on. Fed from the blocking-work thread (syncs) and from the event loop (the
     poller): a lock."""
 
     def __init__(self) -> None:
@@ -154,6 +156,94 @@ def _no_listener_rule(exprs: list[dict[str, Any]]) -> tuple[tuple[str, str], int
     if packets is None or action is None or family is None:
         return None
     return (family, action), packets
+
+
+def nft_argv(nft: str, args: Sequence[str], netns: str | None = None) -> list[str]:
+    """nft's command line with ``args``, run in the network namespace at path ``netns`` when one is given."""
+    if netns is None:
+        return [nft, *args]
+    # nsenter (util-linux) enters the netns for nft alone: no setns in the agent's own threads
+    return ["nsenter", f"--net={netns}", nft, *args]
+
+
+class CounterRead:
+    """One read of table ``inet <table>``'s no-listener counters into ``counts``: ``nft -j list table`` and what its
+    outcome means, the same whichever way it runs: :meth:`blocking` (DnatCapture, in the reconcile's worker thread,
+    around its writes) or :meth:`run` (DnatCounterCollector's poller, an asyncio subprocess the event loop never
+    waits on). Both return None when the counts are as nft has them, else why not. No table (nothing enrolled on
+    the node, or capture not started yet) is nothing to read, not an error. ``netns`` is the path of the network
+    namespace to read in (``/proc/self/fd/N`` with N in ``pass_fds`` for a namespace held open); by default the
+    caller's."""
+
+    def __init__(
+        self,
+        table: str,
+        counts: NoListenerCounts,
+        *,
+        nft: str = "nft",
+        netns: str | None = None,
+        pass_fds: tuple[int, ...] = (),
+        timeout: float = NFT_TIMEOUT,
+    ) -> None:
+        self.counts = counts
+        self.argv = nft_argv(nft, ("-j", "list", "table", "inet", table), netns)
+        self.pass_fds = pass_fds
+        self.timeout = timeout
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C"}  # nft's errors in English: a missing table is told by its text
+
+    def blocking(self) -> str | None:
+        try:
+            done = subprocess.run(
+                self.argv,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+                pass_fds=self.pass_fds,
+                env=self._env(),
+            )
+        except subprocess.TimeoutExpired:  # run() killed and reaped it
+            return self._timed_out()
+        except OSError as exc:
+            return f"cannot run nft: {exc}"
+        return self.take(done.returncode, done.stdout, done.stderr)
+
+    async def run(self) -> str | None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=self.pass_fds,
+                env=self._env(),
+            )
+        except OSError as exc:
+            return f"cannot run nft: {exc}"
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return self._timed_out()
+        assert proc.returncode is not None  # communicate() waited for it
+        return self.take(proc.returncode, out, err)
+
+    def _timed_out(self) -> str:
+        return f"nft took more than {self.timeout} s"
+
+    def take(self, returncode: int, out: bytes, err: bytes) -> str | None:
+        """Fold a finished ``nft -j list table``'s output into :attr:`counts`; why not, when it cannot be."""
+        if returncode != 0:
+            if b"No such file or directory" in err:
+                return None
+            return err.decode(errors="replace").strip()[-300:] or f"nft exited with {returncode}"
+        try:
+            self.counts.observe(out.decode(errors="replace"))
+        except ValueError as exc:
+            return str(exc)
+        return None
 
 
 _COUNTS: dict[str, NoListenerCounts] = {}
@@ -303,6 +393,9 @@ class DnatCapture:
             )
         self._read_counts()  # a rewrite starts the counters at 0
         self._run(script)
+        # The new table's counters, at 0: their series are exported from now on, not a poll interval later, and
+        # the first SYN dropped is an increase a query sees (a series that appears at 1 has no increase to show).
+        self._read_counts()
         if not self._script:
             log.info(
                 "DNAT capture installed", extra=kv(table=self.table, addresses=len(want), fail_open=self.fail_open)
@@ -324,17 +417,27 @@ class DnatCapture:
         return True
 
     def _listing(self) -> str:
-        """The table as nft lists it now; empty when it does not exist (or nft cannot be run)."""
-        return self._nft_list("--stateless") or ""  # without the drop counter
+        """The table as nft lists it now, without the counters; empty when it does not exist (or nft cannot be
+        run)."""
+        try:
+            done = subprocess.run(
+                self._command("--stateless", "list", "table", "inet", self.table),
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+                check=False,
+                pass_fds=self._fds(),
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
 
     def _read_counts(self) -> None:
-        """Fold the no-listener counters of the table there is now (if any) into :attr:`counts`."""
-        listing = self._nft_list("-j")
-        if listing is not None:
-            try:
-                self.counts.observe(listing)
-            except ValueError as exc:
-                log.warning("cannot read the DNAT capture table's counters", extra=kv(table=self.table, error=str(exc)))
+        """Fold the no-listener counters of the table there is now (if any) into :attr:`counts`, in this thread."""
+        read = CounterRead(self.table, self.counts, nft=self.nft, netns=self._netns_path(), pass_fds=self._fds())
+        error = read.blocking()
+        if error is not None:
+            log.warning("cannot read the DNAT capture table's counters", extra=kv(table=self.table, error=error))
 
     def _run(self, script: str) -> None:
         try:
@@ -352,26 +455,12 @@ class DnatCapture:
         if done.returncode != 0:
             raise DnatCaptureError(f"nft refused table inet {self.table}: {done.stderr.strip()[-400:]}")
 
-    def _nft_list(self, option: str) -> str | None:
-        """``nft <option> list table`` of ours; None when it does not exist or nft cannot be run."""
-        try:
-            done = subprocess.run(
-                self._command(option, "list", "table", "inet", self.table),
-                capture_output=True,
-                text=True,
-                timeout=NFT_TIMEOUT,
-                check=False,
-                pass_fds=self._fds(),
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
     def _command(self, *args: str) -> list[str]:
-        if self._netns is None:
-            return [self.nft, *args]
-        # nsenter (util-linux) opens the netns by the fd it inherits: no setns in the agent's own threads
-        return ["nsenter", f"--net=/proc/self/fd/{self._netns}", self.nft, *args]
+        return nft_argv(self.nft, args, self._netns_path())
+
+    def _netns_path(self) -> str | None:
+        """The bound netns as nsenter opens it: by the fd the child inherits (:meth:`_fds`)."""
+        return None if self._netns is None else f"/proc/self/fd/{self._netns}"
 
     def _fds(self) -> tuple[int, ...]:
         return () if self._netns is None else (self._netns,)

@@ -1,19 +1,19 @@
 """Prometheus view of the DNAT capture table's no-listener counter (agent/capture_dnat.py).
 
 The counter lives in nftables, and reading it means running ``nft``, which a scrape on the event loop must not wait
-for: a poller runs ``nft -j list table`` as an asyncio subprocess in the background (with a timeout, killed past
-it) and a scrape serves what it read last. Istio has no such counter (its redirection is iptables in the pod, whose
-drops it does not export), hence an ``ambit_`` name, after ztunnel's style: a counter of what happened, by label.
+for: a poller runs capture_dnat's CounterRead (``nft -j list table``, the read DnatCapture runs blocking around its
+writes) as an asyncio subprocess in the background (with a timeout, killed past it) and a scrape serves what the
+two read last. Istio has no such counter (its redirection is iptables in the pod, whose drops it does not export),
+hence an ``ambit_`` name, after ztunnel's style: a counter of what happened, by label.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Iterator
 
-from agent.capture_dnat import NoListenerCounts, no_listener_counts, table_name
+from agent.capture_dnat import CounterRead, NoListenerCounts, no_listener_counts, table_name
 from agent.prometheus import MetricFamily, counter_family
 from common.log import kv
 
@@ -43,9 +43,7 @@ class DnatCounterCollector:
         self.timeout = timeout
         self.counts: NoListenerCounts = no_listener_counts(self.table)
         self.read_errors = 0
-        self._argv = [nft, "-j", "list", "table", "inet", self.table]
-        if netns is not None:
-            self._argv = ["nsenter", f"--net={netns}", *self._argv]
+        self._read = CounterRead(self.table, self.counts, nft=nft, netns=netns, timeout=timeout)
         self._failing = False
 
     async def run(self) -> None:
@@ -56,30 +54,9 @@ class DnatCounterCollector:
     async def poll(self) -> bool:
         """Read the table's counters once; False when nft could not (counted, logged when it starts failing). No
         table (nothing enrolled on the node) reads as nothing new."""
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, "LC_ALL": "C"},  # nft's errors in English: a missing table is told by its text
-            )
-        except OSError as exc:
-            return self._failed(f"cannot run nft: {exc}")
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return self._failed(f"nft took more than {self.timeout} s")
-        if proc.returncode != 0:
-            if b"No such file or directory" in err:  # no table: nothing enrolled here, or capture not started yet
-                self._failing = False
-                return True
-            return self._failed(err.decode(errors="replace").strip()[-300:])
-        try:
-            self.counts.observe(out.decode())
-        except ValueError as exc:
-            return self._failed(str(exc))
+        error = await self._read.run()
+        if error is not None:
+            return self._failed(error)
         self._failing = False
         return True
 

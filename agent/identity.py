@@ -50,8 +50,9 @@ log = logging.getLogger("ambit.identity")
 DEFAULT_TTL_SECONDS = 24 * 3600
 # Each refresh moves by up to this fraction of the lifetime either way (Istio's SECRET_GRACE_PERIOD_RATIO_JITTER).
 DEFAULT_REFRESH_JITTER = 0.01
-# Renewals come at most this often, as a fraction of the requested TTL (90 minutes for 24 h certificates): see
-# next_refresh for why, and for the one renewal allowed inside that interval, just before expiry.
+# Renewals come at most this often, as a fraction of the requested TTL (90 minutes for 24 h certificates; the
+# agent's --cert-min-refresh sets it in seconds): see next_refresh for why, and for the one renewal allowed inside
+# that interval, just before expiry.
 DEFAULT_MIN_REFRESH_FRACTION = 1 / 16
 # A renewal due when its certificate lapses comes this long after the lapse: at least a second (a timer firing a
 # hair early would get one more certificate from the expiring CA that lapses at once, and again), spread so that a

@@ -73,6 +73,13 @@ class AgentConfig:
     root_cert: str = field(default="", metadata=doc("PEM root of the controller's CA; enables TLS to the controller"))
     trust_domain: str = field(default="cluster.local", metadata=doc("SPIFFE trust domain"))
     cert_ttl: int = field(default=24 * 3600, metadata=doc("requested workload certificate lifetime, seconds"))
+    cert_min_refresh: float | None = field(
+        default=None,
+        metadata=doc(
+            "seconds a certificate is kept at least before it is renewed, up to half of --cert-ttl (default: 1/16 of"
+            " it); spaces renewals of certificates a CA near its own expiry cuts short"
+        ),
+    )
     instance: str = field(default="default", metadata=doc("capture instance (bpffs pin dir name)"))
     uplink: str = field(
         default="",
@@ -134,6 +141,13 @@ class AgentConfig:
             seconds = getattr(self, name)
             if not (math.isfinite(seconds) and seconds > 0):  # nan and inf parse as floats too
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {seconds}")
+        floor = self.cert_min_refresh
+        # Above half the TTL the floor would postpone every ordinary renewal past its half-life, the margin left
+        # for retries when the CA is down.
+        if floor is not None and not (math.isfinite(floor) and 0 <= floor <= self.cert_ttl / 2):
+            raise ValueError(
+                f"--cert-min-refresh must be 0 to half of --cert-ttl ({self.cert_ttl / 2:g}) seconds, got {floor}"
+            )
 
 
 class Agent:
@@ -157,7 +171,11 @@ class Agent:
         )
         self.ca = CaClient(cfg.controller, token_file=cfg.token_file or None, channel=self.controller)
         self.certs = CertificateManager(
-            self.ca, cfg.trust_domain, ttl_seconds=cfg.cert_ttl, registry=self.metrics.registry
+            self.ca,
+            cfg.trust_domain,
+            ttl_seconds=cfg.cert_ttl,
+            registry=self.metrics.registry,
+            min_refresh_interval=cfg.cert_min_refresh,
         )
         tunnel = TunnelConfig()
         self.pool = HboneConnectionPool(config=tunnel, stats=STATS)

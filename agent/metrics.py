@@ -136,12 +136,14 @@ def _compute_workload(wl: Any) -> tuple[str, ...]:
     )
 
 
-def _compute_service(svc: Any) -> tuple[str, ...]:
+def service_label_values(svc: Any) -> tuple[str, str, str]:
+    """The service's destination_service, destination_service_namespace and destination_service_name, as its
+    series' labels carry them."""
     return (_v(svc.hostname), _v(svc.namespace), _v(svc.name))
 
 
 _workload_labels = ProtoValues(_compute_workload)
-_service_labels = ProtoValues(_compute_service)
+_service_labels = ProtoValues(service_label_values)
 
 
 def _workload_values(wl: Any | None) -> tuple[str, ...]:

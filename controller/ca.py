@@ -109,6 +109,13 @@ class CaMaterial:
         Peers check every one of them, so a leaf is worthless past this instant whatever its own notAfter says."""
         return min(c.not_valid_after_utc for c in (self.cert, *self.intermediates, self.anchor))
 
+    @property
+    def earliest_not_after(self) -> datetime.datetime:
+        """When the first certificate of the signing chain or of the bundle expires: :attr:`chain_not_after`, or
+        a bundled root that no leaf chains through (a rotation's other root) if that comes first. The anchor is
+        one of the bundle's roots, so this is never later than the chain's end."""
+        return min(self.chain_not_after, *(r.not_valid_after_utc for r in self.roots))
+
 
 @dataclass(frozen=True)
 class IssuedKeyPair:
@@ -352,8 +359,7 @@ class CertificateAuthority:
 
     def earliest_expiry(self) -> float:
         """Unix time when the first certificate of the signing chain or bundle expires (the alerting horizon)."""
-        m = self._material
-        return min(c.not_valid_after_utc.timestamp() for c in (m.cert, *m.intermediates, *m.roots))
+        return self._material.earliest_not_after.timestamp()
 
     def roots_pem(self) -> list[str]:
         return [cert_pem(r) for r in self._material.roots]

@@ -9,16 +9,28 @@ identity's certificate is renewed or the trust bundle changes, the caller's cont
 hands out one context per certificate and bundle), and connections made with an older one take no new streams:
 they are retired, closing with their last stream. Otherwise a busy pooled connection, never idle, would go on
 presenting a certificate past its renewal, past its expiry even (TLS checks it once), and trusting a root the mesh
-has since retired.
+has since retired. Which context is current is the order the pool first saw them in: callers take the context
+from CertificateManager right before they ask (no await in between), so a later context is a newer certificate. A
+caller still holding a replaced one (it waited on a handshake across the renewal, or retries) uses the connections
+made with the current one rather than retiring them and dialling with its old certificate again; ztunnel's pool
+has no such caller context at all: each new connection fetches the current certificate (src/proxy/pool.rs
+ConnSpawner::new_pool_conn), whoever asked for it.
+
+A stream the peer refused (RST_STREAM REFUSED_STREAM, or above the last-stream-id of its GOAWAY) was provably not
+processed and is retried once, on another connection: the refusing one takes no new streams (it is retired, as
+ztunnel's checkout drops a connection that is no longer ready_to_use and makes a new one), so the retry cannot land
+on the connection that just refused it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import ssl
 import time
+import weakref
 from dataclasses import dataclass
 
 from agent.tunnel import (
@@ -66,7 +78,7 @@ class _Pooled:
         self.key = key
         self.conn = conn
         self.context = context  # the source's TLS context at the handshake (its certificate, the roots it trusts)
-        self.retired = False  # out of the pool: its context was replaced; closes with its last stream
+        self.retired = False  # out of the pool (context replaced, or it refused a stream); closes with its last stream
         self.created = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.idle_handle: asyncio.TimerHandle | None = None
@@ -90,8 +102,14 @@ class HboneConnectionPool:
         self.config = config or TunnelConfig()
         self.stats = stats or STATS
         self._conns: dict[PoolKey, list[_Pooled]] = {}
-        self._connecting: dict[PoolKey, asyncio.Task[_Pooled]] = {}
+        # The handshake under way for a key, with the context it uses (one per key: openers share it).
+        self._connecting: dict[PoolKey, tuple[ssl.SSLContext, asyncio.Task[_Pooled]]] = {}
         self._retired: set[_Pooled] = set()  # out of the pool, still carrying streams
+        # Contexts in the order first seen (a later one is a renewal), and the latest per source identity; weak,
+        # so a context nothing uses any more (the certificate manager replaced it, its connections closed) goes.
+        self._seen: weakref.WeakKeyDictionary[ssl.SSLContext, int] = weakref.WeakKeyDictionary()
+        self._order = itertools.count()
+        self._newest: weakref.WeakValueDictionary[Identity, ssl.SSLContext] = weakref.WeakValueDictionary()
         self.connections_created = 0
         self.connect_failures = 0
         self._closed = False
@@ -113,38 +131,69 @@ class HboneConnectionPool:
         peer therefore never got.
         """
         for attempt in (1, 2):
+            pooled: _Pooled | None = None
             try:
                 pooled = await self._checkout(key, ssl_context)
                 return await pooled.conn.open_stream(authority, headers, early)
             except HboneConnectError as e:
+                if e.retryable and pooled is not None:
+                    # The peer refused the stream (or went away before it): no new streams there, so the retry, and
+                    # every later request, goes to another connection or a new one.
+                    self._retire(pooled, "refused a stream")
                 if not e.retryable or attempt == 2:
                     raise
                 log.info("HBONE stream refused, retrying on another connection", extra=kv(reason=e.reason))
         raise AssertionError("unreachable")
+
+    def _current(self, src: Identity, ssl_context: ssl.SSLContext) -> ssl.SSLContext:
+        """The newest client context of ``src`` the pool has seen: ``ssl_context``, unless the caller's is one a
+        renewal has since replaced."""
+        seen = self._seen
+        order = seen.get(ssl_context)
+        if order is None:
+            order = seen[ssl_context] = next(self._order)
+        newest = self._newest.get(src)
+        if newest is not None and newest is not ssl_context and seen.get(newest, -1) > order:
+            return newest
+        self._newest[src] = ssl_context
+        return ssl_context
 
     async def _checkout(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         """A usable connection with a free stream slot; it stays usable until the caller's next await."""
         while True:
             if self._closed:
                 raise HboneConnectError(503, "connection pool closed", stage=ConnectStage.POOL)
+            ctx = self._current(key.src, ssl_context)
+            found: _Pooled | None = None
             stale = False
             for pooled in self._conns.get(key, ()):
-                if pooled.context is not ssl_context:
+                if pooled.context is not ctx:
                     stale = True
                     continue
                 conn = pooled.conn
-                if conn.usable and conn.active_streams < self.max_streams_per_conn and conn.available_streams > 0:
-                    return pooled
-            if stale:
-                self._retire_stale(key, ssl_context)
-                continue
-            task = self._connecting.get(key)
-            if task is None:
-                task = asyncio.get_running_loop().create_task(self._connect(key, ssl_context))
-                self._connecting[key] = task
+                if (
+                    found is None
+                    and conn.usable
+                    and conn.active_streams < self.max_streams_per_conn
+                    and conn.available_streams > 0
+                ):
+                    found = pooled
+            if stale:  # also when a current one serves: an idle stale one would stay open until its idle timeout
+                self._retire_stale(key, ctx)
+            if found is not None:
+                return found
+            pending = self._connecting.get(key)
+            if pending is not None and pending[0] is ctx:
+                task = pending[1]
+            else:  # none under way, or one with a context since replaced (its connection will be retired)
+                task = asyncio.get_running_loop().create_task(self._connect(key, ctx))
+                self._connecting[key] = (ctx, task)
                 task.add_done_callback(functools.partial(self._connect_done, key))
             # Every opener for this key waits on the same handshake; cancelling one waiter does not cancel it.
             made = await asyncio.shield(task)
+            if made.retired and made.context is not self._current(key.src, ctx):
+                # Another waiter found the certificate renewed meanwhile and retired it: use the current one's.
+                continue
             if not made.conn.usable:
                 # Gone before anyone used it (GOAWAY, the peer's close, a TLS alert right after the handshake): this
                 # attempt fails, as ztunnel's maker's request on it would. Dialling again here never ended against
@@ -169,7 +218,8 @@ class HboneConnectionPool:
         return pooled
 
     def _connect_done(self, key: PoolKey, task: asyncio.Task[_Pooled]) -> None:
-        if self._connecting.get(key) is task:
+        pending = self._connecting.get(key)
+        if pending is not None and pending[1] is task:
             del self._connecting[key]
         if not task.cancelled():
             task.exception()  # retrieved here so a failure nobody awaited is not logged as "never retrieved"
@@ -191,19 +241,27 @@ class HboneConnectionPool:
                 del self._conns[pooled.key]
 
     def _retire_stale(self, key: PoolKey, ssl_context: ssl.SSLContext) -> None:
-        """Take the key's connections made with another context than ``ssl_context`` out of the pool: those without
-        a stream close now, the others with their last one (:meth:`_on_stream_count`)."""
+        """Take the key's connections made with another context than ``ssl_context`` (the current one) out of the
+        pool."""
         for pooled in [p for p in self._conns.get(key, ()) if p.context is not ssl_context]:
-            pooled.retired = True
-            self._evict(pooled)
+            self._retire(pooled, "the source's certificate or trust bundle changed")
+
+    def _retire(self, pooled: _Pooled, why: str) -> None:
+        """Take ``pooled`` out of the pool: it takes no new streams, closes now if it has none, else with its last
+        one (:meth:`_on_stream_count`). A connection already out of the pool (closed, retired) is left alone."""
+        conns = self._conns.get(pooled.key)
+        if pooled.retired or not conns or pooled not in conns:
+            return
+        pooled.retired = True
+        self._evict(pooled)
+        log.info(
+            "HBONE connection retired: " + why,
+            extra=kv(src=str(pooled.key.src), dst=str(pooled.key.dst), streams=pooled.conn.active_streams),
+        )
+        if pooled.conn.active_streams == 0:
+            pooled.conn.close()
+        else:
             self._retired.add(pooled)
-            log.info(
-                "HBONE connection retired: the source's certificate or trust bundle changed",
-                extra=kv(src=str(key.src), dst=str(key.dst), streams=pooled.conn.active_streams),
-            )
-            if pooled.conn.active_streams == 0:
-                pooled.conn.close()
-                self._retired.discard(pooled)
 
     def _on_stream_count(self, pooled: _Pooled, count: int) -> None:
         if count:
@@ -264,7 +322,7 @@ class HboneConnectionPool:
     async def close(self) -> None:
         """Close every pooled connection (agent shutdown)."""
         self._closed = True
-        for task in list(self._connecting.values()):
+        for _, task in list(self._connecting.values()):
             task.cancel()
         pooled_all = self._all()
         self._retired.clear()

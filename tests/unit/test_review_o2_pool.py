@@ -1,0 +1,305 @@
+"""Reviewer O2: HboneConnectionPool against ztunnel's pool (src/proxy/pool.rs, src/proxy/h2/client.rs).
+
+A stream the peer refused is retried on another connection, and the refusing one takes no new streams (ztunnel's
+checkout drops a connection that is not ready_to_use and makes a new one); waiters that hold a context replaced by
+a renewal use the connection made with the current one (ztunnel's ConnSpawner fetches the current certificate for
+every new connection, whoever asked for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+
+from agent import pool as pool_module
+from agent.hbone import ErrorCode
+from agent.pool import HboneConnectionPool, PoolKey
+from agent.tunnel import ConnectRequest, HboneConnectError, TunnelStats
+from bench.hbone_micro import forward_to_authority
+from common.spiffe import Identity
+from tests.support.hbone_testbed import Backend, HboneServer, roundtrip
+from tests.support.pki import TestCA
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.ca = TestCA()
+        self.client_id = self.ca.identity("default", "client")
+        self.server_id = self.ca.identity("default", "server")
+        self.server_ctx = self.ca.server_context(self.ca.issue(self.server_id))
+
+    def client_ctx(self) -> ssl.SSLContext:
+        """A client context with a certificate of its own: what CertificateManager hands out after each renewal."""
+        return self.ca.client_context(self.ca.issue(self.client_id))
+
+    def key(self, server: HboneServer) -> PoolKey:
+        return PoolKey(self.client_id, self.server_id, server.addr)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh()
+
+
+def refuse(req: ConnectRequest) -> None:
+    """RST_STREAM(REFUSED_STREAM) for a CONNECT: what a peer over its stream limit (or shedding load) sends. The
+    client may send the request again, on another connection (RFC 9113 8.7)."""
+    st = req._stream
+    st._on_reset("refused by the test")
+    req._proto.h2.reset_stream(req.stream_id, ErrorCode.REFUSED_STREAM)
+    req._proto.flush()
+    req._proto.forget_if_closed(st)
+
+
+@pytest.fixture
+async def refusing_first(mesh: Mesh) -> AsyncIterator[HboneServer]:
+    """A server that refuses every stream on the first connection it accepts and serves the others."""
+    first: list[Any] = []
+
+    async def handler(req: ConnectRequest) -> None:
+        if not first:
+            first.append(req._proto)
+        if req._proto is first[0]:
+            refuse(req)
+            return
+        await forward_to_authority(req)
+
+    s = await HboneServer(mesh.server_ctx, handler=handler).start()
+    yield s
+    await s.close()
+
+
+async def _until(cond: Any) -> bool:
+    for _ in range(200):
+        if cond():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(cond())
+
+
+async def test_a_refused_stream_is_retried_on_another_connection(
+    mesh: Mesh,
+    refusing_first: HboneServer,
+    echo: Backend,
+) -> None:
+    """The retry of a refused stream went back to the connection that refused it (still usable, free slots), was
+    refused again and failed the user connection with 503; the refusing connection went on taking new streams."""
+    pool = HboneConnectionPool(stats=TunnelStats())
+    ctx = mesh.client_ctx()
+    try:
+        stream = await pool.open_stream(mesh.key(refusing_first), ctx, echo.addr, [])
+        assert await roundtrip(stream) == b"hello"
+        assert refusing_first.connections == 2 and pool.connections_created == 2
+        assert len(refusing_first.requests) == 2, "one refused, one served"
+        # the refusing connection takes no new stream and closes (it has none left)
+        assert await _until(lambda: refusing_first.stats.connections_closed == 1)
+        later = await pool.open_stream(mesh.key(refusing_first), ctx, echo.addr, [])
+        assert await roundtrip(later) == b"hello"
+        assert pool.connections_created == 2 and len(refusing_first.requests) == 3
+        assert [c["retired"] for c in pool.snapshot()] == [False]
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_that_refused_a_stream_keeps_its_open_streams(
+    mesh: Mesh,
+    echo: Backend,
+) -> None:
+    """Refusing one stream does not cut the others on that connection: it takes no new ones and closes with its
+    last open stream."""
+    refuse_next = False
+
+    async def handler(req: ConnectRequest) -> None:
+        nonlocal refuse_next
+        if refuse_next:
+            refuse_next = False
+            refuse(req)
+            return
+        await forward_to_authority(req)
+
+    server = await HboneServer(mesh.server_ctx, handler=handler).start()
+    pool = HboneConnectionPool(stats=TunnelStats())
+    ctx = mesh.client_ctx()
+    try:
+        busy = await pool.open_stream(mesh.key(server), ctx, echo.addr, [])
+        refuse_next = True
+        retried = await pool.open_stream(mesh.key(server), ctx, echo.addr, [])
+        assert pool.connections_created == 2 and server.connections == 2
+        first = [c for c in pool.snapshot() if c["retired"]]
+        assert len(first) == 1 and first[0]["streams"] == 1
+        assert server.stats.connections_closed == 0
+        assert await roundtrip(busy, b"still") == b"still"
+        assert await _until(lambda: server.stats.connections_closed == 1), "closes with its last stream"
+        assert await roundtrip(retried) == b"hello"
+    finally:
+        await pool.close()
+        await server.close()
+
+
+async def test_a_waiter_holding_a_replaced_context_uses_the_current_connection(
+    mesh: Mesh,
+    echo: Backend,
+) -> None:
+    """A caller that got its context before a renewal (a waiter on a handshake, a retry) retired the connection made
+    with the renewed certificate and dialled again with its old one: the connection presented the old certificate
+    again, and the next caller with the current context retired that one in turn."""
+    server = await HboneServer(mesh.server_ctx).start()
+    pool = HboneConnectionPool(stats=TunnelStats())
+    old, new = mesh.client_ctx(), mesh.client_ctx()
+    try:
+        assert await roundtrip(await pool.open_stream(mesh.key(server), old, echo.addr, [])) == b"hello"
+        assert await roundtrip(await pool.open_stream(mesh.key(server), new, echo.addr, [])) == b"hello"
+        assert pool.connections_created == 2  # renewed: the old connection is retired
+        late = await pool.open_stream(mesh.key(server), old, echo.addr, [])  # a caller still holding `old`
+        assert await roundtrip(late) == b"hello"
+        assert pool.connections_created == 2, "the connection made with the current certificate serves it"
+        again = await pool.open_stream(mesh.key(server), new, echo.addr, [])
+        assert await roundtrip(again) == b"hello"
+        assert pool.connections_created == 2 and server.connections == 2
+        assert [c["retired"] for c in pool.snapshot()] == [False]
+    finally:
+        await pool.close()
+        await server.close()
+
+
+class _Gated:
+    """A fake connection for handshakes the test completes one by one."""
+
+    peer_identity = Identity("cluster.local", "default", "server")
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.usable = True
+        self.streams = 0
+        self.closed = asyncio.get_running_loop().create_future()
+        self.cb: Any = None
+
+    @property
+    def active_streams(self) -> int:
+        return self.streams
+
+    @property
+    def available_streams(self) -> int:
+        return 100 if self.usable else 0
+
+    def set_stream_count_callback(self, cb: Any) -> None:
+        self.cb = cb
+
+    async def open_stream(self, *args: Any) -> Any:
+        self.streams += 1
+        return self
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+    def close(self) -> None:
+        self.usable = False
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def test_waiters_across_a_renewal_end_on_one_connection_with_the_new_certificate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Callers wait on a handshake made with the old context when the certificate is renewed; a caller with the new
+    context arrives meanwhile. Each wake-up retired what the other side had just opened: every connection but the
+    last was a wasted handshake, and the old certificate was dialled again after the renewal."""
+    made: list[_Gated] = []
+    gates: list[asyncio.Future[None]] = []
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        gate = asyncio.get_running_loop().create_future()
+        gates.append(gate)
+        await gate
+        conn = _Gated(ctx)
+        made.append(conn)
+        return conn
+
+    async def release_all() -> None:
+        for _ in range(20):  # a bounded number of handshakes, each completed in turn
+            await asyncio.sleep(0)
+            for g in gates:
+                if not g.done():
+                    g.set_result(None)
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, ("10.2.0.7", 15008))
+    old, new = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    first = asyncio.ensure_future(p.open_stream(key, old, "10.2.0.7:8080", []))
+    assert await _until(lambda: len(gates) == 1)  # the old-context handshake is under way
+    renewed = asyncio.ensure_future(p.open_stream(key, new, "10.2.0.7:8080", []))
+    await asyncio.sleep(0)
+    stale = asyncio.ensure_future(p.open_stream(key, old, "10.2.0.7:8080", []))  # e.g. a retry, holding `old`
+    await asyncio.sleep(0)
+    await release_all()
+    streams: list[Any] = list(await asyncio.gather(first, renewed, stale))
+    assert {s.ctx for s in streams} == {new}, "every caller ends on the connection with the new certificate"
+    assert [c.ctx for c in made].count(old) <= 1, "the old certificate is never dialled after the renewal"
+    assert len(made) <= 2
+    assert p.connection_count() == 1
+    await p.close()
+
+
+async def test_a_new_connection_retired_by_a_renewal_is_no_failure_for_its_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiters of a handshake whose connection another waiter retired (its context was replaced meanwhile)
+    found it closed and failed as if the peer had closed it ('new connection closed before use')."""
+    gates: list[asyncio.Future[None]] = []
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        gate = asyncio.get_running_loop().create_future()
+        gates.append(gate)
+        await gate
+        return _Gated(ctx)
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, ("10.2.0.7", 15008))
+    old, new = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    waiters = [asyncio.ensure_future(p.open_stream(key, old, "10.2.0.7:8080", [])) for _ in range(3)]
+    assert await _until(lambda: len(gates) == 1)
+    late = asyncio.ensure_future(p.open_stream(key, new, "10.2.0.7:8080", []))
+    for _ in range(10):
+        await asyncio.sleep(0)
+        for g in gates:
+            if not g.done():
+                g.set_result(None)
+    results = await asyncio.gather(*waiters, late, return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert {cast(Any, r).ctx for r in results} == {new}
+    await p.close()
+
+
+async def test_a_retryable_failure_of_a_new_connection_still_fails_once_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guard: a new connection gone before use still fails the attempt (bcb0d3a), also with contexts tracked."""
+
+    class Gone(_Gated):
+        def __init__(self, ctx: ssl.SSLContext) -> None:
+            super().__init__(ctx)
+            self.close()
+
+    dials = 0
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        nonlocal dials
+        dials += 1
+        if dials > 10:
+            raise RuntimeError("still dialling")
+        return Gone(ctx)
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, ("10.2.0.7", 15008))
+    with pytest.raises(HboneConnectError):
+        await p.open_stream(key, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "10.2.0.7:8080", [])
+    assert dials == 2
+    await p.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,13 @@ class ControllerConfig:
         default=node_auth.REFUSED_CACHE_SIZE,
         metadata=doc("--kube: refused tokens remembered at most, apart from the accepted ones; 0 remembers none"),
     )
+    token_review_timeout_seconds: float = field(
+        default=node_auth.REVIEW_TIMEOUT_SECONDS,
+        metadata=doc(
+            "--kube: seconds each API call of a token review (the TokenReview, then the agent's pod) may take before"
+            " the agent's request is refused as UNAVAILABLE, which it retries"
+        ),
+    )
     cluster_id: str = field(default="Kubernetes", metadata=doc("cluster id written into workload uids"))
     root_namespace: str = field(default="istio-system", metadata=doc("mesh root namespace (global policies)"))
     poll_interval: float = field(default=0.2, metadata=doc("seconds between config directory scans"))
@@ -114,6 +122,9 @@ class ControllerConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        timeout = self.token_review_timeout_seconds
+        if not (math.isfinite(timeout) and timeout > 0):  # nan and inf parse as floats too
+            raise ValueError(f"--token-review-timeout-seconds: must be a positive number of seconds, got {timeout}")
 
     def bind_address(self) -> str:
         return self.listen_address or any_address()
@@ -122,13 +133,14 @@ class ControllerConfig:
         return self.state_dir or default_state_dir(self.config_dir)
 
     def token_review(self, api_client: Any) -> node_auth.TokenReviewAuthenticator:
-        """The TokenReview authenticator of ``--kube``, with this config's caches."""
+        """The TokenReview authenticator of ``--kube``, with this config's caches and timeout."""
         return node_auth.TokenReviewAuthenticator(
             api_client,
             cache_seconds=self.token_review_cache_seconds,
             cache_size=self.token_review_cache_size,
             failure_cache_seconds=self.token_review_failure_cache_seconds,
             failure_cache_size=self.token_review_failure_cache_size,
+            request_timeout=self.token_review_timeout_seconds,
         )
 
 

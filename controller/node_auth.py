@@ -5,9 +5,9 @@ Two authenticators, chosen by the controller's flags:
   ``{"<node>": "<token>"}`` that ``lab up`` provisions.
 - :class:`TokenReviewAuthenticator` (cluster): the agent's projected service-account token (audience ``istio-ca``)
   checked with the Kubernetes TokenReview API; the token's bound pod gives the node, as istiod's node authorizer.
-  Answers are cached (by default acceptances 60 s, definite refusals 10 s, API failures never; the controller's
-  ``--token-review-*`` flags) and concurrent requests with one token share one review, so no caller can make the
-  controller flood the API server.
+  Answers are cached (by default acceptances 60 s, definite refusals 10 s, API failures never), each API call gives
+  up after 10 s (the controller's ``--token-review-*`` flags set both), and concurrent requests with one token share
+  one review, so no caller can make the controller flood the API server.
 
 Failures are split by what the caller can do about them: :class:`AuthenticationError` (no or bad credential ->
 UNAUTHENTICATED), :class:`UntrustedCallerError` (valid credential, but not a node agent -> PERMISSION_DENIED),
@@ -41,6 +41,10 @@ ACCEPTED_CACHE_SECONDS = 60.0
 ACCEPTED_CACHE_SIZE = 4096
 REFUSED_CACHE_SECONDS = 10.0
 REFUSED_CACHE_SIZE = 4096
+# Each API call of a review (the TokenReview, then the caller's pod) gives up after this long: a hung API server
+# must not hold a token's review, and every request waiting for it, for ever. The controller's
+# --token-review-timeout-seconds sets it; agents give up on a CA call after 10 s themselves (agent/ca_client.py).
+REVIEW_TIMEOUT_SECONDS = 10.0
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -224,7 +228,7 @@ class TokenReviewAuthenticator:
         cache_size: int = ACCEPTED_CACHE_SIZE,
         failure_cache_seconds: float = REFUSED_CACHE_SECONDS,
         failure_cache_size: int = REFUSED_CACHE_SIZE,
-        request_timeout: float = 10.0,
+        request_timeout: float = REVIEW_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client as k8s

@@ -378,12 +378,12 @@ class Metrics:
 
         As ztunnel: the bytes go to the series the connection was opened with (it takes those counters when
         the connection starts and adds to them as bytes move), while closed and failed carry the final
-        response flag."""
+        response flag. Both byte series are kept, at 0 when nothing moved that way: ztunnel's exist from the
+        connection's open (get_or_create), and one that showed at 0 while the connection relayed must not leave the
+        scrape at its close."""
         t = self.traffic
-        if bytes_up:
-            t.received[labels] += bytes_up
-        if bytes_down:
-            t.sent[labels] += bytes_down
+        t.received[labels] += bytes_up
+        t.sent[labels] += bytes_down
         t.sockets_open[labels[REPORTER]] -= 1
         if flags != labels[RESPONSE_FLAGS]:
             labels = (*labels[:RESPONSE_FLAGS], flags, *labels[RESPONSE_FLAGS + 1 :])

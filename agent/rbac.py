@@ -13,6 +13,19 @@ Nesting (Istio's names): `Authorization.groups` are OR-ed, a `Group`'s `rules` a
 field being `(no positives or any positive) and (no negatives or no negative)`. A policy with no groups
 never matches, a group with no rules and a `Rules` with no matches match everything, and an empty `Match`
 is skipped (it matches nothing).
+
+Malformed entries. An IP entry that is no address (not 4 or 16 bytes) or whose prefix is longer than its address,
+or a port above 65535, denotes no set of peers we can know. ztunnel's conversion (src/rbac.rs ``TryFrom<&Match>
+for RbacMatch``) drops such an IP entry alone (``filter_map(.. try_into().ok())``) and truncates a port
+(``*p as u16``: 65616 becomes 80); both can widen the policy: an ALLOW ``from 10.0.0.0/40 to port 80`` becomes
+``to port 80`` from anyone, and an entry of ``not_source_ips`` dropped lets that range in. Here each malformed entry
+is read the way that makes the policy decide the least in the peer's favour, whatever it was meant to say: in an
+ALLOW an unknown positive value matches nobody (the entry is dropped; a field left with no value makes its Match
+match nothing) and an unknown negative value excludes everybody (the Match matches nothing); in a DENY an unknown
+positive value matches anybody (the field stops narrowing the Match, which matches everything when nothing else is
+left) and an unknown negative value excludes nobody (the entry is dropped). ANDs and ORs are monotone, so an
+ALLOW never admits more, and a DENY never denies less, than its author's policy with any reading of the bad
+entries. :func:`malformed_entries` lists them for the xDS client to log and count.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from common.spiffe import Identity
 # Values of istio.security.Action; compared as ints so this module does not need the generated code.
 ACTION_ALLOW = 0
 ACTION_DENY = 1
+MAX_PORT = 65535  # ports are 16-bit; the protos carry uint32
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +151,8 @@ def _compiled(policy: Any) -> tuple[tuple[_Clause, ...], ...]:
     if entry is not None and entry[0] is policy:
         _COMPILED.move_to_end(key)
         return entry[1]
-    groups = tuple(tuple(_clause(rules) for rules in group.rules) for group in policy.groups)
+    deny = policy.action == ACTION_DENY
+    groups = tuple(tuple(_clause(rules, deny) for rules in group.rules) for group in policy.groups)
     _COMPILED[key] = (policy, groups)
     _COMPILED.move_to_end(key)
     if len(_COMPILED) > COMPILED_LIMIT:
@@ -145,10 +160,10 @@ def _compiled(policy: Any) -> tuple[tuple[_Clause, ...], ...]:
     return groups
 
 
-def _clause(rules: Any) -> _Clause:
+def _clause(rules: Any, deny: bool) -> _Clause:
     if len(rules.matches) == 0:
         return None  # an empty clause counts as matched
-    return tuple(c for c in (_compile(m) for m in rules.matches) if not c.empty)
+    return tuple(c for c in (_compile(m, deny) for m in rules.matches) if c is not None)
 
 
 class _Peer:
@@ -182,15 +197,12 @@ _Test = Callable[[_Peer, Any], bool]
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    """A `Match` with what ztunnel's conversion drops already dropped (unset StringMatch, malformed CIDR): for each
-    field it sets, the field's test with its positive and negative values. Values of one field are OR-ed, the
-    fields AND-ed, each being `(no positives or any positive) and (no negatives or no negative)`."""
+    """A `Match` with what ztunnel's conversion drops already dropped (unset StringMatch) and its malformed entries
+    read as the module docstring says: for each field left, the field's test with its positive and negative values.
+    Values of one field are OR-ed, the fields AND-ed, each being `(no positives or any positive) and (no negatives
+    or no negative)`; with no field left (a DENY's malformed values only) it matches everything."""
 
     fields: tuple[tuple[_Test, tuple[Any, ...], tuple[Any, ...]], ...]
-
-    @property
-    def empty(self) -> bool:
-        return not self.fields
 
     def matches(self, peer: _Peer) -> bool:
         for test, positive, negative in self.fields:
@@ -225,44 +237,128 @@ def _namespace(peer: _Peer, sm: tuple[str, str]) -> bool:
     return peer.namespace is not None and _string_holds(sm, peer.namespace)
 
 
-def _compile(m: Any) -> _Match:
-    # ztunnel's field order (Authorization::matches): cheap and selective ones first changes no outcome.
-    fields = (
-        (_dst_ip, _nets(m.destination_ips), _nets(m.not_destination_ips)),
-        (_src_ip, _nets(m.source_ips), _nets(m.not_source_ips)),
-        (_port, tuple(m.destination_ports), tuple(m.not_destination_ports)),
-        (
-            _service_account,
-            tuple((s.namespace, s.serviceAccount) for s in m.service_accounts),
-            tuple((s.namespace, s.serviceAccount) for s in m.not_service_accounts),
-        ),
-        (_principal, _strings(m.principals), _strings(m.not_principals)),
-        (_namespace, _strings(m.namespaces), _strings(m.not_namespaces)),
-    )
-    return _Match(tuple(f for f in fields if f[1] or f[2]))
+# (positive field, negative field, test, parse) in ztunnel's field order (Authorization::matches): cheap and
+# selective ones first changes no outcome.
+_FIELDS: tuple[tuple[str, str, _Test, Callable[[Sequence[Any]], tuple[tuple[Any, ...], int]]], ...]
 
 
-def _strings(values: Sequence[Any]) -> tuple[tuple[str, str], ...]:
-    """StringMatches as (kind, value); unset ones dropped, as ztunnel's conversion does."""
+def _compile(m: Any, deny: bool) -> _Match | None:
+    """The matchable form of Match ``m`` of an ALLOW (``deny`` False) or a DENY policy; None when it matches
+    nothing: empty (ztunnel skips it) or, in an ALLOW, made so by a malformed entry."""
+    fields = []
+    empty = True
+    for positive_field, negative_field, test, parse in _FIELDS:
+        positive, positive_bad = parse(getattr(m, positive_field))
+        negative, negative_bad = parse(getattr(m, negative_field))
+        if positive or negative or positive_bad or negative_bad:
+            empty = False
+        if positive_bad:
+            if deny:
+                positive = ()  # an unknown value matches anybody: the field no longer narrows the DENY
+            elif not positive:
+                return None  # only unknown values, which match nobody: neither does the ALLOW's Match
+        if negative_bad and not deny:
+            return None  # an unknown exclusion excludes everybody from the ALLOW's Match
+        if positive or negative:
+            fields.append((test, positive, negative))
+    return None if empty else _Match(tuple(fields))
+
+
+def _strings(values: Sequence[Any]) -> tuple[tuple[tuple[str, str], ...], int]:
+    """StringMatches as (kind, value); unset ones dropped, as ztunnel's conversion does (left out of the malformed
+    entries' rule above, which covers addresses and ports only)."""
     out = []
     for v in values:
         kind = v.WhichOneof("match_type")
         if kind is not None:
             out.append((kind, "" if kind == "presence" else getattr(v, kind)))
-    return tuple(out)
+    return tuple(out), 0
 
 
-def _nets(values: Sequence[Any]) -> tuple[Net, ...]:
-    out: list[Net] = []
-    for a in values:
-        raw = bytes(a.address)
-        if len(raw) not in (4, 16):
-            continue
-        try:
-            out.append(ipaddress.ip_network((ipaddress.ip_address(raw), a.length), strict=False))
-        except ValueError:
-            continue  # prefix longer than the address: dropped, as ztunnel does
-    return tuple(out)
+def _service_accounts(values: Sequence[Any]) -> tuple[tuple[tuple[str, str], ...], int]:
+    return tuple((s.namespace, s.serviceAccount) for s in values), 0
+
+
+def parse_net(entry: Any) -> Net | None:
+    """An `istio.security.Address` as a network, or None when malformed: not 4 or 16 bytes, or a prefix longer than
+    the address (ztunnel's IpNet::new refuses it; its ``length as u8`` would first wrap 288 to 32, not done here)."""
+    raw = bytes(entry.address)
+    if len(raw) not in (4, 16) or entry.length > len(raw) * 8:
+        return None
+    return ipaddress.ip_network((ipaddress.ip_address(raw), entry.length), strict=False)
+
+
+def _nets(values: Sequence[Any]) -> tuple[tuple[Net, ...], int]:
+    out = tuple(n for n in (parse_net(a) for a in values) if n is not None)
+    return out, len(values) - len(out)
+
+
+def _ports(values: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    out = tuple(p for p in values if p <= MAX_PORT)
+    return out, len(values) - len(out)
+
+
+_FIELDS = (
+    ("destination_ips", "not_destination_ips", _dst_ip, _nets),
+    ("source_ips", "not_source_ips", _src_ip, _nets),
+    ("destination_ports", "not_destination_ports", _port, _ports),
+    ("service_accounts", "not_service_accounts", _service_account, _service_accounts),
+    ("principals", "not_principals", _principal, _strings),
+    ("namespaces", "not_namespaces", _namespace, _strings),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedEntry:
+    """One entry of a policy that :func:`malformed_entries` found malformed, and how it is read."""
+
+    path: str  # e.g. "groups[0].rules[1].matches[0].source_ips[2]"
+    field: str  # e.g. "source_ips"
+    value: str  # what it holds, e.g. "address of 3 bytes", "10.0.0.0/40", "70000"
+    reading: str  # what evaluation makes of it
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.value}): {self.reading}"
+
+
+def _describe_net(entry: Any) -> str:
+    raw = bytes(entry.address)
+    if len(raw) not in (4, 16):
+        return f"address of {len(raw)} bytes"
+    return f"{ipaddress.ip_address(raw)}/{entry.length}"
+
+
+def malformed_entries(policy: Any) -> list[MalformedEntry]:
+    """The IP entries and ports of ``policy`` that denote nothing we can know, each with its reading (module
+    docstring); empty for a well-formed policy."""
+    deny = policy.action == ACTION_DENY
+    out: list[MalformedEntry] = []
+    for g, group in enumerate(policy.groups):
+        for r, rules in enumerate(group.rules):
+            for i, m in enumerate(rules.matches):
+                where = f"groups[{g}].rules[{r}].matches[{i}]"
+                for positive_field, negative_field, _test, parse in _FIELDS[:3]:
+                    for name, positive in ((positive_field, True), (negative_field, False)):
+                        values = getattr(m, name)
+                        good, bad = parse(values)
+                        if not bad:
+                            continue
+                        reading = _reading(deny, positive, bool(good))
+                        for j, v in enumerate(values):
+                            if isinstance(v, int):
+                                if v > MAX_PORT:
+                                    out.append(MalformedEntry(f"{where}.{name}[{j}]", name, str(v), reading))
+                            elif parse_net(v) is None:
+                                out.append(MalformedEntry(f"{where}.{name}[{j}]", name, _describe_net(v), reading))
+    return out
+
+
+def _reading(deny: bool, positive: bool, others: bool) -> str:
+    if deny:
+        return "read as any value: the field no longer narrows this DENY" if positive else "dropped"
+    if positive and others:
+        return "dropped (the field's other values still apply)"
+    return "this Match of the ALLOW matches nothing"
 
 
 def _string_holds(sm: tuple[str, str], value: str) -> bool:

@@ -2,7 +2,10 @@
 
 - Wildcard subscription to ``istio.workload.Address`` and ``istio.security.Authorization``.
 - Every response is ACKed or NACKed by nonce. A NACK's ``error_detail.message`` is ``"name: reason; ..."`` for
-  the resources that could not be decoded or validated; the valid resources of that response still apply.
+  the resources that could not be decoded or validated; the valid resources of that response still apply. An
+  Authorization is not refused for malformed IP entries or ports in its matches (ztunnel keeps it too): agent.rbac
+  reads each the restrictive way, and each is logged with its policy and path and counted in
+  ``ambit_xds_authorization_malformed_entries``.
 - ``ready`` is set once a response of every type has been applied and ACKed, as ztunnel counts a type synced
   only on its first ACK: a NACKed first response keeps the agent not ready (:meth:`XdsClient.not_ready_reason`
   says which type and why) until a later response of that type applies cleanly. It stays set after that.
@@ -43,6 +46,7 @@ from google.protobuf.message import DecodeError, Message
 
 from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError
 from agent.prometheus import Counter, Registry
+from agent.rbac import MalformedEntry, malformed_entries
 from agent.state import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
@@ -129,16 +133,10 @@ def validate_authorization(name: str, policy: authz_pb.Authorization) -> str | N
         return "policy has no name"
     if name != policy_key(policy):
         return f"resource name does not match policy {policy_key(policy)!r}"
-    reason = _unknown(authz_pb.Action, "action", policy.action) or _unknown(authz_pb.Scope, "scope", policy.scope)
-    if reason is not None:
-        return reason
-    for group in policy.groups:
-        for rules in group.rules:
-            for match in rules.matches:
-                for a in (*match.source_ips, *match.destination_ips, *match.not_source_ips, *match.not_destination_ips):
-                    if not _valid_ip(a.address):
-                        return f"ip match of {len(a.address)} bytes is not an IPv4/IPv6 address"
-    return None
+    # Malformed IP entries and ports in its matches do not reject a policy: ztunnel keeps the policy too (src/rbac.rs
+    # drops such an IP entry), and refusing it would leave a new DENY unenforced, or a new ALLOW missing, which with
+    # no other ALLOW admits everybody. agent.rbac reads each one the safe way; decode_response lists them.
+    return _unknown(authz_pb.Action, "action", policy.action) or _unknown(authz_pb.Scope, "scope", policy.scope)
 
 
 _DECODERS: dict[str, tuple[type[Message], Callable[[str, Any], str | None]]] = {
@@ -153,6 +151,8 @@ class DecodedDelta:
     upserts: dict[str, tuple[Any, str]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (resource name, reason)
+    # Malformed entries of accepted policies, read the safe way by agent.rbac: (resource name, version, entry).
+    dropped: list[tuple[str, str, MalformedEntry]] = field(default_factory=list)
     # The Resource each upsert came from, for the state file: with a name twice in a response, not a later
     # copy that was rejected.
     sources: dict[str, discovery_pb2.Resource] = field(default_factory=dict)
@@ -186,6 +186,8 @@ def decode_response(resp: discovery_pb2.DeltaDiscoveryResponse) -> DecodedDelta:
             continue
         out.upserts[name] = (msg, res.version)
         out.sources[name] = res
+        if resp.type_url == AUTHORIZATION_TYPE:
+            out.dropped.extend((name, res.version, entry) for entry in malformed_entries(msg))
     return out
 
 
@@ -263,6 +265,14 @@ class XdsMetrics:
         self.messages = Counter("istio_xds_message", "xDS responses received, by type URL", ["url"], registry=registry)
         self.message_bytes = Counter(
             "istio_xds_message_bytes", "Bytes of xDS responses received, by type URL", ["url"], registry=registry
+        )
+        # Not ztunnel's (it drops such entries without a word): what an operator needs to find a policy that is
+        # enforced otherwise than written.
+        self.malformed_entries = Counter(
+            "ambit_xds_authorization_malformed_entries",
+            "Malformed IP and port entries of accepted authorization policies, read the restrictive way, by field",
+            ["field"],
+            registry=registry,
         )
 
 
@@ -356,6 +366,7 @@ class XdsClient:
             "nacks": 0,
             "last_nack": "",
             "last_error": "",
+            "malformed_entries": 0,
         }
         self.metrics = XdsMetrics(registry) if registry is not None else None
         self._synced_types: set[str] = set()  # types with an ACKed response: ready once all are here
@@ -421,6 +432,7 @@ class XdsClient:
             if decoded.errors:
                 log.warning("state file entries skipped", extra=kv(errors=nack_message(decoded.errors)))
             self.store.apply(decoded.type_url, decoded.upserts, ())
+            self._report_malformed(decoded, "state file")
             self._good[decoded.type_url].update(decoded.serialized_sources())
             count += len(decoded.upserts)
         self.restored = True
@@ -546,6 +558,7 @@ class XdsClient:
             # A rejected update leaves the previous version in the store and the file; its version differs from
             # the server's, so a resume asks for it again.
             good.update(decoded.serialized_sources())
+            self._report_malformed(decoded, f"nonce {resp.nonce}")
         self.stats["responses"] += 1
         if self.metrics is not None:
             self.metrics.messages.labels(resp.type_url).inc()
@@ -576,6 +589,28 @@ class XdsClient:
             if self.ready.is_set() or self.restored:
                 self._save_wanted.set()
         return ack
+
+    def _report_malformed(self, decoded: DecodedDelta, source: str) -> None:
+        """Log and count the malformed entries of the policies just applied: accepted (ACKed, as ztunnel does), but
+        enforced otherwise than the controller sent them (agent.rbac's restrictive reading)."""
+        for name, version, entry in decoded.dropped:
+            policy = decoded.upserts[name][0]
+            self.stats["malformed_entries"] += 1
+            if self.metrics is not None:
+                self.metrics.malformed_entries.labels(entry.field).inc()
+            log.warning(
+                "authorization policy entry malformed",
+                extra=kv(
+                    policy=name,
+                    version=version,
+                    action=authz_pb.Action.Name(policy.action),
+                    dry_run=policy.dry_run,
+                    entry=entry.path,
+                    value=entry.value,
+                    reading=entry.reading,
+                    source=source,
+                ),
+            )
 
     def _track_sync(self, type_url: str, error: str | None) -> None:
         if error is not None:

@@ -30,9 +30,9 @@ def test_a_policy_is_read_once_for_many_connections(monkeypatch: pytest.MonkeyPa
     reads: list[object] = []
     original = rbac._compile
 
-    def counting(m: object) -> object:
+    def counting(m: object, deny: bool) -> object:
         reads.append(m)
-        return original(m)
+        return original(m, deny)
 
     monkeypatch.setattr(rbac, "_compile", counting)
     policies = [allow_port(80, "a"), allow_port(8080, "b")]

@@ -2,14 +2,15 @@
 
 Per resource: list (in pages, remembering ``metadata.resourceVersion``), then watch from that version with
 bookmarks; a watch that ends (server timeout, dropped connection) resumes from the last version seen, after the
-backoff if it ended within a second without an event; a 410 Gone (as an
-``ERROR`` event or an HTTP status) means the version was compacted away, so the resource is listed again and
-the store gets the difference. "Too large resource version" (the server's store is behind the version: an etcd
-restore) is listed again too, after the backoff. A kind the API does not serve at its version is tried at the
-older one (Istio's v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served,
-starts again from the preferred version, so CRDs installed or upgraded later are found. Other errors back off
-exponentially (0.2 s doubling to 30 s, each wait up to twice that at random), and at least as long as an error
-response's Retry-After asks (urllib3's default Retry already waits it out itself for 429 and 503).
+backoff if it ended within a second without an event; a 410 Gone (as an ``ERROR`` event or an HTTP status) means
+the version was compacted away, so the resource is listed again, after the backoff, and the store gets the
+difference. "Too large resource version" (the server's store is behind the version: an etcd restore) is listed
+again too, after the backoff. A kind the API does not serve at its version is tried at the older one (Istio's
+v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served, starts again from
+the preferred version, so CRDs installed or upgraded later are found. Other errors back off exponentially as
+client-go's reflector does (0.8 s doubling to 30 s, each wait up to twice that at random, back to 0.8 s after two
+minutes without one), and at least as long as an error response's Retry-After asks (urllib3's default Retry
+already waits it out itself for 429 and 503).
 
 The ``kubernetes`` client is blocking (urllib3), and a watch blocks in a socket read for minutes. Each watch
 therefore runs in its own daemon thread: the default executor behind ``asyncio.to_thread`` has only a few
@@ -32,7 +33,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,12 @@ WATCH_TIMEOUT_SECONDS = 300
 # once would be a tight loop of requests against it (client-go's reflector watchHandler: "very short watch").
 SHORT_WATCH_SECONDS = 1.0
 RETRY_AFTER_MAX = 60.0  # a Retry-After longer than this is waited for this long: a broken header must not stall us
+# client-go's reflector backoff (tools/cache/reflector.go NewReflectorWithOptions:
+# wait.NewExponentialBackoffManager(800ms, 30s, 2m, 2.0, 1.0)): the first wait 0.8 s, doubling to 30 s, each wait up to
+# twice that at random, and back to 0.8 s once two minutes passed without one.
+BACKOFF_INITIAL = 0.8
+BACKOFF_MAX = 30.0
+BACKOFF_RESET = 120.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,38 @@ def jittered(seconds: float) -> float:
     resource of every replica fails in the same instant, and waits without jitter would bring them all back in the
     same instant again, at each step of the backoff."""
     return seconds * (1.0 + random.random())
+
+
+class Backoff:
+    """The waits between a resource's failed attempts, as client-go's reflector paces them (apimachinery wait's
+    exponentialBackoffManagerImpl): each wait is the current step jittered up to twice it, the step doubles up to
+    ``cap``, and it starts over from ``initial`` when ``reset_after`` seconds passed since the last wait began. It is
+    not reset by a success: a server that fails every attempt soon after accepting it keeps being backed off from,
+    where a reset on each success would retry it every 0.8 s for ever."""
+
+    def __init__(
+        self,
+        initial: float = BACKOFF_INITIAL,
+        cap: float = BACKOFF_MAX,
+        reset_after: float = BACKOFF_RESET,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.reset_after = reset_after
+        self.step = initial
+        self._clock = clock
+        self._last = clock()
+
+    def next(self) -> float:
+        """The seconds to wait now; moves the backoff on."""
+        now = self._clock()
+        if now - self._last > self.reset_after:
+            self.step = self.initial
+        self._last = now
+        wait = jittered(self.step)
+        self.step = min(self.cap, self.step * 2.0)
+        return wait
 
 
 def retry_after(error: Any) -> float:
@@ -244,7 +283,7 @@ class _Watcher:
         self.preferred = resource  # what a retry after "not served" asks for first: CRDs may be installed since
         self.stopped = threading.Event()
         self.resource_version = ""
-        self.backoff = source.backoff_initial
+        self.backoff = Backoff(source.backoff_initial, source.backoff_max)
         self.missing = False
         self.listed = False  # a list of this resource has been applied since start
         self._response: Any = None
@@ -276,13 +315,11 @@ class _Watcher:
                 if not self.resource_version:
                     self._list()
                 self._watch()
-                self.backoff = self.source.backoff_initial
             except WatchExpired:
-                log.info("watch expired (410); listing again", extra=kv(resource=self.resource.plural))
-                self.resource_version = ""
+                self._expired()
             except ApiException as e:
                 if e.status == 410:
-                    self.resource_version = ""
+                    self._expired()
                 elif too_large_version(_json(e.body)):
                     self.resource_version = ""  # listed afresh after the backoff: a lagging server may catch up
                     self._failed(f"HTTP {e.status}: {e.reason}", retry_after(e))
@@ -330,16 +367,29 @@ class _Watcher:
         # serve only the newer one.
         self.resource = self.preferred
 
+    def _expired(self) -> None:
+        """410 Gone: the version was compacted away; list again, after the backoff. client-go's reflector ends
+        ListAndWatch there and its Run loop (wait.BackoffUntil with the backoff manager) waits before the next list:
+        a compaction expires the watches of every resource of every replica at once, and relisting all of them in
+        the same instant is a burst of full lists against an API server that just compacted."""
+        self.resource_version = ""
+        if self.stopped.is_set():
+            return
+        wait = self.backoff.next()
+        log.info(
+            "kube watch expired (410); listing again", extra=kv(resource=self.resource.plural, list_in=round(wait, 3))
+        )
+        self.stopped.wait(wait)
+
     def _failed(self, error: str, at_least: float = 0.0) -> None:
         if self.stopped.is_set():
             return
-        wait = max(jittered(self.backoff), at_least)
+        wait = max(self.backoff.next(), at_least)
         log.warning(
             "kube list/watch failed; retrying",
             extra=kv(resource=self.resource.plural, error=error, retry_in=round(wait, 3)),
         )
         self.stopped.wait(wait)
-        self.backoff = min(self.source.backoff_max, self.backoff * 2)
 
     def _list(self) -> None:
         """The whole list, read in pages of ``page_size``, to the store at once: the pages are one snapshot (etcd
@@ -471,8 +521,8 @@ class KubeSource:
         store: ConfigStore,
         api: Any,
         resources: tuple[Resource, ...] = RESOURCES,
-        backoff_initial: float = 0.2,
-        backoff_max: float = 30.0,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
         page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self.store = store

@@ -3,9 +3,9 @@
 - Wildcard subscription to ``istio.workload.Address`` and ``istio.security.Authorization``.
 - Every response is ACKed or NACKed by nonce. A NACK's ``error_detail.message`` is ``"name: reason; ..."`` for
   the resources that could not be decoded or validated; the valid resources of that response still apply. An
-  Authorization is not refused for malformed IP entries or ports in its matches (ztunnel keeps it too): agent.rbac
-  reads each the restrictive way, and each is logged with its policy and path and counted in
-  ``ambit_xds_authorization_malformed_entries``.
+  Address with a port above 65535 is one (ztunnel's ``as u16`` would wrap it). An Authorization is not refused for
+  malformed IP entries or ports in its matches (ztunnel keeps it too): agent.rbac reads each the restrictive way,
+  and each is logged with its policy and path and counted in ``ambit_xds_authorization_malformed_entries``.
 - ``ready`` is set once a response of every type has been applied and ACKed, as ztunnel counts a type synced
   only on its first ACK: a NACKed first response keeps the agent not ready (:meth:`XdsClient.not_ready_reason`
   says which type and why) until a later response of that type applies cleanly. It stays set after that.
@@ -33,7 +33,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -46,7 +46,7 @@ from google.protobuf.message import DecodeError, Message
 
 from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError
 from agent.prometheus import Counter, Registry
-from agent.rbac import MalformedEntry, malformed_entries
+from agent.rbac import MAX_PORT, MalformedEntry, malformed_entries
 from agent.state import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
@@ -96,8 +96,58 @@ def _unknown(enum: Any, field: str, value: int) -> str | None:
     return f"{field} {value} is not one of {', '.join(enum.keys())}"
 
 
+def _port_error(field: str, value: int) -> str | None:
+    if value <= MAX_PORT:
+        return None
+    return f"{field} {value} is not a port (above {MAX_PORT})"
+
+
+def _gateway_port_error(field: str, gateway: wl_pb.GatewayAddress) -> str | None:
+    return _port_error(f"{field}.hbone_mtls_port", gateway.hbone_mtls_port)
+
+
+def _port_list_error(field: str, ports: Iterable[wl_pb.Port]) -> str | None:
+    for i, port in enumerate(ports):
+        reason = _port_error(f"{field}[{i}].service_port", port.service_port) or _port_error(
+            f"{field}[{i}].target_port", port.target_port
+        )
+        if reason is not None:
+            return reason
+    return None
+
+
+def address_port_error(addr: wl_pb.Address) -> str | None:
+    """The first port field of ``addr`` above 65535, named by its path. The protos carry ports as uint32; ztunnel
+    converts them with ``as u16`` (src/state/workload.rs: service and target ports, waypoint and network gateway
+    ``hbone_mtls_port``, the application tunnel port), so 65616 silently became 80 and traffic went to a port nobody
+    configured. Refused here instead: the Address is NACKed and the agent keeps what it held."""
+    if addr.HasField("workload"):
+        w = addr.workload
+        for key, plist in w.services.items():
+            reason = _port_list_error(f"workload.services[{key!r}].ports", plist.ports)
+            if reason is not None:
+                return reason
+        return (
+            _gateway_port_error("workload.waypoint", w.waypoint)
+            or _gateway_port_error("workload.network_gateway", w.network_gateway)
+            or _port_error("workload.application_tunnel.port", w.application_tunnel.port)
+        )
+    s = addr.service
+    reason = _port_list_error("service.ports", s.ports) or _gateway_port_error("service.waypoint", s.waypoint)
+    if reason is not None:
+        return reason
+    for i, weighted in enumerate(s.weighted_waypoints):
+        reason = _gateway_port_error(f"service.weighted_waypoints[{i}].destination", weighted.destination)
+        if reason is not None:
+            return reason
+    return None
+
+
 def validate_address(name: str, addr: wl_pb.Address) -> str | None:
     """Why this Address cannot be used, or None. Checks what the data path relies on."""
+    reason = address_port_error(addr)
+    if reason is not None:
+        return reason
     if addr.HasField("workload"):
         w = addr.workload
         if not w.uid:

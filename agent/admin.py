@@ -19,6 +19,7 @@ from agent.metrics import Metrics
 from agent.prometheus import gzip_accepted
 from agent.state import WorkloadStore
 from common.http import HttpServer, Request, Response
+from common.log import LogLevelError, parse_levels
 from common.spiffe import Identity, InvalidIdentity
 
 
@@ -30,7 +31,8 @@ def admin_server(
     trust_domain: str = "cluster.local",
 ) -> HttpServer:
     """15000: `/config_dump` (whatever `dump()` assembles), `/certs` (the list its `certificates` holds),
-    `/logging` (GET; POST `?level=` or `?<logger>=<level>`), `/quitquitquit` (POST), and with `store`
+    `/logging` (GET; POST as ztunnel's and `istioctl ztunnel-config log` send it, `?level=<logger>:<level>,<level>`,
+    or Envoy's `?<logger>=<level>`: LOGGING_USAGE), `/quitquitquit` (POST), and with `store`
     `/explain?src=IP&dst=IP:PORT` (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a
     connection, with the policies and the reason."""
 
@@ -40,17 +42,23 @@ def admin_server(
     async def certificates(_: Request) -> Response:
         return Response.json(certs())
 
+    started = _set_levels()  # as the agent started (--log-level), for ?reset
+
     async def get_logging(_: Request) -> Response:
         return Response.json(_levels())
 
     async def set_logging(req: Request) -> Response:
-        if not req.query:
-            return Response.text("usage: POST /logging?level=debug or ?<logger>=<level>\n", 400)
-        for key, values in req.query.items():
-            level = values[-1].upper()
-            if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-                return Response.text(f"unknown level {values[-1]!r}\n", 400)
-            logging.getLogger(None if key == "level" else key).setLevel(level)
+        try:
+            changes = _level_changes({key: values[-1] for key, values in req.query.items()})
+        except LogLevelError as e:
+            return Response.text(f"{e}\n{LOGGING_USAGE}", 400)
+        if "reset" in req.query:
+            for name in _set_levels().keys() - started.keys():
+                logging.getLogger(name).setLevel(logging.NOTSET)
+            for name, level in started.items():
+                logging.getLogger(name or None).setLevel(level)
+        for name, level in changes.items():
+            logging.getLogger(name or None).setLevel(level)
         return Response.json(_levels())
 
     async def quitquitquit(_: Request) -> Response:
@@ -106,12 +114,59 @@ def config_dump(
     return dump
 
 
-def _levels() -> dict[str, str]:
-    out = {"level": logging.getLevelName(logging.getLogger().level).lower()}
-    for name, lg in sorted(logging.Logger.manager.loggerDict.items()):
+LOGGING_USAGE = """usage: POST /logging                                  (the current levels)
+usage: POST /logging?level=<level>                    (the root logger's)
+usage: POST /logging?level=<logger>:<level>,<level>   (some loggers', and the root's)
+usage: POST /logging?<logger>=<level>                 (one logger's, as Envoy)
+usage: POST /logging?level=<level>&reset=1            (back to the levels the agent started with, then level)
+levels: trace (as debug), debug, info, warn, warning, error, critical, off
+"""
+
+
+def _level_changes(query: Mapping[str, str]) -> dict[str, int]:
+    """The levels a /logging request sets, by logger name ("" for the root), all checked before any is set: ztunnel's
+    and `istioctl ztunnel-config log`'s ``level=<logger>:<level>,<level>`` (its level names: ``warn``, ``trace``,
+    ``off``; an empty ``level`` sets nothing, and the answer lists the levels), and Envoy's ``<logger>=<level>``.
+    Raises LogLevelError."""
+    changes: dict[str, int] = {}
+    for key, value in query.items():
+        if key == "reset":
+            continue
+        if key == "level":
+            items = []
+            for item in value.split(","):
+                name, sep, level = item.rpartition("=" if "=" in item else ":")
+                items.append(f"{name}={_python_level(level)}" if sep else _python_level(level))
+            changes.update(parse_levels(",".join(items)))
+        else:
+            levels = parse_levels(_python_level(value))
+            if set(levels) != {""}:
+                raise LogLevelError(f"log level {key}={value!r}: one level for one logger")
+            changes[key] = levels[""]
+    return changes
+
+
+def _python_level(level: str) -> str:
+    """ztunnel's (tracing's) ``trace`` is Python's finest level, ``debug``."""
+    return "debug" if level.strip().lower() == "trace" else level
+
+
+def _set_levels() -> dict[str, int]:
+    """The loggers with a level of their own, by name ("" for the root), and their levels."""
+    out = {"": logging.getLogger().level}
+    for name, lg in logging.Logger.manager.loggerDict.items():
         if isinstance(lg, logging.Logger) and lg.level != logging.NOTSET:
-            out[name] = logging.getLevelName(lg.level).lower()
+            out[name] = lg.level
     return out
+
+
+def _levels() -> dict[str, str]:
+    """The levels set, by logger ("level" for the root), named as the requests name them."""
+    return {name or "level": _level_name(level) for name, level in sorted(_set_levels().items())}
+
+
+def _level_name(level: int) -> str:
+    return "off" if level > logging.CRITICAL else logging.getLevelName(level).lower()
 
 
 def metrics_server(metrics: Metrics) -> HttpServer:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from google.protobuf import struct_pb2
 
-from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError, StatusCode
+from agent.controller_channel import DEFAULT_SERVER_NAME, ControllerChannel, RpcError
 from api.istio.v1.auth import ca_pb2
 from common.spiffe import Identity
 
@@ -90,9 +90,11 @@ class CaClient:
         except OSError as e:  # neither the root file nor a learned bundle to verify the controller with
             raise CaRequestError("no_root_cert", f"{self.channel.root_cert_file}: {e.strerror}") from None
         except RpcError as e:
-            if e.code() == StatusCode.UNAVAILABLE:
-                # Maybe the controller now presents a certificate from a root we only have on disk: re-read it.
-                self.channel.retire()
+            # The connection is kept whatever the status. One that failed (refused, or the controller's certificate
+            # not verified) is gone already, and the next call connects afresh, re-reading the root file; one that
+            # carried this answer works, and an UNAVAILABLE over it (the controller's TokenReview backend failing)
+            # says nothing about its trust. Retired on every such answer, each retry of every identity paid the
+            # controller a new TCP and TLS handshake, at the moment it was already in trouble.
             raise CaRequestError(e.code().name.lower(), f"{e.code().name}: {e.details()}") from None
         return list(response.cert_chain)
 

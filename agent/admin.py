@@ -176,7 +176,9 @@ def metrics_server(metrics: Metrics) -> HttpServer:
         gzip = gzip_accepted(req.headers.get("accept-encoding", ""))
         body, content_type = await metrics.render(req.headers.get("accept"), gzip=gzip)
         encoding = (("Content-Encoding", "gzip"),) if gzip else ()
-        return Response(200, body, content_type, (*encoding, ("Vary", "Accept-Encoding")))
+        # Accept chose the format and Accept-Encoding the coding: a cache must key the answer on both (two field
+        # lines are one list, RFC 9110 5.3)
+        return Response(200, body, content_type, (*encoding, ("Vary", "Accept"), ("Vary", "Accept-Encoding")))
 
     s = HttpServer("metrics")
     s.routes.update({("GET", "/metrics"): scrape, ("GET", "/stats/prometheus"): scrape})

@@ -19,7 +19,8 @@ ConnSpawner::new_pool_conn), whoever asked for it.
 A stream the peer refused (RST_STREAM REFUSED_STREAM, or above the last-stream-id of its GOAWAY) was provably not
 processed and is retried once, on another connection: the refusing one takes no new streams (it is retired, as
 ztunnel's checkout drops a connection that is no longer ready_to_use and makes a new one), so the retry cannot land
-on the connection that just refused it.
+on the connection that just refused it. A refusal over the peer's MAX_CONCURRENT_STREAMS (lowered while the stream
+was on its way, RFC 9113 5.1.2) only shows the connection full: it stays pooled for when its streams end.
 """
 
 from __future__ import annotations
@@ -136,9 +137,10 @@ class HboneConnectionPool:
                 pooled = await self._checkout(key, ssl_context)
                 return await pooled.conn.open_stream(authority, headers, early)
             except HboneConnectError as e:
-                if e.retryable and pooled is not None:
-                    # The peer refused the stream (or went away before it): no new streams there, so the retry, and
-                    # every later request, goes to another connection or a new one.
+                if e.retryable and pooled is not None and pooled.conn.available_streams > 0:
+                    # The peer refused a stream it had room for by its own limit: no new streams there, so the
+                    # retry, and every later request, goes to another connection or a new one. (A refusal over
+                    # the limit, opened before the peer's SETTINGS lowering it arrived, leaves it full, not bad.)
                     self._retire(pooled, "refused a stream")
                 if not e.retryable or attempt == 2:
                     raise

@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from agent import pool as pool_module
-from agent.hbone import ErrorCode
+from agent.hbone import _SETTING, S_MAX_CONCURRENT_STREAMS, SETTINGS, ErrorCode, _frame
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneConnectError, TunnelStats
 from bench.hbone_micro import forward_to_authority
@@ -303,3 +303,39 @@ async def test_a_retryable_failure_of_a_new_connection_still_fails_once_retried(
         await p.open_stream(key, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "10.2.0.7:8080", [])
     assert dials == 2
     await p.close()
+
+
+async def test_a_stream_refused_over_the_peers_lowered_limit_leaves_the_connection_pooled(
+    mesh: Mesh,
+    echo: Backend,
+) -> None:
+    """A peer may lower its MAX_CONCURRENT_STREAMS and refuse the streams over it that were already on their way
+    (RFC 9113 5.1.2): that connection is full, not bad. The retry goes to a new connection, and the first one keeps
+    serving once its streams end."""
+    served: dict[Any, int] = {}
+
+    async def handler(req: ConnectRequest) -> None:
+        n = served[req._proto] = served.get(req._proto, 0) + 1
+        if n == 3:  # the limit goes down to 2 as the third stream arrives
+            req._proto.h2._out.append(_frame(SETTINGS, 0, 0, _SETTING.pack(S_MAX_CONCURRENT_STREAMS, 2)))
+            refuse(req)
+            return
+        await forward_to_authority(req)
+
+    server = await HboneServer(mesh.server_ctx, handler=handler).start()
+    pool = HboneConnectionPool(stats=TunnelStats())
+    ctx = mesh.client_ctx()
+    try:
+        streams = [await pool.open_stream(mesh.key(server), ctx, echo.addr, []) for _ in range(3)]
+        assert pool.connections_created == 2 and len(served) == 2
+        assert [c["retired"] for c in pool.snapshot()] == [False, False]
+        for s in streams:
+            assert await roundtrip(s) == b"hello"
+        assert await _until(lambda: pool.stream_count() == 0)
+        again = await pool.open_stream(mesh.key(server), ctx, echo.addr, [])
+        assert await roundtrip(again) == b"hello"
+        assert pool.connections_created == 2 and server.stats.connections_closed == 0
+        assert pool.connection_count() == 2
+    finally:
+        await pool.close()
+        await server.close()

@@ -19,7 +19,13 @@
   would otherwise have every agent reconnect, asking for the full state, each 10 ms. Nor does one the agent ended
   on a response it could not take (undecodable, over 200 MiB): the next stream would be sent it again.
 - On every (re)connect the first request of each type carries ``initial_resource_versions`` with what the store
-  holds, so the controller resends only what changed.
+  holds, so the controller resends only what changed. That request grows with the store (about 70 bytes a
+  resource with pod names) and a server refuses one above its receive limit (istiod: 4 MiB by default,
+  ISTIO_GPRC_MAXRECVMSGSIZE; ztunnel then reconnects in a loop, Istio 1.31 upgrade notes). When the controller
+  fails a stream with RESOURCE_EXHAUSTED "larger than max (N vs. LIMIT)" before answering, the agent remembers
+  LIMIT and from then on subscribes afresh (no versions) to a type whose request would exceed it; the first
+  response of that type on the stream holds the whole state (a wildcard subscription's first response), so what
+  the store holds and it does not is removed, as the versions would have made the controller say.
 - The last good state is written atomically to ``<state-dir>/xds-state.pb`` (length-prefixed
   ``DeltaDiscoveryResponse`` messages, one per type) so an agent restarted while the controller is down starts
   from it (:meth:`XdsClient.restore`); only once ``ready`` (or restored), so that it holds a whole configuration.
@@ -31,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -67,6 +74,9 @@ _STATE_MAGIC = b"AMBIT-XDS-STATE-1\n"
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 _INVALID_ARGUMENT = 3
 _MAX_REASON = 400  # a NACK can name thousands of resources; a readiness body need not
+# A server's refusal of a request over its receive limit: grpc-core "Received message larger than max (N vs. M)",
+# grpc-go "grpc: received message larger than max (N vs. M)". istiod's rate limit is RESOURCE_EXHAUSTED as well.
+_TOO_LARGE = re.compile(r"larger than max(?: \((\d+) vs\. (\d+)\))?", re.IGNORECASE)
 
 # By name, so that both our channel's RpcError and grpc's AioRpcError (tests, tools) are understood.
 _RESETTING_CODES = frozenset({"UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED"})
@@ -425,6 +435,12 @@ class XdsClient:
         self._good: dict[str, dict[str, bytes]] = {t: {} for t in TYPES}
         self._save_wanted = asyncio.Event()
         self._saver: asyncio.Task[None] | None = None
+        # The largest request the controller takes, once it refused a resume (None: not known to be limited).
+        self.resume_limit: int | None = None
+        # On the current stream: byte size of each type's first request that carried versions, and the types
+        # subscribed afresh, whose first response replaces what the store holds.
+        self._resume_sizes: dict[str, int] = {}
+        self._fresh: set[str] = set()
 
     def node_proto(self) -> base_pb2.Node:
         """ztunnel's node identity shape, so istiod would accept this agent too."""
@@ -553,6 +569,8 @@ class XdsClient:
                     log.exception("xds session failed unexpectedly", extra=kv(controller=self.address))
                 finally:
                     answered, self.connected = self.connected, False
+                if error is not None and not answered:
+                    self._note_refused_resume(error)
                 if self.metrics is not None:
                     reason = "Error" if local_failure else termination_reason(error, answered)
                     self.metrics.terminations.labels(reason).inc()
@@ -575,13 +593,51 @@ class XdsClient:
         return md
 
     def initial_requests(self) -> list[discovery_pb2.DeltaDiscoveryRequest]:
-        """Wildcard subscription per type, resuming from the versions the store holds; node on the first."""
+        """Wildcard subscription per type, resuming from the versions the store holds; node on the first. A type
+        whose request would exceed :attr:`resume_limit` is subscribed afresh instead (module docstring)."""
         reqs = [
             discovery_pb2.DeltaDiscoveryRequest(type_url=t, initial_resource_versions=self.store.versions(t))
             for t in TYPES
         ]
         reqs[0].node.CopyFrom(self.node_proto())
+        self._resume_sizes, self._fresh = {}, set()
+        for req in reqs:
+            if not req.initial_resource_versions:
+                continue
+            size = req.ByteSize()
+            if self.resume_limit is not None and size > self.resume_limit:
+                log.warning(
+                    "xds subscribing afresh: resume request over the controller's limit",
+                    extra=kv(
+                        type=req.type_url,
+                        resources=len(req.initial_resource_versions),
+                        bytes=size,
+                        limit=self.resume_limit,
+                    ),
+                )
+                req.ClearField("initial_resource_versions")
+                self._fresh.add(req.type_url)
+            else:
+                self._resume_sizes[req.type_url] = size
         return reqs
+
+    def _note_refused_resume(self, error: RpcStatus) -> None:
+        """A stream failed before any response: if the controller refused a resume request as too large, keep its
+        limit so that the next streams subscribe afresh where it would be exceeded."""
+        if error.code().name != "RESOURCE_EXHAUSTED" or getattr(error, "unusable_response", False):
+            return
+        found = _TOO_LARGE.search(error.details() or "")
+        if found is None or not self._resume_sizes:
+            return
+        largest = max(self._resume_sizes.values())
+        limit = int(found.group(2)) if found.group(2) else largest - 1
+        if largest <= limit:
+            return  # not one of our resume requests (they fit)
+        self.resume_limit = limit if self.resume_limit is None else min(limit, self.resume_limit)
+        log.warning(
+            "xds resume request refused as too large; subscribing afresh from now on",
+            extra=kv(controller=self.address, bytes=largest, limit=self.resume_limit, details=error.details()),
+        )
 
     async def _session(self) -> None:
         metadata = self._metadata()
@@ -600,6 +656,14 @@ class XdsClient:
         """Apply one response to the store and return its ACK or NACK (sans-IO)."""
         started = time.monotonic()
         decoded = decode_response(resp)
+        if resp.type_url in self._fresh:
+            # The whole state after a fresh subscription: what it does not name is gone (a rejected resource is
+            # named, and keeps its previous version).
+            self._fresh.discard(resp.type_url)
+            named = {res.name for res in resp.resources}.union(decoded.removed)
+            stale = [n for n in self.store.versions(resp.type_url) if n not in named]
+            decoded.removed.extend(stale)
+            log.info("xds state replaced after a fresh subscription", extra=kv(type=resp.type_url, removed=len(stale)))
         if resp.type_url in _DECODERS:
             self.store.apply(resp.type_url, decoded.upserts, decoded.removed)
             good = self._good[resp.type_url]

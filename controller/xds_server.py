@@ -57,10 +57,18 @@ WILDCARD = "*"
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD_NAME = "DeltaAggregatedResources"
 
+# The largest request taken: an agent's resume request lists the name and version of every resource it holds, about
+# 70 bytes each with pod names (blake2b versions: 16 characters), 16 MiB was reached near 230,000 resources.
+# Kubernetes' documented ceiling of 150,000 pods, each with the longest names (a 63-character namespace and a
+# 253-character pod: 357 bytes), comes to 51 MiB. istiod takes 4 MiB unless ISTIO_GPRC_MAXRECVMSGSIZE is raised
+# (pilot/pkg/features/tuning.go; Istio 1.31's upgrade notes advise 32 MiB for large ambient meshes); past it
+# ztunnel reconnects in a loop, and our agent subscribes afresh (agent/xds.py).
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
 # Agents may receive the whole state in one response (ztunnel allows 200 MiB); keepalives let dead peers go.
 GRPC_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -88,6 +88,8 @@ class _Pooled:
 class HboneConnectionPool:
     """Opens CONNECT streams on pooled connections; a new connection is made when all are full or unusable."""
 
+    close_timeout = 2.0  # how long close() lets connections end gracefully before aborting the rest
+
     def __init__(
         self,
         max_streams_per_conn: int = 100,
@@ -331,9 +333,12 @@ class HboneConnectionPool:
         for p in pooled_all:
             p.conn.close()
             self._evict(p)
-        for p in pooled_all:
-            try:
-                async with asyncio.timeout(2.0):
-                    await p.conn.wait_closed()
-            except TimeoutError:
+        # One deadline for all: each connection waited in turn would make a shutdown against peers that no longer
+        # answer (the TLS shutdown waits for their close_notify) last close_timeout per pooled connection.
+        waits = [asyncio.ensure_future(p.conn.wait_closed()) for p in pooled_all]
+        if waits:
+            await asyncio.wait(waits, timeout=self.close_timeout)
+        for p, w in zip(pooled_all, waits, strict=True):
+            if not w.done():
+                w.cancel()
                 p.conn.abort()

@@ -339,3 +339,48 @@ async def test_a_stream_refused_over_the_peers_lowered_limit_leaves_the_connecti
     finally:
         await pool.close()
         await server.close()
+
+
+async def test_closing_the_pool_waits_for_all_connections_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection's graceful close (GOAWAY, TLS close_notify) got its own wait of up to 2 s, one after the
+    other: against peers that no longer answer (a partitioned node; the TLS shutdown waits for the peer's
+    close_notify) the agent's shutdown took 2 s per pooled connection. One deadline for all, then the rest are
+    aborted."""
+    events: list[str] = []
+
+    class Hung(_Gated):
+        def __init__(self, ctx: ssl.SSLContext, n: int) -> None:
+            super().__init__(ctx)
+            self.n = n
+
+        def close(self) -> None:
+            self.usable = False  # GOAWAY sent, close_notify never answered: not closed yet
+
+        async def wait_closed(self) -> None:
+            events.append(f"wait {self.n}")
+            await asyncio.shield(self.closed)
+
+        def abort(self) -> None:
+            events.append(f"abort {self.n}")
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    made = 0
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        nonlocal made
+        made += 1
+        return Hung(ctx, made)
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    monkeypatch.setattr(HboneConnectionPool, "close_timeout", 0.05)
+    p = HboneConnectionPool(stats=TunnelStats())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for i in range(3):
+        key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, (f"10.2.0.{i}", 15008))
+        await p.open_stream(key, ctx, f"10.2.0.{i}:8080", [])
+    await p.close()
+    waits = [i for i, e in enumerate(events) if e.startswith("wait")]
+    aborts = [i for i, e in enumerate(events) if e.startswith("abort")]
+    assert len(aborts) == 3
+    assert max(waits) < min(aborts), f"a connection waited only after another's deadline: {events}"

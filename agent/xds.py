@@ -246,8 +246,9 @@ def decode_response(resp: discovery_pb2.DeltaDiscoveryResponse) -> DecodedDelta:
             continue
         out.upserts[name] = (msg, res.version)
         out.sources[name] = res
-        if resp.type_url == AUTHORIZATION_TYPE:
-            out.dropped.extend((name, res.version, entry) for entry in malformed_entries(msg))
+    if resp.type_url == AUTHORIZATION_TYPE:
+        for name, (msg, version) in out.upserts.items():  # what applies: with a name twice, the later copy
+            out.dropped.extend((name, version, entry) for entry in malformed_entries(msg))
     return out
 
 

@@ -140,6 +140,20 @@ def test_a_policy_with_a_malformed_entry_is_acked_not_nacked() -> None:
     ]
 
 
+def test_with_a_policy_sent_twice_only_the_copy_applied_is_reported() -> None:
+    decoded = decode_response(
+        discovery_pb2.DeltaDiscoveryResponse(
+            type_url=AUTHORIZATION_TYPE,
+            nonce="1",
+            resources=[
+                resource("demo/p", allow(source_ips=[BAD_BYTES]), AUTHORIZATION_TYPE),
+                resource("demo/p", allow(source_ips=[cidr("10.0.0.0/8")]), AUTHORIZATION_TYPE),
+            ],
+        )
+    )
+    assert decoded.errors == [] and decoded.dropped == []
+
+
 def server_workload() -> wpb.Address:
     w = wpb.Workload(
         uid="c//Pod/demo/server", name="server", namespace="demo", addresses=[socket.inet_aton("10.2.0.7")]

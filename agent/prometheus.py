@@ -203,9 +203,27 @@ class Gauge(_Metric[_GaugeChild]):
 
 
 def wants_openmetrics(accept: str) -> bool:
-    """Prometheus lists OpenMetrics first (highest q) when it can parse it; anything else gets the 0.0.4 text.
-    Media types are case-insensitive, so matched lowercased (as ztunnel does)."""
-    return any(part.split(";", 1)[0].strip() == "application/openmetrics-text" for part in accept.lower().split(","))
+    """Prometheus lists OpenMetrics first (highest q) when it can parse it; anything else gets the 0.0.4 text. As
+    ztunnel's stats server (src/metrics/server.rs content_type), OpenMetrics is served whenever it is listed, the
+    weights aside, except with q=0, which says it is not acceptable (RFC 9110 12.4.2). Media types and parameter
+    names are case-insensitive, so matched lowercased."""
+    for part in accept.lower().split(","):
+        media, _, params = part.partition(";")
+        if media.strip() == "application/openmetrics-text" and _quality(params) > 0:
+            return True
+    return False
+
+
+def _quality(params: str) -> float:
+    """The q of a header element's ``;``-separated parameters (1 when none; 0 when it does not parse)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
 
 
 def render(registry: Registry, accept: str = "") -> tuple[bytes, str]:
@@ -225,16 +243,8 @@ def gzip_accepted(accept_encoding: str) -> bool:
     ``*`` is not taken to mean gzip, as the Prometheus client libraries do not."""
     for part in accept_encoding.lower().split(","):
         coding, _, params = part.partition(";")
-        if coding.strip() != "gzip":
-            continue
-        for param in params.split(";"):
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                try:
-                    return float(value) > 0
-                except ValueError:
-                    return False
-        return True
+        if coding.strip() == "gzip":
+            return _quality(params) > 0
     return False
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from agent.admin import metrics_server
 from agent.metrics import Metrics
+from agent.prometheus import wants_openmetrics
 from common.http import HttpServer
 
 
@@ -45,3 +46,25 @@ async def test_vary_names_accept_and_accept_encoding(server: HttpServer) -> None
     assert text["content-type"] != openmetrics["content-type"], "Accept chooses the body"
     for fields in (text, openmetrics):
         assert {v.strip().lower() for v in fields["vary"].split(",")} == {"accept", "accept-encoding"}
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        # Prometheus 3's and 2's own headers (scrape/scrape.go acceptHeader) ask for OpenMetrics first
+        (
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+            "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+            "text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+            True,
+        ),
+        ("application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1", True),
+        # q=0 is 'not acceptable' (RFC 9110 12.4.2): a client that refuses OpenMetrics gets the text
+        ("application/openmetrics-text;q=0, text/plain", False),
+        ("application/openmetrics-text; Q=0.000, text/plain", False),
+        ("application/openmetrics-text;q=0.001", True),
+        ("text/plain, application/openmetrics-text", True),  # listed at all, with a non-zero weight, as ztunnel
+    ],
+)
+def test_openmetrics_negotiation(accept: str, openmetrics: bool) -> None:
+    assert wants_openmetrics(accept) is openmetrics

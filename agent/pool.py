@@ -152,36 +152,48 @@ class HboneConnectionPool:
     def _current(self, src: Identity, ssl_context: ssl.SSLContext) -> ssl.SSLContext:
         """The newest client context of ``src`` the pool has seen: ``ssl_context``, unless the caller's is one a
         renewal has since replaced."""
+        newest = self._newest.get(src)
+        if newest is ssl_context:
+            return ssl_context
         seen = self._seen
         order = seen.get(ssl_context)
         if order is None:
             order = seen[ssl_context] = next(self._order)
-        newest = self._newest.get(src)
         if newest is not None and newest is not ssl_context and seen.get(newest, -1) > order:
             return newest
         self._newest[src] = ssl_context
         return ssl_context
+
+    def _scan(self, key: PoolKey, ssl_context: ssl.SSLContext) -> tuple[_Pooled | None, bool]:
+        """A connection of ``key`` made with ``ssl_context`` that can take a stream now, and whether the key has
+        connections made with another context."""
+        found: _Pooled | None = None
+        other = False
+        for pooled in self._conns.get(key, ()):
+            if pooled.context is not ssl_context:
+                other = True
+                continue
+            conn = pooled.conn
+            if (
+                found is None
+                and conn.usable
+                and conn.active_streams < self.max_streams_per_conn
+                and conn.available_streams > 0
+            ):
+                found = pooled
+        return found, other
 
     async def _checkout(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         """A usable connection with a free stream slot; it stays usable until the caller's next await."""
         while True:
             if self._closed:
                 raise HboneConnectError(503, "connection pool closed", stage=ConnectStage.POOL)
+            found, stale = self._scan(key, ssl_context)
+            if found is not None and not stale:  # the common case: no context to compare
+                return found
             ctx = self._current(key.src, ssl_context)
-            found: _Pooled | None = None
-            stale = False
-            for pooled in self._conns.get(key, ()):
-                if pooled.context is not ctx:
-                    stale = True
-                    continue
-                conn = pooled.conn
-                if (
-                    found is None
-                    and conn.usable
-                    and conn.active_streams < self.max_streams_per_conn
-                    and conn.available_streams > 0
-                ):
-                    found = pooled
+            if ctx is not ssl_context:  # the caller's context was replaced: the current one's connections serve
+                found, stale = self._scan(key, ctx)
             if stale:  # also when a current one serves: an idle stale one would stay open until its idle timeout
                 self._retire_stale(key, ctx)
             if found is not None:

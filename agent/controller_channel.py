@@ -424,12 +424,19 @@ class ControllerChannel:
         return "".join(p if p.endswith("\n") else p + "\n" for p in pems)
 
     def update_roots(self, roots_pem: Sequence[str]) -> None:
-        """Trust what the CA says the bundle is, from the next connection on."""
+        """Trust what the CA says the bundle is, from the next connection on.
+
+        The current connection is retired only when a learned root is dropped (a rotation retiring the root it may
+        have been verified with). A bundle that only adds trust (the first one, a rotation's new root beside the
+        old) leaves it: retiring it there moved every later CA call to a second connection for good, while the xDS
+        stream stayed on the first."""
         roots = tuple(roots_pem)
-        if roots != self._learned_roots:
-            self._learned_roots = roots
-            if self.root_cert_file is not None:
-                self.retire()
+        if roots == self._learned_roots:
+            return
+        dropped = set(self._learned_roots) - set(roots)
+        self._learned_roots = roots
+        if dropped and self.root_cert_file is not None:
+            self.retire()
 
     def retire(self) -> None:
         """New calls get a new connection (fresh trust); calls on the current one finish there."""

@@ -47,6 +47,15 @@ MAX_WINDOW = 2**31 - 1
 MAX_STREAM_ID = 2**31 - 1
 # Header blocks arriving in more frames than this are a CONTINUATION flood, not a header list.
 MAX_HEADER_FRAMES = 64
+# A SETTINGS frame with more entries than this is a flood (nghttp2's default max_settings, its fix for
+# CVE-2020-11080): there are seven settings, and a 1 MiB frame of 174,762 entries cost seconds of the loop.
+MAX_SETTINGS_ENTRIES = 32
+# Streams the core may reset because of what the peer sent (stream errors, malformed requests) before the
+# connection is cut with ENHANCE_YOUR_CALM: hyperium/h2's max_local_error_reset_streams default (1024), against
+# peers that make us reset streams on purpose ("MadeYouReset", CVE-2025-8671). Never reached by a sane peer.
+MAX_LOCAL_ERROR_RESETS = 1024
+# What of a peer's text (GOAWAY debug data, a header name) goes into an event's reason, which gets logged.
+MAX_REASON_TEXT = 256
 # Output parts up to this size (one TLS record's worth) are joined with their neighbours by data_to_send: at most
 # one 16 KiB copy instead of an SSL_write and a TLS record of their own. Bigger payload views go out uncopied.
 COALESCE_LIMIT = 16 * 1024
@@ -283,6 +292,8 @@ class _HeaderBlock:
     fragments: list[bytes] = field(default_factory=list)
     size: int = 0
     frames: int = 1
+    # RFC 7540 5.3.1 (kept by RFC 9113 for the deprecated priority fields): a stream cannot depend on itself.
+    self_dependent: bool = False
 
 
 class HboneConnection:
@@ -309,6 +320,7 @@ class HboneConnection:
         self._conn_deferred = 0
         self._next_stream_id = 1 if client else 2
         self._last_remote_id = 0
+        self._local_resets = 0  # streams we ended because of the peer's input (see MAX_LOCAL_ERROR_RESETS)
         self._local_streams = 0  # open streams we initiated (client) -- counted against the peer's limit
         self._remote_streams = 0  # open streams the peer initiated (server)
         self.goaway_sent = False
@@ -390,6 +402,9 @@ class HboneConnection:
             (S_MAX_FRAME_SIZE, s.max_frame_size),
             (S_MAX_HEADER_LIST_SIZE, s.max_header_list_size),
         ]
+        if s.header_table_size != 4096:
+            # The decoder refuses table size updates above it: the peer must know (4096 is the default, RFC 9113 6.5.2)
+            settings.append((S_HEADER_TABLE_SIZE, s.header_table_size))
         payload = b"".join(_SETTING.pack(k, v) for k, v in settings)
         parts = [PREFACE] if self.client else []
         parts.append(_frame(SETTINGS, 0, 0, payload))
@@ -840,10 +855,7 @@ class HboneConnection:
         elif ftype == GOAWAY:
             self._on_goaway(payload, events)
         elif ftype == PRIORITY:
-            if self._fsid == 0:
-                raise _ConnError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(payload) != 5:
-                raise _ConnError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY frame must be 5 bytes")
+            self._on_priority(payload, events)
         elif ftype == PUSH_PROMISE:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE is disabled")
         # Unknown frame types are ignored (RFC 9113 4.1).
@@ -863,11 +875,15 @@ class HboneConnection:
             pad = payload[0]
             start = 1
             stop -= pad
+        block = _HeaderBlock(sid, bool(flags & FLAG_END_STREAM))
         if flags & FLAG_PRIORITY:
+            if len(payload) < start + 5:
+                # Too short for its mandatory fields: FRAME_SIZE_ERROR (RFC 9113 4.2), not a padding problem.
+                raise _ConnError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
+            block.self_dependent = _U32.unpack_from(payload, start)[0] & MAX_STREAM_ID == sid
             start += 5
         if start > stop:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "HEADERS padding/priority exceed the frame")
-        block = _HeaderBlock(sid, bool(flags & FLAG_END_STREAM))
         self._block = block
         self._add_fragment(block, payload[start:stop])
         if flags & FLAG_END_HEADERS:
@@ -915,7 +931,9 @@ class HboneConnection:
         except HPACKError as e:
             raise _ConnError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {e}") from None
         sid = block.stream_id
-        if self.client:
+        if block.self_dependent:
+            self._refuse_self_dependent(sid, events)
+        elif self.client:
             self._on_response_headers(sid, headers, oversize, block.end_stream, events)
         else:
             self._on_request_headers(sid, headers, oversize, block.end_stream, events)
@@ -924,9 +942,13 @@ class HboneConnection:
         self, st: _Stream, headers: list[tuple[str, str]], oversize: str, end_stream: bool, events: list[Event]
     ) -> None:
         """A header block after the stream's first. HBONE sends none, but a trailer-only END_STREAM is a
-        harmless half-close; anything else is a stream error."""
+        harmless half-close; anything else is a stream error: STREAM_CLOSED after the peer's END_STREAM (RFC 9113
+        5.1, half-closed (remote)), PROTOCOL_ERROR otherwise (8.1: a second HEADERS without END_STREAM)."""
+        if st.remote_closed:
+            self._stream_error(st, ErrorCode.STREAM_CLOSED, "HEADERS after END_STREAM", events)
+            return
         problem = oversize or _check_fields(headers, _TRAILER_PSEUDO, "trailer")[2]
-        if problem or st.remote_closed or not end_stream:
+        if problem or not end_stream:
             self._stream_error(st, ErrorCode.PROTOCOL_ERROR, problem or "unexpected HEADERS on an open stream", events)
             return
         events.append(StreamEnded(st.id))
@@ -969,7 +991,7 @@ class HboneConnection:
         method = pseudo.get(":method")
         authority = pseudo.get(":authority")
         if method is not None and method != "CONNECT":
-            self._reject(st, 400, "bad_request", f"method {method} is not CONNECT", events)
+            self._reject(st, 400, "bad_request", f"method {_shown(method)} is not CONNECT", events)
         elif problem or method is None or not authority:
             self._reject(st, 400, "bad_request", problem or "missing :method or :authority", events)
         elif end_stream:
@@ -977,7 +999,33 @@ class HboneConnection:
         else:
             events.append(RequestReceived(sid, authority, regular))
 
+    def _refuse_self_dependent(self, sid: int, events: list[Event]) -> None:
+        """HEADERS whose priority fields make the stream depend on itself: a stream error of type PROTOCOL_ERROR
+        (RFC 7540 5.3.1; h2 resets such a stream the same way, codec/framed_read.rs). Its block was decoded."""
+        st = self._streams.get(sid)
+        if st is not None:
+            kind = "malformed_response" if self.client else "bad_request"
+            self._stream_error(st, ErrorCode.PROTOCOL_ERROR, f"{kind}: HEADERS depends on itself", events)
+            return
+        if self.client or sid % 2 == 0 or sid <= self._last_remote_id:
+            if sid % 2 == 0 or self._is_idle(sid):
+                raise _ConnError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on invalid stream {sid}")
+            return  # a stream already closed: its frames are discarded (RFC 9113 5.1)
+        self._last_remote_id = sid  # the id is used (5.1.1), the stream never opens
+        self._count_local_reset()
+        self.replies += 1
+        self._out.append(_frame(RST_STREAM, 0, sid, _U32.pack(ErrorCode.PROTOCOL_ERROR)))
+        events.append(RequestRejected(sid, 0, "bad_request: HEADERS depends on itself"))
+
+    def _count_local_reset(self) -> None:
+        """One more stream ended by the core because of what the peer sent; past MAX_LOCAL_ERROR_RESETS on one
+        connection the peer is resetting streams through us on purpose, and the connection goes (as with h2)."""
+        if self._local_resets >= MAX_LOCAL_ERROR_RESETS:
+            raise _ConnError(ErrorCode.ENHANCE_YOUR_CALM, "too_many_internal_resets")
+        self._local_resets += 1
+
     def _reject(self, st: _Stream, status: int, reason: str, detail: str, events: list[Event]) -> None:
+        self._count_local_reset()
         self.replies += 1
         self.send_response(st.id, status)
         events.append(RequestRejected(st.id, status, f"{reason}: {detail}" if detail else reason))
@@ -1027,9 +1075,11 @@ class HboneConnection:
             return
         if len(payload) % 6:
             raise _ConnError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        if len(payload) > 6 * MAX_SETTINGS_ENTRIES:
+            raise _ConnError(ErrorCode.ENHANCE_YOUR_CALM, f"SETTINGS with {len(payload) // 6} entries")
         self._seen_settings = True
-        for off in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, off)
+        initial_window = -1
+        for key, value in _SETTING.iter_unpack(payload):
             if key == S_HEADER_TABLE_SIZE:
                 self._encoder.set_table_size(min(value, 4096))
             elif key == S_ENABLE_PUSH:
@@ -1040,22 +1090,32 @@ class HboneConnection:
             elif key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnError(ErrorCode.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE above 2^31-1")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for st in self._streams.values():
-                    st.send_window += delta
-                    if st.send_window > MAX_WINDOW:
-                        raise _ConnError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
-                if delta > 0:
-                    events.append(WindowOpened(0))
+                initial_window = value  # applied once, below
             elif key == S_MAX_FRAME_SIZE:
                 if not DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
                     raise _ConnError(ErrorCode.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
                 self.peer_max_frame_size = value
             # MAX_HEADER_LIST_SIZE is advisory and our CONNECT blocks are tiny; unknown settings are ignored.
+        if initial_window >= 0:
+            self._apply_initial_window(initial_window, events)
         self.replies += 1
         self._out.append(_frame(SETTINGS, FLAG_ACK, 0, b""))
         events.append(SettingsChanged())
+
+    def _apply_initial_window(self, value: int, events: list[Event]) -> None:
+        """A new SETTINGS_INITIAL_WINDOW_SIZE moves every open stream's send window by the difference (RFC 9113
+        6.9.2), possibly below zero. Applied once per frame with the frame's last value, as h2 does (its Settings
+        keep the last value of each): the same windows as value by value, one pass over the streams."""
+        delta = value - self.peer_initial_window
+        if not delta:
+            return
+        self.peer_initial_window = value
+        for st in self._streams.values():
+            st.send_window += delta
+            if st.send_window > MAX_WINDOW:
+                raise _ConnError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+        if delta > 0:
+            events.append(WindowOpened(0))
 
     def _on_window_update(self, payload: memoryview, events: list[Event]) -> None:
         if len(payload) != 4:
@@ -1099,6 +1159,27 @@ class HboneConnection:
         self._forget(st)
         events.append(StreamReset(sid, code, remote=True, reason=f"peer reset: {error_name(code)}"))
 
+    def _on_priority(self, payload: memoryview, events: list[Event]) -> None:
+        """PRIORITY is deprecated (RFC 9113 5.3.2) and ignored, but still checked: stream 0 is a connection error,
+        a length other than 5 a stream error of type FRAME_SIZE_ERROR (6.3), a stream depending on itself one of
+        type PROTOCOL_ERROR (RFC 7540 5.3.1; h2 answers both on the stream too)."""
+        sid = self._fsid
+        if sid == 0:
+            raise _ConnError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            code, reason = ErrorCode.FRAME_SIZE_ERROR, "PRIORITY frame must be 5 bytes"
+        elif _U32.unpack_from(payload, 0)[0] & MAX_STREAM_ID == sid:
+            code, reason = ErrorCode.PROTOCOL_ERROR, "PRIORITY depends on itself"
+        else:
+            return
+        st = self._streams.get(sid)
+        if st is not None:
+            self._stream_error(st, code, reason, events)
+        elif self._is_idle(sid):
+            # No RST_STREAM may be sent on an idle stream (6.4): the stream error becomes the connection's.
+            raise _ConnError(code, reason)
+        # else a closed stream: its frames are discarded (5.1)
+
     def _on_ping(self, payload: memoryview, events: list[Event]) -> None:
         if self._fsid != 0:
             raise _ConnError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
@@ -1117,7 +1198,7 @@ class HboneConnection:
             raise _ConnError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
         last, code = _GOAWAY.unpack_from(payload, 0)
         last &= MAX_STREAM_ID
-        debug = bytes(payload[8:]).decode("utf-8", "replace")
+        debug = bytes(payload[8 : 8 + MAX_REASON_TEXT]).decode("utf-8", "replace")
         self.goaway_received = True
         events.append(ConnectionTerminated(code, last, remote=True, reason=debug))
         # Streams we opened above ``last`` were never processed by the peer: they may be retried elsewhere.
@@ -1134,6 +1215,7 @@ class HboneConnection:
         return sid > self._last_remote_id
 
     def _stream_error(self, st: _Stream, code: ErrorCode, reason: str, events: list[Event]) -> None:
+        self._count_local_reset()
         self.replies += 1
         self._out.append(_frame(RST_STREAM, 0, st.id, _U32.pack(code)))
         self._forget(st)
@@ -1197,17 +1279,17 @@ def _check_fields(
         # NUL, CR, LF, or whitespace at either end (RFC 9113 8.2.1). Not one regex: with the end anchors it was
         # tried at every position, ~5 us for a 120-byte baggage value against ~0.2 us for these scans.
         if "\x00" in value or "\r" in value or "\n" in value or value != value.strip(" \t"):
-            return pseudo, regular, f"invalid value of {name}"
+            return pseudo, regular, f"invalid value of {_shown(name)}"
         if name.startswith(":"):
             if regular:
                 return pseudo, regular, "pseudo-header after regular header"
             if name not in allowed_pseudo:
-                return pseudo, regular, f"pseudo-header {name} not allowed in a {kind}"
+                return pseudo, regular, f"pseudo-header {_shown(name)} not allowed in a {kind}"
             if name in pseudo:
-                return pseudo, regular, f"duplicate {name}"
+                return pseudo, regular, f"duplicate {_shown(name)}"
             pseudo[name] = value
         elif _FIELD_NAME.fullmatch(name) is None:
-            return pseudo, regular, f"invalid header name {name!r}"
+            return pseudo, regular, f"invalid header name {_shown(name)!r}"
         elif name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
             return pseudo, regular, f"connection-specific header {name}"
         else:
@@ -1215,11 +1297,17 @@ def _check_fields(
     return pseudo, regular, ""
 
 
+def _shown(text: str) -> str:
+    """A peer's name or value as it goes into a reason (logged for each refused stream): a 64 KiB header name
+    must not make a 64 KiB log line."""
+    return text if len(text) <= MAX_REASON_TEXT else text[:MAX_REASON_TEXT] + "..."
+
+
 def _status_problem(status: str | None, end_stream: bool) -> str:
     if status is None:
         return "no :status"
     if _STATUS.fullmatch(status) is None:
-        return f"invalid :status {status!r}"
+        return f"invalid :status {_shown(status)!r}"
     if status == "101":
         return ":status 101 is not allowed in HTTP/2"  # RFC 9113 8.6
     if status[0] == "1" and end_stream:

@@ -345,6 +345,7 @@ class DnatCapture:
         self._script = ""  # the table as we last wrote it ("" when we wrote none since start or removal)
         self._listed = ""  # the table as nft listed it after our last write
         self.counts = no_listener_counts(self.table)
+        self._counts_failing = False  # the last read of the counters failed (logged once until one works)
 
     def bind_netns(self) -> None:
         """Keep the table in the calling thread's netns from now on, whichever thread syncs: a Redirector binds its
@@ -436,8 +437,9 @@ class DnatCapture:
         """Fold the no-listener counters of the table there is now (if any) into :attr:`counts`, in this thread."""
         read = CounterRead(self.table, self.counts, nft=self.nft, netns=self._netns_path(), pass_fds=self._fds())
         error = read.blocking()
-        if error is not None:
+        if error is not None and not self._counts_failing:  # an nft without JSON fails them all: say it once
             log.warning("cannot read the DNAT capture table's counters", extra=kv(table=self.table, error=error))
+        self._counts_failing = error is not None
 
     def _run(self, script: str) -> None:
         try:

@@ -11,6 +11,7 @@ counters at 0, as nft 1.0 prints it). The real table is in tests/integration/tes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -121,3 +122,21 @@ def test_a_sync_whose_counter_read_fails_still_writes_the_table(tmp_path: Path) 
     capture.sync({"10.0.0.1"})
     assert "10.0.0.1" in table.read_text()
     assert json.dumps(capture.counts.totals()) == "{}"
+
+
+def test_a_counter_read_that_keeps_failing_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An nft built without JSON support fails every ``-j`` read while it writes the table: the sync reads the
+    counters before and after each write, so each write logged twice, every reconcile of a changed set."""
+    table = tmp_path / "table"
+    nft = _script(
+        tmp_path / "nft",
+        f'if [ "$1" = "-f" ]; then cat > "{table}"; exit 0; fi\n'
+        'if [ "$1" = "-j" ]; then echo "Error: JSON support not compiled-in" >&2; exit 1; fi\n'
+        f'[ -f "{table}" ] && exec cat "{table}"\nexit 1',
+    )
+    capture = DnatCapture("t2once", port=15006, hbone_port=15008, mark=0x200, mark_mask=0xF00, nft=nft)
+    with caplog.at_level(logging.WARNING, logger="agent.capture_dnat"):
+        capture.sync({"10.0.0.1"})
+        capture.sync({"10.0.0.1", "10.0.0.2"})
+    warnings = [r for r in caplog.records if r.getMessage() == "cannot read the DNAT capture table's counters"]
+    assert len(warnings) == 1

@@ -25,6 +25,7 @@ already checked them and may serve fields newer than this code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.log import kv
-from controller.store import ConfigStore, Contribution
+from controller.store import STEP_SECONDS, STEP_SOURCES, ConfigStore, Contribution
 from controller.validation import parse_documents
 
 log = logging.getLogger("ambit.controller.kube")
@@ -514,7 +515,13 @@ class _Watcher:
 
 
 class KubeSource:
-    """Every watched object is its own source in the store (``kube:<Kind>/<ns>/<name>``)."""
+    """Every watched object is its own source in the store (``kube:<Kind>/<ns>/<name>``).
+
+    A list of more than ``step`` changes goes to the store in steps (:meth:`ConfigStore.update_in_steps`): a relist
+    of every pod of a large cluster held the event loop for seconds in one ``store.update`` (measured: 2.0 s for
+    10,000 new pods, 0.23 s for 10,000 unchanged ones). Lists and events reach the store in the order the watches
+    delivered them: whatever arrives while a list is being applied waits for it (an event after the list is newer
+    than the list's version of its object)."""
 
     def __init__(
         self,
@@ -524,17 +531,24 @@ class KubeSource:
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
         page_size: int = LIST_PAGE_SIZE,
+        step: int = STEP_SOURCES,
+        step_budget: float = STEP_SECONDS,
     ) -> None:
         self.store = store
         self.page_size = page_size  # 0: lists in one request
         self.api = api
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.step = step
+        self.step_budget = step_budget
         self.resources = resources
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers = [_Watcher(self, r) for r in resources]
         self._known: dict[str, set[str]] = {r.kind: set() for r in resources}  # by kind: versions may change
         self._synced: dict[str, asyncio.Event] = {}
+        self._applying: asyncio.Task[None] | None = None  # a list going to the store in steps
+        self._backlog: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+        self._stopped = False
         self.lists = 0
         self.events = 0
 
@@ -549,22 +563,42 @@ class KubeSource:
             log.info("kube resource synced", extra=kv(kind=kind, objects=len(self._known[kind])))
 
     def stop(self) -> None:
+        self._stopped = True
         for w in self._watchers:
             w.stop()
+        self._backlog.clear()
+        if self._applying is not None:
+            self._applying.cancel()
 
-    def from_thread(self, fn: Any, *args: Any) -> None:
+    async def idle(self) -> None:
+        """Wait until every list and event handed over so far is in the store (tests, measurements)."""
+        while self._applying is not None:
+            await asyncio.shield(self._applying)
+
+    def from_thread(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             # RuntimeError: the loop closed between the check and the call (shutdown).
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(fn, *args)
+                loop.call_soon_threadsafe(self.submit, fn, *args)
 
     # ---- on the event loop ---------------------------------------------------------------------------------------
 
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` (:meth:`relisted` or :meth:`changed`) now, or after the list being applied in steps."""
+        if self._stopped:
+            return
+        if self._applying is not None or self._backlog:
+            self._backlog.append((fn, args))
+            return
+        fn(*args)
+
     def relisted(self, resource: Resource, parsed: dict[str, Contribution | None]) -> None:
         """A full list, validated (by source id): upsert everything in it, remove what is gone since the last list.
-        A None (validation raised, logged) keeps the store as it was: the list without that object would delete it."""
+        A None (validation raised, logged) keeps the store as it was: the list without that object would delete it.
+        More than ``step`` changes are applied in steps, by a task; what is submitted meanwhile waits for it."""
         self.lists += 1
+        stepped = False
         try:
             if any(c is None for c in parsed.values()):
                 log.error(
@@ -575,14 +609,51 @@ class KubeSource:
             for sid in self._known[resource.kind] - parsed.keys():
                 changes[sid] = None
             self._known[resource.kind] = set(parsed)
-            self.store.update(changes)
+            if len(changes) > self.step:
+                self._applying = asyncio.get_running_loop().create_task(
+                    self._apply_in_steps(resource, changes), name=f"kube-list-{resource.plural}"
+                )
+                stepped = True
+            else:
+                self.store.update(changes)
         except Exception as e:  # the store keeps what it had; start() must not wait for this resource forever
             log.error(
                 "applying a kube list failed", extra=kv(resource=resource.plural, objects=len(parsed), error=repr(e))
             )
         finally:
-            if resource.kind in self._synced:
-                self._synced[resource.kind].set()
+            if not stepped:
+                self._list_applied(resource)
+
+    async def _apply_in_steps(self, resource: Resource, changes: dict[str, Contribution | None]) -> None:
+        started = time.monotonic()
+        try:
+            await self.store.update_in_steps(changes, self.step, self.step_budget)
+            log.debug(
+                "kube list applied in steps",
+                extra=kv(resource=resource.plural, changes=len(changes), seconds=round(time.monotonic() - started, 3)),
+            )
+        except Exception as e:  # as relisted: logged, and the resource still counts as synced
+            log.error(
+                "applying a kube list failed", extra=kv(resource=resource.plural, objects=len(changes), error=repr(e))
+            )
+        finally:
+            self._applying = None
+            self._list_applied(resource)
+            if not self._stopped:
+                self._drain()
+
+    def _drain(self) -> None:
+        """What was submitted while a list was applied in steps, in order, until another list needs steps."""
+        while self._backlog and self._applying is None and not self._stopped:
+            fn, args = self._backlog.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one bad event must not keep the rest from the store (as a loop callback raising)
+                log.exception("applying a kube change failed", extra=kv(change=getattr(fn, "__name__", str(fn))))
+
+    def _list_applied(self, resource: Resource) -> None:
+        if resource.kind in self._synced:
+            self._synced[resource.kind].set()
 
     def changed(self, resource: Resource, event_type: str, sid: str, contribution: Contribution | None) -> None:
         """A watch event of the object ``sid``, validated when ADDED or MODIFIED."""

@@ -435,6 +435,12 @@ class HboneConnection:
 
     def send_response(self, stream_id: int, status: int, headers: list[tuple[str, str]] | None = None) -> None:
         """Server: answer a CONNECT. 2xx keeps the stream open; anything else ends it."""
+        self._respond(stream_id, status, headers, ErrorCode.NO_ERROR)
+
+    def _respond(
+        self, stream_id: int, status: int, headers: list[tuple[str, str]] | None, stop_code: ErrorCode
+    ) -> None:
+        """send_response; a final answer to a client still sending is followed by RST_STREAM ``stop_code``."""
         st = self._streams.get(stream_id)
         if st is None or st.responded or st.local_closed:
             raise StreamStateError(f"stream {stream_id} cannot be answered")
@@ -447,8 +453,9 @@ class HboneConnection:
         if final:
             st.local_closed = True
             if not st.remote_closed:
-                # The response is complete; tell the client to stop sending (RFC 9113 8.1).
-                self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR)))
+                # The response is complete; tell the client to stop sending (RFC 9113 8.1): NO_ERROR, or
+                # PROTOCOL_ERROR after the 400 to a malformed request, which is a stream error all the same (8.1.1).
+                self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(stop_code)))
             self._forget(st)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
@@ -993,7 +1000,10 @@ class HboneConnection:
         if method is not None and method != "CONNECT":
             self._reject(st, 400, "bad_request", f"method {_shown(method)} is not CONNECT", events)
         elif problem or method is None or not authority:
-            self._reject(st, 400, "bad_request", problem or "missing :method or :authority", events)
+            # Malformed (RFC 9113 8.1.1, 8.3.1): a stream error of type PROTOCOL_ERROR, answered 400 first (a
+            # server MAY, 8.1.1), as h2 answers 431 and then resets with PROTOCOL_ERROR.
+            problem = problem or "missing :method or :authority"
+            self._reject(st, 400, "bad_request", problem, events, ErrorCode.PROTOCOL_ERROR)
         elif end_stream:
             self._reject(st, 400, "bad_request", "CONNECT with END_STREAM", events)
         else:
@@ -1024,10 +1034,18 @@ class HboneConnection:
             raise _ConnError(ErrorCode.ENHANCE_YOUR_CALM, "too_many_internal_resets")
         self._local_resets += 1
 
-    def _reject(self, st: _Stream, status: int, reason: str, detail: str, events: list[Event]) -> None:
+    def _reject(
+        self,
+        st: _Stream,
+        status: int,
+        reason: str,
+        detail: str,
+        events: list[Event],
+        stop_code: ErrorCode = ErrorCode.NO_ERROR,
+    ) -> None:
         self._count_local_reset()
         self.replies += 1
-        self.send_response(st.id, status)
+        self._respond(st.id, status, None, stop_code)
         events.append(RequestRejected(st.id, status, f"{reason}: {detail}" if detail else reason))
 
     def _on_response_headers(

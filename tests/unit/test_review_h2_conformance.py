@@ -105,8 +105,8 @@ Wire = Callable[[Ctx], bytes]
 @dataclass(frozen=True)
 class Case:
     """``expect``: ("conn", code) a connection error; ("stream", code) RST_STREAM on the stream ``on`` names, the
-    connection alive; ("400",) a CONNECT answered 400; ("ok",) accepted, nothing sent but what ``replies`` lists
-    (frame types; WINDOW_UPDATEs aside), no error."""
+    connection alive; ("400", code) a request answered 400 then reset with ``code``; ("ok",) accepted, nothing
+    sent but what ``replies`` lists (frame types; WINDOW_UPDATEs aside), no error."""
 
     id: str
     wire: Wire
@@ -570,7 +570,7 @@ CASES = [
     ),
     # --------------------------------------------------------------------- RFC 9113 8 / RFC 9110 9.3.6 CONNECT
     *[
-        Case(f"CONNECT {why} gets 400", _opening(headers), ("400",))
+        Case(f"CONNECT {why} gets 400 and PROTOCOL_ERROR", _opening(headers), ("400", ErrorCode.PROTOCOL_ERROR))
         for why, headers in [
             ("with :scheme", [*CONNECT, (":scheme", "https")]),
             ("with :protocol (no extended CONNECT)", [*CONNECT, (":protocol", "websocket"), (":scheme", "https")]),
@@ -588,9 +588,20 @@ CASES = [
             ("with an empty header name", [*CONNECT, ("", "1")]),
             ("with a DEL in a header name", [*CONNECT, ("x\x7f", "1")]),
             ("with a non-ASCII header name", [*CONNECT, ("x\xe9", "1")]),
-            ("with a lowercase method", [(":method", "connect"), (":authority", "10.0.0.9:80")]),
         ]
     ],
+    # Well-formed requests this server does not serve: refused (400) without error, the client told to stop
+    # sending with NO_ERROR (RFC 9113 8.1); methods are case-sensitive (RFC 9110 9.1).
+    Case(
+        "a lowercase connect method gets 400 and NO_ERROR",
+        _opening([(":method", "connect"), (":authority", "10.0.0.9:80")]),
+        ("400", ErrorCode.NO_ERROR),
+    ),
+    Case(
+        "a GET gets 400 and NO_ERROR",
+        _opening([(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "10.0.0.9:80")]),
+        ("400", ErrorCode.NO_ERROR),
+    ),
     Case(
         "CONNECT with te: trailers is accepted",
         lambda c: frame(hbone.HEADERS, END_HEADERS, NEW, block([*CONNECT, ("te", "trailers")])),
@@ -651,6 +662,7 @@ def test_conformance(case: Case) -> None:
         assert [type(e) for e in events] == [RequestRejected], events
         assert events[0].status == 400  # type: ignore[union-attr]
         assert sent[0][:3] == (hbone.HEADERS, END_HEADERS | END_STREAM, NEW)
+        assert sent[1:] == [(hbone.RST_STREAM, 0, NEW, U32.pack(case.expect[1]))]
     else:
         assert not any(isinstance(e, (StreamReset, RequestRejected)) for e in events), events
         assert [f[0] for f in sent if f[0] not in (hbone.WINDOW_UPDATE,)] == list(case.replies), sent

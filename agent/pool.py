@@ -73,7 +73,7 @@ class PoolKey:
 class _Pooled:
     """A pooled connection plus the bookkeeping for idle release."""
 
-    __slots__ = ("conn", "context", "created", "idle_handle", "idle_since", "key", "retired")
+    __slots__ = ("conn", "context", "created", "idle_handle", "idle_since", "key", "retired", "used")
 
     def __init__(self, key: PoolKey, conn: HboneClientConnection, context: ssl.SSLContext) -> None:
         self.key = key
@@ -83,6 +83,8 @@ class _Pooled:
         self.created = time.monotonic()
         self.idle_since: float | None = time.monotonic()
         self.idle_handle: asyncio.TimerHandle | None = None
+        # The source's pooled connections, least recently used first (the one this belongs to while pooled).
+        self.used: dict[_Pooled, None] | None = None
 
 
 class HboneConnectionPool:
@@ -95,12 +97,17 @@ class HboneConnectionPool:
         max_streams_per_conn: int = 100,
         idle_timeout: float = 300.0,
         *,
+        max_connections_per_source: int = 500,
         config: TunnelConfig | None = None,
         stats: TunnelStats | None = None,
     ) -> None:
-        if max_streams_per_conn < 1:
-            raise ValueError("max_streams_per_conn must be >= 1")
+        if max_streams_per_conn < 1 or max_connections_per_source < 1:
+            raise ValueError("max_streams_per_conn and max_connections_per_source must be >= 1")
         self.max_streams_per_conn = max_streams_per_conn
+        # As ztunnel's pool per workload (pingora_pool::ConnectionPool::new(500), an LRU): over it, the source's
+        # least recently used connection is retired. Without a bound, a pod fanning out to thousands of
+        # destinations more often than the idle timeout kept a connection open to each for good.
+        self.max_connections_per_source = max_connections_per_source
         self.idle_timeout = idle_timeout
         self.config = config or TunnelConfig()
         self.stats = stats or STATS
@@ -108,6 +115,7 @@ class HboneConnectionPool:
         # The handshake under way for a key, with the context it uses (one per key: openers share it).
         self._connecting: dict[PoolKey, tuple[ssl.SSLContext, asyncio.Task[_Pooled]]] = {}
         self._retired: set[_Pooled] = set()  # out of the pool, still carrying streams
+        self._used: dict[Identity, dict[_Pooled, None]] = {}  # per source, least recently used first
         # Contexts in the order first seen (a later one is a renewal), and the latest per source identity; weak,
         # so a context nothing uses any more (the certificate manager replaced it, its connections closed) goes.
         self._seen: weakref.WeakKeyDictionary[ssl.SSLContext, int] = weakref.WeakKeyDictionary()
@@ -130,8 +138,8 @@ class HboneConnectionPool:
         ``ssl_context`` is the client context of ``key.src`` (CertificateManager.client_context). Raises
         HboneConnectError: the peer's status (400/401/503), or 503 for connect/TLS/identity failures. A stream
         the peer provably did not process (GOAWAY race, refused stream, a new connection gone before use) is retried
-        once on a fresh connection, with the same ``early`` bytes (HboneClientConnection.open_stream), which that
-        peer therefore never got.
+        once on another connection (pooled or new, never the one that refused it), with the same ``early`` bytes
+        (HboneClientConnection.open_stream), which that peer therefore never got.
         """
         for attempt in (1, 2):
             pooled: _Pooled | None = None
@@ -190,14 +198,14 @@ class HboneConnectionPool:
                 raise HboneConnectError(503, "connection pool closed", stage=ConnectStage.POOL)
             found, stale = self._scan(key, ssl_context)
             if found is not None and not stale:  # the common case: no context to compare
-                return found
+                return self._touch(found)
             ctx = self._current(key.src, ssl_context)
             if ctx is not ssl_context:  # the caller's context was replaced: the current one's connections serve
                 found, stale = self._scan(key, ctx)
             if stale:  # also when a current one serves: an idle stale one would stay open until its idle timeout
                 self._retire_stale(key, ctx)
             if found is not None:
-                return found
+                return self._touch(found)
             pending = self._connecting.get(key)
             if pending is not None and pending[0] is ctx:
                 task = pending[1]
@@ -228,6 +236,13 @@ class HboneConnectionPool:
         self.connections_created += 1
         conn.set_stream_count_callback(functools.partial(self._on_stream_count, pooled))
         self._conns.setdefault(key, []).append(pooled)
+        used = pooled.used = self._used.setdefault(key.src, {})
+        used[pooled] = None
+        while len(used) > self.max_connections_per_source:
+            oldest = next(iter(used))
+            self._retire(oldest, "the source's pooled connections are over max_connections_per_source")
+            if oldest.used is not None:  # not taken out (cannot happen: a pooled one is retired): never spin
+                break
         self._arm_idle(pooled)
         asyncio.get_running_loop().create_task(self._watch(pooled))
         log.debug("HBONE connection opened", extra=kv(dst=str(key.dst), addr=f"{key.addr[0]}:{key.addr[1]}"))
@@ -246,10 +261,24 @@ class HboneConnectionPool:
         self._evict(pooled)
         self._retired.discard(pooled)
 
+    def _touch(self, pooled: _Pooled) -> _Pooled:
+        """``pooled`` is being used: the most recently used of its source's."""
+        used = pooled.used
+        if used is not None:
+            del used[pooled]
+            used[pooled] = None
+        return pooled
+
     def _evict(self, pooled: _Pooled) -> None:
         if pooled.idle_handle is not None:
             pooled.idle_handle.cancel()
             pooled.idle_handle = None
+        used = pooled.used
+        if used is not None:
+            pooled.used = None
+            del used[pooled]
+            if not used:
+                del self._used[pooled.key.src]
         conns = self._conns.get(pooled.key)
         if conns and pooled in conns:
             conns.remove(pooled)

@@ -384,3 +384,41 @@ async def test_closing_the_pool_waits_for_all_connections_at_once(monkeypatch: p
     aborts = [i for i, e in enumerate(events) if e.startswith("abort")]
     assert len(aborts) == 3
     assert max(waits) < min(aborts), f"a connection waited only after another's deadline: {events}"
+
+
+async def test_a_source_keeps_at_most_max_connections_pooled_least_recently_used_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ztunnel's pool holds at most 500 connections per source workload (src/proxy/pool.rs:
+    pingora_pool::ConnectionPool::new(500), an LRU that drops the least recently checked-in connection over it).
+    Ours had no bound: a pod fanning out to thousands of destinations (a scraper every 30 s, under the 300 s idle
+    timeout) kept a TLS connection open to each for good."""
+    made: list[_Gated] = []
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        made.append(_Gated(ctx))
+        return made[-1]
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    p.max_connections_per_source = 2  # 500 by default
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    src, other = Identity("cluster.local", "a", "client"), Identity("cluster.local", "a", "other")
+
+    def key(n: int, source: Identity = src) -> PoolKey:
+        return PoolKey(source, _Gated.peer_identity, (f"10.2.0.{n}", 15008))
+
+    for n in (1, 2):
+        await p.open_stream(key(n), ctx, "x:1", [])
+    await p.open_stream(key(1), ctx, "x:1", [])  # 1 is now the most recently used
+    await p.open_stream(key(3), ctx, "x:1", [])
+    assert p.connection_count() == 2 and {c["addr"] for c in p.snapshot() if not c["retired"]} == {
+        "10.2.0.1:15008",
+        "10.2.0.3:15008",
+    }
+    assert [c["addr"] for c in p.snapshot() if c["retired"]] == ["10.2.0.2:15008"], "its stream still open"
+    await p.open_stream(key(1, other), ctx, "x:1", [])  # another source has a limit of its own
+    assert p.connection_count() == 3 and len(made) == 4
+    await p.open_stream(key(2), ctx, "x:1", [])
+    assert len(made) == 5, "the evicted connection is not used again"
+    await p.close()

@@ -35,6 +35,7 @@ atomically (one ``nft -f`` transaction) when the enrolled addresses change or so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -224,7 +225,8 @@ class CounterRead:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it exited (and was reaped) as the timeout fired
+                proc.kill()
             await proc.wait()
             return self._timed_out()
         assert proc.returncode is not None  # communicate() waited for it

@@ -10,6 +10,7 @@ counters at 0, as nft 1.0 prints it). The real table is in tests/integration/tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -140,3 +141,29 @@ def test_a_counter_read_that_keeps_failing_is_logged_once(tmp_path: Path, caplog
         capture.sync({"10.0.0.1", "10.0.0.2"})
     warnings = [r for r in caplog.records if r.getMessage() == "cannot read the DNAT capture table's counters"]
     assert len(warnings) == 1
+
+
+async def test_an_nft_that_exits_as_its_timeout_fires_does_not_end_the_poller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timeout's kill() meets a child that exited in between (asyncio raises ProcessLookupError once it has
+    reaped it): the read is a failed one, not an exception that ends DnatCounterCollector.run for good."""
+
+    class ExitedMeanwhile:
+        returncode = None
+
+        async def communicate(self) -> tuple[bytes, bytes]:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        def kill(self) -> None:
+            self.returncode = 0
+            raise ProcessLookupError
+
+        async def wait(self) -> int:
+            return 0
+
+    async def spawn(*_args: object, **_kwargs: object) -> ExitedMeanwhile:
+        return ExitedMeanwhile()
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    result = await CounterRead("ambit_t2", NoListenerCounts(), timeout=0.01).run()
+    assert result is not None and "more than 0.01 s" in result

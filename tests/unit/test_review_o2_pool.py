@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from agent import pool as pool_module
-from agent.hbone import _SETTING, S_MAX_CONCURRENT_STREAMS, SETTINGS, ErrorCode, _frame
+from agent.hbone import _GOAWAY, _SETTING, GOAWAY, S_MAX_CONCURRENT_STREAMS, SETTINGS, ErrorCode, _frame
 from agent.pool import HboneConnectionPool, PoolKey
 from agent.tunnel import ConnectRequest, HboneConnectError, TunnelStats
 from bench.hbone_micro import forward_to_authority
@@ -422,3 +422,37 @@ async def test_a_source_keeps_at_most_max_connections_pooled_least_recently_used
     await p.open_stream(key(2), ctx, "x:1", [])
     assert len(made) == 5, "the evicted connection is not used again"
     await p.close()
+
+
+async def test_streams_above_a_goaways_last_stream_id_are_retried_on_a_new_connection(
+    mesh: Mesh,
+    echo: Backend,
+) -> None:
+    """Guard (passes before and after): a GOAWAY whose last-stream-id is below streams the client already sent says
+    the peer never processed them (RFC 9113 6.8): they are retried on a new connection, the connection that went
+    away takes none, and it closes once nothing is left on it."""
+    first: list[Any] = []
+
+    async def handler(req: ConnectRequest) -> None:
+        if not first:
+            first.append(req._proto)
+        if req._proto is first[0]:
+            # GOAWAY(NO_ERROR, last-stream-id 0): none of the client's streams on this connection was processed
+            req._proto.h2._out.append(_frame(GOAWAY, 0, 0, _GOAWAY.pack(0, 0)))
+            req._proto.flush()
+            await asyncio.Event().wait()  # never answered: the client must not wait for it
+        await forward_to_authority(req)
+
+    server = await HboneServer(mesh.server_ctx, handler=handler).start()
+    pool = HboneConnectionPool(stats=TunnelStats())
+    ctx = mesh.client_ctx()
+    try:
+        streams = await asyncio.gather(*(pool.open_stream(mesh.key(server), ctx, echo.addr, []) for _ in range(3)))
+        assert pool.connections_created == 2 and server.connections == 2
+        for s in streams:
+            assert await roundtrip(s) == b"hello"
+        assert [c["usable"] for c in pool.snapshot()] == [True]
+        assert await _until(lambda: server.stats.connections_closed == 1)
+    finally:
+        await pool.close()
+        await server.close()

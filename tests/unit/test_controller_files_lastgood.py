@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +328,16 @@ async def test_start_gives_up_waiting_for_a_file_that_never_holds_still(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     pods = tmp_path / "pods.yaml"
-    pods.write_text(NS)
+
+    def rewrite(text: str) -> None:
+        """Each version is modified "in the future", so it is recent at every check however long this (loaded)
+        machine takes to get there: with real times, a check more than one poll interval after the write saw the
+        file as holding still."""
+        write(pods, text)
+        future = time.time() + 3600
+        os.utime(pods, (future, future))
+
+    rewrite(NS)
     store = new_store()
     source = FileSource(str(tmp_path), store, poll_interval=0.01)
     real_sync = source.sync
@@ -336,7 +346,7 @@ async def test_start_gives_up_waiting_for_a_file_that_never_holds_still(
     async def sync(settle: bool = False) -> int:
         applied = await real_sync(settle)
         passes.append(settle)
-        write(pods, NS + f"# rewrite {len(passes)}\n")
+        rewrite(NS + f"# rewrite {len(passes)}\n")
         return applied
 
     monkeypatch.setattr(source, "sync", sync)

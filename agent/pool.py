@@ -240,7 +240,8 @@ class HboneConnectionPool:
         used[pooled] = None
         while len(used) > self.max_connections_per_source:
             oldest = next(iter(used))
-            self._retire(oldest, "the source's pooled connections are over max_connections_per_source")
+            # DEBUG, as ztunnel's eviction: a pod fanning out evicts on every new connection
+            self._retire(oldest, "over max_connections_per_source", logging.DEBUG)
             if oldest.used is not None:  # not taken out (cannot happen: a pooled one is retired): never spin
                 break
         self._arm_idle(pooled)
@@ -291,7 +292,7 @@ class HboneConnectionPool:
         for pooled in [p for p in self._conns.get(key, ()) if p.context is not ssl_context]:
             self._retire(pooled, "the source's certificate or trust bundle changed")
 
-    def _retire(self, pooled: _Pooled, why: str) -> None:
+    def _retire(self, pooled: _Pooled, why: str, level: int = logging.INFO) -> None:
         """Take ``pooled`` out of the pool: it takes no new streams, closes now if it has none, else with its last
         one (:meth:`_on_stream_count`). A connection already out of the pool (closed, retired) is left alone."""
         conns = self._conns.get(pooled.key)
@@ -299,7 +300,8 @@ class HboneConnectionPool:
             return
         pooled.retired = True
         self._evict(pooled)
-        log.info(
+        log.log(
+            level,
             "HBONE connection retired: " + why,
             extra=kv(src=str(pooled.key.src), dst=str(pooled.key.dst), streams=pooled.conn.active_streams),
         )

@@ -9,6 +9,7 @@ every new connection, whoever asked for it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -387,7 +388,7 @@ async def test_closing_the_pool_waits_for_all_connections_at_once(monkeypatch: p
 
 
 async def test_a_source_keeps_at_most_max_connections_pooled_least_recently_used_first(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """ztunnel's pool holds at most 500 connections per source workload (src/proxy/pool.rs:
     pingora_pool::ConnectionPool::new(500), an LRU that drops the least recently checked-in connection over it).
@@ -400,6 +401,7 @@ async def test_a_source_keeps_at_most_max_connections_pooled_least_recently_used
         return made[-1]
 
     monkeypatch.setattr(pool_module, "connect", fake_connect)
+    caplog.set_level(logging.DEBUG, logger="agent.pool")
     p = HboneConnectionPool(stats=TunnelStats())
     p.max_connections_per_source = 2  # 500 by default
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -421,6 +423,9 @@ async def test_a_source_keeps_at_most_max_connections_pooled_least_recently_used
     assert p.connection_count() == 3 and len(made) == 4
     await p.open_stream(key(2), ctx, "x:1", [])
     assert len(made) == 5, "the evicted connection is not used again"
+    # a pod fanning out evicts on every new connection: not a line at INFO each time
+    retired = [r for r in caplog.records if "retired" in r.getMessage()]
+    assert retired and all(r.levelno == logging.DEBUG for r in retired)
     await p.close()
 
 

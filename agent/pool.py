@@ -225,6 +225,13 @@ class HboneConnectionPool:
                 raise HboneConnectError(
                     503, "new connection closed before use", retryable=True, stage=ConnectStage.HTTP2
                 )
+            if made.conn.available_streams == 0 and made.conn.active_streams == 0:
+                # The peer allows no stream at all (SETTINGS_MAX_CONCURRENT_STREAMS 0: overloaded, RFC 9113
+                # 6.5.2). Another connection to it would say the same: dialling on was a loop of handshakes for as
+                # long as the peer kept it at 0. (ztunnel's maker's request would wait on that connection.)
+                raise HboneConnectError(
+                    503, "peer allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)", stage=ConnectStage.HTTP2
+                )
 
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:

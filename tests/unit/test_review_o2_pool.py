@@ -461,3 +461,60 @@ async def test_streams_above_a_goaways_last_stream_id_are_retried_on_a_new_conne
     finally:
         await pool.close()
         await server.close()
+
+
+async def test_a_peer_allowing_no_streams_fails_the_attempt_instead_of_dialling_without_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer may advertise SETTINGS_MAX_CONCURRENT_STREAMS 0 (RFC 9113 6.5.2: 'no new streams for now', an
+    overloaded server). The opener found its new connection full and dialled another, and another: a loop of
+    handshakes for one user connection, as long as the peer kept saying 0. A new connection that takes no stream
+    at all fails the attempt (ztunnel hands a new connection to its maker, whose request then waits on it)."""
+    dials = 0
+
+    class NoStreams(_Gated):
+        @property
+        def available_streams(self) -> int:
+            return 0
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        nonlocal dials
+        dials += 1
+        if dials > 10:
+            raise RuntimeError("still dialling")
+        return NoStreams(ctx)
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, ("10.2.0.7", 15008))
+    with pytest.raises(HboneConnectError) as err:
+        await p.open_stream(key, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "10.2.0.7:8080", [])
+    assert err.value.status == 503 and "no streams" in err.value.reason
+    assert dials == 1
+    await p.close()
+
+
+async def test_openers_beyond_a_new_connections_stream_limit_still_get_another_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guard for the above: openers that shared a handshake and found the new connection full (by the peer's
+    limit, once the first took their streams) dial another connection as before."""
+
+    class Two(_Gated):
+        @property
+        def available_streams(self) -> int:
+            return 2 - self.streams
+
+    made: list[_Gated] = []
+
+    async def fake_connect(addr: Any, ctx: ssl.SSLContext, *args: Any, **kwargs: Any) -> _Gated:
+        made.append(Two(ctx))
+        return made[-1]
+
+    monkeypatch.setattr(pool_module, "connect", fake_connect)
+    p = HboneConnectionPool(stats=TunnelStats())
+    key = PoolKey(Identity("cluster.local", "a", "client"), _Gated.peer_identity, ("10.2.0.7", 15008))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    await asyncio.gather(*(p.open_stream(key, ctx, "10.2.0.7:8080", []) for _ in range(5)))
+    assert [c.streams for c in made] == [2, 2, 1]
+    await p.close()

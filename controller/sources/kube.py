@@ -6,8 +6,10 @@ backoff if it ended within a second without an event; a 410 Gone (as an ``ERROR`
 the version was compacted away, so the resource is listed again, after the backoff, and the store gets the
 difference. "Too large resource version" (the server's store is behind the version: an etcd restore) is listed
 again too, after the backoff. A kind the API does not serve at its version is tried at the older one (Istio's
-v1beta1), then counts as empty; every retry, and a 404 on a version that stopped being served, starts again from
-the preferred version, so CRDs installed or upgraded later are found. Other errors back off exponentially as
+v1beta1), then counts as empty until its CustomResourceDefinition is Established: CRDs are watched too (istiod's
+CRD watcher, pkg/kube/kclient/crdwatcher.go), and a missing kind is polled for (every 30-60 s) only while CRDs
+cannot be read (RBAC). Every retry, and a 404 on a version that stopped being served, starts again from the
+preferred version, so CRDs installed or upgraded later are found. Other errors back off exponentially as
 client-go's reflector does (0.8 s doubling to 30 s, each wait up to twice that at random, back to 0.8 s after two
 minutes without one), and at least as long as an error response's Retry-After asks (urllib3's default Retry
 already waits it out itself for 429 and 503).
@@ -72,10 +74,16 @@ class Resource:
     version: str = "v1"
     group: str = ""  # "" is the core API group
     older: str = ""  # a version to fall back to when the API does not serve ``version`` (older Istio CRDs)
+    crd: bool = False  # defined by a CustomResourceDefinition, which may be installed (or removed) at any time
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def crd_name(self) -> str:
+        """The name of the CustomResourceDefinition that defines it ("its name MUST be <plural>.<group>")."""
+        return f"{self.plural}.{self.group}"
 
     @property
     def path(self) -> str:
@@ -89,11 +97,16 @@ RESOURCES = (
     Resource("Service", "services"),
     # Built in, but outside the core group: read through the generic API like the CRDs (same path and JSON).
     Resource("EndpointSlice", "endpointslices", "v1", group="discovery.k8s.io"),
-    Resource("ServiceEntry", "serviceentries", "v1", older="v1beta1", group="networking.istio.io"),
-    Resource("WorkloadEntry", "workloadentries", "v1", older="v1beta1", group="networking.istio.io"),
-    Resource("AuthorizationPolicy", "authorizationpolicies", "v1", older="v1beta1", group="security.istio.io"),
-    Resource("PeerAuthentication", "peerauthentications", "v1", older="v1beta1", group="security.istio.io"),
+    Resource("ServiceEntry", "serviceentries", "v1", older="v1beta1", group="networking.istio.io", crd=True),
+    Resource("WorkloadEntry", "workloadentries", "v1", older="v1beta1", group="networking.istio.io", crd=True),
+    Resource(
+        "AuthorizationPolicy", "authorizationpolicies", "v1", older="v1beta1", group="security.istio.io", crd=True
+    ),
+    Resource("PeerAuthentication", "peerauthentications", "v1", older="v1beta1", group="security.istio.io", crd=True),
 )
+# Watched so that a kind whose CRD is installed after the start is listed as soon as the CRD is Established, as
+# istiod's CRD watcher starts its informers (pkg/kube/kclient/crdwatcher.go), rather than found by a poll.
+CRDS = Resource("CustomResourceDefinition", "customresourcedefinitions", "v1", group="apiextensions.k8s.io")
 
 
 class WatchExpired(Exception):
@@ -130,7 +143,7 @@ def api_client(kubeconfig: str | None = None) -> Any:
     cfg.socket_options = socket_options()
     # Each resource's watch holds a connection; the default pool (cpu_count * 5) is smaller than the watches on a
     # one-CPU node, and urllib3 closes what does not fit at each watch's end: a new handshake for the next request.
-    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, len(RESOURCES) + 2)
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, len(RESOURCES) + 3)  # + the CRD watch
     return client.ApiClient(configuration=cfg)
 
 
@@ -283,6 +296,7 @@ class _Watcher:
         self.resource = resource
         self.preferred = resource  # what a retry after "not served" asks for first: CRDs may be installed since
         self.stopped = threading.Event()
+        self.wake = threading.Event()  # set when the resource's CRD may have become served, and on stop
         self.resource_version = ""
         self.backoff = Backoff(source.backoff_initial, source.backoff_max)
         self.missing = False
@@ -319,6 +333,7 @@ class _Watcher:
             except WatchExpired:
                 self._expired()
             except ApiException as e:
+                self._api_error(e)
                 if e.status == 410:
                     self._expired()
                 elif too_large_version(_json(e.body)):
@@ -346,13 +361,16 @@ class _Watcher:
                 log.exception("kube list/watch failed unexpectedly", extra=kv(resource=self.resource.plural))
                 self._failed(f"{type(e).__name__}: {e}")
 
+    def _api_error(self, error: Any) -> None:
+        """Told of every API error before the common handling below."""
+
     def _missing(self) -> None:
         """The API does not serve this resource (e.g. Istio's CRDs are not installed): it has no objects.
 
-        At start it counts as an empty list, so that start-up completes; checked again now and then in case it
-        appears. A resource that was served before keeps its objects: a deleted CRD's objects were deleted (and
-        watched as such) before it went, so only a transient 404 (an API server still starting) is left, and
-        that must not take every policy of the kind away from the agents.
+        At start it counts as an empty list, so that start-up completes; tried again once its CRD is Established
+        (:meth:`_wait_until_served`). A resource that was served before keeps its objects: a deleted CRD's objects
+        were deleted (and watched as such) before it went, so only a transient 404 (an API server still starting)
+        is left, and that must not take every policy of the kind away from the agents.
         """
         if not self.missing:
             self.missing = True
@@ -363,10 +381,28 @@ class _Watcher:
             else:
                 log.warning("kube resource not served; treating it as empty", extra=kv(resource=self.resource.path))
                 self.source.from_thread(self.source.relisted, self.resource, {})
-        self.stopped.wait(jittered(self.source.backoff_max))
         # Ask for the preferred version again, not the older one that was tried last: CRDs installed meanwhile may
         # serve only the newer one.
         self.resource = self.preferred
+        self._wait_until_served()
+
+    def _wait_until_served(self) -> None:
+        """Wait until the resource may be served: its CRD Established at one of our versions (told by the CRD
+        watch, which sets ``wake``), as istiod starts a kind's informer from its CRD watcher. Established already
+        (the API server serves it a moment later, or at a version we tried before it was): again after the backoff.
+        While CRDs cannot be read (before the CRD watch's first list, or when RBAC does not grant it), or for a kind
+        no CRD defines: again after backoff_max (30 to 60 s), the poll the CRD watch replaces."""
+        crds = self.source.crds
+        if not self.resource.crd or crds is None:
+            self.stopped.wait(jittered(self.source.backoff_max))
+            return
+        self.wake.clear()  # before the look: a CRD event after it sets it again
+        served = crds.served(self.resource.crd_name)
+        if served & {self.resource.version, self.resource.older}:
+            self.stopped.wait(self.backoff.next())
+            return
+        log.debug("kube resource waits for its CRD", extra=kv(crd=self.resource.crd_name, polling=crds.polling))
+        self.wake.wait(jittered(self.source.backoff_max) if crds.polling else None)
 
     def _expired(self) -> None:
         """410 Gone: the version was compacted away; list again, after the backoff. client-go's reflector ends
@@ -420,6 +456,10 @@ class _Watcher:
         self.missing = False
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion", ""))
         self.listed = True
+        self._listed(items)
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        """A whole list, validated here (in the thread), to the store on the loop."""
         kind = self.resource.kind
         parsed = {source_id(kind, item): validate(kind, item) for item in items}
         self.source.from_thread(self.source.relisted, self.resource, parsed)
@@ -497,6 +537,10 @@ class _Watcher:
             return
         obj.setdefault("kind", self.resource.kind)
         obj.setdefault("apiVersion", self.resource.api_version)
+        self._changed(kind, obj)
+
+    def _changed(self, kind: str, obj: dict[str, Any]) -> None:
+        """A watch event, validated here (in the thread), to the store on the loop."""
         contribution = None
         if kind in ("ADDED", "MODIFIED"):
             contribution = validate(self.resource.kind, obj)
@@ -508,10 +552,115 @@ class _Watcher:
 
     def stop(self) -> None:
         self.stopped.set()
+        self.wake.set()
         resp = self._response
         if resp is not None:
             with contextlib.suppress(OSError, AttributeError):
                 resp.shutdown()  # unblocks the read in the watch thread
+
+
+class _CrdWatcher(_Watcher):
+    """List + watch of CustomResourceDefinitions: which of the CRDs the watched kinds need are Established, and at
+    which versions they are served. Its own state, kept in its thread; the watchers waiting for a CRD read it and
+    are woken when it changes (nothing goes to the store).
+
+    Whole CRDs, not their metadata only (istiod's watcher reads metadata): Established is in the status. A list is
+    read once per start or 410, in pages; CRDs change rarely, so the watch is quiet.
+    """
+
+    def __init__(self, source: KubeSource, watchers: list[_Watcher]) -> None:
+        super().__init__(source, CRDS)
+        self.thread.name = "kube-watch-crds"
+        self._waiting = {w.resource.crd_name: w for w in watchers if w.resource.crd}
+        self._lock = threading.Lock()
+        self._served: dict[str, frozenset[str]] = {}  # CRD name -> versions served, for the Established ones
+        self.polling = True  # no list of CRDs yet, or reading them was refused: the waiting watchers poll
+        self.refused = False  # the last request was refused (401/403)
+
+    def served(self, name: str) -> frozenset[str]:
+        """The versions the CRD ``name`` serves, if it is Established (else none)."""
+        with self._lock:
+            return self._served.get(name, frozenset())
+
+    def _api_error(self, error: Any) -> None:
+        """401/403 (RBAC does not grant reading CRDs): the waiting watchers poll until a list succeeds; the error is
+        then handled as for any resource (retried after the backoff, in case the grant comes)."""
+        if getattr(error, "status", None) not in (401, 403):
+            return
+        if not self.refused:
+            self.refused = True
+            log.warning(
+                "kube CRDs cannot be read; a kind whose CRD is missing is looked for every 30-60 s",
+                extra=kv(error=f"HTTP {error.status}: {error.reason}"),
+            )
+        self._polling(True)
+
+    def _polling(self, on: bool) -> None:
+        if on == self.polling:
+            return
+        self.polling = on
+        for w in self._waiting.values():
+            w.wake.set()  # to wait again, now with (or without) the poll's timeout
+
+    def _missing(self) -> None:
+        # CRDs are always served (apiextensions.k8s.io/v1 since Kubernetes 1.16); a 404 is an API server starting.
+        self._failed("HTTP 404: CustomResourceDefinitions not served")
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        served: dict[str, frozenset[str]] = {}
+        for item in items:
+            entry = _crd_entry(item)
+            if entry is not None and entry[0] in self._waiting and entry[1]:
+                served[entry[0]] = entry[1]
+        with self._lock:
+            before, self._served = self._served, served
+        if self.refused:
+            log.info("kube CRDs read: a kind whose CRD is missing is listed once its CRD is Established")
+        self.refused = False
+        self._polling(False)
+        for name, versions in served.items():
+            if before.get(name) != versions:
+                self._waiting[name].wake.set()
+
+    def _changed(self, kind: str, obj: dict[str, Any]) -> None:
+        entry = _crd_entry(obj)
+        if entry is None or entry[0] not in self._waiting:
+            return
+        name, versions = entry
+        with self._lock:
+            before = self._served.get(name)
+            if kind == "DELETED" or not versions:
+                self._served.pop(name, None)
+            else:
+                self._served[name] = versions
+        if versions and kind != "DELETED" and before != versions:
+            log.info("kube CRD established", extra=kv(crd=name, versions=sorted(versions)))
+            self._waiting[name].wake.set()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _crd_entry(crd: dict[str, Any]) -> tuple[str, frozenset[str]] | None:
+    """(name, versions it serves) of a CustomResourceDefinition; no versions unless it is Established (the API
+    server serves a CRD's resource once it is: NamesAccepted, then Established)."""
+    meta = crd.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str):
+        return None
+    spec = _dict(crd.get("spec"))
+    conditions = _dict(crd.get("status")).get("conditions")
+    established = isinstance(conditions, list) and any(
+        isinstance(c, dict) and c.get("type") == "Established" and c.get("status") == "True" for c in conditions
+    )
+    versions = spec.get("versions")
+    served = frozenset(
+        v["name"]
+        for v in (versions if isinstance(versions, list) else [])
+        if isinstance(v, dict) and isinstance(v.get("name"), str) and v.get("served")
+    )
+    return name, served if established else frozenset()
 
 
 class KubeSource:
@@ -544,6 +693,8 @@ class KubeSource:
         self.resources = resources
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers = [_Watcher(self, r) for r in resources]
+        # None when no watched kind is defined by a CRD: nothing to wait for.
+        self.crds = _CrdWatcher(self, self._watchers) if any(r.crd for r in resources) else None
         self._known: dict[str, set[str]] = {r.kind: set() for r in resources}  # by kind: versions may change
         self._synced: dict[str, asyncio.Event] = {}
         self._applying: asyncio.Task[None] | None = None  # a list going to the store in steps
@@ -558,6 +709,8 @@ class KubeSource:
         self._synced = {r.kind: asyncio.Event() for r in self.resources}
         for w in self._watchers:
             w.thread.start()
+        if self.crds is not None:
+            self.crds.thread.start()
         for kind, event in self._synced.items():
             await event.wait()
             log.info("kube resource synced", extra=kv(kind=kind, objects=len(self._known[kind])))
@@ -566,6 +719,8 @@ class KubeSource:
         self._stopped = True
         for w in self._watchers:
             w.stop()
+        if self.crds is not None:
+            self.crds.stop()
         self._backlog.clear()
         if self._applying is not None:
             self._applying.cancel()

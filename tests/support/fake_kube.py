@@ -22,6 +22,12 @@
   when its upstream connection is lost).
 - :attr:`FakeKube.refuse_watches` (by collection path): the next watch is answered with that HTTP status and its
   ``Status`` (410 Expired: the API server refusing a version compacted away before the watch started).
+- CustomResourceDefinitions (``apiextensions.k8s.io/v1``) follow the collections served, as the API server serves a
+  custom resource exactly while its CRD is Established: each non-built-in collection has its CRD (Established,
+  serving the versions at which it is in :attr:`FakeKube.collections`); adding a collection there, or removing
+  one, records the CRD's ADDED/MODIFIED/DELETED. :meth:`FakeKube.install_kind` with ``established=False`` records
+  the CRD of a collection not served yet (just created, not Established). :attr:`FakeKube.forbidden` (collection
+  paths) answers 403 Forbidden, as RBAC without a grant.
 - ``serve(fake, tls=context)`` serves HTTPS (an in-cluster client's only scheme); :attr:`FakeKube.accepted_tokens`,
   when set, answers 401 to requests without one of these bearer tokens (a rotated service account token);
   :attr:`FakeKube.tokens_seen` holds each request's token.
@@ -82,14 +88,84 @@ COLLECTIONS = {
     "/apis/networking.istio.io/v1/workloadentries": ("WorkloadEntry", "networking.istio.io/v1"),
     "/apis/security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1"),
     "/apis/security.istio.io/v1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1"),
+    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", "apiextensions.k8s.io/v1"),
 }
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+BUILTIN_PREFIXES = ("/api/", "/apis/discovery.k8s.io/", "/apis/apiextensions.k8s.io/")
+
+
+def crd_object(group: str, plural: str, kind: str, versions: list[str], established: bool = True) -> dict[str, Any]:
+    """A CustomResourceDefinition as the API server returns it (schema elided), Established or still installing."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}", "uid": f"crd-{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind, "listKind": f"{kind}List"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": v,
+                    "served": True,
+                    "storage": i == 0,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+                for i, v in enumerate(versions)
+            ],
+        },
+        "status": {
+            "acceptedNames": {"plural": plural, "kind": kind},
+            "storedVersions": versions[:1],
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
+                {
+                    "type": "Established",
+                    "status": "True" if established else "False",
+                    "reason": "InitialNamesAccepted" if established else "Installing",
+                },
+            ],
+        },
+    }
+
+
+def _custom_path(path: str) -> tuple[str, str, str] | None:
+    """(group, version, plural) of a custom resource's collection path, None for a built-in one."""
+    parts = path.strip("/").split("/")
+    if path.startswith(BUILTIN_PREFIXES) or len(parts) != 4 or parts[0] != "apis":
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+class _Collections(dict[str, "Collection"]):
+    """The collections served, by path; adding or removing a custom resource's collection records its CRD's event."""
+
+    def __init__(self, owner: FakeKube, items: dict[str, Collection]) -> None:
+        super().__init__(items)
+        self._owner = owner
+
+    def __setitem__(self, path: str, coll: Collection) -> None:
+        super().__setitem__(path, coll)
+        self._owner._crd_follows(path, coll)
+
+    def __delitem__(self, path: str) -> None:
+        coll = self[path]
+        super().__delitem__(path)
+        self._owner._crd_follows(path, coll)
+
+    def pop(self, path: str, *default: Any) -> Any:
+        if path not in self:
+            return super().pop(path, *default)
+        coll = super().pop(path)
+        self._owner._crd_follows(path, coll)
+        return coll
 
 
 class FakeKube:
     def __init__(self) -> None:
-        self.collections = {
+        collections = {
             # Built-in kinds' list items come without kind and apiVersion (CRDs' keep them), in any group.
-            path: Collection(kind, api, builtin=path.startswith(("/api/", "/apis/discovery.k8s.io/")))
+            path: Collection(kind, api, builtin=path.startswith(BUILTIN_PREFIXES))
             for path, (kind, api) in COLLECTIONS.items()
         }
         self.resource_version = 100
@@ -112,6 +188,15 @@ class FakeKube:
         self._watch_sockets: dict[socket.socket, str] = {}  # open watch connections and their collection
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
+        self.forbidden: set[str] = set()  # collection paths answered 403 Forbidden (no RBAC grant)
+        self.collections = _Collections(self, collections)
+        crds = self.collections[CRD_PATH]
+        for path, coll in collections.items():  # installed before the server started: no events
+            if custom := _custom_path(path):
+                group, version, plural = custom
+                crd = crd_object(group, plural, coll.kind, [version])
+                crd["metadata"]["resourceVersion"] = "1"
+                crds.items[("", crd["metadata"]["name"])] = crd
 
     # ---- test controls ---------------------------------------------------------------------------------------
 
@@ -125,6 +210,35 @@ class FakeKube:
         group = coll.api_version.rpartition("/")[0]
         coll.api_version = f"{group}/{version}"
         self.collections[f"/apis/{coll.api_version}/{path.rsplit('/', 1)[1]}"] = coll
+
+    def _crd_follows(self, path: str, coll: Collection) -> None:
+        """The CRD of a custom resource's collection, after the collection was added or removed: Established and
+        serving the versions it is at now, or deleted when it is at none."""
+        custom = _custom_path(path)
+        if custom is None:
+            return
+        group, _, plural = custom
+        served = [_custom_path(p) for p in self.collections]
+        versions = [c[1] for c in served if c is not None and c[0] == group and c[2] == plural]
+        name = f"{plural}.{group}"
+        if versions:
+            self.upsert(crd_object(group, plural, coll.kind, versions))
+        elif ("", name) in self.collections[CRD_PATH].items:
+            self.delete("CustomResourceDefinition", "", name)
+
+    def remove_kind(self, kind: str) -> tuple[str, Collection]:
+        """Stop serving ``kind`` (its CRD deleted): (its path, its collection) for :meth:`install_kind`."""
+        path = next(p for p, c in self.collections.items() if c.kind == kind)
+        return path, self.collections.pop(path)
+
+    def install_kind(self, path: str, coll: Collection, established: bool = True) -> None:
+        """Serve a collection again (its CRD created and Established), or only record its CRD as created but not
+        Established yet (nothing served)."""
+        if established:
+            self.collections[path] = coll
+            return
+        group, version, plural = _custom_path(path) or ("", "", "")
+        self.upsert(crd_object(group, plural, coll.kind, [version], established=False))
 
     def add_route(self, method: str, pattern: str, handler: RouteHandler) -> None:
         """Serve ``method`` requests whose path matches ``pattern`` (full match) with ``handler``."""
@@ -343,6 +457,10 @@ def serve(fake: FakeKube | None = None, tls: ssl.SSLContext | None = None) -> It
             body = json.loads(self.rfile.read(length)) if length else None
             if refused:
                 self._send_json(401, status_object(401, "Unauthorized", "Unauthorized"))
+                return
+            if url.path in kube.forbidden:
+                user = "system:serviceaccount:ambit-system:ambit-controller"
+                self._send_json(403, status_object(403, "Forbidden", f"{user} cannot list resource at {url.path}"))
                 return
             for m, pattern, handler in kube.routes:
                 match = pattern.fullmatch(url.path)

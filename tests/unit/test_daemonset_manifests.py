@@ -447,10 +447,10 @@ def _plural(snake: str) -> str:
 
 def _code_api_calls() -> set[tuple[str, str, str]]:
     """(group, resource, verb) of every typed Kubernetes client method the controller's code names, plus list and
-    watch of every resource the kube source follows (through the generic custom-objects API too)."""
+    watch of every resource the kube source follows (through the generic custom-objects API too), CRDs included."""
     from kubernetes import client
 
-    needed = {(r.group, r.plural, verb) for r in kube.RESOURCES for verb in ("list", "watch")}
+    needed = {(r.group, r.plural, verb) for r in (*kube.RESOURCES, kube.CRDS) for verb in ("list", "watch")}
     trees = [ast.parse(path.read_text()) for path in sorted((REPO / "controller").rglob("*.py"))]
     used = {
         node.func.attr

@@ -274,6 +274,13 @@ def _old(path: Path) -> None:
     os.utime(path, (1_000_000_000, 1_000_000_000))
 
 
+def _recent(path: Path) -> None:
+    """Modified "in the future": recent at every check however long this (loaded) machine takes to get there; with
+    the real time, a check more than one poll interval (10 ms here) after the write saw the file as holding still."""
+    future = time.time() + 3600
+    os.utime(path, (future, future))
+
+
 async def test_start_waits_for_a_file_that_changes_after_it_was_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,7 +289,8 @@ async def test_start_waits_for_a_file_that_changes_after_it_was_read(
     (tmp_path / "ns.yaml").write_text(NS)
     pods = tmp_path / "pods.yaml"
     pods.write_text(PODS[0])
-    _old(tmp_path / "ns.yaml")  # pods.yaml was modified just now: its writer may not be done
+    _recent(pods)  # modified just now: its writer may not be done
+    _old(tmp_path / "ns.yaml")
     store = new_store()
     source = FileSource(str(tmp_path), store, poll_interval=0.01)
     calls: list[bool] = []
@@ -315,7 +323,8 @@ async def test_start_reads_once_when_nothing_is_being_written(tmp_path: Path, mo
     monkeypatch.setattr(source, "sync", sync)
     await source.initial_sync()
     assert passes == [False]
-    (tmp_path / "new.yaml").write_text(PODS[0])  # just written: one more look before serving it
+    (tmp_path / "new.yaml").write_text(PODS[0])
+    _recent(tmp_path / "new.yaml")  # just written: one more look before serving it
     passes.clear()
     source = FileSource(str(tmp_path), new_store(), poll_interval=0.01)
     real_sync = source.sync
@@ -330,12 +339,8 @@ async def test_start_gives_up_waiting_for_a_file_that_never_holds_still(
     pods = tmp_path / "pods.yaml"
 
     def rewrite(text: str) -> None:
-        """Each version is modified "in the future", so it is recent at every check however long this (loaded)
-        machine takes to get there: with real times, a check more than one poll interval after the write saw the
-        file as holding still."""
         write(pods, text)
-        future = time.time() + 3600
-        os.utime(pods, (future, future))
+        _recent(pods)
 
     rewrite(NS)
     store = new_store()

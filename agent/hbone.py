@@ -328,6 +328,8 @@ class HboneConnection:
         self._local_streams = 0  # open streams we initiated (client) -- counted against the peer's limit
         self._remote_streams = 0  # open streams the peer initiated (server)
         self.goaway_sent = False
+        self._goaway_last = 0  # the last stream id of the first GOAWAY we sent
+        self._goaway_error = False  # a GOAWAY with an error code was sent: nothing more to say
         self.goaway_received = False
         self.closed = False  # a connection error happened; nothing more is parsed
         # Frames queued in answer to the peer's (PING and SETTINGS ACKs, refusals, stream resets): what a peer that
@@ -566,11 +568,15 @@ class HboneConnection:
         self._out.append(_frame(PING, 0, 0, opaque))
 
     def goaway(self, error_code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """Refuse new streams (graceful with NO_ERROR); streams already open continue."""
-        if self.goaway_sent:
+        """Refuse new streams (graceful with NO_ERROR); streams already open continue. After a graceful GOAWAY,
+        one with an error code is still sent (RFC 9113 6.8: "if circumstances change"), same last stream id."""
+        if self.goaway_sent and (self._goaway_error or error_code == ErrorCode.NO_ERROR):
             return
-        self.goaway_sent = True
-        payload = _GOAWAY.pack(self._last_remote_id, error_code) + reason.encode()[:256]
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self._goaway_last = self._last_remote_id  # never raised later (6.8: MUST NOT increase)
+        self._goaway_error = error_code != ErrorCode.NO_ERROR
+        payload = _GOAWAY.pack(self._goaway_last, error_code) + reason.encode()[:256]
         self._out.append(_frame(GOAWAY, 0, 0, payload))
 
     # ------------------------------------------------------------------------------------------ public: receive
@@ -1264,10 +1270,10 @@ class HboneConnection:
         self._hbuf.clear()
         self._block = None
         self.closed = True
-        if not self.goaway_sent:
-            self.goaway_sent = True
-            self._out.append(_frame(GOAWAY, 0, 0, _GOAWAY.pack(self._last_remote_id, code) + reason.encode()[:256]))
-        events.append(ConnectionTerminated(code, self._last_remote_id, remote=False, reason=reason))
+        # Also after a graceful GOAWAY (a draining server): the peer must learn the error (RFC 9113 5.4.1, 6.8),
+        # not see a NO_ERROR shutdown and a closed socket.
+        self.goaway(code, reason)
+        events.append(ConnectionTerminated(code, self._goaway_last, remote=False, reason=reason))
 
     def _local_close(self, st: _Stream) -> None:
         st.local_closed = True

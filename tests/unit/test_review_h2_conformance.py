@@ -864,3 +864,38 @@ def test_streams_opened_and_windows_updated_within_the_read_of_a_window_change()
         + settings_frame((hbone.S_INITIAL_WINDOW_SIZE, initial + 1001))
     )
     assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def _goaways(conn: HboneConnection) -> list[tuple[int, int]]:
+    return [struct.unpack(">LL", f[3][:8]) for f in wire_frames(conn) if f[0] == hbone.GOAWAY]
+
+
+def test_a_connection_error_after_a_graceful_goaway_is_still_told_to_the_peer() -> None:
+    """A draining server (GOAWAY NO_ERROR) that then meets a protocol error sent nothing more: the peer saw a
+    graceful shutdown and a closed socket. RFC 9113 5.4.1 (send GOAWAY with the error) and 6.8 (more GOAWAYs "if
+    circumstances change", the last stream id never increased); h2's go_away_now does the same."""
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    server.goaway()
+    assert _goaways(server) == [(sid, ErrorCode.NO_ERROR)]
+    # a stream the client opened meanwhile is refused (and raises the last stream id seen, not the one announced)
+    late = client.send_connect("10.0.0.7:80")
+    at_server, _ = exchange(client, server)
+    assert RequestRejected(late, 0, "refused_stream") in at_server
+    events = server.receive_data(frame(hbone.PING, 0, sid, b"12345678"))
+    assert events == [ConnectionTerminated(ErrorCode.PROTOCOL_ERROR, sid, False, "PING on a stream")]
+    assert _goaways(server) == [(sid, ErrorCode.PROTOCOL_ERROR)]
+
+
+def test_goaway_is_sent_once_per_kind() -> None:
+    """goaway(): graceful once, then one with an error code (tunnel.py closing a draining connection for a
+    reason), then nothing more."""
+    client, server = pair()
+    sid = open_tunnel(client, server)
+    server.goaway()
+    server.goaway()
+    server.goaway(ErrorCode.INTERNAL_ERROR, "shutting down")
+    server.goaway(ErrorCode.CANCEL)
+    assert _goaways(server) == [(sid, ErrorCode.NO_ERROR), (sid, ErrorCode.INTERNAL_ERROR)]
+    events = server.receive_data(frame(hbone.PING, 0, sid, b"12345678"))
+    assert isinstance(events[-1], ConnectionTerminated) and _goaways(server) == []

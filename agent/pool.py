@@ -3,6 +3,8 @@
 A Python mTLS handshake costs 3-6 ms of CPU, so user connections must become streams on pooled connections;
 concurrent openers for one key share a single handshake instead of stampeding, a connection takes at most
 ``max_streams_per_conn`` streams (then another is opened), and connections idle for ``idle_timeout`` are closed.
+A source identity keeps at most ``max_connections_per_source`` pooled connections (500, ztunnel's pool per workload);
+over it the least recently used one is retired.
 
 A connection speaks with the certificate and trusts the roots its TLS context had at the handshake. When the source
 identity's certificate is renewed or the trust bundle changes, the caller's context changes (CertificateManager

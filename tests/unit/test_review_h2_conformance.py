@@ -165,6 +165,29 @@ CASES = [
         lambda c: frame(hbone.SETTINGS, 0, 0, b"\0" * (c.server.settings.max_frame_size + 2)),
         ("conn", ErrorCode.FRAME_SIZE_ERROR),
     ),
+    # --------------------------------------------------------------------- frames that must not be on stream 0
+    Case("DATA on stream 0", lambda c: frame(hbone.DATA, 0, 0, b"x"), ("conn", ErrorCode.PROTOCOL_ERROR)),
+    Case(
+        "HEADERS on stream 0",
+        lambda c: frame(hbone.HEADERS, END_HEADERS, 0, block(CONNECT)),
+        ("conn", ErrorCode.PROTOCOL_ERROR),
+    ),
+    Case(
+        "CONTINUATION on stream 0",
+        lambda c: frame(hbone.CONTINUATION, END_HEADERS, 0, b""),
+        ("conn", ErrorCode.PROTOCOL_ERROR),
+    ),
+    Case(
+        "PUSH_PROMISE from a client",
+        lambda c: frame(hbone.PUSH_PROMISE, END_HEADERS, c.sid, U32.pack(2) + block(CONNECT)),
+        ("conn", ErrorCode.PROTOCOL_ERROR),
+    ),
+    Case(
+        "WINDOW_UPDATE on an even stream the client never saw (client)",
+        lambda c: frame(hbone.WINDOW_UPDATE, 0, 2, U32.pack(1)),
+        ("conn", ErrorCode.PROTOCOL_ERROR),
+        role="client",
+    ),
     # --------------------------------------------------------------------- 5.1.1 stream identifiers
     Case(
         "client HEADERS on an even stream",
@@ -899,3 +922,54 @@ def test_goaway_is_sent_once_per_kind() -> None:
     assert _goaways(server) == [(sid, ErrorCode.NO_ERROR), (sid, ErrorCode.INTERNAL_ERROR)]
     events = server.receive_data(frame(hbone.PING, 0, sid, b"12345678"))
     assert isinstance(events[-1], ConnectionTerminated) and _goaways(server) == []
+
+
+def _fresh_server() -> HboneConnection:
+    server = HboneConnection(client=False)
+    server.initiate()
+    server.data_to_send()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (hbone.PREFACE + frame(hbone.PING, 0, 0, b"12345678"), ErrorCode.PROTOCOL_ERROR),  # first frame not SETTINGS
+        (hbone.PREFACE + frame(hbone.SETTINGS, hbone.FLAG_ACK, 0, b""), ErrorCode.PROTOCOL_ERROR),  # an ACK first
+        (hbone.PREFACE + frame(hbone.HEADERS, END_HEADERS, 1, block(CONNECT)), ErrorCode.PROTOCOL_ERROR),
+        (hbone.PREFACE[:-1] + b"X" + settings_frame(), ErrorCode.PROTOCOL_ERROR),  # preface wrong in its last byte
+        (b"PRI * HTTP/2.0\r\n\r\n", None),  # half a preface: nothing yet
+    ],
+    ids=["ping-first", "ack-first", "headers-first", "bad-preface-tail", "half-preface"],
+)
+def test_connection_preface(wire: bytes, code: ErrorCode | None) -> None:
+    """RFC 9113 3.4: the client preface is the magic then a SETTINGS frame (not an ACK); anything else is a
+    connection error of type PROTOCOL_ERROR (h2spec 3.5)."""
+    server = _fresh_server()
+    events = server.receive_data(wire)
+    if code is None:
+        assert events == [] and not server.closed and server.data_to_send() == []
+        return
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == code and server.closed
+
+
+def test_preface_and_settings_byte_by_byte() -> None:
+    """The preface and the first frames may arrive one byte at a time (h2spec generic 1)."""
+    server = _fresh_server()
+    wire = (
+        hbone.PREFACE
+        + settings_frame((hbone.S_MAX_FRAME_SIZE, 20000))
+        + frame(hbone.HEADERS, END_HEADERS, 1, block(CONNECT))
+    )
+    events: list[hbone.Event] = []
+    for i in range(len(wire)):
+        events += server.receive_data(wire[i : i + 1])
+    assert [type(e) for e in events] == [SettingsChanged, RequestReceived] and server.peer_max_frame_size == 20000
+
+
+def test_client_refuses_a_server_whose_first_frame_is_not_settings() -> None:
+    client = HboneConnection(client=True)
+    client.initiate()
+    client.data_to_send()
+    events = client.receive_data(frame(hbone.PING, 0, 0, b"12345678"))
+    assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.PROTOCOL_ERROR

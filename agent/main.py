@@ -276,7 +276,9 @@ class Agent:
         if self.dnat_counters is not None:
             self._tasks.append(asyncio.create_task(self.dnat_counters.run(), name="dnat-counters"))
         if cfg.metrics_expiry:
-            expiry = SeriesExpiry(self.metrics, self.store.all_workloads, cfg.metrics_expiry)
+            expiry = SeriesExpiry(
+                self.metrics, self.store.all_workloads, cfg.metrics_expiry, services=self.store.all_services
+            )
             self.metrics.registry.register(expiry)
             self._tasks.append(asyncio.create_task(expiry.run(), name="metrics-expiry"))
         log.info("agent started", extra=kv(node=cfg.node, controller=cfg.controller, capture=cfg.capture))

@@ -173,11 +173,14 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
             name, sep, value = line.partition(":")
             if not sep:
                 raise BadRequest(f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
+            # Repeated field lines are one comma-separated list (RFC 9110 5.3): two Accept lines negotiate together.
+            key, value = name.strip().lower(), value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
     length = int(headers.get("content-length", "0"))
     if length > MAX_BODY:
         raise BadRequest("body too large")
     if length:
         await reader.readexactly(length)
     url = urlsplit(parts[1])
-    return Request(parts[0].upper(), url.path, parse_qs(url.query), headers, parts[2])
+    # Blank values kept: `istioctl ztunnel-config log --reset` sends a bare `reset`.
+    return Request(parts[0].upper(), url.path, parse_qs(url.query, keep_blank_values=True), headers, parts[2])

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from common.http import MAX_BODY, HttpServer, Request, Response
+from common.http import MAX_BODY, HttpServer, Request, Response, read_request
 
 
 async def _hello(req: Request) -> Response:
@@ -108,3 +108,21 @@ async def test_every_address_means_both_families() -> None:
             assert status == 200, host
     finally:
         await s.close()
+
+
+async def _parse(raw: bytes) -> Request:
+    reader = asyncio.StreamReader()
+    reader.feed_data(raw)
+    reader.feed_eof()
+    return await read_request(reader)
+
+
+async def test_bare_query_keys_and_repeated_header_lines_are_kept() -> None:
+    """istioctl's `ztunnel-config log --reset` sends a bare ``reset`` (it was dropped as blank), and a client may split
+    a list field such as Accept over two lines (RFC 9110 5.3: one comma-separated list; the last line alone won)."""
+    req = await _parse(
+        b"POST /logging?reset&level=info HTTP/1.1\r\nAccept: text/plain\r\n"
+        b"Accept: application/openmetrics-text;version=1.0.0\r\n\r\n"
+    )
+    assert req.query == {"reset": [""], "level": ["info"]}
+    assert req.headers["accept"] == "text/plain, application/openmetrics-text;version=1.0.0"

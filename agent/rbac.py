@@ -2,7 +2,7 @@
 
 Pure functions over the `istio.security.Authorization` protobufs the controller sends, so the exact
 semantics can be checked in tables without sockets and the same code explains a decision in `ambitctl`. Each
-policy is read once into a matchable form (CIDRs parsed, unset values dropped), as ztunnel converts it on
+policy is read once into a matchable form (CIDRs parsed, malformed entries read as below), as ztunnel converts it on
 arrival: decisions are taken per connection, and again for every tracked connection at each policy update.
 The order is fixed by Istio: enforced DENY first; no enforced ALLOW policy means allow; otherwise an
 enforced ALLOW must match. Dry-run policies never change the outcome: what they would have done is
@@ -15,17 +15,17 @@ never matches, a group with no rules and a `Rules` with no matches match everyth
 is skipped (it matches nothing).
 
 Malformed entries. An IP entry that is no address (not 4 or 16 bytes) or whose prefix is longer than its address,
-or a port above 65535, denotes no set of peers we can know. ztunnel's conversion (src/rbac.rs ``TryFrom<&Match>
-for RbacMatch``) drops such an IP entry alone (``filter_map(.. try_into().ok())``) and truncates a port
-(``*p as u16``: 65616 becomes 80); both can widen the policy: an ALLOW ``from 10.0.0.0/40 to port 80`` becomes
-``to port 80`` from anyone, and an entry of ``not_source_ips`` dropped lets that range in. Here each malformed entry
-is read the way that makes the policy decide the least in the peer's favour, whatever it was meant to say: in an
-ALLOW an unknown positive value matches nobody (the entry is dropped; a field left with no value makes its Match
-match nothing) and an unknown negative value excludes everybody (the Match matches nothing); in a DENY an unknown
-positive value matches anybody (the field stops narrowing the Match, which matches everything when nothing else is
-left) and an unknown negative value excludes nobody (the entry is dropped). ANDs and ORs are monotone, so an
-ALLOW never admits more, and a DENY never denies less, than its author's policy with any reading of the bad
-entries. :func:`malformed_entries` lists them for the xDS client to log and count.
+a port above 65535, or a StringMatch with no kind set denotes no set of peers we can know. ztunnel's conversion
+(src/rbac.rs ``TryFrom<&Match> for RbacMatch``) drops such an IP entry or StringMatch alone (``filter_map(..
+try_into().ok())``) and truncates a port (``*p as u16``: 65616 becomes 80); both can widen the policy: an ALLOW
+``from 10.0.0.0/40 to port 80`` becomes ``to port 80`` from anyone, and an entry of ``not_source_ips`` dropped lets
+that range in. Here each malformed entry is read the way that makes the policy decide the least in the peer's
+favour, whatever it was meant to say: in an ALLOW an unknown positive value matches nobody (the entry is dropped; a
+field left with no value makes its Match match nothing) and an unknown negative value excludes everybody (the Match
+matches nothing); in a DENY an unknown positive value matches anybody (the field stops narrowing the Match, which
+matches everything when nothing else is left) and an unknown negative value excludes nobody (the entry is dropped).
+ANDs and ORs are monotone, so an ALLOW never admits more, and a DENY never denies less, than its author's policy
+with any reading of the bad entries. :func:`malformed_entries` lists them for the xDS client to log and count.
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ _Test = Callable[[_Peer, Any], bool]
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    """A `Match` with what ztunnel's conversion drops already dropped (unset StringMatch) and its malformed entries
-    read as the module docstring says: for each field left, the field's test with its positive and negative values.
-    Values of one field are OR-ed, the fields AND-ed, each being `(no positives or any positive) and (no negatives
-    or no negative)`; with no field left (a DENY's malformed values only) it matches everything."""
+    """A `Match` with its malformed entries read as the module docstring says: for each field left, the field's
+    test with its positive and negative values. Values of one field are OR-ed, the fields AND-ed, each being `(no
+    positives or any positive) and (no negatives or no negative)`; with no field left (a DENY's malformed values
+    only) it matches everything."""
 
     fields: tuple[tuple[_Test, tuple[Any, ...], tuple[Any, ...]], ...]
 
@@ -265,14 +265,14 @@ def _compile(m: Any, deny: bool) -> _Match | None:
 
 
 def _strings(values: Sequence[Any]) -> tuple[tuple[tuple[str, str], ...], int]:
-    """StringMatches as (kind, value); unset ones dropped, as ztunnel's conversion does (left out of the malformed
-    entries' rule above, which covers addresses and ports only)."""
+    """StringMatches as (kind, value); an unset one (no exact, prefix, suffix or presence) is a malformed entry
+    (ztunnel's conversion drops it, which widens an ALLOW as a dropped address does)."""
     out = []
     for v in values:
         kind = v.WhichOneof("match_type")
         if kind is not None:
             out.append((kind, "" if kind == "presence" else getattr(v, kind)))
-    return tuple(out), 0
+    return tuple(out), len(values) - len(out)
 
 
 def _service_accounts(values: Sequence[Any]) -> tuple[tuple[tuple[str, str], ...], int]:
@@ -337,7 +337,7 @@ def malformed_entries(policy: Any) -> list[MalformedEntry]:
         for r, rules in enumerate(group.rules):
             for i, m in enumerate(rules.matches):
                 where = f"groups[{g}].rules[{r}].matches[{i}]"
-                for positive_field, negative_field, _test, parse in _FIELDS[:3]:
+                for positive_field, negative_field, _test, parse in _FIELDS:
                     for name, positive in ((positive_field, True), (negative_field, False)):
                         values = getattr(m, name)
                         good, bad = parse(values)
@@ -345,12 +345,19 @@ def malformed_entries(policy: Any) -> list[MalformedEntry]:
                             continue
                         reading = _reading(deny, positive, bool(good))
                         for j, v in enumerate(values):
-                            if isinstance(v, int):
-                                if v > MAX_PORT:
-                                    out.append(MalformedEntry(f"{where}.{name}[{j}]", name, str(v), reading))
-                            elif parse_net(v) is None:
-                                out.append(MalformedEntry(f"{where}.{name}[{j}]", name, _describe_net(v), reading))
+                            what = _malformed(v)
+                            if what is not None:
+                                out.append(MalformedEntry(f"{where}.{name}[{j}]", name, what, reading))
     return out
+
+
+def _malformed(value: Any) -> str | None:
+    """What is wrong with one entry of a Match field (a port, an Address or a StringMatch), or None."""
+    if isinstance(value, int):
+        return str(value) if value > MAX_PORT else None
+    if value.DESCRIPTOR.name == "StringMatch":
+        return "unset StringMatch" if value.WhichOneof("match_type") is None else None
+    return None if parse_net(value) is not None else _describe_net(value)
 
 
 def _reading(deny: bool, positive: bool, others: bool) -> str:

@@ -32,6 +32,7 @@ SLEEP = Identity("cluster.local", "client", "sleep")
 BAD_BYTES = pb.Address(address=b"\x0a\x01\x00", length=24)  # 3 bytes: no address
 TOO_LONG = pb.Address(address=bytes([10, 9, 0, 0]), length=40)  # /40 of an IPv4 address
 WRAPPING_PORT = 65536 + 80  # ztunnel's `as u16` reads it as 80
+UNSET = pb.StringMatch()  # no match_type: ztunnel's conversion drops it
 
 
 def cidr(text: str) -> pb.Address:
@@ -95,6 +96,15 @@ CASES: list[tuple[str, pb.Authorization, rbac.Connection, bool]] = [
      exact="client")]), conn(port=8080), True),
     ("DENY, port above 65535 excluded: excludes nothing", deny(not_destination_ports=[WRAPPING_PORT]),
      conn(port=80), True),
+    # An unset StringMatch (no exact, prefix, suffix or presence), which ztunnel drops: the same rule.
+    ("ALLOW, only principal unset, with a port: not port-80-for-all", allow(principals=[UNSET],
+     destination_ports=[80]), conn(), False),
+    ("ALLOW, unset principal beside a good one: the good one still admits", allow(principals=[UNSET,
+     pb.StringMatch(exact="cluster.local/ns/client/sa/sleep")]), conn(), True),
+    ("ALLOW, unset namespace exclusion: the Match matches nothing", allow(not_namespaces=[UNSET],
+     destination_ports=[80]), conn(), False),
+    ("DENY, only namespace unset: denies", deny(namespaces=[UNSET], destination_ports=[80]), conn(), True),
+    ("DENY, unset principal exclusion dropped: denies", deny(not_principals=[UNSET]), conn(), True),
 ]  # fmt: skip
 
 
@@ -108,13 +118,14 @@ def test_malformed_entries_are_read_restrictively(
 def test_malformed_entries_are_listed_with_their_path_and_reading() -> None:
     p = policy(
         pb.Match(source_ips=[cidr("10.1.0.0/16"), BAD_BYTES], not_destination_ips=[TOO_LONG]),
-        pb.Match(destination_ports=[80, WRAPPING_PORT]),
+        pb.Match(destination_ports=[80, WRAPPING_PORT], not_principals=[UNSET]),
     )
     found = [(e.path, e.field, e.value) for e in rbac.malformed_entries(p)]
     assert found == [
         ("groups[0].rules[0].matches[0].not_destination_ips[0]", "not_destination_ips", "10.9.0.0/40"),
         ("groups[0].rules[0].matches[0].source_ips[1]", "source_ips", "address of 3 bytes"),
         ("groups[0].rules[0].matches[1].destination_ports[1]", "destination_ports", "65616"),
+        ("groups[0].rules[0].matches[1].not_principals[0]", "not_principals", "unset StringMatch"),
     ]
     assert rbac.malformed_entries(allow(source_ips=[cidr("10.0.0.0/8")], destination_ports=[65535])) == []
 

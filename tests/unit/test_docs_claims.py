@@ -130,7 +130,28 @@ FOREIGN_COMMANDS = frozenset(
     {"kubectl", "docker", "setpriv", "nsenter", "iperf3", "envoy", "curl", "ip", "nft", "taskset", "tc", "bpftool"}
 )
 # Flags of other tools the prose names outside a command line.
-FOREIGN_FLAGS = {"--socket-exists": "iptables' owner match, which istio-cni uses"}
+FOREIGN_FLAGS = {
+    "--socket-exists": "iptables' owner match, which istio-cni uses",
+    "--privileged": "docker run's (runc refuses it where root lacks a capability)",
+}
+
+
+@functools.cache
+def script_text(path: str) -> str | None:
+    """A repository script's source (scripts/build-image.sh): its flags are read from its text, having no parser
+    to ask."""
+    where = REPO / path
+    if path.startswith("scripts/") and where.is_file():
+        return where.read_text()
+    return None
+
+
+def script_flags() -> set[str]:
+    return {
+        flag
+        for path in sorted((REPO / "scripts").glob("*"))
+        for flag in _flags_in(script_text(str(path.relative_to(REPO))) or "")
+    }
 
 
 @functools.cache
@@ -262,9 +283,23 @@ def _known_flag(flag: str, known: set[str]) -> bool:
     return flag in known or flag in FOREIGN_FLAGS
 
 
+def script_line_problems(name: str, segment: str) -> list[str]:
+    """`scripts/build-image.sh --save FILE`: every flag is one the script's text handles."""
+    tokens = _tokens(segment)
+    text = script_text(tokens[0].removeprefix("./")) if tokens else None
+    if text is None:
+        return []
+    return [
+        f"{name}: `{segment}`: {tokens[0]} handles no {flag}"
+        for token in tokens[1:]
+        if token.startswith("--") and (flag := token.split("=", 1)[0]) not in set(_flags_in(text))
+    ]
+
+
 def flag_problems(docs: Docs) -> list[str]:
-    """Command lines against their own command; every other ``--flag`` against every Ambit command's."""
-    known = every_option()
+    """Command lines against their own command (a repository script against its text); every other ``--flag``
+    against every Ambit command's and script's."""
+    known = every_option() | script_flags()
     problems: list[str] = []
     for name, text in docs:
         p = parts(text)
@@ -276,6 +311,8 @@ def flag_problems(docs: Docs) -> list[str]:
                     continue
                 if invocation(segment) is not None:
                     problems += command_line_problems(name, segment)
+                elif tokens and script_text(tokens[0].removeprefix("./")) is not None:
+                    problems += script_line_problems(name, segment)
                 else:
                     loose.append(segment)
         for flag in _flags_in("\n".join(loose)):
@@ -531,6 +568,14 @@ def test_a_wrong_flag_in_prose_or_a_table_fails() -> None:
     assert _only_new(flag_problems, bench) == [
         "bench/README.md: `.venv/bin/python -m bench run [--quick] [--rounds N] [--only nomesh,envoy,...,config-scale]"
         " [--out DIR] [--pin] [--max-stolen F]`: `python -m bench run` has no --max-stolen"
+    ]
+
+
+def test_a_flag_a_repository_script_does_not_handle_fails() -> None:
+    docs = [("doc.md", "```sh\nscripts/setup.sh --force   # no such option\n```\nthen `scripts/setup.sh --yes`\n")]
+    assert flag_problems(docs) == [
+        "doc.md: `scripts/setup.sh --force`: scripts/setup.sh handles no --force",
+        "doc.md: `scripts/setup.sh --yes`: scripts/setup.sh handles no --yes",
     ]
 
 

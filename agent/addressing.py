@@ -163,14 +163,16 @@ def parse_authority(text: str) -> Address:
 
 
 def destination_service(store: Any, wl: Any, port: int, host: str | None = None) -> Any | None:
-    """The service a connection to `wl` was meant for, for the destination_service labels: the one the
-    client's agent named (`forwarded` host=) if `wl` backs it, else the first serving target `port`.
+    """The service a connection to `wl` at `port` was meant for (the destination_service labels), as ztunnel's
+    guess_inbound_service (src/proxy.rs): the service of `wl` the client's agent named (`forwarded` host=), else the
+    first of its services, in key order, that serves `port` either as the service's own target port or as the port
+    `wl` maps one of the service's ports to in its own port list (a named target port). The service's target ports
+    count when `wl` lists no ports for it, or not that one: the list maps only what the workload overrides.
 
-    Asked on every inbound connection, so the workload's services are sorted and indexed once per store version
-    (:func:`_services_of`): sorting them per connection cost ~8 us warm for a workload of three services, the
-    memoized lookup ~0.7 us. The peer's `host` is looked up in that index, never a memo key of its own, so
-    arbitrary values cannot crowd the memo."""
-    by_host, by_port = store.memoized(("destination_services", id(wl)), lambda: _services_of(store, wl))
+    Asked on every inbound connection, so the index is built once per store version (sorting the services per
+    connection cost ~8 us warm for a workload of three, the memoized lookup ~0.7 us); a peer's `host` is looked up
+    in it, never a memo key of its own, so arbitrary values cannot crowd the memo."""
+    by_host, by_port = store.memoized(("destination_services", id(wl)), lambda: _services_by_port(store, wl))
     if host:
         svc = by_host.get(host)
         if svc is not None:
@@ -178,10 +180,9 @@ def destination_service(store: Any, wl: Any, port: int, host: str | None = None)
     return by_port.get(port)
 
 
-def _services_of(store: Any, wl: Any) -> tuple[dict[str, Any], dict[int, Any]]:
-    """`wl`'s known services by hostname and by the port they reach it on (the target port, or the service port
-    when the target port is 0, i.e. named); the first in key order wins each, and a key (`namespace/hostname`)
-    whose service the store does not hold yet is passed over."""
+def _services_by_port(store: Any, wl: Any) -> tuple[dict[str, Any], dict[int, Any]]:
+    """`wl`'s services by hostname and by each port they reach it on; the first in key order wins each, and a key
+    (`namespace/hostname`) whose service the store does not hold yet is passed over."""
     by_host: dict[str, Any] = {}
     by_port: dict[int, Any] = {}
     for key, plist in sorted(wl.services.items()):
@@ -191,6 +192,10 @@ def _services_of(store: Any, wl: Any) -> tuple[dict[str, Any], dict[int, Any]]:
         _, slash, hostname = key.rpartition("/")
         if slash:
             by_host.setdefault(hostname, svc)
-        for p in plist.ports:
-            by_port.setdefault(p.target_port or p.service_port, svc)
+        mapped = {p.service_port: p.target_port for p in plist.ports}
+        for p in svc.ports:
+            if p.target_port:
+                by_port.setdefault(p.target_port, svc)
+            if target := mapped.get(p.service_port):
+                by_port.setdefault(target, svc)
     return by_host, by_port

@@ -30,6 +30,7 @@ from agent.addressing import (
     HBONE,
     Address,
     BadAuthority,
+    destination_service,
     format_address,
     parse_authority,
     workload_baggage,
@@ -105,44 +106,6 @@ def validate_authority(authority: str, local_ip: str) -> Address:
     if ip != local_ip:
         raise BadAuthority(f"authority {authority!r} does not match the destination {local_ip}")
     return ip, port
-
-
-def inbound_service(store: WorkloadStore, wl: Any, port: int, host: str | None = None) -> Any | None:
-    """The service a connection to `wl` at `port` was meant for (the destination_service labels), as ztunnel's
-    guess_inbound_service (src/proxy.rs): the service of `wl` the client's agent named (`forwarded` host=), else the
-    first of its services, in key order, that serves `port` either as the service's own target port or as the port
-    `wl` maps one of the service's ports to in its own port list (a named target port). The service's target ports
-    count when `wl` lists no ports for it, or not that one: the list maps only what the workload overrides.
-
-    Asked on every inbound connection, so the index is built once per store version (a peer's `host` is looked up
-    in it, never a memo key of its own)."""
-    by_host, by_port = store.memoized(("inbound_services", id(wl)), lambda: _services_by_port(store, wl))
-    if host:
-        svc = by_host.get(host)
-        if svc is not None:
-            return svc
-    return by_port.get(port)
-
-
-def _services_by_port(store: WorkloadStore, wl: Any) -> tuple[dict[str, Any], dict[int, Any]]:
-    """`wl`'s services by hostname and by each port they reach it on; the first in key order wins each, and a key
-    (`namespace/hostname`) whose service the store does not hold yet is passed over."""
-    by_host: dict[str, Any] = {}
-    by_port: dict[int, Any] = {}
-    for key, plist in sorted(wl.services.items()):
-        svc = store.service_by_key(key)
-        if svc is None:
-            continue
-        _, slash, hostname = key.rpartition("/")
-        if slash:
-            by_host.setdefault(hostname, svc)
-        mapped = {p.service_port: p.target_port for p in plist.ports}
-        for p in svc.ports:
-            if p.target_port:
-                by_port.setdefault(p.target_port, svc)
-            if target := mapped.get(p.service_port):
-                by_port.setdefault(target, svc)
-    return by_host, by_port
 
 
 async def _respond(req: ConnectRequest, status: int, headers: list[tuple[str, str]] | None = None) -> bool:
@@ -291,7 +254,7 @@ class InboundProxy(_Common):
             orig_dst,
             src=src,
             dst=wl,
-            service=inbound_service(self.store, wl, dst[1], params.get("host")),
+            service=destination_service(self.store, wl, dst[1], params.get("host")),
             src_identity=req.peer_identity,
             dst_identity=ident,
             mtls=True,
@@ -381,7 +344,7 @@ class InboundPlaintextProxy(_Common):
             orig_dst,
             src=self.store.workload_by_ip(client[0]),
             dst=wl,
-            service=inbound_service(self.store, wl, orig_dst[1]),
+            service=destination_service(self.store, wl, orig_dst[1]),
             dst_identity=workload_identity(wl, self.trust_domain),
             mtls=False,
             path="plaintext",

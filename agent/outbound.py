@@ -45,6 +45,7 @@ from agent.addressing import (
     LB_PASSTHROUGH,
     LB_STRICT,
     Address,
+    destination_service,
     endpoint_address,
     format_address,
     ip_text,
@@ -58,7 +59,6 @@ from agent.addressing import (
 )
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
-from agent.inbound import inbound_service
 from agent.metrics import CONNECT_FAILURE_FLAGS, Metrics
 from agent.ondemand_dns import OnDemandResolver, ResolutionError
 from agent.pool import HboneConnectionPool, PoolKey
@@ -536,7 +536,7 @@ class OutboundProxy:
             r.authority,
             src=report.src,
             dst=r.workload,
-            service=r.service or inbound_service(self.store, r.workload, r.authority[1]),
+            service=r.service or destination_service(self.store, r.workload, r.authority[1]),
             src_identity=report.src_identity,
             dst_identity=report.dst_identity,
             mtls=True,

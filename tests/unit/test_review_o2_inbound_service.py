@@ -12,7 +12,8 @@ from typing import Any, cast
 import pytest
 
 from agent.accesslog import AccessLog
-from agent.inbound import InboundProxy, inbound_service
+from agent.addressing import destination_service
+from agent.inbound import InboundProxy
 from agent.metrics import Metrics, sample_value
 from agent.outbound import OutboundProxy, Route, RouteKind
 from agent.state import WorkloadStore
@@ -109,22 +110,22 @@ def test_the_first_service_in_key_order_serving_the_port_by_either_rule() -> Non
     store, wl = _store(
         backing(a=[], b=[(80, 9090)]), service("a", "10.96.0.1", (90, 9090)), service("b", "10.96.0.2", (80, 0))
     )
-    assert name(inbound_service(store, wl, 9090)) == "a"
+    assert name(destination_service(store, wl, 9090)) == "a"
 
 
 def test_a_mapping_for_a_port_the_service_does_not_declare_is_no_match() -> None:
     """The workload's list is read for the service's ports only (ztunnel: endpoint port of each service port)."""
     store, wl = _store(backing(a=[(99, 9999)]), service("a", "10.96.0.1", (80, 8080)))
-    assert inbound_service(store, wl, 9999) is None
-    assert name(inbound_service(store, wl, 8080)) == "a"
+    assert destination_service(store, wl, 9999) is None
+    assert name(destination_service(store, wl, 8080)) == "a"
 
 
 def test_the_index_is_per_store_version() -> None:
     store, wl = _store(backing(a=[]), service("a", "10.96.0.1", (80, 8080)))
-    assert name(inbound_service(store, wl, 8080)) == "a"
+    assert name(destination_service(store, wl, 8080)) == "a"
     store.put([service("a", "10.96.0.1", (80, 8081))])
-    assert inbound_service(store, wl, 8080) is None
-    assert name(inbound_service(store, wl, 8081)) == "a"
+    assert destination_service(store, wl, 8080) is None
+    assert name(destination_service(store, wl, 8081)) == "a"
 
 
 async def test_the_same_node_paths_inbound_report_uses_the_same_rule() -> None:

@@ -1,6 +1,7 @@
-"""destination_service: which of a workload's services a connection to it was meant for (the destination_service
-labels). Worked out once per store version per workload, so every inbound connection does not sort the services
-again; a store change is seen at once, and what a peer puts in `forwarded: host=` never becomes a memo entry."""
+"""destination_service (ztunnel's guess_inbound_service): which of a workload's services a connection to it was
+meant for (the destination_service labels). Worked out once per store version per workload, so every inbound
+connection does not sort the services again; a store change is seen at once, and what a peer puts in
+`forwarded: host=` never becomes a memo entry."""
 
 from __future__ import annotations
 
@@ -59,13 +60,14 @@ def test_the_named_host_wins_then_the_first_service_in_key_order_serving_the_por
     s, wl = store_with(
         service("b", "10.96.0.2", (80, 8080), (443, 8443)),
         service("a", "10.96.0.1", (81, 8081), (443, 8443)),
-        service("c", "10.96.0.3", (9090, 0)),  # a named target port: the endpoint is reached on the service port
-        backend(b=[(80, 8080), (443, 8443)], a=[(81, 8081), (443, 8443)], c=[(9090, 0)]),
+        service("c", "10.96.0.3", (9090, 0)),  # a named target port: the workload's list says which port it is
+        backend(b=[(80, 8080), (443, 8443)], a=[(81, 8081), (443, 8443)], c=[(9090, 9091)]),
     )
     assert name(destination_service(s, wl, 8443)) == "a"  # ns/a... sorts before ns/b...
     assert name(destination_service(s, wl, 8443, "b.ns.svc.cluster.local")) == "b"
     assert name(destination_service(s, wl, 8080)) == "b"
-    assert name(destination_service(s, wl, 9090)) == "c"
+    assert name(destination_service(s, wl, 9091)) == "c"
+    assert destination_service(s, wl, 9090) is None  # the service port itself is not where it reaches `wl`
     # a host `wl` does not back is no answer by itself: the port decides
     assert name(destination_service(s, wl, 8081, "other.ns.svc.cluster.local")) == "a"
     assert destination_service(s, wl, 9999) is None

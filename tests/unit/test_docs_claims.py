@@ -479,6 +479,17 @@ def block_path_problems(docs: Docs) -> list[str]:
     return problems
 
 
+def named_test_problems(docs: Docs) -> list[str]:
+    """`tests/x.py::test_name`: the docs send readers to a test by name, which must be defined in that file."""
+    problems = []
+    for name, text in docs:
+        for path, test in sorted(set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", text))):
+            file = REPO / path
+            if not file.is_file() or not re.search(rf"^(async )?def {test}\(", file.read_text(), flags=re.M):
+                problems.append(f"{name}: {path}::{test} is no test")
+    return problems
+
+
 CHECKS: Sequence[Callable[[Docs], list[str]]] = (
     flag_problems,
     make_problems,
@@ -486,6 +497,7 @@ CHECKS: Sequence[Callable[[Docs], list[str]]] = (
     route_problems,
     metric_problems,
     block_path_problems,
+    named_test_problems,
 )
 
 
@@ -519,6 +531,10 @@ def test_metric_names_and_label_values_in_docs_are_registered() -> None:
 
 def test_paths_in_doc_code_blocks_exist() -> None:
     assert block_path_problems(_repo_docs()) == []
+
+
+def test_tests_the_docs_name_exist() -> None:
+    assert named_test_problems(_repo_docs()) == []
 
 
 # --- the checks fail on a wrong doc (a planted copy; the repository's files are not touched) ---------------------
@@ -625,6 +641,15 @@ def test_a_wrong_path_in_a_code_block_fails() -> None:
     docs = _planted("docs/operations.md", "kubectl apply -k daemonset/cleanup ", "kubectl apply -k daemonset/clean ")
     assert _only_new(block_path_problems, docs) == [
         "docs/operations.md: `kubectl apply -k daemonset/clean`: daemonset/clean does not exist"
+    ]
+
+
+def test_a_renamed_test_fails() -> None:
+    docs = _planted(
+        "docs/ca-rotation.md", "::test_root_rotation_keeps_both_sides_verifying", "::test_root_rotation_works"
+    )
+    assert _only_new(named_test_problems, docs) == [
+        "docs/ca-rotation.md: tests/integration/test_identity_ca.py::test_root_rotation_works is no test"
     ]
 
 

@@ -537,6 +537,24 @@ def test_tests_the_docs_name_exist() -> None:
     assert named_test_problems(_repo_docs()) == []
 
 
+def bench_configuration_problems(text: str) -> list[str]:
+    """bench/README.md's table of configurations names exactly what `--only` takes (bench/options.py)."""
+    from bench.options import ALL_CONFIGS
+
+    section = text[text.index("## Configurations") :]
+    section = section[: section.index("\n## ", 1)]
+    documented = re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.M)
+    problems = [
+        f"bench/README.md: configuration {c} is not run by the bench" for c in documented if c not in ALL_CONFIGS
+    ]
+    problems += [f"bench/README.md: configuration {c} is not described" for c in ALL_CONFIGS if c not in documented]
+    return problems
+
+
+def test_bench_readme_describes_every_configuration() -> None:
+    assert bench_configuration_problems((REPO / "bench" / "README.md").read_text()) == []
+
+
 # --- the checks fail on a wrong doc (a planted copy; the repository's files are not touched) ---------------------
 
 
@@ -650,6 +668,14 @@ def test_a_renamed_test_fails() -> None:
     )
     assert _only_new(named_test_problems, docs) == [
         "docs/ca-rotation.md: tests/integration/test_identity_ca.py::test_root_rotation_works is no test"
+    ]
+
+
+def test_a_configuration_missing_from_the_bench_readme_fails() -> None:
+    text = (REPO / "bench" / "README.md").read_text().replace("| `pytls` |", "| `py-tls` |")
+    assert bench_configuration_problems(text) == [
+        "bench/README.md: configuration py-tls is not run by the bench",
+        "bench/README.md: configuration pytls is not described",
     ]
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -45,6 +46,10 @@ REFUSED_CACHE_SIZE = 4096
 # must not hold a token's review, and every request waiting for it, for ever. The controller's
 # --token-review-timeout-seconds sets it; agents give up on a CA call after 10 s themselves (agent/ca_client.py).
 REVIEW_TIMEOUT_SECONDS = 10.0
+# Reviews run in a pool of their own: with the API server hung, each holds a thread for up to two timeouts, and in
+# the loop's default executor (cores + 4 threads) they would starve the other blocking work (the CA Secret's sync,
+# the file source's scans). A review that waited in the queue past its two timeouts is dropped unsent.
+REVIEW_WORKERS = 8
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -202,7 +207,8 @@ class _Refusal:
 class TokenReviewAuthenticator:
     """Kubernetes TokenReview + pod lookup, as istiod does for ztunnel's impersonated requests.
 
-    The ``kubernetes`` client is synchronous; its calls run in worker threads so the event loop never blocks.
+    The ``kubernetes`` client is synchronous; its calls run in worker threads of the authenticator's own pool
+    (``workers``, see REVIEW_WORKERS) so the event loop never blocks and a hung API server starves no other work.
     Accepted tokens are remembered for ``cache_seconds`` (keyed by their SHA-256) because an agent asks once per
     workload: a node with a hundred pods would otherwise cost the API server two hundred calls per refresh round.
     The price is that a deleted agent pod keeps its access for at most that long.
@@ -229,6 +235,7 @@ class TokenReviewAuthenticator:
         failure_cache_seconds: float = REFUSED_CACHE_SECONDS,
         failure_cache_size: int = REFUSED_CACHE_SIZE,
         request_timeout: float = REVIEW_TIMEOUT_SECONDS,
+        workers: int = REVIEW_WORKERS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kubernetes import client as k8s
@@ -239,6 +246,7 @@ class TokenReviewAuthenticator:
         self.audiences = list(audiences)
         self.trusted_accounts = frozenset(trusted_accounts)
         self.request_timeout = request_timeout
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="token-review")
         self._clock = clock
         self._accepted: _ExpiringCache[Caller] = _ExpiringCache(cache_seconds, cache_size)
         self._refused: _ExpiringCache[_Refusal] = _ExpiringCache(failure_cache_seconds, failure_cache_size)
@@ -322,8 +330,13 @@ class TokenReviewAuthenticator:
         failed. Returns refusals rather than raising them, so each waiter raises a fresh exception."""
         self.reviews += 1
         outcome: Caller | _Refusal
+        deadline = 2 * self.request_timeout  # the review's two API calls, time in the queue included
         try:
-            caller = await asyncio.to_thread(self._review, token)
+            run = asyncio.get_running_loop().run_in_executor(self._pool, self._review, token)
+            try:
+                caller = await asyncio.wait_for(run, deadline)
+            except TimeoutError:  # still queued behind hung reviews (a running one ends at its own timeout)
+                raise AuthBackendError(f"token review timed out: not answered within {deadline:g}s") from None
         except AuthBackendError as e:
             outcome = _Refusal.of(e)
         except AuthError as e:

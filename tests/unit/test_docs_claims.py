@@ -20,6 +20,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import os
 import re
 import shlex
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,7 +89,9 @@ def _parser_of(entry: Callable[[list[str]], Any]) -> argparse.ArgumentParser:
     def grab(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
         raise _Parsed(self)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", grab):
+    # AMBIT_* variables of the environment running the tests are no part of what the commands accept.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AMBIT_")}
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", grab), mock.patch.dict(os.environ, clean, clear=True):
         try:
             entry([])
         except _Parsed as parsed:

@@ -4,9 +4,18 @@ does. Each case feeds raw frame bytes to one side of a connected pair and checks
 connection error (GOAWAY with its code, nothing parsed after), a stream error (RST_STREAM with its code, the other
 streams still served), or acceptance. Only cases test_hbone_core.py / test_hbone_headers.py do not already cover.
 
-Where this core answers differently from h2spec's (RFC 7540-era) expectation, RFC 9113 is followed and the case
-says so: frames on a closed stream are discarded (9113 5.1 "An endpoint can perform this minimal processing for all
-streams that are in the closed state"), where h2spec wants STREAM_CLOSED.
+Deliberate differences, each pinned by a case here:
+
+* Frames on a closed stream are discarded (RFC 9113 5.1: "An endpoint can perform this minimal processing for all
+  streams that are in the closed state"); h2spec (RFC 7540-era) wants STREAM_CLOSED, h2 answers DATA on a stream
+  it forgot with RST_STREAM(STREAM_CLOSED). Discarding sends nothing a peer could make us repeat.
+* PRIORITY of a bad length is the RFC's stream error (FRAME_SIZE_ERROR, 9113 6.3), where h2 closes the connection
+  (PROTOCOL_ERROR); on an idle stream, which no RST_STREAM may name (6.4), it is the connection's error.
+* A malformed CONNECT is answered 400 and then reset with PROTOCOL_ERROR (8.1.1 allows the answer; h2 only
+  resets). An oversized one gets 431 and RST_STREAM(NO_ERROR) (test_hbone_headers; h2 resets with PROTOCOL_ERROR).
+* content-length on a CONNECT is passed through unchecked: a CONNECT has no content (RFC 9110 9.3.6) and its DATA
+  are tunnel bytes (h2 would count them against it). A Host header beside :authority is not compared (9113 8.3.1
+  SHOULD; nothing in HBONE reads Host).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from dataclasses import dataclass, field
 
 import pytest
 from hpack import Encoder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import hbone
 from agent.hbone import (
@@ -973,3 +984,60 @@ def test_client_refuses_a_server_whose_first_frame_is_not_settings() -> None:
     client.data_to_send()
     events = client.receive_data(frame(hbone.PING, 0, 0, b"12345678"))
     assert isinstance(events[-1], ConnectionTerminated) and events[-1].error_code == ErrorCode.PROTOCOL_ERROR
+
+
+_FUZZ_IDS = [0, 1, 2, 3, 5, 7, NEW, NEW + 1, 2**31 - 1, 2**31 + 1]
+_FUZZ_BLOCKS = [
+    b"",
+    block(CONNECT),
+    block([(":status", "200")]),
+    block([("x-trailer", "1")]),
+    Encoder().encode([*CONNECT, ("baggage", "a=1")], huffman=True),
+    b"\x80",
+    b"\x3f\xe1\x1f",
+]
+
+
+@st.composite
+def _frames(draw: st.DrawFn) -> bytes:
+    ftype = draw(st.sampled_from([*range(10), 0x0A, 0xEE]))
+    flags = draw(st.sampled_from([0, 1, 4, 5, 8, 0x20, 0x24, 0x25, 0x2D, 0xFF]))
+    sid = draw(st.sampled_from(_FUZZ_IDS))
+    if ftype in (hbone.HEADERS, hbone.CONTINUATION, hbone.PUSH_PROMISE):
+        body = draw(st.sampled_from(_FUZZ_BLOCKS))
+        pre = draw(st.sampled_from([b"", b"\x00", b"\x03", _pri(sid), b"\x01" + _pri(1)]))
+        post = draw(st.sampled_from([b"", b"\0\0\0"]))
+        payload = pre + body + post
+    elif ftype == hbone.SETTINGS:
+        pairs = draw(st.lists(st.tuples(st.integers(0, 10), st.sampled_from([0, 1, 2, 16384, 65535, 2**31]))))
+        payload = b"".join(struct.pack(">HL", k, v & 0xFFFFFFFF) for k, v in pairs[:40])
+        payload += draw(st.sampled_from([b"", b"\0"]))
+    elif ftype in (hbone.WINDOW_UPDATE, hbone.RST_STREAM):
+        payload = U32.pack(draw(st.sampled_from([0, 1, 65535, 2**31 - 1, 2**32 - 1])))[
+            : draw(st.sampled_from([4, 4, 3]))
+        ]
+    else:
+        payload = draw(st.binary(max_size=40))
+    return frame(ftype, flags, sid, payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(_frames(), min_size=1, max_size=12), role_client=st.booleans())
+def test_structured_frame_fuzz_never_raises_nor_hits_an_internal_error(frames: list[bytes], role_client: bool) -> None:
+    """Frames shaped like the real ones (header blocks, priority fields, padding, settings, windows) in any order
+    on any stream: the core answers every one with acceptance, a stream error or a protocol connection error,
+    never an exception and never INTERNAL_ERROR (what receive_data turns a bug into)."""
+    client, server = pair()
+    open_tunnel(client, server)
+    open_tunnel(client, server, "10.0.0.3:80")
+    receiver = client if role_client else server
+    for f in frames:
+        events = receiver.receive_data(f)
+        receiver.data_to_send()
+        for e in events:
+            assert not (isinstance(e, ConnectionTerminated) and e.error_code == ErrorCode.INTERNAL_ERROR), e
+        if receiver.closed:
+            break
+    # whatever happened, the windows stayed within the protocol's bounds
+    assert (receiver._conn_send_window <= 2**31 - 1 and receiver._window_shift == 0) or receiver.closed
+    assert all(s.send_window <= 2**31 - 1 for s in receiver._streams.values()) or receiver.closed

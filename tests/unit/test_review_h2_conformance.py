@@ -1041,3 +1041,22 @@ def test_structured_frame_fuzz_never_raises_nor_hits_an_internal_error(frames: l
     # whatever happened, the windows stayed within the protocol's bounds
     assert (receiver._conn_send_window <= 2**31 - 1 and receiver._window_shift == 0) or receiver.closed
     assert all(s.send_window <= 2**31 - 1 for s in receiver._streams.values()) or receiver.closed
+
+
+def test_we_never_send_beyond_a_window_of_one() -> None:
+    """h2spec 6.9.1/1: after SETTINGS_INITIAL_WINDOW_SIZE = 1, no DATA frame may exceed the space available; the
+    rest goes out as the peer's WINDOW_UPDATEs allow, never beyond them (both send paths)."""
+    client, server = pair()
+    server.receive_data(settings_frame((hbone.S_INITIAL_WINDOW_SIZE, 1)))
+    server.data_to_send()
+    sid = client.send_connect("10.0.0.2:8080")
+    exchange(client, server)
+    server.send_response(sid, 200)
+    assert server.data_frame(sid, b"ab") is None  # the latency path refuses what it cannot send whole
+    assert server.send_data(sid, b"hello") == 1
+    assert server.send_data(sid, b"ello") == 0
+    data = [f for f in wire_frames(server) if f[0] == hbone.DATA]
+    assert [(f[2], f[3]) for f in data] == [(sid, b"h")]
+    server.receive_data(frame(hbone.WINDOW_UPDATE, 0, sid, U32.pack(2)))
+    assert server.send_data(sid, b"ello") == 2
+    assert [f[3] for f in wire_frames(server) if f[0] == hbone.DATA] == [b"el"]

@@ -354,11 +354,18 @@ class CertificateAuthority:
         return self._material.generation
 
     def chain_expiry(self) -> float:
-        """Unix time when the signing chain (not counting other bundled roots) expires: no leaf outlives it."""
+        """Unix time when the signing chain (not counting other bundled roots) expires: no leaf outlives it.
+
+        Read at every scrape (citadel_server_cert_chain_expiry_timestamp), so the directory is checked first (at
+        most once a second): a rotation step shows in the gauges without waiting for the next signature or
+        handshake, as istiod's watch on its cacerts directory does (pilot/pkg/bootstrap/istio_ca.go)."""
+        self.reload_if_changed()
         return self._material.chain_not_after.timestamp()
 
     def earliest_expiry(self) -> float:
-        """Unix time when the first certificate of the signing chain or bundle expires (the alerting horizon)."""
+        """Unix time when the first certificate of the signing chain or bundle expires (the alerting horizon); the
+        directory is checked first, as for :meth:`chain_expiry`."""
+        self.reload_if_changed()
         return self._material.earliest_not_after.timestamp()
 
     def roots_pem(self) -> list[str]:

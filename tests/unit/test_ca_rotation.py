@@ -9,6 +9,7 @@ from cryptography import x509
 
 from common.pki import fingerprint, is_self_signed, issued_by
 from common.spiffe import Identity
+from controller import ca as ca_module
 from controller import ca_rotation
 from controller.ca import CertificateAuthority
 from tests.support.identity_pki import csr_pem
@@ -84,3 +85,19 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys: pytest.Cap
     assert ca_rotation.main(["--ca-dir", str(d), "add-root"]) == 0
     out = capsys.readouterr().out
     assert "staged" in out and "signing" in out
+
+
+def test_the_expiry_gauges_pick_up_a_rotation_step_themselves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The citadel_server_* expiry gauges read these at every scrape: with no certificate request or handshake in
+    between, they showed the CA as it was before the step (istiod watches its cacerts directory)."""
+    monkeypatch.setattr(ca_module, "RELOAD_INTERVAL_SECONDS", 0.0)
+    d = tmp_path / "ca"
+    ca = CertificateAuthority(d, "cluster.local")
+    before = ca.generation
+    ca_rotation.add_root(d, "cluster.local")
+    ca.chain_expiry()
+    assert ca.generation != before
+    staged = ca.generation
+    ca_rotation.activate(d)
+    ca.earliest_expiry()
+    assert ca.generation != staged

@@ -17,7 +17,7 @@ die() { printf '\033[31m[setup] ERROR:\033[0m %s\n' "$*" >&2; exit 1; }
 [ "$(uname -s)" = Linux ] || die "Ambit needs Linux (found $(uname -s))"
 
 APT_PKGS=(python3-bpfcc bpftool iproute2 linux-headers-amd64 iperf3 tshark curl nghttp2-client ethtool
-          tcpdump procps util-linux psmisc protobuf-compiler nftables)
+          tcpdump procps util-linux psmisc protobuf-compiler nftables gcc)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

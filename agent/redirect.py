@@ -843,6 +843,16 @@ def cleanup(target: str | RedirectConfig) -> list[str]:
     owned: dict[int, IfaceEntry] = {}
     maps: RedirectMaps | None = None
     early_demux_saved = 0
+    if not os.path.isdir(cfg.pin_dir):
+        try:
+            _require_bpffs(cfg.pin_root)
+        except (RedirectKernelError, OSError) as exc:
+            # `ip netns exec` mounts a fresh /sys: the pins (and the early-demux value they keep) are out of sight
+            # here, not gone, and a clean "cleanup done" would hide that they and early demux off stay behind.
+            log.warning(
+                "no bpffs here: the instance's pins and the tcp_early_demux value they keep are left as they are",
+                extra=kv(instance=cfg.instance, reason=str(exc)),
+            )
     if os.path.isdir(cfg.pin_dir):
         try:
             migrate_pins(cfg.pin_dir)  # one reader for every layout this agent can adopt; all of it goes below

@@ -94,3 +94,16 @@ def test_cleanup_refuses_while_an_agent_runs_with_the_state_directory(node_netns
     removed = _cleanup(node_netns, node_netns, state_dir)
     assert f"state directory {state_dir}" in removed, removed
     assert not state_dir.exists()
+
+
+def test_cleanup_under_ip_netns_exec_says_the_pins_are_out_of_sight(node_netns: str, tmp_path: Path) -> None:
+    """`ip netns exec` mounts a fresh /sys with no bpffs: the instance's pins (and the early-demux value they keep)
+    cannot be seen, so cleanup cannot remove them. It said `cleanup done` as if there were none."""
+    argv = [AGENT, "--cleanup", f"--instance={node_netns}", f"--state-dir={tmp_path / 'ambit'}"]
+    done = subprocess.run(["ip", "netns", "exec", node_netns, *argv], capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, lines
+    (warning,) = [r for r in lines if r.get("msg", "").startswith("no bpffs here")]
+    assert warning["level"] == "warning" and warning["instance"] == node_netns
+    # nsenter keeps the host's /sys (and its bpffs): no such warning there
+    assert not [r for r in _run_cleanup(node_netns, node_netns, tmp_path / "ambit")[1] if "bpffs" in r.get("msg", "")]

@@ -133,6 +133,12 @@ def socket_address(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]
     return (ip, port, 0, int(zone) if zone.isascii() and zone.isdigit() else socket.if_nametoindex(zone))
 
 
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, in the text the socket calls give (IPv4 as IPv4: sockets.canonical_ip). By its text: asked
+    of every accepted connection, where ipaddress costs microseconds."""
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::1%")
+
+
 def without_zone(ip: str) -> str:
     """`ip` without its zone: what a peer knows the address by (an HBONE `:authority`, policy), and what the
     loopback check compares."""

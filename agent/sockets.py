@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
-from agent.addressing import socket_address
+from agent.addressing import is_loopback, socket_address
 from common.log import kv
 
 log = logging.getLogger("agent.sockets")
@@ -172,6 +172,21 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 _LINGER_OFF = struct.pack("ii", 0, 0)
 
 
+def refuse_forged_loopback(conn: socket.socket, listener: str, client: Address, dst: Address) -> None:
+    """Reset a connection addressed to loopback by a client that is not on loopback, before any handler sees it.
+
+    The kernel drops packets for a loopback address that arrive from outside as martians, unless the node sets
+    net.ipv4.conf.*.route_localnet=1, as kube-proxy's iptables mode does for NodePorts on localhost. Then a pod with
+    CAP_NET_RAW (in the runtimes' default set) can write a SYN to 127.0.0.1 out of its interface (CVE-2020-8558),
+    and an enrolled pod's SYN is assigned to the outbound listener whatever its destination. ztunnel's outbound
+    would connect to the pod's own loopback from inside the pod; ours, in the node's network namespace, connected to
+    the node's, from the node's loopback address: the admin port, the kubelet's 10248, kube-proxy's 10249 (measured
+    in the lab: a pod read the admin port's answers). No process of the node connects that way: it would use a
+    loopback source."""
+    log.warning("connection to loopback from elsewhere refused", extra=kv(listener=listener, client=client, dst=dst))
+    abort(conn)
+
+
 class Readiness:
     """A reader or writer callback on one fd, registered with the loop only while it is wanted: relays flip it on
     every would-block and every drain, and each real change is an epoll_ctl, so an unchanged wish costs nothing."""
@@ -264,6 +279,9 @@ class Listener:
     async def _run(self, conn: socket.socket, client: Address) -> None:
         try:
             dst = self.orig_dst(conn)
+            if is_loopback(dst[0]) and not is_loopback(canonical_ip(client[0])):
+                refuse_forged_loopback(conn, self.name, client, dst)
+                return
             if self.gone is not None:
                 peer = (canonical_ip(client[0]), int(client[1]))
                 if not _connected(conn):

@@ -2,17 +2,20 @@
 
 Probes, scrapers and `ambitctl` need a handful of routes, not a web framework, and the project adds no
 dependency for that. What matters here is that a peer's malformed or oversized request gets a 400 and never
-takes the process down, that a slow client cannot hold a connection forever, and that a failing handler is a
-500 rather than a dead server.
+takes the process down, that a slow client cannot hold a connection forever (neither sending its request slowly
+nor reading the answer slowly), that a server bound to loopback answers loopback alone, and that a failing handler
+is a 500 rather than a dead server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +81,11 @@ class HttpServer:
     routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
     keep_alive: bool = False
     read_timeout: float = 10.0
+    # How long the client may take to read one answer. A scraper that sends its request and never reads held the
+    # connection, and the whole rendered answer (a big /metrics or /config_dump), for as long as it liked.
+    write_timeout: float = 10.0
     server: asyncio.Server | None = None
+    connections: int = 0  # being served now
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         # A socket bound here rather than `start_server(host, port)`: uvloop resolves even a numeric host through
@@ -102,6 +109,10 @@ class HttpServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if _forged_loopback(writer):
+            _cut(writer)
+            return
+        self.connections += 1
         try:
             first = True
             while True:
@@ -124,12 +135,20 @@ class HttpServer:
                     and req.version == "HTTP/1.1"
                     and req.headers.get("connection", "").lower() != "close"
                 )
-                await _write(writer, await self._dispatch(req), keep=keep, head_only=req.method == "HEAD")
+                resp = await self._dispatch(req)
+                try:
+                    async with asyncio.timeout(self.write_timeout):
+                        await _write(writer, resp, keep=keep, head_only=req.method == "HEAD")
+                except TimeoutError:
+                    log.info("http client too slow to read its answer", extra=kv(server=self.name, path=req.path))
+                    _cut(writer)
+                    return
                 if not keep:
                     return
         except ConnectionError:
             return
         finally:
+            self.connections -= 1
             writer.close()
 
     async def _dispatch(self, req: Request) -> Response:
@@ -144,6 +163,39 @@ class HttpServer:
         except Exception as e:  # an operator endpoint must never take the process down
             log.exception("http handler failed", extra=kv(server=self.name, path=req.path))
             return Response.text(f"internal error: {type(e).__name__}: {e}\n", 500)
+
+
+def _cut(writer: asyncio.StreamWriter) -> None:
+    """Close with RST: close() would wait, holding the answer, for the client to read it, and a plain close of the
+    socket leaves what the kernel buffered to be sent (an orphan keeps sending it, FIN last)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _forged_loopback(writer: asyncio.StreamWriter) -> bool:
+    """A connection to a loopback address from a peer that is not on loopback. The kernel drops such packets as
+    martians unless the node sets net.ipv4.conf.*.route_localnet=1 (kube-proxy's iptables mode does, for NodePorts
+    on localhost), and then a pod with CAP_NET_RAW can reach the node's loopback (CVE-2020-8558), where the agent's
+    admin port answers: it only ever arrives forged, since a process of the node connects from loopback. Logged,
+    not answered."""
+    local, peer = writer.get_extra_info("sockname"), writer.get_extra_info("peername")
+    if not local or not peer or not _is_loopback(str(local[0])) or _is_loopback(str(peer[0])):
+        return False
+    log.warning("http connection to loopback from elsewhere refused", extra=kv(local=local[0], peer=peer[0]))
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:  # on a dual-stack socket
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
 
 
 async def _write(writer: asyncio.StreamWriter, resp: Response, *, keep: bool, head_only: bool = False) -> None:

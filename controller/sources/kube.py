@@ -484,6 +484,8 @@ class _Watcher:
         return int(WATCH_TIMEOUT_SECONDS * (1.0 + random.random()))
 
     def _watch(self) -> None:
+        from urllib3.exceptions import HTTPError
+
         timeout = self.watch_timeout()
         resp = self._request(
             watch=True,
@@ -508,6 +510,16 @@ class _Watcher:
                     break
                 self._event(line)
                 events += 1
+        except (HTTPError, OSError) as e:
+            # The stream broke (connection lost or reset, a read timeout). client-go's StreamWatcher ends the watch
+            # there and the reflector watches again at once from the last version (tools/cache/reflector.go watch:
+            # handleWatch returns no error unless the watch was very short): no backoff for a watch that ran.
+            if self.stopped.is_set() or (not events and time.monotonic() - started < SHORT_WATCH_SECONDS):
+                raise
+            log.info(
+                "kube watch stream broken; resuming",
+                extra=kv(resource=self.resource.plural, error=f"{type(e).__name__}: {e}"),
+            )
         finally:
             self._response = None
             body.close()

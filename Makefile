@@ -34,3 +34,16 @@ bench: setup
 
 clean-lab:
 	$(PY) -m cli.ambitctl lab down --all
+
+# The container image (daemonset/Dockerfile), on a Debian machine from nothing: scripts/build-image.sh starts a
+# private dockerd when none answers and makes the debian:bookworm-slim base with debootstrap when no registry does
+# (docs/operations.md, "Building the image"). TAG=REGISTRY/ambit:VERSION names it (default ambit:dev).
+.PHONY: image image-test
+image:
+	bash scripts/build-image.sh $(if $(TAG),--tag $(TAG))
+
+# The image built, then run as the manifests run it (scripts/image_check.py): the controller as uid 1337 on a
+# read-only root, an agent compiling and attaching its eBPF program, both stopped by SIGTERM. Needs the host's kernel
+# headers linked, hence setup.
+image-test: setup
+	bash scripts/build-image.sh --check $(if $(TAG),--tag $(TAG))

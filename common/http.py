@@ -84,8 +84,14 @@ class HttpServer:
     # How long the client may take to read one answer. A scraper that sends its request and never reads held the
     # connection, and the whole rendered answer (a big /metrics or /config_dump), for as long as it liked.
     write_timeout: float = 10.0
+    # At most this many connections at once; more are reset unanswered. Probes, scrapers and operators need a few,
+    # and the metrics and readiness ports listen on every address: without a bound any pod of the node could hold
+    # connections open (each up to read_timeout, again and again) until the agent ran out of descriptors, and then
+    # every pod's captured connections failed with it (accept's EMFILE).
+    max_connections: int = 128
     server: asyncio.Server | None = None
     connections: int = 0  # being served now
+    _turning_away: bool = False  # logged once per spell over max_connections
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         # A socket bound here rather than `start_server(host, port)`: uvloop resolves even a numeric host through
@@ -112,6 +118,13 @@ class HttpServer:
         if _forged_loopback(writer):
             _cut(writer)
             return
+        if self.connections >= self.max_connections:
+            if not self._turning_away:
+                self._turning_away = True
+                log.warning("http connections at their limit; turning new ones away", extra=kv(server=self.name))
+            _cut(writer)
+            return
+        self._turning_away = False
         self.connections += 1
         try:
             first = True

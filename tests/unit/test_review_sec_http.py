@@ -14,6 +14,7 @@ import errno
 import socket
 
 from common.http import HttpServer, Request, Response
+from tests.support.waiting import eventually
 
 BODY = b"x" * (16 * 1024 * 1024)  # far more than the socket buffers of both ends take
 
@@ -65,4 +66,35 @@ async def test_a_client_that_reads_gets_the_whole_answer() -> None:
         assert await reader.readexactly(len(BODY)) == BODY
         writer.close()
     finally:
+        await server.close()
+
+
+async def test_connections_beyond_the_limit_are_turned_away_and_the_held_ones_served() -> None:
+    """The metrics and readiness ports listen on every address: a pod holding connections open (a request never
+    finished, up to read_timeout each, again and again) held one descriptor each without bound, until the agent ran
+    out (the data path's accept then fails for every pod: EMFILE). Fails before: the connection over the limit was
+    held like the others."""
+    server = HttpServer("metrics", read_timeout=60.0, max_connections=2)
+    server.routes[("GET", "/metrics")] = _big
+    await server.start("127.0.0.1", 0)
+    held = []
+    try:
+        for _ in range(2):  # a request never finished: each is held, up to read_timeout
+            held.append(await asyncio.open_connection("127.0.0.1", server.port))
+            held[-1][1].write(b"GET /metrics HTTP/1.1\r\n")
+        await eventually(lambda: server.connections == 2, "both connections being served")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            async with asyncio.timeout(10):  # a liveness bound: before the fix, only read_timeout (60 s) ended it
+                assert await reader.read() == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        # The held ones are still served once they finish their request.
+        r, w = held[0]
+        w.write(b"Host: x\r\n\r\n")
+        assert (await r.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, w in held:
+            w.close()
         await server.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import functools
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 Address = tuple[str, int]
 Handler = Callable[[socket.socket, Address], Awaitable[None]]
 Gone = Callable[[Address, Address], None]
+Refused = Callable[[Address, Address, str], None]  # (client, original destination, reason)
 # (fd, client address from accept) of the connection the current Listener task is handling
 _ACCEPTED: contextvars.ContextVar[tuple[int, Address] | None] = contextvars.ContextVar("accepted", default=None)
 
@@ -219,6 +221,12 @@ class Listener:
     ``gone(client, orig_dst)`` is told of a connection its client reset before the handler ran, with the address
     accept(2) gave: the socket no longer knows its peer (ENOTCONN), and handlers drop such a connection unlogged.
     A pod that connects and resets at once (a connect scan) otherwise left no trace.
+
+    ``max_per_client``: at most that many connections of one client address handled at once; more are reset at
+    accept. Every pod of a node shares its agent's descriptors (two sockets and, spliced, two pipes per connection:
+    a pod's flood of 4402 connections took a lab agent's 20000, and accept's EMFILE then refused every pod), and
+    ztunnel has no such bound either; off by default. ``refused(client, orig_dst, reason)`` is told of what the
+    listener resets itself: ``client_connection_limit``, and ``forged_loopback`` (see refuse_forged_loopback).
     """
 
     def __init__(
@@ -228,12 +236,18 @@ class Listener:
         name: str,
         orig_dst: Callable[[socket.socket], Address] = original_destination,
         gone: Gone | None = None,
+        *,
+        max_per_client: int | None = None,
+        refused: Refused | None = None,
     ) -> None:
         self.sock = sock
         self.handler = handler
         self.name = name
         self.orig_dst = orig_dst
         self.gone = gone
+        self.max_per_client = max_per_client
+        self.refused = refused
+        self.per_client: dict[str, int] = {}  # connections being handled, by client address (with max_per_client)
         self.tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backoff: asyncio.TimerHandle | None = None
@@ -264,12 +278,41 @@ class Listener:
                 self._backoff = loop.call_later(0.1, self._resume)
                 return
             conn.setblocking(False)
+            limit = self.max_per_client
+            if limit is not None:
+                held = self.per_client.get(client[0], 0)
+                if held >= limit:
+                    self._turn_away(conn, client)
+                    continue
+                self.per_client[client[0]] = held + 1
             # Like the upstream side: a proxy must not hold a small write back for the client's delayed ACK.
             with contextlib.suppress(OSError):  # a client that already reset; its handler finds out
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(self._run(conn, client))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            if limit is not None:
+                task.add_done_callback(functools.partial(self._release, client[0]))
+
+    def _turn_away(self, conn: socket.socket, client: Address) -> None:
+        """Reset a connection over ``max_per_client``, reported to ``refused`` (logged at DEBUG otherwise)."""
+        peer = (canonical_ip(client[0]), int(client[1]))
+        try:
+            dst = self.orig_dst(conn)
+        except OSError:  # reset already: nothing to tell about where it went
+            dst = ("", 0)
+        abort(conn)
+        if self.refused is not None:
+            self.refused(peer, dst, "client_connection_limit")
+        else:
+            log.debug("connection over the per-client limit refused", extra=kv(listener=self.name, client=peer))
+
+    def _release(self, ip: str, _task: object) -> None:
+        left = self.per_client[ip] - 1
+        if left:
+            self.per_client[ip] = left
+        else:
+            del self.per_client[ip]
 
     def _resume(self) -> None:
         self._backoff = None
@@ -281,6 +324,8 @@ class Listener:
             dst = self.orig_dst(conn)
             if is_loopback(dst[0]) and not is_loopback(canonical_ip(client[0])):
                 refuse_forged_loopback(conn, self.name, client, dst)
+                if self.refused is not None:
+                    self.refused((canonical_ip(client[0]), int(client[1])), dst, "forged_loopback")
                 return
             if self.gone is not None:
                 peer = (canonical_ip(client[0]), int(client[1]))

@@ -18,7 +18,8 @@
 #                               [--keep-daemon] [--purge]
 # Environment: AMBIT_IMAGE (tag, default ambit:dev), AMBIT_IMAGE_BASE (as --base), AMBIT_BUILD_CA_BUNDLE (CA file
 # for pip in the build; default the system bundle; empty: none), DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR,
-# AMBIT_DOCKER_STORAGE_DRIVER (the private daemon's; default: dockerd's choice, overlay2 where it works, else vfs).
+# AMBIT_DOCKER_STORAGE_DRIVER (the private daemon's; default: dockerd's choice, overlay2 on this project's machines;
+# vfs where the data root's filesystem cannot hold overlay layers, such as inside a container: not tried here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

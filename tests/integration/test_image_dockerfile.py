@@ -10,6 +10,8 @@ local state (a virtualenv, caches, lab state) into the image.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,28 @@ def test_dockerignore_matcher() -> None:
     assert not _ignored("agent/x.egg-info", ["*.egg-info"])  # anchored at the root, unlike .gitignore
     assert _ignored("x.egg-info/PKG-INFO", ["*.egg-info"])
     assert not _ignored("bench/results/x", ["bench/results", "!bench/results/x"])
+
+
+def test_build_script_usage() -> None:
+    """scripts/build-image.sh answers --help without root or a daemon, and refuses an unknown argument."""
+    script = ROOT / "scripts" / "build-image.sh"
+    ok = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "Usage: scripts/build-image.sh" in ok.stdout and "--base auto|registry|debootstrap" in ok.stdout
+    bad = subprocess.run(["bash", str(script), "--nope"], capture_output=True, text=True, timeout=30, check=False)
+    assert bad.returncode != 0 and "unknown argument: --nope" in bad.stderr
+
+
+def test_missing_capabilities_names() -> None:
+    """The image check names what this machine's bounding set lacks as Docker does (CAP_SYS_RESOURCE is 24 here),
+    since it turns --privileged into --cap-add ALL less those."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import image_check
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    full = (1 << 41) - 1
+    assert image_check.missing_capabilities(full, 40) == []
+    assert image_check.missing_capabilities(0x1FFFEFFFFFF, 40) == ["SYS_RESOURCE"]
+    assert image_check.missing_capabilities(full & ~(1 << 39) & ~(1 << 38), 40) == ["PERFMON", "BPF"]
+    assert image_check.missing_capabilities(full, 41) == ["41"]  # a kernel newer than the table

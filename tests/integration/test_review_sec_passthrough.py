@@ -16,12 +16,16 @@ from a destination behind NAT would not come back to the agent). Measured in a l
   delivered locally to 15001 and the agent's own connection goes out through OUTPUT. Input-hook rules still see the
   captured SYN (with the pod's interface and address), so rules for the node's own addresses do hold.
 
-Both tests are xfail (strict: they fail today, and the marker goes with the fix). The fix is outside this
+- a server answering with IP TTL 1 (EC2's IMDSv2 hop limit) answered demo/client through the agent and not
+  legacy/web, whose node drops the answer rather than forward it.
+
+The three tests are xfail (strict: they fail today, and the marker goes with the fix). The fix is outside this
 reviewer's files (agent/outbound.py, agent/capture_dnat.py or bpf/): see the review's report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 import threading
@@ -35,6 +39,7 @@ from tests.support.mesh import connect, nft_in
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 PORT = 18080
+HOP_LIMITED_PORT = 18095
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +51,15 @@ def mesh(require_root: None) -> Iterator[Lab]:
         lab.down()
 
 
-@pytest.fixture(scope="module")
-def outside(mesh: Lab) -> Iterator[str]:
-    """A server in the core netns, outside the mesh, that answers each caller with the address it saw."""
-    with netns.enter(mesh.plan.core_netns):
-        srv = socket.create_server(("0.0.0.0", PORT))
+@contextlib.contextmanager
+def _server(lab: Lab, port: int, ttl: int | None = None) -> Iterator[str]:
+    """A server in the core netns, outside the mesh, that answers each caller with the address it saw; with `ttl`,
+    its packets leave with that IP TTL (EC2's IMDSv2 answers a token request with hop limit 1, so that a pod, one
+    forwarding hop behind its node, never gets it)."""
+    with netns.enter(lab.plan.core_netns):
+        srv = socket.create_server(("0.0.0.0", port))
+    if ttl is not None:
+        srv.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)  # inherited by accepted sockets
     stop = threading.Event()
 
     def serve() -> None:
@@ -66,15 +75,27 @@ def outside(mesh: Lab) -> Iterator[str]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield mesh.plan.core_ip
+        yield lab.plan.core_ip
     finally:
         stop.set()
         thread.join()
         srv.close()
 
 
-def _seen_as(lab: Lab, pod: str, ip: str) -> str:
-    with connect(lab, pod, ip, PORT, timeout=5) as s:
+@pytest.fixture(scope="module")
+def outside(mesh: Lab) -> Iterator[str]:
+    with _server(mesh, PORT) as ip:
+        yield ip
+
+
+@pytest.fixture(scope="module")
+def hop_limited(mesh: Lab) -> Iterator[str]:
+    with _server(mesh, HOP_LIMITED_PORT, ttl=1) as ip:
+        yield ip
+
+
+def _seen_as(lab: Lab, pod: str, ip: str, port: int = PORT) -> str:
+    with connect(lab, pod, ip, port, timeout=5) as s:
         return s.recv(100).decode()
 
 
@@ -111,3 +132,14 @@ def test_a_forward_hook_egress_rule_holds_for_an_enrolled_pod(mesh: Lab, outside
     finally:
         for node in pods.values():
             nft_in(mesh.node(node).netns, "delete", "table", "inet", table)
+
+
+@pytest.mark.xfail(strict=True, reason="SEC review: passthrough replies end at the node, one hop short; see the report")
+def test_a_hop_limited_answer_reaches_no_enrolled_pod(mesh: Lab, hop_limited: str) -> None:
+    """As EC2's IMDSv2 keeps its tokens from pods (hop limit 1). The control, a pod outside the mesh, gets nothing
+    (its node drops the answer instead of forwarding it); an enrolled pod got the answer through the agent, whose own
+    connection ends at the node."""
+    with pytest.raises(OSError):
+        _seen_as(mesh, "legacy/web", hop_limited, HOP_LIMITED_PORT)
+    with pytest.raises(OSError):
+        _seen_as(mesh, "demo/client", hop_limited, HOP_LIMITED_PORT)

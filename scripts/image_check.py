@@ -10,20 +10,24 @@ the Docker CLI (DOCKER_HOST names the daemon) and fails with the command's outpu
    dist-packages on sys.path;
 4. the controller starts as the Deployment runs it (uid 1337, read-only root filesystem, every capability dropped,
    no-new-privileges, the CA on a tmpfs, xDS over TLS only) and is ready;
-5. an agent starts as the DaemonSet runs it (privileged, the host's /lib/modules and /usr/src read-only, TLS to the
-   controller with the root certificate and a node token), compiles and loads its eBPF program with BCC, attaches
-   it to an uplink and to two enrolled pods' interfaces, writes its nftables table, gets certificates, and is ready;
-6. SIGTERM stops both (they run as PID 1) with exit code 0, the agent after its drain;
-7. the lab (`ambitctl lab up --mesh`, examples/basic: a controller and two nodes' agents) runs with the controller
+5. an agent starts as the DaemonSet runs it (privileged; bpffs, /var/lib/ambit, and the host's /lib/modules and
+   /usr/src read-only mounted from the host; TLS to the controller with the root certificate and a node token),
+   compiles and loads its eBPF program with BCC, attaches it to an uplink and to two enrolled pods' interfaces,
+   writes its nftables table, gets certificates, and is ready;
+6. stopped, it leaves capture attached, and a new container adopts the pinned programs and maps (an upgrade);
+7. SIGTERM stops it (PID 1) with exit code 0 after its drain;
+8. daemonset/cleanup's `ambit-agent --cleanup` from the image removes its filters, pins, nftables table and state,
+   and SIGTERM stops the controller with exit code 0;
+9. the lab (`ambitctl lab up --mesh`, examples/basic: a controller and two nodes' agents) runs with the controller
    and agents from the image, each in its lab namespace, the node's bpffs shared as the DaemonSet shares it, and
    carries a pod's HTTP requests to a pod on the other node (HBONE, mTLS) and to a Service's VIP.
 
-Checks 4-6 run in a network namespace of Docker's making (``--network none``, shared by the two containers), with a
-veth uplink and pod veths the agent container creates inside it: nothing is attached to the host's interfaces, and
-the namespace goes with the containers. The agent gets its own bpffs instance there instead of the node's shared one
-(the DaemonSet's hostPath mount only makes pins outlive the pod), so no pin is left on the host.
+Checks 4-8 run in a network namespace of Docker's making (``--network none``, shared by the containers), with a
+veth uplink and pod veths the agent's container creates inside it: nothing is attached to the host's interfaces, and
+the namespace goes with the containers. The node's bpffs is a bpffs instance the check mounts in its own temporary
+directory and unmounts at the end, so no pin is left on the host whatever happens.
 
-For 7 the lab's own code runs from the project venv, through a view of it (a directory with the venv's
+For 9 the lab's own code runs from the project venv, through a view of it (a directory with the venv's
 pyvenv.cfg and lib/) whose bin/ holds ambit-controller and ambit-agent wrappers that run the image: the lab starts
 the console scripts beside its interpreter, so it starts the image's without a change to the lab.
 
@@ -35,6 +39,7 @@ Usage: python scripts/image_check.py --image ambit:dev   (scripts/build-image.sh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -208,6 +213,9 @@ class ImageCheck:
         self.lab = ""
         self.results: list[tuple[str, bool, str]] = []
         self.work = Path(tempfile.mkdtemp(prefix="ambit-imgchk."))
+        self.bpffs = self.work / "bpffs"
+        self.bpffs_mounted = False
+        self.priv, self.how = privileged_args()
 
     def run(self, name: str, check: Callable[[], str]) -> bool:
         start = time.monotonic()
@@ -284,50 +292,103 @@ class ImageCheck:
         build = Path("/lib/modules") / platform.release() / "build" / "include"
         if not build.is_dir():
             raise CheckFailed(f"no kernel headers at {build} on this host: run `make setup` (it links them)")
-        priv, how = privileged_args()
-        # The node's network as the agent finds it: an uplink with the default route, and a veth per local pod
-        # with its /32 route (as a CNI leaves them). All inside the namespace the two containers share.
-        pods = " ".join(PODS.values())
-        setup = (
-            "set -e; mount -t bpf bpf /sys/fs/bpf; "
-            "ip link add up0 type veth peer name up1; ip addr add 10.99.0.2/24 dev up0; "
-            "ip link set up0 up; ip link set up1 up; ip route add default via 10.99.0.1; "
-            f"n=0; for ip in {pods}; do ip link add pod$n type veth peer name pod${{n}}p; "
-            "ip link set pod$n up; ip link set pod${n}p up; ip route add $ip/32 dev pod$n; n=$((n+1)); done; "
-            'exec ambit-agent "$@"'
-        )
-        docker(
-            "run", "-d", "--name", self.agent, "--network", f"container:{self.controller}", *priv,
-            "-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro",
-            "-v", f"{self.work / 'creds'}:/var/run/ambit/creds:ro", "--tmpfs", "/var/lib/ambit",
-            "-e", f"AMBIT_NODE={NODE}", "-e", "AMBIT_LOG_LEVEL=info",
-            "--entrypoint", "sh", self.image, "-c", setup, "ambit-agent",
-            "--controller=127.0.0.1:15012", "--root-cert=/var/run/ambit/creds/root-cert.pem",
-            "--token-file=/var/run/ambit/creds/token", "--state-dir=/var/lib/ambit", "--instance=imgchk",
-        )  # fmt: skip
+        # The node's bpffs and /var/lib as the DaemonSet mounts them (hostPath): a bpffs instance of the check's own
+        # on the host, so pins outlive the container as they outlive the pod, and vanish when it is unmounted.
+        self.bpffs.mkdir(mode=0o700)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)], check=True, capture_output=True)
+        self.bpffs_mounted = True
+        (self.work / "var-lib" / "ambit").mkdir(parents=True)
+        self.start_agent()
         wait_ready(self.agent, 15021)
         log = logs(self.agent, 200)
         for line in ("capture started", "certificate issued", "DNAT capture installed"):
             if line not in log:
                 raise CheckFailed(f"ready, but the agent's log has no {line!r}:\n{log}")
+        self.expect_filters(present=True)
+        docker("exec", self.agent, "nft", "list", "table", "inet", "ambit_default")
+        pins = sorted(p.name for p in (self.bpffs / "ambit" / "default").iterdir())
+        return f"{self.how}; eBPF compiled and attached to up0, pod0, pod1 ({len(pins)} pins); nftables; certs; ready"
+
+    def start_agent(self) -> None:
+        """The DaemonSet's container: its mounts, env and args, with TLS to the check's controller."""
+        # The node's network as the agent finds it: an uplink with the default route, and a veth per local pod
+        # with its /32 route (as a CNI leaves them), in the namespace the two containers share. Made once: a
+        # restarted container finds them, as a restarted pod finds the node's.
+        pods = " ".join(PODS.values())
+        setup = (
+            "set -e; if ! ip link show up0 >/dev/null 2>&1; then "
+            "ip link add up0 type veth peer name up1; ip addr add 10.99.0.2/24 dev up0; "
+            "ip link set up0 up; ip link set up1 up; ip route add default via 10.99.0.1; "
+            f"n=0; for ip in {pods}; do ip link add pod$n type veth peer name pod${{n}}p; "
+            "ip link set pod$n up; ip link set pod${n}p up; ip route add $ip/32 dev pod$n; n=$((n+1)); done; fi; "
+            'exec ambit-agent "$@"'
+        )
+        docker(
+            "run", "-d", "--name", self.agent, "--network", f"container:{self.controller}", *self.priv,
+            "-v", f"{self.bpffs}:/sys/fs/bpf", "-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro",
+            "-v", f"{self.work / 'var-lib' / 'ambit'}:/var/lib/ambit",
+            "-v", f"{self.work / 'creds'}:/var/run/ambit/creds:ro",
+            "-e", f"AMBIT_NODE={NODE}", "-e", "AMBIT_LOG_LEVEL=info",
+            "--entrypoint", "sh", self.image, "-c", setup, "ambit-agent",
+            "--controller=127.0.0.1:15012", "--root-cert=/var/run/ambit/creds/root-cert.pem",
+            "--token-file=/var/run/ambit/creds/token", "--state-dir=/var/lib/ambit",
+        )  # fmt: skip
+
+    def expect_filters(self, present: bool) -> None:
         for dev in ("up0", "pod0", "pod1"):
-            tc = docker("exec", self.agent, "tc", "filter", "show", "dev", dev, "ingress").stdout
-            if "ambit:imgchk" not in tc or "direct-action" not in tc:
-                raise CheckFailed(f"no capture filter at tc ingress of {dev}:\n{tc}")
-        docker("exec", self.agent, "nft", "list", "table", "inet", "ambit_imgchk")
-        return f"{how}; eBPF compiled and attached to up0, pod0, pod1; nftables table; certificates; ready"
+            tc = docker("exec", self.controller, "tc", "filter", "show", "dev", dev, "ingress", check=False).stdout
+            if ("ambit:default" in tc and "direct-action" in tc) != present:
+                state = "no capture filter" if present else "a capture filter left"
+                raise CheckFailed(f"{state} at tc ingress of {dev}:\n{tc}")
+
+    def restart(self) -> str:
+        """What every agent upgrade does: a new container adopts the pinned programs and maps (reopening maps by id
+        needs CAP_SYS_ADMIN, one reason the DaemonSet is privileged), while capture stays attached in between."""
+        docker("stop", "-t", "30", self.agent, timeout=60)
+        self.expect_filters(present=True)  # fail closed with no agent: the filters outlive it
+        docker("rm", self.agent)
+        self.start_agent()
+        wait_ready(self.agent, 15021)
+        started = [line for line in logs(self.agent, 200).splitlines() if '"msg":"capture started"' in line]
+        if not started or '"adopted":[]' in started[-1]:
+            raise CheckFailed(f"the new agent did not adopt the pinned capture: {started}")
+        adopted = json.loads(started[-1])["adopted"]
+        return f"capture stayed attached while stopped; the new agent adopted {', '.join(adopted)}"
 
     def sigterm(self) -> str:
-        done = []
-        for container in (self.agent, self.controller):
-            docker("stop", "-t", "30", container, timeout=60)
-            code = docker("inspect", "-f", "{{.State.ExitCode}}", container).stdout.strip()
-            if code != "0":
-                raise CheckFailed(f"{container} exited {code} on SIGTERM; log:\n{logs(container)}")
-            done.append(container.rsplit("-", 1)[1])
-        if '"msg":"stopped"' not in logs(self.agent):
-            raise CheckFailed(f"the agent did not log its drained stop:\n{logs(self.agent)}")
-        return f"{' and '.join(done)} exited 0"
+        docker("stop", "-t", "30", self.agent, timeout=60)
+        code = docker("inspect", "-f", "{{.State.ExitCode}}", self.agent).stdout.strip()
+        if code != "0" or '"msg":"stopped"' not in logs(self.agent):
+            raise CheckFailed(
+                f"the agent exited {code} on SIGTERM, or without its drained stop; log:\n{logs(self.agent)}"
+            )
+        return "the agent drained and exited 0"
+
+    def cleanup(self) -> str:
+        """daemonset/cleanup's init container, on the node the agent left: its mounts and args."""
+        out = docker(
+            "run", "--rm", "--network", f"container:{self.controller}", *self.priv,
+            "-v", f"{self.bpffs}:/sys/fs/bpf", "-v", f"{self.work / 'var-lib'}:/host/var/lib",
+            "-e", "AMBIT_LOG_LEVEL=info", "--entrypoint", "ambit-agent", self.image,
+            "--cleanup", "--state-dir=/host/var/lib/ambit",
+        )  # fmt: skip
+        log = out.stdout + out.stderr
+        if '"msg":"cleanup done"' not in log:
+            raise CheckFailed(f"no 'cleanup done':\n{log}")
+        self.expect_filters(present=False)
+        # bpffs shows the kernel's own progs.debug and maps.debug at its root (CONFIG_BPF_PRELOAD): not pins.
+        pins = [p for p in self.bpffs.rglob("*") if p.parent != self.bpffs or not p.name.endswith(".debug")]
+        left = [str(p) for p in pins] + [str(p) for p in (self.work / "var-lib").rglob("*")]
+        if left:
+            raise CheckFailed(f"left behind: {left}\n{log}")
+        nft = docker("exec", self.controller, "nft", "list", "tables", check=False).stdout
+        if "ambit_default" in nft:
+            raise CheckFailed(f"the nftables table is left:\n{nft}")
+        docker("stop", "-t", "30", self.controller, timeout=60)
+        code = docker("inspect", "-f", "{{.State.ExitCode}}", self.controller).stdout.strip()
+        if code != "0":
+            raise CheckFailed(f"the controller exited {code} on SIGTERM; log:\n{logs(self.controller)}")
+        return "filters, pins, nftables table and state removed; the controller exited 0 on SIGTERM"
 
     def lab_mesh(self) -> str:
         venv = ROOT / ".venv"
@@ -338,14 +399,14 @@ class ImageCheck:
         shutil.copy(venv / "pyvenv.cfg", view / "pyvenv.cfg")
         (view / "lib").symlink_to(venv / "lib")
         (view / "bin" / "python").symlink_to((venv / "bin" / "python").resolve())
-        priv, how = privileged_args()
         # In the netns the lab started it in (found by inode among the named ones), as the image's console script.
         run = view / "bin" / "ambit-image-run"
+        priv = " ".join(self.priv)
         run.write_text(
             "#!/bin/sh\nset -e\nprog=$1; shift\nino=$(stat -L -c %i /proc/self/ns/net); ns=\n"
             'for f in /run/netns/*; do [ "$(stat -L -c %i "$f")" = "$ino" ] && ns=$f; done\n'
             '[ -n "$ns" ] || { echo "ambit-image-run: not in a named netns" >&2; exit 1; }\n'
-            f'exec docker run --rm -i --name "{self.prefix}-$(basename "$ns")-$prog" --network host {" ".join(priv)} '
+            f'exec docker run --rm -i --name "{self.prefix}-$(basename "$ns")-$prog" --network host {priv} '
             "-v /run/netns:/run/netns:ro -v /run/ambit:/run/ambit -v /sys/fs/bpf:/sys/fs/bpf "
             "-v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro "
             f'--entrypoint nsenter {self.image} --net="$ns" -- "$prog" "$@"\n'
@@ -372,7 +433,7 @@ class ImageCheck:
         log = Path(f"/run/ambit/labs/{self.lab}/logs/agent-node2.log").read_text()
         if '"connection complete"' not in log or "spiffe://cluster.local/ns/demo/sa/client" not in log:
             raise CheckFailed(f"node2's agent logged no mTLS connection from demo/client:\n{log[-2000:]}")
-        return f"{how}; demo/client reached {' and '.join(answers)} through the image's agents"
+        return f"{self.how}; demo/client reached {' and '.join(answers)} through the image's agents"
 
     def host(self, *argv: str, timeout: float = 60.0) -> str:
         """A host command from the repository root; a failure carries its output."""
@@ -385,6 +446,9 @@ class ImageCheck:
         return proc.stdout
 
     def close(self) -> None:
+        docker("rm", "-f", self.agent, self.controller, check=False)
+        if self.bpffs_mounted:
+            subprocess.run(["umount", "-l", str(self.bpffs)], check=False)
         if self.lab:
             view_python = self.work / "venv-view" / "bin" / "python"
             try:
@@ -418,17 +482,20 @@ def main(argv: list[str] | None = None) -> int:
         check.run("entry points", check.entry_points)
         check.run("tools", check.tools)
         check.run("bcc in the venv", check.bcc)
-        # The agent needs the controller, and the stop check both: a check that cannot run counts as failed below.
-        if check.run("controller as the Deployment runs it", check.controller_ready) and check.run(
-            "agent as the DaemonSet runs it", check.agent_ready
-        ):
-            check.run("SIGTERM", check.sigterm)
+        # Each of these needs the one before: a check that cannot run counts as failed below.
+        _ = (
+            check.run("controller as the Deployment runs it", check.controller_ready)
+            and check.run("agent as the DaemonSet runs it", check.agent_ready)
+            and check.run("agent restart adopts capture", check.restart)
+            and check.run("agent SIGTERM", check.sigterm)
+            and check.run("cleanup as daemonset/cleanup runs it", check.cleanup)
+        )
         check.run("lab mesh from the image", check.lab_mesh)
     finally:
         check.close()
     passed = sum(ok for _, ok, _ in check.results)
     failed = len(check.results) - passed
-    expected = 7
+    expected = 9
     if len(check.results) < expected:  # a check that could not run counts as failed, never as skipped
         failed += expected - len(check.results)
     # The closing line in the plain form CI's log reader counts ("word: N passed, N failed").

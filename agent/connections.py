@@ -54,6 +54,8 @@ class ConnectionRegistry:
         self.store = store
         self.metrics = metrics
         self._conns: set[TrackedConnection] = set()
+        # By destination workload uid: a workload's update re-checks its own connections without a walk of all.
+        self._by_workload: dict[str, set[TrackedConnection]] = {}
         store.subscribe(self.on_change)
 
     def __len__(self) -> int:
@@ -71,45 +73,70 @@ class ConnectionRegistry:
             conn, workload_uid, direction, close, reports or [], workload=self.store.workload_by_uid(workload_uid)
         )
         self._conns.add(t)
+        self._by_workload.setdefault(workload_uid, set()).add(t)
         return t
 
     def untrack(self, t: TrackedConnection) -> None:
-        self._conns.discard(t)
+        if t in self._conns:
+            self._conns.discard(t)
+            same = self._by_workload.get(t.workload_uid)
+            if same is not None:
+                same.discard(t)
+                if not same:
+                    del self._by_workload[t.workload_uid]
 
     def on_change(self, change: StoreChange) -> None:
-        """Store subscriber. A policy change may change any decision; a workload change only those of
-        connections to that workload (its selector policies are listed in the workload itself)."""
+        """Store subscriber. A policy change may change the decisions of connections to the workloads whose
+        policies it touched (:meth:`StoreChange.policies_changed_for`: ztunnel's PolicyWatcher re-checks all, with
+        the same outcome); a workload change only those of connections to that workload (its selector policies
+        are listed in the workload itself)."""
         if change.policies:
-            self.reevaluate()
+            self.reevaluate(change=change)
         elif change.workloads:
             self.reevaluate(change.workloads)
 
-    def reevaluate(self, workloads: Collection[str] | None = None) -> list[TrackedConnection]:
-        """Close the connections (to `workloads`, default all) current policy denies; returns them."""
+    def reevaluate(
+        self, workloads: Collection[str] | None = None, *, change: StoreChange | None = None
+    ) -> list[TrackedConnection]:
+        """Close the connections (to `workloads`, default all; with `change`, only those to a workload it names or
+        whose policies it may have changed) current policy denies; returns them. Connections that present the same
+        peer to the same workload share one decision."""
+        uids = list(self._by_workload) if workloads is None else [u for u in workloads if u in self._by_workload]
+        decided: dict[tuple[Any, ...], rbac.Decision] = {}
         cut = []
-        for t in list(self._conns):
-            if workloads is not None and t.workload_uid not in workloads:
+        for uid in uids:
+            current = self.store.workload_by_uid(uid)
+            if current is not None and not _affected(change, uid, current):
                 continue
-            wl = self.store.workload_by_uid(t.workload_uid)
-            if wl is None:
-                wl = t.workload
-            else:
-                t.workload = wl
-            policies = self.store.policies_for(wl) if wl is not None else []
-            decision = rbac.evaluate(policies, t.conn)
-            if decision.allowed:
-                continue
-            t.rejected_by = decision
-            self._conns.discard(t)
-            cut.append(t)
-            self.metrics.error(t.direction, "policy_late_rejection")
-            log.info(
-                "closing connection no longer allowed",
-                extra=kv(connection=str(t.conn), workload=t.workload_uid, reason=decision.explain()),
-            )
-            for r in t.reports:
-                r.decision = decision
-            t.close()
+            for t in list(self._by_workload.get(uid, ())):
+                wl: Any
+                if current is not None:
+                    t.workload = wl = current
+                else:  # gone from the store: judged as the workload last seen
+                    wl = t.workload
+                    if wl is not None and not _affected(change, uid, wl):
+                        continue
+                conn = t.conn
+                # Every field a policy may look at (the source port is none), and the workload object it is judged
+                # against: the decision for one is the decision for all.
+                key = (id(wl), conn.src_ip, conn.dst_ip, conn.dst_port, conn.src_identity)
+                decision = decided.get(key)
+                if decision is None:
+                    policies = self.store.policies_for(wl) if wl is not None else []
+                    decision = decided[key] = rbac.evaluate(policies, conn)
+                if decision.allowed:
+                    continue
+                t.rejected_by = decision
+                self.untrack(t)
+                cut.append(t)
+                self.metrics.error(t.direction, "policy_late_rejection")
+                log.info(
+                    "closing connection no longer allowed",
+                    extra=kv(connection=str(t.conn), workload=t.workload_uid, reason=decision.explain()),
+                )
+                for r in t.reports:
+                    r.decision = decision
+                t.close()
         return cut
 
     async def splice_authorized(
@@ -182,3 +209,8 @@ class ConnectionRegistry:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [{"connection": str(t.conn), "workload": t.workload_uid, "direction": t.direction} for t in self._conns]
+
+
+def _affected(change: StoreChange | None, uid: str, workload: Any) -> bool:
+    """Whether `change` (None: any) may change the decisions on connections to `workload`."""
+    return change is None or uid in change.workloads or change.policies_changed_for(workload)

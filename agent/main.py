@@ -516,7 +516,7 @@ async def _run(cfg: AgentConfig) -> int:
     # (measured ~45 ms per gen2 pass on a loaded lab node, against ~1 ms now).
     gc.collect()
     gc.freeze()
-    trimmer = heap.HeapTrimmer()
+    trimmer = heap.HeapTrimmer(idle=lambda: agent.metrics.open_connections() == 0)
     trimmer.start()
     await agent.stopping.wait()
     trimmer.stop()

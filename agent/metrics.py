@@ -367,6 +367,10 @@ class Metrics:
         if tunnel_stats is not None:
             r.register(_TunnelStatsCollector(tunnel_stats))
 
+    def open_connections(self) -> int:
+        """Proxied connections counted open and not yet closed (both reporters: istio_tcp_sockets_open)."""
+        return sum(self.traffic.sockets_open.values())
+
     def connection_opened(self, labels: tuple[str, ...]) -> None:
         """`labels` as traffic_label_values returns them."""
         t = self.traffic

@@ -1,5 +1,6 @@
-"""The heap trimmer's back-off: after a trim, the next look waits `backoff` times as long as that malloc_trim held
-the loop, and never less than the interval (a large heap's trims cost tens of milliseconds each)."""
+"""The heap trimmer's back-off: while connections are open, a trim holds off the next for `backoff` times as long as
+that malloc_trim held the loop (a large heap's trims cost tens of milliseconds each); with none open the next look
+(every interval) trims whatever the last one cost."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def trimmer() -> heap.HeapTrimmer:
     return t
 
 
-async def test_a_costly_trim_puts_the_next_look_off_in_proportion(trimmer: heap.HeapTrimmer) -> None:
+async def test_a_costly_trim_holds_off_trims_while_connections_are_open(trimmer: heap.HeapTrimmer) -> None:
     slow = _SlowTrim(trimmer._libc, 0.02)
     trimmer._libc = slow
     _worth_trimming(trimmer)
@@ -55,9 +56,31 @@ async def test_a_costly_trim_puts_the_next_look_off_in_proportion(trimmer: heap.
     try:
         assert slow.calls == 1 and trimmer.trims == 1
         assert trimmer.last_trim_seconds >= slow.seconds, "the trim's cost is what malloc_trim took"
-        delay = _next_look_in(trimmer)
-        assert delay > trimmer.interval
-        assert delay == pytest.approx(trimmer.backoff * trimmer.last_trim_seconds, abs=0.5)
+        assert _next_look_in(trimmer) == pytest.approx(trimmer.interval, abs=0.5)
+        _worth_trimming(trimmer)
+        trimmer._look()  # the next look, within the back-off (1000 x 20 ms): busy, no trim
+        assert slow.calls == 1
+        assert _next_look_in(trimmer) == pytest.approx(trimmer.interval, abs=0.5)
+    finally:
+        trimmer.stop()
+
+
+async def test_with_no_connection_open_the_next_look_trims_whatever_the_last_cost(trimmer: heap.HeapTrimmer) -> None:
+    """What a burst left is given back right after it ends: a trim holds up nobody then. Before, a costly trim
+    put every look off by its back-off, idle or not."""
+    slow = _SlowTrim(trimmer._libc, 0.02)
+    trimmer._libc = slow
+    open_connections = [3]
+    trimmer.idle = lambda: open_connections[0] == 0
+    _worth_trimming(trimmer)
+    trimmer._look()
+    try:
+        _worth_trimming(trimmer)
+        trimmer._look()
+        assert slow.calls == 1, "connections open: within the back-off"
+        open_connections[0] = 0
+        trimmer._look()
+        assert slow.calls == 2, "idle: trimmed at the next look"
     finally:
         trimmer.stop()
 
@@ -65,12 +88,15 @@ async def test_a_costly_trim_puts_the_next_look_off_in_proportion(trimmer: heap.
 async def test_a_cheap_trim_keeps_the_interval(trimmer: heap.HeapTrimmer) -> None:
     slow = _SlowTrim(trimmer._libc, 0.0)
     trimmer._libc = slow
-    trimmer.backoff = 0.0  # whatever the trim took, its back-off is shorter than the interval
+    trimmer.backoff = 0.0  # whatever the trim took, its back-off is over by the next look
     _worth_trimming(trimmer)
     trimmer._look()
     try:
         assert slow.calls == 1
         assert _next_look_in(trimmer) == pytest.approx(trimmer.interval, abs=0.5)
+        _worth_trimming(trimmer)
+        trimmer._look()
+        assert slow.calls == 2
     finally:
         trimmer.stop()
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 from collections.abc import Sequence
@@ -105,6 +106,13 @@ class AgentConfig:
     metrics_port: int = field(default=15020, metadata=doc("Prometheus /metrics"))
     ready_port: int = field(default=15021, metadata=doc("/healthz/ready"))
     early_data: int = field(default=EARLY_DATA, metadata=doc("bytes of a client's first write sent with the CONNECT"))
+    max_connections_per_client: int = field(
+        default=0,
+        metadata=doc(
+            "connections one client address (a pod) may have open through 15001 or 15006 at once, more are reset; "
+            "0: a sixteenth of the open-files limit, at least 1024"
+        ),
+    )
     drain_seconds: float = field(default=5.0, metadata=doc("on SIGTERM, how long established connections may finish"))
     config_wait: float = field(
         default=30.0,
@@ -135,6 +143,10 @@ class AgentConfig:
         # of it (16 MiB over 200 streams) they cannot hold up the other tunnels of a pooled connection.
         if not 0 <= self.early_data <= MAX_EARLY_DATA:
             raise ValueError(f"--early-data must be 0 to {MAX_EARLY_DATA} bytes, got {self.early_data}")
+        if self.max_connections_per_client < 0:
+            raise ValueError(
+                f"--max-connections-per-client must be 0 (automatic) or a number, got {self.max_connections_per_client}"
+            )
         if not (math.isfinite(self.metrics_expiry) and self.metrics_expiry >= 0):
             raise ValueError(f"--metrics-expiry must be 0 (never) or a number of seconds, got {self.metrics_expiry}")
         for name in ("dns_ttl", "dns_failure_ttl", "dns_timeout", "config_wait"):
@@ -239,13 +251,20 @@ class Agent:
         # their certificate instead. A small local file, read once before anything is served.
         self.xds.restore()
         # Listeners before capture: a captured SYN must always find its listener (else it is dropped, fail closed).
-        for port, handler, name in (
-            (cfg.outbound_port, self.outbound.handle, "outbound"),
-            (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext"),
-            (cfg.hbone_port, self.inbound.handle, "inbound"),
+        # Pods (15001, 15006) are bounded per address: every pod of the node shares the agent's descriptors, and one
+        # pod's flood took them all. 15008's clients are peer agents, whose connections are pooled.
+        per_pod = per_client_limit(cfg.max_connections_per_client, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        for port, handler, name, limit in (
+            (cfg.outbound_port, self.outbound.handle, "outbound", per_pod),
+            (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext", per_pod),
+            (cfg.hbone_port, self.inbound.handle, "inbound", None),
         ):
             gone = functools.partial(self.access_log.refused, name, reason="client_reset")
-            self.listeners.append(Listener(transparent_listener(port, listen), handler, name, gone=gone))
+            refused = functools.partial(self.access_log.refused, name)
+            listener = Listener(
+                transparent_listener(port, listen), handler, name, gone=gone, max_per_client=limit, refused=refused
+            )
+            self.listeners.append(listener)
         if self.xds.has_config:
             self._accept()
         else:
@@ -522,6 +541,13 @@ async def _run(cfg: AgentConfig) -> int:
     trimmer.stop()
     await agent.drain_and_stop()
     return 0
+
+
+def per_client_limit(configured: int, open_files: int) -> int:
+    """--max-connections-per-client, or for 0 a sixteenth of the open-files limit (at least 1024): a connection
+    through the agent holds two sockets and, spliced, two pipe ends, so one pod can take at most a quarter of the
+    agent's descriptors (with the limit raised to the kernel's maximum, 65,536 connections at 1,048,576)."""
+    return configured or max(1024, open_files // 16)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.addressing import AGENT_PORTS
-from agent.main import Agent, AgentConfig
+from agent.main import Agent, AgentConfig, per_client_limit
 from agent.outbound import RouteKind, route
 from api.istio.workload import workload_pb2 as wpb
 from common import flags
@@ -21,3 +23,11 @@ async def test_moved_listener_ports_are_refused_as_the_agents_own(tmp_path: Path
     # a connection to the moved outbound listener on the node's loopback would loop into the agent
     assert route(agent.store, "node1", src, ("127.0.0.1", 16001), agent.outbound.config).kind is RouteKind.REJECT
     assert route(agent.store, "node1", src, ("127.0.0.1", 16002), agent.outbound.config).kind is not RouteKind.REJECT
+
+
+def test_the_per_client_connection_bound_defaults_to_a_sixteenth_of_the_open_files() -> None:
+    assert per_client_limit(0, 1_048_576) == 65_536
+    assert per_client_limit(0, 4096) == 1024  # never below 1024
+    assert per_client_limit(50, 1_048_576) == 50
+    with pytest.raises(SystemExit):
+        flags.parse(AgentConfig, ["--max-connections-per-client", "-1"])

@@ -175,7 +175,7 @@ def route(
     wl: Any | None
     if svc is not None:
         if svc.load_balancing.mode == LB_PASSTHROUGH:  # no endpoint selection: the original destination, plain TCP
-            return Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
+            return _loopback_refusal(ip, None, svc, config) or Route(RouteKind.PASSTHROUGH, target=dst, service=svc)
         picked = _pick_endpoint(store, src, svc, dst, rng or random)
         if picked is None:
             return Route(RouteKind.REJECT, service=svc, reason="no_healthy_upstream")
@@ -186,7 +186,10 @@ def route(
         wl = store.workload_by_ip(ip)
         # As ztunnel's lookup by network/IP: a workload of another network does not own this address here.
         if wl is None or wl.network != src.network:
-            return Route(RouteKind.PASSTHROUGH, target=dst)
+            # A pod's own loopback never leaves its netns: a captured connection to one was forged (a hand-written
+            # SYN on a node with route_localnet=1), and passed through from here it would reach the node's local
+            # services as the node itself (the listener drops those from non-loopback clients: defence in depth).
+            return _loopback_refusal(ip, None, None, config) or Route(RouteKind.PASSTHROUGH, target=dst)
     return _loopback_refusal(ip, wl, svc, config) or _endpoint_route(node, src, wl, svc, ip, port, config)
 
 

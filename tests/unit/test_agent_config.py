@@ -8,7 +8,7 @@ import pytest
 
 from agent.addressing import AGENT_PORTS
 from agent.main import Agent, AgentConfig, per_client_limit
-from agent.outbound import RouteKind, route
+from agent.outbound import route
 from api.istio.workload import workload_pb2 as wpb
 from common import flags
 
@@ -21,8 +21,9 @@ async def test_moved_listener_ports_are_refused_as_the_agents_own(tmp_path: Path
     assert agent.inbound.config.own_ports == want and agent.plaintext.config.own_ports == want
     src = wpb.Workload(uid="c//Pod/ns/a", name="a", namespace="ns", node="node1")
     # a connection to the moved outbound listener on the node's loopback would loop into the agent
-    assert route(agent.store, "node1", src, ("127.0.0.1", 16001), agent.outbound.config).kind is RouteKind.REJECT
-    assert route(agent.store, "node1", src, ("127.0.0.1", 16002), agent.outbound.config).kind is not RouteKind.REJECT
+    assert route(agent.store, "node1", src, ("127.0.0.1", 16001), agent.outbound.config).reason == "self_call"
+    # another loopback port is refused too, as a forged destination (loopback_upstream), not as the agent's own
+    assert route(agent.store, "node1", src, ("127.0.0.1", 16002), agent.outbound.config).reason == "loopback_upstream"
 
 
 def test_the_per_client_connection_bound_defaults_to_a_sixteenth_of_the_open_files() -> None:

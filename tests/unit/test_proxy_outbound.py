@@ -362,6 +362,17 @@ def test_an_endpoint_on_loopback_is_refused(addr: str) -> None:
     assert allowed.kind is RouteKind.HBONE and allowed.authority == (addr, 8080)
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_a_loopback_destination_no_workload_owns_is_refused_not_passed_through(addr: str) -> None:
+    """A pod's loopback never leaves its netns, so a captured connection to one was forged (security review: on a
+    node with route_localnet=1 a hand-written SYN to 127.0.0.1:10248 was passed through, from the node's loopback)."""
+    s = WorkloadStore()
+    populate(s, CLIENT)
+    r = route(s, "n1", CLIENT, (addr, 10248))
+    assert (r.kind, r.reason) == (RouteKind.REJECT, "loopback_upstream")
+    assert route(s, "n1", CLIENT, (addr, 10248), OutboundConfig(loopback_upstreams=True)).kind is RouteKind.PASSTHROUGH
+
+
 def test_endpoint_choice_is_reused_only_by_clients_alike() -> None:
     """The candidates are worked out once per store version and reused: per client network, family and (when
     ranked) locality, and never across a change of the store."""

@@ -44,6 +44,7 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]
     version: str = "HTTP/1.1"
+    from_loopback: bool = False  # the peer is on this host's loopback (a local process, kubectl port-forward)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +127,14 @@ class HttpServer:
             return
         self._turning_away = False
         self.connections += 1
+        peer = writer.get_extra_info("peername")
+        from_loopback = bool(peer) and _is_loopback(str(peer[0]))
         try:
             first = True
             while True:
                 try:
                     async with asyncio.timeout(self.read_timeout):
-                        req = await read_request(reader)
+                        req = await read_request(reader, from_loopback)
                 except asyncio.IncompleteReadError as e:
                     if not first and not e.partial:
                         return  # the client closed an idle persistent connection
@@ -223,7 +226,7 @@ async def _write(writer: asyncio.StreamWriter, resp: Response, *, keep: bool, he
         await writer.drain()
 
 
-async def read_request(reader: asyncio.StreamReader) -> Request:
+async def read_request(reader: asyncio.StreamReader, from_loopback: bool = False) -> Request:
     """One request head and its (discarded, bounded) body."""
     head = await reader.readuntil(b"\r\n\r\n")
     if len(head) > MAX_HEAD:
@@ -248,4 +251,5 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         await reader.readexactly(length)
     url = urlsplit(parts[1])
     # Blank values kept: `istioctl ztunnel-config log --reset` sends a bare `reset`.
-    return Request(parts[0].upper(), url.path, parse_qs(url.query, keep_blank_values=True), headers, parts[2])
+    query = parse_qs(url.query, keep_blank_values=True)
+    return Request(parts[0].upper(), url.path, query, headers, parts[2], from_loopback)

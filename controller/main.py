@@ -52,6 +52,10 @@ class ControllerConfig:
     xds_port: int = field(default=15010, metadata=doc("plaintext gRPC port (xDS, CA) for the lab; 0 turns it off"))
     tls_port: int = field(default=15012, metadata=doc("gRPC over TLS (xDS + CA); needs --ca-dir; 0 turns it off"))
     monitoring_port: int = field(default=15014, metadata=doc("HTTP /metrics, /debug/*, /healthz/ready; 0 off"))
+    open_debug_endpoints: bool = field(
+        default=False,
+        metadata=doc("answer /debug/* on the monitoring port to every client, not only local ones (the mesh's config)"),
+    )
     listen_address: str = field(
         default="", metadata=doc("address the listeners bind (default: :: where the kernel has IPv6, else 0.0.0.0)")
     )
@@ -179,7 +183,8 @@ class Controller:
                 "/debug/connections": lambda: Response.json(self.xds.describe_connections(), sort_keys=True),
                 "/healthz/ready": self._readiness,
                 "/ready": self._readiness,
-            }
+            },
+            open_debug=cfg.open_debug_endpoints,
         )
 
     def _readiness(self) -> Response:

@@ -60,18 +60,35 @@ class ControllerMetrics:
         return generate_latest(self.registry)
 
 
-def monitoring_server(routes: dict[str, Callable[[], Response]], read_timeout: float = 30.0) -> HttpServer:
-    """GET and HEAD on each path (all read-only). Connections stay open for scrapers that reuse them."""
+DEBUG_PREFIX = "/debug/"
+_DEBUG_REFUSED = (
+    "the controller's /debug/ endpoints answer local clients only (kubectl port-forward, or kubectl exec with curl "
+    "localhost:15014); --open-debug-endpoints opens them to every client\n"
+)
 
-    def route(fn: Callable[[], Response]) -> Handler:
-        async def handle(_: Request) -> Response:
+
+def monitoring_server(
+    routes: dict[str, Callable[[], Response]], read_timeout: float = 30.0, open_debug: bool = False
+) -> HttpServer:
+    """GET and HEAD on each path (all read-only). Connections stay open for scrapers that reuse them.
+
+    The /debug/ dumps hold the whole mesh's configuration (every workload, address, identity and policy), and any
+    pod can reach 15014 (Prometheus must): they answer loopback peers only unless ``open_debug``. istiod guards its
+    debug endpoints likewise (ENABLE_DEBUG_ENDPOINT_AUTH, on by default: a token or localhost)."""
+
+    def route(path: str, fn: Callable[[], Response]) -> Handler:
+        guarded = path.startswith(DEBUG_PREFIX) and not open_debug
+
+        async def handle(req: Request) -> Response:
+            if guarded and not req.from_loopback:
+                return Response.text(_DEBUG_REFUSED, 403)
             return fn()
 
         return handle
 
     server = HttpServer("monitoring", keep_alive=True, read_timeout=read_timeout)
     for path, fn in routes.items():
-        server.routes[("GET", path)] = server.routes[("HEAD", path)] = route(fn)
+        server.routes[("GET", path)] = server.routes[("HEAD", path)] = route(path, fn)
     return server
 
 

@@ -571,9 +571,12 @@ def test_image_copies_the_packages_and_the_ebpf_source_it_compiles() -> None:
     # agent/redirect.py finds bpf/ beside its own package: only an in-place install keeps them side by side.
     installs = [line for line in _dockerfile_lines() if "pip install" in line]
     (in_place,) = [line for line in installs if re.search(r"pip install [^&]*-e \.", line)]
-    # Anything installed before is the project's own dependency list, read from pyproject.toml (a layer of its own).
+    # Anything installed before is the project's own dependency list, read from pyproject.toml (a layer of its own,
+    # written out in a stage that sees only pyproject.toml).
     for line in installs:
-        assert line is in_place or '["project"]["dependencies"]' in line, line
+        assert line is in_place or "-r /tmp/requirements.txt" in line, line
+    (written,) = [line for line in _dockerfile_lines() if "> /tmp/requirements.txt" in line]
+    assert '["project"]["dependencies"]' in written, written
 
 
 def test_image_can_unpack_the_kernels_own_headers() -> None:
@@ -633,6 +636,9 @@ def test_configuration_reference_names_every_flag_with_its_default(heading: str,
 
 def test_docs_name_only_real_ambit_variables() -> None:
     fields = {f.name for c in (AgentConfig, ControllerConfig) for f in dataclasses.fields(c)}
+    # and the variables the repository's shell scripts read (the image build's, scripts/build-image.sh)
+    for script in (REPO / "scripts").glob("*.sh"):
+        fields |= {v.lower() for v in re.findall(r"\$\{?AMBIT_([A-Z_]+[A-Z])", script.read_text())}
     for path in DOCS:
         for var in re.findall(r"AMBIT_([A-Z_]+[A-Z])", path.read_text()):
             if var != "FLAG":  # the pattern's placeholder, AMBIT_<FLAG>

@@ -160,3 +160,42 @@ def test_a_decision_formats_no_policy_key(monkeypatch: pytest.MonkeyPatch) -> No
     assert not rbac.evaluate([*policies[:19], replaced], conn).allowed  # a new object is read afresh
     assert keys == ["p19"]
     assert len(rbac._BY_ID) == len(rbac._COMPILED)
+
+
+def cidr(text: str) -> apb.Address:
+    net = ipaddress.ip_network(text)
+    return apb.Address(address=net.network_address.packed, length=net.prefixlen)
+
+
+@pytest.mark.parametrize(
+    ("field", "nets", "src", "dst", "holds"),
+    [
+        ("source_ips", ["10.1.0.0/16"], "10.1.255.9", "10.2.0.1", True),
+        ("source_ips", ["10.1.0.0/16"], "10.2.0.9", "10.2.0.1", False),
+        ("source_ips", ["0.0.0.0/0"], "10.2.0.9", "10.2.0.1", True),
+        ("source_ips", ["0.0.0.0/0"], "fd00::1", "fd00::2", False),  # another family never matches
+        ("source_ips", ["::/0"], "10.2.0.9", "10.2.0.1", False),
+        ("source_ips", ["::ffff:0:0/96"], "10.2.0.9", "10.2.0.1", False),  # nor does a v4-mapped range
+        ("source_ips", ["::/0"], "fd00::1", "fd00::2", True),
+        ("source_ips", ["fd00::/64", "10.0.0.0/8"], "10.9.9.9", "10.2.0.1", True),
+        ("source_ips", ["fd00::/64", "10.0.0.0/8"], "fd00::1:2", "fd00::2", True),
+        ("source_ips", ["fd00::/64", "10.0.0.0/8"], "fd01::1", "fd00::2", False),
+        ("source_ips", ["10.1.0.5/32"], "10.1.0.5", "10.2.0.1", True),
+        ("source_ips", ["10.1.0.5/32"], "10.1.0.4", "10.2.0.1", False),
+        ("destination_ips", ["10.2.0.0/31"], "10.1.0.5", "10.2.0.1", True),
+        ("destination_ips", ["10.2.0.0/31"], "10.1.0.5", "10.2.0.2", False),
+        ("not_source_ips", ["10.1.0.0/16"], "10.1.0.5", "10.2.0.1", False),
+        ("not_source_ips", ["10.1.0.0/16", "fd00::/8"], "10.3.0.5", "10.2.0.1", True),
+    ],
+)
+def test_address_ranges_match_as_ipaddress_says(field: str, nets: list[str], src: str, dst: str, holds: bool) -> None:
+    """CIDRs are compared as integers (one parse of the peer's address per decision): the same answers as
+    ipaddress's ``in``, families apart."""
+    expected = any(ipaddress.ip_address(src if "source" in field else dst) in ipaddress.ip_network(n) for n in nets)
+    assert expected == (holds if not field.startswith("not_") else not holds)
+    match = apb.Match()
+    getattr(match, field).extend(cidr(n) for n in nets)
+    p = apb.Authorization(
+        name="p", namespace="a", action=apb.ALLOW, groups=[apb.Group(rules=[apb.Rules(matches=[match])])]
+    )
+    assert rbac.evaluate([p], rbac.Connection(src, dst, 80, CLIENT)).allowed is holds

@@ -9,6 +9,7 @@ key is no longer formatted (it was, for every applicable policy of every connect
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 from collections.abc import Iterator
@@ -199,3 +200,22 @@ def test_address_ranges_match_as_ipaddress_says(field: str, nets: list[str], src
         name="p", namespace="a", action=apb.ALLOW, groups=[apb.Group(rules=[apb.Rules(matches=[match])])]
     )
     assert rbac.evaluate([p], rbac.Connection(src, dst, 80, CLIENT)).allowed is holds
+
+
+async def test_past_the_budget_the_recheck_goes_on_in_the_next_loop_turns(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One decision per loop turn: a mesh-wide DENY cuts w1's connections in the update's turn, then one workload's
+    a turn; a removal of the DENY before the last turn spares w4 (the store as it is then decides)."""
+    monkeypatch.setattr(connections, "RECHECK_BUDGET", 1)
+    mesh.store.put(policies=[policy("deny-80", "istio-system", apb.DENY, 80, scope=apb.GLOBAL)])
+    assert sorted(mesh.cut) == ["w1:40001", "w1:40002"]
+    await asyncio.sleep(0)
+    assert len(mesh.cut) == 4
+    await asyncio.sleep(0)
+    assert len(mesh.cut) == 6
+    mesh.store.apply("type.googleapis.com/istio.security.Authorization", {}, ["istio-system/deny-80"])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sorted(c.split(":")[0] for c in mesh.cut) == ["w1", "w1", "w2", "w2", "w3", "w3"]
+    assert len(mesh.registry) == 2

@@ -71,7 +71,7 @@ from agent.sockets import (
     peer_or_close,
     read_waiting,
 )
-from agent.state import WorkloadStore
+from agent.state import WorkloadStore, service_key
 from agent.tunnel import HboneConnectError, relay, ungraceful
 from common.log import kv
 from common.spiffe import Identity
@@ -270,7 +270,9 @@ def _pick_endpoint(
     if lb.mode == LB_STRICT or lb.mode == LB_FAILOVER:
         loc = src.locality
         key += (loc.region, loc.zone, loc.subzone, src.node, src.cluster_id)
-    candidates, weights = store.memoized(key, lambda: _candidates(store, src, svc, dst[1], want_v6))
+    candidates, weights = store.memoized_for_service(
+        service_key(svc), key, lambda: _candidates(store, src, svc, dst[1], want_v6)
+    )
     if not candidates:
         return None
     return rng.choice(candidates) if weights is None else rng.choices(candidates, weights)[0]
@@ -373,7 +375,7 @@ def accepted_sans(store: WorkloadStore, svc: Any | None) -> frozenset[Identity]:
             )
         return found
 
-    return store.memoized(("sans", id(svc)), parse)
+    return store.memoized_for_service(service_key(svc), ("sans", id(svc)), parse)
 
 
 def traceparent() -> str:

@@ -96,6 +96,17 @@ def _discard(index: dict[Any, dict[str, None]], key: Any, name: str) -> None:
             del index[key]
 
 
+def _memo_get(memo: dict[Any, Any], key: Any, compute: Callable[[], _T]) -> _T:
+    """``memo[key]``, computed on a miss; a full memo starts over rather than grow with every key a busy node sees
+    between changes (services x ports x kinds of client)."""
+    found = memo.get(key, _MISSING)
+    if found is _MISSING:
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+        found = memo[key] = compute()
+    return found
+
+
 class WorkloadStore:
     """Workloads by uid/IP/node, services by key/VIP with their endpoints, policies by scope; plus xDS versions."""
 
@@ -129,13 +140,7 @@ class WorkloadStore:
     def memoized(self, key: Any, compute: Callable[[], _T]) -> _T:
         """``compute()``, once per store version for ``key``. A full memo starts over rather than grow with every
         key a busy node sees between changes (services x ports x kinds of client)."""
-        memo = self.memo
-        found = memo.get(key, _MISSING)
-        if found is _MISSING:
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            found = memo[key] = compute()
-        return found
+        return _memo_get(self.memo, key, compute)
 
     def memoized_for_service(self, service: str, key: Any, compute: Callable[[], _T]) -> _T:
         """``compute()``, once for ``key`` until the service ``service`` ("ns/hostname") or one of its endpoints
@@ -146,12 +151,7 @@ class WorkloadStore:
             if service not in self._services:
                 return compute()  # kept for services held only: their changes are what drops them
             memo = self._service_memo[service] = {}
-        found = memo.get(key, _MISSING)
-        if found is _MISSING:
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            found = memo[key] = compute()
-        return found
+        return _memo_get(memo, key, compute)
 
     # ---- queries (the data path) ---------------------------------------------------------------------------------
 

@@ -467,6 +467,18 @@ def resets_backoff(error: RpcStatus | None) -> bool:
     return error.code().name in _RESETTING_CODES or any(m in details for m in _RESETTING_MESSAGES)
 
 
+def _step(
+    steps: Generator[None, None, discovery_pb2.DeltaDiscoveryRequest],
+) -> discovery_pb2.DeltaDiscoveryRequest | None:
+    """One step of a response's application (XdsClient._handle_steps): None while it goes on, then its ACK or NACK."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        ack: discovery_pb2.DeltaDiscoveryRequest = done.value
+        return ack
+    return None
+
+
 class XdsClient:
     """Keeps ``store`` in step with the controller; ``await run()`` forever (cancel to stop).
 
@@ -742,12 +754,9 @@ class XdsClient:
     def handle_response(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
         """Apply one response to the store and return its ACK or NACK (sans-IO), in one go."""
         steps = self._handle_steps(resp)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                ack: discovery_pb2.DeltaDiscoveryRequest = done.value
-                return ack
+        while (ack := _step(steps)) is None:
+            pass
+        return ack
 
     async def receive(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> discovery_pb2.DeltaDiscoveryRequest:
         """:meth:`handle_response`, giving the event loop back every :data:`APPLY_CHUNK` resources: the whole state of
@@ -761,12 +770,10 @@ class XdsClient:
             return self.handle_response(resp)
         steps = self._handle_steps(resp)
         while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                ack: discovery_pb2.DeltaDiscoveryRequest = done.value
+            ack = _step(steps)
+            if ack is not None:
                 return ack
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the loop runs between chunks
 
     def _handle_steps(
         self, resp: discovery_pb2.DeltaDiscoveryResponse

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
+from agent import controller_channel
 from controller.ca import CertificateAuthority
 from controller.ca_service import add_to_server, server_credentials
 from controller.node_auth import NodeTokenAuthenticator
@@ -36,3 +39,16 @@ async def ca_service(ca: CertificateAuthority, workdir: Path) -> AsyncIterator[t
         yield f"127.0.0.1:{port}", token_file
     finally:
         await server.stop(None)
+
+
+def count_controller_connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The TCP connections the agent's controller channel opens from now on (host, port), in order."""
+    connects: list[tuple[str, int]] = []
+    real_connect = controller_channel._tcp_connect
+
+    async def counting_connect(host: str, port: int, limit: float) -> socket.socket:
+        connects.append((host, port))
+        return await real_connect(host, port, limit)
+
+    monkeypatch.setattr(controller_channel, "_tcp_connect", counting_connect)
+    return connects

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -15,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from common import tls
 from common.spiffe import Identity
-from controller.ca import new_root
+from controller.ca import CertificateAuthority, new_root
 
 
 def csr_pem(key: CertificateIssuerPrivateKeyTypes | None = None, uri: str | None = None, cn: str | None = None) -> str:
@@ -94,3 +95,18 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[I
                 server.read(1)
             return tls.peer_identity(server), tls.peer_identity(client), client.selected_alpn_protocol() or ""
     raise AssertionError("handshake did not complete")
+
+
+class CaSigner:
+    """The agent's CA client over a CertificateAuthority in the test's process: signs at once, counts its calls."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+        self.calls = 0
+
+    async def create_certificate(self, csr: str, identity: Identity, ttl_seconds: int) -> list[str]:
+        self.calls += 1
+        return self.ca.sign_csr(csr, identity, ttl_seconds)
+
+    def update_roots(self, roots_pem: Sequence[str]) -> None:
+        pass

@@ -3,16 +3,14 @@ had learned is dropped (a rotation's end): new calls then verify against what th
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from agent import controller_channel
 from agent.ca_client import CaClient
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
-from tests.support.ca_service import ca_service
+from tests.support.ca_service import ca_service, count_controller_connects
 from tests.support.identity_pki import csr_pem
 
 TD = "cluster.local"
@@ -22,14 +20,7 @@ WEB = Identity(TD, "default", "web")
 async def test_an_added_root_keeps_the_connection_a_dropped_one_retires_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    connects: list[tuple[str, int]] = []
-    real_connect = controller_channel._tcp_connect
-
-    async def counting_connect(host: str, port: int, limit: float) -> socket.socket:
-        connects.append((host, port))
-        return await real_connect(host, port, limit)
-
-    monkeypatch.setattr(controller_channel, "_tcp_connect", counting_connect)
+    connects = count_controller_connects(monkeypatch)
     ca = CertificateAuthority(tmp_path / "ca", TD)
     root_file = tmp_path / "ca" / "root-cert.pem"
     root = root_file.read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from common.spiffe import Identity
 from controller import ca as ca_module
 from controller.ca import CLOCK_SKEW_SECONDS, CertificateAuthority
 from tests.support.ca_service import ca_service
-from tests.support.identity_pki import csr_pem, handshake
+from tests.support.identity_pki import CaSigner, csr_pem, handshake
 from tests.support.waiting import eventually
 
 TD = "cluster.local"
@@ -44,19 +44,6 @@ def ca_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[ShiftedClock]:
     yield clock
 
 
-class Signer:
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self.ca = ca
-        self.calls = 0
-
-    async def create_certificate(self, csr: str, identity: Identity, ttl_seconds: int) -> list[str]:
-        self.calls += 1
-        return self.ca.sign_csr(csr, identity, ttl_seconds)
-
-    def update_roots(self, roots_pem: Sequence[str]) -> None:
-        pass
-
-
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if text in r.getMessage()]
 
@@ -70,10 +57,10 @@ async def test_a_renewal_not_valid_yet_waits_for_its_not_before_while_the_curren
     presenting the current certificate, swaps when the renewal is valid by its own clock, and asks the CA nothing
     more meanwhile."""
     ca = CertificateAuthority(tmp_path / "ca", TD)
-    web_signer = Signer(ca)
+    web_signer = CaSigner(ca)
     registry = Registry()
     web = CertificateManager(web_signer, TD, ttl_seconds=8, registry=registry)
-    peer = CertificateManager(Signer(ca), TD, ttl_seconds=3600, registry=Registry())
+    peer = CertificateManager(CaSigner(ca), TD, ttl_seconds=3600, registry=Registry())
     try:
         await web.server_context(WEB)
         first = web.certificate(WEB)
@@ -110,7 +97,7 @@ async def test_a_first_certificate_not_valid_yet_serves_at_once_and_says_why(
     used, and the log and a gauge say that peers with this node's clock refuse it until its notBefore."""
     ca_clock.offset = CLOCK_SKEW_SECONDS + 30
     registry = Registry()
-    m = CertificateManager(Signer(CertificateAuthority(tmp_path / "ca", TD)), TD, registry=registry)
+    m = CertificateManager(CaSigner(CertificateAuthority(tmp_path / "ca", TD)), TD, registry=registry)
     try:
         with caplog.at_level(logging.WARNING, logger="ambit.identity"):
             await m.server_context(WEB)
@@ -130,7 +117,9 @@ async def test_renewal_is_timed_by_the_agents_clock(tmp_path: Path, ca_clock: Sh
     (the certificate has an hour less than its TTL left here) or ahead (it becomes valid only in an hour)."""
     ca_clock.offset = offset
     ttl = 4 * 3600
-    m = CertificateManager(Signer(CertificateAuthority(tmp_path / "ca", TD)), TD, ttl_seconds=ttl, registry=Registry())
+    m = CertificateManager(
+        CaSigner(CertificateAuthority(tmp_path / "ca", TD)), TD, ttl_seconds=ttl, registry=Registry()
+    )
     try:
         await m.server_context(WEB)
         held = m.certificate(WEB)

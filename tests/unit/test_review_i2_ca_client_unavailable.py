@@ -3,7 +3,6 @@ keeps that connection: each retry used to open a new TCP and TLS connection to t
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,13 +10,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent import controller_channel
 from agent.ca_client import CaClient, CaRequestError
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
 from controller.ca_service import add_to_server, server_credentials
 from controller.node_auth import AuthBackendError, Caller
-from tests.support.ca_service import AllPods
+from tests.support.ca_service import AllPods, count_controller_connects
 from tests.support.identity_pki import csr_pem
 
 TD = "cluster.local"
@@ -37,14 +35,7 @@ class FlakyBackend:
 
 
 async def test_an_unavailable_answer_keeps_the_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    connects: list[tuple[str, int]] = []
-    real_connect = controller_channel._tcp_connect
-
-    async def counting_connect(host: str, port: int, limit: float) -> socket.socket:
-        connects.append((host, port))
-        return await real_connect(host, port, limit)
-
-    monkeypatch.setattr(controller_channel, "_tcp_connect", counting_connect)
+    connects = count_controller_connects(monkeypatch)
     ca = CertificateAuthority(tmp_path / "ca", TD)
     backend = FlakyBackend()
     server = grpc.aio.server()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ssl
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,25 +22,12 @@ from agent.prometheus import Registry
 from common.pki import cert_pem
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority, key_pem
-from tests.support.identity_pki import handshake
+from tests.support.identity_pki import CaSigner, handshake
 from tests.support.waiting import eventually
 
 TD = "cluster.local"
 WEB = Identity(TD, "default", "web")
 DB = Identity(TD, "default", "db")
-
-
-class Signer:
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self.ca = ca
-        self.calls = 0
-
-    async def create_certificate(self, csr: str, identity: Identity, ttl_seconds: int) -> list[str]:
-        self.calls += 1
-        return self.ca.sign_csr(csr, identity, ttl_seconds)
-
-    def update_roots(self, roots_pem: Sequence[str]) -> None:
-        pass
 
 
 def operator_root() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -106,10 +92,10 @@ async def test_a_renewal_through_an_intermediate_not_valid_yet_waits_while_the_c
     ca_dir = tmp_path / "ca"
     plug_intermediate(ca_dir, root, root_key, -60)
     ca = CertificateAuthority(ca_dir, TD)
-    signer = Signer(ca)
+    signer = CaSigner(ca)
     registry = Registry()
     web = CertificateManager(signer, TD, ttl_seconds=3600, registry=registry)
-    peer = CertificateManager(Signer(ca), TD, ttl_seconds=3600, registry=Registry())
+    peer = CertificateManager(CaSigner(ca), TD, ttl_seconds=3600, registry=Registry())
     try:
         await web.server_context(WEB)
         first = web.certificate(WEB)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,11 @@ from agent.identity import Backoff, CertificateManager, IssuedCertificate
 from agent.prometheus import Registry
 from common.spiffe import Identity
 from controller.ca import CertificateAuthority
+from tests.support.identity_pki import CaSigner
 from tests.support.waiting import eventually
 
 TD = "cluster.local"
 TTL = 3600
-
-
-class Signer:
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self.ca = ca
-
-    async def create_certificate(self, csr_pem: str, identity: Identity, ttl_seconds: int) -> list[str]:
-        return self.ca.sign_csr(csr_pem, identity, ttl_seconds)
-
-    def update_roots(self, roots_pem: Sequence[str]) -> None:
-        pass
 
 
 async def test_certificates_fetched_together_are_refreshed_spread_around_half_life(tmp_path: Path) -> None:
@@ -38,7 +27,7 @@ async def test_certificates_fetched_together_are_refreshed_spread_around_half_li
     cluster start comes back twice a day. As Istio's agent (SECRET_GRACE_PERIOD_RATIO_JITTER 0.01), each refresh
     is moved by up to 1 % of the lifetime either way, so such a fleet spreads out and stays spread."""
     ca = CertificateAuthority(tmp_path / "ca", TD)
-    m = CertificateManager(Signer(ca), TD, ttl_seconds=TTL, registry=Registry(), rng=random.Random(5))
+    m = CertificateManager(CaSigner(ca), TD, ttl_seconds=TTL, registry=Registry(), rng=random.Random(5))
     idents = [Identity(TD, "default", f"sa{i}") for i in range(40)]
     try:
         started = time.time()
@@ -61,7 +50,7 @@ async def test_client_context_is_one_object_per_certificate_and_bundle(tmp_path:
     """What a connection pool can key its connections by: the same context object while the certificate and the
     trust bundle stay, a new one as soon as either changes (so a rotated certificate can stop taking new streams)."""
     ca = CertificateAuthority(tmp_path / "ca", TD)
-    m = CertificateManager(Signer(ca), TD, ttl_seconds=2, registry=Registry())
+    m = CertificateManager(CaSigner(ca), TD, ttl_seconds=2, registry=Registry())
     ident = Identity(TD, "default", "web")
     try:
         first = await m.client_context(ident)
@@ -73,7 +62,7 @@ async def test_client_context_is_one_object_per_certificate_and_bundle(tmp_path:
         await m.close()
 
 
-class Down(Signer):
+class Down(CaSigner):
     """Signs once, then the CA is unreachable."""
 
     def __init__(self, ca: CertificateAuthority) -> None:

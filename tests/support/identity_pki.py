@@ -48,15 +48,27 @@ def _pem(cert: x509.Certificate) -> bytes:
 def write_plugged_ca(directory: Path, trust_domain: str = "cluster.local") -> tuple[x509.Certificate, x509.Certificate]:
     """An operator's root and an intermediate signed by it, written as ca-cert/ca-key/cert-chain/root-cert.pem."""
     root, root_key = new_root(trust_domain)
+    return root, write_intermediate(directory, root, root_key)
+
+
+def write_intermediate(
+    directory: Path,
+    root: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    not_before_in: float = -60.0,
+    name: str = "operator intermediate",
+) -> x509.Certificate:
+    """An intermediate signed by ``root``, valid from ``not_before_in`` seconds from now (this node's clock) for 30
+    days, written with ``root`` as the CA's signing chain (ca-cert/ca-key/cert-chain/root-cert.pem)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     inter = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator intermediate")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(root.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_before(now + datetime.timedelta(seconds=not_before_in))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -69,7 +81,7 @@ def write_plugged_ca(directory: Path, trust_domain: str = "cluster.local") -> tu
     )
     (directory / "cert-chain.pem").write_bytes(_pem(inter) + _pem(root))
     (directory / "root-cert.pem").write_bytes(_pem(root))
-    return root, inter
+    return inter
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[Identity | None, Identity | None, str]:

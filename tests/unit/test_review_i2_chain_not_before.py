@@ -19,10 +19,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.identity import CertificateManager, Priority, new_key_and_csr, parse_response
 from agent.prometheus import Registry
-from common.pki import cert_pem
 from common.spiffe import Identity
-from controller.ca import CertificateAuthority, key_pem
-from tests.support.identity_pki import CaSigner, handshake
+from controller.ca import CertificateAuthority
+from tests.support.identity_pki import CaSigner, handshake, write_intermediate
 from tests.support.waiting import eventually
 
 TD = "cluster.local"
@@ -50,33 +49,6 @@ def operator_root() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return root, key
 
 
-def plug_intermediate(
-    directory: Path, root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey, not_before_in: float
-) -> x509.Certificate:
-    """Write an intermediate signed by ``root`` as the CA's signing certificate, valid from ``not_before_in``
-    seconds from now (this node's clock)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    inter = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"intermediate {not_before_in}")]))
-        .issuer_name(root.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + datetime.timedelta(seconds=not_before_in))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(root_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca-cert.pem").write_text(cert_pem(inter))
-    (directory / "ca-key.pem").write_bytes(key_pem(key))
-    (directory / "cert-chain.pem").write_text(cert_pem(inter) + cert_pem(root))
-    (directory / "root-cert.pem").write_text(cert_pem(root))
-    return inter
-
-
 def _pem_serials(chain_pem: str) -> list[int]:
     return [c.serial_number for c in x509.load_pem_x509_certificates(chain_pem.encode())]
 
@@ -90,7 +62,7 @@ async def test_a_renewal_through_an_intermediate_not_valid_yet_waits_while_the_c
     its clock, and asks the CA nothing more meanwhile."""
     root, root_key = operator_root()
     ca_dir = tmp_path / "ca"
-    plug_intermediate(ca_dir, root, root_key, -60)
+    write_intermediate(ca_dir, root, root_key, -60, "intermediate -60")
     ca = CertificateAuthority(ca_dir, TD)
     signer = CaSigner(ca)
     registry = Registry()
@@ -103,7 +75,7 @@ async def test_a_renewal_through_an_intermediate_not_valid_yet_waits_while_the_c
         peer_client = await peer.client_context(DB)
         assert handshake(await web.server_context(WEB), peer_client)[0] == DB
 
-        inter = plug_intermediate(ca_dir, root, root_key, 3)
+        inter = write_intermediate(ca_dir, root, root_key, 3, "intermediate 3")
         assert ca.reload_if_changed(force=True)
         web._request(WEB, Priority.REALTIME)  # a renewal now, as at half-life
         await eventually(lambda: signer.calls == 2, "the renewal")
@@ -132,7 +104,7 @@ async def test_a_renewal_through_an_intermediate_not_valid_yet_waits_while_the_c
 def test_valid_from_is_the_latest_not_before_of_the_chain_and_refresh_counts_from_it(tmp_path: Path) -> None:
     """parse_response: half-life measured from when the chain becomes usable, not from the leaf's notBefore."""
     root, root_key = operator_root()
-    inter = plug_intermediate(tmp_path, root, root_key, 600)
+    inter = write_intermediate(tmp_path, root, root_key, 600, "intermediate 600")
     ca = CertificateAuthority(tmp_path, TD)
     key, csr = new_key_and_csr(WEB)
     received = datetime.datetime.now(datetime.UTC).timestamp()

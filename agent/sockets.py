@@ -323,9 +323,11 @@ class Listener:
         try:
             dst = self.orig_dst(conn)
             if is_loopback(dst[0]) and not is_loopback(canonical_ip(client[0])):
-                refuse_forged_loopback(conn, self.name, client, dst)
-                if self.refused is not None:
+                if self.refused is not None:  # logged and counted there, once
+                    abort(conn)
                     self.refused((canonical_ip(client[0]), int(client[1])), dst, "forged_loopback")
+                else:
+                    refuse_forged_loopback(conn, self.name, client, dst)
                 return
             if self.gone is not None:
                 peer = (canonical_ip(client[0]), int(client[1]))

@@ -27,9 +27,18 @@ wildcard listeners, and through them a DNAT to any address's port 15001 or 15008
 listener (a non-mesh pod's connection tunnelled in mTLS under its own identity). The conntrack mark uses the same
 bits as the packet mark (outside them nothing is changed), which nothing else on the node may use either.
 
-Only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc program's
-(or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced whole and
-atomically (one ``nft -f`` transaction) when the enrolled addresses change or someone else changed it.
+The table also brings back the replies of the agent's own connections from a pod's address (HBONE, passthrough,
+the same-node path: the agent connects from the client pod's address, as ztunnel's sockets inside the pod do).
+The tc program hands those replies to the agent's socket by their tuple, which NAT may have changed: a masqueraded
+egress is answered to the node's address (conntrack turns it back into the pod's in prerouting, and routing would
+then forward it to the pod), a destination the node DNATs in OUTPUT answers from its real address. So a connection
+the node's OUTPUT sees leaving from an enrolled address is marked in conntrack, and its replies get the capture mark
+after de-NAT. What the node delivers to the agent instead of forwarding to a pod is dropped at TTL (hop limit) 1,
+as forwarding would: an answer meant to stay one hop away (EC2's IMDSv2) reaches no pod through the agent.
+
+Otherwise only DNATed connections (``ct status dnat``) are touched: pod-to-pod and node-to-pod traffic is the tc
+program's (or, for the node's own processes, not captured: OUTPUT, as in Istio ambient). The table is replaced
+whole and atomically (one ``nft -f`` transaction) when the enrolled addresses change or someone else changed it.
 """
 
 from __future__ import annotations
@@ -259,6 +268,9 @@ def no_listener_counts(table: str) -> NoListenerCounts:
         return _COUNTS.setdefault(table, NoListenerCounts())
 
 
+_FAMILIES = (("ip", "enrolled4"), ("ip6", "enrolled6"))  # nft's family keyword and the set of its addresses
+
+
 def ruleset(
     table: str,
     addresses: Iterable[str],
@@ -288,8 +300,22 @@ def ruleset(
         elements = f" elements = {{ {', '.join(items)} }};" if items else ""
         lines.append(f"  set {name} {{ type {kind};{elements} }}")
     lines += [
+        # A connection the agent makes from an enrolled pod's address is remembered as the agent's (see the module
+        # docstring). No other process of the node sends from a pod's address.
+        "  chain output {",
+        "    type filter hook output priority filter; policy accept;",
+        *(f"    ct state new {family} saddr @{field} {remember}" for family, field in _FAMILIES),
+        "  }",
         "  chain prerouting {",
         "    type filter hook prerouting priority dstnat + 1; policy accept;",
+        # a reply of one of those, after de-NAT: delivered locally, to the agent's socket
+        f"    ct direction reply ct mark & {mark_mask:#x} == {mark:#x} {set_mark}",
+        # What the node delivers to the agent instead of forwarding to a pod meets forwarding's hop limit: an
+        # answer sent with TTL 1 (EC2's IMDSv2 keeps its tokens from pods so) reaches no pod through the agent.
+        *(
+            f"    {marked} {family} daddr @{field} {ttl} <= 1 drop"  # no counter: not a no-listener drop
+            for (family, field), ttl in zip(_FAMILIES, ("ip ttl", "ip6 hoplimit"), strict=True)
+        ),
         # a later packet of a captured connection (a SYN goes on, to be captured again if its socket is gone)
         f"    ct status dnat ct direction original ct mark & {mark_mask:#x} == {mark:#x} tcp flags & syn == 0"
         f" {set_mark} accept",
@@ -303,7 +329,7 @@ def ruleset(
         f"    ct status dnat {syn} {marked} {remember} accept",
     ]
     no_listener = "accept" if fail_open else "drop"
-    for family, field in (("ip", "enrolled4"), ("ip6", "enrolled6")):
+    for family, field in _FAMILIES:
         match = f"ct status dnat {family} daddr @{field} {syn} {unmarked}"
         lines += [
             # tproxy does not end the rule's evaluation when it found the listener (accept does); when it found

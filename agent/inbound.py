@@ -39,7 +39,7 @@ from agent.addressing import (
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
 from agent.metrics import Metrics
-from agent.sockets import abort, connect_upstream, peer_or_close
+from agent.sockets import abort, canonical_ip, connect_upstream, peer_or_close
 from agent.state import WorkloadStore
 from agent.tunnel import (
     ConnectRequest,
@@ -89,15 +89,18 @@ def forwarded(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {}
 
 
-def forwarded_for(params: dict[str, str]) -> Address | None:
-    """The client address in `forwarded: for="ip:port"` (params from :func:`forwarded`), if well formed."""
-    text = params.get("for")
-    if text is None:
-        return None
+def original_client(peer: Address, params: dict[str, str]) -> Address:
+    """The client a CONNECT speaks for: the TCP peer, as ztunnel's inbound takes it (`forwarded: for=` only from
+    its own waypoint, which Ambit has not). Agents tunnel from the client pod's own address, which the network
+    vouches for; believing `for=`'s address let a peer holding one certificate of an identity claim the address of
+    any workload of that identity and pass a policy's ipBlocks meant for that one. Only the port is taken from
+    `for=` when it names the peer's own address: the port the client pod used, which its agent's line shows (the
+    tunnel's own port is shared by every stream of the pooled connection); no policy reads a source port."""
     try:
-        return parse_authority(text)
+        ip, port = parse_authority(params.get("for", ""))
     except BadAuthority:
-        return None
+        return peer
+    return (peer[0], port) if canonical_ip(ip) == canonical_ip(peer[0]) else peer
 
 
 def validate_authority(authority: str, local_ip: str) -> Address:
@@ -215,17 +218,6 @@ class InboundProxy(_Common):
             connections=self.hbone_connections,
         )
 
-    def _client(self, req: ConnectRequest, params: dict[str, str], peer: Address) -> tuple[Address, Any | None]:
-        """The original client and its workload: `forwarded: for=` when it names a workload with the peer's own
-        identity (our agents send it, and a peer can only speak for workloads it holds certificates of), else the
-        TCP peer."""
-        fwd = forwarded_for(params)
-        if fwd is not None:
-            src = self.store.workload_by_ip(fwd[0])
-            if src is not None and workload_identity(src, self.trust_domain) == req.peer_identity:
-                return fwd, src
-        return peer, self.store.workload_by_ip(peer[0])
-
     async def _refuse_stream(
         self, req: ConnectRequest, peer: Address, dst: Address, status: int, reason: str, **detail: Any
     ) -> None:
@@ -245,7 +237,8 @@ class InboundProxy(_Common):
             await self._refuse_stream(req, peer, orig_dst, 503, "self_call")
             return
         params = forwarded(req.headers)
-        client, src = self._client(req, params, peer)
+        client = original_client(peer, params)
+        src = self.store.workload_by_ip(client[0])
         # As ztunnel (build_inbound_request), for consistency with the source's line: dst.addr is the address the
         # tunnel reached (podIP:15008), dst.hbone_addr the :authority.
         report = self.access_log.start(

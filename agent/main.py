@@ -109,7 +109,8 @@ class AgentConfig:
     max_connections_per_client: int = field(
         default=0,
         metadata=doc(
-            "connections one client address (a pod) may have open through 15001 or 15006 at once, more are reset; "
+            "connections one client address (a pod) may have open through 15001, 15006 or 15008 at once, more are "
+            "reset; "
             "0: a sixteenth of the open-files limit, at least 1024"
         ),
     )
@@ -196,7 +197,9 @@ class Agent:
         # Istio's ports are refused wherever ztunnel refuses them, and so are the ones this agent listens on when
         # they were moved: a connection to them on this node's addresses would loop into its own listeners.
         own = AGENT_PORTS | {cfg.outbound_port, cfg.inbound_plaintext_port, cfg.hbone_port}
-        outbound = OutboundConfig(early_data=cfg.early_data, own_ports=own)
+        outbound = OutboundConfig(
+            early_data=cfg.early_data, own_ports=own, nat_replies_steered=cfg.capture and cfg.capture_dnat
+        )
         resolver = OnDemandResolver(ttl=cfg.dns_ttl, failure_ttl=cfg.dns_failure_ttl, timeout=cfg.dns_timeout)
         self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound, resolver)
         inbound = InboundConfig(own_ports=own)
@@ -251,18 +254,19 @@ class Agent:
         # their certificate instead. A small local file, read once before anything is served.
         self.xds.restore()
         # Listeners before capture: a captured SYN must always find its listener (else it is dropped, fail closed).
-        # Pods (15001, 15006) are bounded per address: every pod of the node shares the agent's descriptors, and one
-        # pod's flood took them all. 15008's clients are peer agents, whose connections are pooled.
+        # Each listener is bounded per client address: every pod of the node shares the agent's descriptors, and one
+        # pod's flood took them all. 15008's clients are pods too (their agents tunnel from the pod's address, one
+        # pooled connection per destination pod): 1,000 idle mTLS connections of one peer held 49 MB.
         per_pod = per_client_limit(cfg.max_connections_per_client, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        for port, handler, name, limit in (
-            (cfg.outbound_port, self.outbound.handle, "outbound", per_pod),
-            (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext", per_pod),
-            (cfg.hbone_port, self.inbound.handle, "inbound", None),
+        for port, handler, name in (
+            (cfg.outbound_port, self.outbound.handle, "outbound"),
+            (cfg.inbound_plaintext_port, self.plaintext.handle, "inbound_plaintext"),
+            (cfg.hbone_port, self.inbound.handle, "inbound"),
         ):
             gone = functools.partial(self.access_log.refused, name, reason="client_reset")
             refused = functools.partial(self.access_log.refused, name)
             listener = Listener(
-                transparent_listener(port, listen), handler, name, gone=gone, max_per_client=limit, refused=refused
+                transparent_listener(port, listen), handler, name, gone=gone, max_per_client=per_pod, refused=refused
             )
             self.listeners.append(listener)
         if self.xds.has_config:

@@ -123,8 +123,12 @@ class OutboundConfig:
     own_ports: frozenset[int] = AGENT_PORTS
     is_node_address: Callable[[str], bool] = is_node_address
     same_node_fast_path: bool = True
-    # Connect from the client pod's IP: on the same-node fast path, and on passthrough to a pod outside the mesh
+    # Connect from the client pod's IP: HBONE, the same-node fast path, and passthrough to a pod
     keep_source_address: bool = True
+    # The node's nftables table brings back the replies of a connection the agent made from a pod's address after
+    # NAT rewrote them (capture_dnat's reply rule: a masqueraded egress, a destination behind a DNAT): passthrough
+    # then keeps the pod's address for every destination but this node's own.
+    nat_replies_steered: bool = False
     # Passthrough and same-node connects: ztunnel's CONNECTION_TIMEOUT (src/proxy.rs freebind_connect). A SYN lost
     # three times is answered at the kernel's third retransmission, 7 s after the first.
     connect_timeout: float = 10.0
@@ -516,8 +520,15 @@ class OutboundProxy:
             abort(sock)
             return
         try:
+            key = PoolKey(
+                report.src_identity,
+                report.dst_identity,
+                r.target,
+                accepted_sans(self.store, r.service),
+                source=client[0] if self.config.keep_source_address else None,
+            )
             stream = await self.pool.open_stream(
-                PoolKey(report.src_identity, report.dst_identity, r.target, accepted_sans(self.store, r.service)),
+                key,
                 ctx,
                 format_address(r.authority),
                 hbone_headers(client, workload_baggage(self.store, src), r.service),
@@ -561,15 +572,20 @@ class OutboundProxy:
         )
 
     async def _passthrough(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
-        """Plain TCP to a destination outside the mesh. ztunnel connects from inside the client pod, so a pod there
-        sees the client's address (what its NetworkPolicy and logs go by); the agent connects from the client's
-        address too when the destination is a pod, whose replies come back through a hook that hands them to this
-        socket (its node's uplink, or its own veth on this node). Anything else (a WorkloadEntry or ServiceEntry
-        endpoint, an address no workload owns, a PASSTHROUGH service, a host-network pod) may be behind NAT or this
-        node's own stack, where the replies would bypass the agent: it sees the node's address."""
+        """Plain TCP to a destination outside the mesh. ztunnel connects from inside the client pod, so the
+        destination sees the client's address (what its NetworkPolicy and logs go by, and what a hop-limited answer
+        such as IMDSv2's is kept from), and the node's NAT (egress masquerade, a Service's DNAT) applies to it as to
+        the pod's own. The agent connects from the client's address too: replies come back through a hook that
+        hands them to this socket (the tc program at the destination pod's veth or the node's uplink, and after NAT
+        the nftables table's reply rule, see capture_dnat). Not to one of this node's own addresses (its services
+        would answer the pod's address through the pod's veth, past the agent), nor, without the reply rule, to
+        anything but a pod: those see the node's address."""
         assert r.target is not None
         wl = r.workload
-        keep = self.config.keep_source_address and wl is not None and is_pod(wl) and wl.network_mode != HOST_NETWORK
+        keep = self.config.keep_source_address and (
+            (wl is not None and is_pod(wl) and wl.network_mode != HOST_NETWORK)
+            or (self.config.nat_replies_steered and not self.config.is_node_address(r.target[0]))
+        )
         report.opened()
         try:
             upstream = await connect_upstream(

@@ -62,6 +62,10 @@ class PoolKey:
     dst: Identity  # the destination workload's identity
     addr: tuple[str, int]
     also: frozenset[Identity] = frozenset()  # other identities the server may prove instead (service SANs)
+    # The client pod's address, which the connection leaves from (None: the node's). Part of ztunnel's WorkloadKey
+    # too: the peer judges the client by the TCP source (ipBlocks, source_workload), so pods of one identity do not
+    # share a connection.
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if self.dst in self.also:  # SANs naming the workload itself: the same set as none, so the same connections
@@ -237,7 +241,9 @@ class HboneConnectionPool:
 
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:
-            conn = await connect(key.addr, ssl_context, key.accepted, config=self.config, stats=self.stats)
+            conn = await connect(
+                key.addr, ssl_context, key.accepted, config=self.config, stats=self.stats, source_ip=key.source
+            )
         except HboneConnectError:
             self.connect_failures += 1
             raise
@@ -357,7 +363,8 @@ class HboneConnectionPool:
         return [p for conns in self._conns.values() for p in conns] + list(self._retired)
 
     def snapshot(self) -> list[dict[str, object]]:
-        """Per connection, retired ones included: key, active streams, age, idle time (for /config_dump)."""
+        """Per connection, retired ones included: key, the address it left from, active streams, age, idle time (for
+        /config_dump)."""
         now = time.monotonic()
         return [
             {
@@ -366,6 +373,7 @@ class HboneConnectionPool:
                 "also": sorted(str(i) for i in p.key.also),
                 "peer": str(p.conn.peer_identity),
                 "addr": f"{p.key.addr[0]}:{p.key.addr[1]}",
+                "source": p.conn.local_ip,
                 "streams": p.conn.active_streams,
                 "usable": p.conn.usable,
                 "retired": p.retired,

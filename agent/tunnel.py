@@ -1411,10 +1411,11 @@ class _ClientProtocol(_HboneProtocol):
 class HboneClientConnection:
     """A client HBONE connection (TLS + HTTP/2) multiplexing CONNECT streams; created by :func:`connect`."""
 
-    def __init__(self, proto: _ClientProtocol) -> None:
+    def __init__(self, proto: _ClientProtocol, local_ip: str) -> None:
         self._proto = proto
         assert proto.peer_identity is not None
         self.peer_identity: Identity = proto.peer_identity
+        self.local_ip = local_ip  # what the connection left from: the client pod's address, or the node's
 
     async def open_stream(self, authority: str, headers: list[tuple[str, str]], early: bytes = b"") -> HboneStream:
         """Send CONNECT and wait for the response; non-200 raises HboneConnectError(status).
@@ -1504,9 +1505,10 @@ async def connect(
     *,
     config: TunnelConfig | None = None,
     stats: TunnelStats | None = None,
+    source_ip: str | None = None,
 ) -> HboneClientConnection:
-    """TCP connect + TLS (no SNI) + SPIFFE check of the server against ``expected`` (and its trust domain), or
-    against any one of a set of acceptable identities.
+    """TCP connect (from ``source_ip`` when given, see connect_upstream) + TLS (no SNI) + SPIFFE check of the
+    server against ``expected`` (and its trust domain), or against any one of a set of acceptable identities.
 
     Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity, with the stage
     (TCP, TCP_TIMEOUT or TLS).
@@ -1518,7 +1520,7 @@ async def connect(
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(cfg.connect_timeout + cfg.handshake_timeout):
-            sock = await connect_upstream(addr, connect_timeout=cfg.connect_timeout)
+            sock = await connect_upstream(addr, source_ip=source_ip, connect_timeout=cfg.connect_timeout)
             await loop.create_connection(
                 lambda: proto,
                 sock=sock,
@@ -1543,7 +1545,7 @@ async def connect(
     except BaseException:
         _close(sock)
         raise
-    return HboneClientConnection(proto)
+    return HboneClientConnection(proto, sock.getsockname()[0])
 
 
 def _expire(response: asyncio.Future[int]) -> None:

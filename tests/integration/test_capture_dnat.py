@@ -365,7 +365,11 @@ def test_while_the_agent_is_down_a_dnated_syn_is_dropped_and_captured_again_afte
 def _drop_counter(lab: Lab, table: str) -> int:
     """Packets the table's IPv4 drop rule (SYNs with no listener to take them) counted."""
     out = nft(lab, "node2", "list", "chain", "inet", table, "prerouting")
-    rules = [line for line in out.splitlines() if "@enrolled4" in line and line.rstrip().endswith("drop")]
+    rules = [
+        line
+        for line in out.splitlines()
+        if "@enrolled4" in line and "counter" in line and line.rstrip().endswith("drop")
+    ]
     assert len(rules) == 1, out
     words = rules[0].split()
     return int(words[words.index("packets") + 1]) if "packets" in words else 0

@@ -6,6 +6,7 @@ and every other pod keep working."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,38 @@ def test_a_pods_connections_over_the_bound_are_reset_and_counted(
             sock.close()
     # once the agent saw the pod's connections end, it may connect again
     wait_for(lambda: echo_on(connect(lab, "demo/client", *SERVER_1))[0] == "ok", "the pod served again")
+
+
+def test_one_clients_hbone_connections_over_the_bound_are_reset(
+    lab_factory: LabFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """15008 is bounded per client address too: agents tunnel from the client pod's address, so a peer's
+    connections are its pods', pooled (one per destination pod). legacy/web, on server-1's node, holds LIMIT
+    connections to server-1's port 15008 that never start TLS; the next is reset, and an enrolled pod of another
+    node still reaches server-1 through its own agent's tunnel."""
+    monkeypatch.setenv("AMBIT_MAX_CONNECTIONS_PER_CLIENT", str(LIMIT))
+    lab = lab_factory(EXAMPLE, mesh=True)
+    hbone = (SERVER_1[0], 15008)
+    held = [connect(lab, "legacy/web", *hbone) for _ in range(LIMIT)]
+    try:
+        for sock in held:  # accepted and waiting for a ClientHello: nothing to read, not closed
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)
+        with connect(lab, "legacy/web", *hbone) as extra:
+            extra.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(1) == b"", "the connection over the bound is closed"
+        wait_for(
+            lambda: any(
+                line.endswith(" 1.0")
+                for line in metric_lines(
+                    metrics(lab, "node2"), "ambit_connection_errors_total", reason="client_connection_limit"
+                )
+            ),
+            "the refusal counted on node2's agent",
+        )
+        assert echo_on(connect(lab, "demo/client", *SERVER_1))[0] == "ok", "another client is not held back"
+    finally:
+        for sock in held:
+            sock.close()

@@ -404,7 +404,7 @@ async def test_inbound_hairpin_connects_from_the_node_address(mesh: Mesh, monkey
     for client in ("echo-1", "client"):  # echo-1 tunnelled to itself (fast path off), then another pod
         ident = mesh.identity(client)
         stream = await mesh.n1.pool.open_stream(
-            PoolKey(ident, mesh.identity("echo-1"), (pod, 15008)),
+            PoolKey(ident, mesh.identity("echo-1"), (pod, 15008), source=mesh.ip[client]),  # as the outbound's
             await mesh.certs.client_context(ident),
             f"{pod}:{ECHO_PORT}",
             [("forwarded", f'for="{mesh.ip[client]}:4321"')],

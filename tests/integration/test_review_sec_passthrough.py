@@ -3,24 +3,19 @@
 ztunnel's outbound socket lives in the pod's network namespace (in-pod mode), so a passthrough connection leaves the
 pod as the pod's own: its address, its interface, the node's forwarding path and whatever the CNI enforces there
 (NetworkPolicy egress). The agent lives in the node's network namespace: it captures the pod's SYN at the pod's
-interface, before the node's forwarding path, and connects again from the node's own address
-(agent/outbound.py `_passthrough`: the client's address is kept only when the destination is a pod, since replies
-from a destination behind NAT would not come back to the agent). Measured in a lab (examples/basic):
+interface, before the node's forwarding path, and connects again. The review measured, in a lab (examples/basic):
 - a server outside the mesh (the lab's core netns) saw demo/client (enrolled, node1) as 10.10.0.11, node1's own
-  address, while legacy/web (not enrolled) was seen as 10.244.2.20. Anything that tells callers apart by address
-  takes the pod for the node: a cloud metadata server that identifies pods by address (GKE's metadata server
-  under Workload Identity) or keeps pods away by hop limit (EC2 IMDSv2's hop limit 1, which the node's own
-  connection is within), a node firewall that admits the node, a service that admits its own host;
+  address, while legacy/web (not enrolled) was seen as 10.244.2.20: anything that tells callers apart by address
+  took the pod for the node (a metadata server identifying pods by address, a node firewall admitting its node);
+- a server answering with IP TTL 1 (EC2's IMDSv2 hop limit) answered demo/client through the agent and not
+  legacy/web, whose node drops the answer rather than forward it;
 - a forward-hook rule of the node dropping the pod's traffic to that server (where an iptables CNI enforces egress
   NetworkPolicy: FORWARD, matched by the pod's interface) stopped legacy/web and not demo/client: its SYN is
-  delivered locally to 15001 and the agent's own connection goes out through OUTPUT. Input-hook rules still see the
-  captured SYN (with the pod's interface and address), so rules for the node's own addresses do hold.
+  delivered locally to 15001 and the agent's own connection goes out through OUTPUT.
 
-- a server answering with IP TTL 1 (EC2's IMDSv2 hop limit) answered demo/client through the agent and not
-  legacy/web, whose node drops the answer rather than forward it.
-
-The three tests are xfail (strict: they fail today, and the marker goes with the fix). The fix is outside this
-reviewer's files (agent/outbound.py, agent/capture_dnat.py or bpf/): see the review's report.
+The first two are closed: the agent connects from the pod's address, its replies are brought back after the node's
+NAT (agent/capture_dnat.py's output and reply rules; the masquerade and DNAT tests below), and what it is handed
+instead of a pod is dropped at TTL 1. The third is still a strict xfail.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +100,6 @@ def test_a_pod_outside_the_mesh_is_seen_as_itself(mesh: Lab, outside: str) -> No
     assert _seen_as(mesh, "legacy/web", outside) == mesh.pod("legacy/web").ip
 
 
-@pytest.mark.xfail(strict=True, reason="SEC review: passthrough connects from the node's address; see the report")
 def test_an_enrolled_pods_passthrough_is_seen_as_the_pod_not_the_node(mesh: Lab, outside: str) -> None:
     seen = _seen_as(mesh, "demo/client", outside)
     assert seen != mesh.node("node1").ip, "the destination took the pod for its node"
@@ -134,7 +129,6 @@ def test_a_forward_hook_egress_rule_holds_for_an_enrolled_pod(mesh: Lab, outside
             nft_in(mesh.node(node).netns, "delete", "table", "inet", table)
 
 
-@pytest.mark.xfail(strict=True, reason="SEC review: passthrough replies end at the node, one hop short; see the report")
 def test_a_hop_limited_answer_reaches_no_enrolled_pod(mesh: Lab, hop_limited: str) -> None:
     """As EC2's IMDSv2 keeps its tokens from pods (hop limit 1). The control, a pod outside the mesh, gets nothing
     (its node drops the answer instead of forwarding it); an enrolled pod got the answer through the agent, whose own
@@ -143,3 +137,46 @@ def test_a_hop_limited_answer_reaches_no_enrolled_pod(mesh: Lab, hop_limited: st
         _seen_as(mesh, "legacy/web", hop_limited, HOP_LIMITED_PORT)
     with pytest.raises(OSError):
         _seen_as(mesh, "demo/client", hop_limited, HOP_LIMITED_PORT)
+
+
+@contextlib.contextmanager
+def _nat(lab: Lab, rules: str) -> Iterator[None]:
+    """An `ip` nat table with `rules` (chains and all) on every node, as kube-proxy or a CNI would have there."""
+    table = f"secnat{secrets.token_hex(2)}"
+    nodes = [lab.node(name).netns for name in ("node1", "node2")]
+    try:
+        for node in nodes:
+            nft_in(node, "-f", "-", script=f"table ip {table} {{\n{rules}\n}}\n")
+        yield
+    finally:
+        for node in nodes:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                nft_in(node, "delete", "table", "ip", table)
+
+
+def test_a_masqueraded_passthrough_is_answered_as_a_pods_own(mesh: Lab, outside: str) -> None:
+    """A CNI's egress masquerade (SNAT to the node's address for traffic leaving the pod network) applies to the
+    agent's connection from the pod's address as to the pod's own: the answer comes back to the node's address, is
+    turned back into the pod's there, and must reach the agent's socket, not be routed on to the pod (which would
+    reset it: it never sent that SYN)."""
+    masquerade = f"ip daddr {outside} tcp dport {PORT} masquerade"
+    with _nat(mesh, f" chain post {{\n  type nat hook postrouting priority srcnat;\n  {masquerade}\n }}"):
+        assert _seen_as(mesh, "legacy/web", outside) == mesh.node("node2").ip, "the control"
+        assert _seen_as(mesh, "demo/client", outside) == mesh.node("node1").ip
+
+
+def test_a_passthrough_behind_a_dnat_is_answered(mesh: Lab, outside: str) -> None:
+    """An address the node rewrites in OUTPUT, where the agent's own connection meets it (kube-proxy has its
+    Service rules there too: a ServiceEntry hostname the agent resolves to a ClusterIP; a pod's own connection is
+    rewritten in PREROUTING, before the agent sees it). The answer comes from the real destination, which the tc
+    program's socket lookup (by that tuple) does not find: it must still reach the agent's socket."""
+    virtual = "10.97.0.7"
+    dnat = f"ip daddr {virtual} tcp dport 80 dnat to {outside}:{PORT}"
+    node1 = mesh.node("node1").netns
+    route = ["ip", "-n", node1, "route", "add", f"{virtual}/32", "via", outside]  # the lab's nodes have no default
+    subprocess.run(route, check=True)
+    try:
+        with _nat(mesh, f" chain out {{\n  type nat hook output priority -100;\n  {dnat}\n }}"):
+            assert _seen_as(mesh, "demo/client", virtual, 80) == mesh.pod("demo/client").ip
+    finally:
+        subprocess.run([*route[:4], "del", *route[5:]], check=True)

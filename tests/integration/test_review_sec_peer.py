@@ -5,18 +5,13 @@ of `sleep` (the identity of the pod `client` on n1), as a compromised node that 
 What holds (guards, pass): a CONNECT whose `:authority` names another address than the pod the connection reached
 (a node address, loopback, another pod) is 400; one naming an agent port of the pod is 503 (ztunnel's SelfCall).
 
-What does not (marked xfail, strict: it fails today, and the marker must go with the fix): the inbound takes the
-client address from `forwarded: for=` whenever the workload named there has the peer's identity, without knowing
-whether that workload is anywhere near the peer. ztunnel takes the TCP source address unless the peer is its own
-waypoint (src/proxy/inbound.rs: `get_original_src_from_fwded` only `if from_waypoint`), and its HBONE connections
-leave from the client pod's own address (in-pod sockets; the pool's WorkloadKey holds the source IP), which the
-network vouches for. Ours leave from the node's address, shared by every pod of an identity, so the inbound has
-to believe `forwarded`. A peer holding one `sleep` certificate can therefore claim the address of any `sleep`
-workload of the mesh and pass a policy's `ipBlocks` (or dodge `notIpBlocks`) meant for that one. Only a node
-already holding a certificate of the identity can do it, and only for addresses of that identity: the identity
-checks hold. The fix belongs to agent/pool.py and agent/outbound.py (HBONE from the client pod's address, pooled
-per source address as ztunnel's) and agent/inbound.py (then the TCP source, `forwarded` only from a waypoint): see
-the review's report.
+What did not (pinned by a strict xfail until the fix): the inbound took the client address from `forwarded: for=`
+whenever the workload named there had the peer's identity, without knowing whether that workload was anywhere near
+the peer, since agents tunnelled from the node's address. A peer holding one `sleep` certificate could claim the
+address of any `sleep` workload of the mesh and pass a policy's `ipBlocks` (or dodge `notIpBlocks`) meant for that
+one. Now, as ztunnel (src/proxy/inbound.rs: `get_original_src_from_fwded` only `if from_waypoint`; the pool's
+WorkloadKey holds the source IP), agents tunnel from the client pod's own address, which the network vouches for
+(agent/pool.py PoolKey.source), and the inbound judges the TCP source, whatever `forwarded` says.
 """
 
 from __future__ import annotations
@@ -43,10 +38,11 @@ async def mesh() -> AsyncIterator[Mesh]:
         yield m
 
 
-async def _connect(mesh: Mesh, authority: str, headers: list[tuple[str, str]]) -> int:
-    """The status the inbound of echo-1 answers a CONNECT from a peer proving `sleep` (200 when the stream opens)."""
+async def _connect(mesh: Mesh, authority: str, headers: list[tuple[str, str]], source: str | None = None) -> int:
+    """The status the inbound of echo-1 answers a CONNECT from a peer proving `sleep` (200 when the stream opens),
+    tunnelled from `source` (default: n1's own address)."""
     ident = mesh.identity("client")
-    key = PoolKey(ident, mesh.identity("echo-1"), (mesh.ip["echo-1"], 15008))
+    key = PoolKey(ident, mesh.identity("echo-1"), (mesh.ip["echo-1"], 15008), source=source)
     try:
         stream = await mesh.n1.pool.open_stream(key, await mesh.certs.client_context(ident), authority, headers)
     except HboneConnectError as e:
@@ -81,19 +77,18 @@ async def test_authority_naming_an_agent_port_is_refused(mesh: Mesh, port: int) 
 
 
 async def test_the_peers_own_address_passes_the_policy_meant_for_it(mesh: Mesh) -> None:
-    """The control: `sleep`'s real source (client, forwarded by its agent) passes an ipBlock naming client."""
+    """The control: `sleep`'s real source (client, tunnelled by its agent from client's address) passes an ipBlock
+    naming client, and the same peer from its node's address does not."""
     mesh.set_policies(_allow_only_from(mesh.ip["client"]), selector={"echo-1": ["server/only-twin"]})
     own = [("forwarded", f'for="{mesh.ip["client"]}:40000"')]
-    assert await _connect(mesh, f"{mesh.ip['echo-1']}:{ECHO_PORT}", own) == 200
+    assert await _connect(mesh, f"{mesh.ip['echo-1']}:{ECHO_PORT}", own, source=mesh.ip["client"]) == 200
+    assert await _connect(mesh, f"{mesh.ip['echo-1']}:{ECHO_PORT}", own) == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SEC review: forwarded for= is believed for any workload of the peer's identity; patch in the report",
-)
 async def test_a_peer_cannot_claim_the_address_of_another_workload_of_its_identity(mesh: Mesh) -> None:
     """A peer holding `sleep`'s certificate claims twin's address (twin runs on n3, which the peer is not) to pass
     a policy that admits twin's address alone. It must be judged by its own address and refused (401)."""
     mesh.set_policies(_allow_only_from(mesh.ip["twin"]), selector={"echo-1": ["server/only-twin"]})
     forged = [("forwarded", f'for="{mesh.ip["twin"]}:40000"')]
     assert await _connect(mesh, f"{mesh.ip['echo-1']}:{ECHO_PORT}", forged) == 401
+    assert await _connect(mesh, f"{mesh.ip['echo-1']}:{ECHO_PORT}", forged, source=mesh.ip["client"]) == 401

@@ -79,6 +79,19 @@ async def test_keys_are_not_shared(mesh: Mesh, server: HboneServer, echo: Backen
     await pool.close()
 
 
+async def test_each_source_address_has_its_own_connections(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
+    """As ztunnel's WorkloadKey (its source IP): a connection leaves from its client pod's address, which the peer
+    judges, so two pods of one identity never share one; the same pod's streams do."""
+    pool = HboneConnectionPool(stats=TunnelStats())
+    keys = [PoolKey(mesh.client_id, mesh.server_id, server.addr, source=ip) for ip in ("127.0.0.2", "127.0.0.3")]
+    streams = [await pool.open_stream(k, mesh.client_ctx, echo.addr, []) for k in (*keys, keys[0])]
+    assert pool.connection_count() == 2 and server.connections == 2
+    assert sorted(str(c["source"]) for c in pool.snapshot()) == ["127.0.0.2", "127.0.0.3"]
+    for s in streams:
+        assert await roundtrip(s) == b"hello"
+    await pool.close()
+
+
 async def test_idle_connections_are_released(mesh: Mesh, server: HboneServer, echo: Backend) -> None:
     pool = HboneConnectionPool(idle_timeout=0.2, stats=TunnelStats())
     s = await pool.open_stream(mesh.key(server), mesh.client_ctx, echo.addr, [])

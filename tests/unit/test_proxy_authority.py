@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.addressing import BadAuthority, format_address, parse_authority
-from agent.inbound import forwarded, forwarded_for, validate_authority
+from agent.inbound import forwarded, original_client, validate_authority
 
 GOOD = [
     ("10.0.0.1:8080", ("10.0.0.1", 8080)),
@@ -69,22 +69,31 @@ def test_validate_authority(authority: str, local: str, ok: bool) -> None:
             validate_authority(authority, local)
 
 
+PEER4, PEER6 = ("10.1.0.5", 9), ("fd00::5", 9)  # the tunnel's TCP source
+
+
 @pytest.mark.parametrize(
-    ("headers", "addr"),
+    ("peer", "headers", "client"),
     [
-        ([("forwarded", 'for="10.1.0.5:40000"')], ("10.1.0.5", 40000)),
-        ([("Forwarded", 'for="10.1.0.5:40000";host=svc.ns')], ("10.1.0.5", 40000)),
-        ([("forwarded", 'proto=http;for="[fd00::5]:1234"')], ("fd00::5", 1234)),
-        ([("forwarded", "for=10.1.0.5:1")], ("10.1.0.5", 1)),
-        ([("forwarded", 'for="unknown"')], None),
-        ([("forwarded", 'for="10.1.0.5:\u00b2"')], None),  # a malformed client address is ignored, never raised
-        ([("forwarded", 'for="_hidden"')], None),
-        ([("baggage", "x=1")], None),
-        ([], None),
+        (PEER4, [("forwarded", 'for="10.1.0.5:40000"')], ("10.1.0.5", 40000)),
+        (PEER4, [("Forwarded", 'for="10.1.0.5:40000";host=svc.ns')], ("10.1.0.5", 40000)),
+        (PEER6, [("forwarded", 'proto=http;for="[fd00::5]:1234"')], ("fd00::5", 1234)),
+        (PEER6, [("forwarded", 'for="[FD00:0::5]:1234"')], ("fd00::5", 1234)),
+        (PEER4, [("forwarded", "for=10.1.0.5:1")], ("10.1.0.5", 1)),
+        # another address than the peer's is never believed: judged by its own (ztunnel: for= only from a waypoint)
+        (PEER4, [("forwarded", 'for="10.1.0.6:40000"')], PEER4),
+        (PEER6, [("forwarded", 'for="10.1.0.5:40000"')], PEER6),
+        (PEER4, [("forwarded", 'for="unknown"')], PEER4),
+        (PEER4, [("forwarded", 'for="10.1.0.5:\u00b2"')], PEER4),  # malformed: ignored, never raised
+        (PEER4, [("forwarded", 'for="_hidden"')], PEER4),
+        (PEER4, [("baggage", "x=1")], PEER4),
+        (PEER4, [], PEER4),
     ],
 )
-def test_forwarded_for(headers: list[tuple[str, str]], addr: tuple[str, int] | None) -> None:
-    assert forwarded_for(forwarded(headers)) == addr
+def test_the_client_is_the_peer_with_the_port_it_forwarded(
+    peer: tuple[str, int], headers: list[tuple[str, str]], client: tuple[str, int]
+) -> None:
+    assert original_client(peer, forwarded(headers)) == client
 
 
 def test_forwarded_params() -> None:

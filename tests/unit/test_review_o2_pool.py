@@ -171,6 +171,7 @@ class _Gated:
     """A fake connection for handshakes the test completes one by one."""
 
     peer_identity = Identity("cluster.local", "default", "server")
+    local_ip = "127.0.0.1"
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent import rbac
 from agent.addressing import BadAuthority, parse_authority
+from agent.config_dump import ztunnel_dump
 from agent.metrics import Metrics
 from agent.prometheus import gzip_accepted
 from agent.state import WorkloadStore
@@ -30,11 +31,16 @@ def admin_server(
     store: WorkloadStore | None = None,
     trust_domain: str = "cluster.local",
 ) -> HttpServer:
-    """15000: `/config_dump` (whatever `dump()` assembles), `/certs` (the list its `certificates` holds),
+    """15000: `/config_dump` (whatever `dump()` assembles; the agent's :class:`ConfigDump` is ztunnel's shape, which
+    `istioctl ztunnel-config` reads, and takes `trust_domain` as the default of workloads naming none), `/certs` (the
+    list its `certificates` holds),
     `/logging` (GET; POST as ztunnel's and `istioctl ztunnel-config log` send it, `?level=<logger>:<level>,<level>`,
     or Envoy's `?<logger>=<level>`: LOGGING_USAGE), `/quitquitquit` (POST), and with `store`
     `/explain?src=IP&dst=IP:PORT` (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a
     connection, with the policies and the reason."""
+
+    if isinstance(dump, ConfigDump) and dump.trust_domain is None:
+        dump.trust_domain = trust_domain
 
     async def config_dump(_: Request) -> Response:
         if isinstance(dump, ConfigDump):  # the agent's: assembled and encoded off the loop
@@ -100,22 +106,42 @@ def admin_server(
 
 
 class ConfigDump:
-    """The /config_dump assembler: the store's snapshot (workloads, services, policies, camelCase as in
-    ztunnel), `certificates` (ztunnel's shape, which `istioctl ztunnel-config certificates` reads: see
-    agent.identity.CertsDump), and any named extra sections (e.g. ("connections", registry.snapshot)).
+    """The /config_dump assembler, in ztunnel's shape so that `istioctl ztunnel-config workloads|services|policies|
+    certificates|all` reads it (agent.config_dump: `workloads`, `services`, `policies`, `stagedServices` from the
+    store), `certificates` (ztunnel's CertsDump: see agent.identity.CertsDump), and Ambit's own sections under keys
+    istioctl does not decode (e.g. ("connections", registry.snapshot), ("pool", ...), ("capture", ...),
+    ("config", ...)). istioctl's decoder (istioctl/pkg/writer/ztunnel/configdump/configdump.go Prime) reads
+    `services`, `workloads`, `policies`, `certificates` and `workloadstate`, matching keys without regard to case:
+    a section named like one of those would be decoded as it, so only `workloadState` may be given (in ztunnel's
+    shape: agent.config_dump.workload_state).
 
-    Called, it returns the whole dump. Served (:meth:`encoded`), the store's snapshot and the JSON text are made in
+    Called, it returns the whole dump. Served (:meth:`encoded`), the store's part and the JSON text are made in
     a worker thread: every agent holds every workload of the mesh, and with 10,000 of them they took 2 s of CPU
     (1.4 s of proto-to-JSON, 0.6 s of encoding) during which the event loop, so every relay on the node, the
     metrics scrape and the readiness probe, stood still. ztunnel's admin server runs on a runtime of its own. The
     thread only reads: the store's tables are copied to lists in one C call each (under the GIL) and their protos
     are never edited, only replaced. The other sections and the certificates are read on the loop, as their
-    owners change them there."""
+    owners change them there.
 
-    def __init__(self, store: WorkloadStore, certs: Any, sections: Sequence[tuple[str, Callable[[], Any]]]) -> None:
+    ``trust_domain`` fills the workloads that name none, as the agent reads them (ztunnel fills in
+    `cluster.local`); None until :func:`admin_server` sets the agent's."""
+
+    def __init__(
+        self,
+        store: WorkloadStore,
+        certs: Any,
+        sections: Sequence[tuple[str, Callable[[], Any]]],
+        trust_domain: str | None = None,
+    ) -> None:
         self.store = store
         self.certs = certs
         self.sections = tuple(sections)
+        self.trust_domain = trust_domain
+        # A section istioctl would decode as one of its own must be in that shape: only `workloadState` may be
+        # given (agent.config_dump.workload_state makes it), the others are made here.
+        clashes = {name for name, _ in self.sections if name.lower() in ISTIOCTL_KEYS and name != "workloadState"}
+        if clashes:
+            raise ValueError(f"config_dump sections {sorted(clashes)} would be decoded by istioctl as its own")
 
     def __call__(self) -> dict[str, Any]:
         return self._whole(self._loop_sections())
@@ -127,7 +153,7 @@ class ConfigDump:
         return out
 
     def _whole(self, loop_sections: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.store.snapshot_dict())
+        out = ztunnel_dump(self.store, self.trust_domain or DEFAULT_TRUST_DOMAIN)
         out.update(loop_sections)
         return out
 
@@ -137,9 +163,20 @@ class ConfigDump:
         return await asyncio.to_thread(lambda: Response.json(self._whole(loop_sections)).body)
 
 
-def config_dump(store: WorkloadStore, certs: Any, *sections: tuple[str, Callable[[], Any]]) -> ConfigDump:
+# The top-level keys istioctl decodes, lower-cased (Go's encoding/json matches them without regard to case):
+# istioctl/pkg/writer/ztunnel/configdump/configdump.go rawDump. "workloadstate" is ztunnel's `workloadState`.
+ISTIOCTL_KEYS = frozenset({"services", "workloads", "policies", "certificates", "workloadstate"})
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+def config_dump(
+    store: WorkloadStore,
+    certs: Any,
+    *sections: tuple[str, Callable[[], Any]],
+    trust_domain: str | None = None,
+) -> ConfigDump:
     """The agent's :class:`ConfigDump`."""
-    return ConfigDump(store, certs, sections)
+    return ConfigDump(store, certs, sections, trust_domain)
 
 
 LOGGING_USAGE = """usage: POST /logging                                  (the current levels)

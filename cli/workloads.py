@@ -1,5 +1,6 @@
 """`ambitctl workloads`, and its siblings `services`, `policies` and `config-dump`: what one agent holds, from its
-admin ``/config_dump`` (one module: the four read the same dump and differ only in the table they print).
+admin ``/config_dump`` (one module: the four read the same dump and differ only in the table they print). The dump
+is in ztunnel's shape (agent.config_dump), the one `istioctl ztunnel-config` reads.
 
 Read from the agent rather than the controller because that is what the data path acts on: a workload missing
 here is one the agent cannot route to or protect, whatever the controller thinks it sent.
@@ -53,6 +54,8 @@ def _lister(section: str, fmt: Callable[[list[dict[str, Any]]], str]) -> Callabl
         if data is None:
             return 1
         entries = data.get(section, [])
+        if isinstance(entries, dict):  # keyed, as an older ztunnel's dump (istioctl reads either)
+            entries = list(entries.values())
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             print(f"ambitctl {section}: /config_dump has no list of {section}", file=sys.stderr)
             return 1
@@ -73,22 +76,24 @@ def _config_dump(args: argparse.Namespace) -> int:
 
 
 def identity(workload: dict[str, Any]) -> str:
-    """The SPIFFE ID a workload's certificate carries; the dump elides the defaults, as the workload API does."""
+    """The SPIFFE ID a workload's certificate carries (the dump fills in the defaults, as ztunnel's does)."""
     trust_domain = workload.get("trustDomain") or DEFAULT_TRUST_DOMAIN
     account = workload.get("serviceAccount") or "default"
     return f"spiffe://{trust_domain}/ns/{workload.get('namespace', '')}/sa/{account}"
 
 
 def format_workloads(entries: list[dict[str, Any]]) -> str:
+    """ztunnel's workload shape (agent.config_dump.workload_json): `workloadIps`, `protocol` HBONE or TCP, `status`
+    Healthy or Unhealthy."""
     rows = [
         [
             str(w.get("namespace", "")),
             str(w.get("name", "")),
-            ",".join(map(str, w.get("addresses", []))) or str(w.get("hostname", "")) or "-",
+            ",".join(map(str, w.get("workloadIps", []))) or str(w.get("hostname", "")) or "-",
             str(w.get("node", "")) or "-",
-            str(w.get("tunnelProtocol", "NONE")),
+            str(w.get("protocol", "TCP")),
             identity(w),
-            str(w.get("status", "HEALTHY")),
+            str(w.get("status", "Healthy")),
         ]
         for w in entries
     ]
@@ -98,41 +103,38 @@ def format_workloads(entries: list[dict[str, Any]]) -> str:
 
 
 def _ports(service: dict[str, Any]) -> str:
+    """A service's `ports`, ztunnel's map of service port to target port (0: the same port)."""
+    ports = service.get("ports")
     out = []
-    for p in service.get("ports", []):
-        port, target = p.get("servicePort", 0), p.get("targetPort", 0)
-        out.append(f"{port}" if not target or target == port else f"{port}->{target}")
+    for port, target in ports.items() if isinstance(ports, dict) else ():
+        out.append(f"{port}" if not target or str(target) == str(port) else f"{port}->{target}")
+    return ",".join(out) or "-"
+
+
+def _addresses(service: dict[str, Any]) -> str:
+    """`vips` (`network/ip`) as their IPs, then `cidrVips` (`{network, cidr}`)."""
+    out = [str(v).partition("/")[2] or str(v) for v in service.get("vips", [])]
+    out += [str(c.get("cidr", "")) for c in service.get("cidrVips", []) if isinstance(c, dict)]
     return ",".join(out) or "-"
 
 
 def format_services(entries: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            str(s.get("namespace", "")),
-            str(s.get("hostname", "")),
-            ",".join(
-                str(a.get("address", "")) + (f"/{a['length']}" if "length" in a else "")
-                for a in s.get("addresses", [])
-                if isinstance(a, dict)
-            )
-            or "-",
-            _ports(s),
-        ]
-        for s in entries
-    ]
+    rows = [[str(s.get("namespace", "")), str(s.get("hostname", "")), _addresses(s), _ports(s)] for s in entries]
     if not rows:
         return "no services"
     return render(["NAMESPACE", "HOSTNAME", "ADDRESSES", "PORTS"], rows)
 
 
 def format_policies(entries: list[dict[str, Any]]) -> str:
+    """ztunnel's policy shape: `scope` Global, Namespace or WorkloadSelector, `action` Allow or Deny, `rules` one
+    list per rule."""
     rows = [
         [
             str(p.get("namespace", "")),
             str(p.get("name", "")),
-            str(p.get("scope", "GLOBAL")),
-            str(p.get("action", "ALLOW")),
-            str(len(p.get("groups", []))),
+            str(p.get("scope", "Global")),
+            str(p.get("action", "Allow")),
+            str(len(p.get("rules", []))),
             "yes" if p.get("dryRun") else "no",
         ]
         for p in entries

@@ -1,6 +1,7 @@
 """`ambitctl workloads | services | policies | config-dump` (DESIGN's command set) against an admin endpoint serving
 what a real agent's /config_dump holds: the controller's translation of examples/basic and examples/policies (the lab's
-default cluster and its policy), through the agent's store."""
+default cluster and its policy), through the agent's store, in ztunnel's shape (agent.config_dump: `protocol`
+HBONE/TCP, `status` Healthy, scopes and actions as ztunnel's RbacScope/RbacAction)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.config_dump import ztunnel_dump
 from agent.state import WorkloadStore
 from cli import ambitctl
 from controller.translate import Translator
@@ -30,7 +32,7 @@ def agent_dump() -> dict[str, Any]:
     translator.apply(objects)
     store = WorkloadStore()
     store.put(list(translator.addresses().values()), list(translator.authorizations().values()))
-    return {**store.snapshot_dict(), "certificates": []}
+    return {**ztunnel_dump(store), "certificates": []}
 
 
 @pytest.fixture
@@ -56,9 +58,9 @@ def test_workloads_table(admin: tuple[str, list[Any]], capsys: pytest.CaptureFix
         "node1",
         "HBONE",
         "spiffe://cluster.local/ns/demo/sa/client",
-        "HEALTHY",
+        "Healthy",
     ]
-    assert rows["web"][:5] == ["legacy", "web", "10.244.2.20", "node2", "NONE"]  # namespace not enrolled
+    assert rows["web"][:5] == ["legacy", "web", "10.244.2.20", "node2", "TCP"]  # namespace not enrolled
 
 
 def test_namespace_filter_and_json(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,7 +79,7 @@ def test_services_and_policies(admin: tuple[str, list[Any]], capsys: pytest.Capt
         "80->8080,9000",
     ]
     assert ambitctl.main(["policies", "--admin", admin[0]]) == 0
-    assert lines(capsys)[1:] == [["demo", "server-allow-client", "WORKLOAD_SELECTOR", "ALLOW", "1", "no"]]
+    assert lines(capsys)[1:] == [["demo", "server-allow-client", "WorkloadSelector", "Allow", "1", "no"]]
 
 
 def test_config_dump_is_the_whole_json(admin: tuple[str, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:

@@ -65,6 +65,10 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         return len(self._conns)
 
+    def tracked(self) -> list[TrackedConnection]:
+        """The connections tracked now (a copy: /config_dump's workloadState reads it)."""
+        return list(self._conns)
+
     def track(
         self,
         conn: rbac.Connection,

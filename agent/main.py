@@ -34,6 +34,7 @@ from agent.admin import admin_server, config_dump, metrics_server, readiness_ser
 from agent.ca_client import CaClient
 from agent.capture_dnat_metrics import DnatCounterCollector
 from agent.capture_metrics import CaptureCollector
+from agent.config_dump import workload_state
 from agent.connections import ConnectionRegistry
 from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
@@ -244,6 +245,7 @@ class Agent:
             ("pool", self.pool.snapshot),
             ("capture", self._capture_status),
             ("config", lambda: {k: v for k, v in vars(cfg).items() if k != "token_file"}),
+            ("workloadState", self._workload_state),
         )
         admin = admin_server(dump, self.certs.snapshot, self.stopping.set, self.store, cfg.trust_domain)
         await self._serve(admin, cfg.admin_address, cfg.admin_port)
@@ -455,6 +457,10 @@ class Agent:
 
     def _has_cert(self, ident: Identity) -> bool:
         return self.certs.certificate(ident) is not None
+
+    def _workload_state(self) -> dict[str, Any]:
+        enrolled = set(self._capture_status().get("enrolled", ()))
+        return workload_state(self.store, self.cfg.node, enrolled, self.connections.tracked())
 
     def _capture_status(self) -> dict[str, Any]:
         if self.redirector is None:

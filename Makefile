@@ -38,7 +38,7 @@ clean-lab:
 # The container image (daemonset/Dockerfile), on a Debian machine from nothing: scripts/build-image.sh starts a
 # private dockerd when none answers and makes the debian:bookworm-slim base with debootstrap when no registry does
 # (docs/operations.md, "Building the image"). TAG=REGISTRY/ambit:VERSION names it (default ambit:dev).
-.PHONY: image image-test
+.PHONY: image image-test image-lock
 image:
 	bash scripts/build-image.sh $(if $(TAG),--tag $(TAG))
 
@@ -47,3 +47,8 @@ image:
 # headers linked, hence setup.
 image-test: setup
 	bash scripts/build-image.sh --check $(if $(TAG),--tag $(TAG))
+
+# The image's Python lock (daemonset/requirements.lock), written again from pyproject.toml and PyPI: pinned versions
+# with every file's hash, checked by pip for amd64 and arm64 (docs/operations.md, "Building the image").
+image-lock: setup
+	$(PY) scripts/lock_image_deps.py

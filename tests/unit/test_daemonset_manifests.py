@@ -571,8 +571,8 @@ def test_image_copies_the_packages_and_the_ebpf_source_it_compiles() -> None:
     # agent/redirect.py finds bpf/ beside its own package: only an in-place install keeps them side by side.
     installs = [line for line in _dockerfile_lines() if "pip install" in line]
     (in_place,) = [line for line in installs if re.search(r"pip install [^&]*-e \.", line)]
-    # Anything installed before is the project's own dependency list, read from pyproject.toml (a layer of its own,
-    # written out in a stage that sees only pyproject.toml).
+    # Anything installed before is the project's own dependency list: daemonset/requirements.lock, passed through a
+    # stage that checks it against pyproject.toml (a layer of its own, keyed on the lock alone).
     for line in installs:
         assert line is in_place or "-r /tmp/requirements.txt" in line, line
     (written,) = [line for line in _dockerfile_lines() if "> /tmp/requirements.txt" in line]

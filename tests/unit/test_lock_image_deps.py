@@ -11,7 +11,9 @@ spoiled on purpose, so an empty list means something.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +24,23 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _lock_script() -> object:
+    """scripts/lock_image_deps.py (not a package): its image interpreter's markers are the ones the lock is for."""
+    spec = importlib.util.spec_from_file_location("lock_image_deps", REPO / "scripts" / "lock_image_deps.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_SCRIPT = _lock_script()
+image_environment = _SCRIPT.image_environment  # type: ignore[attr-defined]
+MACHINES: tuple[str, ...] = _SCRIPT.MACHINES  # type: ignore[attr-defined]
 LOCK = REPO / "daemonset" / "requirements.lock"
 DOCKERFILE = REPO / "daemonset" / "Dockerfile"
-MACHINES = ("x86_64", "aarch64")
 PIN = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s\\]+)(?P<more> \\)?")
 HASH = re.compile(r" {4}--hash=sha256:(?P<hex>[0-9a-f]{64})(?P<more> \\)?")
 
@@ -99,24 +115,6 @@ def unmet(req: Requirement, pins: dict[NormalizedName, Pin], requirer: str) -> s
 
 def root_problems(pins: dict[NormalizedName, Pin], roots: list[Requirement]) -> list[str]:
     return [p for r in roots if (p := unmet(r, pins, "pyproject.toml"))]
-
-
-def image_environment(machine: str, extra: str) -> dict[str, str]:
-    """Marker values of the image's python3 (Debian bookworm: CPython 3.11.2, Linux)."""
-    return {
-        "implementation_name": "cpython",
-        "implementation_version": "3.11.2",
-        "os_name": "posix",
-        "platform_machine": machine,
-        "platform_python_implementation": "CPython",
-        "platform_release": "",
-        "platform_system": "Linux",
-        "platform_version": "",
-        "python_full_version": "3.11.2",
-        "python_version": "3.11",
-        "sys_platform": "linux",
-        "extra": extra,
-    }
 
 
 def needed(req: Requirement, extra: str) -> bool:

@@ -139,8 +139,8 @@ def test_other_paths_work_over_both_families(
     before = len(_access(mesh, node, direction=direction, path=path, **{"dst.addr": _hostport(dst_ip, HTTP)}))
     answer = who(mesh.pod(src).netns, dst_ip, HTTP)
     assert answer["pod"] == mesh.pod(dst).name
-    if path != "passthrough":  # the mesh keeps the caller's address; passthrough leaves from the node, as for IPv4
-        assert _caller_ip(answer["client"]) == _ip(mesh, src, family)
+    # the mesh keeps the caller's address, passthrough included (the agent connects from the pod's address)
+    assert _caller_ip(answer["client"]) == _ip(mesh, src, family)
     wait_for(
         lambda: (
             len(_access(mesh, node, direction=direction, path=path, **{"dst.addr": _hostport(dst_ip, HTTP)}))

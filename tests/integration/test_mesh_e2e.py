@@ -223,9 +223,7 @@ def test_namespace_enrolled_and_unenrolled_live(mesh: Lab) -> None:
     try:
         ns_file.write_text(original.replace("istio.io/dataplane-mode: ambient", "istio.io/dataplane-mode: none"))
         wait_for(lambda: not enrolled("node1"), "demo to be released from capture")
-        assert all(
-            w["protocol"] != "HBONE" for w in workloads(mesh, "node1") if w["namespace"] == "demo"
-        )
+        assert all(w["protocol"] != "HBONE" for w in workloads(mesh, "node1") if w["namespace"] == "demo")
         marker = b"UNENROLLED-" + secrets.token_hex(8).encode()
         with (
             _sniff_link(mesh) as wire,

@@ -504,12 +504,15 @@ class XdsServer:
                     staged: dict[str, dict[str, Entry | None]] = {}
                     for type_url, named in changes.items():
                         table, encoded = self.tables[type_url], staged.setdefault(type_url, {})
-                        items = list(named.items())
-                        for at in range(0, len(items), self.encode_chunk):
+                        # One iterator over the intake's own copy (nothing changes it), not a list of its items: a
+                        # (name, message) tuple per resource alive across turns is promoted to the collector's
+                        # oldest generation and brings on full collections (see _build).
+                        items = iter(named.items())
+                        for _ in range(0, len(named), self.encode_chunk):
                             await self.share.piece()
-                            for name, msg in items[at : at + self.encode_chunk]:
+                            for name, msg in itertools.islice(items, self.encode_chunk):
                                 encoded[name] = None if msg is None else table.encode(name, msg)
-                        resources += len(items)
+                        resources += len(named)
                     await self.share.piece()  # the commit: about 0.2 us per resource
                 except Exception:  # a message that does not serialize; the changes after it still apply
                     log.exception("xds change not applied", extra=kv(resources=sum(map(len, changes.values()))))
@@ -845,11 +848,16 @@ class XdsServer:
             if sub.wildcard:
                 big = len(table.entries) + len(initial) > chunk
                 entries = table.snapshot() if big else table.entries
-                items = list(entries.items())
-                for at in range(0, len(items), chunk):
+                # Walked with one iterator (the snapshot does not change; the live table is walked in one go),
+                # not a list of its items: that was a (name, entry) tuple per resource alive across the build's
+                # turns, which the collector promotes to its oldest generation; with 50 agents subscribing at
+                # once, 10,000 resources each, that brought full collections (0.13-0.24 s over the whole heap)
+                # twice as often and doubled the time to deliver them the state.
+                items = iter(entries.items())
+                for at in range(0, len(entries), chunk):
                     if at:
                         yield
-                    frames = [e.frame for n, e in items[at : at + chunk] if initial.get(n) != e.version]
+                    frames = [e.frame for n, e in itertools.islice(items, chunk) if initial.get(n) != e.version]
                     parts.append(b"".join(frames))
                     count += len(frames)
                 held = list(initial)

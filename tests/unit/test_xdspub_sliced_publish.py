@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import itertools
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -393,6 +394,79 @@ async def test_a_response_built_over_several_turns_holds_no_part_of_a_change_com
     body, count, _ = done.value.value
     resp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
     assert count == 3 * BUILD_CHUNK and {r.name: r.version for r in resp.resources} == first
+    await subs[0].close()
+    await server.stop(0)
+
+
+class UntilCollected:
+    """The collector off (everything allocated stays in its youngest generation, nothing is freed by it) and the
+    count of the objects it tracks, so a test can see how many a piece of work leaves alive across loop turns."""
+
+    def __enter__(self) -> UntilCollected:
+        gc.collect()
+        gc.disable()
+        self.base = len(gc.get_objects())
+        return self
+
+    def grown(self) -> int:
+        return len(gc.get_objects()) - self.base
+
+    def __exit__(self, *exc: object) -> None:
+        gc.enable()
+
+
+async def test_a_response_built_over_several_turns_keeps_no_object_per_resource_alive() -> None:
+    """Objects the collector tracks and that live across loop turns get promoted to its oldest generation, and
+    enough of them make it run full collections (over the controller's whole heap: 0.13-0.24 s each). A full
+    response gathered a chunk per turn held a (name, entry) tuple per resource of the table for its whole build:
+    bench config-scale (10,000 pods' state to 50 agents) ran 9 gen-2 collections instead of 4 and its full-state
+    delivery took 1.8-2.9 s instead of 0.9-1.6 s. Fails before: 3 * BUILD_CHUNK such objects alive between two
+    chunks of a build; now the build walks the snapshot with one iterator (a handful of objects)."""
+    server = new_server()
+    server.update(ADDRESS_TYPE, {key(i): workload(i) for i in range(3 * BUILD_CHUNK)})
+    await wait_for(lambda: not server._intake, what="the first change served")
+    subs = await connected(server, 1)
+    conn = subs[0].conn
+    conn.full[ADDRESS_TYPE] = ({}, 0.0)  # as a stream subscribing anew would
+    steps = server._build(conn, ADDRESS_TYPE)
+    with UntilCollected() as objects:
+        next(steps)  # the first chunk gathered; the sender lets the loop run here
+        held = objects.grown()
+        with pytest.raises(StopIteration) as done:
+            while True:
+                next(steps)
+    assert held < BUILD_CHUNK // 10, held
+    body, count, _ = done.value.value
+    resp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+    assert count == len(resp.resources) == 3 * BUILD_CHUNK
+    await subs[0].close()
+    await server.stop(0)
+
+
+async def test_a_large_change_encoded_over_several_turns_keeps_no_extra_object_per_resource_alive(
+    counted: dict[str, int],
+) -> None:
+    """The same for the intake: the encoder held a (name, message) tuple per resource of the change from its first
+    chunk to its commit, besides the entries it makes (which become the served state). Fails before: after one
+    chunk encoded, 10,000 more objects alive than before the change; now about the chunk's entries."""
+    server = new_server()
+    subs = await connected(server, 1)
+    changes: dict[str, wpb.Address | None] = {key(i): workload(i) for i in range(PODS)}
+    seen: list[int] = []
+
+    def after_first_chunk() -> None:
+        if counted["encoded"] >= CHUNK:
+            seen.append(objects.grown())
+        else:
+            asyncio.get_running_loop().call_soon(after_first_chunk)
+
+    with UntilCollected() as objects:
+        server.apply_delta(Delta(addresses=changes))
+        after_first_chunk()
+        await wait_for(lambda: seen, limit=60, what="the first chunk encoded")
+    assert counted["encoded"] < PODS, "encoded in one go: nothing to see"
+    assert seen[0] < PODS // 4, seen
+    await wait_for(lambda: len(subs[0].state()) == PODS, limit=60, what="the publish")
     await subs[0].close()
     await server.stop(0)
 

@@ -435,7 +435,9 @@ async def test_a_response_built_over_several_turns_keeps_no_object_per_resource_
         with pytest.raises(StopIteration) as done:
             while True:
                 next(steps)
-    assert held < BUILD_CHUNK // 10, held
+    # Far below one per resource (6,000 before), with room for what the interpreter allocates meanwhile (870 seen
+    # once on a fresh CI machine, where BUILD_CHUNK // 10 was the bound)
+    assert held < BUILD_CHUNK, held
     body, count, _ = done.value.value
     resp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
     assert count == len(resp.resources) == 3 * BUILD_CHUNK

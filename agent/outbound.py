@@ -11,8 +11,9 @@ at its target port for the service port (a port the service does not declare has
 the client's family where the service's ip_families allow; otherwise an IP that a workload of this network owns is
 that workload. An HBONE workload is reached at `podIP:15008` with `:authority podIP:targetPort`, or, when both
 ends are enrolled pods on this node, spliced through the kernel after the same checks the destination agent would
-make; a destination outside the mesh gets plain TCP. Waypoints are not routed to yet: `route` is where that
-decision goes.
+make; a destination outside the mesh gets plain TCP. Each leaves from the client pod's own address, as ztunnel's
+sockets inside the pod do (see `_passthrough` for where it cannot). Waypoints are not routed to yet: `route` is where
+that decision goes.
 
 An endpoint known only by hostname (a ServiceEntry with `resolution: DNS`) is routed like any other, with its
 hostname where the address goes (`Route.hostname`); the proxy resolves it when the connection arrives

@@ -1,4 +1,5 @@
-"""Pool of client HBONE connections, keyed like ztunnel's (source identity, destination identities, address).
+"""Pool of client HBONE connections, keyed like ztunnel's WorkloadKey (source identity, the source pod's address,
+destination identities, address): a connection leaves from its client pod's address, which the peer judges.
 
 A Python mTLS handshake costs 3-6 ms of CPU, so user connections must become streams on pooled connections;
 concurrent openers for one key share a single handshake instead of stampeding, a connection takes at most

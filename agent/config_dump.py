@@ -40,6 +40,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from agent import rbac
+from agent.addressing import format_address, workload_ips
 from agent.state import WorkloadStore, service_key
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
@@ -140,7 +141,7 @@ def gateway_json(gw: wl_pb.GatewayAddress) -> dict[str, Any]:
 
 def workload_json(wl: wl_pb.Workload, trust_domain: str = "cluster.local") -> dict[str, Any]:
     """ztunnel's Workload (src/state/workload.rs), fields in its order, those it skips when default skipped."""
-    out: dict[str, Any] = {"workloadIps": [ip for ip in map(_ip, wl.addresses) if ip is not None]}
+    out: dict[str, Any] = {"workloadIps": workload_ips(wl)}
     if wl.HasField("waypoint"):
         out["waypoint"] = gateway_json(wl.waypoint)
     if wl.HasField("network_gateway"):
@@ -288,11 +289,6 @@ def policy_json(policy: authz_pb.Authorization) -> dict[str, Any]:
     return out
 
 
-def _socket_addr(ip: str, port: int) -> str:
-    """Rust's SocketAddr text: `ip:port`, an IPv6 address in brackets."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def workload_state(
     store: WorkloadStore, node: str, enrolled: Collection[str], tracked: Iterable[Any]
 ) -> dict[str, dict[str, Any]]:
@@ -310,15 +306,15 @@ def workload_state(
         c = t.conn
         inbound.setdefault(t.workload_uid, []).append(
             {
-                "src": _socket_addr(c.src_ip, c.src_port),
+                "src": format_address((c.src_ip, c.src_port)),
                 "originalDst": None,
-                "actualDst": _socket_addr(c.dst_ip, c.dst_port),
+                "actualDst": format_address((c.dst_ip, c.dst_port)),
                 "protocol": "HBONE" if c.src_identity is not None else "TCP",
             }
         )
     out: dict[str, dict[str, Any]] = {}
     for wl in sorted(store.local_workloads(node), key=lambda w: w.uid):
-        if not any(ip in enrolled for ip in map(_ip, wl.addresses)):
+        if not any(ip in enrolled for ip in workload_ips(wl)):
             continue
         conns = sorted(inbound.get(wl.uid, []), key=lambda e: (e["actualDst"], e["src"]))
         out[wl.uid] = {

@@ -32,15 +32,11 @@ def admin_server(
     trust_domain: str = "cluster.local",
 ) -> HttpServer:
     """15000: `/config_dump` (whatever `dump()` assembles; the agent's :class:`ConfigDump` is ztunnel's shape, which
-    `istioctl ztunnel-config` reads, and takes `trust_domain` as the default of workloads naming none), `/certs` (the
-    list its `certificates` holds),
+    `istioctl ztunnel-config` reads), `/certs` (the list its `certificates` holds),
     `/logging` (GET; POST as ztunnel's and `istioctl ztunnel-config log` send it, `?level=<logger>:<level>,<level>`,
     or Envoy's `?<logger>=<level>`: LOGGING_USAGE), `/quitquitquit` (POST), and with `store`
     `/explain?src=IP&dst=IP:PORT` (`&identity=spiffe://...` or `&plaintext=1`): the policy decision for such a
     connection, with the policies and the reason."""
-
-    if isinstance(dump, ConfigDump) and dump.trust_domain is None:
-        dump.trust_domain = trust_domain
 
     async def config_dump(_: Request) -> Response:
         if isinstance(dump, ConfigDump):  # the agent's: assembled and encoded off the loop
@@ -124,14 +120,14 @@ class ConfigDump:
     owners change them there.
 
     ``trust_domain`` fills the workloads that name none, as the agent reads them (ztunnel fills in
-    `cluster.local`); None until :func:`admin_server` sets the agent's."""
+    `cluster.local`): the agent's `--trust-domain`."""
 
     def __init__(
         self,
         store: WorkloadStore,
         certs: Any,
         sections: Sequence[tuple[str, Callable[[], Any]]],
-        trust_domain: str | None = None,
+        trust_domain: str = "cluster.local",
     ) -> None:
         self.store = store
         self.certs = certs
@@ -153,7 +149,7 @@ class ConfigDump:
         return out
 
     def _whole(self, loop_sections: dict[str, Any]) -> dict[str, Any]:
-        out = ztunnel_dump(self.store, self.trust_domain or DEFAULT_TRUST_DOMAIN)
+        out = ztunnel_dump(self.store, self.trust_domain)
         out.update(loop_sections)
         return out
 
@@ -166,14 +162,13 @@ class ConfigDump:
 # The top-level keys istioctl decodes, lower-cased (Go's encoding/json matches them without regard to case):
 # istioctl/pkg/writer/ztunnel/configdump/configdump.go rawDump. "workloadstate" is ztunnel's `workloadState`.
 ISTIOCTL_KEYS = frozenset({"services", "workloads", "policies", "certificates", "workloadstate"})
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
 def config_dump(
     store: WorkloadStore,
     certs: Any,
     *sections: tuple[str, Callable[[], Any]],
-    trust_domain: str | None = None,
+    trust_domain: str = "cluster.local",
 ) -> ConfigDump:
     """The agent's :class:`ConfigDump`."""
     return ConfigDump(store, certs, sections, trust_domain)

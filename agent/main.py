@@ -246,6 +246,7 @@ class Agent:
             ("capture", self._capture_status),
             ("config", lambda: {k: v for k, v in vars(cfg).items() if k != "token_file"}),
             ("workloadState", self._workload_state),
+            trust_domain=cfg.trust_domain,
         )
         admin = admin_server(dump, self.certs.snapshot, self.stopping.set, self.store, cfg.trust_domain)
         await self._serve(admin, cfg.admin_address, cfg.admin_port)

@@ -202,7 +202,7 @@ def _get(url: str) -> Any:
 async def served_dump(store: WorkloadStore, certs: Any = None, *sections: Any) -> dict[str, Any]:
     """GET /config_dump from the agent's admin server, as istioctl does through its port-forward."""
     certs = NoCerts() if certs is None else certs
-    dump = config_dump(store, certs, *sections)
+    dump = config_dump(store, certs, *sections, trust_domain=TD)
     admin = admin_server(dump, certs.snapshot, lambda: None, store, trust_domain=TD)
     await admin.start("127.0.0.1", 0)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -22,6 +23,16 @@ from common.log import kv
 log = logging.getLogger(__name__)
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made out of the collector's sight: modules, classes, the gRPC (and in the agent the BPF)
+    machinery and the first full state live as long as the process, and every full collection walked them all,
+    holding the event loop: ~45 ms per gen-2 pass on a loaded lab agent (~1 ms frozen), 117-382 ms on a controller
+    holding 10,000 pods during a relist (43-73 ms frozen). Frozen objects are still freed when their last reference
+    goes; only cycles among them stay. Called once the service has started."""
+    gc.collect()
+    gc.freeze()
 
 
 def raise_open_files_limit(nr_open: Path = Path("/proc/sys/fs/nr_open")) -> tuple[int, int]:

@@ -38,10 +38,12 @@ from agent.connections import ConnectionRegistry
 from agent.controller_channel import ControllerChannel
 from agent.identity import CertificateManager
 from agent.inbound import InboundConfig, InboundPlaintextProxy, InboundProxy
+from agent.inpod import InPodConnector
 from agent.metrics import Metrics
 from agent.metrics_expiry import SERIES_EXPIRY, SeriesExpiry
 from agent.ondemand_dns import ANSWER_TTL, FAILURE_TTL, LOOKUP_TIMEOUT, OnDemandResolver
 from agent.outbound import EARLY_DATA, MAX_EARLY_DATA, OutboundConfig, OutboundProxy
+from agent.pod_netns import PodNetnsConfig, PodNetnsError, PodNetworks
 from agent.pool import HboneConnectionPool
 from agent.redirect import RedirectConfig, Redirector, cleanup
 from agent.redirect_netlink import ChangeWatch
@@ -92,6 +94,15 @@ class AgentConfig:
         default=True,
         metadata=doc("capture connections the node DNATs to enrolled pods (nftables; when it fails: not ready)"),
     )
+    pod_netns_dirs: str = field(
+        default="/var/run/netns,/run/netns",
+        metadata=doc(
+            "comma-separated directories where the container runtime keeps pods' network namespaces (containerd, "
+            "CRI-O: /var/run/netns); passthrough connects from inside the pod's, as the pod's own traffic (empty: "
+            "from the node's)"
+        ),
+    )
+    pod_netns_prefix: str = field(default="", metadata=doc("only pod namespaces whose file name starts with this"))
     listen_address: str = field(
         default="",
         metadata=doc(
@@ -201,16 +212,26 @@ class Agent:
             early_data=cfg.early_data, own_ports=own, nat_replies_steered=cfg.capture and cfg.capture_dnat
         )
         resolver = OnDemandResolver(ttl=cfg.dns_ttl, failure_ttl=cfg.dns_failure_ttl, timeout=cfg.dns_timeout)
-        self.outbound = OutboundProxy(self.store, self.certs, self.pool, cfg.node, *common, outbound, resolver)
+        self.redirector: Redirector | None = Redirector(_redirect_config(cfg)) if cfg.capture else None
+        self.in_pod: InPodConnector | None = None
+        dirs = tuple(d.strip() for d in cfg.pod_netns_dirs.split(",") if d.strip())
+        if self.redirector is not None and dirs:
+            try:
+                networks = PodNetworks(PodNetnsConfig(dirs=dirs, prefix=cfg.pod_netns_prefix))
+            except PodNetnsError as e:  # no right to switch namespaces: passthrough connects from the node's
+                log.warning("pods' network namespaces out of reach", extra=kv(error=str(e)))
+            else:
+                self.in_pod = InPodConnector(networks, self.redirector)
+        self.outbound = OutboundProxy(
+            self.store, self.certs, self.pool, cfg.node, *common, outbound, resolver, in_pod=self.in_pod
+        )
         inbound = InboundConfig(own_ports=own)
         self.inbound = InboundProxy(
             self.store, self.certs, cfg.node, *common, inbound, tunnel_config=tunnel, tunnel_stats=STATS
         )
         self.plaintext = InboundPlaintextProxy(self.store, cfg.node, *common, inbound, trust_domain=cfg.trust_domain)
-        self.redirector: Redirector | None = None
         self.dnat_counters: DnatCounterCollector | None = None
-        if cfg.capture:
-            self.redirector = Redirector(_redirect_config(cfg))
+        if self.redirector is not None:
             self.metrics.registry.register(CaptureCollector(self.redirector))
             if cfg.capture_dnat:
                 self.dnat_counters = DnatCounterCollector(cfg.instance)
@@ -358,6 +379,8 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
+        if self.in_pod is not None:
+            self.in_pod.close()
         await self.certs.close()
         await self.ca.close()
         await self.controller.close()
@@ -397,6 +420,8 @@ class Agent:
             self.certs.retain_only(idents)
             if self.redirector is None or self._capture_error:
                 continue
+            if self.in_pod is not None:
+                self.in_pod.retain(ip for wl in enrolled for ip in workload_ips(wl))
             local_ips = {ip for wl in self.local_workloads() for ip in workload_ips(wl)}
             # Every enrolled address, with who the controller says holds it as of which version: an address that
             # reappears behind another interface under the same token is a new sandbox the controller has not named

@@ -60,6 +60,7 @@ from agent.addressing import (
 )
 from agent.connections import ConnectionRegistry
 from agent.identity import CertificateUnavailable
+from agent.inpod import InPodConnector
 from agent.metrics import CONNECT_FAILURE_FLAGS, Metrics
 from agent.ondemand_dns import OnDemandResolver, ResolutionError
 from agent.pool import HboneConnectionPool, PoolKey
@@ -415,6 +416,7 @@ class OutboundProxy:
         connections: ConnectionRegistry,
         config: OutboundConfig | None = None,
         resolver: OnDemandResolver | None = None,
+        in_pod: InPodConnector | None = None,
     ) -> None:
         self.store = store
         self.certs = certs
@@ -425,6 +427,7 @@ class OutboundProxy:
         self.connections = connections
         self.config = config or OutboundConfig()
         self.resolver = resolver or OnDemandResolver()
+        self.in_pod = in_pod
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
         if (client := peer_or_close(sock)) is None:
@@ -575,23 +578,28 @@ class OutboundProxy:
     async def _passthrough(self, sock: socket.socket, client: Address, r: Route, report: ConnectionReport) -> None:
         """Plain TCP to a destination outside the mesh. ztunnel connects from inside the client pod, so the
         destination sees the client's address (what its NetworkPolicy and logs go by, and what a hop-limited answer
-        such as IMDSv2's is kept from), and the node's NAT (egress masquerade, a Service's DNAT) applies to it as to
-        the pod's own. The agent connects from the client's address too: replies come back through a hook that
-        hands them to this socket (the tc program at the destination pod's veth or the node's uplink, and after NAT
-        the nftables table's reply rule, see capture_dnat). Not to one of this node's own addresses (its services
-        would answer the pod's address through the pod's veth, past the agent), nor, without the reply rule, to
-        anything but a pod: those see the node's address."""
+        such as IMDSv2's is kept from), and the node's NAT (egress masquerade, a Service's DNAT) and forward hook
+        (egress NetworkPolicy) apply to it as to the pod's own. So does the agent, where it finds the pod's
+        namespace (agent/inpod.py). Elsewhere it connects from the node's namespace, from the client's address:
+        replies come back through a hook that hands them to this socket (the tc program at the destination pod's
+        veth or the node's uplink, and after NAT the nftables table's reply rule, see capture_dnat). Not to one of
+        this node's own addresses (its services would answer the pod's address through the pod's veth, past the
+        agent), nor, without the reply rule, to anything but a pod: those see the node's address."""
         assert r.target is not None
         wl = r.workload
-        keep = self.config.keep_source_address and (
-            (wl is not None and is_pod(wl) and wl.network_mode != HOST_NETWORK)
-            or (self.config.nat_replies_steered and not self.config.is_node_address(r.target[0]))
-        )
         report.opened()
         try:
-            upstream = await connect_upstream(
-                r.target, source_ip=client[0] if keep else None, connect_timeout=self.config.connect_timeout
-            )
+            upstream = None
+            if self.in_pod is not None and self.config.keep_source_address:
+                upstream = await self.in_pod.connect(client[0], r.target, connect_timeout=self.config.connect_timeout)
+            if upstream is None:
+                keep = self.config.keep_source_address and (
+                    (wl is not None and is_pod(wl) and wl.network_mode != HOST_NETWORK)
+                    or (self.config.nat_replies_steered and not self.config.is_node_address(r.target[0]))
+                )
+                upstream = await connect_upstream(
+                    r.target, source_ip=client[0] if keep else None, connect_timeout=self.config.connect_timeout
+                )
         except (OSError, TimeoutError) as e:
             self.metrics.error("outbound", "connect_failed")
             report.finish(error=f"connect {format_address(r.target)}: {e}", flags="CONNECT")

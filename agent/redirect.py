@@ -251,6 +251,7 @@ class Redirector:
                     _remove_pin_dir(cfg.pin_dir)
                 raise
             self._maps, self._nl = maps, nl
+            maps.clear_agent_conns()  # no connect of the previous agent's is still in progress
             if self._dnat is not None:
                 self._dnat.fail_open = cfg.fail_open
                 self._dnat.bind_netns()  # its nft calls act on this (the node's) netns, whichever thread reconciles
@@ -451,6 +452,28 @@ class Redirector:
                     self._log_changes(st.enrolled, failures)
                     st.failures = failures
             log.warning("fail-open changed", extra=kv(instance=self.config.instance, fail_open=fail_open))
+
+    # --- the agent's own connections from inside pods ----------------------------------------------------------
+
+    def allow_agent_conn(self, src: tuple[str, int], dst: tuple[str, int]) -> bool:
+        """Let the SYN of the agent's connection src -> dst, made from inside the pod that owns ``src``, cross the
+        pod's interface uncaptured; False (nothing written) before capture started or after it stopped."""
+        with self._view:
+            if self._maps is None:
+                return False
+            self._maps.allow_agent_conn(src, dst)
+            return True
+
+    def forget_agent_conn(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        """Once its connect is done: a later SYN of that tuple (the pod's own, after the agent's socket closed) is
+        captured again."""
+        with self._view:
+            if self._maps is None:
+                return
+            try:
+                self._maps.forget_agent_conn(src, dst)
+            except RedirectKernelError as exc:  # the entry ages out of the LRU map; the connection is made anyway
+                log.warning("agent connection not forgotten", extra=kv(src=src, dst=dst, error=str(exc)))
 
     # --- observation -----------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import ctypes as ct
 import errno
 import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 from agent import redirect_syscalls as sysbpf
 from agent.redirect_errors import RedirectKernelError, RedirectPinError
 
-LAYOUT_VERSION = 3  # AMBIT_LAYOUT_VERSION
+LAYOUT_VERSION = 4  # AMBIT_LAYOUT_VERSION
 AF_INET = 2
 AF_INET6 = 10
 
@@ -38,6 +39,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
 
 
 class AmbitAddr(ct.Structure):
@@ -51,6 +53,19 @@ class WlCounters(ct.Structure):
         ("conns_out", ct.c_uint64),
         ("conns_in", ct.c_uint64),
         ("drops", ct.c_uint64),
+    ]
+
+
+class ConnKey(ct.Structure):
+    """struct ambit_conn_key: a TCP connection's addresses and ports (ports in network order)."""
+
+    _fields_ = [
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
     ]
 
 
@@ -109,6 +124,7 @@ STAT_NAMES = (
     "drop_assign_error",
     "unparsed",
     "drop_spoofed",
+    "pass_agent",
 )
 
 WORKLOADS = MapSpec("ambit_workloads", BPF_MAP_TYPE_PERCPU_HASH, ct.sizeof(AmbitAddr), ct.sizeof(WlCounters), 16384)
@@ -116,9 +132,10 @@ HOMES = MapSpec("ambit_wl_home", BPF_MAP_TYPE_HASH, ct.sizeof(AmbitAddr), 4, 163
 IFACES = MapSpec("ambit_ifaces", BPF_MAP_TYPE_HASH, 4, ct.sizeof(IfaceEntry), 4096)
 IF_SPOOFED = MapSpec("ambit_if_spoofed", BPF_MAP_TYPE_PERCPU_HASH, 4, 8, 4096, counters_only=True)
 BRIDGE_PORTS = MapSpec("ambit_bridge_ports", BPF_MAP_TYPE_HASH, 4, ct.sizeof(BridgePort), 4096)
+AGENT_CONNS = MapSpec("ambit_agent_conns", BPF_MAP_TYPE_LRU_HASH, ct.sizeof(ConnKey), 1, 16384)
 CONFIG = MapSpec("ambit_config", BPF_MAP_TYPE_ARRAY, 4, ct.sizeof(ConfigEntry), 1)
 STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(STAT_NAMES), counters_only=True)
-ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, BRIDGE_PORTS, CONFIG, STATS)
+ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, BRIDGE_PORTS, AGENT_CONNS, CONFIG, STATS)
 
 
 def pack_addr(ip: str) -> AmbitAddr:
@@ -128,6 +145,20 @@ def pack_addr(ip: str) -> AmbitAddr:
     key.family = AF_INET if addr.version == 4 else AF_INET6
     packed = addr.packed
     ct.memmove(key.addr, packed, len(packed))
+    return key
+
+
+def pack_conn(src: tuple[str, int], dst: tuple[str, int]) -> ConnKey:
+    """Map key for the connection src -> dst; raises ValueError on addresses that are not IPs or of two families."""
+    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    if s.version != d.version:
+        raise ValueError(f"{src[0]} and {dst[0]} are of different address families")
+    key = ConnKey()
+    key.family = AF_INET if s.version == 4 else AF_INET6
+    ct.memmove(key.saddr, s.packed, len(s.packed))
+    ct.memmove(key.daddr, d.packed, len(d.packed))
+    key.sport = socket.htons(src[1])
+    key.dport = socket.htons(dst[1])
     return key
 
 
@@ -378,6 +409,7 @@ class RedirectMaps:
     ifaces: PinnedMap
     if_spoofed: PinnedMap
     bridge_ports: PinnedMap
+    agent_conns: PinnedMap
     config: PinnedMap
     stats: PinnedMap
 
@@ -394,7 +426,8 @@ class RedirectMaps:
         return cls(*opened)
 
     def close(self) -> None:
-        for m in (self.workloads, self.homes, self.ifaces, self.if_spoofed, self.bridge_ports, self.config, self.stats):
+        maps = (self.workloads, self.homes, self.ifaces, self.if_spoofed, self.bridge_ports, self.agent_conns)
+        for m in (*maps, self.config, self.stats):
             m.close()
 
     # --- typed accessors -------------------------------------------------------------------------------------
@@ -441,6 +474,20 @@ class RedirectMaps:
 
     def delete_bridge_port(self, port: int) -> bool:
         return self.bridge_ports.delete(ct.c_uint32(port))
+
+    def allow_agent_conn(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        """Let the SYN of the agent's own connection src -> dst (made from inside the pod) pass uncaptured."""
+        self.agent_conns.update(pack_conn(src, dst), ct.c_uint8(1))
+
+    def forget_agent_conn(self, src: tuple[str, int], dst: tuple[str, int]) -> bool:
+        return self.agent_conns.delete(pack_conn(src, dst))
+
+    def clear_agent_conns(self) -> int:
+        """Forget every entry (at start: connects in progress died with the previous agent); returns how many."""
+        keys = list(self.agent_conns.keys(ConnKey))
+        for key in keys:
+            self.agent_conns.delete(key)
+        return len(keys)
 
     def spoofed_by_iface(self) -> dict[int, int]:
         """ifindex -> TCP packets dropped there as sent from another workload's address (summed over CPUs)."""

@@ -388,25 +388,36 @@ async def connect_upstream(
     """
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    if source_ip is not None and (":" in source_ip) == (family == socket.AF_INET6):
+        try:
+            set_transparent(sock, ipv6=family == socket.AF_INET6)
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source_ip, 0))
+        except OSError as e:
+            log.debug("source address not kept", extra=kv(source=source_ip, upstream=addr, error=str(e)))
+            sock.close()
+            return await connect_upstream(addr, connect_timeout=connect_timeout, mark=mark)
+        except BaseException:
+            sock.close()
+            raise
+    await connect_socket(sock, addr, connect_timeout=connect_timeout, mark=mark)
+    return sock
+
+
+async def connect_socket(
+    sock: socket.socket, addr: Address, *, connect_timeout: float = 5.0, mark: int | None = None
+) -> None:
+    """Connect a fresh non-blocking socket (bound or not) with the upstream options: no Nagle, keepalive, `mark`.
+    Closes it when anything fails, and re-raises."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         keep_alive(sock)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if source_ip is not None and (":" in source_ip) == (family == socket.AF_INET6):
-            try:
-                set_transparent(sock, ipv6=family == socket.AF_INET6)
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source_ip, 0))
-            except OSError as e:
-                log.debug("source address not kept", extra=kv(source=source_ip, upstream=addr, error=str(e)))
-                sock.close()
-                return await connect_upstream(addr, connect_timeout=connect_timeout, mark=mark)
         await _connect(sock, addr, connect_timeout)
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 async def _connect(sock: socket.socket, addr: Address, limit: float) -> None:

@@ -14,9 +14,11 @@
 
 /* 2: ambit_wl_home and ambit_if_spoofed added (source anti-spoofing), ambit_stats grew AMBIT_STAT_DROP_SPOOFED.
  * 3: ambit_bridge_ports added (capture on the ports of bridge CNIs).
+ * 4: ambit_agent_conns added (the agent's own connections from inside a pod), ambit_stats grew
+ *    AMBIT_STAT_PASS_AGENT.
  * An older pin directory is migrated in place by the agent (agent/redirect_maps.py: new maps created, the
  * counters-only stats map replaced); pins of a newer layout are refused. */
-#define AMBIT_LAYOUT_VERSION 3
+#define AMBIT_LAYOUT_VERSION 4
 
 #define AMBIT_AF_INET 2
 #define AMBIT_AF_INET6 10
@@ -86,7 +88,19 @@ struct ambit_config {
 #define AMBIT_STAT_DROP_ASSIGN_ERROR 6
 #define AMBIT_STAT_UNPARSED 7         /* TCP of an enrolled workload whose header cannot be read (dropped) */
 #define AMBIT_STAT_DROP_SPOOFED 8     /* TCP from an enrolled workload's address arriving where it does not live */
-#define AMBIT_STAT_MAX 9
+#define AMBIT_STAT_PASS_AGENT 9       /* SYN of the agent's own connection from inside a pod, let through */
+#define AMBIT_STAT_MAX 10
+
+/* Key of ambit_agent_conns: one TCP connection by its addresses and ports (network order), as the SYN carries them.
+ * IPv4 uses the first 4 bytes of each address and zeroes the rest. */
+struct ambit_conn_key {
+    u8 family;
+    u8 pad[3];
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+};
 
 BPF_TABLE_PINNED("percpu_hash", struct ambit_addr, struct ambit_wl_counters, ambit_workloads, 16384,
                  AMBIT_PIN_DIR "/ambit_workloads");
@@ -106,6 +120,13 @@ BPF_TABLE_PINNED("percpu_hash", u32, u64, ambit_if_spoofed, 4096, AMBIT_PIN_DIR 
 /* Ports of bridges that carry the program (AMBIT_IF_BRIDGE_PORT): written before the port's ambit_ifaces entry and
  * removed with it. */
 BPF_TABLE_PINNED("hash", u32, struct ambit_bridge_port, ambit_bridge_ports, 4096, AMBIT_PIN_DIR "/ambit_bridge_ports");
+/* Connections the agent opens from inside an enrolled pod's netns (agent/pod_netns.py): passthrough leaves through
+ * the pod's interface, as ztunnel's in-pod sockets, so the node's forward hook (where CNIs enforce egress
+ * NetworkPolicy) sees it as the pod's own. Its SYN crosses the pod's interface like one of the pod's and is let
+ * through instead of captured: the agent writes the tuple after binding its socket in the pod (the port is its
+ * own there, no process of the pod can hold it meanwhile) and deletes it once the connect is done. LRU so that
+ * what an agent killed in between left behind cannot fill it; the agent empties it when it starts. */
+BPF_TABLE_PINNED("lru_hash", struct ambit_conn_key, u8, ambit_agent_conns, 16384, AMBIT_PIN_DIR "/ambit_agent_conns");
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN_DIR "/ambit_config");
 BPF_TABLE_PINNED("percpu_array", u32, u64, ambit_stats, AMBIT_STAT_MAX, AMBIT_PIN_DIR "/ambit_stats");
 

@@ -123,6 +123,16 @@ static __always_inline u16 ambit_listener(const struct ambit_config *cfg, u8 out
     return cfg->inbound_port;
 }
 
+static __always_inline int ambit_agent_conn(const struct ambit_pkt *p) {
+    struct ambit_conn_key k = {};
+    k.family = p->family;
+    __builtin_memcpy(k.saddr, p->saddr, 16);
+    __builtin_memcpy(k.daddr, p->daddr, 16);
+    k.sport = p->sport;
+    k.dport = p->dport;
+    return ambit_agent_conns.lookup(&k) != NULL;
+}
+
 /* bpf_skc_lookup_tcp in the node netns for the packet's tuple with destination port `dport`. */
 static __always_inline struct bpf_sock *ambit_lookup(struct __sk_buff *skb, const struct ambit_pkt *p, u16 dport) {
     struct bpf_sock_tuple t = {};
@@ -296,6 +306,13 @@ int ambit_tc_ingress(struct __sk_buff *skb) {
      * predates enrollment) keeps its path. */
     if (!p.syn || p.ack)
         return TC_ACT_UNSPEC;
+
+    /* 3. The agent's own connection from inside this pod (its tuple written by the agent): the node forwards it
+     * as the pod's. Asked only of an enrolled pod's SYNs, at its home (anti-spoofing above). */
+    if (outbound && ambit_agent_conn(&p)) {
+        ambit_stat(AMBIT_STAT_PASS_AGENT);
+        return TC_ACT_UNSPEC;
+    }
 
     /* The agent's listener is bound to 0.0.0.0:<port> (or [::]:<port> for IPv6), so a lookup for
      * <original daddr>:<port> finds it and the accepted socket's local address stays the original destination

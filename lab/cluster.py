@@ -39,12 +39,19 @@ class Lab:
 
     @classmethod
     def up(
-        cls, config_dir: str | Path, name: str | None = None, mesh: bool = False, drain_seconds: float | None = None
+        cls,
+        config_dir: str | Path,
+        name: str | None = None,
+        mesh: bool = False,
+        drain_seconds: float | None = None,
+        in_pod: bool = True,
     ) -> Lab:
         """Validate ``config_dir``, build the cluster and start a workload in every pod (and the mesh if asked).
 
         ``drain_seconds`` is the agents' drain time on SIGTERM (default: ``AMBIT_DRAIN_SECONDS`` or the agent's
-        default); stopping an agent waits that long plus a margin before killing it.
+        default); stopping an agent waits that long plus a margin before killing it. ``in_pod=False`` keeps the
+        agents from the pods' namespaces: their passthrough leaves from the node's, as where a runtime keeps them
+        out of reach.
 
         Raises LabConfigError before creating anything when the YAML is invalid; any later failure removes what was
         made and re-raises.
@@ -63,6 +70,7 @@ class Lab:
             mesh=mesh,
             plan=plan,
             drain_seconds=drain,
+            in_pod=in_pod,
         )
         state.save()
         lab = cls(state)
@@ -206,6 +214,10 @@ class Lab:
     @property
     def drain_seconds(self) -> float:
         return self._state.drain_seconds
+
+    @property
+    def in_pod(self) -> bool:
+        return self._state.in_pod
 
     @property
     def files(self) -> Mapping[str, str]:

@@ -89,11 +89,17 @@ def agent_argv(
     instance: str,
     drain: float = DRAIN_SECONDS,
     listen_address: str = "0.0.0.0",
+    pod_netns_prefix: str | None = None,
 ) -> list[str]:
     """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
     and authenticate with their node token, as they would in a cluster with a service-account token. The drain time
     is passed explicitly: the lab waits that long when it stops an agent. A dual-stack lab's agents listen on
-    ``::`` (one socket per port for both families)."""
+    ``::`` (one socket per port for both families). The lab's pods are named netns (``ip netns``): with
+    ``pod_netns_prefix`` (the lab's own) the agents connect from inside them, and never from another lab's pod of
+    the same address; None keeps them out of every pod's (the agent's default would look at every lab's)."""
+    pod_netns = ["--pod-netns-dirs", "/run/netns" if pod_netns_prefix is not None else ""]
+    if pod_netns_prefix is not None:
+        pod_netns += ["--pod-netns-prefix", pod_netns_prefix]
     return [
         _binary("ambit-agent"),
         "--node",
@@ -114,6 +120,7 @@ def agent_argv(
         str(drain),
         "--listen-address",
         listen_address,
+        *pod_netns,
     ]
 
 
@@ -196,6 +203,7 @@ def start(lab: Lab) -> None:
             node.netns,
             lab.drain_seconds,
             any_address,
+            pod_netns_prefix=f"{plan.name}-pod-" if lab.in_pod else None,
         )
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:

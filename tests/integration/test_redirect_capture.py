@@ -54,7 +54,7 @@ from agent.redirect_netlink import Netlink
 from tests.support import redirect_topology as rt
 
 IPV6_HOPOPTS = 54
-MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array"}
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash"}
 LISTENER_PORTS = ("--port", "15001", "--port", "15006", "--port", "15008")
 
 
@@ -192,6 +192,53 @@ def test_filter_removed_behind_our_back_is_restored(env: Env) -> None:
     assert env.r.reconcile({env.pa.ip}, env.all_pods()) == {}
     assert "ambit:" in env.filters(env.pa.node_if)
     assert rt.connect(env.pa.netns, env.pb.ip, 8080).startswith("tproxy:15001 ")
+
+
+def _free_port(netns: str, ip: str) -> int:
+    with rt.enter(netns):
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_agents_own_syn_from_inside_a_pod_passes_only_for_its_tuple(env: Env) -> None:
+    """agent/inpod.py: the agent's passthrough connects from inside the pod, and its SYN crosses the pod's veth like
+    the pod's own. Written into ambit_agent_conns, that one tuple is forwarded by the node (the server sees the pod);
+    the same port to another destination, or the tuple once forgotten, is captured as the pod's."""
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    pa, pb = env.pa, env.pb
+    port = _free_port(pa.netns, pa.ip)
+    passed = env.r.stats()["pass_agent"]
+    assert env.r.allow_agent_conn((pa.ip, port), (pb.ip, 8080))
+    try:
+        direct = rt.connect(pa.netns, pb.ip, 8080, src_ip=pa.ip, src_port=port)
+        assert direct.startswith(f"server:8080 local={pb.ip}:8080"), direct
+        assert f"peer={pa.ip}:{port}" in direct, direct
+        assert env.r.stats()["pass_agent"] > passed
+        other_port = rt.connect(pa.netns, pb.ip, 8081, src_ip=pa.ip, src_port=port, timeout=2)
+        assert other_port.startswith("tproxy:15001 ") and f"orig={pb.ip}:8081" in other_port, other_port
+    finally:
+        env.r.forget_agent_conn((pa.ip, port), (pb.ip, 8080))
+    later = _free_port(pa.netns, pa.ip)
+    assert env.r.allow_agent_conn((pa.ip, later), (pb.ip, 8080))
+    env.r.forget_agent_conn((pa.ip, later), (pb.ip, 8080))
+    assert rt.connect(pa.netns, pb.ip, 8080, src_ip=pa.ip, src_port=later).startswith("tproxy:15001 ")
+
+
+def test_the_agents_own_syns_are_asked_only_for_an_enrolled_pod_at_home(env: Env) -> None:
+    """The entry is no pass for another pod: pc sending as pa with the allowed tuple is dropped as spoofed."""
+    env.r.reconcile({env.pa.ip}, env.all_pods())
+    pa, pb = env.pa, env.pb
+    port = _free_port(pa.netns, pa.ip)
+    assert env.r.allow_agent_conn((pa.ip, port), (pb.ip, 8080))
+    try:
+        spoofed = env.r.stats()["drop_spoofed"]
+        with _borrowed(env, env.pc.netns, pa.ip), pytest.raises(OSError):  # pc forging pa's allowed tuple
+            rt.connect(env.pc.netns, pb.ip, 8080, src_ip=pa.ip, src_port=port, timeout=1.2)
+        assert env.r.stats()["drop_spoofed"] > spoofed
+    finally:
+        env.r.forget_agent_conn((pa.ip, port), (pb.ip, 8080))
 
 
 def test_fail_closed_without_listener_and_fail_open_switch(env: Env) -> None:
@@ -1037,7 +1084,9 @@ def test_a_pod_the_controller_has_not_named_yet_is_captured_as_a_peer(env: Env) 
 
 # What a layout-1 agent left: no ambit_wl_home (nor the later maps), an 8-entry ambit_stats (no drop_spoofed).
 LAYOUT_1 = {
-    s.name: s.shape for s in ALL_MAPS if s.name not in ("ambit_wl_home", "ambit_if_spoofed", "ambit_bridge_ports")
+    s.name: s.shape
+    for s in ALL_MAPS
+    if s.name not in ("ambit_wl_home", "ambit_if_spoofed", "ambit_bridge_ports", "ambit_agent_conns")
 }
 LAYOUT_1["ambit_stats"] = (6, 4, 8, 8)
 

@@ -13,9 +13,11 @@ interface, before the node's forwarding path, and connects again. The review mea
   NetworkPolicy: FORWARD, matched by the pod's interface) stopped legacy/web and not demo/client: its SYN is
   delivered locally to 15001 and the agent's own connection goes out through OUTPUT.
 
-The first two are closed: the agent connects from the pod's address, its replies are brought back after the node's
-NAT (agent/capture_dnat.py's output and reply rules; the masquerade and DNAT tests below), and what it is handed
-instead of a pod is dropped at TTL 1. The third is still a strict xfail.
+All three are closed: passthrough connects from inside the pod's network namespace (agent/inpod.py), so the node
+forwards it as the pod's own. Where the agent cannot reach a pod's namespace (the lab's ``in_pod=False``: a runtime
+that keeps it elsewhere) it connects from the node's, from the pod's address: its replies are brought back after
+the node's NAT (agent/capture_dnat.py's output and reply rules), what it is handed instead of a pod is dropped at
+TTL 1, and the forward hook does not see it (a strict xfail there). Every test runs on both.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ PORT = 18080
 HOP_LIMITED_PORT = 18095
 
 
-@pytest.fixture(scope="module")
-def mesh(require_root: None) -> Iterator[Lab]:
-    lab = Lab.up(EXAMPLE, name=f"ambit-sec-{secrets.token_hex(2)}", mesh=True)
+@pytest.fixture(scope="module", params=["in_pod", "from_node"])
+def mesh(request: pytest.FixtureRequest, require_root: None) -> Iterator[Lab]:
+    in_pod = request.param == "in_pod"
+    lab = Lab.up(EXAMPLE, name=f"ambit-sec-{secrets.token_hex(2)}", mesh=True, in_pod=in_pod)
     try:
         yield lab
     finally:
@@ -106,9 +109,14 @@ def test_an_enrolled_pods_passthrough_is_seen_as_the_pod_not_the_node(mesh: Lab,
     assert seen == mesh.pod("demo/client").ip
 
 
-@pytest.mark.xfail(strict=True, reason="SEC review: captured SYNs never cross the node's forward hook; see the report")
-def test_a_forward_hook_egress_rule_holds_for_an_enrolled_pod(mesh: Lab, outside: str) -> None:
+def test_a_forward_hook_egress_rule_holds_for_an_enrolled_pod(
+    mesh: Lab, outside: str, request: pytest.FixtureRequest
+) -> None:
     """As an iptables CNI enforces egress NetworkPolicy: in the node's forward hook, by the pod's interface."""
+    if not mesh.in_pod:
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="connected from the node's namespace: it never crosses FORWARD")
+        )
     table = f"secnp{secrets.token_hex(2)}"
     pods = {"demo/client": "node1", "legacy/web": "node2"}
     for pod, node in pods.items():
@@ -166,17 +174,18 @@ def test_a_masqueraded_passthrough_is_answered_as_a_pods_own(mesh: Lab, outside:
 
 
 def test_a_passthrough_behind_a_dnat_is_answered(mesh: Lab, outside: str) -> None:
-    """An address the node rewrites in OUTPUT, where the agent's own connection meets it (kube-proxy has its
-    Service rules there too: a ServiceEntry hostname the agent resolves to a ClusterIP; a pod's own connection is
-    rewritten in PREROUTING, before the agent sees it). The answer comes from the real destination, which the tc
-    program's socket lookup (by that tuple) does not find: it must still reach the agent's socket."""
+    """An address the node rewrites (kube-proxy's Service rules: a ServiceEntry hostname the agent resolves to a
+    ClusterIP). From inside the pod the connection meets it in PREROUTING, as the pod's own; from the node's
+    namespace in OUTPUT, and the answer then comes from the real destination, which the tc program's socket lookup
+    (by that tuple) does not find: it must still reach the agent's socket."""
     virtual = "10.97.0.7"
     dnat = f"ip daddr {virtual} tcp dport 80 dnat to {outside}:{PORT}"
+    hook = "prerouting" if mesh.in_pod else "output"
     node1 = mesh.node("node1").netns
     route = ["ip", "-n", node1, "route", "add", f"{virtual}/32", "via", outside]  # the lab's nodes have no default
     subprocess.run(route, check=True)
     try:
-        with _nat(mesh, f" chain out {{\n  type nat hook output priority -100;\n  {dnat}\n }}"):
+        with _nat(mesh, f" chain nat {{\n  type nat hook {hook} priority -100;\n  {dnat}\n }}"):
             assert _seen_as(mesh, "demo/client", virtual, 80) == mesh.pod("demo/client").ip
     finally:
         subprocess.run([*route[:4], "del", *route[5:]], check=True)

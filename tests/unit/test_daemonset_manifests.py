@@ -250,6 +250,20 @@ def test_agent_runs_privileged_on_the_host_network_with_host_bpffs_and_state(mon
         assert _volume("DaemonSet", "ambit-agent", m["name"])["hostPath"]["path"] == headers
 
 
+def test_agent_sees_the_pods_network_namespaces_where_its_flags_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """agent/inpod.py connects from inside a pod's namespace, found in --pod-netns-dirs: the directory the runtime
+    keeps them in must be the host's (hostPath), and propagate the mounts of pods started later (HostToContainer;
+    without it the agent sees only the pods that existed when it started)."""
+    c = _container("DaemonSet", "ambit-agent")
+    dirs = [d for d in _config(*AGENT[:3], monkeypatch).pod_netns_dirs.split(",") if d]
+    mounted = [(d, _mounted(c, d)) for d in dirs]
+    found = [(d, m) for d, m in mounted if m is not None and m["mountPath"] == d]
+    assert found, f"none of --pod-netns-dirs {dirs} is mounted"
+    for d, m in found:
+        assert m.get("mountPropagation") == "HostToContainer", d
+        assert _volume("DaemonSet", "ambit-agent", m["name"])["hostPath"]["path"] == d
+
+
 def test_agent_grace_period_covers_its_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(*AGENT[:3], monkeypatch)
     assert _pod_spec("DaemonSet", "ambit-agent")["terminationGracePeriodSeconds"] > cfg.drain_seconds

@@ -32,3 +32,12 @@ def test_a_bad_drain_time_is_refused_naming_it(raw: str, monkeypatch: pytest.Mon
         mesh.drain_seconds()
     with pytest.raises(LabConfigError, match="drain_seconds: "):
         mesh.drain_seconds(-1.0)
+
+
+def test_agents_look_for_pod_namespaces_of_their_own_lab_only() -> None:
+    """Labs share /run/netns and reuse pod addresses: an agent must never connect from another lab's pod."""
+    argv = mesh.agent_argv("n1", "c:1", "/s", "/t", "/r", "eth0", "i", pod_netns_prefix="lab7-pod-")
+    assert argv[argv.index("--pod-netns-dirs") + 1] == "/run/netns"
+    assert argv[argv.index("--pod-netns-prefix") + 1] == "lab7-pod-"
+    off = mesh.agent_argv("n1", "c:1", "/s", "/t", "/r", "eth0", "i")
+    assert off[off.index("--pod-netns-dirs") + 1] == "" and "--pod-netns-prefix" not in off

@@ -38,6 +38,7 @@ def test_struct_layouts_match_the_header() -> None:
     assert [f[0] for f in rm.IfaceEntry._fields_] == _struct_fields("ambit_iface")
     assert [f[0] for f in rm.ConfigEntry._fields_] == _struct_fields("ambit_config")
     assert [f[0] for f in rm.BridgePort._fields_] == _struct_fields("ambit_bridge_port")
+    assert [f[0] for f in rm.ConnKey._fields_] == _struct_fields("ambit_conn_key")
     assert ct.sizeof(rm.BridgePort) == 12
     assert (ct.sizeof(rm.AmbitAddr), ct.sizeof(rm.WlCounters), ct.sizeof(rm.IfaceEntry)) == (20, 40, 8)
     assert ct.sizeof(rm.ConfigEntry) == 32
@@ -60,10 +61,12 @@ def test_constants_match_the_header() -> None:
 def test_map_declarations_match_specs() -> None:
     decls = re.findall(r'BPF_TABLE_PINNED\("(\w+)",\s*([^,]+),\s*([^,]+),\s*(\w+),\s*(\w+),', HEADER)
     assert {d[3] for d in decls} == {s.name for s in rm.ALL_MAPS}
-    types = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6}
+    types = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6, "lru_hash": 9}
     sizes = {
+        "u8": 1,
         "u32": 4,
         "u64": 8,
+        "struct ambit_conn_key": ct.sizeof(rm.ConnKey),
         "struct ambit_addr": ct.sizeof(rm.AmbitAddr),
         "struct ambit_wl_counters": ct.sizeof(rm.WlCounters),
         "struct ambit_iface": ct.sizeof(rm.IfaceEntry),
@@ -105,7 +108,8 @@ def test_unknown_family_in_a_key_is_an_error() -> None:
 
 
 # What an agent of layout 1 pinned: no ambit_wl_home, and ambit_stats one entry shorter (no drop_spoofed).
-# Layout 2 added ambit_wl_home and ambit_if_spoofed, layout 3 ambit_bridge_ports.
+# Layout 2 added ambit_wl_home and ambit_if_spoofed, layout 3 ambit_bridge_ports, layout 4 ambit_agent_conns (and
+# pass_agent in ambit_stats).
 LAYOUT_1 = {
     "ambit_workloads": rm.WORKLOADS.shape,
     "ambit_ifaces": rm.IFACES.shape,
@@ -116,20 +120,43 @@ LAYOUT_1 = {
 
 def test_layout_1_pins_migrate_by_adding_homes_and_replacing_only_the_counters() -> None:
     plan = rm.plan_migration("/sys/fs/bpf/ambit/n1", 1, LAYOUT_1)
-    assert plan.create == (rm.HOMES, rm.IF_SPOOFED, rm.BRIDGE_PORTS)
+    assert plan.create == (rm.HOMES, rm.IF_SPOOFED, rm.BRIDGE_PORTS, rm.AGENT_CONNS)
     assert plan.replace == (rm.STATS,)
     assert plan.describe() == [
         "created ambit_wl_home",
         "created ambit_if_spoofed",
         "created ambit_bridge_ports",
+        "created ambit_agent_conns",
         "replaced ambit_stats, counts reset",
     ]
 
 
-def test_layout_2_pins_migrate_by_adding_the_bridge_ports() -> None:
-    layout_2 = {spec.name: spec.shape for spec in rm.ALL_MAPS if spec is not rm.BRIDGE_PORTS}
+def test_layout_2_pins_migrate_by_adding_the_later_maps() -> None:
+    layout_2 = {spec.name: spec.shape for spec in rm.ALL_MAPS if spec not in (rm.BRIDGE_PORTS, rm.AGENT_CONNS)}
+    layout_2["ambit_stats"] = (rm.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 9)
     plan = rm.plan_migration("/p", 2, layout_2)
-    assert plan == rm.PinMigration(create=(rm.BRIDGE_PORTS,))
+    assert plan == rm.PinMigration(create=(rm.BRIDGE_PORTS, rm.AGENT_CONNS), replace=(rm.STATS,))
+
+
+def test_layout_3_pins_migrate_by_adding_the_agent_connections_and_a_counter() -> None:
+    layout_3 = {spec.name: spec.shape for spec in rm.ALL_MAPS if spec is not rm.AGENT_CONNS}
+    layout_3["ambit_stats"] = (rm.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 9)
+    plan = rm.plan_migration("/p", 3, layout_3)
+    assert plan == rm.PinMigration(create=(rm.AGENT_CONNS,), replace=(rm.STATS,))
+    assert rm.STATS.shape[3] == 10 and rm.STAT_NAMES[9] == "pass_agent"
+
+
+def test_a_connection_key_packs_both_families_in_network_order() -> None:
+    key = rm.pack_conn(("10.1.2.3", 40000), ("192.0.2.7", 443))
+    assert key.family == rm.AF_INET
+    assert bytes(key.saddr) == bytes([10, 1, 2, 3]) + bytes(12)
+    assert bytes(key.daddr) == bytes([192, 0, 2, 7]) + bytes(12)
+    assert bytes(key)[36:40] == (40000).to_bytes(2, "big") + (443).to_bytes(2, "big")
+    assert ct.sizeof(rm.ConnKey) == 40
+    v6 = rm.pack_conn(("fd00::1", 1), ("2001:db8::2", 2))
+    assert v6.family == rm.AF_INET6 and bytes(v6.daddr) == bytes.fromhex("20010db8" + "0" * 23 + "2")
+    with pytest.raises(ValueError, match="different address families"):
+        rm.pack_conn(("10.0.0.1", 1), ("fd00::1", 2))
 
 
 def test_current_pins_need_no_migration() -> None:

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import rbac
 from agent.addressing import format_address, workload_ips
 from agent.state import WorkloadStore, service_key
 from api.istio.security import authorization_pb2 as authz_pb
 from api.istio.workload import workload_pb2 as wl_pb
+
+if TYPE_CHECKING:
+    from agent.outbound import OutboundConnection
 
 MAX_PORT = 65535  # istioctl decodes ports as uint16
 
@@ -290,7 +293,11 @@ def policy_json(policy: authz_pb.Authorization) -> dict[str, Any]:
 
 
 def workload_state(
-    store: WorkloadStore, node: str, enrolled: Collection[str], tracked: Iterable[Any]
+    store: WorkloadStore,
+    node: str,
+    enrolled: Collection[str],
+    tracked: Iterable[Any],
+    outbound: Iterable[OutboundConnection] = (),
 ) -> dict[str, dict[str, Any]]:
     """ztunnel's `workloadState` (src/inpod/admin.rs WorkloadManagerAdminHandler: per proxied pod `state`, `info`
     and its ConnectionManager's `connections`), which `istioctl ztunnel-config connections` and `all` read
@@ -300,7 +307,9 @@ def workload_state(
     (agent.connections.TrackedConnection: `conn`, `workload_uid`), all of which it authorizes as their
     destination: they are `inbound` entries (ztunnel's InboundConnectionDump: `src`, `originalDst` (the service
     named by the request, which Ambit does not keep: null), `actualDst`, `protocol` HBONE with a peer identity,
-    else TCP). Ambit does not track outbound connections: `outbound` is empty."""
+    else TCP). ``outbound`` are the connections the agent carries for its pods as their source (ztunnel's
+    OutboundConnection, src/proxy/connection_manager.rs track_outbound: `src`, `originalDst` what the pod dialled,
+    `actualDst` where the agent connects, `protocol`)."""
     inbound: dict[str, list[dict[str, Any]]] = {}
     for t in tracked:
         c = t.conn
@@ -312,6 +321,16 @@ def workload_state(
                 "protocol": "HBONE" if c.src_identity is not None else "TCP",
             }
         )
+    carried: dict[str, list[dict[str, Any]]] = {}
+    for o in outbound:
+        carried.setdefault(o.workload_uid, []).append(
+            {
+                "src": format_address(o.src),
+                "originalDst": format_address(o.original_dst),
+                "actualDst": format_address(o.actual_dst),
+                "protocol": o.protocol,
+            }
+        )
     out: dict[str, dict[str, Any]] = {}
     for wl in sorted(store.local_workloads(node), key=lambda w: w.uid):
         if not any(ip in enrolled for ip in workload_ips(wl)):
@@ -319,7 +338,10 @@ def workload_state(
         conns = sorted(inbound.get(wl.uid, []), key=lambda e: (e["actualDst"], e["src"]))
         out[wl.uid] = {
             "state": "Up",
-            "connections": {"inbound": conns, "outbound": []},
+            "connections": {
+                "inbound": conns,
+                "outbound": sorted(carried.get(wl.uid, []), key=lambda e: (e["originalDst"], e["src"])),
+            },
             "info": {"name": wl.name, "namespace": wl.namespace, "serviceAccount": wl.service_account or "default"},
         }
     return out

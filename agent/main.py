@@ -485,7 +485,7 @@ class Agent:
 
     def _workload_state(self) -> dict[str, Any]:
         enrolled = set(self._capture_status().get("enrolled", ()))
-        return workload_state(self.store, self.cfg.node, enrolled, self.connections.tracked())
+        return workload_state(self.store, self.cfg.node, enrolled, self.connections.tracked(), self.outbound.carried())
 
     def _capture_status(self) -> dict[str, Any]:
         if self.redirector is None:

@@ -402,6 +402,15 @@ def hbone_headers(client: Address, bag: str, service: Any | None = None) -> list
     return headers
 
 
+@dataclass(frozen=True, slots=True)
+class OutboundConnection:
+    workload_uid: str  # the client pod's workload
+    src: Address
+    original_dst: Address  # what the client dialled (a service VIP, a pod, an address outside the mesh)
+    actual_dst: Address  # where the agent connects: podIP:15008 for HBONE, the endpoint otherwise
+    protocol: str  # "HBONE" (and its same-node stand-in) or "TCP" (passthrough)
+
+
 class OutboundProxy:
     """Handles connections accepted on the outbound listener: `await proxy.handle(sock, orig_dst)`."""
 
@@ -428,6 +437,22 @@ class OutboundProxy:
         self.config = config or OutboundConfig()
         self.resolver = resolver or OnDemandResolver()
         self.in_pod = in_pod
+        self._active: dict[ConnectionReport, Address] = {}  # connections being carried -> what the client dialled
+
+    def carried(self) -> list[OutboundConnection]:
+        """The connections being carried now, for /config_dump's workloadState (ztunnel's ConnectionManager keeps
+        its outbound ones too)."""
+        return [
+            OutboundConnection(
+                report.src.uid,
+                report.src_addr,
+                dialled,
+                report.dst_addr,
+                "TCP" if report.path == RouteKind.PASSTHROUGH.value else "HBONE",
+            )
+            for report, dialled in list(self._active.items())
+            if report.src is not None
+        ]
 
     async def handle(self, sock: socket.socket, orig_dst: Address) -> None:
         if (client := peer_or_close(sock)) is None:
@@ -452,12 +477,13 @@ class OutboundProxy:
             if found is None:
                 return
             r = found
-        td = self.certs.trust_domain
         assert r.target is not None
         # as ztunnel: dst.addr is where the agent connects (podIP:15008 for HBONE), dst.hbone_addr the :authority
         report = self.access_log.start(
             "outbound", client, r.target, src=src, dst=r.workload, service=r.service, path=r.kind.value
         )
+        self._active[report] = orig_dst
+        td = self.certs.trust_domain
         try:
             if r.workload is not None:  # a workload outside the mesh still has its identity (ztunnel reports it)
                 report.dst_identity = workload_identity(r.workload, td)
@@ -478,6 +504,8 @@ class OutboundProxy:
         except Exception as e:  # a failure nothing above expects: the listener logs it; the record still closes
             report.finish(error=f"internal error: {e!r}", flags="CONNECT")
             raise
+        finally:
+            del self._active[report]
 
     def _refuse(self, sock: socket.socket, client: Address, dst: Address, reason: str, **detail: Any) -> None:
         self.access_log.refused("outbound", client, dst, reason, **detail)

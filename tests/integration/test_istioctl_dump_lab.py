@@ -71,14 +71,18 @@ def test_istioctl_reads_a_running_agents_dump(mesh: Lab, capsys: pytest.CaptureF
 
 def test_istioctl_lists_the_connections_the_agent_tracks(mesh: Lab) -> None:
     """`istioctl ztunnel-config connections` reads `workloadState`: node1's captured workloads, each with the
-    connections the agent authorized as their destination (a held same-node one here)."""
+    connections the agent authorized as their destination and those it carries as their source (a held same-node
+    one here: inbound for server-2, outbound for the client)."""
     with connect(mesh, "demo/client", mesh.pod("demo/server-2").ip, 9000) as held:
         held.sendall(b"x")
         assert held.recv(1) == b"x"
+        port = held.getsockname()[1]
         z = istioctl.prime(dict(http_json(mesh, "node1", 15000, "/config_dump", host="127.0.0.1")))
     names = {f"{s['info']['name']}.{s['info']['namespace']}": s["state"] for s in z["workloadState"].values()}
     assert names == {"client.demo": "Up", "server-2.demo": "Up"}, "node1's captured workloads"
     rows = istioctl.connection_rows(z)
     assert [(r[0], r[1], r[2].rpartition(":")[2], r[3].partition(":")[0], r[5]) for r in rows] == [
-        ("server-2.demo", "Inbound", "9000", "client.demo", "HBONE")
+        ("client.demo", "Outbound", str(port), "server-2.demo", "HBONE"),
+        ("server-2.demo", "Inbound", "9000", "client.demo", "HBONE"),
     ]
+    assert rows[0][4] == "server-2.demo:9000", "what the client dialled"

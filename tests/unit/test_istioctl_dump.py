@@ -36,6 +36,7 @@ from agent.admin import ConfigDump, admin_server, config_dump
 from agent.config_dump import workload_state, ztunnel_dump
 from agent.connections import TrackedConnection
 from agent.identity import CertificateManager
+from agent.outbound import OutboundConnection
 from agent.prometheus import Registry
 from agent.state import WorkloadStore
 from api.istio.security import authorization_pb2 as apb
@@ -387,7 +388,8 @@ async def test_the_certificates_table(tmp_path: Path) -> None:
 
 def test_workload_state_for_the_connections_table() -> None:
     """api.go WorkloadState (lines 179-209) and connections.go PrintConnectionsSummary (85-154): per captured local
-    workload `state` Up, `info`, and its tracked (inbound) connections, HBONE with a peer identity, else TCP."""
+    workload `state` Up, `info`, its tracked (inbound) connections, HBONE with a peer identity, else TCP, and the
+    connections the agent carries for it (outbound); another workload's are not shown under it."""
     store = build_store()
     client_id = Identity(TD, "demo", "client")
     server_1 = "Kubernetes//Pod/demo/server-1"
@@ -397,7 +399,12 @@ def test_workload_state_for_the_connections_table() -> None:
         ),
         TrackedConnection(rbac.Connection("10.0.0.9", "10.244.2.11", 8080, None, 41000), server_1, "inbound", print),
     ]
-    state = workload_state(store, "node2", {"10.244.2.11", "10.244.1.10"}, tracked)
+    carried = [  # server-1 calling out: a pod outside the mesh (passthrough), and the client pod through HBONE
+        OutboundConnection(server_1, ("10.244.2.11", 43000), ("10.9.9.9", 443), ("10.9.9.9", 443), "TCP"),
+        OutboundConnection(server_1, ("10.244.2.11", 42000), ("10.244.1.10", 9000), ("10.244.1.10", 15008), "HBONE"),
+        OutboundConnection("Kubernetes//Pod/demo/gone", ("10.244.2.99", 1), ("10.9.9.9", 1), ("10.9.9.9", 1), "TCP"),
+    ]
+    state = workload_state(store, "node2", {"10.244.2.11", "10.244.1.10"}, tracked, carried)
     assert list(state) == ["Kubernetes//Pod/demo/server-1"]  # node2's, captured: not server-2 nor node1's client
     z = istioctl.prime({"workloadState": state, **ztunnel_dump(store, TD)})
     [server] = z["workloadState"].values()
@@ -408,6 +415,8 @@ def test_workload_state_for_the_connections_table() -> None:
     assert istioctl.connection_rows(z) == [
         ["server-1.demo", "Inbound", "server-1.demo:8080", "10.0.0.9:41000", "", "TCP"],
         ["server-1.demo", "Inbound", "server-1.demo:8080", "client.demo:40000", "", "HBONE"],
+        ["server-1.demo", "Outbound", "server-1.demo:42000", "client.demo:15008", "client.demo:9000", "HBONE"],
+        ["server-1.demo", "Outbound", "server-1.demo:43000", "10.9.9.9:443", "10.9.9.9:443", "TCP"],
     ]
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from agent.addressing import Address
 from agent.pod_netns import PodNetworks
 from agent.redirect_errors import RedirectKernelError
-from agent.sockets import connect_socket
+from agent.sockets import connect_socket, connect_upstream
 from common.log import kv
 
 log = logging.getLogger("agent.inpod")
@@ -40,9 +40,14 @@ class CaptureExemption(Protocol):
 
 
 class InPodConnector:
-    def __init__(self, networks: PodNetworks, capture: CaptureExemption) -> None:
+    def __init__(
+        self, networks: PodNetworks, capture: CaptureExemption, is_local: Callable[[str], bool] = lambda ip: False
+    ) -> None:
         self.networks = networks
         self.capture = capture
+        # Whether an address is a pod of this node: HBONE to one (the same-node path turned off) is not let through
+        # the source pod's interface, it must be captured as that pod's inbound there.
+        self.is_local = is_local
         self._asked: set[str] = set()  # pod addresses asked for: their namespaces may be held open
         self._unfound: set[str] = set()  # warned about once, until the pod leaves
 
@@ -81,6 +86,16 @@ class InPodConnector:
         finally:
             self.capture.forget_agent_conn(src, addr)
         return sock
+
+    async def dial(self, addr: Address, *, source_ip: str | None = None, connect_timeout: float = 5.0) -> socket.socket:
+        """The HBONE pool's dial (agent.sockets.Dial): from inside the source pod, so the node forwards the tunnel as
+        the pod's own traffic to the peer's 15008 (as ztunnel's in-pod sockets: an egress NetworkPolicy sees it);
+        from the node's namespace where that cannot be (see :meth:`connect`) and to this node's own pods."""
+        if source_ip is not None and not self.is_local(addr[0]):
+            sock = await self.connect(source_ip, addr, connect_timeout=connect_timeout)
+            if sock is not None:
+                return sock
+        return await connect_upstream(addr, source_ip=source_ip, connect_timeout=connect_timeout)
 
     def retain(self, pod_ips: Iterable[str]) -> None:
         """Let go of the namespaces of pods no longer enrolled here: an open descriptor keeps a deleted pod's

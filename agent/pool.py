@@ -37,6 +37,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from agent.sockets import Dial, connect_upstream
 from agent.tunnel import (
     STATS,
     ConnectStage,
@@ -107,6 +108,7 @@ class HboneConnectionPool:
         max_connections_per_source: int = 500,
         config: TunnelConfig | None = None,
         stats: TunnelStats | None = None,
+        dial: Dial = connect_upstream,
     ) -> None:
         if max_streams_per_conn < 1 or max_connections_per_source < 1:
             raise ValueError("max_streams_per_conn and max_connections_per_source must be >= 1")
@@ -118,6 +120,7 @@ class HboneConnectionPool:
         self.idle_timeout = idle_timeout
         self.config = config or TunnelConfig()
         self.stats = stats or STATS
+        self.dial = dial
         self._conns: dict[PoolKey, list[_Pooled]] = {}
         # The handshake under way for a key, with the context it uses (one per key: openers share it).
         self._connecting: dict[PoolKey, tuple[ssl.SSLContext, asyncio.Task[_Pooled]]] = {}
@@ -243,7 +246,13 @@ class HboneConnectionPool:
     async def _connect(self, key: PoolKey, ssl_context: ssl.SSLContext) -> _Pooled:
         try:
             conn = await connect(
-                key.addr, ssl_context, key.accepted, config=self.config, stats=self.stats, source_ip=key.source
+                key.addr,
+                ssl_context,
+                key.accepted,
+                config=self.config,
+                stats=self.stats,
+                source_ip=key.source,
+                dial=self.dial,
             )
         except HboneConnectError:
             self.connect_failures += 1

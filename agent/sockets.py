@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from agent.addressing import is_loopback, socket_address
 from common.log import kv
@@ -372,6 +373,14 @@ def read_waiting(sock: socket.socket, limit: int) -> bytes:
         return sock.recv(limit, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return b""
+
+
+class Dial(Protocol):
+    """How an upstream connection is made: connect_upstream, or from inside the source pod (agent/inpod.py)."""
+
+    async def __call__(
+        self, addr: Address, *, source_ip: str | None = None, connect_timeout: float = 5.0
+    ) -> socket.socket: ...
 
 
 async def connect_upstream(

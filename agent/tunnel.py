@@ -29,7 +29,15 @@ from typing import cast
 
 from agent import hbone
 from agent.hbone import ErrorCode, HboneConnection, HboneSettings, StreamStateError
-from agent.sockets import Readiness, abort, close_gracefully, connect_upstream, make_nonblocking, reset_if_orphaned
+from agent.sockets import (
+    Dial,
+    Readiness,
+    abort,
+    close_gracefully,
+    connect_upstream,
+    make_nonblocking,
+    reset_if_orphaned,
+)
 from common.log import kv
 from common.spiffe import Identity
 from common.tls import ALPN_H2, PeerVerificationError, peer_identity, verify_peer
@@ -1506,9 +1514,10 @@ async def connect(
     config: TunnelConfig | None = None,
     stats: TunnelStats | None = None,
     source_ip: str | None = None,
+    dial: Dial = connect_upstream,
 ) -> HboneClientConnection:
-    """TCP connect (from ``source_ip`` when given, see connect_upstream) + TLS (no SNI) + SPIFFE check of the
-    server against ``expected`` (and its trust domain), or against any one of a set of acceptable identities.
+    """TCP connect (``dial``: from ``source_ip`` when given, see connect_upstream) + TLS (no SNI) + SPIFFE check of
+    the server against ``expected`` (and its trust domain), or against any one of a set of acceptable identities.
 
     Raises HboneConnectError(503, reason) on refusal, timeout, TLS failure or wrong identity, with the stage
     (TCP, TCP_TIMEOUT or TLS).
@@ -1520,7 +1529,7 @@ async def connect(
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(cfg.connect_timeout + cfg.handshake_timeout):
-            sock = await connect_upstream(addr, source_ip=source_ip, connect_timeout=cfg.connect_timeout)
+            sock = await dial(addr, source_ip=source_ip, connect_timeout=cfg.connect_timeout)
             await loop.create_connection(
                 lambda: proto,
                 sock=sock,

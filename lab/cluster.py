@@ -45,13 +45,14 @@ class Lab:
         mesh: bool = False,
         drain_seconds: float | None = None,
         in_pod: bool = True,
+        in_pod_hbone: bool = False,
     ) -> Lab:
         """Validate ``config_dir``, build the cluster and start a workload in every pod (and the mesh if asked).
 
         ``drain_seconds`` is the agents' drain time on SIGTERM (default: ``AMBIT_DRAIN_SECONDS`` or the agent's
         default); stopping an agent waits that long plus a margin before killing it. ``in_pod=False`` keeps the
         agents from the pods' namespaces: their passthrough leaves from the node's, as where a runtime keeps them
-        out of reach.
+        out of reach; ``in_pod_hbone`` has their HBONE leave from the pods' too (``--in-pod-hbone``).
 
         Raises LabConfigError before creating anything when the YAML is invalid; any later failure removes what was
         made and re-raises.
@@ -71,6 +72,7 @@ class Lab:
             plan=plan,
             drain_seconds=drain,
             in_pod=in_pod,
+            in_pod_hbone=in_pod_hbone,
         )
         state.save()
         lab = cls(state)
@@ -218,6 +220,10 @@ class Lab:
     @property
     def in_pod(self) -> bool:
         return self._state.in_pod
+
+    @property
+    def in_pod_hbone(self) -> bool:
+        return self._state.in_pod_hbone
 
     @property
     def files(self) -> Mapping[str, str]:

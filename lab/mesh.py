@@ -90,6 +90,7 @@ def agent_argv(
     drain: float = DRAIN_SECONDS,
     listen_address: str = "0.0.0.0",
     pod_netns_prefix: str | None = None,
+    in_pod_hbone: bool = False,
 ) -> list[str]:
     """Agents talk to the controller over TLS (15012), verifying it against the root the CA wrote on first start,
     and authenticate with their node token, as they would in a cluster with a service-account token. The drain time
@@ -100,6 +101,8 @@ def agent_argv(
     pod_netns = ["--pod-netns-dirs", "/run/netns" if pod_netns_prefix is not None else ""]
     if pod_netns_prefix is not None:
         pod_netns += ["--pod-netns-prefix", pod_netns_prefix]
+    if in_pod_hbone:
+        pod_netns.append("--in-pod-hbone")
     return [
         _binary("ambit-agent"),
         "--node",
@@ -204,6 +207,7 @@ def start(lab: Lab) -> None:
             lab.drain_seconds,
             any_address,
             pod_netns_prefix=f"{plan.name}-pod-" if lab.in_pod else None,
+            in_pod_hbone=lab.in_pod_hbone,
         )
         agents.append((node, lab.spawn(node.netns, argv, f"agent-{node.name}", role="agent")))
     for node, record in agents:

@@ -43,6 +43,7 @@ class LabState:
     plan: LabPlan
     drain_seconds: float = 5.0  # the mesh agents' --drain-seconds; stopping one waits that long plus a margin
     in_pod: bool = True  # the mesh agents connect passthrough from inside the pods' netns (agent/inpod.py)
+    in_pod_hbone: bool = False  # and HBONE (--in-pod-hbone)
     phase: str = "creating"  # creating | up | deleting
     created_at: float = field(default_factory=time.time)
     netns: list[str] = field(default_factory=list)  # recorded before each `ip netns add`

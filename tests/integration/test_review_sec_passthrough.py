@@ -17,7 +17,8 @@ All three are closed: passthrough connects from inside the pod's network namespa
 forwards it as the pod's own. Where the agent cannot reach a pod's namespace (the lab's ``in_pod=False``: a runtime
 that keeps it elsewhere) it connects from the node's, from the pod's address: its replies are brought back after
 the node's NAT (agent/capture_dnat.py's output and reply rules), what it is handed instead of a pod is dropped at
-TTL 1, and the forward hook does not see it (a strict xfail there). Every test runs on both.
+TTL 1, and the forward hook does not see it (a strict xfail there). Every test runs on both, and on a third lab
+whose agents also tunnel HBONE from inside the pods (``--in-pod-hbone``), where the forward hook sees mesh traffic.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ from pathlib import Path
 import pytest
 
 from lab import Lab, netns
-from tests.support.mesh import connect, nft_in
+from tests.support.mesh import connect, echo_from, nft_in
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "basic"
 PORT = 18080
 HOP_LIMITED_PORT = 18095
 
 
-@pytest.fixture(scope="module", params=["in_pod", "from_node"])
+@pytest.fixture(scope="module", params=["in_pod", "from_node", "in_pod_hbone"])
 def mesh(request: pytest.FixtureRequest, require_root: None) -> Iterator[Lab]:
-    in_pod = request.param == "in_pod"
-    lab = Lab.up(EXAMPLE, name=f"ambit-sec-{secrets.token_hex(2)}", mesh=True, in_pod=in_pod)
+    name = f"ambit-sec-{secrets.token_hex(2)}"
+    in_pod, hbone = request.param != "from_node", request.param == "in_pod_hbone"
+    lab = Lab.up(EXAMPLE, name=name, mesh=True, in_pod=in_pod, in_pod_hbone=hbone)
     try:
         yield lab
     finally:
@@ -135,6 +137,31 @@ def test_a_forward_hook_egress_rule_holds_for_an_enrolled_pod(
     finally:
         for node in pods.values():
             nft_in(mesh.node(node).netns, "delete", "table", "inet", table)
+
+
+def test_a_forward_hook_rule_on_15008_sees_hbone_only_from_inside_the_pod(mesh: Lab) -> None:
+    """With --in-pod-hbone the tunnel to the peer's 15008 crosses the pod's interface, so the node's forward hook
+    judges mesh traffic too, as in Istio ambient (whose NetworkPolicy guidance is to allow 15008); by default it
+    leaves from the node's namespace and such a rule does not see it."""
+    table = f"sechb{secrets.token_hex(2)}"
+    node1 = mesh.node("node1").netns
+    veth = mesh.pod("demo/client").host_veth
+    rule = f'  iifname "{veth}" tcp dport 15008 drop\n'
+    nft_in(
+        node1,
+        "-f",
+        "-",
+        script=f"table inet {table} {{\n chain egress {{\n  type filter hook forward priority 0;\n{rule} }}\n}}\n",
+    )
+    try:
+        outcome, _ = echo_from(mesh, "demo/client", mesh.pod("demo/server-1").ip, 9000)
+    finally:
+        nft_in(node1, "delete", "table", "inet", table)
+    if mesh.in_pod_hbone:
+        assert outcome != "ok", "the forward hook never saw the tunnel"
+    else:
+        assert outcome == "ok", outcome
+    assert echo_from(mesh, "demo/client", mesh.pod("demo/server-1").ip, 9000)[0] == "ok", "once the rule is gone"
 
 
 def test_a_hop_limited_answer_reaches_no_enrolled_pod(mesh: Lab, hop_limited: str) -> None:

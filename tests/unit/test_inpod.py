@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent import inpod
 from agent.inpod import InPodConnector
 from agent.pod_netns import PodNetnsConfig
 from agent.redirect_errors import RedirectKernelError
@@ -152,3 +153,35 @@ def test_retain_releases_the_namespaces_of_pods_that_left(server: Address) -> No
     assert networks.forgotten == ["127.0.0.1"], "forgotten once"
     conn.close()
     assert networks.closed
+
+
+def test_hbone_dials_from_inside_the_pod_except_to_this_nodes_pods(
+    server: Address, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--in-pod-hbone: a tunnel to another node's pod from inside the source pod; to one of this node's pods (the
+    same-node path turned off) from the node's namespace, where it is captured as that pod's inbound, not let
+    through; without a source address, or where the pod is not found, from the node's too."""
+    from_node: list[tuple[Address, str | None]] = []
+
+    async def node_dial(addr: Address, *, source_ip: str | None = None, connect_timeout: float = 5.0) -> socket.socket:
+        from_node.append((addr, source_ip))
+        return socket.create_connection(addr)
+
+    monkeypatch.setattr(inpod, "connect_upstream", node_dial)
+    capture = FakeCapture()
+    networks = FakeNetworks({"127.0.0.1"})
+    conn = InPodConnector(networks, capture, is_local=lambda ip: ip == "127.0.0.5")  # type: ignore[arg-type]
+
+    async def dial(addr: Address, source: str | None) -> None:
+        (await conn.dial(addr, source_ip=source, connect_timeout=5)).close()
+
+    asyncio.run(dial(server, "127.0.0.1"))
+    assert capture.log == ["allow", "forget"] and from_node == [], "from inside the pod"
+    local_server = socket.create_server(("127.0.0.5", 0))
+    with local_server:
+        local = local_server.getsockname()[:2]
+        asyncio.run(dial(local, "127.0.0.1"))
+    asyncio.run(dial(server, None))
+    asyncio.run(dial(server, "127.0.0.3"))  # a pod whose namespace is not found
+    assert from_node == [(local, "127.0.0.1"), (server, None), (server, "127.0.0.3")]
+    assert capture.log == ["allow", "forget"], "nothing else was let through"

@@ -102,7 +102,7 @@ async def test_a_tcp_connect_timeout_is_network_policy(
     async def times_out(*_: Any, **__: Any) -> socket.socket:
         raise raised
 
-    monkeypatch.setattr(tunnel, "connect_upstream", times_out)
+    monkeypatch.setattr(pool, "dial", times_out)
     with pytest.raises(HboneConnectError) as err:
         await pool.open_stream(PoolKey(CLIENT_ID, SERVER_ID, ("127.0.0.1", 9)), CLIENT_CTX, "x:1", [])
     assert (err.value.stage, flag_of(err.value)) == (ConnectStage.TCP_TIMEOUT, "NETWORK_POLICY")

@@ -51,9 +51,7 @@ class InPodConnector:
         self._asked: set[str] = set()  # pod addresses asked for: their namespaces may be held open
         self._unfound: set[str] = set()  # warned about once, until the pod leaves
 
-    async def connect(
-        self, pod_ip: str, addr: Address, *, connect_timeout: float, mark: int | None = None
-    ) -> socket.socket | None:
+    async def connect(self, pod_ip: str, addr: Address, *, connect_timeout: float) -> socket.socket | None:
         """A connection to ``addr`` from inside the namespace of the local pod that owns ``pod_ip``; None when that
         namespace is unknown or capture cannot let its SYN pass (nothing was sent: connect from the node instead).
         Raises OSError / TimeoutError when the connect itself fails, as connect_upstream does."""
@@ -65,7 +63,7 @@ class InPodConnector:
             if pod_ip not in self._unfound:
                 self._unfound.add(pod_ip)
                 log.warning(
-                    "pod network namespace not found: its passthrough connects from the node",
+                    "pod network namespace not found: its connections leave from the node's",
                     extra=kv(pod_ip=pod_ip, dirs=",".join(self.networks.config.dirs)),
                 )
             return None
@@ -82,7 +80,7 @@ class InPodConnector:
             sock.close()
             return None
         try:
-            await connect_socket(sock, addr, connect_timeout=connect_timeout, mark=mark)
+            await connect_socket(sock, addr, connect_timeout=connect_timeout)
         finally:
             self.capture.forget_agent_conn(src, addr)
         return sock

@@ -107,8 +107,8 @@ class AgentConfig:
         default=False,
         metadata=doc(
             "HBONE to other nodes leaves from inside the source pod's namespace too, as ztunnel's: the node's "
-            "forward hook (egress NetworkPolicy) sees it as the pod's traffic to the peer's 15008; costs ~10% of "
-            "cross-node throughput (one more veth and a forwarding hop per packet)"
+            "forward hook (egress NetworkPolicy) sees it as the pod's traffic to the peer's 15008; costs about a "
+            "tenth of cross-node throughput (one more veth and a forwarding hop per packet)"
         ),
     )
     listen_address: str = field(

@@ -648,6 +648,18 @@ def test_configuration_reference_names_every_flag_with_its_default(heading: str,
     assert set(fields) - documented == set(), f"docs/configuration.md {heading}: undocumented flags"
 
 
+@pytest.mark.parametrize("config", [AgentConfig, ControllerConfig])
+def test_help_names_every_flag(config: type, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` renders every flag's text through argparse's %-formatting: a bare % in a help text (\"~10%\")
+    made `ambit-agent --help` a TypeError traceback (the image check caught it)."""
+    with pytest.raises(SystemExit) as done:
+        flags.parse(config, ["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(config):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+
+
 def test_docs_name_only_real_ambit_variables() -> None:
     fields = {f.name for c in (AgentConfig, ControllerConfig) for f in dataclasses.fields(c)}
     # and the variables the repository's shell scripts read (the image build's, scripts/build-image.sh)

@@ -15,7 +15,6 @@ netns it was created in, and bind() on it resolves addresses there wherever the 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -25,11 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common import netns
 from common.log import kv
 
 log = logging.getLogger("agent.pod_netns")
 
-CLONE_NEWNET = 0x40000000
 STRANDED_EXIT_CODE = 70  # EX_SOFTWARE: the DaemonSet restarts the agent
 _SELF_NETNS = "/proc/thread-self/ns/net"
 _MAX_MISSES = 1024
@@ -48,18 +47,6 @@ class PodNetnsConfig:
     dirs: tuple[str, ...] = ("/var/run/netns", "/run/netns")
     prefix: str = ""  # only entries whose name starts with it (the lab passes "<lab>-pod-"; Kubernetes: "")
     rescan_interval: float = 1.0  # a miss rescans the dirs at most this often per address (misses cached as long)
-
-
-def _libc_setns() -> Callable[[int], None]:
-    """setns(fd, CLONE_NEWNET) through libc: Python 3.11 has no os.setns."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def setns(fd: int) -> None:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    return setns
 
 
 @dataclass
@@ -89,7 +76,7 @@ class PodNetworks:
         # /var/run is a symlink to /run on most distributions: list that directory once, not twice
         self._dirs = tuple(dict.fromkeys(os.path.realpath(d) for d in config.dirs))
         self._clock = clock
-        self._setns = setns or _libc_setns()
+        self._setns = setns or netns.setns
         self._exit = exit_process
         self._home = os.open(_SELF_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         st = os.fstat(self._home)

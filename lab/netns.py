@@ -7,18 +7,16 @@ hand. :func:`enter` is what tests use to open sockets inside a pod or node from 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.netns import setns
 from lab.errors import NetnsError
 
 NETNS_DIR = Path("/var/run/netns")
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def path(name: str) -> Path:
@@ -86,9 +84,10 @@ def pids(name: str) -> list[int]:
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise NetnsError(f"setns failed: {os.strerror(err)}")
+    try:
+        setns(fd)
+    except OSError as e:
+        raise NetnsError(f"setns failed: {e.strerror}") from e
 
 
 @contextmanager

@@ -11,7 +11,6 @@ Every name carries a random prefix and :meth:`Topology.down` removes all of it (
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import socket
@@ -23,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.redirect import RedirectConfig, Redirector, cleanup
+from common.netns import setns
 from tests.support.mesh import nft_in
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -112,11 +110,10 @@ def enter(netns: str) -> Iterator[None]:
     back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
     try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({netns})")
+        setns(target)
         yield
     finally:
-        _libc.setns(back, _CLONE_NEWNET)
+        setns(back)
         os.close(back)
         os.close(target)
 

@@ -138,25 +138,30 @@ STATS = MapSpec("ambit_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(STAT_NAMES),
 ALL_MAPS = (WORKLOADS, HOMES, IFACES, IF_SPOOFED, BRIDGE_PORTS, AGENT_CONNS, CONFIG, STATS)
 
 
+def _family_and_bytes(ip: str) -> tuple[int, bytes]:
+    """The key's family and network-order address (4 or 16 bytes; keys zero the rest); ValueError on non-IP text."""
+    addr = ipaddress.ip_address(ip)
+    return (AF_INET if addr.version == 4 else AF_INET6), addr.packed
+
+
 def pack_addr(ip: str) -> AmbitAddr:
     """Map key for a workload address; raises ValueError on text that is not an IP address."""
-    addr = ipaddress.ip_address(ip)
     key = AmbitAddr()
-    key.family = AF_INET if addr.version == 4 else AF_INET6
-    packed = addr.packed
+    key.family, packed = _family_and_bytes(ip)
     ct.memmove(key.addr, packed, len(packed))
     return key
 
 
 def pack_conn(src: tuple[str, int], dst: tuple[str, int]) -> ConnKey:
     """Map key for the connection src -> dst; raises ValueError on addresses that are not IPs or of two families."""
-    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
-    if s.version != d.version:
+    family, saddr = _family_and_bytes(src[0])
+    dst_family, daddr = _family_and_bytes(dst[0])
+    if family != dst_family:
         raise ValueError(f"{src[0]} and {dst[0]} are of different address families")
     key = ConnKey()
-    key.family = AF_INET if s.version == 4 else AF_INET6
-    ct.memmove(key.saddr, s.packed, len(s.packed))
-    ct.memmove(key.daddr, d.packed, len(d.packed))
+    key.family = family
+    ct.memmove(key.saddr, saddr, len(saddr))
+    ct.memmove(key.daddr, daddr, len(daddr))
     key.sport = socket.htons(src[1])
     key.dport = socket.htons(dst[1])
     return key
